@@ -1,0 +1,34 @@
+"""gatednorm: the gated, grouped LayerNorm / RMSNorm of linear-attention and Mamba2-style models.
+
+``norm(x) * act(z)`` or ``norm(x * act(z))`` per group of features, computed in float32 and rounded
+once, on any device PyTorch runs on (native backend) and with fused Triton kernels on GPUs.
+"""
+
+from .functional import (
+    _layer_norm_fwd_native,
+    layer_norm_fwd,
+    layernorm_fn,
+    layernorm_fn_native,
+    rmsnorm_fn,
+    rmsnorm_fn_native,
+    simple_layernorm_native,
+)
+from .modules import LayerNorm, RMSNorm
+from .ops import resolve_backend, triton_available
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "LayerNorm",
+    "RMSNorm",
+    "__version__",
+    "_layer_norm_fwd_native",
+    "layer_norm_fwd",
+    "layernorm_fn",
+    "layernorm_fn_native",
+    "resolve_backend",
+    "rmsnorm_fn",
+    "rmsnorm_fn_native",
+    "simple_layernorm_native",
+    "triton_available",
+]

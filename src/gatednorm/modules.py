@@ -1,0 +1,99 @@
+"""``LayerNorm`` and ``RMSNorm`` modules: gated, grouped, with upstream-compatible state_dict keys.
+
+Parameter names (``weight``, and ``bias`` for LayerNorm; ``bias`` registered as
+None for RMSNorm) match mamba_ssm's / sglang's ``LayerNorm``/``RMSNorm`` and
+flash-linear-attention's ``LayerNormGated``/``RMSNormGated``, so their
+checkpoints load unchanged.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .functional import layernorm_fn
+from .spec import canonical_activation
+
+
+class _GatedNorm(nn.Module):
+    is_rms_norm: bool = False
+
+    def __init__(
+        self,
+        hidden_size: int,
+        eps: float = 1e-5,
+        group_size: int | None = None,
+        norm_before_gate: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        *,
+        activation: str = "swish",
+        backend: str | None = None,
+    ) -> None:
+        super().__init__()
+        if isinstance(hidden_size, bool) or not isinstance(hidden_size, int) or hidden_size <= 0:
+            raise ValueError(f"hidden_size must be a positive int, got {hidden_size!r}")
+        if group_size is not None and (
+            isinstance(group_size, bool) or not isinstance(group_size, int)
+            or group_size <= 0 or hidden_size % group_size
+        ):
+            raise ValueError(f"group_size must be None or a positive divisor of hidden_size = {hidden_size}, "
+                             f"got {group_size!r}")
+        factory = {"device": device, "dtype": dtype}
+        self.hidden_size = hidden_size
+        self.eps = eps
+        self.group_size = group_size
+        self.norm_before_gate = norm_before_gate
+        self.activation = canonical_activation(activation)
+        self.backend = backend
+        self.weight = nn.Parameter(torch.empty(hidden_size, **factory))
+        if self.is_rms_norm:
+            self.register_parameter("bias", None)
+        else:
+            self.bias = nn.Parameter(torch.empty(hidden_size, **factory))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
+    def forward(self, x: torch.Tensor, z: torch.Tensor | None = None) -> torch.Tensor:
+        """x: (..., hidden_size); z: None or x's shape. Returns x's shape and dtype."""
+        return layernorm_fn(
+            x, self.weight, self.bias, z, self.eps, self.group_size, self.norm_before_gate, self.is_rms_norm,
+            activation=self.activation, backend=self.backend,
+        )
+
+    def extra_repr(self) -> str:
+        text = (f"{self.hidden_size}, eps={self.eps}, group_size={self.group_size}, "
+                f"norm_before_gate={self.norm_before_gate}")
+        if self.activation != "swish":
+            text += f", activation={self.activation!r}"
+        if self.backend is not None:
+            text += f", backend={self.backend!r}"
+        return text
+
+
+class LayerNorm(_GatedNorm):
+    """Gated, grouped LayerNorm: ``norm(x) * act(z)`` or ``norm(x * act(z))`` per group of features.
+
+    Args:
+        hidden_size: N, the size of the last dimension.
+        eps: added to the variance (default 1e-5, as upstream modules).
+        group_size: features per group (a divisor of N); None means one group of N.
+        norm_before_gate: True gates the normalised output, False gates the input.
+        activation: "swish" (default) or "sigmoid", keyword only.
+        backend: None/"auto"/"native"/"triton", keyword only.
+    Parameters: ``weight`` (N,) initialised to 1, ``bias`` (N,) initialised to 0.
+    """
+
+
+class RMSNorm(_GatedNorm):
+    """Gated, grouped RMSNorm; as :class:`LayerNorm` without mean subtraction and with ``bias`` = None.
+
+    ``norm_before_gate`` defaults to True as in mamba_ssm and sglang (flash-linear-attention's and
+    vLLM's ``RMSNormGated`` default to False: pass it explicitly when porting from them).
+    """
+
+    is_rms_norm = True

@@ -1,0 +1,259 @@
+"""Backend dispatch, torch.library ops and autograd: the single place that routes calls.
+
+Eager calls go straight to the chosen backend module (no custom-op dispatch
+overhead). Under ``torch.compile`` the same calls go through the
+``gatednorm::*`` custom ops registered here, with fake (meta) implementations,
+so graphs trace without breaks and the kernels stay opaque to Inductor.
+
+A backend module provides::
+
+    forward(x, weight, bias, z, spec, out) -> (mean | None, rstd)
+    backward(dy, x, weight, bias, z, mean, rstd, spec, needs_dx, needs_dz,
+             needs_dweight, needs_dbias) -> (dx, dz, dweight, dbias)
+
+on 2-D (M, N) tensors, already validated by :mod:`gatednorm.spec`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from types import ModuleType
+
+import torch
+
+from .spec import NormSpec, compute_dtype
+
+BACKENDS = ("auto", "native", "triton")
+
+# Backends that are plain modules of this package, imported lazily (Triton is optional).
+_BACKEND_MODULES = {"native": "gatednorm.native", "triton": "gatednorm.triton_kernels"}
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def triton_available() -> bool:
+    """True when the fused Triton backend can be imported."""
+    try:
+        load_backend("triton")
+    except ImportError:
+        return False
+    return True
+
+
+def _triton_supports(device: torch.device) -> bool:
+    if device.type == "cuda":
+        return True
+    # Triton's interpreter runs kernels on CPU tensors (slowly): only on explicit request.
+    return device.type == "cpu" and _env_flag("TRITON_INTERPRET")
+
+
+def load_backend(name: str) -> ModuleType:
+    return importlib.import_module(_BACKEND_MODULES[name])
+
+
+def resolve_backend(backend: str | None, device: torch.device) -> str:
+    """Pick the backend for a call on ``device``.
+
+    ``USE_NATIVE_LAYERNORM=1`` forces native (the migration guide's switch);
+    otherwise ``backend`` (per call), else ``GATEDNORM_BACKEND``, else ``auto``.
+    ``auto`` takes triton where it is importable and supports the device. An
+    explicit request that cannot be honoured raises ``ValueError``.
+    """
+    if backend is not None and backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
+    if _env_flag("USE_NATIVE_LAYERNORM"):
+        return "native"
+    if backend is None:
+        backend = os.environ.get("GATEDNORM_BACKEND", "auto").strip().lower() or "auto"
+        if backend not in BACKENDS:
+            raise ValueError(f"GATEDNORM_BACKEND must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        if device.type == "cuda" and triton_available():
+            return "triton"
+        return "native"
+    if backend == "triton":
+        if not triton_available():
+            raise ValueError("backend='triton' was requested but Triton (or gatednorm's kernels) cannot be imported")
+        if not _triton_supports(device):
+            raise ValueError(
+                f"backend='triton' does not support tensors on {device} "
+                "(CUDA only; CPU tensors need TRITON_INTERPRET=1)"
+            )
+    return backend
+
+
+# ---------------------------------------------------------------------------
+# Eager implementations (shared by the custom ops and the eager fast path)
+# ---------------------------------------------------------------------------
+
+def _spec(eps: float, group_size: int, norm_before_gate: bool, is_rms_norm: bool, activation: str) -> NormSpec:
+    return NormSpec(eps, group_size, norm_before_gate, is_rms_norm, activation)
+
+
+def _empty_stat(x: torch.Tensor) -> torch.Tensor:
+    """Placeholder for an absent statistic or gradient (custom ops return tensors only)."""
+    return torch.empty(0, dtype=compute_dtype(x.dtype), device=x.device)
+
+
+def _forward_into(x, weight, bias, z, out2d, spec: NormSpec, backend: str):
+    mean, rstd = load_backend(backend).forward(x, weight, bias, z, spec, out2d)
+    return (mean if mean is not None else _empty_stat(x)), rstd
+
+
+def forward_impl(x, weight, bias, z, eps, group_size, norm_before_gate, is_rms_norm, activation, backend):
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    spec = _spec(eps, group_size, norm_before_gate, is_rms_norm, activation)
+    mean, rstd = _forward_into(x, weight, bias, z, out, spec, backend)
+    return out, mean, rstd
+
+
+def forward_out_impl(x, weight, bias, z, out, eps, group_size, norm_before_gate, is_rms_norm, activation, backend):
+    spec = _spec(eps, group_size, norm_before_gate, is_rms_norm, activation)
+    try:
+        out2d = out.view(x.shape)
+    except RuntimeError:  # strides that no 2-D view can express: compute, then copy once
+        out2d = None
+    if out2d is not None:
+        return _forward_into(x, weight, bias, z, out2d, spec, backend)
+    tmp = torch.empty(x.shape, dtype=out.dtype, device=x.device)
+    mean, rstd = _forward_into(x, weight, bias, z, tmp, spec, backend)
+    out.copy_(tmp.view(out.shape))
+    return mean, rstd
+
+
+def backward_impl(dy, x, weight, bias, z, mean, rstd, eps, group_size, norm_before_gate, is_rms_norm,
+                  activation, backend, needs_dx, needs_dz, needs_dweight, needs_dbias):
+    spec = _spec(eps, group_size, norm_before_gate, is_rms_norm, activation)
+    dx, dz, dw, db = load_backend(backend).backward(
+        dy, x, weight, bias, z, None if is_rms_norm else mean, rstd, spec,
+        needs_dx, needs_dz, needs_dweight, needs_dbias,
+    )
+    empty = _empty_stat(x)
+    return (
+        dx if dx is not None else empty,
+        dz if dz is not None else empty,
+        dw if dw is not None else empty,
+        db if db is not None else empty,
+    )
+
+
+# ---------------------------------------------------------------------------
+# torch.library custom ops (used under torch.compile, and by anyone calling torch.ops.gatednorm)
+# ---------------------------------------------------------------------------
+
+@torch.library.custom_op("gatednorm::forward", mutates_args=())
+def forward_op(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, z: torch.Tensor | None,
+    eps: float, group_size: int, norm_before_gate: bool, is_rms_norm: bool, activation: str, backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return forward_impl(x, weight, bias, z, eps, group_size, norm_before_gate, is_rms_norm, activation, backend)
+
+
+@forward_op.register_fake
+def _(x, weight, bias, z, eps, group_size, norm_before_gate, is_rms_norm, activation, backend):
+    m, n = x.shape
+    stats = (n // group_size) * m
+    c = compute_dtype(x.dtype)
+    mean = x.new_empty(0 if is_rms_norm else stats, dtype=c)
+    return torch.empty_like(x, memory_format=torch.contiguous_format), mean, x.new_empty(stats, dtype=c)
+
+
+@torch.library.custom_op("gatednorm::forward_out", mutates_args=("out",))
+def forward_out_op(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, z: torch.Tensor | None, out: torch.Tensor,
+    eps: float, group_size: int, norm_before_gate: bool, is_rms_norm: bool, activation: str, backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return forward_out_impl(x, weight, bias, z, out, eps, group_size, norm_before_gate, is_rms_norm, activation,
+                            backend)
+
+
+@forward_out_op.register_fake
+def _(x, weight, bias, z, out, eps, group_size, norm_before_gate, is_rms_norm, activation, backend):
+    m, n = x.shape
+    stats = (n // group_size) * m
+    c = compute_dtype(x.dtype)
+    return x.new_empty(0 if is_rms_norm else stats, dtype=c), x.new_empty(stats, dtype=c)
+
+
+@torch.library.custom_op("gatednorm::backward", mutates_args=())
+def backward_op(
+    dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, z: torch.Tensor | None,
+    mean: torch.Tensor, rstd: torch.Tensor, eps: float, group_size: int, norm_before_gate: bool,
+    is_rms_norm: bool, activation: str, backend: str,
+    needs_dx: bool, needs_dz: bool, needs_dweight: bool, needs_dbias: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return backward_impl(dy, x, weight, bias, z, mean, rstd, eps, group_size, norm_before_gate, is_rms_norm,
+                         activation, backend, needs_dx, needs_dz, needs_dweight, needs_dbias)
+
+
+@backward_op.register_fake
+def _(dy, x, weight, bias, z, mean, rstd, eps, group_size, norm_before_gate, is_rms_norm, activation, backend,
+      needs_dx, needs_dz, needs_dweight, needs_dbias):
+    empty = x.new_empty(0, dtype=compute_dtype(x.dtype))
+    contiguous = torch.contiguous_format
+    return (
+        torch.empty_like(x, memory_format=contiguous) if needs_dx else empty,
+        torch.empty_like(z, memory_format=contiguous) if (needs_dz and z is not None) else empty,
+        torch.empty_like(weight) if needs_dweight else empty,
+        torch.empty_like(bias) if (needs_dbias and bias is not None) else empty,
+    )
+
+
+def _compiling() -> bool:
+    return torch.compiler.is_compiling()
+
+
+def run_forward(x, weight, bias, z, eps, group_size, norm_before_gate, is_rms_norm, activation, backend):
+    fn = forward_op if _compiling() else forward_impl
+    return fn(x, weight, bias, z, eps, group_size, norm_before_gate, is_rms_norm, activation, backend)
+
+
+def run_forward_out(x, weight, bias, z, out, eps, group_size, norm_before_gate, is_rms_norm, activation, backend):
+    fn = forward_out_op if _compiling() else forward_out_impl
+    return fn(x, weight, bias, z, out, eps, group_size, norm_before_gate, is_rms_norm, activation, backend)
+
+
+def run_backward(*args):
+    fn = backward_op if _compiling() else backward_impl
+    return fn(*args)
+
+
+# ---------------------------------------------------------------------------
+# Autograd
+# ---------------------------------------------------------------------------
+
+class GatedNormFunction(torch.autograd.Function):
+    """y, mean, rstd = gated_norm(x, weight, bias, z); differentiable in x, weight, bias, z.
+
+    Saves only x, z, weight, bias, mean and rstd; the backward recomputes xhat.
+    mean and rstd are returned as non-differentiable outputs.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, z, eps, group_size, norm_before_gate, is_rms_norm, activation, backend):
+        out, mean, rstd = run_forward(x, weight, bias, z, eps, group_size, norm_before_gate, is_rms_norm,
+                                      activation, backend)
+        ctx.save_for_backward(x, weight, bias, z, mean, rstd)
+        ctx.params = (eps, group_size, norm_before_gate, is_rms_norm, activation, backend)
+        ctx.mark_non_differentiable(mean, rstd)
+        return out, mean, rstd
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy, _dmean, _drstd):
+        x, weight, bias, z, mean, rstd = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        dx, dz, dw, db = run_backward(
+            dy, x, weight, bias, z, mean, rstd, *ctx.params,
+            need[0], need[3] and z is not None, need[1], need[2] and bias is not None,
+        )
+        return (
+            dx if need[0] else None,
+            dw if need[1] else None,
+            db if (need[2] and bias is not None) else None,
+            dz if (need[3] and z is not None) else None,
+            None, None, None, None, None, None,
+        )
