@@ -131,13 +131,8 @@ def backward_impl(dy, x, weight, bias, z, mean, rstd, eps, group_size, norm_befo
         dy, x, weight, bias, z, None if is_rms_norm else mean, rstd, spec,
         needs_dx, needs_dz, needs_dweight, needs_dbias,
     )
-    empty = _empty_stat(x)
-    return (
-        dx if dx is not None else empty,
-        dz if dz is not None else empty,
-        dw if dw is not None else empty,
-        db if db is not None else empty,
-    )
+    # each absent gradient gets its own empty tensor: custom-op outputs must not alias each other
+    return tuple(g if g is not None else _empty_stat(x) for g in (dx, dz, dw, db))
 
 
 # ---------------------------------------------------------------------------
@@ -192,13 +187,12 @@ def backward_op(
 @backward_op.register_fake
 def _(dy, x, weight, bias, z, mean, rstd, eps, group_size, norm_before_gate, is_rms_norm, activation, backend,
       needs_dx, needs_dz, needs_dweight, needs_dbias):
-    empty = x.new_empty(0, dtype=compute_dtype(x.dtype))
     contiguous = torch.contiguous_format
     return (
-        torch.empty_like(x, memory_format=contiguous) if needs_dx else empty,
-        torch.empty_like(z, memory_format=contiguous) if (needs_dz and z is not None) else empty,
-        torch.empty_like(weight) if needs_dweight else empty,
-        torch.empty_like(bias) if (needs_dbias and bias is not None) else empty,
+        torch.empty_like(x, memory_format=contiguous) if needs_dx else _empty_stat(x),
+        torch.empty_like(z, memory_format=contiguous) if (needs_dz and z is not None) else _empty_stat(x),
+        torch.empty_like(weight) if needs_dweight else _empty_stat(x),
+        torch.empty_like(bias) if (needs_dbias and bias is not None) else _empty_stat(x),
     )
 
 
@@ -242,8 +236,13 @@ class GatedNormFunction(torch.autograd.Function):
         return out, mean, rstd
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, dy, _dmean, _drstd):
+        if torch.is_grad_enabled():
+            # The backward is analytic and itself not differentiable: refuse rather than return
+            # gradients that silently miss their second-order terms.
+            raise RuntimeError(
+                "gatednorm does not support double backward (create_graph=True / higher-order gradients)"
+            )
         x, weight, bias, z, mean, rstd = ctx.saved_tensors
         need = ctx.needs_input_grad
         dx, dz, dw, db = run_backward(
