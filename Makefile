@@ -26,7 +26,7 @@ test: setup
 	$(PY) -m pytest
 
 lint: setup
-	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff check .
 
 bench: setup
 	$(PY) benchmarks/bench_cpu.py
