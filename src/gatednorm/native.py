@@ -5,10 +5,37 @@ plugins, meta). All math happens in the compute dtype C (float32, or float64
 for float64 inputs) and the result is rounded once, when it is written to
 ``out``: exactly the function of DESIGN.md section 1.
 
-Rows are processed in blocks so that the float32 temporaries stay small and
-cache-resident on CPU instead of being full-size copies of the input; on
-accelerators one block covers all rows (launch count matters more there).
-Each row's result only depends on that row, so blocking never changes bits.
+Speed and memory come from the memory layout, not from cleverer math:
+
+* Rows are processed in blocks of about :data:`CPU_BLOCK_ELEMENTS` elements on
+  CPU, so the compute-dtype working set (a few buffers of one block each)
+  stays in the L2/L3 cache instead of streaming full-size float32 copies of
+  the input through DRAM. On accelerators a block is capped at
+  :data:`ACCEL_BLOCK_ELEMENTS` (one block for most shapes: launches matter
+  more there than cache residency).
+* The per-block buffers are allocated once per call and reused by every
+  block; every step writes in place or through ``out=`` so no op allocates.
+  Peak extra memory is therefore O(block) plus the statistics themselves.
+
+Batch invariance (a row's bits do not depend on how many rows are in the call
+or where the row sits) is kept by only using ops whose per-element result is
+position independent:
+
+* additions, multiplications, divisions and square roots are correctly
+  rounded, so their bits never depend on vectorisation;
+* the gate activation is built from ``exp`` (whose CPU kernel uses the same
+  vector routine for every element, tails included) plus those exact ops,
+  because ATen's fused ``silu``/``sigmoid`` kernels compute the scalar tail
+  of a loop with a different formula than the vector body;
+* row reductions go through ``torch.sum`` over the last dim, whose CPU order
+  depends only on the group size - except when the reduction has a single
+  output, where ATen splits it across threads; :func:`_group_sum` avoids
+  that case (see there). No fused multiply-add op (addcmul, alpha=) is used:
+  a compiler may contract the vector body but not the scalar tail.
+
+On GPUs ATen's reduction strategy depends on the number of outputs, so the
+native backend is batch invariant on CPU only; the fused Triton backend is
+the batch-invariant path there.
 """
 
 from __future__ import annotations
@@ -17,58 +44,81 @@ import torch
 
 from .spec import NormSpec, compute_dtype
 
-#: On CPU, target this many elements per row block (a few MB of fp32 temporaries).
-CPU_BLOCK_ELEMENTS = 1 << 16
+#: On CPU, elements per row block: 4 buffers of this many float32 values (1 MiB each)
+#: fit the L2 + L3 of a small machine, and each op has enough work to amortise its
+#: dispatch overhead and to be split over the intra-op threads.
+CPU_BLOCK_ELEMENTS = 1 << 18
+
+#: On other devices, cap a block at this many elements (64 MiB of float32 per buffer):
+#: one block covers most shapes, while a huge input cannot blow up memory.
+ACCEL_BLOCK_ELEMENTS = 1 << 24
 
 
 def rows_per_block(m: int, n: int, device: torch.device) -> int:
-    """Rows handled per block: cache-sized on CPU, everything at once elsewhere."""
-    if device.type != "cpu" or m == 0:
-        return max(m, 1)
-    return max(1, min(m, CPU_BLOCK_ELEMENTS // n))
+    """Rows handled per block: cache-sized on CPU, capped at ACCEL_BLOCK_ELEMENTS elsewhere."""
+    if m == 0:
+        return 1
+    budget = CPU_BLOCK_ELEMENTS if device.type == "cpu" else ACCEL_BLOCK_ELEMENTS
+    return max(1, min(m, budget // n))
 
 
-def gate_activation(z: torch.Tensor, activation: str) -> torch.Tensor:
-    """act(z) in z's (compute) dtype: swish = z * sigmoid(z), or sigmoid(z)."""
+# ---------------------------------------------------------------------------
+# Position-independent building blocks
+# ---------------------------------------------------------------------------
+
+
+def _group_sum(t3: torch.Tensor, out3: torch.Tensor, pair: torch.Tensor | None) -> None:
+    """out3 (m, G, 1) = sum of t3 (m, G, gs) over the last dim, in a row-independent order.
+
+    ATen reduces each output serially over the last dim, except when the whole
+    reduction has a single output: then it splits the row across threads and
+    the summation order changes. A lone (row, group) is therefore reduced as two
+    identical rows through a stride-0 view (``pair`` is a (2, 1, 1) buffer).
+    """
+    if pair is not None and t3.shape[0] * t3.shape[1] == 1:
+        torch.sum(t3.expand(2, 1, t3.shape[2]), dim=-1, keepdim=True, out=pair)
+        out3.copy_(pair[:1])
+    else:
+        torch.sum(t3, dim=-1, keepdim=True, out=out3)
+
+
+def _gate_denominator(z: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """d = 1 + exp(-z) in d's (compute) dtype. Negation is exact in any dtype."""
+    if z.dtype == d.dtype:
+        torch.neg(z, out=d)
+    else:
+        d.copy_(z).neg_()
+    return d.exp_().add_(1.0)
+
+
+def _forward_gate(z: torch.Tensor, gate: torch.Tensor, tmp: torch.Tensor, activation: str) -> torch.Tensor:
+    """gate = act(z) in C: s = 1 / (1 + exp(-z)); swish z * s, sigmoid s. tmp is scratch."""
     if activation == "swish":
-        return torch.nn.functional.silu(z)
-    return torch.sigmoid(z)
+        s = _gate_denominator(z, tmp).reciprocal_()
+        gate.copy_(z)
+        return gate.mul_(s)
+    return _gate_denominator(z, gate).reciprocal_()
+
+
+# Kept for other modules and tests: act(z) and act'(z) on whole tensors (allocating).
+def gate_activation(z: torch.Tensor, activation: str) -> torch.Tensor:
+    """act(z) in z's dtype, with the same formula as the blocked kernels."""
+    return _forward_gate(z, torch.empty_like(z), torch.empty_like(z), activation)
 
 
 def gate_activation_and_derivative(z: torch.Tensor, activation: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(act(z), act'(z)). swish' = s * (1 + z * (1 - s)); sigmoid' = s * (1 - s)."""
-    s = torch.sigmoid(z)
-    one_minus_s = 1.0 - s
+    """(act(z), act'(z)). With s = sigmoid(z): swish' = s * (1 + z * (1 - s)); sigmoid' = s * (1 - s)."""
+    s = _gate_denominator(z, torch.empty_like(z)).reciprocal_()
+    ds = torch.rsub(s, 1.0)
     if activation == "swish":
-        return z * s, s * (1.0 + z * one_minus_s)
-    return s, s * one_minus_s
+        ds.mul_(z).add_(1.0).mul_(s)
+        return z * s, ds
+    return s, ds.mul_(s)
 
 
-def _forward_block(x, weight_c, bias_c, z, spec: NormSpec, out, mean_gm, rstd_gm):
-    """Normalise rows x (m, N) into out; write stats into (G, m) views."""
-    m, n = x.shape
-    c = weight_c.dtype
-    groups = n // spec.group_size
-    xc = x.to(c)
-    gate = None
-    if z is not None:
-        gate = gate_activation(z.to(c), spec.activation)
-        if not spec.norm_before_gate:
-            xc = xc * gate
-    xg = xc.reshape(m, groups, spec.group_size)
-    if not spec.is_rms_norm:
-        mean = xg.mean(dim=-1, keepdim=True)
-        xg = xg - mean  # two-pass variance: centre first, then square
-        mean_gm.copy_(mean.view(m, groups).t())
-    var = xg.square().mean(dim=-1, keepdim=True)
-    rstd = torch.sqrt(var + spec.eps).reciprocal()
-    rstd_gm.copy_(rstd.view(m, groups).t())
-    y = (xg * rstd).view(m, n) * weight_c
-    if bias_c is not None:
-        y = y + bias_c
-    if gate is not None and spec.norm_before_gate:
-        y = y * gate
-    out.copy_(y)  # the one rounding to the output dtype
+# ---------------------------------------------------------------------------
+# Forward
+# ---------------------------------------------------------------------------
 
 
 def forward(
@@ -81,79 +131,77 @@ def forward(
 ) -> tuple[torch.Tensor | None, torch.Tensor]:
     """Write the gated norm of x (M, N) into out (M, N); return (mean, rstd).
 
-    mean (None for RMSNorm) and rstd are 1-D, G*M long, group-major.
+    x, z, out may have any strides; weight/bias are (N,). mean (None for RMSNorm)
+    and rstd are 1-D, G*M long, group-major (row m, group g at g*M + m), in C.
+    Extra memory: about 3-4 compute-dtype buffers of one row block.
     """
     m, n = x.shape
     c = compute_dtype(x.dtype)
-    groups = n // spec.group_size
-    mean = None if spec.is_rms_norm else torch.empty(groups * m, dtype=c, device=x.device)
-    rstd = torch.empty(groups * m, dtype=c, device=x.device)
+    gs = spec.group_size
+    groups = n // gs
+    dev = x.device
+    mean = None if spec.is_rms_norm else torch.empty(groups * m, dtype=c, device=dev)
+    rstd = torch.empty(groups * m, dtype=c, device=dev)
+    if m == 0 or dev.type == "meta":
+        return mean, rstd
     mean_gm = mean.view(groups, m) if mean is not None else None
     rstd_gm = rstd.view(groups, m)
     weight_c = weight.to(c)
     bias_c = bias.to(c) if bias is not None else None
-    step = rows_per_block(m, n, x.device)
-    for start in range(0, m, step):
-        rows = slice(start, min(start + step, m))
-        _forward_block(
-            x[rows],
-            weight_c,
-            bias_c,
-            z[rows] if z is not None else None,
-            spec,
-            out[rows],
-            mean_gm[:, rows] if mean_gm is not None else None,
-            rstd_gm[:, rows],
-        )
+
+    step = rows_per_block(m, n, dev)
+    buf_x = torch.empty(step, n, dtype=c, device=dev)
+    buf_t = torch.empty(step, n, dtype=c, device=dev)  # squares / exp scratch
+    buf_g = torch.empty(step, n, dtype=c, device=dev) if z is not None else None
+    stat = torch.empty(2, step, groups, 1, dtype=c, device=dev)
+    pair = torch.empty(2, 1, 1, dtype=c, device=dev) if groups == 1 else None
+    gate_before = z is not None and not spec.norm_before_gate
+    gate_after = z is not None and spec.norm_before_gate
+    direct_out = out.dtype == c  # the last multiply can write out directly
+
+    for r0 in range(0, m, step):
+        r1 = min(r0 + step, m)
+        mb = r1 - r0
+        xc = buf_x[:mb]
+        t = buf_t[:mb]
+        xc.copy_(x[r0:r1])
+        gate = None
+        if z is not None:
+            gate = _forward_gate(z[r0:r1], buf_g[:mb], t, spec.activation)
+            if gate_before:
+                xc.mul_(gate)
+        x3 = xc.view(mb, groups, gs)
+        if mean_gm is not None:
+            mu = stat[0, :mb]
+            _group_sum(x3, mu, pair)
+            mu.div_(gs)
+            mean_gm[:, r0:r1].copy_(mu.view(mb, groups).t())
+            x3.sub_(mu)  # two-pass variance: centre first, then square
+        torch.mul(xc, xc, out=t)
+        rs = stat[1, :mb]
+        _group_sum(t.view(mb, groups, gs), rs, pair)
+        rs.div_(gs).add_(spec.eps).sqrt_().reciprocal_()  # rstd = 1 / sqrt(var + eps)
+        rstd_gm[:, r0:r1].copy_(rs.view(mb, groups).t())
+        x3.mul_(rs)
+        steps = [(torch.mul, weight_c)]
+        if bias_c is not None:
+            steps.append((torch.add, bias_c))
+        if gate_after:
+            steps.append((torch.mul, gate))
+        for op, operand in steps[:-1]:
+            op(xc, operand, out=xc)
+        op, operand = steps[-1]
+        if direct_out:  # no rounding needed: the last step writes out itself
+            op(xc, operand, out=out[r0:r1])
+        else:
+            op(xc, operand, out=xc)
+            out[r0:r1].copy_(xc)  # the one rounding to the output dtype
     return mean, rstd
 
 
-def _backward_block(dy, x, weight_c, bias_c, z, mean_gm, rstd_gm, spec: NormSpec, dx, dz, dw_acc, db_acc):
-    m, n = x.shape
-    c = weight_c.dtype
-    groups = n // spec.group_size
-    shape3 = (m, groups, spec.group_size)
-    xc = x.to(c)
-    gate = dgate = None
-    if z is not None:
-        gate, dgate = gate_activation_and_derivative(z.to(c), spec.activation)
-    x_in = xc
-    if gate is not None and not spec.norm_before_gate:
-        xc = xc * gate
-    rstd = rstd_gm.t().reshape(m, groups, 1)
-    xg = xc.reshape(shape3)
-    if not spec.is_rms_norm:
-        xg = xg - mean_gm.t().reshape(m, groups, 1)
-    xhat = (xg * rstd).view(m, n)
-    dyc = dy.to(c)
-    if gate is not None and spec.norm_before_gate:
-        # y = (xhat * w + b) * act(z): the pre-gate value feeds dz.
-        y_pre = xhat * weight_c
-        if bias_c is not None:
-            y_pre = y_pre + bias_c
-        if dz is not None:
-            dz.copy_(dyc * y_pre * dgate)
-        dyc = dyc * gate
-    if dw_acc is not None:
-        dw_acc += (dyc * xhat).sum(dim=0)
-    if db_acc is not None:
-        db_acc += dyc.sum(dim=0)
-    if dx is None and (dz is None or spec.norm_before_gate):
-        return
-    wdy = (dyc * weight_c).view(shape3)
-    xhat3 = xhat.view(shape3)
-    c1 = (xhat3 * wdy).mean(dim=-1, keepdim=True)
-    dxc = wdy - xhat3 * c1
-    if not spec.is_rms_norm:
-        dxc = dxc - wdy.mean(dim=-1, keepdim=True)
-    dxc = (dxc * rstd).view(m, n)
-    if gate is not None and not spec.norm_before_gate:
-        # xc = x * act(z)
-        if dz is not None:
-            dz.copy_(dxc * x_in * dgate)
-        dxc = dxc * gate
-    if dx is not None:
-        dx.copy_(dxc)
+# ---------------------------------------------------------------------------
+# Backward
+# ---------------------------------------------------------------------------
 
 
 def backward(
@@ -172,39 +220,124 @@ def backward(
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Analytic gradients (dx, dz, dweight, dbias) from the saved inputs and stats.
 
-    With xhat = (xc - mean) * rstd and g = dL/dxhat = w * dL/dy':
+    With xhat = (xc - mean) * rstd and g = w * dL/dy' (dy' = dy times the gate when
+    the gate comes after the norm), per group:
     LayerNorm dxc = rstd * (g - mean(g) - xhat * mean(g * xhat)); RMSNorm drops mean(g).
     dx and dz are in x's and z's dtypes, dweight/dbias in the parameters' dtypes,
-    each rounded once from the compute dtype.
+    each rounded once from the compute dtype. Works in row blocks like forward.
     """
     m, n = x.shape
     c = compute_dtype(x.dtype)
-    groups = n // spec.group_size
-    dx = torch.empty(m, n, dtype=x.dtype, device=x.device) if needs_dx else None
-    dz = torch.empty(m, n, dtype=z.dtype, device=x.device) if (needs_dz and z is not None) else None
-    dw_acc = torch.zeros(n, dtype=c, device=x.device) if needs_dweight else None
-    db_acc = torch.zeros(n, dtype=c, device=x.device) if (needs_dbias and bias is not None) else None
+    gs = spec.group_size
+    groups = n // gs
+    dev = x.device
+    has_z = z is not None
+    dx = torch.empty(m, n, dtype=x.dtype, device=dev) if needs_dx else None
+    dz = torch.empty(m, n, dtype=z.dtype, device=dev) if (needs_dz and has_z) else None
+    dw_acc = torch.zeros(n, dtype=c, device=dev) if needs_dweight else None
+    db_acc = torch.zeros(n, dtype=c, device=dev) if (needs_dbias and bias is not None) else None
+
+    def finish():
+        dweight = dw_acc.to(weight.dtype) if dw_acc is not None else None
+        dbias = db_acc.to(bias.dtype) if db_acc is not None else None
+        return dx, dz, dweight, dbias
+
+    if m == 0 or dev.type == "meta":
+        return finish()
     weight_c = weight.to(c)
     bias_c = bias.to(c) if bias is not None else None
     mean_gm = mean.view(groups, m) if mean is not None else None
     rstd_gm = rstd.view(groups, m)
-    step = rows_per_block(m, n, x.device)
-    for start in range(0, m, step):
-        rows = slice(start, min(start + step, m))
-        _backward_block(
-            dy[rows],
-            x[rows],
-            weight_c,
-            bias_c,
-            z[rows] if z is not None else None,
-            mean_gm[:, rows] if mean_gm is not None else None,
-            rstd_gm[:, rows],
-            spec,
-            dx[rows] if dx is not None else None,
-            dz[rows] if dz is not None else None,
-            dw_acc,
-            db_acc,
-        )
-    dweight = dw_acc.to(weight.dtype) if dw_acc is not None else None
-    dbias = db_acc.to(bias.dtype) if db_acc is not None else None
-    return dx, dz, dweight, dbias
+    gate_before = has_z and not spec.norm_before_gate
+    gate_after = has_z and spec.norm_before_gate
+    need_dgate = dz is not None
+    need_dxin = dx is not None or (gate_before and need_dgate)
+
+    step = rows_per_block(m, n, dev)
+
+    def buf():
+        return torch.empty(step, n, dtype=c, device=dev)
+
+    buf_x, buf_dy, buf_p = buf(), buf(), buf()
+    buf_g = buf() if has_z else None  # z, then the gate
+    buf_s = buf() if has_z else None  # 1 + exp(-z), then sigmoid(z)
+    buf_dg = buf() if need_dgate else None  # act'(z)
+    stat = torch.empty(4, step, groups, 1, dtype=c, device=dev)
+    pair = torch.empty(2, 1, 1, dtype=c, device=dev) if groups == 1 else None
+    col = torch.empty(n, dtype=c, device=dev)
+
+    for r0 in range(0, m, step):
+        r1 = min(r0 + step, m)
+        mb = r1 - r0
+        xc, dyc, p = buf_x[:mb], buf_dy[:mb], buf_p[:mb]
+        x3 = xc.view(mb, groups, gs)
+        rs = stat[0, :mb]
+        rs.copy_(rstd_gm[:, r0:r1].t().unsqueeze(-1))
+
+        gate = dgate = None
+        if has_z:
+            s = _gate_denominator(z[r0:r1], buf_s[:mb]).reciprocal_()  # sigmoid(z)
+            zc = buf_g[:mb]
+            zc.copy_(z[r0:r1])
+            if need_dgate:
+                dgate = torch.neg(s, out=buf_dg[:mb]).add_(1.0)  # 1 - s, exactly
+                if spec.activation == "swish":
+                    dgate.mul_(zc).add_(1.0)
+                dgate.mul_(s)
+            # same formula as the forward gate, so xhat is recomputed bit for bit
+            gate = zc.mul_(s) if spec.activation == "swish" else s
+
+        # xhat = (xc - mean) * rstd, in buf_x
+        xc.copy_(x[r0:r1])
+        if gate_before:
+            xc.mul_(gate)
+        if mean_gm is not None:
+            mu = stat[1, :mb]
+            mu.copy_(mean_gm[:, r0:r1].t().unsqueeze(-1))
+            x3.sub_(mu)
+        x3.mul_(rs)
+
+        dyc.copy_(dy[r0:r1])
+        if gate_after:
+            if need_dgate:
+                # y = (xhat * w + b) * act(z): dz = dy * (xhat * w + b) * act'(z)
+                torch.mul(xc, weight_c, out=p)
+                if bias_c is not None:
+                    p.add_(bias_c)
+                p.mul_(dyc).mul_(dgate)
+                dz[r0:r1].copy_(p)
+            dyc.mul_(gate)
+        if dw_acc is not None:
+            torch.mul(dyc, xc, out=p)
+            torch.sum(p, dim=0, out=col)
+            dw_acc.add_(col)
+        if db_acc is not None:
+            torch.sum(dyc, dim=0, out=col)
+            db_acc.add_(col)
+        if not need_dxin:
+            continue
+
+        g = dyc.mul_(weight_c)  # dL/dxhat
+        g3 = g.view(mb, groups, gs)
+        c1 = stat[2, :mb]
+        torch.mul(xc, g, out=p)
+        _group_sum(p.view(mb, groups, gs), c1, pair)
+        c1.div_(gs)
+        if mean_gm is not None:
+            c2 = stat[3, :mb]
+            _group_sum(g3, c2, pair)
+            c2.div_(gs)
+            g3.sub_(c2)
+        x3.mul_(c1)
+        g.sub_(xc)
+        g3.mul_(rs)  # dL/dxc
+        if gate_before:
+            if need_dgate:
+                # xc = x * act(z): dz = dL/dxc * x * act'(z)
+                p.copy_(x[r0:r1])
+                p.mul_(g).mul_(dgate)
+                dz[r0:r1].copy_(p)
+            g.mul_(gate)
+        if dx is not None:
+            dx[r0:r1].copy_(g)
+    return finish()
