@@ -24,10 +24,14 @@ import torch
 
 from .spec import NormSpec, compute_dtype
 
-BACKENDS = ("auto", "native", "triton")
+BACKENDS = ("auto", "native", "triton", "compiled")
 
 # Backends that are plain modules of this package, imported lazily (Triton is optional).
-_BACKEND_MODULES = {"native": "gatednorm.native", "triton": "gatednorm.triton_kernels"}
+_BACKEND_MODULES = {
+    "native": "gatednorm.native",
+    "triton": "gatednorm.triton_kernels",
+    "compiled": "gatednorm.compiled",  # native formula under torch.compile (issue 3)
+}
 
 
 def _env_flag(name: str) -> bool:
@@ -82,6 +86,10 @@ def resolve_backend(backend: str | None, device: torch.device) -> str:
                 f"backend='triton' does not support tensors on {device} "
                 "(CUDA only; CPU tensors need TRITON_INTERPRET=1)"
             )
+    # --- begin: compiled backend (issue 3) ---
+    if backend == "compiled" and not load_backend("compiled").available():
+        raise ValueError("backend='compiled' was requested but torch.compile is not available in this PyTorch")
+    # --- end: compiled backend ---
     return backend
 
 
