@@ -87,7 +87,7 @@ def resolve_backend(backend: str | None, device: torch.device) -> str:
                 "(CUDA only; CPU tensors need TRITON_INTERPRET=1)"
             )
     # --- begin: compiled backend (issue 3) ---
-    if backend == "compiled" and not load_backend("compiled").available():
+    if backend == "compiled" and not hasattr(torch, "compile"):  # no import here: traced under torch.compile
         raise ValueError("backend='compiled' was requested but torch.compile is not available in this PyTorch")
     # --- end: compiled backend ---
     return backend
