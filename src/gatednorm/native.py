@@ -23,10 +23,12 @@ position independent:
 
 * additions, multiplications, divisions and square roots are correctly
   rounded, so their bits never depend on vectorisation;
-* the gate activation is built from ``exp`` (whose CPU kernel uses the same
-  vector routine for every element, tails included) plus those exact ops,
-  because ATen's fused ``silu``/``sigmoid`` kernels compute the scalar tail
-  of a loop with a different formula than the vector body;
+* ATen's fused ``silu``/``sigmoid`` CPU kernels compute the scalar tail of a
+  loop with a different formula than the vector body, so they run on a flat
+  buffer padded so that no element falls in a tail
+  (:func:`fused_activation_length`); on devices where that cannot be
+  arranged the gate is built from ``exp`` (whose CPU kernel uses one vector
+  routine for every element, tails included) plus the exact ops above;
 * row reductions go through ``torch.sum`` over the last dim, whose CPU order
   depends only on the group size - except when the reduction has a single
   output, where ATen splits it across threads; :func:`_group_sum` avoids
@@ -44,10 +46,17 @@ import torch
 
 from .spec import NormSpec, compute_dtype
 
-#: On CPU, elements per row block: 4 buffers of this many float32 values (1 MiB each)
-#: fit the L2 + L3 of a small machine, and each op has enough work to amortise its
-#: dispatch overhead and to be split over the intra-op threads.
+#: On CPU, elements per row block: 3-6 buffers of this many float32 values (1 MiB each)
+#: stay in the L2 + L3 caches of a small machine, and each op has enough work to amortise
+#: its dispatch overhead and to be split over the intra-op threads.
 CPU_BLOCK_ELEMENTS = 1 << 18
+
+#: ATen's CPU parallel grain (at::internal::GRAIN_SIZE): element-wise ops on fewer elements
+#: run serially; larger ones are cut into num_threads chunks of ceil(numel / num_threads).
+ATEN_GRAIN = 32768
+
+#: Two vectors of the widest ATen CPU vector (2 x 16 float32 for AVX-512) divide this.
+_VECTOR_PAD = 64
 
 #: On other devices, cap a block at this many elements (64 MiB of float32 per buffer):
 #: one block covers most shapes, while a huge input cannot blow up memory.
@@ -89,6 +98,52 @@ def _gate_denominator(z: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
     else:
         d.copy_(z).neg_()
     return d.exp_().add_(1.0)
+
+
+def fused_activation_length(numel: int, device: torch.device) -> int | None:
+    """Length to pad a flat fused silu/sigmoid call on ``numel`` elements to, or None for "don't fuse".
+
+    ATen's fused CPU kernels run the vector body on all but the last < 2 vectors of each
+    thread's chunk, which take a scalar formula with different rounding: an element's bits
+    would depend on its position in the call. Padding the flat call so that every chunk is
+    a whole number of vectors puts every element through the vector body:
+    serial calls (<= ATEN_GRAIN elements) to a multiple of _VECTOR_PAD; parallel ones to a
+    multiple of ATEN_GRAIN * num_threads, so each of the num_threads chunks is a multiple
+    of ATEN_GRAIN. CUDA kernels are lane-wise already. Other devices: None (exp formula).
+    """
+    if device.type == "cuda":
+        return numel
+    if device.type != "cpu":
+        return None
+    padded = -(-numel // _VECTOR_PAD) * _VECTOR_PAD
+    if padded <= ATEN_GRAIN:
+        return padded
+    unit = ATEN_GRAIN * max(1, torch.get_num_threads())
+    return -(-numel // unit) * unit
+
+
+def _fused_gate(z: torch.Tensor, flat: torch.Tensor, rows: int, n: int, activation: str, sigmoid: bool = False):
+    """act(z) (or sigmoid(z)) of z (rows, N) through a fused kernel on a padded flat buffer.
+
+    Returns the (rows, N) view; the padding holds finite leftovers and is never read.
+    """
+    gate = flat[: rows * n].view(rows, n)
+    gate.copy_(z)
+    length = fused_activation_length(rows * n, flat.device)
+    work = flat[:length]
+    if activation == "swish" and not sigmoid:
+        torch.nn.functional.silu(work, inplace=True)
+    else:
+        torch.sigmoid(work, out=work)
+    return gate
+
+
+def _fused_buffer(step: int, n: int, dtype, device) -> torch.Tensor | None:
+    """Zeroed flat buffer long enough for any padded block (None if fused kernels are not used)."""
+    length = fused_activation_length(step * n, device)
+    if length is None:
+        return None
+    return torch.zeros(length, dtype=dtype, device=device)
 
 
 def _forward_gate(z: torch.Tensor, gate: torch.Tensor, tmp: torch.Tensor, activation: str) -> torch.Tensor:
@@ -152,7 +207,8 @@ def forward(
     step = rows_per_block(m, n, dev)
     buf_x = torch.empty(step, n, dtype=c, device=dev)
     buf_t = torch.empty(step, n, dtype=c, device=dev)  # squares / exp scratch
-    buf_g = torch.empty(step, n, dtype=c, device=dev) if z is not None else None
+    flat_g = _fused_buffer(step, n, c, dev) if z is not None else None
+    buf_g = torch.empty(step, n, dtype=c, device=dev) if (z is not None and flat_g is None) else None
     stat = torch.empty(2, step, groups, 1, dtype=c, device=dev)
     pair = torch.empty(2, 1, 1, dtype=c, device=dev) if groups == 1 else None
     gate_before = z is not None and not spec.norm_before_gate
@@ -167,7 +223,10 @@ def forward(
         xc.copy_(x[r0:r1])
         gate = None
         if z is not None:
-            gate = _forward_gate(z[r0:r1], buf_g[:mb], t, spec.activation)
+            if flat_g is not None:
+                gate = _fused_gate(z[r0:r1], flat_g, mb, n, spec.activation)
+            else:
+                gate = _forward_gate(z[r0:r1], buf_g[:mb], t, spec.activation)
             if gate_before:
                 xc.mul_(gate)
         x3 = xc.view(mb, groups, gs)
@@ -260,7 +319,8 @@ def backward(
 
     buf_x, buf_dy, buf_p = buf(), buf(), buf()
     buf_g = buf() if has_z else None  # z, then the gate
-    buf_s = buf() if has_z else None  # 1 + exp(-z), then sigmoid(z)
+    flat_s = _fused_buffer(step, n, c, dev) if has_z else None
+    buf_s = buf() if (has_z and flat_s is None) else None  # 1 + exp(-z), then sigmoid(z)
     buf_dg = buf() if need_dgate else None  # act'(z)
     stat = torch.empty(4, step, groups, 1, dtype=c, device=dev)
     pair = torch.empty(2, 1, 1, dtype=c, device=dev) if groups == 1 else None
@@ -276,7 +336,10 @@ def backward(
 
         gate = dgate = None
         if has_z:
-            s = _gate_denominator(z[r0:r1], buf_s[:mb]).reciprocal_()  # sigmoid(z)
+            if flat_s is not None:
+                s = _fused_gate(z[r0:r1], flat_s, mb, n, spec.activation, sigmoid=True)
+            else:
+                s = _gate_denominator(z[r0:r1], buf_s[:mb]).reciprocal_()  # sigmoid(z)
             zc = buf_g[:mb]
             zc.copy_(z[r0:r1])
             if need_dgate:
