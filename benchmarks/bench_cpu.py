@@ -181,24 +181,37 @@ def call_once(fn, case, args, grad):
     return sum(t.numel() * t.element_size() for t in produced if t is not None)
 
 
-def bench_case(case, dtype, grad, impls, meter, reps):
+def measure_memory(case, dtype, grad, impls, meter):
+    """Peak extra memory of one call per implementation (after two warm-up calls), as a multiple of x's size."""
     args = make_inputs(case, dtype, meter.device, grad)
     x = args[0]
+    res = {}
+    for name, fn in impls.items():
+        t0 = time.perf_counter()
+        call_once(fn, case, args, grad)
+        meter.sync()
+        res[f"{name}_first_call_s"] = time.perf_counter() - t0
+        call_once(fn, case, args, grad)
+        meter.start_memory()
+        produced = call_once(fn, case, args, grad)
+        peak = meter.peak_memory()
+        res[name] = None if peak is None else max(0.0, peak - produced) / (x.numel() * x.element_size())
+    return res
+
+
+def time_case(case, dtype, grad, impls, meter, reps):
+    """Median wall time per implementation; every repeat runs every implementation once (interleaved)."""
+    args = make_inputs(case, dtype, meter.device, grad)
     res = {}
     for name, fn in impls.items():
         meter.sync()
         t0 = time.perf_counter()
         call_once(fn, case, args, grad)  # warm-up (compiles compiled variants)
         meter.sync()
-        first = time.perf_counter() - t0
+        res[name] = {"first_call_s": time.perf_counter() - t0, "times": []}
         call_once(fn, case, args, grad)
-        meter.start_memory()
-        produced = call_once(fn, case, args, grad)
-        peak = meter.peak_memory()
-        extra = None if peak is None else max(0.0, peak - produced) / (x.numel() * x.element_size())
-        res[name] = {"first_call_s": first, "times": [], "peak_extra_x": extra}
     for _ in range(reps):
-        for name, fn in impls.items():  # interleaved: every repeat runs every implementation once
+        for name, fn in impls.items():
             meter.sync()
             t0 = time.perf_counter()
             call_once(fn, case, args, grad)
@@ -206,6 +219,7 @@ def bench_case(case, dtype, grad, impls, meter, reps):
             res[name]["times"].append(time.perf_counter() - t0)
     for r in res.values():
         r["median_ms"] = statistics.median(r["times"]) * 1e3
+        r["min_ms"] = min(r["times"]) * 1e3
         del r["times"]
     return res
 
@@ -270,6 +284,29 @@ def chart(rows, names, path, title):
     fig.savefig(path, dpi=110)
 
 
+def run_memory_subprocess(args, device) -> dict:
+    """Peak memory, measured in a fresh process whose glibc returns every freed large block at once.
+
+    Timing runs in this process with the default allocator settings; only the memory phase
+    uses MALLOC_MMAP_THRESHOLD_ (which makes allocation-heavy code slower).
+    """
+    if device.type != "cpu" or not os.path.exists("/proc/self/clear_refs"):
+        return {}
+    import tempfile
+
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "memory.json")
+        argv = [sys.executable, os.path.abspath(__file__), "--memory-only", path, "--device", args.device,
+                "--threads", str(args.threads), "--dtypes", args.dtypes, "--cases", args.cases, "--passes", args.passes]
+        if args.no_compile:
+            argv.append("--no-compile")
+        print("# measuring peak memory in a subprocess ...", flush=True)
+        subprocess.run(argv, env=env, check=True, stdout=subprocess.DEVNULL)
+        with open(path) as f:
+            return json.load(f)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cpu")
@@ -282,11 +319,9 @@ def main(argv=None):
     p.add_argument("--no-compile", action="store_true", help="skip the compiled and inductor columns")
     p.add_argument("--quick", action="store_true", help="3 repeats, no files written")
     p.add_argument("--out", default=None, help="results file stem (default benchmarks/results/cpu_<device>)")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
+    p.add_argument("--memory-only", default=None, help=argparse.SUPPRESS)  # internal: subprocess, writes JSON here
     args = p.parse_args(argv)
-
-    if args.device == "cpu" and os.environ.get("MALLOC_MMAP_THRESHOLD_") is None and sys.platform.startswith("linux"):
-        env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
-        os.execve(sys.executable, [sys.executable, os.path.abspath(__file__), *sys.argv[1:]], env)
 
     device = torch.device(args.device)
     if device.type == "cpu":
@@ -307,6 +342,9 @@ def main(argv=None):
     label = machine_name(device)
     print(f"# {label}", flush=True)
 
+    memory = {}
+    if args.memory_only is None and not args.no_memory:
+        memory = run_memory_subprocess(args, device)
     rows = []
     for case in cases:
         for dtype in dtypes:
@@ -314,19 +352,43 @@ def main(argv=None):
                 run_impls = dict(impls)
                 if "inductor" in run_impls:
                     run_impls["inductor"] = torch.compile(fresh_copy(recipe, len(rows)), dynamic=False)
+                key = f"{case.name}|{dtype}|{pass_}"
+                if args.memory_only is not None:
+                    memory[key] = measure_memory(case, dtype, pass_ == "fwd+bwd", run_impls, meter)
+                    print(key, memory[key], flush=True)
+                    rows.append(key)
+                    continue
+                if device.type == "cuda" and not args.no_memory:  # caching-allocator stats, in process
+                    memory[key] = measure_memory(case, dtype, pass_ == "fwd+bwd", run_impls, meter)
                 reps = args.reps if pass_ == "fwd" else args.reps_bwd
-                res = bench_case(case, dtype, pass_ == "fwd+bwd", run_impls, meter, reps)
+                res = time_case(case, dtype, pass_ == "fwd+bwd", run_impls, meter, reps)
+                for name in res:
+                    res[name]["peak_extra_x"] = memory.get(key, {}).get(name)
+                    res[name]["first_process_first_call_s"] = memory.get(key, {}).get(f"{name}_first_call_s")
                 row = {"case": case.name, "dtype": str(dtype).replace("torch.", ""), "pass": pass_, "results": res}
                 rows.append(row)
                 summary = "  ".join(f"{n}={res[n]['median_ms']:.2f}ms" for n in names)
                 print(f"{case.name:32s} {row['dtype']:9s} {pass_:8s} {summary}", flush=True)
+    if args.memory_only is not None:
+        memory["compile_times"] = [[repr(k), t] for k, t in compiled_backend.COMPILE_TIMES]
+        with open(args.memory_only, "w") as f:
+            json.dump(memory, f)
+        return
 
     table = format_table(rows, names, label)
-    compile_lines = [f"- compiled backend first call (compile) for {k[0]} {k[1:]}: {s:.1f} s"
-                     for k, s in compiled_backend.COMPILE_TIMES]
-    first_calls = ["", "First-call times (s; includes torch.compile for compiled/inductor):", ""]
+    compile_lines = ["", "Compiled backend: first call per feature combination (= compile time), "
+                     "first process (memory phase; Inductor cache as found) / timing process:", ""]
+    first = dict(memory.get("compile_times", []))
+    for k, t in compiled_backend.COMPILE_TIMES:
+        f = first.get(repr(k))
+        compile_lines.append(f"- {k[0]} {k[1:]}: {'-' if f is None else f'{f:.1f}'} s / {t:.1f} s")
+    first_calls = ["", "First call (s) per row, timing process (includes torch.compile of compiled/inductor; "
+                   "first process in brackets):", ""]
     for row in rows:
-        fc = ", ".join(f"{n} {row['results'][n]['first_call_s']:.2f}" for n in names)
+        fc = ", ".join(f"{n} {row['results'][n]['first_call_s']:.2f}"
+                       + (f" [{row['results'][n]['first_process_first_call_s']:.2f}]"
+                          if row['results'][n].get('first_process_first_call_s') is not None else "")
+                       for n in names)
         first_calls.append(f"- {row['case']} {row['dtype']} {row['pass']}: {fc}")
     report = "\n".join([table, "", *compile_lines, *first_calls])
     print()

@@ -6,10 +6,12 @@ variance, ``rstd = 1 / sqrt(var + eps)``, one rounding at the end). Inductor fus
 the chain into a few loops, so no full-size temporaries exist at run time.
 
 Compilation: one compiled function per *feature combination* (the static
-:class:`~gatednorm.spec.NormSpec` plus which of bias / z / gradients are present),
-each compiled with ``dynamic=True`` and with the row count marked dynamic, so a
-new batch size never recompiles. Every combination gets its own code object, so
-the per-code-object recompile limit of dynamo is never shared between them.
+:class:`~gatednorm.spec.NormSpec`, N, the dtypes, which of bias / z / gradients are
+present), with the row count M marked dynamic (size-oblivious, so M = 1 takes the
+same graph): a new batch size never recompiles. N and the group size stay static
+so that Inductor can fuse each row's reductions without full-size buffers. Every
+combination gets its own code object, so the per-code-object recompile limit of
+dynamo is never shared between them.
 
 Nesting: inside a user's ``torch.compile`` region, :mod:`gatednorm.ops` routes
 through the opaque ``gatednorm::*`` custom ops (traced via their fake
@@ -152,7 +154,9 @@ def _compiled(key: tuple, factory: Callable[[], Callable]) -> Callable:
             # recompile limit) per code object, so combinations must not share one.
             code = raw.__code__.replace(co_name=f"{raw.__name__}_{len(_CACHE)}")
             raw = types.FunctionType(code, raw.__globals__, code.co_name, raw.__defaults__, raw.__closure__)
-            fn = _timed_first_call(key, torch.compile(raw, dynamic=True, fullgraph=True))
+            # dynamic=None + rows marked dynamic: M is symbolic, while N, the group size and the
+            # constants stay static so Inductor fuses each row's reductions without full-size buffers.
+            fn = _timed_first_call(key, torch.compile(raw, dynamic=None, fullgraph=True))
             _CACHE[key] = fn
     return fn
 
@@ -199,7 +203,7 @@ def forward(
     if m == 0 or x.device.type == "meta":
         mean = None if spec.is_rms_norm else torch.empty(groups * m, dtype=c, device=x.device)
         return mean, torch.empty(groups * m, dtype=c, device=x.device)
-    key = ("fwd", spec, bias is not None, z is not None)
+    key = ("fwd", spec, n, x.dtype, out.dtype, bias is not None, z is not None)
     fn = _compiled(key, lambda: _make_forward(spec, bias is not None, z is not None))
     _mark_rows_dynamic(x, z, out)
     with torch.no_grad():
@@ -227,7 +231,7 @@ def backward(
         from . import native
 
         return native.backward(dy, x, weight, bias, z, mean, rstd, spec, *needs)
-    key = ("bwd", spec, bias is not None, z is not None, mean is not None, needs)
+    key = ("bwd", spec, x.shape[1], x.dtype, bias is not None, z is not None, mean is not None, needs)
     fn = _compiled(key, lambda: _make_backward(spec, bias is not None, z is not None, needs))
     _mark_rows_dynamic(dy, x, z, mean, rstd)
     with torch.no_grad():
