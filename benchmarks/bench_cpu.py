@@ -19,7 +19,7 @@ itself with ``MALLOC_MMAP_THRESHOLD_=65536`` so glibc serves large blocks with m
 them at free (otherwise freed temporaries stay resident and hide later peaks); the high-water
 mark is reset through ``/proc/self/clear_refs``. On CUDA: ``torch.cuda.max_memory_allocated``.
 
-    python benchmarks/bench_cpu.py                      # full run, writes benchmarks/results/cpu_*
+    python benchmarks/bench_cpu.py                      # full run, writes benchmarks/results/cpu_bench.*
     python benchmarks/bench_cpu.py --quick              # fewer repeats, no files
     python benchmarks/bench_cpu.py --device cuda        # eager GPU timing (adds the triton column)
 """
@@ -192,6 +192,8 @@ def measure_memory(case, dtype, grad, impls, meter):
         meter.sync()
         res[f"{name}_first_call_s"] = time.perf_counter() - t0
         call_once(fn, case, args, grad)
+        for t in args[-1]:
+            t.grad = None  # free the previous call's gradients before the baseline is taken
         meter.start_memory()
         produced = call_once(fn, case, args, grad)
         peak = meter.peak_memory()
@@ -318,7 +320,7 @@ def main(argv=None):
     p.add_argument("--reps-bwd", type=int, default=9, help="interleaved repeats per forward+backward measurement")
     p.add_argument("--no-compile", action="store_true", help="skip the compiled and inductor columns")
     p.add_argument("--quick", action="store_true", help="3 repeats, no files written")
-    p.add_argument("--out", default=None, help="results file stem (default benchmarks/results/cpu_<device>)")
+    p.add_argument("--out", default=None, help="results file stem (default: results/cpu_bench)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     p.add_argument("--memory-only", default=None, help=argparse.SUPPRESS)  # internal: subprocess, writes JSON here
     args = p.parse_args(argv)
@@ -390,13 +392,14 @@ def main(argv=None):
                           if row['results'][n].get('first_process_first_call_s') is not None else "")
                        for n in names)
         first_calls.append(f"- {row['case']} {row['dtype']} {row['pass']}: {fc}")
-    report = "\n".join([table, "", *compile_lines, *first_calls])
+    load = "load average (1/5/15 min) at the end of the run: " + " / ".join(f"{v:.2f}" for v in os.getloadavg())
+    report = "\n".join([table, "", load, *compile_lines, *first_calls])
     print()
     print(report)
     if args.quick:
         return
     os.makedirs(RESULTS, exist_ok=True)
-    stem = args.out or os.path.join(RESULTS, f"cpu_{device.type}")
+    stem = args.out or os.path.join(RESULTS, "cpu_bench" if device.type == "cpu" else f"{device.type}_native_eager")
     cmd = "python benchmarks/bench_cpu.py " + " ".join(sys.argv[1:])
     with open(stem + ".md", "w") as f:
         f.write(f"# gatednorm native/compiled benchmark\n\nCommand: `{cmd}`\n\n{report}\n")
