@@ -220,6 +220,8 @@ def _run_offset(dtype: torch.dtype, rank: int, world: int) -> None:
         full, _, _ = gatednorm.layer_norm_fwd(x, w, b, 1e-6, z=z, group_size=gs, backend="native")
         y, mean, rstd = tp_gated_norm(x[:, sl], w[sl], b[sl], z[:, sl], eps=1e-6, group_size=gs)
         g0, g1 = _local_groups(n if gs is None else gs, rank, world)
+        want_c = torch.float64 if dtype == torch.float64 else torch.float32
+        soft.check(mean.dtype == want_c and rstd.dtype == want_c, f"stats dtype {mean.dtype}, {rstd.dtype}")
         mean_err = float((mean.double() - ref_mean[g0 * m:g1 * m]).abs().max())
         soft.check(mean_err <= 2 * ulp_mean, f"gs={gs}: mean off by {mean_err:.3g} > 2 ulp ({ulp_mean:.3g})")
         # The data's own quantization (ulp(1e4) / std: 2e-10 in float64, 0.1 in float32) bounds what any

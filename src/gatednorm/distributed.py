@@ -171,8 +171,8 @@ def shard_layout(hidden_size: int, group_size: int, rank: int, world_size: int) 
 # ---------------------------------------------------------------------------
 
 
-def _segment_sums(t: torch.Tensor, lay: ShardLayout) -> torch.Tensor:
-    """(M, shard) -> (M, num_local_groups): sums over each local group's columns.
+def _segment_sums(t: torch.Tensor, lay: ShardLayout, mean: bool = False) -> torch.Tensor:
+    """(M, shard) -> (M, num_local_groups): sums (or means) over each local group's columns.
 
     Full groups are reduced together through a reshape; the (at most two) partial ones by slices.
     Each sum is over a contiguous slice of one row: deterministic and batch invariant.
@@ -182,46 +182,68 @@ def _segment_sums(t: torch.Tensor, lay: ShardLayout) -> torch.Tensor:
     parts = []
     j = 0
     while j < lay.num_local_groups:
+        lo = lay.seg_start[j]
         if lay.seg_len[j] == gs:
             k = j
             while k < lay.num_local_groups and lay.seg_len[k] == gs:
                 k += 1
-            lo = lay.seg_start[j]
-            parts.append(t[:, lo:lo + (k - j) * gs].reshape(m, k - j, gs).sum(dim=-1))
+            block = t[:, lo:lo + (k - j) * gs].reshape(m, k - j, gs)
+            parts.append(block.mean(dim=-1) if mean else block.sum(dim=-1))
             j = k
         else:
-            lo = lay.seg_start[j]
-            parts.append(t[:, lo:lo + lay.seg_len[j]].sum(dim=-1, keepdim=True))
+            seg = t[:, lo:lo + lay.seg_len[j]]
+            parts.append(seg.mean(dim=-1, keepdim=True) if mean else seg.sum(dim=-1, keepdim=True))
             j += 1
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
 
-def _column_group(lay: ShardLayout, device: torch.device) -> torch.Tensor:
-    """(shard,) int64: local group index of every column (built on the device: no host copy)."""
-    cols = torch.arange(lay.col_start, lay.col_start + lay.shard_size, device=device)
-    return torch.div(cols, lay.group_size, rounding_mode="floor") - lay.first_group
+@dataclass
+class _Consts:
+    """Small device tensors a layout needs: column -> local group index (None with one local group,
+    where (M, 1) statistics broadcast as they are) and per-slot column counts of each partial group."""
+
+    col_group: torch.Tensor | None
+    slot_counts: tuple[torch.Tensor, ...]
 
 
-def _per_column(stat: torch.Tensor, col_group: torch.Tensor) -> torch.Tensor:
-    """(M, local groups) -> (M, shard): each column gets its group's value."""
-    return stat.index_select(1, col_group)
+_CONSTS: dict[tuple, _Consts] = {}
 
 
-def _seg_lengths(lay: ShardLayout, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """(num_local_groups,) column counts of the local segments, built on the device."""
-    starts = torch.arange(lay.first_group, lay.first_group + lay.num_local_groups, device=device) * lay.group_size
-    a = lay.col_start
-    lengths = (starts + lay.group_size).clamp(max=a + lay.shard_size) - starts.clamp(min=a)
-    return lengths.to(dtype)
+def _capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
-def _slot_counts(lay: ShardLayout, counts: tuple[int, ...], device: torch.device, dtype: torch.dtype):
-    """(num_slots, 1) tensor of a partial group's per-rank column counts, built without a host copy."""
-    out = torch.zeros(lay.num_slots, 1, device=device, dtype=dtype)
-    for s, c in enumerate(counts):  # num_slots <= world_size: a few tiny fills
-        if c:
-            out[s] = c
-    return out
+def _constants(lay: ShardLayout, device: torch.device, dtype: torch.dtype) -> _Consts:
+    """Built with device-side ops only (arange, fill: legal inside CUDA graph capture); cached per
+    (layout, device, dtype) except while capturing (the graph's memory pool must not leak into the cache)."""
+    key = (lay, device, dtype)
+    hit = _CONSTS.get(key)
+    if hit is not None:
+        return hit
+    col_group = None
+    if lay.num_local_groups > 1:
+        cols = torch.arange(lay.col_start, lay.col_start + lay.shard_size, device=device)
+        col_group = torch.div(cols, lay.group_size, rounding_mode="floor") - lay.first_group
+    slot_counts = []
+    for _j, _span, _slot, counts in lay.partials:
+        t = torch.zeros(lay.num_slots, 1, device=device, dtype=dtype)
+        for s, c in enumerate(counts):
+            if c:
+                t[s] = c
+        slot_counts.append(t)
+    consts = _Consts(col_group, tuple(slot_counts))
+    if not _capturing(device):
+        if len(_CONSTS) > 256:
+            _CONSTS.clear()
+        _CONSTS[key] = consts
+    return consts
+
+
+def _per_column(stat: torch.Tensor, consts: _Consts) -> torch.Tensor:
+    """(M, local groups) -> something that broadcasts to (M, shard): each column gets its group's value."""
+    if consts.col_group is None:
+        return stat  # (M, 1)
+    return stat.index_select(1, consts.col_group)
 
 
 def _all_reduce(buf: torch.Tensor, group) -> None:
@@ -232,7 +254,7 @@ def _all_reduce(buf: torch.Tensor, group) -> None:
     dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=group)
 
 
-def _span_stats(xc: torch.Tensor, lay: ShardLayout, spec: NormSpec, group, col_group: torch.Tensor):
+def _span_stats(xc: torch.Tensor, lay: ShardLayout, spec: NormSpec, group, consts: _Consts):
     """Full-group (mean | None, var) per row and local group, (M, num_local_groups) each, from the local xc.
 
     One all_reduce (see the module docstring for the combination formula).
@@ -250,9 +272,8 @@ def _span_stats(xc: torch.Tensor, lay: ShardLayout, spec: NormSpec, group, col_g
             ss[:, j] = buf[0, span]
         return None, ss / gs
 
-    lengths = _seg_lengths(lay, xc.device, c)
-    mu = _segment_sums(xc, lay) / lengths  # local means (the full-group mean for whole groups)
-    d = xc - _per_column(mu, col_group)
+    mu = _segment_sums(xc, lay, mean=True)  # local means (the full-group mean for whole groups)
+    d = xc - _per_column(mu, consts)
     m2 = _segment_sums(d * d, lay)  # local sums of squared deviations (two-pass)
     slots = lay.num_slots
     buf = torch.zeros(slots + 1, lay.num_spanning, m, device=xc.device, dtype=c)
@@ -261,8 +282,7 @@ def _span_stats(xc: torch.Tensor, lay: ShardLayout, spec: NormSpec, group, col_g
         buf[slots, span] = m2[:, j]  # shared slot: M2_r summed
     _all_reduce(buf, group)
     mean = mu.clone()
-    for j, span, _slot, counts in lay.partials:
-        n_r = _slot_counts(lay, counts, xc.device, c)
+    for (j, span, _slot, _counts), n_r in zip(lay.partials, consts.slot_counts, strict=True):
         mus = buf[:slots, span]  # (slots, M); slots a group does not use hold 0 with n_r = 0
         # sum_r n_r mu_r / n, written as mu_0 + sum_r (n_r / n) (mu_r - mu_0): the differences of nearby
         # means are exact, so the mean is as accurate as the first rank's local mean (no large partial sums).
@@ -278,18 +298,18 @@ def _span_forward(x, weight, bias, z, lay: ShardLayout, spec: NormSpec, group):
     1-D group-major stats of the local groups."""
     m = x.shape[0]
     c = compute_dtype(x.dtype)
-    col_group = _column_group(lay, x.device)
+    consts = _constants(lay, x.device, c)
     xc = x.to(c)
     gate = None
     if z is not None:
         gate = gate_activation(z.to(c), spec.activation)
         if not spec.norm_before_gate:
             xc = xc * gate
-    mean, var = _span_stats(xc, lay, spec, group, col_group)
+    mean, var = _span_stats(xc, lay, spec, group, consts)
     rstd = torch.sqrt(var + spec.eps).reciprocal()
     if mean is not None:
-        xc = xc - _per_column(mean, col_group)
-    y = xc * _per_column(rstd, col_group) * weight.to(c)
+        xc = xc - _per_column(mean, consts)
+    y = xc * _per_column(rstd, consts) * weight.to(c)
     if bias is not None:
         y = y + bias.to(c)
     if gate is not None and spec.norm_before_gate:
@@ -307,7 +327,7 @@ def _span_backward(dy, x, weight, bias, z, mean, rstd, lay: ShardLayout, spec: N
     m, n = x.shape
     c = compute_dtype(x.dtype)
     gl = lay.num_local_groups
-    col_group = _column_group(lay, x.device)
+    consts = _constants(lay, x.device, c)
     weight_c = weight.to(c)
     xc = x.to(c)
     gate = dgate = None
@@ -316,9 +336,9 @@ def _span_backward(dy, x, weight, bias, z, mean, rstd, lay: ShardLayout, spec: N
     x_in = xc
     if gate is not None and not spec.norm_before_gate:
         xc = xc * gate
-    rstd_cols = _per_column(rstd.view(gl, m).t(), col_group)
+    rstd_cols = _per_column(rstd.view(gl, m).t(), consts)
     if mean is not None:
-        xc = xc - _per_column(mean.view(gl, m).t(), col_group)
+        xc = xc - _per_column(mean.view(gl, m).t(), consts)
     xhat = xc * rstd_cols
     dyc = dy.to(c)
     dx = dz = dweight = dbias = None
@@ -348,9 +368,9 @@ def _span_backward(dy, x, weight, bias, z, mean, rstd, lay: ShardLayout, spec: N
             for k, s in enumerate(sums):
                 s[:, j] = buf[k, span]
         gs = lay.group_size
-        dxc = wdy - xhat * _per_column(sums[0] / gs, col_group)
+        dxc = wdy - xhat * _per_column(sums[0] / gs, consts)
         if not spec.is_rms_norm:
-            dxc = dxc - _per_column(sums[1] / gs, col_group)
+            dxc = dxc - _per_column(sums[1] / gs, consts)
         dxc = dxc * rstd_cols
         if gate is not None and not spec.norm_before_gate:
             if needs_dz:
