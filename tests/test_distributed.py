@@ -194,6 +194,18 @@ def _run_variant(name: str, rank: int, world: int) -> None:
         assert got.grad is not None and got.grad.dtype == torch.float32, label
         soft(_close, got.grad, sh(r64.grad), 2e-5, f"{label} vs float64 autograd")
         soft(_close, got.grad, sh(r32.grad), 2e-5, f"{label} vs gatednorm full backward")
+
+    # Backward, bf16 (gradients rounded once to bf16): against gatednorm's full backward in bf16.
+    x, z, w, b, dy = _data(seed + 2, n, rms, gate, bias, torch.bfloat16)
+    leaves = [t.clone().requires_grad_() if t is not None else None for t in (x, z, w, b)]
+    gatednorm.layernorm_fn(leaves[0], leaves[2], leaves[3], leaves[1], 1e-5, gs, kw["norm_before_gate"], rms,
+                           activation=act, backend="native").backward(dy)
+    mine = [sh(t).clone().requires_grad_() if t is not None else None for t in (x, z, w, b)]
+    tp_gated_norm(mine[0], mine[2], mine[3], mine[1], **kw)[0].backward(sh(dy))
+    for label, got, want in zip(("dx", "dz", "dweight", "dbias"), mine, leaves, strict=True):
+        if got is not None:
+            soft.check(got.grad.dtype == torch.bfloat16, f"bf16 {label} is {got.grad.dtype}")
+            soft(_close, got.grad, sh(want.grad), 2 ** -7, f"bf16 {label} vs gatednorm full backward")
     soft.done()
 
 
