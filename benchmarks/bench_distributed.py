@@ -253,6 +253,11 @@ def _print_table(rows) -> None:
     print("(times: microseconds per call, slowest rank, median of repeats)")
 
 
+def _nccl_version() -> str:
+    v = torch.cuda.nccl.version()
+    return ".".join(map(str, v)) if isinstance(v, tuple) else str(v)
+
+
 def run(rank: int, world: int, local_rank: int, args) -> int:
     use_cuda = args.device == "cuda"
     if use_cuda:
@@ -268,7 +273,7 @@ def run(rank: int, world: int, local_rank: int, args) -> int:
     result = {
         "world": world, "device": torch.cuda.get_device_name(device) if use_cuda else platform.processor() or "cpu",
         "torch": torch.__version__, "gatednorm": gatednorm.__version__,
-        "nccl": ".".join(map(str, torch.cuda.nccl.version())) if use_cuda else None,
+        "nccl": _nccl_version() if use_cuda else None,
         "NCCL_NVLS_ENABLE": os.environ.get("NCCL_NVLS_ENABLE"),
         "aligned_path_backend": gatednorm.resolve_backend(None, device),
         "checks": [], "results": [],
