@@ -22,7 +22,6 @@ import torch
 
 from . import verification as V
 
-
 # ---------------------------------------------------------------------------
 # Progress and table output (rich when installed, plain text otherwise)
 # ---------------------------------------------------------------------------
