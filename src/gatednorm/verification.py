@@ -198,11 +198,14 @@ def magnitudes(x, weight, bias, z, dy, group_size: int, norm_before_gate: bool, 
     var = ((xc - mean) ** 2).mean(-1, keepdim=True)
     rstd = 1 / torch.sqrt(var + eps)
     amax = xc.abs().amax(-1, keepdim=True)
-    cond = torch.where(torch.isfinite(rstd), amax * rstd, amax)  # |xhat| and the centring error
+    cond = amax * rstd  # bounds |xhat| and the centring error
+    # Non-finite data (NaN/Inf rows, var = 0 with eps = 0) is checked by exact match, not by this bound;
+    # a finite output of such a group (e.g. RMSNorm: x * 0 where another x is inf) must then be exact.
+    cond = torch.where(torch.isfinite(cond), cond, torch.zeros_like(cond))
     gate_after = gate if (z is not None and norm_before_gate) else one
     pre = cond * w.abs() + b.abs()
     out = {
-        "y": (pre * gate_after.abs()).reshape(x.shape),
+        "y": torch.nan_to_num(pre * gate_after.abs(), nan=0.0).reshape(x.shape),
         "mean": amax.reshape(m, groups).t().reshape(-1),
         "rstd": (rstd * cond.clamp_min(1)).reshape(m, groups).t().reshape(-1),
     }
@@ -213,7 +216,7 @@ def magnitudes(x, weight, bias, z, dy, group_size: int, norm_before_gate: bool, 
         out["dbias"] = g_eff.sum(0).reshape(-1)
         gw = g_eff * w.abs()
         dxc = rstd * cond * (gw + gw.mean(-1, keepdim=True) + cond * (gw * cond).mean(-1, keepdim=True))
-        dxc = torch.where(torch.isfinite(dxc), dxc, torch.zeros_like(dxc))
+        dxc = torch.nan_to_num(dxc, nan=0.0)
         if z is not None and not norm_before_gate:
             out["dx"] = (dxc * gate.abs()).reshape(x.shape)
             out["dz"] = (dxc * xd.abs() * dgate_mag).reshape(x.shape)
