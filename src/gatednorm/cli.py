@@ -74,6 +74,10 @@ def _fmt(v: float) -> str:
     return f"{v:.2e}"
 
 
+ULP_NOTE = ("ulps are measured against the float64 value rounded to the output dtype; large float32 counts come "
+            "from outputs that nearly cancel (xhat*w + b ~ 0), where a float32-accurate result is many ulps of a "
+            "tiny value. err/tol (<= 1 passes) is the criterion.")
+
 HEADER = ("backend", "reference", "dtype", "quantity", "cases", "max abs", "mean abs", "max ulps", "err/tol",
           "result")
 
@@ -110,7 +114,8 @@ def _markdown(summary: list[V.SummaryRow], results: list[V.Result], meta: dict) 
     lines += [f"- {k}: {v}" for k, v in meta.items() if k not in ("device",)]
     lines += ["", "| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
     lines += ["| " + " | ".join(r) + " |" for r in _table_rows(summary)]
-    lines += ["", "## Tolerance", "", V.__doc__.split("Tolerance (per element")[1].split("\n", 2)[2].strip(), ""]
+    tolerance_doc = V.__doc__.split("Tolerance (per element")[1].split("\n", 2)[2].strip()
+    lines += ["", ULP_NOTE, "", "## Tolerance", "", tolerance_doc, ""]
     failed = [r for r in results if not r.passed]
     if failed:
         lines += ["## Failures", "", "| backend | shape | variant | reference | quantity | err/tol | error |",
@@ -218,7 +223,7 @@ def verify(args: argparse.Namespace) -> int:
                   f"err/tol {r.comparison.worst_ratio:.3g} {r.error}")
     print(f"\n{len(results) - len(failed)}/{len(results)} checks within tolerance "
           f"({len(jobs)} cases, {elapsed:.1f} s). Tolerance: |got-ref| <= u(O)*(|ref|+e) + e + min_spacing(O)/2, "
-          f"e = K*u(C)*A, K = 8+log2(group_size) (see gatednorm.verification).")
+          f"e = K*u(C)*A, K = 8+log2(group_size) (see gatednorm.verification).\n{ULP_NOTE}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"meta": meta, "tolerance": V.tolerance_table(),
