@@ -110,3 +110,17 @@ def test_compare_counts_ulps_and_nonfinite_mismatches():
     # a finite reference that overflows the output dtype must be matched by inf
     c = V.compare(torch.tensor([float("inf")]).half(), torch.tensor([1e6], dtype=torch.float64), allowed=0.0)
     assert c.passed
+
+
+@pytest.mark.upstream
+def test_run_case_against_upstream_kernel():
+    """One case against fla's kernel (interpreter on CPU): needs fla-core and TRITON_INTERPRET=1."""
+    fla = V.upstream_kernel(torch.device("cpu"))
+    if fla[0] is None:
+        pytest.skip(fla[2])
+    shape = V.Shape("8x1920/g640", (8,), 1920, 640)
+    variant = V.Variant(False, "before", "swish", True, True, "bfloat16")
+    results = V.run_case("native", shape, variant, torch.device("cpu"), torch.Generator().manual_seed(0), fla=fla)
+    upstream = [r for r in results if r.reference == "fla"]
+    assert {r.quantity for r in upstream} == set(V.QUANTITIES)
+    assert all(r.passed for r in results), [(r.quantity, r.comparison.worst_ratio, r.error) for r in results]
