@@ -71,9 +71,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--backend", default=None)
     p.add_argument("--quick", action="store_true", help="a small set of shapes")
     p.add_argument("--seed", type=int, default=0)
+    # --- integrations (issue 4): install-hook / uninstall-hook ---
+    for name in ("install-hook", "uninstall-hook"):
+        h = sub.add_parser(name, help=f"{name.split('-')[0]} the opt-in .pth hook that applies GATEDNORM_PATCH "
+                                      "at interpreter start")
+        h.add_argument("--site-dir", default=None, help="directory for the .pth file (default: site-packages)")
+    # --- end integrations ---
     args = parser.parse_args(argv)
     if args.command == "verify":
         return verify(args)
+    if args.command in ("install-hook", "uninstall-hook"):  # integrations (issue 4)
+        from .integrations._hook import main as hook_main
+
+        return hook_main(args.command, args.site_dir)
     return 2
 
 
