@@ -13,10 +13,6 @@ import types
 
 import pytest
 import torch
-
-import gatednorm
-from gatednorm.integrations import call_counts, reset_call_counts
-from gatednorm.reference import gated_norm_reference
 from integrations_support import (
     MAMBA_MODULES,
     MAMBA_PACKAGES,
@@ -33,6 +29,10 @@ from integrations_support import (
     upstream_modules,
     vllm_stubs,
 )
+
+import gatednorm
+from gatednorm.integrations import call_counts, reset_call_counts
+from gatednorm.reference import gated_norm_reference
 
 
 def _data(m, n, dtype=torch.float32, seed=0, bias=True):
