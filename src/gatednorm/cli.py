@@ -239,11 +239,26 @@ def verify(args: argparse.Namespace) -> int:
 # Entry point
 # ---------------------------------------------------------------------------
 
+def add_hook_parsers(sub: argparse._SubParsersAction) -> None:
+    """``install-hook`` / ``uninstall-hook``: the opt-in .pth file that applies GATEDNORM_PATCH at start-up."""
+
+    def run(args: argparse.Namespace) -> int:
+        from .integrations._hook import main as hook_main
+
+        return hook_main(args.command, args.site_dir)
+
+    for name, verb in (("install-hook", "install"), ("uninstall-hook", "remove")):
+        h = sub.add_parser(name, help=f"{verb} the opt-in .pth hook that applies GATEDNORM_PATCH at interpreter start")
+        h.add_argument("--site-dir", default=None, help="directory for the .pth file (default: site-packages)")
+        h.set_defaults(func=run)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``gatednorm`` parser; add a subcommand with one ``add_<name>_parser(sub)`` call here."""
     parser = argparse.ArgumentParser(prog="gatednorm", description="gated, grouped LayerNorm/RMSNorm tools")
     sub = parser.add_subparsers(dest="command", required=True)
     add_verify_parser(sub)
+    add_hook_parsers(sub)
     return parser
 
 
