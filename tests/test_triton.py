@@ -124,26 +124,22 @@ def test_bf16_against_native(v):
 def test_wide_group_loop_path(monkeypatch, is_rms, nbg):
     """Groups wider than MAX_BLOCK are looped over in chunks (here 160 = 64 + 64 + 32)."""
     monkeypatch.setattr(tk, "MAX_BLOCK", 64)
-    tk._tile_config.cache_clear()
-    try:
-        assert tk._tile_config(160, 4)[1] == 3
-        m, n, gs = 5, 320, 160
-        spec = NormSpec(EPS, gs, nbg, is_rms, "swish")
-        x, w, b, z = _inputs(m, n, torch.float32, True, True, seed=3)
-        x = x + 100.0  # a large common offset: a one-pass E[x^2]-E[x]^2 variance would lose digits here
-        out = torch.empty(m, n, device=DEV)
-        mean, rstd = tk.forward(x, w, b, z, spec, out)
-        dy = torch.randn(m, n, device=DEV)
-        y_ref, mean_ref, rstd_ref, grads_ref = _reference_with_grads(x, w, b, z, dy, spec)
-        _close(out, y_ref, 1e-5, 1e-5)
-        _close(rstd, rstd_ref, 1e-5, 0)
-        if not is_rms:
-            _close(mean, mean_ref, 1e-6, 0)
-        grads = tk.backward(dy, x, w, b, z, mean, rstd, spec, True, True, True, True)
-        for got, ref in zip(grads, grads_ref, strict=True):
-            _close(got, ref, 1e-4, 1e-5)
-    finally:
-        tk._tile_config.cache_clear()
+    assert tk._fwd_config(160, 4)[1] == 3 and tk._bwd_config(160, 4)[1] == 3
+    m, n, gs = 5, 320, 160
+    spec = NormSpec(EPS, gs, nbg, is_rms, "swish")
+    x, w, b, z = _inputs(m, n, torch.float32, True, True, seed=3)
+    x = x + 100.0  # a large common offset: a one-pass E[x^2]-E[x]^2 variance would lose digits here
+    out = torch.empty(m, n, device=DEV)
+    mean, rstd = tk.forward(x, w, b, z, spec, out)
+    dy = torch.randn(m, n, device=DEV)
+    y_ref, mean_ref, rstd_ref, grads_ref = _reference_with_grads(x, w, b, z, dy, spec)
+    _close(out, y_ref, 1e-5, 1e-5)
+    _close(rstd, rstd_ref, 1e-5, 0)
+    if not is_rms:
+        _close(mean, mean_ref, 1e-6, 0)
+    grads = tk.backward(dy, x, w, b, z, mean, rstd, spec, True, True, True, True)
+    for got, ref in zip(grads, grads_ref, strict=True):
+        _close(got, ref, 1e-4, 1e-5)
 
 
 def test_non_contiguous_inputs_and_out():

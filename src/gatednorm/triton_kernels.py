@@ -47,8 +47,12 @@ from .spec import NormSpec
 
 #: Widest chunk of a group held in registers at once; wider groups are looped over.
 MAX_BLOCK = 8192
-#: Elements per forward/backward tile when groups are small (several rows share a program).
-TILE_ELEMENTS = 4096
+#: Elements per tile when groups are small (several rows share a program), forward and backward.
+FWD_TILE_ELEMENTS = 4096
+BWD_TILE_ELEMENTS = 4096
+#: fp32 values of a tile per thread: sets num_warps (tile elements / 32 / this, 1 to 16 warps).
+FWD_ELEMS_PER_THREAD = 16
+BWD_ELEMS_PER_THREAD = 16
 #: Persistent backward programs per multiprocessor (before dividing among groups).
 BWD_PROGRAMS_PER_SM = 4
 #: Rows of partials summed per step by the final dweight/dbias reduction.
@@ -189,14 +193,25 @@ def _fwd_kernel(
 
 
 @functools.cache
-def _tile_config(group_size: int, elem_bytes: int) -> tuple[int, int, int, int]:
-    """(BLOCK, NUM_CHUNKS, ROWS, num_warps) from the group size and dtype only (never from M)."""
-    block = min(triton.next_power_of_2(group_size), MAX_BLOCK)
+def _tile_config(group_size: int, tile_elements: int, elems_per_thread: int, max_block: int):
+    """(BLOCK, NUM_CHUNKS, ROWS, num_warps) for a group size: BLOCK = group rounded up to a power of two
+    (at most max_block; wider groups take NUM_CHUNKS chunks), ROWS rows a tile so a tile holds about
+    tile_elements, and warps so each thread holds about elems_per_thread fp32 values of a tile."""
+    block = min(triton.next_power_of_2(group_size), max_block)
     chunks = triton.cdiv(group_size, block)
-    rows = max(1, TILE_ELEMENTS // block) if chunks == 1 else 1
-    tile = rows * block
-    num_warps = 4 if tile <= 4096 else (8 if tile <= 8192 else 16)
+    rows = max(1, tile_elements // block) if chunks == 1 else 1
+    num_warps = max(1, min(16, rows * block // (32 * elems_per_thread)))
     return block, chunks, rows, num_warps
+
+
+def _fwd_config(group_size: int, elem_bytes: int) -> tuple[int, int, int, int]:
+    """Forward launch shape: from the group size and dtype only, never from M (batch invariance)."""
+    return _tile_config(group_size, FWD_TILE_ELEMENTS, FWD_ELEMS_PER_THREAD, MAX_BLOCK)
+
+
+def _bwd_config(group_size: int, elem_bytes: int) -> tuple[int, int, int, int]:
+    """Backward tile shape: from the group size and dtype only (the program count may follow M)."""
+    return _tile_config(group_size, BWD_TILE_ELEMENTS, BWD_ELEMS_PER_THREAD, MAX_BLOCK)
 
 
 def _rows_ready(t: torch.Tensor) -> torch.Tensor:
@@ -231,7 +246,7 @@ def forward(
     weight = weight.contiguous()
     bias = bias.contiguous() if bias is not None else None
     y = out if out.stride(-1) == 1 else torch.empty(out.shape, dtype=out.dtype, device=out.device)
-    block, chunks, rows, warps = _tile_config(gs, x.element_size())
+    block, chunks, rows, warps = _fwd_config(gs, x.element_size())
     _fwd_kernel[(triton.cdiv(m, rows), groups)](
         x, z, weight, bias, y, mean, rstd,
         m, x.stride(0), z.stride(0) if z is not None else 0, y.stride(0), spec.eps,
@@ -466,7 +481,7 @@ def backward(
         z = _rows_ready(z)
     weight = weight.contiguous()
     bias = bias.contiguous() if bias is not None else None
-    block, chunks, rows, warps = _tile_config(gs, x.element_size())
+    block, chunks, rows, warps = _bwd_config(gs, x.element_size())
     progs = _bwd_programs(m, rows, groups, dev)
     need_part = needs_dweight or needs_dbias
     # Wide groups accumulate into their partial row in memory, so it must start at zero.
