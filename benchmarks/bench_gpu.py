@@ -275,6 +275,34 @@ def tune(shapes):
               f"worst {round(res_b[-1][0]*1e3, 1)}us")
 
 
+def host_breakdown(m=8192, n=128):
+    """Wall us per call of each layer of the stack back-to-back, and a profiler table of fwd+bwd."""
+    from gatednorm.spec import NormSpec
+    x, z, w, b, dy = make_inputs(m, n, True, False)
+    spec = NormSpec(EPS, n, True, True, "swish")
+    y = torch.empty_like(x)
+    mean, rstd = tk.forward(x, w, None, z, spec, y)
+    xg, zg, wg = (t.detach().requires_grad_(True) for t in (x, z, w))
+    rows = {
+        "torch.mul": lambda: torch.mul(x, z, out=y),
+        "tk.forward": lambda: tk.forward(x, w, None, z, spec, y),
+        "tk.backward": lambda: tk.backward(dy, x, w, None, z, mean, rstd, spec),
+        "layer_norm_fwd": lambda: gatednorm.layer_norm_fwd(x, w, None, EPS, z=z, is_rms_norm=True, backend="triton"),
+        "rmsnorm_fn fwd (grad on)": lambda: gatednorm.rmsnorm_fn(xg, wg, None, zg, EPS, backend="triton"),
+        "rmsnorm_fn fwd+bwd": lambda: torch.autograd.grad(gatednorm.rmsnorm_fn(xg, wg, None, zg, EPS, backend="triton"),
+                                                          (xg, zg, wg), dy),
+    }
+    for k, f in rows.items():
+        print(f"HOST {k}: {back_to_back_us(f, 300):.1f} us/call", flush=True)
+    from torch.profiler import ProfilerActivity, profile
+    f = rows["rmsnorm_fn fwd+bwd"]
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(20):
+            f()
+        torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=18))
+
+
 def fmt_table(records, copy_gbps, device):
     lines = [f"Device: {device}; copy bandwidth {copy_gbps:.0f} GB/s (bytes read + written). bf16. "
              "Per call: do_bench median, L2 flushed. Cells: GB/s (% of copy, time / torch.mul floor); "
@@ -348,6 +376,7 @@ def main():
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--tune", action="store_true")
+    ap.add_argument("--host", action="store_true", help="print a host-overhead breakdown first")
     ap.add_argument("--only", default="", help="comma-separated substrings of shape names")
     ap.add_argument("--sglang", default="")
     ap.add_argument("--sglang-loader", default="")
@@ -356,8 +385,11 @@ def main():
     device = torch.cuda.get_device_name()
     shapes = [s for s in SHAPES if not args.only or any(o in s[0] for o in args.only.split(","))]
     print(f"{device}, torch {torch.__version__}, triton {triton.__version__}", flush=True)
+    print(f"fast launch: {tk._FAST_LAUNCH}", flush=True)
+    if args.host:
+        host_breakdown()
     if args.tune:
-        tune(shapes)
+        tune([s for s in shapes if s[1] * s[2] >= 8 * 1024 * 1024])
     impls = load_upstream(args)
     copy_gbps = copy_bandwidth()
     print(f"copy bandwidth {copy_gbps:.0f} GB/s", flush=True)

@@ -34,6 +34,11 @@ def _env_flag(name: str) -> bool:
     return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
 
 
+# --- triton branch: cached backend lookups (hot path, and importlib cannot be traced by dynamo) ---
+_LOADED: dict[str, ModuleType] = {}
+
+
+@torch.compiler.assume_constant_result
 def triton_available() -> bool:
     """True when the fused Triton backend can be imported."""
     try:
@@ -51,7 +56,11 @@ def _triton_supports(device: torch.device) -> bool:
 
 
 def load_backend(name: str) -> ModuleType:
-    return importlib.import_module(_BACKEND_MODULES[name])
+    mod = _LOADED.get(name)
+    if mod is None:
+        mod = _LOADED[name] = importlib.import_module(_BACKEND_MODULES[name])
+    return mod
+# --- end triton branch ---
 
 
 def resolve_backend(backend: str | None, device: torch.device) -> str:

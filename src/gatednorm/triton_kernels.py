@@ -54,11 +54,73 @@ BWD_TILE_ELEMENTS = 4096
 FWD_ELEMS_PER_THREAD = 16
 BWD_ELEMS_PER_THREAD = 16
 #: Persistent backward programs per multiprocessor (before dividing among groups).
-BWD_PROGRAMS_PER_SM = 4
+BWD_PROGRAMS_PER_SM = 2
 #: Rows of partials summed per step by the final dweight/dbias reduction.
 PARTIAL_ROWS = 32
 
 _FLOAT64 = torch.float64
+
+
+# ---------------------------------------------------------------------------
+# Low-overhead launches
+# ---------------------------------------------------------------------------
+# Triton's JITFunction.run binds and specialises every argument on every call (tens of microseconds
+# of Python per launch, more than these kernels take on small inputs). After the first launch of a
+# specialisation we keep its CompiledKernel and call its launcher directly. The key holds everything
+# Triton specialises on (dtypes, 16-byte alignment of pointers, integers equal to 1 / divisible by
+# 16 / needing 64 bits, constexprs, warps, device), so a hit is the kernel Triton would have picked.
+
+
+def _fast_launch_supported() -> bool:
+    try:
+        import inspect
+
+        from triton.runtime.jit import JITFunction
+
+        # The launcher takes all bound arguments (constexprs too) after the launch hooks.
+        return "*bound_args.values()" in inspect.getsource(JITFunction.run) and hasattr(triton, "knobs")
+    except Exception:  # a Triton whose internals look different: always take the ordinary path
+        return False
+
+
+_FAST_LAUNCH = _fast_launch_supported()
+_COMPILED: dict = {}
+
+
+def _arg_key(v):
+    if v is None:
+        return None
+    if isinstance(v, torch.Tensor):
+        return (v.dtype, v.data_ptr() % 16 == 0)
+    if isinstance(v, bool):
+        return v
+    if isinstance(v, int):
+        return (v == 1, v % 16 == 0, -(2**31) <= v < 2**31)
+    return type(v)
+
+
+def _launch(kernel, grid: tuple[int, int, int], args: tuple, constexprs: tuple, num_warps: int,
+            dev: torch.device) -> None:
+    """kernel[grid](*args, **constexprs, num_warps=...), skipping Triton's binding once compiled.
+
+    ``args`` are the runtime parameters in signature order; ``constexprs`` the values of the
+    remaining (constexpr) parameters, also in signature order.
+    """
+    if not _FAST_LAUNCH or dev.type != "cuda" or triton.knobs.runtime.launch_enter_hook is not None:
+        names = kernel.arg_names[len(args):]
+        kernel[grid](*args, **dict(zip(names, constexprs, strict=True)), num_warps=num_warps)
+        return
+    index = torch.cuda.current_device()
+    key = (kernel, index, num_warps, constexprs, tuple(_arg_key(a) for a in args))
+    compiled = _COMPILED.get(key)
+    if compiled is None:
+        names = kernel.arg_names[len(args):]
+        compiled = kernel[grid](*args, **dict(zip(names, constexprs, strict=True)), num_warps=num_warps)
+        if compiled is not None:
+            _COMPILED[key] = compiled
+        return
+    compiled.run(grid[0], grid[1], grid[2], torch._C._cuda_getCurrentRawStream(index), compiled.function,
+                 compiled.packed_metadata, None, None, None, *args, *constexprs)
 
 
 # ---------------------------------------------------------------------------
@@ -247,13 +309,14 @@ def forward(
     bias = bias.contiguous() if bias is not None else None
     y = out if out.stride(-1) == 1 else torch.empty(out.shape, dtype=out.dtype, device=out.device)
     block, chunks, rows, warps = _fwd_config(gs, x.element_size())
-    _fwd_kernel[(triton.cdiv(m, rows), groups)](
-        x, z, weight, bias, y, mean, rstd,
-        m, x.stride(0), z.stride(0) if z is not None else 0, y.stride(0), spec.eps,
-        GS=gs, BLOCK=block, ROWS=rows, NUM_CHUNKS=chunks,
-        HAS_Z=z is not None, HAS_BIAS=bias is not None, NORM_BEFORE_GATE=spec.norm_before_gate,
-        IS_RMS=spec.is_rms_norm, SIGMOID_GATE=spec.activation == "sigmoid",
-        num_warps=warps,
+    _launch(
+        _fwd_kernel, (triton.cdiv(m, rows), groups, 1),
+        (x, z, weight, bias, y, mean, rstd, m, x.stride(0), z.stride(0) if z is not None else 0, y.stride(0),
+         spec.eps),
+        # GS, BLOCK, ROWS, NUM_CHUNKS, HAS_Z, HAS_BIAS, NORM_BEFORE_GATE, IS_RMS, SIGMOID_GATE
+        (gs, block, rows, chunks, z is not None, bias is not None, spec.norm_before_gate, spec.is_rms_norm,
+         spec.activation == "sigmoid"),
+        warps, x.device,
     )
     if y is not out:
         out.copy_(y)
@@ -488,24 +551,24 @@ def backward(
     alloc = torch.zeros if chunks > 1 else torch.empty
     dw_part = alloc((progs, n), dtype=torch.float32, device=dev) if needs_dweight else None
     db_part = alloc((progs, n), dtype=torch.float32, device=dev) if needs_dbias else None
-    _bwd_kernel[(progs, groups)](
-        dy, x, z, weight, bias, mean, rstd, dx, dz, dw_part, db_part,
-        m, dy.stride(0), x.stride(0), z.stride(0) if z is not None else 0,
-        n, n, n,
-        GS=gs, BLOCK=block, ROWS=rows, NUM_CHUNKS=chunks,
-        HAS_Z=z is not None, HAS_BIAS=bias is not None, NORM_BEFORE_GATE=spec.norm_before_gate,
-        IS_RMS=spec.is_rms_norm, SIGMOID_GATE=spec.activation == "sigmoid",
-        NEED_DX=needs_dx, NEED_DZ=needs_dz, NEED_DW=needs_dweight, NEED_DB=needs_dbias,
-        num_warps=warps,
+    _launch(
+        _bwd_kernel, (progs, groups, 1),
+        (dy, x, z, weight, bias, mean, rstd, dx, dz, dw_part, db_part,
+         m, dy.stride(0), x.stride(0), z.stride(0) if z is not None else 0, n, n, n),
+        # GS, BLOCK, ROWS, NUM_CHUNKS, HAS_Z, HAS_BIAS, NORM_BEFORE_GATE, IS_RMS, SIGMOID_GATE, NEED_DX..NEED_DB
+        (gs, block, rows, chunks, z is not None, bias is not None, spec.norm_before_gate, spec.is_rms_norm,
+         spec.activation == "sigmoid", needs_dx, needs_dz, needs_dweight, needs_dbias),
+        warps, dev,
     )
     dw = db = None
     if need_part:
         dw = torch.empty(n, dtype=weight.dtype, device=dev) if needs_dweight else None
         db = torch.empty(n, dtype=bias.dtype, device=dev) if needs_dbias else None
         block_n = min(triton.next_power_of_2(n), 256)
-        _sum_partials_kernel[(triton.cdiv(n, block_n),)](
-            dw_part, db_part, dw, db, progs, n,
-            BLOCK_P=PARTIAL_ROWS, BLOCK_N=block_n, NEED_DW=needs_dweight, NEED_DB=needs_dbias,
-            num_warps=4,
+        _launch(
+            _sum_partials_kernel, (triton.cdiv(n, block_n), 1, 1),
+            (dw_part, db_part, dw, db, progs, n),
+            (PARTIAL_ROWS, block_n, needs_dweight, needs_dbias),  # BLOCK_P, BLOCK_N, NEED_DW, NEED_DB
+            4, dev,
         )
     return dx, dz, dw, db
