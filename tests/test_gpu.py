@@ -204,3 +204,22 @@ def test_dweight_deterministic():
         assert torch.equal(r[2], runs[0][2]) and torch.equal(r[3], runs[0][3])
     ref = native.backward(dy, x, w.float(), b.float(), z, mean, rstd, spec, False, False, True, True)
     assert _rel(runs[0][2], ref[2]) < 1e-2 and _rel(runs[0][3], ref[3]) < 1e-2
+
+
+@pytest.mark.parametrize("m", [4096, 4097])
+def test_repeated_calls_use_cached_launch_correctly(m):
+    """Second and later calls launch the cached compiled kernel directly: results must stay right."""
+    tk = _tk()
+    spec = NormSpec(EPS, 128, False, False, "sigmoid")
+    for i in range(3):
+        x, w, b, z = _inputs(m, 256, torch.bfloat16, True, True, seed=100 + i)
+        out = torch.empty_like(x)
+        out_n = torch.empty_like(x)
+        mean, rstd = tk.forward(x, w, b, z, spec, out)
+        mean_n, rstd_n = native.forward(x, w, b, z, spec, out_n)
+        torch.testing.assert_close(out.float(), out_n.float(), rtol=2**-7, atol=2**-7 * out_n.abs().max().item())
+        assert _rel(mean, mean_n) < 1e-5 and _rel(rstd, rstd_n) < 1e-5
+        dy = torch.randn_like(x)
+        for a, r in zip(tk.backward(dy, x, w, b, z, mean, rstd, spec),
+                        native.backward(dy, x, w, b, z, mean_n, rstd_n, spec), strict=True):
+            assert _rel(a, r) < 2e-2
