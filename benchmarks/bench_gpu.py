@@ -294,13 +294,25 @@ def host_breakdown(m=8192, n=128):
     }
     for k, f in rows.items():
         print(f"HOST {k}: {back_to_back_us(f, 300):.1f} us/call", flush=True)
+    import cProfile
+    import pstats
+    for k in ("layer_norm_fwd", "tk.backward"):
+        f = rows[k]
+        prof = cProfile.Profile()
+        prof.enable()
+        for _ in range(300):
+            f()
+        prof.disable()
+        torch.cuda.synchronize()
+        print(f"PROFILE {k} (300 calls)")
+        pstats.Stats(prof).sort_stats("tottime").print_stats(14)
     from torch.profiler import ProfilerActivity, profile
     f = rows["rmsnorm_fn fwd+bwd"]
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         for _ in range(20):
             f()
         torch.cuda.synchronize()
-    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=18))
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=10))
 
 
 def fmt_table(records, copy_gbps, device):

@@ -242,6 +242,8 @@ class GatedNormFunction(torch.autograd.Function):
         ctx.save_for_backward(x, weight, bias, z, mean, rstd)
         ctx.params = (eps, group_size, norm_before_gate, is_rms_norm, activation, backend)
         ctx.mark_non_differentiable(mean, rstd)
+        # triton branch: no zero-filled gradients for mean/rstd (a fill launch each, per backward)
+        ctx.set_materialize_grads(False)
         return out, mean, rstd
 
     @staticmethod
@@ -254,6 +256,8 @@ class GatedNormFunction(torch.autograd.Function):
             )
         x, weight, bias, z, mean, rstd = ctx.saved_tensors
         need = ctx.needs_input_grad
+        if dy is None:  # only mean/rstd were used downstream: no gradient flows (grads not materialised)
+            return (None,) * 10
         dx, dz, dw, db = run_backward(
             dy, x, weight, bias, z, mean, rstd, *ctx.params,
             need[0], need[3] and z is not None, need[1], need[2] and bias is not None,
