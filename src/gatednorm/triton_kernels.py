@@ -37,6 +37,7 @@ requires); everything else computes in float32 in-kernel and rounds once on stor
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 import triton  # noqa: F401  (ImportError here makes the backend unavailable, as ops.py expects)
@@ -86,8 +87,10 @@ def _fast_launch_supported() -> bool:
         return False
 
 
-_FAST_LAUNCH = _fast_launch_supported()
+_FAST_LAUNCH = _fast_launch_supported() and os.environ.get("GATEDNORM_TRITON_FAST_LAUNCH", "1") != "0"
 _COMPILED: dict = {}
+#: Launches that took the cached path (a diagnostic for benchmarks and tests).
+fast_launches = 0
 
 
 def _arg_key(v):
@@ -109,7 +112,7 @@ def _launch(kernel, grid: tuple[int, int, int], args: tuple, constexprs: tuple, 
     ``args`` are the runtime parameters in signature order; ``constexprs`` the values of the
     remaining (constexpr) parameters, also in signature order.
     """
-    if not _FAST_LAUNCH or dev.type != "cuda" or triton.knobs.runtime.launch_enter_hook is not None:
+    if not _FAST_LAUNCH or dev.type != "cuda":
         names = kernel.arg_names[len(args):]
         kernel[grid](*args, **dict(zip(names, constexprs, strict=True)), num_warps=num_warps)
         return
@@ -122,8 +125,19 @@ def _launch(kernel, grid: tuple[int, int, int], args: tuple, constexprs: tuple, 
         if compiled is not None:
             _COMPILED[key] = compiled
         return
-    compiled.run(grid[0], grid[1], grid[2], torch._C._cuda_getCurrentRawStream(index), compiled.function,
-                 compiled.packed_metadata, None, None, None, *args, *constexprs)
+    global fast_launches
+    fast_launches += 1
+    stream = torch._C._cuda_getCurrentRawStream(index)
+    all_args = (*args, *constexprs)
+    # The launch hooks exactly as JITFunction.run passes them (profilers such as proton hook in here);
+    # launch metadata is only built when a hook is actually installed.
+    hooks = triton.knobs.runtime
+    enter, leave = hooks.launch_enter_hook, hooks.launch_exit_hook
+    meta = None
+    if enter is not None and getattr(enter, "calls", True):
+        meta = compiled.launch_metadata(grid, stream, *all_args)
+    compiled.run(grid[0], grid[1], grid[2], stream, compiled.function, compiled.packed_metadata, meta,
+                 enter, leave, *all_args)
 
 
 # ---------------------------------------------------------------------------
