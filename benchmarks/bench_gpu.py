@@ -189,6 +189,9 @@ def run_shape(shape, impls, copy_gbps, args):
 
     fwd = {"gatednorm triton": ours, "gatednorm native": native_eager}
     if not args.no_compile:
+        # One torch.compile of the same function per shape would hit dynamo's recompile limit after 8
+        # shapes and silently run eagerly: start each shape from a clean cache.
+        torch._dynamo.reset()
         compiled = torch.compile(torch_formula, dynamic=False)
         fwd["torch.compile formula"] = lambda: compiled(x, w, b, z, gs, rms, nbg)
     if "fla_lg" in impls:
