@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import functools
 import os
+import threading
 
 import torch
 import triton  # noqa: F401  (ImportError here makes the backend unavailable, as ops.py expects)
@@ -89,6 +90,7 @@ def _fast_launch_supported() -> bool:
 
 _FAST_LAUNCH = _fast_launch_supported() and os.environ.get("GATEDNORM_TRITON_FAST_LAUNCH", "1") != "0"
 _COMPILED: dict = {}
+_INTERPRETER_LOCK = threading.Lock()
 #: Launches that took the cached path (a diagnostic for benchmarks and tests).
 fast_launches = 0
 
@@ -114,7 +116,12 @@ def _launch(kernel, grid: tuple[int, int, int], args: tuple, constexprs: tuple, 
     """
     if not _FAST_LAUNCH or dev.type != "cuda":
         names = kernel.arg_names[len(args):]
-        kernel[grid](*args, **dict(zip(names, constexprs, strict=True)), num_warps=num_warps)
+        if dev.type == "cpu":
+            # Triton's interpreter keeps the grid of the running kernel in global state: one at a time.
+            with _INTERPRETER_LOCK:
+                kernel[grid](*args, **dict(zip(names, constexprs, strict=True)), num_warps=num_warps)
+        else:
+            kernel[grid](*args, **dict(zip(names, constexprs, strict=True)), num_warps=num_warps)
         return
     index = torch.cuda.current_device()
     key = (kernel, index, num_warps, constexprs, tuple(_arg_key(a) for a in args))
@@ -164,6 +171,35 @@ def _gate_value(z, SIGMOID_GATE: tl.constexpr):
         return z * s
 
 
+#: Triton's interpreter (3.9) converts bf16 <-> fp32 wrongly at the edges: fp32 -> bf16 rounds toward
+#: zero (the GPU rounds to nearest even) and bf16 subnormals load as garbage. Under the interpreter the
+#: kernels do these two conversions on the bits (bf16 is the top half of fp32), so CPU runs give the
+#: GPU's results; compiled kernels use the hardware conversions.
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@triton.jit
+def _load_f32(ptrs, mask, BF16_BY_BITS: tl.constexpr):
+    """Masked load (0 in masked lanes) converted exactly to fp32."""
+    if BF16_BY_BITS and ptrs.dtype.element_ty == tl.bfloat16:
+        bits = tl.load(ptrs.to(tl.pointer_type(tl.uint16), bitcast=True), mask=mask, other=0)
+        return (bits.to(tl.uint32) << 16).to(tl.float32, bitcast=True)
+    else:
+        return tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _store_out(ptrs, v, mask, BF16_BY_BITS: tl.constexpr):
+    """Store fp32 v rounded once (to nearest even) to the pointers' dtype."""
+    if BF16_BY_BITS and ptrs.dtype.element_ty == tl.bfloat16:
+        bits = v.to(tl.uint32, bitcast=True)
+        rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+        bits = tl.where(v != v, (bits >> 16) | 0x40, rounded)  # NaN stays a (quiet) NaN
+        tl.store(ptrs.to(tl.pointer_type(tl.uint16), bitcast=True), bits.to(tl.uint16), mask=mask)
+    else:
+        tl.store(ptrs, v.to(ptrs.dtype.element_ty), mask=mask)
+
+
 @triton.jit
 def _tile_ptrs(base, rows64, stride, col0, cols):
     return base + rows64[:, None] * stride + (col0 + cols)[None, :]
@@ -179,7 +215,7 @@ def _fwd_kernel(
     M, stride_xm, stride_zm, stride_ym, eps,
     GS: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr, NUM_CHUNKS: tl.constexpr,
     HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, NORM_BEFORE_GATE: tl.constexpr,
-    IS_RMS: tl.constexpr, SIGMOID_GATE: tl.constexpr,
+    IS_RMS: tl.constexpr, SIGMOID_GATE: tl.constexpr, BF16_BY_BITS: tl.constexpr,
 ):
     pid = tl.program_id(0)
     g = tl.program_id(1)
@@ -196,10 +232,10 @@ def _fwd_kernel(
         # The whole group is in registers: two-pass variance on the tile itself.
         col_ok = cols < GS
         mask = row_ok[:, None] & col_ok[None, :]
-        x = tl.load(_tile_ptrs(X, rows64, stride_xm, col0, cols), mask=mask, other=0.0).to(tl.float32)
+        x = _load_f32(_tile_ptrs(X, rows64, stride_xm, col0, cols), mask, BF16_BY_BITS)
         if HAS_Z:
             # Padded lanes read z = 0 (never garbage), so x * act(z) stays 0 there.
-            z = tl.load(_tile_ptrs(Z, rows64, stride_zm, col0, cols), mask=mask, other=0.0).to(tl.float32)
+            z = _load_f32(_tile_ptrs(Z, rows64, stride_zm, col0, cols), mask, BF16_BY_BITS)
             gate = _gate_value(z, SIGMOID_GATE)
             if GATE_FIRST:
                 x = x * gate
@@ -214,13 +250,13 @@ def _fwd_kernel(
         var = tl.sum(xm * xm, axis=1) / GS
         rstd = 1.0 / tl.sqrt_rn(var + eps)
         tl.store(RSTD + stat, rstd, mask=row_ok)
-        w = tl.load(W + col0 + cols, mask=col_ok, other=0.0).to(tl.float32)
+        w = _load_f32(W + col0 + cols, col_ok, BF16_BY_BITS)
         y = xm * rstd[:, None] * w[None, :]
         if HAS_BIAS:
-            y = y + tl.load(B + col0 + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+            y = y + _load_f32(B + col0 + cols, col_ok, BF16_BY_BITS)[None, :]
         if GATE_AFTER:
             y = y * gate
-        tl.store(_tile_ptrs(Y, rows64, stride_ym, col0, cols), y.to(Y.dtype.element_ty), mask=mask)
+        _store_out(_tile_ptrs(Y, rows64, stride_ym, col0, cols), y, mask, BF16_BY_BITS)
     else:
         # Wide group: pass 1 merges chunk statistics, pass 2 writes. Each chunk's (mean, M2) is
         # exact two-pass in registers; merging (Chan) keeps the variance free of E[x^2]-E[x]^2.
@@ -230,9 +266,9 @@ def _fwd_kernel(
             offs = c * BLOCK + cols
             col_ok = offs < GS
             mask = row_ok[:, None] & col_ok[None, :]
-            x = tl.load(_tile_ptrs(X, rows64, stride_xm, col0, offs), mask=mask, other=0.0).to(tl.float32)
+            x = _load_f32(_tile_ptrs(X, rows64, stride_xm, col0, offs), mask, BF16_BY_BITS)
             if GATE_FIRST:
-                z = tl.load(_tile_ptrs(Z, rows64, stride_zm, col0, offs), mask=mask, other=0.0).to(tl.float32)
+                z = _load_f32(_tile_ptrs(Z, rows64, stride_zm, col0, offs), mask, BF16_BY_BITS)
                 x = x * _gate_value(z, SIGMOID_GATE)
             if IS_RMS:
                 run_m2 += tl.sum(x * x, axis=1)
@@ -254,21 +290,21 @@ def _fwd_kernel(
             offs = c * BLOCK + cols
             col_ok = offs < GS
             mask = row_ok[:, None] & col_ok[None, :]
-            x = tl.load(_tile_ptrs(X, rows64, stride_xm, col0, offs), mask=mask, other=0.0).to(tl.float32)
+            x = _load_f32(_tile_ptrs(X, rows64, stride_xm, col0, offs), mask, BF16_BY_BITS)
             if HAS_Z:
-                z = tl.load(_tile_ptrs(Z, rows64, stride_zm, col0, offs), mask=mask, other=0.0).to(tl.float32)
+                z = _load_f32(_tile_ptrs(Z, rows64, stride_zm, col0, offs), mask, BF16_BY_BITS)
                 gate = _gate_value(z, SIGMOID_GATE)
                 if GATE_FIRST:
                     x = x * gate
             if not IS_RMS:
                 x = x - run_mean[:, None]
-            w = tl.load(W + col0 + offs, mask=col_ok, other=0.0).to(tl.float32)
+            w = _load_f32(W + col0 + offs, col_ok, BF16_BY_BITS)
             y = x * rstd[:, None] * w[None, :]
             if HAS_BIAS:
-                y = y + tl.load(B + col0 + offs, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+                y = y + _load_f32(B + col0 + offs, col_ok, BF16_BY_BITS)[None, :]
             if GATE_AFTER:
                 y = y * gate
-            tl.store(_tile_ptrs(Y, rows64, stride_ym, col0, offs), y.to(Y.dtype.element_ty), mask=mask)
+            _store_out(_tile_ptrs(Y, rows64, stride_ym, col0, offs), y, mask, BF16_BY_BITS)
 
 
 @functools.cache
@@ -331,9 +367,9 @@ def forward(
         _fwd_kernel, (triton.cdiv(m, rows), groups, 1),
         (x, z, weight, bias, y, mean, rstd, m, x.stride(0), z.stride(0) if z is not None else 0, y.stride(0),
          spec.eps),
-        # GS, BLOCK, ROWS, NUM_CHUNKS, HAS_Z, HAS_BIAS, NORM_BEFORE_GATE, IS_RMS, SIGMOID_GATE
+        # GS, BLOCK, ROWS, NUM_CHUNKS, HAS_Z, HAS_BIAS, NORM_BEFORE_GATE, IS_RMS, SIGMOID_GATE, BF16_BY_BITS
         (gs, block, rows, chunks, z is not None, bias is not None, spec.norm_before_gate, spec.is_rms_norm,
-         spec.activation == "sigmoid"),
+         spec.activation == "sigmoid", _INTERPRET),
         warps, x.device,
     )
     if y is not out:
@@ -349,7 +385,7 @@ def forward(
 def _bwd_terms(
     DY, X, Z, W, B, mean, rstd, rows64, row_ok, stride_dym, stride_xm, stride_zm, col0, offs,
     GS: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, NORM_BEFORE_GATE: tl.constexpr,
-    IS_RMS: tl.constexpr, SIGMOID_GATE: tl.constexpr,
+    IS_RMS: tl.constexpr, SIGMOID_GATE: tl.constexpr, BF16_BY_BITS: tl.constexpr,
 ):
     """Load one [ROWS, BLOCK] chunk and return (x, act, dact, xhat, g, wdy, dz_after, mask).
 
@@ -358,15 +394,15 @@ def _bwd_terms(
     """
     col_ok = offs < GS
     mask = row_ok[:, None] & col_ok[None, :]
-    x = tl.load(_tile_ptrs(X, rows64, stride_xm, col0, offs), mask=mask, other=0.0).to(tl.float32)
-    dy = tl.load(_tile_ptrs(DY, rows64, stride_dym, col0, offs), mask=mask, other=0.0).to(tl.float32)
-    w = tl.load(W + col0 + offs, mask=col_ok, other=0.0).to(tl.float32)
+    x = _load_f32(_tile_ptrs(X, rows64, stride_xm, col0, offs), mask, BF16_BY_BITS)
+    dy = _load_f32(_tile_ptrs(DY, rows64, stride_dym, col0, offs), mask, BF16_BY_BITS)
+    w = _load_f32(W + col0 + offs, col_ok, BF16_BY_BITS)
     act = x  # placeholders when there is no gate (never used then)
     dact = x
     dz_after = x
     xc = x
     if HAS_Z:
-        z = tl.load(_tile_ptrs(Z, rows64, stride_zm, col0, offs), mask=mask, other=0.0).to(tl.float32)
+        z = _load_f32(_tile_ptrs(Z, rows64, stride_zm, col0, offs), mask, BF16_BY_BITS)
         act, dact = _gate(z, SIGMOID_GATE)
         if not NORM_BEFORE_GATE:
             xc = x * act
@@ -378,7 +414,7 @@ def _bwd_terms(
     if HAS_Z and NORM_BEFORE_GATE:
         y_pre = xhat * w[None, :]
         if HAS_BIAS:
-            y_pre = y_pre + tl.load(B + col0 + offs, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+            y_pre = y_pre + _load_f32(B + col0 + offs, col_ok, BF16_BY_BITS)[None, :]
         dz_after = dy * y_pre * dact
         g = dy * act
     wdy = g * w[None, :]
@@ -389,17 +425,17 @@ def _bwd_terms(
 def _bwd_store(
     DX, DZ, dxc, x, act, dact, dz_after, rows64, stride_dxm, stride_dzm, col0, offs, mask,
     HAS_Z: tl.constexpr, NORM_BEFORE_GATE: tl.constexpr, NEED_DX: tl.constexpr, NEED_DZ: tl.constexpr,
+    BF16_BY_BITS: tl.constexpr,
 ):
     """Store dx (and dz) for one chunk, given dxc = dL/dxc."""
     if HAS_Z and not NORM_BEFORE_GATE:
         if NEED_DZ:
-            tl.store(_tile_ptrs(DZ, rows64, stride_dzm, col0, offs),
-                     (dxc * x * dact).to(DZ.dtype.element_ty), mask=mask)
+            _store_out(_tile_ptrs(DZ, rows64, stride_dzm, col0, offs), dxc * x * dact, mask, BF16_BY_BITS)
         dxc = dxc * act
     if HAS_Z and NORM_BEFORE_GATE and NEED_DZ:
-        tl.store(_tile_ptrs(DZ, rows64, stride_dzm, col0, offs), dz_after.to(DZ.dtype.element_ty), mask=mask)
+        _store_out(_tile_ptrs(DZ, rows64, stride_dzm, col0, offs), dz_after, mask, BF16_BY_BITS)
     if NEED_DX:
-        tl.store(_tile_ptrs(DX, rows64, stride_dxm, col0, offs), dxc.to(DX.dtype.element_ty), mask=mask)
+        _store_out(_tile_ptrs(DX, rows64, stride_dxm, col0, offs), dxc, mask, BF16_BY_BITS)
 
 
 @triton.jit
@@ -410,6 +446,7 @@ def _bwd_kernel(
     HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, NORM_BEFORE_GATE: tl.constexpr,
     IS_RMS: tl.constexpr, SIGMOID_GATE: tl.constexpr,
     NEED_DX: tl.constexpr, NEED_DZ: tl.constexpr, NEED_DW: tl.constexpr, NEED_DB: tl.constexpr,
+    BF16_BY_BITS: tl.constexpr,
 ):
     pid = tl.program_id(0)
     num_progs = tl.num_programs(0)
@@ -434,7 +471,7 @@ def _bwd_kernel(
         if NUM_CHUNKS == 1:
             x, act, dact, xhat, gy, wdy, dz_after, mask = _bwd_terms(
                 DY, X, Z, W, B, mean, rstd, rows64, row_ok, stride_dym, stride_xm, stride_zm, col0, cols,
-                GS, HAS_Z, HAS_BIAS, NORM_BEFORE_GATE, IS_RMS, SIGMOID_GATE)
+                GS, HAS_Z, HAS_BIAS, NORM_BEFORE_GATE, IS_RMS, SIGMOID_GATE, BF16_BY_BITS)
             if NEED_DW:
                 dw_acc += gy * xhat
             if NEED_DB:
@@ -445,7 +482,7 @@ def _bwd_kernel(
                 dxc = dxc - (tl.sum(wdy, axis=1) / GS)[:, None]
             dxc = dxc * rstd[:, None]
             _bwd_store(DX, DZ, dxc, x, act, dact, dz_after, rows64, stride_dxm, stride_dzm, col0, cols, mask,
-                       HAS_Z, NORM_BEFORE_GATE, NEED_DX, NEED_DZ)
+                       HAS_Z, NORM_BEFORE_GATE, NEED_DX, NEED_DZ, BF16_BY_BITS)
         else:
             # Wide group: pass 1 reduces mean(xhat * wdy) and mean(wdy) over chunks, pass 2 writes.
             s1 = tl.zeros([ROWS], dtype=tl.float32)
@@ -454,7 +491,7 @@ def _bwd_kernel(
                 offs = c * BLOCK + cols
                 x, act, dact, xhat, gy, wdy, dz_after, mask = _bwd_terms(
                     DY, X, Z, W, B, mean, rstd, rows64, row_ok, stride_dym, stride_xm, stride_zm, col0, offs,
-                    GS, HAS_Z, HAS_BIAS, NORM_BEFORE_GATE, IS_RMS, SIGMOID_GATE)
+                    GS, HAS_Z, HAS_BIAS, NORM_BEFORE_GATE, IS_RMS, SIGMOID_GATE, BF16_BY_BITS)
                 s1 += tl.sum(xhat * wdy, axis=1)
                 s2 += tl.sum(wdy, axis=1)
             c1 = s1 / GS
@@ -463,7 +500,7 @@ def _bwd_kernel(
                 offs = c * BLOCK + cols
                 x, act, dact, xhat, gy, wdy, dz_after, mask = _bwd_terms(
                     DY, X, Z, W, B, mean, rstd, rows64, row_ok, stride_dym, stride_xm, stride_zm, col0, offs,
-                    GS, HAS_Z, HAS_BIAS, NORM_BEFORE_GATE, IS_RMS, SIGMOID_GATE)
+                    GS, HAS_Z, HAS_BIAS, NORM_BEFORE_GATE, IS_RMS, SIGMOID_GATE, BF16_BY_BITS)
                 col_ok = offs < GS
                 # This program owns its partial row: read-modify-write is race-free and ordered.
                 if NEED_DW:
@@ -477,7 +514,7 @@ def _bwd_kernel(
                     dxc = dxc - c2[:, None]
                 dxc = dxc * rstd[:, None]
                 _bwd_store(DX, DZ, dxc, x, act, dact, dz_after, rows64, stride_dxm, stride_dzm, col0, offs, mask,
-                           HAS_Z, NORM_BEFORE_GATE, NEED_DX, NEED_DZ)
+                           HAS_Z, NORM_BEFORE_GATE, NEED_DX, NEED_DZ, BF16_BY_BITS)
     if NUM_CHUNKS == 1:
         col_ok = cols < GS
         if NEED_DW:
@@ -490,6 +527,7 @@ def _bwd_kernel(
 def _sum_partials_kernel(
     DW_PART, DB_PART, DW, DB, P, N,
     BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, NEED_DW: tl.constexpr, NEED_DB: tl.constexpr,
+    BF16_BY_BITS: tl.constexpr,
 ):
     """dweight[n] = sum over p of partials[p, n], in a fixed order (tiles of BLOCK_P rows, then a tree)."""
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -505,9 +543,9 @@ def _sum_partials_kernel(
         if NEED_DB:
             acc_b += tl.load(DB_PART + offs, mask=mask, other=0.0)
     if NEED_DW:
-        tl.store(DW + cols, tl.sum(acc_w, axis=0).to(DW.dtype.element_ty), mask=col_ok)
+        _store_out(DW + cols, tl.sum(acc_w, axis=0), col_ok, BF16_BY_BITS)
     if NEED_DB:
-        tl.store(DB + cols, tl.sum(acc_b, axis=0).to(DB.dtype.element_ty), mask=col_ok)
+        _store_out(DB + cols, tl.sum(acc_b, axis=0), col_ok, BF16_BY_BITS)
 
 
 @functools.cache
@@ -575,7 +613,7 @@ def backward(
          m, dy.stride(0), x.stride(0), z.stride(0) if z is not None else 0, n, n, n),
         # GS, BLOCK, ROWS, NUM_CHUNKS, HAS_Z, HAS_BIAS, NORM_BEFORE_GATE, IS_RMS, SIGMOID_GATE, NEED_DX..NEED_DB
         (gs, block, rows, chunks, z is not None, bias is not None, spec.norm_before_gate, spec.is_rms_norm,
-         spec.activation == "sigmoid", needs_dx, needs_dz, needs_dweight, needs_dbias),
+         spec.activation == "sigmoid", needs_dx, needs_dz, needs_dweight, needs_dbias, _INTERPRET),
         warps, dev,
     )
     dw = db = None
@@ -586,7 +624,7 @@ def backward(
         _launch(
             _sum_partials_kernel, (triton.cdiv(n, block_n), 1, 1),
             (dw_part, db_part, dw, db, progs, n),
-            (PARTIAL_ROWS, block_n, needs_dweight, needs_dbias),  # BLOCK_P, BLOCK_N, NEED_DW, NEED_DB
+            (PARTIAL_ROWS, block_n, needs_dweight, needs_dbias, _INTERPRET),  # BLOCK_P, BLOCK_N, NEED_DW/DB, EMULATE
             4, dev,
         )
     return dx, dz, dw, db
