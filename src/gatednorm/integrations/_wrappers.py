@@ -87,12 +87,10 @@ def bwd(label: str, backend: str | None) -> Callable:
         call = prepare(x, weight, bias, z, eps, group_size, bool(norm_before_gate), bool(is_rms_norm), "swish")
         s = call.spec
         c = compute_dtype(x.dtype)
-        empty = torch.empty(0, dtype=c, device=x.device)
-        mean_c = empty if (s.is_rms_norm or mean is None) else mean.to(c)
+        mean_c = None if (s.is_rms_norm or mean is None) else mean.to(c)
         with torch.no_grad():
             gx, gz, gw, gb = run_backward(
-                dy.reshape(call.x2d.shape), call.x2d, weight, bias, call.z2d, mean_c, rstd.to(c),
-                s.eps, s.group_size, s.norm_before_gate, s.is_rms_norm, s.activation, name,
+                dy.reshape(call.x2d.shape), call.x2d, weight, bias, call.z2d, mean_c, rstd.to(c), s, name,
                 True, z is not None, True, bias is not None,
             )
             gx = gx.view(x.shape)
@@ -198,8 +196,7 @@ def autograd_function(label: str, backend: str | None, original_forward: Callabl
                        bool(a.get("norm_before_gate", True)), bool(a.get("is_rms_norm", False)),
                        a.get("activation", "swish"))
         s = call.spec
-        y, mean, rstd = run_forward(call.x2d, weight, bias, call.z2d, s.eps, s.group_size, s.norm_before_gate,
-                                    s.is_rms_norm, s.activation, name)
+        y, mean, rstd = run_forward(call.x2d, weight, bias, call.z2d, s, name)
         ctx.save_for_backward(call.x2d, weight, bias, call.z2d, mean, rstd)
         ctx.gatednorm = (s, name, x.shape, None if z is None else z.shape, len(args))
         return y.view(x.shape)
@@ -211,8 +208,7 @@ def autograd_function(label: str, backend: str | None, original_forward: Callabl
         needs_dz = z2d is not None and len(need) > 3 and need[3]
         needs_db = bias is not None and need[2]
         dx, dz, dw, db = run_backward(
-            dy.reshape(x2d.shape), x2d, weight, bias, z2d, mean, rstd, s.eps, s.group_size, s.norm_before_gate,
-            s.is_rms_norm, s.activation, name, need[0], needs_dz, need[1], needs_db,
+            dy.reshape(x2d.shape), x2d, weight, bias, z2d, mean, rstd, s, name, need[0], needs_dz, need[1], needs_db,
         )
         grads = [
             dx.view(x_shape) if need[0] else None,
