@@ -15,12 +15,24 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q -e ".[test,triton]"
 	# the upstream kernel, a test-only reference (its other dependencies are not needed)
 	$(PY) -m pip install -q --no-deps "fla-core==0.6.0"
+	# --- integrations (issue 4): the frameworks gatednorm.patch() targets, for tests/test_integrations*.py ---
+	# transformers with its (torch-free) dependencies; sglang and vLLM wheels without theirs (their pins would
+	# replace torch; the tests load their gated-norm modules with the framework helpers stubbed);
+	# mamba_ssm from its source release with the CUDA extensions skipped (pure-Python modules only).
+	$(PY) -m pip install -q -c constraints-integrations.txt -e ".[integrations-test]"
+	$(PY) -m pip install -q --no-deps "sglang==0.5.23" "vllm==0.33.0"
+	$(PY) -m pip install -q setuptools wheel packaging ninja
+	MAMBA_SKIP_CUDA_BUILD=TRUE MAMBA_FORCE_BUILD=TRUE $(PY) -m pip install -q --no-deps --no-build-isolation \
+		"mamba-ssm==2.3.2.post1"
+	# --- end integrations ---
 	touch $(STAMP)
 
 setup: $(STAMP)
 
 run: setup
 	$(PY) -m gatednorm verify --quick
+	# then a short benchmark on the present device (benchmarks/bench_cpu.py lands with the CPU benchmark work)
+	@if [ -f benchmarks/bench_cpu.py ]; then $(PY) benchmarks/bench_cpu.py; else echo "benchmarks/bench_cpu.py not present yet"; fi
 
 test: setup
 	$(PY) -m pytest

@@ -13,6 +13,8 @@ from .functional import (
     rmsnorm_fn_native,
     simple_layernorm_native,
 )
+from .integrations import apply_env_patch as _apply_env_patch  # integrations (issue 4)
+from .integrations import patch, patched  # integrations (issue 4)
 from .modules import LayerNorm, RMSNorm
 from .ops import resolve_backend, triton_available
 
@@ -26,9 +28,13 @@ __all__ = [
     "layer_norm_fwd",
     "layernorm_fn",
     "layernorm_fn_native",
+    "patch",
+    "patched",
     "resolve_backend",
     "rmsnorm_fn",
     "rmsnorm_fn_native",
     "simple_layernorm_native",
     "triton_available",
 ]
+
+_apply_env_patch()  # after everything above exists: the patch calls into the functional API

@@ -21,21 +21,22 @@ from .ops import GatedNormFunction, resolve_backend, run_forward, run_forward_ou
 from .spec import GatedNormCall, prepare
 
 
-def _needs_autograd(*tensors: torch.Tensor | None) -> bool:
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+def _needs_autograd(x, weight, bias, z) -> bool:
+    return torch.is_grad_enabled() and (
+        x.requires_grad or weight.requires_grad
+        or (bias is not None and bias.requires_grad) or (z is not None and z.requires_grad)
+    )
 
 
 def _gated_norm(call: GatedNormCall, backend: str | None):
     """Run the validated call; returns (y shaped like x, mean | None, rstd)."""
-    s = call.spec
-    name = resolve_backend(backend, call.x2d.device)
-    args = (call.x2d, call.weight, call.bias, call.z2d,
-            s.eps, s.group_size, s.norm_before_gate, s.is_rms_norm, s.activation, name)
-    if _needs_autograd(call.x2d, call.weight, call.bias, call.z2d):
-        y, mean, rstd = GatedNormFunction.apply(*args)
+    x2d, weight, bias, z2d, spec, out_shape = call
+    name = resolve_backend(backend, x2d.device)
+    if _needs_autograd(x2d, weight, bias, z2d):
+        y, mean, rstd = GatedNormFunction.apply(x2d, weight, bias, z2d, spec, name)
     else:
-        y, mean, rstd = run_forward(*args)
-    return y.view(call.out_shape), (None if s.is_rms_norm else mean), rstd
+        y, mean, rstd = run_forward(x2d, weight, bias, z2d, spec, name)
+    return (y if y.shape == out_shape else y.view(out_shape)), mean, rstd
 
 
 def layer_norm_fwd(
@@ -80,11 +81,9 @@ def layer_norm_fwd(
         raise ValueError(
             "out= cannot be used when x, weight, bias or z requires grad; drop out= or use torch.no_grad()"
         )
-    s = call.spec
     name = resolve_backend(backend, x.device)
-    mean, rstd = run_forward_out(call.x2d, weight, bias, call.z2d, out, s.eps, s.group_size,
-                                 s.norm_before_gate, s.is_rms_norm, s.activation, name)
-    return out, (None if s.is_rms_norm else mean), rstd
+    mean, rstd = run_forward_out(call.x2d, weight, bias, call.z2d, out, call.spec, name)
+    return out, mean, rstd
 
 
 def layernorm_fn(

@@ -35,16 +35,28 @@ _BACKEND_MODULES = {
 
 
 def _env_flag(name: str) -> bool:
-    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+    value = os.environ.get(name)  # read per call (cheap when unset): tests and users flip these at run time
+    return value is not None and value.strip().lower() in ("1", "true", "yes", "on")
 
 
+# --- triton branch: cached backend lookups (hot path, and importlib cannot be traced by dynamo) ---
+_LOADED: dict[str, ModuleType] = {}
+
+
+_TRITON_IMPORTABLE: list[bool] = []  # filled once: a failed import is slow, and would repeat every call
+
+
+@torch.compiler.assume_constant_result
 def triton_available() -> bool:
-    """True when the fused Triton backend can be imported."""
-    try:
-        load_backend("triton")
-    except ImportError:
-        return False
-    return True
+    """True when the fused Triton backend can be imported (checked once per process)."""
+    if not _TRITON_IMPORTABLE:
+        try:
+            load_backend("triton")
+        except ImportError:
+            _TRITON_IMPORTABLE.append(False)
+        else:
+            _TRITON_IMPORTABLE.append(True)
+    return _TRITON_IMPORTABLE[0]
 
 
 def _triton_supports(device: torch.device) -> bool:
@@ -55,7 +67,11 @@ def _triton_supports(device: torch.device) -> bool:
 
 
 def load_backend(name: str) -> ModuleType:
-    return importlib.import_module(_BACKEND_MODULES[name])
+    mod = _LOADED.get(name)
+    if mod is None:
+        mod = _LOADED[name] = importlib.import_module(_BACKEND_MODULES[name])
+    return mod
+# --- end triton branch ---
 
 
 def resolve_backend(backend: str | None, device: torch.device) -> str:
@@ -71,7 +87,8 @@ def resolve_backend(backend: str | None, device: torch.device) -> str:
     if _env_flag("USE_NATIVE_LAYERNORM"):
         return "native"
     if backend is None:
-        backend = os.environ.get("GATEDNORM_BACKEND", "auto").strip().lower() or "auto"
+        raw = os.environ.get("GATEDNORM_BACKEND")
+        backend = (raw.strip().lower() or "auto") if raw else "auto"
         if backend not in BACKENDS:
             raise ValueError(f"GATEDNORM_BACKEND must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
@@ -94,7 +111,7 @@ def resolve_backend(backend: str | None, device: torch.device) -> str:
 
 
 # ---------------------------------------------------------------------------
-# Eager implementations (shared by the custom ops and the eager fast path)
+# Eager implementations (the hot path: no custom-op dispatch, no placeholder tensors)
 # ---------------------------------------------------------------------------
 
 def _spec(eps: float, group_size: int, norm_before_gate: bool, is_rms_norm: bool, activation: str) -> NormSpec:
@@ -106,41 +123,30 @@ def _empty_stat(x: torch.Tensor) -> torch.Tensor:
     return torch.empty(0, dtype=compute_dtype(x.dtype), device=x.device)
 
 
-def _forward_into(x, weight, bias, z, out2d, spec: NormSpec, backend: str):
-    mean, rstd = load_backend(backend).forward(x, weight, bias, z, spec, out2d)
-    return (mean if mean is not None else _empty_stat(x)), rstd
-
-
-def forward_impl(x, weight, bias, z, eps, group_size, norm_before_gate, is_rms_norm, activation, backend):
+def _forward_eager(x, weight, bias, z, spec: NormSpec, backend: str):
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    spec = _spec(eps, group_size, norm_before_gate, is_rms_norm, activation)
-    mean, rstd = _forward_into(x, weight, bias, z, out, spec, backend)
+    mean, rstd = load_backend(backend).forward(x, weight, bias, z, spec, out)
     return out, mean, rstd
 
 
-def forward_out_impl(x, weight, bias, z, out, eps, group_size, norm_before_gate, is_rms_norm, activation, backend):
-    spec = _spec(eps, group_size, norm_before_gate, is_rms_norm, activation)
+def _forward_out_eager(x, weight, bias, z, out, spec: NormSpec, backend: str):
+    forward = load_backend(backend).forward
     try:
         out2d = out.view(x.shape)
     except RuntimeError:  # strides that no 2-D view can express: compute, then copy once
         out2d = None
     if out2d is not None:
-        return _forward_into(x, weight, bias, z, out2d, spec, backend)
+        return forward(x, weight, bias, z, spec, out2d)
     tmp = torch.empty(x.shape, dtype=out.dtype, device=x.device)
-    mean, rstd = _forward_into(x, weight, bias, z, tmp, spec, backend)
+    mean, rstd = forward(x, weight, bias, z, spec, tmp)
     out.copy_(tmp.view(out.shape))
     return mean, rstd
 
 
-def backward_impl(dy, x, weight, bias, z, mean, rstd, eps, group_size, norm_before_gate, is_rms_norm,
-                  activation, backend, needs_dx, needs_dz, needs_dweight, needs_dbias):
-    spec = _spec(eps, group_size, norm_before_gate, is_rms_norm, activation)
-    dx, dz, dw, db = load_backend(backend).backward(
-        dy, x, weight, bias, z, None if is_rms_norm else mean, rstd, spec,
-        needs_dx, needs_dz, needs_dweight, needs_dbias,
-    )
-    # each absent gradient gets its own empty tensor: custom-op outputs must not alias each other
-    return tuple(g if g is not None else _empty_stat(x) for g in (dx, dz, dw, db))
+def _backward_eager(dy, x, weight, bias, z, mean, rstd, spec: NormSpec, backend: str,
+                    needs_dx, needs_dz, needs_dweight, needs_dbias):
+    return load_backend(backend).backward(dy, x, weight, bias, z, mean, rstd, spec,
+                                          needs_dx, needs_dz, needs_dweight, needs_dbias)
 
 
 # ---------------------------------------------------------------------------
@@ -152,7 +158,10 @@ def forward_op(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, z: torch.Tensor | None,
     eps: float, group_size: int, norm_before_gate: bool, is_rms_norm: bool, activation: str, backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return forward_impl(x, weight, bias, z, eps, group_size, norm_before_gate, is_rms_norm, activation, backend)
+    """(out, mean, rstd); mean is a 0-element tensor for RMSNorm (custom ops return tensors only)."""
+    spec = _spec(eps, group_size, norm_before_gate, is_rms_norm, activation)
+    out, mean, rstd = _forward_eager(x, weight, bias, z, spec, backend)
+    return out, (mean if mean is not None else _empty_stat(x)), rstd
 
 
 @forward_op.register_fake
@@ -169,8 +178,9 @@ def forward_out_op(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, z: torch.Tensor | None, out: torch.Tensor,
     eps: float, group_size: int, norm_before_gate: bool, is_rms_norm: bool, activation: str, backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return forward_out_impl(x, weight, bias, z, out, eps, group_size, norm_before_gate, is_rms_norm, activation,
-                            backend)
+    spec = _spec(eps, group_size, norm_before_gate, is_rms_norm, activation)
+    mean, rstd = _forward_out_eager(x, weight, bias, z, out, spec, backend)
+    return (mean if mean is not None else _empty_stat(x)), rstd
 
 
 @forward_out_op.register_fake
@@ -188,8 +198,12 @@ def backward_op(
     is_rms_norm: bool, activation: str, backend: str,
     needs_dx: bool, needs_dz: bool, needs_dweight: bool, needs_dbias: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return backward_impl(dy, x, weight, bias, z, mean, rstd, eps, group_size, norm_before_gate, is_rms_norm,
-                         activation, backend, needs_dx, needs_dz, needs_dweight, needs_dbias)
+    """(dx, dz, dweight, dbias); a gradient not asked for is a 0-element tensor."""
+    spec = _spec(eps, group_size, norm_before_gate, is_rms_norm, activation)
+    grads = _backward_eager(dy, x, weight, bias, z, None if is_rms_norm else mean, rstd, spec, backend,
+                            needs_dx, needs_dz, needs_dweight, needs_dbias)
+    # each absent gradient gets its own empty tensor: custom-op outputs must not alias each other
+    return tuple(g if g is not None else _empty_stat(x) for g in grads)
 
 
 @backward_op.register_fake
@@ -204,23 +218,41 @@ def _(dy, x, weight, bias, z, mean, rstd, eps, group_size, norm_before_gate, is_
     )
 
 
-def _compiling() -> bool:
-    return torch.compiler.is_compiling()
+# ---------------------------------------------------------------------------
+# What the functional API calls: eager backend call, or the custom op while compiling
+# ---------------------------------------------------------------------------
+
+_compiling = torch.compiler.is_compiling
 
 
-def run_forward(x, weight, bias, z, eps, group_size, norm_before_gate, is_rms_norm, activation, backend):
-    fn = forward_op if _compiling() else forward_impl
-    return fn(x, weight, bias, z, eps, group_size, norm_before_gate, is_rms_norm, activation, backend)
+def run_forward(x, weight, bias, z, spec: NormSpec, backend: str):
+    """(out, mean | None, rstd) for validated 2-D x/z."""
+    if _compiling():
+        out, mean, rstd = forward_op(x, weight, bias, z, *spec, backend)
+        return out, (None if spec.is_rms_norm else mean), rstd
+    return _forward_eager(x, weight, bias, z, spec, backend)
 
 
-def run_forward_out(x, weight, bias, z, out, eps, group_size, norm_before_gate, is_rms_norm, activation, backend):
-    fn = forward_out_op if _compiling() else forward_out_impl
-    return fn(x, weight, bias, z, out, eps, group_size, norm_before_gate, is_rms_norm, activation, backend)
+def run_forward_out(x, weight, bias, z, out, spec: NormSpec, backend: str):
+    """(mean | None, rstd); writes out."""
+    if _compiling():
+        mean, rstd = forward_out_op(x, weight, bias, z, out, *spec, backend)
+        return (None if spec.is_rms_norm else mean), rstd
+    return _forward_out_eager(x, weight, bias, z, out, spec, backend)
 
 
-def run_backward(*args):
-    fn = backward_op if _compiling() else backward_impl
-    return fn(*args)
+def run_backward(dy, x, weight, bias, z, mean, rstd, spec: NormSpec, backend: str,
+                 needs_dx: bool, needs_dz: bool, needs_dweight: bool, needs_dbias: bool):
+    """(dx, dz, dweight, dbias), None for those not asked for (or absent: no z, no bias)."""
+    needs_dz = needs_dz and z is not None
+    needs_dbias = needs_dbias and bias is not None
+    if _compiling():
+        grads = backward_op(dy, x, weight, bias, z, mean if mean is not None else _empty_stat(x), rstd,
+                            *spec, backend, needs_dx, needs_dz, needs_dweight, needs_dbias)
+        return tuple(g if need else None
+                     for g, need in zip(grads, (needs_dx, needs_dz, needs_dweight, needs_dbias), strict=True))
+    return _backward_eager(dy, x, weight, bias, z, mean, rstd, spec, backend,
+                           needs_dx, needs_dz, needs_dweight, needs_dbias)
 
 
 # ---------------------------------------------------------------------------
@@ -231,16 +263,21 @@ class GatedNormFunction(torch.autograd.Function):
     """y, mean, rstd = gated_norm(x, weight, bias, z); differentiable in x, weight, bias, z.
 
     Saves only x, z, weight, bias, mean and rstd; the backward recomputes xhat.
-    mean and rstd are returned as non-differentiable outputs.
+    mean and rstd are returned as non-differentiable outputs (mean is None for RMSNorm).
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, z, eps, group_size, norm_before_gate, is_rms_norm, activation, backend):
-        out, mean, rstd = run_forward(x, weight, bias, z, eps, group_size, norm_before_gate, is_rms_norm,
-                                      activation, backend)
+    def forward(ctx, x, weight, bias, z, spec, backend):
+        out, mean, rstd = run_forward(x, weight, bias, z, spec, backend)
         ctx.save_for_backward(x, weight, bias, z, mean, rstd)
-        ctx.params = (eps, group_size, norm_before_gate, is_rms_norm, activation, backend)
-        ctx.mark_non_differentiable(mean, rstd)
+        ctx.spec = spec
+        ctx.backend = backend
+        if mean is None:
+            ctx.mark_non_differentiable(rstd)
+        else:
+            ctx.mark_non_differentiable(mean, rstd)
+        # no zero-filled gradients for mean/rstd (a fill launch each, per backward)
+        ctx.set_materialize_grads(False)
         return out, mean, rstd
 
     @staticmethod
@@ -251,16 +288,10 @@ class GatedNormFunction(torch.autograd.Function):
             raise RuntimeError(
                 "gatednorm does not support double backward (create_graph=True / higher-order gradients)"
             )
+        if dy is None:  # only mean/rstd were used downstream: no gradient flows
+            return None, None, None, None, None, None
         x, weight, bias, z, mean, rstd = ctx.saved_tensors
         need = ctx.needs_input_grad
-        dx, dz, dw, db = run_backward(
-            dy, x, weight, bias, z, mean, rstd, *ctx.params,
-            need[0], need[3] and z is not None, need[1], need[2] and bias is not None,
-        )
-        return (
-            dx if need[0] else None,
-            dw if need[1] else None,
-            db if (need[2] and bias is not None) else None,
-            dz if (need[3] and z is not None) else None,
-            None, None, None, None, None, None,
-        )
+        dx, dz, dw, db = run_backward(dy, x, weight, bias, z, mean, rstd, ctx.spec, ctx.backend,
+                                      need[0], need[3], need[1], need[2])
+        return dx, dw, db, dz, None, None

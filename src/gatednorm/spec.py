@@ -8,7 +8,7 @@ description of the operator (:class:`NormSpec`). Backends never re-check.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -16,9 +16,12 @@ import torch
 ACTIVATIONS = {"swish": "swish", "silu": "swish", "sigmoid": "sigmoid"}
 
 
-@dataclass(frozen=True)
-class NormSpec:
-    """Static description of one gated norm call (hashable; no tensors)."""
+class NormSpec(NamedTuple):
+    """Static description of one gated norm call (hashable; no tensors).
+
+    A NamedTuple rather than a dataclass: it is built on every call, and its fields are the
+    custom ops' scalar arguments in order (``op(..., *spec, backend)``).
+    """
 
     eps: float
     group_size: int
@@ -30,9 +33,8 @@ class NormSpec:
         return n // self.group_size
 
 
-@dataclass
-class GatedNormCall:
-    """Validated arguments: ``x2d``/``z2d``/``out2d`` are (M, N) views or copies."""
+class GatedNormCall(NamedTuple):
+    """Validated arguments: ``x2d``/``z2d`` are (M, N) views (copies only where strides demand)."""
 
     x2d: torch.Tensor
     weight: torch.Tensor
@@ -69,7 +71,7 @@ def _check_device(name: str, t: torch.Tensor, x: torch.Tensor) -> None:
 
 def _rows_view(t: torch.Tensor, n: int) -> torch.Tensor:
     """(..., N) -> (M, N), a view whenever the strides allow one."""
-    return t.reshape(-1, n)
+    return t if t.dim() == 2 else t.reshape(-1, n)
 
 
 def prepare(
@@ -148,11 +150,5 @@ def prepare(
             raise ValueError(f"out must have x's shape {tuple(x.shape)}, got {tuple(out.shape)}")
         _check_device("out", out, x)
 
-    spec = NormSpec(
-        eps=eps,
-        group_size=group_size,
-        norm_before_gate=norm_before_gate,
-        is_rms_norm=is_rms_norm,
-        activation=activation,
-    )
-    return GatedNormCall(x2d=x2d, weight=weight, bias=bias, z2d=z2d, spec=spec, out_shape=x.shape)
+    spec = NormSpec(eps, group_size, norm_before_gate, is_rms_norm, activation)
+    return GatedNormCall(x2d, weight, bias, z2d, spec, x.shape)

@@ -1,0 +1,447 @@
+"""GPU benchmark: gatednorm's Triton kernels against the native backend, torch.compile and upstream kernels.
+
+For each shape of issue 7 (bf16), times forward and forward+backward with triton.testing.do_bench
+(median; L2 flushed before every call), the per-shape floor ``torch.mul(x, z, out=y)`` and, for
+shapes under 32M elements, a CUDA graph of 100 back-to-back calls. Copy bandwidth is measured in the
+same run. Prints a table of GB/s, % of copy and ratio to the mul floor; writes JSON (and a PNG when
+matplotlib is importable).
+
+Bytes counted (the issue's definition): forward = x (and z) read + y written + statistics;
+forward+backward adds x, z, dy read and dx, dz written; weight/bias and dweight/dbias ignored.
+
+Upstream kernels are optional: fla-core (``fla.modules.norm``) when importable, and sglang's newest
+kernel when ``--sglang PATH`` names the extracted ``layernorm_gated.py`` (loaded through
+``--sglang-loader DIR`` holding upstream_sglang.py).
+
+    PYTHONPATH=src python benchmarks/bench_gpu.py --out benchmarks/results [--no-compile] [--tune]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+import triton
+from triton.testing import do_bench
+
+import gatednorm
+import gatednorm.triton_kernels as tk
+
+EPS = 1e-6
+BIG = 32 * 1024 * 1024  # elements: at and above this, the bandwidth goals apply
+
+# name, M, N, group size, rms, norm_before_gate, has_z, has_bias
+SHAPES = [
+    ("524288x128 rms gate-after", 524288, 128, 128, True, True, True, False),
+    ("65536x128 rms gate-after", 65536, 128, 128, True, True, True, False),
+    ("8192x128 rms gate-after", 8192, 128, 128, True, True, True, False),
+    ("2048x128 rms gate-after", 2048, 128, 128, True, True, True, False),
+    ("32768x4096 g128 rms gate-after", 32768, 4096, 128, True, True, True, False),
+    ("32768x5120 g640 rms gate-before", 32768, 5120, 640, True, False, True, False),
+    ("32768x5120 one group rms gate-before", 32768, 5120, 5120, True, False, True, False),
+    ("65536x2048 LN+bias no gate", 65536, 2048, 2048, False, True, False, True),
+    ("16384x8192 rms gate-after", 16384, 8192, 8192, True, True, True, False),
+]
+
+
+def bench(fn, graph_calls=0):
+    """Median ms per call (do_bench); with graph_calls, also ms per call inside a CUDA graph of that many."""
+    t = do_bench(fn, warmup=25, rep=100, return_mode="median")
+    tg = None
+    if graph_calls:
+        try:
+            s = torch.cuda.Stream()
+            s.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(s):
+                for _ in range(3):
+                    fn()
+            torch.cuda.current_stream().wait_stream(s)
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                for _ in range(graph_calls):
+                    fn()
+            tg = do_bench(g.replay, warmup=10, rep=50, return_mode="median") / graph_calls
+            del g
+        except Exception as e:  # an upstream kernel that cannot be captured
+            print(f"    graph capture failed: {type(e).__name__}: {e}", file=sys.stderr)
+    return t, tg
+
+
+def back_to_back_us(fn, calls=2000):
+    """Wall-clock us per call for many calls in a row (the larger of host and device time per call)."""
+    for _ in range(10):
+        fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / calls * 1e6
+
+
+def torch_formula(x, w, b, z, gs, rms, nbg):
+    """The operator in plain torch ops (fp32 math, one rounding): what torch.compile is given."""
+    m, n = x.shape
+    xf = x.float()
+    gate = None
+    if z is not None:
+        gate = F.silu(z.float())
+        if not nbg:
+            xf = xf * gate
+    xg = xf.view(m, n // gs, gs)
+    if not rms:
+        xg = xg - xg.mean(-1, keepdim=True)
+    rstd = torch.rsqrt(xg.square().mean(-1, keepdim=True) + EPS)
+    y = (xg * rstd).view(m, n) * w.float()
+    if b is not None:
+        y = y + b.float()
+    if gate is not None and nbg:
+        y = y * gate
+    return y.to(x.dtype)
+
+
+def load_upstream(args):
+    impls = {}
+    try:
+        from fla.modules.norm import fused_norm_gate as fla_fused
+        from fla.modules.norm import layernorm_gated as fla_lg
+        impls["fla_lg"] = fla_lg
+        impls["fla_fused"] = fla_fused
+    except Exception as e:
+        print(f"fla not available: {e}", file=sys.stderr)
+    if args.sglang and os.path.exists(args.sglang):
+        try:
+            sys.path.insert(0, args.sglang_loader)
+            from upstream_sglang import load_sglang_layernorm_gated
+            impls["sglang"] = load_sglang_layernorm_gated(args.sglang)
+        except Exception as e:
+            print(f"sglang kernel not loadable: {e}", file=sys.stderr)
+    return impls
+
+
+def copy_bandwidth():
+    src = torch.randn(256 * 1024 * 1024, device="cuda", dtype=torch.bfloat16)  # 512 MiB
+    dst = torch.empty_like(src)
+    t = do_bench(lambda: dst.copy_(src), warmup=25, rep=100, return_mode="median")
+    return 2 * 256 * 1024 * 1024 * 2 / (t * 1e-3) / 1e9
+
+
+def make_inputs(m, n, has_z, has_bias, seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    bf = torch.bfloat16
+    x = torch.randn(m, n, device="cuda", generator=g).to(bf)
+    z = torch.randn(m, n, device="cuda", generator=g).to(bf) if has_z else None
+    w = (torch.randn(n, device="cuda", generator=g) * 0.1 + 1).to(bf)
+    b = (torch.randn(n, device="cuda", generator=g) * 0.1).to(bf) if has_bias else None
+    dy = torch.randn(m, n, device="cuda", generator=g).to(bf)
+    return x, z, w, b, dy
+
+
+def run_shape(shape, impls, copy_gbps, args):
+    name, m, n, gs, rms, nbg, has_z, has_bias = shape
+    x, z, w, b, dy = make_inputs(m, n, has_z, has_bias)
+    groups = n // gs
+    tensors = 2 if has_z else 1
+    bytes_fwd = (tensors + 1) * m * n * 2 + (1 if rms else 2) * groups * m * 4
+    bytes_fb = bytes_fwd + (tensors + 1) * m * n * 2 + tensors * m * n * 2
+    small = m * n < BIG
+    graph_calls = 100 if small else 0
+    rec = {"shape": name, "M": m, "N": n, "group_size": gs, "rms": rms, "norm_before_gate": nbg,
+           "gate": has_z, "bias": has_bias, "bytes_fwd": bytes_fwd, "bytes_fwd_bwd": bytes_fb, "fwd": {}, "fwd_bwd": {}}
+
+    y = torch.empty_like(x)
+    z_or_x = z if z is not None else x
+    t, tg = bench(lambda: torch.mul(x, z_or_x, out=y), graph_calls)
+    rec["mul_ms"], rec["mul_graph_ms"] = t, tg
+    rec["mul_b2b_us"] = back_to_back_us(lambda: torch.mul(x, z_or_x, out=y)) if small else None
+
+    if small:
+        from gatednorm.spec import NormSpec
+        spec = NormSpec(EPS, gs, nbg, rms, "swish")
+        rec["ours_kernel_b2b_us"] = back_to_back_us(lambda: tk.forward(x, w, b, z, spec, y))
+
+    # correctness gate: ours against native on this very shape
+    with torch.no_grad():
+        y_t = gatednorm.layer_norm_fwd(x, w, b, EPS, z=z, group_size=gs, norm_before_gate=nbg, is_rms_norm=rms,
+                                       backend="triton")[0]
+        y_t2 = gatednorm.layer_norm_fwd(x, w, b, EPS, z=z, group_size=gs, norm_before_gate=nbg, is_rms_norm=rms,
+                                        backend="triton")[0]
+        y_n = gatednorm.layer_norm_fwd(x, w, b, EPS, z=z, group_size=gs, norm_before_gate=nbg, is_rms_norm=rms,
+                                       backend="native")[0]
+        err = ((y_t2.float() - y_n.float()).abs().max() / y_n.float().abs().max()).item()
+        rec["check_rel_err_vs_native"] = err
+        rec["check_repeat_bitwise"] = bool(torch.equal(y_t, y_t2))
+        if err > 1e-2 or not rec["check_repeat_bitwise"]:
+            print(f"  WARNING {name}: ours vs native rel err {err:.2e}, repeat equal {rec['check_repeat_bitwise']}")
+
+    def ours():
+        return gatednorm.layer_norm_fwd(x, w, b, EPS, z=z, group_size=gs, norm_before_gate=nbg,
+                                        is_rms_norm=rms, backend="triton")
+
+    def native_eager():
+        return gatednorm.layer_norm_fwd(x, w, b, EPS, z=z, group_size=gs, norm_before_gate=nbg,
+                                        is_rms_norm=rms, backend="native")
+
+    fwd = {"gatednorm triton": ours, "gatednorm native": native_eager}
+    if not args.no_compile:
+        # One torch.compile of the same function per shape would hit dynamo's recompile limit after 8
+        # shapes and silently run eagerly: start each shape from a clean cache.
+        torch._dynamo.reset()
+        compiled = torch.compile(torch_formula, dynamic=False)
+        fwd["torch.compile formula"] = lambda: compiled(x, w, b, z, gs, rms, nbg)
+    if "fla_lg" in impls:
+        lg = impls["fla_lg"]
+        fwd["fla layernorm_gated"] = lambda: lg.layernorm_fn(x, w, b, z, EPS, gs, nbg, rms)
+    fused_ok = "fla_fused" in impls and rms and nbg and has_z and gs == n and not has_bias
+    if fused_ok:
+        ff = impls["fla_fused"]
+        fwd["fla fused_norm_gate"] = lambda: ff.rms_norm_gated(x, z, w, None, activation="swish", eps=EPS)
+    if "sglang" in impls:
+        sg = impls["sglang"]
+        fwd["sglang 0.5.23"] = lambda: sg._layer_norm_fwd(x, w, b, EPS, z=z, group_size=gs,
+                                                          norm_before_gate=nbg, is_rms_norm=rms)
+    with torch.no_grad():
+        for key, fn in fwd.items():
+            try:
+                gc = graph_calls if key in ("gatednorm triton", "sglang 0.5.23", "fla fused_norm_gate") else 0
+                t, tg = bench(fn, gc)
+                r = {"ms": t, "graph_ms": tg}
+                if small and key == "gatednorm triton":
+                    r["b2b_us"] = back_to_back_us(fn)
+                rec["fwd"][key] = r
+            except Exception as e:
+                print(f"  {name} fwd {key} failed: {type(e).__name__}: {e}", file=sys.stderr)
+
+    # forward + backward
+    xg = x.detach().requires_grad_(True)
+    zg = z.detach().requires_grad_(True) if z is not None else None
+    wg = w.detach().requires_grad_(True)
+    bg = b.detach().requires_grad_(True) if b is not None else None
+    leaves = [t_ for t_ in (xg, zg, wg, bg) if t_ is not None]
+
+    def fb(f):
+        return lambda: torch.autograd.grad(f(), leaves, dy)
+
+    fb_impls = {
+        "gatednorm triton": fb(lambda: gatednorm.layernorm_fn(xg, wg, bg, zg, EPS, gs, nbg, rms, backend="triton")),
+        "gatednorm native": fb(lambda: gatednorm.layernorm_fn(xg, wg, bg, zg, EPS, gs, nbg, rms, backend="native")),
+    }
+    if not args.no_compile:
+        compiled_fb = torch.compile(torch_formula, dynamic=False)
+        fb_impls["torch.compile formula"] = fb(lambda: compiled_fb(xg, wg, bg, zg, gs, rms, nbg))
+    if "fla_lg" in impls:
+        lg = impls["fla_lg"]
+        fb_impls["fla layernorm_gated"] = fb(lambda: lg.layernorm_fn(xg, wg, bg, zg, EPS, gs, nbg, rms))
+    if fused_ok:
+        ff = impls["fla_fused"]
+        fb_impls["fla fused_norm_gate"] = fb(lambda: ff.rms_norm_gated(xg, zg, wg, None, activation="swish", eps=EPS))
+    for key, fn in fb_impls.items():
+        try:
+            t, _ = bench(fn)
+            r = {"ms": t}
+            if small and key == "gatednorm triton":
+                r["b2b_us"] = back_to_back_us(fn, calls=500)
+            rec["fwd_bwd"][key] = r
+        except Exception as e:
+            print(f"  {name} fwd+bwd {key} failed: {type(e).__name__}: {e}", file=sys.stderr)
+
+    for part, nbytes in (("fwd", bytes_fwd), ("fwd_bwd", bytes_fb)):
+        for r in rec[part].values():
+            r["gbps"] = nbytes / (r["ms"] * 1e-3) / 1e9
+            r["pct_copy"] = 100 * r["gbps"] / copy_gbps
+            r["x_mul"] = r["ms"] / rec["mul_ms"]
+            if r.get("graph_ms") and rec["mul_graph_ms"]:
+                r["graph_x_mul"] = r["graph_ms"] / rec["mul_graph_ms"]
+    return rec
+
+
+def tune(shapes):
+    """Sweep the tile heuristics on each shape (kernel calls only); print the best per shape."""
+    import itertools
+    base = (tk.FWD_TILE_ELEMENTS, tk.FWD_ELEMS_PER_THREAD, tk.BWD_TILE_ELEMENTS, tk.BWD_ELEMS_PER_THREAD,
+            tk.BWD_PROGRAMS_PER_SM)
+    from gatednorm.spec import NormSpec
+    for name, m, n, gs, rms, nbg, has_z, has_bias in shapes:
+        x, z, w, b, dy = make_inputs(m, n, has_z, has_bias)
+        spec = NormSpec(EPS, gs, nbg, rms, "swish")
+        out = torch.empty_like(x)
+        res_f, res_b = [], []
+        for tile, ept in itertools.product((2048, 4096, 8192), (8, 16, 32)):
+            tk.FWD_TILE_ELEMENTS, tk.FWD_ELEMS_PER_THREAD = tile, ept
+            t = do_bench(lambda: tk.forward(x, w, b, z, spec, out),  # noqa: B023
+                         warmup=10, rep=40, return_mode="median")
+            res_f.append((t, tile, ept, tk._fwd_config(gs, 2)))
+        mean, rstd = tk.forward(x, w, b, z, spec, out)
+        for tile, ept, pps in itertools.product((2048, 4096, 8192), (8, 16), (2, 4, 8)):
+            tk.BWD_TILE_ELEMENTS, tk.BWD_ELEMS_PER_THREAD, tk.BWD_PROGRAMS_PER_SM = tile, ept, pps
+            t = do_bench(lambda: tk.backward(dy, x, w, b, z, mean, rstd, spec), warmup=10, rep=40,  # noqa: B023
+                         return_mode="median")
+            res_b.append((t, tile, ept, pps, tk._bwd_config(gs, 2)))
+        (tk.FWD_TILE_ELEMENTS, tk.FWD_ELEMS_PER_THREAD, tk.BWD_TILE_ELEMENTS, tk.BWD_ELEMS_PER_THREAD,
+         tk.BWD_PROGRAMS_PER_SM) = base
+        res_f.sort()
+        res_b.sort()
+        print(f"TUNE {name}: fwd best {[(round(r[0]*1e3, 1),) + r[1:] for r in res_f[:3]]} "
+              f"worst {round(res_f[-1][0]*1e3, 1)}us")
+        print(f"TUNE {name}: bwd best {[(round(r[0]*1e3, 1),) + r[1:] for r in res_b[:3]]} "
+              f"worst {round(res_b[-1][0]*1e3, 1)}us")
+
+
+def host_breakdown(m=8192, n=128):
+    """Wall us per call of each layer of the stack back-to-back, and a profiler table of fwd+bwd."""
+    from gatednorm.spec import NormSpec
+    x, z, w, b, dy = make_inputs(m, n, True, False)
+    spec = NormSpec(EPS, n, True, True, "swish")
+    y = torch.empty_like(x)
+    mean, rstd = tk.forward(x, w, None, z, spec, y)
+    xg, zg, wg = (t.detach().requires_grad_(True) for t in (x, z, w))
+    rows = {
+        "torch.mul": lambda: torch.mul(x, z, out=y),
+        "tk.forward": lambda: tk.forward(x, w, None, z, spec, y),
+        "tk.backward": lambda: tk.backward(dy, x, w, None, z, mean, rstd, spec),
+        "layer_norm_fwd": lambda: gatednorm.layer_norm_fwd(x, w, None, EPS, z=z, is_rms_norm=True, backend="triton"),
+        "rmsnorm_fn fwd (grad on)": lambda: gatednorm.rmsnorm_fn(xg, wg, None, zg, EPS, backend="triton"),
+        "rmsnorm_fn fwd+bwd": lambda: torch.autograd.grad(gatednorm.rmsnorm_fn(xg, wg, None, zg, EPS, backend="triton"),
+                                                          (xg, zg, wg), dy),
+    }
+    for k, f in rows.items():
+        before = tk.fast_launches
+        us = back_to_back_us(f, 300)
+        print(f"HOST {k}: {us:.1f} us/call (cached launches: {tk.fast_launches - before})", flush=True)
+    import cProfile
+    import pstats
+    for k in ("layer_norm_fwd", "tk.backward"):
+        f = rows[k]
+        prof = cProfile.Profile()
+        prof.enable()
+        for _ in range(300):
+            f()
+        prof.disable()
+        torch.cuda.synchronize()
+        print(f"PROFILE {k} (300 calls)")
+        pstats.Stats(prof).sort_stats("tottime").print_stats(14)
+    from torch.profiler import ProfilerActivity, profile
+    f = rows["rmsnorm_fn fwd+bwd"]
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(20):
+            f()
+        torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=10))
+
+
+def fmt_table(records, copy_gbps, device):
+    lines = [f"Device: {device}; copy bandwidth {copy_gbps:.0f} GB/s (bytes read + written). bf16. "
+             "Per call: do_bench median, L2 flushed. Cells: GB/s (% of copy, time / torch.mul floor); "
+             "graph: us per call in a CUDA graph of 100 calls (x the mul graph figure).", ""]
+    impls = []
+    for r in records:
+        for k in list(r["fwd"]) + list(r["fwd_bwd"]):
+            if k not in impls:
+                impls.append(k)
+    for part, title in (("fwd", "forward"), ("fwd_bwd", "forward+backward")):
+        keys = [k for k in impls if any(k in r[part] for r in records)]
+        lines.append(f"### {title}")
+        lines.append("")
+        lines.append("| shape | torch.mul floor | " + " | ".join(keys) + " |")
+        lines.append("|---|---|" + "---|" * len(keys))
+        for r in records:
+            floor = f"{r['mul_ms']*1e3:.1f} us"
+            if r.get("mul_graph_ms"):
+                floor += f", graph {r['mul_graph_ms']*1e3:.2f} us"
+            cells = []
+            for k in keys:
+                v = r[part].get(k)
+                if v is None:
+                    cells.append("-")
+                    continue
+                c = f"{v['gbps']:.0f} ({v['pct_copy']:.0f}%, {v['x_mul']:.2f}x; {v['ms']*1e3:.1f} us)"
+                if v.get("graph_ms"):
+                    c += f"; graph {v['graph_ms']*1e3:.2f} us ({v.get('graph_x_mul', 0):.2f}x)"
+                if v.get("b2b_us"):
+                    c += f"; back-to-back {v['b2b_us']:.1f} us"
+                cells.append(c)
+            lines.append(f"| {r['shape']} | {floor} | " + " | ".join(cells) + " |")
+        lines.append("")
+    lines.append("torch.mul back-to-back (wall us per call, host-bound at small shapes): " + ", ".join(
+        f"{r['shape'].split()[0]} {r['mul_b2b_us']:.1f}" for r in records if r.get("mul_b2b_us")))
+    lines.append("gatednorm triton_kernels.forward alone back-to-back (us per call): " + ", ".join(
+        f"{r['shape'].split()[0]} {r['ours_kernel_b2b_us']:.1f}" for r in records if r.get("ours_kernel_b2b_us")))
+    return "\n".join(lines)
+
+
+def plot(records, path):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib missing: no plot", file=sys.stderr)
+        return False
+    fig, axes = plt.subplots(1, 2, figsize=(16, 6))
+    for ax, part in zip(axes, ("fwd", "fwd_bwd"), strict=True):
+        impls = []
+        for r in records:
+            impls += [k for k in r[part] if k not in impls]
+        width = 0.8 / max(1, len(impls))
+        for i, k in enumerate(impls):
+            vals = [r[part][k]["pct_copy"] if k in r[part] else 0 for r in records]
+            ax.bar([j + i * width for j in range(len(records))], vals, width, label=k)
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(records))])
+        ax.set_xticklabels([r["shape"] for r in records], rotation=35, ha="right", fontsize=7)
+        ax.set_ylabel("% of copy bandwidth")
+        ax.set_title("forward" if part == "fwd" else "forward+backward")
+        ax.axhline(90 if part == "fwd" else 75, color="k", lw=0.8, ls="--")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return True
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--tune", action="store_true")
+    ap.add_argument("--host", action="store_true", help="print a host-overhead breakdown first")
+    ap.add_argument("--only", default="", help="comma-separated substrings of shape names")
+    ap.add_argument("--sglang", default="")
+    ap.add_argument("--sglang-loader", default="")
+    args = ap.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    device = torch.cuda.get_device_name()
+    shapes = [s for s in SHAPES if not args.only or any(o in s[0] for o in args.only.split(","))]
+    print(f"{device}, torch {torch.__version__}, triton {triton.__version__}", flush=True)
+    print(f"fast launch: {tk._FAST_LAUNCH}", flush=True)
+    if args.host:
+        host_breakdown()
+    if args.tune:
+        tune([s for s in shapes if s[1] * s[2] >= 8 * 1024 * 1024])
+    impls = load_upstream(args)
+    copy_gbps = copy_bandwidth()
+    print(f"copy bandwidth {copy_gbps:.0f} GB/s", flush=True)
+    records = []
+    for s in shapes:
+        t0 = time.time()
+        records.append(run_shape(s, impls, copy_gbps, args))
+        print(f"  {s[0]} done in {time.time() - t0:.0f}s", flush=True)
+        torch.cuda.empty_cache()
+    table = fmt_table(records, copy_gbps, device)
+    print(table)
+    meta = {"device": device, "torch": torch.__version__, "triton": triton.__version__, "copy_gbps": copy_gbps,
+            "config": {k: getattr(tk, k) for k in ("MAX_BLOCK", "FWD_TILE_ELEMENTS", "BWD_TILE_ELEMENTS",
+                                                    "FWD_ELEMS_PER_THREAD", "BWD_ELEMS_PER_THREAD",
+                                                    "BWD_PROGRAMS_PER_SM")}}
+    with open(os.path.join(args.out, "gpu_bench.json"), "w") as f:
+        json.dump({"meta": meta, "records": records}, f, indent=1)
+    with open(os.path.join(args.out, "gpu_bench.md"), "w") as f:
+        f.write(f"# gatednorm GPU benchmark ({device})\n\n{table}\n")
+    plot(records, os.path.join(args.out, "gpu_bench.png"))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,121 @@
+"""Drop-in replacement of the gated-norm entry points of sglang, vLLM, fla, mamba_ssm and transformers.
+
+    handle = gatednorm.patch("sglang")      # or patch() for every installed target
+    ...                                     # the framework's own functions and modules now run gatednorm
+    handle.undo()                           # the original objects are back (also: `with gatednorm.patch(...):`)
+
+``GATEDNORM_PATCH=sglang,fla`` (or ``all``) applies the patch when gatednorm is imported;
+``gatednorm install-hook`` makes that happen at interpreter start. See docs/usage.md.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import warnings
+
+from ..ops import BACKENDS
+from ._core import (
+    PatchHandle,
+    Planner,
+    UnknownLayoutError,
+    apply_plan,
+    call_counts,
+    package_installed,
+    patched,
+    rebind_imported_names,
+    reset_call_counts,
+)
+
+#: Patch targets, in the order ``patch()`` applies them.
+TARGETS = ("sglang", "vllm", "fla", "mamba_ssm", "transformers")
+
+__all__ = [
+    "TARGETS",
+    "PatchHandle",
+    "UnknownLayoutError",
+    "apply_env_patch",
+    "call_counts",
+    "patch",
+    "patched",
+    "reset_call_counts",
+]
+
+
+def _target_module(name: str):
+    return importlib.import_module(f"{__name__}.{name}")
+
+
+def patch(*targets: str, backend: str | None = None) -> PatchHandle:
+    """Replace the gated-norm entry points of the named frameworks with gatednorm's.
+
+    Args:
+        *targets: any of ``"sglang"``, ``"vllm"``, ``"fla"``, ``"mamba_ssm"``, ``"transformers"``
+            (``"all"`` or nothing: every one that is installed).
+        backend: backend the replacements use (None: ``GATEDNORM_BACKEND`` / auto, per call).
+
+    Returns:
+        A :class:`PatchHandle`; ``handle.undo()`` (or leaving a ``with`` block) restores the originals.
+        ``handle.skipped`` says which targets were skipped and why.
+
+    A named target that is not installed is skipped with a warning; one that is installed but
+    whose module layout or signatures are not the known ones raises :class:`UnknownLayoutError`
+    naming what was not found (nothing is left patched). Attributes already replaced by an
+    earlier, still active patch are left alone, so patching twice is harmless. Functions other
+    modules imported by name before the patch (``from m import f``) are replaced there too.
+    """
+    if backend is not None and backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
+    explicit = bool(targets) and targets != ("all",)
+    names = list(dict.fromkeys(targets)) if explicit else list(TARGETS)
+    for name in names:
+        if not isinstance(name, str) or name not in TARGETS:
+            raise ValueError(f"targets must be among {TARGETS} (or 'all'), got {name!r}")
+    handle = PatchHandle(backend=backend)
+    try:
+        for name in names:
+            module = _target_module(name)
+            if not package_installed(module.PACKAGE):
+                handle.skipped[name] = f"{module.PACKAGE} is not installed"
+                if explicit:
+                    warnings.warn(f"gatednorm.patch: {module.PACKAGE} is not installed; {name!r} skipped",
+                                  RuntimeWarning, stacklevel=2)
+                continue
+            planner = Planner(name, backend)
+            try:
+                module.plan(planner)
+            except UnknownLayoutError:
+                raise
+            except ImportError as exc:
+                message = f"gatednorm.patch: {module.PACKAGE} is installed but importing it failed: {exc!r}"
+                if explicit:
+                    raise ImportError(message) from exc
+                handle.skipped[name] = message
+                warnings.warn(message + f"; {name!r} skipped", RuntimeWarning, stacklevel=2)
+                continue
+            first = len(handle._records)
+            apply_plan(name, planner.finish(), handle)
+            rebind_imported_names(handle, first)
+    except BaseException:
+        handle.undo()
+        raise
+    return handle
+
+
+def apply_env_patch() -> PatchHandle | None:
+    """Apply ``GATEDNORM_PATCH`` (comma-separated targets, or ``all``); called by ``import gatednorm``.
+
+    Failures are reported as warnings, never raised: an environment variable must not make
+    ``import gatednorm`` (or interpreter start with the hook) fail.
+    """
+    value = os.environ.get("GATEDNORM_PATCH", "").strip()
+    if not value or value.lower() in ("0", "none", "false", "off"):
+        return None
+    targets = [t.strip() for t in value.split(",") if t.strip()]
+    if any(t.lower() in ("all", "1", "true", "on") for t in targets):
+        targets = []
+    try:
+        return patch(*targets)
+    except Exception as exc:  # noqa: BLE001 - reported, see docstring
+        warnings.warn(f"GATEDNORM_PATCH={value!r}: patch failed: {exc}", RuntimeWarning, stacklevel=2)
+        return None

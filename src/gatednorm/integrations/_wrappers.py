@@ -1,0 +1,277 @@
+"""Replacement callables with the upstream signatures, shared by the integration targets.
+
+Each builder returns a function whose parameters (names, kinds, defaults) are those of
+one upstream entry point; the targets compare them with the installed upstream's
+signature before patching (see ``_core.signature_mismatch``), so a drifted upstream is
+reported instead of silently mis-called. Every replacement counts its calls in
+``_core`` (``label@backend``), which is how tests and users see that a patch took effect.
+
+The operator is the one of DESIGN.md section 1 (fp32 math, one rounding); upstream's
+``group_size=None`` means one group of N, and statistics keep upstream's group-major layout.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+
+import torch
+
+from ..functional import layer_norm_fwd, layernorm_fn
+from ..ops import run_backward, run_forward
+from ..spec import compute_dtype, prepare
+from ._core import hit
+
+# --- forward primitives: (out, mean | None, rstd), non-differentiable like the Triton launch they replace ---
+
+
+def _fwd(label, backend, x, weight, bias, eps, z, out, group_size, norm_before_gate, is_rms_norm, activation):
+    name = hit(label, backend, x.device)
+    with torch.no_grad():
+        return layer_norm_fwd(x, weight, bias, eps, z, out, group_size, bool(norm_before_gate), bool(is_rms_norm),
+                              activation=activation, backend=name)
+
+
+def fwd_plain(label: str, backend: str | None) -> Callable:
+    """mamba_ssm / fla / older vLLM ``_layer_norm_fwd``/``layer_norm_fwd`` (no activation argument)."""
+
+    def _layer_norm_fwd(x, weight, bias, eps, z=None, out=None, group_size=None, norm_before_gate=True,
+                        is_rms_norm=False):
+        return _fwd(label, backend, x, weight, bias, eps, z, out, group_size, norm_before_gate, is_rms_norm, "swish")
+
+    return _layer_norm_fwd
+
+
+def fwd_activation(label: str, backend: str | None) -> Callable:
+    """Older sglang / newer vLLM forward with the ``activation`` argument ("swish"/"silu"/"sigmoid")."""
+
+    def _layer_norm_fwd(x, weight, bias, eps, z=None, out=None, group_size=None, norm_before_gate=True,
+                        is_rms_norm=False, activation: str = "swish"):
+        return _fwd(label, backend, x, weight, bias, eps, z, out, group_size, norm_before_gate, is_rms_norm,
+                    activation)
+
+    return _layer_norm_fwd
+
+
+def fwd_quant(label: str, backend: str | None, original: Callable) -> Callable:
+    """Newest sglang forward: ``activation``, a (T, H, N) gate, and ``quant_heads`` (FP8 epilogue).
+
+    ``quant_heads != 0`` asks for sglang's FP8 quantised output, which gatednorm does not
+    produce: those calls go to the original kernel.
+    """
+
+    def _layer_norm_fwd(x, weight, bias, eps, z=None, out=None, group_size=None, norm_before_gate=True,
+                        is_rms_norm=False, activation: str = "swish", quant_heads: int = 0):
+        if quant_heads:
+            return original(x, weight, bias, eps, z, out, group_size, norm_before_gate, is_rms_norm, activation,
+                            quant_heads)
+        return _fwd(label, backend, x, weight, bias, eps, z, out, group_size, norm_before_gate, is_rms_norm,
+                    activation)
+
+    return _layer_norm_fwd
+
+
+# --- backward primitive: mamba_ssm `_layer_norm_bwd` / fla `layer_norm_bwd` ---
+
+
+def bwd(label: str, backend: str | None) -> Callable:
+    """Returns ``(dx, dw, db, dz)`` (plus ``out`` when ``recompute_output``), upstream's order and dtypes.
+
+    dx/dz in x's/z's dtype, dw/db in weight's/bias's dtype; ``dz=`` and ``out=`` are written in place.
+    ``mean``/``rstd`` are the group-major statistics of the forward (upstream's or ours).
+    """
+
+    def _layer_norm_bwd(dy, x, weight, bias, eps, mean, rstd, z=None, group_size=None, norm_before_gate=True,
+                        is_rms_norm=False, recompute_output=False, dz=None, out=None):
+        name = hit(label, backend, x.device)
+        call = prepare(x, weight, bias, z, eps, group_size, bool(norm_before_gate), bool(is_rms_norm), "swish")
+        s = call.spec
+        c = compute_dtype(x.dtype)
+        mean_c = None if (s.is_rms_norm or mean is None) else mean.to(c)
+        with torch.no_grad():
+            gx, gz, gw, gb = run_backward(
+                dy.reshape(call.x2d.shape), call.x2d, weight, bias, call.z2d, mean_c, rstd.to(c), s, name,
+                True, z is not None, True, bias is not None,
+            )
+            gx = gx.view(x.shape)
+            if z is None:
+                gz = None
+            elif dz is not None:
+                dz.copy_(gz.view(dz.shape))
+                gz = dz
+            else:
+                gz = gz.view(z.shape)
+            gb = gb if bias is not None else None
+            if not recompute_output:
+                return gx, gw, gb, gz
+            y, _, _ = layer_norm_fwd(x, weight, bias, eps, z, out, group_size, s.norm_before_gate, s.is_rms_norm,
+                                     backend=name)
+            return gx, gw, gb, gz, y
+
+    return _layer_norm_bwd
+
+
+# --- differentiable functions ---
+
+
+def layernorm_fn_plain(label: str, backend: str | None) -> Callable:
+    def layernorm_fn_(x, weight, bias, z=None, eps=1e-6, group_size=None, norm_before_gate=True, is_rms_norm=False):
+        name = hit(label, backend, x.device)
+        return layernorm_fn(x, weight, bias, z, eps, group_size, bool(norm_before_gate), bool(is_rms_norm),
+                            backend=name)
+
+    return layernorm_fn_
+
+
+def layernorm_fn_activation(label: str, backend: str | None) -> Callable:
+    def layernorm_fn_(x, weight, bias, z=None, eps=1e-6, group_size=None, norm_before_gate=True, is_rms_norm=False,
+                      activation: str = "swish"):
+        name = hit(label, backend, x.device)
+        return layernorm_fn(x, weight, bias, z, eps, group_size, bool(norm_before_gate), bool(is_rms_norm),
+                            activation=activation, backend=name)
+
+    return layernorm_fn_
+
+
+def rmsnorm_fn_plain(label: str, backend: str | None) -> Callable:
+    def rmsnorm_fn_(x, weight, bias, z=None, eps=1e-6, group_size=None, norm_before_gate=True):
+        name = hit(label, backend, x.device)
+        return layernorm_fn(x, weight, bias, z, eps, group_size, bool(norm_before_gate), True, backend=name)
+
+    return rmsnorm_fn_
+
+
+def rmsnorm_fn_activation(label: str, backend: str | None) -> Callable:
+    def rmsnorm_fn_(x, weight, bias, z=None, eps=1e-6, group_size=None, norm_before_gate=True,
+                    activation: str = "swish"):
+        name = hit(label, backend, x.device)
+        return layernorm_fn(x, weight, bias, z, eps, group_size, bool(norm_before_gate), True,
+                            activation=activation, backend=name)
+
+    return rmsnorm_fn_
+
+
+def rms_norm_gated_keywords(label: str, backend: str | None) -> Callable:
+    """sglang's ``rms_norm_gated(*, x, ...)`` (keyword-only; z may be (T, H, N) for a 2-D x)."""
+
+    def rms_norm_gated(*, x, weight, bias, z=None, eps=1e-6, group_size=None, norm_before_gate=True,
+                       is_rms_norm=False, activation: str = "swish"):
+        name = hit(label, backend, x.device)
+        return layernorm_fn(x, weight, bias, z, eps, group_size, bool(norm_before_gate), bool(is_rms_norm),
+                            activation=activation, backend=name)
+
+    return rms_norm_gated
+
+
+def rms_norm_gated_positional(label: str, backend: str | None) -> Callable:
+    """Older sglang's mamba copy: ``rms_norm_gated(x, weight, bias, z=None, ...)`` (always RMSNorm)."""
+
+    def rms_norm_gated(x, weight, bias, z=None, eps=1e-6, group_size=None, norm_before_gate=True):
+        name = hit(label, backend, x.device)
+        return layernorm_fn(x, weight, bias, z, eps, group_size, bool(norm_before_gate), True, backend=name)
+
+    return rms_norm_gated
+
+
+# --- autograd.Function classes (``LayerNormFn``): forward and backward replaced, ``apply`` untouched ---
+
+
+def autograd_function(label: str, backend: str | None, original_forward: Callable) -> tuple[Callable, Callable]:
+    """``forward(ctx, *args)``/``backward(ctx, dy)`` for an upstream ``LayerNormFn``.
+
+    The arguments are bound with the upstream forward's own signature (so its order and
+    defaults hold exactly: ``x, weight, bias, z, eps, group_size, norm_before_gate,
+    is_rms_norm[, activation]``), and backward returns one gradient per argument passed.
+    Only x, weight, bias, z, mean and rstd are saved. sglang's forward-only class gains a backward.
+    """
+    sig = inspect.signature(original_forward)
+
+    def forward(ctx, *args):
+        bound = sig.bind(ctx, *args)
+        bound.apply_defaults()
+        a = bound.arguments
+        x, weight, bias, z = a["x"], a["weight"], a["bias"], a.get("z")
+        name = hit(label, backend, x.device)
+        call = prepare(x, weight, bias, z, a.get("eps", 1e-6), a.get("group_size"),
+                       bool(a.get("norm_before_gate", True)), bool(a.get("is_rms_norm", False)),
+                       a.get("activation", "swish"))
+        s = call.spec
+        y, mean, rstd = run_forward(call.x2d, weight, bias, call.z2d, s, name)
+        ctx.save_for_backward(call.x2d, weight, bias, call.z2d, mean, rstd)
+        ctx.gatednorm = (s, name, x.shape, None if z is None else z.shape, len(args))
+        return y.view(x.shape)
+
+    def backward(ctx, dy):
+        x2d, weight, bias, z2d, mean, rstd = ctx.saved_tensors
+        s, name, x_shape, z_shape, nargs = ctx.gatednorm
+        need = ctx.needs_input_grad
+        needs_dz = z2d is not None and len(need) > 3 and need[3]
+        needs_db = bias is not None and need[2]
+        dx, dz, dw, db = run_backward(
+            dy.reshape(x2d.shape), x2d, weight, bias, z2d, mean, rstd, s, name, need[0], needs_dz, need[1], needs_db,
+        )
+        grads = [
+            dx.view(x_shape) if need[0] else None,
+            dw if need[1] else None,
+            db if needs_db else None,
+            dz.view(z_shape) if needs_dz else None,
+        ]
+        return tuple(grads[:nargs]) + (None,) * max(0, nargs - 4)
+
+    backward = torch.autograd.function.once_differentiable(backward)
+    return forward, backward
+
+
+# --- nn.Module forwards of the upstream gated-norm modules (state_dict unchanged: same class, same params) ---
+
+
+def module_forward(label: str, backend: str | None, is_rms_norm: bool) -> Callable:
+    """``forward(self, x, z=None)`` reading the upstream module's ``weight``/``bias``/``eps``/
+    ``group_size``/``norm_before_gate`` (and ``activation`` where the class has one)."""
+
+    def forward(self, x, z=None):
+        name = hit(label, backend, x.device)
+        return layernorm_fn(x, self.weight, self.bias, z, self.eps, self.group_size, bool(self.norm_before_gate),
+                            is_rms_norm, activation=getattr(self, "activation", "swish"), backend=name)
+
+    return forward
+
+
+# --- fused_norm_gate (fla and sglang): no residual / prenorm: those calls stay with the original ---
+
+
+def _ones_like_weight(weight, x):
+    return weight if weight is not None else torch.ones(x.shape[-1], dtype=x.dtype, device=x.device)
+
+
+def _fused(label, backend, x, g, weight, bias, activation, eps, is_rms_norm):
+    name = hit(label, backend, x.device)
+    if g.shape != x.shape and g.numel() == x.numel():
+        g = g.reshape(x.shape)  # e.g. a (T, H, D) gate for a (T*H, D) input
+    return layernorm_fn(x, _ones_like_weight(weight, x), bias, g, eps, None, True, is_rms_norm,
+                        activation=activation, backend=name)
+
+
+def fused_function(label: str, backend: str | None, original: Callable, is_rms_norm: bool) -> Callable:
+    """``rms_norm_gated``/``layer_norm_gated(x, g, weight, bias, activation, residual, prenorm,
+    residual_in_fp32, eps)``: ``norm(x) * act(g)`` over the whole last dim; residual/prenorm -> original."""
+
+    def fused(x, g, weight, bias, activation: str = "swish", residual=None, prenorm=False, residual_in_fp32=False,
+              eps=1e-6):
+        if residual is not None or prenorm:
+            return original(x, g, weight, bias, activation, residual, prenorm, residual_in_fp32, eps)
+        return _fused(label, backend, x, g, weight, bias, activation, eps, is_rms_norm)
+
+    fused.__name__ = getattr(original, "__name__", "fused")
+    return fused
+
+
+def fused_module_forward(label: str, backend: str | None, original: Callable, is_rms_norm: bool) -> Callable:
+    """``FusedRMSNormGated``/``FusedLayerNormGated.forward(x, g, residual, prenorm, residual_in_fp32)``."""
+
+    def forward(self, x, g, residual=None, prenorm=False, residual_in_fp32=False):
+        if residual is not None or prenorm:
+            return original(self, x, g, residual, prenorm, residual_in_fp32)
+        return _fused(label, backend, x, g, self.weight, self.bias, self.activation, self.eps, is_rms_norm)
+
+    return forward

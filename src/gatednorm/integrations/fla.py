@@ -1,0 +1,54 @@
+"""flash-linear-attention (fla-core): ``layernorm_gated`` and ``fused_norm_gate``.
+
+Covered module paths: ``fla.modules.norm.layernorm_gated`` (fla-core 0.4+) and the older
+``fla.modules.layernorm_gated``: the forward and backward primitives (``layer_norm_fwd``/
+``layer_norm_bwd``, or ``_layer_norm_fwd``/``_layer_norm_bwd`` in older copies; backward returns
+``(dx, dw, db, dz)``), ``LayerNormFn`` (forward and backward), ``layernorm_fn``, ``rmsnorm_fn``, and
+the ``forward`` of ``LayerNormGated``/``RMSNormGated`` (``RMSNormGated.norm_before_gate`` defaults
+to False in fla: the module's own attribute is used, so that default is kept).
+
+``fla.modules.norm.fused_norm_gate`` (or ``fla.modules.fused_norm_gate``): ``layer_norm_gated``,
+``rms_norm_gated`` and ``FusedLayerNormGated``/``FusedRMSNormGated.forward`` (and their Swish
+subclasses) when called without ``residual`` and without ``prenorm``; calls with either go to fla's
+kernel, as do the ``*_linear`` variants (norm fused with a linear layer).
+"""
+
+from __future__ import annotations
+
+from . import _wrappers as w
+from ._core import Planner
+
+PACKAGE = "fla"
+LAYERNORM_GATED = ("fla.modules.norm.layernorm_gated", "fla.modules.layernorm_gated")
+FUSED_NORM_GATE = ("fla.modules.norm.fused_norm_gate", "fla.modules.fused_norm_gate")
+
+
+def plan(p: Planner) -> None:
+    b = p.backend
+    for path in LAYERNORM_GATED:
+        m = p.module(path)
+        if m is None:
+            continue
+        fwd = "layer_norm_fwd" if "layer_norm_fwd" in vars(m) else "_layer_norm_fwd"
+        bwd = "layer_norm_bwd" if "layer_norm_bwd" in vars(m) else "_layer_norm_bwd"
+        p.function(m, fwd, lambda label, orig: w.fwd_plain(label, b))
+        p.function(m, bwd, lambda label, orig: w.bwd(label, b))
+        p.autograd_function(m, "LayerNormFn")
+        p.function(m, "layernorm_fn", lambda label, orig: w.layernorm_fn_plain(label, b))
+        p.function(m, "rmsnorm_fn", lambda label, orig: w.rmsnorm_fn_plain(label, b))
+        for names, rms in ((("LayerNormGated", "LayerNorm"), False), (("RMSNormGated", "RMSNorm"), True)):
+            cls = p.cls(m, *names)
+            if cls is not None:
+                p.method(cls, "forward", w.module_forward(p.label(cls, "forward"), b, rms))
+    p.require_any(LAYERNORM_GATED)
+
+    for path in FUSED_NORM_GATE:
+        m = p.module(path)
+        if m is None:
+            continue
+        for fn, rms in (("layer_norm_gated", False), ("rms_norm_gated", True)):
+            p.function(m, fn, lambda label, orig, rms=rms: w.fused_function(label, b, orig, rms))
+        for name, rms in (("FusedLayerNormGated", False), ("FusedRMSNormGated", True)):
+            cls = p.cls(m, name)
+            if cls is not None:
+                p.method(cls, "forward", w.fused_module_forward(p.label(cls, "forward"), b, cls.forward, rms))

@@ -1,0 +1,31 @@
+"""mamba_ssm: ``mamba_ssm.ops.triton.layernorm_gated`` (the Mamba2 gated RMSNorm).
+
+Covered: ``_layer_norm_fwd``, ``_layer_norm_bwd`` (``(dx, dw, db, dz[, out])``), ``LayerNormFn``
+(forward and backward), ``layernorm_fn``, ``rmsnorm_fn``, ``LayerNorm.forward``, ``RMSNorm.forward``
+(``norm_before_gate`` defaults to True in mamba_ssm's modules; the module's attribute is used).
+"""
+
+from __future__ import annotations
+
+from . import _wrappers as w
+from ._core import Planner
+
+PACKAGE = "mamba_ssm"
+LAYERNORM_GATED = ("mamba_ssm.ops.triton.layernorm_gated",)
+
+
+def plan(p: Planner) -> None:
+    b = p.backend
+    m = p.module(LAYERNORM_GATED[0])
+    if m is None:
+        p.require_any(LAYERNORM_GATED)
+        return
+    p.function(m, "_layer_norm_fwd", lambda label, orig: w.fwd_plain(label, b))
+    p.function(m, "_layer_norm_bwd", lambda label, orig: w.bwd(label, b))
+    p.autograd_function(m, "LayerNormFn")
+    p.function(m, "layernorm_fn", lambda label, orig: w.layernorm_fn_plain(label, b))
+    p.function(m, "rmsnorm_fn", lambda label, orig: w.rmsnorm_fn_plain(label, b))
+    for name, rms in (("LayerNorm", False), ("RMSNorm", True)):
+        cls = p.cls(m, name)
+        if cls is not None:
+            p.method(cls, "forward", w.module_forward(p.label(cls, "forward"), b, rms))

@@ -1,0 +1,71 @@
+"""sglang: the gated-norm module of the Qwen3-Next / Qwen3.5 / Bailing / Jet-Nemotron / Kimi linear-attention layers.
+
+Covered module paths (whichever the installed release has):
+
+* ``sglang.srt.layers.attention.fla.layernorm_gated`` (older releases, e.g. 0.5.9; the path the
+  migration guide names) and ``sglang.kernels.ops.attention.fla.layernorm_gated`` (newer, e.g. 0.5.23):
+  ``_layer_norm_fwd`` (``activation``; newer: (T, H, N) gate, ``quant_heads``), ``rms_norm_gated``
+  (keyword-only), ``layernorm_fn``, ``LayerNormFn`` (forward replaced, a backward added), and the
+  ``forward`` of ``LayerNorm`` and ``RMSNorm`` (imported by the model files as ``RMSNormGated``).
+* ``sglang.srt.layers.attention.mamba.ops.layernorm_gated`` (older releases): ``_layer_norm_fwd``,
+  ``rms_norm_gated`` (positional).
+* ``fused_norm_gate`` beside either layernorm_gated: ``rms_norm_gated`` and
+  ``FusedRMSNormGated.forward`` without residual/prenorm (calls with them stay with sglang).
+
+Not covered: ``_layer_norm_fwd(quant_heads=...)`` (FP8 epilogue: goes to sglang's kernel) and the
+tensor-parallel ``Mixer2RMSNormGated`` (its ``rms_norm_gated`` import is rebound, so its local
+normalisation runs through gatednorm).
+"""
+
+from __future__ import annotations
+
+import inspect
+
+from . import _wrappers as w
+from ._core import Planner
+
+PACKAGE = "sglang"
+LAYERNORM_GATED = (
+    "sglang.srt.layers.attention.fla.layernorm_gated",
+    "sglang.kernels.ops.attention.fla.layernorm_gated",
+)
+MAMBA_OPS = "sglang.srt.layers.attention.mamba.ops.layernorm_gated"
+FUSED_NORM_GATE = (
+    "sglang.srt.layers.attention.fla.fused_norm_gate",
+    "sglang.kernels.ops.attention.fla.fused_norm_gate",
+)
+
+
+def plan(p: Planner) -> None:
+    b = p.backend
+    for path in LAYERNORM_GATED:
+        m = p.module(path)
+        if m is None:
+            continue
+        fwd = vars(m).get("_layer_norm_fwd")
+        if fwd is not None and "quant_heads" in inspect.signature(fwd).parameters:
+            p.function(m, "_layer_norm_fwd", lambda label, orig: w.fwd_quant(label, b, orig))
+        else:
+            p.function(m, "_layer_norm_fwd", lambda label, orig: w.fwd_activation(label, b))
+        p.function(m, "rms_norm_gated", lambda label, orig: w.rms_norm_gated_keywords(label, b))
+        p.function(m, "layernorm_fn", lambda label, orig: w.layernorm_fn_activation(label, b))
+        p.autograd_function(m, "LayerNormFn")
+        for name, rms in (("LayerNorm", False), ("RMSNorm", True)):
+            cls = p.cls(m, name)
+            if cls is not None:
+                p.method(cls, "forward", w.module_forward(p.label(cls, "forward"), b, rms))
+    p.require_any(LAYERNORM_GATED)
+
+    m = p.module(MAMBA_OPS)
+    if m is not None:
+        p.function(m, "_layer_norm_fwd", lambda label, orig: w.fwd_plain(label, b))
+        p.function(m, "rms_norm_gated", lambda label, orig: w.rms_norm_gated_positional(label, b), required=False)
+
+    for path in FUSED_NORM_GATE:
+        m = p.module(path)
+        if m is None:
+            continue
+        p.function(m, "rms_norm_gated", lambda label, orig: w.fused_function(label, b, orig, True))
+        cls = p.cls(m, "FusedRMSNormGated", required=False)
+        if cls is not None:
+            p.method(cls, "forward", w.fused_module_forward(p.label(cls, "forward"), b, cls.forward, True))

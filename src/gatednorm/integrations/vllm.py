@@ -1,0 +1,79 @@
+"""vLLM: the fla ``layernorm_guard`` copy and ``RMSNormGated`` in ``vllm.model_executor.layers.layernorm``.
+
+Covered module paths: ``vllm.model_executor.layers.fla.ops.layernorm_guard`` (older releases, e.g.
+0.11) and ``vllm.third_party.flash_linear_attention.ops.layernorm_guard`` (newer, e.g. 0.33):
+``layer_norm_fwd`` (with ``activation`` where the release has it), ``layernorm_fn``, ``rmsnorm_fn``,
+``_layer_norm_fn_impl`` and ``LayerNormFn`` where present, and ``RMSNormGated.forward``
+(``norm_before_gate`` defaults to False in vLLM; the module's attribute is used).
+
+``vllm.model_executor.layers.layernorm.RMSNormGated`` (a ``CustomOp``): ``forward_native`` and
+``forward_cuda`` are replaced, and a ``forward`` is added to the class (removed again by undo).
+vLLM binds the platform's method to each instance when it is built (``_forward_method``); the added
+``forward`` sends instances whose bound method is one of vLLM's originals to gatednorm, so modules
+built before the patch are covered too. An instance whose method vLLM had wrapped in
+``torch.compile`` keeps that compiled original.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+from . import _wrappers as w
+from ._core import Planner
+
+PACKAGE = "vllm"
+LAYERNORM_GUARD = (
+    "vllm.model_executor.layers.fla.ops.layernorm_guard",
+    "vllm.third_party.flash_linear_attention.ops.layernorm_guard",
+)
+LAYERNORM = "vllm.model_executor.layers.layernorm"
+_PLATFORM_METHODS = ("forward_native", "forward_cuda", "forward_hip", "forward_xpu", "forward_cpu", "forward_oot",
+                     "forward_tpu")
+
+
+def _has_activation(fn) -> bool:
+    return fn is not None and "activation" in inspect.signature(fn).parameters
+
+
+def _custom_op_forward(ours, originals: frozenset):
+    def forward(self, x, z=None):
+        bound = self.__dict__.get("_forward_method")
+        if bound is None or getattr(bound, "__func__", None) in originals:
+            return ours(self, x, z)
+        return bound(x, z)
+
+    return forward
+
+
+def plan(p: Planner) -> None:
+    b = p.backend
+    for path in LAYERNORM_GUARD:
+        m = p.module(path)
+        if m is None:
+            continue
+        ns = vars(m)
+        act = _has_activation(ns.get("layer_norm_fwd"))
+        p.function(m, "layer_norm_fwd",
+                   lambda label, orig, act=act: (w.fwd_activation if act else w.fwd_plain)(label, b))
+        p.function(m, "layernorm_fn",
+                   lambda label, orig, act=act: (w.layernorm_fn_activation if act else w.layernorm_fn_plain)(label, b))
+        p.function(m, "rmsnorm_fn",
+                   lambda label, orig, act=act: (w.rmsnorm_fn_activation if act else w.rmsnorm_fn_plain)(label, b))
+        p.function(m, "_layer_norm_fn_impl", lambda label, orig: w.layernorm_fn_activation(label, b), required=False)
+        p.autograd_function(m, "LayerNormFn", required=False)
+        cls = p.cls(m, "RMSNormGated")
+        if cls is not None:
+            p.method(cls, "forward", w.module_forward(p.label(cls, "forward"), b, True))
+        cls = p.cls(m, "LayerNormGated", required=False)
+        if cls is not None:
+            p.method(cls, "forward", w.module_forward(p.label(cls, "forward"), b, False))
+    p.require_any(LAYERNORM_GUARD)
+
+    m = p.module(LAYERNORM)
+    cls = p.cls(m, "RMSNormGated", required=False) if m is not None else None
+    if cls is not None:
+        originals = frozenset(getattr(cls, n) for n in _PLATFORM_METHODS if hasattr(cls, n))
+        ours = w.module_forward(p.label(cls, "forward_native"), b, True)
+        p.method(cls, "forward_native", ours)
+        p.method(cls, "forward_cuda", w.module_forward(p.label(cls, "forward_cuda"), b, True))
+        p.plan.append((cls, "forward", _custom_op_forward(ours, originals)))

@@ -1,0 +1,224 @@
+"""Loading the real gated-norm modules of sglang, vLLM and mamba_ssm on a CPU-only torch.
+
+Their package ``__init__`` files and framework helpers import CUDA extensions, server stacks or
+pinned torch builds that cannot live beside the CPU torch of these tests. The gated-norm modules
+themselves are plain Python + Triton. So the tests execute the *installed* module files, with
+their parent packages made importable without running the parents' ``__init__`` (a package
+module whose ``__path__`` is the real directory) and with the few framework helpers they import
+replaced by small stand-ins (device queries answering "no GPU features", math helpers).
+Everything added to ``sys.modules`` is removed again afterwards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib
+import importlib.machinery
+import importlib.util
+import logging
+import os
+import sys
+import types
+
+import torch
+from torch import nn
+
+
+def package_root(top: str) -> str | None:
+    """Directory of an installed top-level package, found without importing it."""
+    try:
+        spec = importlib.util.find_spec(top)
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return list(spec.submodule_search_locations)[0]
+
+
+@contextlib.contextmanager
+def upstream_modules(top: str, packages: list[str], stubs: dict[str, dict], modules: list[str]):
+    """Yield the imported ``modules`` (real files of the installed ``top`` package).
+
+    ``packages``: dotted package names made importable without running their ``__init__``.
+    ``stubs``: module name -> attributes, for framework helpers the modules import.
+    """
+    root = package_root(top)
+    if root is None:
+        raise ModuleNotFoundError(top)
+    before = dict(sys.modules)
+    try:
+        for name in packages:
+            path = os.path.join(root, *name.split(".")[1:])
+            pkg = types.ModuleType(name)
+            pkg.__path__ = [path]
+            pkg.__spec__ = importlib.machinery.ModuleSpec(name, None, is_package=True)
+            pkg.__spec__.submodule_search_locations = [path]
+            sys.modules[name] = pkg
+        for name, attrs in stubs.items():
+            stub = types.ModuleType(name)
+            stub.__dict__.update(attrs)
+            sys.modules[name] = stub
+        yield [importlib.import_module(m) for m in modules]
+    finally:
+        for name in list(sys.modules):
+            if name not in before:
+                del sys.modules[name]
+        sys.modules.update(before)
+
+
+def _next_power_of_2(n: int) -> int:
+    return 1 << (int(n) - 1).bit_length() if n > 1 else 1
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+_FALSE = staticmethod(lambda *a, **k: False)
+
+
+# --- sglang 0.5.x -------------------------------------------------------------------------------
+
+SGLANG_PACKAGES = [
+    "sglang", "sglang.kernels", "sglang.kernels.ops", "sglang.kernels.ops.attention",
+    "sglang.kernels.ops.attention.fla", "sglang.srt", "sglang.srt.layers", "sglang.srt.layers.attention",
+    "sglang.srt.layers.attention.fla",
+]
+SGLANG_STUBS = {
+    "sglang.kernels.jit.utils": {"is_arch_support_pdl": lambda *a: False, "get_jit_cuda_arch": lambda *a: None},
+    "sglang.srt.batch_invariant_ops": {"is_batch_invariant_mode_enabled": lambda: False},
+    "sglang.srt.model_executor.cuda_graph_config": {
+        "Backend": types.SimpleNamespace(TC_PIECEWISE="tc_piecewise"),
+        "Phase": types.SimpleNamespace(PREFILL="prefill"),
+        "check_cuda_graph_backend": lambda *a: False,
+    },
+    "sglang.srt.server_args": {"get_global_server_args": lambda: types.SimpleNamespace()},
+    "sglang.srt.utils": {
+        "cdiv": _cdiv, "next_power_of_2": _next_power_of_2, "cpu_has_amx_support": lambda: False,
+        "is_cpu": lambda: False, "is_npu": lambda: False, "device_context": lambda d: contextlib.nullcontext(),
+    },
+}
+
+
+def sglang_module_names() -> list[str]:
+    """The gated-norm modules the installed sglang has (old and/or new layout)."""
+    root = package_root("sglang")
+    names = []
+    for base in ("sglang.srt.layers.attention.fla", "sglang.kernels.ops.attention.fla"):
+        for leaf in ("layernorm_gated", "fused_norm_gate"):
+            if os.path.isfile(os.path.join(root, *base.split(".")[1:], leaf + ".py")):
+                names.append(f"{base}.{leaf}")
+    return names
+
+
+# --- vLLM 0.33 ------------------------------------------------------------------------------------
+
+class _GenericBase:
+    def __class_getitem__(cls, item):
+        return cls
+
+
+class _CustomOp(nn.Module):
+    """vLLM's CustomOp contract: ``register`` names the class; ``__init__`` binds the platform's
+    method to ``_forward_method`` (here: CUDA's, as on a GPU build); ``forward`` calls it."""
+
+    @classmethod
+    def register(cls, name):
+        def deco(op):
+            op.name = name
+            return op
+        return deco
+
+    def __init__(self, *, enforce_enable: bool = False, compile_native: bool = False):
+        super().__init__()
+        self._forward_method = self.forward_cuda
+
+    def forward(self, *args, **kwargs):
+        return self._forward_method(*args, **kwargs)
+
+    def forward_native(self, *args, **kwargs):
+        raise NotImplementedError
+
+    def forward_cuda(self, *args, **kwargs):
+        raise NotImplementedError
+
+    def forward_cpu(self, *args, **kwargs):
+        return self.forward_native(*args, **kwargs)
+
+
+def _input_guard(fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        args = [a.contiguous() if isinstance(a, torch.Tensor) else a for a in args]
+        kwargs = {k: v.contiguous() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+        return fn(*args, **kwargs)
+    return wrapper
+
+
+def _set_weight_attrs(weight, attrs):
+    for k, v in (attrs or {}).items():
+        setattr(weight, k, v)
+
+
+def vllm_stubs() -> dict[str, dict]:
+    import triton
+    import triton.language as tl
+
+    return {
+        "vllm.model_executor.warmup.jit_warmup": {"VllmJitKernel": _GenericBase},
+        "vllm.model_executor.warmup.jit_warmup_triton_helper": {
+            "TritonPointerInputVariant": object, "TritonWarmupTensor": object,
+            "triton_scalar_specialization_rep": lambda *a, **k: None,
+        },
+        "vllm.triton_utils": {"tl": tl, "triton": triton},
+        "vllm.utils.math_utils": {"cdiv": _cdiv, "next_power_of_2": _next_power_of_2},
+        "vllm.utils.platform_utils": {"num_compute_units": lambda *a: 1},
+        "vllm.third_party.flash_linear_attention.ops.utils": {"input_guard": _input_guard},
+        "vllm.kernels": {},
+        "vllm.envs": {"VLLM_BATCH_INVARIANT": False},
+        "vllm.ir": {},
+        "vllm.logger": {"init_logger": logging.getLogger},
+        "vllm.model_executor.custom_op": {"CustomOp": _CustomOp},
+        "vllm.model_executor.determinism.batch_invariant": {"rms_norm_batch_invariant": lambda *a, **k: None},
+        "vllm.model_executor.utils": {"set_weight_attrs": _set_weight_attrs},
+        "vllm.utils.torch_utils": {"direct_register_custom_op": lambda *a, **k: None},
+    }
+
+
+VLLM_PACKAGES = [
+    "vllm", "vllm.third_party", "vllm.third_party.flash_linear_attention",
+    "vllm.third_party.flash_linear_attention.ops", "vllm.model_executor", "vllm.model_executor.layers",
+    "vllm.model_executor.warmup", "vllm.utils",
+]
+VLLM_MODULES = [
+    "vllm.third_party.flash_linear_attention.ops.layernorm_guard",
+    "vllm.model_executor.layers.layernorm",
+]
+
+# --- mamba_ssm 2.x (installed with MAMBA_SKIP_CUDA_BUILD: its package __init__ needs CUDA extensions) ---
+
+MAMBA_PACKAGES = ["mamba_ssm", "mamba_ssm.ops", "mamba_ssm.ops.triton"]
+MAMBA_MODULES = ["mamba_ssm.ops.triton.layernorm_gated"]
+
+
+def max_rel_error(got: torch.Tensor, ref: torch.Tensor) -> float:
+    diff = (got.detach().double() - ref.detach().double()).abs() / ref.detach().double().abs().clamp_min(1.0)
+    return float(diff.max()) if diff.numel() else 0.0
+
+
+# one rounding of the output dtype plus float32 accumulation, relative to max(1, |ref|)
+TOL = {torch.float32: 2e-5, torch.bfloat16: 8e-3, torch.float16: 1e-3, torch.float64: 1e-12}
+
+
+def snapshot(*owners) -> list[tuple[object, dict]]:
+    """The namespaces of modules/classes, to check later that undo() restored every object."""
+    return [(o, dict(vars(o))) for o in owners]
+
+
+def assert_restored(snap) -> None:
+    for owner, before in snap:
+        now = dict(vars(owner))
+        assert now.keys() == before.keys(), (owner, now.keys() ^ before.keys())
+        for key, value in before.items():
+            assert now[key] is value, (owner, key)

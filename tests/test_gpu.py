@@ -1,0 +1,225 @@
+"""GPU tests of the Triton backend (skipped without CUDA): every variant against float64 and native,
+the wide-group loop, torch.compile(fullgraph=True), CUDA graphs, batch invariance, determinism."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+pytest.importorskip("triton")
+
+import gatednorm  # noqa: E402
+from gatednorm import native  # noqa: E402
+from gatednorm.reference import gated_norm_reference  # noqa: E402
+from gatednorm.spec import NormSpec  # noqa: E402
+
+EPS = 1e-6
+VARIANTS = [
+    (rms, nbg, act, bias, True)
+    for rms, nbg, act, bias in itertools.product((False, True), (False, True), ("swish", "sigmoid"), (False, True))
+] + [(rms, True, "swish", bias, False) for rms, bias in itertools.product((False, True), (False, True))]
+
+
+def _vid(v):
+    rms, nbg, act, bias, hz = v
+    gate = ("after" if nbg else "before") + "-" + act if hz else "nogate"
+    return f"{'rms' if rms else 'ln'}-{gate}{'-bias' if bias else ''}"
+
+
+def _tk():
+    import gatednorm.triton_kernels as tk
+    return tk
+
+
+def _inputs(m, n, dtype, has_bias, has_z, seed):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+
+    def r(*shape, scale=1.0, shift=0.0):
+        return (torch.randn(*shape, generator=g, device="cuda") * scale + shift).to(dtype)
+
+    return (r(m, n, scale=2.0, shift=0.5), r(n, shift=1.0), r(n, scale=0.5) if has_bias else None,
+            r(m, n, scale=1.5) if has_z else None)
+
+
+def _rel(a, b):
+    a, b = a.double(), b.double()
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
+
+
+def _ref_grads(x, w, b, z, dy, spec):
+    leaves = [t.detach().double().requires_grad_(True) if t is not None else None for t in (x, w, b, z)]
+    y, mean, rstd = gated_norm_reference(*leaves, spec.eps, spec.group_size, spec.norm_before_gate,
+                                         spec.is_rms_norm, spec.activation)
+    y.backward(dy.double())
+    gr = [t.grad if t is not None else None for t in leaves]
+    return y.detach(), mean, rstd, [gr[0], gr[3], gr[1], gr[2]]
+
+
+CASES = [(v, (999, 1280, 640)) for v in VARIANTS] + [(v, (1031, 256, 128)) for v in VARIANTS if v[0]]
+
+
+@pytest.mark.parametrize("v,shape", CASES, ids=[f"{_vid(v)}-{s[2]}" for v, s in CASES])
+def test_variant_against_float64_and_native(v, shape):
+    m, n, gs = shape
+    tk = _tk()
+    spec = NormSpec(EPS, gs, v[1], v[0], v[2])
+    # fp32 against float64: tight
+    x, w, b, z = _inputs(m, n, torch.float32, v[3], v[4], seed=m + gs)
+    out = torch.full((m, n), float("nan"), device="cuda")
+    mean, rstd = tk.forward(x, w, b, z, spec, out)
+    dy = torch.randn(m, n, device="cuda")
+    y_ref, mean_ref, rstd_ref, g_ref = _ref_grads(x, w, b, z, dy, spec)
+    assert _rel(out, y_ref) < 1e-5 and _rel(rstd, rstd_ref) < 1e-5
+    if mean is not None:
+        assert _rel(mean, mean_ref) < 1e-5
+    for a, r in zip(tk.backward(dy, x, w, b, z, mean, rstd, spec), g_ref, strict=True):
+        assert (a is None) == (r is None)
+        if a is not None:
+            assert _rel(a, r) < 1e-4
+    # bf16 against native: same fp32 function, one rounding each
+    xb, wb, bb, zb = (t.to(torch.bfloat16) if t is not None else None for t in (x, w, b, z))
+    out = torch.empty(m, n, dtype=torch.bfloat16, device="cuda")
+    out_n = torch.empty_like(out)
+    mean, rstd = tk.forward(xb, wb, bb, zb, spec, out)
+    mean_n, rstd_n = native.forward(xb, wb, bb, zb, spec, out_n)
+    torch.testing.assert_close(out.float(), out_n.float(), rtol=2**-7, atol=2**-7 * out_n.abs().max().item())
+    assert _rel(rstd, rstd_n) < 1e-5
+    dyb = dy.to(torch.bfloat16)
+    for a, r in zip(tk.backward(dyb, xb, wb, bb, zb, mean, rstd, spec),
+                    native.backward(dyb, xb, wb, bb, zb, mean_n, rstd_n, spec), strict=True):
+        if a is not None:
+            assert a.dtype == r.dtype and _rel(a, r) < 2e-2
+
+
+@pytest.mark.parametrize("is_rms,nbg", [(False, False), (True, True)])
+def test_wide_group_loop(is_rms, nbg):
+    """A group of 3 * 8192 + 512 features (past what one program holds) is looped over."""
+    tk = _tk()
+    m, n = 33, 3 * 8192 + 512
+    assert tk._fwd_config(n, 2)[1] > 1 and tk._bwd_config(n, 2)[1] > 1
+    spec = NormSpec(EPS, n, nbg, is_rms, "swish")
+    x, w, b, z = _inputs(m, n, torch.float32, True, True, seed=4)
+    x = x + 50.0
+    out = torch.empty(m, n, device="cuda")
+    mean, rstd = tk.forward(x, w, b, z, spec, out)
+    dy = torch.randn(m, n, device="cuda")
+    y_ref, mean_ref, rstd_ref, g_ref = _ref_grads(x, w, b, z, dy, spec)
+    assert _rel(out, y_ref) < 1e-5 and _rel(rstd, rstd_ref) < 1e-5
+    for a, r in zip(tk.backward(dy, x, w, b, z, mean, rstd, spec), g_ref, strict=True):
+        assert _rel(a, r) < 1e-4
+
+
+def test_torch_compile_fullgraph_forward_backward():
+    torch._dynamo.reset()
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(256, 512)
+            self.norm = gatednorm.RMSNorm(256, eps=EPS, group_size=128, norm_before_gate=True)
+
+        def forward(self, h):
+            x, z = self.proj(h).chunk(2, dim=-1)
+            return self.norm(x, z).square().sum()
+
+    torch.manual_seed(0)
+    model = Block().cuda()
+    h = torch.randn(4, 33, 256, device="cuda")
+    loss_eager = model(h)
+    grads_eager = torch.autograd.grad(loss_eager, list(model.parameters()))
+    compiled = torch.compile(model, fullgraph=True)
+    loss_c = compiled(h)
+    grads_c = torch.autograd.grad(loss_c, list(model.parameters()))
+    assert _rel(loss_c, loss_eager) < 1e-5
+    for a, r in zip(grads_c, grads_eager, strict=True):
+        assert _rel(a, r) < 1e-4
+
+
+def test_cuda_graph_capture_and_replay():
+    m, n, gs = 4096, 256, 128
+    x, w, b, z = _inputs(m, n, torch.bfloat16, True, True, seed=8)
+    dy = torch.randn(m, n, device="cuda").to(torch.bfloat16)
+    x.requires_grad_(True)
+    z.requires_grad_(True)
+    w.requires_grad_(True)
+
+    def step():
+        y = gatednorm.layernorm_fn(x, w, b, z, eps=EPS, group_size=gs, norm_before_gate=False, backend="triton")
+        return (y, *torch.autograd.grad(y, (x, z, w), dy))
+
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static = step()
+    with torch.no_grad():
+        x.copy_(torch.randn_like(x))
+        z.copy_(torch.randn_like(z))
+    graph.replay()
+    torch.cuda.synchronize()
+    fresh = step()
+    for a, f in zip(static, fresh, strict=True):
+        assert torch.equal(a, f)
+
+
+def test_batch_invariance():
+    tk = _tk()
+    for n, gs, nbg in ((128, 128, True), (5120, 640, False), (4096, 4096, True)):
+        spec = NormSpec(EPS, gs, nbg, True, "swish")
+        x, w, b, z = _inputs(3000, n, torch.bfloat16, False, True, seed=n)
+        dy = torch.randn(3000, n, device="cuda").to(torch.bfloat16)
+
+        def run(sl, spec=spec, x=x, w=w, z=z, dy=dy, n=n):
+            out = torch.empty(x[sl].shape, dtype=torch.bfloat16, device="cuda")
+            _, rstd = tk.forward(x[sl], w, None, z[sl], spec, out)
+            dx, dz, _, _ = tk.backward(dy[sl], x[sl], w, None, z[sl], None, rstd, spec, True, True, True, False)
+            return out, dx, dz
+
+        full = run(slice(0, 3000))
+        for sl in (slice(17, 18), slice(1000, 1033), slice(5, 2900)):
+            for a, f in zip(run(sl), full, strict=True):
+                assert torch.equal(a, f[sl])
+
+
+def test_dweight_deterministic():
+    tk = _tk()
+    m, n, gs = 65536, 256, 128
+    spec = NormSpec(EPS, gs, True, False, "swish")
+    x, w, b, z = _inputs(m, n, torch.bfloat16, True, True, seed=2)
+    dy = torch.randn(m, n, device="cuda").to(torch.bfloat16)
+    out = torch.empty_like(x)
+    mean, rstd = tk.forward(x, w, b, z, spec, out)
+    runs = [tk.backward(dy, x, w, b, z, mean, rstd, spec, False, False, True, True) for _ in range(3)]
+    for r in runs[1:]:
+        assert torch.equal(r[2], runs[0][2]) and torch.equal(r[3], runs[0][3])
+    ref = native.backward(dy, x, w.float(), b.float(), z, mean, rstd, spec, False, False, True, True)
+    assert _rel(runs[0][2], ref[2]) < 1e-2 and _rel(runs[0][3], ref[3]) < 1e-2
+
+
+@pytest.mark.parametrize("m", [4096, 4097])
+def test_repeated_calls_use_cached_launch_correctly(m):
+    """Second and later calls launch the cached compiled kernel directly: results must stay right."""
+    tk = _tk()
+    spec = NormSpec(EPS, 128, False, False, "sigmoid")
+    for i in range(3):
+        x, w, b, z = _inputs(m, 256, torch.bfloat16, True, True, seed=100 + i)
+        out = torch.empty_like(x)
+        out_n = torch.empty_like(x)
+        mean, rstd = tk.forward(x, w, b, z, spec, out)
+        mean_n, rstd_n = native.forward(x, w, b, z, spec, out_n)
+        torch.testing.assert_close(out.float(), out_n.float(), rtol=2**-7, atol=2**-7 * out_n.abs().max().item())
+        assert _rel(mean, mean_n) < 1e-5 and _rel(rstd, rstd_n) < 1e-5
+        dy = torch.randn_like(x)
+        for a, r in zip(tk.backward(dy, x, w, b, z, mean, rstd, spec),
+                        native.backward(dy, x, w, b, z, mean_n, rstd_n, spec), strict=True):
+            assert _rel(a, r) < 2e-2

@@ -1,0 +1,449 @@
+"""gatednorm.patch() against the installed frameworks: their own functions and modules, on CPU tensors,
+run gatednorm (counted by the integrations' call log) and match the float64 reference; undo()
+restores the original objects; patching twice is harmless.
+
+sglang, vLLM and mamba_ssm run their real gated-norm module files with framework helpers stubbed
+(tests/integrations_support.py says why); fla and transformers are imported normally.
+"""
+
+from __future__ import annotations
+
+import sys
+import types
+
+import pytest
+import torch
+from integrations_support import (
+    MAMBA_MODULES,
+    MAMBA_PACKAGES,
+    SGLANG_PACKAGES,
+    SGLANG_STUBS,
+    TOL,
+    VLLM_MODULES,
+    VLLM_PACKAGES,
+    assert_restored,
+    max_rel_error,
+    package_root,
+    sglang_module_names,
+    snapshot,
+    upstream_modules,
+    vllm_stubs,
+)
+
+import gatednorm
+from gatednorm.integrations import call_counts, reset_call_counts
+from gatednorm.reference import gated_norm_reference
+
+
+def _data(m, n, dtype=torch.float32, seed=0, bias=True):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, n, generator=g).to(dtype)
+    z = torch.randn(m, n, generator=g).to(dtype)
+    w = (1 + 0.2 * torch.randn(n, generator=g)).to(dtype)
+    b = (0.1 * torch.randn(n, generator=g)).to(dtype) if bias else None
+    return x, z, w, b
+
+
+def _ref(x, w, b, z, eps, gs, nbg, rms, act="swish"):
+    return gated_norm_reference(x, w, b, z, eps, gs, nbg, rms, act)
+
+
+def _calls(fragment: str) -> int:
+    return sum(n for k, n in call_counts().items() if fragment in k)
+
+
+def _ref_grads(x, w, b, z, eps, gs, nbg, rms, dy):
+    leaves = [t.detach().double().requires_grad_() if t is not None else None for t in (x, w, b, z)]
+    y = gated_norm_reference(leaves[0], leaves[1], leaves[2], leaves[3], eps, gs, nbg, rms)[0]
+    y.backward(dy.double())
+    return [t.grad if t is not None else None for t in leaves]
+
+
+@pytest.fixture(autouse=True)
+def _clean_calls():
+    reset_call_counts()
+    yield
+    assert gatednorm.patched() == [], "a test left a patch in place"
+
+
+# ---------------------------------------------------------------------------------------------- fla
+
+
+@pytest.fixture(scope="module")
+def fla_modules():
+    pytest.importorskip("fla")
+    import fla.modules.norm.fused_norm_gate as fused
+    import fla.modules.norm.layernorm_gated as lng
+
+    return lng, fused
+
+
+def test_fla_functions_modules_and_backward(fla_modules):
+    lng, fused = fla_modules
+    snap = snapshot(lng, fused, lng.LayerNormFn, lng.RMSNormGated, lng.LayerNormGated, fused.FusedRMSNormGated,
+                    fused.FusedLayerNormGated)
+    x, z, w, b = _data(6, 96)
+    with gatednorm.patch("fla", backend="native") as h:
+        assert "fla: fla.modules.norm.layernorm_gated.layer_norm_bwd" in h.replaced
+        # forward primitive: upstream's (out, mean, rstd), group-major stats
+        y, mean, rstd = lng.layer_norm_fwd(x, w, b, 1e-6, z=z, group_size=32, norm_before_gate=False)
+        ry, rmean, rrstd = _ref(x, w, b, z, 1e-6, 32, False, False)
+        assert max_rel_error(y, ry) < TOL[torch.float32]
+        assert torch.allclose(mean.double(), rmean, atol=1e-6) and torch.allclose(rstd.double(), rrstd, rtol=1e-5)
+        # backward primitive: (dx, dw, db, dz), with dz= written in place and recompute_output
+        dy = torch.randn_like(x)
+        dz_buf = torch.empty_like(z)
+        dx, dw, db, dz, y2 = lng.layer_norm_bwd(dy, x, w, b, 1e-6, mean, rstd, z=z, group_size=32,
+                                                norm_before_gate=False, recompute_output=True, dz=dz_buf)
+        gx, gw, gb, gz = _ref_grads(x, w, b, z, 1e-6, 32, False, False, dy)
+        assert dz is dz_buf
+        for got, ref in ((dx, gx), (dw, gw), (db, gb), (dz, gz), (y2, ry)):
+            assert max_rel_error(got, ref) < 1e-4
+        # fla's RMSNormGated defaults to norm_before_gate=False; its own attribute is honoured
+        mod = lng.RMSNormGated(96, group_size=48)
+        assert mod.norm_before_gate is False
+        xr = x.clone().requires_grad_()
+        out = mod(xr, z)
+        assert max_rel_error(out, _ref(x, mod.weight, None, z, mod.eps, 48, False, True)[0]) < TOL[torch.float32]
+        out.sum().backward()
+        assert xr.grad is not None and mod.weight.grad is not None
+        # LayerNormFn.apply with upstream's positional order, through autograd
+        xr = x.clone().requires_grad_()
+        zr = z.clone().requires_grad_()
+        y3 = lng.LayerNormFn.apply(xr, w, b, zr, 1e-5, 32, True, False)
+        y3.backward(dy)
+        gx, _, _, gz = _ref_grads(x, w, b, z, 1e-5, 32, True, False, dy)
+        assert max_rel_error(xr.grad, gx) < 1e-4 and max_rel_error(zr.grad, gz) < 1e-4
+        # fused_norm_gate without residual: norm(x) * act(g) over the whole row
+        fmod = fused.FusedRMSNormGated(96, activation="sigmoid")
+        out = fmod(x, z)
+        assert max_rel_error(out, _ref(x, fmod.weight, None, z, fmod.eps, None, True, True, "sigmoid")[0]) < 2e-5
+        out = fused.layer_norm_gated(x, z, w, b)
+        assert max_rel_error(out, _ref(x, w, b, z, 1e-6, None, True, False)[0]) < 2e-5
+        for name in ("layer_norm_fwd", "layer_norm_bwd", "RMSNormGated.forward", "LayerNormFn.forward",
+                     "FusedRMSNormGated.forward", "fused_norm_gate.layer_norm_gated"):
+            assert _calls(name) >= 1, name
+        assert all(k.endswith("@native") for k in call_counts())
+    assert_restored(snap)
+
+
+def test_fla_imported_names_are_rebound_and_restored(fla_modules):
+    lng, fused = fla_modules
+    model_file = types.ModuleType("fake_fla_model_file")
+    model_file.rmsnorm_fn = lng.rmsnorm_fn  # as `from fla.modules.norm.layernorm_gated import rmsnorm_fn`
+    model_file.rms_norm_gated = fused.rms_norm_gated
+    originals = (lng.rmsnorm_fn, fused.rms_norm_gated)
+    sys.modules[model_file.__name__] = model_file
+    try:
+        h1 = gatednorm.patch("fla")
+        h2 = gatednorm.patch("fla")  # twice: harmless, nothing more replaced
+        assert h2.replaced == []
+        assert model_file.rmsnorm_fn is lng.rmsnorm_fn is not originals[0]
+        assert model_file.rms_norm_gated is fused.rms_norm_gated is not originals[1]
+        assert "fla: fake_fla_model_file.rmsnorm_fn (imported name)" in gatednorm.patched()
+        x, z, w, _ = _data(3, 64)
+        out = model_file.rmsnorm_fn(x, w, None, z, group_size=16)
+        assert max_rel_error(out, _ref(x, w, None, z, 1e-6, 16, True, True)[0]) < TOL[torch.float32]
+        h2.undo()
+        assert model_file.rmsnorm_fn is lng.rmsnorm_fn is not originals[0]  # h1 still holds it
+        h1.undo()
+        h1.undo()  # idempotent
+        assert model_file.rmsnorm_fn is originals[0] and lng.rmsnorm_fn is originals[0]
+        assert model_file.rms_norm_gated is originals[1] and fused.rms_norm_gated is originals[1]
+    finally:
+        del sys.modules[model_file.__name__]
+
+
+def test_fla_residual_calls_stay_with_the_original(fla_modules):
+    from gatednorm.integrations import _wrappers
+
+    seen = []
+
+    def original(*args):
+        seen.append(args)
+        return "original"
+
+    fn = _wrappers.fused_function("t", None, original, True)
+    x, z, w, _ = _data(2, 32)
+    assert fn(x, z, w, None, "swish", residual=torch.zeros_like(x)) == "original"
+    assert fn(x, z, w, None, prenorm=True) == "original"
+    assert len(seen) == 2
+    assert isinstance(fn(x, z, w, None), torch.Tensor)
+
+
+# ------------------------------------------------------------------------------------------- sglang
+
+
+@pytest.fixture(scope="module")
+def sglang_modules():
+    if package_root("sglang") is None:
+        pytest.skip("sglang is not installed")
+    names = sglang_module_names()
+    with upstream_modules("sglang", SGLANG_PACKAGES, SGLANG_STUBS, names) as mods:
+        yield dict(zip(names, mods, strict=True))
+
+
+def test_sglang_layernorm_gated(sglang_modules):
+    lngs = [m for n, m in sglang_modules.items() if n.endswith("layernorm_gated")]
+    assert lngs
+    for m in lngs:
+        snap = snapshot(m, m.LayerNormFn, m.RMSNorm, m.LayerNorm)
+        assert "backward" not in vars(m.LayerNormFn)  # sglang's is forward-only
+        t, h, n = 5, 4, 64
+        x, _, w, b = _data(t * h, n, seed=1)
+        z3 = torch.randn(t, h, n)
+        with gatednorm.patch("sglang"):
+            # the newest kernel's (T, H, N) gate beside a (T*H, N) input, and the sigmoid activation
+            y = m.rms_norm_gated(x=x, weight=w, bias=None, z=z3, group_size=32, norm_before_gate=True,
+                                 is_rms_norm=True, activation="sigmoid")
+            assert max_rel_error(y, _ref(x, w, None, z3, 1e-6, 32, True, True, "sigmoid")[0]) < TOL[torch.float32]
+            out = torch.empty_like(x)
+            y, mean, rstd = m._layer_norm_fwd(x, w, b, 1e-5, z=z3.reshape(t * h, n), out=out, group_size=16,
+                                              norm_before_gate=False)
+            ry, rmean, rrstd = _ref(x, w, b, z3.reshape(t * h, n), 1e-5, 16, False, False)
+            assert y is out and max_rel_error(y, ry) < TOL[torch.float32]
+            assert mean.dtype == torch.float32 and torch.allclose(rstd.double(), rrstd, rtol=1e-5)
+            # RMSNorm as the model files use it (RMSNormGated): norm_before_gate defaults to True
+            mod = m.RMSNorm(n, eps=1e-5, group_size=32)
+            xb, zb = x.bfloat16(), z3.reshape(t * h, n).bfloat16()
+            yb = mod.to(torch.bfloat16)(xb, zb)
+            assert yb.dtype == torch.bfloat16
+            assert max_rel_error(yb, _ref(xb, mod.weight, None, zb, 1e-5, 32, True, True)[0]) < TOL[torch.bfloat16]
+            # layernorm_fn -> LayerNormFn.apply, now differentiable
+            xr = x.clone().requires_grad_()
+            m.layernorm_fn(xr, w, b, z3.reshape(t * h, n), 1e-6, 32, True, False).sum().backward()
+            assert xr.grad is not None
+            # LayerNormFn.apply in sglang's argument order (with activation); forward-only upstream, ours has a backward
+            xr = x.clone().requires_grad_()
+            y = m.LayerNormFn.apply(xr, w, b, z3.reshape(t * h, n), 1e-6, 32, False, False, "sigmoid")
+            assert max_rel_error(y, _ref(x, w, b, z3.reshape(t * h, n), 1e-6, 32, False, False, "sigmoid")[0]) < 2e-5
+            y.sum().backward()
+            assert xr.grad is not None
+            ln = m.LayerNorm(n, group_size=16)
+            assert max_rel_error(ln(x), _ref(x, ln.weight, ln.bias, None, 1e-5, 16, True, False)[0]) < 2e-5
+            for name in ("rms_norm_gated", "_layer_norm_fwd", "RMSNorm.forward", "LayerNormFn.forward",
+                         "LayerNorm.forward"):
+                assert _calls(name) >= 1, name
+        assert_restored(snap)
+        reset_call_counts()
+
+
+def test_sglang_fused_norm_gate_and_rebinding(sglang_modules):
+    fused = [m for n, m in sglang_modules.items() if n.endswith("fused_norm_gate")]
+    if not fused:
+        pytest.skip("this sglang has no fused_norm_gate module")
+    m = fused[0]
+    model_file = types.ModuleType("fake_sglang_qwen3_next")
+    model_file.rms_norm_gated = m.rms_norm_gated
+    original = m.rms_norm_gated
+    sys.modules[model_file.__name__] = model_file
+    try:
+        snap = snapshot(m, m.FusedRMSNormGated)
+        x, z, w, _ = _data(8, 128)
+        with gatednorm.patch("sglang"):
+            assert model_file.rms_norm_gated is m.rms_norm_gated is not original
+            mod = m.FusedRMSNormGated(128, activation="sigmoid")
+            with torch.no_grad():
+                mod.weight.copy_(w)
+            g3 = z.reshape(2, 4, 128)
+            y = mod(x, g3)
+            assert max_rel_error(y, _ref(x, w, None, z, mod.eps, None, True, True, "sigmoid")[0]) < 2e-5
+            assert _calls("FusedRMSNormGated.forward") == 1
+        assert model_file.rms_norm_gated is original
+        assert_restored(snap)
+    finally:
+        del sys.modules[model_file.__name__]
+
+
+def test_route1_native_function_used_as_the_frameworks_layer_norm_fwd(sglang_modules, monkeypatch):
+    """Migration guide route 1: `from layernorm_native_implementation import _layer_norm_fwd_native`
+    assigned to the framework's `_layer_norm_fwd`; the framework's own wrappers then run it."""
+    from layernorm_native_implementation import _layer_norm_fwd_native
+
+    m = next(m for n, m in sglang_modules.items() if n.endswith("layernorm_gated"))
+    monkeypatch.setattr(m, "_layer_norm_fwd", _layer_norm_fwd_native)
+    x, z, w, _ = _data(12, 64, seed=3)
+    y = m.rms_norm_gated(x=x, weight=w, bias=None, z=z, group_size=16, norm_before_gate=False, is_rms_norm=True)
+    assert max_rel_error(y, _ref(x, w, None, z, 1e-6, 16, False, True)[0]) < TOL[torch.float32]
+
+
+# --------------------------------------------------------------------------------------------- vLLM
+
+
+@pytest.fixture(scope="module")
+def vllm_modules():
+    if package_root("vllm") is None:
+        pytest.skip("vllm is not installed")
+    pytest.importorskip("triton")
+    with upstream_modules("vllm", VLLM_PACKAGES, vllm_stubs(), VLLM_MODULES) as mods:
+        yield mods
+
+
+def test_vllm_layernorm_guard_and_custom_op(vllm_modules):
+    guard, layernorm = vllm_modules
+    cls = layernorm.RMSNormGated
+    snap = snapshot(guard, guard.RMSNormGated, cls)
+    x, z, w, _ = _data(10, 128, seed=4)
+    built_before = cls(128, group_size=64)  # its _forward_method is bound to vLLM's original forward_cuda
+    with gatednorm.patch("vllm"):
+        assert "forward" in vars(cls)
+        for mod in (built_before, cls(128, group_size=64)):
+            assert mod.norm_before_gate is False  # vLLM's default
+            y = mod(x, z)
+            assert max_rel_error(y, _ref(x, mod.weight, None, z, mod.eps, 64, False, True)[0]) < 2e-5
+        y = built_before.forward_native(x, z)
+        assert _calls("RMSNormGated.forward_native") >= 2 and _calls("forward_cuda") >= 1
+        y = guard.rmsnorm_fn(x, w, None, z, 1e-6, 32, True, "sigmoid")
+        assert max_rel_error(y, _ref(x, w, None, z, 1e-6, 32, True, True, "sigmoid")[0]) < 2e-5
+        y, mean, rstd = guard.layer_norm_fwd(x, w, None, 1e-6, z=z, is_rms_norm=True)
+        assert mean is None and rstd.shape == (10,)
+        gmod = guard.RMSNormGated(128, group_size=32)
+        assert max_rel_error(gmod(x, z), _ref(x, gmod.weight, None, z, gmod.eps, 32, False, True)[0]) < 2e-5
+    assert_restored(snap)
+    assert "forward" not in vars(cls)
+
+
+# ---------------------------------------------------------------------------------------- mamba_ssm
+
+
+@pytest.fixture(scope="module")
+def mamba_module():
+    if package_root("mamba_ssm") is None:
+        pytest.skip("mamba_ssm is not installed")
+    pytest.importorskip("triton")
+    pytest.importorskip("einops")
+    with upstream_modules("mamba_ssm", MAMBA_PACKAGES, {}, MAMBA_MODULES) as mods:
+        yield mods[0]
+
+
+def test_mamba_ssm_forward_backward_modules(mamba_module):
+    m = mamba_module
+    snap = snapshot(m, m.LayerNormFn, m.RMSNorm, m.LayerNorm)
+    x, z, w, b = _data(7, 96, seed=5)
+    with gatednorm.patch("mamba_ssm"):
+        y, mean, rstd = m._layer_norm_fwd(x, w, None, 1e-6, z=z, group_size=48, is_rms_norm=True)
+        assert mean is None and max_rel_error(y, _ref(x, w, None, z, 1e-6, 48, True, True)[0]) < 2e-5
+        dy = torch.randn_like(x)
+        dx, dw, db, dz = m._layer_norm_bwd(dy, x, w, None, 1e-6, None, rstd, z, 48, True, True)
+        gx, gw, _, gz = _ref_grads(x, w, None, z, 1e-6, 48, True, True, dy)
+        assert db is None
+        for got, ref in ((dx, gx), (dw, gw), (dz, gz)):
+            assert max_rel_error(got, ref) < 1e-4
+        mod = m.RMSNorm(96, group_size=32)  # mamba_ssm: norm_before_gate=True by default
+        xr = x.clone().requires_grad_()
+        out = mod(xr, z)
+        assert max_rel_error(out, _ref(x, mod.weight, None, z, 1e-5, 32, True, True)[0]) < 2e-5
+        out.sum().backward()
+        assert mod.weight.grad is not None
+        y = m.layernorm_fn(x, w, b, z, 1e-6, None, False, False)
+        assert max_rel_error(y, _ref(x, w, b, z, 1e-6, None, False, False)[0]) < 2e-5
+        xr = x.clone().requires_grad_()
+        m.LayerNormFn.apply(xr, w, b, z, 1e-6, 32, True, False).backward(dy)
+        assert max_rel_error(xr.grad, _ref_grads(x, w, b, z, 1e-6, 32, True, False, dy)[0]) < 1e-4
+        assert _calls("_layer_norm_bwd") == 1 and _calls("LayerNormFn.forward") == 1
+        assert _calls("RMSNorm.forward") == 1 and _calls("layernorm_fn") == 1
+    assert_restored(snap)
+
+
+def test_route1_mamba_ssm_with_native_forward(mamba_module, monkeypatch):
+    from layernorm_native_implementation import _layer_norm_fwd_native
+
+    monkeypatch.setattr(mamba_module, "_layer_norm_fwd", _layer_norm_fwd_native)
+    x, z, w, _ = _data(9, 64, seed=6)
+    with torch.no_grad():  # mamba_ssm's backward kernel needs CUDA; its forward now runs natively
+        y = mamba_module.rmsnorm_fn(x, w, None, z, group_size=32, norm_before_gate=False)
+    assert max_rel_error(y, _ref(x, w, None, z, 1e-6, 32, False, True)[0]) < TOL[torch.float32]
+
+
+# ------------------------------------------------------------------------------------- transformers
+
+
+@pytest.fixture(scope="module")
+def hf():
+    pytest.importorskip("transformers")
+    from transformers.models.mamba2 import modeling_mamba2
+    from transformers.models.qwen3_next import modeling_qwen3_next
+
+    return modeling_qwen3_next, modeling_mamba2
+
+
+def test_transformers_qwen3_next_model_sized(hf):
+    q, _ = hf
+    cls = q.Qwen3NextRMSNormGated
+    snap = snapshot(cls)
+    g = torch.Generator().manual_seed(7)
+    b, t, h, d = 2, 16, 32, 128
+    x = torch.randn(b, t, h, d, generator=g)
+    z = torch.randn(b, t, h, d, generator=g)
+    norm = cls(d, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.copy_(1 + 0.1 * torch.randn(d, generator=g))
+    ref = _ref(x.reshape(-1, d), norm.weight, None, z.reshape(-1, d), 1e-6, None, True, True)[0]
+    expected_unpatched = norm(x.reshape(-1, d), z.reshape(-1, d))
+    keys = set(norm.state_dict())
+    for dtype in (torch.float32, torch.bfloat16):
+        nd = norm.to(dtype)
+        with gatednorm.patch("transformers"):
+            y = nd(x.reshape(-1, d).to(dtype), z.reshape(-1, d).to(dtype))
+            assert set(nd.state_dict()) == keys
+        assert y.dtype == dtype
+        refd = _ref(x.reshape(-1, d).to(dtype), nd.weight, None, z.reshape(-1, d).to(dtype), 1e-6, None, True,
+                    True)[0]
+        assert max_rel_error(y, refd) < TOL[dtype]
+        if dtype == torch.float32:
+            assert max_rel_error(y, ref) < TOL[dtype]
+            assert max_rel_error(expected_unpatched, ref) < 1e-5  # upstream agrees with float64 too
+    assert _calls("Qwen3NextRMSNormGated.forward") == 2
+    assert_restored(snap)
+
+
+def test_transformers_mamba2_gate_before_norm_and_dtype(hf):
+    _, mb = hf
+    cls = mb.MambaRMSNormGated
+    g = torch.Generator().manual_seed(8)
+    n = 128
+    kwargs = {"group_size": 32} if "group_size" in cls.__init__.__code__.co_varnames else {}
+    norm = cls(n, eps=1e-5, **kwargs)
+    with torch.no_grad():
+        norm.weight.copy_(1 + 0.1 * torch.randn(n, generator=g))
+    gs = getattr(norm, "group_size", None)  # releases without it normalise over the whole row
+    x = torch.randn(4, 6, n, generator=g).to(torch.bfloat16)
+    z = torch.randn(4, 6, n, generator=g).to(torch.bfloat16)
+    up = norm(x, z)  # upstream: fp32 weight times a bf16 result -> fp32
+    with gatednorm.patch("transformers"):
+        y = norm(x, z)
+        y_nogate = norm(x)
+    assert y.dtype == up.dtype == torch.float32
+    assert max_rel_error(y, _ref(x, norm.weight, None, z, 1e-5, gs, False, True)[0]) < TOL[torch.float32]
+    assert max_rel_error(y, up) < TOL[torch.bfloat16]  # upstream rounds to bf16 once in between
+    assert max_rel_error(y_nogate, _ref(x, norm.weight, None, None, 1e-5, gs, False, True)[0]) < 2e-5
+
+
+def test_transformers_every_patched_class_matches_its_own_forward_in_float64(hf):
+    """Each family's replacement computes what the class's own forward computes (checked in float64)."""
+    h = gatednorm.patch("transformers")
+    try:
+        classes = sorted({r.split(": ")[1].rsplit(".", 1)[0] for r in h.replaced if not r.endswith("(imported name)")})
+    finally:
+        h.undo()
+    assert any(c.endswith("Qwen3NextRMSNormGated") for c in classes)
+    g = torch.Generator().manual_seed(9)
+    for path in classes:
+        mod_name, cls_name = path.rsplit(".", 1)
+        cls = getattr(sys.modules[mod_name], cls_name)
+        n = 64
+        try:
+            norm = cls(n, eps=1e-5)
+        except TypeError:
+            norm = cls(n, 16, eps=1e-5)  # Mamba2-style: (hidden_size, group_size)
+        norm = norm.double()
+        with torch.no_grad():
+            norm.weight.copy_(1 + 0.1 * torch.randn(n, generator=g))
+        x = torch.randn(3, 5, n, generator=g, dtype=torch.float64)
+        z = torch.randn(3, 5, n, generator=g, dtype=torch.float64)
+        # upstream computes in fp32 even for float64 input; compare at fp32 accuracy
+        want = norm(x, z)
+        with gatednorm.patch("transformers"):
+            got = norm(x, z)
+        assert got.dtype == want.dtype, cls_name
+        assert max_rel_error(got, want) < 1e-5, cls_name

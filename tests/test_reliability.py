@@ -1,0 +1,485 @@
+"""Reliability: property tests, hard numerics, batch invariance, determinism, bad input, thread safety.
+
+Every check compares with the float64 evaluation (gatednorm.reference) through the documented
+tolerance of gatednorm.verification. Runs on CPU on every backend available there (native; triton
+too under TRITON_INTERPRET=1). Budget: well under a minute on 2 cores.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import gatednorm
+from gatednorm import layer_norm_fwd, layernorm_fn
+from gatednorm import verification as V
+from gatednorm.reference import gated_norm_reference
+
+CPU = torch.device("cpu")
+BACKENDS = V.available_backends(CPU)
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+PROPERTY = settings(max_examples=40, deadline=None, derandomize=True, database=None,
+                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _check_against_float64(y, mean, rstd, x, w, b, z, eps, gs, nbg, rms, act, out_dtype=None):
+    """Assert y / mean / rstd are within the documented tolerance of float64 (non-finite: exact match)."""
+    n = x.shape[-1]
+    gs = gs or n
+    ry, rmean, rrstd = gated_norm_reference(x, w, b, z, eps, gs, nbg, rms, act)
+    mag = V.magnitudes(x, w, b, z, None, gs, nbg, rms, act, eps)
+    k = V.k_factor(gs)
+    c = torch.float64 if x.dtype == torch.float64 else torch.float32
+    out_dtype = out_dtype or x.dtype
+    checks = [("y", y, ry, out_dtype), ("rstd", rstd, rrstd, c)]
+    if not rms:
+        checks.append(("mean", mean, rmean, c))
+    for name, got, ref, dt in checks:
+        res = V.compare(got, ref, V.allowed_error(ref, mag[name], dt, k, c), dt)
+        assert res.passed, f"{name}: err/tol {res.worst_ratio:.3g}, non-finite mismatches {res.nonfinite_mismatch}"
+
+
+# ---------------------------------------------------------------------------
+# Property tests: shapes, strides, dtypes, groups, flags; never writes outside `out`
+# ---------------------------------------------------------------------------
+
+@st.composite
+def problems(draw):
+    groups = draw(st.sampled_from([1, 1, 2, 3, 4]))
+    gs = draw(st.sampled_from([1, 2, 5, 8, 32, 96, 128]))
+    n = groups * gs
+    m = draw(st.sampled_from([0, 1, 2, 3, 17, 64]))
+    if n <= 4 and draw(st.booleans()):
+        m = 3000  # huge M, tiny N
+    if draw(st.integers(0, 9)) == 0:
+        n, gs, m = 4096, draw(st.sampled_from([None, 128, 1024])), 3  # wide N
+    return {
+        "m": m, "n": n, "gs": gs if gs != n else draw(st.sampled_from([None, n])),
+        "lead3": draw(st.booleans()) and m % 2 == 0 and m > 0,
+        "layout": draw(st.sampled_from(["contiguous", "transposed", "sliced_rows", "strided_cols"])),
+        "expand_weight": draw(st.booleans()),
+        "dtype": draw(st.sampled_from(DTYPES)),
+        "out_dtype": draw(st.sampled_from([None, None, torch.float32])),
+        "bias": draw(st.booleans()),
+        "gate": draw(st.sampled_from(["none", "after", "before"])),
+        "act": draw(st.sampled_from(["swish", "silu", "sigmoid"])),
+        "rms": draw(st.booleans()),
+        "eps": draw(st.sampled_from([1e-6, 1e-5, 0.1])),
+        "seed": draw(st.integers(0, 2**16)),
+        "backend": draw(st.sampled_from(BACKENDS)),
+    }
+
+
+def _layout(t: torch.Tensor, layout: str) -> torch.Tensor:
+    """The same values as t (M, N) in a non-contiguous layout."""
+    m, n = t.shape
+    if layout == "transposed":
+        return t.t().contiguous().t()
+    if layout == "sliced_rows":
+        base = torch.empty(m, n + 7, dtype=t.dtype)
+        base[:, 3:3 + n] = t
+        return base[:, 3:3 + n]
+    if layout == "strided_cols":
+        base = torch.empty(m, 2 * n, dtype=t.dtype)
+        base[:, ::2] = t
+        return base[:, ::2]
+    return t
+
+
+@PROPERTY
+@given(p=problems())
+def test_property_matches_float64_and_stays_inside_out(p):
+    g = _gen(p["seed"])
+    m, n, dt = p["m"], p["n"], p["dtype"]
+    x = _layout((0.5 + 2 * torch.randn(m, n, generator=g)).to(dt), p["layout"])
+    z = _layout((2 * torch.randn(m, n, generator=g)).to(dt), p["layout"]) if p["gate"] != "none" else None
+    w = (1 + 0.3 * torch.randn(1 if p["expand_weight"] else n, generator=g)).to(dt).expand(n)
+    b = (0.3 * torch.randn(n, generator=g)).to(dt) if p["bias"] else None
+    if p["lead3"]:
+        x = x.view(2, m // 2, n) if p["layout"] != "strided_cols" else x.unflatten(0, (2, m // 2))
+        z = z.unflatten(0, (2, m // 2)) if z is not None else None
+    out_dtype = p["out_dtype"] or dt
+    # `out` is a view into a larger buffer whose border holds a sentinel
+    big = torch.full((m + 2, n + 4), -7.25, dtype=out_dtype)
+    out = big[1:m + 1, 2:n + 2].view(x.shape)
+    before = big.clone()
+    nbg, rms, act = p["gate"] != "before", p["rms"], p["act"]
+    y, mean, rstd = layer_norm_fwd(x, w, b, p["eps"], z=z, out=out, group_size=p["gs"], norm_before_gate=nbg,
+                                   is_rms_norm=rms, activation=act, backend=p["backend"])
+    assert y is out
+    inside = torch.zeros_like(big, dtype=torch.bool)
+    inside[1:m + 1, 2:n + 2] = True
+    assert torch.equal(big[~inside], before[~inside]), "wrote outside out"
+    gs = p["gs"] or n
+    assert rstd.shape == ((n // gs) * m,) and (mean is None) == rms
+    _check_against_float64(y, mean, rstd, x, w, b, z, p["eps"], gs, nbg, rms, act, out_dtype)
+
+
+@settings(max_examples=20, deadline=None, derandomize=True, database=None)
+@given(m=st.sampled_from([1, 5, 33]), groups=st.sampled_from([1, 3]), gs=st.sampled_from([4, 64, 96]),
+       dtype=st.sampled_from(DTYPES), gate=st.sampled_from(["none", "after", "before"]),
+       act=st.sampled_from(["swish", "sigmoid"]), rms=st.booleans(), bias=st.booleans(),
+       transposed=st.booleans(), backend=st.sampled_from(BACKENDS), seed=st.integers(0, 2**16))
+def test_property_gradients_match_float64(m, groups, gs, dtype, gate, act, rms, bias, transposed, backend, seed):
+    g = _gen(seed)
+    n = groups * gs
+    x = (0.5 + torch.randn(m, n, generator=g)).to(dtype)
+    x = x.t().contiguous().t() if transposed else x
+    z = (2 * torch.randn(m, n, generator=g)).to(dtype) if gate != "none" else None
+    w = (1 + 0.3 * torch.randn(n, generator=g)).to(dtype)
+    b = (0.3 * torch.randn(n, generator=g)).to(dtype) if bias else None
+    dy = torch.randn(m, n, generator=g).to(dtype)
+    nbg = gate != "before"
+    leaves = [t.clone().requires_grad_() if t is not None else None for t in (x, w, b, z)]
+    layernorm_fn(*leaves[:3], leaves[3], 1e-6, gs, nbg, rms, activation=act, backend=backend).backward(dy)
+    refs = [t.double().requires_grad_() if t is not None else None for t in (x, w, b, z)]
+    gated_norm_reference(*refs, 1e-6, gs, nbg, rms, act)[0].backward(dy.double())
+    mag = V.magnitudes(x, w, b, z, dy, gs, nbg, rms, act)
+    for name, got, ref in zip(("dx", "dweight", "dbias", "dz"), leaves, refs, strict=True):
+        if got is None:
+            continue
+        k = V.k_factor(gs, m, over_rows=name in ("dweight", "dbias"))
+        allowed = V.allowed_error(ref.grad, mag[name], dtype, k)
+        res = V.compare(got.grad, ref.grad, allowed, dtype)
+        assert got.grad.dtype == dtype and res.passed, f"{name}: err/tol {res.worst_ratio:.3g}"
+
+
+# ---------------------------------------------------------------------------
+# Hard numerics, each against float64
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("gs", [None, 64])
+def test_large_offset_rows(backend, gs):
+    """mean 1e4, std 1e-2: a two-pass variance holds the tolerance, a one-pass variance would not."""
+    g = _gen(1)
+    x = 1e4 + 1e-2 * torch.randn(16, 256, generator=g)
+    w, b = 1 + 0.1 * torch.randn(256, generator=g), 0.1 * torch.randn(256, generator=g)
+    y, mean, rstd = layer_norm_fwd(x, w, b, 1e-6, group_size=gs, backend=backend)
+    _check_against_float64(y, mean, rstd, x, w, b, None, 1e-6, gs, True, False, "swish")
+    # the check has teeth: E[x^2] - E[x]^2 in float32 misses the tolerance by orders of magnitude
+    xs = x.view(16, -1, gs or 256)
+    one_pass = ((xs * xs).mean(-1) - xs.mean(-1) ** 2).clamp_min(0)
+    rstd_one_pass = torch.rsqrt(one_pass + 1e-6).t().reshape(-1)
+    ref_rstd = gated_norm_reference(x, w, b, None, 1e-6, gs)[2]
+    assert (rstd_one_pass.double() - ref_rstd).abs().max() > 10 * (rstd.double() - ref_rstd).abs().max()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("rms", [False, True])
+@pytest.mark.parametrize("eps", [0.0, 1e-6])
+def test_fp16_subnormal_inputs(backend, rms, eps):
+    g = _gen(2)
+    x = (3e-6 * torch.randn(8, 128, generator=g)).half()  # below fp16's smallest normal (6.1e-5)
+    assert (x.abs() < torch.finfo(torch.float16).smallest_normal).float().mean() > 0.9
+    w = torch.ones(128, dtype=torch.float16)
+    y, mean, rstd = layer_norm_fwd(x, w, None, eps, group_size=32, is_rms_norm=rms, backend=backend)
+    _check_against_float64(y, mean, rstd, x, w, None, None, eps, 32, True, rms, "swish")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("rms", [False, True])
+def test_bf16_subnormal_inputs_with_eps(backend, rms):
+    g = _gen(3)
+    x = (1e-39 * torch.randn(8, 128, generator=g)).bfloat16()  # bf16 (and fp32) subnormals
+    w = torch.ones(128, dtype=torch.bfloat16)
+    y, mean, rstd = layer_norm_fwd(x, w, None, 1e-6, is_rms_norm=rms, backend=backend)
+    _check_against_float64(y, mean, rstd, x, w, None, None, 1e-6, None, True, rms, "swish")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("rms", [False, True])
+@pytest.mark.parametrize("gate", ["none", "after", "before"])
+def test_fp16_near_max_no_overflow(backend, rms, gate):
+    """|x| up to 65504: x^2 overflows float16 but not the float32 accumulation."""
+    g = _gen(4)
+    x = (2e4 * torch.randn(8, 256, generator=g)).clamp(-65504, 65504).half()
+    x[0, 0] = 65504
+    x[1, 5] = -65504
+    z = torch.full_like(x, 3.0) if gate != "none" else None
+    w = torch.ones(256, dtype=torch.float16)
+    y, mean, rstd = layer_norm_fwd(x, w, None, 1e-6, z=z, group_size=64, norm_before_gate=gate != "before",
+                                   is_rms_norm=rms, backend=backend)
+    assert torch.isfinite(y).all() and torch.isfinite(rstd).all()
+    _check_against_float64(y, mean, rstd, x, w, None, z, 1e-6, 64, gate != "before", rms, "swish")
+
+
+@pytest.mark.xfail(reason="known limitation: the float32 sum of squares overflows for |x| > ~1.8e19 (bf16/fp32 "
+                          "inputs) and underflows for |x| < ~1e-19 with eps=0; float64 does not. Fix: scale each "
+                          "group by its max |x| before squaring.", strict=False)
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("scale", [3e37, 1e-39])
+def test_bf16_extreme_range_matches_float64(backend, scale):
+    g = _gen(5)
+    x = (scale * torch.randn(4, 64, generator=g)).bfloat16()
+    w = torch.ones(64, dtype=torch.bfloat16)
+    y, mean, rstd = layer_norm_fwd(x, w, None, 0.0, is_rms_norm=True, backend=backend)
+    _check_against_float64(y, mean, rstd, x, w, None, None, 0.0, None, True, True, "swish")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("rms", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_zero_and_constant_rows_with_eps_zero(backend, rms, dtype):
+    """var = 0 and eps = 0: rstd = inf and y = 0 * inf = NaN, as the formula (and float64) says."""
+    g = _gen(6)
+    x = torch.randn(4, 64, generator=g).to(dtype)
+    x[1] = 0
+    x[2, :32] = 1.5  # a constant group: LayerNorm var 0, RMSNorm not
+    w = torch.ones(64, dtype=dtype)
+    y, mean, rstd = layer_norm_fwd(x, w, None, 0.0, group_size=32, is_rms_norm=rms, backend=backend)
+    assert torch.isinf(rstd.view(2, 4)[:, 1]).all() and torch.isnan(y[1]).all()
+    assert torch.isfinite(y[[0, 3]]).all()
+    _check_against_float64(y, mean, rstd, x, w, None, None, 0.0, 32, True, rms, "swish")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("rms", [False, True])
+@pytest.mark.parametrize("gate,where", [("none", "x"), ("after", "x"), ("before", "x"), ("after", "z"),
+                                        ("before", "z")])
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_nonfinite_propagates_to_its_row_and_group_only(backend, rms, gate, where, bad):
+    g = _gen(7)
+    m, n, gs = 6, 96, 32
+    x = torch.randn(m, n, generator=g)
+    z = torch.randn(m, n, generator=g) if gate != "none" else None
+    w, b = 1 + 0.1 * torch.randn(n, generator=g), 0.1 * torch.randn(n, generator=g)
+    (x if where == "x" else z)[2, 40] = bad  # row 2, group 1
+    nbg = gate != "before"
+    y, mean, rstd = layer_norm_fwd(x, w, b, 1e-6, z=z, group_size=gs, norm_before_gate=nbg, is_rms_norm=rms,
+                                   backend=backend)
+    clean = torch.ones(m, n, dtype=torch.bool)
+    clean[2, 32:64] = False
+    assert torch.isfinite(y[clean]).all(), "a non-finite value leaked into another row or group"
+    assert not torch.isfinite(y[2, 32:64]).all() or (where == "z" and nbg), "non-finite input was masked"
+    _check_against_float64(y, mean, rstd, x, w, b, z, 1e-6, gs, nbg, rms, "swish")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("act", ["swish", "sigmoid"])
+@pytest.mark.parametrize("gate", ["after", "before"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gate_saturation_pm80(backend, act, gate, dtype):
+    g = _gen(8)
+    x = torch.randn(8, 64, generator=g).to(dtype)
+    z = (80.0 * torch.sign(torch.randn(8, 64, generator=g))).to(dtype)
+    z[:, :4] = torch.tensor([80.0, -80.0, 40.0, -40.0])
+    w = torch.ones(64, dtype=dtype)
+    nbg = gate == "after"
+    if not nbg:  # gating before the norm with z = -80 everywhere in a row would leave a ~1e-33 row
+        z[:, 4] = 80.0
+    y, mean, rstd = layer_norm_fwd(x, w, None, 1e-6, z=z, norm_before_gate=nbg, activation=act, backend=backend)
+    assert torch.isfinite(y).all() and torch.isfinite(rstd).all()
+    _check_against_float64(y, mean, rstd, x, w, None, z, 1e-6, None, nbg, False, act)
+    xs, zs = x.clone().requires_grad_(), z.clone().requires_grad_()
+    layernorm_fn(xs, w, None, zs, 1e-6, None, nbg, activation=act, backend=backend).sum().backward()
+    assert torch.isfinite(xs.grad).all() and torch.isfinite(zs.grad).all()
+
+
+# ---------------------------------------------------------------------------
+# Batch invariance and determinism
+# ---------------------------------------------------------------------------
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().view(torch.int16 if t.element_size() == 2 else torch.int32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rms,gate", [(False, "after"), (True, "before"), (False, "none")])
+def test_batch_invariance(backend, dtype, rms, gate):
+    """A row's output bits (and its dx, dz) do not depend on the batch size or the row's position."""
+    g = _gen(9)
+    n, gs = 256, 64
+    row_x = torch.randn(1, n, generator=g).to(dtype)
+    row_z = torch.randn(1, n, generator=g).to(dtype) if gate != "none" else None
+    row_dy = torch.randn(1, n, generator=g).to(dtype)
+    w = (1 + 0.1 * torch.randn(n, generator=g)).to(dtype)
+    b = (0.1 * torch.randn(n, generator=g)).to(dtype)
+    kw = {"group_size": gs, "norm_before_gate": gate != "before", "is_rms_norm": rms, "backend": backend}
+
+    def run(x, z, dy):
+        xs = x.clone().requires_grad_()
+        zs = z.clone().requires_grad_() if z is not None else None
+        y = layernorm_fn(xs, w, b, zs, 1e-6, **kw)
+        y.backward(dy)
+        return y.detach(), xs.grad, (zs.grad if zs is not None else None)
+
+    alone = run(row_x, row_z, row_dy)
+    for batch in (1, 2, 3, 64, 1000, 4096):
+        for pos in sorted({0, batch // 2, batch - 1}):
+            x = torch.randn(batch, n, generator=g).to(dtype)
+            z = torch.randn(batch, n, generator=g).to(dtype) if gate != "none" else None
+            dy = torch.randn(batch, n, generator=g).to(dtype)
+            x[pos], dy[pos] = row_x[0], row_dy[0]
+            if z is not None:
+                z[pos] = row_z[0]
+            got = run(x, z, dy)
+            for a, c in zip(alone, got, strict=True):
+                if a is not None:
+                    assert torch.equal(_bits(a[0]), _bits(c[pos])), f"batch {batch}, position {pos}"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_repeated_runs_same_bits_gradients_included(backend, dtype):
+    g = _gen(10)
+    m, n = 300, 640
+    x, z, dy = (torch.randn(m, n, generator=g).to(dtype) for _ in range(3))
+    w = (1 + 0.1 * torch.randn(n, generator=g)).to(dtype)
+    b = (0.1 * torch.randn(n, generator=g)).to(dtype)
+
+    def run():
+        leaves = [t.clone().requires_grad_() for t in (x, w, b, z)]
+        y, mean, rstd = layer_norm_fwd(*leaves[:3], 1e-6, z=leaves[3], group_size=128, backend=backend)
+        y.backward(dy)
+        return [y.detach(), mean, rstd] + [t.grad for t in leaves]
+
+    first = run()
+    for _ in range(3):
+        for a, c in zip(first, run(), strict=True):
+            assert torch.equal(_bits(a), _bits(c))
+
+
+# ---------------------------------------------------------------------------
+# Bad input: table-driven; the exception names the argument; `out` is left untouched
+# ---------------------------------------------------------------------------
+
+def _good():
+    g = _gen(11)
+    return {
+        "x": torch.randn(4, 64, generator=g), "weight": torch.randn(64, generator=g),
+        "bias": torch.randn(64, generator=g), "z": torch.randn(4, 64, generator=g), "eps": 1e-6,
+        "group_size": 16, "norm_before_gate": True, "is_rms_norm": False, "activation": "swish",
+        "backend": "native",
+    }
+
+
+_META = torch.device("meta")
+BAD_INPUTS = [
+    # (case id, overrides, exception type, the text the message must contain)
+    ("x-not-tensor", {"x": [[1.0] * 64] * 4}, TypeError, "x"),
+    ("x-int", {"x": torch.ones(4, 64, dtype=torch.int32)}, TypeError, "x"),
+    ("x-bool", {"x": torch.ones(4, 64, dtype=torch.bool)}, TypeError, "x"),
+    ("x-0d", {"x": torch.tensor(1.0)}, ValueError, "x"),
+    ("x-empty-N", {"x": torch.randn(4, 0)}, ValueError, "x"),
+    ("weight-shape", {"weight": torch.randn(63)}, ValueError, "weight"),
+    ("weight-2d", {"weight": torch.randn(1, 64)}, ValueError, "weight"),
+    ("weight-int", {"weight": torch.ones(64, dtype=torch.int64)}, TypeError, "weight"),
+    ("weight-device", {"weight": torch.randn(64, device=_META)}, ValueError, "weight"),
+    ("weight-none", {"weight": None}, TypeError, "weight"),
+    ("bias-shape", {"bias": torch.randn(32)}, ValueError, "bias"),
+    ("bias-int", {"bias": torch.ones(64, dtype=torch.int32)}, TypeError, "bias"),
+    ("bias-device", {"bias": torch.randn(64, device=_META)}, ValueError, "bias"),
+    ("z-shape", {"z": torch.randn(4, 32)}, ValueError, "z"),
+    ("z-transposed-shape", {"z": torch.randn(64, 4)}, ValueError, "z"),
+    ("z-int", {"z": torch.ones(4, 64, dtype=torch.int32)}, TypeError, "z"),
+    ("z-device", {"z": torch.randn(4, 64, device=_META)}, ValueError, "z"),
+    ("eps-negative", {"eps": -1e-6}, ValueError, "eps"),
+    ("eps-nan", {"eps": float("nan")}, ValueError, "eps"),
+    ("eps-str", {"eps": "1e-6"}, TypeError, "eps"),
+    ("eps-bool", {"eps": True}, TypeError, "eps"),
+    ("eps-tensor", {"eps": torch.tensor(1e-6)}, TypeError, "eps"),
+    ("group_size-zero", {"group_size": 0}, ValueError, "group_size"),
+    ("group_size-negative", {"group_size": -16}, ValueError, "group_size"),
+    ("group_size-not-divisor", {"group_size": 24}, ValueError, "group_size"),
+    ("group_size-too-big", {"group_size": 128}, ValueError, "group_size"),
+    ("group_size-float", {"group_size": 16.0}, TypeError, "group_size"),
+    ("group_size-bool", {"group_size": True}, TypeError, "group_size"),
+    ("norm_before_gate-str", {"norm_before_gate": "yes"}, TypeError, "norm_before_gate"),
+    ("is_rms_norm-int", {"is_rms_norm": 1}, TypeError, "is_rms_norm"),
+    ("activation-unknown", {"activation": "relu"}, ValueError, "activation"),
+    ("activation-none", {"activation": None}, ValueError, "activation"),
+    ("activation-case", {"activation": "SiLU"}, ValueError, "activation"),
+    ("backend-unknown", {"backend": "cudnn"}, ValueError, "backend"),
+    ("backend-case", {"backend": "Native"}, ValueError, "backend"),
+    ("out-shape", {"out": torch.empty(4, 63)}, ValueError, "out"),
+    ("out-transposed-shape", {"out": torch.empty(64, 4)}, ValueError, "out"),
+    ("out-int", {"out": torch.empty(4, 64, dtype=torch.int32)}, TypeError, "out"),
+    ("out-device", {"out": torch.empty(4, 64, device=_META)}, ValueError, "out"),
+    ("out-not-tensor", {"out": [0.0] * 256}, TypeError, "out"),
+    ("out-with-autograd", {"x": torch.randn(4, 64, requires_grad=True)}, ValueError, "out"),
+    ("x-device", {"x": torch.randn(4, 64, device=_META)}, ValueError, "weight"),  # names the first mismatch
+]
+if "triton" not in BACKENDS:
+    BAD_INPUTS.append(("backend-triton-unavailable", {"backend": "triton"}, ValueError, "triton"))
+
+
+@pytest.mark.parametrize(("case", "overrides", "exc", "names"), BAD_INPUTS, ids=[c[0] for c in BAD_INPUTS])
+def test_bad_input_raises_naming_the_argument_and_leaves_out_untouched(case, overrides, exc, names):
+    kw = _good()
+    out = torch.full((4, 64), -3.5)
+    kw["out"] = out
+    kw.update(overrides)
+    x, w, b, eps = kw.pop("x"), kw.pop("weight"), kw.pop("bias"), kw.pop("eps")
+    with pytest.raises(exc) as info:
+        layer_norm_fwd(x, w, b, eps, **kw)
+    assert names in str(info.value), f"message does not name {names!r}: {info.value}"
+    assert torch.equal(out, torch.full((4, 64), -3.5)), "an invalid call wrote into out"
+
+
+@pytest.mark.parametrize(("case", "overrides", "exc", "names"),
+                         [c for c in BAD_INPUTS if not c[0].startswith("out")], ids=lambda c: str(c)[:30])
+def test_bad_input_differentiable_entry_point(case, overrides, exc, names):
+    kw = _good()
+    kw.update(overrides)
+    x, w, b, z = kw.pop("x"), kw.pop("weight"), kw.pop("bias"), kw.pop("z")
+    eps, gs, nbg, rms = kw.pop("eps"), kw.pop("group_size"), kw.pop("norm_before_gate"), kw.pop("is_rms_norm")
+    with pytest.raises(exc) as info:
+        layernorm_fn(x, w, b, z, eps, gs, nbg, rms, **kw)
+    assert names in str(info.value)
+
+
+def test_bad_environment_backend(monkeypatch):
+    monkeypatch.setenv("GATEDNORM_BACKEND", "fast")
+    kw = _good()
+    with pytest.raises(ValueError, match="GATEDNORM_BACKEND"):
+        layer_norm_fwd(kw["x"], kw["weight"], kw["bias"], 1e-6)
+
+
+@pytest.mark.parametrize("kwargs,names", [
+    ({"hidden_size": 0}, "hidden_size"), ({"hidden_size": 64.0}, "hidden_size"),
+    ({"hidden_size": 64, "group_size": 24}, "group_size"), ({"hidden_size": 64, "activation": "gelu"}, "activation"),
+])
+def test_bad_module_arguments(kwargs, names):
+    with pytest.raises(ValueError, match=names):
+        gatednorm.LayerNorm(**kwargs)
+
+
+# ---------------------------------------------------------------------------
+# Thread safety
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_module_called_from_threads_equals_serial(backend):
+    g = _gen(12)
+    torch.manual_seed(0)
+    mod = gatednorm.RMSNorm(384, eps=1e-5, group_size=128, norm_before_gate=False, backend=backend)
+    with torch.no_grad():
+        mod.weight.copy_(1 + 0.1 * torch.randn(384, generator=g))
+    inputs = [(torch.randn(37 + i, 384, generator=g).bfloat16().float(), torch.randn(37 + i, 384, generator=g))
+              for i in range(24)]
+
+    def work(pair):
+        x, z = pair
+        xs = x.clone().requires_grad_()
+        y = mod(xs, z)
+        (dx,) = torch.autograd.grad(y, (xs,), torch.ones_like(y))
+        return y.detach(), dx, threading.get_ident()
+
+    serial = [work(p) for p in inputs]
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        threaded = list(pool.map(work, inputs))
+    assert len({t[2] for t in threaded}) > 1 or len(inputs) == 1
+    for (y0, dx0, _), (y1, dx1, _) in zip(serial, threaded, strict=True):
+        assert torch.equal(y0, y1) and torch.equal(dx0, dx1)
