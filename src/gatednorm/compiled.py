@@ -181,6 +181,10 @@ def _timed_first_call(key: tuple, compiled: Callable) -> Callable:
     return call
 
 
+def _contiguous(t: torch.Tensor | None) -> torch.Tensor | None:
+    return t if t is None or t.is_contiguous() else t.contiguous()
+
+
 def _mark_rows_dynamic(*tensors: torch.Tensor | None) -> None:
     # M = 1 (and other small counts) must not specialise: the row dim is always symbolic.
     for t in tensors:
@@ -203,6 +207,9 @@ def forward(
     if m == 0 or x.device.type == "meta":
         mean = None if spec.is_rms_norm else torch.empty(groups * m, dtype=c, device=x.device)
         return mean, torch.empty(groups * m, dtype=c, device=x.device)
+    # Row-major inputs only: strided rows would give Inductor another (less accurate, sequential)
+    # reduction loop and a recompile per layout; a copy is what a fused kernel would do too.
+    x, z = _contiguous(x), _contiguous(z)
     key = ("fwd", spec, n, x.dtype, out.dtype, bias is not None, z is not None)
     fn = _compiled(key, lambda: _make_forward(spec, bias is not None, z is not None))
     _mark_rows_dynamic(x, z, out)
@@ -231,6 +238,7 @@ def backward(
         from . import native
 
         return native.backward(dy, x, weight, bias, z, mean, rstd, spec, *needs)
+    dy, x, z = _contiguous(dy), _contiguous(x), _contiguous(z)
     key = ("bwd", spec, x.shape[1], x.dtype, bias is not None, z is not None, mean is not None, needs)
     fn = _compiled(key, lambda: _make_backward(spec, bias is not None, z is not None, needs))
     _mark_rows_dynamic(dy, x, z, mean, rstd)
