@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# The GPU session in one script: run on a lent GPU machine from a tree staged with the wheels
+# (fla-core, einops, pytest) in whl/, sglang's newest layernorm_gated.py in sgl/ and
+# shared/tools/upstream_sglang.py in tools/ (none of those are committed).
+#
+#   bash benchmarks/gpu_suite.sh kernels   # GPU tests + the fused-kernel benchmark (issue 7)
+#   bash benchmarks/gpu_suite.sh report    # verify on cuda, native eager on GPU, tensor parallel (2 GPUs)
+#
+# Results go to $OUT (default gpu_out/).
+set -u
+OUT=${OUT:-gpu_out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0
+if ls whl/*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site whl/*.whl || exit 1
+    export PYTHONPATH=/tmp/site:src
+else
+    export PYTHONPATH=src
+fi
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+SGL=()
+[ -f sgl/layernorm_gated.py ] && SGL=(--sglang sgl/layernorm_gated.py --sglang-loader tools)
+
+case "${1:-kernels}" in
+kernels)
+    python3 -m pytest -q -p no:logging -W ignore tests/test_gpu.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -3
+    python3 benchmarks/bench_gpu.py --host --out "$OUT" "${SGL[@]}" 2>&1 | tee "$OUT/bench_gpu.log"
+    ;;
+report)
+    timeout 240 python3 -m gatednorm verify --device cuda --backend native --backend triton --no-progress \
+        --json "$OUT/verify_cuda.json" --markdown "$OUT/verify_cuda.md" > "$OUT/verify_cuda.log" 2>&1
+    echo "verify exit $?"; tail -25 "$OUT/verify_cuda.log"
+    timeout 150 python3 benchmarks/bench_cpu.py --device cuda --no-memory --reps 9 --reps-bwd 5 \
+        --out "$OUT/native_cuda" 2>&1 | tail -30
+    if [ "$(nvidia-smi -L | wc -l)" -ge 2 ]; then
+        timeout 200 torchrun --nproc-per-node 2 benchmarks/bench_distributed.py \
+            --out "$OUT/bench_distributed.json" 2>&1 | tee "$OUT/bench_distributed.log" | tail -30
+    else
+        echo "one GPU: tensor-parallel benchmark not run"
+    fi
+    ;;
+esac
