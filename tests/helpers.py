@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 
 # One rounding of the output dtype: |got - ref| <= ATOL + RTOL * |ref| against the float64 reference.
@@ -47,3 +49,17 @@ def make_inputs(m, n, dtype, *, gate=True, bias=True, param_dtype=None, seed=Non
     w = (1 + 0.5 * torch.randn(n, generator=g)).to(device=device, dtype=param_dtype)
     b = (0.5 * torch.randn(n, generator=g)).to(device=device, dtype=param_dtype) if bias else None
     return x, z, w, b
+
+
+# Kernel variants as (is_rms_norm, norm_before_gate, activation, has_bias, has_z);
+# norm_before_gate and activation only matter with a gate.
+VARIANTS = [
+    (rms, nbg, act, bias, True)
+    for rms, nbg, act, bias in itertools.product((False, True), (False, True), ("swish", "sigmoid"), (False, True))
+] + [(rms, True, "swish", bias, False) for rms, bias in itertools.product((False, True), (False, True))]
+
+
+def variant_id(v) -> str:
+    rms, nbg, act, bias, hz = v
+    gate = ("after" if nbg else "before") + "-" + act if hz else "nogate"
+    return f"{'rms' if rms else 'ln'}-{gate}{'-bias' if bias else ''}"

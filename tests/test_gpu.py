@@ -3,8 +3,6 @@ the wide-group loop, torch.compile(fullgraph=True), CUDA graphs, batch invarianc
 
 from __future__ import annotations
 
-import itertools
-
 import pytest
 import torch
 
@@ -14,22 +12,14 @@ pytestmark = [
 ]
 pytest.importorskip("triton")
 
+from helpers import VARIANTS, variant_id  # noqa: E402
+
 import gatednorm  # noqa: E402
 from gatednorm import native  # noqa: E402
 from gatednorm.reference import gated_norm_reference  # noqa: E402
 from gatednorm.spec import NormSpec  # noqa: E402
 
 EPS = 1e-6
-VARIANTS = [
-    (rms, nbg, act, bias, True)
-    for rms, nbg, act, bias in itertools.product((False, True), (False, True), ("swish", "sigmoid"), (False, True))
-] + [(rms, True, "swish", bias, False) for rms, bias in itertools.product((False, True), (False, True))]
-
-
-def _vid(v):
-    rms, nbg, act, bias, hz = v
-    gate = ("after" if nbg else "before") + "-" + act if hz else "nogate"
-    return f"{'rms' if rms else 'ln'}-{gate}{'-bias' if bias else ''}"
 
 
 def _tk():
@@ -64,7 +54,7 @@ def _ref_grads(x, w, b, z, dy, spec):
 CASES = [(v, (999, 1280, 640)) for v in VARIANTS] + [(v, (1031, 256, 128)) for v in VARIANTS if v[0]]
 
 
-@pytest.mark.parametrize("v,shape", CASES, ids=[f"{_vid(v)}-{s[2]}" for v, s in CASES])
+@pytest.mark.parametrize("v,shape", CASES, ids=[f"{variant_id(v)}-{s[2]}" for v, s in CASES])
 def test_variant_against_float64_and_native(v, shape):
     m, n, gs = shape
     tk = _tk()

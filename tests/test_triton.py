@@ -6,12 +6,12 @@ triton is not installed.
 
 from __future__ import annotations
 
-import itertools
-
 import pytest
 import torch
 
 pytest.importorskip("triton")
+
+from helpers import VARIANTS, variant_id  # noqa: E402
 
 from gatednorm import native  # noqa: E402
 from gatednorm.functional import layer_norm_fwd, layernorm_fn  # noqa: E402
@@ -23,17 +23,6 @@ tk = pytest.importorskip("gatednorm.triton_kernels")
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 EPS = 1e-5
 
-# (is_rms_norm, norm_before_gate, activation, has_bias, has_z); norm_before_gate only matters with a gate.
-VARIANTS = [
-    (rms, nbg, act, bias, True)
-    for rms, nbg, act, bias in itertools.product((False, True), (False, True), ("swish", "sigmoid"), (False, True))
-] + [(rms, True, "swish", bias, False) for rms, bias in itertools.product((False, True), (False, True))]
-
-
-def _vid(v):
-    rms, nbg, act, bias, hz = v
-    gate = ("after" if nbg else "before") + "-" + act if hz else "nogate"
-    return f"{'rms' if rms else 'ln'}-{gate}{'-bias' if bias else ''}"
 
 
 def _inputs(m, n, dtype, has_bias, has_z, seed):
@@ -72,7 +61,7 @@ def _close(a, b, rtol, atol_frac):
     torch.testing.assert_close(a, b, rtol=rtol, atol=atol_frac * scale.item())
 
 
-@pytest.mark.parametrize("v", VARIANTS, ids=_vid)
+@pytest.mark.parametrize("v", VARIANTS, ids=variant_id)
 @pytest.mark.parametrize("m,n,gs", [(7, 192, 96), (5, 64, 64)])
 def test_fp32_against_float64_reference(v, m, n, gs):
     spec = _spec(gs, v)
@@ -96,7 +85,7 @@ def test_fp32_against_float64_reference(v, m, n, gs):
             _close(got, ref, 1e-4, 1e-5)
 
 
-@pytest.mark.parametrize("v", VARIANTS, ids=_vid)
+@pytest.mark.parametrize("v", VARIANTS, ids=variant_id)
 def test_bf16_against_native(v):
     # group of 640 (not a power of two: padded lanes of x and z are filled), 2 groups a row
     m, n, gs = 5, 1280, 640
