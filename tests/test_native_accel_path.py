@@ -154,8 +154,8 @@ def test_out_of_another_dtype(out_dtype):
     spec = _spec(64, 16, "after", False)
     out = torch.empty(16, 64, dtype=out_dtype)
     mean, rstd = native.forward(x, w, b, z, spec, out)
-    # an out wider than C holds C's rounding
-    _check_forward(x, w, b, z, spec, out, mean, rstd, out_dtype=torch.float32 if out_dtype == torch.float64 else out_dtype)
+    tol_dtype = torch.float32 if out_dtype == torch.float64 else out_dtype  # an out wider than C holds C's rounding
+    _check_forward(x, w, b, z, spec, out, mean, rstd, out_dtype=tol_dtype)
 
 
 @pytest.mark.parametrize(
