@@ -38,11 +38,36 @@ position independent:
 On GPUs ATen's reduction strategy depends on the number of outputs, so the
 native backend is batch invariant on CPU only; the fused Triton backend is
 the batch-invariant path there.
+
+Accelerators (every device but CPU, see :func:`_uses_accelerator_path`) take a
+separate path, :func:`_forward_accel` / :func:`_backward_accel`: there every ATen
+op is a kernel launch and eager calls of this size are launch bound, so that path
+minimises the number of ops per call instead of cache residency. It is the same
+function (compute dtype C, two-pass-stable variance, ``rstd = 1 / sqrt(var + eps)``,
+one rounding at the final write) built from fewer, larger ops:
+
+* mixed-dtype ops instead of copies: a bf16/fp16 (or, for C = float64, float32)
+  tensor combined with a C tensor is promoted to C inside the kernel, exactly, so
+  ``x``, ``dy``, ``weight`` and ``bias`` are read in their own dtype and the result
+  is written to ``out`` (or ``dx``/``dz``) by the last op, rounding once;
+* statistics are reduced from a group-major view of the rows, so they come out in
+  the group-major layout without a transpose copy;
+* LayerNorm statistics come from one ``torch.var_mean(correction=0)`` (ATen's
+  Welford reduction: numerically stable like the two-pass formula, never
+  E[x^2] - E[x]^2); RMSNorm's from ``torch.mean`` of the squares;
+* ``torch.addcmul`` where it saves a full-size pass (bias, backward's
+  ``g - xhat * c1``, the swish derivative): a possibly contracted multiply-add,
+  within the rounding of C.
+
+Rows are still processed in blocks, of up to :data:`ACCEL_BLOCK_ELEMENTS`
+elements (one block for most shapes), so a huge input cannot blow up memory.
+Batch invariance is not promised there (nor on CPU would it hold for this path).
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from .spec import NormSpec, compute_dtype
 
@@ -190,6 +215,8 @@ def forward(
     and rstd are 1-D, G*M long, group-major (row m, group g at g*M + m), in C.
     Extra memory: about 3-4 compute-dtype buffers of one row block.
     """
+    if _uses_accelerator_path(x.device):
+        return _forward_accel(x, weight, bias, z, spec, out)
     m, n = x.shape
     c = compute_dtype(x.dtype)
     gs = spec.group_size
@@ -293,6 +320,8 @@ def backward(
     has_z = z is not None
     dx = torch.empty(m, n, dtype=x.dtype, device=dev) if needs_dx else None
     dz = torch.empty(m, n, dtype=z.dtype, device=dev) if (needs_dz and has_z) else None
+    if m > 0 and dev.type != "meta" and _uses_accelerator_path(dev):
+        return _backward_accel(dy, x, weight, bias, z, mean, rstd, spec, dx, dz, needs_dweight, needs_dbias)
     dw_acc = torch.zeros(n, dtype=c, device=dev) if needs_dweight else None
     db_acc = torch.zeros(n, dtype=c, device=dev) if (needs_dbias and bias is not None) else None
 
@@ -404,3 +433,222 @@ def backward(
         if dx is not None:
             dx[r0:r1].copy_(g)
     return finish()
+
+
+# ---------------------------------------------------------------------------
+# Accelerator path: fewest ops per call (each op is a kernel launch there)
+# ---------------------------------------------------------------------------
+
+
+def _uses_accelerator_path(device: torch.device) -> bool:
+    """True for devices that take the launch-lean path: every device but CPU (meta included).
+
+    A module-level function so that tests can run the accelerator path on CPU tensors.
+    """
+    return device.type != "cpu"
+
+
+def _accel_rows(m: int, n: int) -> int:
+    return max(1, min(m, ACCEL_BLOCK_ELEMENTS // max(n, 1)))
+
+
+def _in_c(t: torch.Tensor, c: torch.dtype) -> torch.Tensor:
+    """t itself where an op with a C tensor promotes it to C exactly (t's dtype is C or narrower), else t in C."""
+    return t if t.dtype == c or t.dtype.itemsize < c.itemsize else t.to(c)
+
+
+def _act_accel(z: torch.Tensor, c: torch.dtype, activation: str) -> torch.Tensor:
+    """act(z) in C as a fresh tensor: one op when z is in C, two (cast, then in place) otherwise."""
+    if z.dtype == c:
+        return F.silu(z) if activation == "swish" else torch.sigmoid(z)
+    zc = z.to(c)
+    return F.silu(zc, inplace=True) if activation == "swish" else zc.sigmoid_()
+
+
+def _forward_accel(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    z: torch.Tensor | None,
+    spec: NormSpec,
+    out: torch.Tensor,
+) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """:func:`forward` with the fewest ops: about 8-11 per call for one block (see the module docstring)."""
+    m, n = x.shape
+    c = compute_dtype(x.dtype)
+    gs = spec.group_size
+    groups = n // gs
+    dev = x.device
+    step = _accel_rows(m, n)
+    single = step >= m
+    if m == 0 or dev.type == "meta" or not single:
+        mean = None if spec.is_rms_norm else torch.empty(groups * m, dtype=c, device=dev)
+        rstd = torch.empty(groups * m, dtype=c, device=dev)
+        if m == 0 or dev.type == "meta":
+            return mean, rstd
+    w3 = _in_c(weight, c).unflatten(0, (groups, gs))
+    b3 = _in_c(bias, c).unflatten(0, (groups, gs)) if bias is not None else None
+    gate_before = z is not None and not spec.norm_before_gate
+    gate_after = z is not None and spec.norm_before_gate
+
+    for r0 in range(0, m, step):
+        r1 = min(r0 + step, m)
+        xb = x[r0:r1].unflatten(1, (groups, gs))  # views only: any strides
+        gate = _act_accel(z[r0:r1], c, spec.activation).unflatten(1, (groups, gs)) if z is not None else None
+        if gate_before:
+            xc, own = gate.mul_(xb), True  # x * act(z) in C; the gate is not needed afterwards
+        elif xb.dtype != c:
+            xc, own = xb.to(c), True
+        else:
+            xc, own = xb, False
+        # statistics reduced from the group-major view (G, rows, gs): they come out group-major
+        if spec.is_rms_norm:
+            sq = xc.mul_(xc) if (own and not gate_before) else torch.mul(xc, xc)
+            var = torch.mean(sq.transpose(0, 1), dim=-1, keepdim=True)
+            mu = None
+        else:
+            # Welford (stable like two-pass; never E[x^2] - E[x]^2), one reduction for both
+            var, mu = torch.var_mean(xc.transpose(0, 1), dim=-1, correction=0, keepdim=True)
+        if spec.eps:
+            var.add_(spec.eps)
+        rs = var.sqrt_().reciprocal_()  # rstd = 1 / sqrt(var + eps)
+        rs3 = rs.transpose(0, 1)  # (rows, G, 1)
+        if mu is not None:
+            xhat = xc.sub_(mu.transpose(0, 1)) if own else torch.sub(xc, mu.transpose(0, 1))
+            xhat.mul_(rs3)
+        elif own and gate_before:
+            xhat = xc.mul_(rs3)
+        else:
+            xhat = torch.mul(xb, rs3)  # x in its own dtype: promoted to C in the kernel
+        dst = out[r0:r1].unflatten(1, (groups, gs))
+        if gate_after:
+            if b3 is not None:
+                torch.addcmul(b3, xhat, w3, out=xhat)
+            else:
+                xhat.mul_(w3)
+            torch.mul(xhat, gate, out=dst)  # the one rounding to out's dtype
+        elif b3 is not None:
+            torch.addcmul(b3, xhat, w3, out=dst)
+        else:
+            torch.mul(xhat, w3, out=dst)
+        if single:
+            return (mu.reshape(-1) if mu is not None else None), rs.reshape(-1)
+        rstd.view(groups, m)[:, r0:r1].copy_(rs.reshape(groups, -1))
+        if mu is not None:
+            mean.view(groups, m)[:, r0:r1].copy_(mu.reshape(groups, -1))
+    return mean, rstd
+
+
+def _backward_accel(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    z: torch.Tensor | None,
+    mean: torch.Tensor | None,
+    rstd: torch.Tensor,
+    spec: NormSpec,
+    dx: torch.Tensor | None,
+    dz: torch.Tensor | None,
+    needs_dweight: bool,
+    needs_dbias: bool,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """:func:`backward` with the fewest ops; dx/dz are preallocated (M, N) outputs or None. M > 0."""
+    m, n = x.shape
+    c = compute_dtype(x.dtype)
+    gs = spec.group_size
+    groups = n // gs
+    has_z = z is not None
+    gate_before = has_z and not spec.norm_before_gate
+    gate_after = has_z and spec.norm_before_gate
+    need_dgate = dz is not None
+    need_dxin = dx is not None or (gate_before and need_dgate)
+    needs_dbias = needs_dbias and bias is not None
+    w3 = _in_c(weight, c).unflatten(0, (groups, gs))
+    b3 = _in_c(bias, c).unflatten(0, (groups, gs)) if bias is not None else None
+    w3_c = None  # weight in C, made only if dy meets it without a C operand
+    rs_gm = rstd.view(groups, m)
+    mu_gm = mean.view(groups, m) if mean is not None else None
+    swish = spec.activation == "swish"
+    dw = db = None
+
+    def split(t: torch.Tensor) -> torch.Tensor:
+        return t.unflatten(1, (groups, gs))
+
+    step = _accel_rows(m, n)
+    for r0 in range(0, m, step):
+        r1 = min(r0 + step, m)
+        xb, dyb = split(x[r0:r1]), split(dy[r0:r1])
+        rs3 = rs_gm[:, r0:r1].t().unsqueeze(-1)  # (rows, G, 1) view of the group-major stats
+
+        gate = dgate = None
+        if has_z:
+            zb = split(z[r0:r1])
+            if need_dgate:
+                zc = _in_c(zb, c)  # z itself unless wider than C
+                s = torch.sigmoid(zc) if zc.dtype == c else zc.to(c).sigmoid_()
+                one_minus = torch.rsub(s, 1.0)  # 1 - s, exact
+                if swish:
+                    gate = torch.mul(zc, s)  # a narrower z is promoted to C in the kernel
+                    # act' = s * (1 + z * (1 - s)) = s + act(z) * (1 - s)
+                    dgate = torch.addcmul(s, gate, one_minus, out=one_minus)
+                else:
+                    gate, dgate = s, one_minus.mul_(s)
+            else:
+                gate = split(_act_accel(z[r0:r1], c, spec.activation))
+
+        # xhat = (x [* act(z)] - mean) * rstd in C
+        if gate_before:
+            xin, own = torch.mul(xb, gate), True
+        else:
+            xin, own = xb, False
+        if mu_gm is not None:
+            mu3 = mu_gm[:, r0:r1].t().unsqueeze(-1)
+            xhat = (xin.sub_(mu3) if own else torch.sub(xin, mu3)).mul_(rs3)
+        else:
+            xhat = xin.mul_(rs3) if own else torch.mul(xin, rs3)
+
+        if gate_after:
+            if need_dgate:
+                # y = (xhat * w + b) * act(z): dz = dy * (xhat * w + b) * act'(z)
+                pre = torch.addcmul(b3, xhat, w3) if b3 is not None else torch.mul(xhat, w3)
+                torch.mul(pre.mul_(dyb), dgate, out=split(dz[r0:r1]))
+            dyc = torch.mul(dyb, gate)  # dL/d(norm output), in C
+        else:
+            dyc = dyb  # may be narrower than C: every op below meets a C operand
+        p = None
+        if needs_dweight:
+            p = torch.mul(dyc, xhat)
+            part = p.sum(dim=0)
+            dw = part if dw is None else dw.add_(part)
+        if needs_dbias:
+            part = torch.sum(dyc, dim=0, dtype=c)
+            db = part if db is None else db.add_(part)
+        if not need_dxin:
+            continue
+
+        if dyc is dyb and dyc.dtype != c:
+            if w3_c is None:
+                w3_c = w3 if w3.dtype == c else w3.to(c)
+            g = torch.mul(dyc, w3_c)  # dL/dxhat in C
+        elif dyc is dyb:
+            g = torch.mul(dyc, w3)
+        else:
+            g = dyc.mul_(w3)
+        # c1 = mean(xhat * g); p = dy' * xhat already holds all but the weight
+        c1 = (p.mul_(w3) if p is not None else torch.mul(xhat, g)).mean(dim=-1, keepdim=True)
+        if mu_gm is not None:
+            g.sub_(g.mean(dim=-1, keepdim=True))
+        torch.addcmul(g, xhat, c1, value=-1.0, out=g)  # g - mean(g) - xhat * c1
+        if gate_before:
+            g.mul_(rs3)  # dL/dxc
+            if need_dgate:
+                # xc = x * act(z): dz = dL/dxc * x * act'(z)
+                torch.mul(torch.mul(g, xb), dgate, out=split(dz[r0:r1]))
+            if dx is not None:
+                torch.mul(g, gate, out=split(dx[r0:r1]))
+        else:
+            torch.mul(g, rs3, out=split(dx[r0:r1]))
+    dweight = dw.reshape(n).to(weight.dtype) if dw is not None else None
+    dbias = db.reshape(n).to(bias.dtype) if db is not None else None
+    return dx, dz, dweight, dbias
