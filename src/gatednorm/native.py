@@ -5,14 +5,15 @@ plugins, meta). All math happens in the compute dtype C (float32, or float64
 for float64 inputs) and the result is rounded once, when it is written to
 ``out``: exactly the function of DESIGN.md section 1.
 
-Speed and memory come from the memory layout, not from cleverer math:
+There are two paths: the CPU path below, and an accelerator path (every other
+device, see further down) that counts kernel launches rather than cache misses.
 
-* Rows are processed in blocks of about :data:`CPU_BLOCK_ELEMENTS` elements on
-  CPU, so the compute-dtype working set (a few buffers of one block each)
-  stays in the L2/L3 cache instead of streaming full-size float32 copies of
-  the input through DRAM. On accelerators a block is capped at
-  :data:`ACCEL_BLOCK_ELEMENTS` (one block for most shapes: launches matter
-  more there than cache residency).
+On CPU, speed and memory come from the memory layout, not from cleverer math:
+
+* Rows are processed in blocks of about :data:`CPU_BLOCK_ELEMENTS` elements,
+  so the compute-dtype working set (a few buffers of one block each) stays in
+  the L2/L3 cache instead of streaming full-size float32 copies of the input
+  through DRAM.
 * The per-block buffers are allocated once per call and reused by every
   block; every step writes in place or through ``out=`` so no op allocates.
   Peak extra memory is therefore O(block) plus the statistics themselves.
@@ -52,9 +53,8 @@ one rounding at the final write) built from fewer, larger ops:
   is written to ``out`` (or ``dx``/``dz``) by the last op, rounding once;
 * statistics are reduced from a group-major view of the rows, so they come out in
   the group-major layout without a transpose copy;
-* LayerNorm statistics come from one ``torch.var_mean(correction=0)`` (ATen's
-  Welford reduction: numerically stable like the two-pass formula, never
-  E[x^2] - E[x]^2); RMSNorm's from ``torch.mean`` of the squares;
+* LayerNorm statistics are two-pass (mean, centre in place, mean of the squares;
+  never E[x^2] - E[x]^2); RMSNorm's are ``torch.mean`` of the squares;
 * ``torch.addcmul`` where it saves a full-size pass (bias, backward's
   ``g - xhat * c1``, the swish derivative): a possibly contracted multiply-add,
   within the rounding of C.
@@ -507,15 +507,17 @@ def _forward_accel(
             var = torch.mean(sq.transpose(0, 1), dim=-1, keepdim=True)
             mu = None
         else:
-            # Welford (stable like two-pass; never E[x^2] - E[x]^2), one reduction for both
-            var, mu = torch.var_mean(xc.transpose(0, 1), dim=-1, correction=0, keepdim=True)
+            # two-pass, as the contract says: centre, then the mean of squares (never E[x^2] - E[x]^2)
+            mu = torch.mean(xc.transpose(0, 1), dim=-1, keepdim=True)
+            xc = xc.sub_(mu.transpose(0, 1)) if own else torch.sub(xc, mu.transpose(0, 1))
+            own = True
+            var = torch.mean(torch.mul(xc, xc).transpose(0, 1), dim=-1, keepdim=True)
         if spec.eps:
             var.add_(spec.eps)
         rs = var.sqrt_().reciprocal_()  # rstd = 1 / sqrt(var + eps)
         rs3 = rs.transpose(0, 1)  # (rows, G, 1)
         if mu is not None:
-            xhat = xc.sub_(mu.transpose(0, 1)) if own else torch.sub(xc, mu.transpose(0, 1))
-            xhat.mul_(rs3)
+            xhat = xc.mul_(rs3)  # xc is centred already (and ours)
         elif own and gate_before:
             xhat = xc.mul_(rs3)
         else:
