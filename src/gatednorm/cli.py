@@ -28,6 +28,7 @@ import signal
 import sys
 import threading
 import time
+import types
 from typing import TYPE_CHECKING
 
 import torch
@@ -247,7 +248,7 @@ def verify(args: argparse.Namespace) -> int:
         return _verify_report(args, device, backends, shapes, fla, jobs, done, results, stopped, current,
                               time.monotonic() - start, final)
 
-    with _stop_on_sigterm():
+    with _stop_on_sigterm() as sigterm:
         try:
             for b, s, v in jobs:
                 if args.max_seconds is not None and time.monotonic() - start >= args.max_seconds:
@@ -267,6 +268,7 @@ def verify(args: argparse.Namespace) -> int:
         except (KeyboardInterrupt, _Terminated) as exc:
             stopped = "SIGTERM" if isinstance(exc, _Terminated) else "KeyboardInterrupt"
         finally:
+            sigterm.armed = False
             progress.close()
         return report(final=True)
 
@@ -283,23 +285,23 @@ class _Terminated(BaseException):
 
 
 @contextlib.contextmanager
-def _stop_on_sigterm() -> Iterator[None]:
+def _stop_on_sigterm() -> Iterator[types.SimpleNamespace]:
     """While verify runs, SIGTERM (what ``timeout`` sends) stops it like Ctrl-C; the previous handler is
-    restored afterwards. Only the first signal raises, so a second one cannot cut the report short."""
+    restored afterwards. The handler raises only while ``state.armed`` (once): verify disarms it before
+    it writes the final report, so a late or second signal cannot cut the report short."""
+    state = types.SimpleNamespace(armed=True)
     if threading.current_thread() is not threading.main_thread():
-        yield  # signal handlers can only be set from the main thread
+        yield state  # signal handlers can only be set from the main thread
         return
-    fired = False
 
     def handler(signum, frame):
-        nonlocal fired
-        if not fired:
-            fired = True
+        if state.armed:
+            state.armed = False
             raise _Terminated
 
     previous = signal.signal(signal.SIGTERM, handler)
     try:
-        yield
+        yield state
     finally:
         signal.signal(signal.SIGTERM, previous)
 
@@ -307,9 +309,13 @@ def _stop_on_sigterm() -> Iterator[None]:
 def _write_atomic(path: str, text: str) -> None:
     """Write via a temporary file and rename, so a reader (or a kill mid-write) never sees half a file."""
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def _verify_report(args, device, backends, shapes, fla, jobs, done, results, stopped, current, elapsed,
