@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
+import queue
+import re
+import signal
 import subprocess
 import sys
+import threading
 import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -30,11 +36,13 @@ def test_quick_float32_passes_and_writes_reports(tmp_path, capsys):
     assert "max ulps" in out and "F.layer_norm" in out and "F.group_norm" in out and "F.rms_norm" in out
     data = json.loads(js.read_text())
     assert data["meta"]["failed"] == 0 and data["summary"] and data["results"]
+    assert data["complete"] is True and data["meta"]["cases_run"] == data["meta"]["cases"] > 0
+    assert "INCOMPLETE" not in out
     quantities = {r["quantity"] for r in data["results"]}
     assert quantities == set(V.QUANTITIES)
     assert all(r["passed"] for r in data["results"])
     text = md.read_text()
-    assert "| backend | reference |" in text and "## Tolerance" in text
+    assert "| backend | reference |" in text and "## Tolerance" in text and "incomplete" not in text
 
 
 @pytest.fixture
@@ -80,6 +88,155 @@ def test_module_entry_point_help():
     proc = subprocess.run([sys.executable, "-m", "gatednorm", "verify", "--help"], capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 0 and "--quick" in proc.stdout and "--json" in proc.stdout
+
+
+# --- stopping early: --max-seconds, SIGTERM, Ctrl-C ----------------------------------------------
+
+QUICK_F32 = ["verify", "--quick", "--device", "cpu", "--dtype", "float32", "--backend", "native", "--no-upstream",
+             "--no-progress", "--plain", "--progress-every", "0"]
+
+
+def test_max_seconds_zero_gives_marked_partial_report(tmp_path, capsys):
+    js, md = tmp_path / "r.json", tmp_path / "r.md"
+    before = signal.getsignal(signal.SIGTERM)
+    rc = main([*QUICK_F32, "--max-seconds", "0", "--json", str(js), "--markdown", str(md)])
+    out = capsys.readouterr().out
+    assert rc == 3, out
+    assert signal.getsignal(signal.SIGTERM) is before  # the handler is verify's only while it runs
+    data = json.loads(js.read_text())
+    assert data["complete"] is False and data["meta"]["complete"] is False
+    assert data["meta"]["cases_run"] == 0 < data["meta"]["cases"] and data["results"] == []
+    assert "--max-seconds" in data["meta"]["stopped"]
+    assert f"incomplete: 0 of {data['meta']['cases']} cases run" in md.read_text()
+    assert "INCOMPLETE: 0 of" in out
+
+
+@pytest.fixture
+def interrupt_after(monkeypatch):
+    """Make the n+1-th case raise KeyboardInterrupt (as Ctrl-C would) and count the cases run."""
+    calls = []
+    real = V.run_case
+
+    def install(n):
+        def run_case(*a, **kw):
+            if len(calls) == n:
+                raise KeyboardInterrupt
+            calls.append(a[:3])
+            return real(*a, **kw)
+
+        monkeypatch.setattr(V, "run_case", run_case)
+        monkeypatch.setattr(V, "real_run_case", real, raising=False)
+        return calls
+
+    return install
+
+
+def test_keyboard_interrupt_reports_cases_done(interrupt_after, tmp_path, capsys):
+    calls = interrupt_after(3)
+    js = tmp_path / "r.json"
+    rc = main([*QUICK_F32, "--json", str(js)])
+    assert rc == 3
+    data = json.loads(js.read_text())
+    meta = data["meta"]
+    assert data["complete"] is False and meta["cases_run"] == 3 and meta["stopped"] == "KeyboardInterrupt"
+    assert meta["interrupted_case"]  # the fourth case, which did not finish
+    assert {(r["shape"], r["variant"]) for r in data["results"]} == {(s.name, v.label()) for _, s, v in calls}
+    # breadth first: the first cases already differ in shape
+    assert len({s.name for _, s, _ in calls}) == 3
+    assert "INCOMPLETE: 3 of" in capsys.readouterr().out
+
+
+def test_partial_run_draws_the_same_data_as_a_full_run(interrupt_after, tmp_path):
+    """Each case seeds its own data (from --seed and the case), so a partial run's numbers are the
+    full run's: recompute the cases that ran, alone and in reverse order, and get the same results."""
+    part = tmp_path / "part.json"
+    calls = interrupt_after(4)
+    assert main([*QUICK_F32, "--seed", "7", "--json", str(part)]) == 3
+    results = json.loads(part.read_text())["results"]
+    again = []
+    for b, s, v in reversed(calls):
+        gen = torch.Generator().manual_seed(V.case_seed(7, s, v))
+        again = [r.to_dict() for r in V.real_run_case(b, s, v, torch.device("cpu"), gen)] + again
+    assert results and json.loads(json.dumps(again, default=str)) == results
+
+
+def test_failure_wins_over_incomplete(broken_backend, interrupt_after, tmp_path):
+    interrupt_after(2)
+    rc = main(["verify", "--quick", "--device", "cpu", "--dtype", "float32", "--backend", broken_backend,
+               "--no-grad", "--no-upstream", "--no-progress", "--plain", "--progress-every", "0"])
+    assert rc == 1
+
+
+def test_partial_reports_are_written_while_running(monkeypatch, tmp_path):
+    """--json is rewritten (marked incomplete) as cases finish, for a run killed without warning."""
+    from gatednorm import cli
+
+    js = tmp_path / "r.json"
+    seen = []
+    real = V.run_case
+
+    def run_case(*a, **kw):
+        if js.exists():
+            seen.append(json.loads(js.read_text()))
+        if len(seen) == 3:
+            raise KeyboardInterrupt
+        return real(*a, **kw)
+
+    monkeypatch.setattr(cli, "_CHECKPOINT_SECONDS", 0.0)
+    monkeypatch.setattr(V, "run_case", run_case)
+    assert main([*QUICK_F32, "--json", str(js)]) == 3
+    assert [(d["complete"], d["meta"]["stopped"], d["meta"]["cases_run"]) for d in seen] == [
+        (False, None, 1), (False, None, 2), (False, None, 3)]
+    assert "still running" in seen[0]["meta"]["status"]
+    assert json.loads(js.read_text())["meta"]["stopped"] == "KeyboardInterrupt"
+    assert [p.name for p in tmp_path.iterdir()] == ["r.json"]  # no temporary files left
+
+
+def test_breadth_first_order_covers_every_key_early():
+    variants = list(V.variants(("float32", "bfloat16", "float16")))
+    jobs = V.case_order(["native", "triton"], V.FULL_SHAPES, variants)
+    expected = [(b, s, v) for b in ("native", "triton") for s in V.FULL_SHAPES for v in variants
+                if V.case_applies(s, v)]
+    assert sorted(map(repr, jobs)) == sorted(map(repr, expected))  # same cases, each once
+    assert jobs == V.case_order(["native", "triton"], V.FULL_SHAPES, variants)  # deterministic
+    first = jobs[:len(V.FULL_SHAPES)]
+    assert {s.name for _, s, _ in first} == {s.name for s in V.FULL_SHAPES}
+    first = jobs[:6]
+    assert {b for b, _, _ in first} == {"native", "triton"}
+    assert {v.dtype for _, _, v in first} == {"float32", "bfloat16", "float16"}
+    assert {v.gate for _, _, v in first} == set(V.GATES)
+    assert {v.is_rms_norm for _, _, v in first} == {False, True}
+    # every pair of (dtype, shape) and of (backend, shape) within the first 30 of 1080
+    assert len({(v.dtype, s.name) for _, s, v in jobs[:30]}) == 3 * len(V.FULL_SHAPES)
+    assert len({(b, s.name) for b, s, _ in jobs[:30]}) == 2 * len(V.FULL_SHAPES)
+
+
+def test_sigterm_writes_partial_report(tmp_path):
+    """What `timeout` does: SIGTERM to a running verify leaves the table, the partial JSON and exit 3."""
+    js = tmp_path / "r.json"
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    env = {**os.environ, "PYTHONPATH": src}
+    # the full matrix: far too long to finish before the signal
+    proc = subprocess.Popen([sys.executable, "-m", "gatednorm", "verify", "--device", "cpu", "--dtype", "float32",
+                             "--backend", "native", "--no-upstream", "--no-progress", "--plain",
+                             "--progress-every", "0.2", "--json", str(js)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    lines: queue.Queue[str] = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in proc.stderr], daemon=True).start()
+    try:
+        while True:  # wait until a case has finished (the handler is installed before the first case)
+            m = re.search(r"(\d+)/(\d+) cases", lines.get(timeout=60))
+            if m and int(m.group(1)) >= 1:
+                break
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 3, out
+    data = json.loads(js.read_text())
+    assert data["complete"] is False and data["meta"]["stopped"] == "SIGTERM"
+    assert 1 <= data["meta"]["cases_run"] < data["meta"]["cases"] and data["results"]
+    assert "INCOMPLETE" in out and "max ulps" in out
 
 
 # --- the metrics themselves -------------------------------------------------------------------

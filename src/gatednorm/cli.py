@@ -7,20 +7,36 @@ subparser and sets ``func`` (called with the parsed namespace, returns the exit 
 variant matrix against float64, PyTorch's norms and (when installed) the upstream Triton kernel;
 prints max/mean absolute error, max error in ulps of the output dtype and pass/fail against the
 documented tolerance (see :mod:`gatednorm.verification`); exits 1 on any failure.
+
+Under a time limit: cases run breadth first (:func:`gatednorm.verification.case_order`), so a run
+stopped early has covered every backend, dtype, shape and norm kind; ``--max-seconds S`` stops
+starting cases after S seconds, and SIGTERM (what ``timeout`` sends) or Ctrl-C stop at once. Either
+way the table and --json/--markdown cover the cases that ran, marked incomplete ("complete": false),
+and the exit code is 3 (1 if a check failed). While running, --json/--markdown are rewritten as
+partial reports every minute, in case the process is killed without warning.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
+import os
 import platform
+import signal
 import sys
+import threading
 import time
+import types
+from typing import TYPE_CHECKING
 
 import torch
 
 from . import verification as V
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
 
 # ---------------------------------------------------------------------------
 # Progress and table output (rich when installed, plain text otherwise)
@@ -35,13 +51,21 @@ def _rich_console(stderr: bool = False):
 
 
 class _Progress:
-    """A progress bar on stderr: rich's when installed and stderr is a terminal, else plain lines."""
+    """Progress on stderr: rich's bar when installed, enabled and stderr is a terminal; otherwise a
+    short heartbeat line (cases done / total, elapsed, current case) every ``every`` seconds.
 
-    def __init__(self, total: int, enabled: bool = True) -> None:
-        self.total, self.done, self.enabled = total, 0, enabled
+    The heartbeat runs on a daemon thread so that a log shows progress (and which case is running)
+    even while one case takes long, e.g. while Triton JIT-compiles a kernel variant on a GPU.
+    """
+
+    def __init__(self, total: int, bar: bool = True, every: float = 10.0) -> None:
+        self.total, self.done, self.every = total, 0, every
+        self.current = ""
         self._rich = None
-        self._last = 0.0
-        if enabled and sys.stderr.isatty():
+        self._start = time.monotonic()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        if bar and sys.stderr.isatty():
             try:
                 from rich.progress import Progress
             except ImportError:
@@ -50,22 +74,36 @@ class _Progress:
                 self._rich = Progress(transient=True)
                 self._task = self._rich.add_task("verifying", total=total)
                 self._rich.start()
+                return
+        if every > 0:
+            self._thread = threading.Thread(target=self._heartbeat, name="gatednorm-verify-progress", daemon=True)
+            self._thread.start()
+
+    def line(self) -> str:
+        return (f"gatednorm verify: {self.done}/{self.total} cases, {time.monotonic() - self._start:.0f} s"
+                + (f", running: {self.current}" if self.current else ""))
+
+    def _heartbeat(self) -> None:
+        while not self._stop.wait(self.every):
+            print(self.line(), file=sys.stderr, flush=True)
+
+    def start_case(self, label: str) -> None:
+        self.current = label
 
     def advance(self, label: str) -> None:
         self.done += 1
-        if not self.enabled:
-            return
+        self.current = ""
         if self._rich is not None:
             self._rich.update(self._task, advance=1, description=label[:40])
-            return
-        now = time.monotonic()
-        if now - self._last >= 2.0 or self.done == self.total:  # plain: a line every 2 s at most
-            self._last = now
-            print(f"[{self.done}/{self.total}] {label}", file=sys.stderr, flush=True)
 
     def close(self) -> None:
+        self._stop.set()
         if self._rich is not None:
             self._rich.stop()
+        elif self._thread is not None:
+            self._thread.join(timeout=1.0)
+            self.current = ""
+            print(self.line(), file=sys.stderr, flush=True)  # the final count, always in the log
 
 
 def _fmt(v: float) -> str:
@@ -111,6 +149,9 @@ def _print_table(rows: list[tuple[str, ...]], title: str, use_rich: bool) -> Non
 
 def _markdown(summary: list[V.SummaryRow], results: list[V.Result], meta: dict) -> str:
     lines = [f"# gatednorm verify: {meta['device']} ({meta['device_name']})", ""]
+    if not meta["complete"]:
+        lines += [f"**{meta['status']}**" + (f"; stopped during: {meta['interrupted_case']}"
+                                             if meta["interrupted_case"] else ""), ""]
     lines += [f"- {k}: {v}" for k, v in meta.items() if k not in ("device",)]
     lines += ["", "| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
     lines += ["| " + " | ".join(r) + " |" for r in _table_rows(summary)]
@@ -152,7 +193,16 @@ def add_verify_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--markdown", metavar="PATH", help="write the summary table (and failures) as Markdown")
     p.add_argument("--verbose", "-v", action="store_true", help="print every failing case")
     p.add_argument("--plain", action="store_true", help="plain text even when rich is installed")
-    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress output on stderr")
+    p.add_argument("--no-progress", dest="progress", action="store_false",
+                   help="no progress bar; a short status line on stderr every --progress-every seconds instead "
+                        "(also the default when stderr is not a terminal)")
+    p.add_argument("--progress-every", type=float, default=10.0, metavar="S",
+                   help="seconds between status lines without a progress bar (default 10; 0: none)")
+    p.add_argument("--max-seconds", type=float, default=None, metavar="S",
+                   help="start no new case after S seconds; report what ran, mark the JSON/Markdown incomplete "
+                        f"and exit {EXIT_INCOMPLETE} (1 if a check failed). A case that started runs to its end "
+                        "(on a GPU the first use of a kernel variant JIT-compiles, which can take a while), so "
+                        "leave headroom under an outer time limit; SIGTERM/Ctrl-C also stop and report")
     p.set_defaults(func=verify)
     return p
 
@@ -164,7 +214,9 @@ def _device_name(device: torch.device) -> str:
 
 
 def verify(args: argparse.Namespace) -> int:
-    """Run the precision report; returns 0 when every check passes, 1 otherwise, 2 on a usage error."""
+    """Run the precision report; returns 0 when every check passes, 1 on any failure, 2 on a usage error,
+    3 (:data:`EXIT_INCOMPLETE`) when the run stopped early (--max-seconds, SIGTERM, Ctrl-C) without a failure."""
+    start = time.monotonic()
     try:
         device = torch.device(args.device)
         torch.empty(0, device=device)
@@ -182,24 +234,99 @@ def verify(args: argparse.Namespace) -> int:
     shapes = V.QUICK_SHAPES if args.quick else V.FULL_SHAPES
     fla = V.upstream_kernel(device) if args.upstream else (None, None, "disabled (--no-upstream)")
     variants = list(V.variants(dtypes))
-    jobs = [(b, s, v) for b in backends for s in shapes for v in variants
-            if v.grouped is False or (s.group_size is not None and s.group_size != s.n)]
+    jobs = V.case_order(backends, shapes, variants)
 
-    gen = torch.Generator().manual_seed(args.seed)
-    progress = _Progress(len(jobs), enabled=args.progress)
+    progress = _Progress(len(jobs), bar=args.progress, every=args.progress_every)
     results: list[V.Result] = []
-    start = time.perf_counter()
-    try:
-        for b, s, v in jobs:
-            results.extend(V.run_case(b, s, v, device, gen, fla=fla if fla[0] is not None else None,
-                                      gradients=args.gradients))
-            progress.advance(f"{b} {s.name} {v.label()}")
-    finally:
-        progress.close()
-    elapsed = time.perf_counter() - start
+    stopped = ""  # why the run ended early ("" when every case ran)
+    current = ""  # the case that was running when a signal stopped the run
+    done = 0
+    last_checkpoint = time.monotonic()
+    fla_arg = fla if fla[0] is not None else None
 
+    def report(final: bool) -> int:
+        return _verify_report(args, device, backends, shapes, fla, jobs, done, results, stopped, current,
+                              time.monotonic() - start, final)
+
+    with _stop_on_sigterm() as sigterm:
+        try:
+            for b, s, v in jobs:
+                if args.max_seconds is not None and time.monotonic() - start >= args.max_seconds:
+                    stopped = f"--max-seconds {args.max_seconds:g} reached"
+                    break
+                current = f"{b} {s.name} {v.label()}"
+                progress.start_case(current)
+                gen = torch.Generator().manual_seed(V.case_seed(args.seed, s, v))
+                results.extend(V.run_case(b, s, v, device, gen, fla=fla_arg, gradients=args.gradients))
+                done += 1
+                current = ""
+                progress.advance(f"{b} {s.name} {v.label()}")
+                if (args.json or args.markdown) and time.monotonic() - last_checkpoint >= _CHECKPOINT_SECONDS:
+                    # a run killed without a chance to report (SIGKILL, a hung call) still leaves this
+                    report(final=False)
+                    last_checkpoint = time.monotonic()
+        except (KeyboardInterrupt, _Terminated) as exc:
+            stopped = "SIGTERM" if isinstance(exc, _Terminated) else "KeyboardInterrupt"
+        finally:
+            sigterm.armed = False
+            progress.close()
+        return report(final=True)
+
+
+#: Seconds between the partial --json/--markdown files written while verify runs.
+_CHECKPOINT_SECONDS = 60.0
+
+#: Exit code of a run that stopped early (--max-seconds, SIGTERM, Ctrl-C) without a failure.
+EXIT_INCOMPLETE = 3
+
+
+class _Terminated(BaseException):
+    """Raised by verify's SIGTERM handler; a BaseException so run_case's ``except Exception`` lets it through."""
+
+
+@contextlib.contextmanager
+def _stop_on_sigterm() -> Iterator[types.SimpleNamespace]:
+    """While verify runs, SIGTERM (what ``timeout`` sends) stops it like Ctrl-C; the previous handler is
+    restored afterwards. The handler raises only while ``state.armed`` (once): verify disarms it before
+    it writes the final report, so a late or second signal cannot cut the report short."""
+    state = types.SimpleNamespace(armed=True)
+    if threading.current_thread() is not threading.main_thread():
+        yield state  # signal handlers can only be set from the main thread
+        return
+
+    def handler(signum, frame):
+        if state.armed:
+            state.armed = False
+            raise _Terminated
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield state
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _write_atomic(path: str, text: str) -> None:
+    """Write via a temporary file and rename, so a reader (or a kill mid-write) never sees half a file."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _verify_report(args, device, backends, shapes, fla, jobs, done, results, stopped, current, elapsed,
+                   final: bool) -> int:
+    """Summarise what ran; print the table (``final``) and write --json/--markdown; return the exit code."""
     summary = V.summarize(results)
     failed = [r for r in results if not r.passed]
+    complete = done == len(jobs)
+    status = "complete" if complete else f"incomplete: {done} of {len(jobs)} cases run"
+    if not complete:
+        status += f" ({stopped})" if stopped else " (still running)"
     meta = {
         "device": str(device),
         "device_name": _device_name(device),
@@ -208,31 +335,38 @@ def verify(args: argparse.Namespace) -> int:
         "upstream": "fla-core" if fla[0] is not None else f"skipped: {fla[2]}",
         "shapes": "; ".join(f"{s.name}" for s in shapes),
         "eps": V.EPS,
+        "complete": complete,
+        "status": status,
         "cases": len(jobs),
+        "cases_run": done,
+        "stopped": stopped or None,
+        "interrupted_case": current or None,
         "checks": len(results),
         "failed": len(failed),
         "seconds": round(elapsed, 1),
     }
-    use_rich = not args.plain
-    _print_table(_table_rows(summary), f"gatednorm verify on {device} ({meta['device_name']}), "
-                 f"torch {torch.__version__}, upstream: {meta['upstream']}", use_rich)
-    if args.verbose and failed:
-        print("\nfailing cases:")
-        for r in failed:
-            print(f"  {r.backend} {r.shape} {r.variant} vs {r.reference} {r.quantity}: "
-                  f"err/tol {r.comparison.worst_ratio:.3g} {r.error}")
-    print(f"\n{len(results) - len(failed)}/{len(results)} checks within tolerance "
-          f"({len(jobs)} cases, {elapsed:.1f} s). Tolerance: |got-ref| <= u(O)*(|ref|+e) + e + min_spacing(O)/2, "
-          f"e = K*u(C)*A, K = 8+log2(group_size) (see gatednorm.verification).\n{ULP_NOTE}")
+    if final:
+        use_rich = not args.plain
+        _print_table(_table_rows(summary), f"gatednorm verify on {device} ({meta['device_name']}), "
+                     f"torch {torch.__version__}, upstream: {meta['upstream']}", use_rich)
+        if args.verbose and failed:
+            print("\nfailing cases:")
+            for r in failed:
+                print(f"  {r.backend} {r.shape} {r.variant} vs {r.reference} {r.quantity}: "
+                      f"err/tol {r.comparison.worst_ratio:.3g} {r.error}")
+        print(f"\n{len(results) - len(failed)}/{len(results)} checks within tolerance "
+              f"({done} of {len(jobs)} cases, {elapsed:.1f} s). Tolerance: |got-ref| <= u(O)*(|ref|+e) + e + "
+              f"min_spacing(O)/2, e = K*u(C)*A, K = 8+log2(group_size) (see gatednorm.verification).\n{ULP_NOTE}")
+        if not complete:
+            print(f"\nINCOMPLETE: {done} of {len(jobs)} cases run ({stopped})"
+                  + (f"; stopped during: {current}" if current else "") + ".", flush=True)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"meta": meta, "tolerance": V.tolerance_table(),
-                       "summary": [s.to_dict() for s in summary],
-                       "results": [r.to_dict() for r in results]}, f, indent=1, default=str)
+        _write_atomic(args.json, json.dumps({"complete": complete, "meta": meta, "tolerance": V.tolerance_table(),
+                                             "summary": [s.to_dict() for s in summary],
+                                             "results": [r.to_dict() for r in results]}, indent=1, default=str))
     if args.markdown:
-        with open(args.markdown, "w") as f:
-            f.write(_markdown(summary, results, meta))
-    return 1 if failed else 0
+        _write_atomic(args.markdown, _markdown(summary, results, meta))
+    return 1 if failed else (0 if complete else EXIT_INCOMPLETE)
 
 
 # ---------------------------------------------------------------------------

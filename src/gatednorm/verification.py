@@ -43,7 +43,8 @@ import dataclasses
 import importlib
 import math
 import os
-from collections.abc import Callable, Iterator
+import zlib
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -296,6 +297,73 @@ def variants(dtypes: tuple[str, ...] = ("float32", "bfloat16", "float16")) -> It
                     for has_bias in (True, False):
                         for grouped in (False, True):
                             yield Variant(rms, gate, act, has_bias, grouped, dtype)
+
+
+def case_applies(shape: Shape, variant: Variant) -> bool:
+    """The grouped variant only runs on shapes with more than one group."""
+    return not variant.grouped or (shape.group_size is not None and shape.group_size != shape.n)
+
+
+def breadth_first(items: Sequence, keys: Sequence[Callable[[object], Hashable]]) -> list:
+    """Reorder ``items`` so that every prefix covers the values of the keys as evenly as possible.
+
+    Greedy: the next item is the one whose key values have been taken least often so far (the sum
+    over keys of how often its value was taken), ties broken by how often its pairs of key values
+    were taken, then by input order. A run cut short thus has seen every backend, dtype, shape,
+    norm kind, gate ... (and most of their pairs) before it repeats any. Deterministic.
+    """
+    n, k = len(items), len(keys)
+    if n <= 1 or not keys:
+        return list(items)
+    values: list[dict[Hashable, int]] = [{} for _ in keys]
+    pts = torch.tensor([[values[j].setdefault(key(it), len(values[j])) for j, key in enumerate(keys)]
+                        for it in items], dtype=torch.int64)
+    sizes = [len(v) for v in values]
+    pairs = [(i, j) for i in range(k) for j in range(i + 1, k)]
+    pair_idx = [pts[:, i] * sizes[j] + pts[:, j] for i, j in pairs]
+    single = [torch.zeros(d, dtype=torch.int64) for d in sizes]
+    double = [torch.zeros(sizes[i] * sizes[j], dtype=torch.int64) for i, j in pairs]
+    big = n * len(pairs) + 1  # a single count outweighs any sum of pair counts
+    taken = torch.zeros(n, dtype=torch.bool)
+    order = []
+    for _ in range(n):
+        score = sum(single[j][pts[:, j]] for j in range(k)) * big + sum(c[p] for c, p in zip(double, pair_idx,
+                                                                                               strict=True))
+        score[taken] = torch.iinfo(torch.int64).max
+        i = int(torch.argmin(score))  # the first minimum: ties keep input order
+        taken[i] = True
+        order.append(i)
+        for j in range(k):
+            single[j][pts[i, j]] += 1
+        for c, p in zip(double, pair_idx, strict=True):
+            c[p[i]] += 1
+    return [items[i] for i in order]
+
+
+def case_order(backends: Sequence[str], shapes: Sequence[Shape], variants_: Sequence[Variant]
+               ) -> list[tuple[str, Shape, Variant]]:
+    """Every applicable (backend, shape, variant), ordered breadth first (see :func:`breadth_first`).
+
+    A run stopped early (``--max-seconds``, SIGTERM) then has covered every backend, dtype and
+    shape, the norm kinds and gates, before it repeats any of them; the full set is the same as
+    the plain product.
+    """
+    jobs = [(b, s, v) for b in backends for s in shapes for v in variants_ if case_applies(s, v)]
+    return breadth_first(jobs, [
+        lambda j: j[0],  # backend
+        lambda j: j[2].dtype,
+        lambda j: j[1].name,  # shape
+        lambda j: (j[2].is_rms_norm, j[2].gate),
+        lambda j: j[2].grouped,
+        lambda j: j[2].has_bias,
+        lambda j: j[2].activation,
+    ])
+
+
+def case_seed(seed: int, shape: Shape, variant: Variant) -> int:
+    """The data seed of one case: independent of the order (and subset) of cases run, so a partial
+    run draws the same inputs as a full one, and every backend sees the same data for a case."""
+    return (seed * 1_000_003 + zlib.crc32(f"{shape.name}|{variant.label()}".encode())) % (2**63)
 
 
 def available_backends(device: torch.device) -> list[str]:
