@@ -28,7 +28,9 @@ kernels)
     python3 benchmarks/bench_gpu.py --host --out "$OUT" "${SGL[@]}" 2>&1 | tee "$OUT/bench_gpu.log"
     ;;
 report)
-    timeout 240 python3 -m gatednorm verify --device cuda --backend native --backend triton --no-progress \
+    # every Triton variant JIT-compiles on first use: bound the run and keep a partial report
+    timeout --preserve-status 300 python3 -m gatednorm verify --device cuda --backend native --backend triton \
+        --no-progress --max-seconds 200 \
         --json "$OUT/verify_cuda.json" --markdown "$OUT/verify_cuda.md" > "$OUT/verify_cuda.log" 2>&1
     echo "verify exit $?"; tail -25 "$OUT/verify_cuda.log"
     timeout 150 python3 benchmarks/bench_cpu.py --device cuda --no-memory --reps 9 --reps-bwd 5 \
