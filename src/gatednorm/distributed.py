@@ -56,9 +56,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-from torch import nn
 
 from .functional import layer_norm_fwd
+from .modules import AffineGatedNormBase
 from .native import gate_activation, gate_activation_and_derivative
 from .spec import NormSpec, canonical_activation, compute_dtype, prepare
 
@@ -528,8 +528,7 @@ def gather_weight(local: torch.Tensor, group: dist.ProcessGroup | None = None) -
     return torch.cat(parts, dim=-1)
 
 
-class _TPGatedNorm(nn.Module):
-    is_rms_norm: bool = False
+class _TPGatedNorm(AffineGatedNormBase):
 
     def __init__(
         self,
@@ -566,18 +565,7 @@ class _TPGatedNorm(nn.Module):
         self.group = group
         self.tp_rank = rank
         self.tp_size = world_size
-        factory = {"device": device, "dtype": dtype}
-        self.weight = nn.Parameter(torch.empty(self.layout.shard_size, **factory))
-        if self.is_rms_norm:
-            self.register_parameter("bias", None)
-        else:
-            self.bias = nn.Parameter(torch.empty(self.layout.shard_size, **factory))
-        self.reset_parameters()
-
-    def reset_parameters(self) -> None:
-        nn.init.ones_(self.weight)
-        if self.bias is not None:
-            nn.init.zeros_(self.bias)
+        self._init_affine(self.layout.shard_size, device, dtype)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # Accept unsharded checkpoints: a full (N,) weight/bias is cut to this rank's shard on load.
@@ -599,13 +587,9 @@ class _TPGatedNorm(nn.Module):
         )[0]
 
     def extra_repr(self) -> str:
-        text = (f"{self.hidden_size} (local {self.layout.shard_size}, rank {self.tp_rank}/{self.tp_size}), "
-                f"eps={self.eps}, group_size={self.group_size}, norm_before_gate={self.norm_before_gate}")
-        if self.activation != "swish":
-            text += f", activation={self.activation!r}"
-        if self.backend is not None:
-            text += f", backend={self.backend!r}"
-        return text
+        return (f"{self.hidden_size} (local {self.layout.shard_size}, rank {self.tp_rank}/{self.tp_size}), "
+                f"eps={self.eps}, group_size={self.group_size}, norm_before_gate={self.norm_before_gate}"
+                + self._options_repr())
 
 
 class TPGatedLayerNorm(_TPGatedNorm):

@@ -15,8 +15,36 @@ from .functional import layernorm_fn
 from .spec import canonical_activation
 
 
-class _GatedNorm(nn.Module):
+class AffineGatedNormBase(nn.Module):
+    """What every gated-norm module shares: ``weight`` (and ``bias``, None for RMSNorm) of ``size``
+    features initialised to ones/zeros, and the repr of the optional keyword settings.
+    Also the base of the tensor-parallel modules in :mod:`gatednorm.distributed`."""
+
     is_rms_norm: bool = False
+    activation: str
+    backend: str | None
+
+    def _init_affine(self, size: int, device, dtype) -> None:
+        self.weight = nn.Parameter(torch.empty(size, device=device, dtype=dtype))
+        if self.is_rms_norm:
+            self.register_parameter("bias", None)
+        else:
+            self.bias = nn.Parameter(torch.empty(size, device=device, dtype=dtype))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
+    def _options_repr(self) -> str:
+        text = f", activation={self.activation!r}" if self.activation != "swish" else ""
+        if self.backend is not None:
+            text += f", backend={self.backend!r}"
+        return text
+
+
+class _GatedNorm(AffineGatedNormBase):
 
     def __init__(
         self,
@@ -39,24 +67,13 @@ class _GatedNorm(nn.Module):
         ):
             raise ValueError(f"group_size must be None or a positive divisor of hidden_size = {hidden_size}, "
                              f"got {group_size!r}")
-        factory = {"device": device, "dtype": dtype}
         self.hidden_size = hidden_size
         self.eps = eps
         self.group_size = group_size
         self.norm_before_gate = norm_before_gate
         self.activation = canonical_activation(activation)
         self.backend = backend
-        self.weight = nn.Parameter(torch.empty(hidden_size, **factory))
-        if self.is_rms_norm:
-            self.register_parameter("bias", None)
-        else:
-            self.bias = nn.Parameter(torch.empty(hidden_size, **factory))
-        self.reset_parameters()
-
-    def reset_parameters(self) -> None:
-        nn.init.ones_(self.weight)
-        if self.bias is not None:
-            nn.init.zeros_(self.bias)
+        self._init_affine(hidden_size, device, dtype)
 
     def forward(self, x: torch.Tensor, z: torch.Tensor | None = None) -> torch.Tensor:
         """x: (..., hidden_size); z: None or x's shape. Returns x's shape and dtype."""
@@ -66,13 +83,8 @@ class _GatedNorm(nn.Module):
         )
 
     def extra_repr(self) -> str:
-        text = (f"{self.hidden_size}, eps={self.eps}, group_size={self.group_size}, "
-                f"norm_before_gate={self.norm_before_gate}")
-        if self.activation != "swish":
-            text += f", activation={self.activation!r}"
-        if self.backend is not None:
-            text += f", backend={self.backend!r}"
-        return text
+        return (f"{self.hidden_size}, eps={self.eps}, group_size={self.group_size}, "
+                f"norm_before_gate={self.norm_before_gate}" + self._options_repr())
 
 
 class LayerNorm(_GatedNorm):
