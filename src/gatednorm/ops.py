@@ -34,7 +34,7 @@ _BACKEND_MODULES = {
 }
 
 
-def _env_flag(name: str) -> bool:
+def env_flag(name: str) -> bool:
     value = os.environ.get(name)  # read per call (cheap when unset): tests and users flip these at run time
     return value is not None and value.strip().lower() in ("1", "true", "yes", "on")
 
@@ -63,7 +63,7 @@ def _triton_supports(device: torch.device) -> bool:
     if device.type == "cuda":
         return True
     # Triton's interpreter runs kernels on CPU tensors (slowly): only on explicit request.
-    return device.type == "cpu" and _env_flag("TRITON_INTERPRET")
+    return device.type == "cpu" and env_flag("TRITON_INTERPRET")
 
 
 def load_backend(name: str) -> ModuleType:
@@ -84,7 +84,7 @@ def resolve_backend(backend: str | None, device: torch.device) -> str:
     """
     if backend is not None and backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
-    if _env_flag("USE_NATIVE_LAYERNORM"):
+    if env_flag("USE_NATIVE_LAYERNORM"):
         return "native"
     if backend is None:
         raw = os.environ.get("GATEDNORM_BACKEND")

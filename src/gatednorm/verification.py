@@ -42,7 +42,6 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import math
-import os
 import zlib
 from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -380,13 +379,9 @@ def available_backends(device: torch.device) -> list[str]:
     return names
 
 
-def _env_flag(name: str) -> bool:
-    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
-
-
 def upstream_kernel(device: torch.device) -> tuple[Callable | None, type | None, str]:
     """(layer_norm_fwd, LayerNormFn, why-not) of fla-core when it can run on ``device``."""
-    if device.type == "cpu" and not _env_flag("TRITON_INTERPRET"):
+    if device.type == "cpu" and not ops.env_flag("TRITON_INTERPRET"):
         return None, None, "fla needs TRITON_INTERPRET=1 on CPU"
     if device.type not in ("cpu", "cuda"):
         return None, None, f"fla does not run on {device.type}"
