@@ -281,3 +281,70 @@ def test_run_case_against_upstream_kernel():
     upstream = [r for r in results if r.reference == "fla"]
     assert {r.quantity for r in upstream} == set(V.QUANTITIES)
     assert all(r.passed for r in results), [(r.quantity, r.comparison.worst_ratio, r.error) for r in results]
+
+
+# --- verify --jobs: worker processes, one merged report ---------------------------------------
+
+def test_shard_jobs_partition_the_cases_and_keep_a_variant_together():
+    variants = list(V.variants(("float32", "bfloat16", "float16")))
+    jobs = V.case_order(["native", "triton"], V.FULL_SHAPES, variants)
+    shards = [V.shard_jobs(jobs, k, 4) for k in range(4)]
+    assert sorted(map(repr, (j for s in shards for j in s))) == sorted(map(repr, jobs))  # each case once
+    for s in shards:
+        assert s == [j for j in jobs if j in s]  # breadth-first order kept within a worker
+        assert len(s) > len(jobs) // 8  # none starved
+    owner = {(j[1].name, j[2].label()): k for k, s in enumerate(shards) for j in s}
+    for k, s in enumerate(shards):  # both backends' cases of one (shape, variant) in one worker
+        assert all(owner[(j[1].name, j[2].label())] == k for j in s)
+    assert V.shard_jobs(jobs, 0, 1) == jobs
+    with pytest.raises(ValueError, match="shard"):
+        V.shard_jobs(jobs, 4, 4)
+
+
+def test_jobs_report_equals_single_process_report(tmp_path, capsys):
+    common = ["verify", "--quick", "--device", "cpu", "--dtype", "float32", "--backend", "native", "--no-upstream",
+              "--no-progress", "--plain"]
+    assert main([*common, "--json", str(tmp_path / "one.json")]) == 0
+    one_out = capsys.readouterr().out
+    assert main([*common, "--jobs", "3", "--json", str(tmp_path / "three.json"),
+                 "--markdown", str(tmp_path / "three.md")]) == 0
+    three_out = capsys.readouterr().out
+    one, three = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "three"))
+
+    def key(r):
+        return r["backend"], r["shape"], r["variant"], r["reference"], r["quantity"]
+
+    assert sorted(one["results"], key=key) == sorted(three["results"], key=key)  # same data, same errors
+    assert one["summary"] == three["summary"] and three["complete"] is True
+    assert three["meta"]["cases_run"] == one["meta"]["cases_run"] == one["meta"]["cases"]
+
+    def table(text):
+        return [line for line in text.splitlines() if "cases," not in line]  # drop the timing line
+
+    assert table(one_out) == table(three_out)
+    assert "| backend | reference |" in (tmp_path / "three.md").read_text()
+
+
+def test_jobs_worker_that_dies_fails_the_run(monkeypatch, capsys):
+    import gatednorm.cli as cli
+
+    monkeypatch.setattr(cli, "_worker_command",
+                        lambda *a, **k: [sys.executable, "-c", "print('worker boom'); raise SystemExit(7)"])
+    rc = main(["verify", "--quick", "--device", "cpu", "--dtype", "float32", "--backend", "native", "--no-upstream",
+               "--no-progress", "--plain", "--jobs", "2"])
+    captured = capsys.readouterr()
+    assert rc == 1
+    assert "exited with code 7 without a report" in captured.err and "worker boom" in captured.err
+    assert "INCOMPLETE" in captured.out and "crashed" in captured.out
+
+
+@pytest.mark.parametrize("bad", ["3/3", "-1/2", "a/b", "1"])
+def test_shard_argument_is_checked(bad, capsys):
+    with pytest.raises(SystemExit) as exc:
+        build_parser().parse_args(["verify", "--shard", bad])
+    assert exc.value.code == 2 and "--shard" in capsys.readouterr().err
+
+
+def test_jobs_must_be_positive(capsys):
+    assert main(["verify", "--quick", "--device", "cpu", "--jobs", "0", "--no-progress"]) == 2
+    assert "--jobs" in capsys.readouterr().err

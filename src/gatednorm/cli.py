@@ -25,7 +25,9 @@ import math
 import os
 import platform
 import signal
+import subprocess
 import sys
+import tempfile
 import threading
 import time
 import types
@@ -91,10 +93,13 @@ class _Progress:
         self.current = label
 
     def advance(self, label: str) -> None:
-        self.done += 1
+        self.set_done(self.done + 1, label)
+
+    def set_done(self, done: int, label: str = "") -> None:
+        self.done = done
         self.current = ""
         if self._rich is not None:
-            self._rich.update(self._task, advance=1, description=label[:40])
+            self._rich.update(self._task, completed=done, description=label[:40])
 
     def close(self) -> None:
         self._stop.set()
@@ -204,8 +209,26 @@ def add_verify_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParse
                         f"and exit {EXIT_INCOMPLETE} (1 if a check failed). A case that started runs to its end "
                         "(on a GPU the first use of a kernel variant JIT-compiles, which can take a while), so "
                         "leave headroom under an outer time limit; SIGTERM/Ctrl-C also stop and report")
+    p.add_argument("--jobs", "-j", type=int, default=1, metavar="N",
+                   help="run the cases in N worker processes and merge their reports (default 1). On a GPU the "
+                        "first use of each kernel variant JIT-compiles on the CPU: workers compile side by side "
+                        "(cases of one shape and variant stay in one worker). Each worker gets cpu_count/N threads")
+    p.add_argument("--shard", type=_shard, default=None, metavar="K/N",
+                   help="run only worker K's share of N (what --jobs gives each worker; K counts from 0)")
+    p.add_argument("--progress-file", default=None, help=argparse.SUPPRESS)  # --jobs workers: "done total"
     p.set_defaults(func=verify)
     return p
+
+
+def _shard(text: str) -> tuple[int, int]:
+    """``K/N`` -> (K, N) with 0 <= K < N (argparse type of --shard)."""
+    try:
+        k, n = (int(part) for part in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected K/N with integers, e.g. 0/4, got {text!r}") from None
+    if not 0 <= k < n:
+        raise argparse.ArgumentTypeError(f"expected 0 <= K < N, got {text!r}")
+    return k, n
 
 
 def _device_name(device: torch.device) -> str:
@@ -235,8 +258,15 @@ def verify(args: argparse.Namespace) -> int:
     dtypes = tuple(args.dtype or ("float32", "bfloat16", "float16"))
     shapes = V.QUICK_SHAPES if args.quick else V.FULL_SHAPES
     fla = V.upstream_kernel(device) if args.upstream else (None, None, "disabled (--no-upstream)")
+    if args.jobs < 1:
+        print(f"gatednorm verify: --jobs must be >= 1, got {args.jobs}", file=sys.stderr)
+        return 2
     variants = list(V.variants(dtypes))
     jobs = V.case_order(backends, shapes, variants)
+    if args.shard is not None:
+        jobs = V.shard_jobs(jobs, *args.shard)
+    elif args.jobs > 1:
+        return _verify_parallel(args, device, backends, dtypes, shapes, fla, jobs, start)
 
     progress = _Progress(len(jobs), bar=args.progress, every=args.progress_every)
     results: list[V.Result] = []
@@ -263,6 +293,8 @@ def verify(args: argparse.Namespace) -> int:
                 done += 1
                 current = ""
                 progress.advance(f"{b} {s.name} {v.label()}")
+                if args.progress_file:
+                    _write_atomic(args.progress_file, f"{done} {len(jobs)}")
                 if (args.json or args.markdown) and time.monotonic() - last_checkpoint >= _CHECKPOINT_SECONDS:
                     # a run killed without a chance to report (SIGKILL, a hung call) still leaves this
                     report(final=False)
@@ -306,6 +338,118 @@ def _stop_on_sigterm() -> Iterator[types.SimpleNamespace]:
         yield state
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def _worker_command(args: argparse.Namespace, device: torch.device, backends: list[str], dtypes: tuple[str, ...],
+                    shard: int, shards: int, json_path: str, progress_path: str, max_seconds: float | None
+                    ) -> list[str]:
+    """The ``verify`` command line of one ``--jobs`` worker: the parent's selection, one shard of it."""
+    cmd = [sys.executable, "-m", "gatednorm", "verify", "--device", str(device), "--seed", str(args.seed),
+           "--shard", f"{shard}/{shards}", "--json", json_path, "--progress-file", progress_path,
+           "--no-progress", "--progress-every", "0", "--plain"]
+    for b in backends:
+        cmd += ["--backend", b]
+    for d in dtypes:
+        cmd += ["--dtype", d]
+    if args.quick:
+        cmd.append("--quick")
+    if not args.gradients:
+        cmd.append("--no-grad")
+    if not args.upstream:
+        cmd.append("--no-upstream")
+    if max_seconds is not None:
+        cmd += ["--max-seconds", f"{max(max_seconds, 0.0):.1f}"]
+    return cmd
+
+
+def _read_done(path: str) -> int:
+    try:
+        with open(path) as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def _verify_parallel(args, device, backends, dtypes, shapes, fla, jobs, start) -> int:
+    """``verify --jobs N``: N worker processes (``--shard K/N`` each), one merged report.
+
+    Workers write JSON reports that are read back as :class:`~gatednorm.verification.Result` rows,
+    so the table, --json and --markdown are the same as a single-process run's (same data: every
+    case draws from its own seed). SIGTERM/Ctrl-C are passed on to the workers, which report what
+    ran; a worker that dies without a report makes the run fail (exit 1) and its log is printed.
+    """
+    shards = min(args.jobs, len(jobs)) or 1
+    threads = max(1, (os.cpu_count() or 1) // shards)
+    tmp = tempfile.mkdtemp(prefix="gatednorm-verify-")
+    paths = [(os.path.join(tmp, f"{k}.json"), os.path.join(tmp, f"{k}.progress"), os.path.join(tmp, f"{k}.log"))
+             for k in range(shards)]
+    remaining = None if args.max_seconds is None else args.max_seconds - (time.monotonic() - start)
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
+    progress = _Progress(len(jobs), bar=args.progress, every=args.progress_every)
+    progress.current = f"{shards} workers"
+    procs: list[subprocess.Popen] = []
+    stopped = ""
+    with _stop_on_sigterm() as sigterm:
+        try:
+            for k, (json_path, progress_path, log_path) in enumerate(paths):
+                with open(log_path, "w") as log:
+                    procs.append(subprocess.Popen(
+                        _worker_command(args, device, backends, dtypes, k, shards, json_path, progress_path,
+                                        remaining), stdout=log, stderr=subprocess.STDOUT, env=env))
+            while any(p.poll() is None for p in procs):
+                time.sleep(0.5)
+                progress.set_done(sum(_read_done(pp) for _, pp, _ in paths), f"{shards} workers")
+                progress.current = f"{sum(p.poll() is None for p in procs)} of {shards} workers running"
+        except (KeyboardInterrupt, _Terminated) as exc:
+            stopped = "SIGTERM" if isinstance(exc, _Terminated) else "KeyboardInterrupt"
+        finally:
+            sigterm.armed = False
+            for p in procs:  # let every worker stop and write its report (a no-op for finished ones)
+                if p.poll() is None:
+                    p.send_signal(signal.SIGTERM)
+            for p in procs:
+                try:
+                    p.wait(timeout=120)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait()
+            progress.close()
+
+    results: list[V.Result] = []
+    done, reasons, interrupted, crashed = 0, set(), [], []
+    for k, ((json_path, _, log_path), p) in enumerate(zip(paths, procs, strict=False)):
+        try:
+            with open(json_path) as f:
+                report = json.load(f)
+        except (OSError, ValueError):
+            report = None
+        # a worker we stopped may die of the signal after writing its report (its handler is gone by then)
+        if report is None or (p.returncode not in (0, 1, EXIT_INCOMPLETE) and not stopped):
+            with open(log_path) as f:
+                tail = f.read()[-3000:]
+            crashed.append(k)
+            print(f"gatednorm verify: worker {k}/{shards} exited with code {p.returncode}"
+                  f"{'' if report else ' without a report'}; its log ends:\n{tail}", file=sys.stderr)
+        if report is not None:
+            results.extend(V.Result.from_dict(r) for r in report["results"])
+            done += report["meta"]["cases_run"]
+            if report["meta"].get("stopped"):
+                reasons.add(report["meta"]["stopped"])
+            if report["meta"].get("interrupted_case"):
+                interrupted.append(report["meta"]["interrupted_case"])
+    if crashed:
+        reasons.add(f"worker(s) {crashed} crashed")
+    if stopped:
+        reasons.add(stopped)
+    code = _verify_report(args, device, backends, shapes, fla, jobs, done, results, "; ".join(sorted(reasons)),
+                          "; ".join(interrupted), time.monotonic() - start, final=True)
+    if not crashed:
+        for path in (q for triple in paths for q in triple):
+            with contextlib.suppress(OSError):
+                os.remove(path)
+        with contextlib.suppress(OSError):
+            os.rmdir(tmp)
+    return 1 if crashed else code
 
 
 def _write_atomic(path: str, text: str) -> None:

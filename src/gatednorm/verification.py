@@ -359,6 +359,37 @@ def case_order(backends: Sequence[str], shapes: Sequence[Shape], variants_: Sequ
     ])
 
 
+def shard_jobs(jobs: Sequence[tuple[str, Shape, Variant]], shard: int, shards: int
+               ) -> list[tuple[str, Shape, Variant]]:
+    """The jobs of worker ``shard`` of ``shards`` (``verify --jobs``), in their original order.
+
+    Every backend's job for one (shape, variant) goes to the same worker: on a GPU the first use of
+    a kernel variant JIT-compiles, and the upstream comparison runs for each backend, so one process
+    compiling a variant once beats several compiling it side by side. Groups are dealt out largest
+    first to the least loaded worker (cost ~ elements + a fixed per-case overhead); deterministic, so
+    workers and the parent agree on the split without talking.
+    """
+    if shards < 1 or not 0 <= shard < shards:
+        raise ValueError(f"shard must be in [0, shards) with shards >= 1, got shard={shard}, shards={shards}")
+    groups: dict[tuple[str, str], list[int]] = {}
+    for i, (_, s, v) in enumerate(jobs):
+        groups.setdefault((s.name, v.label()), []).append(i)
+    overhead = 1 << 16
+
+    def cost(idx: list[int]) -> int:
+        s = jobs[idx[0]][1]
+        return len(idx) * (s.rows * s.n + overhead)
+
+    load = [0] * shards
+    mine: list[int] = []
+    for key in sorted(groups, key=lambda k: (-cost(groups[k]), k)):
+        w = min(range(shards), key=lambda j: (load[j], j))
+        load[w] += cost(groups[key])
+        if w == shard:
+            mine.extend(groups[key])
+    return [jobs[i] for i in sorted(mine)]
+
+
 def case_seed(seed: int, shape: Shape, variant: Variant) -> int:
     """The data seed of one case: independent of the order (and subset) of cases run, so a partial
     run draws the same inputs as a full one, and every backend sees the same data for a case."""
@@ -416,6 +447,13 @@ class Result:
         d.update(d.pop("comparison"))
         d["passed"] = self.passed
         return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Result:
+        """The inverse of :meth:`to_dict` (how ``verify --jobs`` reads its workers' JSON reports)."""
+        comparison = Comparison(**{f.name: d[f.name] for f in dataclasses.fields(Comparison)})
+        return cls(d["backend"], d["shape"], d["variant"], d["dtype"], d["reference"], d["quantity"], comparison,
+                   d.get("error", ""))
 
 
 @dataclass
@@ -629,6 +667,7 @@ class SummaryRow:
 def summarize(results: list[Result]) -> list[SummaryRow]:
     """Aggregate per (backend, reference, dtype, quantity): worst errors over all shapes and variants."""
     table: dict[tuple, SummaryRow] = {}
+    mean_abs: dict[tuple, list[float]] = {}
     for r in results:
         key = (r.backend, r.reference, r.dtype, r.quantity)
         row = table.setdefault(key, SummaryRow(*key))
@@ -637,11 +676,13 @@ def summarize(results: list[Result]) -> list[SummaryRow]:
         c = r.comparison
         if not r.error:
             row.max_abs = max(row.max_abs, c.max_abs)
-            row.mean_abs_sum += c.mean_abs
+            mean_abs.setdefault(key, []).append(c.mean_abs)
             row.max_ulps = max(row.max_ulps, c.max_ulps)
             row.worst_ratio = max(row.worst_ratio, c.worst_ratio)
         else:
             row.worst_ratio = math.inf
+    for key, values in mean_abs.items():  # exactly rounded: the same table whatever the order (verify --jobs)
+        table[key].mean_abs_sum = math.fsum(values)
     ref_order = {"float64": 0, "F.layer_norm": 1, "F.group_norm": 2, "F.rms_norm": 3, "fla": 4}
     q_order = {q: i for i, q in enumerate(QUANTITIES)}
     d_order = {d: i for i, d in enumerate(DTYPES)}
