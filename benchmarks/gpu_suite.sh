@@ -4,7 +4,9 @@
 # shared/tools/upstream_sglang.py in tools/ (none of those are committed).
 #
 #   bash benchmarks/gpu_suite.sh kernels   # GPU tests + the fused-kernel benchmark (issue 7)
-#   bash benchmarks/gpu_suite.sh report    # verify on cuda, native eager on GPU, tensor parallel (2 GPUs)
+#   bash benchmarks/gpu_suite.sh verify    # the full `gatednorm verify` on cuda, in worker processes
+#   bash benchmarks/gpu_suite.sh report    # native eager on GPU, tensor parallel (2 GPUs)
+#   bash benchmarks/gpu_suite.sh ab FILE   # GPU tests, then forward A/B against another triton_kernels.py
 #
 # Results go to $OUT (default gpu_out/).
 set -u
@@ -27,12 +29,20 @@ kernels)
     python3 -m pytest -q -p no:logging -W ignore tests/test_gpu.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -3
     python3 benchmarks/bench_gpu.py --host --out "$OUT" "${SGL[@]}" 2>&1 | tee "$OUT/bench_gpu.log"
     ;;
-report)
-    # every Triton variant JIT-compiles on first use: bound the run and keep a partial report
-    timeout --preserve-status 300 python3 -m gatednorm verify --device cuda --backend native --backend triton \
-        --no-progress --max-seconds 200 \
+verify)
+    # every Triton variant JIT-compiles on first use (CPU-bound): compile in worker processes, bound
+    # the run and keep a partial report if it does not finish
+    timeout --preserve-status "${VERIFY_TIMEOUT:-540}" python3 -m gatednorm verify --device cuda \
+        --backend native --backend triton --jobs "${VERIFY_JOBS:-12}" --no-progress --progress-every 30 \
+        --max-seconds "${VERIFY_SECONDS:-420}" \
         --json "$OUT/verify_cuda.json" --markdown "$OUT/verify_cuda.md" > "$OUT/verify_cuda.log" 2>&1
-    echo "verify exit $?"; tail -25 "$OUT/verify_cuda.log"
+    echo "verify exit $?"; tail -40 "$OUT/verify_cuda.log"
+    ;;
+ab)
+    python3 -m pytest -q -p no:logging -W ignore tests/test_gpu.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -3
+    python3 benchmarks/bench_triton_ab.py --baseline "$2" 2>&1 | tee "$OUT/bench_triton_ab.log"
+    ;;
+report)
     timeout 150 python3 benchmarks/bench_cpu.py --device cuda --no-memory --reps 9 --reps-bwd 5 \
         --out "$OUT/native_cuda" 2>&1 | tail -30
     if [ "$(nvidia-smi -L | wc -l)" -ge 2 ]; then

@@ -213,3 +213,44 @@ def test_repeated_calls_use_cached_launch_correctly(m):
         for a, r in zip(tk.backward(dy, x, w, b, z, mean, rstd, spec),
                         native.backward(dy, x, w, b, z, mean_n, rstd_n, spec), strict=True):
             assert _rel(a, r) < 2e-2
+
+
+@pytest.mark.parametrize("is_rms", [False, True])
+@pytest.mark.parametrize("gs", [64, 10000])
+@pytest.mark.parametrize(("scale", "eps"), [(3e37, 1e-6), (1e25, 0.0), (1e-30, 0.0)])
+def test_extreme_range_rescue(is_rms, gs, scale, eps):
+    """|x| far outside fp32's safe sum-of-squares range (and tiny values with eps = 0) on the GPU: both
+    forward paths (registers, chunked wide groups) rescue the group; ordinary rows keep their bits."""
+    g = torch.Generator().manual_seed(11)
+    x = (scale * (torch.randn(4, 2 * gs, generator=g, dtype=torch.float64) + (0.0 if is_rms else 2.0))).bfloat16()
+    x[3, gs:] = torch.randn(gs, generator=g).bfloat16()
+    z = torch.randn(4, 2 * gs, generator=g).bfloat16()
+    w = (1 + 0.1 * torch.randn(2 * gs, generator=g)).bfloat16()
+    b = (0.1 * torch.randn(2 * gs, generator=g)).bfloat16()
+    args = dict(z=z.cuda(), group_size=gs, norm_before_gate=True, is_rms_norm=is_rms, backend="triton")
+    y, mean, rstd = gatednorm.layer_norm_fwd(x.cuda(), w.cuda(), b.cuda(), eps, **args)
+    ry, rmean, rrstd = gated_norm_reference(x, w, b, z, eps, gs, True, is_rms, "swish")
+    assert torch.isfinite(y).all()
+    torch.testing.assert_close(y.cpu().double(), ry.bfloat16().double(), rtol=2**-7, atol=2**-7)
+    torch.testing.assert_close(rstd.cpu().double(), rrstd.float().double(), rtol=1e-5, atol=0)
+    if not is_rms:
+        torch.testing.assert_close(mean.cpu().double(), rmean, rtol=1e-5, atol=0)
+    ordinary = torch.randn(4, 2 * gs, generator=g).bfloat16()
+    mixed = torch.cat([x, ordinary])
+    mixed_args = {**args, "z": torch.cat([z, z]).cuda()}
+    y_mixed = gatednorm.layer_norm_fwd(mixed.cuda(), w.cuda(), b.cuda(), eps, **mixed_args)[0]
+    y_alone = gatednorm.layer_norm_fwd(ordinary.cuda(), w.cuda(), b.cuda(), eps, **args)[0]
+    assert torch.equal(y_mixed[4:], y_alone)
+
+
+def test_compiled_backend_in_graph_rescue():
+    """On CUDA the compiled backend scales every group in the graph (no host check)."""
+    g = torch.Generator().manual_seed(12)
+    x = (3e37 * torch.randn(8, 256, generator=g, dtype=torch.float64)).bfloat16()
+    x[4:] = torch.randn(4, 256, generator=g).bfloat16()
+    w = torch.ones(256, dtype=torch.bfloat16)
+    y, _, rstd = gatednorm.layer_norm_fwd(x.cuda(), w.cuda(), None, 1e-6, group_size=64, is_rms_norm=True,
+                                          backend="compiled")
+    ry, _, rrstd = gated_norm_reference(x, w, None, None, 1e-6, 64, True, True, "swish")
+    torch.testing.assert_close(y.cpu().double(), ry.bfloat16().double(), rtol=2**-7, atol=2**-7)
+    torch.testing.assert_close(rstd.cpu().double(), rrstd.float().double(), rtol=1e-5, atol=0)

@@ -214,17 +214,101 @@ def test_fp16_near_max_no_overflow(backend, rms, gate):
     _check_against_float64(y, mean, rstd, x, w, None, z, 1e-6, 64, gate != "before", rms, "swish")
 
 
-@pytest.mark.xfail(reason="known limitation: the float32 sum of squares overflows for |x| > ~1.8e19 (bf16/fp32 "
-                          "inputs) and underflows for |x| < ~1e-19 with eps=0; float64 does not. Fix: scale each "
-                          "group by its max |x| before squaring.", strict=False)
+# The float32 sums of x and x^2 overflow for |x| above ~1.8e19 (bf16 and fp32 go to 3.4e38) and the
+# squares underflow below ~1e-19; float64 has neither problem. Groups out of range are redone divided
+# by a power of two of their max |x| (the "range rescue"), on every backend and path.
+EXTREME = [(3e37, 1e-6), (-5e37, 1e-6), (1e25, 0.0), (1e-30, 0.0), (1e-39, 0.0)]
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("scale", [3e37, 1e-39])
-def test_bf16_extreme_range_matches_float64(backend, scale):
+@pytest.mark.parametrize("rms", [False, True])
+@pytest.mark.parametrize("gate", ["none", "after", "before"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize(("scale", "eps"), EXTREME)
+def test_extreme_range_matches_float64(backend, rms, gate, dtype, scale, eps):
     g = _gen(5)
-    x = (scale * torch.randn(4, 64, generator=g)).bfloat16()
-    w = torch.ones(64, dtype=torch.bfloat16)
-    y, mean, rstd = layer_norm_fwd(x, w, None, 0.0, is_rms_norm=True, backend=backend)
-    _check_against_float64(y, mean, rstd, x, w, None, None, 0.0, None, True, True, "swish")
+    x = (scale * (torch.randn(4, 128, generator=g, dtype=torch.float64) + (0.0 if rms else 2.0))).to(dtype)
+    x[3, 64:] = torch.randn(64, generator=g, dtype=torch.float64).to(dtype)  # an ordinary group beside them
+    z = (torch.rand(4, 128, generator=g) * 3 - 1).to(dtype) if gate != "none" else None
+    w = (1 + 0.2 * torch.randn(128, generator=g)).to(dtype)
+    b = (0.2 * torch.randn(128, generator=g)).to(dtype)
+    y, mean, rstd = layer_norm_fwd(x, w, b, eps, z=z, group_size=64, norm_before_gate=gate != "before",
+                                   is_rms_norm=rms, backend=backend)
+    assert torch.isfinite(y).all()
+    _check_against_float64(y, mean, rstd, x, w, b, z, eps, 64, gate != "before", rms, "swish")
+
+
+@pytest.mark.skipif("compiled" not in BACKENDS, reason="torch.compile unavailable")
+@pytest.mark.parametrize("rms", [False, True])
+@pytest.mark.parametrize(("scale", "eps"), EXTREME)
+def test_compiled_in_graph_rescue(monkeypatch, rms, scale, eps):
+    """The compiled graph accelerators get (every group scaled in the graph, no host check), run on CPU."""
+    from gatednorm import compiled
+
+    monkeypatch.setattr(compiled, "_rescue_inline", lambda device: True)
+    g = _gen(9)
+    x = (scale * (torch.randn(3, 128, generator=g, dtype=torch.float64) + (0.0 if rms else 2.0))).bfloat16()
+    x[2] = torch.randn(128, generator=g).bfloat16()
+    z = torch.randn(3, 128, generator=g).bfloat16()
+    w = torch.ones(128, dtype=torch.bfloat16)
+    y, mean, rstd = layer_norm_fwd(x, w, None, eps, z=z, group_size=64, is_rms_norm=rms, backend="compiled")
+    _check_against_float64(y, mean, rstd, x, w, None, z, eps, 64, True, rms, "swish")
+    plain_y = layer_norm_fwd(x[2:], w, None, eps, z=z[2:], group_size=64, is_rms_norm=rms, backend="native")[0]
+    torch.testing.assert_close(y[2:], plain_y, rtol=0, atol=2**-7)  # the ordinary row: as usual
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("rms", [False, True])
+def test_extreme_range_wide_groups(backend, rms):
+    """Groups wider than the Triton kernel's register block take the chunked path (its own rescue)."""
+    gs = 10000
+    g = _gen(7)
+    x = (3e37 * torch.randn(2, 2 * gs, generator=g, dtype=torch.float64)).bfloat16()
+    x[1, gs:] = torch.randn(gs, generator=g).bfloat16()
+    w = torch.ones(2 * gs, dtype=torch.bfloat16)
+    y, mean, rstd = layer_norm_fwd(x, w, None, 1e-6, group_size=gs, is_rms_norm=rms, backend=backend)
+    _check_against_float64(y, mean, rstd, x, w, None, None, 1e-6, gs, True, rms, "swish")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("value", [3e37, -3e38, 1e30])
+def test_constant_group_far_from_zero(backend, value):
+    """A constant LayerNorm group: var = 0, so rstd = 1/sqrt(eps) and y = bias, even where the rescued
+    (scaled) eps underflows. bf16 values sum exactly in float32, so the mean is exact, as in float64."""
+    x = torch.full((2, 128), value).bfloat16()
+    x[1, :64] = 1.0
+    w = torch.ones(128, dtype=torch.bfloat16)
+    b = torch.full((128,), 0.5, dtype=torch.bfloat16)
+    y, mean, rstd = layer_norm_fwd(x, w, b, 1e-6, group_size=64, backend=backend)
+    assert torch.equal(y[0], b) and torch.equal(y[1, 64:], b[64:])
+    ref_rstd = torch.tensor(1e-6, dtype=torch.float64).rsqrt()
+    torch.testing.assert_close(rstd.double(), ref_rstd.expand(4), rtol=2e-7, atol=0)
+    torch.testing.assert_close(mean.double().view(2, 2).t(),
+                               torch.tensor([[value, value], [1.0, value]]).bfloat16().double(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("rms", [False, True])
+def test_rescue_leaves_ordinary_rows_bit_identical(backend, rms):
+    """A rescued group changes nothing else: ordinary rows beside it keep the bits they have alone."""
+    g = _gen(8)
+    x = torch.randn(16, 256, generator=g).bfloat16()
+    z = torch.randn(16, 256, generator=g).bfloat16()
+    w = torch.randn(256, generator=g).bfloat16()
+
+    def run(xx, zz):
+        return layer_norm_fwd(xx, w, None, 1e-6, z=zz, group_size=64, is_rms_norm=rms, backend=backend)
+
+    y_plain, _, rstd_plain = run(x, z)
+    x_mixed = x.clone()
+    x_mixed[5] = (1e36 * torch.randn(256, generator=g)).bfloat16()
+    x_mixed[9, :64] = 1e-35  # one group near the bottom of the range (eps keeps it in range)
+    y_mixed, _, rstd_mixed = run(x_mixed, z)
+    keep = [i for i in range(16) if i not in (5, 9)]
+    assert torch.equal(y_mixed[keep], y_plain[keep])
+    assert torch.equal(y_mixed[9, 64:], y_plain[9, 64:])  # the row's other groups too
+    assert torch.isfinite(y_mixed[5]).all() and torch.isfinite(y_mixed[9]).all()
+    assert torch.equal(rstd_plain.view(4, 16)[:, keep], rstd_mixed.view(4, 16)[:, keep])
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

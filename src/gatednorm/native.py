@@ -116,6 +116,69 @@ def _group_sum(t3: torch.Tensor, out3: torch.Tensor, pair: torch.Tensor | None) 
         torch.sum(t3, dim=-1, keepdim=True, out=out3)
 
 
+#: var + eps at or above this (and finite) is computed to full precision in the compute dtype: the
+#: squares lost to underflow are below 2^-149 each, under 2^-136 for a group, 2^-36 of this (C = float32).
+SAFE_VAR_MIN = 2.0**-100
+
+
+def in_safe_range(var_eps: torch.Tensor) -> bool:
+    """True when every var + eps lies in [SAFE_VAR_MIN, inf): the plain float32 sums were exact enough.
+
+    Outside it (a NaN fails too) the sums of x or x^2 overflowed (|x| above ~1.8e19) or the squares
+    underflowed with a tiny eps; :func:`rescale_groups` then redoes those groups. One reduction and
+    a host read: used on CPU, where that costs nothing like a device sync.
+    """
+    lo, hi = torch.aminmax(var_eps)
+    return bool(lo >= SAFE_VAR_MIN) and bool(hi < float("inf"))
+
+
+def pow2_scale(amax: torch.Tensor, eps: float, redo: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, 1 / scale) per group: the power of two at or below max(amax, sqrt(eps)), within
+    [2^-126, 2^126], where ``redo`` (default: everywhere) and amax is finite; 1 elsewhere.
+
+    Dividing a group by it is exact and brings its largest value into [1, 2) (or eps to about 1),
+    so the float32 sums of the scaled values neither overflow nor lose the group to underflow. A
+    group with an Inf/NaN keeps scale 1: the formula makes its result Inf/NaN anyway.
+    """
+    _, e = torch.frexp(amax.clamp(min=eps**0.5))
+    e = (e - 1).clamp_(-126, 126).to(amax.dtype)
+    redo = amax < float("inf") if redo is None else redo & (amax < float("inf"))
+    one = torch.ones((), dtype=amax.dtype, device=amax.device)
+    return torch.where(redo, torch.exp2(e), one), torch.where(redo, torch.exp2(-e), one)
+
+
+def rescale_groups(x3: torch.Tensor, var_eps: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-group (scale, inv) for a block whose var + eps left the safe range (the cold path).
+
+    ``x3`` (rows, G, gs) holds the (gated) inputs; ``var_eps`` (rows, G, 1) the plain pass's var + eps.
+    Groups still in range get scale 1: the same arithmetic, bit for bit, as the plain pass.
+    """
+    redo = ~((var_eps >= SAFE_VAR_MIN) & (var_eps < float("inf")))
+    return pow2_scale(x3.abs().amax(dim=-1, keepdim=True), eps, redo)
+
+
+def scaled_rstd(var_s: torch.Tensor, eps: float, scale: torch.Tensor, inv: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rstd, rstd * scale) of groups whose variance was computed divided by ``scale``: var_s = var / scale^2.
+
+    rstd = 1 / sqrt(var + eps) = inv / sqrt(var_s + eps * inv^2), exact scaling by powers of two (a
+    square root of a power of four), so scale 1 gives the plain result bit for bit. The second value
+    multiplies the scaled centred values. When eps * inv^2 underflows and var_s is tiny too (a constant
+    group far from zero: float32 resolves no deviation there), rstd is taken unscaled instead, so it is
+    1 / sqrt(eps) as float64 says, not Inf.
+    """
+    v = var_s + eps * inv * inv
+    rstd_s = v.sqrt().reciprocal()
+    rstd = rstd_s * inv
+    if eps > 0:
+        stuck = v < SAFE_VAR_MIN
+        plain = (var_s * scale * scale + eps).sqrt().reciprocal()
+        rstd = torch.where(stuck, plain, rstd)
+        rstd_s = torch.where(stuck, (plain * scale).clamp(max=torch.finfo(v.dtype).max), rstd_s)
+    return rstd, rstd_s
+
+
 def _gate_denominator(z: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
     """d = 1 + exp(-z) in d's (compute) dtype. Negation is exact in any dtype."""
     if z.dtype == d.dtype:
@@ -257,18 +320,29 @@ def forward(
             if gate_before:
                 xc.mul_(gate)
         x3 = xc.view(mb, groups, gs)
-        if mean_gm is not None:
-            mu = stat[0, :mb]
-            _group_sum(x3, mu, pair)
-            mu.div_(gs)
-            mean_gm[:, r0:r1].copy_(mu.view(mb, groups).t())
-            x3.sub_(mu)  # two-pass variance: centre first, then square
-        torch.mul(xc, xc, out=t)
+        mu = stat[0, :mb] if mean_gm is not None else None
         rs = stat[1, :mb]
-        _group_sum(t.view(mb, groups, gs), rs, pair)
-        rs.div_(gs).add_(spec.eps).sqrt_().reciprocal_()  # rstd = 1 / sqrt(var + eps)
-        rstd_gm[:, r0:r1].copy_(rs.view(mb, groups).t())
-        x3.mul_(rs)
+        _var_plus_eps(x3, t, mu, rs, pair, spec.eps)
+        if in_safe_range(rs):
+            rs.sqrt_().reciprocal_()  # rstd = 1 / sqrt(var + eps)
+            if mean_gm is not None:
+                mean_gm[:, r0:r1].copy_(mu.view(mb, groups).t())
+            rstd_gm[:, r0:r1].copy_(rs.view(mb, groups).t())
+            x3.mul_(rs)
+        else:
+            # cold path: the float32 sums overflowed or underflowed; redo the block with each such
+            # group divided by a power of two (exact); groups in range keep scale 1 and their bits
+            xc.copy_(x[r0:r1])
+            if gate_before:
+                xc.mul_(gate)
+            scale, inv = rescale_groups(x3, rs, spec.eps)
+            x3.mul_(inv)
+            _var_plus_eps(x3, t, mu, rs, pair, 0.0)
+            rstd_block, rstd_scaled = scaled_rstd(rs, spec.eps, scale, inv)
+            if mean_gm is not None:
+                mean_gm[:, r0:r1].copy_((mu * scale).view(mb, groups).t())
+            rstd_gm[:, r0:r1].copy_(rstd_block.view(mb, groups).t())
+            x3.mul_(rstd_scaled)
         steps = [(torch.mul, weight_c)]
         if bias_c is not None:
             steps.append((torch.add, bias_c))
@@ -283,6 +357,21 @@ def forward(
             op(xc, operand, out=xc)
             out[r0:r1].copy_(xc)  # the one rounding to the output dtype
     return mean, rstd
+
+
+def _var_plus_eps(x3: torch.Tensor, t: torch.Tensor, mu: torch.Tensor | None, var_eps: torch.Tensor,
+                  pair: torch.Tensor | None, eps: float) -> None:
+    """var_eps (rows, G, 1) = var + eps of x3 (rows, G, gs); LayerNorm (``mu`` given): mu = the mean and
+    x3 is centred in place first (two-pass variance, never E[x^2] - E[x]^2). ``t`` is scratch."""
+    rows, groups, gs = x3.shape
+    if mu is not None:
+        _group_sum(x3, mu, pair)
+        mu.div_(gs)
+        x3.sub_(mu)
+    sq = t[:rows].view(rows, groups, gs)
+    torch.mul(x3, x3, out=sq)
+    _group_sum(sq, var_eps, pair)
+    var_eps.div_(gs).add_(eps)
 
 
 # ---------------------------------------------------------------------------

@@ -206,6 +206,66 @@ def _tile_ptrs(base, rows64, stride, col0, cols):
 
 
 # ---------------------------------------------------------------------------
+# Range rescue (shared by both forward paths)
+# ---------------------------------------------------------------------------
+# The float32 sums of x and x^2 overflow for |x| above ~1.8e19 (bf16 and fp32 reach 3.4e38) and the
+# squares underflow below ~1e-19, which matters when eps is tiny too. float64 has neither problem, so
+# neither may we: a group whose var + eps leaves [SAFE_VAR_MIN, fp32 max] (NaN included) is redone
+# divided by a power of two of its largest |value| (exact), then mean * scale and rstd / scale are
+# stored. Groups in range keep scale 1, i.e. the same arithmetic and bits; the check costs one
+# reduction of a flag per program, the rescue runs only in programs that hold such a group.
+
+_SAFE_VAR_MIN = tl.constexpr(native.SAFE_VAR_MIN)
+_FP32_MAX = tl.constexpr(3.4028234663852886e38)
+
+
+@triton.jit
+def _out_of_range(var_eps):
+    """True where the plain fp32 statistics cannot be trusted (NaN compares False, so it is caught)."""
+    return ~((var_eps >= _SAFE_VAR_MIN) & (var_eps <= _FP32_MAX))
+
+
+@triton.jit
+def _rescue_scale(amax, var_eps, eps):
+    """(scale, 1 / scale) per row: the power of two at or below max(amax, sqrt(eps)), clamped to
+    [2^-126, 2^126], for rows out of range with finite inputs; 1 elsewhere. Built from the exponent
+    bits, so both are exact powers of two."""
+    a = tl.maximum(amax, tl.sqrt(eps + tl.zeros_like(amax)))
+    e = (a.to(tl.int32, bitcast=True) & 0x7F800000).to(tl.int32)  # a >= 0: sign bit clear
+    e = tl.minimum(tl.maximum(e, 1 << 23), 253 << 23)
+    redo = _out_of_range(var_eps) & (amax <= _FP32_MAX)
+    scale = tl.where(redo, e.to(tl.float32, bitcast=True), 1.0)
+    inv = tl.where(redo, ((254 << 23) - e).to(tl.float32, bitcast=True), 1.0)
+    return scale, inv
+
+
+@triton.jit
+def _rescued_rstd(var_s, eps, scale, inv):
+    """(rstd, rstd * scale) from var_s = var / scale^2; see native.scaled_rstd (the same steps)."""
+    v = var_s + eps * inv * inv
+    rstd_x = 1.0 / tl.sqrt_rn(v)
+    plain = 1.0 / tl.sqrt_rn(var_s * scale * scale + eps)
+    stuck = (v < _SAFE_VAR_MIN) & (eps > 0)  # a constant group far from zero: take rstd unscaled
+    rstd = tl.where(stuck, plain, rstd_x * inv)
+    rstd_x = tl.where(stuck, tl.minimum(plain * scale, _FP32_MAX), rstd_x)
+    return rstd, rstd_x
+
+
+@triton.jit
+def _tile_stats(x, col_ok, eps, GS: tl.constexpr, BLOCK: tl.constexpr, IS_RMS: tl.constexpr):
+    """(mean, x - mean with padded lanes 0, var + eps) of a [ROWS, BLOCK] tile; two-pass (RMSNorm: mean 0)."""
+    if IS_RMS:
+        mean = tl.zeros([x.shape[0]], dtype=tl.float32)
+        xm = x
+    else:
+        mean = tl.sum(x, axis=1) / GS
+        xm = x - mean[:, None]
+        if BLOCK != GS:
+            xm = tl.where(col_ok[None, :], xm, 0.0)
+    return mean, xm, tl.sum(xm * xm, axis=1) / GS + eps
+
+
+# ---------------------------------------------------------------------------
 # Forward
 # ---------------------------------------------------------------------------
 
@@ -239,19 +299,19 @@ def _fwd_kernel(
             gate = _gate_value(z, SIGMOID_GATE)
             if GATE_FIRST:
                 x = x * gate
-        if IS_RMS:
-            xm = x
-        else:
-            mean = tl.sum(x, axis=1) / GS
-            xm = x - mean[:, None]
-            if BLOCK != GS:
-                xm = tl.where(col_ok[None, :], xm, 0.0)
+        mean, xm, var_eps = _tile_stats(x, col_ok, eps, GS, BLOCK, IS_RMS)
+        rstd = 1.0 / tl.sqrt_rn(var_eps)
+        rstd_x = rstd  # what multiplies xm: rstd * scale on the rescue path
+        if tl.max(_out_of_range(var_eps).to(tl.int32), axis=0) != 0:  # rare: see "Range rescue"
+            scale, inv = _rescue_scale(tl.max(tl.abs(x), axis=1), var_eps, eps)
+            mean, xm, var_s = _tile_stats(x * inv[:, None], col_ok, 0.0, GS, BLOCK, IS_RMS)
+            rstd, rstd_x = _rescued_rstd(var_s, eps, scale, inv)
+            mean = mean * scale
+        if not IS_RMS:
             tl.store(MEAN + stat, mean, mask=row_ok)
-        var = tl.sum(xm * xm, axis=1) / GS
-        rstd = 1.0 / tl.sqrt_rn(var + eps)
         tl.store(RSTD + stat, rstd, mask=row_ok)
         w = _load_f32(W + col0 + cols, col_ok, BF16_BY_BITS)
-        y = xm * rstd[:, None] * w[None, :]
+        y = xm * rstd_x[:, None] * w[None, :]
         if HAS_BIAS:
             y = y + _load_f32(B + col0 + cols, col_ok, BF16_BY_BITS)[None, :]
         if GATE_AFTER:
@@ -260,32 +320,26 @@ def _fwd_kernel(
     else:
         # Wide group: pass 1 merges chunk statistics, pass 2 writes. Each chunk's (mean, M2) is
         # exact two-pass in registers; merging (Chan) keeps the variance free of E[x^2]-E[x]^2.
-        run_mean = tl.zeros([ROWS], dtype=tl.float32)
-        run_m2 = tl.zeros([ROWS], dtype=tl.float32)
-        for c in range(NUM_CHUNKS):
-            offs = c * BLOCK + cols
-            col_ok = offs < GS
-            mask = row_ok[:, None] & col_ok[None, :]
-            x = _load_f32(_tile_ptrs(X, rows64, stride_xm, col0, offs), mask, BF16_BY_BITS)
-            if GATE_FIRST:
-                z = _load_f32(_tile_ptrs(Z, rows64, stride_zm, col0, offs), mask, BF16_BY_BITS)
-                x = x * _gate_value(z, SIGMOID_GATE)
-            if IS_RMS:
-                run_m2 += tl.sum(x * x, axis=1)
-            else:
-                n_a = c * BLOCK * 1.0  # elements merged so far (float: the weights below are fp32)
-                n_b = tl.minimum(GS - c * BLOCK, BLOCK) * 1.0
-                mean_b = tl.sum(x, axis=1) / n_b
-                d = tl.where(col_ok[None, :], x - mean_b[:, None], 0.0)
-                m2_b = tl.sum(d * d, axis=1)
-                delta = mean_b - run_mean
-                n_ab = n_a + n_b
-                run_mean = run_mean + delta * (n_b / n_ab)
-                run_m2 = run_m2 + m2_b + delta * delta * (n_a * n_b / n_ab)
-        rstd = 1.0 / tl.sqrt_rn(run_m2 / GS + eps)
-        tl.store(RSTD + stat, rstd, mask=row_ok)
-        if not IS_RMS:
+        ones = tl.full([ROWS], 1.0, tl.float32)
+        run_mean, run_m2 = _chunked_stats(X, Z, rows64, row_ok, stride_xm, stride_zm, col0, cols, ones,
+                                          GS, BLOCK, NUM_CHUNKS, GATE_FIRST, IS_RMS, SIGMOID_GATE, BF16_BY_BITS)
+        var_eps = run_m2 / GS + eps
+        rstd = 1.0 / tl.sqrt_rn(var_eps)
+        rstd_x = rstd  # what multiplies the centred values: rstd * scale on the rescue path
+        inv = ones
+        if tl.max(_out_of_range(var_eps).to(tl.int32), axis=0) != 0:  # rare: see "Range rescue"
+            amax = _chunked_amax(X, Z, rows64, row_ok, stride_xm, stride_zm, col0, cols,
+                                 GS, BLOCK, NUM_CHUNKS, GATE_FIRST, SIGMOID_GATE, BF16_BY_BITS)
+            scale, inv = _rescue_scale(amax, var_eps, eps)
+            run_mean, run_m2 = _chunked_stats(X, Z, rows64, row_ok, stride_xm, stride_zm, col0, cols, inv,
+                                              GS, BLOCK, NUM_CHUNKS, GATE_FIRST, IS_RMS, SIGMOID_GATE,
+                                              BF16_BY_BITS)
+            rstd, rstd_x = _rescued_rstd(run_m2 / GS, eps, scale, inv)
+            if not IS_RMS:
+                tl.store(MEAN + stat, run_mean * scale, mask=row_ok)
+        elif not IS_RMS:
             tl.store(MEAN + stat, run_mean, mask=row_ok)
+        tl.store(RSTD + stat, rstd, mask=row_ok)
         for c in range(NUM_CHUNKS):
             offs = c * BLOCK + cols
             col_ok = offs < GS
@@ -296,15 +350,72 @@ def _fwd_kernel(
                 gate = _gate_value(z, SIGMOID_GATE)
                 if GATE_FIRST:
                     x = x * gate
+            x = x * inv[:, None]
             if not IS_RMS:
                 x = x - run_mean[:, None]
             w = _load_f32(W + col0 + offs, col_ok, BF16_BY_BITS)
-            y = x * rstd[:, None] * w[None, :]
+            y = x * rstd_x[:, None] * w[None, :]
             if HAS_BIAS:
                 y = y + _load_f32(B + col0 + offs, col_ok, BF16_BY_BITS)[None, :]
             if GATE_AFTER:
                 y = y * gate
             _store_out(_tile_ptrs(Y, rows64, stride_ym, col0, offs), y, mask, BF16_BY_BITS)
+
+
+@triton.jit
+def _chunk_of_x(X, Z, rows64, mask, stride_xm, stride_zm, col0, offs,
+                GATE_FIRST: tl.constexpr, SIGMOID_GATE: tl.constexpr, BF16_BY_BITS: tl.constexpr):
+    """One chunk of the normalised input: x, or x * act(z) when the gate comes first."""
+    x = _load_f32(_tile_ptrs(X, rows64, stride_xm, col0, offs), mask, BF16_BY_BITS)
+    if GATE_FIRST:
+        z = _load_f32(_tile_ptrs(Z, rows64, stride_zm, col0, offs), mask, BF16_BY_BITS)
+        x = x * _gate_value(z, SIGMOID_GATE)
+    return x
+
+
+@triton.jit
+def _chunked_stats(X, Z, rows64, row_ok, stride_xm, stride_zm, col0, cols, inv,
+                   GS: tl.constexpr, BLOCK: tl.constexpr, NUM_CHUNKS: tl.constexpr, GATE_FIRST: tl.constexpr,
+                   IS_RMS: tl.constexpr, SIGMOID_GATE: tl.constexpr, BF16_BY_BITS: tl.constexpr):
+    """(mean, M2 = sum of squared deviations) of a wide group of x * inv, chunk by chunk: each chunk's
+    (mean, M2) is exact two-pass in registers and the chunks are merged (Chan et al.), which keeps
+    the variance free of E[x^2] - E[x]^2. RMSNorm: mean 0 and M2 = sum of squares."""
+    run_mean = tl.zeros([inv.shape[0]], dtype=tl.float32)
+    run_m2 = tl.zeros([inv.shape[0]], dtype=tl.float32)
+    for c in range(NUM_CHUNKS):
+        offs = c * BLOCK + cols
+        col_ok = offs < GS
+        mask = row_ok[:, None] & col_ok[None, :]
+        x = _chunk_of_x(X, Z, rows64, mask, stride_xm, stride_zm, col0, offs,
+                        GATE_FIRST, SIGMOID_GATE, BF16_BY_BITS) * inv[:, None]
+        if IS_RMS:
+            run_m2 += tl.sum(x * x, axis=1)
+        else:
+            n_a = c * BLOCK * 1.0  # elements merged so far (float: the weights below are fp32)
+            n_b = tl.minimum(GS - c * BLOCK, BLOCK) * 1.0
+            mean_b = tl.sum(x, axis=1) / n_b
+            d = tl.where(col_ok[None, :], x - mean_b[:, None], 0.0)
+            m2_b = tl.sum(d * d, axis=1)
+            delta = mean_b - run_mean
+            n_ab = n_a + n_b
+            run_mean = run_mean + delta * (n_b / n_ab)
+            run_m2 = run_m2 + m2_b + delta * delta * (n_a * n_b / n_ab)
+    return run_mean, run_m2
+
+
+@triton.jit
+def _chunked_amax(X, Z, rows64, row_ok, stride_xm, stride_zm, col0, cols,
+                  GS: tl.constexpr, BLOCK: tl.constexpr, NUM_CHUNKS: tl.constexpr, GATE_FIRST: tl.constexpr,
+                  SIGMOID_GATE: tl.constexpr, BF16_BY_BITS: tl.constexpr):
+    """max |x| (x * act(z) when the gate comes first) over a wide group, chunk by chunk."""
+    amax = tl.zeros([row_ok.shape[0]], dtype=tl.float32)
+    for c in range(NUM_CHUNKS):
+        offs = c * BLOCK + cols
+        mask = row_ok[:, None] & (offs < GS)[None, :]
+        x = _chunk_of_x(X, Z, rows64, mask, stride_xm, stride_zm, col0, offs, GATE_FIRST, SIGMOID_GATE,
+                        BF16_BY_BITS)
+        amax = tl.maximum(amax, tl.max(tl.abs(x), axis=1))
+    return amax
 
 
 @functools.cache
