@@ -293,6 +293,7 @@ def _fwd_kernel(
         col_ok = cols < GS
         mask = row_ok[:, None] & col_ok[None, :]
         x = _load_f32(_tile_ptrs(X, rows64, stride_xm, col0, cols), mask, BF16_BY_BITS)
+        gate = 1.0  # unused without z
         if HAS_Z:
             # Padded lanes read z = 0 (never garbage), so x * act(z) stays 0 there.
             z = _load_f32(_tile_ptrs(Z, rows64, stride_zm, col0, cols), mask, BF16_BY_BITS)
@@ -300,66 +301,121 @@ def _fwd_kernel(
             if GATE_FIRST:
                 x = x * gate
         mean, xm, var_eps = _tile_stats(x, col_ok, eps, GS, BLOCK, IS_RMS)
+        bad = _out_of_range(var_eps)
+        # Rows out of range are redone below, one at a time, from memory (see "Range rescue"): here
+        # they get only an rstd of -1 (never a real value), which tells the rescue which rows to redo.
+        good = row_ok & ~bad
         rstd = 1.0 / tl.sqrt_rn(var_eps)
-        rstd_x = rstd  # what multiplies xm: rstd * scale on the rescue path
-        if tl.max(_out_of_range(var_eps).to(tl.int32), axis=0) != 0:  # rare: see "Range rescue"
-            scale, inv = _rescue_scale(tl.max(tl.abs(x), axis=1), var_eps, eps)
-            mean, xm, var_s = _tile_stats(x * inv[:, None], col_ok, 0.0, GS, BLOCK, IS_RMS)
-            rstd, rstd_x = _rescued_rstd(var_s, eps, scale, inv)
-            mean = mean * scale
         if not IS_RMS:
-            tl.store(MEAN + stat, mean, mask=row_ok)
-        tl.store(RSTD + stat, rstd, mask=row_ok)
+            tl.store(MEAN + stat, mean, mask=good)
+        tl.store(RSTD + stat, tl.where(bad, -1.0, rstd), mask=row_ok)
         w = _load_f32(W + col0 + cols, col_ok, BF16_BY_BITS)
-        y = xm * rstd_x[:, None] * w[None, :]
+        y = xm * rstd[:, None] * w[None, :]
         if HAS_BIAS:
             y = y + _load_f32(B + col0 + cols, col_ok, BF16_BY_BITS)[None, :]
         if GATE_AFTER:
             y = y * gate
-        _store_out(_tile_ptrs(Y, rows64, stride_ym, col0, cols), y, mask, BF16_BY_BITS)
+        _store_out(_tile_ptrs(Y, rows64, stride_ym, col0, cols), y, good[:, None] & col_ok[None, :], BF16_BY_BITS)
+        if tl.max((bad & row_ok).to(tl.int32), axis=0) != 0:
+            tl.debug_barrier()  # the rescue reads the rstd markers other threads of this program wrote
+            _rescue_tile(X, Z, W, B, Y, MEAN, RSTD, pid, g, M, stride_xm, stride_zm, stride_ym, col0, eps,
+                         GS, BLOCK, ROWS, HAS_Z, HAS_BIAS, GATE_FIRST, GATE_AFTER, IS_RMS, SIGMOID_GATE,
+                         BF16_BY_BITS)
     else:
-        # Wide group: pass 1 merges chunk statistics, pass 2 writes. Each chunk's (mean, M2) is
-        # exact two-pass in registers; merging (Chan) keeps the variance free of E[x^2]-E[x]^2.
+        # Wide group (ROWS = 1): pass 1 merges chunk statistics, pass 2 writes (_chunked_stats).
         ones = tl.full([ROWS], 1.0, tl.float32)
         run_mean, run_m2 = _chunked_stats(X, Z, rows64, row_ok, stride_xm, stride_zm, col0, cols, ones,
                                           GS, BLOCK, NUM_CHUNKS, GATE_FIRST, IS_RMS, SIGMOID_GATE, BF16_BY_BITS)
         var_eps = run_m2 / GS + eps
-        rstd = 1.0 / tl.sqrt_rn(var_eps)
-        rstd_x = rstd  # what multiplies the centred values: rstd * scale on the rescue path
-        inv = ones
-        if tl.max(_out_of_range(var_eps).to(tl.int32), axis=0) != 0:  # rare: see "Range rescue"
-            amax = _chunked_amax(X, Z, rows64, row_ok, stride_xm, stride_zm, col0, cols,
-                                 GS, BLOCK, NUM_CHUNKS, GATE_FIRST, SIGMOID_GATE, BF16_BY_BITS)
-            scale, inv = _rescue_scale(amax, var_eps, eps)
-            run_mean, run_m2 = _chunked_stats(X, Z, rows64, row_ok, stride_xm, stride_zm, col0, cols, inv,
-                                              GS, BLOCK, NUM_CHUNKS, GATE_FIRST, IS_RMS, SIGMOID_GATE,
-                                              BF16_BY_BITS)
-            rstd, rstd_x = _rescued_rstd(run_m2 / GS, eps, scale, inv)
+        if tl.max((_out_of_range(var_eps) & row_ok).to(tl.int32), axis=0) != 0:  # rare: see "Range rescue"
+            _rescue_row(X, Z, W, B, Y, MEAN, RSTD, pid, g, M, stride_xm, stride_zm, stride_ym,
+                        col0, eps, GS, BLOCK, HAS_Z, HAS_BIAS, GATE_FIRST, GATE_AFTER, IS_RMS,
+                        SIGMOID_GATE, BF16_BY_BITS)
+        else:
+            rstd = 1.0 / tl.sqrt_rn(var_eps)
             if not IS_RMS:
-                tl.store(MEAN + stat, run_mean * scale, mask=row_ok)
-        elif not IS_RMS:
-            tl.store(MEAN + stat, run_mean, mask=row_ok)
-        tl.store(RSTD + stat, rstd, mask=row_ok)
-        for c in range(NUM_CHUNKS):
-            offs = c * BLOCK + cols
-            col_ok = offs < GS
-            mask = row_ok[:, None] & col_ok[None, :]
-            x = _load_f32(_tile_ptrs(X, rows64, stride_xm, col0, offs), mask, BF16_BY_BITS)
-            if HAS_Z:
-                z = _load_f32(_tile_ptrs(Z, rows64, stride_zm, col0, offs), mask, BF16_BY_BITS)
-                gate = _gate_value(z, SIGMOID_GATE)
-                if GATE_FIRST:
-                    x = x * gate
-            x = x * inv[:, None]
-            if not IS_RMS:
-                x = x - run_mean[:, None]
-            w = _load_f32(W + col0 + offs, col_ok, BF16_BY_BITS)
-            y = x * rstd_x[:, None] * w[None, :]
-            if HAS_BIAS:
-                y = y + _load_f32(B + col0 + offs, col_ok, BF16_BY_BITS)[None, :]
-            if GATE_AFTER:
-                y = y * gate
-            _store_out(_tile_ptrs(Y, rows64, stride_ym, col0, offs), y, mask, BF16_BY_BITS)
+                tl.store(MEAN + stat, run_mean, mask=row_ok)
+            tl.store(RSTD + stat, rstd, mask=row_ok)
+            _write_chunked(X, Z, W, B, Y, rows64, row_ok, stride_xm, stride_zm, stride_ym, col0, cols,
+                           ones, run_mean, rstd, GS, BLOCK, NUM_CHUNKS,
+                           HAS_Z, HAS_BIAS, GATE_FIRST, GATE_AFTER, IS_RMS, SIGMOID_GATE, BF16_BY_BITS)
+
+
+@triton.jit
+def _write_chunked(X, Z, W, B, Y, rows64, row_ok, stride_xm, stride_zm, stride_ym, col0, cols,
+                   inv, mean, rstd_x, GS: tl.constexpr, BLOCK: tl.constexpr, NUM_CHUNKS: tl.constexpr,
+                   HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, GATE_FIRST: tl.constexpr, GATE_AFTER: tl.constexpr,
+                   IS_RMS: tl.constexpr, SIGMOID_GATE: tl.constexpr, BF16_BY_BITS: tl.constexpr):
+    """y = ((x * inv - mean) * rstd_x * w + b) [* act(z)] chunk by chunk (inv = 1 and rstd_x = rstd
+    unless rescued; mean = 0 for RMSNorm)."""
+    for c in range(NUM_CHUNKS):
+        offs = c * BLOCK + cols
+        col_ok = offs < GS
+        mask = row_ok[:, None] & col_ok[None, :]
+        x = _load_f32(_tile_ptrs(X, rows64, stride_xm, col0, offs), mask, BF16_BY_BITS)
+        if HAS_Z:
+            z = _load_f32(_tile_ptrs(Z, rows64, stride_zm, col0, offs), mask, BF16_BY_BITS)
+            gate = _gate_value(z, SIGMOID_GATE)
+            if GATE_FIRST:
+                x = x * gate
+        x = x * inv[:, None]
+        if not IS_RMS:
+            x = x - mean[:, None]
+        w = _load_f32(W + col0 + offs, col_ok, BF16_BY_BITS)
+        y = x * rstd_x[:, None] * w[None, :]
+        if HAS_BIAS:
+            y = y + _load_f32(B + col0 + offs, col_ok, BF16_BY_BITS)[None, :]
+        if GATE_AFTER:
+            y = y * gate
+        _store_out(_tile_ptrs(Y, rows64, stride_ym, col0, offs), y, mask, BF16_BY_BITS)
+
+
+@triton.jit(noinline=True)
+def _rescue_tile(X, Z, W, B, Y, MEAN, RSTD, pid, g, M, stride_xm, stride_zm, stride_ym, col0, eps,
+                 GS: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr,
+                 HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, GATE_FIRST: tl.constexpr, GATE_AFTER: tl.constexpr,
+                 IS_RMS: tl.constexpr, SIGMOID_GATE: tl.constexpr, BF16_BY_BITS: tl.constexpr):
+    """Redo the rows of a tile marked with rstd = -1. Not inlined, and scalars only: the rarely taken
+    rescue must not raise the register count of the kernel's common path."""
+    for r in range(ROWS):
+        row = pid * ROWS + r
+        if row < M:
+            if tl.load(RSTD + g.to(tl.int64) * M + row) < 0.0:
+                _rescue_row(X, Z, W, B, Y, MEAN, RSTD, row, g, M, stride_xm, stride_zm, stride_ym,
+                            col0, eps, GS, BLOCK, HAS_Z, HAS_BIAS, GATE_FIRST, GATE_AFTER, IS_RMS,
+                            SIGMOID_GATE, BF16_BY_BITS)
+
+
+#: Chunk width of the range rescue's passes: narrow, so the rarely taken rescue code needs few
+#: registers (the kernel's register count is the maximum over all its code, taken or not).
+_RESCUE_BLOCK = tl.constexpr(512)
+
+
+@triton.jit(noinline=True)
+def _rescue_row(X, Z, W, B, Y, MEAN, RSTD, row, g, M, stride_xm, stride_zm, stride_ym, col0, eps,
+                GS: tl.constexpr, BLOCK: tl.constexpr,
+                HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, GATE_FIRST: tl.constexpr, GATE_AFTER: tl.constexpr,
+                IS_RMS: tl.constexpr, SIGMOID_GATE: tl.constexpr, BF16_BY_BITS: tl.constexpr):
+    """The range rescue of one row of group g, known to be out of range, from memory in narrow chunks:
+    max |x|, the statistics of x / scale (chunks merged as in _chunked_stats), then y."""
+    RB: tl.constexpr = BLOCK if BLOCK < _RESCUE_BLOCK else _RESCUE_BLOCK
+    NC: tl.constexpr = (GS + RB - 1) // RB
+    rows64 = (row + tl.arange(0, 1)).to(tl.int64)
+    row_ok = rows64 < M
+    stat = g.to(tl.int64) * M + rows64
+    cols = tl.arange(0, RB)
+    amax = _chunked_amax(X, Z, rows64, row_ok, stride_xm, stride_zm, col0, cols,
+                         GS, RB, NC, GATE_FIRST, SIGMOID_GATE, BF16_BY_BITS)
+    scale, inv = _rescue_scale(amax, amax * 0.0 + float("inf"), eps)  # forced: the row is out of range
+    mean, m2 = _chunked_stats(X, Z, rows64, row_ok, stride_xm, stride_zm, col0, cols, inv,
+                              GS, RB, NC, GATE_FIRST, IS_RMS, SIGMOID_GATE, BF16_BY_BITS)
+    rstd, rstd_x = _rescued_rstd(m2 / GS, eps, scale, inv)
+    if not IS_RMS:
+        tl.store(MEAN + stat, mean * scale, mask=row_ok)
+    tl.store(RSTD + stat, rstd, mask=row_ok)
+    _write_chunked(X, Z, W, B, Y, rows64, row_ok, stride_xm, stride_zm, stride_ym, col0, cols,
+                   inv, mean, rstd_x, GS, RB, NC,
+                   HAS_Z, HAS_BIAS, GATE_FIRST, GATE_AFTER, IS_RMS, SIGMOID_GATE, BF16_BY_BITS)
 
 
 @triton.jit
