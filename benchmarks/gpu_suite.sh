@@ -6,7 +6,7 @@
 #   bash benchmarks/gpu_suite.sh kernels   # GPU tests + the fused-kernel benchmark (issue 7)
 #   bash benchmarks/gpu_suite.sh verify    # the full `gatednorm verify` on cuda, in worker processes
 #   bash benchmarks/gpu_suite.sh report    # native eager on GPU, tensor parallel (2 GPUs)
-#   bash benchmarks/gpu_suite.sh ab FILE   # GPU tests, then forward A/B against another triton_kernels.py
+#   bash benchmarks/gpu_suite.sh ab FILE.. # GPU tests, then forward A/B against other triton_kernels.py files
 #
 # Results go to $OUT (default gpu_out/).
 set -u
@@ -40,7 +40,10 @@ verify)
     ;;
 ab)
     python3 -m pytest -q -p no:logging -W ignore tests/test_gpu.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -3
-    python3 benchmarks/bench_triton_ab.py --baseline "$2" 2>&1 | tee "$OUT/bench_triton_ab.log"
+    shift
+    BASELINES=()
+    for f in "$@"; do BASELINES+=(--baseline "$f"); done
+    python3 benchmarks/bench_triton_ab.py "${BASELINES[@]}" 2>&1 | tee "$OUT/bench_triton_ab.log"
     ;;
 report)
     timeout 150 python3 benchmarks/bench_cpu.py --device cuda --no-memory --reps 9 --reps-bwd 5 \

@@ -254,3 +254,26 @@ def test_compiled_backend_in_graph_rescue():
     ry, _, rrstd = gated_norm_reference(x, w, None, None, 1e-6, 64, True, True, "swish")
     torch.testing.assert_close(y.cpu().double(), ry.bfloat16().double(), rtol=2**-7, atol=2**-7)
     torch.testing.assert_close(rstd.cpu().double(), rrstd.float().double(), rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("is_rms", [False, True])
+def test_rescue_kernel_matches_in_kernel_rescue(monkeypatch, is_rms):
+    """Large calls rescue in a separate kernel (_rescue_kernel), small ones in-kernel: the same bits."""
+    tk = _tk()
+    g = torch.Generator().manual_seed(13)
+    x = torch.randn(300, 640, generator=g).bfloat16()
+    x[7] = (3e37 * torch.randn(640, generator=g)).bfloat16()
+    x[250, :128] = (1e25 * torch.randn(128, generator=g)).bfloat16()
+    z = torch.randn(300, 640, generator=g).bfloat16()
+    w = (1 + 0.1 * torch.randn(640, generator=g)).bfloat16()
+    results = []
+    for threshold in (1 << 40, 0):
+        monkeypatch.setattr(tk, "RESCUE_KERNEL_MIN_ELEMENTS", threshold)
+        results.append(gatednorm.layer_norm_fwd(x.cuda(), w.cuda(), None, 1e-6, z=z.cuda(), group_size=128,
+                                                is_rms_norm=is_rms, backend="triton"))
+    for a, b in zip(*results, strict=True):
+        if a is not None:
+            assert torch.equal(a, b)
+    ry, _, rrstd = gated_norm_reference(x, w, None, z, 1e-6, 128, True, is_rms, "swish")
+    torch.testing.assert_close(results[1][0].cpu().double(), ry.bfloat16().double(), rtol=2**-7, atol=2**-7)
+    torch.testing.assert_close(results[1][2].cpu().double(), rrstd.float().double(), rtol=1e-5, atol=0)

@@ -257,6 +257,34 @@ def test_compiled_in_graph_rescue(monkeypatch, rms, scale, eps):
     torch.testing.assert_close(y[2:], plain_y, rtol=0, atol=2**-7)  # the ordinary row: as usual
 
 
+@pytest.mark.skipif("triton" not in BACKENDS, reason="triton unavailable")
+@pytest.mark.parametrize("rms", [False, True])
+@pytest.mark.parametrize("gate", ["after", "before"])
+def test_triton_rescue_kernel_matches_in_kernel_rescue(monkeypatch, rms, gate):
+    """Large calls rescue in a separate kernel, small ones in-kernel: same rows, same bits, both right."""
+    from gatednorm import triton_kernels as tk
+
+    g = _gen(10)
+    x = torch.randn(40, 256, generator=g).bfloat16()
+    x[3] = (3e37 * torch.randn(256, generator=g)).bfloat16()
+    x[17, 64:128] = (1e30 * torch.randn(64, generator=g)).bfloat16()
+    x[39, 192:] = 1e-30  # tiny, eps = 0 below
+    z = torch.randn(40, 256, generator=g).bfloat16()
+    w = (1 + 0.1 * torch.randn(256, generator=g)).bfloat16()
+
+    def run(threshold):
+        monkeypatch.setattr(tk, "RESCUE_KERNEL_MIN_ELEMENTS", threshold)
+        monkeypatch.setattr(tk, "RESCUE_SCAN_ROWS", 16)  # several scan programs, a partial last one
+        return layer_norm_fwd(x, w, None, 0.0, z=z, group_size=64, norm_before_gate=gate == "after",
+                              is_rms_norm=rms, backend="triton")
+
+    in_kernel, separate = run(1 << 40), run(0)
+    for a, b in zip(in_kernel, separate, strict=True):
+        if a is not None:  # bit for bit (NaN where LayerNorm meets the constant group with eps = 0)
+            torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+    _check_against_float64(*separate, x, w, None, z, 0.0, 64, gate == "after", rms, "swish")
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("rms", [False, True])
 def test_extreme_range_wide_groups(backend, rms):

@@ -210,32 +210,43 @@ def _tile_ptrs(base, rows64, stride, col0, cols):
 # ---------------------------------------------------------------------------
 # The float32 sums of x and x^2 overflow for |x| above ~1.8e19 (bf16 and fp32 reach 3.4e38) and the
 # squares underflow below ~1e-19, which matters when eps is tiny too. float64 has neither problem, so
-# neither may we: a group whose var + eps leaves [SAFE_VAR_MIN, fp32 max] (NaN included) is redone
-# divided by a power of two of its largest |value| (exact), then mean * scale and rstd / scale are
-# stored. Groups in range keep scale 1, i.e. the same arithmetic and bits; the check costs one
-# reduction of a flag per program, the rescue runs only in programs that hold such a group.
+# neither may we: a row (of one group) whose rstd = 1 / sqrt(var + eps) lands outside (0, 2^50] (var +
+# eps overflowed, underflowed below 2^-100, or is NaN) is redone from memory by _rescue_row, divided by
+# a power of two of its largest |value| (exact); mean * scale and rstd / scale are stored. Other rows
+# are never touched, so their bits are the plain path's.
+#
+# Where the check runs is a cost question (H200, benchmarks/bench_triton_ab.py): a check-and-branch
+# at the end of every program costs nothing measurable on small inputs but 3-17% of bandwidth on
+# some large shapes (it perturbs how the compiler schedules the common path); a separate scan kernel
+# leaves _fwd_kernel's code as it was and costs one ~2-3 us launch, about 1% of a large call. So calls
+# of at least RESCUE_KERNEL_MIN_ELEMENTS elements use _rescue_kernel, smaller ones check in-kernel.
+# Both judge the same stored rstd and redo rows with the same code and warps: a row's bits do not
+# depend on which one ran (batch invariance). Wide groups (looped in chunks) check in-kernel always.
 
 _SAFE_VAR_MIN = tl.constexpr(native.SAFE_VAR_MIN)
+_SAFE_RSTD_MAX = tl.constexpr(native.SAFE_VAR_MIN ** -0.5)  # 2^50
 _FP32_MAX = tl.constexpr(3.4028234663852886e38)
 
 
 @triton.jit
-def _out_of_range(var_eps):
-    """True where the plain fp32 statistics cannot be trusted (NaN compares False, so it is caught)."""
-    return ~((var_eps >= _SAFE_VAR_MIN) & (var_eps <= _FP32_MAX))
+def _rstd_out_of_range(rstd):
+    """True where the plain fp32 statistics cannot be trusted: rstd = 1 / sqrt(var + eps) outside
+    (0, 2^50], i.e. var + eps overflowed (rstd 0), is NaN, or is below 2^-100 (see _SAFE_VAR_MIN).
+    Judged on the stored rstd, so the in-kernel and the separate rescue agree row for row."""
+    return ~((rstd > 0.0) & (rstd <= _SAFE_RSTD_MAX))
 
 
 @triton.jit
-def _rescue_scale(amax, var_eps, eps):
+def _rescue_scale(amax, eps):
     """(scale, 1 / scale) per row: the power of two at or below max(amax, sqrt(eps)), clamped to
-    [2^-126, 2^126], for rows out of range with finite inputs; 1 elsewhere. Built from the exponent
-    bits, so both are exact powers of two."""
+    [2^-126, 2^126] (1 where amax is Inf/NaN: the formula's result is Inf/NaN anyway). Built from the
+    exponent bits, so both are exact powers of two."""
     a = tl.maximum(amax, tl.sqrt(eps + tl.zeros_like(amax)))
     e = (a.to(tl.int32, bitcast=True) & 0x7F800000).to(tl.int32)  # a >= 0: sign bit clear
     e = tl.minimum(tl.maximum(e, 1 << 23), 253 << 23)
-    redo = _out_of_range(var_eps) & (amax <= _FP32_MAX)
-    scale = tl.where(redo, e.to(tl.float32, bitcast=True), 1.0)
-    inv = tl.where(redo, ((254 << 23) - e).to(tl.float32, bitcast=True), 1.0)
+    finite = amax <= _FP32_MAX
+    scale = tl.where(finite, e.to(tl.float32, bitcast=True), 1.0)
+    inv = tl.where(finite, ((254 << 23) - e).to(tl.float32, bitcast=True), 1.0)
     return scale, inv
 
 
@@ -275,7 +286,7 @@ def _fwd_kernel(
     M, stride_xm, stride_zm, stride_ym, eps,
     GS: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr, NUM_CHUNKS: tl.constexpr,
     HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, NORM_BEFORE_GATE: tl.constexpr,
-    IS_RMS: tl.constexpr, SIGMOID_GATE: tl.constexpr, BF16_BY_BITS: tl.constexpr,
+    IS_RMS: tl.constexpr, SIGMOID_GATE: tl.constexpr, BF16_BY_BITS: tl.constexpr, RESCUE_IN_KERNEL: tl.constexpr,
 ):
     pid = tl.program_id(0)
     g = tl.program_id(1)
@@ -301,38 +312,34 @@ def _fwd_kernel(
             if GATE_FIRST:
                 x = x * gate
         mean, xm, var_eps = _tile_stats(x, col_ok, eps, GS, BLOCK, IS_RMS)
-        bad = _out_of_range(var_eps)
-        # Rows out of range are redone below, one at a time, from memory (see "Range rescue"): here
-        # they get only an rstd of -1 (never a real value), which tells the rescue which rows to redo.
-        good = row_ok & ~bad
         rstd = 1.0 / tl.sqrt_rn(var_eps)
         if not IS_RMS:
-            tl.store(MEAN + stat, mean, mask=good)
-        tl.store(RSTD + stat, tl.where(bad, -1.0, rstd), mask=row_ok)
+            tl.store(MEAN + stat, mean, mask=row_ok)
+        tl.store(RSTD + stat, rstd, mask=row_ok)
         w = _load_f32(W + col0 + cols, col_ok, BF16_BY_BITS)
         y = xm * rstd[:, None] * w[None, :]
         if HAS_BIAS:
             y = y + _load_f32(B + col0 + cols, col_ok, BF16_BY_BITS)[None, :]
         if GATE_AFTER:
             y = y * gate
-        _store_out(_tile_ptrs(Y, rows64, stride_ym, col0, cols), y, good[:, None] & col_ok[None, :], BF16_BY_BITS)
-        if tl.max((bad & row_ok).to(tl.int32), axis=0) != 0:
-            tl.debug_barrier()  # the rescue reads the rstd markers other threads of this program wrote
-            _rescue_tile(X, Z, W, B, Y, MEAN, RSTD, pid, g, M, stride_xm, stride_zm, stride_ym, col0, eps,
-                         GS, BLOCK, ROWS, HAS_Z, HAS_BIAS, GATE_FIRST, GATE_AFTER, IS_RMS, SIGMOID_GATE,
-                         BF16_BY_BITS)
+        _store_out(_tile_ptrs(Y, rows64, stride_ym, col0, cols), y, mask, BF16_BY_BITS)
+        if RESCUE_IN_KERNEL:  # else _rescue_kernel runs after this kernel (see "Range rescue")
+            if tl.max((_rstd_out_of_range(rstd) & row_ok).to(tl.int32), axis=0) != 0:
+                tl.debug_barrier()  # the rows' plain results (written by other threads) are overwritten
+                _rescue_rows(X, Z, W, B, Y, MEAN, RSTD, pid * ROWS, g, M, stride_xm, stride_zm, stride_ym, col0,
+                             eps, GS, BLOCK, ROWS, HAS_Z, HAS_BIAS, GATE_FIRST, GATE_AFTER, IS_RMS, SIGMOID_GATE,
+                             BF16_BY_BITS)
     else:
         # Wide group (ROWS = 1): pass 1 merges chunk statistics, pass 2 writes (_chunked_stats).
         ones = tl.full([ROWS], 1.0, tl.float32)
         run_mean, run_m2 = _chunked_stats(X, Z, rows64, row_ok, stride_xm, stride_zm, col0, cols, ones,
                                           GS, BLOCK, NUM_CHUNKS, GATE_FIRST, IS_RMS, SIGMOID_GATE, BF16_BY_BITS)
-        var_eps = run_m2 / GS + eps
-        if tl.max((_out_of_range(var_eps) & row_ok).to(tl.int32), axis=0) != 0:  # rare: see "Range rescue"
+        rstd = 1.0 / tl.sqrt_rn(run_m2 / GS + eps)
+        if tl.max((_rstd_out_of_range(rstd) & row_ok).to(tl.int32), axis=0) != 0:  # rare: see "Range rescue"
             _rescue_row(X, Z, W, B, Y, MEAN, RSTD, pid, g, M, stride_xm, stride_zm, stride_ym,
                         col0, eps, GS, BLOCK, HAS_Z, HAS_BIAS, GATE_FIRST, GATE_AFTER, IS_RMS,
                         SIGMOID_GATE, BF16_BY_BITS)
         else:
-            rstd = 1.0 / tl.sqrt_rn(var_eps)
             if not IS_RMS:
                 tl.store(MEAN + stat, run_mean, mask=row_ok)
             tl.store(RSTD + stat, rstd, mask=row_ok)
@@ -371,20 +378,46 @@ def _write_chunked(X, Z, W, B, Y, rows64, row_ok, stride_xm, stride_zm, stride_y
 
 
 @triton.jit(noinline=True)
-def _rescue_tile(X, Z, W, B, Y, MEAN, RSTD, pid, g, M, stride_xm, stride_zm, stride_ym, col0, eps,
+def _rescue_rows(X, Z, W, B, Y, MEAN, RSTD, row0, g, M, stride_xm, stride_zm, stride_ym, col0, eps,
                  GS: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr,
                  HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, GATE_FIRST: tl.constexpr, GATE_AFTER: tl.constexpr,
                  IS_RMS: tl.constexpr, SIGMOID_GATE: tl.constexpr, BF16_BY_BITS: tl.constexpr):
-    """Redo the rows of a tile marked with rstd = -1. Not inlined, and scalars only: the rarely taken
-    rescue must not raise the register count of the kernel's common path."""
+    """Redo rows row0 .. row0 + ROWS - 1 of group g whose stored rstd is out of range. Not inlined, and
+    scalars only: the rarely taken rescue must not raise the common path's register count."""
     for r in range(ROWS):
-        row = pid * ROWS + r
+        row = row0 + r
         if row < M:
-            if tl.load(RSTD + g.to(tl.int64) * M + row) < 0.0:
+            if _rstd_out_of_range(tl.load(RSTD + g.to(tl.int64) * M + row)):
                 _rescue_row(X, Z, W, B, Y, MEAN, RSTD, row, g, M, stride_xm, stride_zm, stride_ym,
                             col0, eps, GS, BLOCK, HAS_Z, HAS_BIAS, GATE_FIRST, GATE_AFTER, IS_RMS,
                             SIGMOID_GATE, BF16_BY_BITS)
 
+
+@triton.jit
+def _rescue_kernel(
+    X, Z, W, B, Y, MEAN, RSTD,
+    M, stride_xm, stride_zm, stride_ym, eps,
+    GS: tl.constexpr, BLOCK: tl.constexpr, SCAN: tl.constexpr,
+    HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, NORM_BEFORE_GATE: tl.constexpr,
+    IS_RMS: tl.constexpr, SIGMOID_GATE: tl.constexpr, BF16_BY_BITS: tl.constexpr,
+):
+    """After _fwd_kernel on large inputs: grid (row blocks of SCAN, groups). Reads the stored rstd and
+    redoes the rows out of range, with the code the forward would run in-kernel (same bits)."""
+    pid = tl.program_id(0)
+    g = tl.program_id(1)
+    rows = pid * SCAN + tl.arange(0, SCAN)
+    ok = rows < M
+    rstd = tl.load(RSTD + g.to(tl.int64) * M + rows.to(tl.int64), mask=ok, other=1.0)
+    if tl.max((_rstd_out_of_range(rstd) & ok).to(tl.int32), axis=0) != 0:
+        _rescue_rows(X, Z, W, B, Y, MEAN, RSTD, pid * SCAN, g, M, stride_xm, stride_zm, stride_ym, g * GS, eps,
+                     GS, BLOCK, SCAN, HAS_Z, HAS_BIAS, HAS_Z and not NORM_BEFORE_GATE, HAS_Z and NORM_BEFORE_GATE,
+                     IS_RMS, SIGMOID_GATE, BF16_BY_BITS)
+
+
+#: Calls with at least this many elements run the range rescue as a separate kernel (see "Range rescue").
+RESCUE_KERNEL_MIN_ELEMENTS = 1 << 24
+#: Rows whose stored rstd one program of _rescue_kernel checks.
+RESCUE_SCAN_ROWS = 1024
 
 #: Chunk width of the range rescue's passes: narrow, so the rarely taken rescue code needs few
 #: registers (the kernel's register count is the maximum over all its code, taken or not).
@@ -406,7 +439,7 @@ def _rescue_row(X, Z, W, B, Y, MEAN, RSTD, row, g, M, stride_xm, stride_zm, stri
     cols = tl.arange(0, RB)
     amax = _chunked_amax(X, Z, rows64, row_ok, stride_xm, stride_zm, col0, cols,
                          GS, RB, NC, GATE_FIRST, SIGMOID_GATE, BF16_BY_BITS)
-    scale, inv = _rescue_scale(amax, amax * 0.0 + float("inf"), eps)  # forced: the row is out of range
+    scale, inv = _rescue_scale(amax, eps)
     mean, m2 = _chunked_stats(X, Z, rows64, row_ok, stride_xm, stride_zm, col0, cols, inv,
                               GS, RB, NC, GATE_FIRST, IS_RMS, SIGMOID_GATE, BF16_BY_BITS)
     rstd, rstd_x = _rescued_rstd(m2 / GS, eps, scale, inv)
@@ -530,15 +563,17 @@ def forward(
     bias = _rows_ready(bias) if bias is not None else None
     y = out if out.stride(-1) == 1 else torch.empty(out.shape, dtype=out.dtype, device=out.device)
     block, chunks, rows, warps = _fwd_config(gs, x.element_size())
-    _launch(
-        _fwd_kernel, (triton.cdiv(m, rows), groups, 1),
-        (x, z, weight, bias, y, mean, rstd, m, x.stride(0), z.stride(0) if z is not None else 0, y.stride(0),
-         spec.eps),
-        # GS, BLOCK, ROWS, NUM_CHUNKS, HAS_Z, HAS_BIAS, NORM_BEFORE_GATE, IS_RMS, SIGMOID_GATE, BF16_BY_BITS
-        (gs, block, rows, chunks, z is not None, bias is not None, spec.norm_before_gate, spec.is_rms_norm,
-         spec.activation == "sigmoid", _INTERPRET),
-        warps, x.device,
-    )
+    args = (x, z, weight, bias, y, mean, rstd, m, x.stride(0), z.stride(0) if z is not None else 0, y.stride(0),
+            spec.eps)
+    flags = (z is not None, bias is not None, spec.norm_before_gate, spec.is_rms_norm, spec.activation == "sigmoid",
+             _INTERPRET)  # HAS_Z, HAS_BIAS, NORM_BEFORE_GATE, IS_RMS, SIGMOID_GATE, BF16_BY_BITS
+    rescue_after = chunks == 1 and m * n >= RESCUE_KERNEL_MIN_ELEMENTS
+    # GS, BLOCK, ROWS, NUM_CHUNKS, *flags, RESCUE_IN_KERNEL
+    _launch(_fwd_kernel, (triton.cdiv(m, rows), groups, 1), args, (gs, block, rows, chunks, *flags, not rescue_after),
+            warps, x.device)
+    if rescue_after:  # GS, BLOCK, SCAN, *flags; the forward's warps: the rescued rows' bits must not change
+        _launch(_rescue_kernel, (triton.cdiv(m, RESCUE_SCAN_ROWS), groups, 1), args,
+                (gs, block, RESCUE_SCAN_ROWS, *flags), warps, x.device)
     if y is not out:
         out.copy_(y)
     return mean, rstd
