@@ -26,7 +26,8 @@ SGL=()
 
 case "${1:-kernels}" in
 kernels)
-    python3 -m pytest -q -p no:logging -W ignore tests/test_gpu.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -3
+    python3 -m pytest -q -p no:logging -W ignore tests/test_gpu.py > "$OUT/gpu_tests.log" 2>&1
+    echo "pytest exit $?" | tee -a "$OUT/gpu_tests.log"; tail -3 "$OUT/gpu_tests.log"
     python3 benchmarks/bench_gpu.py --host --out "$OUT" "${SGL[@]}" 2>&1 | tee "$OUT/bench_gpu.log"
     ;;
 verify)
@@ -39,7 +40,8 @@ verify)
     echo "verify exit $?"; tail -40 "$OUT/verify_cuda.log"
     ;;
 ab)
-    python3 -m pytest -q -p no:logging -W ignore tests/test_gpu.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -3
+    python3 -m pytest -q -p no:logging -W ignore tests/test_gpu.py > "$OUT/gpu_tests.log" 2>&1
+    echo "pytest exit $?" | tee -a "$OUT/gpu_tests.log"; tail -3 "$OUT/gpu_tests.log"
     shift
     BASELINES=()
     for f in "$@"; do BASELINES+=(--baseline "$f"); done
