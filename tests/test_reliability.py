@@ -287,6 +287,28 @@ def test_triton_rescue_kernel_matches_in_kernel_rescue(monkeypatch, rms, gate):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("rms", [False, True])
+@pytest.mark.parametrize("gate", ["after", "before"])
+@pytest.mark.parametrize("scale", [3e37, 1e25])
+def test_extreme_range_gradients(backend, rms, gate, scale):
+    """The backward needs no rescue of its own: from the rescued statistics its gradients match float64."""
+    g = _gen(12)
+    x = (scale * (torch.randn(4, 128, generator=g, dtype=torch.float64) + (0.0 if rms else 2.0))).float()
+    z, dy = torch.randn(4, 128, generator=g), torch.randn(4, 128, generator=g)
+    w = 1 + 0.1 * torch.randn(128, generator=g)
+    ours = [t.clone().requires_grad_() for t in (x, z, w)]
+    y, _, _ = layer_norm_fwd(ours[0], ours[2], None, 1e-6, z=ours[1], group_size=64, norm_before_gate=gate == "after",
+                             is_rms_norm=rms, backend=backend)
+    y.backward(dy)
+    ref = [t.double().requires_grad_() for t in (x, z, w)]
+    gated_norm_reference(ref[0], ref[2], None, ref[1], 1e-6, 64, gate == "after", rms, "swish")[0].backward(
+        dy.double())
+    for name, a, r in zip(("dx", "dz", "dweight"), ours, ref, strict=True):
+        rel = ((a.grad.double() - r.grad).abs().max() / r.grad.abs().max()).item()
+        assert rel < 2e-6, f"{name}: {rel:.3g}"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("rms", [False, True])
 def test_extreme_range_wide_groups(backend, rms):
     """Groups wider than the Triton kernel's register block take the chunked path (its own rescue)."""
     gs = 10000
