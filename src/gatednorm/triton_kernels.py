@@ -218,8 +218,9 @@ def _tile_ptrs(base, rows64, stride, col0, cols):
 # Where the check runs is a cost question (H200, benchmarks/bench_triton_ab.py): a check-and-branch
 # at the end of every program costs nothing measurable on small inputs but 3-17% of bandwidth on
 # some large shapes (it perturbs how the compiler schedules the common path); a separate scan kernel
-# leaves _fwd_kernel's code as it was and costs one ~2-3 us launch, about 1% of a large call. So calls
-# of at least RESCUE_KERNEL_MIN_ELEMENTS elements use _rescue_kernel, smaller ones check in-kernel.
+# leaves _fwd_kernel's code as it was and costs one small launch, 1-4% of a large call (results in
+# benchmarks/results/triton_rescue_ab_h200.md). So calls of at least RESCUE_KERNEL_MIN_ELEMENTS
+# elements use _rescue_kernel, smaller ones (launch-bound anyway) check in-kernel.
 # Both judge the same stored rstd and redo rows with the same code and warps: a row's bits do not
 # depend on which one ran (batch invariance). Wide groups (looped in chunks) check in-kernel always.
 
