@@ -134,7 +134,8 @@ def _table_rows(summary: list[V.SummaryRow]) -> list[tuple[str, ...]]:
 
 
 def _print_table(rows: list[tuple[str, ...]], title: str, use_rich: bool) -> None:
-    console = _rich_console() if use_rich else None
+    # rich only on a terminal: piped into a log it would squeeze the table into 80 columns
+    console = _rich_console() if use_rich and sys.stdout.isatty() else None
     if console is not None:
         from rich.table import Table
 
@@ -198,7 +199,8 @@ def add_verify_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--json", metavar="PATH", help="write every case and the summary as JSON")
     p.add_argument("--markdown", metavar="PATH", help="write the summary table (and failures) as Markdown")
     p.add_argument("--verbose", "-v", action="store_true", help="print every failing case")
-    p.add_argument("--plain", action="store_true", help="plain text even when rich is installed")
+    p.add_argument("--plain", action="store_true",
+                   help="plain text even when rich is installed (always, when stdout is not a terminal)")
     p.add_argument("--no-progress", dest="progress", action="store_false",
                    help="no progress bar; a short status line on stderr every --progress-every seconds instead "
                         "(also the default when stderr is not a terminal)")
