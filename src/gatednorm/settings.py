@@ -1,0 +1,33 @@
+"""Environment settings, read in one place with one policy: on every call.
+
+Reading ``os.environ`` costs well under a microsecond, so every setting is looked up when it is
+used; tests and users may change these variables at run time and the next call follows. The one
+exception is not ours: Triton decides at kernel-definition time whether ``TRITON_INTERPRET`` is set,
+so the triton backend follows the value it had when that backend was first loaded.
+
+=========================  =======================================================================
+variable                   effect
+=========================  =======================================================================
+``GATEDNORM_BACKEND``      default backend for calls without ``backend=`` (auto/native/triton/compiled)
+``USE_NATIVE_LAYERNORM``   the migration guide's switch: calls without ``backend=`` run native
+``GATEDNORM_PATCH``        targets to patch (read by the opt-in ``.pth`` hook and ``apply_env_patch()``)
+``TRITON_INTERPRET``       Triton's interpreter: lets the triton backend run on CPU tensors
+=========================  =======================================================================
+"""
+
+from __future__ import annotations
+
+import os
+
+_TRUE = ("1", "true", "yes", "on")
+
+
+def env_flag(name: str) -> bool:
+    """True when the environment variable ``name`` is set to 1/true/yes/on (any case)."""
+    value = os.environ.get(name)
+    return value is not None and value.strip().lower() in _TRUE
+
+
+def env_text(name: str) -> str:
+    """The stripped value of ``name`` ('' when unset)."""
+    return os.environ.get(name, "").strip()
