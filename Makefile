@@ -39,6 +39,8 @@ test: setup
 
 lint: setup
 	$(VENV)/bin/ruff check .
+	# layer rules of docs/design.md ([tool.importlinter] in pyproject.toml); --no-cache: no cache folder in the tree
+	$(VENV)/bin/lint-imports --no-cache
 
 bench: setup
 	$(PY) benchmarks/bench_cpu.py

@@ -1,14 +1,16 @@
 """Tensor-parallel gated norm (gatednorm.distributed) on CPU: gloo over loopback, 2 and 4 processes.
 
-Each world size is spawned once (a module-scoped fixture); the workers run every case and write
-their results to JSON files, and the tests below read them. Every case draws the same full-size
-tensors on every rank (shared seed), runs the tensor-parallel operator on the rank's shard, and
-compares that shard with the same columns of (a) the float64 reference on the full tensor and
-(b) gatednorm's single-process operator on the full tensor: within one rounding of the output dtype.
-Gradients are compared with autograd through the float64 reference and with gatednorm's own
-backward on the full tensor. The number of collectives per call is counted.
+Each world size is spawned once (cached at module level) for the cases the session selected; the
+workers run those cases in order and write their results to JSON files, and each case is its own
+pytest item that reads them. Every case draws the same full-size tensors on every rank (shared
+seed), runs the tensor-parallel operator on the rank's shard, and compares that shard with the same
+columns of (a) the float64 reference on the full tensor and (b) gatednorm's single-process operator
+on the full tensor: within one rounding of the output dtype. Gradients are compared with autograd
+through the float64 reference and with gatednorm's own backward on the full tensor. The number of
+collectives per call is counted. The ``rescue-*`` cases hold the spanning path's range rescue to the
+float64 reference for values near the ends of the float32 range (|x| ~ 1e25, 3e37; 1e-30 with eps = 0).
 
-Budget: about 20 s on 2 cores (dominated by starting 6 Python processes).
+Budget: about 30 s on 2 cores (dominated by starting 6 Python processes).
 """
 
 from __future__ import annotations
@@ -58,7 +60,18 @@ def case_names(world: int) -> list[str]:
             names.append(f"gs{gs}-{'rms' if rms else 'ln'}-{gate}-{act}-{'bias' if bias else 'nobias'}")
     names += ["offset-ln-fp64", "offset-ln-fp32", "stats-layout", "collective-count", "module-rms", "module-ln",
               "weight-helpers", "thn-gate", "empty-rows", "errors"]
-    return names
+    return names + rescue_case_names(world)
+
+
+# Range rescue on the spanning path: magnitude name -> (scale of the data, eps)
+RESCUE_SCALES = {"big": (1e25, 1e-5), "huge": (3e37, 1e-5), "tiny": (1e-30, 0.0)}
+# spanning layouts only: 16 with 4 ranks also has whole groups inside a shard next to partial ones
+RESCUE_GROUP_SIZES = {2: [32, None], 4: [16, 32, None]}
+
+
+def rescue_case_names(world: int) -> list[str]:
+    return [f"rescue-gs{gs}-{norm}-{gate}-{mag}" for gs in RESCUE_GROUP_SIZES[world] for norm in ("ln", "rms")
+            for gate in ("after", "before") for mag in RESCUE_SCALES]
 
 
 def _parse(name: str):
@@ -433,6 +446,122 @@ def _run_errors(rank: int, world: int) -> None:
             raise AssertionError(f"expected {exc.__name__} mentioning {word!r}")
 
 
+def _zero_part(n: int, gs: int, world: int) -> tuple[int, int]:
+    """Columns of the first rank's part of the first spanning group (a part that can be all zeros while
+    its group is not: the case where the per-part power-of-two scales must not be what is combined)."""
+    shard = n // world
+    for g in range(n // gs):
+        lo, hi = g * gs, (g + 1) * gs
+        if lo // shard != (hi - 1) // shard:
+            return lo, (lo // shard + 1) * shard
+    raise AssertionError("no spanning group")
+
+
+def _rescue_x(seed: int, n: int, gs: int, world: int, scale: float) -> torch.Tensor:
+    """(6, n) float64 rows of magnitude ``scale``, each with a twist; row 2 stays in range.
+
+    0, 5: plain; 1: the second half of the columns 2^30 times nearer to 1 (parts of one group on
+    different ranks with different exponents); 2: unscaled; 3: scale * (1 + 0.1 * noise) (LayerNorm's
+    mean well above its std); 4: one rank's part of a spanning group all zeros.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    base = torch.randn(6, n, generator=gen, dtype=torch.float64).clamp(-3, 3) + 0.3
+    x = base * scale
+    x[1, n // 2:] *= 2.0 ** (-30 if scale > 1 else 30)
+    x[2] = base[2]
+    x[3] = scale * (1 + 0.1 * base[3])
+    lo, hi = _zero_part(n, gs, world)
+    x[4, lo:hi] = 0
+    return x
+
+
+def _rel_rows(got: torch.Tensor, ref: torch.Tensor, rtol: float, what: str) -> None:
+    """Max error of each row relative to that row's max |ref| (rows of very different magnitudes)."""
+    got, ref = got.double().flatten(0, -2), ref.double().flatten(0, -2)
+    err = (got - ref).abs().amax(dim=-1) / ref.abs().amax(dim=-1).clamp_min(1e-300)
+    if not bool((err <= rtol).all()):
+        i = int(err.nan_to_num(float("inf")).argmax())
+        raise AssertionError(f"{what}: row {i} relative error {float(err[i]):.3g} > {rtol:.3g}")
+
+
+def _run_rescue(name: str, rank: int, world: int) -> None:
+    """Spanning path with values near the ends of the float32 range, against the float64 reference.
+
+    Forward (bf16 and fp32): y within one rounding; rstd within 1e-5 relative; mean within 1e-5 of the
+    group's standard deviation; every statistic identical on the ranks sharing its group. Gradients
+    (fp32, |x| ~ 1e25 only: further up dx ~ 1 / |x| leaves the float32 normal range): per row within
+    2e-5 of the row's largest value.
+    """
+    import torch.distributed as dist
+
+    from gatednorm.distributed import shard_layout, shard_weight, tp_gated_norm
+
+    _, gs_text, norm, gate, mag = name.split("-")
+    gs = None if gs_text == "gsNone" else int(gs_text[2:])
+    rms, nbg = norm == "rms", gate == "after"
+    scale, eps = RESCUE_SCALES[mag]
+    soft = _Soft()
+    n = HIDDEN
+    full_gs = n if gs is None else gs
+    lay = shard_layout(n, full_gs, rank, world)
+    assert not lay.aligned, name
+    sl = slice(rank * n // world, (rank + 1) * n // world)
+    seed = sum(map(ord, name))
+    gen = torch.Generator().manual_seed(seed + 1)
+    # |act(z)| <= 1.8: the gate-before product x * act(z) stays inside the float32 range at 3e37
+    z64 = torch.randn(6, n, generator=gen, dtype=torch.float64).clamp(-2, 2)
+    w64 = 1 + 0.3 * torch.randn(n, generator=gen, dtype=torch.float64)
+    b64 = None if rms else 0.2 * torch.randn(n, generator=gen, dtype=torch.float64)
+    dy64 = torch.randn(6, n, generator=gen, dtype=torch.float64)
+    x64 = _rescue_x(seed, n, full_gs, world, scale)
+    kw = dict(eps=eps, group_size=gs, norm_before_gate=nbg, is_rms_norm=rms)
+    m = x64.shape[0]
+    g0, g1 = lay.first_group, lay.first_group + lay.num_local_groups
+
+    for dtype in (torch.bfloat16, torch.float32):
+        x, z, w = x64.to(dtype), z64.to(dtype), w64.to(dtype)
+        b = None if b64 is None else b64.to(dtype)
+        ref, ref_mean, ref_rstd = gated_norm_reference(x, w, b, z, eps, gs, nbg, rms)
+        y, mean, rstd = tp_gated_norm(x[:, sl], w[sl], None if b is None else b[sl], z[:, sl], **kw)
+        what = f"{dtype} scale {scale:g}"
+        soft.check(bool(torch.isfinite(y).all()), f"{what}: y has non-finite values")
+        soft(_within_one_rounding, y, ref[:, sl], dtype, f"{what}: y vs float64 reference")
+        want_rstd = ref_rstd[g0 * m:g1 * m]
+        soft(_close, rstd.double() / want_rstd, torch.ones_like(want_rstd), 1e-5, f"{what}: rstd / reference")
+        if rms:
+            soft.check(mean is None, "RMSNorm mean is not None")
+        else:
+            mean_err = ((mean.double() - ref_mean[g0 * m:g1 * m]) * want_rstd).abs().max()
+            soft.check(bool(mean_err <= 1e-5), f"{what}: mean off by {float(mean_err):.3g} standard deviations")
+        # ranks sharing a group agree on its statistics bit for bit (they agreed on one scale)
+        everyone = [None] * world
+        dist.all_gather_object(everyone, (g0, lay.num_local_groups, rstd.tolist(),
+                                          None if mean is None else mean.tolist()))
+        seen: dict[int, tuple] = {}
+        for first, count, rs, mu in everyone:
+            for j in range(count):
+                vals = (rs[j * m:(j + 1) * m], None if mu is None else mu[j * m:(j + 1) * m])
+                soft.check(seen.setdefault(first + j, vals) == vals, f"{what}: group {first + j} differs between ranks")
+
+    if mag == "big":
+        leaves64 = [t.clone().requires_grad_() if t is not None else None for t in (x64, z64, w64, b64)]
+        ref, _, _ = gated_norm_reference(leaves64[0], leaves64[2], leaves64[3], leaves64[1], eps, gs, nbg, rms)
+        ref.backward(dy64)
+        mine = [None if t is None else shard_weight(t.float(), rank, world).requires_grad_()
+                for t in (x64, z64, w64, b64)]
+        y, _, _ = tp_gated_norm(mine[0], mine[2], mine[3], mine[1], **kw)
+        y.backward(dy64[:, sl].float())
+        for label, got, want in zip(("dx", "dz", "dweight", "dbias"), mine, leaves64, strict=True):
+            if got is None:
+                continue
+            soft.check(got.grad is not None and bool(torch.isfinite(got.grad).all()), f"{label} missing or not finite")
+            if label in ("dx", "dz"):
+                soft(_rel_rows, got.grad, want.grad[:, sl], 2e-5, f"{label} vs float64 autograd")
+            else:
+                soft(_close, got.grad, want.grad[sl], 2e-5, f"{label} vs float64 autograd")
+    soft.done()
+
+
 def _run_case(name: str, rank: int, world: int) -> None:
     special = {
         "offset-ln-fp64": lambda: _run_offset(torch.float64, rank, world),
@@ -448,11 +577,13 @@ def _run_case(name: str, rank: int, world: int) -> None:
     }
     if name in special:
         special[name]()
+    elif name.startswith("rescue-"):
+        _run_rescue(name, rank, world)
     else:
         _run_variant(name, rank, world)
 
 
-def _worker(rank: int, world: int, port: int, outdir: str) -> None:
+def _worker(rank: int, world: int, port: int, outdir: str, names: list[str]) -> None:
     import torch.distributed as dist
 
     torch.set_num_threads(1)
@@ -460,7 +591,7 @@ def _worker(rank: int, world: int, port: int, outdir: str) -> None:
                             timeout=timedelta(seconds=20))
     results = {}
     try:
-        for name in case_names(world):
+        for name in names:
             try:
                 _run_case(name, rank, world)
                 results[name] = None
@@ -479,37 +610,53 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-_RESULTS: dict[int, dict[int, dict[str, str | None]]] = {}
+_RESULTS: dict[int, dict[int, dict[str, str | None]] | str] = {}
 
 
-def _results(world: int, tmp_path_factory) -> dict[int, dict[str, str | None]]:
+def _selected_cases(world: int, session: pytest.Session) -> list[str]:
+    """The cases of ``world`` this session runs (all of them unless -k or node ids deselect some)."""
+    selected = {item.callspec.params["name"] for item in session.items
+                if getattr(item, "originalname", None) == "test_tensor_parallel"
+                and item.callspec.params.get("world") == world}
+    return [name for name in case_names(world) if name in selected]
+
+
+def _results(world: int, request: pytest.FixtureRequest) -> tuple[list[str], dict[int, dict[str, str | None]]]:
+    """Spawn `world` gloo processes once per session for the selected cases; (cases run, per-rank results)."""
+    names = _selected_cases(world, request.session)
     if world not in _RESULTS:
         import torch.distributed as dist
         import torch.multiprocessing as mp
 
         if not dist.is_available() or not dist.is_gloo_available():
             pytest.skip("torch.distributed with gloo is not available")
-        outdir = str(tmp_path_factory.mktemp(f"tp{world}"))
+        outdir = str(request.getfixturevalue("tmp_path_factory").mktemp(f"tp{world}"))
         os.environ["MASTER_ADDR"] = "127.0.0.1"
-        mp.spawn(_worker, args=(world, _free_port(), outdir), nprocs=world, join=True)
-        _RESULTS[world] = {}
-        for rank in range(world):
-            with open(os.path.join(outdir, f"rank{rank}.json")) as f:
-                _RESULTS[world][rank] = json.load(f)
-    return _RESULTS[world]
+        try:
+            mp.spawn(_worker, args=(world, _free_port(), outdir, names), nprocs=world, join=True)
+            per_rank = {}
+            for rank in range(world):
+                with open(os.path.join(outdir, f"rank{rank}.json")) as f:
+                    per_rank[rank] = json.load(f)
+            _RESULTS[world] = per_rank
+        except Exception:  # every case of this world reports the failure, without spawning again
+            _RESULTS[world] = traceback.format_exc()
+    got = _RESULTS[world]
+    if isinstance(got, str):
+        pytest.fail(f"spawning {world} gloo processes failed:\n{got}")
+    return names, got
 
 
-@pytest.mark.parametrize("world", [2, 4])
-def test_tensor_parallel(world, tmp_path_factory):
-    """Every case on every rank of a gloo group of `world` processes (details of failures in the message)."""
-    results = _results(world, tmp_path_factory)
-    names = case_names(world)
+@pytest.mark.parametrize(("world", "name"), [pytest.param(world, name, id=f"tp{world}-{name}")
+                                             for world in (2, 4) for name in case_names(world)])
+def test_tensor_parallel(world, name, request):
+    """One case on every rank of a gloo group of `world` processes (details of failures in the message)."""
+    names, results = _results(world, request)
     failures = []
     for rank, per_case in results.items():
         assert set(per_case) == set(names), f"rank {rank} ran {len(per_case)} of {len(names)} cases"
-        for name in names:
-            if per_case[name] is not None:
-                failures.append(f"[world {world} rank {rank}] {name}\n{per_case[name]}")
+        if per_case[name] is not None:
+            failures.append(f"[world {world} rank {rank}] {name}\n{per_case[name]}")
     assert not failures, f"{len(failures)} failures:\n" + "\n".join(failures[:8])
 
 

@@ -1,5 +1,5 @@
 """gatednorm.patch() bookkeeping, errors, GATEDNORM_PATCH / USE_NATIVE_LAYERNORM (route 2), the .pth hook,
-and route 3 (monkey patch before the model is built)."""
+route 3 (monkey patch before the model is built), and the one-way imports of gatednorm.integrations."""
 
 from __future__ import annotations
 
@@ -153,6 +153,7 @@ ROUTE2_SCRIPT = textwrap.dedent("""
     import sys, torch
     {prelude}
     import gatednorm
+    {apply}
     from gatednorm.reference import gated_norm_reference
     import fla.modules.norm.layernorm_gated as m
     assert m.layernorm_fn.__module__ == "gatednorm.integrations._wrappers", m.layernorm_fn.__module__
@@ -180,15 +181,70 @@ def test_route2_environment_switches_in_a_subprocess():
     pytest.importorskip("fla")
     pytest.importorskip("triton")
     # triton requested for CPU tensors (possible under TRITON_INTERPRET=1), but USE_NATIVE_LAYERNORM wins
-    out = _run(ROUTE2_SCRIPT.format(prelude=""), GATEDNORM_PATCH="fla", USE_NATIVE_LAYERNORM="1",
-               GATEDNORM_BACKEND="triton", TRITON_INTERPRET="1")
+    script = ROUTE2_SCRIPT.format(prelude="", apply="gatednorm.integrations.apply_env_patch()")
+    out = _run(script, GATEDNORM_PATCH="fla", USE_NATIVE_LAYERNORM="1", GATEDNORM_BACKEND="triton",
+               TRITON_INTERPRET="1")
     assert "CALLS ['fla.modules.norm.layernorm_gated.rmsnorm_fn@native']" in out
     assert float(out.split("ERR ")[1].split()[0]) < 2e-5
 
 
-def test_env_patch_with_an_unknown_target_warns_and_imports():
-    out = _run("import gatednorm; print('PATCHED', gatednorm.patched())", GATEDNORM_PATCH="nope")
-    assert "PATCHED []" in out and "GATEDNORM_PATCH='nope'" in out
+def test_import_does_not_apply_the_env_patch():
+    out = _run("import gatednorm; print('PATCHED', gatednorm.patched())", GATEDNORM_PATCH="all")
+    assert "PATCHED []" in out
+
+
+def test_env_patch_with_an_unknown_target_warns_and_returns_none():
+    script = ("import gatednorm.integrations as g; h = g.apply_env_patch(); "
+              "print('HANDLE', h, 'PATCHED', g.patched())")
+    out = _run(script, GATEDNORM_PATCH="nope")
+    assert "HANDLE None PATCHED []" in out and "GATEDNORM_PATCH='nope'" in out
+
+
+def test_env_patch_unset_or_off_does_nothing(monkeypatch):
+    for value in (None, "", " ", "0", "off", "None"):
+        if value is None:
+            monkeypatch.delenv("GATEDNORM_PATCH", raising=False)
+        else:
+            monkeypatch.setenv("GATEDNORM_PATCH", value)
+        assert integrations.apply_env_patch() is None
+
+
+_IMPORT_ORDER_SCRIPT = textwrap.dedent("""
+    import importlib, sys
+    for name in {order!r}:
+        importlib.import_module("gatednorm.integrations." + name)
+    import gatednorm.integrations as g
+    assert g.call_counts is sys.modules["gatednorm.integrations.counters"].call_counts
+    print("OK")
+""")
+
+
+@pytest.mark.parametrize("order", [("_core", "_wrappers"), ("_wrappers", "_core"), ("counters",), ("hook",),
+                                   ("transformers", "fla")])
+def test_submodules_import_in_any_order(order):
+    assert "OK" in _run(_IMPORT_ORDER_SCRIPT.format(order=list(order)))
+
+
+def test_imports_run_one_way_and_reach_no_backend_module():
+    """``_core``/``counters``/``hook`` import no sibling; nothing here imports a backend module directly."""
+    import ast
+    import pathlib
+
+    forbidden = {"backends", "native", "triton_kernels", "compiled"}
+    for path in pathlib.Path(integrations.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                base = ".".join(filter(None, ({0: "", 1: "integrations", 2: ""}[node.level], node.module)))
+                modules = [base] + [".".join(filter(None, (base, a.name))) for a in node.names]
+            elif isinstance(node, ast.Import):
+                modules = [a.name for a in node.names]
+            else:
+                continue
+            for module in modules:
+                parts = module.removeprefix("gatednorm.").split(".")
+                assert parts[0] not in forbidden, f"{path.name} imports {module}"
+                if path.stem in ("_core", "counters", "hook"):
+                    assert parts[0] != "integrations", f"{path.name} imports {module}"
 
 
 def test_install_hook_patches_at_interpreter_start(tmp_path):
@@ -201,7 +257,7 @@ def test_install_hook_patches_at_interpreter_start(tmp_path):
     assert pth.exists()
     # site.addsitedir processes .pth files as interpreter start does for site-packages
     prelude = f"import site; site.addsitedir({site_dir!r}); assert 'gatednorm' in sys.modules"
-    out = _run(ROUTE2_SCRIPT.format(prelude=prelude), GATEDNORM_PATCH="fla")
+    out = _run(ROUTE2_SCRIPT.format(prelude=prelude, apply=""), GATEDNORM_PATCH="fla")
     assert "fla.modules.norm.layernorm_gated.rmsnorm_fn@" in out
     # without GATEDNORM_PATCH the hook does not even import gatednorm
     out = _run(f"import site, sys; site.addsitedir({site_dir!r}); print('LOADED', 'gatednorm' in sys.modules)")

@@ -1,8 +1,8 @@
 """The native backend's accelerator path (fewest ops per call), run on CPU tensors.
 
-On every device but CPU the native backend takes ``_forward_accel``/``_backward_accel``;
-CI has no GPU, so these tests patch ``native._uses_accelerator_path`` to send CPU tensors
-down that path and check it against the float64 reference. Budget: a few seconds.
+On every device but CPU the native backend runs :class:`NativeAccelBackend`; CI has no GPU, so these
+tests register it for CPU tensors through the backend registry (``ops.override_impl``) and check it
+against the float64 reference. Budget: a few seconds.
 """
 
 from __future__ import annotations
@@ -12,8 +12,9 @@ import torch
 from helpers import assert_one_rounding, make_inputs
 
 import gatednorm
-from gatednorm import native
+from gatednorm import native, ops
 from gatednorm import verification as V
+from gatednorm.backends.native_accel import NativeAccelBackend
 from gatednorm.reference import gated_norm_reference
 from gatednorm.spec import NormSpec
 
@@ -22,8 +23,9 @@ DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
 
 
 @pytest.fixture(autouse=True)
-def accel_path(monkeypatch):
-    monkeypatch.setattr(native, "_uses_accelerator_path", lambda device: True)
+def accel_path():
+    with ops.override_impl("native", "cpu", NativeAccelBackend()):
+        yield
 
 
 def _spec(n, group_size, gate, rms, activation="swish", eps=1e-6):
@@ -106,20 +108,19 @@ def test_partial_gradients(needs, gate):
             torch.testing.assert_close(p, f, rtol=1e-6, atol=1e-6)
 
 
-def test_multiple_blocks_match_one_block(monkeypatch):
+def test_multiple_blocks_match_one_block():
     m, n = 11, 96
     x, z, w, b = make_inputs(m, n, torch.bfloat16, seed=3)
     dy = torch.randn(m, n).bfloat16()
     for rms, gate in ((False, "before"), (True, "after")):
         spec = _spec(n, 32, gate, rms)
-        monkeypatch.setattr(native, "ACCEL_BLOCK_ELEMENTS", 1 << 24)
         out1 = torch.empty_like(x)
         mean1, rstd1 = native.forward(x, w, b, z, spec, out1)
         g1 = native.backward(dy, x, w, b, z, mean1, rstd1, spec)
-        monkeypatch.setattr(native, "ACCEL_BLOCK_ELEMENTS", 3 * n)  # 3-row blocks, a partial last block
-        out3 = torch.empty_like(x)
-        mean3, rstd3 = native.forward(x, w, b, z, spec, out3)
-        g3 = native.backward(dy, x, w, b, z, mean3, rstd3, spec)
+        with ops.override_impl("native", "cpu", NativeAccelBackend(block_elements=3 * n)):  # 3-row blocks
+            out3 = torch.empty_like(x)
+            mean3, rstd3 = native.forward(x, w, b, z, spec, out3)
+            g3 = native.backward(dy, x, w, b, z, mean3, rstd3, spec)
         _check_forward(x, w, b, z, spec, out3, mean3, rstd3)
         torch.testing.assert_close(out3, out1, rtol=0, atol=0)
         torch.testing.assert_close(rstd3, rstd1, rtol=1e-6, atol=0)
@@ -188,10 +189,10 @@ def test_empty_batch_and_meta():
                 continue
             x = torch.empty(m, 64, dtype=torch.bfloat16, device=dev)
             w = torch.ones(64, device=dev)
-            out = torch.empty_like(x)
-            mean, rstd = native.forward(x, w, w, x, spec, out)
+            # empty batches and meta tensors are answered by ops, before any backend runs
+            _, mean, rstd = gatednorm.layer_norm_fwd(x, w, w, spec.eps, z=x, group_size=16, backend="native")
             assert mean.shape == rstd.shape == (4 * m,) and rstd.dtype == torch.float32
-            grads = native.backward(x, x, w, w, x, mean, rstd, spec)
+            grads = ops.gated_norm_rows_backward(x, x, w, w, x, mean, rstd, spec, backend="native")
             assert [g.shape for g in grads] == [(m, 64), (m, 64), (64,), (64,)]
             assert grads[0].dtype == torch.bfloat16 and grads[2].dtype == torch.float32
 

@@ -17,7 +17,8 @@ import torch
 from helpers import assert_one_rounding, make_inputs
 
 import gatednorm
-from gatednorm import native
+from gatednorm import native, ops
+from gatednorm.backends.native_cpu import CPU_BLOCK_ELEMENTS, NativeCPUBackend
 from gatednorm.reference import gated_norm_reference
 from gatednorm.spec import NormSpec
 
@@ -60,20 +61,19 @@ def _assert_rows_alone_equal(x, w, b, z, spec, out, mean, rstd, rows):
         (72, 24, "after", False, "sigmoid"),
     ],
 )
-def test_block_boundaries_bitwise(monkeypatch, dtype, n, group_size, gate, rms, activation):
+def test_block_boundaries_bitwise(dtype, n, group_size, gate, rms, activation):
     # Tiny blocks (3 rows): rows straddle block ends, M is not a multiple of the block, M = 1.
-    monkeypatch.setattr(native, "CPU_BLOCK_ELEMENTS", 3 * n)
     spec = _spec(n, group_size, gate, rms, activation)
     for m in (1, 2, 3, 4, 7, 11):
         x, z, w, b = make_inputs(m, n, dtype, gate=gate != "none", seed=m)
-        out, mean, rstd = _run_forward(x, w, b, z, spec)
+        with ops.override_impl("native", "cpu", NativeCPUBackend(block_elements=3 * n)):
+            out, mean, rstd = _run_forward(x, w, b, z, spec)
         _assert_rows_alone_equal(x, w, b, z, spec, out, mean, rstd, range(m))
         y64, mean64, rstd64 = gated_norm_reference(x, w, b, z, spec.eps, spec.group_size, GATES[gate] is not False,
                                                    rms, activation)
         assert_one_rounding(out, y64.to(dtype) if dtype == torch.float64 else y64, dtype)
         torch.testing.assert_close(rstd.double(), rstd64, rtol=1e-5, atol=0)
     # and the same bits as with the default (large) blocks
-    monkeypatch.setattr(native, "CPU_BLOCK_ELEMENTS", 1 << 18)
     out_big, _, rstd_big = _run_forward(x, w, b, z, spec)
     assert torch.equal(_bits(out_big), _bits(out)) and torch.equal(rstd_big, rstd)
 
@@ -81,11 +81,11 @@ def test_block_boundaries_bitwise(monkeypatch, dtype, n, group_size, gate, rms, 
 def test_default_blocks_rows_straddling():
     # Default block = 2048 rows of 128: M = 2 blocks + 5 rows; check the rows around each boundary.
     n = 128
-    m = 2 * (native.CPU_BLOCK_ELEMENTS // n) + 5
+    m = 2 * (CPU_BLOCK_ELEMENTS // n) + 5
     x, z, w, b = make_inputs(m, n, torch.bfloat16, seed=1)
     spec = _spec(n, 32, "after", False)
     out, mean, rstd = _run_forward(x, w, b, z, spec)
-    step = native.CPU_BLOCK_ELEMENTS // n
+    step = CPU_BLOCK_ELEMENTS // n
     rows = [0, step - 1, step, step + 1, 2 * step - 1, 2 * step, m - 1]
     _assert_rows_alone_equal(x, w, b, z, spec, out, mean, rstd, rows)
 
@@ -93,7 +93,7 @@ def test_default_blocks_rows_straddling():
 @pytest.mark.parametrize("n", [40_000, 300_000], ids=["wide", "wider-than-block"])
 def test_very_wide_rows(n):
     # One group per row: a lone (row, group) in a block must not take ATen's split single-output reduction.
-    m = 7 if n < native.CPU_BLOCK_ELEMENTS else 3
+    m = 7 if n < CPU_BLOCK_ELEMENTS else 3
     x, z, w, b = make_inputs(m, n, torch.float32, seed=n)
     spec = _spec(n, None, "before", False)
     out, mean, rstd = _run_forward(x, w, b, z, spec)
@@ -117,15 +117,15 @@ def test_strided_rows_and_out():
 
 @pytest.mark.parametrize("gate", ["after", "before"])
 @pytest.mark.parametrize("rms", [False, True], ids=["layernorm", "rmsnorm"])
-def test_backward_blocks(monkeypatch, gate, rms):
+def test_backward_blocks(gate, rms):
     m, n = 11, 96
     x, z, w, b = make_inputs(m, n, torch.float32, seed=5)
     dy = torch.randn(m, n)
     spec = _spec(n, 32, gate, rms)
     _, mean, rstd = _run_forward(x, w, b, z, spec)
     big = native.backward(dy, x, w, b, z, mean, rstd, spec)
-    monkeypatch.setattr(native, "CPU_BLOCK_ELEMENTS", 3 * n)
-    small = native.backward(dy, x, w, b, z, mean, rstd, spec)
+    with ops.override_impl("native", "cpu", NativeCPUBackend(block_elements=3 * n)):
+        small = native.backward(dy, x, w, b, z, mean, rstd, spec)
     assert torch.equal(big[0], small[0]) and torch.equal(big[1], small[1])  # dx, dz are per row
     for g_big, g_small in zip(big[2:], small[2:], strict=True):
         torch.testing.assert_close(g_big, g_small, rtol=1e-5, atol=1e-5)  # dw, db sum over blocks

@@ -7,6 +7,7 @@ too under TRITON_INTERPRET=1). Budget: well under a minute on 2 cores.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -219,21 +220,36 @@ def test_fp16_near_max_no_overflow(backend, rms, gate):
 # by a power of two of their max |x| (the "range rescue"), on every backend and path.
 EXTREME = [(3e37, 1e-6), (-5e37, 1e-6), (1e25, 0.0), (1e-30, 0.0), (1e-39, 0.0)]
 
+#: The backends plus the native backend's accelerator path, which CI runs on CPU tensors through the registry.
+PATHS = [*BACKENDS, "native-accel"]
 
-@pytest.mark.parametrize("backend", BACKENDS)
+
+def _on_path(path: str):
+    """(backend name, context that routes it): "native-accel" serves native on CPU with the accelerator path."""
+    if path == "native-accel":
+        from gatednorm import ops
+        from gatednorm.backends.native_accel import NativeAccelBackend
+
+        return "native", ops.override_impl("native", "cpu", NativeAccelBackend())
+    return path, contextlib.nullcontext()
+
+
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("rms", [False, True])
 @pytest.mark.parametrize("gate", ["none", "after", "before"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize(("scale", "eps"), EXTREME)
-def test_extreme_range_matches_float64(backend, rms, gate, dtype, scale, eps):
+def test_extreme_range_matches_float64(path, rms, gate, dtype, scale, eps):
     g = _gen(5)
     x = (scale * (torch.randn(4, 128, generator=g, dtype=torch.float64) + (0.0 if rms else 2.0))).to(dtype)
     x[3, 64:] = torch.randn(64, generator=g, dtype=torch.float64).to(dtype)  # an ordinary group beside them
     z = (torch.rand(4, 128, generator=g) * 3 - 1).to(dtype) if gate != "none" else None
     w = (1 + 0.2 * torch.randn(128, generator=g)).to(dtype)
     b = (0.2 * torch.randn(128, generator=g)).to(dtype)
-    y, mean, rstd = layer_norm_fwd(x, w, b, eps, z=z, group_size=64, norm_before_gate=gate != "before",
-                                   is_rms_norm=rms, backend=backend)
+    backend, route = _on_path(path)
+    with route:
+        y, mean, rstd = layer_norm_fwd(x, w, b, eps, z=z, group_size=64, norm_before_gate=gate != "before",
+                                       is_rms_norm=rms, backend=backend)
     assert torch.isfinite(y).all()
     _check_against_float64(y, mean, rstd, x, w, b, z, eps, 64, gate != "before", rms, "swish")
 
@@ -241,17 +257,18 @@ def test_extreme_range_matches_float64(backend, rms, gate, dtype, scale, eps):
 @pytest.mark.skipif("compiled" not in BACKENDS, reason="torch.compile unavailable")
 @pytest.mark.parametrize("rms", [False, True])
 @pytest.mark.parametrize(("scale", "eps"), EXTREME)
-def test_compiled_in_graph_rescue(monkeypatch, rms, scale, eps):
+def test_compiled_in_graph_rescue(rms, scale, eps):
     """The compiled graph accelerators get (every group scaled in the graph, no host check), run on CPU."""
-    from gatednorm import compiled
+    from gatednorm import ops
+    from gatednorm.backends.compiled import CompiledBackend
 
-    monkeypatch.setattr(compiled, "_rescue_inline", lambda device: True)
     g = _gen(9)
     x = (scale * (torch.randn(3, 128, generator=g, dtype=torch.float64) + (0.0 if rms else 2.0))).bfloat16()
     x[2] = torch.randn(128, generator=g).bfloat16()
     z = torch.randn(3, 128, generator=g).bfloat16()
     w = torch.ones(128, dtype=torch.bfloat16)
-    y, mean, rstd = layer_norm_fwd(x, w, None, eps, z=z, group_size=64, is_rms_norm=rms, backend="compiled")
+    with ops.override_impl("compiled", "cpu", CompiledBackend(rescue_inline=True)):
+        y, mean, rstd = layer_norm_fwd(x, w, None, eps, z=z, group_size=64, is_rms_norm=rms, backend="compiled")
     _check_against_float64(y, mean, rstd, x, w, None, z, eps, 64, True, rms, "swish")
     plain_y = layer_norm_fwd(x[2:], w, None, eps, z=z[2:], group_size=64, is_rms_norm=rms, backend="native")[0]
     torch.testing.assert_close(y[2:], plain_y, rtol=0, atol=2**-7)  # the ordinary row: as usual
@@ -260,9 +277,10 @@ def test_compiled_in_graph_rescue(monkeypatch, rms, scale, eps):
 @pytest.mark.skipif("triton" not in BACKENDS, reason="triton unavailable")
 @pytest.mark.parametrize("rms", [False, True])
 @pytest.mark.parametrize("gate", ["after", "before"])
-def test_triton_rescue_kernel_matches_in_kernel_rescue(monkeypatch, rms, gate):
+def test_triton_rescue_kernel_matches_in_kernel_rescue(rms, gate):
     """Large calls rescue in a separate kernel, small ones in-kernel: same rows, same bits, both right."""
-    from gatednorm import triton_kernels as tk
+    from gatednorm import ops
+    from gatednorm.backends.triton import TritonBackend
 
     g = _gen(10)
     x = torch.randn(40, 256, generator=g).bfloat16()
@@ -273,10 +291,10 @@ def test_triton_rescue_kernel_matches_in_kernel_rescue(monkeypatch, rms, gate):
     w = (1 + 0.1 * torch.randn(256, generator=g)).bfloat16()
 
     def run(threshold):
-        monkeypatch.setattr(tk, "RESCUE_KERNEL_MIN_ELEMENTS", threshold)
-        monkeypatch.setattr(tk, "RESCUE_SCAN_ROWS", 16)  # several scan programs, a partial last one
-        return layer_norm_fwd(x, w, None, 0.0, z=z, group_size=64, norm_before_gate=gate == "after",
-                              is_rms_norm=rms, backend="triton")
+        # rescue_scan_rows=16: several scan programs, a partial last one
+        with ops.override_impl("triton", "cpu", TritonBackend(threshold, rescue_scan_rows=16)):
+            return layer_norm_fwd(x, w, None, 0.0, z=z, group_size=64, norm_before_gate=gate == "after",
+                                  is_rms_norm=rms, backend="triton")
 
     in_kernel, separate = run(1 << 40), run(0)
     for a, b in zip(in_kernel, separate, strict=True):
@@ -285,20 +303,22 @@ def test_triton_rescue_kernel_matches_in_kernel_rescue(monkeypatch, rms, gate):
     _check_against_float64(*separate, x, w, None, z, 0.0, 64, gate == "after", rms, "swish")
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("rms", [False, True])
 @pytest.mark.parametrize("gate", ["after", "before"])
 @pytest.mark.parametrize("scale", [3e37, 1e25])
-def test_extreme_range_gradients(backend, rms, gate, scale):
+def test_extreme_range_gradients(path, rms, gate, scale):
     """The backward needs no rescue of its own: from the rescued statistics its gradients match float64."""
     g = _gen(12)
     x = (scale * (torch.randn(4, 128, generator=g, dtype=torch.float64) + (0.0 if rms else 2.0))).float()
     z, dy = torch.randn(4, 128, generator=g), torch.randn(4, 128, generator=g)
     w = 1 + 0.1 * torch.randn(128, generator=g)
     ours = [t.clone().requires_grad_() for t in (x, z, w)]
-    y, _, _ = layer_norm_fwd(ours[0], ours[2], None, 1e-6, z=ours[1], group_size=64, norm_before_gate=gate == "after",
-                             is_rms_norm=rms, backend=backend)
-    y.backward(dy)
+    backend, route = _on_path(path)
+    with route:
+        y, _, _ = layer_norm_fwd(ours[0], ours[2], None, 1e-6, z=ours[1], group_size=64,
+                                 norm_before_gate=gate == "after", is_rms_norm=rms, backend=backend)
+        y.backward(dy)
     ref = [t.double().requires_grad_() for t in (x, z, w)]
     gated_norm_reference(ref[0], ref[2], None, ref[1], 1e-6, 64, gate == "after", rms, "swish")[0].backward(
         dy.double())

@@ -2,6 +2,8 @@
 
 ``norm(x) * act(z)`` or ``norm(x * act(z))`` per group of features, computed in float32 and rounded
 once, on any device PyTorch runs on (native backend) and with fused Triton kernels on GPUs.
+The contract: docs/design.md. Importing this package does no work beyond defining it: no patching
+(see :func:`patch` and ``gatednorm install-hook``), no ``torch._dynamo``, no Triton.
 """
 
 from .functional import (
@@ -13,8 +15,7 @@ from .functional import (
     rmsnorm_fn_native,
     simple_layernorm_native,
 )
-from .integrations import apply_env_patch as _apply_env_patch  # integrations (issue 4)
-from .integrations import patch, patched  # integrations (issue 4)
+from .integrations import patch, patched
 from .modules import LayerNorm, RMSNorm
 from .ops import resolve_backend, triton_available
 
@@ -36,5 +37,3 @@ __all__ = [
     "simple_layernorm_native",
     "triton_available",
 ]
-
-_apply_env_patch()  # after everything above exists: the patch calls into the functional API

@@ -1,6 +1,6 @@
 """Functional API: ``layer_norm_fwd``, ``layernorm_fn``, ``rmsnorm_fn`` and the migration guide's names.
 
-The operator (DESIGN.md section 1), per row m and group g of ``group_size``
+The operator (docs/design.md, section 1), per row m and group g of ``group_size``
 features, computed in float32 (float64 for float64 ``x``) and rounded once::
 
     xc   = x                      (x * act(z) if the gate comes before the norm)
@@ -17,26 +17,8 @@ from __future__ import annotations
 
 import torch
 
-from .ops import GatedNormFunction, resolve_backend, run_forward, run_forward_out
-from .spec import GatedNormCall, prepare
-
-
-def _needs_autograd(x, weight, bias, z) -> bool:
-    return torch.is_grad_enabled() and (
-        x.requires_grad or weight.requires_grad
-        or (bias is not None and bias.requires_grad) or (z is not None and z.requires_grad)
-    )
-
-
-def _gated_norm(call: GatedNormCall, backend: str | None):
-    """Run the validated call; returns (y shaped like x, mean | None, rstd)."""
-    x2d, weight, bias, z2d, spec, out_shape = call
-    name = resolve_backend(backend, x2d.device)
-    if _needs_autograd(x2d, weight, bias, z2d):
-        y, mean, rstd = GatedNormFunction.apply(x2d, weight, bias, z2d, spec, name)
-    else:
-        y, mean, rstd = run_forward(x2d, weight, bias, z2d, spec, name)
-    return (y if y.shape == out_shape else y.view(out_shape)), mean, rstd
+from .ops import gated_norm_rows, needs_autograd
+from .spec import prepare
 
 
 def layer_norm_fwd(
@@ -66,7 +48,7 @@ def layer_norm_fwd(
         norm_before_gate: True: ``norm(x) * act(z)``; False: ``norm(x * act(z))``.
         is_rms_norm: RMSNorm (no mean subtraction) instead of LayerNorm.
         activation: "swish"/"silu" (t * sigmoid(t)) or "sigmoid".
-        backend: None (``GATEDNORM_BACKEND`` or "auto"), "auto", "native" or "triton".
+        backend: None (``GATEDNORM_BACKEND`` or "auto"), "auto", "native", "triton" or "compiled".
 
     Returns:
         ``(out, mean, rstd)``: out has x's shape (dtype of ``out=`` or x); mean (None for RMSNorm)
@@ -75,15 +57,12 @@ def layer_norm_fwd(
         Differentiable in x, weight, bias and z when ``out`` is not given.
     """
     call = prepare(x, weight, bias, z, eps, group_size, norm_before_gate, is_rms_norm, activation, out)
-    if out is None:
-        return _gated_norm(call, backend)
-    if _needs_autograd(x, weight, bias, z):
+    if out is not None and needs_autograd(x, weight, bias, z):
         raise ValueError(
             "out= cannot be used when x, weight, bias or z requires grad; drop out= or use torch.no_grad()"
         )
-    name = resolve_backend(backend, x.device)
-    mean, rstd = run_forward_out(call.x2d, weight, bias, call.z2d, out, call.spec, name)
-    return out, mean, rstd
+    y, mean, rstd = gated_norm_rows(call.x2d, weight, bias, call.z2d, call.spec, backend=backend, out=out)
+    return (y if out is not None else y.view(call.out_shape)), mean, rstd
 
 
 def layernorm_fn(
@@ -106,7 +85,7 @@ def layernorm_fn(
     from nothing but x, z, weight, bias, mean and rstd).
     """
     call = prepare(x, weight, bias, z, eps, group_size, norm_before_gate, is_rms_norm, activation)
-    return _gated_norm(call, backend)[0]
+    return gated_norm_rows(call.x2d, weight, bias, call.z2d, call.spec, backend=backend)[0].view(call.out_shape)
 
 
 def rmsnorm_fn(

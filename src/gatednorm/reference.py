@@ -1,12 +1,18 @@
-"""A float64 evaluation of the operator, written as directly as the formula reads.
+"""A float64 evaluation of the operator: the formula of :mod:`gatednorm.numerics`, in float64, on whole tensors.
 
-Independent of the backends (no blocking, no shared helpers): it is what tests and
-``gatednorm verify`` measure every backend against. Slow and memory-hungry by design.
+What tests and ``gatednorm verify`` measure every backend against. It shares the formula's code with
+the whole-tensor paths on purpose (one definition of the operator) and is itself held to independent
+references: ``F.layer_norm``, ``F.group_norm`` and ``F.rms_norm`` in float64 (tests/test_core.py).
+Slow and memory-hungry by design: no blocking, no rescue (float64 sums do not overflow for float32
+or narrower inputs), autograd through float64 ops.
 """
 
 from __future__ import annotations
 
 import torch
+
+from .numerics import forward_rows, group_major
+from .spec import NormSpec, canonical_activation
 
 
 def gated_norm_reference(
@@ -25,29 +31,9 @@ def gated_norm_reference(
     z may also be (T, H, N) for a (T*H, N) x. Differentiable (autograd through float64 ops).
     """
     n = x.shape[-1]
-    gs = n if group_size is None else group_size
-    groups = n // gs
-    xd = x.double().reshape(-1, groups, gs)
-    m = xd.shape[0]
-    gate = None
-    if z is not None:
-        zd = z.double().reshape(-1, groups, gs)
-        gate = zd * torch.sigmoid(zd) if activation in ("swish", "silu") else torch.sigmoid(zd)
-        if not norm_before_gate:
-            xd = xd * gate
-    if is_rms_norm:
-        mean = None
-        var = (xd * xd).mean(dim=-1, keepdim=True)
-        xhat = xd / torch.sqrt(var + eps)
-    else:
-        mean = xd.mean(dim=-1, keepdim=True)
-        var = ((xd - mean) ** 2).mean(dim=-1, keepdim=True)
-        xhat = (xd - mean) / torch.sqrt(var + eps)
-    y = xhat * weight.double().view(groups, gs)
-    if bias is not None:
-        y = y + bias.double().view(groups, gs)
-    if gate is not None and norm_before_gate:
-        y = y * gate
-    rstd = (1.0 / torch.sqrt(var + eps)).reshape(m, groups).t().reshape(-1)
-    mean_gm = mean.reshape(m, groups).t().reshape(-1) if mean is not None else None
-    return y.reshape(x.shape), mean_gm, rstd
+    spec = NormSpec(float(eps), n if group_size is None else group_size, norm_before_gate, is_rms_norm,
+                    canonical_activation(activation))
+    y, mean, rstd = forward_rows(x.double().reshape(-1, n), weight.double(),
+                                 None if bias is None else bias.double(),
+                                 None if z is None else z.double().reshape(-1, n), spec, rescue=False)
+    return y.reshape(x.shape), (None if mean is None else group_major(mean)), group_major(rstd)

@@ -9,7 +9,7 @@ so the triton backend follows the value it had when that backend was first loade
 variable                   effect
 =========================  =======================================================================
 ``GATEDNORM_BACKEND``      default backend for calls without ``backend=`` (auto/native/triton/compiled)
-``USE_NATIVE_LAYERNORM``   the migration guide's switch: calls without ``backend=`` run native
+``USE_NATIVE_LAYERNORM``   the migration guide's switch: every call runs native (even with ``backend=``)
 ``GATEDNORM_PATCH``        targets to patch (read by the opt-in ``.pth`` hook and ``apply_env_patch()``)
 ``TRITON_INTERPRET``       Triton's interpreter: lets the triton backend run on CPU tensors
 =========================  =======================================================================

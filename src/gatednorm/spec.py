@@ -29,9 +29,6 @@ class NormSpec(NamedTuple):
     is_rms_norm: bool
     activation: str  # "swish" | "sigmoid"
 
-    def num_groups(self, n: int) -> int:
-        return n // self.group_size
-
 
 class GatedNormCall(NamedTuple):
     """Validated arguments: ``x2d``/``z2d`` are (M, N) views (copies only where strides demand)."""

@@ -4,28 +4,33 @@
     ...                                     # the framework's own functions and modules now run gatednorm
     handle.undo()                           # the original objects are back (also: `with gatednorm.patch(...):`)
 
-``GATEDNORM_PATCH=sglang,fla`` (or ``all``) applies the patch when gatednorm is imported;
-``gatednorm install-hook`` makes that happen at interpreter start. See docs/usage.md.
+Importing gatednorm patches nothing. ``GATEDNORM_PATCH=sglang,fla`` (or ``all``) names targets that
+:func:`apply_env_patch` patches; the opt-in hook written by ``gatednorm install-hook``
+(:mod:`gatednorm.integrations.hook`) calls it at interpreter start, or call it yourself. See docs/usage.md.
+
+Layout: ``_core`` keeps the bookkeeping (plans, handles, undo), ``counters`` the call counts,
+``_wrappers`` builds the replacement callables, and one module per target (``sglang``, ``vllm``, ...)
+plans what to replace. Imports run one way: this package -> targets -> ``_wrappers`` -> ``counters``,
+and ``_core`` and ``counters`` import no module of this package.
 """
 
 from __future__ import annotations
 
 import importlib
-import os
 import warnings
 
 from ..ops import BACKENDS
+from ..settings import env_text
 from ._core import (
     PatchHandle,
     Planner,
     UnknownLayoutError,
     apply_plan,
-    call_counts,
     package_installed,
     patched,
     rebind_imported_names,
-    reset_call_counts,
 )
+from .counters import call_counts, reset_call_counts
 
 #: Patch targets, in the order ``patch()`` applies them.
 TARGETS = ("sglang", "vllm", "fla", "mamba_ssm", "transformers")
@@ -103,12 +108,16 @@ def patch(*targets: str, backend: str | None = None) -> PatchHandle:
 
 
 def apply_env_patch() -> PatchHandle | None:
-    """Apply ``GATEDNORM_PATCH`` (comma-separated targets, or ``all``); called by ``import gatednorm``.
+    """Patch the targets named by ``GATEDNORM_PATCH`` (comma-separated targets, or ``all``).
+
+    Called by the opt-in ``.pth`` hook (``gatednorm install-hook``) at interpreter start, or
+    explicitly; ``import gatednorm`` does not call it. Returns the :class:`PatchHandle`, or None
+    when the variable is unset, ``0``/``none``/``false``/``off``, or the patch failed.
 
     Failures are reported as warnings, never raised: an environment variable must not make
-    ``import gatednorm`` (or interpreter start with the hook) fail.
+    interpreter start (or the caller) fail.
     """
-    value = os.environ.get("GATEDNORM_PATCH", "").strip()
+    value = env_text("GATEDNORM_PATCH")
     if not value or value.lower() in ("0", "none", "false", "off"):
         return None
     targets = [t.strip() for t in value.split(",") if t.strip()]

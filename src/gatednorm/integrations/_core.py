@@ -7,6 +7,10 @@ that inherited the attribute inherits it again), so :meth:`PatchHandle.undo` res
 the exact original objects. A global table of live replacements makes patching the
 same attribute twice a no-op, and lets :func:`patched` list what is replaced now.
 
+This module imports nothing else of ``gatednorm``: the replacements themselves are built by
+``_wrappers`` and the target modules, and handed to the :class:`Planner` (imports run one way:
+targets -> ``_core``, ``_wrappers`` -> ``counters``).
+
 Module-level functions that other modules imported by name (``from m import f``)
 are also rebound: after a plan is applied, ``sys.modules`` is scanned once for
 attributes that are the very objects we replaced, and those bindings are replaced too.
@@ -22,13 +26,8 @@ import sys
 import threading
 import types
 import warnings
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
-
-import torch
-
-from ..ops import resolve_backend
 
 
 class UnknownLayoutError(ImportError):
@@ -60,25 +59,6 @@ class _Record:
 # (id(owner), name) -> record, for every replacement currently in place.
 _ACTIVE: dict[tuple[int, str], _Record] = {}
 _LOCK = threading.RLock()
-
-# Calls that went through a replacement, keyed "label@backend": the proof that a patch took effect.
-_CALLS: Counter = Counter()
-
-
-def hit(label: str, backend: str | None, device: torch.device) -> str:
-    """Count one call through the replacement ``label`` and return the backend it resolves to."""
-    name = resolve_backend(backend, device)
-    _CALLS[f"{label}@{name}"] += 1
-    return name
-
-
-def call_counts() -> dict[str, int]:
-    """How many calls went through each replacement since the last reset: ``{"label@backend": n}``."""
-    return dict(_CALLS)
-
-
-def reset_call_counts() -> None:
-    _CALLS.clear()
 
 
 @dataclass
@@ -314,15 +294,15 @@ class Planner:
             return
         self.plan.append((cls, name, new))
 
-    def autograd_function(self, module, name: str, *, required: bool = True) -> None:
-        from ._wrappers import autograd_function
-
+    def autograd_function(self, module, name: str, make: Callable, *, required: bool = True) -> None:
+        """Replace ``forward`` and ``backward`` of the ``torch.autograd.Function`` ``module.name`` with
+        the pair ``make(label, backend, original_forward)`` returns (``apply`` stays upstream's)."""
         cls = vars(module).get(name)
         if cls is None:
             if required:
                 self.problems.append(f"{module.__name__}.{name} not found")
             return
-        forward, backward = autograd_function(self.label(cls, "forward"), self.backend, cls.forward)
+        forward, backward = make(self.label(cls, "forward"), self.backend, cls.forward)
         self.plan.append((cls, "forward", staticmethod(forward)))
         self.plan.append((cls, "backward", staticmethod(backward)))
 

@@ -3,10 +3,14 @@
 Each builder returns a function whose parameters (names, kinds, defaults) are those of
 one upstream entry point; the targets compare them with the installed upstream's
 signature before patching (see ``_core.signature_mismatch``), so a drifted upstream is
-reported instead of silently mis-called. Every replacement counts its calls in
-``_core`` (``label@backend``), which is how tests and users see that a patch took effect.
+reported instead of silently mis-called. Every replacement counts its calls with
+``counters.hit`` (``label@backend``), which is how tests and users see that a patch took effect.
 
-The operator is the one of DESIGN.md section 1 (fp32 math, one rounding); upstream's
+The computation goes through gatednorm's public functional API, or, where upstream's
+primitives hand over 2-D rows and saved statistics, through ``ops.gated_norm_rows`` /
+``ops.gated_norm_rows_backward``: never through a backend module directly.
+
+The operator is the one of docs/design.md section 1 (fp32 math, one rounding); upstream's
 ``group_size=None`` means one group of N, and statistics keep upstream's group-major layout.
 """
 
@@ -18,9 +22,9 @@ from collections.abc import Callable
 import torch
 
 from ..functional import layer_norm_fwd, layernorm_fn
-from ..ops import run_backward, run_forward
+from ..ops import gated_norm_rows, gated_norm_rows_backward
 from ..spec import compute_dtype, prepare
-from ._core import hit
+from .counters import hit
 
 # --- forward primitives: (out, mean | None, rstd), non-differentiable like the Triton launch they replace ---
 
@@ -89,9 +93,9 @@ def bwd(label: str, backend: str | None) -> Callable:
         c = compute_dtype(x.dtype)
         mean_c = None if (s.is_rms_norm or mean is None) else mean.to(c)
         with torch.no_grad():
-            gx, gz, gw, gb = run_backward(
-                dy.reshape(call.x2d.shape), call.x2d, weight, bias, call.z2d, mean_c, rstd.to(c), s, name,
-                True, z is not None, True, bias is not None,
+            gx, gz, gw, gb = gated_norm_rows_backward(
+                dy.reshape(call.x2d.shape), call.x2d, weight, bias, call.z2d, mean_c, rstd.to(c), s, backend=name,
+                needs_dz=z is not None, needs_dbias=bias is not None,
             )
             gx = gx.view(x.shape)
             if z is None:
@@ -196,7 +200,7 @@ def autograd_function(label: str, backend: str | None, original_forward: Callabl
                        bool(a.get("norm_before_gate", True)), bool(a.get("is_rms_norm", False)),
                        a.get("activation", "swish"))
         s = call.spec
-        y, mean, rstd = run_forward(call.x2d, weight, bias, call.z2d, s, name)
+        y, mean, rstd = gated_norm_rows(call.x2d, weight, bias, call.z2d, s, backend=name)  # no grad in here
         ctx.save_for_backward(call.x2d, weight, bias, call.z2d, mean, rstd)
         ctx.gatednorm = (s, name, x.shape, None if z is None else z.shape, len(args))
         return y.view(x.shape)
@@ -207,8 +211,9 @@ def autograd_function(label: str, backend: str | None, original_forward: Callabl
         need = ctx.needs_input_grad
         needs_dz = z2d is not None and len(need) > 3 and need[3]
         needs_db = bias is not None and need[2]
-        dx, dz, dw, db = run_backward(
-            dy.reshape(x2d.shape), x2d, weight, bias, z2d, mean, rstd, s, name, need[0], needs_dz, need[1], needs_db,
+        dx, dz, dw, db = gated_norm_rows_backward(
+            dy.reshape(x2d.shape), x2d, weight, bias, z2d, mean, rstd, s, backend=name,
+            needs_dx=need[0], needs_dz=needs_dz, needs_dweight=need[1], needs_dbias=needs_db,
         )
         grads = [
             dx.view(x_shape) if need[0] else None,

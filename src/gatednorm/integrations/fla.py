@@ -33,7 +33,7 @@ def plan(p: Planner) -> None:
         bwd = "layer_norm_bwd" if "layer_norm_bwd" in vars(m) else "_layer_norm_bwd"
         p.function(m, fwd, lambda label, orig: w.fwd_plain(label, b))
         p.function(m, bwd, lambda label, orig: w.bwd(label, b))
-        p.autograd_function(m, "LayerNormFn")
+        p.autograd_function(m, "LayerNormFn", w.autograd_function)
         p.function(m, "layernorm_fn", lambda label, orig: w.layernorm_fn_plain(label, b))
         p.function(m, "rmsnorm_fn", lambda label, orig: w.rmsnorm_fn_plain(label, b))
         for names, rms in ((("LayerNormGated", "LayerNorm"), False), (("RMSNormGated", "RMSNorm"), True)):

@@ -22,7 +22,7 @@ def plan(p: Planner) -> None:
         return
     p.function(m, "_layer_norm_fwd", lambda label, orig: w.fwd_plain(label, b))
     p.function(m, "_layer_norm_bwd", lambda label, orig: w.bwd(label, b))
-    p.autograd_function(m, "LayerNormFn")
+    p.autograd_function(m, "LayerNormFn", w.autograd_function)
     p.function(m, "layernorm_fn", lambda label, orig: w.layernorm_fn_plain(label, b))
     p.function(m, "rmsnorm_fn", lambda label, orig: w.rmsnorm_fn_plain(label, b))
     for name, rms in (("LayerNorm", False), ("RMSNorm", True)):

@@ -49,7 +49,7 @@ def plan(p: Planner) -> None:
             p.function(m, "_layer_norm_fwd", lambda label, orig: w.fwd_activation(label, b))
         p.function(m, "rms_norm_gated", lambda label, orig: w.rms_norm_gated_keywords(label, b))
         p.function(m, "layernorm_fn", lambda label, orig: w.layernorm_fn_activation(label, b))
-        p.autograd_function(m, "LayerNormFn")
+        p.autograd_function(m, "LayerNormFn", w.autograd_function)
         for name, rms in (("LayerNorm", False), ("RMSNorm", True)):
             cls = p.cls(m, name)
             if cls is not None:

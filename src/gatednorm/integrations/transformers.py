@@ -28,7 +28,8 @@ import torch
 
 from ..functional import layernorm_fn
 from ..spec import ACTIVATIONS
-from ._core import Planner, hit
+from ._core import Planner
+from .counters import hit
 
 PACKAGE = "transformers"
 
@@ -51,7 +52,8 @@ _GATE_THEN_NORM = (
     ("zamba2", "Zamba2RMSNormGated"),
 )
 _FALCON_H1 = (("falcon_h1", "FalconH1RMSNormGated"),)
-# The model files the issue names: their class missing from an existing module is a layout error.
+# The two classes patching is first meant for (Qwen3-Next, Mamba2): missing from an existing model file,
+# they are a layout error; the other classes are patched where present.
 _REQUIRED = {"Qwen3NextRMSNormGated", "MambaRMSNormGated"}
 
 

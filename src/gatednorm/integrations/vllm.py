@@ -60,7 +60,7 @@ def plan(p: Planner) -> None:
         p.function(m, "rmsnorm_fn",
                    lambda label, orig, act=act: (w.rmsnorm_fn_activation if act else w.rmsnorm_fn_plain)(label, b))
         p.function(m, "_layer_norm_fn_impl", lambda label, orig: w.layernorm_fn_activation(label, b), required=False)
-        p.autograd_function(m, "LayerNormFn", required=False)
+        p.autograd_function(m, "LayerNormFn", w.autograd_function, required=False)
         cls = p.cls(m, "RMSNormGated")
         if cls is not None:
             p.method(cls, "forward", w.module_forward(p.label(cls, "forward"), b, True))

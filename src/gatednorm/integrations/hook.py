@@ -1,6 +1,9 @@
-"""``gatednorm install-hook`` / ``uninstall-hook``: a ``.pth`` file that imports gatednorm at
-interpreter start when ``GATEDNORM_PATCH`` is set (and does nothing otherwise), so the patch is in
-place before any model code runs. Opt-in only: installing gatednorm never writes it.
+"""``gatednorm install-hook`` / ``uninstall-hook``: an opt-in ``.pth`` file that applies ``GATEDNORM_PATCH``
+at interpreter start, so the patch is in place before any model code runs.
+
+When ``GATEDNORM_PATCH`` is set, the hook runs ``import gatednorm.integrations as g; g.apply_env_patch()``;
+when it is not, the hook costs one environment lookup and imports nothing. Any failure is reported on
+stderr and never stops the interpreter. Installing gatednorm never writes the hook.
 """
 
 from __future__ import annotations
@@ -10,10 +13,13 @@ import sysconfig
 
 PTH_NAME = "gatednorm-patch-hook.pth"
 
-# One line: site.py executes .pth lines that start with "import". Without GATEDNORM_PATCH it costs one
-# environment lookup; a failing import is reported on stderr and never stops the interpreter.
+# What the hook runs when GATEDNORM_PATCH is set.
+HOOK_CODE = "import gatednorm.integrations as g; g.apply_env_patch()"
+
+# One line: site.py executes .pth lines that start with "import". The try/except is exec'd (a .pth line
+# cannot hold a compound statement), so a failing import or patch only writes a line to stderr.
 PTH_LINE = (
-    "import os, sys; exec(\"try:\\n import gatednorm\\nexcept Exception as e:\\n"
+    "import os, sys; exec(\"try:\\n " + HOOK_CODE + "\\nexcept Exception as e:\\n"
     " sys.stderr.write('gatednorm-patch-hook: %r\\\\n' % (e,))\") if os.environ.get('GATEDNORM_PATCH') else None\n"
 )
 

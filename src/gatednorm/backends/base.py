@@ -1,0 +1,51 @@
+"""The interface every backend implements, and the gradient request it receives.
+
+A backend sees validated, non-empty (M, N) rows on a device it supports, in a dtype it supports:
+:mod:`gatednorm.ops` has normalised everything else (argument checks, empty batches, the meta device,
+float64 routing, which gradients are needed, the absent mean of RMSNorm).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Protocol, runtime_checkable
+
+import torch
+
+from ..spec import NormSpec
+
+
+class GradsNeeded(NamedTuple):
+    """Which gradients a backward call must produce (dz only with a gate, dbias only with a bias)."""
+
+    dx: bool
+    dz: bool
+    dweight: bool
+    dbias: bool
+
+
+#: (dx, dz, dweight, dbias): each None when not asked for.
+Grads = tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """One implementation of the gated norm (docs/design.md, section 4)."""
+
+    #: the name users pass as ``backend=`` (several implementations may share one, per device)
+    name: str
+    #: False: float64 calls are routed to the native backend (the kernels compute in float32)
+    supports_float64: bool
+
+    def forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, z: torch.Tensor | None,
+                spec: NormSpec, out: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """Write the gated norm of x (M, N) into out (M, N, any floating dtype, any strides).
+
+        Returns (mean | None, rstd): 1-D, G*M long, group-major, in the compute dtype.
+        """
+        ...
+
+    def backward(self, dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                 z: torch.Tensor | None, mean: torch.Tensor | None, rstd: torch.Tensor, spec: NormSpec,
+                 needs: GradsNeeded) -> Grads:
+        """(dx, dz, dweight, dbias) in x's, z's, weight's and bias's dtypes; None where not needed."""
+        ...

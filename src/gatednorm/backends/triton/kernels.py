@@ -1,0 +1,560 @@
+"""The Triton kernels of the gated, grouped LayerNorm/RMSNorm (jit code only; launches live in ``launch.py``).
+
+One kernel family, four kernels (sized and launched by :mod:`.launch`):
+
+* ``fwd_kernel``: grid (row tiles, groups). A program normalises ``ROWS`` rows of one group,
+  a 2-D tile [ROWS, BLOCK] (BLOCK = the group size rounded up to a power of two), so small groups
+  (128) still give each program several KB to move. Groups wider than ``MAX_BLOCK`` are looped over
+  in chunks: the first loop merges per-chunk (mean, M2) pairs (Chan et al.), the second writes y.
+* ``bwd_kernel``: a persistent grid (programs, groups). Each program walks its share of the row
+  tiles of one group, reads x, z, dy once, writes dx, dz once (xhat recomputed from mean/rstd) and
+  keeps its dweight/dbias contribution in registers; at the end it writes one row of fp32 partials.
+* ``sum_partials_kernel``: sums those partial rows in a fixed order into dweight/dbias, cast to
+  the parameters' dtypes. No atomics anywhere: the same inputs give the same bits every run.
+
+Launch configurations depend only on (N, group size, dtype) (the backward's number of programs also
+on M, which changes only how rows are shared out, never a row's arithmetic), so a row's outputs do
+not depend on how many rows are in the call (batch invariance).
+
+The math (per row and group, fp32; act = swish or sigmoid; s = sigmoid(z))::
+
+    xc   = x * act(z) if the gate comes first, else x
+    mean = sum(xc) / gs,  var = sum((xc - mean)^2) / gs      (RMSNorm: mean = 0)
+    rstd = 1 / sqrt(var + eps),  xhat = (xc - mean) * rstd
+    y    = (xhat * w + b) [* act(z) if the gate comes after]
+
+    backward, with g = dL/d(xhat * w + b) (= dy, or dy * act(z) when the gate comes after):
+    dz   = dy * (xhat * w + b) * act'(z)                       (gate after)
+    dw  += g * xhat,  db += g,  wdy = g * w
+    dxc  = rstd * (wdy - xhat * mean(xhat * wdy) - mean(wdy))  (RMSNorm: no mean(wdy) term)
+    dz   = dxc * x * act'(z),  dx = dxc * act(z)               (gate first; else dx = dxc)
+    swish' = s * (1 + z * (1 - s)),  sigmoid' = s * (1 - s)
+
+Everything computes in float32 in-kernel and rounds once on store (float64 calls are routed to the
+native backend by :mod:`gatednorm.ops`).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from ...numerics import SAFE_RSTD_MAX, SAFE_VAR_MIN
+
+# ---------------------------------------------------------------------------
+# Shared helpers (jit)
+# ---------------------------------------------------------------------------
+
+@triton.jit
+def _gate(z, SIGMOID_GATE: tl.constexpr):
+    """(act(z), act'(z)) in fp32: swish = z * s, swish' = s * (1 + z * (1 - s)); sigmoid = s, s * (1 - s)."""
+    s = 1.0 / (1.0 + tl.exp(-z))
+    if SIGMOID_GATE:
+        return s, s * (1.0 - s)
+    else:
+        return z * s, s * (1.0 + z * (1.0 - s))
+
+
+@triton.jit
+def _gate_value(z, SIGMOID_GATE: tl.constexpr):
+    """act(z) alone (the forward does not need the derivative)."""
+    s = 1.0 / (1.0 + tl.exp(-z))
+    if SIGMOID_GATE:
+        return s
+    else:
+        return z * s
+
+
+@triton.jit
+def _load_f32(ptrs, mask, BF16_BY_BITS: tl.constexpr):
+    """Masked load (0 in masked lanes) converted exactly to fp32."""
+    if BF16_BY_BITS and ptrs.dtype.element_ty == tl.bfloat16:
+        bits = tl.load(ptrs.to(tl.pointer_type(tl.uint16), bitcast=True), mask=mask, other=0)
+        return (bits.to(tl.uint32) << 16).to(tl.float32, bitcast=True)
+    else:
+        return tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _store_out(ptrs, v, mask, BF16_BY_BITS: tl.constexpr):
+    """Store fp32 v rounded once (to nearest even) to the pointers' dtype."""
+    if BF16_BY_BITS and ptrs.dtype.element_ty == tl.bfloat16:
+        bits = v.to(tl.uint32, bitcast=True)
+        rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+        bits = tl.where(v != v, (bits >> 16) | 0x40, rounded)  # NaN stays a (quiet) NaN
+        tl.store(ptrs.to(tl.pointer_type(tl.uint16), bitcast=True), bits.to(tl.uint16), mask=mask)
+    else:
+        tl.store(ptrs, v.to(ptrs.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _tile_ptrs(base, rows64, stride, col0, cols):
+    return base + rows64[:, None] * stride + (col0 + cols)[None, :]
+
+
+# ---------------------------------------------------------------------------
+# Range rescue (shared by both forward paths)
+# ---------------------------------------------------------------------------
+# The float32 sums of x and x^2 overflow for |x| above ~1.8e19 (bf16 and fp32 reach 3.4e38) and the
+# squares underflow below ~1e-19, which matters when eps is tiny too. float64 has neither problem, so
+# neither may we: a row (of one group) whose rstd = 1 / sqrt(var + eps) lands outside (0, 2^50] (var +
+# eps overflowed, underflowed below 2^-100, or is NaN) is redone from memory by _rescue_row, divided by
+# a power of two of its largest |value| (exact); mean * scale and rstd / scale are stored. Other rows
+# are never touched, so their bits are the plain path's.
+#
+# Where the check runs is a cost question (H200, benchmarks/bench_triton_ab.py): a check-and-branch
+# at the end of every program costs nothing measurable on small inputs but 3-17% of bandwidth on
+# some large shapes (it perturbs how the compiler schedules the common path); a separate scan kernel
+# leaves fwd_kernel's code as it was and costs one small launch, 1-4% of a large call (results in
+# benchmarks/results/triton_rescue_ab_h200.md). So calls of at least launch.RESCUE_KERNEL_MIN_ELEMENTS
+# elements use rescue_kernel, smaller ones (launch-bound anyway) check in-kernel.
+# Both judge the same stored rstd and redo rows with the same code and warps: a row's bits do not
+# depend on which one ran (batch invariance). Wide groups (looped in chunks) check in-kernel always.
+
+_SAFE_VAR_MIN = tl.constexpr(SAFE_VAR_MIN)
+_SAFE_RSTD_MAX = tl.constexpr(SAFE_RSTD_MAX)  # 2^50
+_FP32_MAX = tl.constexpr(3.4028234663852886e38)
+
+
+@triton.jit
+def _rstd_out_of_range(rstd):
+    """True where the plain fp32 statistics cannot be trusted: rstd = 1 / sqrt(var + eps) outside
+    (0, 2^50], i.e. var + eps overflowed (rstd 0), is NaN, or is below 2^-100 (see _SAFE_VAR_MIN).
+    Judged on the stored rstd, so the in-kernel and the separate rescue agree row for row."""
+    return ~((rstd > 0.0) & (rstd <= _SAFE_RSTD_MAX))
+
+
+@triton.jit
+def _rescue_scale(amax, eps):
+    """(scale, 1 / scale) per row: the power of two at or below max(amax, sqrt(eps)), clamped to
+    [2^-126, 2^126] (1 where amax is Inf/NaN: the formula's result is Inf/NaN anyway). Built from the
+    exponent bits, so both are exact powers of two."""
+    a = tl.maximum(amax, tl.sqrt(eps + tl.zeros_like(amax)))
+    e = (a.to(tl.int32, bitcast=True) & 0x7F800000).to(tl.int32)  # a >= 0: sign bit clear
+    e = tl.minimum(tl.maximum(e, 1 << 23), 253 << 23)
+    finite = amax <= _FP32_MAX
+    scale = tl.where(finite, e.to(tl.float32, bitcast=True), 1.0)
+    inv = tl.where(finite, ((254 << 23) - e).to(tl.float32, bitcast=True), 1.0)
+    return scale, inv
+
+
+@triton.jit
+def _rescued_rstd(var_s, eps, scale, inv):
+    """(rstd, rstd * scale) from var_s = var / scale^2; see gatednorm.numerics.scaled_rstd (the same steps)."""
+    v = var_s + eps * inv * inv
+    rstd_x = 1.0 / tl.sqrt_rn(v)
+    plain = 1.0 / tl.sqrt_rn(var_s * scale * scale + eps)
+    stuck = (v < _SAFE_VAR_MIN) & (eps > 0)  # a constant group far from zero: take rstd unscaled
+    rstd = tl.where(stuck, plain, rstd_x * inv)
+    rstd_x = tl.where(stuck, tl.minimum(plain * scale, _FP32_MAX), rstd_x)
+    return rstd, rstd_x
+
+
+@triton.jit
+def _tile_stats(x, col_ok, eps, GS: tl.constexpr, BLOCK: tl.constexpr, IS_RMS: tl.constexpr):
+    """(mean, x - mean with padded lanes 0, var + eps) of a [ROWS, BLOCK] tile; two-pass (RMSNorm: mean 0)."""
+    if IS_RMS:
+        mean = tl.zeros([x.shape[0]], dtype=tl.float32)
+        xm = x
+    else:
+        mean = tl.sum(x, axis=1) / GS
+        xm = x - mean[:, None]
+        if BLOCK != GS:
+            xm = tl.where(col_ok[None, :], xm, 0.0)
+    return mean, xm, tl.sum(xm * xm, axis=1) / GS + eps
+
+
+# ---------------------------------------------------------------------------
+# Forward
+# ---------------------------------------------------------------------------
+
+@triton.jit
+def fwd_kernel(
+    X, Z, W, B, Y, MEAN, RSTD,
+    M, stride_xm, stride_zm, stride_ym, eps,
+    GS: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr, NUM_CHUNKS: tl.constexpr,
+    HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, NORM_BEFORE_GATE: tl.constexpr,
+    IS_RMS: tl.constexpr, SIGMOID_GATE: tl.constexpr, BF16_BY_BITS: tl.constexpr, RESCUE_IN_KERNEL: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    g = tl.program_id(1)
+    rows = pid * ROWS + tl.arange(0, ROWS)
+    row_ok = rows < M
+    rows64 = rows.to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    col0 = g * GS
+    GATE_FIRST: tl.constexpr = HAS_Z and not NORM_BEFORE_GATE
+    GATE_AFTER: tl.constexpr = HAS_Z and NORM_BEFORE_GATE
+    stat = g.to(tl.int64) * M + rows64  # group-major statistics: index g * M + m
+
+    if NUM_CHUNKS == 1:
+        # The whole group is in registers: two-pass variance on the tile itself.
+        col_ok = cols < GS
+        mask = row_ok[:, None] & col_ok[None, :]
+        x = _load_f32(_tile_ptrs(X, rows64, stride_xm, col0, cols), mask, BF16_BY_BITS)
+        gate = 1.0  # unused without z
+        if HAS_Z:
+            # Padded lanes read z = 0 (never garbage), so x * act(z) stays 0 there.
+            z = _load_f32(_tile_ptrs(Z, rows64, stride_zm, col0, cols), mask, BF16_BY_BITS)
+            gate = _gate_value(z, SIGMOID_GATE)
+            if GATE_FIRST:
+                x = x * gate
+        mean, xm, var_eps = _tile_stats(x, col_ok, eps, GS, BLOCK, IS_RMS)
+        rstd = 1.0 / tl.sqrt_rn(var_eps)
+        if not IS_RMS:
+            tl.store(MEAN + stat, mean, mask=row_ok)
+        tl.store(RSTD + stat, rstd, mask=row_ok)
+        w = _load_f32(W + col0 + cols, col_ok, BF16_BY_BITS)
+        y = xm * rstd[:, None] * w[None, :]
+        if HAS_BIAS:
+            y = y + _load_f32(B + col0 + cols, col_ok, BF16_BY_BITS)[None, :]
+        if GATE_AFTER:
+            y = y * gate
+        _store_out(_tile_ptrs(Y, rows64, stride_ym, col0, cols), y, mask, BF16_BY_BITS)
+        if RESCUE_IN_KERNEL:  # else rescue_kernel runs after this kernel (see "Range rescue")
+            if tl.max((_rstd_out_of_range(rstd) & row_ok).to(tl.int32), axis=0) != 0:
+                tl.debug_barrier()  # the rows' plain results (written by other threads) are overwritten
+                _rescue_rows(X, Z, W, B, Y, MEAN, RSTD, pid * ROWS, g, M, stride_xm, stride_zm, stride_ym, col0,
+                             eps, GS, BLOCK, ROWS, HAS_Z, HAS_BIAS, GATE_FIRST, GATE_AFTER, IS_RMS, SIGMOID_GATE,
+                             BF16_BY_BITS)
+    else:
+        # Wide group (ROWS = 1): pass 1 merges chunk statistics, pass 2 writes (_chunked_stats).
+        ones = tl.full([ROWS], 1.0, tl.float32)
+        run_mean, run_m2 = _chunked_stats(X, Z, rows64, row_ok, stride_xm, stride_zm, col0, cols, ones,
+                                          GS, BLOCK, NUM_CHUNKS, GATE_FIRST, IS_RMS, SIGMOID_GATE, BF16_BY_BITS)
+        rstd = 1.0 / tl.sqrt_rn(run_m2 / GS + eps)
+        if tl.max((_rstd_out_of_range(rstd) & row_ok).to(tl.int32), axis=0) != 0:  # rare: see "Range rescue"
+            _rescue_row(X, Z, W, B, Y, MEAN, RSTD, pid, g, M, stride_xm, stride_zm, stride_ym,
+                        col0, eps, GS, BLOCK, HAS_Z, HAS_BIAS, GATE_FIRST, GATE_AFTER, IS_RMS,
+                        SIGMOID_GATE, BF16_BY_BITS)
+        else:
+            if not IS_RMS:
+                tl.store(MEAN + stat, run_mean, mask=row_ok)
+            tl.store(RSTD + stat, rstd, mask=row_ok)
+            _write_chunked(X, Z, W, B, Y, rows64, row_ok, stride_xm, stride_zm, stride_ym, col0, cols,
+                           ones, run_mean, rstd, GS, BLOCK, NUM_CHUNKS,
+                           HAS_Z, HAS_BIAS, GATE_FIRST, GATE_AFTER, IS_RMS, SIGMOID_GATE, BF16_BY_BITS)
+
+
+@triton.jit
+def _write_chunked(X, Z, W, B, Y, rows64, row_ok, stride_xm, stride_zm, stride_ym, col0, cols,
+                   inv, mean, rstd_x, GS: tl.constexpr, BLOCK: tl.constexpr, NUM_CHUNKS: tl.constexpr,
+                   HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, GATE_FIRST: tl.constexpr, GATE_AFTER: tl.constexpr,
+                   IS_RMS: tl.constexpr, SIGMOID_GATE: tl.constexpr, BF16_BY_BITS: tl.constexpr):
+    """y = ((x * inv - mean) * rstd_x * w + b) [* act(z)] chunk by chunk (inv = 1 and rstd_x = rstd
+    unless rescued; mean = 0 for RMSNorm)."""
+    for c in range(NUM_CHUNKS):
+        offs = c * BLOCK + cols
+        col_ok = offs < GS
+        mask = row_ok[:, None] & col_ok[None, :]
+        x = _load_f32(_tile_ptrs(X, rows64, stride_xm, col0, offs), mask, BF16_BY_BITS)
+        if HAS_Z:
+            z = _load_f32(_tile_ptrs(Z, rows64, stride_zm, col0, offs), mask, BF16_BY_BITS)
+            gate = _gate_value(z, SIGMOID_GATE)
+            if GATE_FIRST:
+                x = x * gate
+        x = x * inv[:, None]
+        if not IS_RMS:
+            x = x - mean[:, None]
+        w = _load_f32(W + col0 + offs, col_ok, BF16_BY_BITS)
+        y = x * rstd_x[:, None] * w[None, :]
+        if HAS_BIAS:
+            y = y + _load_f32(B + col0 + offs, col_ok, BF16_BY_BITS)[None, :]
+        if GATE_AFTER:
+            y = y * gate
+        _store_out(_tile_ptrs(Y, rows64, stride_ym, col0, offs), y, mask, BF16_BY_BITS)
+
+
+@triton.jit(noinline=True)
+def _rescue_rows(X, Z, W, B, Y, MEAN, RSTD, row0, g, M, stride_xm, stride_zm, stride_ym, col0, eps,
+                 GS: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr,
+                 HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, GATE_FIRST: tl.constexpr, GATE_AFTER: tl.constexpr,
+                 IS_RMS: tl.constexpr, SIGMOID_GATE: tl.constexpr, BF16_BY_BITS: tl.constexpr):
+    """Redo rows row0 .. row0 + ROWS - 1 of group g whose stored rstd is out of range. Not inlined, and
+    scalars only: the rarely taken rescue must not raise the common path's register count."""
+    for r in range(ROWS):
+        row = row0 + r
+        if row < M:
+            if _rstd_out_of_range(tl.load(RSTD + g.to(tl.int64) * M + row)):
+                _rescue_row(X, Z, W, B, Y, MEAN, RSTD, row, g, M, stride_xm, stride_zm, stride_ym,
+                            col0, eps, GS, BLOCK, HAS_Z, HAS_BIAS, GATE_FIRST, GATE_AFTER, IS_RMS,
+                            SIGMOID_GATE, BF16_BY_BITS)
+
+
+@triton.jit
+def rescue_kernel(
+    X, Z, W, B, Y, MEAN, RSTD,
+    M, stride_xm, stride_zm, stride_ym, eps,
+    GS: tl.constexpr, BLOCK: tl.constexpr, SCAN: tl.constexpr,
+    HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, NORM_BEFORE_GATE: tl.constexpr,
+    IS_RMS: tl.constexpr, SIGMOID_GATE: tl.constexpr, BF16_BY_BITS: tl.constexpr,
+):
+    """After fwd_kernel on large inputs: grid (row blocks of SCAN, groups). Reads the stored rstd and
+    redoes the rows out of range, with the code the forward would run in-kernel (same bits)."""
+    pid = tl.program_id(0)
+    g = tl.program_id(1)
+    rows = pid * SCAN + tl.arange(0, SCAN)
+    ok = rows < M
+    rstd = tl.load(RSTD + g.to(tl.int64) * M + rows.to(tl.int64), mask=ok, other=1.0)
+    if tl.max((_rstd_out_of_range(rstd) & ok).to(tl.int32), axis=0) != 0:
+        _rescue_rows(X, Z, W, B, Y, MEAN, RSTD, pid * SCAN, g, M, stride_xm, stride_zm, stride_ym, g * GS, eps,
+                     GS, BLOCK, SCAN, HAS_Z, HAS_BIAS, HAS_Z and not NORM_BEFORE_GATE, HAS_Z and NORM_BEFORE_GATE,
+                     IS_RMS, SIGMOID_GATE, BF16_BY_BITS)
+
+#: Chunk width of the range rescue's passes: narrow, so the rarely taken rescue code needs few
+#: registers (the kernel's register count is the maximum over all its code, taken or not).
+_RESCUE_BLOCK = tl.constexpr(512)
+
+
+@triton.jit(noinline=True)
+def _rescue_row(X, Z, W, B, Y, MEAN, RSTD, row, g, M, stride_xm, stride_zm, stride_ym, col0, eps,
+                GS: tl.constexpr, BLOCK: tl.constexpr,
+                HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, GATE_FIRST: tl.constexpr, GATE_AFTER: tl.constexpr,
+                IS_RMS: tl.constexpr, SIGMOID_GATE: tl.constexpr, BF16_BY_BITS: tl.constexpr):
+    """The range rescue of one row of group g, known to be out of range, from memory in narrow chunks:
+    max |x|, the statistics of x / scale (chunks merged as in _chunked_stats), then y."""
+    RB: tl.constexpr = BLOCK if BLOCK < _RESCUE_BLOCK else _RESCUE_BLOCK
+    NC: tl.constexpr = (GS + RB - 1) // RB
+    rows64 = (row + tl.arange(0, 1)).to(tl.int64)
+    row_ok = rows64 < M
+    stat = g.to(tl.int64) * M + rows64
+    cols = tl.arange(0, RB)
+    amax = _chunked_amax(X, Z, rows64, row_ok, stride_xm, stride_zm, col0, cols,
+                         GS, RB, NC, GATE_FIRST, SIGMOID_GATE, BF16_BY_BITS)
+    scale, inv = _rescue_scale(amax, eps)
+    mean, m2 = _chunked_stats(X, Z, rows64, row_ok, stride_xm, stride_zm, col0, cols, inv,
+                              GS, RB, NC, GATE_FIRST, IS_RMS, SIGMOID_GATE, BF16_BY_BITS)
+    rstd, rstd_x = _rescued_rstd(m2 / GS, eps, scale, inv)
+    if not IS_RMS:
+        tl.store(MEAN + stat, mean * scale, mask=row_ok)
+    tl.store(RSTD + stat, rstd, mask=row_ok)
+    _write_chunked(X, Z, W, B, Y, rows64, row_ok, stride_xm, stride_zm, stride_ym, col0, cols,
+                   inv, mean, rstd_x, GS, RB, NC,
+                   HAS_Z, HAS_BIAS, GATE_FIRST, GATE_AFTER, IS_RMS, SIGMOID_GATE, BF16_BY_BITS)
+
+
+@triton.jit
+def _chunk_of_x(X, Z, rows64, mask, stride_xm, stride_zm, col0, offs,
+                GATE_FIRST: tl.constexpr, SIGMOID_GATE: tl.constexpr, BF16_BY_BITS: tl.constexpr):
+    """One chunk of the normalised input: x, or x * act(z) when the gate comes first."""
+    x = _load_f32(_tile_ptrs(X, rows64, stride_xm, col0, offs), mask, BF16_BY_BITS)
+    if GATE_FIRST:
+        z = _load_f32(_tile_ptrs(Z, rows64, stride_zm, col0, offs), mask, BF16_BY_BITS)
+        x = x * _gate_value(z, SIGMOID_GATE)
+    return x
+
+
+@triton.jit
+def _chunked_stats(X, Z, rows64, row_ok, stride_xm, stride_zm, col0, cols, inv,
+                   GS: tl.constexpr, BLOCK: tl.constexpr, NUM_CHUNKS: tl.constexpr, GATE_FIRST: tl.constexpr,
+                   IS_RMS: tl.constexpr, SIGMOID_GATE: tl.constexpr, BF16_BY_BITS: tl.constexpr):
+    """(mean, M2 = sum of squared deviations) of a wide group of x * inv, chunk by chunk: each chunk's
+    (mean, M2) is exact two-pass in registers and the chunks are merged (Chan et al.), which keeps
+    the variance free of E[x^2] - E[x]^2. RMSNorm: mean 0 and M2 = sum of squares."""
+    run_mean = tl.zeros([inv.shape[0]], dtype=tl.float32)
+    run_m2 = tl.zeros([inv.shape[0]], dtype=tl.float32)
+    for c in range(NUM_CHUNKS):
+        offs = c * BLOCK + cols
+        col_ok = offs < GS
+        mask = row_ok[:, None] & col_ok[None, :]
+        x = _chunk_of_x(X, Z, rows64, mask, stride_xm, stride_zm, col0, offs,
+                        GATE_FIRST, SIGMOID_GATE, BF16_BY_BITS) * inv[:, None]
+        if IS_RMS:
+            run_m2 += tl.sum(x * x, axis=1)
+        else:
+            n_a = c * BLOCK * 1.0  # elements merged so far (float: the weights below are fp32)
+            n_b = tl.minimum(GS - c * BLOCK, BLOCK) * 1.0
+            mean_b = tl.sum(x, axis=1) / n_b
+            d = tl.where(col_ok[None, :], x - mean_b[:, None], 0.0)
+            m2_b = tl.sum(d * d, axis=1)
+            delta = mean_b - run_mean
+            n_ab = n_a + n_b
+            run_mean = run_mean + delta * (n_b / n_ab)
+            run_m2 = run_m2 + m2_b + delta * delta * (n_a * n_b / n_ab)
+    return run_mean, run_m2
+
+
+@triton.jit
+def _chunked_amax(X, Z, rows64, row_ok, stride_xm, stride_zm, col0, cols,
+                  GS: tl.constexpr, BLOCK: tl.constexpr, NUM_CHUNKS: tl.constexpr, GATE_FIRST: tl.constexpr,
+                  SIGMOID_GATE: tl.constexpr, BF16_BY_BITS: tl.constexpr):
+    """max |x| (x * act(z) when the gate comes first) over a wide group, chunk by chunk."""
+    amax = tl.zeros([row_ok.shape[0]], dtype=tl.float32)
+    for c in range(NUM_CHUNKS):
+        offs = c * BLOCK + cols
+        mask = row_ok[:, None] & (offs < GS)[None, :]
+        x = _chunk_of_x(X, Z, rows64, mask, stride_xm, stride_zm, col0, offs, GATE_FIRST, SIGMOID_GATE,
+                        BF16_BY_BITS)
+        amax = tl.maximum(amax, tl.max(tl.abs(x), axis=1))
+    return amax
+
+
+# ---------------------------------------------------------------------------
+# Backward
+# ---------------------------------------------------------------------------
+
+@triton.jit
+def _bwd_terms(
+    DY, X, Z, W, B, mean, rstd, rows64, row_ok, stride_dym, stride_xm, stride_zm, col0, offs,
+    GS: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, NORM_BEFORE_GATE: tl.constexpr,
+    IS_RMS: tl.constexpr, SIGMOID_GATE: tl.constexpr, BF16_BY_BITS: tl.constexpr,
+):
+    """Load one [ROWS, BLOCK] chunk and return (x, act, dact, xhat, g, wdy, dz_after, mask).
+
+    g = dL/d(xhat * w + b); dz_after is dz when the gate comes after the norm (else unused).
+    Padded lanes carry x = z = dy = w = 0, so xhat, g and wdy are 0 there.
+    """
+    col_ok = offs < GS
+    mask = row_ok[:, None] & col_ok[None, :]
+    x = _load_f32(_tile_ptrs(X, rows64, stride_xm, col0, offs), mask, BF16_BY_BITS)
+    dy = _load_f32(_tile_ptrs(DY, rows64, stride_dym, col0, offs), mask, BF16_BY_BITS)
+    w = _load_f32(W + col0 + offs, col_ok, BF16_BY_BITS)
+    act = x  # placeholders when there is no gate (never used then)
+    dact = x
+    dz_after = x
+    xc = x
+    if HAS_Z:
+        z = _load_f32(_tile_ptrs(Z, rows64, stride_zm, col0, offs), mask, BF16_BY_BITS)
+        act, dact = _gate(z, SIGMOID_GATE)
+        if not NORM_BEFORE_GATE:
+            xc = x * act
+    if IS_RMS:
+        xhat = xc * rstd[:, None]
+    else:
+        xhat = tl.where(col_ok[None, :], (xc - mean[:, None]) * rstd[:, None], 0.0)
+    g = dy
+    if HAS_Z and NORM_BEFORE_GATE:
+        y_pre = xhat * w[None, :]
+        if HAS_BIAS:
+            y_pre = y_pre + _load_f32(B + col0 + offs, col_ok, BF16_BY_BITS)[None, :]
+        dz_after = dy * y_pre * dact
+        g = dy * act
+    wdy = g * w[None, :]
+    return x, act, dact, xhat, g, wdy, dz_after, mask
+
+
+@triton.jit
+def _bwd_store(
+    DX, DZ, dxc, x, act, dact, dz_after, rows64, stride_dxm, stride_dzm, col0, offs, mask,
+    HAS_Z: tl.constexpr, NORM_BEFORE_GATE: tl.constexpr, NEED_DX: tl.constexpr, NEED_DZ: tl.constexpr,
+    BF16_BY_BITS: tl.constexpr,
+):
+    """Store dx (and dz) for one chunk, given dxc = dL/dxc."""
+    if HAS_Z and not NORM_BEFORE_GATE:
+        if NEED_DZ:
+            _store_out(_tile_ptrs(DZ, rows64, stride_dzm, col0, offs), dxc * x * dact, mask, BF16_BY_BITS)
+        dxc = dxc * act
+    if HAS_Z and NORM_BEFORE_GATE and NEED_DZ:
+        _store_out(_tile_ptrs(DZ, rows64, stride_dzm, col0, offs), dz_after, mask, BF16_BY_BITS)
+    if NEED_DX:
+        _store_out(_tile_ptrs(DX, rows64, stride_dxm, col0, offs), dxc, mask, BF16_BY_BITS)
+
+
+@triton.jit
+def bwd_kernel(
+    DY, X, Z, W, B, MEAN, RSTD, DX, DZ, DW_PART, DB_PART,
+    M, stride_dym, stride_xm, stride_zm, stride_dxm, stride_dzm, N,
+    GS: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr, NUM_CHUNKS: tl.constexpr,
+    HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, NORM_BEFORE_GATE: tl.constexpr,
+    IS_RMS: tl.constexpr, SIGMOID_GATE: tl.constexpr,
+    NEED_DX: tl.constexpr, NEED_DZ: tl.constexpr, NEED_DW: tl.constexpr, NEED_DB: tl.constexpr,
+    BF16_BY_BITS: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    num_progs = tl.num_programs(0)
+    g = tl.program_id(1)
+    col0 = g * GS
+    cols = tl.arange(0, BLOCK)
+    num_tiles = tl.cdiv(M, ROWS)
+    part_row = pid.to(tl.int64) * N + col0  # this program's row of partials (dweight and dbias alike)
+    if NUM_CHUNKS == 1:
+        dw_acc = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
+        db_acc = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
+    for tile in range(pid, num_tiles, num_progs):
+        rows = tile * ROWS + tl.arange(0, ROWS)
+        row_ok = rows < M
+        rows64 = rows.to(tl.int64)
+        stat = g.to(tl.int64) * M + rows64
+        rstd = tl.load(RSTD + stat, mask=row_ok, other=0.0)
+        if IS_RMS:
+            mean = rstd  # unused
+        else:
+            mean = tl.load(MEAN + stat, mask=row_ok, other=0.0)
+        if NUM_CHUNKS == 1:
+            x, act, dact, xhat, gy, wdy, dz_after, mask = _bwd_terms(
+                DY, X, Z, W, B, mean, rstd, rows64, row_ok, stride_dym, stride_xm, stride_zm, col0, cols,
+                GS, HAS_Z, HAS_BIAS, NORM_BEFORE_GATE, IS_RMS, SIGMOID_GATE, BF16_BY_BITS)
+            if NEED_DW:
+                dw_acc += gy * xhat
+            if NEED_DB:
+                db_acc += gy
+            c1 = tl.sum(xhat * wdy, axis=1) / GS
+            dxc = wdy - xhat * c1[:, None]
+            if not IS_RMS:
+                dxc = dxc - (tl.sum(wdy, axis=1) / GS)[:, None]
+            dxc = dxc * rstd[:, None]
+            _bwd_store(DX, DZ, dxc, x, act, dact, dz_after, rows64, stride_dxm, stride_dzm, col0, cols, mask,
+                       HAS_Z, NORM_BEFORE_GATE, NEED_DX, NEED_DZ, BF16_BY_BITS)
+        else:
+            # Wide group: pass 1 reduces mean(xhat * wdy) and mean(wdy) over chunks, pass 2 writes.
+            s1 = tl.zeros([ROWS], dtype=tl.float32)
+            s2 = tl.zeros([ROWS], dtype=tl.float32)
+            for c in range(NUM_CHUNKS):
+                offs = c * BLOCK + cols
+                x, act, dact, xhat, gy, wdy, dz_after, mask = _bwd_terms(
+                    DY, X, Z, W, B, mean, rstd, rows64, row_ok, stride_dym, stride_xm, stride_zm, col0, offs,
+                    GS, HAS_Z, HAS_BIAS, NORM_BEFORE_GATE, IS_RMS, SIGMOID_GATE, BF16_BY_BITS)
+                s1 += tl.sum(xhat * wdy, axis=1)
+                s2 += tl.sum(wdy, axis=1)
+            c1 = s1 / GS
+            c2 = s2 / GS
+            for c in range(NUM_CHUNKS):
+                offs = c * BLOCK + cols
+                x, act, dact, xhat, gy, wdy, dz_after, mask = _bwd_terms(
+                    DY, X, Z, W, B, mean, rstd, rows64, row_ok, stride_dym, stride_xm, stride_zm, col0, offs,
+                    GS, HAS_Z, HAS_BIAS, NORM_BEFORE_GATE, IS_RMS, SIGMOID_GATE, BF16_BY_BITS)
+                col_ok = offs < GS
+                # This program owns its partial row: read-modify-write is race-free and ordered.
+                if NEED_DW:
+                    acc = tl.load(DW_PART + part_row + offs, mask=col_ok, other=0.0)
+                    tl.store(DW_PART + part_row + offs, acc + tl.sum(gy * xhat, axis=0), mask=col_ok)
+                if NEED_DB:
+                    acc = tl.load(DB_PART + part_row + offs, mask=col_ok, other=0.0)
+                    tl.store(DB_PART + part_row + offs, acc + tl.sum(gy, axis=0), mask=col_ok)
+                dxc = wdy - xhat * c1[:, None]
+                if not IS_RMS:
+                    dxc = dxc - c2[:, None]
+                dxc = dxc * rstd[:, None]
+                _bwd_store(DX, DZ, dxc, x, act, dact, dz_after, rows64, stride_dxm, stride_dzm, col0, offs, mask,
+                           HAS_Z, NORM_BEFORE_GATE, NEED_DX, NEED_DZ, BF16_BY_BITS)
+    if NUM_CHUNKS == 1:
+        col_ok = cols < GS
+        if NEED_DW:
+            tl.store(DW_PART + part_row + cols, tl.sum(dw_acc, axis=0), mask=col_ok)
+        if NEED_DB:
+            tl.store(DB_PART + part_row + cols, tl.sum(db_acc, axis=0), mask=col_ok)
+
+
+@triton.jit
+def sum_partials_kernel(
+    DW_PART, DB_PART, DW, DB, P, N,
+    BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, NEED_DW: tl.constexpr, NEED_DB: tl.constexpr,
+    BF16_BY_BITS: tl.constexpr,
+):
+    """dweight[n] = sum over p of partials[p, n], in a fixed order (tiles of BLOCK_P rows, then a tree)."""
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < N
+    acc_w = tl.zeros([BLOCK_P, BLOCK_N], dtype=tl.float32)
+    acc_b = tl.zeros([BLOCK_P, BLOCK_N], dtype=tl.float32)
+    for p0 in range(0, P, BLOCK_P):
+        rows = p0 + tl.arange(0, BLOCK_P)
+        mask = (rows < P)[:, None] & col_ok[None, :]
+        offs = rows.to(tl.int64)[:, None] * N + cols[None, :]
+        if NEED_DW:
+            acc_w += tl.load(DW_PART + offs, mask=mask, other=0.0)
+        if NEED_DB:
+            acc_b += tl.load(DB_PART + offs, mask=mask, other=0.0)
+    if NEED_DW:
+        _store_out(DW + cols, tl.sum(acc_w, axis=0), col_ok, BF16_BY_BITS)
+    if NEED_DB:
+        _store_out(DB + cols, tl.sum(acc_b, axis=0), col_ok, BF16_BY_BITS)

@@ -1,0 +1,314 @@
+"""The triton backend: sizes and launches the kernels of :mod:`.kernels` (forward, backward).
+
+Launch configurations depend only on (N, group size, dtype) (the backward's number of programs also
+on M, which changes only how rows are shared out, never a row's arithmetic), so a row's outputs do
+not depend on how many rows are in the call (batch invariance).
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+
+import torch
+import triton
+
+from ...settings import env_flag, env_text
+from ...spec import NormSpec
+from ..base import Grads, GradsNeeded
+from .kernels import bwd_kernel, fwd_kernel, rescue_kernel, sum_partials_kernel
+
+#: Widest chunk of a group held in registers at once; wider groups are looped over.
+MAX_BLOCK = 8192
+#: Elements per tile when groups are small (several rows share a program), forward and backward.
+FWD_TILE_ELEMENTS = 4096
+BWD_TILE_ELEMENTS = 4096
+#: fp32 values of a tile per thread: sets num_warps (tile elements / 32 / this, 1 to 16 warps).
+FWD_ELEMS_PER_THREAD = 16
+BWD_ELEMS_PER_THREAD = 16
+#: Backward tiles of groups up to 1024 wide hold at least this many rows (H100: 640-wide groups ran
+#: 8 rows x 1024 at 16 warps about 10% faster than 4 rows).
+BWD_MIN_ROWS = 8
+#: Persistent backward programs per multiprocessor (before dividing among groups).
+BWD_PROGRAMS_PER_SM = 2
+#: Rows of partials summed per step by the final dweight/dbias reduction.
+PARTIAL_ROWS = 32
+
+
+
+
+# ---------------------------------------------------------------------------
+# Low-overhead launches
+# ---------------------------------------------------------------------------
+# Triton's JITFunction.run binds and specialises every argument on every call (tens of microseconds
+# of Python per launch, more than these kernels take on small inputs). After the first launch of a
+# specialisation we keep its CompiledKernel and call its launcher directly. The key holds everything
+# Triton specialises on (dtypes, 16-byte alignment of pointers, integers equal to 1 / divisible by
+# 16 / needing 64 bits, constexprs, warps, device), so a hit is the kernel Triton would have picked.
+
+
+def _fast_launch_supported() -> bool:
+    try:
+        import inspect
+
+        from triton.runtime.jit import JITFunction
+
+        # The launcher takes all bound arguments (constexprs too) after the launch hooks.
+        return "*bound_args.values()" in inspect.getsource(JITFunction.run) and hasattr(triton, "knobs")
+    except Exception:  # a Triton whose internals look different: always take the ordinary path
+        return False
+
+
+_FAST_LAUNCH_SUPPORTED = _fast_launch_supported()
+
+
+def _fast_launch_enabled() -> bool:
+    """The cached path, unless ``GATEDNORM_TRITON_FAST_LAUNCH=0`` asks for Triton's own launch (read per call)."""
+    return _FAST_LAUNCH_SUPPORTED and env_text("GATEDNORM_TRITON_FAST_LAUNCH") != "0"
+
+
+_COMPILED: dict = {}
+_INTERPRETER_LOCK = threading.Lock()
+#: Launches that took the cached path (a diagnostic for benchmarks and tests).
+fast_launches = 0
+
+
+def _arg_key(v):
+    if v is None:
+        return None
+    if isinstance(v, torch.Tensor):
+        return (v.dtype, v.data_ptr() % 16 == 0)
+    if isinstance(v, bool):
+        return v
+    if isinstance(v, int):
+        return (v == 1, v % 16 == 0, -(2**31) <= v < 2**31)
+    return type(v)
+
+
+def _launch(kernel, grid: tuple[int, int, int], args: tuple, constexprs: tuple, num_warps: int,
+            dev: torch.device) -> None:
+    """kernel[grid](*args, **constexprs, num_warps=...), skipping Triton's binding once compiled.
+
+    ``args`` are the runtime parameters in signature order; ``constexprs`` the values of the
+    remaining (constexpr) parameters, also in signature order.
+    """
+    if dev.type != "cuda" or not _fast_launch_enabled():
+        names = kernel.arg_names[len(args):]
+        if dev.type == "cpu":
+            # Triton's interpreter keeps the grid of the running kernel in global state: one at a time.
+            with _INTERPRETER_LOCK:
+                kernel[grid](*args, **dict(zip(names, constexprs, strict=True)), num_warps=num_warps)
+        else:
+            kernel[grid](*args, **dict(zip(names, constexprs, strict=True)), num_warps=num_warps)
+        return
+    index = torch.cuda.current_device()
+    key = (kernel, index, num_warps, constexprs, tuple(_arg_key(a) for a in args))
+    compiled = _COMPILED.get(key)
+    if compiled is None:
+        names = kernel.arg_names[len(args):]
+        compiled = kernel[grid](*args, **dict(zip(names, constexprs, strict=True)), num_warps=num_warps)
+        if compiled is not None:
+            _COMPILED[key] = compiled
+        return
+    global fast_launches
+    fast_launches += 1
+    stream = torch._C._cuda_getCurrentRawStream(index)
+    all_args = (*args, *constexprs)
+    # The launch hooks exactly as JITFunction.run passes them (profilers such as proton hook in here);
+    # launch metadata is only built when a hook is actually installed.
+    hooks = triton.knobs.runtime
+    enter, leave = hooks.launch_enter_hook, hooks.launch_exit_hook
+    meta = None
+    if enter is not None and getattr(enter, "calls", True):
+        meta = compiled.launch_metadata(grid, stream, *all_args)
+    compiled.run(grid[0], grid[1], grid[2], stream, compiled.function, compiled.packed_metadata, meta,
+                 enter, leave, *all_args)
+
+
+
+#: Triton's interpreter (3.9) converts bf16 <-> fp32 wrongly at the edges: fp32 -> bf16 rounds toward
+#: zero (the GPU rounds to nearest even) and bf16 subnormals load as garbage. Under the interpreter the
+#: kernels do these two conversions on the bits (bf16 is the top half of fp32), so CPU runs give the
+#: GPU's results; compiled kernels use the hardware conversions. Read once: Triton itself decides at
+#: kernel-definition time (when this backend is first loaded) whether it interprets.
+_INTERPRET = env_flag("TRITON_INTERPRET")
+
+
+#: Calls with at least this many elements run the range rescue as a separate kernel (see "Range rescue").
+RESCUE_KERNEL_MIN_ELEMENTS = 1 << 24
+#: Rows whose stored rstd one program of rescue_kernel checks.
+RESCUE_SCAN_ROWS = 1024
+
+
+
+@functools.cache
+def _tile_config(group_size: int, tile_elements: int, elems_per_thread: int, max_block: int, min_rows: int = 1):
+    """(BLOCK, NUM_CHUNKS, ROWS, num_warps) for a group size: BLOCK = group rounded up to a power of two
+    (at most max_block; wider groups take NUM_CHUNKS chunks), ROWS rows a tile so a tile holds about
+    tile_elements (at least min_rows for groups up to 1024 wide), and warps so each thread holds
+    about elems_per_thread fp32 values of a tile."""
+    block = min(triton.next_power_of_2(group_size), max_block)
+    chunks = triton.cdiv(group_size, block)
+    rows = max(1, tile_elements // block, min_rows if block <= 1024 else 1) if chunks == 1 else 1
+    num_warps = max(1, min(16, rows * block // (32 * elems_per_thread)))
+    return block, chunks, rows, num_warps
+
+
+def _fwd_config(group_size: int, elem_bytes: int) -> tuple[int, int, int, int]:
+    """Forward launch shape: from the group size and dtype only, never from M (batch invariance)."""
+    return _tile_config(group_size, FWD_TILE_ELEMENTS, FWD_ELEMS_PER_THREAD, MAX_BLOCK)
+
+
+def _bwd_config(group_size: int, elem_bytes: int) -> tuple[int, int, int, int]:
+    """Backward tile shape: from the group size and dtype only (the program count may follow M)."""
+    return _tile_config(group_size, BWD_TILE_ELEMENTS, BWD_ELEMS_PER_THREAD, MAX_BLOCK, BWD_MIN_ROWS)
+
+
+def _rows_ready(t: torch.Tensor) -> torch.Tensor:
+    """Kernels take any row stride but need unit stride along features: copy otherwise."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def forward(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    z: torch.Tensor | None,
+    spec: NormSpec,
+    out: torch.Tensor,
+    rescue_kernel_min_elements: int = RESCUE_KERNEL_MIN_ELEMENTS,
+    rescue_scan_rows: int = RESCUE_SCAN_ROWS,
+) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """Write the gated norm of x (M > 0, N; float32/bf16/fp16) into out (M, N, any floating dtype);
+    return (mean | None, rstd), 1-D float32 of G*M values, group-major.
+    """
+    m, n = x.shape
+    gs = spec.group_size
+    groups = n // gs
+    mean = None if spec.is_rms_norm else torch.empty(groups * m, dtype=torch.float32, device=x.device)
+    rstd = torch.empty(groups * m, dtype=torch.float32, device=x.device)
+    if m == 0:
+        return mean, rstd
+    x = _rows_ready(x)
+    if z is not None:
+        z = _rows_ready(z)
+    weight = _rows_ready(weight)
+    bias = _rows_ready(bias) if bias is not None else None
+    y = out if out.stride(-1) == 1 else torch.empty(out.shape, dtype=out.dtype, device=out.device)
+    block, chunks, rows, warps = _fwd_config(gs, x.element_size())
+    args = (x, z, weight, bias, y, mean, rstd, m, x.stride(0), z.stride(0) if z is not None else 0, y.stride(0),
+            spec.eps)
+    flags = (z is not None, bias is not None, spec.norm_before_gate, spec.is_rms_norm, spec.activation == "sigmoid",
+             _INTERPRET)  # HAS_Z, HAS_BIAS, NORM_BEFORE_GATE, IS_RMS, SIGMOID_GATE, BF16_BY_BITS
+    rescue_after = chunks == 1 and m * n >= rescue_kernel_min_elements
+    # GS, BLOCK, ROWS, NUM_CHUNKS, *flags, RESCUE_IN_KERNEL
+    _launch(fwd_kernel, (triton.cdiv(m, rows), groups, 1), args, (gs, block, rows, chunks, *flags, not rescue_after),
+            warps, x.device)
+    if rescue_after:  # GS, BLOCK, SCAN, *flags; the forward's warps: the rescued rows' bits must not change
+        _launch(rescue_kernel, (triton.cdiv(m, rescue_scan_rows), groups, 1), args,
+                (gs, block, rescue_scan_rows, *flags), warps, x.device)
+    if y is not out:
+        out.copy_(y)
+    return mean, rstd
+
+
+
+@functools.cache
+def _sm_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 2  # the interpreter: a few programs, so the persistent loop and the partial sums are exercised
+
+
+def _bwd_programs(m: int, rows: int, groups: int, device: torch.device) -> int:
+    """Persistent programs per group: enough to fill the machine, never more than there are row tiles."""
+    per_group = max(1, (_sm_count(device) * BWD_PROGRAMS_PER_SM) // groups)
+    return max(1, min(per_group, triton.cdiv(m, rows)))
+
+
+def backward(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    z: torch.Tensor | None,
+    mean: torch.Tensor | None,
+    rstd: torch.Tensor,
+    spec: NormSpec,
+    needs_dx: bool = True,
+    needs_dz: bool = True,
+    needs_dweight: bool = True,
+    needs_dbias: bool = True,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """(dx, dz, dweight, dbias) from dy (M, N) and the saved x, z, weight, bias, mean, rstd.
+
+    dx/dz in x's/z's dtypes (contiguous), dweight/dbias in the parameters' dtypes; None where not asked.
+    M > 0; float32/bf16/fp16.
+    """
+    m, n = x.shape
+    gs = spec.group_size
+    groups = n // gs
+    needs_dz = needs_dz and z is not None
+    needs_dbias = needs_dbias and bias is not None
+    dev = x.device
+    dx = torch.empty((m, n), dtype=x.dtype, device=dev) if needs_dx else None
+    dz = torch.empty((m, n), dtype=z.dtype, device=dev) if needs_dz else None
+    if m == 0:
+        dw = torch.zeros_like(weight) if needs_dweight else None
+        db = torch.zeros_like(bias) if needs_dbias else None
+        return dx, dz, dw, db
+    dy = _rows_ready(dy)
+    x = _rows_ready(x)
+    if z is not None:
+        z = _rows_ready(z)
+    weight = _rows_ready(weight)
+    bias = _rows_ready(bias) if bias is not None else None
+    block, chunks, rows, warps = _bwd_config(gs, x.element_size())
+    progs = _bwd_programs(m, rows, groups, dev)
+    need_part = needs_dweight or needs_dbias
+    # Wide groups accumulate into their partial row in memory, so it must start at zero.
+    alloc = torch.zeros if chunks > 1 else torch.empty
+    dw_part = alloc((progs, n), dtype=torch.float32, device=dev) if needs_dweight else None
+    db_part = alloc((progs, n), dtype=torch.float32, device=dev) if needs_dbias else None
+    _launch(
+        bwd_kernel, (progs, groups, 1),
+        (dy, x, z, weight, bias, mean, rstd, dx, dz, dw_part, db_part,
+         m, dy.stride(0), x.stride(0), z.stride(0) if z is not None else 0, n, n, n),
+        # GS, BLOCK, ROWS, NUM_CHUNKS, HAS_Z, HAS_BIAS, NORM_BEFORE_GATE, IS_RMS, SIGMOID_GATE, NEED_DX..NEED_DB
+        (gs, block, rows, chunks, z is not None, bias is not None, spec.norm_before_gate, spec.is_rms_norm,
+         spec.activation == "sigmoid", needs_dx, needs_dz, needs_dweight, needs_dbias, _INTERPRET),
+        warps, dev,
+    )
+    dw = db = None
+    if need_part:
+        dw = torch.empty(n, dtype=weight.dtype, device=dev) if needs_dweight else None
+        db = torch.empty(n, dtype=bias.dtype, device=dev) if needs_dbias else None
+        block_n = min(triton.next_power_of_2(n), 256)
+        _launch(
+            sum_partials_kernel, (triton.cdiv(n, block_n), 1, 1),
+            (dw_part, db_part, dw, db, progs, n),
+            (PARTIAL_ROWS, block_n, needs_dweight, needs_dbias, _INTERPRET),  # BLOCK_P, BLOCK_N, NEED_DW/DB, EMULATE
+            4, dev,
+        )
+    return dx, dz, dw, db
+
+class TritonBackend:
+    """The ``triton`` backend (CUDA GPUs; CPU tensors under ``TRITON_INTERPRET=1``).
+
+    ``rescue_kernel_min_elements`` / ``rescue_scan_rows``: where the range rescue runs as a separate
+    scan kernel instead of in-kernel (tests lower the threshold to compare the two).
+    """
+
+    name = "triton"
+    supports_float64 = False
+
+    def __init__(self, rescue_kernel_min_elements: int = RESCUE_KERNEL_MIN_ELEMENTS,
+                 rescue_scan_rows: int = RESCUE_SCAN_ROWS) -> None:
+        self.rescue_kernel_min_elements = rescue_kernel_min_elements
+        self.rescue_scan_rows = rescue_scan_rows
+
+    def forward(self, x, weight, bias, z, spec: NormSpec, out):
+        return forward(x, weight, bias, z, spec, out, self.rescue_kernel_min_elements, self.rescue_scan_rows)
+
+    def backward(self, dy, x, weight, bias, z, mean, rstd, spec: NormSpec, needs: GradsNeeded) -> Grads:
+        return backward(dy, x, weight, bias, z, mean, rstd, spec, *needs)
