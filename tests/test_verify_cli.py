@@ -10,21 +10,46 @@ import signal
 import subprocess
 import sys
 import threading
-import types
 from pathlib import Path
 
 import pytest
 import torch
 
-from gatednorm import native, ops
-from gatednorm import verification as V
+from gatednorm import cli, ops
+from gatednorm import verify as V
 from gatednorm.cli import build_parser, main
+from gatednorm.verify import cases, parallel, report, runner, session, tolerance
+
+#: run_case before any test replaces it (the tests below stop runs by patching runner.run_case)
+REAL_RUN_CASE = runner.run_case
 
 
 def test_parser_has_verify_and_is_extensible():
     parser = build_parser()
     args = parser.parse_args(["verify", "--quick", "--device", "cpu"])
     assert args.command == "verify" and args.quick and callable(args.func)
+
+
+def test_parser_constants_agree_with_the_verify_package():
+    """cli spells out the dtype names and the incomplete exit code so that it need not import gatednorm.verify."""
+    assert cli.DTYPE_CHOICES == tuple(cases.DTYPES)
+    assert cli.EXIT_INCOMPLETE == report.EXIT_INCOMPLETE
+
+
+def test_cli_import_does_not_load_the_verify_package():
+    code = "import sys, gatednorm.cli; print(sorted(m for m in sys.modules if m.startswith('gatednorm.verif')))"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"
+
+
+def test_verification_module_still_exports_its_names():
+    """gatednorm.verification moved to gatednorm.verify; the old module re-exports the same objects."""
+    from gatednorm import verification
+
+    for name in verification.__all__:
+        assert getattr(verification, name) is getattr(V, name), name
+    assert {"run_case", "compare", "magnitudes", "k_factor", "allowed_error", "summarize"} <= set(verification.__all__)
 
 
 def test_quick_float32_passes_and_writes_reports(tmp_path, capsys):
@@ -43,23 +68,29 @@ def test_quick_float32_passes_and_writes_reports(tmp_path, capsys):
     assert all(r["passed"] for r in data["results"])
     text = md.read_text()
     assert "| backend | reference |" in text and "## Tolerance" in text and "incomplete" not in text
+    assert V.TOLERANCE_DOC in text and V.TOLERANCE_DOC in tolerance.__doc__  # one text, two places
 
 
 @pytest.fixture
 def broken_backend(monkeypatch):
     """A backend whose forward is off by 1e-3 relative: verify must catch it."""
-    mod = types.ModuleType("gatednorm_broken_backend")
+    native = ops.select_impl("native", torch.device("cpu"))
 
-    def forward(x, weight, bias, z, spec, out):
-        mean, rstd = native.forward(x, weight, bias, z, spec, out)
-        out.mul_(1 + 1e-3)
-        return mean, rstd
+    class Broken:
+        name = "broken"
+        supports_float64 = False
 
-    mod.forward, mod.backward = forward, native.backward
-    monkeypatch.setitem(sys.modules, mod.__name__, mod)
+        def forward(self, x, weight, bias, z, spec, out):
+            mean, rstd = native.forward(x, weight, bias, z, spec, out)
+            out.mul_(1 + 1e-3)
+            return mean, rstd
+
+        def backward(self, *args, **kwargs):
+            return native.backward(*args, **kwargs)
+
     monkeypatch.setattr(ops, "BACKENDS", (*ops.BACKENDS, "broken"))
-    monkeypatch.setitem(ops._BACKEND_MODULES, "broken", mod.__name__)
-    return "broken"
+    with ops.override_impl("broken", "cpu", Broken()):
+        yield "broken"
 
 
 def test_failure_gives_nonzero_exit(broken_backend, tmp_path, capsys):
@@ -115,17 +146,15 @@ def test_max_seconds_zero_gives_marked_partial_report(tmp_path, capsys):
 def interrupt_after(monkeypatch):
     """Make the n+1-th case raise KeyboardInterrupt (as Ctrl-C would) and count the cases run."""
     calls = []
-    real = V.run_case
 
     def install(n):
         def run_case(*a, **kw):
             if len(calls) == n:
                 raise KeyboardInterrupt
             calls.append(a[:3])
-            return real(*a, **kw)
+            return REAL_RUN_CASE(*a, **kw)
 
-        monkeypatch.setattr(V, "run_case", run_case)
-        monkeypatch.setattr(V, "real_run_case", real, raising=False)
+        monkeypatch.setattr(runner, "run_case", run_case)
         return calls
 
     return install
@@ -156,7 +185,7 @@ def test_partial_run_draws_the_same_data_as_a_full_run(interrupt_after, tmp_path
     again = []
     for b, s, v in reversed(calls):
         gen = torch.Generator().manual_seed(V.case_seed(7, s, v))
-        again = [r.to_dict() for r in V.real_run_case(b, s, v, torch.device("cpu"), gen)] + again
+        again = [r.to_dict() for r in REAL_RUN_CASE(b, s, v, torch.device("cpu"), gen)] + again
     assert results and json.loads(json.dumps(again, default=str)) == results
 
 
@@ -169,21 +198,18 @@ def test_failure_wins_over_incomplete(broken_backend, interrupt_after, tmp_path)
 
 def test_partial_reports_are_written_while_running(monkeypatch, tmp_path):
     """--json is rewritten (marked incomplete) as cases finish, for a run killed without warning."""
-    from gatednorm import cli
-
     js = tmp_path / "r.json"
     seen = []
-    real = V.run_case
 
     def run_case(*a, **kw):
         if js.exists():
             seen.append(json.loads(js.read_text()))
         if len(seen) == 3:
             raise KeyboardInterrupt
-        return real(*a, **kw)
+        return REAL_RUN_CASE(*a, **kw)
 
-    monkeypatch.setattr(cli, "_CHECKPOINT_SECONDS", 0.0)
-    monkeypatch.setattr(V, "run_case", run_case)
+    monkeypatch.setattr(session, "CHECKPOINT_SECONDS", 0.0)
+    monkeypatch.setattr(runner, "run_case", run_case)
     assert main([*QUICK_F32, "--json", str(js)]) == 3
     assert [(d["complete"], d["meta"]["stopped"], d["meta"]["cases_run"]) for d in seen] == [
         (False, None, 1), (False, None, 2), (False, None, 3)]
@@ -326,9 +352,7 @@ def test_jobs_report_equals_single_process_report(tmp_path, capsys):
 
 
 def test_jobs_worker_that_dies_fails_the_run(monkeypatch, capsys):
-    import gatednorm.cli as cli
-
-    monkeypatch.setattr(cli, "_worker_command",
+    monkeypatch.setattr(parallel, "worker_command",
                         lambda *a, **k: [sys.executable, "-c", "print('worker boom'); raise SystemExit(7)"])
     rc = main(["verify", "--quick", "--device", "cpu", "--dtype", "float32", "--backend", "native", "--no-upstream",
                "--no-progress", "--plain", "--jobs", "2"])

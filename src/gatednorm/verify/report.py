@@ -1,0 +1,255 @@
+"""What ``gatednorm verify`` reports: the summary table, the JSON and Markdown files, the exit code.
+
+Results are aggregated per (backend, reference, dtype, quantity) by :func:`summarize`; the table
+is printed with rich when installed and stdout is a terminal, as plain text otherwise.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import platform
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from .cases import DTYPES, EPS, Shape
+from .runner import QUANTITIES, Result, Upstream
+from .tolerance import TOLERANCE_DOC, TOLERANCE_RULE, tolerance_table
+
+#: Exit codes of ``gatednorm verify``.
+EXIT_OK = 0
+EXIT_FAILED = 1  # a check failed (wins over an incomplete run), or a --jobs worker crashed
+EXIT_USAGE = 2
+EXIT_INCOMPLETE = 3  # stopped early (--max-seconds, SIGTERM, Ctrl-C) without a failure
+
+ULP_NOTE = ("ulps are measured against the float64 value rounded to the output dtype; large float32 counts come "
+            "from outputs that nearly cancel (xhat*w + b ~ 0), where a float32-accurate result is many ulps of a "
+            "tiny value. err/tol (<= 1 passes) is the criterion.")
+
+HEADER = ("backend", "reference", "dtype", "quantity", "cases", "max abs", "mean abs", "max ulps", "err/tol",
+          "result")
+
+
+# ---------------------------------------------------------------------------
+# Summary
+# ---------------------------------------------------------------------------
+
+@dataclass
+class SummaryRow:
+    """The worst errors of one (backend, reference, dtype, quantity) over all shapes and variants."""
+
+    backend: str
+    reference: str
+    dtype: str
+    quantity: str
+    cases: int = 0
+    failed: int = 0
+    max_abs: float = 0.0
+    mean_abs_sum: float = 0.0
+    max_ulps: float = 0.0
+    worst_ratio: float = 0.0
+
+    @property
+    def mean_abs(self) -> float:
+        return self.mean_abs_sum / self.cases if self.cases else 0.0
+
+    def to_dict(self) -> dict:
+        """One row of the JSON report's ``summary``."""
+        d = dataclasses.asdict(self)
+        d.pop("mean_abs_sum")
+        d["mean_abs"] = self.mean_abs
+        d["passed"] = self.failed == 0
+        return d
+
+
+def summarize(results: list[Result]) -> list[SummaryRow]:
+    """Aggregate per (backend, reference, dtype, quantity): worst errors over all shapes and variants."""
+    table: dict[tuple, SummaryRow] = {}
+    mean_abs: dict[tuple, list[float]] = {}
+    for r in results:
+        key = (r.backend, r.reference, r.dtype, r.quantity)
+        row = table.setdefault(key, SummaryRow(*key))
+        row.cases += 1
+        row.failed += not r.passed
+        c = r.comparison
+        if not r.error:
+            row.max_abs = max(row.max_abs, c.max_abs)
+            mean_abs.setdefault(key, []).append(c.mean_abs)
+            row.max_ulps = max(row.max_ulps, c.max_ulps)
+            row.worst_ratio = max(row.worst_ratio, c.worst_ratio)
+        else:
+            row.worst_ratio = math.inf
+    for key, values in mean_abs.items():  # exactly rounded: the same table whatever the order (verify --jobs)
+        table[key].mean_abs_sum = math.fsum(values)
+    ref_order = {"float64": 0, "F.layer_norm": 1, "F.group_norm": 2, "F.rms_norm": 3, "fla": 4}
+    q_order = {q: i for i, q in enumerate(QUANTITIES)}
+    d_order = {d: i for i, d in enumerate(DTYPES)}
+    return sorted(table.values(), key=lambda s: (s.backend, ref_order.get(s.reference, 9), d_order[s.dtype],
+                                                 q_order[s.quantity]))
+
+
+def exit_code(meta: dict) -> int:
+    """:data:`EXIT_FAILED` if a check failed, else :data:`EXIT_OK` when complete, else :data:`EXIT_INCOMPLETE`."""
+    return EXIT_FAILED if meta["failed"] else (EXIT_OK if meta["complete"] else EXIT_INCOMPLETE)
+
+
+# ---------------------------------------------------------------------------
+# Run metadata
+# ---------------------------------------------------------------------------
+
+def device_name(device: torch.device) -> str:
+    """The GPU's name, or the CPU's as far as the platform tells."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return platform.processor() or platform.machine()
+
+
+def build_meta(device: torch.device, backends: Sequence[str], upstream: Upstream, shapes: Sequence[Shape],
+               cases: int, cases_run: int, results: Sequence[Result], stopped: str, current: str,
+               elapsed: float) -> dict:
+    """The ``meta`` block of the reports: what ran, where, how far it got and why it stopped.
+
+    ``stopped`` says why the run ended early ("" when it did not), ``current`` names the case that a
+    signal interrupted ("" when none).
+    """
+    complete = cases_run == cases
+    status = "complete" if complete else f"incomplete: {cases_run} of {cases} cases run"
+    if not complete:
+        status += f" ({stopped})" if stopped else " (still running)"
+    return {
+        "device": str(device),
+        "device_name": device_name(device),
+        "torch": torch.__version__,
+        "backends": ", ".join(backends),
+        "upstream": "fla-core" if upstream[0] is not None else f"skipped: {upstream[2]}",
+        "shapes": "; ".join(f"{s.name}" for s in shapes),
+        "eps": EPS,
+        "complete": complete,
+        "status": status,
+        "cases": cases,
+        "cases_run": cases_run,
+        "stopped": stopped or None,
+        "interrupted_case": current or None,
+        "checks": len(results),
+        "failed": sum(not r.passed for r in results),
+        "seconds": round(elapsed, 1),
+    }
+
+
+# ---------------------------------------------------------------------------
+# The table on stdout
+# ---------------------------------------------------------------------------
+
+def _fmt(v: float) -> str:
+    if isinstance(v, float) and (math.isnan(v) or math.isinf(v)):
+        return str(v)
+    return f"{v:.2e}"
+
+
+def table_rows(summary: list[SummaryRow]) -> list[tuple[str, ...]]:
+    """The summary as text cells, in :data:`HEADER`'s columns."""
+    return [
+        (s.backend, s.reference, s.dtype, s.quantity, str(s.cases), _fmt(s.max_abs), _fmt(s.mean_abs),
+         f"{s.max_ulps:.1f}", f"{s.worst_ratio:.3f}", "ok" if not s.failed else f"FAIL {s.failed}")
+        for s in summary
+    ]
+
+
+def _rich_console(stderr: bool = False):
+    try:
+        from rich.console import Console  # optional: never a dependency
+    except ImportError:
+        return None
+    return Console(stderr=stderr)
+
+
+def print_table(rows: list[tuple[str, ...]], title: str, use_rich: bool) -> None:
+    """Print the table: rich when asked for, installed and stdout is a terminal; aligned plain text otherwise."""
+    # rich only on a terminal: piped into a log it would squeeze the table into 80 columns
+    console = _rich_console() if use_rich and sys.stdout.isatty() else None
+    if console is not None:
+        from rich.table import Table
+
+        table = Table(title=title)
+        for h in HEADER:
+            table.add_column(h, justify="right" if h in ("cases", "max abs", "mean abs", "max ulps", "err/tol")
+                             else "left")
+        for r in rows:
+            table.add_row(*r, style=None if r[-1] == "ok" else "bold red")
+        console.print(table)
+        return
+    widths = [max(len(str(r[i])) for r in [HEADER, *rows]) for i in range(len(HEADER))]
+    print(title)
+    for r in [HEADER, tuple("-" * w for w in widths), *rows]:
+        print("  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)))
+
+
+def print_report(summary: list[SummaryRow], results: list[Result], meta: dict, use_rich: bool,
+                 verbose: bool) -> None:
+    """The end of a run on stdout: the table, failing cases (``verbose``), the totals, and whether it stopped early."""
+    failed = [r for r in results if not r.passed]
+    done, total = meta["cases_run"], meta["cases"]
+    print_table(table_rows(summary), f"gatednorm verify on {meta['device']} ({meta['device_name']}), "
+                f"torch {meta['torch']}, upstream: {meta['upstream']}", use_rich)
+    if verbose and failed:
+        print("\nfailing cases:")
+        for r in failed:
+            print(f"  {r.backend} {r.shape} {r.variant} vs {r.reference} {r.quantity}: "
+                  f"err/tol {r.comparison.worst_ratio:.3g} {r.error}")
+    print(f"\n{len(results) - len(failed)}/{len(results)} checks within tolerance "
+          f"({done} of {total} cases, {meta['seconds']:.1f} s). Tolerance: {TOLERANCE_RULE}, "
+          f"K = 8+log2(group_size) (see gatednorm.verification).\n{ULP_NOTE}")
+    if not meta["complete"]:
+        current = meta["interrupted_case"]
+        print(f"\nINCOMPLETE: {done} of {total} cases run ({meta['stopped'] or ''})"
+              + (f"; stopped during: {current}" if current else "") + ".", flush=True)
+
+
+# ---------------------------------------------------------------------------
+# --json and --markdown
+# ---------------------------------------------------------------------------
+
+def json_report(summary: list[SummaryRow], results: list[Result], meta: dict) -> str:
+    """The ``--json`` file: completeness, meta, the tolerance per dtype, the summary and every result.
+
+    ``verify --jobs`` reads its workers' reports back with :meth:`Result.from_dict`.
+    """
+    return json.dumps({"complete": meta["complete"], "meta": meta, "tolerance": tolerance_table(),
+                       "summary": [s.to_dict() for s in summary],
+                       "results": [r.to_dict() for r in results]}, indent=1, default=str)
+
+
+def markdown(summary: list[SummaryRow], results: list[Result], meta: dict) -> str:
+    """The ``--markdown`` file: meta, the summary table, the tolerance explained, and the failures."""
+    lines = [f"# gatednorm verify: {meta['device']} ({meta['device_name']})", ""]
+    if not meta["complete"]:
+        lines += [f"**{meta['status']}**" + (f"; stopped during: {meta['interrupted_case']}"
+                                             if meta["interrupted_case"] else ""), ""]
+    lines += [f"- {k}: {v}" for k, v in meta.items() if k not in ("device",)]
+    lines += ["", "| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
+    lines += ["| " + " | ".join(r) + " |" for r in table_rows(summary)]
+    lines += ["", ULP_NOTE, "", "## Tolerance", "", TOLERANCE_DOC, ""]
+    failed = [r for r in results if not r.passed]
+    if failed:
+        lines += ["## Failures", "", "| backend | shape | variant | reference | quantity | err/tol | error |",
+                  "|---|---|---|---|---|---|---|"]
+        lines += [f"| {r.backend} | {r.shape} | {r.variant} | {r.reference} | {r.quantity} | "
+                  f"{r.comparison.worst_ratio:.3g} | {r.error} |" for r in failed]
+    return "\n".join(lines) + "\n"
+
+
+def write_atomic(path: str, text: str) -> None:
+    """Write via a temporary file and rename, so a reader (or a kill mid-write) never sees half a file."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
