@@ -43,7 +43,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
 import gatednorm  # noqa: E402
-from gatednorm import compiled as compiled_backend  # noqa: E402
+from gatednorm.backends import compiled as compiled_backend  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 EPS = 1e-6

@@ -30,7 +30,7 @@ import triton
 from triton.testing import do_bench
 
 import gatednorm
-import gatednorm.triton_kernels as tk
+import gatednorm.backends.triton.launch as tk
 
 EPS = 1e-6
 BIG = 32 * 1024 * 1024  # elements: at and above this, the bandwidth goals apply
@@ -369,7 +369,7 @@ def fmt_table(records, copy_gbps, device):
         lines.append("")
     lines.append("torch.mul back-to-back (wall us per call, host-bound at small shapes): " + ", ".join(
         f"{r['shape'].split()[0]} {r['mul_b2b_us']:.1f}" for r in records if r.get("mul_b2b_us")))
-    lines.append("gatednorm triton_kernels.forward alone back-to-back (us per call): " + ", ".join(
+    lines.append("gatednorm backends.triton.launch.forward alone back-to-back (us per call): " + ", ".join(
         f"{r['shape'].split()[0]} {r['ours_kernel_b2b_us']:.1f}" for r in records if r.get("ours_kernel_b2b_us")))
     return "\n".join(lines)
 
@@ -416,7 +416,7 @@ def main():
     device = torch.cuda.get_device_name()
     shapes = [s for s in SHAPES if not args.only or any(o in s[0] for o in args.only.split(","))]
     print(f"{device}, torch {torch.__version__}, triton {triton.__version__}", flush=True)
-    print(f"fast launch: {tk._FAST_LAUNCH}", flush=True)
+    print(f"fast launch: {tk._fast_launch_enabled()}", flush=True)
     if args.host:
         host_breakdown()
     if args.tune:

@@ -1,41 +1,138 @@
-"""A/B timing of the Triton forward kernel against other versions of ``triton_kernels.py``.
+"""A/B timing of the Triton forward kernel against other versions of the triton backend.
 
 For kernel changes that must not cost bandwidth (e.g. the range rescue's per-tile check): every
 version runs interleaved on the same inputs in one process; each is reported in GB/s, as a
 percentage of the copy bandwidth measured in the same run, and as a time ratio to the first one.
 
-    git show REV:src/gatednorm/triton_kernels.py > /tmp/baseline.py
-    python benchmarks/bench_triton_ab.py --baseline /tmp/baseline.py [--baseline other.py ...] [--only 4096,5120]
+    python benchmarks/bench_triton_ab.py --baseline BASE [--baseline OTHER ...] [--only 4096,5120] [--rounds 5]
+    python benchmarks/bench_triton_ab.py --baseline BASE --smoke      # load and compare only, no timing
 
-Each file is loaded as a module of the installed ``gatednorm`` package (its relative imports
-resolve there), so it must be interface-compatible: ``forward(x, weight, bias, z, spec, out)``.
-The installed ``gatednorm.triton_kernels`` runs last, as "current".
+A baseline (``BASE``) is either layout of the backend:
+
+* an old single-file ``triton_kernels.py`` (before the backends/ restructure), loaded as a module of
+  the installed ``gatednorm`` package: its ``from . import native`` and ``from .spec import NormSpec``
+  resolve there (the ``gatednorm.native`` compatibility module still provides what it used);
+* a folder of the new layout (``backends/triton/`` holding ``launch.py`` and ``kernels.py``), or its
+  ``launch.py``: loaded as a package beside the installed ``gatednorm.backends.triton``, so its
+  relative imports (``..base``, ``...spec``, ``...settings``, ``...numerics``) resolve in the
+  installed package.
+
+Either way the version must be interface-compatible with the installed package and provide
+``forward(x, weight, bias, z, spec, out)``. The installed ``gatednorm.backends.triton.launch`` runs
+last, as "current". A label is the file's name without ``.py`` (for a folder or a ``launch.py``,
+the folder's name); ``--baseline LABEL=PATH`` names it explicitly.
+
+``--smoke`` runs every version once on a few small inputs and prints how far each is from "current"
+(max |difference| of y and rstd, and whether the bits agree); no timing, no bandwidth. It needs no
+GPU: on a machine without CUDA it runs on CPU tensors under Triton's interpreter
+(``TRITON_INTERPRET=1``, slow).
+
+Before/after A/B of the backends/ restructure, on a GPU machine (from the repository root)::
+
+    git show 1aadf03:src/gatednorm/triton_kernels.py > /tmp/old_tk.py    # last single-file version
+    PYTHONPATH=src python benchmarks/bench_triton_ab.py --baseline before=/tmp/old_tk.py --smoke
+    PYTHONPATH=src python benchmarks/bench_triton_ab.py --baseline before=/tmp/old_tk.py
+    # or, with the GPU tests first: bash benchmarks/gpu_suite.sh ab /tmp/old_tk.py
+
+The kernels' source moved files but should compile to the same code, so every ratio should be
+within the run-to-run noise (about +-3% on the large shapes, more on the launch-bound small ones).
+A later new-layout revision is compared the same way from its folder::
+
+    mkdir -p /tmp/rev && git archive REV src/gatednorm/backends/triton | tar -x -C /tmp/rev
+    PYTHONPATH=src python benchmarks/bench_triton_ab.py --baseline rev=/tmp/rev/src/gatednorm/backends/triton
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import importlib.util
 import os
 import statistics
 import sys
+import types
 
 import torch
 from triton.testing import do_bench
 
-import gatednorm.triton_kernels as current
+import gatednorm.backends.triton.launch as current
+from gatednorm.settings import env_flag
 from gatednorm.spec import NormSpec
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_gpu import EPS, SHAPES, copy_bandwidth, make_inputs  # noqa: E402
 
+#: --smoke inputs: name, M, N, group size, rms, norm_before_gate, has_z, has_bias (small: the interpreter is slow)
+SMOKE_SHAPES = [
+    ("16x256 g128 rms gate-after", 16, 256, 128, True, True, True, False),
+    ("8x640 one group rms gate-before", 8, 640, 640, True, False, True, False),
+    ("8x512 LN+bias no gate", 8, 512, 512, False, True, False, True),
+]
 
-def load_version(path: str, index: int):
-    spec = importlib.util.spec_from_file_location(f"gatednorm._ab_version_{index}", path)
+
+def _load_single_file(path: str, index: int) -> types.ModuleType:
+    """An old ``triton_kernels.py``, as a module of the installed ``gatednorm`` package."""
+    name = f"gatednorm._ab_version_{index}"
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     module.__package__ = "gatednorm"
+    sys.modules[name] = module
     spec.loader.exec_module(module)
     return module
+
+
+def _load_package(folder: str, index: int) -> types.ModuleType:
+    """``launch`` of a new-layout triton backend folder, as a package beside ``gatednorm.backends.triton``.
+
+    The folder's ``__init__.py`` is not run; ``launch`` and ``kernels`` are imported from the folder.
+    """
+    name = f"gatednorm.backends._ab_version_{index}"
+    package = types.ModuleType(name)
+    package.__path__ = [folder]
+    package.__package__ = name
+    sys.modules[name] = package
+    return importlib.import_module(f"{name}.launch")
+
+
+def load_version(path: str, index: int) -> types.ModuleType:
+    """A baseline: an old single-file ``triton_kernels.py``, or a new-layout folder (or its ``launch.py``)."""
+    path = os.path.abspath(path)
+    if os.path.isdir(path):
+        folder = path
+    elif os.path.basename(path) == "launch.py":
+        folder = os.path.dirname(path)
+    elif os.path.isfile(path):
+        return _load_single_file(path, index)
+    else:
+        raise SystemExit(f"--baseline {path}: no such file or folder")
+    for needed in ("launch.py", "kernels.py"):
+        if not os.path.isfile(os.path.join(folder, needed)):
+            raise SystemExit(f"--baseline {path}: a new-layout baseline needs {needed} in {folder}")
+    return _load_package(folder, index)
+
+
+def _label(arg: str) -> tuple[str, str]:
+    """(label, path) of a --baseline argument: LABEL=PATH, else a name taken from the path."""
+    if "=" in arg and not os.path.exists(arg):
+        label, path = arg.split("=", 1)
+        return label, path
+    path = os.path.abspath(arg)
+    if os.path.isdir(path):
+        return os.path.basename(path.rstrip(os.sep)), arg
+    if os.path.basename(path) == "launch.py":
+        return os.path.basename(os.path.dirname(path)), arg
+    return os.path.basename(path).removesuffix(".py"), arg
+
+
+def load_versions(baselines: list[str]) -> dict[str, types.ModuleType]:
+    versions: dict[str, types.ModuleType] = {}
+    for i, arg in enumerate(baselines):
+        label, path = _label(arg)
+        if label in versions or label == "current":
+            label = f"{label}#{i}"
+        versions[label] = load_version(path, i)
+    versions["current"] = current
+    return versions
 
 
 def time_shape(versions: dict, m, n, gs, rms, nbg, has_z, has_bias, rounds) -> tuple[dict[str, float], int]:
@@ -53,15 +150,61 @@ def time_shape(versions: dict, m, n, gs, rms, nbg, has_z, has_bias, rounds) -> t
     return {label: statistics.median(t) for label, t in times.items()}, moved
 
 
+def smoke(versions: dict) -> int:
+    """Every version once per SMOKE_SHAPES input; print its distance from "current". Returns 1 on an error."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cpu" and not env_flag("TRITON_INTERPRET"):
+        print("no CUDA device: set TRITON_INTERPRET=1 to run the kernels on CPU tensors", file=sys.stderr)
+        return 1
+    print(f"smoke on {device}; per version: max |y - y_current|, max |rstd - rstd_current|, bits equal")
+    failed = 0
+    for name, m, n, gs, rms, nbg, has_z, has_bias in SMOKE_SHAPES:
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(m, n, generator=g).to(device, torch.bfloat16)
+        z = torch.randn(m, n, generator=g).to(device, torch.bfloat16) if has_z else None
+        w = (1 + 0.1 * torch.randn(n, generator=g)).to(device, torch.bfloat16)
+        b = (0.1 * torch.randn(n, generator=g)).to(device, torch.bfloat16) if has_bias else None
+        spec = NormSpec(EPS, gs, nbg, rms, "swish")
+        results = {}
+        for label, mod in versions.items():
+            out = torch.empty_like(x)
+            try:
+                _, rstd = mod.forward(x, w, b, z, spec, out)
+            except Exception as e:  # report and go on: one broken baseline should not hide the others
+                print(f"  {name}: {label} failed: {type(e).__name__}: {e}")
+                failed = 1
+                continue
+            results[label] = (out.float(), rstd.float())
+        ref = results.get("current")
+        cells = []
+        for label, (y, rstd) in results.items():
+            if label == "current":
+                continue
+            if ref is None:
+                cells.append(f"{label} ran")
+                continue
+            dy = (y - ref[0]).abs().max().item()
+            dr = (rstd - ref[1]).abs().max().item()
+            same = torch.equal(y, ref[0]) and torch.equal(rstd, ref[1])
+            cells.append(f"{label} {dy:.1e} {dr:.1e} {'bits equal' if same else 'DIFFER'}")
+        print(f"  {name}: " + "; ".join(cells), flush=True)
+    return failed
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--baseline", action="append", required=True,
-                    help="path of another triton_kernels.py (repeatable; ratios are to the first)")
+                    help="[LABEL=]PATH of another version: an old triton_kernels.py, or a new-layout "
+                         "backends/triton folder (or its launch.py); repeatable; ratios are to the first")
     ap.add_argument("--only", default="", help="comma-separated substrings of shape names (bench_gpu.SHAPES)")
     ap.add_argument("--rounds", type=int, default=5, help="interleaved do_bench rounds per version")
+    ap.add_argument("--smoke", action="store_true",
+                    help="load every version and compare it with current on small inputs; no timing "
+                         "(CPU: needs TRITON_INTERPRET=1)")
     args = ap.parse_args()
-    versions = {os.path.basename(p).removesuffix(".py"): load_version(p, i) for i, p in enumerate(args.baseline)}
-    versions["current"] = current
+    versions = load_versions(args.baseline)
+    if args.smoke:
+        sys.exit(smoke(versions))
     first = next(iter(versions))
     copy_gbps = copy_bandwidth()
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; copy bandwidth {copy_gbps:.0f} GB/s; "

@@ -4,10 +4,13 @@ On an accelerator every top-level ATen op that computes is one (or more) kernel 
 calls of the sizes below are launch bound. This script counts, on CPU tensors (no GPU needed),
 the top-level ATen ops of one forward and one backward call, through a TorchDispatchMode:
 
-* ``recipe``    - the straightforward code of benchmarks/bench_cpu.py (fwd; bwd = its autograd graph);
-* ``old accel`` - the CPU-tuned blocked path as it ran on non-CPU devices before the accelerator path
-                  (the CPU path with the CUDA settings: one block, fused silu on an unpadded buffer);
-* ``accel``     - the accelerator path (``native._forward_accel`` / ``_backward_accel``).
+* ``recipe``: the straightforward code of benchmarks/bench_cpu.py (fwd; bwd = its autograd graph);
+* ``old native (non-CPU)``: the CPU-tuned blocked path as it ran on non-CPU devices before the
+  accelerator path (:class:`~gatednorm.backends.native_cpu.NativeCPUBackend` with one block of
+  ``ACCEL_BLOCK_ELEMENTS``; its silu padding changes lengths, not the op count);
+* ``accel path``: the accelerator path (:class:`~gatednorm.backends.native_accel.NativeAccelBackend`).
+
+Both run on CPU tensors by serving the ``native`` backend on "cpu" through ``ops.override_impl``.
 
 "ops" excludes views and allocations (empty/empty_strided: no launch); "all" counts every op.
 
@@ -19,7 +22,6 @@ from __future__ import annotations
 import os
 import sys
 from collections import Counter
-from unittest import mock
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -28,7 +30,10 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_cpu import CASES, EPS, recipe  # noqa: E402
 
-from gatednorm import native  # noqa: E402
+from gatednorm import ops  # noqa: E402
+from gatednorm.backends.base import GradsNeeded  # noqa: E402
+from gatednorm.backends.native_accel import ACCEL_BLOCK_ELEMENTS, NativeAccelBackend  # noqa: E402
+from gatednorm.backends.native_cpu import NativeCPUBackend  # noqa: E402
 from gatednorm.spec import NormSpec  # noqa: E402
 
 _NO_LAUNCH = {"empty.memory_format", "empty_strided", "empty_like"}
@@ -71,21 +76,14 @@ def _native_counts(case, x, z, w, b, accel: bool):
     spec = NormSpec(EPS, case.group_size, case.gate != "before", case.rms, "swish")
     out = torch.empty_like(x)
     dy = torch.randn_like(x)
-    needs = (True, z is not None, True, b is not None)
-    if accel:
-        patches = [mock.patch.object(native, "_uses_accelerator_path", lambda d: True)]
-    else:  # the old path as it ran on CUDA: one block, fused silu without padding
-        patches = [mock.patch.object(native, "CPU_BLOCK_ELEMENTS", native.ACCEL_BLOCK_ELEMENTS),
-                   mock.patch.object(native, "fused_activation_length", lambda numel, device: numel)]
-    for p in patches:
-        p.start()
-    try:
+    needs = GradsNeeded(True, z is not None, True, b is not None)
+    # the old path as it ran on CUDA: the CPU path in one block
+    impl = NativeAccelBackend() if accel else NativeCPUBackend(block_elements=ACCEL_BLOCK_ELEMENTS)
+    with ops.override_impl("native", "cpu", impl):
+        native = ops.select_impl("native", x.device)
         mean, rstd = native.forward(x, w, b, z, spec, out)
         fwd = _count(lambda: native.forward(x, w, b, z, spec, out))
-        bwd = _count(lambda: native.backward(dy, x, w, b, z, mean, rstd, spec, *needs))
-    finally:
-        for p in patches:
-            p.stop()
+        bwd = _count(lambda: native.backward(dy, x, w, b, z, mean, rstd, spec, needs))
     return fwd, bwd
 
 

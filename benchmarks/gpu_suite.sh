@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
 # The GPU session in one script: run on a lent GPU machine from a tree staged with the wheels
-# (fla-core, einops, pytest) in whl/, sglang's newest layernorm_gated.py in sgl/ and
-# shared/tools/upstream_sglang.py in tools/ (none of those are committed).
+# (fla-core, einops, pytest) in whl/, sglang's newest layernorm_gated.py in sgl/ and the sglang
+# loader script (upstream_sglang.py, provided with the project's shared tools) copied to tools/ at
+# run time (none of those are committed).
 #
 #   bash benchmarks/gpu_suite.sh kernels   # GPU tests + the fused-kernel benchmark (issue 7)
 #   bash benchmarks/gpu_suite.sh verify    # the full `gatednorm verify` on cuda, in worker processes
 #   bash benchmarks/gpu_suite.sh report    # native eager on GPU, tensor parallel (2 GPUs)
-#   bash benchmarks/gpu_suite.sh ab FILE.. # GPU tests, then forward A/B against other triton_kernels.py files
+#   bash benchmarks/gpu_suite.sh ab BASE.. # GPU tests, then forward A/B against other versions of the
+#                                          # triton backend: old triton_kernels.py files or backends/triton
+#                                          # folders (see benchmarks/bench_triton_ab.py)
 #
 # Results go to $OUT (default gpu_out/).
 set -u
