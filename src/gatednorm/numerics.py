@@ -22,7 +22,8 @@ tiny values underflow when eps is tiny too. Dividing a group by a power of two o
 |value| (:func:`pow2_scale`) is exact and brings the sums into range; the statistics are then scaled
 back exactly (:func:`scaled_rstd`). A group in range keeps its bits wherever it is not rescaled.
 
-This module imports torch only: it sits below every backend.
+This module imports torch only: it sits below every backend. The forward formulas use no in-place
+ops, so autograd can run through them (the float64 reference does); the backward formulas may.
 """
 
 from __future__ import annotations
@@ -55,10 +56,11 @@ def gate_activation_and_derivative(z: torch.Tensor, activation: str) -> tuple[to
     act(z) is computed exactly as :func:`gate_activation` does, so a backward recomputes the forward's gate.
     """
     s = torch.sigmoid(z)
-    one_minus_s = 1.0 - s  # exact
+    one_minus_s = torch.rsub(s, 1.0)  # exact
     if activation == "swish":
-        return torch.nn.functional.silu(z), s * (1.0 + z * one_minus_s)
-    return s, s * one_minus_s
+        act = torch.nn.functional.silu(z)
+        return act, torch.addcmul(s, act, one_minus_s)  # s + z * s * (1 - s)
+    return s, one_minus_s.mul_(s)
 
 
 # ---------------------------------------------------------------------------
@@ -76,21 +78,39 @@ def rstd_out_of_range(rstd: torch.Tensor) -> torch.Tensor:
     return ~((rstd > 0) & (rstd <= SAFE_RSTD_MAX))
 
 
+#: Exponent bits of the compute dtypes, as (integer view dtype, mask): keeping only them rounds a positive
+#: normal value down to a power of two, in one elementwise op.
+_EXPONENT_BITS = {torch.float32: (torch.int32, 0x7F800000), torch.float64: (torch.int64, 0x7FF0000000000000)}
+#: Scales stay normal powers of two, so both the scale and its reciprocal are exact.
+_SCALE_MIN, _SCALE_MAX = 2.0**-126, 2.0**126
+
+
+def in_compute_dtype(t: torch.Tensor, c: torch.dtype) -> torch.Tensor:
+    """``t`` itself where an op with a C operand promotes it to C exactly (its dtype is C or narrower),
+    else ``t`` cast to C. Saves a full-size cast of bf16/fp16 inputs: the promotion happens in-kernel."""
+    return t if t.dtype == c or t.dtype.itemsize < c.itemsize else t.to(c)
+
+
 def pow2_scale(amax: torch.Tensor, eps: float, redo: torch.Tensor | None = None
                ) -> tuple[torch.Tensor, torch.Tensor]:
     """(scale, 1 / scale) per group: the power of two at or below max(amax, sqrt(eps)), within
-    [2^-126, 2^126], where ``redo`` (default: everywhere) and amax is finite; 1 elsewhere.
+    [2^-126, 2^126], where ``redo`` (default: everywhere); 1 elsewhere. ``amax`` is in C.
 
     Dividing a group by it is exact and brings its largest value into [1, 2) (or eps to about 1),
     so the float32 sums of the scaled values neither overflow nor lose the group to underflow. A
-    group with an Inf/NaN keeps scale 1: the formula makes its result Inf/NaN anyway.
+    group holding Inf or NaN gets some scale: the formula makes its result Inf/NaN either way.
     """
-    _, e = torch.frexp(amax.clamp(min=eps**0.5))
-    e = (e - 1).clamp_(-126, 126).to(amax.dtype)
-    finite = amax < float("inf")
-    redo = finite if redo is None else redo & finite
-    one = torch.ones((), dtype=amax.dtype, device=amax.device)
-    return torch.where(redo, torch.exp2(e), one), torch.where(redo, torch.exp2(-e), one)
+    int_dtype, mask = _EXPONENT_BITS[amax.dtype]
+    bounded = amax.clamp(min=max(eps**0.5, _SCALE_MIN), max=_SCALE_MAX)
+    scale = (bounded.view(int_dtype) & mask).view(amax.dtype)  # exponent bits only: the power of two below
+    if redo is not None:
+        scale = torch.where(redo, scale, 1.0)
+    return scale, scale.reciprocal()
+
+
+def group_abs_max(x3: torch.Tensor, c: torch.dtype) -> torch.Tensor:
+    """max |x| over the last dim, in C, keepdim (one reduction)."""
+    return torch.linalg.vector_norm(x3, float("inf"), dim=-1, keepdim=True, dtype=c)
 
 
 def rescale_groups(x3: torch.Tensor, var_eps: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -98,7 +118,7 @@ def rescale_groups(x3: torch.Tensor, var_eps: torch.Tensor, eps: float) -> tuple
 
     ``x3`` (rows, G, gs) holds the (gated) inputs; ``var_eps`` (rows, G, 1) the plain pass's var + eps.
     """
-    return pow2_scale(x3.abs().amax(dim=-1, keepdim=True), eps, var_out_of_range(var_eps))
+    return pow2_scale(group_abs_max(x3, var_eps.dtype), eps, var_out_of_range(var_eps))
 
 
 def scaled_rstd(var_s: torch.Tensor, eps: float, scale: torch.Tensor, inv: torch.Tensor
@@ -107,18 +127,19 @@ def scaled_rstd(var_s: torch.Tensor, eps: float, scale: torch.Tensor, inv: torch
 
     rstd = 1 / sqrt(var + eps) = inv / sqrt(var_s + eps * inv^2), exact scaling by powers of two (a
     square root of a power of four), so scale 1 gives the plain result bit for bit. The second value
-    multiplies the scaled centred values. When eps * inv^2 underflows and var_s is tiny too (a constant
-    group far from zero: float32 resolves no deviation there), rstd is taken unscaled instead, so it is
-    1 / sqrt(eps) as float64 says, not Inf.
+    multiplies the scaled centred values.
+
+    When eps * inv^2 underflows and var_s is below SAFE_VAR_MIN too, the group is constant (its scaled
+    values lie in [1, 2), so any deviation would give var_s >= 2^-46 / gs): var = 0 and rstd is
+    1 / sqrt(eps), as float64 says, not Inf; its centred values are exactly 0, so the factor that
+    multiplies them only has to be finite.
     """
-    v = var_s + eps * inv * inv
+    v = torch.addcmul(var_s, inv, inv, value=eps) if eps else var_s
     rstd_s = v.sqrt().reciprocal()
     rstd = rstd_s * inv
     if eps > 0:
-        stuck = v < SAFE_VAR_MIN
-        plain = (var_s * scale * scale + eps).sqrt().reciprocal()
-        rstd = torch.where(stuck, plain, rstd)
-        rstd_s = torch.where(stuck, (plain * scale).clamp(max=torch.finfo(v.dtype).max), rstd_s)
+        rstd = torch.where(v < SAFE_VAR_MIN, 1.0 / eps**0.5, rstd)
+        rstd_s = rstd_s.clamp(max=torch.finfo(v.dtype).max)
     return rstd, rstd_s
 
 
@@ -129,65 +150,82 @@ def scaled_rstd(var_s: torch.Tensor, eps: float, scale: torch.Tensor, inv: torch
 
 def group_statistics(x3: torch.Tensor, eps: float, is_rms_norm: bool, *, rescue: bool = True
                      ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
-    """(mean | None, rstd, xhat) of x3 (rows, G, gs) in C; mean and rstd are (rows, G, 1).
+    """(mean | None, rstd, xhat) of x3 (rows, G, gs); mean and rstd are (rows, G, 1), xhat like x3, in C.
+
+    ``x3`` may be narrower than C (promoted in-kernel). The reductions run over the group-major view
+    (G, rows, gs), so the statistics are (rows, G, 1) views of group-major storage: the stored layout
+    needs no copy (:func:`group_major`).
 
     ``rescue=True`` scales every group by :func:`pow2_scale` of its max |value| first: exact for groups in
     range, correct for groups beyond the float32 range of the sums, and without a host round trip (one
-    more reduction). ``rescue=False`` is the plain formula; callers check :func:`rstd_out_of_range`.
+    more reduction and one more elementwise pass). ``rescue=False`` is the plain formula; callers check
+    :func:`rstd_out_of_range`.
     """
-    gs = x3.shape[-1]
+    c = compute_dtype(x3.dtype)
+    xt = x3.transpose(0, 1)  # (G, rows, gs): reductions come out group-major
     scale = inv = None
     if rescue:
-        scale, inv = pow2_scale(x3.abs().amax(dim=-1, keepdim=True), eps)
-        x3 = x3 * inv
+        scale, inv = pow2_scale(group_abs_max(xt, c), eps)
+        xt = xt * inv
+    elif xt.dtype != c:
+        xt = xt.to(c)
     mean = None
     if not is_rms_norm:
-        mean = x3.sum(dim=-1, keepdim=True) / gs
-        x3 = x3 - mean
-    var = (x3 * x3).sum(dim=-1, keepdim=True) / gs
+        mean = xt.mean(dim=-1, keepdim=True)
+        xt = xt - mean
+    var = (xt * xt).mean(dim=-1, keepdim=True)
     if rescue:
         rstd, rstd_x = scaled_rstd(var, eps, scale, inv)
         if mean is not None:
             mean = mean * scale
     else:
         rstd = rstd_x = (var + eps).sqrt().reciprocal()
-    return mean, rstd, x3 * rstd_x
+    xhat = (xt * rstd_x).transpose(0, 1)
+    return (None if mean is None else mean.transpose(0, 1)), rstd.transpose(0, 1), xhat
 
 
 def affine(xhat: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-           gate: torch.Tensor | None) -> torch.Tensor:
-    """y = (xhat * w + b) [* gate]: the gate is passed only when it comes after the norm."""
-    y = xhat * weight
+           gate: torch.Tensor | None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """y = (xhat * w + b) [* gate]: the gate is passed only when it comes after the norm.
+
+    ``out`` (any floating dtype) receives the last op's result: the one rounding of the operator.
+    """
+    if gate is None and bias is None:
+        return torch.mul(xhat, weight, out=out)
     if bias is not None:
-        y = y + bias
-    if gate is not None:
-        y = y * gate
-    return y
+        y = torch.addcmul(bias, xhat, weight, out=out if gate is None else None)
+    else:
+        y = xhat * weight
+    return y if gate is None else torch.mul(y, gate, out=out)
 
 
 def forward_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, z: torch.Tensor | None,
-                 spec: NormSpec, *, rescue: bool = True
+                 spec: NormSpec, *, rescue: bool = True, out: torch.Tensor | None = None,
                  ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-    """The forward of (M, N) rows in C: (y (M, N) not yet rounded, mean (M, G) | None, rstd (M, G)).
+    """The forward of (M, N) rows: (y (M, G, gs), mean (M, G) | None, rstd (M, G)), all in C.
 
-    Row-major statistics; :func:`group_major` turns them into the stored layout.
+    With ``out`` (M, N, any floating dtype and strides) y is written there, rounded once, and returned as
+    an (M, G, gs) view of it. The statistics are views of group-major storage (:func:`group_major`).
     """
     m, n = x.shape
     c = compute_dtype(x.dtype)
-    groups = n // spec.group_size
-    xc = x.to(c)
-    gate = gate_activation(z.to(c), spec.activation) if z is not None else None
-    if gate is not None and not spec.norm_before_gate:
-        xc = xc * gate
-    mean, rstd, xhat = group_statistics(xc.view(m, groups, spec.group_size), spec.eps, spec.is_rms_norm,
-                                        rescue=rescue)
-    y = affine(xhat.view(m, n), weight.to(c), None if bias is None else bias.to(c),
-               gate if spec.norm_before_gate else None)
-    return y, (None if mean is None else mean.view(m, groups)), rstd.view(m, groups)
+    shape3 = (n // spec.group_size, spec.group_size)
+    x3 = x.unflatten(1, shape3)  # views only: any strides
+    gate = None
+    if z is not None:
+        gate = gate_activation(z.unflatten(1, shape3).to(c), spec.activation)
+        if not spec.norm_before_gate:
+            x3 = x3 * gate  # promoted to C in the kernel
+    mean, rstd, xhat = group_statistics(x3, spec.eps, spec.is_rms_norm, rescue=rescue)
+    y = affine(xhat, in_compute_dtype(weight, c).view(shape3),
+               None if bias is None else in_compute_dtype(bias, c).view(shape3),
+               gate if spec.norm_before_gate else None, None if out is None else out.unflatten(1, shape3))
+    return y, (None if mean is None else mean[..., 0]), rstd[..., 0]
 
 
 def group_major(stat: torch.Tensor) -> torch.Tensor:
-    """(M, G) row-major statistics -> the 1-D group-major layout (row m, group g at g * M + m)."""
+    """(M, G) statistics -> the 1-D group-major layout (row m, group g at g * M + m); a view when the
+    (M, G) tensor is itself a view of group-major storage, as :func:`forward_rows` returns."""
     return stat.t().reshape(-1)
 
 
@@ -207,57 +245,55 @@ def input_grad_from_means(g: torch.Tensor, xhat: torch.Tensor, rstd: torch.Tenso
 
     g = dL/dxhat; the means may come from a local reduction or from one spanning several ranks.
     """
-    d = g - xhat * mean_g_xhat
+    d = torch.addcmul(g, xhat, mean_g_xhat, value=-1.0)
     if mean_g is not None:
-        d = d - mean_g
-    return d * rstd
+        d = d.sub_(mean_g)
+    return d.mul_(rstd)
 
 
 def backward_rows(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                   z: torch.Tensor | None, mean: torch.Tensor | None, rstd: torch.Tensor, spec: NormSpec,
                   needs_dx: bool, needs_dz: bool, needs_dweight: bool, needs_dbias: bool,
                   ) -> tuple[torch.Tensor | None, ...]:
-    """(dx, dz, dweight, dbias) in C, not yet rounded, for (M, N) rows; mean/rstd are (M, G) row-major.
+    """(dx, dz, dweight, dbias) in C, not yet rounded, for (M, N) rows; mean/rstd are (M, G).
 
-    Only the gradients asked for are computed (dz needs z, dbias needs bias). dweight/dbias are this
-    block's sums over rows.
+    dx and dz are (M, N); dweight/dbias (N,) are this block's sums over rows. Only the gradients asked
+    for are computed (dz needs z, dbias needs bias). Inputs narrower than C are promoted in-kernel.
     """
     m, n = x.shape
     gs = spec.group_size
-    groups = n // gs
+    shape3 = (n // gs, gs)
     c = compute_dtype(x.dtype)
-    wc = weight.to(c)
-    rs = rstd.reshape(m, groups, 1)
-    xc = x.to(c)
+    w3 = weight.to(c).view(shape3)  # in C: dy * w must not round in a narrow dtype
+    rs = rstd.unsqueeze(-1)
+    x3 = x.unflatten(1, shape3)
+    dy3 = dy.unflatten(1, shape3)
     gate = dgate = None
     if z is not None:
-        gate, dgate = gate_activation_and_derivative(z.to(c), spec.activation)
+        gate, dgate = gate_activation_and_derivative(z.unflatten(1, shape3).to(c), spec.activation)
     gate_before = gate is not None and not spec.norm_before_gate
     gate_after = gate is not None and spec.norm_before_gate
-    xin = (xc * gate if gate_before else xc).view(m, groups, gs)
-    if mean is not None:
-        xin = xin - mean.reshape(m, groups, 1)
-    xhat = (xin * rs).view(m, n)
-    dyc = dy.to(c)
+    xin = x3 * gate if gate_before else x3
+    xhat = (xin - mean.unsqueeze(-1) if mean is not None else xin) * rs  # in C
     dx = dz = dw = db = None
     if gate_after:
         if needs_dz:
             # y = (xhat * w + b) * act(z): dz = dy * (xhat * w + b) * act'(z)
-            dz = dyc * affine(xhat, wc, None if bias is None else bias.to(c), None) * dgate
-        dyc = dyc * gate
+            b3 = None if bias is None else in_compute_dtype(bias, c).view(shape3)
+            dz = affine(xhat, w3, b3, None).mul_(dy3).mul_(dgate)
+        dy3 = dy3 * gate  # dL/d(xhat * w + b), in C
     if needs_dweight:
-        dw = (dyc * xhat).sum(dim=0)
+        dw = (dy3 * xhat).sum(dim=0).view(n)
     if needs_dbias and bias is not None:
-        db = dyc.sum(dim=0)
+        db = dy3.sum(dim=0, dtype=c).view(n)
     if needs_dx or (gate_before and needs_dz):
-        g = (dyc * wc).view(m, groups, gs)
-        x3 = xhat.view(m, groups, gs)
-        mean_g = g.sum(dim=-1, keepdim=True) / gs if mean is not None else None
-        dxc = input_grad_from_means(g, x3, rs, (g * x3).sum(dim=-1, keepdim=True) / gs, mean_g).view(m, n)
+        g = dy3 * w3
+        mean_g = g.mean(dim=-1, keepdim=True) if mean is not None else None
+        dxc = input_grad_from_means(g, xhat, rs, (g * xhat).mean(dim=-1, keepdim=True), mean_g)
         if gate_before:
             if needs_dz:
-                dz = dxc * xc * dgate  # xc = x * act(z): dz = dL/dxc * x * act'(z)
-            dxc = dxc * gate
+                dz = (dxc * x3).mul_(dgate)  # xc = x * act(z): dz = dL/dxc * x * act'(z)
+            dxc = dxc.mul_(gate)
         if needs_dx:
             dx = dxc
-    return dx, dz, dw, db
+    return (None if dx is None else dx.reshape(m, n)), (None if dz is None else dz.reshape(m, n)), dw, db

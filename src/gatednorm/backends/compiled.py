@@ -45,7 +45,7 @@ def _make_forward(spec: NormSpec, rescue_inline: bool) -> Callable:
         m = x.shape[0]
         y, mean, rstd = numerics.forward_rows(x, weight, bias, z, spec, rescue=rescue_inline)
         out_of_range = None if rescue_inline else numerics.rstd_out_of_range(rstd).any(dim=1)
-        out.copy_(y)  # the one rounding, fused into the kernel that computes y
+        out.copy_(y.reshape(out.shape))  # the one rounding, fused into the kernel that computes y
         # group-major stats; copy_ into a fresh buffer (not .contiguous()) so M = 1 takes no other branch
         groups = rstd.shape[1]
         rstd_gm = rstd.new_empty(groups * m)
@@ -160,9 +160,10 @@ def _redo_rows(rows: torch.Tensor, x, weight, bias, z, spec: NormSpec, out, mean
     """Recompute ``rows`` with the rescuing formula and write them into out / mean / rstd. A row's
     result still depends on that row alone (batch invariance)."""
     m = x.shape[0]
-    y, mu, rs = numerics.forward_rows(x.index_select(0, rows), weight, bias,
-                                      None if z is None else z.index_select(0, rows), spec, rescue=True)
-    out.index_copy_(0, rows, y.to(out.dtype))
+    sub_out = out.new_empty(len(rows), out.shape[1])
+    _, mu, rs = numerics.forward_rows(x.index_select(0, rows), weight, bias,
+                                      None if z is None else z.index_select(0, rows), spec, rescue=True, out=sub_out)
+    out.index_copy_(0, rows, sub_out)
     rstd.view(-1, m).index_copy_(1, rows, rs.t())
     if mean is not None:
         mean.view(-1, m).index_copy_(1, rows, mu.t())

@@ -47,15 +47,19 @@ class NativeAccelBackend:
     def forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, z: torch.Tensor | None,
                 spec: NormSpec, out: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
         m, n = x.shape
+        blocks = list(self._blocks(m, n))
+        if len(blocks) == 1:  # the common case: the statistics come out group-major, no copies
+            _, mu, rs = numerics.forward_rows(x, weight, bias, z, spec, out=out)  # out: the one rounding
+            return (None if mu is None else numerics.group_major(mu)), numerics.group_major(rs)
         c = compute_dtype(x.dtype)
         stats = (n // spec.group_size) * m
         mean = None if spec.is_rms_norm else torch.empty(stats, dtype=c, device=x.device)
         rstd = torch.empty(stats, dtype=c, device=x.device)
         mean_rows = None if mean is None else numerics.row_major(mean, m)
         rstd_rows = numerics.row_major(rstd, m)
-        for r0, r1 in self._blocks(m, n):
-            y, mu, rs = numerics.forward_rows(x[r0:r1], weight, bias, None if z is None else z[r0:r1], spec)
-            out[r0:r1].copy_(y)  # the one rounding to out's dtype
+        for r0, r1 in blocks:
+            _, mu, rs = numerics.forward_rows(x[r0:r1], weight, bias, None if z is None else z[r0:r1], spec,
+                                              out=out[r0:r1])
             rstd_rows[r0:r1].copy_(rs)
             if mean_rows is not None:
                 mean_rows[r0:r1].copy_(mu)
