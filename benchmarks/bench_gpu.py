@@ -14,6 +14,9 @@ kernel when ``--sglang PATH`` names the extracted ``layernorm_gated.py`` (loaded
 ``--sglang-loader DIR`` holding upstream_sglang.py).
 
     PYTHONPATH=src python benchmarks/bench_gpu.py --out benchmarks/results [--no-compile] [--tune]
+
+With --quant: the quantized-output benchmark of benchmarks/bench_quant.py (fused gated_norm_quant vs
+norm + separate quantization); --device cpu --smoke runs it tiny under TRITON_INTERPRET=1.
 """
 
 from __future__ import annotations
@@ -31,6 +34,9 @@ from triton.testing import do_bench
 
 import gatednorm
 import gatednorm.backends.triton.launch as tk
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_quant  # noqa: E402  (the --quant benchmark, next to this file)
 
 EPS = 1e-6
 BIG = 32 * 1024 * 1024  # elements: at and above this, the bandwidth goals apply
@@ -411,7 +417,13 @@ def main():
     ap.add_argument("--only", default="", help="comma-separated substrings of shape names")
     ap.add_argument("--sglang", default="")
     ap.add_argument("--sglang-loader", default="")
+    ap.add_argument("--quant", action="store_true",
+                    help="run the quantized-output benchmark instead (benchmarks/bench_quant.py, issue 14)")
+    bench_quant.add_arguments(ap)  # --device, --smoke, --quant-formats (used with --quant)
     args = ap.parse_args()
+    if args.quant:
+        bench_quant.run(args)
+        return
     os.makedirs(args.out, exist_ok=True)
     device = torch.cuda.get_device_name()
     shapes = [s for s in SHAPES if not args.only or any(o in s[0] for o in args.only.split(","))]

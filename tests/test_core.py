@@ -7,28 +7,30 @@ import itertools
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import assert_one_rounding, make_inputs, tolerance
+from helpers import (
+    assert_within,
+    check_forward,
+    check_gradients,
+    check_pair,
+    magnitudes,
+    make_inputs,
+    make_like,
+)
 
 import gatednorm
-from gatednorm.reference import gated_norm_reference
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
+
+# FIXED: every comparison uses the shared tolerance model (tests/helpers.py, gatednorm.verify.tolerance).
+# A ``fixed=(rtol, atol)`` next to it is the bound the test asserted before the model, kept where the model
+# is looser on this test's data (measured: it allowed more than 1.5x that bound on some elements; mostly
+# float32 means, gradients through the gate, float32 outputs where A is large), so no check got weaker.
 GATES = ["none", "after", "before"]  # gate after the norm = norm_before_gate=True
 
 
-def _layout(x, z, layout):
-    """Return x, z in the requested layout, same values."""
-    if layout == "2d":
-        return x, z
-    if layout == "3d":
-        m, n = x.shape
-        return x.view(2, m // 2, n), (z.view(2, m // 2, n) if z is not None else None)
-    # non-contiguous: x with last-dim stride 2, z transposed storage
-    big = torch.empty(x.shape[0], 2 * x.shape[1], dtype=x.dtype)
-    big[:, ::2] = x
-    big[:, 1::2] = float("nan")  # never read
-    zt = z.t().contiguous().t() if z is not None else None
-    return big[:, ::2], zt
+# x, z as given (2-D), as (2, M/2, N), or non-contiguous: x with feature stride 2 (NaN between, never
+# read), z in column-major storage
+LAYOUTS = {"2d": "contiguous", "3d": "contiguous", "noncontig": ("strided_cols", "transposed")}
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -39,42 +41,45 @@ def _layout(x, z, layout):
 @pytest.mark.parametrize("group_size", [None, 32], ids=["onegroup", "groups"])
 @pytest.mark.parametrize("layout", ["2d", "3d", "noncontig"])
 def test_matches_float64_reference(dtype, rms, gate, activation, bias, group_size, layout):
-    x, z, w, b = make_inputs(24, 96, dtype, gate=gate != "none", bias=bias)
-    x, z = _layout(x, z, layout)
+    x, z, w, b = make_inputs(24, 96, dtype, gate=gate != "none", bias=bias, layout=LAYOUTS[layout])
+    if layout == "3d":
+        x, z = x.view(2, 12, 96), (z.view(2, 12, 96) if z is not None else None)
     nbg = gate != "before"
     y, mean, rstd = gatednorm.layer_norm_fwd(x, w, b, 1e-6, z=z, group_size=group_size, norm_before_gate=nbg,
                                              is_rms_norm=rms, activation=activation)
-    ref, ref_mean, ref_rstd = gated_norm_reference(x, w, b, z, 1e-6, group_size, nbg, rms, activation)
-    assert y.shape == x.shape and y.dtype == dtype
-    assert_one_rounding(y, ref)
-    stat_dtype = torch.float64 if dtype == torch.float64 else torch.float32
-    assert rstd.dtype == stat_dtype and rstd.shape == ref_rstd.shape
-    assert_one_rounding(rstd, ref_rstd, stat_dtype)
-    if rms:
-        assert mean is None
-    else:
-        assert mean.dtype == stat_dtype
-        torch.testing.assert_close(mean.double(), ref_mean, rtol=1e-6, atol=1e-6)
+    # float32 means and float32 outputs also keep the fixed bounds asserted before the shared model (see FIXED)
+    fixed = {"y": (1e-5, 1e-5)} if dtype == torch.float32 else {}
+    if dtype != torch.float64:
+        fixed["mean"] = (1e-6, 1e-6)
+    check_forward(y, mean, rstd, x, w, b, z, 1e-6, group_size, nbg, rms, activation, fixed=fixed)
 
 
 def test_tolerance_rejects_double_rounding():
     """The bf16 tolerance is tight enough to tell one rounding from the usual two-step recipe."""
     x, z, w, _ = make_inputs(256, 128, torch.bfloat16, bias=False, seed=0)
-    ref, _, _ = gated_norm_reference(x, w, None, z, 1e-6, None, True, True)
     two_step = F.rms_norm(x, (128,), w, 1e-6) * F.silu(z)  # rounds to bf16 after the norm, again after the gate
-    with pytest.raises(AssertionError, match="beyond one rounding"):
-        assert_one_rounding(two_step, ref)
-    assert_one_rounding(gatednorm.rmsnorm_fn(x, w, None, z), ref)
+    with pytest.raises(AssertionError, match="y beyond the tolerance"):
+        check_forward(two_step, None, None, x, w, None, z, 1e-6, None, True, True, stats=False)
+    check_forward(gatednorm.rmsnorm_fn(x, w, None, z), None, None, x, w, None, z, 1e-6, None, True, True, stats=False)
+
+
+def test_float32_tolerance_rejects_a_half_precision_intermediate():
+    """The float32 tolerance allows float32 compute error (K * u(float32) * A), not a narrower rounding on
+    the way: the norm rounded to bf16 before the gate (an error of up to 2^-9, relative) fails it."""
+    x, z, w, _ = make_inputs(256, 128, torch.float32, bias=False, seed=0)
+    via_bf16 = F.rms_norm(x, (128,), w, 1e-6).bfloat16().float() * F.silu(z)
+    with pytest.raises(AssertionError, match="y beyond the tolerance"):
+        check_forward(via_bf16, None, None, x, w, None, z, 1e-6, None, True, True, stats=False)
+    check_forward(gatednorm.rmsnorm_fn(x, w, None, z), None, None, x, w, None, z, 1e-6, None, True, True, stats=False)
 
 
 def test_gate_layout_t_h_n():
     """x (T*H, N) with z (T, H, N), as the newest sglang kernel accepts."""
     t, h, n = 5, 4, 64
-    x, _, w, b = make_inputs(t * h, n, torch.bfloat16)
-    z = torch.randn(t, h, n).to(torch.bfloat16)
-    y, _, _ = gatednorm.layer_norm_fwd(x, w, b, 1e-6, z=z, group_size=16, is_rms_norm=True)
-    ref, _, _ = gated_norm_reference(x, w, b, z.reshape(t * h, n), 1e-6, 16, True, True)
-    assert_one_rounding(y, ref)
+    x, z, w, b = make_inputs(t * h, n, torch.bfloat16)
+    z = z.view(t, h, n)
+    y, mean, rstd = gatednorm.layer_norm_fwd(x, w, b, 1e-6, z=z, group_size=16, is_rms_norm=True)
+    check_forward(y, mean, rstd, x, w, b, z, 1e-6, 16, True, True)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -85,10 +90,9 @@ def test_against_torch_layer_norm_and_rms_norm(dtype):
     want_ln = F.layer_norm(x.float(), (n,), w.float(), b.float(), 1e-5).to(dtype)
     got_rms = gatednorm.rmsnorm_fn(x, w, None, eps=1e-5)
     want_rms = F.rms_norm(x.float(), (n,), w.float(), 1e-5).to(dtype)
-    rtol, atol = tolerance(dtype)
     # both sides are rounded once from float32: at most one ulp apart
-    torch.testing.assert_close(got_ln, want_ln, rtol=2 * rtol, atol=2 * atol)
-    torch.testing.assert_close(got_rms, want_rms, rtol=2 * rtol, atol=2 * atol)
+    check_pair(got_ln, want_ln, x, w, b, None, 1e-5)
+    check_pair(got_rms, want_rms, x, w, None, None, 1e-5, is_rms_norm=True)
     assert torch.equal(gatednorm.simple_layernorm_native(x, w, b), gatednorm.layernorm_fn(x, w, b, eps=1e-5))
 
 
@@ -97,7 +101,7 @@ def test_against_torch_group_norm():
     x, _, w, b = make_inputs(32, 512, torch.float32, gate=False)
     got = gatednorm.layernorm_fn(x, w, b, eps=1e-5, group_size=128)
     want = F.group_norm(x, 4, w, b, 1e-5)
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    check_pair(got, want, x, w, b, None, 1e-5, 128)
 
 
 @pytest.mark.parametrize("nbg", [True, False])
@@ -108,13 +112,13 @@ def test_gate_composed_from_silu(nbg):
         want = F.layer_norm(x, (128,), w, b, 1e-5) * F.silu(z)
     else:
         want = F.layer_norm(x * F.silu(z), (128,), w, b, 1e-5)
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    check_pair(got, want, x, w, b, z, 1e-5, None, nbg, fixed=(1e-5, 1e-5))
     got_sig = gatednorm.rmsnorm_fn(x, w, None, z, eps=1e-5, norm_before_gate=nbg, activation="sigmoid")
     if nbg:
         want_sig = F.rms_norm(x, (128,), w, 1e-5) * torch.sigmoid(z)
     else:
         want_sig = F.rms_norm(x * torch.sigmoid(z), (128,), w, 1e-5)
-    torch.testing.assert_close(got_sig, want_sig, rtol=1e-5, atol=1e-5)
+    check_pair(got_sig, want_sig, x, w, None, z, 1e-5, None, nbg, True, "sigmoid", fixed=(1e-5, 1e-5))
     # "silu" is the same activation as "swish"
     assert torch.equal(gatednorm.rmsnorm_fn(x, w, None, z, activation="silu"), gatednorm.rmsnorm_fn(x, w, None, z))
 
@@ -126,14 +130,19 @@ def test_statistics_are_group_major(rms):
     _, mean, rstd = gatednorm.layer_norm_fwd(x, w, b, 1e-6, group_size=gs, is_rms_norm=rms)
     groups = n // gs
     assert rstd.shape == (groups * m,)
+    # statistic of (row, group) at index group * M + row, computed here one segment at a time
+    want_mean = torch.empty(groups * m, dtype=torch.float64)
+    want_rstd = torch.empty(groups * m, dtype=torch.float64)
     xd = x.double()
     for row, g in itertools.product(range(m), range(groups)):
         seg = xd[row, g * gs:(g + 1) * gs]
         mu = 0.0 if rms else float(seg.mean())
-        var = float(((seg - mu) ** 2).mean())
-        assert rstd[g * m + row].item() == pytest.approx(1 / (var + 1e-6) ** 0.5, rel=1e-6)
-        if not rms:
-            assert mean[g * m + row].item() == pytest.approx(mu, rel=1e-5, abs=1e-6)
+        want_mean[g * m + row] = mu
+        want_rstd[g * m + row] = 1 / (float(((seg - mu) ** 2).mean()) + 1e-6) ** 0.5
+    mag = magnitudes(x, w, b, None, 1e-6, gs, True, rms)
+    assert_within(rstd, want_rstd, mag["rstd"], gs, fixed=(1e-6, 1e-12))  # fixed bounds: see FIXED
+    if not rms:
+        assert_within(mean, want_mean, mag["mean"], gs, fixed=(1e-5, 1e-6))
 
 
 VARIANTS = list(itertools.product([False, True], GATES, ["swish", "sigmoid"], [True, False], [None, 4]))
@@ -159,22 +168,15 @@ def test_float32_gradients_match_float64_autograd(rms, gate, activation, bias, g
     x, z, w, b = make_inputs(33, 64, torch.float32, gate=gate != "none", bias=bias)
     gs = None if group_size is None else 16
     nbg = gate != "before"
-    leaves = [t.requires_grad_() for t in (x, z, w, b) if t is not None]
+    leaves = [t.requires_grad_() if t is not None else None for t in (x, z, w, b)]
     y = gatednorm.layernorm_fn(x, w, b, z, 1e-5, gs, nbg, rms, activation=activation)
-    dy = torch.randn_like(y)
-    got = torch.autograd.grad(y, leaves, dy)
-    leaves64 = [t.detach().double().requires_grad_() for t in leaves]
-    it = iter(leaves64)
-    x64 = next(it)
-    z64 = next(it) if z is not None else None
-    w64 = next(it)
-    b64 = next(it) if b is not None else None
-    ref, _, _ = gated_norm_reference(x64, w64, b64, z64, 1e-5, gs, nbg, rms, activation)
-    want = torch.autograd.grad(ref, leaves64, dy.double())
-    for g, r in zip(got, want, strict=True):
-        assert g.dtype == torch.float32
-        scale = max(1.0, float(r.abs().max()))
-        torch.testing.assert_close(g.double(), r, rtol=1e-4, atol=1e-5 * scale)
+    dy = make_like(y)
+    got = torch.autograd.grad(y, [t for t in leaves if t is not None], dy)
+    it = iter(got)
+    grads = [next(it) if t is not None else None for t in leaves]
+    assert all(g.dtype == torch.float32 for g in got)
+    check_gradients(grads, x, w, b, z, dy, 1e-5, gs, nbg, rms, activation,
+                    fixed=dict.fromkeys(("dx", "dz", "dweight"), (1e-4, 1e-5, "max1")))  # see FIXED
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -183,15 +185,11 @@ def test_low_precision_gradients(dtype):
     x, z, w, b = make_inputs(40, 64, dtype, param_dtype=torch.float32)
     leaves = [t.requires_grad_() for t in (x, z, w, b)]
     y = gatednorm.layernorm_fn(x, w, b, z, 1e-5, 16, False, False)
-    dy = torch.randn_like(y)
+    dy = make_like(y)
     got = torch.autograd.grad(y, leaves, dy)
     assert [g.dtype for g in got] == [dtype, dtype, torch.float32, torch.float32]
-    leaves64 = [t.detach().double().requires_grad_() for t in leaves]
-    ref, _, _ = gated_norm_reference(leaves64[0], leaves64[2], leaves64[3], leaves64[1], 1e-5, 16, False, False)
-    want = torch.autograd.grad(ref, leaves64, dy.double())
-    for g, r in zip(got[:2], want[:2], strict=True):
-        assert_one_rounding(g, r)  # rounded once from float32
-    torch.testing.assert_close(got[2].double(), want[2], rtol=1e-4, atol=1e-4)
+    check_gradients(got, x, w, b, z, dy, 1e-5, 16, False, False,
+                    fixed=dict.fromkeys(("dx", "dz"), (2.0**-8 if dtype == torch.bfloat16 else 2.0**-10, 1e-5)))
 
 
 def test_double_backward_raises_clearly():
@@ -207,23 +205,20 @@ def test_mixed_parameter_and_gate_dtypes():
     _, z, w, b = make_inputs(16, 64, torch.float32)
     y = gatednorm.layernorm_fn(x, w, b, z, group_size=16)
     assert y.dtype == torch.bfloat16
-    ref, _, _ = gated_norm_reference(x, w, b, z, 1e-6, 16, True, False)
-    assert_one_rounding(y, ref)
+    check_forward(y, None, None, x, w, b, z, 1e-6, 16, True, False, stats=False)
 
 
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_out_argument(out_dtype):
     x, z, w, b = make_inputs(12, 64, torch.float32)
     out = torch.full((12, 64), float("nan"), dtype=out_dtype)
-    y, _, rstd = gatednorm.layer_norm_fwd(x, w, b, 1e-6, z=z, out=out, group_size=32)
+    y, mean, rstd = gatednorm.layer_norm_fwd(x, w, b, 1e-6, z=z, out=out, group_size=32)
     assert y is out
-    ref, _, ref_rstd = gated_norm_reference(x, w, b, z, 1e-6, 32, True, False)
-    assert_one_rounding(out, ref)
-    assert_one_rounding(rstd, ref_rstd)
+    check_forward(out, mean, rstd, x, w, b, z, 1e-6, 32, True, False, out_dtype=out_dtype)
     # non-contiguous out is written in place too
     big = torch.full((12, 128), float("nan"), dtype=out_dtype)
     gatednorm.layer_norm_fwd(x, w, b, 1e-6, z=z, out=big[:, ::2], group_size=32)
-    assert_one_rounding(big[:, ::2], ref)
+    check_forward(big[:, ::2], None, None, x, w, b, z, 1e-6, 32, True, False, out_dtype=out_dtype, stats=False)
     assert torch.isnan(big[:, 1::2]).all()
 
 
@@ -258,10 +253,8 @@ def test_layernorm_fwd_is_differentiable_without_out():
     x.requires_grad_()
     y, mean, rstd = gatednorm.layer_norm_fwd(x, w, b, 1e-6, z=z)
     assert y.requires_grad and not rstd.requires_grad and not mean.requires_grad
-    ref, _, _ = gated_norm_reference(x, w, b, z, 1e-6)
-    (g1,) = torch.autograd.grad(y.sum(), x)
-    (g2,) = torch.autograd.grad(ref.sum(), x)
-    torch.testing.assert_close(g1, g2)
+    (dx,) = torch.autograd.grad(y.sum(), x)
+    check_gradients((dx, None, None, None), x, w, b, z, torch.ones_like(y), 1e-6)
 
 
 # --- errors -------------------------------------------------------------------------------
@@ -322,10 +315,15 @@ def test_backend_selection(monkeypatch):
     monkeypatch.setenv("GATEDNORM_BACKEND", "bogus")
     with pytest.raises(ValueError, match="GATEDNORM_BACKEND"):
         gatednorm.rmsnorm_fn(x, w, None, z)
-    monkeypatch.setenv("USE_NATIVE_LAYERNORM", "1")  # the migration guide's switch wins
-    assert gatednorm.resolve_backend("triton", x.device) == "native"
+    monkeypatch.setenv("USE_NATIVE_LAYERNORM", "1")  # the migration guide's switch: the process default...
+    monkeypatch.setenv("GATEDNORM_BACKEND", "compiled")
+    assert gatednorm.resolve_backend(None, x.device) == "native"
+    assert gatednorm.resolve_backend("compiled", x.device) == "compiled"  # ...an explicit backend= wins
     monkeypatch.delenv("USE_NATIVE_LAYERNORM")
     monkeypatch.delenv("GATEDNORM_BACKEND")
+    # load Triton (when installed) before unsetting TRITON_INTERPRET: Triton reads it once, and kernels loaded
+    # without it would fail later tests that run them on CPU tensors under the interpreter
+    gatednorm.triton_available()
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(ValueError, match="triton"):  # explicit request that cannot be honoured
         gatednorm.resolve_backend("triton", x.device)
@@ -345,8 +343,7 @@ def test_modules(cls, rms):
             mod.bias.normal_()
     x, z, _, _ = make_inputs(10, 64, torch.bfloat16)
     y = mod(x.view(2, 5, 64), z.view(2, 5, 64))
-    ref, _, _ = gated_norm_reference(x, mod.weight, mod.bias, z, 1e-5, 16, False, rms)
-    assert_one_rounding(y.view(10, 64), ref)
+    check_forward(y.view(10, 64), None, None, x, mod.weight, mod.bias, z, 1e-5, 16, False, rms, stats=False)
     assert "group_size=16" in repr(mod) and "norm_before_gate=False" in repr(mod)
     y.float().sum().backward()
     assert mod.weight.grad is not None
@@ -377,8 +374,7 @@ def test_migration_guide_names():
     out, mean, rstd = guide._layer_norm_fwd_native(x, w, b, 1e-6, z=z, group_size=16)
     assert torch.equal(out, y2) and mean.shape == (32,)
     plain = guide.simple_layernorm_native(x, w, b)
-    torch.testing.assert_close(plain.float(), F.layer_norm(x.float(), (64,), w.float(), b.float(), 1e-5),
-                               rtol=2**-7, atol=1e-5)
+    check_pair(plain, F.layer_norm(x.float(), (64,), w.float(), b.float(), 1e-5), x, w, b, None, 1e-5)
 
 
 def test_torch_compile_fullgraph():
@@ -392,4 +388,5 @@ def test_torch_compile_fullgraph():
     assert torch.equal(y_c, y_e)
     y_c.sum().backward()
     y_e.sum().backward()
-    torch.testing.assert_close(xc.grad, xe.grad)
+    check_gradients((xc.grad, None, None, None), x, mod.weight, None, z, torch.ones_like(y_e), 1e-5, 16,
+                    is_rms_norm=True, against=(xe.grad, None, None, None), fixed={"dx": (1.3e-6, 1e-5)})  # FIXED

@@ -9,13 +9,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import assert_one_rounding, make_inputs
+from helpers import check_forward, check_gradients, make_inputs, make_like
 
 import gatednorm
 from gatednorm import native, ops
-from gatednorm import verification as V
 from gatednorm.backends.native_accel import NativeAccelBackend
-from gatednorm.reference import gated_norm_reference
 from gatednorm.spec import NormSpec
 
 GATES = {"none": None, "after": True, "before": False}  # value: norm_before_gate
@@ -36,20 +34,19 @@ def _c(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _check_forward(x, w, b, z, spec, out, mean, rstd, out_dtype=None):
-    nbg = spec.norm_before_gate
-    ref, ref_mean, ref_rstd = gated_norm_reference(x, w, b, z, spec.eps, spec.group_size, nbg, spec.is_rms_norm,
-                                                   spec.activation)
-    assert_one_rounding(out, ref, out_dtype or x.dtype)
-    c = _c(x.dtype)
-    assert rstd.dtype == c and rstd.shape == ref_rstd.shape and rstd.is_contiguous()
-    assert_one_rounding(rstd, ref_rstd, c)
-    if spec.is_rms_norm:
-        assert mean is None
-    else:
-        assert mean.dtype == c and mean.shape == ref_mean.shape
-        tol = 1e-12 if c == torch.float64 else 1e-6
-        torch.testing.assert_close(mean.double(), ref_mean, rtol=tol, atol=tol)
+# Every comparison uses the shared tolerance model (tests/helpers.py). A ``fixed=(rtol, atol)`` next to it is the
+# bound the test asserted before, kept where the model is looser on this data (it allowed more than 1.5x that
+# bound on some elements: float32 means, float32 outputs, float32 dx/dz), so no check got weaker.
+
+
+def _check_forward(x, w, b, z, spec, out, mean, rstd, tol_dtype=None):
+    """``tol_dtype``: the rounding the output holds (an out wider than C holds C's)."""
+    assert rstd.is_contiguous()
+    fixed = {"y": (1e-5, 1e-5)} if (tol_dtype or out.dtype) == torch.float32 else {}
+    if _c(x.dtype) == torch.float32:
+        fixed["mean"] = (1e-6, 1e-6)
+    check_forward(out, mean, rstd, x, w, b, z, spec.eps, spec.group_size, spec.norm_before_gate, spec.is_rms_norm,
+                  spec.activation, out_dtype=out.dtype, fixed=fixed)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -74,21 +71,15 @@ def test_forward_matches_float64(dtype, rms, gate, activation, bias, group_size)
 def test_gradients_match_float64_autograd(dtype, rms, gate, activation, group_size):
     m, n = 13, 96
     x, z, w, b = make_inputs(m, n, dtype, gate=gate != "none", seed=7)
-    dy = torch.randn(m, n, generator=torch.Generator().manual_seed(8)).to(dtype)
+    dy = make_like(x, seed=8)
     spec = _spec(n, group_size, gate, rms, activation)
     mean, rstd = native.forward(x, w, b, z, spec, torch.empty_like(x))
     got = native.backward(dy, x, w, b, z, mean, rstd, spec)
-    leaves = [t.double().requires_grad_() if t is not None else None for t in (x, z, w, b)]
-    y, _, _ = gated_norm_reference(leaves[0], leaves[2], leaves[3], leaves[1], spec.eps, group_size,
-                                   spec.norm_before_gate, rms, activation)
-    y.backward(dy.double())
-    tol = {torch.float64: 1e-10, torch.float32: 1e-4, torch.bfloat16: 3e-2}[dtype]
-    for name, g, leaf in zip(("dx", "dz", "dweight", "dbias"), got, leaves, strict=True):
-        if leaf is None:
-            assert g is None, name
-            continue
-        assert g.dtype == dtype and g.shape == leaf.shape, name
-        torch.testing.assert_close(g.double(), leaf.grad, rtol=tol, atol=tol, msg=name)
+    for name, g, t in zip(("dx", "dz", "dweight", "dbias"), got, (x, z, w, b), strict=True):
+        assert (g is None) == (t is None), name
+        assert g is None or g.dtype == dtype, name
+    check_gradients(got, x, w, b, z, dy, spec.eps, group_size, spec.norm_before_gate, rms, activation,
+                    fixed=dict.fromkeys(("dx", "dz"), (1e-4, 1e-4)) if dtype == torch.float32 else None)
 
 
 @pytest.mark.parametrize("needs", [(True, False, False, False), (False, True, False, False),
@@ -111,7 +102,7 @@ def test_partial_gradients(needs, gate):
 def test_multiple_blocks_match_one_block():
     m, n = 11, 96
     x, z, w, b = make_inputs(m, n, torch.bfloat16, seed=3)
-    dy = torch.randn(m, n).bfloat16()
+    dy = make_like(x)
     for rms, gate in ((False, "before"), (True, "after")):
         spec = _spec(n, 32, gate, rms)
         out1 = torch.empty_like(x)
@@ -124,9 +115,7 @@ def test_multiple_blocks_match_one_block():
         _check_forward(x, w, b, z, spec, out3, mean3, rstd3)
         torch.testing.assert_close(out3, out1, rtol=0, atol=0)
         torch.testing.assert_close(rstd3, rstd1, rtol=1e-6, atol=0)
-        for a, c in zip(g1, g3, strict=True):
-            if a is not None:
-                torch.testing.assert_close(c.float(), a.float(), rtol=1e-2, atol=1e-2)
+        check_gradients(g3, x, w, b, z, dy, spec.eps, 32, spec.norm_before_gate, rms, against=g1)
 
 
 def test_strided_inputs_and_strided_out():
@@ -142,11 +131,11 @@ def test_strided_inputs_and_strided_out():
             mean, rstd = native.forward(xin, w[:n], b[:n], zs, spec, out)
             _check_forward(xin, w[:n], b[:n], zs, spec, out, mean, rstd)
             assert torch.isnan(out_store[:, :n]).all() and torch.isnan(out_store[:, 2 * n :]).all()
-            dy = torch.randn(10, 2 * n).bfloat16()[:, ::2]
-            dx, dz, dw, db = native.backward(dy, xin, w[:n], b[:n], zs, mean, rstd, spec)
+            dy = make_like(x)[:, ::2]
+            got = native.backward(dy, xin, w[:n], b[:n], zs, mean, rstd, spec)
             ref = native.backward(dy.contiguous(), xin.contiguous(), w[:n], b[:n], zs.contiguous(), mean, rstd, spec)
-            for got, want in zip((dx, dz, dw, db), ref, strict=True):
-                torch.testing.assert_close(got, want, rtol=1e-2, atol=1e-2)
+            check_gradients(got, xin, w[:n], b[:n], zs, dy, spec.eps, 32, spec.norm_before_gate, spec.is_rms_norm,
+                            against=ref)
 
 
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.float16, torch.float64])
@@ -156,7 +145,7 @@ def test_out_of_another_dtype(out_dtype):
     out = torch.empty(16, 64, dtype=out_dtype)
     mean, rstd = native.forward(x, w, b, z, spec, out)
     tol_dtype = torch.float32 if out_dtype == torch.float64 else out_dtype  # an out wider than C holds C's rounding
-    _check_forward(x, w, b, z, spec, out, mean, rstd, out_dtype=tol_dtype)
+    _check_forward(x, w, b, z, spec, out, mean, rstd, tol_dtype=tol_dtype)
 
 
 @pytest.mark.parametrize(
@@ -167,8 +156,7 @@ def test_out_of_another_dtype(out_dtype):
 @pytest.mark.parametrize("gate", ["after", "before"])
 def test_gate_and_parameters_of_other_dtypes(x_dtype, z_dtype, p_dtype, gate):
     m, n = 12, 64
-    x, _, w, b = make_inputs(m, n, x_dtype, param_dtype=p_dtype, seed=6)
-    z = torch.randn(m, n).mul(2).to(z_dtype)
+    x, z, w, b = make_inputs(m, n, x_dtype, param_dtype=p_dtype, gate_dtype=z_dtype, seed=6)
     for rms in (False, True):
         spec = _spec(n, 32, gate, rms)
         out = torch.empty_like(x)
@@ -176,7 +164,7 @@ def test_gate_and_parameters_of_other_dtypes(x_dtype, z_dtype, p_dtype, gate):
         # the contract takes weight, bias and z in C: compare with the reference on C-rounded copies
         c = _c(x_dtype)
         _check_forward(x, w.to(c), b.to(c), z.to(c), spec, out, mean, rstd)
-        dy = torch.randn(m, n).to(x_dtype)
+        dy = make_like(x)
         dx, dz, dw, db = native.backward(dy, x, w, b, z, mean, rstd, spec)
         assert (dx.dtype, dz.dtype, dw.dtype, db.dtype) == (x_dtype, z_dtype, p_dtype, p_dtype)
 
@@ -206,12 +194,7 @@ def test_large_offset_rows(gs):
     spec = NormSpec(1e-6, gs or 256, True, False, "swish")
     y = torch.empty_like(x)
     mean, rstd = native.forward(x, w, b, None, spec, y)
-    ry, rmean, rrstd = gated_norm_reference(x, w, b, None, 1e-6, gs)
-    mag = V.magnitudes(x, w, b, None, None, spec.group_size, True, False, "swish", 1e-6)
-    k = V.k_factor(spec.group_size)
-    for name, got, ref in (("y", y, ry), ("rstd", rstd, rrstd), ("mean", mean, rmean)):
-        res = V.compare(got, ref, V.allowed_error(ref, mag[name], torch.float32, k, torch.float32), torch.float32)
-        assert res.passed, f"{name}: err/tol {res.worst_ratio:.3g}"
+    check_forward(y, mean, rstd, x, w, b, None, 1e-6, gs, True, False)
 
 
 def test_public_api_autograd_on_accel_path():
@@ -219,10 +202,7 @@ def test_public_api_autograd_on_accel_path():
     leaves = [t.clone().requires_grad_() for t in (x, z, w, b)]
     y = gatednorm.layernorm_fn(leaves[0], leaves[2], leaves[3], leaves[1], eps=1e-6, group_size=16,
                                norm_before_gate=False, backend="native")
-    y.backward(torch.ones_like(y) * 0.5)
-    ref_leaves = [t.double().requires_grad_() for t in (x, z, w, b)]
-    ry, _, _ = gated_norm_reference(ref_leaves[0], ref_leaves[2], ref_leaves[3], ref_leaves[1], 1e-6, 16, False)
-    ry.backward(torch.ones_like(ry) * 0.5)
-    assert_one_rounding(y.detach(), ry.detach())
-    for got, want in zip(leaves, ref_leaves, strict=True):
-        torch.testing.assert_close(got.grad.double(), want.grad, rtol=1e-4, atol=1e-4)
+    dy = torch.ones_like(y) * 0.5
+    y.backward(dy)
+    check_forward(y.detach(), None, None, x, w, b, z, 1e-6, 16, False, stats=False)
+    check_gradients([t.grad for t in leaves], x, w, b, z, dy, 1e-6, 16, False)

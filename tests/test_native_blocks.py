@@ -14,15 +14,18 @@ import textwrap
 
 import pytest
 import torch
-from helpers import assert_one_rounding, make_inputs
+from helpers import check_forward, check_gradients, check_pair, make_inputs, make_like
 
 import gatednorm
 from gatednorm import native, ops
 from gatednorm.backends.native_cpu import CPU_BLOCK_ELEMENTS, NativeCPUBackend
-from gatednorm.reference import gated_norm_reference
 from gatednorm.spec import NormSpec
 
 GATES = {"none": None, "after": True, "before": False}  # value: norm_before_gate
+
+# Every comparison uses the shared tolerance model (tests/helpers.py). A ``fixed=(rtol, atol)`` next to it is the
+# bound the test asserted before, kept where the model is looser on this data (it allowed more than 1.5x that
+# bound on some elements), so no check got weaker.
 
 
 def _spec(n, group_size, gate, rms, activation="swish", eps=1e-6):
@@ -69,10 +72,8 @@ def test_block_boundaries_bitwise(dtype, n, group_size, gate, rms, activation):
         with ops.override_impl("native", "cpu", NativeCPUBackend(block_elements=3 * n)):
             out, mean, rstd = _run_forward(x, w, b, z, spec)
         _assert_rows_alone_equal(x, w, b, z, spec, out, mean, rstd, range(m))
-        y64, mean64, rstd64 = gated_norm_reference(x, w, b, z, spec.eps, spec.group_size, GATES[gate] is not False,
-                                                   rms, activation)
-        assert_one_rounding(out, y64.to(dtype) if dtype == torch.float64 else y64, dtype)
-        torch.testing.assert_close(rstd.double(), rstd64, rtol=1e-5, atol=0)
+        check_forward(out, mean, rstd, x, w, b, z, spec.eps, spec.group_size, GATES[gate] is not False, rms,
+                      activation)
     # and the same bits as with the default (large) blocks
     out_big, _, rstd_big = _run_forward(x, w, b, z, spec)
     assert torch.equal(_bits(out_big), _bits(out)) and torch.equal(rstd_big, rstd)
@@ -98,8 +99,7 @@ def test_very_wide_rows(n):
     spec = _spec(n, None, "before", False)
     out, mean, rstd = _run_forward(x, w, b, z, spec)
     _assert_rows_alone_equal(x, w, b, z, spec, out, mean, rstd, range(m))
-    y64, _, _ = gated_norm_reference(x, w, b, z, spec.eps, None, False, False)
-    assert_one_rounding(out, y64.float(), torch.float32)
+    check_forward(out, mean, rstd, x, w, b, z, spec.eps, None, False, False, fixed={"y": (1e-5, 1e-5)})
 
 
 def test_strided_rows_and_out():
@@ -120,20 +120,17 @@ def test_strided_rows_and_out():
 def test_backward_blocks(gate, rms):
     m, n = 11, 96
     x, z, w, b = make_inputs(m, n, torch.float32, seed=5)
-    dy = torch.randn(m, n)
+    dy = make_like(x)
     spec = _spec(n, 32, gate, rms)
     _, mean, rstd = _run_forward(x, w, b, z, spec)
     big = native.backward(dy, x, w, b, z, mean, rstd, spec)
     with ops.override_impl("native", "cpu", NativeCPUBackend(block_elements=3 * n)):
         small = native.backward(dy, x, w, b, z, mean, rstd, spec)
     assert torch.equal(big[0], small[0]) and torch.equal(big[1], small[1])  # dx, dz are per row
-    for g_big, g_small in zip(big[2:], small[2:], strict=True):
-        torch.testing.assert_close(g_big, g_small, rtol=1e-5, atol=1e-5)  # dw, db sum over blocks
-    xd, zd, wd, bd = (t.double().requires_grad_() for t in (x, z, w, b))
-    y64, _, _ = gated_norm_reference(xd, wd, bd, zd, spec.eps, 32, gate == "after", rms)
-    y64.backward(dy.double())
-    for got, ref in zip(small, (xd.grad, zd.grad, wd.grad, bd.grad), strict=True):
-        torch.testing.assert_close(got.double(), ref, rtol=1e-4, atol=1e-4)
+    args = (x, w, b, z, dy, spec.eps, 32, gate == "after", rms)
+    check_gradients((None, None, *small[2:]), *args, against=big,  # dw, db sum over blocks
+                    fixed=dict.fromkeys(("dweight", "dbias"), (1e-5, 1e-5)))
+    check_gradients(small, *args, fixed=dict.fromkeys(("dx", "dz"), (1e-4, 1e-4)))
 
 
 _MEMORY_SCRIPT = textwrap.dedent(
@@ -185,6 +182,7 @@ def _measure_peak(*ms: int) -> list[dict]:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow  # fresh processes
 @pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux /proc RSS high-water mark")
 def test_peak_memory_bounded():
     # RSS high-water mark growth in a fresh process, with glibc returning freed large blocks at once
@@ -204,6 +202,7 @@ def test_peak_memory_bounded():
 compile_ok = pytest.mark.skipif(sys.platform == "win32", reason="torch.compile on CPU needs a C++ toolchain")
 
 
+@pytest.mark.slow  # torch.compile
 @compile_ok
 def test_compiled_matches_native_without_recompiles():
     from torch._dynamo.utils import counters
@@ -216,10 +215,9 @@ def test_compiled_matches_native_without_recompiles():
         x, z, w, _ = make_inputs(m, n, torch.bfloat16, seed=m)
         y, _, rstd = gatednorm.layer_norm_fwd(x, w, None, z=z, **kwargs)
         y_nat, _, rstd_nat = gatednorm.layer_norm_fwd(x, w, None, z=z, **{**kwargs, "backend": "native"})
-        y64, _, _ = gated_norm_reference(x, w, None, z, 1e-6, 32, True, True)
-        assert_one_rounding(y, y64, torch.bfloat16)  # both backends are one rounding from float64 ...
-        assert_one_rounding(y_nat, y64, torch.bfloat16)
-        torch.testing.assert_close(y.float(), y_nat.float(), rtol=2**-7, atol=1e-5)  # ... so within 1 ulp
+        for yy, rr in ((y, rstd), (y_nat, rstd_nat)):  # both backends are one rounding from float64 ...
+            check_forward(yy, None, rr, x, w, None, z, 1e-6, 32, True, True)
+        check_pair(y, y_nat, x, w, None, z, 1e-6, 32, True, True, fixed=(2**-7, 1e-5))  # ... so within 1 ulp
         torch.testing.assert_close(rstd, rstd_nat, rtol=1e-6, atol=0)
         outs[m] = (x, z, w, y)
     assert counters["stats"]["unique_graphs"] - before == 1, "the compiled backend recompiled for a batch size"
@@ -229,6 +227,7 @@ def test_compiled_matches_native_without_recompiles():
     assert torch.equal(_bits(alone[0]), _bits(y[3]))
 
 
+@pytest.mark.slow  # torch.compile
 @compile_ok
 def test_compiled_backward_and_inside_user_compile():
     m, n = 33, 64
@@ -239,15 +238,16 @@ def test_compiled_backward_and_inside_user_compile():
     def f(x, z, w, b, backend):
         return gatednorm.layernorm_fn(x, w, b, z, group_size=16, norm_before_gate=False, backend=backend)
 
-    dy = torch.randn(m, n)
+    dy = make_like(x)
     f(*ref_leaves, "native").backward(dy)
     # the compiled backend called from inside a user's compiled region (custom ops, no nested tracing)
     user = torch.compile(f, fullgraph=True)
     y = user(*leaves, "compiled")
     y.backward(dy)
-    torch.testing.assert_close(y, f(x, z, w, b, "native"), rtol=1e-5, atol=1e-5)
-    for got, ref in zip(leaves, ref_leaves, strict=True):
-        torch.testing.assert_close(got.grad, ref.grad, rtol=1e-4, atol=1e-4)
+    check_pair(y.detach(), f(x, z, w, b, "native"), x, w, b, z, 1e-6, 16, False)
+    check_gradients([t.grad for t in leaves], x, w, b, z, dy, 1e-6, 16, False,
+                    against=[t.grad for t in ref_leaves],
+                    fixed=dict.fromkeys(("dx", "dz", "dweight"), (1e-4, 1e-4)))
 
 
 def test_compiled_empty_and_meta():

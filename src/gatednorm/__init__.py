@@ -6,8 +6,11 @@ The contract: docs/design.md. Importing this package does no work beyond definin
 (see :func:`patch` and ``gatednorm install-hook``), no ``torch._dynamo``, no Triton.
 """
 
+from ._version import __version__
+from .diagnostics import info
 from .functional import (
     _layer_norm_fwd_native,
+    gated_norm_quant,
     layer_norm_fwd,
     layernorm_fn,
     layernorm_fn_native,
@@ -19,13 +22,13 @@ from .integrations import patch, patched
 from .modules import LayerNorm, RMSNorm
 from .ops import resolve_backend, triton_available
 
-__version__ = "0.1.0"
-
 __all__ = [
     "LayerNorm",
     "RMSNorm",
     "__version__",
     "_layer_norm_fwd_native",
+    "gated_norm_quant",
+    "info",
     "layer_norm_fwd",
     "layernorm_fn",
     "layernorm_fn_native",

@@ -5,7 +5,10 @@ subparser and sets ``func`` (called with the parsed namespace, returns the exit 
 done elsewhere, imported when a subcommand runs, so that ``--help`` and the hook commands stay cheap:
 
 * ``verify``: the precision report, :func:`gatednorm.verify.session.run`;
+* ``info``: versions and which backend a call gets per device, :func:`gatednorm.diagnostics.info`;
 * ``install-hook`` / ``uninstall-hook``: :func:`gatednorm.integrations.hook.main`.
+
+``gatednorm`` alone prints the help and exits 0; ``gatednorm --version`` prints the version.
 """
 
 from __future__ import annotations
@@ -27,9 +30,10 @@ def add_verify_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParse
                                    "Triton kernel (fla-core) when installed. Exit code 1 on any failure.")
     # default None: resolved when the command runs, so that building the parser does not initialise CUDA
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    # no argparse choices: the registry in gatednorm.ops is extensible; verify names the valid backends
     p.add_argument("--backend", action="append", default=None,
-                   help="only this backend (repeatable; default: every backend available on the device "
-                        "except 'compiled', which compiles per feature combination)")
+                   help="only this backend: native, triton or compiled (repeatable; default: every backend "
+                        "available on the device except 'compiled', which compiles per feature combination)")
     p.add_argument("--quick", action="store_true", help="a small set of shapes (CI)")
     p.add_argument("--dtype", action="append", choices=list(DTYPE_CHOICES), default=None,
                    help="only this dtype (repeatable; default float32, bfloat16, float16)")
@@ -81,6 +85,29 @@ def run_verify(args: argparse.Namespace) -> int:
     return session.run(args)
 
 
+def add_info_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """``info``: versions, settings, and per device which backend ``auto`` and a plain call pick, and why."""
+    p = sub.add_parser("info", help="versions, and which backend a call gets on each device and why",
+                       description="What this installation runs: gatednorm, Python, torch and Triton versions, "
+                                   "the environment settings that steer dispatch, and for the CPU and every "
+                                   "accelerator which backend 'auto' and a call without backend= pick, and why "
+                                   "(gatednorm.info() returns the same as a dict).")
+    p.add_argument("--json", action="store_true", help="print the dict of gatednorm.info() as JSON")
+    p.set_defaults(func=run_info)
+    return p
+
+
+def run_info(args: argparse.Namespace) -> int:
+    """Print :func:`gatednorm.diagnostics.info` as text (or JSON with ``--json``)."""
+    import json
+
+    from .diagnostics import format_info, info
+
+    data = info()
+    print(json.dumps(data, indent=2) if args.json else format_info(data))
+    return 0
+
+
 def add_hook_parsers(sub: argparse._SubParsersAction) -> None:
     """``install-hook`` / ``uninstall-hook``: the opt-in .pth file that applies GATEDNORM_PATCH at start-up."""
 
@@ -97,16 +124,27 @@ def add_hook_parsers(sub: argparse._SubParsersAction) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``gatednorm`` parser; add a subcommand with one ``add_<name>_parser(sub)`` call here."""
+    from ._version import __version__  # a constant: no torch import
+
     parser = argparse.ArgumentParser(prog="gatednorm", description="gated, grouped LayerNorm/RMSNorm tools")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument("--version", action="version", version=f"gatednorm {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     add_verify_parser(sub)
+    add_info_parser(sub)
     add_hook_parsers(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Parse ``argv`` (default: sys.argv) and run the subcommand; returns its exit code."""
-    args = build_parser().parse_args(argv)
+    """Parse ``argv`` (default: sys.argv) and run the subcommand; returns its exit code.
+
+    Without a subcommand the help is printed and the exit code is 0.
+    """
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
     return args.func(args)
 
 

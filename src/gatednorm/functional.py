@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import torch
 
-from .ops import gated_norm_rows, needs_autograd
-from .spec import prepare
+from .ops import gated_norm_quant_rows, gated_norm_rows, needs_autograd
+from .spec import prepare, prepare_quant
 
 
 def layer_norm_fwd(
@@ -173,3 +173,82 @@ def simple_layernorm_native(
     Equals ``F.layer_norm(x, (N,), weight, bias, eps)`` computed in float32 and rounded once.
     """
     return layernorm_fn(x, weight, bias, None, eps, backend="native")
+
+
+# --- Quantized output ---------------------------------------------------------------------
+
+
+def gated_norm_quant(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    eps: float,
+    z: torch.Tensor | None = None,
+    group_size: int | None = None,
+    norm_before_gate: bool = True,
+    is_rms_norm: bool = False,
+    *,
+    activation: str = "swish",
+    quant: str = "fp8_e4m3",
+    quant_group_size: int | None = None,
+    scale_format: str = "float32",
+    round_to: torch.dtype | None = None,
+    column_major_scales: bool = False,
+    backend: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gated norm quantized for the next matmul: ``(q, scale)`` with ``y ~= q * scale`` per block.
+
+    The norm is :func:`layer_norm_fwd`'s, computed in float32; then, per row and block of k =
+    ``quant_group_size`` consecutive features (one block per row when None), on the float32 y::
+
+        amax  = max |y| over the block
+        scale = max(amax / qmax, 2^-126)         ("ue8m0": rounded up to a power of two)
+        q     = round_half_even(clamp(y / scale, -qmax, qmax))
+
+    Args:
+        x, weight, bias, eps, z, group_size, norm_before_gate, is_rms_norm, activation, backend: as for
+            :func:`layer_norm_fwd`: x (..., N) of any floating dtype and strides, z of x's shape or
+            (T, H, N) for a (T*H, N) x.
+        quant: "fp8_e4m3" (q is torch.float8_e4m3fn, qmax 448), "fp8_e4m3fnuz" (torch.float8_e4m3fnuz,
+            qmax 240, AMD MI300) or "int8" (symmetric, qmax 127).
+        quant_group_size: features per scale, a positive divisor of N (128: the DeepGEMM layout), or
+            None for one scale per row (per token).
+        scale_format: "float32" (scale = amax / qmax) or "ue8m0" (rounded up to a power of two: the
+            exponent-only scales of DeepGEMM's UE8M0 mode; still returned as float32 values).
+        round_to: None (default) quantizes the float32 y directly, one rounding in all. torch.bfloat16
+            or torch.float16 first rounds y to that dtype, as the upstream fused kernels (which write
+            bf16 before quantizing) do: use it to match their q and scales bit for bit.
+        column_major_scales: return scale with column-major strides (1, M), the layout DeepGEMM and
+            sglang's per-token-group quantization use; the values are the same.
+
+    Returns:
+        ``q``: x's shape in the quant dtype, contiguous. ``scale``: float32 of shape (..., N // k)
+        (x's leading dims; (..., 1) per token), contiguous, or with ``column_major_scales`` the same
+        shape over storage in which the block index is outermost (for a 2-D x: strides (1, M)).
+
+    Non-finite values are not hidden: a block holding a NaN gets scale NaN, one holding an Inf scale
+    +Inf, and all its q are NaN (fp8) or 0 (int8), so ``q * scale`` is NaN across that block; other
+    blocks are unaffected. float64 inputs compute the norm in float64 and quantize its float32 rounding.
+
+    Raises:
+        ValueError: every error of :func:`layer_norm_fwd`; an unknown ``quant`` or ``scale_format``;
+            a ``quant_group_size`` that is not a positive divisor of N; an input that requires grad while
+            grad mode is on (the result is not differentiable: use ``torch.no_grad()`` or
+            ``torch.inference_mode()``).
+        TypeError: arguments of the wrong kind; ``round_to`` other than None / torch.bfloat16 /
+            torch.float16; a float8 ``quant`` this PyTorch has no dtype for.
+    """
+    call, qspec = prepare_quant(x, weight, bias, z, eps, group_size, norm_before_gate, is_rms_norm, activation,
+                                quant, quant_group_size, scale_format, round_to, column_major_scales)
+    if needs_autograd(x, weight, bias, z):
+        raise ValueError(
+            "gated_norm_quant is not differentiable, but x, weight, bias or z requires grad; "
+            "call it under torch.no_grad() / torch.inference_mode(), or pass detached tensors"
+        )
+    q, scale = gated_norm_quant_rows(call.x2d, weight, bias, call.z2d, call.spec, qspec, backend=backend)
+    lead = call.out_shape[:-1]
+    if column_major_scales:  # (M, G) with strides (1, M): a view of (G, M) storage, G outermost
+        scale = scale.t().view(scale.shape[1], *lead).movedim(0, -1)
+    else:
+        scale = scale.view(*lead, scale.shape[1])
+    return q.view(call.out_shape), scale

@@ -12,7 +12,29 @@ import torch
 from torch import nn
 
 from .functional import layernorm_fn
-from .spec import canonical_activation
+from .ops import requested_backend
+from .spec import canonical_activation, prepare
+
+
+def check_module_arguments(
+    hidden_size: int, eps: float, group_size: int | None, norm_before_gate: bool, is_rms_norm: bool,
+    activation: str, backend: str | None,
+) -> None:
+    """Reject at construction what every forward would reject: ``TypeError``/``ValueError`` naming the argument.
+
+    The checks are the operator's own (:func:`gatednorm.spec.prepare`, run here on shape-only ``meta``
+    tensors of ``hidden_size`` features), so a module and a call can never disagree about what is valid.
+    ``backend`` must be a known name (whether it can run depends on the device of the call).
+    """
+    if isinstance(hidden_size, bool) or not isinstance(hidden_size, int):
+        raise TypeError(f"hidden_size must be an int, got {type(hidden_size).__name__}")
+    if hidden_size <= 0:
+        raise ValueError(f"hidden_size must be a positive int, got {hidden_size}")
+    rows = torch.empty(0, hidden_size, device="meta")
+    weight = torch.empty(hidden_size, device="meta")
+    prepare(rows, weight, None, None, eps, group_size, norm_before_gate, is_rms_norm, activation)
+    if backend is not None:
+        requested_backend(backend)
 
 
 class AffineGatedNormBase(nn.Module):
@@ -59,16 +81,9 @@ class _GatedNorm(AffineGatedNormBase):
         backend: str | None = None,
     ) -> None:
         super().__init__()
-        if isinstance(hidden_size, bool) or not isinstance(hidden_size, int) or hidden_size <= 0:
-            raise ValueError(f"hidden_size must be a positive int, got {hidden_size!r}")
-        if group_size is not None and (
-            isinstance(group_size, bool) or not isinstance(group_size, int)
-            or group_size <= 0 or hidden_size % group_size
-        ):
-            raise ValueError(f"group_size must be None or a positive divisor of hidden_size = {hidden_size}, "
-                             f"got {group_size!r}")
+        check_module_arguments(hidden_size, eps, group_size, norm_before_gate, self.is_rms_norm, activation, backend)
         self.hidden_size = hidden_size
-        self.eps = eps
+        self.eps = float(eps)
         self.group_size = group_size
         self.norm_before_gate = norm_before_gate
         self.activation = canonical_activation(activation)
@@ -96,7 +111,9 @@ class LayerNorm(_GatedNorm):
         group_size: features per group (a divisor of N); None means one group of N.
         norm_before_gate: True gates the normalised output, False gates the input.
         activation: "swish" (default) or "sigmoid", keyword only.
-        backend: None/"auto"/"native"/"triton", keyword only.
+        backend: None/"auto"/"native"/"triton"/"compiled", keyword only (None: the process default,
+            docs/design.md "Choosing a backend").
+    Invalid arguments raise ``TypeError``/``ValueError`` here, at construction, naming the argument.
     Parameters: ``weight`` (N,) initialised to 1, ``bias`` (N,) initialised to 0.
     """
 

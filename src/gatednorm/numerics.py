@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import torch
 
-from .spec import NormSpec, compute_dtype
+from .spec import NormSpec, QuantSpec, compute_dtype, quant_dtype, quant_max
 
 #: var + eps at or above this (and finite) is computed to full precision in the compute dtype: the
 #: squares lost to underflow are below 2^-149 each, under 2^-136 for a group, 2^-36 of this (C = float32).
@@ -297,3 +297,76 @@ def backward_rows(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias:
         if needs_dx:
             dx = dxc
     return (None if dx is None else dx.reshape(m, n)), (None if dz is None else dz.reshape(m, n)), dw, db
+
+
+# ---------------------------------------------------------------------------
+# Quantized output (docs/design.md, "Quantized output")
+# ---------------------------------------------------------------------------
+# Per row and block of k consecutive features (k = QuantSpec.block; k = N: one block per row), on the
+# float32 values of y (y rounded to bf16/fp16 first with round_to)::
+#
+#     amax  = max |y| over the block                       (NaN when the block holds a NaN)
+#     scale = max(amax / qmax, QUANT_SCALE_MIN)            (ue8m0: rounded up to a power of two)
+#     q     = round_half_even(clamp(y / scale, -qmax, qmax)) in the quant dtype
+#
+# Every step is one correctly rounded float32 operation (a division, a max, a clamp, the final cast),
+# so any implementation that follows these steps gets the same bits from the same y.
+
+#: The smallest scale: 2^-126, the smallest normal float32. An all-zero block gets this scale and q = 0;
+#: 1 / scale (2^126) is finite, and the floor is a power of two, so ue8m0 leaves it alone. Only blocks
+#: with amax below qmax * 2^-126 (about 3e-36 for int8) are affected at all.
+QUANT_SCALE_MIN = 2.0**-126
+
+
+def ue8m0_round_up(scale: torch.Tensor) -> torch.Tensor:
+    """float32 ``scale`` (positive normal, Inf or NaN) rounded up to a power of two, exactly.
+
+    Adding 2^23 - 1 to the bits carries into the exponent exactly when some mantissa bit is set;
+    keeping the exponent bits then gives 2^ceil(log2(scale)). Inf stays Inf; NaN stays NaN.
+    """
+    bits = scale.view(torch.int32)
+    up = ((bits + 0x007FFFFF) & 0x7F800000).view(torch.float32)
+    return torch.where(torch.isnan(scale), scale, up)
+
+
+def quant_scales(amax: torch.Tensor, qspec: QuantSpec) -> torch.Tensor:
+    """float32 scales from float32 block maxima (NaN in, NaN out; Inf in, Inf out)."""
+    scale = (amax / quant_max(qspec.quant)).clamp_(min=QUANT_SCALE_MIN)  # clamp keeps NaN
+    return ue8m0_round_up(scale) if qspec.scale_format == "ue8m0" else scale
+
+
+def quantize_blocks(y: torch.Tensor, qspec: QuantSpec, q_out: torch.Tensor | None = None,
+                    scale_out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q (M, N), scale (M, N // k)) of y (M, N): the quantization of a norm's output, k = ``qspec.block``.
+
+    ``y`` is float32, or bf16/fp16 (taken exactly); a float64 y is rounded to float32 first (that is the
+    rule: the quantizer reads float32). ``q_out`` / ``scale_out`` (any strides) receive the results when
+    given. ``qspec.round_to`` is the caller's business: pass y already rounded.
+
+    Non-finite blocks (docs/design.md): a block holding a NaN gets scale NaN, one holding an Inf (and
+    no NaN) scale +Inf; every q of such a block is NaN (fp8) or 0 (int8), so ``q * scale`` is NaN
+    across the block. Other blocks of the row are not affected.
+    """
+    m, n = y.shape
+    k = qspec.block
+    qmax = quant_max(qspec.quant)
+    y3 = (y if y.dtype != torch.float64 else y.float()).unflatten(1, (n // k, k))
+    amax = torch.linalg.vector_norm(y3, float("inf"), dim=-1, dtype=torch.float32)  # NaN propagates
+    scale = quant_scales(amax, qspec)
+    v = y3 / scale.unsqueeze(-1)  # correctly rounded float32 division (bf16/fp16 y promote exactly)
+    v.clamp_(-qmax, qmax)
+    is_int = qspec.quant == "int8"
+    # Blocks with a NaN or Inf: q marks them (NaN; int8 has none, so 0) and the scale carries the cause.
+    v.masked_fill_(~torch.isfinite(scale).unsqueeze(-1), 0.0 if is_int else float("nan"))
+    if is_int:
+        v.round_()  # half to even
+    v = v.view(m, n)
+    if q_out is None:
+        q_out = v.to(quant_dtype(qspec.quant))  # fp8: the cast rounds to nearest even
+    else:
+        q_out.copy_(v)
+    if scale_out is None:
+        scale_out = scale
+    else:
+        scale_out.copy_(scale)
+    return q_out, scale_out

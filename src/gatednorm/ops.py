@@ -5,7 +5,8 @@ tensor-parallel layer and ``gatednorm verify``, reaches a backend through this m
 
 * :func:`gated_norm_rows` / :func:`gated_norm_rows_backward`: the internal entry points for
   already-validated 2-D rows (see :func:`gatednorm.spec.prepare`).
-* :func:`resolve_backend`: the backend *name* for a call (per call ``backend=``, the environment, auto).
+* :func:`resolve_backend`: the backend *name* for a call (per call ``backend=``, the environment, auto;
+  :func:`explain_backend` says why).
 * the registry (:func:`register_impl`, :func:`select_impl`, :func:`override_impl`): which
   implementation of the :class:`~gatednorm.backends.base.Backend` protocol serves a name on a device.
   Backends are imported here and nowhere else, lazily (Triton is optional, Inductor is heavy).
@@ -27,9 +28,10 @@ from collections.abc import Callable, Iterator
 
 import torch
 
+from . import numerics
 from .backends.base import Backend, Grads, GradsNeeded
 from .settings import env_flag, env_text
-from .spec import NormSpec, compute_dtype
+from .spec import NormSpec, QuantSpec, compute_dtype, quant_dtype, round_to_dtype
 
 #: Names accepted by ``backend=`` and ``GATEDNORM_BACKEND``.
 BACKENDS = ("auto", "native", "triton", "compiled")
@@ -43,6 +45,8 @@ ANY_DEVICE = "*"
 
 _LOADERS: dict[tuple[str, str], Callable[[], Backend]] = {}
 _IMPLS: dict[tuple[str, str], Backend] = {}
+#: Implementations whose loader raised ImportError (Triton absent): remembered, since a failed import is slow.
+_UNAVAILABLE: dict[tuple[str, str], ImportError] = {}
 
 
 def register_impl(name: str, device_type: str, loader: Callable[[], Backend]) -> None:
@@ -50,41 +54,56 @@ def register_impl(name: str, device_type: str, loader: Callable[[], Backend]) ->
     tensors of ``device_type`` (``ANY_DEVICE`` for every device type without an entry of its own)."""
     _LOADERS[(name, device_type)] = loader
     _IMPLS.pop((name, device_type), None)
+    _UNAVAILABLE.pop((name, device_type), None)
 
 
 def select_impl(name: str, device: torch.device) -> Backend:
-    """The implementation serving backend ``name`` (a concrete name, not "auto") on ``device``."""
+    """The implementation serving backend ``name`` (a concrete name, not "auto") on ``device``.
+
+    Raises ``ImportError`` when it cannot be loaded (the triton backend without Triton).
+    """
     key = (name, device.type)
     impl = _IMPLS.get(key)
     if impl is not None:
         return impl
-    if key not in _LOADERS:
+    if key not in _LOADERS and key not in _UNAVAILABLE:
         key = (name, ANY_DEVICE)
         impl = _IMPLS.get(key)
         if impl is not None:
             return impl
-    impl = _IMPLS[key] = _LOADERS[key]()
+    if key in _UNAVAILABLE:
+        raise _UNAVAILABLE[key]
+    try:
+        impl = _IMPLS[key] = _LOADERS[key]()
+    except ImportError as exc:
+        _UNAVAILABLE[key] = exc
+        raise
     return impl
 
 
 @contextlib.contextmanager
-def override_impl(name: str, device_type: str, impl: Backend) -> Iterator[Backend]:
+def override_impl(name: str, device_type: str, impl: Backend | ImportError) -> Iterator[Backend | ImportError]:
     """Within the block, ``impl`` serves backend ``name`` on ``device_type`` (tests: the accelerator path
-    on CPU tensors, small blocks, another rescue threshold). Restores the previous registration."""
+    on CPU tensors, small blocks, another rescue threshold); an ``ImportError`` instead makes the backend
+    unavailable there (as the triton backend is without Triton). Restores the previous registration."""
     key = (name, device_type)
-    saved_loader, saved_impl = _LOADERS.get(key), _IMPLS.get(key)
-    _LOADERS[key] = lambda: impl
-    _IMPLS[key] = impl
+    saved = _LOADERS.get(key), _IMPLS.get(key), _UNAVAILABLE.get(key)
+    _IMPLS.pop(key, None)
+    _UNAVAILABLE.pop(key, None)
+    if isinstance(impl, ImportError):
+        _UNAVAILABLE[key] = impl
+    else:
+        _LOADERS[key] = lambda: impl
+        _IMPLS[key] = impl
     try:
         yield impl
     finally:
         _IMPLS.pop(key, None)
-        if saved_loader is None:
-            _LOADERS.pop(key, None)
-        else:
-            _LOADERS[key] = saved_loader
-            if saved_impl is not None:
-                _IMPLS[key] = saved_impl
+        _UNAVAILABLE.pop(key, None)
+        _LOADERS.pop(key, None)
+        for table, value in zip((_LOADERS, _IMPLS, _UNAVAILABLE), saved, strict=True):
+            if value is not None:
+                table[key] = value
 
 
 def _native_cpu() -> Backend:
@@ -120,23 +139,21 @@ register_impl("triton", ANY_DEVICE, _triton)
 # Backend names
 # ---------------------------------------------------------------------------
 
-_TRITON_IMPORTABLE: list[bool] = []  # filled once: a failed import is slow, and would repeat every call
-
-
 def triton_available() -> bool:
-    """True when the fused Triton backend can be imported (checked once per process).
+    """Whether gatednorm's Triton backend can be *imported* in this process (checked once, then cached).
 
-    Importable is not the same as usable: the triton backend runs on CUDA tensors, and on CPU
-    tensors only under ``TRITON_INTERPRET=1``.
+    True means: Triton is installed and gatednorm's kernel module loads. It says nothing about
+    devices, and Triton imports fine on a machine without a GPU, so True does not mean that
+    ``backend="triton"`` can run your tensors: the backend runs CUDA tensors, and CPU tensors only
+    under Triton's interpreter (``TRITON_INTERPRET=1``, slow, for testing). To ask about a device, use
+    ``resolve_backend("triton", device)`` (raises ``ValueError`` saying why not) or
+    :func:`gatednorm.info`, which lists per device what ``auto`` picks and why.
     """
-    if not _TRITON_IMPORTABLE:
-        try:
-            select_impl("triton", torch.device("cpu"))
-        except ImportError:
-            _TRITON_IMPORTABLE.append(False)
-        else:
-            _TRITON_IMPORTABLE.append(True)
-    return _TRITON_IMPORTABLE[0]
+    try:
+        select_impl("triton", torch.device("cpu"))  # cached by the registry either way
+    except ImportError:
+        return False
+    return True
 
 
 # Under torch.compile the answer is a constant, so dynamo never traces the import. This is exactly what
@@ -152,35 +169,91 @@ def _triton_supports(device: torch.device) -> bool:
     return device.type == "cpu" and env_flag("TRITON_INTERPRET")
 
 
-def resolve_backend(backend: str | None, device: torch.device) -> str:
-    """Pick the backend name for a call on ``device``.
+def requested_backend(backend: str | None) -> tuple[str, str]:
+    """``(name, source)``: the backend a call asks for, before its device is considered.
 
-    ``USE_NATIVE_LAYERNORM=1`` forces native (the migration guide's switch); otherwise ``backend``
-    (per call), else ``GATEDNORM_BACKEND``, else ``auto``. ``auto`` takes triton on CUDA tensors
-    where Triton is importable, native elsewhere. An explicit request that cannot be honoured
-    raises ``ValueError``.
+    The precedence (docs/design.md, "Choosing a backend"): the call's ``backend=`` argument (source
+    ``"backend="``); else ``USE_NATIVE_LAYERNORM=1`` gives ``"native"`` (source
+    ``"USE_NATIVE_LAYERNORM"``); else ``GATEDNORM_BACKEND`` (source ``"GATEDNORM_BACKEND"``); else
+    ``"auto"`` (source ``"default"``). ``name`` may be ``"auto"``. Unknown names raise ``ValueError``.
     """
-    if backend is not None and backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
-    if env_flag("USE_NATIVE_LAYERNORM"):
-        return "native"
-    if backend is None:
-        backend = env_text("GATEDNORM_BACKEND").lower() or "auto"
+    if backend is not None:
         if backend not in BACKENDS:
-            raise ValueError(f"GATEDNORM_BACKEND must be one of {BACKENDS}, got {backend!r}")
-    if backend == "auto":
-        return "triton" if device.type == "cuda" and triton_available() else "native"
-    if backend == "triton":
+            raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
+        return backend, "backend="
+    name = env_text("GATEDNORM_BACKEND").lower()
+    if name and name not in BACKENDS:  # checked even where USE_NATIVE_LAYERNORM wins: a typo must not hide
+        raise ValueError(f"GATEDNORM_BACKEND must be one of {BACKENDS}, got {name!r}")
+    if env_flag("USE_NATIVE_LAYERNORM"):
+        return "native", "USE_NATIVE_LAYERNORM"
+    if name:
+        return name, "GATEDNORM_BACKEND"
+    return "auto", "default"
+
+
+def auto_backend(device: torch.device) -> str:
+    """What ``"auto"`` picks for tensors on ``device``: triton on CUDA when Triton is importable, else native."""
+    return "triton" if device.type == "cuda" and triton_available() else "native"
+
+
+def backend_problem(name: str, device: torch.device) -> str | None:
+    """Why the concrete backend ``name`` cannot run tensors on ``device`` (None when it can)."""
+    if name == "triton":
         if not triton_available():
-            raise ValueError("backend='triton' was requested but Triton (or gatednorm's kernels) cannot be imported")
+            return "Triton (or gatednorm's kernels) cannot be imported here; pip install 'gatednorm[triton]'"
         if not _triton_supports(device):
-            raise ValueError(
-                f"backend='triton' does not support tensors on {device} "
-                "(CUDA only; CPU tensors need TRITON_INTERPRET=1)"
-            )
-    if backend == "compiled" and not hasattr(torch, "compile"):
-        raise ValueError("backend='compiled' was requested but torch.compile is not available in this PyTorch")
-    return backend
+            return (f"the triton backend runs CUDA tensors, not tensors on {device} "
+                    "(CPU tensors only under Triton's interpreter, TRITON_INTERPRET=1)")
+    elif name == "compiled" and not hasattr(torch, "compile"):
+        return "the compiled backend needs torch.compile, which this PyTorch does not have"
+    return None
+
+
+def resolve_backend(backend: str | None, device: torch.device) -> str:
+    """The concrete backend name a call with ``backend=`` on ``device`` runs.
+
+    Precedence (docs/design.md, "Choosing a backend"; :func:`requested_backend`): an explicit
+    ``backend=`` wins; else ``USE_NATIVE_LAYERNORM=1`` means native; else ``GATEDNORM_BACKEND``; else
+    ``auto``. ``auto`` takes triton on CUDA tensors where Triton is importable, native elsewhere. A
+    named backend that cannot run on ``device`` raises ``ValueError`` naming where the name came
+    from: a call never falls back to another backend silently.
+    """
+    name, source = requested_backend(backend)
+    if name == "auto":
+        return auto_backend(device)
+    problem = backend_problem(name, device)
+    if problem is not None:
+        where = f"backend={name!r}" if source == "backend=" else f"{source} (backend {name!r})"
+        raise ValueError(f"{where} cannot be used: {problem}")
+    return name
+
+
+def auto_reason(device: torch.device) -> str:
+    """Why :func:`auto_backend` picks what it picks for ``device`` (one sentence, for messages and info)."""
+    if auto_backend(device) == "triton":
+        return "CUDA tensors run gatednorm's Triton kernels"
+    if device.type == "cuda":
+        return "Triton cannot be imported here, so CUDA tensors run native (pip install 'gatednorm[triton]')"
+    return f"Triton serves CUDA tensors only; {device.type} tensors run native (plain PyTorch ops)"
+
+
+def explain_backend(backend: str | None, device: torch.device) -> tuple[str | None, str]:
+    """``(name, why)``: what :func:`resolve_backend` gives for ``backend`` on ``device`` and why, or
+    ``(None, the error)`` where it raises. For :func:`gatednorm.info` and messages; not on the hot path."""
+    try:
+        name, source = requested_backend(backend)
+    except ValueError as exc:
+        return None, str(exc)
+    origin = {"backend=": f"backend={name!r} passed",
+              "USE_NATIVE_LAYERNORM": "USE_NATIVE_LAYERNORM=1",
+              "GATEDNORM_BACKEND": f"GATEDNORM_BACKEND={name}",
+              "default": "no backend=, USE_NATIVE_LAYERNORM or GATEDNORM_BACKEND, so auto"}[source]
+    if name == "auto":
+        return auto_backend(device), f"{origin}: {auto_reason(device)}"
+    problem = backend_problem(name, device)
+    if problem is not None:
+        return None, f"{origin}, but {problem}"
+    return name, origin
 
 
 def _impl_for(name: str, x: torch.Tensor) -> Backend:
@@ -438,3 +511,97 @@ def gated_norm_rows_backward(
     name = resolve_backend(backend, x2d.device)
     return _run_backward(dy, x2d, weight, bias, z2d, mean, rstd, spec, name,
                          GradsNeeded(needs_dx, needs_dz, needs_dweight, needs_dbias))
+
+
+# ---------------------------------------------------------------------------
+# Quantized output (docs/design.md, "Quantized output")
+# ---------------------------------------------------------------------------
+# A backend may fuse norm and quantization (``forward_quant``, see backends.base.FusedQuantBackend);
+# every backend without it, and every call its fused kernel does not cover, takes the generic path:
+# the backend's own forward writes y into a float32 buffer (or bf16/fp16 for round_to; y is then
+# rounded exactly once, as the forward always does), and numerics.quantize_blocks quantizes it.
+
+#: The generic path runs forward + quantization over row blocks of at most this many elements, so
+#: its float32 buffer (and the quantizer's temporaries) stay bounded on huge inputs.
+QUANT_BLOCK_ELEMENTS = 1 << 24
+
+
+def _quant_outputs(x: torch.Tensor, qspec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q (M, N), scale storage): (M, G) row-major, or (G, M) row-major for column-major scales."""
+    m, n = x.shape
+    groups = n // qspec.block
+    q = torch.empty((m, n), dtype=quant_dtype(qspec.quant), device=x.device)
+    shape = (groups, m) if qspec.column_major_scales else (m, groups)
+    return q, torch.empty(shape, dtype=torch.float32, device=x.device)
+
+
+def _scale_view(storage: torch.Tensor, qspec: QuantSpec) -> torch.Tensor:
+    """The (M, G) scale tensor over its storage: column-major strides (1, M) when asked for."""
+    return storage.t() if qspec.column_major_scales else storage
+
+
+def _quantize_generic(impl: Backend, x, weight, bias, z, spec: NormSpec, qspec: QuantSpec,
+                      q: torch.Tensor, scale: torch.Tensor) -> None:
+    """impl.forward into a float32 (or round_to) buffer, then :func:`numerics.quantize_blocks`, by row blocks.
+
+    Each row's quantization depends on that row alone, so blocking keeps batch invariance wherever
+    the backend's forward has it.
+    """
+    m, n = x.shape
+    buffer_dtype = round_to_dtype(qspec.round_to) or torch.float32
+    step = max(1, min(m, QUANT_BLOCK_ELEMENTS // n))
+    y = torch.empty((step, n), dtype=buffer_dtype, device=x.device)
+    for r0 in range(0, m, step):
+        r1 = min(m, r0 + step)
+        yb = y[: r1 - r0]
+        impl.forward(x[r0:r1], weight, bias, None if z is None else z[r0:r1], spec, yb)
+        numerics.quantize_blocks(yb, qspec, q[r0:r1], scale[r0:r1])
+
+
+def _forward_quant_eager(x, weight, bias, z, spec: NormSpec, qspec: QuantSpec, backend: str):
+    """(q, scale storage) of validated rows; see :func:`gated_norm_quant_rows`."""
+    q, storage = _quant_outputs(x, qspec)
+    if _no_work(x):
+        return q, storage
+    scale = _scale_view(storage, qspec)
+    impl = _impl_for(backend, x)
+    fused = getattr(impl, "forward_quant", None)
+    if fused is None or not fused(x, weight, bias, z, spec, qspec, q, scale):
+        _quantize_generic(impl, x, weight, bias, z, spec, qspec, q, scale)
+    return q, storage
+
+
+@torch.library.custom_op("gatednorm::forward_quant", mutates_args=())
+def forward_quant_op(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, z: torch.Tensor | None,
+    eps: float, group_size: int, norm_before_gate: bool, is_rms_norm: bool, activation: str,
+    quant: str, block: int, scale_format: str, round_to: str, column_major_scales: bool, backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q, scale storage): the storage is (M, G), or (G, M) for column-major scales (the caller transposes)."""
+    spec = NormSpec(eps, group_size, norm_before_gate, is_rms_norm, activation)
+    qspec = QuantSpec(quant, block, scale_format, round_to, column_major_scales)
+    return _forward_quant_eager(x, weight, bias, z, spec, qspec, backend)
+
+
+@forward_quant_op.register_fake
+def _(x, weight, bias, z, eps, group_size, norm_before_gate, is_rms_norm, activation,
+      quant, block, scale_format, round_to, column_major_scales, backend):
+    return _quant_outputs(x, QuantSpec(quant, block, scale_format, round_to, column_major_scales))
+
+
+def gated_norm_quant_rows(
+    x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, z2d: torch.Tensor | None,
+    spec: NormSpec, qspec: QuantSpec, *, backend: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q (M, N), scale (M, N // qspec.block)) of validated rows (:func:`gatednorm.spec.prepare_quant`).
+
+    Not differentiable (the caller refuses inputs that require grad). The backend is resolved as for
+    :func:`gated_norm_rows`; its ``forward_quant`` runs where it has one and covers the call, else the
+    generic path (forward into float32, then :func:`gatednorm.numerics.quantize_blocks`).
+    """
+    name = resolve_backend(backend, x2d.device)
+    if _compiling():
+        q, storage = forward_quant_op(x2d, weight, bias, z2d, *spec, *qspec, name)
+    else:
+        q, storage = _forward_quant_eager(x2d, weight, bias, z2d, spec, qspec, name)
+    return q, _scale_view(storage, qspec)

@@ -8,11 +8,17 @@ so the triton backend follows the value it had when that backend was first loade
 =========================  =======================================================================
 variable                   effect
 =========================  =======================================================================
-``GATEDNORM_BACKEND``      default backend for calls without ``backend=`` (auto/native/triton/compiled)
-``USE_NATIVE_LAYERNORM``   the migration guide's switch: every call runs native (even with ``backend=``)
+``USE_NATIVE_LAYERNORM``   the migration guide's switch, ``1``: calls without ``backend=`` run native
+                           (it takes precedence over ``GATEDNORM_BACKEND``; an explicit ``backend=``
+                           wins over both)
+``GATEDNORM_BACKEND``      backend for calls without ``backend=`` when ``USE_NATIVE_LAYERNORM`` is not
+                           set (auto/native/triton/compiled; an unknown name raises on every call)
 ``GATEDNORM_PATCH``        targets to patch (read by the opt-in ``.pth`` hook and ``apply_env_patch()``)
 ``TRITON_INTERPRET``       Triton's interpreter: lets the triton backend run on CPU tensors
 =========================  =======================================================================
+
+The backend precedence, in one table: docs/design.md, section 4, "Choosing a backend"
+(implemented by :func:`gatednorm.ops.resolve_backend`).
 """
 
 from __future__ import annotations

@@ -149,3 +149,114 @@ def prepare(
 
     spec = NormSpec(eps, group_size, norm_before_gate, is_rms_norm, activation)
     return GatedNormCall(x2d, weight, bias, z2d, spec, x.shape)
+
+
+# ---------------------------------------------------------------------------
+# Quantized output (docs/design.md, "Quantized output")
+# ---------------------------------------------------------------------------
+
+#: quant= name -> (torch dtype attribute name, qmax: the largest |q|). The two fp8 formats are not
+#: interchangeable: e4m3fn (NVIDIA, OCP) saturates at 448, e4m3fnuz (AMD MI300) at 240.
+QUANT_FORMATS = {
+    "fp8_e4m3": ("float8_e4m3fn", 448.0),
+    "fp8_e4m3fnuz": ("float8_e4m3fnuz", 240.0),
+    "int8": ("int8", 127.0),
+}
+
+#: scale_format= values: "float32" (scale = amax / qmax) or "ue8m0" (that, rounded up to a power of two).
+SCALE_FORMATS = ("float32", "ue8m0")
+
+#: round_to= dtypes -> their canonical names in :class:`QuantSpec` ("none": quantize the float32 y).
+_ROUND_TO = {torch.bfloat16: "bfloat16", torch.float16: "float16"}
+
+
+class QuantSpec(NamedTuple):
+    """Static description of the quantization of one call (hashable; no tensors; custom-op scalars in order).
+
+    ``block`` is the number of consecutive features that share a scale: ``quant_group_size``, or N for
+    one scale per row (per token). ``round_to`` is "none", "bfloat16" or "float16".
+    """
+
+    quant: str  # a key of QUANT_FORMATS
+    block: int
+    scale_format: str  # "float32" | "ue8m0"
+    round_to: str  # "none" | "bfloat16" | "float16"
+    column_major_scales: bool
+
+
+def quant_dtype(quant: str) -> torch.dtype:
+    """The torch dtype of q for ``quant`` (a key of :data:`QUANT_FORMATS`); ``TypeError`` where this PyTorch
+    lacks it (float8 dtypes arrived in torch 2.1)."""
+    attr = QUANT_FORMATS[quant][0]
+    dtype = getattr(torch, attr, None)
+    if dtype is None:
+        raise TypeError(
+            f"quant={quant!r} needs torch.{attr}, which this PyTorch ({torch.__version__}) does not have; "
+            "upgrade PyTorch or use quant='int8'"
+        )
+    return dtype
+
+
+def quant_max(quant: str) -> float:
+    """qmax of ``quant``: 448 (fp8_e4m3), 240 (fp8_e4m3fnuz), 127 (int8)."""
+    return QUANT_FORMATS[quant][1]
+
+
+def round_to_dtype(round_to: str) -> torch.dtype | None:
+    """The dtype y is rounded to before quantization (None: quantize the float32 y)."""
+    return {"none": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[round_to]
+
+
+def prepare_quant(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    z: torch.Tensor | None,
+    eps: float,
+    group_size: int | None,
+    norm_before_gate: bool,
+    is_rms_norm: bool,
+    activation: str,
+    quant: str,
+    quant_group_size: int | None,
+    scale_format: str,
+    round_to: torch.dtype | None,
+    column_major_scales: bool,
+) -> tuple[GatedNormCall, QuantSpec]:
+    """:func:`prepare` for the norm arguments, then the quantization arguments.
+
+    Raises ``ValueError`` for an unknown ``quant`` or ``scale_format``, or a ``quant_group_size`` that is
+    not a positive divisor of N; ``TypeError`` for arguments of the wrong kind, a ``round_to`` other
+    than None / torch.bfloat16 / torch.float16, and a float8 format this PyTorch lacks. Nothing is
+    allocated or written before this returns.
+    """
+    call = prepare(x, weight, bias, z, eps, group_size, norm_before_gate, is_rms_norm, activation)
+    n = x.shape[-1]
+    if not isinstance(quant, str) or quant not in QUANT_FORMATS:
+        raise ValueError(f"quant must be one of {sorted(QUANT_FORMATS)}, got {quant!r}")
+    quant_dtype(quant)  # the float8 dtypes are missing from old PyTorch: say so now, not at allocation
+
+    if quant_group_size is None:
+        block = n
+    elif isinstance(quant_group_size, bool) or not isinstance(quant_group_size, int):
+        raise TypeError(f"quant_group_size must be an int or None, got {type(quant_group_size).__name__}")
+    elif quant_group_size <= 0 or n % quant_group_size != 0:
+        raise ValueError(f"quant_group_size must be a positive divisor of N = {n} (or None: one scale per row), "
+                         f"got {quant_group_size}")
+    else:
+        block = quant_group_size
+
+    if not isinstance(scale_format, str) or scale_format not in SCALE_FORMATS:
+        raise ValueError(f"scale_format must be one of {SCALE_FORMATS}, got {scale_format!r}")
+
+    if round_to is None:
+        rounding = "none"
+    elif isinstance(round_to, torch.dtype) and round_to in _ROUND_TO:
+        rounding = _ROUND_TO[round_to]
+    else:
+        raise TypeError(f"round_to must be None, torch.bfloat16 or torch.float16, got {round_to!r}")
+
+    if not isinstance(column_major_scales, bool):
+        raise TypeError(f"column_major_scales must be a bool, got {type(column_major_scales).__name__}")
+
+    return call, QuantSpec(quant, block, scale_format, rounding, column_major_scales)

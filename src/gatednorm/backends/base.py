@@ -11,7 +11,7 @@ from typing import NamedTuple, Protocol, runtime_checkable
 
 import torch
 
-from ..spec import NormSpec
+from ..spec import NormSpec, QuantSpec
 
 
 class GradsNeeded(NamedTuple):
@@ -48,4 +48,19 @@ class Backend(Protocol):
                  z: torch.Tensor | None, mean: torch.Tensor | None, rstd: torch.Tensor, spec: NormSpec,
                  needs: GradsNeeded) -> Grads:
         """(dx, dz, dweight, dbias) in x's, z's, weight's and bias's dtypes; None where not needed."""
+        ...
+
+
+@runtime_checkable
+class FusedQuantBackend(Protocol):
+    """What a backend adds for a fused quantized forward (docs/design.md, "Quantized output"). Optional:
+    :mod:`gatednorm.ops` looks for ``forward_quant`` and, without it, runs the backend's :meth:`Backend.forward`
+    into a float32 buffer and quantizes that (the generic path)."""
+
+    def forward_quant(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                      z: torch.Tensor | None, spec: NormSpec, qspec: QuantSpec, q: torch.Tensor,
+                      scale: torch.Tensor) -> bool:
+        """Write the quantized gated norm of x (M > 0, N) into q (M, N, contiguous, the quant dtype) and
+        scale (M, N // qspec.block, float32, any strides); return True. Return False, having written
+        nothing, for a call this backend does not fuse: the generic path then runs instead."""
         ...

@@ -57,7 +57,8 @@ def patch(*targets: str, backend: str | None = None) -> PatchHandle:
     Args:
         *targets: any of ``"sglang"``, ``"vllm"``, ``"fla"``, ``"mamba_ssm"``, ``"transformers"``
             (``"all"`` or nothing: every one that is installed).
-        backend: backend the replacements use (None: ``GATEDNORM_BACKEND`` / auto, per call).
+        backend: backend the replacements use, whatever the environment says (None: decided per call,
+            ``USE_NATIVE_LAYERNORM`` / ``GATEDNORM_BACKEND`` / auto; docs/design.md "Choosing a backend").
 
     Returns:
         A :class:`PatchHandle`; ``handle.undo()`` (or leaving a ``with`` block) restores the originals.
@@ -65,9 +66,13 @@ def patch(*targets: str, backend: str | None = None) -> PatchHandle:
 
     A named target that is not installed is skipped with a warning; one that is installed but
     whose module layout or signatures are not the known ones raises :class:`UnknownLayoutError`
-    naming what was not found (nothing is left patched). Attributes already replaced by an
-    earlier, still active patch are left alone, so patching twice is harmless. Functions other
-    modules imported by name before the patch (``from m import f``) are replaced there too.
+    naming what was not found (nothing is left patched). A named target whose import fails raises
+    ``ImportError`` (with no targets named: skipped with a warning), and does so on every call: the
+    framework is imported through its package ``__init__`` each time, so submodules that an earlier
+    failed import left behind cannot make a later call succeed (see :meth:`Planner.module`).
+    Attributes already replaced by an earlier, still active patch are left alone, so patching twice
+    is harmless. Functions other modules imported by name before the patch (``from m import f``)
+    are replaced there too.
     """
     if backend is not None and backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")

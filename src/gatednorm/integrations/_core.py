@@ -253,12 +253,24 @@ class Planner:
         self.found: list[str] = []
 
     def module(self, path: str) -> types.ModuleType | None:
-        """The module at ``path``, imported if needed; None when this version of the package has no such file."""
+        """The module at ``path``, imported if needed; None when this version of the package has no such file.
+
+        The framework's top-level package is imported first, as ``import <package>`` would, whenever
+        it is not loaded: a package whose ``__init__`` failed earlier (mamba_ssm without its CUDA
+        extensions) leaves the submodules it had finished in ``sys.modules``, and importing ``path``
+        directly would then skip the failing ``__init__`` and succeed the second time. This way every
+        attempt fails the same way, and leaves what a plain ``import <package>`` leaves. (Removing those
+        submodules instead is not safe: re-running a module that registers types or ops with torch, as
+        vLLM's do, raises "already registered" on the next import.)
+        """
         if path in sys.modules:
             module = sys.modules[path]
         elif not module_source_exists(path):
             return None
         else:
+            top = path.partition(".")[0]
+            if top not in sys.modules:
+                importlib.import_module(top)
             module = importlib.import_module(path)
         self.found.append(path)
         return module

@@ -30,7 +30,17 @@ from .cases import (
     shard_jobs,
     variants,
 )
-from .report import EXIT_FAILED, EXIT_INCOMPLETE, EXIT_OK, EXIT_USAGE, SummaryRow, summarize
+from .report import (
+    EXIT_FAILED,
+    EXIT_INCOMPLETE,
+    EXIT_OK,
+    EXIT_USAGE,
+    SCHEMA_VERSION,
+    SummaryRow,
+    load_json_report,
+    summarize,
+    upgrade_json_report,
+)
 from .runner import (
     QUANTITIES,
     Result,
@@ -69,6 +79,7 @@ __all__ = [
     "GATES",
     "QUANTITIES",
     "QUICK_SHAPES",
+    "SCHEMA_VERSION",
     "TOLERANCE_DOC",
     "Case",
     "Comparison",
@@ -85,6 +96,7 @@ __all__ = [
     "case_seed",
     "compare",
     "k_factor",
+    "load_json_report",
     "magnitudes",
     "make_inputs",
     "min_spacing",
@@ -98,6 +110,7 @@ __all__ = [
     "torch_reference_name",
     "ulp_of",
     "unit_roundoff",
+    "upgrade_json_report",
     "upstream_kernel",
     "variants",
 ]

@@ -12,7 +12,6 @@ on to the workers, which report what ran; a worker that dies without a report ma
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import signal
 import subprocess
@@ -24,7 +23,7 @@ from typing import TYPE_CHECKING
 
 from .interrupt import Terminated, stop_on_sigterm
 from .progress import Progress
-from .report import EXIT_FAILED, EXIT_INCOMPLETE, EXIT_OK
+from .report import EXIT_FAILED, EXIT_INCOMPLETE, EXIT_OK, load_json_report
 from .runner import Result
 
 if TYPE_CHECKING:
@@ -120,8 +119,7 @@ def run_workers(plan: Plan) -> Merged:
     done, reasons, interrupted, crashed = 0, set(), [], []
     for k, ((json_path, _, log_path), p) in enumerate(zip(paths, procs, strict=False)):
         try:
-            with open(json_path) as f:
-                worker_report = json.load(f)
+            worker_report = load_json_report(json_path)
         except (OSError, ValueError):
             worker_report = None
         # a worker we stopped may die of the signal after writing its report (its handler is gone by then)

@@ -1,7 +1,9 @@
 """What ``gatednorm verify`` reports: the summary table, the JSON and Markdown files, the exit code.
 
 Results are aggregated per (backend, reference, dtype, quantity) by :func:`summarize`; the table
-is printed with rich when installed and stdout is a terminal, as plain text otherwise.
+is printed with rich when installed and stdout is a terminal, as plain text otherwise. The JSON
+file's schema is docs/verify-json.md (:data:`SCHEMA_VERSION`); :func:`load_json_report` reads it,
+and upgrades files written before the schema had a version.
 """
 
 from __future__ import annotations
@@ -17,9 +19,13 @@ from dataclasses import dataclass
 
 import torch
 
+from .._version import __version__
 from .cases import DTYPES, EPS, Shape
 from .runner import QUANTITIES, Result, Upstream
 from .tolerance import TOLERANCE_DOC, TOLERANCE_RULE, tolerance_table
+
+#: Version of the ``--json`` file's layout (docs/verify-json.md). Files without ``schema_version`` are version 0.
+SCHEMA_VERSION = 1
 
 #: Exit codes of ``gatednorm verify``.
 EXIT_OK = 0
@@ -125,9 +131,10 @@ def build_meta(device: torch.device, backends: Sequence[str], upstream: Upstream
         "device": str(device),
         "device_name": device_name(device),
         "torch": torch.__version__,
-        "backends": ", ".join(backends),
+        "gatednorm": __version__,
+        "backends": list(backends),
         "upstream": "fla-core" if upstream[0] is not None else f"skipped: {upstream[2]}",
-        "shapes": "; ".join(f"{s.name}" for s in shapes),
+        "shapes": [s.name for s in shapes],
         "eps": EPS,
         "complete": complete,
         "status": status,
@@ -203,7 +210,7 @@ def print_report(summary: list[SummaryRow], results: list[Result], meta: dict, u
                   f"err/tol {r.comparison.worst_ratio:.3g} {r.error}")
     print(f"\n{len(results) - len(failed)}/{len(results)} checks within tolerance "
           f"({done} of {total} cases, {meta['seconds']:.1f} s). Tolerance: {TOLERANCE_RULE}, "
-          f"K = 8+log2(group_size) (see gatednorm.verification).\n{ULP_NOTE}")
+          f"K = 8+log2(group_size) (see gatednorm.verify.tolerance).\n{ULP_NOTE}")
     if not meta["complete"]:
         current = meta["interrupted_case"]
         print(f"\nINCOMPLETE: {done} of {total} cases run ({meta['stopped'] or ''})"
@@ -215,13 +222,53 @@ def print_report(summary: list[SummaryRow], results: list[Result], meta: dict, u
 # ---------------------------------------------------------------------------
 
 def json_report(summary: list[SummaryRow], results: list[Result], meta: dict) -> str:
-    """The ``--json`` file: completeness, meta, the tolerance per dtype, the summary and every result.
+    """The ``--json`` file (docs/verify-json.md): ``schema_version``, ``complete``, ``meta``, the tolerance
+    per dtype, the summary and every result.
 
-    ``verify --jobs`` reads its workers' reports back with :meth:`Result.from_dict`.
+    ``complete`` is at the top level only (``meta`` without it). ``verify --jobs`` reads its workers'
+    reports back with :func:`load_json_report` and :meth:`Result.from_dict`.
     """
-    return json.dumps({"complete": meta["complete"], "meta": meta, "tolerance": tolerance_table(),
+    return json.dumps({"schema_version": SCHEMA_VERSION, "complete": meta["complete"],
+                       "meta": {k: v for k, v in meta.items() if k != "complete"},
+                       "tolerance": tolerance_table(),
                        "summary": [s.to_dict() for s in summary],
                        "results": [r.to_dict() for r in results]}, indent=1, default=str)
+
+
+#: Version 0 (before ``schema_version``) tolerance keys -> version 1.
+_V0_TOLERANCE_KEYS = {"rounding u(O)": "unit_roundoff_output", "compute u(C)": "unit_roundoff_compute"}
+
+
+def upgrade_json_report(data: dict) -> dict:
+    """A ``--json`` report in the current layout (:data:`SCHEMA_VERSION`), from any earlier one.
+
+    Version 0 (no ``schema_version``) had ``complete`` both at the top and in ``meta``, tolerance keys
+    with spaces (``"rounding u(O)"``, ``"compute u(C)"``), and ``meta.backends`` / ``meta.shapes`` as
+    one string (", " / "; " separated). ``data`` is not modified. Raises ``ValueError`` for a report
+    from a newer gatednorm (a ``schema_version`` above this one's) or one that is not a report.
+    """
+    if not isinstance(data, dict) or "meta" not in data or "results" not in data:
+        raise ValueError("not a gatednorm verify --json report: expected an object with 'meta' and 'results'")
+    version = data.get("schema_version", 0)
+    if not isinstance(version, int) or version > SCHEMA_VERSION:
+        raise ValueError(f"verify report schema_version {version!r} is newer than this gatednorm reads "
+                         f"({SCHEMA_VERSION}); upgrade gatednorm")
+    if version == SCHEMA_VERSION:
+        return data
+    meta = dict(data["meta"])
+    complete = data.get("complete", meta.get("complete", meta.get("cases_run") == meta.get("cases")))
+    meta.pop("complete", None)
+    for key, sep in (("backends", ","), ("shapes", ";")):
+        if isinstance(meta.get(key), str):
+            meta[key] = [part.strip() for part in meta[key].split(sep) if part.strip()]
+    tolerance = [{_V0_TOLERANCE_KEYS.get(k, k): v for k, v in row.items()} for row in data.get("tolerance", [])]
+    return {**data, "schema_version": SCHEMA_VERSION, "complete": complete, "meta": meta, "tolerance": tolerance}
+
+
+def load_json_report(path: str) -> dict:
+    """Read a ``verify --json`` file, of this or an earlier schema version, in the current layout."""
+    with open(path) as f:
+        return upgrade_json_report(json.load(f))
 
 
 def markdown(summary: list[SummaryRow], results: list[Result], meta: dict) -> str:
@@ -230,7 +277,8 @@ def markdown(summary: list[SummaryRow], results: list[Result], meta: dict) -> st
     if not meta["complete"]:
         lines += [f"**{meta['status']}**" + (f"; stopped during: {meta['interrupted_case']}"
                                              if meta["interrupted_case"] else ""), ""]
-    lines += [f"- {k}: {v}" for k, v in meta.items() if k not in ("device",)]
+    lines += [f"- {k}: {', '.join(map(str, v)) if isinstance(v, list) else v}" for k, v in meta.items()
+              if k not in ("device",)]
     lines += ["", "| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
     lines += ["| " + " | ".join(r) + " |" for r in table_rows(summary)]
     lines += ["", ULP_NOTE, "", "## Tolerance", "", TOLERANCE_DOC, ""]

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import importlib.util
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -54,7 +55,16 @@ def available_backends(device: torch.device) -> list[str]:
 
 
 def upstream_kernel(device: torch.device) -> Upstream:
-    """(layer_norm_fwd, LayerNormFn, why-not) of fla-core when it can run on ``device``."""
+    """(layer_norm_fwd, LayerNormFn, why-not) of fla-core when it can run on ``device``.
+
+    The reasons, in the order they are checked: fla-core is not installed; Triton is not installed
+    (fla's kernel is a Triton kernel); the device is a CPU without ``TRITON_INTERPRET=1``; the device
+    is neither CPU nor CUDA; importing fla's module failed.
+    """
+    if importlib.util.find_spec("fla") is None:
+        return None, None, "fla-core is not installed (pip install --no-deps fla-core==0.6.0 to compare with it)"
+    if importlib.util.find_spec("triton") is None:
+        return None, None, "fla-core needs Triton, which is not installed"
     if device.type == "cpu" and not env_flag("TRITON_INTERPRET"):
         return None, None, "fla needs TRITON_INTERPRET=1 on CPU"
     if device.type not in ("cpu", "cuda"):

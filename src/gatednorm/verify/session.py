@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .. import ops
 from . import parallel, report, runner
 from .cases import FULL_SHAPES, QUICK_SHAPES, Case, Shape, case_order, case_seed, shard_jobs, variants
 from .interrupt import Terminated, stop_on_sigterm
@@ -69,9 +70,15 @@ def make_plan(args: argparse.Namespace, start: float) -> Plan:
     available = runner.available_backends(device)
     # 'compiled' compiles once per feature combination (minutes over the whole matrix): only on request
     backends = args.backend or [b for b in available if b != "compiled"]
-    unknown = [b for b in backends if b not in available]
-    if unknown:
-        raise UsageError(f"backend(s) {unknown} not available on {device}; available: {available}")
+    for b in backends:
+        if b in available:
+            continue
+        valid = [name for name in ops.BACKENDS if name != "auto"]
+        if b not in valid:
+            raise UsageError(f"unknown backend {b!r}; valid backends: {', '.join(valid)}")
+        why = ops.backend_problem(b, device) or "it is not available"
+        raise UsageError(f"backend {b!r} cannot run on {device}: {why}. Available on {device}: "
+                         f"{', '.join(available)}")
     dtypes = tuple(args.dtype or DEFAULT_DTYPES)
     shapes = QUICK_SHAPES if args.quick else FULL_SHAPES
     upstream = runner.upstream_kernel(device) if args.upstream else (None, None, "disabled (--no-upstream)")

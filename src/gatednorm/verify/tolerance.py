@@ -63,14 +63,19 @@ def min_spacing(dtype: torch.dtype) -> float:
 
 
 def tolerance_table() -> list[dict]:
-    """The documented tolerance per output dtype (for the report)."""
+    """The documented tolerance per output dtype (the ``tolerance`` list of ``verify --json``).
+
+    Keys: ``dtype`` (the output dtype O), ``unit_roundoff_output`` (u(O)), ``compute_dtype`` (C),
+    ``unit_roundoff_compute`` (u(C)) and ``rule`` (:data:`TOLERANCE_RULE` with K).
+    """
     rows = []
     for name, dt in DTYPES.items():
         c = torch.float64 if dt == torch.float64 else torch.float32
         rows.append({
             "dtype": name,
-            "rounding u(O)": unit_roundoff(dt),
-            "compute u(C)": unit_roundoff(c),
+            "unit_roundoff_output": unit_roundoff(dt),
+            "compute_dtype": str(c).removeprefix("torch."),
+            "unit_roundoff_compute": unit_roundoff(c),
             "rule": f"{TOLERANCE_RULE}, K = 8+log2(gs)",
         })
     return rows

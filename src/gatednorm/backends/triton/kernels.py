@@ -39,7 +39,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ...numerics import SAFE_RSTD_MAX, SAFE_VAR_MIN
+from ...numerics import QUANT_SCALE_MIN, SAFE_RSTD_MAX, SAFE_VAR_MIN
 
 # ---------------------------------------------------------------------------
 # Shared helpers (jit)
@@ -558,3 +558,176 @@ def sum_partials_kernel(
         _store_out(DW + cols, tl.sum(acc_w, axis=0), col_ok, BF16_BY_BITS)
     if NEED_DB:
         _store_out(DB + cols, tl.sum(acc_b, axis=0), col_ok, BF16_BY_BITS)
+
+
+# ---------------------------------------------------------------------------
+# Fused quantized forward (docs/design.md, "Quantized output")
+# ---------------------------------------------------------------------------
+# fwd_quant_kernel reads x and z once, normalises in fp32 registers, and writes q (1 byte per feature)
+# and one float32 scale per block: no y in memory. Per row and quant block of K features, exactly the
+# steps of gatednorm.numerics.quantize_blocks, each one correctly rounded fp32 operation:
+#
+#     amax = max |y|,  scale = max(amax / qmax, 2^-126)  (ue8m0: up to a power of two),
+#     q = round_half_even(clamp(y / scale, -qmax, qmax));  a block holding NaN/Inf: scale NaN/Inf, q NaN / 0
+#
+# so the fused q and scales are bit for bit those of the generic path given the same y. The tile is
+# [ROWS, NG, GB]: ROWS rows x NG norm groups of GS features (GB lanes, GS rounded up to a power of two).
+# Its quant blocks are the same values seen as [ROWS, NQ, KB]: one block per tile (K = NG * GS, several
+# whole groups, or K = GS) or NQ blocks of K inside one group. The launcher sends other layouts to the
+# generic path.
+#
+# Divisions use div_rn: Triton's `/` may compile to an approximate division on GPUs, and the scales
+# and q must be the correctly rounded quotients (ue8m0 scales are powers of two: y times the exact
+# reciprocal is the same quotient, without a division per element). Rounding to an integer uses the 1.5 * 2^23 trick:
+# adding it to |v| < 2^22 leaves no fraction bits, so the fp32 add itself rounds half to even.
+
+_QUANT_SCALE_MIN = tl.constexpr(QUANT_SCALE_MIN)
+_RNE_MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2^23
+
+
+@triton.jit
+def _round_through(y, ROUND_TO: tl.constexpr, BF16_BY_BITS: tl.constexpr):
+    """fp32 y rounded to nearest even in bf16 (ROUND_TO 1) or fp16 (2) and widened back (0: y itself)."""
+    if ROUND_TO == 1:
+        if BF16_BY_BITS:  # the interpreter's fp32 -> bf16 truncates: round on the bits (as _store_out does)
+            bits = y.to(tl.uint32, bitcast=True)
+            rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
+            nan = ((bits >> 16) << 16) | 0x400000  # NaN stays a (quiet) NaN
+            return tl.where(y != y, nan, rounded).to(tl.float32, bitcast=True)
+        else:
+            return y.to(tl.bfloat16).to(tl.float32)
+    elif ROUND_TO == 2:
+        return y.to(tl.float16).to(tl.float32)
+    else:
+        return y
+
+
+@triton.jit
+def _fp8_e4m3_bits(v, FNUZ: tl.constexpr):
+    """The float8 e4m3fn (FNUZ: e4m3fnuz) bits, as int32 in [0, 255], of fp32 v rounded to nearest even.
+
+    v must be finite and within the format's range (the caller clamps). Used where the hardware
+    conversion is missing (e4m3fnuz on NVIDIA GPUs) or wrong (Triton's interpreter rounds fp32 -> fp8
+    incorrectly). e4m3fn: exponent bias 7, subnormal spacing 2^-9, -0 kept; e4m3fnuz: bias 8, spacing
+    2^-10, no -0 (0x80 is its NaN).
+    """
+    # With exponent bias BIAS (7; fnuz 8): REBIAS = (127 - BIAS) << 3, the smallest normal 2^(1 - BIAS),
+    # subnormal spacing 2^(-BIAS - 2) (SUB_SCALE is its inverse).
+    REBIAS: tl.constexpr = 952 if FNUZ else 960
+    MIN_NORMAL: tl.constexpr = 0.0078125 if FNUZ else 0.015625
+    SUB_SCALE: tl.constexpr = 1024.0 if FNUZ else 512.0
+    bits = v.to(tl.int32, bitcast=True)
+    sign = (bits >> 24) & 0x80  # bit 31 -> bit 7
+    mag = bits & 0x7FFFFFFF
+    # Normal results: round the 23 mantissa bits to 3, ties to even, on the bits (a carry bumps the
+    # exponent, which is right); then re-bias the exponent field: (e - 127 + BIAS) << 3 | m3.
+    rounded = mag + 0x7FFFF + ((mag >> 20) & 1)
+    normal = (rounded >> 20) - REBIAS
+    # Subnormal results: the multiple of the spacing nearest |v|, ties to even; the code is that
+    # multiple (8 lands exactly on the smallest normal, whose code is 8 too).
+    a = mag.to(tl.float32, bitcast=True)
+    sub = ((a * SUB_SCALE + _RNE_MAGIC) - _RNE_MAGIC).to(tl.int32)
+    code = tl.where(a < MIN_NORMAL, sub, normal)
+    if FNUZ:
+        sign = tl.where(code == 0, 0, sign)
+    return code | sign
+
+
+@triton.jit
+def fwd_quant_kernel(
+    X, Z, W, B, Q, S,
+    M, stride_xm, stride_zm, stride_qm, stride_sm, stride_sg, eps,
+    GS: tl.constexpr, GB: tl.constexpr, NG: tl.constexpr, KB: tl.constexpr, NQ: tl.constexpr,
+    NQ_REAL: tl.constexpr, ROWS: tl.constexpr,
+    HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, NORM_BEFORE_GATE: tl.constexpr,
+    IS_RMS: tl.constexpr, SIGMOID_GATE: tl.constexpr,
+    QMAX: tl.constexpr, INT8: tl.constexpr, FNUZ: tl.constexpr, UE8M0: tl.constexpr, ROUND_TO: tl.constexpr,
+    FP8_BY_BITS: tl.constexpr, BF16_BY_BITS: tl.constexpr,
+):
+    """Grid (row tiles, N // (NG * GS)). Q is int8, or uint8 holding the fp8 bits; S is (M, G) float32
+    with strides (stride_sm, stride_sg); NQ_REAL of the tile's NQ quant blocks hold features (the rest
+    cover the padding of a group whose size is not a power of two)."""
+    pid = tl.program_id(0)
+    t = tl.program_id(1)
+    rows = pid * ROWS + tl.arange(0, ROWS)
+    row_ok = rows < M
+    rows64 = rows.to(tl.int64)
+    grp = tl.arange(0, NG)
+    cols = tl.arange(0, GB)
+    col_ok = cols < GS
+    offs = t * (NG * GS) + grp[:, None] * GS + cols[None, :]  # [NG, GB] feature index
+    lane_ok = (grp[:, None] < NG) & col_ok[None, :]  # [NG, GB], full shape
+    mask = row_ok[:, None, None] & lane_ok[None, :, :]
+    GATE_FIRST: tl.constexpr = HAS_Z and not NORM_BEFORE_GATE
+    GATE_AFTER: tl.constexpr = HAS_Z and NORM_BEFORE_GATE
+
+    # The norm: fwd_kernel's steps, per (row, group) over the last axis.
+    x = _load_f32(X + rows64[:, None, None] * stride_xm + offs[None, :, :], mask, BF16_BY_BITS)
+    gate = 1.0  # unused without z
+    if HAS_Z:
+        z = _load_f32(Z + rows64[:, None, None] * stride_zm + offs[None, :, :], mask, BF16_BY_BITS)
+        gate = _gate_value(z, SIGMOID_GATE)
+        if GATE_FIRST:
+            x = x * gate
+    if IS_RMS:
+        xm = x
+    else:
+        mean = tl.sum(x, axis=2) / GS
+        xm = x - mean[:, :, None]
+        if GB != GS:
+            xm = tl.where(col_ok[None, None, :], xm, 0.0)
+    rstd = 1.0 / tl.sqrt_rn(tl.sum(xm * xm, axis=2) / GS + eps)
+    # Range rescue, in registers (the tile is there): groups whose rstd is out of range are redone
+    # divided by a power of two of their max |value| (see "Range rescue" above); the others keep
+    # their bits, so a row's result never depends on its neighbours.
+    bad = _rstd_out_of_range(rstd) & row_ok[:, None]
+    if tl.max(bad.to(tl.int32)) != 0:
+        scale_r, inv = _rescue_scale(tl.max(tl.abs(x), axis=2), eps)
+        xs = x * inv[:, :, None]
+        if IS_RMS:
+            xms = xs
+        else:
+            xms = xs - (tl.sum(xs, axis=2) / GS)[:, :, None]
+            if GB != GS:
+                xms = tl.where(col_ok[None, None, :], xms, 0.0)
+        _, rstd_x = _rescued_rstd(tl.sum(xms * xms, axis=2) / GS, eps, scale_r, inv)
+        xm = tl.where(bad[:, :, None], xms, xm)
+        rstd = tl.where(bad, rstd_x, rstd)
+    w = _load_f32(W + offs, lane_ok, BF16_BY_BITS)
+    y = xm * rstd[:, :, None] * w[None, :, :]
+    if HAS_BIAS:
+        y = y + _load_f32(B + offs, lane_ok, BF16_BY_BITS)[None, :, :]
+    if GATE_AFTER:
+        y = y * gate
+    y = _round_through(y, ROUND_TO, BF16_BY_BITS)
+    y = tl.where(mask, y, 0.0)  # padding lanes and rows must not reach a block's max or NaN flag
+
+    # The quantization, per [ROWS, NQ, KB] block.
+    yq = tl.reshape(y, [ROWS, NQ, KB])
+    amax = tl.max(tl.abs(yq), axis=2)  # tl.max ignores NaN (maxnum): NaN is flagged separately
+    has_nan = tl.max((yq != yq).to(tl.int32), axis=2) != 0
+    scale = tl.maximum(tl.math.div_rn(amax, QMAX), _QUANT_SCALE_MIN)
+    if UE8M0:  # up to a power of two on the bits (exact; Inf stays Inf): numerics.ue8m0_round_up
+        bits = (scale.to(tl.int32, bitcast=True) + 0x7FFFFF) & 0x7F800000
+        scale = bits.to(tl.float32, bitcast=True)
+        # 1 / scale is a power of two too (2^-126 <= scale < 2^127), built from the exponent bits: y * inv
+        # is then exactly y / scale, without a division per element
+        v = yq * ((254 << 23) - bits).to(tl.float32, bitcast=True)[:, :, None]
+    else:
+        v = tl.math.div_rn(yq, scale[:, :, None])
+    scale = tl.where(has_nan, float("nan"), scale)
+    finite = (scale <= _FP32_MAX)[:, :, None]  # False for NaN and Inf
+    v = tl.minimum(tl.maximum(v, -QMAX), QMAX)
+    if INT8:
+        qv = tl.where(finite, (v + _RNE_MAGIC) - _RNE_MAGIC, 0.0).to(tl.int8)
+    else:
+        if FP8_BY_BITS:
+            code = _fp8_e4m3_bits(tl.where(finite, v, 0.0), FNUZ)
+        else:
+            code = v.to(tl.float8e4nv).to(tl.uint8, bitcast=True).to(tl.int32)
+        NAN_CODE: tl.constexpr = 0x80 if FNUZ else 0x7F  # the format's NaN
+        qv = tl.where(finite, code, NAN_CODE).to(tl.uint8)
+    tl.store(Q + rows64[:, None, None] * stride_qm + offs[None, :, :], tl.reshape(qv, [ROWS, NG, GB]), mask=mask)
+    blk = tl.arange(0, NQ)
+    s_ptrs = S + rows64[:, None] * stride_sm + (t * NQ_REAL + blk).to(tl.int64)[None, :] * stride_sg
+    tl.store(s_ptrs, scale, mask=row_ok[:, None] & (blk < NQ_REAL)[None, :])

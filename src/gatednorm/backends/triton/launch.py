@@ -14,9 +14,9 @@ import torch
 import triton
 
 from ...settings import env_flag, env_text
-from ...spec import NormSpec
+from ...spec import NormSpec, QuantSpec, quant_max
 from ..base import Grads, GradsNeeded
-from .kernels import bwd_kernel, fwd_kernel, rescue_kernel, sum_partials_kernel
+from .kernels import bwd_kernel, fwd_kernel, fwd_quant_kernel, rescue_kernel, sum_partials_kernel
 
 #: Widest chunk of a group held in registers at once; wider groups are looped over.
 MAX_BLOCK = 8192
@@ -312,3 +312,93 @@ class TritonBackend:
 
     def backward(self, dy, x, weight, bias, z, mean, rstd, spec: NormSpec, needs: GradsNeeded) -> Grads:
         return backward(dy, x, weight, bias, z, mean, rstd, spec, *needs)
+
+    def forward_quant(self, x, weight, bias, z, spec: NormSpec, qspec: QuantSpec, q, scale) -> bool:
+        return forward_quant(x, weight, bias, z, spec, qspec, q, scale)
+
+
+# ---------------------------------------------------------------------------
+# Fused quantized forward (docs/design.md, "Quantized output")
+# ---------------------------------------------------------------------------
+
+
+def _launch_kw(kernel, grid: tuple[int, int, int], args: tuple, num_warps: int, dev: torch.device,
+               **constexprs) -> None:
+    """:func:`_launch` with the constexprs by name (put in signature order here, checked to be complete)."""
+    names = kernel.arg_names[len(args):]
+    if set(names) != set(constexprs):
+        raise TypeError(f"{kernel.fn.__name__} takes constexprs {names}, got {sorted(constexprs)}")
+    _launch(kernel, grid, args, tuple(constexprs[name] for name in names), num_warps, dev)
+
+
+@functools.cache
+def quant_layout(group_size: int, block: int) -> tuple[int, int, int, int, int] | None:
+    """(NG, GB, KB, NQ, NQ_REAL) of fwd_quant_kernel for norm groups of ``group_size`` and quant blocks of
+    ``block`` features, or None where the fused kernel does not apply (the generic path runs):
+
+    * block == group size (any size): one block per group; GB = KB = the group rounded up to a power of two;
+    * block a power of two dividing the group: NQ = GB / block blocks per group tile, NQ_REAL of them real;
+    * block a power-of-two multiple of a power-of-two group size: NG = block / group size groups per tile;
+
+    and in each case at most MAX_BLOCK features in a tile (one register tile: no chunked loops).
+    Not fused: blocks that straddle group boundaries in other ways, sizes that are not powers of two
+    (other than block == group size), and tiles wider than MAX_BLOCK (per-token scales of N > 8192).
+    """
+    def pow2(v: int) -> bool:
+        return v & (v - 1) == 0
+
+    gb = triton.next_power_of_2(group_size)
+    if block == group_size:
+        layout = (1, gb, gb, 1, 1)
+    elif block < group_size and group_size % block == 0 and pow2(block):
+        layout = (1, gb, block, gb // block, group_size // block)
+    elif block > group_size and block % group_size == 0 and pow2(block) and pow2(group_size):
+        layout = (block // group_size, group_size, block, 1, 1)
+    else:
+        return None
+    return layout if layout[0] * layout[1] <= MAX_BLOCK else None
+
+
+@functools.cache
+def _fp8_by_bits(device: torch.device, fnuz: bool) -> bool:
+    """Whether fwd_quant_kernel computes the fp8 codes on the bits (kernels._fp8_e4m3_bits) rather than with
+    Triton's conversion: under the interpreter (its fp32 -> fp8 rounds wrongly), for e4m3fnuz (NVIDIA GPUs
+    have no conversion to it), on ROCm (float8 support varies by chip) and on NVIDIA GPUs older than
+    sm_89 (no fp8 hardware). Elsewhere e4m3fn uses the hardware conversion, which rounds to nearest even
+    like the bit path: both give the same codes."""
+    if _INTERPRET or fnuz or device.type != "cuda" or torch.version.hip is not None:
+        return True
+    return torch.cuda.get_device_capability(device) < (8, 9)
+
+
+def forward_quant(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, z: torch.Tensor | None,
+                  spec: NormSpec, qspec: QuantSpec, q: torch.Tensor, scale: torch.Tensor) -> bool:
+    """Write q (M, N, contiguous) and scale (M, G, any strides) of x (M > 0, N; float32/bf16/fp16) in one
+    kernel; False (nothing written) where :func:`quant_layout` does not cover the call."""
+    m, n = x.shape
+    layout = quant_layout(spec.group_size, qspec.block)
+    if layout is None:
+        return False
+    ng, gb, kb, nq, nq_real = layout
+    _, _, rows, warps = _tile_config(ng * gb, FWD_TILE_ELEMENTS, FWD_ELEMS_PER_THREAD, MAX_BLOCK)
+    x = _rows_ready(x)
+    if z is not None:
+        z = _rows_ready(z)
+    weight = _rows_ready(weight)
+    bias = _rows_ready(bias) if bias is not None else None
+    int8 = qspec.quant == "int8"
+    fnuz = qspec.quant == "fp8_e4m3fnuz"
+    _launch_kw(
+        fwd_quant_kernel, (triton.cdiv(m, rows), n // (ng * spec.group_size), 1),
+        (x, z, weight, bias, q if int8 else q.view(torch.uint8), scale,
+         m, x.stride(0), z.stride(0) if z is not None else 0, q.stride(0), scale.stride(0), scale.stride(1),
+         spec.eps),
+        warps, x.device,
+        GS=spec.group_size, GB=gb, NG=ng, KB=kb, NQ=nq, NQ_REAL=nq_real, ROWS=rows,
+        HAS_Z=z is not None, HAS_BIAS=bias is not None, NORM_BEFORE_GATE=spec.norm_before_gate,
+        IS_RMS=spec.is_rms_norm, SIGMOID_GATE=spec.activation == "sigmoid",
+        QMAX=quant_max(qspec.quant), INT8=int8, FNUZ=fnuz, UE8M0=qspec.scale_format == "ue8m0",
+        ROUND_TO={"none": 0, "bfloat16": 1, "float16": 2}[qspec.round_to],
+        FP8_BY_BITS=_fp8_by_bits(x.device, fnuz), BF16_BY_BITS=_INTERPRET,
+    )
+    return True
