@@ -66,6 +66,30 @@ def assert_same_bits(a: torch.Tensor, b: torch.Tensor, what: str = "q") -> None:
     assert bool(same.all()), f"{what}: {int((~same).sum())} of {a.numel()} differ"
 
 
+def assert_fused_matches_generic(q: torch.Tensor, scale: torch.Tensor, q2: torch.Tensor, s2: torch.Tensor) -> None:
+    """The fused kernel against the norm followed by ``quantize_blocks`` on the same backend.
+
+    Same bits under Triton's interpreter. Compiled for a GPU they are different kernels: the fused one keeps y
+    in registers, where the compiler may contract xhat * w + b into a multiply-add, so y (and from it a block's
+    amax and scale) can move by a float32 rounding (seen on the H200: 2 of 768 q, a few scales). There the
+    scales agree to that rounding (ue8m0: to the power of two it can tip over) and every dequantized value to
+    one quantization step of the coarser scale.
+    """
+    if q.device.type != "cuda":
+        assert_same_bits(q, q2)
+        assert_same_bits(scale, s2, "scale")
+        return
+    assert q.dtype == q2.dtype and q.shape == q2.shape and scale.shape == s2.shape
+    ratio = scale / s2
+    assert bool(((ratio - 1).abs() <= 2**-20).logical_or(ratio == 2).logical_or(ratio == 0.5).all()), ratio
+    per_elem = q.shape[-1] // scale.shape[-1]
+    s_e, s2_e = (t.repeat_interleave(per_elem, dim=-1) for t in (scale, s2))
+    a, b = q.float() * s_e, q2.float() * s2_e
+    coarse = torch.maximum(s_e, s2_e)
+    step = coarse if q.dtype == torch.int8 else torch.maximum(a.abs().maximum(b.abs()) * 2**-3, coarse * 2**-9)
+    assert bool(((a - b).abs() <= 1.01 * step).all()), float(((a - b).abs() / step).max())
+
+
 def run_and_check(x, w, b, z, *, group_size=None, norm_before_gate=True, is_rms_norm=False, activation="swish",
                   quant="fp8_e4m3", block=None, scale_format="float32", round_to=None, backend="native",
                   column_major_scales=False):
@@ -122,8 +146,7 @@ def test_round_to_rounds_y_first(backend, dtype):
         y = gatednorm.layer_norm_fwd(x, w, b, EPS, z, group_size=64, backend=backend,
                                      out=torch.empty(x.shape, dtype=round_to, device=x.device))[0]
         q2, s2 = numerics.quantize_blocks(y, QuantSpec(quant, 64, "float32", "none", False))
-        assert_same_bits(q, q2)
-        assert_same_bits(scale, s2, "scale")
+        assert_fused_matches_generic(q, scale, q2, s2)
 
 
 def test_native_accelerator_path():
@@ -388,8 +411,7 @@ def test_triton_fused_coverage_and_bits():
                 y = gatednorm.layer_norm_fwd(x, w, b, EPS, z, group_size=gs, backend="triton",
                                              out=torch.empty(5, 384, device=device))[0]
                 q2, s2 = numerics.quantize_blocks(y, QuantSpec(quant, block, fmt, "none", False))
-                assert_same_bits(q, q2)
-                assert_same_bits(s, s2, "scale")
+                assert_fused_matches_generic(q, s, q2, s2)
         # per call: forward_quant, then (not fused) the generic forward; then the test's own forward
         per_call = [f"forward_quant:{fused}"] + ([] if fused else ["forward"]) + ["forward"]
         assert rec.calls == per_call * 3, (gs, block, rec.calls)
