@@ -167,6 +167,10 @@ def _check_command(words: list[str], where: str) -> None:
         words = words[1:]  # the duration
     if not words:
         return
+    if words[0].startswith(".venv/bin/"):  # the project's venv: the same command as installed there
+        words = [words[0].removeprefix(".venv/bin/"), *words[1:]]
+        if words[0] == "pytest":
+            words = ["python", "-m", *words]
     if words[0] == "gatednorm":
         from gatednorm.cli import build_parser
 

@@ -146,21 +146,19 @@ def test_fla_imported_names_are_rebound_and_restored(fla_modules):
         del sys.modules[model_file.__name__]
 
 
-def test_fla_residual_calls_stay_with_the_original(fla_modules):
+def test_fla_residual_and_prenorm_calls_run_gatednorm(fla_modules):
+    # residual= / prenorm= used to be handed back to fla's kernel; they now run gatednorm
+    # (tests/test_fla_parity.py holds them against fla's kernel and float64)
     from gatednorm.integrations import _wrappers
 
-    seen = []
-
-    def original(*args):
-        seen.append(args)
-        return "original"
-
-    fn = _wrappers.fused_function("t", None, original, True)
+    fn = _wrappers.fused_function("t", "native", True)
     x, z, w, _ = make_inputs(2, 32, seed=0)
-    assert fn(x, z, w, None, "swish", residual=torch.zeros_like(x)) == "original"
-    assert fn(x, z, w, None, prenorm=True) == "original"
-    assert len(seen) == 2
-    assert isinstance(fn(x, z, w, None), torch.Tensor)
+    r = make_inputs(2, 32, seed=1)[0]
+    y = fn(x, z, w, None, "swish", residual=r)
+    assert max_rel_error(y, _ref(x.double() + r.double(), w, None, z, 1e-6, None, True, True)[0]) < 2e-5
+    y, res_out = fn(x, z, w, None, prenorm=True)
+    assert res_out.data_ptr() == x.data_ptr() and torch.equal(res_out, x)  # no residual: x itself, as fla
+    assert _calls("t@native") == 2
 
 
 # ------------------------------------------------------------------------------------------- sglang

@@ -14,17 +14,21 @@ from .functional import (
     layer_norm_fwd,
     layernorm_fn,
     layernorm_fn_native,
+    layernorm_linear_fn,
     rmsnorm_fn,
     rmsnorm_fn_native,
+    rmsnorm_linear_fn,
     simple_layernorm_native,
 )
 from .integrations import patch, patched
-from .modules import LayerNorm, RMSNorm
+from .modules import LayerNorm, LayerNormLinear, RMSNorm, RMSNormLinear
 from .ops import resolve_backend, triton_available
 
 __all__ = [
     "LayerNorm",
+    "LayerNormLinear",
     "RMSNorm",
+    "RMSNormLinear",
     "__version__",
     "_layer_norm_fwd_native",
     "gated_norm_quant",
@@ -32,11 +36,13 @@ __all__ = [
     "layer_norm_fwd",
     "layernorm_fn",
     "layernorm_fn_native",
+    "layernorm_linear_fn",
     "patch",
     "patched",
     "resolve_backend",
     "rmsnorm_fn",
     "rmsnorm_fn_native",
+    "rmsnorm_linear_fn",
     "simple_layernorm_native",
     "triton_available",
 ]

@@ -16,9 +16,34 @@ with ``act`` = swish (t * sigmoid(t)) or sigmoid.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
-from .ops import gated_norm_quant_rows, gated_norm_rows, needs_autograd
-from .spec import prepare, prepare_quant
+from .ops import (
+    gated_norm_quant_rows,
+    gated_norm_residual_rows,
+    gated_norm_rows,
+    gated_norm_rows_backward,
+    needs_autograd,
+    residual_sum,
+    resolve_backend,
+)
+from .spec import (
+    NormSpec,
+    check_linear,
+    heads_stats_to_rows,
+    prepare,
+    prepare_quant,
+    prepare_residual,
+    regroup_residual,
+)
+
+
+def _needs_autograd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, z: torch.Tensor | None,
+                    residual: torch.Tensor | None) -> bool:
+    """:func:`gatednorm.ops.needs_autograd`, the residual included."""
+    return needs_autograd(x, weight, bias, z) or (
+        residual is not None and torch.is_grad_enabled() and residual.requires_grad
+    )
 
 
 def layer_norm_fwd(
@@ -33,8 +58,11 @@ def layer_norm_fwd(
     is_rms_norm: bool = False,
     *,
     activation: str = "swish",
+    residual: torch.Tensor | None = None,
+    prenorm: bool = False,
+    residual_in_fp32: bool = False,
     backend: str | None = None,
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+) -> tuple[torch.Tensor, ...]:
     """Gated, grouped LayerNorm/RMSNorm forward with statistics: the drop-in for upstream ``_layer_norm_fwd``.
 
     Args:
@@ -48,21 +76,42 @@ def layer_norm_fwd(
         norm_before_gate: True: ``norm(x) * act(z)``; False: ``norm(x * act(z))``.
         is_rms_norm: RMSNorm (no mean subtraction) instead of LayerNorm.
         activation: "swish"/"silu" (t * sigmoid(t)) or "sigmoid".
+        residual: None, or x's shape, any floating dtype: the norm is taken of ``s = x + residual``,
+            summed in float32 (float64 if either is float64) and not rounded before the norm
+            (docs/design.md, "Residual and prenorm").
+        prenorm: also return the updated residual stream s, rounded to residual's dtype (without a
+            residual: x itself, or x in float32 with ``residual_in_fp32``).
+        residual_in_fp32: without a residual, return the prenorm output in float32 (fla's flag; with
+            a residual the output keeps the residual's dtype).
         backend: None (``GATEDNORM_BACKEND`` or "auto"), "auto", "native", "triton" or "compiled".
 
     Returns:
-        ``(out, mean, rstd)``: out has x's shape (dtype of ``out=`` or x); mean (None for RMSNorm)
-        and rstd are 1-D float32 (float64 for float64 x) of length G*M, group-major: the statistic
-        of row m, group g sits at index ``g * M + m`` (M = x.numel() // N, G = N // group_size).
-        Differentiable in x, weight, bias and z when ``out`` is not given.
+        ``(out, mean, rstd)``, plus ``residual_out`` (x's shape) with ``prenorm=True``: out has x's
+        shape (dtype of ``out=`` or x); mean (None for RMSNorm) and rstd are 1-D float32 (float64 for
+        float64 x) of length G*M, group-major: the statistic of row m, group g sits at index
+        ``g * M + m`` (M = x.numel() // N, G = N // group_size); with a residual they are s's.
+        Differentiable in x, weight, bias, z and residual when ``out`` is not given.
     """
-    call = prepare(x, weight, bias, z, eps, group_size, norm_before_gate, is_rms_norm, activation, out)
-    if out is not None and needs_autograd(x, weight, bias, z):
+    call = prepare(x, weight, bias, z, eps, group_size, norm_before_gate, is_rms_norm, activation, out,
+                   regroup_heads=True)
+    res = regroup_residual(prepare_residual(x, residual, prenorm, residual_in_fp32), call)
+    if out is not None and _needs_autograd(x, weight, bias, z, residual):
         raise ValueError(
-            "out= cannot be used when x, weight, bias or z requires grad; drop out= or use torch.no_grad()"
+            "out= cannot be used when x, weight, bias, z or residual requires grad; drop out= or use torch.no_grad()"
         )
-    y, mean, rstd = gated_norm_rows(call.x2d, weight, bias, call.z2d, call.spec, backend=backend, out=out)
-    return (y if out is not None else y.view(call.out_shape)), mean, rstd
+    if res is None:
+        y, mean, rstd = gated_norm_rows(call.x2d, call.weight, call.bias, call.z2d, call.spec, backend=backend,
+                                        out=out)
+        res_out = None
+    else:
+        y, mean, rstd, res_out = gated_norm_residual_rows(call.x2d, res.residual2d, call.weight, call.bias, call.z2d,
+                                                          call.spec, res.out_dtype, prenorm=prenorm, backend=backend,
+                                                          out=out)
+    y = y if out is not None else y.view(call.out_shape)
+    if call.heads > 1:  # a regrouped strided (T, H, N) gate: statistics back in the (T*H, N) call's order
+        groups = x.shape[-1] // call.spec.group_size
+        mean, rstd = heads_stats_to_rows(mean, call.heads, groups), heads_stats_to_rows(rstd, call.heads, groups)
+    return (y, mean, rstd, res_out.view(call.out_shape)) if prenorm else (y, mean, rstd)
 
 
 def layernorm_fn(
@@ -76,16 +125,28 @@ def layernorm_fn(
     is_rms_norm: bool = False,
     *,
     activation: str = "swish",
+    residual: torch.Tensor | None = None,
+    prenorm: bool = False,
+    residual_in_fp32: bool = False,
     backend: str | None = None,
-) -> torch.Tensor:
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Differentiable gated, grouped LayerNorm (or RMSNorm with ``is_rms_norm=True``).
 
-    Same arguments and formula as :func:`layer_norm_fwd`; returns only y, shaped and typed like x.
-    Gradients flow to x, weight, bias and z (analytic backward; the statistics are recomputed
-    from nothing but x, z, weight, bias, mean and rstd).
+    Same arguments and formula as :func:`layer_norm_fwd`; returns y, shaped and typed like x, or
+    ``(y, residual_out)`` with ``prenorm=True`` (the semantics of flash-linear-attention's
+    ``fused_norm_gate``: y = norm(x + residual) [gated], residual_out = x + residual in residual's dtype).
+    Gradients flow to x, weight, bias, z and residual (analytic backward; the backward keeps only
+    x (with a residual: the float32 sum s), z, weight, bias, mean and rstd).
     """
-    call = prepare(x, weight, bias, z, eps, group_size, norm_before_gate, is_rms_norm, activation)
-    return gated_norm_rows(call.x2d, weight, bias, call.z2d, call.spec, backend=backend)[0].view(call.out_shape)
+    call = prepare(x, weight, bias, z, eps, group_size, norm_before_gate, is_rms_norm, activation, regroup_heads=True)
+    res = regroup_residual(prepare_residual(x, residual, prenorm, residual_in_fp32), call)
+    if res is None:
+        y = gated_norm_rows(call.x2d, call.weight, call.bias, call.z2d, call.spec, backend=backend)[0]
+        return y.view(call.out_shape)
+    y, _, _, res_out = gated_norm_residual_rows(call.x2d, res.residual2d, call.weight, call.bias, call.z2d,
+                                                call.spec, res.out_dtype, prenorm=prenorm, backend=backend)
+    y = y.view(call.out_shape)
+    return (y, res_out.view(call.out_shape)) if prenorm else y
 
 
 def rmsnorm_fn(
@@ -98,14 +159,146 @@ def rmsnorm_fn(
     norm_before_gate: bool = True,
     *,
     activation: str = "swish",
+    residual: torch.Tensor | None = None,
+    prenorm: bool = False,
+    residual_in_fp32: bool = False,
     backend: str | None = None,
-) -> torch.Tensor:
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Differentiable gated, grouped RMSNorm: ``x * rstd * weight (+ bias)``, gated by ``act(z)``.
 
-    rstd = 1 / sqrt(mean(xc^2) + eps) per row and group; otherwise as :func:`layernorm_fn`.
+    rstd = 1 / sqrt(mean(xc^2) + eps) per row and group; otherwise (residual, prenorm included) as
+    :func:`layernorm_fn`.
     """
-    return layernorm_fn(x, weight, bias, z, eps, group_size, norm_before_gate, True,
-                        activation=activation, backend=backend)
+    return layernorm_fn(x, weight, bias, z, eps, group_size, norm_before_gate, True, activation=activation,
+                        residual=residual, prenorm=prenorm, residual_in_fp32=residual_in_fp32, backend=backend)
+
+
+# --- Norm, gate and linear, with the memory-saving backward ------------------------------
+
+
+def linear_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the linear layer after the norm runs in: autocast's dtype for x's device while autocast
+    is on there, else x's (flash-linear-attention's rule). The norm's output is rounded to it once."""
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return x.dtype
+
+
+class GatedNormLinearFunction(torch.autograd.Function):
+    """``out = y @ linear_weight.T + linear_bias`` with ``y = norm(s) [gated]`` of (M, N) rows; y is not kept.
+
+    The forward computes y (M, N) in ``dtype`` (one rounding from C), runs the linear layer in ``dtype``
+    and drops y. The backward keeps only s, z, weight, bias, mean, rstd and the linear weight: it
+    recomputes y with the same backend call (so the same bits the forward used) for
+    ``d linear_weight = dout.T @ y``, frees it, then ``dy = dout @ linear_weight`` (M, N) goes through the
+    norm's analytic backward. Saved for backward: the norm's inputs and 2 statistics per group, against
+    y (M x N values) more for the unfused ``linear(norm(...))``, whose linear layer saves its input.
+    """
+
+    @staticmethod
+    def forward(ctx, s: torch.Tensor, z: torch.Tensor | None, weight: torch.Tensor, bias: torch.Tensor | None,
+                linear_weight: torch.Tensor, linear_bias: torch.Tensor | None, spec: NormSpec, backend: str,
+                dtype: torch.dtype) -> torch.Tensor:
+        """s, z: (M, N) rows (s: x, or the residual sum); returns (M, O) in ``dtype``."""
+        y, mean, rstd = gated_norm_rows(s, weight, bias, z, spec, backend=backend, out_dtype=dtype)
+        out = F.linear(y, linear_weight.to(dtype), None if linear_bias is None else linear_bias.to(dtype))
+        ctx.save_for_backward(s, z, weight, bias, mean, rstd, linear_weight)
+        ctx.gatednorm = (spec, backend, dtype, None if linear_bias is None else linear_bias.dtype)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dout: torch.Tensor):
+        s, z, weight, bias, mean, rstd, linear_weight = ctx.saved_tensors
+        spec, backend, dtype, bias_dtype = ctx.gatednorm
+        need = ctx.needs_input_grad  # s, z, weight, bias, linear_weight, linear_bias, then the constants
+        dout = dout.to(dtype)
+        d_lw = d_lb = None
+        if need[4]:
+            y, _, _ = gated_norm_rows(s, weight, bias, z, spec, backend=backend, out_dtype=dtype)
+            d_lw = (dout.t() @ y).to(linear_weight.dtype)
+            del y  # before dy and the norm's gradients are allocated: y never lives beside them
+        if need[5]:
+            # summed in float32 (float64 stays float64), rounded once to the bias's dtype
+            d_lb = dout.sum(0, dtype=torch.promote_types(dout.dtype, torch.float32)).to(bias_dtype)
+        ds = dz = dw = db = None
+        if any(need[:4]):
+            dy = dout @ linear_weight.to(dtype)
+            ds, dz, dw, db = gated_norm_rows_backward(
+                dy, s, weight, bias, z, mean, rstd, spec, backend=backend,
+                needs_dx=need[0], needs_dz=need[1], needs_dweight=need[2], needs_dbias=need[3])
+        return ds, dz, dw, db, d_lw, d_lb, None, None, None
+
+
+def layernorm_linear_fn(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    z: torch.Tensor | None,
+    linear_weight: torch.Tensor,
+    linear_bias: torch.Tensor | None = None,
+    eps: float = 1e-6,
+    group_size: int | None = None,
+    norm_before_gate: bool = True,
+    is_rms_norm: bool = False,
+    *,
+    activation: str = "swish",
+    residual: torch.Tensor | None = None,
+    prenorm: bool = False,
+    residual_in_fp32: bool = False,
+    backend: str | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Gated norm followed by a linear layer, ``F.linear(layernorm_fn(x, ...), linear_weight, linear_bias)``,
+    with the memory-saving backward (:class:`GatedNormLinearFunction`): the normalised, gated activation
+    is recomputed in the backward instead of being stored.
+
+    Args:
+        x, weight, bias, z, eps, group_size, norm_before_gate, is_rms_norm, activation, residual, prenorm,
+            residual_in_fp32, backend: as for :func:`layernorm_fn` (x (..., N); z x's shape).
+        linear_weight: (O, N). linear_bias: (O,) or None.
+
+    Returns:
+        ``out`` (..., O), or ``(out, residual_out)`` with ``prenorm=True``. The linear layer runs in x's
+        dtype, or in autocast's dtype while autocast is on (:func:`linear_dtype`; the norm's output is
+        rounded to it once, and the linear weight and bias are cast to it, as flash-linear-attention
+        does). Differentiable in every tensor argument.
+    """
+    call = prepare(x, weight, bias, z, eps, group_size, norm_before_gate, is_rms_norm, activation)
+    res = prepare_residual(x, residual, prenorm, residual_in_fp32)
+    check_linear(x, linear_weight, linear_bias)
+    x2d = call.x2d
+    s = x2d if res is None or res.residual2d is None else residual_sum(x2d, res.residual2d)
+    name = resolve_backend(backend, x.device)
+    out = GatedNormLinearFunction.apply(s, call.z2d, weight, bias, linear_weight, linear_bias, call.spec, name,
+                                        linear_dtype(x))
+    out = out.view(*call.out_shape[:-1], linear_weight.shape[0])
+    if not prenorm:
+        return out
+    return out, s.to(res.out_dtype).view(call.out_shape)
+
+
+def rmsnorm_linear_fn(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    z: torch.Tensor | None,
+    linear_weight: torch.Tensor,
+    linear_bias: torch.Tensor | None = None,
+    eps: float = 1e-6,
+    group_size: int | None = None,
+    norm_before_gate: bool = True,
+    *,
+    activation: str = "swish",
+    residual: torch.Tensor | None = None,
+    prenorm: bool = False,
+    residual_in_fp32: bool = False,
+    backend: str | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """:func:`layernorm_linear_fn` with RMSNorm (no mean subtraction)."""
+    return layernorm_linear_fn(x, weight, bias, z, linear_weight, linear_bias, eps, group_size, norm_before_gate,
+                               True, activation=activation, residual=residual, prenorm=prenorm,
+                               residual_in_fp32=residual_in_fp32, backend=backend)
 
 
 # --- The names of the original migration guide (native backend by default) ---------------

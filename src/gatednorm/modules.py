@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .functional import layernorm_fn
+from .functional import layernorm_fn, layernorm_linear_fn
 from .ops import requested_backend
 from .spec import canonical_activation, prepare
 
@@ -90,11 +90,20 @@ class _GatedNorm(AffineGatedNormBase):
         self.backend = backend
         self._init_affine(hidden_size, device, dtype)
 
-    def forward(self, x: torch.Tensor, z: torch.Tensor | None = None) -> torch.Tensor:
-        """x: (..., hidden_size); z: None or x's shape. Returns x's shape and dtype."""
+    def forward(
+        self, x: torch.Tensor, z: torch.Tensor | None = None, residual: torch.Tensor | None = None,
+        prenorm: bool = False, residual_in_fp32: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """x: (..., hidden_size); z: None or x's shape. Returns x's shape and dtype.
+
+        ``residual``/``prenorm``/``residual_in_fp32``: as flash-linear-attention's fused_norm_gate
+        modules (the same positional order): the norm of ``x + residual``, and with ``prenorm`` also
+        the updated residual, ``(y, residual_out)`` (:func:`gatednorm.layernorm_fn`).
+        """
         return layernorm_fn(
             x, self.weight, self.bias, z, self.eps, self.group_size, self.norm_before_gate, self.is_rms_norm,
-            activation=self.activation, backend=self.backend,
+            activation=self.activation, residual=residual, prenorm=prenorm, residual_in_fp32=residual_in_fp32,
+            backend=self.backend,
         )
 
     def extra_repr(self) -> str:
@@ -124,5 +133,41 @@ class RMSNorm(_GatedNorm):
     ``norm_before_gate`` defaults to True as in mamba_ssm and sglang (flash-linear-attention's and
     vLLM's ``RMSNormGated`` default to False: pass it explicitly when porting from them).
     """
+
+    is_rms_norm = True
+
+
+class _GatedNormLinear(_GatedNorm):
+
+    def forward(  # type: ignore[override]
+        self, x: torch.Tensor, z: torch.Tensor | None, linear_weight: torch.Tensor,
+        linear_bias: torch.Tensor | None = None, residual: torch.Tensor | None = None, prenorm: bool = False,
+        residual_in_fp32: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """``F.linear(norm(x [+ residual]) [gated by z], linear_weight, linear_bias)``: x (..., hidden_size),
+        z None or x's shape, linear_weight (O, hidden_size), linear_bias (O,) or None; returns (..., O), or
+        ``(out, residual_out)`` with ``prenorm``. The positional order is flash-linear-attention's
+        ``Fused*GatedLinear.forward(x, g, weight, bias, residual, prenorm, residual_in_fp32)``. The gated
+        activation is recomputed in the backward, not stored (:func:`gatednorm.layernorm_linear_fn`).
+        """
+        return layernorm_linear_fn(
+            x, self.weight, self.bias, z, linear_weight, linear_bias, self.eps, self.group_size,
+            self.norm_before_gate, self.is_rms_norm, activation=self.activation, residual=residual,
+            prenorm=prenorm, residual_in_fp32=residual_in_fp32, backend=self.backend,
+        )
+
+
+class LayerNormLinear(_GatedNormLinear):
+    """:class:`LayerNorm` followed by a linear layer whose weight (and bias) the caller passes to ``forward``
+    (as in flash-linear-attention's ``FusedLayerNormGatedLinear``, where the output projection owns them).
+
+    The normalised, gated activation is not kept for the backward: it is recomputed there, which saves
+    one (M, hidden_size) activation per layer during training. Same constructor arguments and
+    parameters as :class:`LayerNorm`.
+    """
+
+
+class RMSNormLinear(_GatedNormLinear):
+    """:class:`RMSNorm` followed by a linear layer; see :class:`LayerNormLinear`."""
 
     is_rms_norm = True

@@ -4,7 +4,8 @@ Every call of the operator, from the public functions, the modules, the integrat
 tensor-parallel layer and ``gatednorm verify``, reaches a backend through this module:
 
 * :func:`gated_norm_rows` / :func:`gated_norm_rows_backward`: the internal entry points for
-  already-validated 2-D rows (see :func:`gatednorm.spec.prepare`).
+  already-validated 2-D rows (see :func:`gatednorm.spec.prepare`); :func:`gated_norm_residual_rows`:
+  the same operator on ``x + residual`` with the prenorm output (docs/design.md, "Residual and prenorm").
 * :func:`resolve_backend`: the backend *name* for a call (per call ``backend=``, the environment, auto;
   :func:`explain_backend` says why).
 * the registry (:func:`register_impl`, :func:`select_impl`, :func:`override_impl`): which
@@ -31,7 +32,7 @@ import torch
 from . import numerics
 from .backends.base import Backend, Grads, GradsNeeded
 from .settings import env_flag, env_text
-from .spec import NormSpec, QuantSpec, compute_dtype, quant_dtype, round_to_dtype
+from .spec import NormSpec, QuantSpec, compute_dtype, quant_dtype, residual_sum_dtype, round_to_dtype
 
 #: Names accepted by ``backend=`` and ``GATEDNORM_BACKEND``.
 BACKENDS = ("auto", "native", "triton", "compiled")
@@ -398,8 +399,13 @@ def _(dy, x, weight, bias, z, mean, rstd, eps, group_size, norm_before_gate, is_
 _compiling = torch.compiler.is_compiling
 
 
-def _run_forward(x, weight, bias, z, spec: NormSpec, backend: str):
-    """(out, mean | None, rstd) for validated 2-D x/z."""
+def _run_forward(x, weight, bias, z, spec: NormSpec, backend: str, out_dtype: torch.dtype | None = None):
+    """(out, mean | None, rstd) for validated 2-D x/z; out in ``out_dtype`` (default x's dtype)."""
+    if out_dtype is not None and out_dtype != x.dtype:
+        # The residual path normalises a float32 sum into x's dtype: the backend's one rounding
+        # targets the output buffer directly (no float32 output and second cast).
+        out = torch.empty(x.shape, dtype=out_dtype, device=x.device)
+        return (out, *_run_forward_out(x, weight, bias, z, out, spec, backend))
     if _compiling():
         out, mean, rstd = forward_op(x, weight, bias, z, *spec, backend)
         return out, (None if spec.is_rms_norm else mean), rstd
@@ -437,8 +443,8 @@ class GatedNormFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, z, spec, backend):
-        out, mean, rstd = _run_forward(x, weight, bias, z, spec, backend)
+    def forward(ctx, x, weight, bias, z, spec, backend, out_dtype=None):
+        out, mean, rstd = _run_forward(x, weight, bias, z, spec, backend, out_dtype)
         ctx.save_for_backward(x, weight, bias, z, mean, rstd)
         ctx.spec = spec
         ctx.backend = backend
@@ -459,12 +465,14 @@ class GatedNormFunction(torch.autograd.Function):
                 "gatednorm does not support double backward (create_graph=True / higher-order gradients)"
             )
         if dy is None:  # only mean/rstd were used downstream: no gradient flows
-            return None, None, None, None, None, None
+            return None, None, None, None, None, None, None
         x, weight, bias, z, mean, rstd = ctx.saved_tensors
         need = ctx.needs_input_grad
+        # dy has the output's dtype, which may differ from x's (a float32 residual sum normalised into
+        # bf16): backends read dy in its own dtype and return dx in x's.
         dx, dz, dw, db = _run_backward(dy, x, weight, bias, z, mean, rstd, ctx.spec, ctx.backend,
                                        GradsNeeded(need[0], need[3], need[1], need[2]))
-        return dx, dw, db, dz, None, None
+        return dx, dw, db, dz, None, None, None
 
 
 # ---------------------------------------------------------------------------
@@ -482,21 +490,64 @@ def needs_autograd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
 
 def gated_norm_rows(
     x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, z2d: torch.Tensor | None, spec: NormSpec,
-    *, backend: str | None = None, out: torch.Tensor | None = None,
+    *, backend: str | None = None, out: torch.Tensor | None = None, out_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """(y (M, N), mean | None, rstd) of validated rows (from :func:`gatednorm.spec.prepare`).
 
     ``backend`` is a name or None (environment / auto). Differentiable when an input requires grad;
     ``out`` (x's shape, any floating dtype and strides) is written and returned as y, and is only
-    allowed without autograd (the caller checks).
+    allowed without autograd (the caller checks). Without ``out``, y is in ``out_dtype`` (default x's
+    dtype): still the one rounding from C, also when differentiable.
     """
     name = resolve_backend(backend, x2d.device)
     if out is not None:
         mean, rstd = _run_forward_out(x2d, weight, bias, z2d, out, spec, name)
         return out, mean, rstd
     if needs_autograd(x2d, weight, bias, z2d):
-        return GatedNormFunction.apply(x2d, weight, bias, z2d, spec, name)
-    return _run_forward(x2d, weight, bias, z2d, spec, name)
+        return GatedNormFunction.apply(x2d, weight, bias, z2d, spec, name, out_dtype)
+    return _run_forward(x2d, weight, bias, z2d, spec, name, out_dtype)
+
+
+def residual_sum(x2d: torch.Tensor, residual2d: torch.Tensor) -> torch.Tensor:
+    """``s = x + residual`` (M, N), contiguous, in :func:`gatednorm.spec.residual_sum_dtype` (float32,
+    or float64 when either is float64): the sum of the exact operands, rounded once. An operand already
+    in that dtype is used as it is and the other is promoted by the add (inside the kernel on GPUs).
+    Differentiable (autograd casts ds back to each operand's dtype)."""
+    c = residual_sum_dtype(x2d.dtype, residual2d.dtype)
+    if residual2d.dtype == c:
+        return torch.add(residual2d, x2d)
+    if x2d.dtype == c:
+        return torch.add(x2d, residual2d)
+    return torch.add(x2d.to(c), residual2d)  # both narrower than C (bf16 + fp16): one widened temporary
+
+
+def gated_norm_residual_rows(
+    x2d: torch.Tensor, residual2d: torch.Tensor | None, weight: torch.Tensor, bias: torch.Tensor | None,
+    z2d: torch.Tensor | None, spec: NormSpec, residual_out_dtype: torch.dtype, *, prenorm: bool,
+    backend: str | None = None, out: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
+    """(y, mean | None, rstd, residual_out | None): the operator on ``s = x + residual`` (docs/design.md,
+    "Residual and prenorm"), for validated rows (:func:`gatednorm.spec.prepare_residual`).
+
+    s is :func:`residual_sum` (no residual: s is x); y = norm(s) [gated], rounded once to x's dtype (or
+    written into ``out``); mean/rstd are s's statistics. With ``prenorm``, residual_out is s rounded to
+    ``residual_out_dtype`` (x itself where no rounding is needed and no gradient is recorded), else None.
+
+    Differentiable through autograd: the norm's backward gives ds in s's dtype, the prenorm output's
+    gradient is added to it in that dtype, and the sum's backward rounds ds once to x's and to the
+    residual's dtype. What the backward keeps is s (the norm's input), z, weight, bias, mean and rstd.
+    """
+    if residual2d is not None:
+        s = residual_sum(x2d, residual2d)
+    elif prenorm and needs_autograd(x2d, weight, bias, z2d):
+        # No residual, but two outputs whose gradients meet at x: taking s = x in C makes them meet there
+        # and reach x rounded once (as fla's backward does), not as two narrow gradients added in x's dtype.
+        s = x2d.to(compute_dtype(x2d.dtype))
+    else:
+        s = x2d
+    y, mean, rstd = gated_norm_rows(s, weight, bias, z2d, spec, backend=backend, out=out,
+                                    out_dtype=None if out is not None else x2d.dtype)
+    return y, mean, rstd, (s.to(residual_out_dtype) if prenorm else None)
 
 
 def gated_norm_rows_backward(

@@ -31,7 +31,12 @@ class NormSpec(NamedTuple):
 
 
 class GatedNormCall(NamedTuple):
-    """Validated arguments: ``x2d``/``z2d`` are (M, N) views (copies only where strides demand)."""
+    """Validated arguments: ``x2d``/``z2d`` are (M, N) views (copies only where strides demand).
+
+    ``heads`` > 1 marks a call regrouped by :func:`prepare` (``regroup_heads=True``) for a strided
+    (T, H, N) gate: x2d and z2d are then (T, H*N) views, ``weight``/``bias`` are repeated H times, and
+    the statistics come out in the order :func:`heads_stats_to_rows` turns back into the (T*H, N) call's.
+    """
 
     x2d: torch.Tensor
     weight: torch.Tensor
@@ -39,6 +44,7 @@ class GatedNormCall(NamedTuple):
     z2d: torch.Tensor | None
     spec: NormSpec
     out_shape: torch.Size
+    heads: int = 1
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -71,6 +77,39 @@ def _rows_view(t: torch.Tensor, n: int) -> torch.Tensor:
     return t if t.dim() == 2 else t.reshape(-1, n)
 
 
+def _packed_heads(x: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(x as (T, H*N), z as (T, H*N)), both views, for a (T, H, N) gate whose rows no (T*H, N) view can
+    address, or None.
+
+    That is the gate serving frameworks slice out of a packed projection (qkvz): heads adjacent
+    (stride N), tokens ``proj`` apart. Row (t, h) of the (T*H, N) call is then group h of token t in
+    the (T, H*N) layout, which every backend reads through its one row stride. x must allow the
+    (T, H*N) view too (rows of N contiguous features, one after another).
+    """
+    t, h, n = z.shape
+    # Decided from the strides alone (no trial views: torch.compile traces this without exceptions).
+    if t <= 1 or h <= 1 or z.stride(2) != 1 or z.stride(1) != n or z.stride(0) == h * n:
+        return None  # not heads-packed, or a plain (T*H, N) view exists: nothing to regroup
+    if x.stride(1) != 1 or x.stride(0) != n:
+        return None  # x itself has no (T, H*N) view: the gate is copied into rows as before
+    return x.view(t, h * n), z.flatten(1)
+
+
+def _repeat_param(p: torch.Tensor, heads: int, x: torch.Tensor) -> torch.Tensor:
+    """``p`` (N,) repeated ``heads`` times, widened to the compute dtype first: the values the backend
+    reads are the same, and the gradient's per-head partial sums (added up by autograd) stay in C, so
+    dweight/dbias are still rounded once to the parameter's dtype."""
+    return p.to(torch.promote_types(p.dtype, compute_dtype(x.dtype))).repeat(heads)
+
+
+def heads_stats_to_rows(stat: torch.Tensor | None, heads: int, groups: int) -> torch.Tensor | None:
+    """Statistics of a regrouped call (:attr:`GatedNormCall.heads`), index ``(h * G + g) * T + t``, in the
+    group-major order of the (T*H, N) call, index ``g * (T*H) + t * H + h`` (G groups per head row)."""
+    if stat is None or heads == 1:
+        return stat
+    return stat.view(heads, groups, -1).permute(1, 2, 0).reshape(-1)
+
+
 def prepare(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -82,11 +121,19 @@ def prepare(
     is_rms_norm: bool,
     activation: str,
     out: torch.Tensor | None = None,
+    *,
+    regroup_heads: bool = False,
 ) -> GatedNormCall:
     """Check every argument of the operator and return normalised views.
 
     Raises ``TypeError`` for wrong kinds/dtypes and ``ValueError`` for wrong
     shapes, devices and values. Nothing is written before this returns.
+
+    ``regroup_heads``: a (T, H, N) gate that no (T*H, N) view can address (a strided slice of a packed
+    projection) is not copied: the call is regrouped as T rows of H*N features, head h of token t being
+    features ``[h*N, (h+1)*N)`` of row t (``heads`` = H in the result; see :class:`GatedNormCall`).
+    Callers that return statistics reorder them with :func:`heads_stats_to_rows`. Without it, such a
+    gate is copied into rows.
     """
     _check_floating("x", x)
     if x.dim() < 1:
@@ -108,6 +155,7 @@ def prepare(
 
     x2d = _rows_view(x, n)
     z2d = None
+    packed = None
     if z is not None:
         _check_floating("z", z)
         _check_device("z", z, x)
@@ -115,7 +163,8 @@ def prepare(
             z2d = _rows_view(z, n)
         elif x.dim() == 2 and z.dim() == 3 and z.shape[0] * z.shape[1] == x.shape[0] and z.shape[2] == n:
             # The (T, H, N) gate layout of the newest sglang kernel: x is (T*H, N).
-            z2d = _rows_view(z, n)
+            packed = _packed_heads(x, z) if regroup_heads else None
+            z2d = packed[1] if packed is not None else _rows_view(z, n)
         else:
             raise ValueError(
                 f"z must have x's shape {tuple(x.shape)} (or (T, H, N) with T*H rows for a 2-D x), "
@@ -148,7 +197,87 @@ def prepare(
         _check_device("out", out, x)
 
     spec = NormSpec(eps, group_size, norm_before_gate, is_rms_norm, activation)
+    if packed is not None:
+        heads = z.shape[1]
+        return GatedNormCall(packed[0], _repeat_param(weight, heads, x),
+                             None if bias is None else _repeat_param(bias, heads, x), z2d, spec, x.shape, heads)
     return GatedNormCall(x2d, weight, bias, z2d, spec, x.shape)
+
+
+# ---------------------------------------------------------------------------
+# Residual and prenorm (docs/design.md, "Residual and prenorm")
+# ---------------------------------------------------------------------------
+
+
+class ResidualCall(NamedTuple):
+    """Validated residual arguments of one call.
+
+    ``residual2d``: an (M, N) view of ``residual`` (None: no residual; the norm's input is x itself).
+    ``out_dtype``: the dtype of the prenorm output (the updated residual stream): residual's dtype;
+    without a residual, float32 for ``residual_in_fp32`` (float64 inputs stay float64), else x's.
+    """
+
+    residual2d: torch.Tensor | None
+    out_dtype: torch.dtype
+
+
+def residual_sum_dtype(x_dtype: torch.dtype, residual_dtype: torch.dtype) -> torch.dtype:
+    """The dtype of ``s = x + residual``: float32, or float64 when either operand is float64.
+
+    float32 holds the sum of two bf16/fp16 values exactly in most cases and rounds it once otherwise,
+    as the upstream fused kernels do (they add in float32 registers).
+    """
+    return torch.float64 if torch.float64 in (x_dtype, residual_dtype) else torch.float32
+
+
+def prepare_residual(
+    x: torch.Tensor, residual: torch.Tensor | None, prenorm: bool, residual_in_fp32: bool
+) -> ResidualCall | None:
+    """Check the residual arguments of a call (after :func:`prepare` has checked x).
+
+    Returns None when they change nothing (no residual and no prenorm output: ``residual_in_fp32``
+    alone only decides the dtype of an output that is not returned), else a :class:`ResidualCall`.
+    Raises ``TypeError`` for non-bool flags or a residual that is not a floating tensor, ``ValueError``
+    for a residual whose shape is not x's or that lives on another device.
+    """
+    for flag_name, flag in (("prenorm", prenorm), ("residual_in_fp32", residual_in_fp32)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{flag_name} must be a bool, got {type(flag).__name__}")
+    if residual is None:
+        if not prenorm:
+            return None
+        wide = torch.float32 if residual_in_fp32 and x.dtype != torch.float64 else x.dtype
+        return ResidualCall(None, wide)
+    _check_floating("residual", residual)
+    if residual.shape != x.shape:
+        raise ValueError(f"residual must have x's shape {tuple(x.shape)}, got {tuple(residual.shape)}")
+    _check_device("residual", residual, x)
+    # fla's rule: the updated residual keeps the residual's dtype; residual_in_fp32 applies only
+    # when there is no residual yet (the first layer), where it decides the dtype the stream starts in.
+    return ResidualCall(_rows_view(residual, x.shape[-1]), residual.dtype)
+
+
+def regroup_residual(res: ResidualCall | None, call: GatedNormCall) -> ResidualCall | None:
+    """``res`` laid out as ``call.x2d`` (the (T, H*N) rows of a regrouped call; a copy only where the
+    residual's strides allow no such view)."""
+    if res is None or res.residual2d is None or call.heads == 1:
+        return res
+    return res._replace(residual2d=res.residual2d.reshape(call.x2d.shape))
+
+
+def check_linear(x: torch.Tensor, linear_weight: torch.Tensor, linear_bias: torch.Tensor | None) -> None:
+    """Check the linear layer of a norm + gate + linear call: ``linear_weight`` (O, N), ``linear_bias``
+    (O,) or None, floating, on x's device (``TypeError`` / ``ValueError`` naming the argument)."""
+    n = x.shape[-1]
+    _check_floating("linear_weight", linear_weight)
+    if linear_weight.dim() != 2 or linear_weight.shape[1] != n:
+        raise ValueError(f"linear_weight must have shape (out_features, {n}), got {tuple(linear_weight.shape)}")
+    _check_device("linear_weight", linear_weight, x)
+    if linear_bias is not None:
+        _check_floating("linear_bias", linear_bias)
+        if linear_bias.shape != (linear_weight.shape[0],):
+            raise ValueError(f"linear_bias must have shape ({linear_weight.shape[0]},), got {tuple(linear_bias.shape)}")
+        _check_device("linear_bias", linear_bias, x)
 
 
 # ---------------------------------------------------------------------------

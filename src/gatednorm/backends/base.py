@@ -47,7 +47,11 @@ class Backend(Protocol):
     def backward(self, dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                  z: torch.Tensor | None, mean: torch.Tensor | None, rstd: torch.Tensor, spec: NormSpec,
                  needs: GradsNeeded) -> Grads:
-        """(dx, dz, dweight, dbias) in x's, z's, weight's and bias's dtypes; None where not needed."""
+        """(dx, dz, dweight, dbias) in x's, z's, weight's and bias's dtypes; None where not needed.
+
+        dy (M, N) may have another floating dtype than x: the residual path (ops.gated_norm_residual_rows)
+        normalises a float32 sum into x's narrower dtype, so its dy is, say, bf16 beside a float32 x.
+        """
         ...
 
 

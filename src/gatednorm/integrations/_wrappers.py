@@ -21,7 +21,7 @@ from collections.abc import Callable
 
 import torch
 
-from ..functional import layer_norm_fwd, layernorm_fn
+from ..functional import layer_norm_fwd, layernorm_fn, layernorm_linear_fn
 from ..ops import gated_norm_rows, gated_norm_rows_backward
 from ..spec import compute_dtype, prepare
 from .counters import hit
@@ -242,41 +242,84 @@ def module_forward(label: str, backend: str | None, is_rms_norm: bool) -> Callab
     return forward
 
 
-# --- fused_norm_gate (fla and sglang): no residual / prenorm: those calls stay with the original ---
+# --- fused_norm_gate (fla and sglang): residual, prenorm and the norm + gate + linear variants ---
 
 
 def _ones_like_weight(weight, x):
     return weight if weight is not None else torch.ones(x.shape[-1], dtype=x.dtype, device=x.device)
 
 
-def _fused(label, backend, x, g, weight, bias, activation, eps, is_rms_norm):
+def _gate_rows(x, g):
+    """The gate as gatednorm takes it: x's shape, or kept as (T, H, N) beside a (T*H, N) x (sglang passes
+    a strided view of the packed projection; reshaping it would copy). Other shapes of x's size are
+    reshaped, as upstream's ``g.reshape(-1, D)`` does."""
+    if g.shape == x.shape:
+        return g
+    if x.dim() == 2 and g.dim() == 3 and g.shape[0] * g.shape[1] == x.shape[0] and g.shape[2] == x.shape[1]:
+        return g
+    return g.reshape(x.shape) if g.numel() == x.numel() else g  # anything else: prepare names the mismatch
+
+
+def _fused(label, backend, x, g, weight, bias, activation, eps, is_rms_norm, residual, prenorm, residual_in_fp32):
     name = hit(label, backend, x.device)
-    if g.shape != x.shape and g.numel() == x.numel():
-        g = g.reshape(x.shape)  # e.g. a (T, H, D) gate for a (T*H, D) input
-    return layernorm_fn(x, _ones_like_weight(weight, x), bias, g, eps, None, True, is_rms_norm,
-                        activation=activation, backend=name)
+    return layernorm_fn(x, _ones_like_weight(weight, x), bias, _gate_rows(x, g), eps, None, True, is_rms_norm,
+                        activation=activation, residual=residual, prenorm=bool(prenorm),
+                        residual_in_fp32=bool(residual_in_fp32), backend=name)
 
 
-def fused_function(label: str, backend: str | None, original: Callable, is_rms_norm: bool) -> Callable:
+def fused_function(label: str, backend: str | None, is_rms_norm: bool) -> Callable:
     """``rms_norm_gated``/``layer_norm_gated(x, g, weight, bias, activation, residual, prenorm,
-    residual_in_fp32, eps)``: ``norm(x) * act(g)`` over the whole last dim; residual/prenorm -> original."""
+    residual_in_fp32, eps)``: ``norm(x [+ residual]) * act(g)`` over the whole last dim; with ``prenorm``
+    ``(y, residual_out)``, residual_out in residual's dtype (float32 for ``residual_in_fp32`` without one)."""
 
     def fused(x, g, weight, bias, activation: str = "swish", residual=None, prenorm=False, residual_in_fp32=False,
               eps=1e-6):
-        if residual is not None or prenorm:
-            return original(x, g, weight, bias, activation, residual, prenorm, residual_in_fp32, eps)
-        return _fused(label, backend, x, g, weight, bias, activation, eps, is_rms_norm)
+        return _fused(label, backend, x, g, weight, bias, activation, eps, is_rms_norm, residual, prenorm,
+                      residual_in_fp32)
 
-    fused.__name__ = getattr(original, "__name__", "fused")
+    fused.__name__ = "rms_norm_gated" if is_rms_norm else "layer_norm_gated"
     return fused
 
 
-def fused_module_forward(label: str, backend: str | None, original: Callable, is_rms_norm: bool) -> Callable:
+def fused_module_forward(label: str, backend: str | None, is_rms_norm: bool) -> Callable:
     """``FusedRMSNormGated``/``FusedLayerNormGated.forward(x, g, residual, prenorm, residual_in_fp32)``."""
 
     def forward(self, x, g, residual=None, prenorm=False, residual_in_fp32=False):
-        if residual is not None or prenorm:
-            return original(self, x, g, residual, prenorm, residual_in_fp32)
-        return _fused(label, backend, x, g, self.weight, self.bias, self.activation, self.eps, is_rms_norm)
+        return _fused(label, backend, x, g, self.weight, self.bias, self.activation, self.eps, is_rms_norm, residual,
+                      prenorm, residual_in_fp32)
+
+    return forward
+
+
+def _fused_linear(label, backend, x, g, norm_weight, norm_bias, linear_weight, linear_bias, residual, prenorm,
+                  residual_in_fp32, eps, is_rms_norm):
+    # fla's *_gate_linear variants take no activation: their kernel runs the default, swish
+    name = hit(label, backend, x.device)
+    return layernorm_linear_fn(x, _ones_like_weight(norm_weight, x), norm_bias, g.reshape(x.shape), linear_weight,
+                               linear_bias, eps, None, True, is_rms_norm, residual=residual, prenorm=bool(prenorm),
+                               residual_in_fp32=bool(residual_in_fp32), backend=name)
+
+
+def fused_linear_function(label: str, backend: str | None, is_rms_norm: bool) -> Callable:
+    """fla's ``layer_norm_swish_gate_linear``/``rms_norm_swish_gate_linear(x, g, norm_weight, norm_bias,
+    linear_weight, linear_bias, residual, prenorm, residual_in_fp32, eps)``: ``linear(norm(x) * swish(g))``
+    with the memory-saving backward (:func:`gatednorm.functional.layernorm_linear_fn`)."""
+
+    def fused_linear(x, g, norm_weight, norm_bias, linear_weight, linear_bias, residual=None, prenorm=False,
+                     residual_in_fp32=False, eps=1e-6):
+        return _fused_linear(label, backend, x, g, norm_weight, norm_bias, linear_weight, linear_bias, residual,
+                             prenorm, residual_in_fp32, eps, is_rms_norm)
+
+    fused_linear.__name__ = "rms_norm_swish_gate_linear" if is_rms_norm else "layer_norm_swish_gate_linear"
+    return fused_linear
+
+
+def fused_linear_module_forward(label: str, backend: str | None, is_rms_norm: bool) -> Callable:
+    """``FusedLayerNormGatedLinear``/``FusedRMSNormGatedLinear.forward(x, g, weight, bias, residual, prenorm,
+    residual_in_fp32)``: weight and bias are the linear layer's; the module's own are the norm's."""
+
+    def forward(self, x, g, weight=None, bias=None, residual=None, prenorm=False, residual_in_fp32=False):
+        return _fused_linear(label, backend, x, g, self.weight, self.bias, weight, bias, residual, prenorm,
+                             residual_in_fp32, self.eps, is_rms_norm)
 
     return forward

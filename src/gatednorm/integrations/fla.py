@@ -9,8 +9,12 @@ to False in fla: the module's own attribute is used, so that default is kept).
 
 ``fla.modules.norm.fused_norm_gate`` (or ``fla.modules.fused_norm_gate``): ``layer_norm_gated``,
 ``rms_norm_gated`` and ``FusedLayerNormGated``/``FusedRMSNormGated.forward`` (and their Swish
-subclasses) when called without ``residual`` and without ``prenorm``; calls with either go to fla's
-kernel, as do the ``*_linear`` variants (norm fused with a linear layer).
+subclasses), ``residual=``/``prenorm=``/``residual_in_fp32=`` included; the norm + gate + linear
+variants ``layer_norm_swish_gate_linear``/``rms_norm_swish_gate_linear`` and
+``FusedLayerNormGatedLinear``/``FusedRMSNormGatedLinear.forward`` (and their SwishGateLinear
+subclasses), with gatednorm's memory-saving backward. Not replaced: the kernel-level primitives
+``layer_norm_gated_fwd``/``layer_norm_gated_bwd`` and direct ``LayerNormGatedFunction.apply`` /
+``LayerNormGatedLinearFunction.apply`` calls (fla's own functions and modules no longer reach them).
 """
 
 from __future__ import annotations
@@ -47,8 +51,15 @@ def plan(p: Planner) -> None:
         if m is None:
             continue
         for fn, rms in (("layer_norm_gated", False), ("rms_norm_gated", True)):
-            p.function(m, fn, lambda label, orig, rms=rms: w.fused_function(label, b, orig, rms))
+            p.function(m, fn, lambda label, orig, rms=rms: w.fused_function(label, b, rms))
         for name, rms in (("FusedLayerNormGated", False), ("FusedRMSNormGated", True)):
             cls = p.cls(m, name)
             if cls is not None:
-                p.method(cls, "forward", w.fused_module_forward(p.label(cls, "forward"), b, cls.forward, rms))
+                p.method(cls, "forward", w.fused_module_forward(p.label(cls, "forward"), b, rms))
+        # norm + gate + linear (older fla copies may lack them: not required)
+        for fn, rms in (("layer_norm_swish_gate_linear", False), ("rms_norm_swish_gate_linear", True)):
+            p.function(m, fn, lambda label, orig, rms=rms: w.fused_linear_function(label, b, rms), required=False)
+        for name, rms in (("FusedLayerNormGatedLinear", False), ("FusedRMSNormGatedLinear", True)):
+            cls = p.cls(m, name, required=False)
+            if cls is not None:
+                p.method(cls, "forward", w.fused_linear_module_forward(p.label(cls, "forward"), b, rms))

@@ -10,7 +10,9 @@ Covered module paths (whichever the installed release has):
 * ``sglang.srt.layers.attention.mamba.ops.layernorm_gated`` (older releases): ``_layer_norm_fwd``,
   ``rms_norm_gated`` (positional).
 * ``fused_norm_gate`` beside either layernorm_gated: ``rms_norm_gated`` and
-  ``FusedRMSNormGated.forward`` without residual/prenorm (calls with them stay with sglang).
+  ``FusedRMSNormGated.forward``, ``residual=``/``prenorm=``/``residual_in_fp32=`` included, and the
+  strided (T, H, D) gate the newest release passes for a (T*H, D) input (read through its strides,
+  not copied). Not replaced: the primitive ``layer_norm_gated_fwd``.
 
 Not covered: ``_layer_norm_fwd(quant_heads=...)`` (FP8 epilogue: goes to sglang's kernel) and the
 tensor-parallel ``Mixer2RMSNormGated`` (its ``rms_norm_gated`` import is rebound, so its local
@@ -65,7 +67,7 @@ def plan(p: Planner) -> None:
         m = p.module(path)
         if m is None:
             continue
-        p.function(m, "rms_norm_gated", lambda label, orig: w.fused_function(label, b, orig, True))
+        p.function(m, "rms_norm_gated", lambda label, orig: w.fused_function(label, b, True))
         cls = p.cls(m, "FusedRMSNormGated", required=False)
         if cls is not None:
-            p.method(cls, "forward", w.fused_module_forward(p.label(cls, "forward"), b, cls.forward, True))
+            p.method(cls, "forward", w.fused_module_forward(p.label(cls, "forward"), b, True))
