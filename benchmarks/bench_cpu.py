@@ -6,11 +6,22 @@ For each shape x dtype x {forward, forward+backward} it times, interleaved withi
 * ``recipe``   - the migration guide's straightforward code: a chain of full-size float32
                  temporaries (x.float(), silu(z.float()), view groups, pow/mean/rsqrt, weight,
                  gate, .to(dtype)); fwd+bwd is autograd through it;
-* ``native``   - gatednorm, backend="native" (eager, row blocks);
+* ``native``   - gatednorm, backend="native" (eager: small row blocks spread over worker threads);
 * ``compiled`` - gatednorm, backend="compiled" (the native formula under torch.compile);
 * ``inductor`` - torch.compile of the recipe (what a user gets by compiling the recipe);
-* ``floor``    - F.rms_norm / F.layer_norm on x alone (no gate, one group): a lower bound;
+* ``floor``    - PyTorch's own norm on x alone (F.rms_norm / F.layer_norm: no gate, one group per row),
+                 for scale: what the plain norm of that size costs in eager PyTorch. F.layer_norm is one
+                 fused kernel; F.rms_norm on CPU is itself a chain of ops, so native can beat it;
 * ``triton``   - gatednorm, backend="triton" (only with --device cuda and Triton present).
+
+Contention (CPU, on by default for full runs, ``--contention`` / ``--no-contention``): every row is
+timed twice, quiet and then while a busy process spins pinned to one core (``os.sched_setaffinity``;
+the script starts and stops it). Real machines are shared: a backend whose parallel regions wait for a
+descheduled thread collapses there. The tables show ``quiet / busy`` side by side.
+
+Background load: the load average is printed at the start and the end, and every timing phase records
+the CPU time that *other* processes (not this one, not its spinner) used meanwhile, as a share of one
+core (column ``others``). A quiet row with a large share was disturbed; re-run when the machine is idle.
 
 Peak memory (CPU): growth of the process's RSS high-water mark during one call, after a
 warm-up call, minus the call's outputs (y, statistics, gradients): the temporaries the call
@@ -19,8 +30,8 @@ itself with ``MALLOC_MMAP_THRESHOLD_=65536`` so glibc serves large blocks with m
 them at free (otherwise freed temporaries stay resident and hide later peaks); the high-water
 mark is reset through ``/proc/self/clear_refs``. On CUDA: ``torch.cuda.max_memory_allocated``.
 
-    python benchmarks/bench_cpu.py                      # full run, writes benchmarks/results/cpu_bench.*
-    python benchmarks/bench_cpu.py --quick              # fewer repeats, no files
+    python benchmarks/bench_cpu.py                      # full run (quiet + busy), writes benchmarks/results/cpu_bench.*
+    python benchmarks/bench_cpu.py --quick              # fewer repeats, quiet only, no files
     python benchmarks/bench_cpu.py --device cuda        # eager GPU timing (adds the triton column)
 """
 
@@ -31,6 +42,7 @@ import gc
 import json
 import os
 import platform
+import signal
 import statistics
 import subprocess
 import sys
@@ -66,6 +78,35 @@ CASES = [
     Case("RMS gate-before 2048x5120 g640", 2048, 5120, 640, True, "before", False),
     Case("LN+bias 4096x2048 no gate", 4096, 2048, 2048, False, "none", True),
 ]
+
+#: What each column means, printed under every table (``make run`` shows it to new users): (column, text),
+#: shown when the table has that column.
+LEGEND = [
+    ("recipe", "the straightforward float32 code (x.float(), silu(z.float()), pow/mean/rsqrt, weight, gate, .to)"),
+    ("native", "gatednorm backend=\"native\" (eager PyTorch ops in small row blocks over worker threads)"),
+    ("compiled", "gatednorm backend=\"compiled\" (the same formula under torch.compile)"),
+    ("inductor", "torch.compile of the recipe"),
+    ("floor", "PyTorch's own norm of x alone (F.rms_norm / F.layer_norm, no gate, one group per row), for\n"
+              "            scale; F.layer_norm is one fused kernel, F.rms_norm on CPU a chain of ops that native\n"
+              "            can beat"),
+    ("triton", "gatednorm backend=\"triton\""),
+    ("recipe/native", "speed-up of native over the recipe (higher is better)"),
+    ("native busy/quiet", "how much slower native runs with one core busy (recipe busy/quiet: the same for\n"
+                          "            the recipe)"),
+    ("compiled/inductor", "time of the compiled backend over the compiled recipe (1.0: as fast)"),
+    ("others", "share of one core that other processes used while the row was timed: a large share means the\n"
+               "            row was disturbed"),
+    ("mem", "extra peak memory of one call beyond its inputs and outputs, as a multiple of x's size"),
+]
+
+
+def legend(columns: list[str], busy: bool) -> str:
+    lines = ["Columns (median ms per call" + ('; "quiet / busy": both measured, busy = a process spinning pinned to '
+                                         "one core, started and stopped by this script" if busy else "") + "):"]
+    for name, text in LEGEND:
+        if name in columns:
+            lines.append(f"  {name:9s} {text}" if len(name) <= 9 else f"  {name}  {text}")
+    return "\n".join(lines)
 
 
 def recipe(x, w, b, z, group_size, gate, rms):
@@ -149,6 +190,90 @@ class Meter:
         if self.cpu_rss:
             return float(_proc_status("VmHWM") - self.base)
         return None
+
+
+class Background:
+    """CPU time of *other* processes during a phase, as a share of one core (Linux /proc; None elsewhere).
+
+    Busy jiffies of the whole machine (/proc/stat) minus those of this process and of ``own_pids``
+    (the spinner): what someone else's work took from the cores while we measured.
+    """
+
+    def __init__(self, own_pids=()):
+        self.own_pids = tuple(own_pids)
+        self.ok = os.path.exists("/proc/stat")
+        self.tick = os.sysconf("SC_CLK_TCK") if self.ok else 100
+
+    @staticmethod
+    def _machine_busy() -> int:
+        with open("/proc/stat") as f:
+            v = [int(t) for t in f.readline().split()[1:]]
+        return sum(v) - v[3] - v[4]  # all but idle and iowait
+
+    def _own(self) -> int:
+        total = 0
+        for pid in ("self", *map(str, self.own_pids)):
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+                total += int(fields[11]) + int(fields[12])  # utime + stime, all threads
+            except (OSError, IndexError, ValueError):
+                pass
+        return total
+
+    def __enter__(self):
+        if self.ok:
+            self.t0, self.busy0, self.own0 = time.perf_counter(), self._machine_busy(), self._own()
+        return self
+
+    def __exit__(self, *exc):
+        self.share = None
+        if self.ok:
+            wall = time.perf_counter() - self.t0
+            other = (self._machine_busy() - self.busy0) - (self._own() - self.own0)
+            self.share = max(0.0, other / self.tick / wall) if wall > 0 else None
+        return False
+
+
+class Spinner:
+    """A busy process pinned to one core for the duration of a ``with`` block (the contended runs).
+
+    It also stops by itself once this process is gone (it checks its parent about every 10 ms), so an
+    interrupted benchmark never leaves a core spinning.
+    """
+
+    CODE = ("import os, sys\n"
+            "os.sched_setaffinity(0, {int(sys.argv[1])})\n"
+            "parent = os.getppid()\n"
+            "while os.getppid() == parent:\n"
+            "    for _ in range(100000):\n"
+            "        pass\n")
+
+    def __init__(self, cpu: int):
+        self.cpu = cpu
+        self.proc = None
+
+    def __enter__(self):
+        self.proc = subprocess.Popen([sys.executable, "-c", self.CODE, str(self.cpu)])
+        time.sleep(0.3)  # let it start and settle on its core
+        return self
+
+    def __exit__(self, *exc):
+        self.proc.kill()
+        self.proc.wait()
+        return False
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+
+def spinner_cpu() -> int | None:
+    """The core the spinner takes: the last one this process may run on (None: no affinity API)."""
+    if not hasattr(os, "sched_getaffinity"):
+        return None
+    cpus = sorted(os.sched_getaffinity(0))
+    return cpus[-1] if len(cpus) > 1 else None
 
 
 def make_inputs(case: Case, dtype: torch.dtype, device: torch.device, grad: bool):
@@ -241,25 +366,54 @@ def machine_name(device: torch.device) -> str:
             f"torch {torch.__version__}, CPU capability {torch.backends.cpu.get_cpu_capability()}")
 
 
-def format_table(rows, names, device_label) -> str:
+def load_line(when: str) -> str:
+    try:
+        return f"load average (1/5/15 min) {when}: " + " / ".join(f"{v:.2f}" for v in os.getloadavg())
+    except OSError:
+        return f"load average {when}: unavailable"
+
+
+def _ms(r: dict | None, name: str) -> float | None:
+    return None if r is None or name not in r else r[name]["median_ms"]
+
+
+def _pair(q: float | None, c: float | None, fmt: str = "{:.2f}") -> str:
+    if q is None:
+        return "-"
+    return fmt.format(q) if c is None else f"{fmt.format(q)} / {fmt.format(c)}"
+
+
+def format_table(rows, names, device_label, memory: bool) -> str:
+    busy = any(row.get("busy") for row in rows)
     lines = [f"Machine: {device_label}", ""]
-    head = ["case", "dtype", "pass"] + [f"{n} ms" for n in names]
-    head += ["recipe/native", "compiled/inductor"] + [f"mem {n}" for n in names if n != "floor"]
+    head = ["case", "dtype", "pass"] + [f"{n} ms" for n in names] + ["recipe/native"]
+    if busy:
+        head += ["native busy/quiet", "recipe busy/quiet"]
+    if "compiled" in names and "inductor" in names:
+        head.append("compiled/inductor")
+    head.append("others (share of a core)")
+    if memory:
+        head += [f"mem {n}" for n in names if n != "floor"]
     lines.append("| " + " | ".join(head) + " |")
     lines.append("|" + "---|" * len(head))
     for row in rows:
-        r = row["results"]
-        cells = [row["case"], row["dtype"], row["pass"]] + [f"{r[n]['median_ms']:.2f}" for n in names]
-        cells.append(f"{r['recipe']['median_ms'] / r['native']['median_ms']:.1f}x" if "recipe" in r else "-")
-        if "compiled" in r and "inductor" in r:
-            cells.append(f"{r['compiled']['median_ms'] / r['inductor']['median_ms']:.2f}")
-        else:
-            cells.append("-")
-        for n in names:
-            if n == "floor":
-                continue
-            pk = r[n]["peak_extra_x"]
-            cells.append("-" if pk is None else f"{pk:.2f}x")
+        q, c = row["results"], row.get("busy")
+        cells = [row["case"], row["dtype"], row["pass"]] + [_pair(_ms(q, n), _ms(c, n)) for n in names]
+        speed = lambda r: None if r is None else _ms(r, "recipe") / _ms(r, "native")  # noqa: E731
+        cells.append(_pair(speed(q), speed(c), "{:.1f}x"))
+        if busy:
+            cells.append(f"{_ms(c, 'native') / _ms(q, 'native'):.2f}" if c else "-")
+            cells.append(f"{_ms(c, 'recipe') / _ms(q, 'recipe'):.2f}" if c else "-")
+        if "compiled" in names and "inductor" in names:
+            cells.append(_pair(_ms(q, "compiled") / _ms(q, "inductor"),
+                               _ms(c, "compiled") / _ms(c, "inductor") if c else None))
+        others = row.get("others", {})
+        cells.append(_pair(others.get("quiet"), others.get("busy"), "{:.2f}"))
+        if memory:
+            for n in names:
+                if n != "floor":
+                    pk = q[n].get("peak_extra_x")
+                    cells.append("-" if pk is None else f"{pk:.2f}x")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -271,17 +425,21 @@ def chart(rows, names, path, title):
     import matplotlib.pyplot as plt
 
     labels = [f"{r['case']}\n{r['dtype']} {r['pass']}" for r in rows]
-    fig, ax = plt.subplots(figsize=(max(10, 1.1 * len(rows)), 6))
-    width = 0.8 / len(names)
-    for i, name in enumerate(names):
-        vals = [r["results"][name]["median_ms"] for r in rows]
-        ax.bar([k + i * width for k in range(len(rows))], vals, width, label=name)
+    busy = any(r.get("busy") for r in rows)
+    series = [(n, "results", "") for n in names] + ([(n, "busy", " (busy)") for n in ("recipe", "native")]
+                                                   if busy else [])
+    fig, ax = plt.subplots(figsize=(max(10, 1.3 * len(rows)), 6))
+    width = 0.8 / len(series)
+    for i, (name, key, suffix) in enumerate(series):
+        vals = [(r.get(key) or {}).get(name, {}).get("median_ms", float("nan")) for r in rows]
+        ax.bar([k + i * width for k in range(len(rows))], vals, width, label=name + suffix,
+               hatch="//" if suffix else None)
     ax.set_yscale("log")
     ax.set_ylabel("median time per call, ms (log)")
     ax.set_xticks([k + 0.4 - width / 2 for k in range(len(rows))])
     ax.set_xticklabels(labels, rotation=60, ha="right", fontsize=7)
     ax.set_title(title, fontsize=9)
-    ax.legend()
+    ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -319,17 +477,26 @@ def main(argv=None):
     p.add_argument("--reps", type=int, default=15, help="interleaved repeats per forward measurement")
     p.add_argument("--reps-bwd", type=int, default=9, help="interleaved repeats per forward+backward measurement")
     p.add_argument("--no-compile", action="store_true", help="skip the compiled and inductor columns")
-    p.add_argument("--quick", action="store_true", help="3 repeats, no files written")
+    p.add_argument("--quick", action="store_true", help="3 repeats, quiet only, no files written")
+    p.add_argument("--contention", action=argparse.BooleanOptionalAction, default=None,
+                   help="also time every row with one core busy (default: on for full CPU runs, off with --quick)")
     p.add_argument("--out", default=None, help="results file stem (default: results/cpu_bench)")
+    p.add_argument("--note", default="", help="a paragraph for the results file (run conditions, caveats)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     p.add_argument("--memory-only", default=None, help=argparse.SUPPRESS)  # internal: subprocess, writes JSON here
     args = p.parse_args(argv)
+    # SIGTERM unwinds like Ctrl-C, so the spinner's with-block stops it
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
     device = torch.device(args.device)
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
     if args.quick:
         args.reps = args.reps_bwd = 3
+    contention = args.contention if args.contention is not None else not args.quick
+    busy_cpu = spinner_cpu() if device.type == "cpu" and contention and args.memory_only is None else None
+    if contention and busy_cpu is None and args.memory_only is None:
+        print("# contention runs need a CPU device and at least 2 cores this process may use: skipped")
     meter = Meter(device)
     impls = {"recipe": recipe, "native": gated("native")}
     if not args.no_compile:
@@ -342,7 +509,9 @@ def main(argv=None):
     cases = [CASES[int(i)] for i in args.cases.split(",")] if args.cases else CASES
     dtypes = [getattr(torch, d) for d in args.dtypes.split(",")]
     label = machine_name(device)
-    print(f"# {label}", flush=True)
+    if args.memory_only is None:
+        print(f"# {label}")
+        print(f"# {load_line('at the start')}", flush=True)
 
     memory = {}
     if args.memory_only is None and not args.no_memory:
@@ -355,21 +524,29 @@ def main(argv=None):
                 if "inductor" in run_impls:
                     run_impls["inductor"] = torch.compile(fresh_copy(recipe, len(rows)), dynamic=False)
                 key = f"{case.name}|{dtype}|{pass_}"
+                grad = pass_ == "fwd+bwd"
                 if args.memory_only is not None:
-                    memory[key] = measure_memory(case, dtype, pass_ == "fwd+bwd", run_impls, meter)
+                    memory[key] = measure_memory(case, dtype, grad, run_impls, meter)
                     print(key, memory[key], flush=True)
                     rows.append(key)
                     continue
                 if device.type == "cuda" and not args.no_memory:  # caching-allocator stats, in process
-                    memory[key] = measure_memory(case, dtype, pass_ == "fwd+bwd", run_impls, meter)
+                    memory[key] = measure_memory(case, dtype, grad, run_impls, meter)
                 reps = args.reps if pass_ == "fwd" else args.reps_bwd
-                res = time_case(case, dtype, pass_ == "fwd+bwd", run_impls, meter, reps)
+                with Background() as quiet_bg:
+                    res = time_case(case, dtype, grad, run_impls, meter, reps)
+                busy = others_busy = None
+                if busy_cpu is not None:
+                    with Spinner(busy_cpu) as spinner, Background([spinner.pid]) as busy_bg:
+                        busy = time_case(case, dtype, grad, run_impls, meter, reps)
+                    others_busy = busy_bg.share
                 for name in res:
                     res[name]["peak_extra_x"] = memory.get(key, {}).get(name)
                     res[name]["first_process_first_call_s"] = memory.get(key, {}).get(f"{name}_first_call_s")
-                row = {"case": case.name, "dtype": str(dtype).replace("torch.", ""), "pass": pass_, "results": res}
+                row = {"case": case.name, "dtype": str(dtype).replace("torch.", ""), "pass": pass_, "results": res,
+                       "busy": busy, "others": {"quiet": quiet_bg.share, "busy": others_busy}}
                 rows.append(row)
-                summary = "  ".join(f"{n}={res[n]['median_ms']:.2f}ms" for n in names)
+                summary = "  ".join(f"{n}={_pair(_ms(res, n), _ms(busy, n))}ms" for n in names)
                 print(f"{case.name:32s} {row['dtype']:9s} {pass_:8s} {summary}", flush=True)
     if args.memory_only is not None:
         memory["compile_times"] = [[repr(k), t] for k, t in compiled_backend.COMPILE_TIMES]
@@ -377,34 +554,43 @@ def main(argv=None):
             json.dump(memory, f)
         return
 
-    table = format_table(rows, names, label)
-    compile_lines = ["", "Compiled backend: first call per feature combination (= compile time), "
+    table = format_table(rows, names, label, memory=bool(memory))
+    busy = any(row["busy"] for row in rows)
+    columns = names + ["recipe/native", "others"] + (["native busy/quiet"] if busy else [])
+    columns += ["compiled/inductor"] if "compiled" in names and "inductor" in names else []
+    columns += ["mem"] if memory else []
+    sections = [table, "", legend(columns, busy), "", load_line("at the end")]
+    if compiled_backend.COMPILE_TIMES:
+        sections += ["", "Compiled backend: first call per feature combination (= compile time), "
                      "first process (memory phase; Inductor cache as found) / timing process:", ""]
-    first = dict(memory.get("compile_times", []))
-    for k, t in compiled_backend.COMPILE_TIMES:
-        f = first.get(repr(k))
-        compile_lines.append(f"- {k[0]} {k[1:]}: {'-' if f is None else f'{f:.1f}'} s / {t:.1f} s")
-    first_calls = ["", "First call (s) per row, timing process (includes torch.compile of compiled/inductor; "
-                   "first process in brackets):", ""]
-    for row in rows:
-        fc = ", ".join(f"{n} {row['results'][n]['first_call_s']:.2f}"
-                       + (f" [{row['results'][n]['first_process_first_call_s']:.2f}]"
-                          if row['results'][n].get('first_process_first_call_s') is not None else "")
-                       for n in names)
-        first_calls.append(f"- {row['case']} {row['dtype']} {row['pass']}: {fc}")
-    load = "load average (1/5/15 min) at the end of the run: " + " / ".join(f"{v:.2f}" for v in os.getloadavg())
-    report = "\n".join([table, "", load, *compile_lines, *first_calls])
+        first = dict(memory.get("compile_times", []))
+        for k, t in compiled_backend.COMPILE_TIMES:
+            f = first.get(repr(k))
+            sections.append(f"- {k[0]} {k[1:]}: {'-' if f is None else f'{f:.1f}'} s / {t:.1f} s")
+    if not args.quick:
+        sections += ["", "First call (s) per row, timing process (includes torch.compile of compiled/inductor; "
+                     "first process in brackets):", ""]
+        for row in rows:
+            fc = ", ".join(f"{n} {row['results'][n]['first_call_s']:.2f}"
+                           + (f" [{row['results'][n]['first_process_first_call_s']:.2f}]"
+                              if row['results'][n].get('first_process_first_call_s') is not None else "")
+                           for n in names)
+            sections.append(f"- {row['case']} {row['dtype']} {row['pass']}: {fc}")
+    report = "\n".join(sections)
     print()
     print(report)
     if args.quick:
         return
     os.makedirs(RESULTS, exist_ok=True)
     stem = args.out or os.path.join(RESULTS, "cpu_bench" if device.type == "cpu" else f"{device.type}_native_eager")
-    cmd = "python benchmarks/bench_cpu.py " + " ".join(sys.argv[1:])
+    shown = [a for i, a in enumerate(sys.argv[1:]) if not (a.startswith("--note") or sys.argv[i] == "--note")]
+    cmd = "python benchmarks/bench_cpu.py " + " ".join(shown)  # the note is printed as such
     with open(stem + ".md", "w") as f:
-        f.write(f"# gatednorm native/compiled benchmark\n\nCommand: `{cmd}`\n\n{report}\n")
+        note = f"{args.note}\n\n" if args.note else ""
+        f.write(f"# gatednorm native/compiled benchmark\n\nCommand: `{cmd}`\n\n{note}{report}\n")
     with open(stem + ".json", "w") as f:
-        json.dump({"machine": label, "command": cmd, "rows": rows}, f, indent=1)
+        json.dump({"machine": label, "command": cmd, "note": args.note, "busy_cpu": busy_cpu, "rows": rows}, f,
+                  indent=1)
     try:
         chart(rows, names, stem + ".png", label)
     except ImportError:  # matplotlib is a bench extra; the GPU image may lack it (plot later from the JSON)

@@ -254,11 +254,13 @@ def input_grad_from_means(g: torch.Tensor, xhat: torch.Tensor, rstd: torch.Tenso
 def backward_rows(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                   z: torch.Tensor | None, mean: torch.Tensor | None, rstd: torch.Tensor, spec: NormSpec,
                   needs_dx: bool, needs_dz: bool, needs_dweight: bool, needs_dbias: bool,
-                  ) -> tuple[torch.Tensor | None, ...]:
+                  *, gate_fn=None) -> tuple[torch.Tensor | None, ...]:
     """(dx, dz, dweight, dbias) in C, not yet rounded, for (M, N) rows; mean/rstd are (M, G).
 
     dx and dz are (M, N); dweight/dbias (N,) are this block's sums over rows. Only the gradients asked
     for are computed (dz needs z, dbias needs bias). Inputs narrower than C are promoted in-kernel.
+    ``gate_fn(z, activation) -> (act(z), act'(z))`` replaces :func:`gate_activation_and_derivative` (the
+    compiled backend on CPU derives both from one sigmoid: see backends/compiled.py).
     """
     m, n = x.shape
     gs = spec.group_size
@@ -270,7 +272,7 @@ def backward_rows(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias:
     dy3 = dy.unflatten(1, shape3)
     gate = dgate = None
     if z is not None:
-        gate, dgate = gate_activation_and_derivative(z.unflatten(1, shape3).to(c), spec.activation)
+        gate, dgate = (gate_fn or gate_activation_and_derivative)(z.unflatten(1, shape3).to(c), spec.activation)
     gate_before = gate is not None and not spec.norm_before_gate
     gate_after = gate is not None and spec.norm_before_gate
     xin = x3 * gate if gate_before else x3

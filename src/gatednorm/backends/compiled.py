@@ -11,8 +11,14 @@ without full-size buffers. Every combination gets its own code object, so dynamo
 recompile limit is never shared between them.
 
 Range rescue: on accelerators every group is scaled in the graph (no host sync, CUDA-graph safe).
-On CPU, where reading a flag costs nothing like a device sync, the plain graph also returns a
-per-row out-of-range flag and flagged rows are redone with the rescuing formula, eagerly.
+On CPU, where reading a value costs nothing like a device sync, the plain graph runs; one reduction
+over the statistics finds rows out of range, and those are redone with the rescuing formula, eagerly.
+
+On CPU the graphs are shaped for Inductor's C++ code generation, to stay within the speed of the
+compiled recipe (benchmarks/results/cpu_bench.md): the forward graph returns its raw per-group sums
+and the statistics are made from them outside (:func:`_make_forward_sums`), and the backward derives
+the gate from one sigmoid (:func:`_gate_from_one_sigmoid`). Both keep Inductor from writing full-size
+float32 temporaries that the recipe does not need.
 
 Nesting: inside a user's ``torch.compile`` region, :mod:`gatednorm.ops` routes through the opaque
 ``gatednorm::*`` custom ops (traced via their fake implementations); at run time the op calls into
@@ -30,21 +36,21 @@ import torch
 import torch.fx.experimental._config
 
 from .. import numerics
-from ..spec import NormSpec
+from ..numerics import in_compute_dtype
+from ..spec import NormSpec, compute_dtype
 from .base import Grads, GradsNeeded
 
 #: (key, seconds) of the first call of every compiled function: dynamo + inductor compile time.
 COMPILE_TIMES: list[tuple[tuple, float]] = []
 
 
-def _make_forward(spec: NormSpec, rescue_inline: bool) -> Callable:
-    """The compiled forward: writes out, returns (mean, rstd) group-major and the per-row out-of-range
-    flag (None with ``rescue_inline``, where every group is rescued in the graph)."""
+def _make_forward(spec: NormSpec) -> Callable:
+    """The compiled forward with the range rescue in the graph (accelerators): writes out, returns
+    (mean, rstd) group-major."""
 
     def fwd(x, weight, bias, z, out):
         m = x.shape[0]
-        y, mean, rstd = numerics.forward_rows(x, weight, bias, z, spec, rescue=rescue_inline)
-        out_of_range = None if rescue_inline else numerics.rstd_out_of_range(rstd).any(dim=1)
+        y, mean, rstd = numerics.forward_rows(x, weight, bias, z, spec, rescue=True)
         out.copy_(y.reshape(out.shape))  # the one rounding, fused into the kernel that computes y
         # group-major stats; copy_ into a fresh buffer (not .contiguous()) so M = 1 takes no other branch
         groups = rstd.shape[1]
@@ -54,17 +60,127 @@ def _make_forward(spec: NormSpec, rescue_inline: bool) -> Callable:
         if mean is not None:
             mean_gm = mean.new_empty(groups * m)
             mean_gm.view(groups, m).copy_(mean.t())
-        return mean_gm, rstd_gm, out_of_range
+        return mean_gm, rstd_gm
 
     return fwd
 
 
-def _make_backward(spec: NormSpec, needs: GradsNeeded) -> Callable:
+def _make_forward_sums(spec: NormSpec) -> Callable:
+    """The compiled forward on CPU: writes out and returns only the per-group sums it reduced, (sum of x
+    or None, sum of squared deviations), (M, G, 1) each; :func:`_stats_from_sums` makes the statistics.
+
+    The graph's only outputs besides ``out`` are reductions, so Inductor runs each row's reductions and
+    its output in one loop over the rows (as it does for the recipe, whose graph returns y alone). A
+    statistic computed in the graph (a pointwise node of a reduction) is a buffer with two users, and
+    Inductor then splits the work into a reduction loop, a statistics loop and an output loop that
+    reads x again.
+
+    Gate before the norm: the reductions read x * act(z) with the gate written as z * sigmoid(z)
+    (the output uses silu(z)). Had both read one node, Inductor would keep x * act(z) in a full-size
+    float32 buffer (allocated per call: page faults, and twice the memory traffic); two expressions of
+    the same gate are recomputed in the loops instead. They may differ in the last bit, as two float32
+    approximations of act(z); the statistics returned are those of the values the sums read.
+    """
+    gs = spec.group_size
+    eps = spec.eps
+    gate_before = not spec.norm_before_gate
+
+    def fwd(x, weight, bias, z, out):
+        n = x.shape[1]
+        c = compute_dtype(x.dtype)
+        shape3 = (n // gs, gs)
+        x3 = x.unflatten(1, shape3).to(c)
+        gate = None
+        summed = x3  # the values whose sums make the statistics
+        if z is not None:
+            z3 = z.unflatten(1, shape3).to(c)
+            gate = numerics.gate_activation(z3, spec.activation)
+            if gate_before:
+                s = torch.sigmoid(z3)
+                summed = x3 * (z3 * s if spec.activation == "swish" else s)
+                x3 = x3 * gate
+        sum_x = None
+        if not spec.is_rms_norm:
+            sum_x = summed.sum(dim=-1, keepdim=True)
+            mean = sum_x / gs
+            summed = summed - mean
+            x3 = x3 - mean
+        sum_sq = (summed * summed).sum(dim=-1, keepdim=True)
+        rstd = torch.rsqrt(sum_sq / gs + eps)  # as _stats_from_sums computes it, bit for bit
+        y = numerics.affine(x3 * rstd, in_compute_dtype(weight, c).view(shape3),
+                            None if bias is None else in_compute_dtype(bias, c).view(shape3),
+                            gate if spec.norm_before_gate else None)
+        out.copy_(y.reshape(out.shape))  # the one rounding, fused into the kernel that computes y
+        return sum_x, sum_sq
+
+    return fwd
+
+
+#: Eager work on the statistics runs in slices of this many elements: below ATen's parallel grain
+#: (32768), so every op is serial. A parallel op ends at a barrier that waits for its slowest thread, and
+#: with another process busy on the machine that wait costs a scheduler time slice (issue 12).
+_SERIAL_SLICE = 16384
+
+
+def _stats_from_sums(sum_x: torch.Tensor | None, sum_sq: torch.Tensor, spec: NormSpec
+                     ) -> tuple[torch.Tensor | None, torch.Tensor, bool]:
+    """(mean, rstd, in_range) from the (M, G, 1) sums of :func:`_make_forward_sums`, in place.
+
+    mean and rstd are group-major 1-D, made with the same correctly rounded steps as the graph (a
+    division by gs, an addition, 1 / sqrt), so rstd is the factor that normalised the output. in_range:
+    every rstd in (0, SAFE_RSTD_MAX] (a NaN fails), i.e. no row needs the rescue. With one group per row
+    the sums' storage already is the group-major layout; otherwise one transposing copy each. Serial
+    slices (:data:`_SERIAL_SLICE`) throughout.
+    """
+    m, groups = sum_sq.shape[0], sum_sq.shape[1]
+    stats = [sum_sq] if sum_x is None else [sum_x, sum_sq]
+    in_range = True
+    for c0 in range(0, m * groups, _SERIAL_SLICE):
+        if sum_x is not None:
+            sum_x.view(-1)[c0 : c0 + _SERIAL_SLICE].div_(spec.group_size)
+        rstd = sum_sq.view(-1)[c0 : c0 + _SERIAL_SLICE].div_(spec.group_size).add_(spec.eps).rsqrt_()
+        if in_range:
+            lo, hi = torch.aminmax(rstd)
+            in_range = bool(lo > 0) and bool(hi <= numerics.SAFE_RSTD_MAX)
+    if groups == 1:
+        flat = [t.view(m) for t in stats]
+    else:
+        flat = []
+        rows = max(1, _SERIAL_SLICE // groups)
+        for t in stats:
+            gm = t.new_empty(groups * m)
+            gm_view, t2 = gm.view(groups, m), t[..., 0]
+            for r0 in range(0, m, rows):
+                gm_view[:, r0 : r0 + rows].copy_(t2[r0 : r0 + rows].t())
+            flat.append(gm)
+    mean, rstd = (None, flat[0]) if sum_x is None else flat
+    return mean, rstd, in_range
+
+
+def _gate_from_one_sigmoid(z: torch.Tensor, activation: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(act(z), act'(z)) from one sigmoid s: swish = z * s, swish' = s + z * s * (1 - s); sigmoid' = s * (1 - s).
+
+    On CPU Inductor keeps every reused node that calls exp in a full-size float32 buffer. With silu(z)
+    and sigmoid(z) both in the graph, the backward wrote two such buffers per call; derived from one
+    sigmoid it writes one, as the compiled recipe's backward does. act(z) then differs from the forward's
+    silu(z) in the last bit at most (the native CPU backward derives it the same way).
+    """
+    s = torch.sigmoid(z)
+    one_minus_s = torch.rsub(s, 1.0)  # exact
+    if activation == "swish":
+        act = z * s
+        return act, s + act * one_minus_s
+    return s, one_minus_s * s
+
+
+def _make_backward(spec: NormSpec, needs: GradsNeeded, one_sigmoid: bool) -> Callable:
+    gate_fn = _gate_from_one_sigmoid if one_sigmoid else None
+
     def bwd(dy, x, weight, bias, z, mean, rstd):
         m = x.shape[0]
         # (M, G) views of the group-major stats: views only, no layout branch on M
         grads = numerics.backward_rows(dy, x, weight, bias, z, None if mean is None else mean.view(-1, m).t(),
-                                       rstd.view(-1, m).t(), spec, *needs)
+                                       rstd.view(-1, m).t(), spec, *needs, gate_fn=gate_fn)
         dtypes = (x.dtype, None if z is None else z.dtype, weight.dtype, None if bias is None else bias.dtype)
         return tuple(None if g is None else g.to(d) for g, d in zip(grads, dtypes, strict=True))
 
@@ -120,20 +236,25 @@ class CompiledBackend:
         x, z = _contiguous(x), _contiguous(z)
         inline = self.rescue_inline if self.rescue_inline is not None else x.device.type != "cpu"
         key = ("fwd", spec, x.shape[1], x.dtype, out.dtype, bias is not None, z is not None, inline)
-        fn = self._compiled(key, lambda: _make_forward(spec, inline))
         _mark_rows_dynamic(x, z, out)
         with torch.no_grad():
-            mean, rstd, out_of_range = fn(x, weight, bias, z, out)
-            if out_of_range is not None and bool(out_of_range.any()):
-                _redo_rows(out_of_range.nonzero().squeeze(1), x, weight, bias, z, spec, out, mean, rstd)
+            if inline:
+                fn = self._compiled(key, lambda: _make_forward(spec))
+                return fn(x, weight, bias, z, out)
+            fn = self._compiled(key, lambda: _make_forward_sums(spec))
+            mean, rstd, in_range = _stats_from_sums(*fn(x, weight, bias, z, out), spec)
+            if not in_range:
+                rows = numerics.rstd_out_of_range(numerics.row_major(rstd, x.shape[0])).any(dim=1)
+                _redo_rows(rows.nonzero().squeeze(1), x, weight, bias, z, spec, out, mean, rstd)
         return mean, rstd
 
     def backward(self, dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                  z: torch.Tensor | None, mean: torch.Tensor | None, rstd: torch.Tensor, spec: NormSpec,
                  needs: GradsNeeded) -> Grads:
         dy, x, z = _contiguous(dy), _contiguous(x), _contiguous(z)
-        key = ("bwd", spec, x.shape[1], x.dtype, bias is not None, z is not None, mean is not None, needs)
-        fn = self._compiled(key, lambda: _make_backward(spec, needs))
+        cpu = x.device.type == "cpu"
+        key = ("bwd", spec, x.shape[1], x.dtype, bias is not None, z is not None, mean is not None, needs, cpu)
+        fn = self._compiled(key, lambda: _make_backward(spec, needs, one_sigmoid=cpu))
         _mark_rows_dynamic(dy, x, z, mean, rstd)
         with torch.no_grad():
             return fn(dy, x, weight, bias, z, mean, rstd)
@@ -143,8 +264,12 @@ def _timed_first_call(key: tuple, compiled: Callable) -> Callable:
     state = {"first": True}
 
     def call(*args):
-        # Size-oblivious: M = 1 must not specialise the graph (no recompile for single rows).
-        with torch.fx.experimental._config.patch(backed_size_oblivious=True):
+        # Size-oblivious: M = 1 must not specialise the graph (no recompile for single rows). Set and
+        # restored directly: config.patch() builds a class per call (about 20 us, 1% of a 2 ms call).
+        config = torch.fx.experimental._config
+        saved = config.backed_size_oblivious
+        config.backed_size_oblivious = True
+        try:
             if state["first"]:
                 start = time.perf_counter()
                 result = compiled(*args)
@@ -152,6 +277,8 @@ def _timed_first_call(key: tuple, compiled: Callable) -> Callable:
                 state["first"] = False
                 return result
             return compiled(*args)
+        finally:
+            config.backed_size_oblivious = saved
 
     return call
 

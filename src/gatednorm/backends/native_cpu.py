@@ -1,88 +1,126 @@
-"""The native backend on CPU: plain PyTorch ops over cache-sized row blocks, batch invariant.
+"""The native backend on CPU: plain PyTorch ops over small row blocks, spread over worker threads.
 
-The operator of docs/design.md section 1 (the formulas of :mod:`gatednorm.numerics`), written
-for the CPU's memory hierarchy rather than as whole-tensor expressions, because there speed and
-memory come from the memory layout:
+The operator of docs/design.md section 1 (the formulas of :mod:`gatednorm.numerics`), written for
+a CPU that other processes share, because there speed comes from how the work meets the cores.
 
-* Rows are processed in blocks of about :data:`CPU_BLOCK_ELEMENTS` elements, so the
-  compute-dtype working set (a few buffers of one block each) stays in the L2/L3 cache instead
-  of streaming full-size float32 copies of the input through DRAM.
-* The per-block buffers are allocated once per call and reused by every block; every step writes
-  in place or through ``out=`` so no op allocates. Peak extra memory is O(block) plus the
-  statistics themselves.
+Why not ATen's own threading
+----------------------------
+The straightforward way (big row blocks, every op split over the intra-op threads) opens one
+parallel region per op, about 300 per call, and each region ends at a barrier that waits for the
+slowest thread. On a quiet machine that is fast; on a machine where another process is busy, a
+descheduled thread stalls every barrier for a scheduler time slice. With one core busy (2 cores, the
+shapes of benchmarks/bench_cpu.py), that design ran at 0.4-1.5x the float32 recipe's speed forward
+and at 0.2-0.6x forward+backward: up to 4.5x slower than the recipe (issue 12). This design is as
+fast quiet (4-24% faster in direct calls) and runs 1.2-2.1x slower with one core busy
+(benchmarks/results/cpu_bench.md).
 
-Batch invariance (a row's bits do not depend on how many rows are in the call or where the row
-sits) is kept by only using ops whose per-element result is position independent:
+The design: coarse-grained, dynamically scheduled work
+------------------------------------------------------
+* The rows are cut into blocks of fewer than :data:`ATEN_GRAIN` elements (:data:`CPU_BLOCK_ELEMENTS`),
+  so every ATen op on a block runs serially: no parallel region, no barrier, inside a call.
+* Consecutive blocks form at most :data:`MAX_TASKS` tasks. The calling thread and
+  ``torch.get_num_threads() - 1`` persistent helper threads (:class:`_Pool`) take tasks from a shared
+  counter until none is left: a helper that the OS deschedules delays only the task it holds, the
+  others take the rest. The call waits for tasks, never for idle helpers.
+* A task runs the block loop as one TorchScript function (:func:`_forward_rows`,
+  :func:`_backward_rows`), which executes without the GIL. Python between ops would not do: every
+  ATen call releases and retakes the GIL, and two threads doing that per op ran at 0.5-1.0x the
+  speed of one (chains of 1k-32k-element ops; the same chains under TorchScript: 1.6-1.8x). This path
+  with its kernels run as Python on two threads took 1.3-2.1x the time of one thread, and 2.4-3.8x the
+  time of the TorchScript kernels on two threads.
+  TorchScript runs here only as an interpreter of these fixed functions, with graph optimisation off
+  (:func:`torch.jit.optimized_execution`, a thread-local switch), so it executes exactly the ATen ops
+  the Python source names. Where it is unavailable, or where the call must stay in the calling thread
+  (a Python dispatch or function mode is active, tensor subclasses), the same functions run as Python,
+  serially, with the same bits.
+* Rows wider than a block's limit (about 32k features) run block after block in the calling thread
+  with intra-op parallel ops, as before: those ops are big enough to amortise their barriers.
+* Alternatives measured (2 cores): ``torch.set_num_threads(1)`` around the old path survives
+  contention but is a process-wide setting and takes 1.8-2x the quiet time of either parallel path;
+  a fused C++ kernel (``torch.utils.cpp_extension``) would need a compiler at first use (25 s to build
+  a trivial at::vec kernel here), a second implementation of every formula, and would give other bits
+  than the pure-torch fallback wherever the build is missing.
 
-* additions, multiplications, divisions and square roots are correctly rounded, so their bits
-  never depend on vectorisation;
-* ATen's fused ``silu``/``sigmoid`` CPU kernels compute the scalar tail of a loop with a
-  different formula than the vector body, so they run on a flat buffer padded so that no element
-  falls in a tail (:func:`fused_activation_length`);
-* row reductions go through ``torch.sum`` over the last dim, whose CPU order depends only on the
-  group size - except when the reduction has a single output, where ATen splits it across
-  threads; :func:`_group_sum` avoids that case. No fused multiply-add op (addcmul, alpha=) is
-  used: a compiler may contract the vector body but not the scalar tail.
+Batch invariance and determinism
+--------------------------------
+A row's bits depend on that row only (not on the batch size, its position, the block or task it
+lands in, which thread runs it, or the thread count), because only ops whose per-element result is
+position independent are used:
 
-Range rescue (:mod:`gatednorm.numerics`): one check per row block of the stored var + eps; a block
-with a group out of range is redone with those groups divided by a power of two (the cold path).
+* additions, multiplications and divisions are correctly rounded, so their bits never depend on
+  vectorisation; an op that reads a narrower input (bf16 x) promotes it exactly in the kernel;
+* rstd is ``torch.rsqrt``: a correctly rounded square root, then a correctly rounded division, in the
+  vector body and the scalar tail alike. (``torch.sqrt`` on CPU runs MKL's vector math, which is not
+  correctly rounded and opens parallel regions of its own: it is not used on this path.)
+* ATen's fused ``silu``/``sigmoid`` CPU kernels compute the scalar tail of a loop with a different
+  formula than the vector body, so they run on a flat buffer padded so that no element falls in a
+  tail (:func:`fused_activation_length`): a multiple of the vector width for a serial call, a
+  multiple of ``ATEN_GRAIN * num_threads`` for a parallel one (wide rows only);
+* row reductions go through ``torch.sum`` over the last dim, whose CPU order depends only on the group
+  size - except when the reduction has a single output, where ATen splits it across threads;
+  :func:`_group_sum` avoids that case. No fused multiply-add op (addcmul, alpha=) is used: a compiler
+  may contract the vector body but not the scalar tail.
+
+dweight and dbias sum over rows, so their bits depend on the batch; they are deterministic: each task
+sums its rows in block order into its own partial row, and the partials are summed in task order
+(task boundaries depend on M, N and the block size only, never on the threads).
+
+Errors: a task that raises stops the call (no new task starts), the call waits for the tasks in
+flight and re-raises the first error; its outputs are never returned, but an ``out=`` tensor the
+caller passed in may hold partial results. Threads: helpers are daemons, created on first use and
+reused by every call (and by calls from several user threads at once); a forked child starts without
+them and makes its own. A helper frees its buffers before it reports back (see :class:`_Job`).
+
+Range rescue (:mod:`gatednorm.numerics`): after the tasks, one check over the stored rstd finds blocks
+with a group whose var + eps left [SAFE_VAR_MIN, inf) (:func:`_blocks_out_of_range`); those are redone
+in the calling thread with such groups divided by a power of two (the cold path; groups in range keep
+their bits).
+
+Memory: per worker, a few float32 buffers of one block (128 KiB each), plus the statistics and, in the
+backward, the per-task partial sums of dweight/dbias (at most N * M / 8 float32 values each).
 """
 
 from __future__ import annotations
 
+import os
+import queue
+import threading
+import warnings
+from collections.abc import Callable
+from typing import Any
+
 import torch
 
-from ..numerics import SAFE_VAR_MIN, rescale_groups, scaled_rstd
+from ..numerics import SAFE_RSTD_MAX, SAFE_VAR_MIN, rescale_groups, scaled_rstd
 from ..spec import NormSpec, compute_dtype
 from .base import Grads, GradsNeeded
 
-#: Elements per row block: 3-6 buffers of this many float32 values (1 MiB each) stay in the
-#: L2 + L3 caches of a small machine, and each op has enough work to amortise its dispatch
-#: overhead and to be split over the intra-op threads.
-CPU_BLOCK_ELEMENTS = 1 << 18
-
-#: ATen's CPU parallel grain (at::internal::GRAIN_SIZE): element-wise ops on fewer elements
-#: run serially; larger ones are cut into num_threads chunks of ceil(numel / num_threads).
+#: ATen's CPU parallel grain (at::internal::GRAIN_SIZE): element-wise ops and reductions on fewer
+#: elements run serially; larger ones are cut into num_threads chunks of ceil(numel / num_threads).
 ATEN_GRAIN = 32768
 
 #: Two vectors of the widest ATen CPU vector (2 x 16 float32 for AVX-512) divide this.
 _VECTOR_PAD = 64
 
+#: Elements per row block: the largest multiple of the vector padding below ATEN_GRAIN, so that every
+#: op on a block (the padded silu/sigmoid call included) runs serially, and a few float32 buffers of
+#: one block (128 KiB each) stay in a core's L2 cache.
+CPU_BLOCK_ELEMENTS = ATEN_GRAIN - _VECTOR_PAD
+
+#: A call's blocks are grouped into at most this many tasks (the unit that threads take): enough for
+#: dynamic load balance, few enough that the backward's per-task partial sums stay small.
+MAX_TASKS = 64
+
+#: Rows per task at least (bounds the backward's partial sums to N * M / 8 values per gradient).
+_MIN_TASK_ROWS = 8
+
+#: Calls with fewer blocks than this run in the calling thread alone: waking helpers costs more.
+_MIN_POOLED_BLOCKS = 4
+
 
 def rows_per_block(m: int, n: int, block_elements: int = CPU_BLOCK_ELEMENTS) -> int:
     """Rows handled per block: about ``block_elements`` elements, at least one row."""
     return max(1, min(m, block_elements // n))
-
-
-# ---------------------------------------------------------------------------
-# Position-independent building blocks
-# ---------------------------------------------------------------------------
-
-
-def _group_sum(t3: torch.Tensor, out3: torch.Tensor, pair: torch.Tensor | None) -> None:
-    """out3 (m, G, 1) = sum of t3 (m, G, gs) over the last dim, in a row-independent order.
-
-    ATen reduces each output serially over the last dim, except when the whole
-    reduction has a single output: then it splits the row across threads and
-    the summation order changes. A lone (row, group) is therefore reduced as two
-    identical rows through a stride-0 view (``pair`` is a (2, 1, 1) buffer).
-    """
-    if pair is not None and t3.shape[0] * t3.shape[1] == 1:
-        torch.sum(t3.expand(2, 1, t3.shape[2]), dim=-1, keepdim=True, out=pair)
-        out3.copy_(pair[:1])
-    else:
-        torch.sum(t3, dim=-1, keepdim=True, out=out3)
-
-
-def in_safe_range(var_eps: torch.Tensor) -> bool:
-    """True when every var + eps lies in [SAFE_VAR_MIN, inf): the plain float32 sums were exact enough.
-
-    Outside it (a NaN fails too) the sums of x or x^2 overflowed (|x| above ~1.8e19) or the squares
-    underflowed with a tiny eps; :func:`gatednorm.numerics.rescale_groups` then redoes those groups. One reduction and
-    a host read: used on CPU, where that costs nothing like a device sync.
-    """
-    lo, hi = torch.aminmax(var_eps)
-    return bool(lo >= SAFE_VAR_MIN) and bool(hi < float("inf"))
 
 
 def fused_activation_length(numel: int) -> int:
@@ -96,32 +134,503 @@ def fused_activation_length(numel: int) -> int:
     multiple of ATEN_GRAIN * num_threads, so each of the num_threads chunks is a multiple
     of ATEN_GRAIN.
     """
-    padded = -(-numel // _VECTOR_PAD) * _VECTOR_PAD
-    if padded <= ATEN_GRAIN:
-        return padded
-    unit = ATEN_GRAIN * max(1, torch.get_num_threads())
-    return -(-numel // unit) * unit
+    return _padded_length(numel, torch.get_num_threads())
 
 
-def _fused_gate(z: torch.Tensor, flat: torch.Tensor, rows: int, n: int, activation: str, sigmoid: bool = False):
-    """act(z) (or sigmoid(z)) of z (rows, N) through a fused kernel on a padded flat buffer.
+def in_safe_range(var_eps: torch.Tensor) -> bool:
+    """True when every var + eps lies in [SAFE_VAR_MIN, inf): the plain float32 sums were exact enough.
+    (Kept for :mod:`gatednorm.native`; this path checks the stored rstd, :func:`_blocks_out_of_range`.)
 
-    Returns the (rows, N) view; the padding holds finite leftovers and is never read.
+    Outside it (a NaN fails too) the sums of x or x^2 overflowed (|x| above ~1.8e19) or the squares
+    underflowed with a tiny eps; :func:`gatednorm.numerics.rescale_groups` then redoes those groups. One reduction and
+    a host read: used on CPU, where that costs nothing like a device sync.
     """
-    gate = flat[: rows * n].view(rows, n)
-    gate.copy_(z)
-    length = fused_activation_length(rows * n)
-    work = flat[:length]
-    if activation == "swish" and not sigmoid:
-        torch.nn.functional.silu(work, inplace=True)
+    lo, hi = torch.aminmax(var_eps)
+    return bool(lo >= SAFE_VAR_MIN) and bool(hi < float("inf"))
+
+
+# ---------------------------------------------------------------------------
+# Block kernels. Written in the subset of Python that TorchScript compiles (:func:`_kernels`), and run
+# as Python where TorchScript is not used: the same ATen ops either way, so the same bits.
+# ---------------------------------------------------------------------------
+
+
+def _padded_length(numel: int, threads: int) -> int:
+    """:func:`fused_activation_length` for a given intra-op thread count."""
+    padded = (numel + 63) // 64 * 64  # _VECTOR_PAD (TorchScript reads no module constants)
+    if padded <= 32768:  # ATEN_GRAIN
+        return padded
+    unit = 32768 * max(1, threads)
+    return (numel + unit - 1) // unit * unit
+
+
+def _group_sum(t3: torch.Tensor, out3: torch.Tensor, pair: torch.Tensor | None) -> None:
+    """out3 (m, G, 1) = sum of t3 (m, G, gs) over the last dim, in a row-independent order.
+
+    ATen reduces each output serially over the last dim, except when the whole
+    reduction has a single output: then it splits the row across threads and
+    the summation order changes. A lone (row, group) is therefore reduced as two
+    identical rows through a stride-0 view (``pair`` is a (2, 1, 1) buffer).
+    """
+    if pair is not None and t3.shape[0] * t3.shape[1] == 1:
+        torch.sum(t3.expand(2, 1, t3.shape[2]), dim=[-1], keepdim=True, out=pair)
+        out3.copy_(pair[:1])
     else:
+        torch.sum(t3, dim=[-1], keepdim=True, out=out3)
+
+
+def _fused_gate(z: torch.Tensor, gate: torch.Tensor, work: torch.Tensor, sigmoid_only: bool) -> None:
+    """gate (rows, N) = act(z) (silu; sigmoid with ``sigmoid_only``) through a fused kernel run on ``work``,
+    the flat padded buffer that ``gate`` starts (:func:`fused_activation_length`). The padding holds
+    finite leftovers and is never read."""
+    gate.copy_(z)
+    if sigmoid_only:
         torch.sigmoid(work, out=work)
-    return gate
+    else:
+        torch.nn.functional.silu(work, inplace=True)
 
 
-def _fused_buffer(step: int, n: int, dtype, device) -> torch.Tensor:
-    """Zeroed flat buffer long enough for any padded block."""
-    return torch.zeros(fused_activation_length(step * n), dtype=dtype, device=device)
+def _var_plus_eps(src3: torch.Tensor, x3: torch.Tensor, sq3: torch.Tensor, mu: torch.Tensor | None,
+                  var_eps: torch.Tensor, pair: torch.Tensor | None, gs: torch.Tensor,
+                  eps: torch.Tensor) -> torch.Tensor:
+    """var_eps (rows, G, 1) = var + eps of src3 (rows, G, gs); returns the values to normalise.
+
+    LayerNorm (``mu`` given): mu = the mean, and src3 (then the contiguous buffer x3 itself: the
+    reduction order must not depend on a layout) is centred in place (two-pass variance, never
+    E[x^2] - E[x]^2); the result is x3. RMSNorm: src3 may be x's own rows in the compute dtype (only
+    read element-wise), returned as is. ``sq3`` is scratch; ``gs`` and ``eps`` are 0-dim tensors in the
+    compute dtype (cheaper than Python scalars, same values).
+    """
+    if mu is not None:
+        _group_sum(x3, mu, pair)
+        mu.div_(gs)
+        x3.sub_(mu)
+        src3 = x3
+    torch.mul(src3, src3, out=sq3)
+    _group_sum(sq3, var_eps, pair)
+    var_eps.div_(gs).add_(eps)
+    return src3
+
+
+def _forward_rows(
+    x: torch.Tensor, z: torch.Tensor | None, weight_c: torch.Tensor, bias_c: torch.Tensor | None,
+    out: torch.Tensor, mean3: torch.Tensor | None, rstd3: torch.Tensor,
+    buf_x: torch.Tensor, buf_t: torch.Tensor, flat_g: torch.Tensor | None, pair: torch.Tensor | None,
+    r0: int, r1: int, step: int, gs: int, eps: float, gate_before: bool, sigmoid: bool, threads: int,
+) -> None:
+    """The forward of rows [r0, r1) of x (M, N), block by block (``step`` rows; blocks start at
+    multiples of ``step``), into out and the statistics mean3/rstd3 ((M, G, 1) views of the 1-D
+    group-major storage, written in place: var + eps, then rstd). buf_x/buf_t are (step, N) scratch,
+    flat_g a zeroed flat buffer of :func:`_padded_length` (step * N) elements.
+    """
+    n = x.shape[1]
+    groups = n // gs
+    c = buf_x.dtype
+    gs_t = torch.full([], gs, dtype=c)
+    eps_t = torch.full([], eps, dtype=c)
+    same_out = out.dtype == c
+    # RMSNorm reads x's rows directly where they are in the compute dtype (no copy); the others fill buf_x
+    read_x = mean3 is None and not (z is not None and gate_before) and x.dtype == c
+    # views of a full block, made once; a shorter last block makes its own
+    xc, sq = buf_x, buf_t
+    x3, sq3 = buf_x.view(step, groups, gs), buf_t.view(step, groups, gs)
+    gate, work = buf_x, buf_x  # placeholders; only read with a gate
+    if flat_g is not None:
+        gate, work = flat_g[: step * n].view(step, n), flat_g[: _padded_length(step * n, threads)]
+    mb = step
+    for s0 in range(r0, r1, step):
+        s1 = min(s0 + step, r1)
+        if s1 - s0 != mb:
+            mb = s1 - s0
+            xc, sq = buf_x[:mb], buf_t[:mb]
+            x3, sq3 = xc.view(mb, groups, gs), sq.view(mb, groups, gs)
+            if flat_g is not None:
+                gate, work = flat_g[: mb * n].view(mb, n), flat_g[: _padded_length(mb * n, threads)]
+        xs = x[s0:s1]
+        src3 = x3
+        if z is not None:
+            _fused_gate(z[s0:s1], gate, work, sigmoid)
+        if z is not None and gate_before:
+            torch.mul(xs, gate, out=xc)  # x promoted to C in the kernel: exact
+        elif read_x:
+            src3 = xs.view(mb, groups, gs)
+        else:
+            xc.copy_(xs)
+        rs = rstd3[s0:s1]
+        mu: torch.Tensor | None = None
+        if mean3 is not None:
+            mu = mean3[s0:s1]
+        src3 = _var_plus_eps(src3, x3, sq3, mu, rs, pair, gs_t, eps_t)
+        rs.rsqrt_()  # 1 / sqrt(var + eps), each step correctly rounded (torch.sqrt is MKL's on CPU)
+        torch.mul(src3, rs, out=x3)  # xhat
+        y = out[s0:s1]
+        if z is not None and not gate_before:  # y = (xhat * w + b) * act(z)
+            xc.mul_(weight_c)
+            if bias_c is not None:
+                xc.add_(bias_c)
+            _last_op(xc, gate, True, y, same_out)
+        elif bias_c is not None:  # y = xhat * w + b
+            xc.mul_(weight_c)
+            _last_op(xc, bias_c, False, y, same_out)
+        else:  # y = xhat * w
+            _last_op(xc, weight_c, True, y, same_out)
+
+
+def _last_op(t: torch.Tensor, operand: torch.Tensor, multiply: bool, y: torch.Tensor, same_dtype: bool) -> None:
+    """y = t * operand (or t + operand): written by the op itself when y has t's dtype, else computed in
+    t and copied, the one rounding to the output dtype (an op writing a narrower ``out`` allocates)."""
+    if same_dtype:
+        if multiply:
+            torch.mul(t, operand, out=y)
+        else:
+            torch.add(t, operand, out=y)
+    else:
+        if multiply:
+            t.mul_(operand)
+        else:
+            t.add_(operand)
+        y.copy_(t)
+
+
+def _backward_rows(
+    dy: torch.Tensor, x: torch.Tensor, weight_c: torch.Tensor, bias_c: torch.Tensor | None,
+    z: torch.Tensor | None, mean3: torch.Tensor | None, rstd3: torch.Tensor,
+    dx: torch.Tensor | None, dz: torch.Tensor | None, part_w: torch.Tensor | None, part_b: torch.Tensor | None,
+    buf_x: torch.Tensor, buf_dy: torch.Tensor, buf_p: torch.Tensor, buf_z: torch.Tensor | None,
+    flat_s: torch.Tensor | None, buf_dg: torch.Tensor | None, acc_w: torch.Tensor | None,
+    acc_b: torch.Tensor | None, stat: torch.Tensor, pair: torch.Tensor | None,
+    r0: int, r1: int, step: int, gs: int, gate_before: bool, swish: bool, need_dxin: bool, threads: int,
+) -> None:
+    """Gradients of rows [r0, r1), block by block; see :func:`backward`.
+
+    With xhat = (xc - mean) * rstd and g = w * dL/dy' (dy' = dy times the gate when the gate comes
+    after the norm), per group: LayerNorm dxc = rstd * (g - mean(g) - xhat * mean(g * xhat)); RMSNorm
+    drops mean(g). dx/dz rows are written directly (rounded once); dweight and dbias of these rows are
+    summed, block after block, into acc_w/acc_b (step, N) and then over rows into part_w/part_b (N,).
+    mean3/rstd3 are (M, G, 1) views of the saved statistics; stat is a (2, step, G, 1) scratch.
+    """
+    n = x.shape[1]
+    groups = n // gs
+    c = buf_x.dtype
+    gs_t = torch.full([], gs, dtype=c)
+    one = torch.ones([], dtype=c)
+    gate_after = z is not None and not gate_before
+    if acc_w is not None:
+        acc_w.zero_()
+    if acc_b is not None:
+        acc_b.zero_()
+    # views of a full block, made once; a shorter last block makes its own
+    xc, dyc, p = buf_x, buf_dy, buf_p
+    x3, g3, p3 = buf_x.view(step, groups, gs), buf_dy.view(step, groups, gs), buf_p.view(step, groups, gs)
+    c1, c2 = stat[0], stat[1]
+    s, zc, work, dg = buf_x, buf_x, buf_x, buf_x  # placeholders; only read with a gate
+    if flat_s is not None:
+        s, work = flat_s[: step * n].view(step, n), flat_s[: _padded_length(step * n, threads)]
+    if buf_z is not None:
+        zc = buf_z
+    if buf_dg is not None:
+        dg = buf_dg
+    mb = step
+    for s0 in range(r0, r1, step):
+        s1 = min(s0 + step, r1)
+        if s1 - s0 != mb:
+            mb = s1 - s0
+            xc, dyc, p = buf_x[:mb], buf_dy[:mb], buf_p[:mb]
+            x3, g3, p3 = xc.view(mb, groups, gs), dyc.view(mb, groups, gs), p.view(mb, groups, gs)
+            c1, c2 = stat[0, :mb], stat[1, :mb]
+            if flat_s is not None:
+                s, work = flat_s[: mb * n].view(mb, n), flat_s[: _padded_length(mb * n, threads)]
+            if buf_z is not None:
+                zc = buf_z[:mb]
+            if buf_dg is not None:
+                dg = buf_dg[:mb]
+        rs = rstd3[s0:s1]
+        xs, dys = x[s0:s1], dy[s0:s1]
+        gate = s
+        if z is not None:
+            zs = z[s0:s1]
+            _fused_gate(zs, s, work, True)  # s = sigmoid(z)
+            if swish:
+                zc.copy_(zs)
+            if dz is not None:
+                torch.sub(one, s, out=dg)  # 1 - s, exactly
+                if swish:
+                    dg.mul_(zc).add_(one)
+                dg.mul_(s)  # act'(z)
+            if swish:
+                gate = zc.mul_(s)  # the forward's formula, so xhat is recomputed bit for bit
+
+        # xhat = (xc - mean) * rstd, in buf_x (inputs narrower than C promote in the kernels: exact)
+        if gate_before:
+            torch.mul(xs, gate, out=xc)
+            if mean3 is not None:
+                x3.sub_(mean3[s0:s1])
+            x3.mul_(rs)
+        elif mean3 is not None:
+            torch.sub(xs.view(mb, groups, gs), mean3[s0:s1], out=x3)
+            x3.mul_(rs)
+        else:
+            torch.mul(xs.view(mb, groups, gs), rs, out=x3)
+
+        if gate_after:
+            if dz is not None:
+                # y = (xhat * w + b) * act(z): dz = dy * (xhat * w + b) * act'(z)
+                torch.mul(xc, weight_c, out=p)
+                if bias_c is not None:
+                    p.add_(bias_c)
+                p.mul_(dys).mul_(dg)
+                dz[s0:s1].copy_(p)
+            torch.mul(dys, gate, out=dyc)  # dL/d(xhat * w + b)
+        else:
+            dyc.copy_(dys)
+        if acc_w is not None:
+            torch.mul(dyc, xc, out=p)
+            acc_w[:mb].add_(p)
+        if acc_b is not None:
+            acc_b[:mb].add_(dyc)
+        if not need_dxin:
+            continue
+
+        dyc.mul_(weight_c)  # g = dL/dxhat
+        torch.mul(xc, dyc, out=p)
+        _group_sum(p3, c1, pair)
+        c1.div_(gs_t)
+        if mean3 is not None:
+            _group_sum(g3, c2, pair)
+            c2.div_(gs_t)
+            g3.sub_(c2)
+        x3.mul_(c1)
+        dyc.sub_(xc)
+        g3.mul_(rs)  # dL/dxc
+        if gate_before:
+            if dz is not None:
+                # xc = x * act(z): dz = dL/dxc * x * act'(z)
+                torch.mul(dyc, xs, out=p)
+                p.mul_(dg)
+                dz[s0:s1].copy_(p)
+            dyc.mul_(gate)
+        if dx is not None:
+            dx[s0:s1].copy_(dyc)
+    if acc_w is not None and part_w is not None:
+        torch.sum(acc_w, dim=[0], out=part_w)
+    if acc_b is not None and part_b is not None:
+        torch.sum(acc_b, dim=[0], out=part_b)
+
+
+class _Kernels:
+    """The block kernels as they run: TorchScript functions (GIL released while they run) or the Python
+    functions themselves (``scripted`` False: TorchScript unavailable)."""
+
+    def __init__(self) -> None:
+        self.forward: Callable[..., None] = _forward_rows
+        self.backward: Callable[..., None] = _backward_rows
+        self.scripted = False
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # torch.jit.script is deprecated (a warning per function)
+                forward, backward = torch.jit.script(_forward_rows), torch.jit.script(_backward_rows)
+        except Exception:  # any failure: the Python functions (run serially) are the fallback
+            return
+        self.forward, self.backward, self.scripted = forward, backward, True
+
+
+_KERNELS: list[_Kernels] = []
+_KERNELS_LOCK = threading.Lock()
+
+
+def _kernels() -> _Kernels:
+    """The block kernels, compiled by TorchScript on first use (about 0.1 s, once per process)."""
+    if not _KERNELS:
+        with _KERNELS_LOCK:
+            if not _KERNELS:
+                _KERNELS.append(_Kernels())
+    return _KERNELS[0]
+
+
+# ---------------------------------------------------------------------------
+# The worker pool
+# ---------------------------------------------------------------------------
+
+
+class _Job:
+    """One call's tasks, taken one at a time by whichever thread asks next (dynamic scheduling).
+
+    ``run(i, state)`` runs task i; ``state`` is what ``make_state()`` returned, made once per thread
+    that takes a task (its buffers). The first error stops new tasks.
+
+    The calling thread works through :meth:`work` and then :meth:`finish`, which waits for the helpers
+    (never for its own bookkeeping: a KeyboardInterrupt can only hit the calling thread, so it cannot
+    leave a count behind). Helpers enter through :meth:`help`, which drops the helper's buffers before
+    it reports back, and :meth:`finish` drops the job's tensors afterwards: a helper never holds the last
+    reference to a tensor once the call has returned. (Freeing a tensor releases the GIL; a daemon thread
+    that does so while the interpreter shuts down is stopped by an unwinding that C++ code turns into
+    ``std::terminate``.)
+    """
+
+    def __init__(self, tasks: int, run: Callable[[int, Any], None], make_state: Callable[[], Any]) -> None:
+        self._tasks = tasks
+        self._run: Callable[[int, Any], None] | None = run
+        self._make_state: Callable[[], Any] | None = make_state
+        self._lock = threading.Lock()
+        self._started = 0
+        self._helpers = 0  # helpers inside help()
+        self._idle = threading.Event()
+        self._idle.set()
+        self.error: BaseException | None = None
+        self.inference = torch.is_inference_mode_enabled()
+
+    def _take(self) -> int | None:
+        with self._lock:
+            if self._started >= self._tasks:
+                return None
+            self._started += 1
+            return self._started - 1
+
+    def _fail(self, error: BaseException) -> None:
+        with self._lock:
+            if self.error is None:
+                self.error = error
+            self._tasks = self._started  # no task starts after an error
+
+    def work(self) -> None:
+        """Run tasks until none is left; a task's error is kept (see :meth:`finish`), not raised."""
+        state = None
+        while (i := self._take()) is not None:
+            try:
+                if state is None:
+                    state = self._make_state()
+                self._run(i, state)
+            except BaseException as exc:  # re-raised by finish() in the calling thread
+                self._fail(exc)
+
+    def help(self) -> None:
+        """A helper's part: :meth:`work`, its buffers freed, then reported done."""
+        with self._lock:
+            self._helpers += 1
+            self._idle.clear()
+        try:
+            self.work()  # returns after its buffers (a local) are gone
+        finally:
+            with self._lock:
+                self._helpers -= 1
+                if self._helpers == 0:
+                    self._idle.set()
+
+    def finish(self) -> None:
+        """(Calling thread) Start no further task, wait for the helpers' tasks, drop the tensors that the
+        tasks reach, and re-raise the first error."""
+        with self._lock:
+            self._tasks = self._started
+        self._idle.wait()
+        self._run = self._make_state = None
+        if self.error is not None:
+            raise self.error
+
+
+class _Pool:
+    """Persistent helper threads (daemons, created on demand, reused by every call).
+
+    :meth:`run` posts a job to ``helpers`` of them and works on it in the calling thread too, so a job
+    always progresses even when every helper is busy elsewhere (another user thread's call) or
+    descheduled; a helper that comes late finds the job finished and touches nothing. Calls from
+    several threads at once share the helpers, each job in order.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._queues: list[queue.SimpleQueue] = []
+
+    def _helper(self, jobs: queue.SimpleQueue) -> None:
+        # the calling thread's grad and inference modes, which are thread-local: outputs created in
+        # inference mode only accept writes in inference mode
+        with torch.jit.optimized_execution(False):
+            while True:
+                job = jobs.get()
+                with torch.inference_mode() if job.inference else torch.no_grad():
+                    job.help()
+                del job
+
+    def run(self, job: _Job, helpers: int) -> None:
+        with self._lock:
+            while len(self._queues) < helpers:
+                jobs: queue.SimpleQueue = queue.SimpleQueue()
+                thread = threading.Thread(target=self._helper, args=(jobs,), daemon=True,
+                                          name=f"gatednorm-cpu-{len(self._queues)}")
+                thread.start()
+                self._queues.append(jobs)
+            targets = self._queues[:helpers]
+        for jobs in targets:
+            jobs.put(job)
+        try:
+            job.work()
+        finally:
+            job.finish()
+
+    def threads(self) -> int:
+        """Helper threads started so far."""
+        return len(self._queues)
+
+
+_POOL = _Pool()
+
+
+def _reset_pool_after_fork() -> None:
+    global _POOL
+    _POOL = _Pool()  # the child process has none of the parent's threads
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reset_pool_after_fork)
+
+
+#: Tensor types the TorchScript kernels take (a Parameter is a plain tensor to them).
+_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
+
+
+def _thread_local_modes_active() -> bool:
+    """A Python dispatch or function mode is active in this thread: helper threads would not see it."""
+    dispatch = getattr(torch._C, "_len_torch_dispatch_stack", None)
+    function = getattr(torch._C, "_len_torch_function_stack", None)
+    return bool((dispatch is not None and dispatch() > 0) or (function is not None and function() > 0))
+
+
+class _Plan:
+    """How a call's rows are cut: ``step`` rows per block, ``per_task`` blocks per task, and whether the
+    tasks run on the pool (``workers`` > 1, blocks below ATen's grain) or in the calling thread."""
+
+    def __init__(self, m: int, n: int, block_elements: int, tensors: tuple[torch.Tensor | None, ...]) -> None:
+        self.step = rows_per_block(m, n, block_elements)
+        self.blocks = -(-m // self.step)
+        # tasks depend on M and N only (never on threads): the backward's partial sums follow them
+        max_tasks = max(1, min(MAX_TASKS, self.blocks, m // _MIN_TASK_ROWS))
+        self.per_task = -(-self.blocks // max_tasks)
+        self.tasks = -(-self.blocks // self.per_task)
+        self.serial_ops = _padded_length(self.step * n, 1) < ATEN_GRAIN
+        self.threads = torch.get_num_threads()
+        kernels = _kernels()
+        # the TorchScript kernels run outside this thread's Python modes: only plain tensors, no mode active
+        self.scripted = (kernels.scripted and not _thread_local_modes_active()
+                         and all(t is None or type(t) in _PLAIN_TENSORS for t in tensors))
+        pooled = self.scripted and self.serial_ops and self.threads > 1 and self.blocks >= _MIN_POOLED_BLOCKS
+        self.workers = min(self.threads, self.tasks) if pooled else 1
+        self.forward = kernels.forward if self.scripted else _forward_rows
+        self.backward = kernels.backward if self.scripted else _backward_rows
+
+    def rows(self, task: int, m: int) -> tuple[int, int]:
+        r0 = task * self.per_task * self.step
+        return r0, min(m, r0 + self.per_task * self.step)
+
+    def run(self, run_task: Callable[[int, Any], None], make_state: Callable[[], Any]) -> None:
+        job = _Job(self.tasks, run_task, make_state)
+        # graph optimisation off (a thread-local flag): the interpreter runs exactly the ops of the source
+        with torch.jit.optimized_execution(not self.scripted):
+            if self.workers > 1:
+                _POOL.run(job, self.workers - 1)
+            else:
+                try:
+                    job.work()
+                finally:
+                    job.finish()
 
 
 # ---------------------------------------------------------------------------
@@ -142,8 +651,13 @@ def forward(
 
     x, z, out may have any strides; weight/bias are (N,). mean (None for RMSNorm)
     and rstd are 1-D, G*M long, group-major (row m, group g at g*M + m), in C.
-    Extra memory: about 3-4 compute-dtype buffers of one row block. M > 0.
+    Extra memory: about 3 compute-dtype buffers of one block per worker. M > 0.
     """
+    with torch.no_grad():
+        return _forward(x, weight, bias, z, spec, out, block_elements)
+
+
+def _forward(x, weight, bias, z, spec: NormSpec, out, block_elements: int):
     m, n = x.shape
     c = compute_dtype(x.dtype)
     gs = spec.group_size
@@ -151,85 +665,102 @@ def forward(
     dev = x.device
     mean = None if spec.is_rms_norm else torch.empty(groups * m, dtype=c, device=dev)
     rstd = torch.empty(groups * m, dtype=c, device=dev)
-    mean_gm = mean.view(groups, m) if mean is not None else None
-    rstd_gm = rstd.view(groups, m)
+    mean3 = mean.view(groups, m).t().unsqueeze(-1) if mean is not None else None  # (M, G, 1) views
+    rstd3 = rstd.view(groups, m).t().unsqueeze(-1)
     weight_c = weight.to(c)
     bias_c = bias.to(c) if bias is not None else None
-
-    step = rows_per_block(m, n, block_elements)
-    buf_x = torch.empty(step, n, dtype=c, device=dev)
-    buf_t = torch.empty(step, n, dtype=c, device=dev)  # squares / exp scratch
-    flat_g = _fused_buffer(step, n, c, dev) if z is not None else None
-    stat = torch.empty(2, step, groups, 1, dtype=c, device=dev)
-    pair = torch.empty(2, 1, 1, dtype=c, device=dev) if groups == 1 else None
+    plan = _Plan(m, n, block_elements, (x, z, out, weight, bias))
+    step = plan.step
     gate_before = z is not None and not spec.norm_before_gate
-    gate_after = z is not None and spec.norm_before_gate
-    direct_out = out.dtype == c  # the last multiply can write out directly
+    sigmoid = spec.activation == "sigmoid"
 
-    for r0 in range(0, m, step):
-        r1 = min(r0 + step, m)
-        mb = r1 - r0
-        xc = buf_x[:mb]
-        t = buf_t[:mb]
-        xc.copy_(x[r0:r1])
-        gate = None
-        if z is not None:
-            gate = _fused_gate(z[r0:r1], flat_g, mb, n, spec.activation)
-            if gate_before:
-                xc.mul_(gate)
-        x3 = xc.view(mb, groups, gs)
-        mu = stat[0, :mb] if mean_gm is not None else None
-        rs = stat[1, :mb]
-        _var_plus_eps(x3, t, mu, rs, pair, spec.eps)
-        if in_safe_range(rs):
-            rs.sqrt_().reciprocal_()  # rstd = 1 / sqrt(var + eps)
-            if mean_gm is not None:
-                mean_gm[:, r0:r1].copy_(mu.view(mb, groups).t())
-            rstd_gm[:, r0:r1].copy_(rs.view(mb, groups).t())
-            x3.mul_(rs)
-        else:
-            # cold path: the float32 sums overflowed or underflowed; redo the block with each such
-            # group divided by a power of two (exact); groups in range keep scale 1 and their bits
-            xc.copy_(x[r0:r1])
-            if gate_before:
-                xc.mul_(gate)
-            scale, inv = rescale_groups(x3, rs, spec.eps)
-            x3.mul_(inv)
-            _var_plus_eps(x3, t, mu, rs, pair, 0.0)
-            rstd_block, rstd_scaled = scaled_rstd(rs, spec.eps, scale, inv)
-            if mean_gm is not None:
-                mean_gm[:, r0:r1].copy_((mu * scale).view(mb, groups).t())
-            rstd_gm[:, r0:r1].copy_(rstd_block.view(mb, groups).t())
-            x3.mul_(rstd_scaled)
-        steps = [(torch.mul, weight_c)]
-        if bias_c is not None:
-            steps.append((torch.add, bias_c))
-        if gate_after:
-            steps.append((torch.mul, gate))
-        for op, operand in steps[:-1]:
-            op(xc, operand, out=xc)
-        op, operand = steps[-1]
-        if direct_out:  # no rounding needed: the last step writes out itself
-            op(xc, operand, out=out[r0:r1])
-        else:
-            op(xc, operand, out=xc)
-            out[r0:r1].copy_(xc)  # the one rounding to the output dtype
+    def make_state():
+        return (torch.empty(step, n, dtype=c, device=dev),  # x: gated, centred, normalised, the output
+                torch.empty(step, n, dtype=c, device=dev),  # squares
+                _fused_buffer(step, n, c, dev, plan.threads) if z is not None else None,
+                torch.empty(2, 1, 1, dtype=c, device=dev) if groups == 1 else None)
+
+    def run_task(task: int, state) -> None:
+        r0, r1 = plan.rows(task, m)
+        plan.forward(x, z, weight_c, bias_c, out, mean3, rstd3, *state, r0, r1, step, gs, spec.eps, gate_before,
+                     sigmoid, plan.threads)
+
+    plan.run(run_task, make_state)
+    blocks = _blocks_out_of_range(rstd, m, step)
+    if blocks:
+        state = make_state()
+        for block in blocks:
+            r0 = block * step
+            _redo_block(x, z, weight_c, bias_c, spec, out, mean3, rstd3, state, r0, min(m, r0 + step), plan.threads)
     return mean, rstd
 
 
-def _var_plus_eps(x3: torch.Tensor, t: torch.Tensor, mu: torch.Tensor | None, var_eps: torch.Tensor,
-                  pair: torch.Tensor | None, eps: float) -> None:
-    """var_eps (rows, G, 1) = var + eps of x3 (rows, G, gs); LayerNorm (``mu`` given): mu = the mean and
-    x3 is centred in place first (two-pass variance, never E[x^2] - E[x]^2). ``t`` is scratch."""
-    rows, groups, gs = x3.shape
-    if mu is not None:
-        _group_sum(x3, mu, pair)
-        mu.div_(gs)
-        x3.sub_(mu)
-    sq = t[:rows].view(rows, groups, gs)
-    torch.mul(x3, x3, out=sq)
-    _group_sum(sq, var_eps, pair)
-    var_eps.div_(gs).add_(eps)
+def _fused_buffer(step: int, n: int, dtype, device, threads: int) -> torch.Tensor:
+    """Zeroed flat buffer long enough for any padded block."""
+    return torch.zeros(_padded_length(step * n, threads), dtype=dtype, device=device)
+
+
+def _blocks_out_of_range(rstd: torch.Tensor, m: int, step: int) -> list[int]:
+    """Blocks holding a group whose var + eps left [SAFE_VAR_MIN, inf), judged on the stored rstd:
+    outside (0, SAFE_RSTD_MAX) or NaN. The bound is strict, so a var + eps that rounds to rstd = 2^50
+    is redone too (harmlessly: the cold path rescales only groups out of range, the others keep their
+    bits). Checked in slices below ATEN_GRAIN: serial reductions, no parallel region."""
+    for c0 in range(0, rstd.numel(), CPU_BLOCK_ELEMENTS):
+        lo, hi = torch.aminmax(rstd[c0 : c0 + CPU_BLOCK_ELEMENTS])
+        if not (bool(lo > 0) and bool(hi < SAFE_RSTD_MAX)):
+            break
+    else:
+        return []
+    rstd_mg = rstd.view(-1, m).t()
+    bad_rows = (~((rstd_mg > 0) & (rstd_mg < SAFE_RSTD_MAX))).any(dim=1)
+    return sorted({row // step for row in bad_rows.nonzero().flatten().tolist()})
+
+
+def _redo_block(x, z, weight_c, bias_c, spec: NormSpec, out, mean3, rstd3, state, r0: int, r1: int,
+                threads: int) -> None:
+    """The cold path: rows [r0, r1), whose float32 sums overflowed or underflowed, redone with each such
+    group divided by a power of two (exact); groups in range keep scale 1 and their bits."""
+    buf_x, buf_t, flat_g, pair = state
+    mb, n = r1 - r0, x.shape[1]
+    gs = spec.group_size
+    groups = n // gs
+    gate_before = z is not None and not spec.norm_before_gate
+    xc = buf_x[:mb]
+    xc.copy_(x[r0:r1])
+    gate = None
+    if z is not None:
+        gate = flat_g[: mb * n].view(mb, n)
+        _fused_gate(z[r0:r1], gate, flat_g[: _padded_length(mb * n, threads)], spec.activation == "sigmoid")
+        if gate_before:
+            xc.mul_(gate)
+    x3, sq3 = xc.view(mb, groups, gs), buf_t[:mb].view(mb, groups, gs)
+    c = xc.dtype
+    mu = torch.empty(mb, groups, 1, dtype=c) if mean3 is not None else None
+    var = torch.empty(mb, groups, 1, dtype=c)
+    gs_t = torch.full([], gs, dtype=c)
+    # the plain pass (which groups are out of range), and its rstd as the block kernel computed it
+    _var_plus_eps(x3, x3, sq3, mu, var, pair, gs_t, torch.full([], spec.eps, dtype=c))
+    plain_rstd = torch.rsqrt(var)
+    xc.copy_(x[r0:r1])
+    if gate is not None and gate_before:
+        xc.mul_(gate)
+    scale, inv = rescale_groups(x3, var, spec.eps)
+    x3.mul_(inv)
+    _var_plus_eps(x3, x3, sq3, mu, var, pair, gs_t, torch.zeros([], dtype=c))
+    rstd_block, rstd_scaled = scaled_rstd(var, spec.eps, scale, inv)
+    # groups in range (scale 1) keep the plain pass's rstd: scaled_rstd takes torch.sqrt, whose CPU kernel
+    # (MKL's) can differ from the correctly rounded square root of rsqrt in the last bit
+    keep = scale == 1
+    rstd3[r0:r1] = torch.where(keep, plain_rstd, rstd_block)
+    if mean3 is not None:
+        mean3[r0:r1] = mu * scale
+    x3.mul_(torch.where(keep, plain_rstd, rstd_scaled))
+    xc.mul_(weight_c)
+    if bias_c is not None:
+        xc.add_(bias_c)
+    if gate is not None and not gate_before:
+        xc.mul_(gate)
+    out[r0:r1].copy_(xc)
 
 
 # ---------------------------------------------------------------------------
@@ -254,12 +785,16 @@ def backward(
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Analytic gradients (dx, dz, dweight, dbias) from the saved inputs and stats.
 
-    With xhat = (xc - mean) * rstd and g = w * dL/dy' (dy' = dy times the gate when
-    the gate comes after the norm), per group:
-    LayerNorm dxc = rstd * (g - mean(g) - xhat * mean(g * xhat)); RMSNorm drops mean(g).
-    dx and dz are in x's and z's dtypes, dweight/dbias in the parameters' dtypes,
-    each rounded once from the compute dtype. Works in row blocks like forward.
+    dx and dz are in x's and z's dtypes, dweight/dbias in the parameters' dtypes, each rounded
+    once from the compute dtype. Works in row blocks and tasks like forward (:func:`_backward_rows`).
     """
+    with torch.no_grad():
+        return _backward(dy, x, weight, bias, z, mean, rstd, spec, needs_dx, needs_dz, needs_dweight, needs_dbias,
+                         block_elements)
+
+
+def _backward(dy, x, weight, bias, z, mean, rstd, spec: NormSpec, needs_dx: bool, needs_dz: bool,
+              needs_dweight: bool, needs_dbias: bool, block_elements: int):
     m, n = x.shape
     c = compute_dtype(x.dtype)
     gs = spec.group_size
@@ -268,117 +803,61 @@ def backward(
     has_z = z is not None
     dx = torch.empty(m, n, dtype=x.dtype, device=dev) if needs_dx else None
     dz = torch.empty(m, n, dtype=z.dtype, device=dev) if (needs_dz and has_z) else None
-    dw_acc = torch.zeros(n, dtype=c, device=dev) if needs_dweight else None
-    db_acc = torch.zeros(n, dtype=c, device=dev) if (needs_dbias and bias is not None) else None
-
-    def finish():
-        dweight = dw_acc.to(weight.dtype) if dw_acc is not None else None
-        dbias = db_acc.to(bias.dtype) if db_acc is not None else None
-        return dx, dz, dweight, dbias
-
+    has_db = needs_dbias and bias is not None
+    plan = _Plan(m, n, block_elements, (dy, x, z, weight, bias))
+    step = plan.step
+    part_w = torch.empty(plan.tasks, n, dtype=c, device=dev) if needs_dweight else None
+    part_b = torch.empty(plan.tasks, n, dtype=c, device=dev) if has_db else None
     weight_c = weight.to(c)
     bias_c = bias.to(c) if bias is not None else None
-    mean_gm = mean.view(groups, m) if mean is not None else None
-    rstd_gm = rstd.view(groups, m)
+    mean3 = mean.view(groups, m).t().unsqueeze(-1) if mean is not None else None  # (M, G, 1) views
+    rstd3 = rstd.view(groups, m).t().unsqueeze(-1)
     gate_before = has_z and not spec.norm_before_gate
-    gate_after = has_z and spec.norm_before_gate
-    need_dgate = dz is not None
-    need_dxin = dx is not None or (gate_before and need_dgate)
+    need_dxin = dx is not None or (gate_before and dz is not None)
+    swish = spec.activation == "swish"
 
-    step = rows_per_block(m, n, block_elements)
+    def make_state():
+        def buf():
+            return torch.empty(step, n, dtype=c, device=dev)
 
-    def buf():
-        return torch.empty(step, n, dtype=c, device=dev)
+        return (buf(), buf(), buf(),  # x then xhat; dy then g; scratch
+                buf() if has_z and swish else None,  # z, then the gate
+                _fused_buffer(step, n, c, dev, plan.threads) if has_z else None,  # sigmoid(z)
+                buf() if dz is not None else None,  # act'(z)
+                buf() if part_w is not None else None, buf() if part_b is not None else None,
+                torch.empty(2, step, groups, 1, dtype=c, device=dev),
+                torch.empty(2, 1, 1, dtype=c, device=dev) if groups == 1 else None)
 
-    buf_x, buf_dy, buf_p = buf(), buf(), buf()
-    buf_g = buf() if has_z else None  # z, then the gate
-    flat_s = _fused_buffer(step, n, c, dev) if has_z else None
-    buf_dg = buf() if need_dgate else None  # act'(z)
-    stat = torch.empty(4, step, groups, 1, dtype=c, device=dev)
-    pair = torch.empty(2, 1, 1, dtype=c, device=dev) if groups == 1 else None
-    col = torch.empty(n, dtype=c, device=dev)
+    def run_task(task: int, state) -> None:
+        r0, r1 = plan.rows(task, m)
+        plan.backward(dy, x, weight_c, bias_c, z, mean3, rstd3, dx, dz,
+                      part_w[task] if part_w is not None else None, part_b[task] if part_b is not None else None,
+                      *state, r0, r1, step, gs, gate_before, swish, need_dxin, plan.threads)
 
-    for r0 in range(0, m, step):
-        r1 = min(r0 + step, m)
-        mb = r1 - r0
-        xc, dyc, p = buf_x[:mb], buf_dy[:mb], buf_p[:mb]
-        x3 = xc.view(mb, groups, gs)
-        rs = stat[0, :mb]
-        rs.copy_(rstd_gm[:, r0:r1].t().unsqueeze(-1))
+    plan.run(run_task, make_state)
+    dweight = _sum_tasks(part_w, weight.dtype) if part_w is not None else None
+    dbias = _sum_tasks(part_b, bias.dtype) if part_b is not None else None
+    return dx, dz, dweight, dbias
 
-        gate = dgate = None
-        if has_z:
-            s = _fused_gate(z[r0:r1], flat_s, mb, n, spec.activation, sigmoid=True)  # sigmoid(z)
-            zc = buf_g[:mb]
-            zc.copy_(z[r0:r1])
-            if need_dgate:
-                dgate = torch.neg(s, out=buf_dg[:mb]).add_(1.0)  # 1 - s, exactly
-                if spec.activation == "swish":
-                    dgate.mul_(zc).add_(1.0)
-                dgate.mul_(s)
-            # same formula as the forward gate, so xhat is recomputed bit for bit
-            gate = zc.mul_(s) if spec.activation == "swish" else s
 
-        # xhat = (xc - mean) * rstd, in buf_x
-        xc.copy_(x[r0:r1])
-        if gate_before:
-            xc.mul_(gate)
-        if mean_gm is not None:
-            mu = stat[1, :mb]
-            mu.copy_(mean_gm[:, r0:r1].t().unsqueeze(-1))
-            x3.sub_(mu)
-        x3.mul_(rs)
+def _sum_tasks(parts: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The per-task partial sums (T, N) summed over tasks in a fixed order, rounded once to ``dtype``.
 
-        dyc.copy_(dy[r0:r1])
-        if gate_after:
-            if need_dgate:
-                # y = (xhat * w + b) * act(z): dz = dy * (xhat * w + b) * act'(z)
-                torch.mul(xc, weight_c, out=p)
-                if bias_c is not None:
-                    p.add_(bias_c)
-                p.mul_(dyc).mul_(dgate)
-                dz[r0:r1].copy_(p)
-            dyc.mul_(gate)
-        if dw_acc is not None:
-            torch.mul(dyc, xc, out=p)
-            torch.sum(p, dim=0, out=col)
-            dw_acc.add_(col)
-        if db_acc is not None:
-            torch.sum(dyc, dim=0, out=col)
-            db_acc.add_(col)
-        if not need_dxin:
-            continue
-
-        g = dyc.mul_(weight_c)  # dL/dxhat
-        g3 = g.view(mb, groups, gs)
-        c1 = stat[2, :mb]
-        torch.mul(xc, g, out=p)
-        _group_sum(p.view(mb, groups, gs), c1, pair)
-        c1.div_(gs)
-        if mean_gm is not None:
-            c2 = stat[3, :mb]
-            _group_sum(g3, c2, pair)
-            c2.div_(gs)
-            g3.sub_(c2)
-        x3.mul_(c1)
-        g.sub_(xc)
-        g3.mul_(rs)  # dL/dxc
-        if gate_before:
-            if need_dgate:
-                # xc = x * act(z): dz = dL/dxc * x * act'(z)
-                p.copy_(x[r0:r1])
-                p.mul_(g).mul_(dgate)
-                dz[r0:r1].copy_(p)
-            g.mul_(gate)
-        if dx is not None:
-            dx[r0:r1].copy_(g)
-    return finish()
+    Column slices below ATEN_GRAIN elements keep every reduction serial: its order depends on T only.
+    """
+    tasks, n = parts.shape
+    total = torch.empty(n, dtype=parts.dtype, device=parts.device)
+    width = max(1, CPU_BLOCK_ELEMENTS // tasks)
+    for c0 in range(0, n, width):
+        torch.sum(parts[:, c0 : c0 + width], dim=0, out=total[c0 : c0 + width])
+    return total.to(dtype)
 
 
 class NativeCPUBackend:
     """The ``native`` backend's implementation for CPU tensors.
 
-    ``block_elements`` sizes the row blocks (tests shrink it to cross block boundaries).
+    ``block_elements`` sizes the row blocks (tests shrink it to cross block boundaries; blocks of
+    ATEN_GRAIN elements or more run in the calling thread with intra-op parallel ops).
     """
 
     name = "native"
