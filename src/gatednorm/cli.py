@@ -20,6 +20,9 @@ import sys
 # spelled out so that building the parser does not import the verify package (tests check they agree).
 DTYPE_CHOICES = ("float32", "bfloat16", "float16", "float64")
 EXIT_INCOMPLETE = 3
+#: Exit code when stdout's reader closed the pipe early: 128 + SIGPIPE, what a shell reports for a command
+#: that SIGPIPE ended (Python ignores SIGPIPE and gets BrokenPipeError instead).
+EXIT_BROKEN_PIPE = 141
 
 
 def add_verify_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -138,14 +141,25 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Parse ``argv`` (default: sys.argv) and run the subcommand; returns its exit code.
 
-    Without a subcommand the help is printed and the exit code is 0.
+    Without a subcommand the help is printed and the exit code is 0. When the reader of stdout goes away
+    early (``gatednorm info | head -1``) the command stops quietly, without a traceback, and the exit code
+    is :data:`EXIT_BROKEN_PIPE` (``verify`` reports that case itself and keeps its verdict and files).
     """
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.command is None:
-        parser.print_help()
-        return 0
-    return args.func(args)
+    try:
+        if args.command is None:
+            parser.print_help()
+            code = 0
+        else:
+            code = args.func(args)
+        sys.stdout.flush()  # output that fit in the buffer meets the closed pipe here, not at interpreter exit
+    except BrokenPipeError:
+        from ._platform import quiet_closed_stdout
+
+        quiet_closed_stdout()
+        return EXIT_BROKEN_PIPE
+    return code
 
 
 if __name__ == "__main__":

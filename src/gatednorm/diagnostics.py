@@ -8,13 +8,13 @@
 from __future__ import annotations
 
 import importlib.metadata
-import platform
 import sys
 from typing import Any
 
 import torch
 
 from . import ops
+from ._platform import device_name
 from ._version import __version__
 from .settings import env_text
 
@@ -42,20 +42,9 @@ def _triton() -> dict[str, Any]:
     return entry
 
 
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "cpu"
-
-
 def _devices() -> list[tuple[torch.device, str]]:
     """``(device, name)`` for the CPU and every accelerator PyTorch reports (CUDA/ROCm, XPU, MPS, ...)."""
-    found = [(torch.device("cpu"), _cpu_name())]
+    found = [(torch.device("cpu"), device_name("cpu"))]
     accelerator = getattr(torch, "accelerator", None)  # torch >= 2.6
     if accelerator is not None and accelerator.is_available():
         kind = accelerator.current_accelerator().type
@@ -66,8 +55,7 @@ def _devices() -> list[tuple[torch.device, str]]:
         return found
     for index in range(count):
         device = torch.device(kind, index)
-        name = torch.cuda.get_device_name(index) if kind == "cuda" else kind
-        found.append((device, name))
+        found.append((device, device_name(device)))
     return found
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from ..modules import AffineGatedNormBase
+from ..modules import AffineGatedNormBase, check_module_arguments
 from ..spec import canonical_activation
 from .api import group_rank_and_size, tp_gated_norm
 from .layout import shard_layout
@@ -68,18 +68,21 @@ class _TPGatedNorm(AffineGatedNormBase):
         backend: str | None = None,
     ) -> None:
         super().__init__()
-        if isinstance(hidden_size, bool) or not isinstance(hidden_size, int) or hidden_size <= 0:
-            raise ValueError(f"hidden_size must be a positive int (the full, unsharded size), got {hidden_size!r}")
+        # The single-device modules' checks, on the full (unsharded) hidden size: what every forward would
+        # reject (eps, group_size dividing N, the flags, activation, backend name) fails here, before the
+        # process group is consulted.
+        check_module_arguments(hidden_size, eps, group_size, norm_before_gate, self.is_rms_norm, activation, backend)
+        for arg_name, value in (("rank", rank), ("world_size", world_size)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+                raise TypeError(f"{arg_name} must be an int or None, got {type(value).__name__}")
         if rank is None or world_size is None:
             got_rank, got_world = group_rank_and_size(group)
             rank = got_rank if rank is None else rank
             world_size = got_world if world_size is None else world_size
         gs = hidden_size if group_size is None else group_size
-        if isinstance(gs, bool) or not isinstance(gs, int):
-            raise TypeError(f"group_size must be an int or None, got {type(gs).__name__}")
-        self.layout = shard_layout(hidden_size, gs, rank, world_size)  # validates sizes and rank
+        self.layout = shard_layout(hidden_size, gs, rank, world_size)  # validates the sharding and rank
         self.hidden_size = hidden_size
-        self.eps = eps
+        self.eps = float(eps)
         self.group_size = group_size
         self.norm_before_gate = norm_before_gate
         self.activation = canonical_activation(activation)

@@ -12,13 +12,13 @@ import dataclasses
 import json
 import math
 import os
-import platform
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
+from .._platform import device_name, quiet_closed_stdout  # device_name: as gatednorm info names devices
 from .._version import __version__
 from .cases import DTYPES, EPS, Shape
 from .runner import QUANTITIES, Result, Upstream
@@ -108,13 +108,6 @@ def exit_code(meta: dict) -> int:
 # Run metadata
 # ---------------------------------------------------------------------------
 
-def device_name(device: torch.device) -> str:
-    """The GPU's name, or the CPU's as far as the platform tells."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return platform.processor() or platform.machine()
-
-
 def build_meta(device: torch.device, backends: Sequence[str], upstream: Upstream, shapes: Sequence[Shape],
                cases: int, cases_run: int, results: Sequence[Result], stopped: str, current: str,
                elapsed: float) -> dict:
@@ -198,7 +191,20 @@ def print_table(rows: list[tuple[str, ...]], title: str, use_rich: bool) -> None
 
 def print_report(summary: list[SummaryRow], results: list[Result], meta: dict, use_rich: bool,
                  verbose: bool) -> None:
-    """The end of a run on stdout: the table, failing cases (``verbose``), the totals, and whether it stopped early."""
+    """The end of a run on stdout: the table, failing cases (``verbose``), the totals, and whether it stopped early.
+
+    When stdout's reader has gone away (``gatednorm verify | head``), the rest goes to ``os.devnull``: the
+    run still writes its --json/--markdown files and exits with its verdict, without a traceback.
+    """
+    try:
+        _print_report(summary, results, meta, use_rich, verbose)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        quiet_closed_stdout()
+
+
+def _print_report(summary: list[SummaryRow], results: list[Result], meta: dict, use_rich: bool,
+                  verbose: bool) -> None:
     failed = [r for r in results if not r.passed]
     done, total = meta["cases_run"], meta["cases"]
     print_table(table_rows(summary), f"gatednorm verify on {meta['device']} ({meta['device_name']}), "
