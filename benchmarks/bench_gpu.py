@@ -13,7 +13,9 @@ Upstream kernels are optional: fla-core (``fla.modules.norm``) when importable, 
 kernel when ``--sglang PATH`` names the extracted ``layernorm_gated.py`` (loaded through
 ``--sglang-loader DIR`` holding upstream_sglang.py).
 
-    PYTHONPATH=src python benchmarks/bench_gpu.py --out benchmarks/results [--no-compile] [--tune]
+    PYTHONPATH=src python benchmarks/bench_gpu.py --out benchmarks/results [--no-compile] [--host]
+
+The launch shapes themselves are tuned by benchmarks/tune_gpu.py.
 
 With --quant: the quantized-output benchmark of benchmarks/bench_quant.py (fused gated_norm_quant vs
 norm + separate quantization); --device cpu --smoke runs it tiny under TRITON_INTERPRET=1.
@@ -52,6 +54,7 @@ SHAPES = [
     ("32768x5120 one group rms gate-before", 32768, 5120, 5120, True, False, True, False),
     ("65536x2048 LN+bias no gate", 65536, 2048, 2048, False, True, False, True),
     ("16384x8192 rms gate-after", 16384, 8192, 8192, True, True, True, False),
+    ("32768x3072 LN g96 gate-before", 32768, 3072, 96, False, False, True, False),
 ]
 
 
@@ -165,6 +168,9 @@ def run_shape(shape, impls, copy_gbps, args):
     t, tg = bench(lambda: torch.mul(x, z_or_x, out=y), graph_calls)
     rec["mul_ms"], rec["mul_graph_ms"] = t, tg
     rec["mul_b2b_us"] = back_to_back_us(lambda: torch.mul(x, z_or_x, out=y)) if small else None
+    if small:  # the host floor of any autograd pair: one product forward, its two-product backward
+        xa, za = x.detach().requires_grad_(True), z_or_x.detach().clone().requires_grad_(True)
+        rec["autograd_pair_b2b_us"] = back_to_back_us(lambda: torch.autograd.grad(xa * za, (xa, za), dy), calls=500)
 
     if small:
         from gatednorm.spec import NormSpec
@@ -248,8 +254,9 @@ def run_shape(shape, impls, copy_gbps, args):
         fb_impls["fla fused_norm_gate"] = fb(lambda: ff.rms_norm_gated(xg, zg, wg, None, activation="swish", eps=EPS))
     for key, fn in fb_impls.items():
         try:
-            t, _ = bench(fn)
-            r = {"ms": t}
+            gc = (graph_calls or 10) if key in ("gatednorm triton", "fla layernorm_gated", "fla fused_norm_gate") else 0
+            t, tg = bench(fn, gc)
+            r = {"ms": t, "graph_ms": tg}
             if small and key == "gatednorm triton":
                 r["b2b_us"] = back_to_back_us(fn, calls=500)
             rec["fwd_bwd"][key] = r
@@ -261,41 +268,11 @@ def run_shape(shape, impls, copy_gbps, args):
             r["gbps"] = nbytes / (r["ms"] * 1e-3) / 1e9
             r["pct_copy"] = 100 * r["gbps"] / copy_gbps
             r["x_mul"] = r["ms"] / rec["mul_ms"]
-            if r.get("graph_ms") and rec["mul_graph_ms"]:
-                r["graph_x_mul"] = r["graph_ms"] / rec["mul_graph_ms"]
+            if r.get("graph_ms"):
+                r["graph_pct_copy"] = 100 * nbytes / (r["graph_ms"] * 1e-3) / 1e9 / copy_gbps
+                if rec["mul_graph_ms"]:
+                    r["graph_x_mul"] = r["graph_ms"] / rec["mul_graph_ms"]
     return rec
-
-
-def tune(shapes):
-    """Sweep the tile heuristics on each shape (kernel calls only); print the best per shape."""
-    import itertools
-    base = (tk.FWD_TILE_ELEMENTS, tk.FWD_ELEMS_PER_THREAD, tk.BWD_TILE_ELEMENTS, tk.BWD_ELEMS_PER_THREAD,
-            tk.BWD_PROGRAMS_PER_SM)
-    from gatednorm.spec import NormSpec
-    for name, m, n, gs, rms, nbg, has_z, has_bias in shapes:
-        x, z, w, b, dy = make_inputs(m, n, has_z, has_bias)
-        spec = NormSpec(EPS, gs, nbg, rms, "swish")
-        out = torch.empty_like(x)
-        res_f, res_b = [], []
-        for tile, ept in itertools.product((2048, 4096, 8192), (8, 16, 32)):
-            tk.FWD_TILE_ELEMENTS, tk.FWD_ELEMS_PER_THREAD = tile, ept
-            t = do_bench(lambda: tk.forward(x, w, b, z, spec, out),  # noqa: B023
-                         warmup=10, rep=40, return_mode="median")
-            res_f.append((t, tile, ept, tk._fwd_config(gs, 2)))
-        mean, rstd = tk.forward(x, w, b, z, spec, out)
-        for tile, ept, pps in itertools.product((2048, 4096, 8192), (8, 16), (2, 4, 8)):
-            tk.BWD_TILE_ELEMENTS, tk.BWD_ELEMS_PER_THREAD, tk.BWD_PROGRAMS_PER_SM = tile, ept, pps
-            t = do_bench(lambda: tk.backward(dy, x, w, b, z, mean, rstd, spec), warmup=10, rep=40,  # noqa: B023
-                         return_mode="median")
-            res_b.append((t, tile, ept, pps, tk._bwd_config(gs, 2)))
-        (tk.FWD_TILE_ELEMENTS, tk.FWD_ELEMS_PER_THREAD, tk.BWD_TILE_ELEMENTS, tk.BWD_ELEMS_PER_THREAD,
-         tk.BWD_PROGRAMS_PER_SM) = base
-        res_f.sort()
-        res_b.sort()
-        print(f"TUNE {name}: fwd best {[(round(r[0]*1e3, 1),) + r[1:] for r in res_f[:3]]} "
-              f"worst {round(res_f[-1][0]*1e3, 1)}us")
-        print(f"TUNE {name}: bwd best {[(round(r[0]*1e3, 1),) + r[1:] for r in res_b[:3]]} "
-              f"worst {round(res_b[-1][0]*1e3, 1)}us")
 
 
 def host_breakdown(m=8192, n=128):
@@ -306,8 +283,11 @@ def host_breakdown(m=8192, n=128):
     y = torch.empty_like(x)
     mean, rstd = tk.forward(x, w, None, z, spec, y)
     xg, zg, wg = (t.detach().requires_grad_(True) for t in (x, z, w))
+    xa, za = (t.detach().requires_grad_(True) for t in (x, z))
     rows = {
         "torch.mul": lambda: torch.mul(x, z, out=y),
+        "autograd pair (x * z).backward(dy)": lambda: (xa * za).backward(dy),
+        "tk.forward + tk.backward": lambda: tk.backward(dy, x, w, None, z, *tk.forward(x, w, None, z, spec, y), spec),
         "tk.forward": lambda: tk.forward(x, w, None, z, spec, y),
         "tk.backward": lambda: tk.backward(dy, x, w, None, z, mean, rstd, spec),
         "layer_norm_fwd": lambda: gatednorm.layer_norm_fwd(x, w, None, EPS, z=z, is_rms_norm=True, backend="triton"),
@@ -343,7 +323,9 @@ def host_breakdown(m=8192, n=128):
 def fmt_table(records, copy_gbps, device):
     lines = [f"Device: {device}; copy bandwidth {copy_gbps:.0f} GB/s (bytes read + written). bf16. "
              "Per call: do_bench median, L2 flushed. Cells: GB/s (% of copy, time / torch.mul floor); "
-             "graph: us per call in a CUDA graph of 100 calls (x the mul graph figure).", ""]
+             "graph: us per call in a CUDA graph of 100 calls (10 for fwd+bwd of large shapes), its % of copy and "
+             "x the mul graph figure; back-to-back: wall us per call of 2000 (fwd+bwd: 500) calls in a row, "
+             "the host time per call where it exceeds the kernels'.", ""]
     impls = []
     for r in records:
         for k in list(r["fwd"]) + list(r["fwd_bwd"]):
@@ -367,7 +349,8 @@ def fmt_table(records, copy_gbps, device):
                     continue
                 c = f"{v['gbps']:.0f} ({v['pct_copy']:.0f}%, {v['x_mul']:.2f}x; {v['ms']*1e3:.1f} us)"
                 if v.get("graph_ms"):
-                    c += f"; graph {v['graph_ms']*1e3:.2f} us ({v.get('graph_x_mul', 0):.2f}x)"
+                    c += f"; graph {v['graph_ms']*1e3:.2f} us ({v['graph_pct_copy']:.0f}%"
+                    c += f", {v['graph_x_mul']:.2f}x mul)" if v.get("graph_x_mul") else ")"
                 if v.get("b2b_us"):
                     c += f"; back-to-back {v['b2b_us']:.1f} us"
                 cells.append(c)
@@ -375,6 +358,8 @@ def fmt_table(records, copy_gbps, device):
         lines.append("")
     lines.append("torch.mul back-to-back (wall us per call, host-bound at small shapes): " + ", ".join(
         f"{r['shape'].split()[0]} {r['mul_b2b_us']:.1f}" for r in records if r.get("mul_b2b_us")))
+    lines.append("autograd pair (x * z, grads of x and z) back-to-back (wall us per call): " + ", ".join(
+        f"{r['shape'].split()[0]} {r['autograd_pair_b2b_us']:.1f}" for r in records if r.get("autograd_pair_b2b_us")))
     lines.append("gatednorm backends.triton.launch.forward alone back-to-back (us per call): " + ", ".join(
         f"{r['shape'].split()[0]} {r['ours_kernel_b2b_us']:.1f}" for r in records if r.get("ours_kernel_b2b_us")))
     return "\n".join(lines)
@@ -412,7 +397,6 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--no-compile", action="store_true")
-    ap.add_argument("--tune", action="store_true")
     ap.add_argument("--host", action="store_true", help="print a host-overhead breakdown first")
     ap.add_argument("--only", default="", help="comma-separated substrings of shape names")
     ap.add_argument("--sglang", default="")
@@ -431,8 +415,6 @@ def main():
     print(f"fast launch: {tk._fast_launch_enabled()}", flush=True)
     if args.host:
         host_breakdown()
-    if args.tune:
-        tune([s for s in shapes if s[1] * s[2] >= 8 * 1024 * 1024])
     impls = load_upstream(args)
     copy_gbps = copy_bandwidth()
     print(f"copy bandwidth {copy_gbps:.0f} GB/s", flush=True)
@@ -447,7 +429,10 @@ def main():
     meta = {"device": device, "torch": torch.__version__, "triton": triton.__version__, "copy_gbps": copy_gbps,
             "config": {k: getattr(tk, k) for k in ("MAX_BLOCK", "FWD_TILE_ELEMENTS", "BWD_TILE_ELEMENTS",
                                                     "FWD_ELEMS_PER_THREAD", "BWD_ELEMS_PER_THREAD",
-                                                    "BWD_PROGRAMS_PER_SM")}}
+                                                    "BWD_PROGRAMS_PER_SM")},
+            "fwd_tuned": {str(k): v for k, v in tk.FWD_TUNED.items()},
+            "bwd_tuned": {str(k): v for k, v in tk.BWD_TUNED.items()},
+            "pdl": tk.pdl_supported(torch.device("cuda"))}
     with open(os.path.join(args.out, "gpu_bench.json"), "w") as f:
         json.dump({"meta": meta, "records": records}, f, indent=1)
     with open(os.path.join(args.out, "gpu_bench.md"), "w") as f:

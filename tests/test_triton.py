@@ -89,7 +89,7 @@ def test_bf16_against_native(v):
 def test_wide_group_loop_path(is_rms, nbg):
     """Groups wider than MAX_BLOCK are looped over in chunks (here 2.5 * MAX_BLOCK: two full chunks and a half)."""
     gs = 5 * tk.MAX_BLOCK // 2
-    assert tk._fwd_config(gs, 4)[1] == 3 and tk._bwd_config(gs, 4)[1] == 3
+    assert tk._fwd_config(gs, 4, False)[1] == 3 and tk._bwd_config(gs, 4, False)[1] == 3
     m, n = 2, gs
     spec = NormSpec(EPS, gs, nbg, is_rms, "swish")
     x, z, w, b = make_inputs(m, n, torch.float32, seed=3, device=DEV)
@@ -211,3 +211,25 @@ def test_public_api_with_triton_backend():
                                          backend="triton")
     assert res is out and mean is None and rstd.shape == (t * h * n // gs,)
     check_forward(out, mean, rstd, x, w, b, z, EPS, gs, True, True, out_dtype=torch.bfloat16)
+
+
+@pytest.mark.parametrize("v", VARIANTS, ids=variant_id)
+def test_launch_orders_give_the_same_bits(v):
+    """The program order of the forward (row tiles first, groups first, or the flat (M * G, GS) view) changes
+    which program computes a (row, group), never its arithmetic: equal bits, and equal to float64 within the
+    model; the flat view also with rows whose range must be rescued (its rescue runs as a separate kernel)."""
+    m, n, gs = 37, 288, 96
+    spec = _spec(gs, v)
+    x, z, w, b = make_inputs(m, n, torch.bfloat16, gate=v[4], bias=v[3], seed=71, device=DEV)
+    x[5, :gs] *= 1e36  # group 0 of row 5 overflows float32 sums: the range rescue redoes it
+    x[9, gs:2 * gs] *= 1e-30
+    results = []
+    for order in (tk.ORDER_ROWS_FASTEST, tk.ORDER_GROUPS_FASTEST, tk.ORDER_FLAT):
+        out = torch.full((m, n), float("nan"), dtype=torch.bfloat16, device=DEV)
+        mean, rstd = tk.forward(x, w, b, z, spec, out, config=(128, 4, 2, order))
+        results.append((out, mean, rstd))
+    assert results[0][2].view(3, m)[0, 5] < 1e-30  # the rescue did run (var ~ 1e72)
+    for other in results[1:]:
+        for a, c in zip(results[0], other, strict=True):
+            assert (a is None and c is None) or torch.equal(a, c)
+    check_forward(*results[0], x, w, b, z, *_args(spec))

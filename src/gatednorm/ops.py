@@ -25,6 +25,7 @@ implementations, so graphs trace without breaks and the kernels stay opaque to I
 from __future__ import annotations
 
 import contextlib
+import itertools
 from collections.abc import Callable, Iterator
 
 import torch
@@ -48,14 +49,19 @@ _LOADERS: dict[tuple[str, str], Callable[[], Backend]] = {}
 _IMPLS: dict[tuple[str, str], Backend] = {}
 #: Implementations whose loader raised ImportError (Triton absent): remembered, since a failed import is slow.
 _UNAVAILABLE: dict[tuple[str, str], ImportError] = {}
+#: triton_available()'s answer, asked for on every CUDA call without backend= (about 0.7 us through
+#: select_impl); None until asked, reset whenever the registry changes.
+_TRITON_IMPORTABLE: bool | None = None
 
 
 def register_impl(name: str, device_type: str, loader: Callable[[], Backend]) -> None:
     """Register ``loader`` (called once, on first use) as the implementation of backend ``name`` for
     tensors of ``device_type`` (``ANY_DEVICE`` for every device type without an entry of its own)."""
+    global _TRITON_IMPORTABLE
     _LOADERS[(name, device_type)] = loader
     _IMPLS.pop((name, device_type), None)
     _UNAVAILABLE.pop((name, device_type), None)
+    _TRITON_IMPORTABLE = None
 
 
 def select_impl(name: str, device: torch.device) -> Backend:
@@ -87,8 +93,10 @@ def override_impl(name: str, device_type: str, impl: Backend | ImportError) -> I
     """Within the block, ``impl`` serves backend ``name`` on ``device_type`` (tests: the accelerator path
     on CPU tensors, small blocks, another rescue threshold); an ``ImportError`` instead makes the backend
     unavailable there (as the triton backend is without Triton). Restores the previous registration."""
+    global _TRITON_IMPORTABLE
     key = (name, device_type)
     saved = _LOADERS.get(key), _IMPLS.get(key), _UNAVAILABLE.get(key)
+    _TRITON_IMPORTABLE = None
     _IMPLS.pop(key, None)
     _UNAVAILABLE.pop(key, None)
     if isinstance(impl, ImportError):
@@ -105,6 +113,7 @@ def override_impl(name: str, device_type: str, impl: Backend | ImportError) -> I
         for table, value in zip((_LOADERS, _IMPLS, _UNAVAILABLE), saved, strict=True):
             if value is not None:
                 table[key] = value
+        _TRITON_IMPORTABLE = None
 
 
 def _native_cpu() -> Backend:
@@ -150,11 +159,15 @@ def triton_available() -> bool:
     ``resolve_backend("triton", device)`` (raises ``ValueError`` saying why not) or
     :func:`gatednorm.info`, which lists per device what ``auto`` picks and why.
     """
-    try:
-        select_impl("triton", torch.device("cpu"))  # cached by the registry either way
-    except ImportError:
-        return False
-    return True
+    global _TRITON_IMPORTABLE
+    if _TRITON_IMPORTABLE is None:
+        try:
+            select_impl("triton", torch.device("cpu"))
+        except ImportError:
+            _TRITON_IMPORTABLE = False
+        else:
+            _TRITON_IMPORTABLE = True
+    return _TRITON_IMPORTABLE
 
 
 # Under torch.compile the answer is a constant, so dynamo never traces the import. This is exactly what
@@ -272,7 +285,13 @@ def _impl_for(name: str, x: torch.Tensor) -> Backend:
 
 def _no_work(x: torch.Tensor) -> bool:
     """Empty batches and the meta device: shapes only, no backend call."""
-    return x.shape[0] == 0 or x.device.type == "meta"
+    return x.shape[0] == 0 or x.is_meta
+
+
+def _new_rows(x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A contiguous (M, N) tensor on x's device, in x's dtype or ``dtype``. empty_like takes about
+    0.8 us of host time where ``torch.empty(x.shape, dtype=..., device=...)`` takes 2 (parsing the Size)."""
+    return torch.empty_like(x, dtype=dtype, memory_format=torch.contiguous_format)
 
 
 def _empty_stats(x: torch.Tensor, spec: NormSpec) -> tuple[torch.Tensor | None, torch.Tensor]:
@@ -283,7 +302,7 @@ def _empty_stats(x: torch.Tensor, spec: NormSpec) -> tuple[torch.Tensor | None, 
 
 
 def _forward_eager(x, weight, bias, z, spec: NormSpec, backend: str):
-    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    out = _new_rows(x)
     if _no_work(x):
         return (out, *_empty_stats(x, spec))
     mean, rstd = _impl_for(backend, x).forward(x, weight, bias, z, spec, out)
@@ -300,7 +319,7 @@ def _forward_out_eager(x, weight, bias, z, out, spec: NormSpec, backend: str):
         out2d = None
     if out2d is not None:
         return forward(x, weight, bias, z, spec, out2d)
-    tmp = torch.empty(x.shape, dtype=out.dtype, device=x.device)
+    tmp = _new_rows(x, out.dtype)
     mean, rstd = forward(x, weight, bias, z, spec, tmp)
     out.copy_(tmp.view(out.shape))
     return mean, rstd
@@ -309,8 +328,8 @@ def _forward_out_eager(x, weight, bias, z, out, spec: NormSpec, backend: str):
 def _backward_eager(dy, x, weight, bias, z, mean, rstd, spec: NormSpec, backend: str, needs: GradsNeeded) -> Grads:
     if _no_work(x):
         return (
-            torch.empty(x.shape, dtype=x.dtype, device=x.device) if needs.dx else None,
-            torch.empty(x.shape, dtype=z.dtype, device=x.device) if needs.dz else None,
+            _new_rows(x) if needs.dx else None,
+            _new_rows(x, z.dtype) if needs.dz else None,
             torch.zeros_like(weight) if needs.dweight else None,
             torch.zeros_like(bias) if needs.dbias else None,
         )
@@ -404,7 +423,7 @@ def _run_forward(x, weight, bias, z, spec: NormSpec, backend: str, out_dtype: to
     if out_dtype is not None and out_dtype != x.dtype:
         # The residual path normalises a float32 sum into x's dtype: the backend's one rounding
         # targets the output buffer directly (no float32 output and second cast).
-        out = torch.empty(x.shape, dtype=out_dtype, device=x.device)
+        out = _new_rows(x, out_dtype)
         return (out, *_run_forward_out(x, weight, bias, z, out, spec, backend))
     if _compiling():
         out, mean, rstd = forward_op(x, weight, bias, z, *spec, backend)
@@ -421,8 +440,8 @@ def _run_forward_out(x, weight, bias, z, out, spec: NormSpec, backend: str):
 
 
 def _run_backward(dy, x, weight, bias, z, mean, rstd, spec: NormSpec, backend: str, needs: GradsNeeded) -> Grads:
-    """(dx, dz, dweight, dbias), None for those not asked for (or absent: no z, no bias)."""
-    needs = GradsNeeded(needs.dx, needs.dz and z is not None, needs.dweight, needs.dbias and bias is not None)
+    """(dx, dz, dweight, dbias), None for those not asked for; ``needs`` asks only for gradients that
+    exist (no dz without z, no dbias without bias)."""
     if _compiling():
         grads = backward_op(dy, x, weight, bias, z, mean if mean is not None else _placeholder(x), rstd,
                             *spec, backend, *needs)
@@ -433,6 +452,12 @@ def _run_backward(dy, x, weight, bias, z, mean, rstd, spec: NormSpec, backend: s
 # ---------------------------------------------------------------------------
 # Autograd
 # ---------------------------------------------------------------------------
+
+
+#: GradsNeeded for ctx.needs_input_grad[:4] (x, weight, bias, z): built once, not per backward. An absent
+#: z or bias never needs a gradient (autograd says False for None inputs).
+_NEEDS = {(dx, dw, db, dz): GradsNeeded(dx, dz, dw, db)
+          for dx, dw, db, dz in itertools.product((False, True), repeat=4)}
 
 
 class GatedNormFunction(torch.autograd.Function):
@@ -467,12 +492,34 @@ class GatedNormFunction(torch.autograd.Function):
         if dy is None:  # only mean/rstd were used downstream: no gradient flows
             return None, None, None, None, None, None, None
         x, weight, bias, z, mean, rstd = ctx.saved_tensors
-        need = ctx.needs_input_grad
         # dy has the output's dtype, which may differ from x's (a float32 residual sum normalised into
         # bf16): backends read dy in its own dtype and return dx in x's.
         dx, dz, dw, db = _run_backward(dy, x, weight, bias, z, mean, rstd, ctx.spec, ctx.backend,
-                                       GradsNeeded(need[0], need[3], need[1], need[2]))
+                                       _NEEDS[ctx.needs_input_grad[:4]])
         return dx, dw, db, dz, None, None, None
+
+
+# Function.apply's Python wrapper (torch/autograd/function.py) costs about 1.8 us of every call, most of it
+# in running functorch's unwrap_if_dead over each argument, constants included. Where that wrapper takes
+# its plain path (no functorch transform active) and torch.compile is not tracing (dynamo recognises
+# Function.apply only), _autograd_apply does the same for the four tensor arguments and calls the C++
+# apply the wrapper ends in.
+# These are torch internals (checked on torch 2.11 and 2.13): where one is missing, every call takes the
+# public Function.apply.
+try:
+    _C_APPLY = super(torch.autograd.Function, GatedNormFunction).apply
+    _functorch_active = torch._C._are_functorch_transforms_active
+    _unwrap_if_dead = torch._C._functorch.unwrap_if_dead
+except AttributeError:  # pragma: no cover - a torch whose internals moved
+    _C_APPLY = None
+
+
+def _autograd_apply(x, weight, bias, z, spec: NormSpec, backend: str, out_dtype: torch.dtype | None):
+    """``GatedNormFunction.apply(...)``, without the wrapper's cost where it adds nothing."""
+    if _C_APPLY is None or _compiling() or _functorch_active():
+        return GatedNormFunction.apply(x, weight, bias, z, spec, backend, out_dtype)
+    return _C_APPLY(_unwrap_if_dead(x), _unwrap_if_dead(weight), None if bias is None else _unwrap_if_dead(bias),
+                    None if z is None else _unwrap_if_dead(z), spec, backend, out_dtype)
 
 
 # ---------------------------------------------------------------------------
@@ -504,7 +551,7 @@ def gated_norm_rows(
         mean, rstd = _run_forward_out(x2d, weight, bias, z2d, out, spec, name)
         return out, mean, rstd
     if needs_autograd(x2d, weight, bias, z2d):
-        return GatedNormFunction.apply(x2d, weight, bias, z2d, spec, name, out_dtype)
+        return _autograd_apply(x2d, weight, bias, z2d, spec, name, out_dtype)
     return _run_forward(x2d, weight, bias, z2d, spec, name, out_dtype)
 
 
@@ -561,7 +608,8 @@ def gated_norm_rows_backward(
     """
     name = resolve_backend(backend, x2d.device)
     return _run_backward(dy, x2d, weight, bias, z2d, mean, rstd, spec, name,
-                         GradsNeeded(needs_dx, needs_dz, needs_dweight, needs_dbias))
+                         GradsNeeded(needs_dx, needs_dz and z2d is not None, needs_dweight,
+                                     needs_dbias and bias is not None))
 
 
 # ---------------------------------------------------------------------------

@@ -67,9 +67,10 @@ def _check_floating(name: str, t: torch.Tensor) -> None:
         raise TypeError(f"{name} must have a floating dtype, got {t.dtype}")
 
 
-def _check_device(name: str, t: torch.Tensor, x: torch.Tensor) -> None:
-    if t.device != x.device:
-        raise ValueError(f"{name} is on {t.device} but x is on {x.device}; expected the same device")
+def _check_device(name: str, t: torch.Tensor, device: torch.device) -> None:
+    """``device``: x's."""
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device} but x is on {device}; expected the same device")
 
 
 def _rows_view(t: torch.Tensor, n: int) -> torch.Tensor:
@@ -110,6 +111,60 @@ def heads_stats_to_rows(stat: torch.Tensor | None, heads: int, groups: int) -> t
     return stat.view(heads, groups, -1).permute(1, 2, 0).reshape(-1)
 
 
+def _check_norm_spec(eps: float, group_size: int | None, n: int, norm_before_gate: bool, is_rms_norm: bool,
+                     activation: str) -> NormSpec:
+    """The scalar checks of :func:`prepare` (``TypeError``/``ValueError`` naming the argument), and their NormSpec."""
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+        raise TypeError(f"eps must be a float, got {type(eps).__name__}")
+    eps = float(eps)
+    if not eps >= 0.0:  # also rejects NaN
+        raise ValueError(f"eps must be >= 0, got {eps}")
+
+    if group_size is None:
+        group_size = n
+    if isinstance(group_size, bool) or not isinstance(group_size, int):
+        raise TypeError(f"group_size must be an int or None, got {type(group_size).__name__}")
+    if group_size <= 0 or n % group_size != 0:
+        raise ValueError(f"group_size must be a positive divisor of N = {n}, got {group_size}")
+
+    for flag_name, flag in (("norm_before_gate", norm_before_gate), ("is_rms_norm", is_rms_norm)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{flag_name} must be a bool, got {type(flag).__name__}")
+
+    return NormSpec(eps, group_size, norm_before_gate, is_rms_norm, canonical_activation(activation))
+
+
+#: NormSpec per accepted scalar arguments (:func:`_norm_spec`); a model has a handful, the bound is for
+#: programs that sweep eps or group_size.
+_SPECS: dict[tuple, NormSpec] = {}
+_SPECS_MAX = 1024
+
+
+def _norm_spec(eps: float, group_size: int | None, n: int, norm_before_gate: bool, is_rms_norm: bool,
+               activation: str) -> NormSpec:
+    """:func:`_check_norm_spec`, remembered per argument values: a call repeats its layer's arguments, and
+    checking them and building the NormSpec is about 1 us of every call's host time; a hit is 0.3 us.
+
+    Each value's type is part of the key, since True == 1 (and hashes alike) where only one of them is
+    valid. Errors are never remembered: a rejected argument is checked, and raises, every time. Not while
+    torch.compile traces: a global dict that grows would be guarded on and recompile the graph.
+    """
+    if torch.compiler.is_compiling():
+        return _check_norm_spec(eps, group_size, n, norm_before_gate, is_rms_norm, activation)
+    key = (eps, type(eps), group_size, type(group_size), n, norm_before_gate, type(norm_before_gate),
+           is_rms_norm, type(is_rms_norm), activation)
+    try:
+        spec = _SPECS.get(key)
+    except TypeError:  # an unhashable argument is of a wrong kind: the checks raise naming it
+        return _check_norm_spec(eps, group_size, n, norm_before_gate, is_rms_norm, activation)
+    if spec is None:
+        spec = _check_norm_spec(eps, group_size, n, norm_before_gate, is_rms_norm, activation)
+        if len(_SPECS) >= _SPECS_MAX:
+            _SPECS.clear()
+        _SPECS[key] = spec
+    return spec
+
+
 def prepare(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -135,73 +190,60 @@ def prepare(
     Callers that return statistics reorder them with :func:`heads_stats_to_rows`. Without it, such a
     gate is copied into rows.
     """
+    # x's shape and device are read once: each read builds a Python object (0.05-0.1 us), and this runs on
+    # every call.
     _check_floating("x", x)
-    if x.dim() < 1:
+    shape = x.shape
+    if len(shape) < 1:
         raise ValueError("x must have at least one dimension (..., N), got a 0-d tensor")
-    n = x.shape[-1]
+    n = shape[-1]
     if n == 0:
         raise ValueError("x must have a non-empty last dimension N, got N = 0")
+    device = x.device
 
     _check_floating("weight", weight)
     if weight.shape != (n,):
         raise ValueError(f"weight must have shape ({n},) to match x's last dimension, got {tuple(weight.shape)}")
-    _check_device("weight", weight, x)
+    _check_device("weight", weight, device)
 
     if bias is not None:
         _check_floating("bias", bias)
         if bias.shape != (n,):
             raise ValueError(f"bias must have shape ({n},) to match x's last dimension, got {tuple(bias.shape)}")
-        _check_device("bias", bias, x)
+        _check_device("bias", bias, device)
 
-    x2d = _rows_view(x, n)
+    rows = len(shape) == 2
+    x2d = x if rows else x.reshape(-1, n)
     z2d = None
     packed = None
     if z is not None:
         _check_floating("z", z)
-        _check_device("z", z, x)
-        if z.shape == x.shape:
-            z2d = _rows_view(z, n)
-        elif x.dim() == 2 and z.dim() == 3 and z.shape[0] * z.shape[1] == x.shape[0] and z.shape[2] == n:
+        _check_device("z", z, device)
+        if z.shape == shape:
+            z2d = z if rows else z.reshape(-1, n)
+        elif rows and z.dim() == 3 and z.shape[0] * z.shape[1] == shape[0] and z.shape[2] == n:
             # The (T, H, N) gate layout of the newest sglang kernel: x is (T*H, N).
             packed = _packed_heads(x, z) if regroup_heads else None
             z2d = packed[1] if packed is not None else _rows_view(z, n)
         else:
             raise ValueError(
-                f"z must have x's shape {tuple(x.shape)} (or (T, H, N) with T*H rows for a 2-D x), "
+                f"z must have x's shape {tuple(shape)} (or (T, H, N) with T*H rows for a 2-D x), "
                 f"got {tuple(z.shape)}"
             )
 
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
-        raise TypeError(f"eps must be a float, got {type(eps).__name__}")
-    eps = float(eps)
-    if not eps >= 0.0:  # also rejects NaN
-        raise ValueError(f"eps must be >= 0, got {eps}")
-
-    if group_size is None:
-        group_size = n
-    if isinstance(group_size, bool) or not isinstance(group_size, int):
-        raise TypeError(f"group_size must be an int or None, got {type(group_size).__name__}")
-    if group_size <= 0 or n % group_size != 0:
-        raise ValueError(f"group_size must be a positive divisor of N = {n}, got {group_size}")
-
-    for flag_name, flag in (("norm_before_gate", norm_before_gate), ("is_rms_norm", is_rms_norm)):
-        if not isinstance(flag, bool):
-            raise TypeError(f"{flag_name} must be a bool, got {type(flag).__name__}")
-
-    activation = canonical_activation(activation)
+    spec = _norm_spec(eps, group_size, n, norm_before_gate, is_rms_norm, activation)
 
     if out is not None:
         _check_floating("out", out)
-        if out.shape != x.shape:
-            raise ValueError(f"out must have x's shape {tuple(x.shape)}, got {tuple(out.shape)}")
-        _check_device("out", out, x)
+        if out.shape != shape:
+            raise ValueError(f"out must have x's shape {tuple(shape)}, got {tuple(out.shape)}")
+        _check_device("out", out, device)
 
-    spec = NormSpec(eps, group_size, norm_before_gate, is_rms_norm, activation)
     if packed is not None:
         heads = z.shape[1]
         return GatedNormCall(packed[0], _repeat_param(weight, heads, x),
-                             None if bias is None else _repeat_param(bias, heads, x), z2d, spec, x.shape, heads)
-    return GatedNormCall(x2d, weight, bias, z2d, spec, x.shape)
+                             None if bias is None else _repeat_param(bias, heads, x), z2d, spec, shape, heads)
+    return GatedNormCall(x2d, weight, bias, z2d, spec, shape)
 
 
 # ---------------------------------------------------------------------------
@@ -240,6 +282,8 @@ def prepare_residual(
     Raises ``TypeError`` for non-bool flags or a residual that is not a floating tensor, ``ValueError``
     for a residual whose shape is not x's or that lives on another device.
     """
+    if residual is None and prenorm is False and (residual_in_fp32 is False or residual_in_fp32 is True):
+        return None  # the common call, checked without the loop below (bools are the two singletons)
     for flag_name, flag in (("prenorm", prenorm), ("residual_in_fp32", residual_in_fp32)):
         if not isinstance(flag, bool):
             raise TypeError(f"{flag_name} must be a bool, got {type(flag).__name__}")
@@ -251,7 +295,7 @@ def prepare_residual(
     _check_floating("residual", residual)
     if residual.shape != x.shape:
         raise ValueError(f"residual must have x's shape {tuple(x.shape)}, got {tuple(residual.shape)}")
-    _check_device("residual", residual, x)
+    _check_device("residual", residual, x.device)
     # fla's rule: the updated residual keeps the residual's dtype; residual_in_fp32 applies only
     # when there is no residual yet (the first layer), where it decides the dtype the stream starts in.
     return ResidualCall(_rows_view(residual, x.shape[-1]), residual.dtype)
@@ -272,12 +316,12 @@ def check_linear(x: torch.Tensor, linear_weight: torch.Tensor, linear_bias: torc
     _check_floating("linear_weight", linear_weight)
     if linear_weight.dim() != 2 or linear_weight.shape[1] != n:
         raise ValueError(f"linear_weight must have shape (out_features, {n}), got {tuple(linear_weight.shape)}")
-    _check_device("linear_weight", linear_weight, x)
+    _check_device("linear_weight", linear_weight, x.device)
     if linear_bias is not None:
         _check_floating("linear_bias", linear_bias)
         if linear_bias.shape != (linear_weight.shape[0],):
             raise ValueError(f"linear_bias must have shape ({linear_weight.shape[0]},), got {tuple(linear_bias.shape)}")
-        _check_device("linear_bias", linear_bias, x)
+        _check_device("linear_bias", linear_bias, x.device)
 
 
 # ---------------------------------------------------------------------------

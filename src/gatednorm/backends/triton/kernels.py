@@ -88,6 +88,28 @@ def _store_out(ptrs, v, mask, BF16_BY_BITS: tl.constexpr):
 
 
 @triton.jit
+def _pdl_prologue(USE_PDL: tl.constexpr):
+    """Programmatic dependent launch (Hopper and later; launch.pdl_supported): this kernel may start while
+    the previous one in the stream finishes, so it first waits until that kernel's memory is visible
+    (griddepcontrol.wait), then lets the next PDL-launched kernel start early; that one waits in turn,
+    so no kernel reads memory another is still writing. Without PDL both are left out."""
+    if USE_PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+
+
+@triton.jit
+def _tile_and_group(GROUPS_FASTEST: tl.constexpr):
+    """(row-tile program, group) of this program. The grid is (row tiles, groups), or with GROUPS_FASTEST
+    (groups, row tiles), so that programs launched together cover neighbouring groups of the same rows
+    (contiguous memory) instead of the same group of neighbouring rows. Only the order changes."""
+    if GROUPS_FASTEST:
+        return tl.program_id(1), tl.program_id(0)
+    else:
+        return tl.program_id(0), tl.program_id(1)
+
+
+@triton.jit
 def _tile_ptrs(base, rows64, stride, col0, cols):
     return base + rows64[:, None] * stride + (col0 + cols)[None, :]
 
@@ -175,9 +197,10 @@ def fwd_kernel(
     GS: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr, NUM_CHUNKS: tl.constexpr,
     HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, NORM_BEFORE_GATE: tl.constexpr,
     IS_RMS: tl.constexpr, SIGMOID_GATE: tl.constexpr, BF16_BY_BITS: tl.constexpr, RESCUE_IN_KERNEL: tl.constexpr,
+    USE_PDL: tl.constexpr, GROUPS_FASTEST: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    g = tl.program_id(1)
+    _pdl_prologue(USE_PDL)
+    pid, g = _tile_and_group(GROUPS_FASTEST)
     rows = pid * ROWS + tl.arange(0, ROWS)
     row_ok = rows < M
     rows64 = rows.to(tl.int64)
@@ -237,6 +260,51 @@ def fwd_kernel(
 
 
 @triton.jit
+def fwd_flat_kernel(
+    X, Z, W, B, Y, MEAN, RSTD,
+    M, G, eps,
+    GS: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr,
+    HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, NORM_BEFORE_GATE: tl.constexpr,
+    IS_RMS: tl.constexpr, SIGMOID_GATE: tl.constexpr, BF16_BY_BITS: tl.constexpr, USE_PDL: tl.constexpr,
+):
+    """fwd_kernel's single-tile path over contiguous x, z, y seen as (M * G, GS): row r is group g = r % G of
+    row m = r // G, and the ROWS rows of a tile are consecutive in memory (every group of a row before the
+    next row), so small groups (96 wide) are read as one contiguous stretch rather than ROWS short pieces
+    N apart. The arithmetic per (row, group) is fwd_kernel's, on the same tile shape. The range rescue
+    always runs afterwards as rescue_kernel."""
+    _pdl_prologue(USE_PDL)
+    r = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    r_ok = r < M * G
+    r64 = r.to(tl.int64)
+    g = r64 % G
+    cols = tl.arange(0, BLOCK)
+    col_ok = cols < GS
+    mask = r_ok[:, None] & col_ok[None, :]
+    offs = r64[:, None] * GS + cols[None, :]
+    GATE_FIRST: tl.constexpr = HAS_Z and not NORM_BEFORE_GATE
+    GATE_AFTER: tl.constexpr = HAS_Z and NORM_BEFORE_GATE
+    stat = g * M + r64 // G  # group-major statistics: index g * M + m
+    x = _load_f32(X + offs, mask, BF16_BY_BITS)
+    gate = 1.0  # unused without z
+    if HAS_Z:
+        gate = _gate_value(_load_f32(Z + offs, mask, BF16_BY_BITS), SIGMOID_GATE)
+        if GATE_FIRST:
+            x = x * gate
+    mean, xm, var_eps = _tile_stats(x, col_ok, eps, GS, BLOCK, IS_RMS)
+    rstd = 1.0 / tl.sqrt_rn(var_eps)
+    if not IS_RMS:
+        tl.store(MEAN + stat, mean, mask=r_ok)
+    tl.store(RSTD + stat, rstd, mask=r_ok)
+    wcols = g[:, None] * GS + cols[None, :]  # the weight of each row's own group (L1/L2 hits)
+    y = xm * rstd[:, None] * _load_f32(W + wcols, mask, BF16_BY_BITS)
+    if HAS_BIAS:
+        y = y + _load_f32(B + wcols, mask, BF16_BY_BITS)
+    if GATE_AFTER:
+        y = y * gate
+    _store_out(Y + offs, y, mask, BF16_BY_BITS)
+
+
+@triton.jit
 def _write_chunked(X, Z, W, B, Y, rows64, row_ok, stride_xm, stride_zm, stride_ym, col0, cols,
                    inv, mean, rstd_x, GS: tl.constexpr, BLOCK: tl.constexpr, NUM_CHUNKS: tl.constexpr,
                    HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, GATE_FIRST: tl.constexpr, GATE_AFTER: tl.constexpr,
@@ -287,10 +355,11 @@ def rescue_kernel(
     M, stride_xm, stride_zm, stride_ym, eps,
     GS: tl.constexpr, BLOCK: tl.constexpr, SCAN: tl.constexpr,
     HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, NORM_BEFORE_GATE: tl.constexpr,
-    IS_RMS: tl.constexpr, SIGMOID_GATE: tl.constexpr, BF16_BY_BITS: tl.constexpr,
+    IS_RMS: tl.constexpr, SIGMOID_GATE: tl.constexpr, BF16_BY_BITS: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     """After fwd_kernel on large inputs: grid (row blocks of SCAN, groups). Reads the stored rstd and
     redoes the rows out of range, with the code the forward would run in-kernel (same bits)."""
+    _pdl_prologue(USE_PDL)
     pid = tl.program_id(0)
     g = tl.program_id(1)
     rows = pid * SCAN + tl.arange(0, SCAN)
@@ -458,11 +527,11 @@ def bwd_kernel(
     HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, NORM_BEFORE_GATE: tl.constexpr,
     IS_RMS: tl.constexpr, SIGMOID_GATE: tl.constexpr,
     NEED_DX: tl.constexpr, NEED_DZ: tl.constexpr, NEED_DW: tl.constexpr, NEED_DB: tl.constexpr,
-    BF16_BY_BITS: tl.constexpr,
+    BF16_BY_BITS: tl.constexpr, USE_PDL: tl.constexpr, GROUPS_FASTEST: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    num_progs = tl.num_programs(0)
-    g = tl.program_id(1)
+    _pdl_prologue(USE_PDL)
+    pid, g = _tile_and_group(GROUPS_FASTEST)
+    num_progs = tl.num_programs(1 if GROUPS_FASTEST else 0)
     col0 = g * GS
     cols = tl.arange(0, BLOCK)
     num_tiles = tl.cdiv(M, ROWS)
@@ -539,9 +608,10 @@ def bwd_kernel(
 def sum_partials_kernel(
     DW_PART, DB_PART, DW, DB, P, N,
     BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, NEED_DW: tl.constexpr, NEED_DB: tl.constexpr,
-    BF16_BY_BITS: tl.constexpr,
+    BF16_BY_BITS: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     """dweight[n] = sum over p of partials[p, n], in a fixed order (tiles of BLOCK_P rows, then a tree)."""
+    _pdl_prologue(USE_PDL)
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < N
     acc_w = tl.zeros([BLOCK_P, BLOCK_N], dtype=tl.float32)

@@ -16,7 +16,7 @@ import triton
 from ...settings import env_flag, env_text
 from ...spec import NormSpec, QuantSpec, quant_max
 from ..base import Grads, GradsNeeded
-from .kernels import bwd_kernel, fwd_kernel, fwd_quant_kernel, rescue_kernel, sum_partials_kernel
+from .kernels import bwd_kernel, fwd_flat_kernel, fwd_kernel, fwd_quant_kernel, rescue_kernel, sum_partials_kernel
 
 #: Widest chunk of a group held in registers at once; wider groups are looped over.
 MAX_BLOCK = 8192
@@ -33,6 +33,11 @@ BWD_MIN_ROWS = 8
 BWD_PROGRAMS_PER_SM = 2
 #: Rows of partials summed per step by the final dweight/dbias reduction.
 PARTIAL_ROWS = 32
+#: CUDA's limit on the second and third grid dimensions.
+MAX_GRID_Y = 65535
+#: Forward program orders (the last field of a forward launch shape): the grid (row tiles, groups); the
+#: grid (groups, row tiles); or fwd_flat_kernel over contiguous rows seen as (M * groups, group size).
+ORDER_ROWS_FASTEST, ORDER_GROUPS_FASTEST, ORDER_FLAT = 0, 1, 2
 
 
 
@@ -47,16 +52,25 @@ PARTIAL_ROWS = 32
 # 16 / needing 64 bits, constexprs, warps, device), so a hit is the kernel Triton would have picked.
 
 
-def _fast_launch_supported() -> bool:
+#: Triton releases whose ``JITFunction.run`` ends in ``CompiledKernel.run(grid_0, grid_1, grid_2, stream,
+#: function, packed_metadata, launch_metadata, launch_enter_hook, launch_exit_hook, *bound_args)``, the
+#: call :func:`_launch` repeats: 3.6 (the GPU image; tests/test_gpu.py compares the two launches bit for
+#: bit there) through 3.9 (read in its source). Other versions take Triton's own launch path.
+FAST_LAUNCH_TRITON_VERSIONS = ((3, 6), (3, 9))
+
+
+def triton_version() -> tuple[int, int]:
+    """(major, minor) of the installed Triton; (0, 0) when the version string is unusual."""
     try:
-        import inspect
+        major, minor = triton.__version__.split(".")[:2]
+        return int(major), int(minor)
+    except ValueError:
+        return 0, 0
 
-        from triton.runtime.jit import JITFunction
 
-        # The launcher takes all bound arguments (constexprs too) after the launch hooks.
-        return "*bound_args.values()" in inspect.getsource(JITFunction.run) and hasattr(triton, "knobs")
-    except Exception:  # a Triton whose internals look different: always take the ordinary path
-        return False
+def _fast_launch_supported() -> bool:
+    low, high = FAST_LAUNCH_TRITON_VERSIONS
+    return low <= triton_version() <= high and hasattr(triton, "knobs")
 
 
 # Read once, when this backend loads (an exception to settings.py's read-per-call policy): looking the
@@ -65,8 +79,8 @@ _FAST_LAUNCH = _fast_launch_supported() and env_text("GATEDNORM_TRITON_FAST_LAUN
 
 
 def _fast_launch_enabled() -> bool:
-    """The cached launch path, unless Triton's internals differ or ``GATEDNORM_TRITON_FAST_LAUNCH=0`` was set
-    when the backend loaded (then Triton's own launch)."""
+    """The cached launch path, unless this Triton is outside FAST_LAUNCH_TRITON_VERSIONS or
+    ``GATEDNORM_TRITON_FAST_LAUNCH=0`` was set when the backend loaded (then Triton's own launch)."""
     return _FAST_LAUNCH
 
 
@@ -88,28 +102,48 @@ def _arg_key(v):
     return type(v)
 
 
+def _spec_key(args: tuple) -> tuple:
+    """What Triton specialises a compiled kernel on, per runtime argument: a tensor's dtype and whether its
+    address is 16-byte aligned; an integer's being 1, divisible by 16, and fitting 32 bits."""
+    key = []
+    for v in args:
+        if v is None:
+            key.append(None)
+        elif isinstance(v, torch.Tensor):
+            key.append((v.dtype, not v.data_ptr() & 15))
+        elif v.__class__ is int:
+            key.append((v == 1, not v & 15, -(2**31) <= v < 2**31))
+        else:  # bool, float: Triton specialises on the type only
+            key.append(v.__class__)
+    return tuple(key)
+
+
 def _launch(kernel, grid: tuple[int, int, int], args: tuple, constexprs: tuple, num_warps: int,
-            dev: torch.device) -> None:
+            dev: torch.device, fast: bool = True, pdl: bool = False) -> None:
     """kernel[grid](*args, **constexprs, num_warps=...), skipping Triton's binding once compiled.
 
     ``args`` are the runtime parameters in signature order; ``constexprs`` the values of the
-    remaining (constexpr) parameters, also in signature order.
+    remaining (constexpr) parameters, also in signature order. ``fast``: the cached launcher where
+    this Triton supports it (else Triton's own launch). ``pdl``: launch as a programmatic dependent
+    launch (the kernel's ``USE_PDL`` constexpr must be set too, so that it waits for the previous
+    kernel's memory before reading it).
     """
-    if dev.type != "cuda" or not _FAST_LAUNCH:
+    options = {"num_warps": num_warps, "launch_pdl": True} if pdl else {"num_warps": num_warps}
+    if dev.type != "cuda" or not (fast and _FAST_LAUNCH):
         names = kernel.arg_names[len(args):]
         if dev.type == "cpu":
             # Triton's interpreter keeps the grid of the running kernel in global state: one at a time.
             with _INTERPRETER_LOCK:
-                kernel[grid](*args, **dict(zip(names, constexprs, strict=True)), num_warps=num_warps)
+                kernel[grid](*args, **dict(zip(names, constexprs, strict=True)), **options)
         else:
-            kernel[grid](*args, **dict(zip(names, constexprs, strict=True)), num_warps=num_warps)
+            kernel[grid](*args, **dict(zip(names, constexprs, strict=True)), **options)
         return
-    index = torch.cuda.current_device()
-    key = (kernel, index, num_warps, constexprs, tuple(_arg_key(a) for a in args))
+    index = dev.index if dev.index is not None else torch.cuda.current_device()
+    key = (kernel, index, num_warps, pdl, constexprs, _spec_key(args))
     compiled = _COMPILED.get(key)
     if compiled is None:
         names = kernel.arg_names[len(args):]
-        compiled = kernel[grid](*args, **dict(zip(names, constexprs, strict=True)), num_warps=num_warps)
+        compiled = kernel[grid](*args, **dict(zip(names, constexprs, strict=True)), **options)
         if compiled is not None:
             _COMPILED[key] = compiled
         return
@@ -128,6 +162,15 @@ def _launch(kernel, grid: tuple[int, int, int], args: tuple, constexprs: tuple, 
                  enter, leave, *all_args)
 
 
+@functools.cache
+def pdl_supported(device: torch.device) -> bool:
+    """Programmatic dependent launch: CUDA GPUs of compute capability 9.0 and above (not ROCm)."""
+    return (device.type == "cuda" and torch.version.hip is None and _TRITON_HAS_PDL
+            and torch.cuda.get_device_capability(device)[0] >= 9)
+
+
+#: Triton releases with ``launch_pdl`` and ``tl.extra.cuda.gdc_wait`` (3.6 measured on an H200).
+_TRITON_HAS_PDL = triton_version() >= (3, 6)
 
 #: Triton's interpreter (3.9) converts bf16 <-> fp32 wrongly at the edges: fp32 -> bf16 rounds toward
 #: zero (the GPU rounds to nearest even) and bf16 subnormals load as garbage. Under the interpreter the
@@ -144,27 +187,82 @@ RESCUE_SCAN_ROWS = 1024
 
 
 
+def _cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for positive ints (triton.cdiv is a constexpr function: microseconds per host call)."""
+    return -(-a // b)
+
+
+def _next_pow2(v: int) -> int:
+    """The smallest power of two >= v (v >= 1), without triton.next_power_of_2's host overhead."""
+    return 1 << (v - 1).bit_length()
+
+
 @functools.cache
 def _tile_config(group_size: int, tile_elements: int, elems_per_thread: int, max_block: int, min_rows: int = 1):
     """(BLOCK, NUM_CHUNKS, ROWS, num_warps) for a group size: BLOCK = group rounded up to a power of two
     (at most max_block; wider groups take NUM_CHUNKS chunks), ROWS rows a tile so a tile holds about
     tile_elements (at least min_rows for groups up to 1024 wide), and warps so each thread holds
     about elems_per_thread fp32 values of a tile."""
-    block = min(triton.next_power_of_2(group_size), max_block)
-    chunks = triton.cdiv(group_size, block)
+    block = min(_next_pow2(group_size), max_block)
+    chunks = _cdiv(group_size, block)
     rows = max(1, tile_elements // block, min_rows if block <= 1024 else 1) if chunks == 1 else 1
     num_warps = max(1, min(16, rows * block // (32 * elems_per_thread)))
     return block, chunks, rows, num_warps
 
 
-def _fwd_config(group_size: int, elem_bytes: int) -> tuple[int, int, int, int]:
-    """Forward launch shape: from the group size and dtype only, never from M (batch invariance)."""
-    return _tile_config(group_size, FWD_TILE_ELEMENTS, FWD_ELEMS_PER_THREAD, MAX_BLOCK)
+# Tuned launch shapes (benchmarks/tune_gpu.py on an H200, bf16, results in
+# benchmarks/results/tune_gpu_h200.json), keyed by (BLOCK, whether the group size is a power of two):
+# the padded lanes of a group that is not a power of two change what pays. A key not listed takes the
+# general rule of _tile_config. Entries depend on the group size only, never on M (batch invariance).
+#
+# forward: (ROWS, num_warps). Groups of 640 and one group of 5120 (BLOCK 1024 / 8192, padded) ran at
+# 75-77% of copy with the general rule and at 96-100% with fewer warps (more loads in flight per thread).
+FWD_TUNED: dict[tuple[int, bool], tuple[int, int]] = {
+    (128, True): (16, 4),
+    (128, False): (16, 4),
+    (1024, False): (1, 1),
+    (2048, True): (1, 4),
+    (8192, False): (1, 4),
+    (8192, True): (1, 16),
+}
+# backward: (ROWS, num_warps, persistent programs per SM).
+BWD_TUNED: dict[tuple[int, bool], tuple[int, int, int]] = {
+    (128, True): (16, 8, 4),
+    (128, False): (16, 8, 4),
+    (1024, False): (1, 4, 4),
+    (2048, True): (1, 4, 4),
+    (8192, False): (1, 16, 1),
+    (8192, True): (1, 16, 1),
+}
 
 
-def _bwd_config(group_size: int, elem_bytes: int) -> tuple[int, int, int, int]:
-    """Backward tile shape: from the group size and dtype only (the program count may follow M)."""
-    return _tile_config(group_size, BWD_TILE_ELEMENTS, BWD_ELEMS_PER_THREAD, MAX_BLOCK, BWD_MIN_ROWS)
+def _is_pow2(v: int) -> bool:
+    return v & (v - 1) == 0
+
+
+@functools.cache
+def _fwd_config(group_size: int, elem_bytes: int, gate_first: bool) -> tuple[int, int, int, int, int]:
+    """Forward launch shape (BLOCK, NUM_CHUNKS, ROWS, num_warps, order: ORDER_*): from the group size, dtype
+    and gate position only, never from M (batch invariance)."""
+    block, chunks, rows, warps = _tile_config(group_size, FWD_TILE_ELEMENTS, FWD_ELEMS_PER_THREAD, MAX_BLOCK)
+    tuned = FWD_TUNED.get((block, _is_pow2(group_size))) if chunks == 1 else None
+    if tuned is not None:
+        rows, warps = tuned
+    return block, chunks, rows, warps, ORDER_ROWS_FASTEST
+
+
+@functools.cache
+def _bwd_config(group_size: int, elem_bytes: int, gate_first: bool) -> tuple[int, int, int, int, int, bool]:
+    """Backward launch shape (BLOCK, NUM_CHUNKS, ROWS, num_warps, programs per SM, GROUPS_FASTEST): from the
+    group size, dtype and gate position only (the program count follows M, which changes only how rows are
+    shared out)."""
+    block, chunks, rows, warps = _tile_config(group_size, BWD_TILE_ELEMENTS, BWD_ELEMS_PER_THREAD, MAX_BLOCK,
+                                              BWD_MIN_ROWS)
+    per_sm = BWD_PROGRAMS_PER_SM
+    tuned = BWD_TUNED.get((block, _is_pow2(group_size))) if chunks == 1 else None
+    if tuned is not None:
+        rows, warps, per_sm = tuned
+    return block, chunks, rows, warps, per_sm, False
 
 
 def _rows_ready(t: torch.Tensor) -> torch.Tensor:
@@ -181,9 +279,17 @@ def forward(
     out: torch.Tensor,
     rescue_kernel_min_elements: int = RESCUE_KERNEL_MIN_ELEMENTS,
     rescue_scan_rows: int = RESCUE_SCAN_ROWS,
+    *,
+    config: tuple[int, int, int, int] | None = None,
+    fast: bool = True,
+    pdl: bool = False,
 ) -> tuple[torch.Tensor | None, torch.Tensor]:
     """Write the gated norm of x (M > 0, N; float32/bf16/fp16) into out (M, N, any floating dtype);
     return (mean | None, rstd), 1-D float32 of G*M values, group-major.
+
+    ``config``: (BLOCK, ROWS, num_warps, order: ORDER_*) instead of :func:`_fwd_config`'s choice (the
+    tuning benchmark);
+    ``fast`` / ``pdl``: see :func:`_launch`.
     """
     m, n = x.shape
     gs = spec.group_size
@@ -198,18 +304,31 @@ def forward(
     weight = _rows_ready(weight)
     bias = _rows_ready(bias) if bias is not None else None
     y = out if out.stride(-1) == 1 else torch.empty(out.shape, dtype=out.dtype, device=out.device)
-    block, chunks, rows, warps = _fwd_config(gs, x.element_size())
+    if config is None:
+        gate_first = z is not None and not spec.norm_before_gate
+        block, chunks, rows, warps, order = _fwd_config(gs, x.element_size(), gate_first)
+    else:
+        block, rows, warps, order = config
+        chunks = _cdiv(gs, block)
+    tiles = _cdiv(m, rows)
+    flat = (order == ORDER_FLAT and chunks == 1 and groups > 1 and x.stride(0) == n and y.stride(0) == n
+            and (z is None or z.stride(0) == n))
+    groups_fastest = order == ORDER_GROUPS_FASTEST and groups > 1 and tiles <= MAX_GRID_Y
     args = (x, z, weight, bias, y, mean, rstd, m, x.stride(0), z.stride(0) if z is not None else 0, y.stride(0),
             spec.eps)
     flags = (z is not None, bias is not None, spec.norm_before_gate, spec.is_rms_norm, spec.activation == "sigmoid",
              _INTERPRET)  # HAS_Z, HAS_BIAS, NORM_BEFORE_GATE, IS_RMS, SIGMOID_GATE, BF16_BY_BITS
-    rescue_after = chunks == 1 and m * n >= rescue_kernel_min_elements
-    # GS, BLOCK, ROWS, NUM_CHUNKS, *flags, RESCUE_IN_KERNEL
-    _launch(fwd_kernel, (triton.cdiv(m, rows), groups, 1), args, (gs, block, rows, chunks, *flags, not rescue_after),
-            warps, x.device)
-    if rescue_after:  # GS, BLOCK, SCAN, *flags; the forward's warps: the rescued rows' bits must not change
-        _launch(rescue_kernel, (triton.cdiv(m, rescue_scan_rows), groups, 1), args,
-                (gs, block, rescue_scan_rows, *flags), warps, x.device)
+    rescue_after = chunks == 1 and (flat or m * n >= rescue_kernel_min_elements)
+    if flat:  # GS, BLOCK, ROWS, *flags, USE_PDL
+        _launch(fwd_flat_kernel, (_cdiv(m * groups, rows), 1, 1),
+                (x, z, weight, bias, y, mean, rstd, m, groups, spec.eps),
+                (gs, block, rows, *flags, pdl), warps, x.device, fast, pdl)
+    else:  # GS, BLOCK, ROWS, NUM_CHUNKS, *flags, RESCUE_IN_KERNEL, USE_PDL, GROUPS_FASTEST
+        _launch(fwd_kernel, (groups, tiles, 1) if groups_fastest else (tiles, groups, 1), args,
+                (gs, block, rows, chunks, *flags, not rescue_after, pdl, groups_fastest), warps, x.device, fast, pdl)
+    if rescue_after:  # GS, BLOCK, SCAN, *flags, USE_PDL; the forward's warps: the rescued rows' bits must not change
+        _launch(rescue_kernel, (_cdiv(m, rescue_scan_rows), groups, 1), args,
+                (gs, block, rescue_scan_rows, *flags, pdl), warps, x.device, fast, pdl)
     if y is not out:
         out.copy_(y)
     return mean, rstd
@@ -223,10 +342,10 @@ def _sm_count(device: torch.device) -> int:
     return 2  # the interpreter: a few programs, so the persistent loop and the partial sums are exercised
 
 
-def _bwd_programs(m: int, rows: int, groups: int, device: torch.device) -> int:
+def _bwd_programs(m: int, rows: int, groups: int, device: torch.device, programs_per_sm: int) -> int:
     """Persistent programs per group: enough to fill the machine, never more than there are row tiles."""
-    per_group = max(1, (_sm_count(device) * BWD_PROGRAMS_PER_SM) // groups)
-    return max(1, min(per_group, triton.cdiv(m, rows)))
+    per_group = max(1, (_sm_count(device) * programs_per_sm) // groups)
+    return max(1, min(per_group, _cdiv(m, rows)))
 
 
 def backward(
@@ -242,11 +361,16 @@ def backward(
     needs_dz: bool = True,
     needs_dweight: bool = True,
     needs_dbias: bool = True,
+    *,
+    config: tuple[int, int, int, int, bool] | None = None,
+    fast: bool = True,
+    pdl: bool = False,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """(dx, dz, dweight, dbias) from dy (M, N) and the saved x, z, weight, bias, mean, rstd.
 
     dx/dz in x's/z's dtypes (contiguous), dweight/dbias in the parameters' dtypes; None where not asked.
-    M > 0; float32/bf16/fp16.
+    M > 0; float32/bf16/fp16. ``config``: (BLOCK, ROWS, num_warps, programs per SM, GROUPS_FASTEST) instead of
+    :func:`_bwd_config`'s choice (the tuning benchmark); ``fast`` / ``pdl``: see :func:`_launch`.
     """
     m, n = x.shape
     gs = spec.group_size
@@ -266,32 +390,41 @@ def backward(
         z = _rows_ready(z)
     weight = _rows_ready(weight)
     bias = _rows_ready(bias) if bias is not None else None
-    block, chunks, rows, warps = _bwd_config(gs, x.element_size())
-    progs = _bwd_programs(m, rows, groups, dev)
+    if config is None:
+        block, chunks, rows, warps, per_sm, groups_fastest = _bwd_config(gs, x.element_size(),
+                                                                         z is not None and not spec.norm_before_gate)
+    else:
+        block, rows, warps, per_sm, groups_fastest = config
+        chunks = _cdiv(gs, block)
+    progs = _bwd_programs(m, rows, groups, dev, per_sm)
+    groups_fastest = groups_fastest and groups > 1 and progs <= MAX_GRID_Y
     need_part = needs_dweight or needs_dbias
     # Wide groups accumulate into their partial row in memory, so it must start at zero.
     alloc = torch.zeros if chunks > 1 else torch.empty
     dw_part = alloc((progs, n), dtype=torch.float32, device=dev) if needs_dweight else None
     db_part = alloc((progs, n), dtype=torch.float32, device=dev) if needs_dbias else None
     _launch(
-        bwd_kernel, (progs, groups, 1),
+        bwd_kernel, (groups, progs, 1) if groups_fastest else (progs, groups, 1),
         (dy, x, z, weight, bias, mean, rstd, dx, dz, dw_part, db_part,
          m, dy.stride(0), x.stride(0), z.stride(0) if z is not None else 0, n, n, n),
-        # GS, BLOCK, ROWS, NUM_CHUNKS, HAS_Z, HAS_BIAS, NORM_BEFORE_GATE, IS_RMS, SIGMOID_GATE, NEED_DX..NEED_DB
+        # GS, BLOCK, ROWS, NUM_CHUNKS, HAS_Z, HAS_BIAS, NORM_BEFORE_GATE, IS_RMS, SIGMOID_GATE, NEED_DX..NEED_DB,
+        # BF16_BY_BITS, USE_PDL, GROUPS_FASTEST
         (gs, block, rows, chunks, z is not None, bias is not None, spec.norm_before_gate, spec.is_rms_norm,
-         spec.activation == "sigmoid", needs_dx, needs_dz, needs_dweight, needs_dbias, _INTERPRET),
-        warps, dev,
+         spec.activation == "sigmoid", needs_dx, needs_dz, needs_dweight, needs_dbias, _INTERPRET, pdl,
+         groups_fastest),
+        warps, dev, fast, pdl,
     )
     dw = db = None
     if need_part:
         dw = torch.empty(n, dtype=weight.dtype, device=dev) if needs_dweight else None
         db = torch.empty(n, dtype=bias.dtype, device=dev) if needs_dbias else None
-        block_n = min(triton.next_power_of_2(n), 256)
+        block_n = min(_next_pow2(n), 256)
         _launch(
-            sum_partials_kernel, (triton.cdiv(n, block_n), 1, 1),
+            sum_partials_kernel, (_cdiv(n, block_n), 1, 1),
             (dw_part, db_part, dw, db, progs, n),
-            (PARTIAL_ROWS, block_n, needs_dweight, needs_dbias, _INTERPRET),  # BLOCK_P, BLOCK_N, NEED_DW/DB, EMULATE
-            4, dev,
+            # BLOCK_P, BLOCK_N, NEED_DW, NEED_DB, BF16_BY_BITS, USE_PDL
+            (PARTIAL_ROWS, block_n, needs_dweight, needs_dbias, _INTERPRET, pdl),
+            4, dev, fast, pdl,
         )
     return dx, dz, dw, db
 
@@ -300,21 +433,31 @@ class TritonBackend:
 
     ``rescue_kernel_min_elements`` / ``rescue_scan_rows``: where the range rescue runs as a separate
     scan kernel instead of in-kernel (tests lower the threshold to compare the two).
+    ``fast_launch``: the cached launcher (False: Triton's own launch; both give the same bits).
+    ``pdl``: programmatic dependent launch; None: wherever the GPU supports it (:func:`pdl_supported`).
     """
 
     name = "triton"
     supports_float64 = False
 
     def __init__(self, rescue_kernel_min_elements: int = RESCUE_KERNEL_MIN_ELEMENTS,
-                 rescue_scan_rows: int = RESCUE_SCAN_ROWS) -> None:
+                 rescue_scan_rows: int = RESCUE_SCAN_ROWS, fast_launch: bool = True,
+                 pdl: bool | None = None) -> None:
         self.rescue_kernel_min_elements = rescue_kernel_min_elements
         self.rescue_scan_rows = rescue_scan_rows
+        self.fast_launch = fast_launch
+        self.pdl = pdl
+
+    def _pdl(self, device: torch.device) -> bool:
+        return pdl_supported(device) if self.pdl is None else self.pdl
 
     def forward(self, x, weight, bias, z, spec: NormSpec, out):
-        return forward(x, weight, bias, z, spec, out, self.rescue_kernel_min_elements, self.rescue_scan_rows)
+        return forward(x, weight, bias, z, spec, out, self.rescue_kernel_min_elements, self.rescue_scan_rows,
+                       fast=self.fast_launch, pdl=self._pdl(x.device))
 
     def backward(self, dy, x, weight, bias, z, mean, rstd, spec: NormSpec, needs: GradsNeeded) -> Grads:
-        return backward(dy, x, weight, bias, z, mean, rstd, spec, *needs)
+        return backward(dy, x, weight, bias, z, mean, rstd, spec, *needs, fast=self.fast_launch,
+                        pdl=self._pdl(x.device))
 
     def forward_quant(self, x, weight, bias, z, spec: NormSpec, qspec: QuantSpec, q, scale) -> bool:
         return forward_quant(x, weight, bias, z, spec, qspec, q, scale)
@@ -350,7 +493,7 @@ def quant_layout(group_size: int, block: int) -> tuple[int, int, int, int, int] 
     def pow2(v: int) -> bool:
         return v & (v - 1) == 0
 
-    gb = triton.next_power_of_2(group_size)
+    gb = _next_pow2(group_size)
     if block == group_size:
         layout = (1, gb, gb, 1, 1)
     elif block < group_size and group_size % block == 0 and pow2(block):
@@ -392,7 +535,7 @@ def forward_quant(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     int8 = qspec.quant == "int8"
     fnuz = qspec.quant == "fp8_e4m3fnuz"
     _launch_kw(
-        fwd_quant_kernel, (triton.cdiv(m, rows), n // (ng * spec.group_size), 1),
+        fwd_quant_kernel, (_cdiv(m, rows), n // (ng * spec.group_size), 1),
         (x, z, weight, bias, q if int8 else q.view(torch.uint8), scale,
          m, x.stride(0), z.stride(0) if z is not None else 0, q.stride(0), scale.stride(0), scale.stride(1),
          spec.eps),
