@@ -91,18 +91,11 @@ def _store_out(ptrs, v, mask, BF16_BY_BITS: tl.constexpr):
 def _pdl_prologue(USE_PDL: tl.constexpr):
     """Programmatic dependent launch (Hopper and later; launch.pdl_supported): this kernel may be launched
     while the previous one in the stream finishes, so before touching memory it waits until that kernel's
-    memory is visible (griddepcontrol.wait). Without PDL it is left out."""
+    memory is visible (griddepcontrol.wait); then it lets the next PDL-launched kernel be scheduled (that
+    one waits in its own prologue). Without PDL both are left out. The launcher uses PDL for small calls
+    only (launch.PDL_MAX_ELEMENTS): see there why."""
     if USE_PDL:
         tl.extra.cuda.gdc_wait()
-
-
-@triton.jit
-def _pdl_epilogue(USE_PDL: tl.constexpr):
-    """The other half: once this program has done its work, the next PDL-launched kernel may start (it
-    waits for this kernel's memory in its own prologue). Released at the end, not at the start: released
-    early, the next kernel's programs (all waiting) took scheduling slots from this kernel's later
-    programs; measured on an H200, groups of 640 at one warp a program fell from 96% to 75% of copy."""
-    if USE_PDL:
         tl.extra.cuda.gdc_launch_dependents()
 
 
@@ -265,7 +258,6 @@ def fwd_kernel(
             _write_chunked(X, Z, W, B, Y, rows64, row_ok, stride_xm, stride_zm, stride_ym, col0, cols,
                            ones, run_mean, rstd, GS, BLOCK, NUM_CHUNKS,
                            HAS_Z, HAS_BIAS, GATE_FIRST, GATE_AFTER, IS_RMS, SIGMOID_GATE, BF16_BY_BITS)
-    _pdl_epilogue(USE_PDL)
 
 
 @triton.jit
@@ -311,7 +303,6 @@ def fwd_flat_kernel(
     if GATE_AFTER:
         y = y * gate
     _store_out(Y + offs, y, mask, BF16_BY_BITS)
-    _pdl_epilogue(USE_PDL)
 
 
 @triton.jit
@@ -379,7 +370,6 @@ def rescue_kernel(
         _rescue_rows(X, Z, W, B, Y, MEAN, RSTD, pid * SCAN, g, M, stride_xm, stride_zm, stride_ym, g * GS, eps,
                      GS, BLOCK, SCAN, HAS_Z, HAS_BIAS, HAS_Z and not NORM_BEFORE_GATE, HAS_Z and NORM_BEFORE_GATE,
                      IS_RMS, SIGMOID_GATE, BF16_BY_BITS)
-    _pdl_epilogue(USE_PDL)
 
 #: Chunk width of the range rescue's passes: narrow, so the rarely taken rescue code needs few
 #: registers (the kernel's register count is the maximum over all its code, taken or not).
@@ -613,7 +603,6 @@ def bwd_kernel(
             tl.store(DW_PART + part_row + cols, tl.sum(dw_acc, axis=0), mask=col_ok)
         if NEED_DB:
             tl.store(DB_PART + part_row + cols, tl.sum(db_acc, axis=0), mask=col_ok)
-    _pdl_epilogue(USE_PDL)
 
 
 @triton.jit
@@ -640,7 +629,6 @@ def sum_partials_kernel(
         _store_out(DW + cols, tl.sum(acc_w, axis=0), col_ok, BF16_BY_BITS)
     if NEED_DB:
         _store_out(DB + cols, tl.sum(acc_b, axis=0), col_ok, BF16_BY_BITS)
-    _pdl_epilogue(USE_PDL)
 
 
 # ---------------------------------------------------------------------------
