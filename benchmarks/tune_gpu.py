@@ -125,7 +125,7 @@ def sweep(shape, copy_gbps: float) -> dict:
         fwd.append({"config": cfg, "us": t * 1e3, "pct_copy": 100 * fwd_bytes / (t * 1e-3) / 1e9 / copy_gbps,
                     "max_rel_diff_vs_default": err})
     t = time_ms(lambda: tk.forward(x, w, b, z, spec, y))
-    default_f = {"config": tk._fwd_config(gs, 2, has_z and not nbg), "us": t * 1e3,
+    default_f = {"config": tk._fwd_config(gs, 2), "us": t * 1e3,
                  "pct_copy": 100 * fwd_bytes / (t * 1e-3) / 1e9 / copy_gbps}
     mean, rstd = tk.forward(x, w, b, z, spec, y)
     bwd = []
@@ -133,7 +133,7 @@ def sweep(shape, copy_gbps: float) -> dict:
         t = time_ms(lambda: tk.backward(dy, x, w, b, z, mean, rstd, spec, config=cfg))  # noqa: B023
         bwd.append({"config": cfg, "us": t * 1e3, "pct_copy": 100 * bwd_bytes / (t * 1e-3) / 1e9 / copy_gbps})
     t = time_ms(lambda: tk.backward(dy, x, w, b, z, mean, rstd, spec))
-    default_b = {"config": tk._bwd_config(gs, 2, has_z and not nbg), "us": t * 1e3,
+    default_b = {"config": tk._bwd_config(gs, 2), "us": t * 1e3,
                  "pct_copy": 100 * bwd_bytes / (t * 1e-3) / 1e9 / copy_gbps}
     fwd.sort(key=lambda r: r["us"])
     bwd.sort(key=lambda r: r["us"])
@@ -207,7 +207,7 @@ def small_backward(m: int, n: int) -> list[dict]:
     spec = NormSpec(EPS, 128, True, True, "swish")
     y = torch.empty_like(x)
     mean, rstd = tk.forward(x, w, None, z, spec, y)
-    block, _, rows, warps, _, _ = tk._bwd_config(128, 2, False)
+    block, _, rows, warps, _, _ = tk._bwd_config(128, 2)
     out = []
     for per_sm in (1, 2, 4):
         cfg = (block, rows, warps, per_sm, False)

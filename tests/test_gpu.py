@@ -95,7 +95,7 @@ def test_wide_group_loop(is_rms, nbg):
     """A group of 3 * 8192 + 512 features (past what one program holds) is looped over."""
     tk = _tk()
     m, n = 33, 3 * 8192 + 512
-    assert tk._fwd_config(n, 2, False)[1] > 1 and tk._bwd_config(n, 2, False)[1] > 1
+    assert tk._fwd_config(n, 2)[1] > 1 and tk._bwd_config(n, 2)[1] > 1
     spec = NormSpec(EPS, n, nbg, is_rms, "swish")
     x, w, b, z = _inputs(m, n, torch.float32, True, True, seed=4)
     x = x + 50.0

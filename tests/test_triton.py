@@ -89,7 +89,7 @@ def test_bf16_against_native(v):
 def test_wide_group_loop_path(is_rms, nbg):
     """Groups wider than MAX_BLOCK are looped over in chunks (here 2.5 * MAX_BLOCK: two full chunks and a half)."""
     gs = 5 * tk.MAX_BLOCK // 2
-    assert tk._fwd_config(gs, 4, False)[1] == 3 and tk._bwd_config(gs, 4, False)[1] == 3
+    assert tk._fwd_config(gs, 4)[1] == 3 and tk._bwd_config(gs, 4)[1] == 3
     m, n = 2, gs
     spec = NormSpec(EPS, gs, nbg, is_rms, "swish")
     x, z, w, b = make_inputs(m, n, torch.float32, seed=3, device=DEV)

@@ -1,8 +1,9 @@
 """The triton backend: sizes and launches the kernels of :mod:`.kernels` (forward, backward).
 
-Launch configurations depend only on (N, group size, dtype) (the backward's number of programs also
-on M, which changes only how rows are shared out, never a row's arithmetic), so a row's outputs do
-not depend on how many rows are in the call (batch invariance).
+Launch shapes depend only on the group size and dtype (the backward's number of programs also on M,
+which changes only how rows are shared out, never a row's arithmetic), so a row's outputs do not depend
+on how many rows are in the call (batch invariance). How they were chosen, the cached launcher and
+programmatic dependent launch: docs/design.md, "The triton backend's launches".
 """
 
 from __future__ import annotations
@@ -38,8 +39,6 @@ MAX_GRID_Y = 65535
 #: Forward program orders (the last field of a forward launch shape): the grid (row tiles, groups); the
 #: grid (groups, row tiles); or fwd_flat_kernel over contiguous rows seen as (M * groups, group size).
 ORDER_ROWS_FASTEST, ORDER_GROUPS_FASTEST, ORDER_FLAT = 0, 1, 2
-
-
 
 
 # ---------------------------------------------------------------------------
@@ -248,9 +247,9 @@ def _is_pow2(v: int) -> bool:
 
 
 @functools.cache
-def _fwd_config(group_size: int, elem_bytes: int, gate_first: bool) -> tuple[int, int, int, int, int]:
-    """Forward launch shape (BLOCK, NUM_CHUNKS, ROWS, num_warps, order: ORDER_*): from the group size, dtype
-    and gate position only, never from M (batch invariance)."""
+def _fwd_config(group_size: int, elem_bytes: int) -> tuple[int, int, int, int, int]:
+    """Forward launch shape (BLOCK, NUM_CHUNKS, ROWS, num_warps, order: ORDER_*): from the group size and
+    dtype only, never from M (batch invariance)."""
     block, chunks, rows, warps = _tile_config(group_size, FWD_TILE_ELEMENTS, FWD_ELEMS_PER_THREAD, MAX_BLOCK)
     tuned = FWD_TUNED.get((block, _is_pow2(group_size))) if chunks == 1 else None
     if tuned is not None:
@@ -259,10 +258,9 @@ def _fwd_config(group_size: int, elem_bytes: int, gate_first: bool) -> tuple[int
 
 
 @functools.cache
-def _bwd_config(group_size: int, elem_bytes: int, gate_first: bool) -> tuple[int, int, int, int, int, bool]:
+def _bwd_config(group_size: int, elem_bytes: int) -> tuple[int, int, int, int, int, bool]:
     """Backward launch shape (BLOCK, NUM_CHUNKS, ROWS, num_warps, programs per SM, GROUPS_FASTEST): from the
-    group size, dtype and gate position only (the program count follows M, which changes only how rows are
-    shared out)."""
+    group size and dtype only (the program count follows M, which changes only how rows are shared out)."""
     block, chunks, rows, warps = _tile_config(group_size, BWD_TILE_ELEMENTS, BWD_ELEMS_PER_THREAD, MAX_BLOCK,
                                               BWD_MIN_ROWS)
     per_sm = BWD_PROGRAMS_PER_SM
@@ -312,8 +310,7 @@ def forward(
     bias = _rows_ready(bias) if bias is not None else None
     y = out if out.stride(-1) == 1 else torch.empty(out.shape, dtype=out.dtype, device=out.device)
     if config is None:
-        gate_first = z is not None and not spec.norm_before_gate
-        block, chunks, rows, warps, order = _fwd_config(gs, x.element_size(), gate_first)
+        block, chunks, rows, warps, order = _fwd_config(gs, x.element_size())
     else:
         block, rows, warps, order = config
         chunks = _cdiv(gs, block)
@@ -398,8 +395,7 @@ def backward(
     weight = _rows_ready(weight)
     bias = _rows_ready(bias) if bias is not None else None
     if config is None:
-        block, chunks, rows, warps, per_sm, groups_fastest = _bwd_config(gs, x.element_size(),
-                                                                         z is not None and not spec.norm_before_gate)
+        block, chunks, rows, warps, per_sm, groups_fastest = _bwd_config(gs, x.element_size())
     else:
         block, rows, warps, per_sm, groups_fastest = config
         chunks = _cdiv(gs, block)
