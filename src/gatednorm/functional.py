@@ -30,6 +30,7 @@ from .ops import (
 from .spec import (
     GatedNormCall,
     NormSpec,
+    QuantSpec,
     check_linear,
     heads_stats_to_rows,
     prepare,
@@ -192,6 +193,13 @@ def linear_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
+def _linear_rows(y: torch.Tensor, linear_weight: torch.Tensor) -> torch.Tensor:
+    """The norm's output y as the (M, N) rows the linear layer reads: y itself, or for a regrouped call
+    the (T*H, N) view of its contiguous (T, H*N) rows."""
+    n = linear_weight.shape[1]
+    return y if y.shape[1] == n else y.view(-1, n)
+
+
 class GatedNormLinearFunction(torch.autograd.Function):
     """``out = y @ linear_weight.T + linear_bias`` with ``y = norm(s) [gated]`` of (M, N) rows; y is not kept.
 
@@ -207,9 +215,12 @@ class GatedNormLinearFunction(torch.autograd.Function):
     def forward(ctx, s: torch.Tensor, z: torch.Tensor | None, weight: torch.Tensor, bias: torch.Tensor | None,
                 linear_weight: torch.Tensor, linear_bias: torch.Tensor | None, spec: NormSpec, backend: str,
                 dtype: torch.dtype) -> torch.Tensor:
-        """s, z: (M, N) rows (s: x, or the residual sum); returns (M, O) in ``dtype``."""
+        """s, z: (M, N) rows (s: x, or the residual sum), or the (T, H*N) rows of a call regrouped for a
+        strided (T, H, N) gate (weight and bias then repeated H times; :attr:`GatedNormCall.heads`);
+        returns (M, O) in ``dtype``, M = T*H rows of N = ``linear_weight.shape[1]`` features."""
         y, mean, rstd = gated_norm_rows(s, weight, bias, z, spec, backend=backend, out_dtype=dtype)
-        out = F.linear(y, linear_weight.to(dtype), None if linear_bias is None else linear_bias.to(dtype))
+        out = F.linear(_linear_rows(y, linear_weight), linear_weight.to(dtype),
+                       None if linear_bias is None else linear_bias.to(dtype))
         ctx.save_for_backward(s, z, weight, bias, mean, rstd, linear_weight)
         ctx.gatednorm = (spec, backend, dtype, None if linear_bias is None else linear_bias.dtype)
         return out
@@ -224,7 +235,7 @@ class GatedNormLinearFunction(torch.autograd.Function):
         d_lw = d_lb = None
         if need[4]:
             y, _, _ = gated_norm_rows(s, weight, bias, z, spec, backend=backend, out_dtype=dtype)
-            d_lw = (dout.t() @ y).to(linear_weight.dtype)
+            d_lw = (dout.t() @ _linear_rows(y, linear_weight)).to(linear_weight.dtype)
             del y  # before dy and the norm's gradients are allocated: y never lives beside them
         if need[5]:
             # summed in float32 (float64 stays float64), rounded once to the bias's dtype
@@ -232,6 +243,8 @@ class GatedNormLinearFunction(torch.autograd.Function):
         ds = dz = dw = db = None
         if any(need[:4]):
             dy = dout @ linear_weight.to(dtype)
+            if dy.shape != s.shape:  # a regrouped call: the (T*H, N) rows are, contiguous, its (T, H*N) rows
+                dy = dy.view(s.shape)
             ds, dz, dw, db = gated_norm_rows_backward(
                 dy, s, weight, bias, z, mean, rstd, spec, backend=backend,
                 needs_dx=need[0], needs_dz=need[1], needs_dweight=need[2], needs_dbias=need[3])
@@ -262,7 +275,8 @@ def layernorm_linear_fn(
 
     Args:
         x, weight, bias, z, eps, group_size, norm_before_gate, is_rms_norm, activation, residual, prenorm,
-            residual_in_fp32, backend: as for :func:`layernorm_fn` (x (..., N); z x's shape).
+            residual_in_fp32, backend: as for :func:`layernorm_fn` (x (..., N); z x's shape, or (T, H, N)
+            for a (T*H, N) x: a strided slice of a packed projection is read without a copy).
         linear_weight: (O, N). linear_bias: (O,) or None.
 
     Returns:
@@ -271,14 +285,14 @@ def layernorm_linear_fn(
         rounded to it once, and the linear weight and bias are cast to it, as flash-linear-attention
         does). Differentiable in every tensor argument.
     """
-    call = prepare(x, weight, bias, z, eps, group_size, norm_before_gate, is_rms_norm, activation)
-    res = prepare_residual(x, residual, prenorm, residual_in_fp32)
+    call = prepare(x, weight, bias, z, eps, group_size, norm_before_gate, is_rms_norm, activation, regroup_heads=True)
+    res = regroup_residual(prepare_residual(x, residual, prenorm, residual_in_fp32), call)
     check_linear(x, linear_weight, linear_bias)
     x2d = call.x2d
     s = x2d if res is None or res.residual2d is None else residual_sum(x2d, res.residual2d)
     name = resolve_backend(backend, x.device)
-    out = GatedNormLinearFunction.apply(s, call.z2d, weight, bias, linear_weight, linear_bias, call.spec, name,
-                                        linear_dtype(x))
+    out = GatedNormLinearFunction.apply(s, call.z2d, call.weight, call.bias, linear_weight, linear_bias, call.spec,
+                                        name, linear_dtype(x))
     out = out.view(*call.out_shape[:-1], linear_weight.shape[0])
     if not prenorm:
         return out
@@ -439,16 +453,43 @@ def gated_norm_quant(
             torch.float16; a float8 ``quant`` this PyTorch has no dtype for.
     """
     call, qspec = prepare_quant(x, weight, bias, z, eps, group_size, norm_before_gate, is_rms_norm, activation,
-                                quant, quant_group_size, scale_format, round_to, column_major_scales)
+                                quant, quant_group_size, scale_format, round_to, column_major_scales,
+                                regroup_heads=True)
     if needs_autograd(x, weight, bias, z):
         raise ValueError(
             "gated_norm_quant is not differentiable, but x, weight, bias or z requires grad; "
             "call it under torch.no_grad() / torch.inference_mode(), or pass detached tensors"
         )
-    q, scale = gated_norm_quant_rows(call.x2d, weight, bias, call.z2d, call.spec, qspec, backend=backend)
+    if call.heads == 1:
+        q, scale = gated_norm_quant_rows(call.x2d, call.weight, call.bias, call.z2d, call.spec, qspec,
+                                         backend=backend)
+    else:
+        q, scale = _quant_regrouped(call, qspec, backend)
     lead = call.out_shape[:-1]
     if column_major_scales:  # (M, G) with strides (1, M): a view of (G, M) storage, G outermost
         scale = scale.t().view(scale.shape[1], *lead).movedim(0, -1)
     else:
         scale = scale.view(*lead, scale.shape[1])
     return q.view(call.out_shape), scale
+
+
+def _quant_regrouped(call: GatedNormCall, qspec: QuantSpec, backend: str | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q, scale) as (T*H, N) and (T*H, N // block) rows for a call regrouped for a strided (T, H, N) gate
+    (:attr:`GatedNormCall.heads`), whose rows are T tokens of H*N features: the gate is read through its
+    strides, not copied.
+
+    A quant block (k features, k dividing N) never crosses a head there, so q (T, H*N) and the row-major
+    scales (T, H*N // k) are, contiguous, the (T*H, N) and (T*H, N // k) results themselves: views. Column-major
+    scales of the (T*H, N) call (block index outermost) are not a layout of the regrouped rows: the call
+    computes row-major scales and transposes them into that storage, one copy of the scales (1/k of q's
+    elements; none where k = N, one scale per row, since both layouts are then the same storage).
+    """
+    column_major = qspec.column_major_scales
+    q, scale = gated_norm_quant_rows(call.x2d, call.weight, call.bias, call.z2d, call.spec,
+                                     qspec._replace(column_major_scales=False) if column_major else qspec,
+                                     backend=backend)
+    n = call.out_shape[-1]
+    scale = scale.view(-1, n // qspec.block)
+    if column_major:
+        scale = scale.t().contiguous().t()  # a no-op for one block per row ((M, 1) storage is both layouts)
+    return q.view(-1, n), scale

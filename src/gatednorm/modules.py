@@ -145,7 +145,8 @@ class _GatedNormLinear(_GatedNorm):
         residual_in_fp32: bool = False,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """``F.linear(norm(x [+ residual]) [gated by z], linear_weight, linear_bias)``: x (..., hidden_size),
-        z None or x's shape, linear_weight (O, hidden_size), linear_bias (O,) or None; returns (..., O), or
+        z None, x's shape or (T, H, N) for a (T*H, N) x (a strided slice of a packed projection is read
+        without a copy), linear_weight (O, hidden_size), linear_bias (O,) or None; returns (..., O), or
         ``(out, residual_out)`` with ``prenorm``. The positional order is flash-linear-attention's
         ``Fused*GatedLinear.forward(x, g, weight, bias, residual, prenorm, residual_in_fp32)``. The gated
         activation is recomputed in the backward, not stored (:func:`gatednorm.layernorm_linear_fn`).

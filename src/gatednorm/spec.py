@@ -395,15 +395,20 @@ def prepare_quant(
     scale_format: str,
     round_to: torch.dtype | None,
     column_major_scales: bool,
+    *,
+    regroup_heads: bool = False,
 ) -> tuple[GatedNormCall, QuantSpec]:
-    """:func:`prepare` for the norm arguments, then the quantization arguments.
+    """:func:`prepare` for the norm arguments (``regroup_heads`` passed on: a strided (T, H, N) gate is then
+    not copied, and the caller turns the regrouped (T, H*N) results back into (T*H, N) rows), then the
+    quantization arguments. ``QuantSpec.block`` is counted in x's features (N) also for a regrouped call.
 
     Raises ``ValueError`` for an unknown ``quant`` or ``scale_format``, or a ``quant_group_size`` that is
     not a positive divisor of N; ``TypeError`` for arguments of the wrong kind, a ``round_to`` other
     than None / torch.bfloat16 / torch.float16, and a float8 format this PyTorch lacks. Nothing is
-    allocated or written before this returns.
+    written before this returns, and nothing is allocated but a regrouped call's repeated weight and bias.
     """
-    call = prepare(x, weight, bias, z, eps, group_size, norm_before_gate, is_rms_norm, activation)
+    call = prepare(x, weight, bias, z, eps, group_size, norm_before_gate, is_rms_norm, activation,
+                   regroup_heads=regroup_heads)
     n = x.shape[-1]
     if not isinstance(quant, str) or quant not in QUANT_FORMATS:
         raise ValueError(f"quant must be one of {sorted(QUANT_FORMATS)}, got {quant!r}")
