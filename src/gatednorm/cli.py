@@ -30,7 +30,8 @@ def add_verify_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParse
     p = sub.add_parser("verify", help="check every backend against float64, PyTorch's norms and upstream",
                        description="Precision report: every available backend over the variant matrix, "
                                    "against float64, F.layer_norm/F.group_norm/F.rms_norm and the upstream "
-                                   "Triton kernel (fla-core) when installed. Exit code 1 on any failure.")
+                                   "Triton kernel (fla-core) when installed, and the quantized output "
+                                   "(gated_norm_quant) against float64. Exit code 1 on any failure.")
     # default None: resolved when the command runs, so that building the parser does not initialise CUDA
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     # no argparse choices: the registry in gatednorm.ops is extensible; verify names the valid backends
@@ -43,6 +44,12 @@ def add_verify_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--no-grad", dest="gradients", action="store_false", help="skip the gradient checks")
     p.add_argument("--no-upstream", dest="upstream", action="store_false",
                    help="skip the comparison with the upstream (fla-core) kernel")
+    quant = p.add_mutually_exclusive_group()
+    quant.add_argument("--quant", dest="quant", action="store_const", const="only", default="include",
+                       help="only the quantized-output cases (gated_norm_quant to fp8/int8: scale and q against "
+                            "float64). By default they run with the norm's cases")
+    quant.add_argument("--no-quant", dest="quant", action="store_const", const="skip",
+                       help="skip the quantized-output cases")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", metavar="PATH", help="write every case and the summary as JSON")
     p.add_argument("--markdown", metavar="PATH", help="write the summary table (and failures) as Markdown")

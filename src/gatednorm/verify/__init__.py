@@ -3,6 +3,8 @@
 One module per job:
 
 * :mod:`~gatednorm.verify.cases`: the case matrix (shapes x variants), its order, sharding and data;
+* :mod:`~gatednorm.verify.quantized`: the quantized-output cases (``gated_norm_quant``), their float64
+  reference and judgement (``python -m gatednorm.verify.quant`` runs only them);
 * :mod:`~gatednorm.verify.tolerance`: the error model, i.e. how far a result may be from float64;
 * :mod:`~gatednorm.verify.runner`: running one case and comparing it with every reference;
 * :mod:`~gatednorm.verify.report`: the summary table, the JSON/Markdown reports, the exit code;
@@ -26,9 +28,20 @@ from .cases import (
     case_applies,
     case_order,
     case_seed,
+    interleave,
     make_inputs,
     shard_jobs,
     variants,
+)
+from .quantized import (
+    QUANT_QUANTITIES,
+    QUANT_RULE,
+    QuantJudgement,
+    QuantShape,
+    QuantVariant,
+    check_quant,
+    judge_quant,
+    quant_case_order,
 )
 from .report import (
     EXIT_FAILED,
@@ -78,12 +91,17 @@ __all__ = [
     "FULL_SHAPES",
     "GATES",
     "QUANTITIES",
+    "QUANT_QUANTITIES",
+    "QUANT_RULE",
     "QUICK_SHAPES",
     "SCHEMA_VERSION",
     "TOLERANCE_DOC",
     "Case",
     "Comparison",
     "Inputs",
+    "QuantJudgement",
+    "QuantShape",
+    "QuantVariant",
     "Result",
     "Shape",
     "SummaryRow",
@@ -94,12 +112,16 @@ __all__ = [
     "case_applies",
     "case_order",
     "case_seed",
+    "check_quant",
     "compare",
+    "interleave",
+    "judge_quant",
     "k_factor",
     "load_json_report",
     "magnitudes",
     "make_inputs",
     "min_spacing",
+    "quant_case_order",
     "reference_results",
     "run",
     "run_case",

@@ -77,7 +77,8 @@ class Variant:
         return " ".join(parts)
 
 
-#: One case: (backend, shape, variant).
+#: One case: (backend, shape, variant). A quantized case (gatednorm.verify.quantized) is (backend, QuantShape,
+#: QuantVariant): QuantShape is a Shape; QuantVariant has the ``label()`` and ``dtype`` the runner needs.
 Case = tuple[str, Shape, Variant]
 
 
@@ -150,6 +151,25 @@ def case_order(backends: Sequence[str], shapes: Sequence[Shape], variants_: Sequ
         lambda j: j[2].has_bias,
         lambda j: j[2].activation,
     ])
+
+
+def interleave(first: Sequence, second: Sequence) -> list:
+    """``first`` and ``second`` merged so that every prefix holds them in proportion, each in its own order.
+
+    How ``verify`` puts the quantized cases among the norm's: a run cut short has run both kinds, in
+    the shares of the whole run. Element i of a list of n sits at (i + 1/2) / n of the way; ties go to
+    ``first``. Deterministic.
+    """
+    n, m = len(first), len(second)
+    out, i, j = [], 0, 0
+    while i < n or j < m:
+        if j < m and (i == n or (2 * j + 1) * n < (2 * i + 1) * m):
+            out.append(second[j])
+            j += 1
+        else:
+            out.append(first[i])
+            i += 1
+    return out
 
 
 def shard_jobs(jobs: Sequence[Case], shard: int, shards: int) -> list[Case]:

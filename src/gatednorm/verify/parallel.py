@@ -61,6 +61,9 @@ def worker_command(plan: Plan, shard: int, shards: int, json_path: str, progress
         cmd.append("--no-grad")
     if not args.upstream:
         cmd.append("--no-upstream")
+    mode = getattr(args, "quant", "include")
+    if mode != "include":
+        cmd.append("--quant" if mode == "only" else "--no-quant")
     if max_seconds is not None:
         cmd += ["--max-seconds", f"{max(max_seconds, 0.0):.1f}"]
     return cmd

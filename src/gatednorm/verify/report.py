@@ -1,6 +1,7 @@
 """What ``gatednorm verify`` reports: the summary table, the JSON and Markdown files, the exit code.
 
-Results are aggregated per (backend, reference, dtype, quantity) by :func:`summarize`; the table
+Results are aggregated per (backend, reference, dtype, quantity) by :func:`summarize` (the quantized
+cases' rows have the reference ``float64/<format>`` and the quantities ``scale`` and ``q``); the table
 is printed with rich when installed and stdout is a terminal, as plain text otherwise. The JSON
 file's schema is docs/verify-json.md (:data:`SCHEMA_VERSION`); :func:`load_json_report` reads it,
 and upgrades files written before the schema had a version.
@@ -21,6 +22,7 @@ import torch
 from .._platform import device_name, quiet_closed_stdout  # device_name: as gatednorm info names devices
 from .._version import __version__
 from .cases import DTYPES, EPS, Shape
+from .quantized import QUANT_QUANTITIES, QUANT_RULE
 from .runner import QUANTITIES, Result, Upstream
 from .tolerance import TOLERANCE_DOC, TOLERANCE_RULE, tolerance_table
 
@@ -93,10 +95,16 @@ def summarize(results: list[Result]) -> list[SummaryRow]:
     for key, values in mean_abs.items():  # exactly rounded: the same table whatever the order (verify --jobs)
         table[key].mean_abs_sum = math.fsum(values)
     ref_order = {"float64": 0, "F.layer_norm": 1, "F.group_norm": 2, "F.rms_norm": 3, "fla": 4}
-    q_order = {q: i for i, q in enumerate(QUANTITIES)}
+    q_order = {q: i for i, q in enumerate((*QUANTITIES, *QUANT_QUANTITIES))}
     d_order = {d: i for i, d in enumerate(DTYPES)}
-    return sorted(table.values(), key=lambda s: (s.backend, ref_order.get(s.reference, 9), d_order[s.dtype],
-                                                 q_order[s.quantity]))
+    # the quantized rows (float64/<format>) after the norm's, by format
+    return sorted(table.values(), key=lambda s: (s.backend, ref_order.get(s.reference, 9), s.reference,
+                                                 d_order.get(s.dtype, 9), q_order.get(s.quantity, 99)))
+
+
+def has_quant_rows(results: Sequence[Result]) -> bool:
+    """Whether ``results`` hold checks of the quantized output (quantity ``scale`` or ``q``)."""
+    return any(r.quantity in QUANT_QUANTITIES for r in results)
 
 
 def exit_code(meta: dict) -> int:
@@ -217,6 +225,8 @@ def _print_report(summary: list[SummaryRow], results: list[Result], meta: dict, 
     print(f"\n{len(results) - len(failed)}/{len(results)} checks within tolerance "
           f"({done} of {total} cases, {meta['seconds']:.1f} s). Tolerance: {TOLERANCE_RULE}, "
           f"K = 8+log2(group_size) (see gatednorm.verify.tolerance).\n{ULP_NOTE}")
+    if has_quant_rows(results):
+        print(f"{QUANT_RULE} (see gatednorm.verify.quantized)")
     if not meta["complete"]:
         current = meta["interrupted_case"]
         print(f"\nINCOMPLETE: {done} of {total} cases run ({meta['stopped'] or ''})"
@@ -288,6 +298,8 @@ def markdown(summary: list[SummaryRow], results: list[Result], meta: dict) -> st
     lines += ["", "| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
     lines += ["| " + " | ".join(r) + " |" for r in table_rows(summary)]
     lines += ["", ULP_NOTE, "", "## Tolerance", "", TOLERANCE_DOC, ""]
+    if has_quant_rows(results):
+        lines += ["## Quantized output", "", QUANT_RULE, ""]
     failed = [r for r in results if not r.passed]
     if failed:
         lines += ["## Failures", "", "| backend | shape | variant | reference | quantity | err/tol | error |",

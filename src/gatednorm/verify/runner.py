@@ -10,7 +10,12 @@
   and runnable on the device (compiled on GPUs, interpreter on CPU with ``TRITON_INTERPRET=1``);
   swish gate only (upstream has no sigmoid gate).
 
-Each comparison is one :class:`Result`, judged by :mod:`gatednorm.verify.tolerance`.
+A quantized case (a :class:`~gatednorm.verify.quantized.QuantVariant`) runs
+:func:`gatednorm.gated_norm_quant` instead and is compared with ``float64/<format>``, the float64 norm
+quantized in float64 (:mod:`gatednorm.verify.quantized`): two results, ``scale`` and ``q``.
+
+Each comparison is one :class:`Result`, judged by :mod:`gatednorm.verify.tolerance` (quantized cases:
+by :func:`gatednorm.verify.quantized.judge_quant`).
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from .. import ops
 from ..functional import layer_norm_fwd, layernorm_fn
 from ..reference import gated_norm_reference
 from ..settings import env_flag
+from . import quantized as quant
 from .cases import DTYPES, EPS, Inputs, Shape, Variant, make_inputs
 from .tolerance import Comparison, allowed_error, compare, k_factor, magnitudes
 
@@ -168,9 +174,16 @@ def torch_reference_name(v: Variant, grouped: bool) -> str:
     return "F.group_norm" if grouped else "F.layer_norm"
 
 
-def run_case(backend: str, shape: Shape, variant: Variant, device: torch.device, gen: torch.Generator,
-             fla: Upstream | None = None, gradients: bool = True) -> list[Result]:
-    """Run one backend on one (shape, variant); compare with float64, torch and (optionally) fla."""
+def run_case(backend: str, shape: Shape, variant: Variant | quant.QuantVariant, device: torch.device,
+             gen: torch.Generator, fla: Upstream | None = None, gradients: bool = True) -> list[Result]:
+    """Run one backend on one (shape, variant); compare with float64, torch and (optionally) fla.
+
+    A quantized case (``variant`` a :class:`~gatednorm.verify.quantized.QuantVariant`, ``shape`` a
+    :class:`~gatednorm.verify.quantized.QuantShape`) goes to :func:`run_quantized_case` (``fla`` and ``gradients``
+    do not apply to it).
+    """
+    if isinstance(variant, quant.QuantVariant):
+        return run_quantized_case(backend, shape, variant, device, gen)
     inp = make_inputs(shape, variant, device, gen)
     v = variant
     out_dtype = DTYPES[v.dtype]
@@ -221,6 +234,23 @@ def run_case(backend: str, shape: Shape, variant: Variant, device: torch.device,
     if fla is not None and fla[0] is not None and v.activation == "swish" and out_dtype != torch.float64:
         results.extend(_compare_fla(fla, inp, y, mean, rstd, grads, mag, ref, backend, shape, rows, cdt))
     return results
+
+
+def run_quantized_case(backend: str, shape: quant.QuantShape, variant: quant.QuantVariant, device: torch.device,
+                   gen: torch.Generator) -> list[Result]:
+    """Run :func:`gatednorm.gated_norm_quant` on one quantized case; two results against ``float64/<format>``:
+    ``scale`` and ``q`` (:meth:`gatednorm.verify.quantized.QuantJudgement.comparisons`)."""
+    inp = quant.make_quant_inputs(shape, variant, device, gen)
+    reference = quant.reference_name(variant.quant)
+    try:
+        q, scale = quant.call_quant(inp, shape, variant, backend)
+    except Exception as exc:  # noqa: BLE001 - a crash is a failed case, reported with its message
+        bad = Comparison(math.nan, math.nan, math.nan, math.inf, 0, 0)
+        return [Result(backend, shape.name, variant.label(), variant.dtype, reference, "q", bad,
+                       error=f"{type(exc).__name__}: {exc}")]
+    scale_cmp, q_cmp = quant.judge_case(inp, shape, variant, q, scale).comparisons()
+    return [Result(backend, shape.name, variant.label(), variant.dtype, reference, quantity, cmp)
+            for quantity, cmp in zip(quant.QUANT_QUANTITIES, (scale_cmp, q_cmp), strict=True)]
 
 
 def _compare_fla(fla, inp: Inputs, y, mean, rstd, grads, mag, ref, backend, shape, rows, cdt) -> list[Result]:

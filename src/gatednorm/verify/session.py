@@ -4,6 +4,11 @@
 the cases in this process (:func:`run_cases`) or, with ``--jobs N``, in N worker processes
 (:mod:`gatednorm.verify.parallel`), and reports (:mod:`gatednorm.verify.report`).
 
+The cases are the norm's (:mod:`gatednorm.verify.cases`) and the quantized output's
+(:mod:`gatednorm.verify.quantized`): by default both, interleaved in proportion
+(:func:`gatednorm.verify.cases.interleave`); ``--quant`` runs only the quantized ones, ``--no-quant``
+none of them.
+
 Under a time limit: cases run breadth first (:func:`gatednorm.verify.cases.case_order`), so a run
 stopped early has covered every backend, dtype, shape and norm kind; ``--max-seconds S`` stops
 starting cases after S seconds, and SIGTERM (what ``timeout`` sends) or Ctrl-C stop at once. Either
@@ -23,7 +28,8 @@ import torch
 
 from .. import ops
 from . import parallel, report, runner
-from .cases import FULL_SHAPES, QUICK_SHAPES, Case, Shape, case_order, case_seed, shard_jobs, variants
+from . import quantized as quant
+from .cases import FULL_SHAPES, QUICK_SHAPES, Case, Shape, case_order, case_seed, interleave, shard_jobs, variants
 from .interrupt import Terminated, stop_on_sigterm
 from .progress import Progress
 from .report import EXIT_FAILED, EXIT_USAGE
@@ -34,6 +40,28 @@ CHECKPOINT_SECONDS = 60.0
 
 #: The dtypes checked when ``--dtype`` is not given (float64 only on request: it is the reference's own).
 DEFAULT_DTYPES = ("float32", "bfloat16", "float16")
+
+
+#: ``--quant`` / ``--no-quant`` (the ``quant`` option): the quantized cases beside the norm's (default),
+#: only them, or none.
+QUANT_MODES = ("include", "only", "skip")
+
+#: The options of ``gatednorm verify`` and their defaults, as ``gatednorm.cli`` parses them (a test checks
+#: that the two agree); :func:`options` builds a namespace from them for callers without the CLI.
+OPTION_DEFAULTS = {
+    "device": None, "backend": None, "quick": False, "dtype": None, "gradients": True, "upstream": True,
+    "quant": "include", "seed": 0, "json": None, "markdown": None, "verbose": False, "plain": False,
+    "progress": True, "progress_every": 10.0, "max_seconds": None, "jobs": 1, "shard": None, "progress_file": None,
+}
+
+
+def options(**overrides) -> argparse.Namespace:
+    """The namespace :func:`run` takes: :data:`OPTION_DEFAULTS` with ``overrides`` (``python -m
+    gatednorm.verify.quant`` runs verify this way). Unknown names raise ``TypeError``."""
+    unknown = sorted(set(overrides) - set(OPTION_DEFAULTS))
+    if unknown:
+        raise TypeError(f"unknown verify option(s): {', '.join(unknown)}")
+    return argparse.Namespace(**{**OPTION_DEFAULTS, **overrides})
 
 
 class UsageError(Exception):
@@ -48,7 +76,7 @@ class Plan:
     device: torch.device
     backends: list[str]
     dtypes: tuple[str, ...]
-    shapes: tuple[Shape, ...]
+    shapes: tuple[Shape, ...]  # the norm's shapes, then the quantized cases' (QuantShape)
     upstream: Upstream  # the fla-core kernel, or why it is not compared
     cases: list[Case]  # in the order they run (this worker's share with --shard)
     start: float  # time.monotonic() when the run began: --max-seconds and the report's seconds count from here
@@ -80,11 +108,20 @@ def make_plan(args: argparse.Namespace, start: float) -> Plan:
         raise UsageError(f"backend {b!r} cannot run on {device}: {why}. Available on {device}: "
                          f"{', '.join(available)}")
     dtypes = tuple(args.dtype or DEFAULT_DTYPES)
-    shapes = QUICK_SHAPES if args.quick else FULL_SHAPES
-    upstream = runner.upstream_kernel(device) if args.upstream else (None, None, "disabled (--no-upstream)")
+    mode = getattr(args, "quant", "include")
+    if mode not in QUANT_MODES:
+        raise UsageError(f"quant must be one of {QUANT_MODES}, got {mode!r}")
+    norm_shapes = () if mode == "only" else (QUICK_SHAPES if args.quick else FULL_SHAPES)
+    shapes = (*norm_shapes, *(quant.quant_shapes(args.quick) if mode != "skip" else ()))
+    if mode == "only":
+        upstream = (None, None, "no upstream quantized kernel is compared (--quant)")
+    else:
+        upstream = runner.upstream_kernel(device) if args.upstream else (None, None, "disabled (--no-upstream)")
     if args.jobs < 1:
         raise UsageError(f"--jobs must be >= 1, got {args.jobs}")
-    cases = case_order(backends, shapes, list(variants(dtypes)))
+    norm_cases = case_order(backends, norm_shapes, list(variants(dtypes))) if norm_shapes else []
+    quant_cases = [] if mode == "skip" else quant.quant_case_order(backends, args.quick, dtypes)
+    cases = interleave(norm_cases, quant_cases)
     if args.shard is not None:
         cases = shard_jobs(cases, *args.shard)
     return Plan(args, device, backends, dtypes, shapes, upstream, cases, start)
