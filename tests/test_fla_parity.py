@@ -215,6 +215,24 @@ def test_prenorm_without_residual(backend):
                           act="swish")
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_linear_prenorm_without_residual_matches_the_unfused_pair(backend):
+    """norm + gate + linear with prenorm and no residual: the linear output's and the prenorm output's
+    gradients meet at x in float32 and reach it rounded once, exactly as for layernorm_fn followed by
+    F.linear (both outputs equal too)."""
+    x, z, w, _ = make_inputs(24, 128, torch.bfloat16, bias=False, seed=11)
+    lw = make_inputs(48, 128, torch.bfloat16, gate=False, bias=False, seed=12)[0] * 0.1
+    xl = x.clone().requires_grad_()
+    out, res = gatednorm.rmsnorm_linear_fn(xl, w, None, z, lw, None, prenorm=True, backend=backend)
+    y_ref, res_ref = gatednorm.rmsnorm_fn(xl, w, None, z, prenorm=True, backend=backend)
+    out_ref = torch.nn.functional.linear(y_ref, lw)
+    assert torch.equal(out, out_ref) and torch.equal(res, res_ref)
+    dout, dres = make_like(out), make_like(res)
+    (dx,) = torch.autograd.grad((out, res), xl, (dout, dres))
+    (dx_ref,) = torch.autograd.grad((out_ref, res_ref), xl, (dout, dres))
+    assert torch.equal(dx, dx_ref)
+
+
 def test_residual_in_fp32_keeps_a_given_residuals_dtype():
     x, z, w, _ = make_inputs(4, 32, torch.bfloat16, bias=False)
     r = make_inputs(4, 32, torch.bfloat16, gate=False, bias=False)[0]

@@ -32,6 +32,7 @@ from .spec import (
     NormSpec,
     QuantSpec,
     check_linear,
+    compute_dtype,
     heads_stats_to_rows,
     prepare,
     prepare_quant,
@@ -289,7 +290,14 @@ def layernorm_linear_fn(
     res = regroup_residual(prepare_residual(x, residual, prenorm, residual_in_fp32), call)
     check_linear(x, linear_weight, linear_bias)
     x2d = call.x2d
-    s = x2d if res is None or res.residual2d is None else residual_sum(x2d, res.residual2d)
+    if res is not None and res.residual2d is not None:
+        s = residual_sum(x2d, res.residual2d)
+    elif prenorm and torch.is_grad_enabled() and x2d.requires_grad:
+        # As in ops.gated_norm_residual_rows: the two outputs' gradients meet at x in float32 and reach x
+        # rounded once, not as two narrow gradients added in x's dtype.
+        s = x2d.to(compute_dtype(x2d.dtype))
+    else:
+        s = x2d
     name = resolve_backend(backend, x.device)
     out = GatedNormLinearFunction.apply(s, call.z2d, call.weight, call.bias, linear_weight, linear_bias, call.spec,
                                         name, linear_dtype(x))
