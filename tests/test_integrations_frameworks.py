@@ -13,7 +13,7 @@ import types
 
 import pytest
 import torch
-from helpers import make_inputs
+from helpers import assert_within, check_forward, check_gradients, magnitudes, make_inputs
 from integrations_support import (
     MAMBA_MODULES,
     MAMBA_PACKAGES,
@@ -79,24 +79,27 @@ def test_fla_functions_modules_and_backward(fla_modules):
         assert "fla: fla.modules.norm.layernorm_gated.layer_norm_bwd" in h.replaced
         # forward primitive: upstream's (out, mean, rstd), group-major stats
         y, mean, rstd = lng.layer_norm_fwd(x, w, b, 1e-6, z=z, group_size=32, norm_before_gate=False)
-        ry, rmean, rrstd = _ref(x, w, b, z, 1e-6, 32, False, False)
-        assert max_rel_error(y, ry) < TOL[torch.float32]
+        rmean, rrstd = _ref(x, w, b, z, 1e-6, 32, False, False)[1:]
+        check_forward(y, mean, rstd, x, w, b, z, 1e-6, 32, False, False)
+        # the earlier fixed bounds on the statistics, kept beside the model's check
         assert torch.allclose(mean.double(), rmean, atol=1e-6) and torch.allclose(rstd.double(), rrstd, rtol=1e-5)
         # backward primitive: (dx, dw, db, dz), with dz= written in place and recompute_output
         dy = torch.randn_like(x)
         dz_buf = torch.empty_like(z)
         dx, dw, db, dz, y2 = lng.layer_norm_bwd(dy, x, w, b, 1e-6, mean, rstd, z=z, group_size=32,
                                                 norm_before_gate=False, recompute_output=True, dz=dz_buf)
-        gx, gw, gb, gz = _ref_grads(x, w, b, z, 1e-6, 32, False, False, dy)
+        gx, _, _, gz = _ref_grads(x, w, b, z, 1e-6, 32, False, False, dy)
         assert dz is dz_buf
-        for got, ref in ((dx, gx), (dw, gw), (db, gb), (dz, gz), (y2, ry)):
-            assert max_rel_error(got, ref) < 1e-4
+        check_gradients((dx, dz, dw, db), x, w, b, z, dy, 1e-6, 32, False, False)
+        # kept: the model allows dx, dz more than this earlier bound on this data (up to 1.3e-4, 4.2e-4)
+        assert max_rel_error(dx, gx) < 1e-4 and max_rel_error(dz, gz) < 1e-4
+        check_forward(y2, None, None, x, w, b, z, 1e-6, 32, False, False, stats=False)
         # fla's RMSNormGated defaults to norm_before_gate=False; its own attribute is honoured
         mod = lng.RMSNormGated(96, group_size=48)
         assert mod.norm_before_gate is False
         xr = x.clone().requires_grad_()
         out = mod(xr, z)
-        assert max_rel_error(out, _ref(x, mod.weight, None, z, mod.eps, 48, False, True)[0]) < TOL[torch.float32]
+        check_forward(out, None, None, x, mod.weight, None, z, mod.eps, 48, False, True, stats=False)
         out.sum().backward()
         assert xr.grad is not None and mod.weight.grad is not None
         # LayerNormFn.apply with upstream's positional order, through autograd
@@ -104,14 +107,13 @@ def test_fla_functions_modules_and_backward(fla_modules):
         zr = z.clone().requires_grad_()
         y3 = lng.LayerNormFn.apply(xr, w, b, zr, 1e-5, 32, True, False)
         y3.backward(dy)
-        gx, _, _, gz = _ref_grads(x, w, b, z, 1e-5, 32, True, False, dy)
-        assert max_rel_error(xr.grad, gx) < 1e-4 and max_rel_error(zr.grad, gz) < 1e-4
+        check_gradients((xr.grad, zr.grad, None, None), x, w, b, z, dy, 1e-5, 32, True, False)
         # fused_norm_gate without residual: norm(x) * act(g) over the whole row
         fmod = fused.FusedRMSNormGated(96, activation="sigmoid")
         out = fmod(x, z)
-        assert max_rel_error(out, _ref(x, fmod.weight, None, z, fmod.eps, None, True, True, "sigmoid")[0]) < 2e-5
+        check_forward(out, None, None, x, fmod.weight, None, z, fmod.eps, None, True, True, "sigmoid", stats=False)
         out = fused.layer_norm_gated(x, z, w, b)
-        assert max_rel_error(out, _ref(x, w, b, z, 1e-6, None, True, False)[0]) < 2e-5
+        check_forward(out, None, None, x, w, b, z, 1e-6, None, True, False, stats=False)
         for name in ("layer_norm_fwd", "layer_norm_bwd", "RMSNormGated.forward", "LayerNormFn.forward",
                      "FusedRMSNormGated.forward", "fused_norm_gate.layer_norm_gated"):
             assert _calls(name) >= 1, name
@@ -135,7 +137,7 @@ def test_fla_imported_names_are_rebound_and_restored(fla_modules):
         assert "fla: fake_fla_model_file.rmsnorm_fn (imported name)" in gatednorm.patched()
         x, z, w, _ = make_inputs(3, 64, seed=0)
         out = model_file.rmsnorm_fn(x, w, None, z, group_size=16)
-        assert max_rel_error(out, _ref(x, w, None, z, 1e-6, 16, True, True)[0]) < TOL[torch.float32]
+        check_forward(out, None, None, x, w, None, z, 1e-6, 16, True, True, stats=False)
         h2.undo()
         assert model_file.rmsnorm_fn is lng.rmsnorm_fn is not originals[0]  # h1 still holds it
         h1.undo()
@@ -155,7 +157,9 @@ def test_fla_residual_and_prenorm_calls_run_gatednorm(fla_modules):
     x, z, w, _ = make_inputs(2, 32, seed=0)
     r = make_inputs(2, 32, seed=1)[0]
     y = fn(x, z, w, None, "swish", residual=r)
-    assert max_rel_error(y, _ref(x.double() + r.double(), w, None, z, 1e-6, None, True, True)[0]) < 2e-5
+    s64 = x.double() + r.double()  # y of x + residual: float64 reference and A on the float64 sum, C = float32
+    assert_within(y, _ref(s64, w, None, z, 1e-6, None, True, True)[0],
+                  magnitudes(s64, w, None, z, 1e-6, None, True, True)["y"], 32, what="y of x + residual")
     y, res_out = fn(x, z, w, None, prenorm=True)
     assert res_out.data_ptr() == x.data_ptr() and torch.equal(res_out, x)  # no residual: x itself, as fla
     assert _calls("t@native") == 2
@@ -186,19 +190,22 @@ def test_sglang_layernorm_gated(sglang_modules):
             # the newest kernel's (T, H, N) gate beside a (T*H, N) input, and the sigmoid activation
             y = m.rms_norm_gated(x=x, weight=w, bias=None, z=z3, group_size=32, norm_before_gate=True,
                                  is_rms_norm=True, activation="sigmoid")
-            assert max_rel_error(y, _ref(x, w, None, z3, 1e-6, 32, True, True, "sigmoid")[0]) < TOL[torch.float32]
+            check_forward(y, None, None, x, w, None, z3.reshape(t * h, n), 1e-6, 32, True, True, "sigmoid",
+                          stats=False)
             out = torch.empty_like(x)
             y, mean, rstd = m._layer_norm_fwd(x, w, b, 1e-5, z=z3.reshape(t * h, n), out=out, group_size=16,
                                               norm_before_gate=False)
-            ry, rmean, rrstd = _ref(x, w, b, z3.reshape(t * h, n), 1e-5, 16, False, False)
-            assert y is out and max_rel_error(y, ry) < TOL[torch.float32]
+            rrstd = _ref(x, w, b, z3.reshape(t * h, n), 1e-5, 16, False, False)[2]
+            assert y is out
+            check_forward(y, mean, rstd, x, w, b, z3.reshape(t * h, n), 1e-5, 16, False, False)
+            # the earlier fixed bound on rstd, kept beside the model's check
             assert mean.dtype == torch.float32 and torch.allclose(rstd.double(), rrstd, rtol=1e-5)
             # RMSNorm as the model files use it (RMSNormGated): norm_before_gate defaults to True
             mod = m.RMSNorm(n, eps=1e-5, group_size=32)
             xb, zb = x.bfloat16(), z3.reshape(t * h, n).bfloat16()
             yb = mod.to(torch.bfloat16)(xb, zb)
             assert yb.dtype == torch.bfloat16
-            assert max_rel_error(yb, _ref(xb, mod.weight, None, zb, 1e-5, 32, True, True)[0]) < TOL[torch.bfloat16]
+            check_forward(yb, None, None, xb, mod.weight, None, zb, 1e-5, 32, True, True, stats=False)
             # layernorm_fn -> LayerNormFn.apply, now differentiable
             xr = x.clone().requires_grad_()
             m.layernorm_fn(xr, w, b, z3.reshape(t * h, n), 1e-6, 32, True, False).sum().backward()
@@ -206,11 +213,11 @@ def test_sglang_layernorm_gated(sglang_modules):
             # LayerNormFn.apply in sglang's argument order (with activation); forward-only upstream, ours has a backward
             xr = x.clone().requires_grad_()
             y = m.LayerNormFn.apply(xr, w, b, z3.reshape(t * h, n), 1e-6, 32, False, False, "sigmoid")
-            assert max_rel_error(y, _ref(x, w, b, z3.reshape(t * h, n), 1e-6, 32, False, False, "sigmoid")[0]) < 2e-5
+            check_forward(y, None, None, x, w, b, z3.reshape(t * h, n), 1e-6, 32, False, False, "sigmoid", stats=False)
             y.sum().backward()
             assert xr.grad is not None
             ln = m.LayerNorm(n, group_size=16)
-            assert max_rel_error(ln(x), _ref(x, ln.weight, ln.bias, None, 1e-5, 16, True, False)[0]) < 2e-5
+            check_forward(ln(x), None, None, x, ln.weight, ln.bias, None, 1e-5, 16, True, False, stats=False)
             for name in ("rms_norm_gated", "_layer_norm_fwd", "RMSNorm.forward", "LayerNormFn.forward",
                          "LayerNorm.forward"):
                 assert _calls(name) >= 1, name
@@ -237,7 +244,7 @@ def test_sglang_fused_norm_gate_and_rebinding(sglang_modules):
                 mod.weight.copy_(w)
             g3 = z.reshape(2, 4, 128)
             y = mod(x, g3)
-            assert max_rel_error(y, _ref(x, w, None, z, mod.eps, None, True, True, "sigmoid")[0]) < 2e-5
+            check_forward(y, None, None, x, w, None, z, mod.eps, None, True, True, "sigmoid", stats=False)
             assert _calls("FusedRMSNormGated.forward") == 1
         assert model_file.rms_norm_gated is original
         assert_restored(snap)
@@ -256,7 +263,7 @@ def test_route1_native_function_used_as_the_frameworks_layer_norm_fwd(sglang_mod
     monkeypatch.setattr(m, "_layer_norm_fwd", _layer_norm_fwd_native)
     x, z, w, _ = make_inputs(12, 64, seed=3)
     y = m.rms_norm_gated(x=x, weight=w, bias=None, z=z, group_size=16, norm_before_gate=False, is_rms_norm=True)
-    assert max_rel_error(y, _ref(x, w, None, z, 1e-6, 16, False, True)[0]) < TOL[torch.float32]
+    check_forward(y, None, None, x, w, None, z, 1e-6, 16, False, True, stats=False)
 
 
 # --------------------------------------------------------------------------------------------- vLLM
@@ -282,15 +289,15 @@ def test_vllm_layernorm_guard_and_custom_op(vllm_modules):
         for mod in (built_before, cls(128, group_size=64)):
             assert mod.norm_before_gate is False  # vLLM's default
             y = mod(x, z)
-            assert max_rel_error(y, _ref(x, mod.weight, None, z, mod.eps, 64, False, True)[0]) < 2e-5
+            check_forward(y, None, None, x, mod.weight, None, z, mod.eps, 64, False, True, stats=False)
         y = built_before.forward_native(x, z)
         assert _calls("RMSNormGated.forward_native") >= 2 and _calls("forward_cuda") >= 1
         y = guard.rmsnorm_fn(x, w, None, z, 1e-6, 32, True, "sigmoid")
-        assert max_rel_error(y, _ref(x, w, None, z, 1e-6, 32, True, True, "sigmoid")[0]) < 2e-5
+        check_forward(y, None, None, x, w, None, z, 1e-6, 32, True, True, "sigmoid", stats=False)
         y, mean, rstd = guard.layer_norm_fwd(x, w, None, 1e-6, z=z, is_rms_norm=True)
         assert mean is None and rstd.shape == (10,)
         gmod = guard.RMSNormGated(128, group_size=32)
-        assert max_rel_error(gmod(x, z), _ref(x, gmod.weight, None, z, gmod.eps, 32, False, True)[0]) < 2e-5
+        check_forward(gmod(x, z), None, None, x, gmod.weight, None, z, gmod.eps, 32, False, True, stats=False)
     assert_restored(snap)
     assert "forward" not in vars(cls)
 
@@ -314,24 +321,23 @@ def test_mamba_ssm_forward_backward_modules(mamba_module):
     x, z, w, b = make_inputs(7, 96, seed=5)
     with gatednorm.patch("mamba_ssm"):
         y, mean, rstd = m._layer_norm_fwd(x, w, None, 1e-6, z=z, group_size=48, is_rms_norm=True)
-        assert mean is None and max_rel_error(y, _ref(x, w, None, z, 1e-6, 48, True, True)[0]) < 2e-5
+        assert mean is None
+        check_forward(y, mean, rstd, x, w, None, z, 1e-6, 48, True, True)
         dy = torch.randn_like(x)
         dx, dw, db, dz = m._layer_norm_bwd(dy, x, w, None, 1e-6, None, rstd, z, 48, True, True)
-        gx, gw, _, gz = _ref_grads(x, w, None, z, 1e-6, 48, True, True, dy)
         assert db is None
-        for got, ref in ((dx, gx), (dw, gw), (dz, gz)):
-            assert max_rel_error(got, ref) < 1e-4
+        check_gradients((dx, dz, dw, None), x, w, None, z, dy, 1e-6, 48, True, True)
         mod = m.RMSNorm(96, group_size=32)  # mamba_ssm: norm_before_gate=True by default
         xr = x.clone().requires_grad_()
         out = mod(xr, z)
-        assert max_rel_error(out, _ref(x, mod.weight, None, z, 1e-5, 32, True, True)[0]) < 2e-5
+        check_forward(out, None, None, x, mod.weight, None, z, 1e-5, 32, True, True, stats=False)
         out.sum().backward()
         assert mod.weight.grad is not None
         y = m.layernorm_fn(x, w, b, z, 1e-6, None, False, False)
-        assert max_rel_error(y, _ref(x, w, b, z, 1e-6, None, False, False)[0]) < 2e-5
+        check_forward(y, None, None, x, w, b, z, 1e-6, None, False, False, stats=False)
         xr = x.clone().requires_grad_()
         m.LayerNormFn.apply(xr, w, b, z, 1e-6, 32, True, False).backward(dy)
-        assert max_rel_error(xr.grad, _ref_grads(x, w, b, z, 1e-6, 32, True, False, dy)[0]) < 1e-4
+        check_gradients((xr.grad, None, None, None), x, w, b, z, dy, 1e-6, 32, True, False)
         assert _calls("_layer_norm_bwd") == 1 and _calls("LayerNormFn.forward") == 1
         assert _calls("RMSNorm.forward") == 1 and _calls("layernorm_fn") == 1
     assert_restored(snap)
@@ -345,7 +351,7 @@ def test_route1_mamba_ssm_with_native_forward(mamba_module, monkeypatch):
     x, z, w, _ = make_inputs(9, 64, seed=6)
     with torch.no_grad():  # mamba_ssm's backward kernel needs CUDA; its forward now runs natively
         y = mamba_module.rmsnorm_fn(x, w, None, z, group_size=32, norm_before_gate=False)
-    assert max_rel_error(y, _ref(x, w, None, z, 1e-6, 32, False, True)[0]) < TOL[torch.float32]
+    check_forward(y, None, None, x, w, None, z, 1e-6, 32, False, True, stats=False)
 
 
 # ------------------------------------------------------------------------------------- transformers
@@ -372,6 +378,7 @@ def test_transformers_qwen3_next_model_sized(hf):
     with torch.no_grad():
         norm.weight.copy_(1 + 0.1 * torch.randn(d, generator=g))
     ref = _ref(x.reshape(-1, d), norm.weight, None, z.reshape(-1, d), 1e-6, None, True, True)[0]
+    w32 = norm.weight.detach().clone()
     expected_unpatched = norm(x.reshape(-1, d), z.reshape(-1, d))
     keys = set(norm.state_dict())
     for dtype in (torch.float32, torch.bfloat16):
@@ -380,12 +387,13 @@ def test_transformers_qwen3_next_model_sized(hf):
             y = nd(x.reshape(-1, d).to(dtype), z.reshape(-1, d).to(dtype))
             assert set(nd.state_dict()) == keys
         assert y.dtype == dtype
-        refd = _ref(x.reshape(-1, d).to(dtype), nd.weight, None, z.reshape(-1, d).to(dtype), 1e-6, None, True,
-                    True)[0]
-        assert max_rel_error(y, refd) < TOL[dtype]
-        if dtype == torch.float32:
-            assert max_rel_error(y, ref) < TOL[dtype]
-            assert max_rel_error(expected_unpatched, ref) < 1e-5  # upstream agrees with float64 too
+        check_forward(y, None, None, x.reshape(-1, d).to(dtype), nd.weight, None, z.reshape(-1, d).to(dtype), 1e-6,
+                      None, True, True, stats=False)
+        if dtype == torch.float32:  # upstream agrees with float64 too
+            check_forward(expected_unpatched, None, None, x.reshape(-1, d), w32, None, z.reshape(-1, d), 1e-6,
+                          None, True, True, stats=False)
+            # kept: the model allows more than this earlier bound on this data (up to 1.14e-5)
+            assert max_rel_error(expected_unpatched, ref) < 1e-5
     assert _calls("Qwen3NextRMSNormGated.forward") == 2
     assert_restored(snap)
 
@@ -407,9 +415,12 @@ def test_transformers_mamba2_gate_before_norm_and_dtype(hf):
         y = norm(x, z)
         y_nogate = norm(x)
     assert y.dtype == up.dtype == torch.float32
-    assert max_rel_error(y, _ref(x, norm.weight, None, z, 1e-5, gs, False, True)[0]) < TOL[torch.float32]
-    assert max_rel_error(y, up) < TOL[torch.bfloat16]  # upstream rounds to bf16 once in between
-    assert max_rel_error(y_nogate, _ref(x, norm.weight, None, None, 1e-5, gs, False, True)[0]) < 2e-5
+    check_forward(y, None, None, x, norm.weight, None, z, 1e-5, gs, False, True, out_dtype=torch.float32, stats=False)
+    # upstream rounds to bf16 once in between, which the model's float32 pair bound does not cover: the
+    # earlier bound against upstream's own output, kept
+    assert max_rel_error(y, up) < TOL[torch.bfloat16]
+    check_forward(y_nogate, None, None, x, norm.weight, None, None, 1e-5, gs, False, True, out_dtype=torch.float32,
+                  stats=False)
 
 
 def test_transformers_every_patched_class_matches_its_own_forward_in_float64(hf):
@@ -434,7 +445,8 @@ def test_transformers_every_patched_class_matches_its_own_forward_in_float64(hf)
             norm.weight.copy_(1 + 0.1 * torch.randn(n, generator=g))
         x = torch.randn(3, 5, n, generator=g, dtype=torch.float64)
         z = torch.randn(3, 5, n, generator=g, dtype=torch.float64)
-        # upstream computes in fp32 even for float64 input; compare at fp32 accuracy
+        # upstream computes in fp32 even for float64 input; compare at fp32 accuracy. Kept as max_rel_error: the
+        # reference is upstream's own output, and each class's group size and flags are not known here
         want = norm(x, z)
         with gatednorm.patch("transformers"):
             got = norm(x, z)
