@@ -39,6 +39,7 @@ import gatednorm.backends.triton.launch as tk
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_quant  # noqa: E402  (the --quant benchmark, next to this file)
+from cuda_timing import cuda_graph_ms  # noqa: E402
 
 EPS = 1e-6
 BIG = 32 * 1024 * 1024  # elements: at and above this, the bandwidth goals apply
@@ -64,18 +65,7 @@ def bench(fn, graph_calls=0):
     tg = None
     if graph_calls:
         try:
-            s = torch.cuda.Stream()
-            s.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(s):
-                for _ in range(3):
-                    fn()
-            torch.cuda.current_stream().wait_stream(s)
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g):
-                for _ in range(graph_calls):
-                    fn()
-            tg = do_bench(g.replay, warmup=10, rep=50, return_mode="median") / graph_calls
-            del g
+            tg = cuda_graph_ms(fn, graph_calls)
         except Exception as e:  # an upstream kernel that cannot be captured
             print(f"    graph capture failed: {type(e).__name__}: {e}", file=sys.stderr)
     return t, tg

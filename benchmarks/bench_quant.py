@@ -119,20 +119,10 @@ class Timer:
         """ms per call inside a CUDA graph of ``calls`` calls (None off CUDA or when capture fails)."""
         if not self.cuda:
             return None
-        from triton.testing import do_bench
+        from cuda_timing import cuda_graph_ms  # next to this file; imports triton (absent on some CPU runs)
 
         try:
-            s = torch.cuda.Stream()
-            s.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(s):
-                for _ in range(3):
-                    fn()
-            torch.cuda.current_stream().wait_stream(s)
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g):
-                for _ in range(calls):
-                    fn()
-            return do_bench(g.replay, warmup=10, rep=50, return_mode="median") / calls
+            return cuda_graph_ms(fn, calls)
         except Exception as exc:  # noqa: BLE001 - report, keep going
             print(f"    graph capture failed: {type(exc).__name__}: {exc}", file=sys.stderr)
             return None

@@ -30,6 +30,7 @@ from gatednorm.spec import NormSpec
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_gpu import EPS, SHAPES, copy_bandwidth, make_inputs  # noqa: E402
+from cuda_timing import cuda_graph_ms  # noqa: E402
 
 
 def fwd_configs(gs: int, n: int) -> list[tuple[int, int, int, int]]:
@@ -141,17 +142,7 @@ def sweep(shape, copy_gbps: float) -> dict:
 
 
 def graph_us(fn, calls: int = 100) -> float:
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(calls):
-            fn()
-    return do_bench(g.replay, warmup=10, rep=50, return_mode="median") * 1e3 / calls
+    return cuda_graph_ms(fn, calls) * 1e3
 
 
 def wall_us(fn, calls: int = 1000) -> float:
