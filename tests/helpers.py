@@ -292,3 +292,26 @@ def check_gradients(grads: Sequence[torch.Tensor | None], x, weight, bias, z, dy
                           pairs=2, exact=ref[name], what=f"{name} against the other approximation",
                           fixed=fixed.get(name))
     return ref
+
+
+class RecordingBackend:
+    """A Backend forwarding to ``inner`` and recording the x and z it receives (forward, backward,
+    forward_quant), to prove which tensors reach a backend (served through ``ops.override_impl``)."""
+
+    def __init__(self, inner) -> None:
+        self.inner, self.name, self.supports_float64 = inner, inner.name, inner.supports_float64
+        self.seen: list[tuple[str, torch.Tensor, torch.Tensor | None]] = []
+        if hasattr(inner, "forward_quant"):  # ops looks the optional method up with getattr
+            self.forward_quant = self._forward_quant
+
+    def forward(self, x, weight, bias, z, spec, out):
+        self.seen.append(("forward", x, z))
+        return self.inner.forward(x, weight, bias, z, spec, out)
+
+    def backward(self, dy, x, weight, bias, z, mean, rstd, spec, needs):
+        self.seen.append(("backward", x, z))
+        return self.inner.backward(dy, x, weight, bias, z, mean, rstd, spec, needs)
+
+    def _forward_quant(self, x, weight, bias, z, spec, qspec, q, scale):
+        self.seen.append(("forward_quant", x, z))
+        return self.inner.forward_quant(x, weight, bias, z, spec, qspec, q, scale)

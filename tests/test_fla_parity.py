@@ -24,7 +24,16 @@ import textwrap
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import VARIANTS, assert_within, magnitudes, make_inputs, make_like, reference_gradients, variant_id
+from helpers import (
+    VARIANTS,
+    RecordingBackend,
+    assert_within,
+    magnitudes,
+    make_inputs,
+    make_like,
+    reference_gradients,
+    variant_id,
+)
 
 import gatednorm
 from gatednorm import ops
@@ -576,22 +585,6 @@ def test_linear_peak_rss_below_the_unfused_path(tmp_path):
 # ---------------------------------------------------------------------------
 
 
-class _Recorder:
-    """A backend wrapper recording the x and z that reach the backend (to prove they are views)."""
-
-    def __init__(self, inner) -> None:
-        self.inner, self.name, self.supports_float64 = inner, inner.name, inner.supports_float64
-        self.seen: list[tuple[str, torch.Tensor, torch.Tensor | None]] = []
-
-    def forward(self, x, weight, bias, z, spec, out):
-        self.seen.append(("forward", x, z))
-        return self.inner.forward(x, weight, bias, z, spec, out)
-
-    def backward(self, dy, x, weight, bias, z, mean, rstd, spec, needs):
-        self.seen.append(("backward", x, z))
-        return self.inner.backward(dy, x, weight, bias, z, mean, rstd, spec, needs)
-
-
 def _packed_projection(t, h, n, dtype, requires_grad=False):
     """A (T, 4*H*N) projection (q | k | v | z, NaN outside z) and z = its (T, H, N) slice: token stride 4*H*N, heads
     adjacent. No (T*H, N) view of z exists."""
@@ -627,7 +620,7 @@ def test_strided_gate_reaches_the_backend_uncopied_and_matches_bit_for_bit(backe
     proj, z3 = _packed_projection(t, h, n, dtype, requires_grad=True)
     x, _, w, b = make_inputs(t * h, n, dtype, bias=True)
     impl = ops.select_impl(backend, torch.device("cpu"))
-    rec = _Recorder(impl)
+    rec = RecordingBackend(impl)
     with ops.override_impl(backend, "cpu", rec):
         got = gatednorm.layer_norm_fwd(x, w, b, 1e-6, z=z3, group_size=group_size, backend=backend)
         xl = x.clone().requires_grad_()
@@ -770,7 +763,7 @@ def test_patch_sglang_routes_residual_prenorm_and_strided_gate(sglang_fused):
     proj, g3 = _packed_projection(t, h, n, torch.bfloat16)
     x, _, w, _ = make_inputs(t * h, n, torch.bfloat16, bias=False)
     r = make_inputs(t * h, n, torch.bfloat16, gate=False, bias=False)[0]
-    rec = _Recorder(ops.select_impl("native", torch.device("cpu")))
+    rec = RecordingBackend(ops.select_impl("native", torch.device("cpu")))
     with gatednorm.patch("sglang", backend="native"), ops.override_impl("native", "cpu", rec):
         mod = m.FusedRMSNormGated(n, activation="sigmoid")
         with torch.no_grad():

@@ -25,7 +25,7 @@ import traceback
 
 import pytest
 import torch
-from helpers import make_inputs, make_like
+from helpers import RecordingBackend, make_inputs, make_like
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import gatednorm
@@ -47,30 +47,8 @@ EPS = 1e-6
 # ---------------------------------------------------------------------------
 
 
-class _Recorder:
-    """A Backend forwarding to ``inner`` and recording the x and z it receives (forward, backward, forward_quant)."""
-
-    def __init__(self, inner) -> None:
-        self.inner, self.name, self.supports_float64 = inner, inner.name, inner.supports_float64
-        self.seen: list[tuple[str, torch.Tensor, torch.Tensor | None]] = []
-        if hasattr(inner, "forward_quant"):  # ops looks the optional method up with getattr
-            self.forward_quant = self._forward_quant
-
-    def forward(self, x, weight, bias, z, spec, out):
-        self.seen.append(("forward", x, z))
-        return self.inner.forward(x, weight, bias, z, spec, out)
-
-    def backward(self, dy, x, weight, bias, z, mean, rstd, spec, needs):
-        self.seen.append(("backward", x, z))
-        return self.inner.backward(dy, x, weight, bias, z, mean, rstd, spec, needs)
-
-    def _forward_quant(self, x, weight, bias, z, spec, qspec, q, scale):
-        self.seen.append(("forward_quant", x, z))
-        return self.inner.forward_quant(x, weight, bias, z, spec, qspec, q, scale)
-
-
 def _recording(backend: str):
-    rec = _Recorder(ops.select_impl(backend, torch.device("cpu")))
+    rec = RecordingBackend(ops.select_impl(backend, torch.device("cpu")))
     return rec, ops.override_impl(backend, "cpu", rec)
 
 
@@ -135,7 +113,8 @@ def _contiguous(x: torch.Tensor, z: torch.Tensor, requires_grad=False) -> tuple[
     return xc, zc
 
 
-def _assert_uncopied(rec: _Recorder, x: torch.Tensor, z: torch.Tensor | None, kinds: list[str] | None = None) -> None:
+def _assert_uncopied(rec: RecordingBackend, x: torch.Tensor, z: torch.Tensor | None,
+                     kinds: list[str] | None = None) -> None:
     """Every x and z the backend received starts at the caller's view (its memory, not a copy)."""
     if kinds is not None:
         assert [kind for kind, _, _ in rec.seen] == kinds
