@@ -26,10 +26,11 @@ import triton
 from triton.testing import do_bench
 
 import gatednorm.backends.triton.launch as tk
-from gatednorm.spec import NormSpec
+from gatednorm.spec import NormSpec, QuantSpec, quant_dtype
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_gpu import EPS, SHAPES, copy_bandwidth, make_inputs  # noqa: E402
+from bench_quant import SHAPES as QUANT_SHAPES  # noqa: E402  (the quant benchmark's shapes)
 from cuda_timing import cuda_graph_ms  # noqa: E402
 
 
@@ -46,7 +47,7 @@ def fwd_configs(gs: int, n: int) -> list[tuple[int, int, int, int]]:
                 continue
             for ept in (8, 16, 32, 64):
                 warps = tile // (32 * ept)
-                if 1 <= warps <= 16:
+                if 1 <= warps <= 32:  # 32 warps: 1024 threads, Triton's maximum
                     out.append((block, rows, warps))
     if gs & (gs - 1):
         chunk = gs & -gs  # largest power of two dividing gs
@@ -87,7 +88,7 @@ def spec_of(shape) -> NormSpec:
     return NormSpec(EPS, gs, nbg, rms, "swish")
 
 
-def warm(shape_index: int) -> None:
+def warm(shape_index: int, fwd_only: bool = False) -> None:
     """Compile every variant of one shape (worker process): a launch each, results unused."""
     shape = SHAPES[shape_index]
     name, m, n, gs, rms, nbg, has_z, has_bias = shape
@@ -98,7 +99,7 @@ def warm(shape_index: int) -> None:
     for cfg in fwd_configs(gs, n):
         tk.forward(x, w, b, z, spec, y, config=cfg)
     mean, rstd = tk.forward(x, w, b, z, spec, y)
-    for block, rows, warps, gf in {(c[0], c[1], c[2], c[4]) for c in bwd_configs(gs, n)}:
+    for block, rows, warps, gf in {(c[0], c[1], c[2], c[4]) for c in bwd_configs(gs, n)} if not fwd_only else ():
         tk.backward(dy, x, w, b, z, mean, rstd, spec, config=(block, rows, warps, 2, gf))
     torch.cuda.synchronize()
 
@@ -107,7 +108,7 @@ def time_ms(fn) -> float:
     return do_bench(fn, warmup=10, rep=40, return_mode="median")
 
 
-def sweep(shape, copy_gbps: float) -> dict:
+def sweep(shape, copy_gbps: float, fwd_only: bool = False) -> dict:
     name, m, n, gs, rms, nbg, has_z, has_bias = shape
     x, z, w, b, dy = make_inputs(m, n, has_z, has_bias)
     spec = spec_of(shape)
@@ -130,7 +131,7 @@ def sweep(shape, copy_gbps: float) -> dict:
                  "pct_copy": 100 * fwd_bytes / (t * 1e-3) / 1e9 / copy_gbps}
     mean, rstd = tk.forward(x, w, b, z, spec, y)
     bwd = []
-    for cfg in bwd_configs(gs, n):
+    for cfg in bwd_configs(gs, n) if not fwd_only else ():
         t = time_ms(lambda: tk.backward(dy, x, w, b, z, mean, rstd, spec, config=cfg))  # noqa: B023
         bwd.append({"config": cfg, "us": t * 1e3, "pct_copy": 100 * bwd_bytes / (t * 1e-3) / 1e9 / copy_gbps})
     t = time_ms(lambda: tk.backward(dy, x, w, b, z, mean, rstd, spec))
@@ -193,18 +194,314 @@ def launch_modes(m: int, n: int) -> list[dict]:
 
 
 def small_backward(m: int, n: int) -> list[dict]:
-    """Launch-bound backward: CUDA-graph us per call over programs per SM (default tile)."""
+    """Launch-bound forward + backward: CUDA-graph us per call over programs per SM of the backward and the
+    shape of the dweight partial sum ((rows per step, columns per program, warps); None: today's choice)."""
     x, z, w, b, dy = make_inputs(m, n, True, False, seed=5)
     spec = NormSpec(EPS, 128, True, True, "swish")
     y = torch.empty_like(x)
-    mean, rstd = tk.forward(x, w, None, z, spec, y)
-    block, _, rows, warps, _, _ = tk._bwd_config(128, 2)
+    block, _, rows, warps, default_per_sm, _ = tk._bwd_config(128, 2)
     out = []
-    for per_sm in (1, 2, 4):
-        cfg = (block, rows, warps, per_sm, False)
-        us = graph_us(lambda: tk.backward(dy, x, w, None, z, mean, rstd, spec, config=cfg, pdl=True))  # noqa: B023
-        out.append({"shape": f"{m}x{n}", "config": cfg, "bwd_graph_us": us})
+    for per_sm in sorted({1, 2, default_per_sm, 8}):
+        for partials in (None, (32, 32, 4), (64, 32, 4), (128, 32, 4), (256, 32, 8), (128, 64, 8), (64, 128, 4)):
+            cfg = (block, rows, warps, per_sm, False)
+
+            def fb(cfg=cfg, partials=partials):
+                mean, rstd = tk.forward(x, w, None, z, spec, y, pdl=True)
+                return tk.backward(dy, x, w, None, z, mean, rstd, spec, config=cfg, pdl=True, partials_config=partials)
+
+            out.append({"shape": f"{m}x{n}", "config": cfg, "partials": partials, "fwd_bwd_graph_us": graph_us(fb)})
     return out
+
+
+# ---------------------------------------------------------------------------
+# Fused quantized forward (--quant): launch.forward_quant's (ROWS, num_warps) per tile, and its launch modes
+# ---------------------------------------------------------------------------
+# The shapes of benchmarks/bench_quant.py of at least 8M elements plus its launch-bound 8192x128; each in the
+# formats of --quant-formats (default fp8_e4m3 and int8, float32 scales) with the shape's own quant block (128,
+# or per token). Bytes: x (and z) read in bf16 + q (1 byte) and scales (4 bytes a block) written, as there.
+
+#: Shapes under this many elements are launch-bound: also timed in a CUDA graph (and against torch.mul there).
+QUANT_GRAPH_ELEMENTS = 32 * 1024 * 1024
+#: The shape of the CUDA-graph goal (<= 1.3x one torch.mul) and of the launch-mode comparison.
+QUANT_MODES_SHAPE = "8192x128"
+
+
+def small_backward_sweep(report: dict) -> None:
+    """small_backward at the launch-bound shapes, best four printed per shape beside today's choice."""
+    for m, n in ((2048, 128), (8192, 128), (65536, 128), (2048, 4096)):
+        rows = small_backward(m, n)
+        report.setdefault("small_backward", []).extend(rows)
+        rows.sort(key=lambda r: r["fwd_bwd_graph_us"])
+        default = [r for r in rows if r["partials"] is None and r["config"][3] == tk._bwd_config(128, 2)[4]]
+        print(f"SMALLBWD {m}x{n}: default {default[0]['fwd_bwd_graph_us']:.2f}us | best "
+              + "; ".join(f"{r['config'][3]}/SM {r['partials']} {r['fwd_bwd_graph_us']:.2f}us" for r in rows[:4]),
+              flush=True)
+
+
+def quant_shape_indices(only: str = "") -> list[int]:
+    """Indices into bench_quant.SHAPES: >= 8M elements, and the 8192x128 shape; filtered by --only substrings."""
+    return [i for i, s in enumerate(QUANT_SHAPES)
+            if (s[1] * s[2] >= 8 * 1024 * 1024 or s[0].startswith(QUANT_MODES_SHAPE + " "))
+            and (not only or any(o in s[0] for o in only.split(",")))]
+
+
+def parse_quant_formats(text: str) -> list[tuple[str, str]]:
+    """"fp8_e4m3,int8:ue8m0" -> [("fp8_e4m3", "float32"), ("int8", "ue8m0")] (bench_quant's --quant-formats)."""
+    out = []
+    for item in text.split(","):
+        quant, _, fmt = item.strip().partition(":")
+        out.append((quant, fmt or "float32"))
+    return out
+
+
+def quant_specs(shape, quant: str, fmt: str) -> tuple[NormSpec, QuantSpec]:
+    _, _, n, gs, rms, nbg, _, _, block = shape
+    return NormSpec(EPS, gs, nbg, rms, "swish"), QuantSpec(quant, block or n, fmt, "none", False)
+
+
+def quant_rule_config(gs: int, block: int) -> tuple[int, int]:
+    """The general rule's (ROWS, num_warps) for this layout (launch._tile_config of the tile width): what
+    forward_quant used before QUANT_TUNED."""
+    ng, gb = tk.quant_layout(gs, block)[:2]
+    _, _, rows, warps = tk._tile_config(ng * gb, tk.FWD_TILE_ELEMENTS, tk.FWD_ELEMS_PER_THREAD, tk.MAX_BLOCK)
+    return rows, warps
+
+
+def quant_configs(gs: int, block: int) -> list[tuple[int, int]]:
+    """(ROWS, num_warps) candidates for fwd_quant_kernel: tiles of 512 to 16384 elements (ROWS a power of two),
+    4 to 64 fp32 values of a tile per thread, 1 to 32 warps; plus today's choice and the general rule."""
+    layout = tk.quant_layout(gs, block)
+    if layout is None:
+        return []
+    tile = layout[0] * layout[1]
+    out = {tk._quant_config(gs, block), quant_rule_config(gs, block)}
+    rows = 1
+    while rows * tile <= 16384:
+        if rows * tile >= 512:
+            for ept in (4, 8, 16, 32, 64):
+                warps = rows * tile // (32 * ept)
+                if 1 <= warps <= 32 and warps & (warps - 1) == 0:
+                    out.add((rows, warps))
+        rows *= 2
+    return sorted(out)
+
+
+def quant_bytes(shape) -> int:
+    _, m, n, _, _, _, has_z, _, block = shape
+    return (2 if has_z else 1) * m * n * 2 + m * n + (n // (block or n)) * m * 4
+
+
+def _quant_outputs(m: int, n: int, qspec: QuantSpec, device) -> tuple[torch.Tensor, torch.Tensor]:
+    q = torch.empty(m, n, dtype=quant_dtype(qspec.quant), device=device)
+    return q, torch.empty(m, n // qspec.block, dtype=torch.float32, device=device)
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view(torch.int32) if t.dtype == torch.float32 else t.view(torch.uint8) if t.dtype != torch.int8 else t
+
+
+def warm_quant(item: str) -> None:
+    """Compile every variant of one "shape index:quant:scale format" (worker process): a launch each."""
+    index, quant, fmt = item.split(":")
+    shape = QUANT_SHAPES[int(index)]
+    name, m, n, gs, rms, nbg, has_z, has_bias, block = shape
+    m = min(m, 256)  # compiling needs a launch, not the full tensor (M stays a multiple of 16: same specialisation)
+    x, z, w, b, _ = make_inputs(m, n, has_z, has_bias)
+    spec, qspec = quant_specs(shape, quant, fmt)
+    q, s = _quant_outputs(m, n, qspec, x.device)
+    pdl_modes = (False, True) if tk.pdl_supported(x.device) and name.startswith(QUANT_MODES_SHAPE + " ") else (False,)
+    for cfg in quant_configs(gs, qspec.block):
+        for pdl in pdl_modes:
+            tk.forward_quant(x, w, b, z, spec, qspec, q, s, config=cfg, pdl=pdl)
+    torch.cuda.synchronize()
+
+
+def warm_quant_parallel(items: list[str], jobs: int) -> None:
+    """Compile in ``jobs`` worker processes (Triton's on-disk cache), as main() does for the norm sweep."""
+    t0 = time.time()
+    procs: list[subprocess.Popen] = []
+    for item in items:
+        while len([p for p in procs if p.poll() is None]) >= jobs:
+            time.sleep(0.2)
+        procs.append(subprocess.Popen([sys.executable, __file__, "--warm-quant", item]))
+    codes = [p.wait() for p in procs]
+    print(f"compiled quant variants in {time.time() - t0:.0f}s (exit codes {codes})", flush=True)
+
+
+def quant_sweep(shape, quant: str, fmt: str, copy_gbps: float) -> dict:
+    """Every candidate (ROWS, num_warps) of one shape and format: do_bench median us, GB/s, % of copy, and
+    for launch-bound shapes us per call in a CUDA graph (x one torch.mul's); sorted fastest first."""
+    name, m, n, gs, rms, nbg, has_z, has_bias, block = shape
+    x, z, w, b, _ = make_inputs(m, n, has_z, has_bias)
+    spec, qspec = quant_specs(shape, quant, fmt)
+    q, s = _quant_outputs(m, n, qspec, x.device)
+    nbytes = quant_bytes(shape)
+    graph = m * n < QUANT_GRAPH_ELEMENTS
+    rec = {"shape": name, "quant": quant, "scale_format": fmt, "block": qspec.block, "bytes": nbytes,
+           "layout": tk.quant_layout(gs, qspec.block), "key": None, "today": tk._quant_config(gs, qspec.block),
+           "rule": quant_rule_config(gs, qspec.block), "configs": []}
+    ng, gb = rec["layout"][:2]
+    rec["key"] = (ng * gb, gs & (gs - 1) == 0)
+    if graph:
+        y_mul = torch.empty_like(x)
+        other = z if z is not None else x
+        rec["mul_graph_us"] = graph_us(lambda: torch.mul(x, other, out=y_mul))
+    assert tk.forward_quant(x, w, b, z, spec, qspec, q, s)
+    ref_q, ref_s = _bits(q).clone(), _bits(s).clone()
+
+    def measure(cfg):
+        def call():
+            return tk.forward_quant(x, w, b, z, spec, qspec, q, s, config=cfg)
+
+        q.view(torch.uint8).fill_(0xAA)  # stale outputs must not pass for fresh ones
+        s.fill_(float("nan"))
+        call()
+        r = {"config": cfg, "q_differ": int((_bits(q) != ref_q).sum()), "scales_differ": int((_bits(s) != ref_s).sum())}
+        t = time_ms(call)
+        r.update(us=t * 1e3, gbps=nbytes / (t * 1e-3) / 1e9)
+        r["pct_copy"] = 100 * r["gbps"] / copy_gbps
+        if graph:
+            r["graph_us"] = graph_us(call)
+            r["graph_x_mul"] = r["graph_us"] / rec["mul_graph_us"]
+        return r
+
+    for cfg in quant_configs(gs, qspec.block):
+        rec["configs"].append(measure(cfg))
+    rec["configs"].sort(key=lambda r: r["us"])
+    rec["today_result"] = next(r for r in rec["configs"] if r["config"] == rec["today"])
+    rec["rule_result"] = next(r for r in rec["configs"] if r["config"] == rec["rule"])
+    return rec
+
+
+def quant_launch_modes(shape, quant: str, fmt: str, config: tuple[int, int] | None = None) -> list[dict]:
+    """Triton's launch vs the cached launcher, each with and without PDL: bits (against Triton's launch),
+    eager wall us, us per call in a CUDA graph of 100 calls, and that as a multiple of one torch.mul's."""
+    name, m, n, gs, rms, nbg, has_z, has_bias, block = shape
+    x, z, w, b, _ = make_inputs(m, n, has_z, has_bias, seed=3)
+    spec, qspec = quant_specs(shape, quant, fmt)
+    y_mul = torch.empty_like(x)
+    other = z if z is not None else x
+    mul_us = graph_us(lambda: torch.mul(x, other, out=y_mul))
+    modes = {"triton launch": dict(fast=False, pdl=False), "cached launch": dict(fast=True, pdl=False)}
+    if tk.pdl_supported(x.device):
+        modes["triton launch + PDL"] = dict(fast=False, pdl=True)
+        modes["cached + PDL"] = dict(fast=True, pdl=True)
+    out, results = [], {}
+    for label, kw in modes.items():
+        q, s = _quant_outputs(m, n, qspec, x.device)
+
+        def call(kw=kw, q=q, s=s):
+            return tk.forward_quant(x, w, b, z, spec, qspec, q, s, config=config, **kw)
+
+        call()
+        results[label] = (_bits(q).clone(), _bits(s).clone())
+        us = graph_us(call)
+        out.append({"shape": name, "quant": quant, "scale_format": fmt,
+                    "config": config or tk._quant_config(gs, qspec.block), "mode": label,
+                    "wall_us": wall_us(call), "graph_us": us, "mul_graph_us": mul_us, "graph_x_mul": us / mul_us})
+    base = results["triton launch"]
+    for r in out:
+        r["bitwise_equal_to_triton_launch"] = all(torch.equal(a, c) for a, c in zip(results[r["mode"]], base,
+                                                                                    strict=True))
+    return out
+
+
+def suggest_quant_tuned(records: list[dict]) -> dict:
+    """Per QUANT_TUNED key: the config with the best geometric mean of (us / that record's best us) over the
+    records sharing the key (every format and shape of that tile width), with its worst record's ratio."""
+    by_key: dict = {}
+    for r in records:
+        by_key.setdefault(tuple(r["key"]), []).append(r)
+    out = {}
+    for key, recs in sorted(by_key.items()):
+        common = set.intersection(*({tuple(c["config"]) for c in r["configs"]} for r in recs))
+        scores = {}
+        for cfg in common:
+            ratios = [next(c["us"] for c in r["configs"] if tuple(c["config"]) == cfg) / r["configs"][0]["us"]
+                      for r in recs]
+            gmean = 1.0
+            for v in ratios:
+                gmean *= v ** (1 / len(ratios))
+            scores[cfg] = (gmean, max(ratios))
+        best = min(scores, key=lambda c: scores[c])
+        out[key] = {"config": best, "gmean_vs_best": scores[best][0], "worst_vs_best": scores[best][1],
+                    "today": recs[0]["today"], "today_gmean_vs_best": scores[tuple(recs[0]["today"])][0],
+                    "shapes": sorted({r["shape"] for r in recs})}
+    return out
+
+
+def quant_dry_run(indices: list[int], formats: list[tuple[str, str]]) -> None:
+    """Print what --quant would run (shapes, layouts, today's choice, candidates) without CUDA."""
+    items = [f"{i}:{q}:{f}" for i in indices for q, f in formats]
+    print(f"warm-up items ({len(items)}): {' '.join(items)}")
+    total = 0
+    for i in indices:
+        shape = QUANT_SHAPES[i]
+        name, m, n, gs = shape[:4]
+        for quant, fmt in formats:
+            spec, qspec = quant_specs(shape, quant, fmt)
+            cfgs = quant_configs(gs, qspec.block)
+            total += len(cfgs)
+            layout = tk.quant_layout(gs, qspec.block)
+            print(f"QCFG {name} | {quant} {fmt} block {qspec.block} | layout (NG, GB, KB, NQ, NQ_REAL) {layout} | "
+                  f"{quant_bytes(shape) / 1e6:.0f} MB | today {tk._quant_config(gs, qspec.block)} rule "
+                  f"{quant_rule_config(gs, qspec.block)} | {len(cfgs)} candidates: {cfgs}")
+    print(f"{total} timed configurations; launch modes at {QUANT_MODES_SHAPE}")
+
+
+def run_quant(args) -> None:
+    """--quant: compile in parallel, measure copy bandwidth, sweep, compare launch modes, write JSON."""
+    indices = quant_shape_indices(args.only)
+    formats = parse_quant_formats(args.quant_formats)
+    if args.dry_run:
+        quant_dry_run(indices, formats)
+        return
+    warm_quant_parallel([f"{i}:{q}:{f}" for i in indices for q, f in formats], args.jobs)
+    copy_gbps = copy_bandwidth()
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, "
+          f"copy {copy_gbps:.0f} GB/s", flush=True)
+    report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+              "copy_gbps": copy_gbps, "quant_tuned_today": {str(k): v for k, v in tk.QUANT_TUNED.items()},
+              "records": [], "launch_modes": []}
+    for i in indices:
+        shape = QUANT_SHAPES[i]
+        for quant, fmt in formats:
+            r = quant_sweep(shape, quant, fmt, copy_gbps)
+            report["records"].append(r)
+
+            def cell(c):
+                g = f", graph {c['graph_us']:.2f}us {c['graph_x_mul']:.2f}x mul" if "graph_us" in c else ""
+                return f"{c['config']} {c['us']:.1f}us {c['pct_copy']:.0f}%{g}"
+
+            print(f"QFWD {r['shape']} {quant} {fmt} key {r['key']}: today {cell(r['today_result'])} | rule "
+                  f"{cell(r['rule_result'])} | best " + "; ".join(cell(c) for c in r["configs"][:4]), flush=True)
+            if "graph_us" in r["configs"][0]:
+                g = min(r["configs"], key=lambda c: c["graph_us"])
+                print(f"QFWD-GRAPH {r['shape']} {quant} {fmt}: best in a graph {cell(g)}", flush=True)
+            torch.cuda.empty_cache()
+    for i in indices:
+        shape = QUANT_SHAPES[i]
+        if not shape[0].startswith(QUANT_MODES_SHAPE + " "):
+            continue
+        for quant, fmt in formats:
+            rec = next(r for r in report["records"] if r["shape"] == shape[0] and r["quant"] == quant
+                       and r["scale_format"] == fmt)
+            best_graph = min(rec["configs"], key=lambda c: c["graph_us"])["config"]
+            for cfg in dict.fromkeys([None, tuple(best_graph)]):
+                for r in quant_launch_modes(shape, quant, fmt, cfg):
+                    report["launch_modes"].append(r)
+                    print("QMODE " + " ".join(f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}"
+                                              for k, v in r.items()), flush=True)
+    report["suggested_quant_tuned"] = {str(k): v for k, v in suggest_quant_tuned(report["records"]).items()}
+    for key, v in report["suggested_quant_tuned"].items():
+        print(f"SUGGEST QUANT_TUNED[{key}] = {v['config']} (geomean {v['gmean_vs_best']:.3f}x of each shape's best, "
+              f"worst {v['worst_vs_best']:.3f}x; today {v['today']} {v['today_gmean_vs_best']:.3f}x) "
+              f"over {v['shapes']}", flush=True)
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, "tune_gpu_quant.json")
+    with open(path, "w") as f:
+        json.dump(report, f, indent=1)
+    print(f"wrote {path}", flush=True)
 
 
 def main() -> None:
@@ -212,10 +509,33 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--jobs", type=int, default=8)
     ap.add_argument("--only", default="")
+    ap.add_argument("--fwd-only", action="store_true", help="the forward sweep alone (no backward, launch modes)")
+    ap.add_argument("--small-backward", action="store_true",
+                    help="only the launch-bound forward + backward sweep (programs per SM, dweight partial sum)")
     ap.add_argument("--warm", type=int, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--quant", action="store_true", help="only the fused quantized forward's sweep (forward_quant)")
+    ap.add_argument("--quant-formats", default="fp8_e4m3,int8",
+                    help="with --quant: quant[:scale_format] list, as bench_quant.py's (default fp8_e4m3,int8)")
+    ap.add_argument("--dry-run", action="store_true", help="with --quant: print shapes and configs, no CUDA")
+    ap.add_argument("--warm-quant", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.warm_quant is not None:
+        warm_quant(args.warm_quant)
+        return
+    if args.quant or args.dry_run:
+        run_quant(args)
+        return
     if args.warm is not None:
-        warm(args.warm)
+        warm(args.warm, os.environ.get("TUNE_FWD_ONLY") == "1")
+        return
+    if args.fwd_only:
+        os.environ["TUNE_FWD_ONLY"] = "1"  # for the warm-up workers
+    if args.small_backward:
+        report = {"device": torch.cuda.get_device_name(), "triton": triton.__version__, "small_backward": []}
+        small_backward_sweep(report)
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "tune_gpu_small_backward.json"), "w") as f:
+            json.dump(report, f, indent=1)
         return
     picked = [i for i, s in enumerate(SHAPES)
               if s[1] * s[2] >= 8 * 1024 * 1024 and (not args.only or any(o in s[0] for o in args.only.split(",")))]
@@ -232,21 +552,21 @@ def main() -> None:
     report = {"device": torch.cuda.get_device_name(), "triton": triton.__version__, "copy_gbps": copy_gbps,
               "shapes": [], "launch_modes": []}
     for i in picked:
-        r = sweep(SHAPES[i], copy_gbps)
+        r = sweep(SHAPES[i], copy_gbps, args.fwd_only)
         report["shapes"].append(r)
         d, fb = r["fwd_default"], r["fwd"][0]
         print(f"FWD {r['shape']}: default {d['config']} {d['us']:.1f}us {d['pct_copy']:.0f}% | best "
               + "; ".join(f"{c['config']} {c['us']:.1f}us {c['pct_copy']:.0f}%" for c in r["fwd"][:4]), flush=True)
         d = r["bwd_default"]
-        print(f"BWD {r['shape']}: default {d['config']} {d['us']:.1f}us {d['pct_copy']:.0f}% | best "
-              + "; ".join(f"{c['config']} {c['us']:.1f}us {c['pct_copy']:.0f}%" for c in r["bwd"][:4]), flush=True)
+        if not args.fwd_only:
+            print(f"BWD {r['shape']}: default {d['config']} {d['us']:.1f}us {d['pct_copy']:.0f}% | best "
+                  + "; ".join(f"{c['config']} {c['us']:.1f}us {c['pct_copy']:.0f}%" for c in r["bwd"][:4]),
+                  flush=True)
         del fb
         torch.cuda.empty_cache()
-    for m in (2048, 8192, 65536):
-        for r in small_backward(m, 128):
-            report.setdefault("small_backward", []).append(r)
-            print(f"SMALLBWD {r['shape']} {r['config']} graph {r['bwd_graph_us']:.2f}us", flush=True)
-    for m in (2048, 8192, 65536):
+    if not args.fwd_only:
+        small_backward_sweep(report)
+    for m in (2048, 8192, 65536) if not args.fwd_only else ():
         for r in launch_modes(m, 128):
             report["launch_modes"].append(r)
             print("MODE " + " ".join(f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items()),

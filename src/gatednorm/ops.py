@@ -585,6 +585,10 @@ def gated_norm_residual_rows(
     residual's dtype. What the backward keeps is s (the norm's input), z, weight, bias, mean and rstd.
     """
     if residual2d is not None:
+        fused = _fused_residual_forward(backend, x2d, residual2d, out)
+        if fused is not None:
+            return _gated_norm_residual_fused(fused, x2d, residual2d, weight, bias, z2d, spec,
+                                              residual_out_dtype, prenorm, out)
         s = residual_sum(x2d, residual2d)
     elif prenorm and needs_autograd(x2d, weight, bias, z2d):
         # No residual, but two outputs whose gradients meet at x: taking s = x in C makes them meet there
@@ -595,6 +599,85 @@ def gated_norm_residual_rows(
     y, mean, rstd = gated_norm_rows(s, weight, bias, z2d, spec, backend=backend, out=out,
                                     out_dtype=None if out is not None else x2d.dtype)
     return y, mean, rstd, (s.to(residual_out_dtype) if prenorm else None)
+
+
+# A backend may fuse the residual sum into its forward (``forward_residual``, see
+# backends.base.FusedResidualBackend): x and residual are read once and summed in float32 in registers, y and
+# (prenorm) the sum rounded to the residual output's dtype written once: in bf16 about 10 bytes moved per
+# element instead of 22 (the float32 sum written, read back, then cast). The values are those of the generic
+# path above: the same float32 sum, the same norm of it. When gradients are recorded the kernel writes the
+# sum in float32 as its second output instead, and the backward keeps it, as the generic path keeps s.
+
+
+def _fused_residual_forward(backend: str | None, x2d: torch.Tensor, residual2d: torch.Tensor,
+                            out: torch.Tensor | None) -> Backend | None:
+    """The backend implementation where it has ``forward_residual`` and the call can take it, else None (generic path):
+    not while compiling (the custom ops cover the generic path), not for empty batches or the meta device,
+    not for float64 sums, not for an ``out`` that no 2-D view expresses."""
+    if _compiling() or _no_work(x2d) or residual_sum_dtype(x2d.dtype, residual2d.dtype) != torch.float32:
+        return None
+    if out is not None:
+        try:
+            out.view(x2d.shape)
+        except RuntimeError:
+            return None
+    impl = _impl_for(resolve_backend(backend, x2d.device), x2d)
+    return impl if hasattr(impl, "forward_residual") else None
+
+
+def _gated_norm_residual_fused(impl: Backend, x2d, residual2d, weight, bias, z2d, spec: NormSpec,
+                               residual_out_dtype: torch.dtype, prenorm: bool, out: torch.Tensor | None):
+    """:func:`gated_norm_residual_rows` through the backend's fused forward (see above)."""
+    if needs_autograd(x2d, weight, bias, z2d) or (torch.is_grad_enabled() and residual2d.requires_grad):
+        y, residual_out, mean, rstd = GatedNormResidualFunction.apply(
+            x2d, residual2d, weight, bias, z2d, impl, spec, residual_out_dtype, prenorm)
+        return y, mean, rstd, residual_out
+    y = out.view(x2d.shape) if out is not None else _new_rows(x2d)
+    residual_out = _new_rows(x2d, residual_out_dtype) if prenorm else None
+    mean, rstd = impl.forward_residual(x2d, residual2d, weight, bias, z2d, spec, y, residual_out)
+    return (out if out is not None else y), mean, rstd, residual_out
+
+
+class GatedNormResidualFunction(torch.autograd.Function):
+    """(y, residual_out | None, mean, rstd) of s = x + residual through a fused forward; differentiable in x,
+    residual, weight, bias, z. Saves s in float32 (the fused forward's second output), weight, bias, z, mean,
+    rstd: what the generic path's autograd graph keeps. The backward is the generic path's: ds from the
+    backend's backward on s (float32), plus d(residual_out) added in float32, rounded once to x's and to the
+    residual's dtype."""
+
+    @staticmethod
+    def forward(ctx, x, residual, weight, bias, z, impl, spec, residual_out_dtype, prenorm):
+        y = _new_rows(x)
+        s = _new_rows(x, torch.float32)
+        mean, rstd = impl.forward_residual(x, residual, weight, bias, z, spec, y, s)
+        residual_out = None
+        if prenorm:
+            residual_out = s if residual_out_dtype == torch.float32 else s.to(residual_out_dtype)
+        ctx.save_for_backward(s, weight, bias, z, mean, rstd)
+        ctx.spec, ctx.impl = spec, impl
+        ctx.dtypes = (x.dtype, residual.dtype)
+        ctx.mark_non_differentiable(*(t for t in (mean, rstd) if t is not None))
+        ctx.set_materialize_grads(False)
+        return y, residual_out, mean, rstd
+
+    @staticmethod
+    def backward(ctx, dy, dresidual_out, _dmean, _drstd):
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                "gatednorm does not support double backward (create_graph=True / higher-order gradients)"
+            )
+        s, weight, bias, z, mean, rstd = ctx.saved_tensors
+        need_x, need_res, need_w, need_b, need_z = ctx.needs_input_grad[:5]
+        ds = dz = dw = db = None
+        if dy is not None:
+            needs = GradsNeeded(need_x or need_res, need_z and z is not None, need_w, need_b and bias is not None)
+            ds, dz, dw, db = ctx.impl.backward(dy, s, weight, bias, z, mean, rstd, ctx.spec, needs)
+        if dresidual_out is not None and (need_x or need_res):
+            ds = dresidual_out.to(torch.float32) if ds is None else ds.add_(dresidual_out)
+        x_dtype, res_dtype = ctx.dtypes
+        dx = ds.to(x_dtype) if (need_x and ds is not None) else None
+        dres = ds.to(res_dtype) if (need_res and ds is not None) else None
+        return dx, dres, dw, db, dz, None, None, None, None
 
 
 def gated_norm_rows_backward(

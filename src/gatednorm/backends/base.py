@@ -68,3 +68,19 @@ class FusedQuantBackend(Protocol):
         scale (M, N // qspec.block, float32, any strides); return True. Return False, having written
         nothing, for a call this backend does not fuse: the generic path then runs instead."""
         ...
+
+
+@runtime_checkable
+class FusedResidualBackend(Protocol):
+    """What a backend adds to fuse the residual sum into its forward (docs/design.md, "Residual and prenorm").
+    Optional: :mod:`gatednorm.ops` looks for ``forward_residual`` and, without it, sums x + residual in
+    float32 with one torch op and runs :meth:`Backend.forward` on the sum (the generic path)."""
+
+    def forward_residual(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                         bias: torch.Tensor | None, z: torch.Tensor | None, spec: NormSpec, out: torch.Tensor,
+                         residual_out: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """Write the gated norm of s = x + residual (M > 0, N; x and residual float32/bf16/fp16, summed in
+        float32, one rounding) into out (M, N, x's dtype or another floating dtype) and, when given, s
+        rounded once to residual_out's dtype into residual_out (M, N, unit feature stride). Returns s's
+        (mean | None, rstd), as :meth:`Backend.forward`."""
+        ...

@@ -115,6 +115,17 @@ def _tile_ptrs(base, rows64, stride, col0, cols):
     return base + rows64[:, None] * stride + (col0 + cols)[None, :]
 
 
+@triton.jit
+def _load_input(X, R, rows64, mask, stride_xm, stride_rm, col0, cols, HAS_RES: tl.constexpr,
+                BF16_BY_BITS: tl.constexpr):
+    """The norm's input s in fp32: x, or x + residual (HAS_RES; both widened exactly, one fp32 rounding,
+    the value ops.residual_sum computes)."""
+    s = _load_f32(_tile_ptrs(X, rows64, stride_xm, col0, cols), mask, BF16_BY_BITS)
+    if HAS_RES:
+        s = s + _load_f32(_tile_ptrs(R, rows64, stride_rm, col0, cols), mask, BF16_BY_BITS)
+    return s
+
+
 # ---------------------------------------------------------------------------
 # Range rescue (shared by both forward paths)
 # ---------------------------------------------------------------------------
@@ -193,13 +204,15 @@ def _tile_stats(x, col_ok, eps, GS: tl.constexpr, BLOCK: tl.constexpr, IS_RMS: t
 
 @triton.jit
 def fwd_kernel(
-    X, Z, W, B, Y, MEAN, RSTD,
-    M, stride_xm, stride_zm, stride_ym, eps,
+    X, R, Z, W, B, Y, RO, MEAN, RSTD,
+    M, stride_xm, stride_rm, stride_zm, stride_ym, stride_om, eps,
     GS: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr, NUM_CHUNKS: tl.constexpr,
     HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, NORM_BEFORE_GATE: tl.constexpr,
     IS_RMS: tl.constexpr, SIGMOID_GATE: tl.constexpr, BF16_BY_BITS: tl.constexpr, RESCUE_IN_KERNEL: tl.constexpr,
-    USE_PDL: tl.constexpr, GROUPS_FASTEST: tl.constexpr,
+    USE_PDL: tl.constexpr, GROUPS_FASTEST: tl.constexpr, HAS_RES: tl.constexpr, STORE_RES: tl.constexpr,
 ):
+    """The norm of s = x (HAS_RES: x + residual R, summed in fp32) into Y; with STORE_RES, s rounded to RO's
+    dtype is written to RO too (the prenorm output, or s in fp32 kept for the backward)."""
     _pdl_prologue(USE_PDL)
     pid, g = _tile_and_group(GROUPS_FASTEST)
     rows = pid * ROWS + tl.arange(0, ROWS)
@@ -215,7 +228,9 @@ def fwd_kernel(
         # The whole group is in registers: two-pass variance on the tile itself.
         col_ok = cols < GS
         mask = row_ok[:, None] & col_ok[None, :]
-        x = _load_f32(_tile_ptrs(X, rows64, stride_xm, col0, cols), mask, BF16_BY_BITS)
+        x = _load_input(X, R, rows64, mask, stride_xm, stride_rm, col0, cols, HAS_RES, BF16_BY_BITS)
+        if STORE_RES:
+            _store_out(_tile_ptrs(RO, rows64, stride_om, col0, cols), x, mask, BF16_BY_BITS)
         gate = 1.0  # unused without z
         if HAS_Z:
             # Padded lanes read z = 0 (never garbage), so x * act(z) stays 0 there.
@@ -238,26 +253,28 @@ def fwd_kernel(
         if RESCUE_IN_KERNEL:  # else rescue_kernel runs after this kernel (see "Range rescue")
             if tl.max((_rstd_out_of_range(rstd) & row_ok).to(tl.int32), axis=0) != 0:
                 tl.debug_barrier()  # the rows' plain results (written by other threads) are overwritten
-                _rescue_rows(X, Z, W, B, Y, MEAN, RSTD, pid * ROWS, g, M, stride_xm, stride_zm, stride_ym, col0,
-                             eps, GS, BLOCK, ROWS, HAS_Z, HAS_BIAS, GATE_FIRST, GATE_AFTER, IS_RMS, SIGMOID_GATE,
-                             BF16_BY_BITS)
+                _rescue_rows(X, R, Z, W, B, Y, MEAN, RSTD, pid * ROWS, g, M, stride_xm, stride_rm, stride_zm,
+                             stride_ym, col0, eps, GS, BLOCK, ROWS, HAS_Z, HAS_BIAS, GATE_FIRST, GATE_AFTER, IS_RMS,
+                             SIGMOID_GATE, BF16_BY_BITS, HAS_RES)
     else:
         # Wide group (ROWS = 1): pass 1 merges chunk statistics, pass 2 writes (_chunked_stats).
         ones = tl.full([ROWS], 1.0, tl.float32)
-        run_mean, run_m2 = _chunked_stats(X, Z, rows64, row_ok, stride_xm, stride_zm, col0, cols, ones,
-                                          GS, BLOCK, NUM_CHUNKS, GATE_FIRST, IS_RMS, SIGMOID_GATE, BF16_BY_BITS)
+        run_mean, run_m2 = _chunked_stats(X, R, Z, rows64, row_ok, stride_xm, stride_rm, stride_zm, col0, cols,
+                                          ones, GS, BLOCK, NUM_CHUNKS, GATE_FIRST, IS_RMS, SIGMOID_GATE,
+                                          BF16_BY_BITS, HAS_RES)
         rstd = 1.0 / tl.sqrt_rn(run_m2 / GS + eps)
         if tl.max((_rstd_out_of_range(rstd) & row_ok).to(tl.int32), axis=0) != 0:  # rare: see "Range rescue"
-            _rescue_row(X, Z, W, B, Y, MEAN, RSTD, pid, g, M, stride_xm, stride_zm, stride_ym,
-                        col0, eps, GS, BLOCK, HAS_Z, HAS_BIAS, GATE_FIRST, GATE_AFTER, IS_RMS,
-                        SIGMOID_GATE, BF16_BY_BITS)
+            _rescue_row(X, R, Z, W, B, Y, RO, MEAN, RSTD, pid, g, M, stride_xm, stride_rm, stride_zm, stride_ym,
+                        stride_om, col0, eps, GS, BLOCK, HAS_Z, HAS_BIAS, GATE_FIRST, GATE_AFTER, IS_RMS,
+                        SIGMOID_GATE, BF16_BY_BITS, HAS_RES, STORE_RES)
         else:
             if not IS_RMS:
                 tl.store(MEAN + stat, run_mean, mask=row_ok)
             tl.store(RSTD + stat, rstd, mask=row_ok)
-            _write_chunked(X, Z, W, B, Y, rows64, row_ok, stride_xm, stride_zm, stride_ym, col0, cols,
-                           ones, run_mean, rstd, GS, BLOCK, NUM_CHUNKS,
-                           HAS_Z, HAS_BIAS, GATE_FIRST, GATE_AFTER, IS_RMS, SIGMOID_GATE, BF16_BY_BITS)
+            _write_chunked(X, R, Z, W, B, Y, RO, rows64, row_ok, stride_xm, stride_rm, stride_zm, stride_ym,
+                           stride_om, col0, cols, ones, run_mean, rstd, GS, BLOCK, NUM_CHUNKS,
+                           HAS_Z, HAS_BIAS, GATE_FIRST, GATE_AFTER, IS_RMS, SIGMOID_GATE, BF16_BY_BITS,
+                           HAS_RES, STORE_RES)
 
 
 @triton.jit
@@ -306,17 +323,20 @@ def fwd_flat_kernel(
 
 
 @triton.jit
-def _write_chunked(X, Z, W, B, Y, rows64, row_ok, stride_xm, stride_zm, stride_ym, col0, cols,
-                   inv, mean, rstd_x, GS: tl.constexpr, BLOCK: tl.constexpr, NUM_CHUNKS: tl.constexpr,
+def _write_chunked(X, R, Z, W, B, Y, RO, rows64, row_ok, stride_xm, stride_rm, stride_zm, stride_ym, stride_om,
+                   col0, cols, inv, mean, rstd_x, GS: tl.constexpr, BLOCK: tl.constexpr, NUM_CHUNKS: tl.constexpr,
                    HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, GATE_FIRST: tl.constexpr, GATE_AFTER: tl.constexpr,
-                   IS_RMS: tl.constexpr, SIGMOID_GATE: tl.constexpr, BF16_BY_BITS: tl.constexpr):
-    """y = ((x * inv - mean) * rstd_x * w + b) [* act(z)] chunk by chunk (inv = 1 and rstd_x = rstd
-    unless rescued; mean = 0 for RMSNorm)."""
+                   IS_RMS: tl.constexpr, SIGMOID_GATE: tl.constexpr, BF16_BY_BITS: tl.constexpr,
+                   HAS_RES: tl.constexpr, STORE_RES: tl.constexpr):
+    """y = ((s * inv - mean) * rstd_x * w + b) [* act(z)] chunk by chunk (inv = 1 and rstd_x = rstd
+    unless rescued; mean = 0 for RMSNorm); with STORE_RES also s into RO."""
     for c in range(NUM_CHUNKS):
         offs = c * BLOCK + cols
         col_ok = offs < GS
         mask = row_ok[:, None] & col_ok[None, :]
-        x = _load_f32(_tile_ptrs(X, rows64, stride_xm, col0, offs), mask, BF16_BY_BITS)
+        x = _load_input(X, R, rows64, mask, stride_xm, stride_rm, col0, offs, HAS_RES, BF16_BY_BITS)
+        if STORE_RES:
+            _store_out(_tile_ptrs(RO, rows64, stride_om, col0, offs), x, mask, BF16_BY_BITS)
         if HAS_Z:
             z = _load_f32(_tile_ptrs(Z, rows64, stride_zm, col0, offs), mask, BF16_BY_BITS)
             gate = _gate_value(z, SIGMOID_GATE)
@@ -335,31 +355,35 @@ def _write_chunked(X, Z, W, B, Y, rows64, row_ok, stride_xm, stride_zm, stride_y
 
 
 @triton.jit(noinline=True)
-def _rescue_rows(X, Z, W, B, Y, MEAN, RSTD, row0, g, M, stride_xm, stride_zm, stride_ym, col0, eps,
+def _rescue_rows(X, R, Z, W, B, Y, MEAN, RSTD, row0, g, M, stride_xm, stride_rm, stride_zm, stride_ym, col0, eps,
                  GS: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr,
                  HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, GATE_FIRST: tl.constexpr, GATE_AFTER: tl.constexpr,
-                 IS_RMS: tl.constexpr, SIGMOID_GATE: tl.constexpr, BF16_BY_BITS: tl.constexpr):
+                 IS_RMS: tl.constexpr, SIGMOID_GATE: tl.constexpr, BF16_BY_BITS: tl.constexpr,
+                 HAS_RES: tl.constexpr):
     """Redo rows row0 .. row0 + ROWS - 1 of group g whose stored rstd is out of range. Not inlined, and
     scalars only: the rarely taken rescue must not raise the common path's register count."""
     for r in range(ROWS):
         row = row0 + r
         if row < M:
             if _rstd_out_of_range(tl.load(RSTD + g.to(tl.int64) * M + row)):
-                _rescue_row(X, Z, W, B, Y, MEAN, RSTD, row, g, M, stride_xm, stride_zm, stride_ym,
-                            col0, eps, GS, BLOCK, HAS_Z, HAS_BIAS, GATE_FIRST, GATE_AFTER, IS_RMS,
-                            SIGMOID_GATE, BF16_BY_BITS)
+                # the single-tile path has written s to RO already: STORE_RES off
+                _rescue_row(X, R, Z, W, B, Y, None, MEAN, RSTD, row, g, M, stride_xm, stride_rm, stride_zm,
+                            stride_ym, 0, col0, eps, GS, BLOCK, HAS_Z, HAS_BIAS, GATE_FIRST, GATE_AFTER, IS_RMS,
+                            SIGMOID_GATE, BF16_BY_BITS, HAS_RES, False)
 
 
 @triton.jit
 def rescue_kernel(
-    X, Z, W, B, Y, MEAN, RSTD,
-    M, stride_xm, stride_zm, stride_ym, eps,
+    X, R, Z, W, B, Y, RO, MEAN, RSTD,
+    M, stride_xm, stride_rm, stride_zm, stride_ym, stride_om, eps,
     GS: tl.constexpr, BLOCK: tl.constexpr, SCAN: tl.constexpr,
     HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, NORM_BEFORE_GATE: tl.constexpr,
     IS_RMS: tl.constexpr, SIGMOID_GATE: tl.constexpr, BF16_BY_BITS: tl.constexpr, USE_PDL: tl.constexpr,
+    HAS_RES: tl.constexpr,
 ):
     """After fwd_kernel on large inputs: grid (row blocks of SCAN, groups). Reads the stored rstd and
-    redoes the rows out of range, with the code the forward would run in-kernel (same bits)."""
+    redoes the rows out of range, with the code the forward would run in-kernel (same bits). Takes
+    fwd_kernel's runtime arguments; RO is not touched (fwd_kernel wrote it)."""
     _pdl_prologue(USE_PDL)
     pid = tl.program_id(0)
     g = tl.program_id(1)
@@ -367,9 +391,9 @@ def rescue_kernel(
     ok = rows < M
     rstd = tl.load(RSTD + g.to(tl.int64) * M + rows.to(tl.int64), mask=ok, other=1.0)
     if tl.max((_rstd_out_of_range(rstd) & ok).to(tl.int32), axis=0) != 0:
-        _rescue_rows(X, Z, W, B, Y, MEAN, RSTD, pid * SCAN, g, M, stride_xm, stride_zm, stride_ym, g * GS, eps,
-                     GS, BLOCK, SCAN, HAS_Z, HAS_BIAS, HAS_Z and not NORM_BEFORE_GATE, HAS_Z and NORM_BEFORE_GATE,
-                     IS_RMS, SIGMOID_GATE, BF16_BY_BITS)
+        _rescue_rows(X, R, Z, W, B, Y, MEAN, RSTD, pid * SCAN, g, M, stride_xm, stride_rm, stride_zm, stride_ym,
+                     g * GS, eps, GS, BLOCK, SCAN, HAS_Z, HAS_BIAS, HAS_Z and not NORM_BEFORE_GATE,
+                     HAS_Z and NORM_BEFORE_GATE, IS_RMS, SIGMOID_GATE, BF16_BY_BITS, HAS_RES)
 
 #: Chunk width of the range rescue's passes: narrow, so the rarely taken rescue code needs few
 #: registers (the kernel's register count is the maximum over all its code, taken or not).
@@ -377,10 +401,11 @@ _RESCUE_BLOCK = tl.constexpr(512)
 
 
 @triton.jit(noinline=True)
-def _rescue_row(X, Z, W, B, Y, MEAN, RSTD, row, g, M, stride_xm, stride_zm, stride_ym, col0, eps,
-                GS: tl.constexpr, BLOCK: tl.constexpr,
+def _rescue_row(X, R, Z, W, B, Y, RO, MEAN, RSTD, row, g, M, stride_xm, stride_rm, stride_zm, stride_ym, stride_om,
+                col0, eps, GS: tl.constexpr, BLOCK: tl.constexpr,
                 HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, GATE_FIRST: tl.constexpr, GATE_AFTER: tl.constexpr,
-                IS_RMS: tl.constexpr, SIGMOID_GATE: tl.constexpr, BF16_BY_BITS: tl.constexpr):
+                IS_RMS: tl.constexpr, SIGMOID_GATE: tl.constexpr, BF16_BY_BITS: tl.constexpr,
+                HAS_RES: tl.constexpr, STORE_RES: tl.constexpr):
     """The range rescue of one row of group g, known to be out of range, from memory in narrow chunks:
     max |x|, the statistics of x / scale (chunks merged as in _chunked_stats), then y."""
     RB: tl.constexpr = BLOCK if BLOCK < _RESCUE_BLOCK else _RESCUE_BLOCK
@@ -389,25 +414,26 @@ def _rescue_row(X, Z, W, B, Y, MEAN, RSTD, row, g, M, stride_xm, stride_zm, stri
     row_ok = rows64 < M
     stat = g.to(tl.int64) * M + rows64
     cols = tl.arange(0, RB)
-    amax = _chunked_amax(X, Z, rows64, row_ok, stride_xm, stride_zm, col0, cols,
-                         GS, RB, NC, GATE_FIRST, SIGMOID_GATE, BF16_BY_BITS)
+    amax = _chunked_amax(X, R, Z, rows64, row_ok, stride_xm, stride_rm, stride_zm, col0, cols,
+                         GS, RB, NC, GATE_FIRST, SIGMOID_GATE, BF16_BY_BITS, HAS_RES)
     scale, inv = _rescue_scale(amax, eps)
-    mean, m2 = _chunked_stats(X, Z, rows64, row_ok, stride_xm, stride_zm, col0, cols, inv,
-                              GS, RB, NC, GATE_FIRST, IS_RMS, SIGMOID_GATE, BF16_BY_BITS)
+    mean, m2 = _chunked_stats(X, R, Z, rows64, row_ok, stride_xm, stride_rm, stride_zm, col0, cols, inv,
+                              GS, RB, NC, GATE_FIRST, IS_RMS, SIGMOID_GATE, BF16_BY_BITS, HAS_RES)
     rstd, rstd_x = _rescued_rstd(m2 / GS, eps, scale, inv)
     if not IS_RMS:
         tl.store(MEAN + stat, mean * scale, mask=row_ok)
     tl.store(RSTD + stat, rstd, mask=row_ok)
-    _write_chunked(X, Z, W, B, Y, rows64, row_ok, stride_xm, stride_zm, stride_ym, col0, cols,
-                   inv, mean, rstd_x, GS, RB, NC,
-                   HAS_Z, HAS_BIAS, GATE_FIRST, GATE_AFTER, IS_RMS, SIGMOID_GATE, BF16_BY_BITS)
+    _write_chunked(X, R, Z, W, B, Y, RO, rows64, row_ok, stride_xm, stride_rm, stride_zm, stride_ym, stride_om,
+                   col0, cols, inv, mean, rstd_x, GS, RB, NC,
+                   HAS_Z, HAS_BIAS, GATE_FIRST, GATE_AFTER, IS_RMS, SIGMOID_GATE, BF16_BY_BITS, HAS_RES, STORE_RES)
 
 
 @triton.jit
-def _chunk_of_x(X, Z, rows64, mask, stride_xm, stride_zm, col0, offs,
-                GATE_FIRST: tl.constexpr, SIGMOID_GATE: tl.constexpr, BF16_BY_BITS: tl.constexpr):
-    """One chunk of the normalised input: x, or x * act(z) when the gate comes first."""
-    x = _load_f32(_tile_ptrs(X, rows64, stride_xm, col0, offs), mask, BF16_BY_BITS)
+def _chunk_of_x(X, R, Z, rows64, mask, stride_xm, stride_rm, stride_zm, col0, offs,
+                GATE_FIRST: tl.constexpr, SIGMOID_GATE: tl.constexpr, BF16_BY_BITS: tl.constexpr,
+                HAS_RES: tl.constexpr):
+    """One chunk of the normalised input: s (x, or x + residual), or s * act(z) when the gate comes first."""
+    x = _load_input(X, R, rows64, mask, stride_xm, stride_rm, col0, offs, HAS_RES, BF16_BY_BITS)
     if GATE_FIRST:
         z = _load_f32(_tile_ptrs(Z, rows64, stride_zm, col0, offs), mask, BF16_BY_BITS)
         x = x * _gate_value(z, SIGMOID_GATE)
@@ -415,9 +441,10 @@ def _chunk_of_x(X, Z, rows64, mask, stride_xm, stride_zm, col0, offs,
 
 
 @triton.jit
-def _chunked_stats(X, Z, rows64, row_ok, stride_xm, stride_zm, col0, cols, inv,
+def _chunked_stats(X, R, Z, rows64, row_ok, stride_xm, stride_rm, stride_zm, col0, cols, inv,
                    GS: tl.constexpr, BLOCK: tl.constexpr, NUM_CHUNKS: tl.constexpr, GATE_FIRST: tl.constexpr,
-                   IS_RMS: tl.constexpr, SIGMOID_GATE: tl.constexpr, BF16_BY_BITS: tl.constexpr):
+                   IS_RMS: tl.constexpr, SIGMOID_GATE: tl.constexpr, BF16_BY_BITS: tl.constexpr,
+                   HAS_RES: tl.constexpr):
     """(mean, M2 = sum of squared deviations) of a wide group of x * inv, chunk by chunk: each chunk's
     (mean, M2) is exact two-pass in registers and the chunks are merged (Chan et al.), which keeps
     the variance free of E[x^2] - E[x]^2. RMSNorm: mean 0 and M2 = sum of squares."""
@@ -427,8 +454,8 @@ def _chunked_stats(X, Z, rows64, row_ok, stride_xm, stride_zm, col0, cols, inv,
         offs = c * BLOCK + cols
         col_ok = offs < GS
         mask = row_ok[:, None] & col_ok[None, :]
-        x = _chunk_of_x(X, Z, rows64, mask, stride_xm, stride_zm, col0, offs,
-                        GATE_FIRST, SIGMOID_GATE, BF16_BY_BITS) * inv[:, None]
+        x = _chunk_of_x(X, R, Z, rows64, mask, stride_xm, stride_rm, stride_zm, col0, offs,
+                        GATE_FIRST, SIGMOID_GATE, BF16_BY_BITS, HAS_RES) * inv[:, None]
         if IS_RMS:
             run_m2 += tl.sum(x * x, axis=1)
         else:
@@ -445,16 +472,16 @@ def _chunked_stats(X, Z, rows64, row_ok, stride_xm, stride_zm, col0, cols, inv,
 
 
 @triton.jit
-def _chunked_amax(X, Z, rows64, row_ok, stride_xm, stride_zm, col0, cols,
+def _chunked_amax(X, R, Z, rows64, row_ok, stride_xm, stride_rm, stride_zm, col0, cols,
                   GS: tl.constexpr, BLOCK: tl.constexpr, NUM_CHUNKS: tl.constexpr, GATE_FIRST: tl.constexpr,
-                  SIGMOID_GATE: tl.constexpr, BF16_BY_BITS: tl.constexpr):
+                  SIGMOID_GATE: tl.constexpr, BF16_BY_BITS: tl.constexpr, HAS_RES: tl.constexpr):
     """max |x| (x * act(z) when the gate comes first) over a wide group, chunk by chunk."""
     amax = tl.zeros([row_ok.shape[0]], dtype=tl.float32)
     for c in range(NUM_CHUNKS):
         offs = c * BLOCK + cols
         mask = row_ok[:, None] & (offs < GS)[None, :]
-        x = _chunk_of_x(X, Z, rows64, mask, stride_xm, stride_zm, col0, offs, GATE_FIRST, SIGMOID_GATE,
-                        BF16_BY_BITS)
+        x = _chunk_of_x(X, R, Z, rows64, mask, stride_xm, stride_rm, stride_zm, col0, offs, GATE_FIRST,
+                        SIGMOID_GATE, BF16_BY_BITS, HAS_RES)
         amax = tl.maximum(amax, tl.max(tl.abs(x), axis=1))
     return amax
 
@@ -705,90 +732,66 @@ def _fp8_e4m3_bits(v, FNUZ: tl.constexpr):
 
 
 @triton.jit
-def fwd_quant_kernel(
-    X, Z, W, B, Q, S,
-    M, stride_xm, stride_zm, stride_qm, stride_sm, stride_sg, eps,
-    GS: tl.constexpr, GB: tl.constexpr, NG: tl.constexpr, KB: tl.constexpr, NQ: tl.constexpr,
-    NQ_REAL: tl.constexpr, ROWS: tl.constexpr,
-    HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, NORM_BEFORE_GATE: tl.constexpr,
-    IS_RMS: tl.constexpr, SIGMOID_GATE: tl.constexpr,
-    QMAX: tl.constexpr, INT8: tl.constexpr, FNUZ: tl.constexpr, UE8M0: tl.constexpr, ROUND_TO: tl.constexpr,
-    FP8_BY_BITS: tl.constexpr, BF16_BY_BITS: tl.constexpr,
-):
-    """Grid (row tiles, N // (NG * GS)). Q is int8, or uint8 holding the fp8 bits; S is (M, G) float32
-    with strides (stride_sm, stride_sg); NQ_REAL of the tile's NQ quant blocks hold features (the rest
-    cover the padding of a group whose size is not a power of two)."""
-    pid = tl.program_id(0)
-    t = tl.program_id(1)
-    rows = pid * ROWS + tl.arange(0, ROWS)
-    row_ok = rows < M
-    rows64 = rows.to(tl.int64)
-    grp = tl.arange(0, NG)
-    cols = tl.arange(0, GB)
-    col_ok = cols < GS
-    offs = t * (NG * GS) + grp[:, None] * GS + cols[None, :]  # [NG, GB] feature index
-    lane_ok = (grp[:, None] < NG) & col_ok[None, :]  # [NG, GB], full shape
-    mask = row_ok[:, None, None] & lane_ok[None, :, :]
-    GATE_FIRST: tl.constexpr = HAS_Z and not NORM_BEFORE_GATE
-    GATE_AFTER: tl.constexpr = HAS_Z and NORM_BEFORE_GATE
+def _max_nan(a, b):
+    """max that propagates NaN (tl.max's maxnum ignores it): a block's amax is NaN iff it holds a NaN."""
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
 
-    # The norm: fwd_kernel's steps, per (row, group) over the last axis.
-    x = _load_f32(X + rows64[:, None, None] * stride_xm + offs[None, :, :], mask, BF16_BY_BITS)
-    gate = 1.0  # unused without z
-    if HAS_Z:
-        z = _load_f32(Z + rows64[:, None, None] * stride_zm + offs[None, :, :], mask, BF16_BY_BITS)
-        gate = _gate_value(z, SIGMOID_GATE)
-        if GATE_FIRST:
-            x = x * gate
-    if IS_RMS:
-        xm = x
-    else:
-        mean = tl.sum(x, axis=2) / GS
-        xm = x - mean[:, :, None]
-        if GB != GS:
-            xm = tl.where(col_ok[None, None, :], xm, 0.0)
-    rstd = 1.0 / tl.sqrt_rn(tl.sum(xm * xm, axis=2) / GS + eps)
-    # Range rescue, in registers (the tile is there): groups whose rstd is out of range are redone
-    # divided by a power of two of their max |value| (see "Range rescue" above); the others keep
-    # their bits, so a row's result never depends on its neighbours.
-    bad = _rstd_out_of_range(rstd) & row_ok[:, None]
-    if tl.max(bad.to(tl.int32)) != 0:
-        scale_r, inv = _rescue_scale(tl.max(tl.abs(x), axis=2), eps)
-        xs = x * inv[:, :, None]
-        if IS_RMS:
-            xms = xs
-        else:
-            xms = xs - (tl.sum(xs, axis=2) / GS)[:, :, None]
-            if GB != GS:
-                xms = tl.where(col_ok[None, None, :], xms, 0.0)
-        _, rstd_x = _rescued_rstd(tl.sum(xms * xms, axis=2) / GS, eps, scale_r, inv)
-        xm = tl.where(bad[:, :, None], xms, xm)
-        rstd = tl.where(bad, rstd_x, rstd)
-    w = _load_f32(W + offs, lane_ok, BF16_BY_BITS)
-    y = xm * rstd[:, :, None] * w[None, :, :]
-    if HAS_BIAS:
-        y = y + _load_f32(B + offs, lane_ok, BF16_BY_BITS)[None, :, :]
-    if GATE_AFTER:
-        y = y * gate
-    y = _round_through(y, ROUND_TO, BF16_BY_BITS)
-    y = tl.where(mask, y, 0.0)  # padding lanes and rows must not reach a block's max or NaN flag
 
-    # The quantization, per [ROWS, NQ, KB] block.
-    yq = tl.reshape(y, [ROWS, NQ, KB])
-    amax = tl.max(tl.abs(yq), axis=2)  # tl.max ignores NaN (maxnum): NaN is flagged separately
-    has_nan = tl.max((yq != yq).to(tl.int32), axis=2) != 0
-    scale = tl.maximum(tl.math.div_rn(amax, QMAX), _QUANT_SCALE_MIN)
+@triton.jit
+def _scaled_quotient(y, scale, QMAX: tl.constexpr):
+    """min(RN(y / scale), QMAX) with y's sign, per element, without a division per element.
+
+    ``scale`` [..., 1] is a normal float32 in [2^-126, 2^122) (fwd_quant_kernel's finite scales; others
+    are masked by the caller). Equal bits to tl.math.div_rn(y, scale) clamped to [-QMAX, QMAX] wherever
+    |y / scale| >= 2^-100; below that both are under 2^-90 with y's sign (any fp8 / int8 code: +-0).
+
+    Per block: s1 = scale * 2^-e in [1, 2) (exact, on the bits), r = RN(1 / s1), r_lo = RN(RN(1 - s1 r) r)
+    (r + r_lo is 1 / s1 within 2^-45 relative). Per element, a = |y| 2^-e (exact while a >= 2^-126,
+    i.e. for every quotient that matters) and a / s1 = |y| / scale:
+
+    * q0 = RN(a r + RN(a r_lo)) is within |t| 2^-45 + 1/2 ulp of t = a / s1, so a faithful rounding of t;
+    * e = fma(-q0, s1, a) is then exact and q = RN(q0 + e r) = RN(t): Markstein's theorem (IBM J. Res. Dev.
+      34 (1990); J.-M. Muller et al., Handbook of Floating-Point Arithmetic, "Markstein's theorem"): q0
+      faithful, r within relative 2^-24 of 1 / s1, no underflow (s1 in [1, 2), a >= 2^-100: the residual's
+      last bit is >= 2^-23 ulp(q0) >= 2^-146).
+
+    Working on |y| and copying y's sign bit at the end keeps RN's symmetry and the sign of zeros
+    (-0 / scale = -0). The sign copy also makes the clamp one min. Checked against numpy's float32
+    division on 10^8 (y, scale) pairs incl. quotients next to fp8 / int8 rounding midpoints.
+    """
+    sb = scale.to(tl.int32, bitcast=True)
+    p2 = ((254 << 23) - (sb & 0x7F800000)).to(tl.float32, bitcast=True)  # 2^-e (e <= 121: normal)
+    s1 = ((sb & 0x7FFFFF) | 0x3F800000).to(tl.float32, bitcast=True)  # scale * 2^-e, in [1, 2)
+    r = tl.math.div_rn(tl.full(s1.shape, 1.0, tl.float32), s1)
+    r_lo = tl.fma(-s1, r, 1.0) * r
+    a = tl.abs(y) * p2
+    q0 = tl.fma(a, r, a * r_lo)
+    q = tl.fma(tl.fma(-q0, s1, a), r, q0)
+    q = tl.minimum(q, QMAX)
+    qb = q.to(tl.int32, bitcast=True) & 0x7FFFFFFF
+    return (qb | (y.to(tl.int32, bitcast=True) & -0x80000000)).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _quantize(yq, QMAX: tl.constexpr, INT8: tl.constexpr, FNUZ: tl.constexpr, UE8M0: tl.constexpr,
+              FP8_BY_BITS: tl.constexpr):
+    """(codes, scale) of the quant blocks along yq's last axis (any rank): the steps above, per block. codes
+    are int8, or uint8 holding the fp8 bits; scale has yq's shape without its last axis."""
+    LAST: tl.constexpr = len(yq.shape) - 1  # explicit: Triton's interpreter mishandles axis -1 here
+    amax = tl.reduce(tl.abs(yq), LAST, _max_nan)  # NaN iff the block holds a NaN (one pass, no separate NaN scan)
+    scale = tl.maximum(tl.math.div_rn(amax, QMAX), _QUANT_SCALE_MIN, propagate_nan=tl.PropagateNan.ALL)
+    has_nan = scale != scale
     if UE8M0:  # up to a power of two on the bits (exact; Inf stays Inf): numerics.ue8m0_round_up
         bits = (scale.to(tl.int32, bitcast=True) + 0x7FFFFF) & 0x7F800000
         scale = bits.to(tl.float32, bitcast=True)
         # 1 / scale is a power of two too (2^-126 <= scale < 2^127), built from the exponent bits: y * inv
         # is then exactly y / scale, without a division per element
-        v = yq * ((254 << 23) - bits).to(tl.float32, bitcast=True)[:, :, None]
-    else:
-        v = tl.math.div_rn(yq, scale[:, :, None])
-    scale = tl.where(has_nan, float("nan"), scale)
-    finite = (scale <= _FP32_MAX)[:, :, None]  # False for NaN and Inf
-    v = tl.minimum(tl.maximum(v, -QMAX), QMAX)
+        v = yq * tl.expand_dims(((254 << 23) - bits).to(tl.float32, bitcast=True), LAST)
+        v = tl.minimum(tl.maximum(v, -QMAX), QMAX)
+    else:  # RN(y / scale) clamped, by a reciprocal and one exact correction (no division per element)
+        v = _scaled_quotient(yq, tl.expand_dims(scale, LAST), QMAX)
+    scale = tl.where(has_nan, float("nan"), scale)  # one NaN for every NaN block (the generic path's)
+    finite = tl.expand_dims(scale <= _FP32_MAX, LAST)  # False for NaN and Inf
     if INT8:
         qv = tl.where(finite, (v + _RNE_MAGIC) - _RNE_MAGIC, 0.0).to(tl.int8)
     else:
@@ -798,7 +801,110 @@ def fwd_quant_kernel(
             code = v.to(tl.float8e4nv).to(tl.uint8, bitcast=True).to(tl.int32)
         NAN_CODE: tl.constexpr = 0x80 if FNUZ else 0x7F  # the format's NaN
         qv = tl.where(finite, code, NAN_CODE).to(tl.uint8)
-    tl.store(Q + rows64[:, None, None] * stride_qm + offs[None, :, :], tl.reshape(qv, [ROWS, NG, GB]), mask=mask)
-    blk = tl.arange(0, NQ)
-    s_ptrs = S + rows64[:, None] * stride_sm + (t * NQ_REAL + blk).to(tl.int64)[None, :] * stride_sg
-    tl.store(s_ptrs, scale, mask=row_ok[:, None] & (blk < NQ_REAL)[None, :])
+    return qv, scale
+
+
+@triton.jit
+def fwd_quant_kernel(
+    X, Z, W, B, Q, S,
+    M, stride_xm, stride_zm, stride_qm, stride_sm, stride_sg, eps,
+    GS: tl.constexpr, GB: tl.constexpr, NG: tl.constexpr, KB: tl.constexpr, NQ: tl.constexpr,
+    NQ_REAL: tl.constexpr, ROWS: tl.constexpr,
+    HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, NORM_BEFORE_GATE: tl.constexpr,
+    IS_RMS: tl.constexpr, SIGMOID_GATE: tl.constexpr,
+    QMAX: tl.constexpr, INT8: tl.constexpr, FNUZ: tl.constexpr, UE8M0: tl.constexpr, ROUND_TO: tl.constexpr,
+    FP8_BY_BITS: tl.constexpr, BF16_BY_BITS: tl.constexpr, USE_PDL: tl.constexpr,
+):
+    """Grid (row tiles, N // (NG * GS)). Q is int8, or uint8 holding the fp8 bits; S is (M, G) float32
+    with strides (stride_sm, stride_sg); NQ_REAL of the tile's NQ quant blocks hold features (the rest
+    cover the padding of a group whose size is not a power of two). USE_PDL: see _pdl_prologue.
+
+    One norm group per tile (NG = 1: a quant block is the group, or a power-of-two part of it) runs on a 2-D
+    [ROWS, GB] tile, fwd_kernel's layout; several small groups per quant block (NG > 1) on [ROWS, NG, GB]."""
+    _pdl_prologue(USE_PDL)
+    pid = tl.program_id(0)
+    t = tl.program_id(1)
+    rows = pid * ROWS + tl.arange(0, ROWS)
+    row_ok = rows < M
+    rows64 = rows.to(tl.int64)
+    cols = tl.arange(0, GB)
+    col_ok = cols < GS
+    GATE_FIRST: tl.constexpr = HAS_Z and not NORM_BEFORE_GATE
+    GATE_AFTER: tl.constexpr = HAS_Z and NORM_BEFORE_GATE
+    if NG == 1:
+        col0 = t * GS
+        mask = row_ok[:, None] & col_ok[None, :]
+        # The norm: fwd_kernel's steps on the tile.
+        x = _load_f32(_tile_ptrs(X, rows64, stride_xm, col0, cols), mask, BF16_BY_BITS)
+        gate = 1.0  # unused without z
+        if HAS_Z:
+            gate = _gate_value(_load_f32(_tile_ptrs(Z, rows64, stride_zm, col0, cols), mask, BF16_BY_BITS),
+                               SIGMOID_GATE)
+            if GATE_FIRST:
+                x = x * gate
+        _, xm, var_eps = _tile_stats(x, col_ok, eps, GS, GB, IS_RMS)
+        rstd = 1.0 / tl.sqrt_rn(var_eps)
+        # Range rescue, in registers (the tile is there): rows whose rstd is out of range are redone
+        # divided by a power of two of their max |value| (see "Range rescue" above); the others keep
+        # their bits, so a row's result never depends on its neighbours.
+        bad = _rstd_out_of_range(rstd) & row_ok
+        if tl.max(bad.to(tl.int32), axis=0) != 0:
+            scale_r, inv = _rescue_scale(tl.max(tl.abs(x), axis=1), eps)
+            _, xms, var_s = _tile_stats(x * inv[:, None], col_ok, 0.0, GS, GB, IS_RMS)
+            _, rstd_x = _rescued_rstd(var_s, eps, scale_r, inv)
+            xm = tl.where(bad[:, None], xms, xm)
+            rstd = tl.where(bad, rstd_x, rstd)
+        y = xm * rstd[:, None] * _load_f32(W + col0 + cols, col_ok, BF16_BY_BITS)[None, :]
+        if HAS_BIAS:
+            y = y + _load_f32(B + col0 + cols, col_ok, BF16_BY_BITS)[None, :]
+        if GATE_AFTER:
+            y = y * gate
+        y = _round_through(y, ROUND_TO, BF16_BY_BITS)
+        if GB != GS:  # padding lanes must not reach a block's max (rows past M only fill blocks never stored)
+            y = tl.where(col_ok[None, :], y, 0.0)
+        # The quantization: one block per row (the group), or NQ blocks of KB inside it.
+        if NQ == 1:
+            qv, scale = _quantize(y, QMAX, INT8, FNUZ, UE8M0, FP8_BY_BITS)
+            tl.store(S + rows64 * stride_sm + t * stride_sg, scale, mask=row_ok)
+        else:
+            qv, scale = _quantize(tl.reshape(y, [ROWS, NQ, KB]), QMAX, INT8, FNUZ, UE8M0, FP8_BY_BITS)
+            qv = tl.reshape(qv, [ROWS, GB])
+            blk = tl.arange(0, NQ)
+            s_ptrs = S + rows64[:, None] * stride_sm + (t * NQ_REAL + blk).to(tl.int64)[None, :] * stride_sg
+            tl.store(s_ptrs, scale, mask=row_ok[:, None] & (blk < NQ_REAL)[None, :])
+        tl.store(_tile_ptrs(Q, rows64, stride_qm, col0, cols), qv, mask=mask)
+    else:
+        # NG power-of-two groups of GS = GB features make one quant block: a [ROWS, NG, GB] tile.
+        grp = tl.arange(0, NG)
+        offs = t * (NG * GS) + grp[:, None] * GS + cols[None, :]  # [NG, GB] feature index
+        mask = row_ok[:, None, None] & (offs >= 0)[None, :, :]
+        x = _load_f32(X + rows64[:, None, None] * stride_xm + offs[None, :, :], mask, BF16_BY_BITS)
+        gate = 1.0  # unused without z
+        if HAS_Z:
+            z = _load_f32(Z + rows64[:, None, None] * stride_zm + offs[None, :, :], mask, BF16_BY_BITS)
+            gate = _gate_value(z, SIGMOID_GATE)
+            if GATE_FIRST:
+                x = x * gate
+        if IS_RMS:
+            xm = x
+        else:
+            xm = x - (tl.sum(x, axis=2) / GS)[:, :, None]
+        rstd = 1.0 / tl.sqrt_rn(tl.sum(xm * xm, axis=2) / GS + eps)
+        bad = _rstd_out_of_range(rstd) & row_ok[:, None]
+        if tl.max(bad.to(tl.int32)) != 0:  # the range rescue, as above, per (row, group)
+            scale_r, inv = _rescue_scale(tl.max(tl.abs(x), axis=2), eps)
+            xms = x * inv[:, :, None]
+            if not IS_RMS:
+                xms = xms - (tl.sum(xms, axis=2) / GS)[:, :, None]
+            _, rstd_x = _rescued_rstd(tl.sum(xms * xms, axis=2) / GS, eps, scale_r, inv)
+            xm = tl.where(bad[:, :, None], xms, xm)
+            rstd = tl.where(bad, rstd_x, rstd)
+        y = xm * rstd[:, :, None] * _load_f32(W + offs, offs >= 0, BF16_BY_BITS)[None, :, :]
+        if HAS_BIAS:
+            y = y + _load_f32(B + offs, offs >= 0, BF16_BY_BITS)[None, :, :]
+        if GATE_AFTER:
+            y = y * gate
+        y = _round_through(y, ROUND_TO, BF16_BY_BITS)
+        qv, scale = _quantize(tl.reshape(y, [ROWS, KB]), QMAX, INT8, FNUZ, UE8M0, FP8_BY_BITS)
+        tl.store(Q + rows64[:, None, None] * stride_qm + offs[None, :, :], tl.reshape(qv, [ROWS, NG, GB]), mask=mask)
+        tl.store(S + rows64 * stride_sm + t * stride_sg, scale, mask=row_ok)

@@ -32,8 +32,11 @@ BWD_ELEMS_PER_THREAD = 16
 BWD_MIN_ROWS = 8
 #: Persistent backward programs per multiprocessor (before dividing among groups).
 BWD_PROGRAMS_PER_SM = 2
-#: Rows of partials summed per step by the final dweight/dbias reduction.
-PARTIAL_ROWS = 32
+#: Rows of partials summed per step by the final dweight/dbias reduction, and its columns per program
+#: (see _partials_config). H200, forward + backward in a CUDA graph (tune_gpu.py --small-backward): 8192x128
+#: 21.7 -> 13.5 us with (128, 32) instead of (32, 256): few steps over the rows, several programs.
+PARTIAL_ROWS = 128
+PARTIAL_COLS = 32
 #: CUDA's limit on the second and third grid dimensions.
 MAX_GRID_Y = 65535
 #: Forward program orders (the last field of a forward launch shape): the grid (row tiles, groups); the
@@ -288,10 +291,15 @@ def forward(
     config: tuple[int, int, int, int] | None = None,
     fast: bool = True,
     pdl: bool = False,
+    residual: torch.Tensor | None = None,
+    residual_out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor]:
     """Write the gated norm of x (M > 0, N; float32/bf16/fp16) into out (M, N, any floating dtype);
     return (mean | None, rstd), 1-D float32 of G*M values, group-major.
 
+    ``residual`` (M, N, float32/bf16/fp16): normalise s = x + residual instead, summed in float32 in the
+    kernel (the value of ops.residual_sum); ``residual_out`` (M, N, unit feature stride): receives s
+    rounded once to its dtype (the prenorm output, or s in float32 for the backward).
     ``config``: (BLOCK, ROWS, num_warps, order: ORDER_*) instead of :func:`_fwd_config`'s choice (the
     tuning benchmark);
     ``fast`` / ``pdl``: see :func:`_launch`.
@@ -306,6 +314,10 @@ def forward(
     x = _rows_ready(x)
     if z is not None:
         z = _rows_ready(z)
+    if residual is not None:
+        residual = _rows_ready(residual)
+    if residual_out is not None and residual_out.stride(-1) != 1:
+        raise ValueError("residual_out must have unit stride along features")
     weight = _rows_ready(weight)
     bias = _rows_ready(bias) if bias is not None else None
     y = out if out.stride(-1) == 1 else torch.empty(out.shape, dtype=out.dtype, device=out.device)
@@ -316,10 +328,11 @@ def forward(
         chunks = _cdiv(gs, block)
     tiles = _cdiv(m, rows)
     flat = (order == ORDER_FLAT and chunks == 1 and groups > 1 and x.stride(0) == n and y.stride(0) == n
-            and (z is None or z.stride(0) == n))
+            and (z is None or z.stride(0) == n) and residual is None and residual_out is None)
     groups_fastest = order == ORDER_GROUPS_FASTEST and groups > 1 and tiles <= MAX_GRID_Y
-    args = (x, z, weight, bias, y, mean, rstd, m, x.stride(0), z.stride(0) if z is not None else 0, y.stride(0),
-            spec.eps)
+    args = (x, residual, z, weight, bias, y, residual_out, mean, rstd, m, x.stride(0),
+            residual.stride(0) if residual is not None else 0, z.stride(0) if z is not None else 0, y.stride(0),
+            residual_out.stride(0) if residual_out is not None else 0, spec.eps)
     flags = (z is not None, bias is not None, spec.norm_before_gate, spec.is_rms_norm, spec.activation == "sigmoid",
              _INTERPRET)  # HAS_Z, HAS_BIAS, NORM_BEFORE_GATE, IS_RMS, SIGMOID_GATE, BF16_BY_BITS
     rescue_after = chunks == 1 and (flat or m * n >= rescue_kernel_min_elements)
@@ -327,12 +340,13 @@ def forward(
         _launch(fwd_flat_kernel, (_cdiv(m * groups, rows), 1, 1),
                 (x, z, weight, bias, y, mean, rstd, m, groups, spec.eps),
                 (gs, block, rows, *flags, pdl), warps, x.device, fast, pdl)
-    else:  # GS, BLOCK, ROWS, NUM_CHUNKS, *flags, RESCUE_IN_KERNEL, USE_PDL, GROUPS_FASTEST
+    else:  # GS, BLOCK, ROWS, NUM_CHUNKS, *flags, RESCUE_IN_KERNEL, USE_PDL, GROUPS_FASTEST, HAS_RES, STORE_RES
         _launch(fwd_kernel, (groups, tiles, 1) if groups_fastest else (tiles, groups, 1), args,
-                (gs, block, rows, chunks, *flags, not rescue_after, pdl, groups_fastest), warps, x.device, fast, pdl)
-    if rescue_after:  # GS, BLOCK, SCAN, *flags, USE_PDL; the forward's warps: the rescued rows' bits must not change
+                (gs, block, rows, chunks, *flags, not rescue_after, pdl, groups_fastest, residual is not None,
+                 residual_out is not None), warps, x.device, fast, pdl)
+    if rescue_after:  # GS, BLOCK, SCAN, *flags, USE_PDL, HAS_RES; the forward's warps (rescued rows' bits)
         _launch(rescue_kernel, (_cdiv(m, rescue_scan_rows), groups, 1), args,
-                (gs, block, rescue_scan_rows, *flags, pdl), warps, x.device, fast, pdl)
+                (gs, block, rescue_scan_rows, *flags, pdl, residual is not None), warps, x.device, fast, pdl)
     if y is not out:
         out.copy_(y)
     return mean, rstd
@@ -346,10 +360,24 @@ def _sm_count(device: torch.device) -> int:
     return 2  # the interpreter: a few programs, so the persistent loop and the partial sums are exercised
 
 
+@functools.cache
+def _partials_config(n: int) -> tuple[int, int, int]:
+    """(rows per step, columns per program, num_warps) of sum_partials_kernel for N features. Depends on N
+    only, so a given M always sums its partial rows in the same order (deterministic dweight/dbias)."""
+    return PARTIAL_ROWS, min(_next_pow2(n), PARTIAL_COLS), 4
+
+
 def _bwd_programs(m: int, rows: int, groups: int, device: torch.device, programs_per_sm: int) -> int:
-    """Persistent programs per group: enough to fill the machine, never more than there are row tiles."""
-    per_group = max(1, (_sm_count(device) * programs_per_sm) // groups)
-    return max(1, min(per_group, _cdiv(m, rows)))
+    """Persistent programs per group: enough to fill the machine, never more than there are row tiles. Where
+    the programs would get about one tile each (a launch-bound call), one program per multiprocessor: fewer
+    rows of dweight partials to sum beat more programs (H200, 8192x128 forward + backward in a CUDA graph:
+    13.5 -> 9.7 us; 2048x128 unchanged, 65536x128 keeps programs_per_sm)."""
+    sms = _sm_count(device)
+    tiles = _cdiv(m, rows)
+    if tiles * groups <= sms * programs_per_sm:
+        programs_per_sm = 1
+    per_group = max(1, (sms * programs_per_sm) // groups)
+    return max(1, min(per_group, tiles))
 
 
 def backward(
@@ -369,12 +397,15 @@ def backward(
     config: tuple[int, int, int, int, bool] | None = None,
     fast: bool = True,
     pdl: bool = False,
+    partials_config: tuple[int, int, int] | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """(dx, dz, dweight, dbias) from dy (M, N) and the saved x, z, weight, bias, mean, rstd.
 
     dx/dz in x's/z's dtypes (contiguous), dweight/dbias in the parameters' dtypes; None where not asked.
     M > 0; float32/bf16/fp16. ``config``: (BLOCK, ROWS, num_warps, programs per SM, GROUPS_FASTEST) instead of
-    :func:`_bwd_config`'s choice (the tuning benchmark); ``fast`` / ``pdl``: see :func:`_launch`.
+    :func:`_bwd_config`'s choice, ``partials_config``: (rows per step, columns per program, num_warps) of the
+    dweight/dbias sum instead of :func:`_partials_config`'s (the tuning benchmark); ``fast`` / ``pdl``: see
+    :func:`_launch`.
     """
     m, n = x.shape
     gs = spec.group_size
@@ -421,13 +452,13 @@ def backward(
     if need_part:
         dw = torch.empty(n, dtype=weight.dtype, device=dev) if needs_dweight else None
         db = torch.empty(n, dtype=bias.dtype, device=dev) if needs_dbias else None
-        block_n = min(_next_pow2(n), 256)
+        block_p, block_n, sum_warps = partials_config or _partials_config(n)
         _launch(
             sum_partials_kernel, (_cdiv(n, block_n), 1, 1),
             (dw_part, db_part, dw, db, progs, n),
             # BLOCK_P, BLOCK_N, NEED_DW, NEED_DB, BF16_BY_BITS, USE_PDL
-            (PARTIAL_ROWS, block_n, needs_dweight, needs_dbias, _INTERPRET, pdl),
-            4, dev, fast, pdl,
+            (block_p, block_n, needs_dweight, needs_dbias, _INTERPRET, pdl),
+            sum_warps, dev, fast, pdl,
         )
     return dx, dz, dw, db
 
@@ -461,12 +492,16 @@ class TritonBackend:
         return forward(x, weight, bias, z, spec, out, self.rescue_kernel_min_elements, self.rescue_scan_rows,
                        fast=self.fast_launch, pdl=self._pdl(x))
 
+    def forward_residual(self, x, residual, weight, bias, z, spec: NormSpec, out, residual_out):
+        return forward(x, weight, bias, z, spec, out, self.rescue_kernel_min_elements, self.rescue_scan_rows,
+                       fast=self.fast_launch, pdl=self._pdl(x), residual=residual, residual_out=residual_out)
+
     def backward(self, dy, x, weight, bias, z, mean, rstd, spec: NormSpec, needs: GradsNeeded) -> Grads:
         return backward(dy, x, weight, bias, z, mean, rstd, spec, *needs, fast=self.fast_launch,
                         pdl=self._pdl(x))
 
     def forward_quant(self, x, weight, bias, z, spec: NormSpec, qspec: QuantSpec, q, scale) -> bool:
-        return forward_quant(x, weight, bias, z, spec, qspec, q, scale)
+        return forward_quant(x, weight, bias, z, spec, qspec, q, scale, fast=self.fast_launch, pdl=self._pdl(x))
 
 
 # ---------------------------------------------------------------------------
@@ -474,13 +509,14 @@ class TritonBackend:
 # ---------------------------------------------------------------------------
 
 
-def _launch_kw(kernel, grid: tuple[int, int, int], args: tuple, num_warps: int, dev: torch.device,
-               **constexprs) -> None:
-    """:func:`_launch` with the constexprs by name (put in signature order here, checked to be complete)."""
+def _launch_kw(kernel, grid: tuple[int, int, int], args: tuple, num_warps: int, dev: torch.device, *,
+               fast: bool = True, pdl: bool = False, **constexprs) -> None:
+    """:func:`_launch` with the constexprs by name (put in signature order here, checked to be complete);
+    ``fast`` / ``pdl`` as there (with ``pdl`` the kernel's ``USE_PDL`` must be passed True as well)."""
     names = kernel.arg_names[len(args):]
     if set(names) != set(constexprs):
         raise TypeError(f"{kernel.fn.__name__} takes constexprs {names}, got {sorted(constexprs)}")
-    _launch(kernel, grid, args, tuple(constexprs[name] for name in names), num_warps, dev)
+    _launch(kernel, grid, args, tuple(constexprs[name] for name in names), num_warps, dev, fast, pdl)
 
 
 @functools.cache
@@ -523,16 +559,55 @@ def _fp8_by_bits(device: torch.device, fnuz: bool) -> bool:
     return torch.cuda.get_device_capability(device) < (8, 9)
 
 
+# Tuned fused-quant launch shapes: (tile width NG * GB, whether the group size is a power of two) ->
+# (ROWS, num_warps); a key not listed takes _tile_config's general rule. Measured on an H200 with
+# `benchmarks/tune_gpu.py --quant` (bf16, fp8_e4m3 and int8; benchmarks/results/tune_gpu_quant_h200.json):
+# 128-wide tiles keep (16, 4), within 7% of each shape's best and the best of them inside a CUDA graph at
+# 8192x128 (3.18 us with PDL); 640-wide groups (1, 1) as the plain forward; per-token blocks of 2048 and tiles
+# of 4096 fewer warps than the plain forward's (13% and 4% faster there). Groups inside a block (NG > 1,
+# powers of two) share the key of their tile width: the same contiguous [ROWS, NG * GB] stretch of memory.
+# The key depends on the group size and block only, never on M (batch invariance).
+QUANT_TUNED: dict[tuple[int, bool], tuple[int, int]] = {
+    (128, True): (16, 4),
+    (128, False): (16, 4),
+    (1024, False): (1, 1),
+    (2048, True): (2, 2),
+    (4096, True): (1, 4),
+    (8192, False): (1, 4),
+    (8192, True): (1, 16),
+}
+
+
+@functools.cache
+def _quant_config(group_size: int, block: int) -> tuple[int, int] | None:
+    """(ROWS, num_warps) of fwd_quant_kernel for a group size and quant block (None: not fused); from
+    those only, never from M (batch invariance)."""
+    layout = quant_layout(group_size, block)
+    if layout is None:
+        return None
+    tile = layout[0] * layout[1]
+    tuned = QUANT_TUNED.get((tile, _is_pow2(group_size)))
+    if tuned is not None:
+        return tuned
+    _, _, rows, warps = _tile_config(tile, FWD_TILE_ELEMENTS, FWD_ELEMS_PER_THREAD, MAX_BLOCK)
+    return rows, warps
+
+
 def forward_quant(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, z: torch.Tensor | None,
-                  spec: NormSpec, qspec: QuantSpec, q: torch.Tensor, scale: torch.Tensor) -> bool:
+                  spec: NormSpec, qspec: QuantSpec, q: torch.Tensor, scale: torch.Tensor, *,
+                  config: tuple[int, int] | None = None, fast: bool = True, pdl: bool = False) -> bool:
     """Write q (M, N, contiguous) and scale (M, G, any strides) of x (M > 0, N; float32/bf16/fp16) in one
-    kernel; False (nothing written) where :func:`quant_layout` does not cover the call."""
+    kernel; False (nothing written) where :func:`quant_layout` does not cover the call.
+
+    ``config``: (ROWS, num_warps) instead of :func:`_quant_config`'s choice (the tuning benchmark; ROWS a
+    power of two); ``fast`` / ``pdl``: see :func:`_launch`.
+    """
     m, n = x.shape
     layout = quant_layout(spec.group_size, qspec.block)
     if layout is None:
         return False
     ng, gb, kb, nq, nq_real = layout
-    _, _, rows, warps = _tile_config(ng * gb, FWD_TILE_ELEMENTS, FWD_ELEMS_PER_THREAD, MAX_BLOCK)
+    rows, warps = _quant_config(spec.group_size, qspec.block) if config is None else config
     x = _rows_ready(x)
     if z is not None:
         z = _rows_ready(z)
@@ -545,12 +620,12 @@ def forward_quant(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         (x, z, weight, bias, q if int8 else q.view(torch.uint8), scale,
          m, x.stride(0), z.stride(0) if z is not None else 0, q.stride(0), scale.stride(0), scale.stride(1),
          spec.eps),
-        warps, x.device,
+        warps, x.device, fast=fast, pdl=pdl,
         GS=spec.group_size, GB=gb, NG=ng, KB=kb, NQ=nq, NQ_REAL=nq_real, ROWS=rows,
         HAS_Z=z is not None, HAS_BIAS=bias is not None, NORM_BEFORE_GATE=spec.norm_before_gate,
         IS_RMS=spec.is_rms_norm, SIGMOID_GATE=spec.activation == "sigmoid",
         QMAX=quant_max(qspec.quant), INT8=int8, FNUZ=fnuz, UE8M0=qspec.scale_format == "ue8m0",
         ROUND_TO={"none": 0, "bfloat16": 1, "float16": 2}[qspec.round_to],
-        FP8_BY_BITS=_fp8_by_bits(x.device, fnuz), BF16_BY_BITS=_INTERPRET,
+        FP8_BY_BITS=_fp8_by_bits(x.device, fnuz), BF16_BY_BITS=_INTERPRET, USE_PDL=pdl,
     )
     return True
