@@ -16,9 +16,9 @@ over the statistics finds rows out of range, and those are redone with the rescu
 
 On CPU the graphs are shaped for Inductor's C++ code generation, to stay within the speed of the
 compiled recipe (benchmarks/results/cpu_bench.md): the forward graph returns its raw per-group sums
-and the statistics are made from them outside (:func:`_make_forward_sums`), and the backward derives
-the gate from one sigmoid (:func:`_gate_from_one_sigmoid`). Both keep Inductor from writing full-size
-float32 temporaries that the recipe does not need.
+and the statistics are made from them outside (:func:`_make_forward_sums`), and the backward
+(:func:`_backward_rows_recomputed`) recomputes the gate in every loop that needs it, so no full-size
+float32 temporary is written, and sums dweight / dbias over blocks of rows first.
 
 Nesting: inside a user's ``torch.compile`` region, :mod:`gatednorm.ops` routes through the opaque
 ``gatednorm::*`` custom ops (traced via their fake implementations); at run time the op calls into
@@ -173,14 +173,118 @@ def _gate_from_one_sigmoid(z: torch.Tensor, activation: str) -> tuple[torch.Tens
     return s, one_minus_s * s
 
 
-def _make_backward(spec: NormSpec, needs: GradsNeeded, one_sigmoid: bool) -> Callable:
-    gate_fn = _gate_from_one_sigmoid if one_sigmoid else None
+#: Column sums (dweight, dbias) over the rows run in blocks of this many rows: each block's partial sums,
+#: then the sum of the partials. Inductor reduces a column over the rows with a loop that steps one row at a
+#: time down every column chunk; over all rows that reads one cache line per row (one page per row when a
+#: row is 4 KiB or more: no prefetching), over a block of rows the lines stay in cache for the next chunk.
+_COLUMN_BLOCK = 8
+
+
+def _backward_rows_recomputed(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                              z: torch.Tensor | None, mean: torch.Tensor | None, rstd: torch.Tensor, spec: NormSpec,
+                              needs_dx: bool, needs_dz: bool, needs_dweight: bool, needs_dbias: bool,
+                              blocked: bool) -> tuple[torch.Tensor | None, ...]:
+    """:func:`numerics.backward_rows` with the gate of :func:`_gate_from_one_sigmoid`, the same operations
+    in the same order, written for Inductor's C++ code generation (CPU):
+
+    * every consumer of a value that calls exp (the gate, and what is made from it) builds its own copy
+      of that value. Inductor keeps every graph node that calls exp and has more than one user in a
+      full-size float32 buffer (written, then reread by every loop; allocated per call: page faults).
+      Here no such node has more than one user, so each loop recomputes the gate from z instead.
+      Recomputed values are bit-identical: the same float32 ops on the same inputs;
+    * dweight and dbias are summed over blocks of :data:`_COLUMN_BLOCK` rows first (the rows past the
+      last whole block are summed apart), then over the blocks: float32 sums of the same float32 terms
+      as before, in another order.
+    """
+    m, n = x.shape
+    gs = spec.group_size
+    shape3 = (n // gs, gs)
+    c = compute_dtype(x.dtype)
+    w3 = weight.to(c).view(shape3)
+    rs = rstd.unsqueeze(-1)
+    mean3 = None if mean is None else mean.unsqueeze(-1)
+    x3 = x.unflatten(1, shape3)
+    dy3 = dy.unflatten(1, shape3)
+    z3 = None if z is None else z.unflatten(1, shape3)
+    gate_before = z is not None and not spec.norm_before_gate
+    gate_after = z is not None and spec.norm_before_gate
+
+    # Each function below builds new graph nodes on every call, from the rows ``r`` selects: r maps an
+    # (M, ...) tensor to a view of its rows (views of the inputs, so that Inductor indexes the inputs
+    # directly: a view of a computed value would be a buffer).
+    def everything(t):
+        return t
+
+    def sig(r):
+        return torch.sigmoid(r(z3).to(c))
+
+    def gate(r):  # act(z) of _gate_from_one_sigmoid
+        return r(z3).to(c) * sig(r) if spec.activation == "swish" else sig(r)
+
+    def dgate(r):  # act'(z) of _gate_from_one_sigmoid, the same ops
+        if spec.activation == "swish":
+            return sig(r) + gate(r) * torch.rsub(sig(r), 1.0)
+        return torch.rsub(sig(r), 1.0) * sig(r)
+
+    def xhat(r):
+        xin = r(x3) * gate(r) if gate_before else r(x3)
+        return (xin - r(mean3) if mean3 is not None else xin) * r(rs)
+
+    def dyh(r):  # dL/d(xhat * w + b), in C
+        return r(dy3) * gate(r) if gate_after else r(dy3)
+
+    def g(r):
+        return dyh(r) * w3
+
+    def column_sum(term) -> torch.Tensor:  # (N,): the sum over all rows of term(r), in C
+        if not blocked:
+            return term(everything).sum(dim=0, dtype=c).view(n)
+        blocks = m // _COLUMN_BLOCK
+        whole = blocks * _COLUMN_BLOCK
+
+        def in_blocks(t):  # (blocks, _COLUMN_BLOCK, ...) view of the first whole rows (as_strided: no guards)
+            return t.as_strided((blocks, _COLUMN_BLOCK, *t.shape[1:]), (_COLUMN_BLOCK * t.stride(0), *t.stride()))
+
+        partial = term(in_blocks).sum(dim=1, dtype=c)
+        return (partial.sum(dim=0) + term(lambda t: t[whole:]).sum(dim=0, dtype=c)).view(n)
+
+    dx = dz = dw = db = None
+    if gate_after and needs_dz:
+        b3 = None if bias is None else in_compute_dtype(bias, c).view(shape3)
+        dz = numerics.affine(xhat(everything), w3, b3, None).mul_(dy3).mul_(dgate(everything))
+    if needs_dweight:
+        dw = column_sum(lambda r: dyh(r) * xhat(r))
+    if needs_dbias and bias is not None:
+        db = column_sum(dyh)
+    if needs_dx or (gate_before and needs_dz):
+        mean_g_xhat = (g(everything) * xhat(everything)).mean(dim=-1, keepdim=True)
+        mean_g = g(everything).mean(dim=-1, keepdim=True) if mean is not None else None
+
+        def dxc():
+            return numerics.input_grad_from_means(g(everything), xhat(everything), rs, mean_g_xhat, mean_g)
+
+        if gate_before:
+            if needs_dz:
+                dz = (dxc() * x3).mul_(dgate(everything))
+            if needs_dx:
+                dx = dxc().mul_(gate(everything))
+        else:
+            dx = dxc()
+    return (None if dx is None else dx.reshape(m, n)), (None if dz is None else dz.reshape(m, n)), dw, db
+
+
+def _make_backward(spec: NormSpec, needs: GradsNeeded, cpu: bool, blocked: bool) -> Callable:
+    """The compiled backward: on CPU :func:`_backward_rows_recomputed` (``blocked``: column sums in row
+    blocks), elsewhere :func:`numerics.backward_rows`."""
 
     def bwd(dy, x, weight, bias, z, mean, rstd):
         m = x.shape[0]
         # (M, G) views of the group-major stats: views only, no layout branch on M
-        grads = numerics.backward_rows(dy, x, weight, bias, z, None if mean is None else mean.view(-1, m).t(),
-                                       rstd.view(-1, m).t(), spec, *needs, gate_fn=gate_fn)
+        mean2, rstd2 = None if mean is None else mean.view(-1, m).t(), rstd.view(-1, m).t()
+        if cpu:
+            grads = _backward_rows_recomputed(dy, x, weight, bias, z, mean2, rstd2, spec, *needs, blocked=blocked)
+        else:
+            grads = numerics.backward_rows(dy, x, weight, bias, z, mean2, rstd2, spec, *needs)
         dtypes = (x.dtype, None if z is None else z.dtype, weight.dtype, None if bias is None else bias.dtype)
         return tuple(None if g is None else g.to(d) for g, d in zip(grads, dtypes, strict=True))
 
@@ -253,8 +357,13 @@ class CompiledBackend:
                  needs: GradsNeeded) -> Grads:
         dy, x, z = _contiguous(dy), _contiguous(x), _contiguous(z)
         cpu = x.device.type == "cpu"
-        key = ("bwd", spec, x.shape[1], x.dtype, bias is not None, z is not None, mean is not None, needs, cpu)
-        fn = self._compiled(key, lambda: _make_backward(spec, needs, one_sigmoid=cpu))
+        # Row blocks for the column sums from 2 blocks on: a graph traced with fewer rows than a block
+        # fails in Inductor (an empty block loop), and one traced with M = 1 is specialised to it. Batches
+        # below 2 blocks take a graph of their own (one more, or two when the first of them has M = 1).
+        blocked = cpu and x.shape[0] >= 2 * _COLUMN_BLOCK
+        key = ("bwd", spec, x.shape[1], x.dtype, bias is not None, z is not None, mean is not None, needs, cpu,
+               blocked)
+        fn = self._compiled(key, lambda: _make_backward(spec, needs, cpu, blocked))
         _mark_rows_dynamic(dy, x, z, mean, rstd)
         with torch.no_grad():
             return fn(dy, x, weight, bias, z, mean, rstd)
