@@ -22,6 +22,7 @@ import os
 
 import pytest
 import torch
+from helpers import RecordingBackend
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import gatednorm
@@ -40,20 +41,11 @@ pytestmark = [
 BF16, F16, F32 = torch.bfloat16, torch.float16, torch.float32
 
 
-class _GenericOnly:
-    """The triton backend without ``forward_residual``: ops takes the generic residual path."""
-
-    def __init__(self, inner) -> None:
-        self.inner, self.name, self.supports_float64 = inner, inner.name, inner.supports_float64
-
-    def forward(self, *args):
-        return self.inner.forward(*args)
-
-    def backward(self, *args):
-        return self.inner.backward(*args)
+# helpers.RecordingBackend serves forward and backward only: through it, ops takes the generic residual path.
+_GenericOnly = RecordingBackend
 
 
-class _CountingFused(_GenericOnly):
+class _CountingFused(RecordingBackend):
     """The triton backend, counting its fused residual forwards."""
 
     def __init__(self, inner) -> None:
