@@ -175,3 +175,33 @@ def test_no_float32_sum_in_memory_without_gradients():
     assert seen.seen == [], seen.seen
     s = x.float() + residual.float()
     assert torch.equal(residual_out, s.to(BF16))
+
+
+@pytest.mark.parametrize("backend", ["triton", "native"])
+@pytest.mark.parametrize("prenorm", [False, True])
+@pytest.mark.parametrize("heads", [False, True])
+def test_linear_with_residual_without_gradients_equals_the_recorded_path(backend, prenorm, heads):
+    """norm + gate + linear with a residual and no gradient recorded goes through gated_norm_residual_rows (the
+    fused forward on triton): the same bits as the path that records gradients (GatedNormLinearFunction)."""
+    t, h, n, o = 6, 4, 16, 24
+    x = torch.randn(t * h if heads else t, n, device=DEVICE).to(BF16)
+    residual = torch.randn_like(x, dtype=F32)
+    proj = torch.randn(t, 2 * h * n, device=DEVICE).to(BF16)
+    z = proj[:, h * n:].view(t, h, n) if heads else torch.randn_like(x)  # heads: a strided (T, H, N) gate
+    w = torch.randn(n, device=DEVICE).to(BF16)
+    lw = (torch.randn(o, n, device=DEVICE) / 4).to(BF16)
+    lb = torch.randn(o, device=DEVICE).to(BF16)
+
+    def call(x_, r_):
+        return gatednorm.rmsnorm_linear_fn(x_, w, None, z, lw, lb, 1e-5, 8, residual=r_, prenorm=prenorm,
+                                           backend=backend)
+
+    counting = _CountingFused(ops.select_impl(backend, DEVICE)) if backend == "triton" else None
+    with torch.no_grad(), ops.override_impl(backend, DEVICE.type, counting or ops.select_impl(backend, DEVICE)):
+        got = call(x, residual)
+    if counting is not None:
+        assert counting.fused_calls == 1  # the fused forward served the call
+    want = call(x.clone().requires_grad_(), residual.clone().requires_grad_())
+    got, want = (got, want) if prenorm else ((got,), (want,))
+    for a, b in zip(got, want, strict=True):
+        assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b.detach())

@@ -31,6 +31,7 @@ from .spec import (
     GatedNormCall,
     NormSpec,
     QuantSpec,
+    ResidualCall,
     check_linear,
     compute_dtype,
     heads_stats_to_rows,
@@ -290,6 +291,9 @@ def layernorm_linear_fn(
     res = regroup_residual(prepare_residual(x, residual, prenorm, residual_in_fp32), call)
     check_linear(x, linear_weight, linear_bias)
     x2d = call.x2d
+    if res is not None and res.residual2d is not None and not _linear_needs_autograd(
+            call, res.residual2d, linear_weight, linear_bias):
+        return _norm_residual_linear_inference(call, res, linear_weight, linear_bias, prenorm, backend)
     if res is not None and res.residual2d is not None:
         s = residual_sum(x2d, res.residual2d)
     elif prenorm and torch.is_grad_enabled() and x2d.requires_grad:
@@ -305,6 +309,29 @@ def layernorm_linear_fn(
     if not prenorm:
         return out
     return out, s.to(res.out_dtype).view(call.out_shape)
+
+
+def _linear_needs_autograd(call: GatedNormCall, residual2d: torch.Tensor, linear_weight: torch.Tensor,
+                           linear_bias: torch.Tensor | None) -> bool:
+    return needs_autograd(call.x2d, call.weight, call.bias, call.z2d) or (torch.is_grad_enabled() and (
+        residual2d.requires_grad or linear_weight.requires_grad
+        or (linear_bias is not None and linear_bias.requires_grad)))
+
+
+def _norm_residual_linear_inference(call: GatedNormCall, res: ResidualCall, linear_weight: torch.Tensor,
+                                    linear_bias: torch.Tensor | None, prenorm: bool, backend: str | None):
+    """:func:`layernorm_linear_fn` with a residual and no gradient recorded: the norm through
+    :func:`gated_norm_residual_rows` (where the backend fuses the residual sum, x and residual are read once
+    and the float32 sum never reaches memory), y written once in the linear layer's dtype, then the linear
+    layer. The same values as GatedNormLinearFunction's forward, which normalises the precomputed sum."""
+    dtype = linear_dtype(call.x2d)
+    y = torch.empty(call.x2d.shape, dtype=dtype, device=call.x2d.device)
+    y, _, _, res_out = gated_norm_residual_rows(call.x2d, res.residual2d, call.weight, call.bias, call.z2d, call.spec,
+                                                res.out_dtype, prenorm=prenorm, backend=backend, out=y)
+    out = F.linear(_linear_rows(y, linear_weight), linear_weight.to(dtype),
+                   None if linear_bias is None else linear_bias.to(dtype))
+    out = out.view(*call.out_shape[:-1], linear_weight.shape[0])
+    return (out, res_out.view(call.out_shape)) if prenorm else out
 
 
 def rmsnorm_linear_fn(
