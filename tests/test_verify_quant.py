@@ -303,7 +303,7 @@ def test_rows_catch_corrupted_results(i):
 
 def test_nonfinite_block_rows():
     """A NaN in x: its block's scale must be NaN and its q marked; the rows pass, and fail when it is hidden."""
-    case = next(c for c in quantized.quant_cases(quick=True) if c.quant == "fp8_e4m3" and c.block == 128)
+    case = next(c for c in quantized.quant_cases(quick=True) if c.variant.quant == "fp8_e4m3" and c.shape.block == 128)
     shape, variant = case.shape, case.variant
     inp = quantized.make_quant_inputs(shape, variant, CPU, torch.Generator().manual_seed(3))
     inp.x.reshape(-1, shape.n)[1, 5] = float("nan")

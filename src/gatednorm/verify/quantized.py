@@ -446,26 +446,10 @@ def quant_shape(lead: tuple[int, ...], n: int, group_size: int, block: int | Non
 
 @dataclass(frozen=True)
 class QuantCase:
-    """One call of gated_norm_quant: x is (*lead, n), ``block`` the quant group size (None: per token)."""
+    """One call of gated_norm_quant: its shape (x, groups, quant block) and its options."""
 
-    lead: tuple[int, ...]
-    n: int
-    group_size: int
-    block: int | None
-    is_rms_norm: bool
-    gate: str  # "none" | "after" | "before"
-    dtype: str
-    quant: str
-    scale_format: str
-    round_to: str  # "none" | "bfloat16"
-
-    @property
-    def shape(self) -> QuantShape:
-        return quant_shape(self.lead, self.n, self.group_size, self.block)
-
-    @property
-    def variant(self) -> QuantVariant:
-        return QuantVariant(self.is_rms_norm, self.gate, self.dtype, self.quant, self.scale_format, self.round_to)
+    shape: QuantShape
+    variant: QuantVariant
 
     @property
     def name(self) -> str:
@@ -491,7 +475,7 @@ def quant_cases(quick: bool = False, dtypes: tuple[str, ...] = ("float32", "bflo
             itertools.product(shapes, (False, True), ("none", "after", "before"), dtypes)):
         quant, fmt = formats[(i // len(dtypes) + i % len(dtypes)) % len(formats)]
         round_to = "bfloat16" if (dtype == "bfloat16" and i % 2) else "none"
-        cases.append(QuantCase(lead, n, gs, k, rms, gate, dtype, quant, fmt, round_to))
+        cases.append(QuantCase(quant_shape(lead, n, gs, k), QuantVariant(rms, gate, dtype, quant, fmt, round_to)))
     return cases
 
 
