@@ -36,19 +36,50 @@ native backend by :mod:`gatednorm.ops`).
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 
 from ...numerics import QUANT_SCALE_MIN, SAFE_RSTD_MAX, SAFE_VAR_MIN
+from ...settings import env_flag
 
 # ---------------------------------------------------------------------------
 # Shared helpers (jit)
 # ---------------------------------------------------------------------------
 
+#: Sigmoid from the hardware's approximate ex2 and reciprocal with denormals flushed (NVIDIA PTX; not under
+#: Triton's interpreter, which runs no PTX, nor on ROCm). See _sigmoid.
+_PTX_SIGMOID = tl.constexpr(not env_flag("TRITON_INTERPRET") and torch.version.hip is None)
+_MINUS_LOG2E = tl.constexpr(-1.4426950408889634)
+
+
+@triton.jit
+def _sigmoid(z):
+    """s = 1 / (1 + e^-z) in fp32, as Triton computes it: e^-z = ex2(z * -log2(e)) (MUFU.EX2), then the
+    reciprocal of 1 + e^-z (MUFU.RCP).
+
+    Triton's own ``1.0 / (1.0 + tl.exp(-z))`` wraps both MUFU ops in range fix-ups for denormal inputs and
+    results (ex2: a compare, two predicated multiplies; div.full: three compares and scalings, a multiply):
+    eight of the thirteen instructions per element of the gate, and the gate is the largest share of the
+    forward's instructions (the fused quantized forward was issue-bound on them: Nsight Compute, H200,
+    benchmarks/results/gpu_notes_h200.md). The PTX ``.approx.ftz`` forms are the bare MUFU ops. Where the
+    fix-ups do nothing (every z with |z| < 87.3) both give the same bits; beyond, e^-z or s is below 2^-126,
+    where ftz gives 0 (z > 87.3: e^-z = 0, s = 1 either way; z < -87.3: s = 0 instead of a denormal, so
+    swish(z) = -0 instead of a value below 1e-36). Infinities and NaN propagate alike.
+    """
+    if _PTX_SIGMOID:
+        e = tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=f,f", [z * _MINUS_LOG2E],
+                                      dtype=tl.float32, is_pure=True, pack=1)
+        return tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=f,f", [1.0 + e],
+                                         dtype=tl.float32, is_pure=True, pack=1)
+    else:
+        return 1.0 / (1.0 + tl.exp(-z))
+
+
 @triton.jit
 def _gate(z, SIGMOID_GATE: tl.constexpr):
     """(act(z), act'(z)) in fp32: swish = z * s, swish' = s * (1 + z * (1 - s)); sigmoid = s, s * (1 - s)."""
-    s = 1.0 / (1.0 + tl.exp(-z))
+    s = _sigmoid(z)
     if SIGMOID_GATE:
         return s, s * (1.0 - s)
     else:
@@ -58,7 +89,7 @@ def _gate(z, SIGMOID_GATE: tl.constexpr):
 @triton.jit
 def _gate_value(z, SIGMOID_GATE: tl.constexpr):
     """act(z) alone (the forward does not need the derivative)."""
-    s = 1.0 / (1.0 + tl.exp(-z))
+    s = _sigmoid(z)
     if SIGMOID_GATE:
         return s
     else:
@@ -776,7 +807,8 @@ def _scaled_quotient(y, scale, QMAX: tl.constexpr):
 def _quantize(yq, QMAX: tl.constexpr, INT8: tl.constexpr, FNUZ: tl.constexpr, UE8M0: tl.constexpr,
               FP8_BY_BITS: tl.constexpr):
     """(codes, scale) of the quant blocks along yq's last axis (any rank): the steps above, per block. codes
-    are int8, or uint8 holding the fp8 bits; scale has yq's shape without its last axis."""
+    are int8, float8e4nv (the hardware conversion), or uint8 holding the fp8 bits (FP8_BY_BITS); scale has
+    yq's shape without its last axis."""
     LAST: tl.constexpr = len(yq.shape) - 1  # explicit: Triton's interpreter mishandles axis -1 here
     amax = tl.reduce(tl.abs(yq), LAST, _max_nan)  # NaN iff the block holds a NaN (one pass, no separate NaN scan)
     scale = tl.maximum(tl.math.div_rn(amax, QMAX), _QUANT_SCALE_MIN, propagate_nan=tl.PropagateNan.ALL)
@@ -797,10 +829,12 @@ def _quantize(yq, QMAX: tl.constexpr, INT8: tl.constexpr, FNUZ: tl.constexpr, UE
     else:
         if FP8_BY_BITS:
             code = _fp8_e4m3_bits(tl.where(finite, v, 0.0), FNUZ)
+            NAN_CODE: tl.constexpr = 0x80 if FNUZ else 0x7F  # the format's NaN
+            qv = tl.where(finite, code, NAN_CODE).to(tl.uint8)
         else:
-            code = v.to(tl.float8e4nv).to(tl.uint8, bitcast=True).to(tl.int32)
-        NAN_CODE: tl.constexpr = 0x80 if FNUZ else 0x7F  # the format's NaN
-        qv = tl.where(finite, code, NAN_CODE).to(tl.uint8)
+            # e4m3fn in hardware (cvt.rn.satfinite, two values per instruction): a (positive) NaN becomes
+            # 0x7F, the format's NaN, so a non-finite block needs no code of its own after the conversion
+            qv = tl.where(finite, v, float("nan")).to(tl.float8e4nv)
     return qv, scale
 
 

@@ -615,9 +615,10 @@ def forward_quant(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     bias = _rows_ready(bias) if bias is not None else None
     int8 = qspec.quant == "int8"
     fnuz = qspec.quant == "fp8_e4m3fnuz"
+    by_bits = _fp8_by_bits(x.device, fnuz)
     _launch_kw(
         fwd_quant_kernel, (_cdiv(m, rows), n // (ng * spec.group_size), 1),
-        (x, z, weight, bias, q if int8 else q.view(torch.uint8), scale,
+        (x, z, weight, bias, q if int8 or not by_bits else q.view(torch.uint8), scale,
          m, x.stride(0), z.stride(0) if z is not None else 0, q.stride(0), scale.stride(0), scale.stride(1),
          spec.eps),
         warps, x.device, fast=fast, pdl=pdl,
@@ -626,6 +627,6 @@ def forward_quant(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         IS_RMS=spec.is_rms_norm, SIGMOID_GATE=spec.activation == "sigmoid",
         QMAX=quant_max(qspec.quant), INT8=int8, FNUZ=fnuz, UE8M0=qspec.scale_format == "ue8m0",
         ROUND_TO={"none": 0, "bfloat16": 1, "float16": 2}[qspec.round_to],
-        FP8_BY_BITS=_fp8_by_bits(x.device, fnuz), BF16_BY_BITS=_INTERPRET, USE_PDL=pdl,
+        FP8_BY_BITS=by_bits, BF16_BY_BITS=_INTERPRET, USE_PDL=pdl,
     )
     return True
