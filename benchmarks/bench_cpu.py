@@ -6,7 +6,9 @@ For each shape x dtype x {forward, forward+backward} it times, interleaved withi
 * ``recipe``   - the migration guide's straightforward code: a chain of full-size float32
                  temporaries (x.float(), silu(z.float()), view groups, pow/mean/rsqrt, weight,
                  gate, .to(dtype)); fwd+bwd is autograd through it;
-* ``native``   - gatednorm, backend="native" (eager: small row blocks spread over worker threads);
+* ``native``   - gatednorm, backend="native" (on CPU: its C forward kernel where a C compiler built it,
+                 PyTorch ops in small row blocks otherwise and for the backward; over worker threads);
+* ``native blocks`` - the same with the C kernel switched off (shown where the kernel is built);
 * ``compiled`` - gatednorm, backend="compiled" (the native formula under torch.compile);
 * ``inductor`` - torch.compile of the recipe (what a user gets by compiling the recipe);
 * ``floor``    - PyTorch's own norm on x alone (F.rms_norm / F.layer_norm: no gate, one group per row),
@@ -56,6 +58,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
 import gatednorm  # noqa: E402
 from gatednorm.backends import compiled as compiled_backend  # noqa: E402
+from gatednorm.backends import native_cpu_kernel  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 EPS = 1e-6
@@ -83,7 +86,10 @@ CASES = [
 #: shown when the table has that column.
 LEGEND = [
     ("recipe", "the straightforward float32 code (x.float(), silu(z.float()), pow/mean/rsqrt, weight, gate, .to)"),
-    ("native", "gatednorm backend=\"native\" (eager PyTorch ops in small row blocks over worker threads)"),
+    ("native", "gatednorm backend=\"native\" (on CPU, float32/bf16: its C forward kernel, one pass per row, where a\n"
+               "            C compiler built it; the backward and other dtypes: PyTorch ops in small row blocks;\n"
+               "            both over worker threads)"),
+    ("native blocks", "the same with the C kernel switched off: PyTorch ops in small row blocks (the fallback)"),
     ("compiled", "gatednorm backend=\"compiled\" (the same formula under torch.compile)"),
     ("inductor", "torch.compile of the recipe"),
     ("floor", "PyTorch's own norm of x alone (F.rms_norm / F.layer_norm, no gate, one group per row), for\n"
@@ -133,6 +139,14 @@ def gated(backend):
     def run(x, w, b, z, group_size, gate, rms):
         return gatednorm.layernorm_fn(x, w, b, z, eps=EPS, group_size=group_size, norm_before_gate=gate != "before",
                                       is_rms_norm=rms, backend=backend)
+    return run
+
+
+def block_kernels(fn):
+    """fn with the native backend's C forward kernel switched off (the pure-PyTorch block kernels)."""
+    def run(*args):
+        with native_cpu_kernel.enabled(False):
+            return fn(*args)
     return run
 
 
@@ -499,6 +513,8 @@ def main(argv=None):
         print("# contention runs need a CPU device and at least 2 cores this process may use: skipped")
     meter = Meter(device)
     impls = {"recipe": recipe, "native": gated("native")}
+    if device.type == "cpu" and native_cpu_kernel.library() is not None:
+        impls["native blocks"] = block_kernels(gated("native"))
     if not args.no_compile:
         impls["compiled"] = gated("compiled")
         impls["inductor"] = None  # one torch.compile per case (built below)

@@ -16,10 +16,12 @@ import torch
 from . import ops
 from ._platform import device_name
 from ._version import __version__
+from .backends import native_cpu_kernel
 from .settings import env_text
 
 #: The environment variables that change which backend a call gets (and Triton's interpreter switch).
-SETTINGS = ("GATEDNORM_BACKEND", "USE_NATIVE_LAYERNORM", "TRITON_INTERPRET", "GATEDNORM_PATCH")
+SETTINGS = ("GATEDNORM_BACKEND", "USE_NATIVE_LAYERNORM", "TRITON_INTERPRET", "GATEDNORM_PATCH", "GATEDNORM_CPU_KERNEL",
+            "GATEDNORM_CACHE_DIR")
 
 
 def _version(distribution: str) -> str | None:
@@ -69,6 +71,8 @@ def info() -> dict[str, Any]:
       ``backend_importable`` is :func:`gatednorm.triton_available` (importable is not usable: see
       each device's ``backends``);
     * ``settings``: the environment variables that steer dispatch, as set ('' when unset);
+    * ``native_cpu_kernel``: ``"in use"`` when the native backend's C forward kernel is built (on the
+      first call here, about a second with a C compiler), else why the pure-PyTorch block kernels run;
     * ``devices``: one entry per device (``cpu``, then every accelerator PyTorch reports), with
       ``device``, ``name``, ``auto`` (what ``backend="auto"`` picks there) and ``auto_reason``,
       ``default`` (what a call without ``backend=`` runs, given the environment; None when that raises)
@@ -89,6 +93,7 @@ def info() -> dict[str, Any]:
         "torch": torch.__version__,
         "triton": _triton(),
         "settings": {name: env_text(name) for name in SETTINGS},
+        "native_cpu_kernel": native_cpu_kernel.status(),
         "devices": devices,
     }
 
@@ -102,6 +107,7 @@ def format_info(data: dict[str, Any]) -> str:
         f"torch     {data['torch']}",
         f"triton    {triton['version'] or 'absent'}: {triton['note']}",
         "settings  " + (", ".join(f"{k}={v}" for k, v in data["settings"].items() if v) or "(none set)"),
+        f"native CPU forward kernel: {data['native_cpu_kernel']}",
         "",
     ]
     for d in data["devices"]:

@@ -1,0 +1,228 @@
+"""The native backend's C forward kernel (gatednorm/backends/native_cpu_kernel.c), where a C compiler built it.
+
+Held to the contract of docs/design.md section 2 as the block kernels are: float64 within the tolerance
+model, a row's bits independent of the batch, its position, the row stride and the thread count, the same
+bits every call, NaN/Inf where the formula puts them, the range rescue for rows whose sums overflow or
+underflow; and the fallback to the block kernels where the kernel is off or cannot be built.
+
+Budget: a few seconds (the library is built once per machine, about a second).
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+from helpers import check_forward, check_gradients, make_inputs
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import gatednorm
+from gatednorm.backends import native_cpu, native_cpu_kernel
+from gatednorm.spec import NormSpec
+
+pytestmark = pytest.mark.skipif(
+    native_cpu_kernel.library() is None, reason=f"C kernel not built here: {native_cpu_kernel.status()}")
+
+#: (name, n, group_size, is_rms_norm, norm_before_gate (None: no gate), bias, activation)
+VARIANTS = [
+    ("rms-after-g128", 256, 128, True, True, False, "swish"),
+    ("rms-before-g640", 1280, 640, True, False, False, "swish"),
+    ("ln-none-bias", 2048, 2048, False, None, True, "swish"),
+    ("ln-before-g96-sigmoid", 288, 96, False, False, True, "sigmoid"),
+    ("ln-after-g50-bias", 100, 50, False, True, True, "swish"),
+    ("rms-after-g7", 21, 7, True, True, True, "sigmoid"),
+]
+
+
+def _bits(t):
+    return t.view({2: torch.int16, 4: torch.int32}[t.element_size()])
+
+
+def _spec(n, gs, rms, nbg, act, eps=1e-6):
+    return NormSpec(eps, gs, nbg is not False, rms, act)
+
+
+def _forward(x, w, b, z, spec, out_dtype=None):
+    out = torch.empty(x.shape, dtype=out_dtype or x.dtype)
+    mean, rstd = native_cpu.forward(x, w, b, z, spec, out)
+    return out, mean, rstd
+
+
+@pytest.fixture
+def kernel_calls(monkeypatch):
+    """Counts the C kernel's calls (each task makes one)."""
+    calls = []
+    real = native_cpu_kernel.forward_rows
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(native_cpu_kernel, "forward_rows", counting)
+    return calls
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("variant", VARIANTS, ids=[v[0] for v in VARIANTS])
+def test_matches_float64(variant, dtype, kernel_calls):
+    _, n, gs, rms, nbg, has_bias, act = variant
+    x, z, w, b = make_inputs(301, n, dtype, gate=nbg is not None, bias=has_bias)
+    spec = _spec(n, gs, rms, nbg, act)
+    y, mean, rstd = _forward(x, w, b, z, spec)
+    assert kernel_calls, "the C kernel did not run"
+    check_forward(y, mean, rstd, x, w, b, z, spec.eps, gs, spec.norm_before_gate, rms, act)
+
+
+def test_mixed_dtypes_and_float32_output(kernel_calls):
+    x, z, w, b = make_inputs(64, 256, torch.bfloat16, gate_dtype=torch.float32, param_dtype=torch.float32)
+    spec = _spec(256, 128, False, True, "swish")
+    y, mean, rstd = _forward(x, w, b, z, spec, out_dtype=torch.float32)
+    assert kernel_calls
+    check_forward(y, mean, rstd, x, w, b, z, spec.eps, 128, True, False, out_dtype=torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float64], ids=str)
+def test_other_dtypes_take_the_block_kernels(dtype, kernel_calls):
+    x, z, w, b = make_inputs(40, 64, dtype)
+    y, mean, rstd = _forward(x, w, b, z, _spec(64, 32, True, True, "swish"))
+    assert not kernel_calls
+    check_forward(y, mean, rstd, x, w, b, z, 1e-6, 32, True, True)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_rows_do_not_depend_on_the_batch(threads):
+    n, gs = 384, 96
+    x, z, w, b = make_inputs(3000, n, torch.bfloat16, seed=7)
+    spec = _spec(n, gs, False, False, "swish")
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        y, mean, rstd = _forward(x, w, b, z, spec)
+        # strided rows (a column slice of wider tensors: features contiguous, row stride 2n)
+        xw, zw = torch.cat([x, x], dim=1)[:, n:], torch.cat([z, z], dim=1)[:, :n]
+        ys, _, _ = _forward(xw, w, b, zw, spec)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(_bits(ys), _bits(y))
+    groups = n // gs
+    for r in (0, 1, 1499, 2998, 2999):
+        y1, m1, r1 = _forward(x[r : r + 1], w, b, z[r : r + 1], spec)
+        assert torch.equal(_bits(y1[0]), _bits(y[r])), f"row {r}: bits depend on the batch"
+        assert torch.equal(r1, rstd.view(groups, -1)[:, r]) and torch.equal(m1, mean.view(groups, -1)[:, r])
+
+
+def test_same_bits_every_call():
+    x, z, w, b = make_inputs(2000, 256, torch.float32, seed=3)
+    spec = _spec(256, 64, True, True, "swish")
+    first = _forward(x, w, b, z, spec)
+    for _ in range(3):
+        again = _forward(x, w, b, z, spec)
+        assert all(torch.equal(_bits(p), _bits(q)) for p, q in zip(first[::2], again[::2], strict=True))
+
+
+def test_nan_and_inf_propagate_like_the_block_kernels():
+    x, z, w, b = make_inputs(8, 64, torch.float32, seed=11)
+    x[1, 5] = float("nan")
+    z[2, 7] = float("inf")
+    z[3, 9] = -float("inf")
+    z[4, 0] = float("nan")
+    x[5, 3] = float("inf")
+    spec = _spec(64, 32, False, True, "swish")
+    y, _, rstd = _forward(x, w, b, z, spec)
+    with native_cpu_kernel.enabled(False):
+        y_ref, _, rstd_ref = _forward(x, w, b, z, spec)
+    assert torch.equal(torch.isnan(y), torch.isnan(y_ref)) and torch.equal(torch.isinf(y), torch.isinf(y_ref))
+    assert torch.equal(torch.isnan(rstd), torch.isnan(rstd_ref))
+    assert torch.isnan(y[1, :32]).all() and torch.isfinite(y[1, 32:]).all()  # one group of row 1
+    assert torch.isfinite(y[[0, 6, 7]]).all()
+
+
+@pytest.mark.parametrize("scale", [1e30, 1e-30], ids=["huge", "tiny"])
+def test_range_rescue_rows(scale):
+    n, gs = 128, 64
+    x, z, w, b = make_inputs(50, n, torch.float32, seed=5)
+    x[[3, 40], :gs] *= scale  # one group of two rows out of range (its squares overflow / underflow)
+    spec = _spec(n, gs, False, True, "swish", eps=0.0 if scale < 1 else 1e-6)
+    y, mean, rstd = _forward(x, w, b, z, spec)
+    check_forward(y, mean, rstd, x, w, b, z, spec.eps, gs, True, False)
+    # the neighbours keep the kernel's bits: computed alone, they give the same
+    for r in (2, 4, 39, 41):
+        y1, _, _ = _forward(x[r : r + 1], w, b, z[r : r + 1], spec)
+        assert torch.equal(_bits(y1[0]), _bits(y[r]))
+
+
+def test_gradients_with_the_kernels_statistics():
+    x, z, w, b = make_inputs(120, 256, torch.float32, seed=2)
+    for t in (x, z, w, b):
+        t.requires_grad_(True)
+    y = gatednorm.layernorm_fn(x, w, b, z=z, eps=1e-6, group_size=64, norm_before_gate=False, backend="native")
+    dy = torch.randn_like(y)
+    grads = torch.autograd.grad(y, (x, z, w, b), dy)
+    check_gradients(grads, x.detach(), w.detach(), b.detach(), z.detach(), dy, 1e-6, 64, False, False)
+
+
+def test_same_bits_under_a_dispatch_mode(kernel_calls):
+    """A mode sees no ATen op of the kernel (as with any kernel), and results do not depend on one."""
+
+    class Passthrough(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    x, z, w, b = make_inputs(64, 128, torch.bfloat16)
+    spec = _spec(128, 128, True, True, "swish")
+    with Passthrough():
+        y, mean, rstd = _forward(x, w, b, z, spec)
+    assert len(kernel_calls) == 1
+    y2, _, rstd2 = _forward(x, w, b, z, spec)
+    assert torch.equal(_bits(y), _bits(y2)) and torch.equal(rstd, rstd2)
+
+
+def test_tensor_subclasses_take_the_block_kernels(kernel_calls):
+    class Tagged(torch.Tensor):
+        pass
+
+    x, z, w, b = make_inputs(32, 64, torch.float32)
+    y, mean, rstd = _forward(x.as_subclass(Tagged), w, b, z, _spec(64, 32, True, True, "swish"))
+    assert not kernel_calls
+    check_forward(torch.Tensor(y), mean, rstd, x, w, b, z, 1e-6, 32, True, True)
+
+
+def test_switched_off_gives_the_block_kernels_bits(kernel_calls):
+    x, z, w, b = make_inputs(100, 128, torch.float32)
+    spec = _spec(128, 32, True, True, "swish")
+    with native_cpu_kernel.enabled(False):
+        y_off, _, _ = _forward(x, w, b, z, spec)
+        assert not kernel_calls
+    y_on, _, _ = _forward(x, w, b, z, spec)
+    assert kernel_calls
+    check_forward(y_on, None, None, x, w, b, z, 1e-6, 32, True, True, stats=False)
+    check_forward(y_off, None, None, x, w, b, z, 1e-6, 32, True, True, stats=False)
+
+
+def test_without_a_compiler_the_block_kernels_run(monkeypatch, tmp_path):
+    monkeypatch.setattr(native_cpu_kernel, "_state", {})
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    monkeypatch.setenv("GATEDNORM_CACHE_DIR", str(tmp_path / "cache"))
+    assert native_cpu_kernel.library() is None
+    assert "failed" in native_cpu_kernel.status()
+    x, z, w, b = make_inputs(30, 64, torch.bfloat16)
+    y, mean, rstd = _forward(x, w, b, z, _spec(64, 64, True, True, "swish"))
+    check_forward(y, mean, rstd, x, w, b, z, 1e-6, 64, True, True)
+
+
+def test_disabled_by_the_environment(monkeypatch):
+    monkeypatch.setattr(native_cpu_kernel, "_state", {})
+    monkeypatch.setenv("GATEDNORM_CPU_KERNEL", "0")
+    assert native_cpu_kernel.library() is None and "GATEDNORM_CPU_KERNEL" in native_cpu_kernel.status()
+
+
+@pytest.mark.skipif(shutil.which("cc") is None, reason="no cc")
+def test_built_once_into_the_cache(monkeypatch, tmp_path):
+    monkeypatch.setattr(native_cpu_kernel, "_state", {})
+    monkeypatch.setenv("GATEDNORM_CACHE_DIR", str(tmp_path))
+    assert native_cpu_kernel.library() is not None
+    built = list(tmp_path.glob("gatednorm_cpu_*.so"))
+    assert len(built) == 1 and not [p for p in tmp_path.iterdir() if p.is_dir()]  # no temporary left
+    monkeypatch.setattr(native_cpu_kernel, "_state", {})
+    assert native_cpu_kernel.library() is not None and list(tmp_path.glob("gatednorm_cpu_*.so")) == built
