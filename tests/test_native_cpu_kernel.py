@@ -152,14 +152,53 @@ def test_range_rescue_rows(scale):
         assert torch.equal(_bits(y1[0]), _bits(y[r]))
 
 
-def test_gradients_with_the_kernels_statistics():
-    x, z, w, b = make_inputs(120, 256, torch.float32, seed=2)
-    for t in (x, z, w, b):
-        t.requires_grad_(True)
-    y = gatednorm.layernorm_fn(x, w, b, z=z, eps=1e-6, group_size=64, norm_before_gate=False, backend="native")
+@pytest.fixture
+def backward_calls(monkeypatch):
+    """Counts the C backward's calls (each task makes one)."""
+    calls = []
+    real = native_cpu_kernel.backward_rows
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(native_cpu_kernel, "backward_rows", counting)
+    return calls
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("variant", VARIANTS, ids=[v[0] for v in VARIANTS])
+def test_gradients_match_float64(variant, dtype, backward_calls):
+    _, n, gs, rms, nbg, has_bias, act = variant
+    x, z, w, b = make_inputs(257, n, dtype, gate=nbg is not None, bias=has_bias and not rms)
+    inputs = (x, z, w, b)
+    leaves = [t.requires_grad_(True) for t in inputs if t is not None]
+    fn = gatednorm.rmsnorm_fn if rms else gatednorm.layernorm_fn
+    y = fn(x, w, b, z, 1e-6, gs, norm_before_gate=nbg is not False, activation=act, backend="native")
     dy = torch.randn_like(y)
-    grads = torch.autograd.grad(y, (x, z, w, b), dy)
-    check_gradients(grads, x.detach(), w.detach(), b.detach(), z.detach(), dy, 1e-6, 64, False, False)
+    grads = iter(torch.autograd.grad(y, leaves, dy))
+    got = [next(grads) if t is not None else None for t in inputs]
+    assert backward_calls, "the C backward did not run"
+    x, z, w, b = (t.detach() if t is not None else None for t in inputs)
+    check_gradients(got, x, w, b, z, dy, 1e-6, gs, nbg is not False, rms, act)
+
+
+def test_gradients_do_not_depend_on_the_batch_and_repeat():
+    n, gs = 256, 64
+    x, z, w, b = make_inputs(1500, n, torch.bfloat16, seed=9)
+    dy = torch.randn(1500, n).to(torch.bfloat16)
+    spec = _spec(n, gs, False, False, "swish")
+    _, mean, rstd = _forward(x, w, b, z, spec)
+    full = native_cpu.backward(dy, x, w, b, z, mean, rstd, spec)
+    again = native_cpu.backward(dy, x, w, b, z, mean, rstd, spec)
+    assert all(torch.equal(_bits(p), _bits(q)) for p, q in zip(full, again, strict=True))
+    groups = n // gs
+    for r in (0, 777, 1499):
+        sl = slice(r, r + 1)
+        _, m1, r1 = _forward(x[sl], w, b, z[sl], spec)
+        one = native_cpu.backward(dy[sl], x[sl], w, b, z[sl], m1, r1, spec)
+        assert torch.equal(_bits(one[0][0]), _bits(full[0][r])) and torch.equal(_bits(one[1][0]), _bits(full[1][r]))
+        assert torch.equal(r1, rstd.view(groups, -1)[:, r])
 
 
 def test_same_bits_under_a_dispatch_mode(kernel_calls):

@@ -16,7 +16,6 @@ import torch
 from . import ops
 from ._platform import device_name
 from ._version import __version__
-from .backends import native_cpu_kernel
 from .settings import env_text
 
 #: The environment variables that change which backend a call gets (and Triton's interpreter switch).
@@ -93,7 +92,7 @@ def info() -> dict[str, Any]:
         "torch": torch.__version__,
         "triton": _triton(),
         "settings": {name: env_text(name) for name in SETTINGS},
-        "native_cpu_kernel": native_cpu_kernel.status(),
+        "native_cpu_kernel": ops.native_cpu_kernel_status(),
         "devices": devices,
     }
 

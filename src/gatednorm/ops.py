@@ -210,6 +210,14 @@ def auto_backend(device: torch.device) -> str:
     return "triton" if device.type == "cuda" and triton_available() else "native"
 
 
+def native_cpu_kernel_status() -> str:
+    """'in use' when the native backend's C kernel for CPU is built (built here on first use, about a
+    second with a C compiler), else why its pure-PyTorch block loops run instead."""
+    from .backends import native_cpu_kernel
+
+    return native_cpu_kernel.status()
+
+
 def backend_problem(name: str, device: torch.device) -> str | None:
     """Why the concrete backend ``name`` cannot run tensors on ``device`` (None when it can)."""
     if name == "triton":

@@ -858,6 +858,9 @@ def _backward(dy, x, weight, bias, z, mean, rstd, spec: NormSpec, needs_dx: bool
     dx = torch.empty(m, n, dtype=x.dtype, device=dev) if needs_dx else None
     dz = torch.empty(m, n, dtype=z.dtype, device=dev) if (needs_dz and has_z) else None
     has_db = needs_dbias and bias is not None
+    if _use_cpu_kernel_backward(dy, x, z, weight, bias, mean, rstd):
+        return _backward_cpu_kernel(dy, x, weight, bias, z, mean, rstd, spec, dx, dz, needs_dweight, has_db,
+                                    block_elements)
     plan = _Plan(m, n, block_elements, (dy, x, z, weight, bias))
     step = plan.step
     part_w = torch.empty(plan.tasks, n, dtype=c, device=dev) if needs_dweight else None
@@ -889,6 +892,40 @@ def _backward(dy, x, weight, bias, z, mean, rstd, spec: NormSpec, needs_dx: bool
                       *state, r0, r1, step, gs, gate_before, swish, need_dxin, plan.threads)
 
     plan.run(run_task, make_state)
+    dweight = _sum_tasks(part_w, weight.dtype) if part_w is not None else None
+    dbias = _sum_tasks(part_b, bias.dtype) if part_b is not None else None
+    return dx, dz, dweight, dbias
+
+
+def _use_cpu_kernel_backward(dy, x, z, weight, bias, mean, rstd) -> bool:
+    """:func:`_use_cpu_kernel` for the backward: plain CPU tensors, dy / x / z in float32 / bf16 with
+    contiguous features (dx and dz take x's and z's dtypes), statistics float32 and contiguous."""
+    return (x.device.type == "cpu" and rstd.is_contiguous() and (mean is None or mean.is_contiguous())
+            and all(t is None or type(t) in _PLAIN_TENSORS for t in (dy, x, z, weight, bias, mean, rstd))
+            and native_cpu_kernel.supports_backward(dy, x, z))
+
+
+def _backward_cpu_kernel(dy, x, weight, bias, z, mean, rstd, spec: NormSpec, dx, dz, needs_dweight: bool,
+                         has_db: bool, block_elements: int):
+    """The backward through the C kernel: the block kernels' tasks and pool, one call per task; each task
+    writes its dx / dz rows and one row of dweight / dbias partial sums, summed in task order after."""
+    m, n = x.shape
+    plan = _Plan(m, n, block_elements, (dy, x, z), compiled_kernel=True)
+    part_w = torch.empty(plan.tasks, n, dtype=torch.float32) if needs_dweight else None
+    part_b = torch.empty(plan.tasks, n, dtype=torch.float32) if has_db else None
+    weight_c = weight.to(torch.float32).contiguous()
+    bias_c = bias.to(torch.float32).contiguous() if bias is not None else None
+    gate_before = z is not None and not spec.norm_before_gate
+    sigmoid = spec.activation == "sigmoid"
+
+    def run_task(task: int, state) -> None:
+        r0, r1 = plan.rows(task, m)
+        native_cpu_kernel.backward_rows(dy, x, z, weight_c, bias_c, mean, rstd, dx, dz,
+                                        part_w[task] if part_w is not None else None,
+                                        part_b[task] if part_b is not None else None,
+                                        r0, r1, spec.group_size, spec.is_rms_norm, gate_before, sigmoid)
+
+    plan.run(run_task, lambda: None)
     dweight = _sum_tasks(part_w, weight.dtype) if part_w is not None else None
     dbias = _sum_tasks(part_b, bias.dtype) if part_b is not None else None
     return dx, dz, dweight, dbias

@@ -54,6 +54,15 @@ static void load_row(const void *src, int dtype, int64_t n, float *dst) {
     }
 }
 
+static void store_row(const float *src, int64_t n, int dtype, void *dst) {
+    if (dtype == GN_BF16) {
+        uint16_t *o = (uint16_t *)dst;
+        for (int64_t i = 0; i < n; i++) o[i] = f32_to_bf16(src[i]);
+    } else {
+        memcpy(dst, src, (size_t)n * sizeof(float));
+    }
+}
+
 /* e^x; about 1 ulp for |x| < 87; 0 below -87.3 (no denormals), inf from 88.4 (the largest finite
  * results are not produced); NaN propagates. */
 static inline float gn_exp(float x) {
@@ -160,15 +169,120 @@ int64_t gn_forward_rows(const void *x, int x_dtype, int64_t stride_x, const void
             for (int64_t i = 0; i < N; i++) xr[i] = xr[i] + b[i];
         if (z != NULL && !gate_before)
             for (int64_t i = 0; i < N; i++) xr[i] = xr[i] * ar[i];
-        void *yrow = (char *)y + (size_t)(m * stride_y) * yb;
-        if (y_dtype == GN_BF16) {
-            uint16_t *o = (uint16_t *)yrow;
-            for (int64_t i = 0; i < N; i++) o[i] = f32_to_bf16(xr[i]);
-        } else {
-            memcpy(yrow, xr, (size_t)N * sizeof(float));
-        }
+        store_row(xr, N, y_dtype, (char *)y + (size_t)(m * stride_y) * yb);
     }
     free(xr);
     free(ar);
     return bad;
+}
+
+/* Rows per chunk of the dweight / dbias partial sums: rows are added one by one into a chunk's sum, the
+ * chunks one by one into the task's (two short sequential sums instead of one long one). */
+#define SUM_CHUNK_ROWS 32
+
+/* Gradients of rows [r0, r1) (see backends/native_cpu.py, _backward_rows, for the formulas):
+ *
+ *     xhat = (xc - mean) * rstd, g = dy [* act(z) when the gate comes after]
+ *     dz   = dy * (xhat * w + b) * act'(z)                          (gate after)
+ *     part_w += g * xhat, part_b += g                                (this task's partial sums)
+ *     wdy  = g * w, dxc = (wdy - mean(wdy) - xhat * mean(xhat * wdy)) * rstd   (RMSNorm: no mean(wdy))
+ *     dz   = dxc * x * act'(z), dx = dxc * act(z)                   (gate first; else dx = dxc)
+ *
+ * act is recomputed with the forward's formula, so xhat is the forward's bit for bit. dx, dz, part_w,
+ * part_b may be NULL (not needed). part_w / part_b: N floats each, overwritten. Returns 0, or -1 when out
+ * of memory. */
+int64_t gn_backward_rows(const void *dy, int dy_dtype, int64_t stride_dy, const void *x, int x_dtype,
+                         int64_t stride_x, const void *z, int z_dtype, int64_t stride_z, const float *w,
+                         const float *b, const float *mean, const float *rstd, void *dx, int dx_dtype,
+                         int64_t stride_dx, void *dz, int dz_dtype, int64_t stride_dz, float *part_w,
+                         float *part_b, int64_t M, int64_t r0, int64_t r1, int64_t N, int64_t gs, int is_rms,
+                         int gate_before, int sigmoid_only) {
+    const int nbuf = 9;
+    float *buf = (float *)malloc((size_t)N * nbuf * sizeof(float));
+    if (buf == NULL) return -1;
+    float *xr = buf, *gr = buf + N, *zr = buf + 2 * N, *act = buf + 3 * N, *dact = buf + 4 * N;
+    float *xh = buf + 5 * N, *t = buf + 6 * N, *chunk_w = buf + 7 * N, *chunk_b = buf + 8 * N;
+    const int64_t groups = N / gs;
+    const float gs_f = (float)gs;
+    const size_t dyb = dy_dtype == GN_BF16 ? 2 : 4, xb = x_dtype == GN_BF16 ? 2 : 4, zb = z_dtype == GN_BF16 ? 2 : 4;
+    const size_t dxb = dx_dtype == GN_BF16 ? 2 : 4, dzb = dz_dtype == GN_BF16 ? 2 : 4;
+    const int gate_after = z != NULL && !gate_before;
+    const int need_dxc = dx != NULL || (gate_before && dz != NULL);
+    if (part_w != NULL) memset(part_w, 0, (size_t)N * sizeof(float));
+    if (part_b != NULL) memset(part_b, 0, (size_t)N * sizeof(float));
+    memset(chunk_w, 0, (size_t)N * sizeof(float));
+    memset(chunk_b, 0, (size_t)N * sizeof(float));
+    for (int64_t m = r0; m < r1; m++) {
+        load_row((const char *)x + (size_t)(m * stride_x) * xb, x_dtype, N, xr);
+        load_row((const char *)dy + (size_t)(m * stride_dy) * dyb, dy_dtype, N, gr);
+        if (z != NULL) {
+            load_row((const char *)z + (size_t)(m * stride_z) * zb, z_dtype, N, zr);
+            activation(zr, N, sigmoid_only, act);
+            for (int64_t i = 0; i < N; i++) {
+                float s = 1.0f / (1.0f + gn_exp(-zr[i]));
+                dact[i] = sigmoid_only ? s * (1.0f - s) : ((1.0f - s) * zr[i] + 1.0f) * s;
+            }
+        }
+        /* xhat, per group */
+        for (int64_t g = 0; g < groups; g++) {
+            const float rs = rstd[g * M + m], mu = is_rms ? 0.0f : mean[g * M + m];
+            const float *xs = xr + g * gs;
+            float *h = xh + g * gs;
+            if (gate_before) {
+                const float *a = act + g * gs;
+                if (is_rms)
+                    for (int64_t i = 0; i < gs; i++) h[i] = (xs[i] * a[i]) * rs;
+                else
+                    for (int64_t i = 0; i < gs; i++) h[i] = (xs[i] * a[i] - mu) * rs;
+            } else if (is_rms) {
+                for (int64_t i = 0; i < gs; i++) h[i] = xs[i] * rs;
+            } else {
+                for (int64_t i = 0; i < gs; i++) h[i] = (xs[i] - mu) * rs;
+            }
+        }
+        if (gate_after) {
+            if (dz != NULL) {
+                for (int64_t i = 0; i < N; i++) {
+                    float p = xh[i] * w[i];
+                    if (b != NULL) p = p + b[i];
+                    t[i] = (p * gr[i]) * dact[i];
+                }
+                store_row(t, N, dz_dtype, (char *)dz + (size_t)(m * stride_dz) * dzb);
+            }
+            for (int64_t i = 0; i < N; i++) gr[i] = gr[i] * act[i];
+        }
+        if (part_w != NULL)
+            for (int64_t i = 0; i < N; i++) chunk_w[i] += gr[i] * xh[i];
+        if (part_b != NULL)
+            for (int64_t i = 0; i < N; i++) chunk_b[i] += gr[i];
+        if ((m - r0) % SUM_CHUNK_ROWS == SUM_CHUNK_ROWS - 1 || m == r1 - 1) {
+            if (part_w != NULL)
+                for (int64_t i = 0; i < N; i++) { part_w[i] += chunk_w[i]; chunk_w[i] = 0.0f; }
+            if (part_b != NULL)
+                for (int64_t i = 0; i < N; i++) { part_b[i] += chunk_b[i]; chunk_b[i] = 0.0f; }
+        }
+        if (!need_dxc) continue;
+        for (int64_t i = 0; i < N; i++) gr[i] = gr[i] * w[i]; /* wdy */
+        for (int64_t g = 0; g < groups; g++) {
+            const float rs = rstd[g * M + m];
+            float *wd = gr + g * gs, *h = xh + g * gs, *tt = t + g * gs;
+            for (int64_t i = 0; i < gs; i++) tt[i] = h[i] * wd[i];
+            const float c1 = cascade_sum(tt, gs, 0) / gs_f;
+            if (!is_rms) {
+                const float c2 = cascade_sum(wd, gs, 0) / gs_f;
+                for (int64_t i = 0; i < gs; i++) wd[i] = wd[i] - c2;
+            }
+            for (int64_t i = 0; i < gs; i++) wd[i] = (wd[i] - h[i] * c1) * rs; /* dL/dxc */
+        }
+        if (gate_before) {
+            if (dz != NULL) {
+                for (int64_t i = 0; i < N; i++) t[i] = (gr[i] * xr[i]) * dact[i];
+                store_row(t, N, dz_dtype, (char *)dz + (size_t)(m * stride_dz) * dzb);
+            }
+            for (int64_t i = 0; i < N; i++) gr[i] = gr[i] * act[i];
+        }
+        if (dx != NULL) store_row(gr, N, dx_dtype, (char *)dx + (size_t)(m * stride_dx) * dxb);
+    }
+    free(buf);
+    return 0;
 }

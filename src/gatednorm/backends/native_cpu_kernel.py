@@ -107,6 +107,10 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
     fn.argtypes = [ptr, i32, i64, ptr, i32, i64, ptr, ptr, ptr, i32, i64, ptr, ptr, i64, i64, i64, i64, i64,
                    ctypes.c_float, i32, i32, i32, ctypes.c_float]
     fn.restype = i64
+    bwd = lib.gn_backward_rows
+    bwd.argtypes = [ptr, i32, i64, ptr, i32, i64, ptr, i32, i64, ptr, ptr, ptr, ptr, ptr, i32, i64, ptr, i32, i64,
+                    ptr, ptr, i64, i64, i64, i64, i64, i32, i32, i32]
+    bwd.restype = i64
     return lib, ""
 
 
@@ -146,6 +150,43 @@ def supports(x: torch.Tensor, z: torch.Tensor | None, out: torch.Tensor) -> bool
     return (_switch["on"] and x.dtype in _DTYPES and out.dtype in _DTYPES and (z is None or z.dtype in _DTYPES)
             and x.stride(1) == 1 and out.stride(1) == 1 and (z is None or z.stride(1) == 1)
             and library() is not None)
+
+
+def supports_backward(dy: torch.Tensor, x: torch.Tensor, z: torch.Tensor | None) -> bool:
+    """Whether :func:`backward_rows` handles these tensors (its outputs take x's and z's dtypes)."""
+    tensors = (dy, x) if z is None else (dy, x, z)
+    return _switch["on"] and all(t.dtype in _DTYPES and t.stride(1) == 1 for t in tensors) and library() is not None
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return t.data_ptr() if t is not None else None
+
+
+def _code(t: torch.Tensor | None) -> int:
+    return _DTYPES[t.dtype] if t is not None else 0
+
+
+def _row_stride(t: torch.Tensor | None) -> int:
+    return t.stride(0) if t is not None else 0
+
+
+def backward_rows(dy: torch.Tensor, x: torch.Tensor, z: torch.Tensor | None, weight_c: torch.Tensor,
+                  bias_c: torch.Tensor | None, mean: torch.Tensor | None, rstd: torch.Tensor,
+                  dx: torch.Tensor | None, dz: torch.Tensor | None, part_w: torch.Tensor | None,
+                  part_b: torch.Tensor | None, r0: int, r1: int, group_size: int, is_rms: bool, gate_before: bool,
+                  sigmoid: bool) -> None:
+    """Gradients of rows [r0, r1): dx / dz rows written (None: not needed); part_w / part_b (N,) float32
+    overwritten with these rows' dweight / dbias sums. mean/rstd as :func:`forward_rows` wrote them."""
+    lib = library()
+    assert lib is not None
+    m, n = x.shape
+    status = lib.gn_backward_rows(
+        _ptr(dy), _code(dy), _row_stride(dy), _ptr(x), _code(x), _row_stride(x), _ptr(z), _code(z), _row_stride(z),
+        weight_c.data_ptr(), _ptr(bias_c), _ptr(mean), rstd.data_ptr(),
+        _ptr(dx), _code(dx), _row_stride(dx), _ptr(dz), _code(dz), _row_stride(dz), _ptr(part_w), _ptr(part_b),
+        m, r0, r1, n, group_size, int(is_rms), int(gate_before), int(sigmoid))
+    if status < 0:
+        raise MemoryError("gatednorm CPU kernel: out of memory for one row's buffers")
 
 
 def forward_rows(x: torch.Tensor, z: torch.Tensor | None, weight_c: torch.Tensor, bias_c: torch.Tensor | None,
