@@ -38,11 +38,10 @@ The design: coarse-grained, dynamically scheduled work
 * Alternatives measured (2 cores): ``torch.set_num_threads(1)`` around the old path survives
   contention but is a process-wide setting and takes 1.8-2x the quiet time of either parallel path;
   a C++ extension (``torch.utils.cpp_extension``) took 25 s to build a trivial at::vec kernel here.
-* The forward of float32 / bfloat16 tensors runs a C kernel instead of the block kernels where a C
-  compiler built it (:mod:`.native_cpu_kernel`: one pass per row, built in about a second on first use,
-  called through ctypes without the GIL by the same tasks and pool): 1.3-2x faster than the block
-  kernels. The block kernels remain the fallback (no compiler, float16 / float64, Python modes active)
-  and the backward.
+* Forward and backward of float32 / bfloat16 tensors run a C kernel instead of the block kernels where a
+  C compiler built it (:mod:`.native_cpu_kernel`: one pass per row, built in about a second on first use,
+  called through ctypes without the GIL by the same tasks and pool). The block kernels below remain the
+  fallback (no compiler, float16 / float64, tensor subclasses) and the reference.
 
 Batch invariance and determinism
 --------------------------------

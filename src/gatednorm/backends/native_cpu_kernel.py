@@ -1,4 +1,5 @@
-"""The native backend's compiled CPU forward: ``native_cpu_kernel.c``, built on first use where a C compiler is.
+"""The native backend's CPU forward and backward in C (``native_cpu_kernel.c``), built on first use where a C
+compiler is.
 
 Why a C kernel
 --------------
@@ -17,9 +18,11 @@ needs no matching compiler ABI, and a ctypes call releases the GIL, so the worke
 
 When it is used
 ---------------
-Forward calls of the native backend on CPU whose x, z and out are float32 or bfloat16 with contiguous
-features (anything else, float16 and float64 included, takes the block kernels), plain tensors, no
-Python dispatch or function mode active. ``GATEDNORM_CPU_KERNEL=0`` turns it off; without a compiler,
+Forward and backward calls of the native backend on CPU whose x, z, dy and outputs are float32 or
+bfloat16 with contiguous features (anything else, float16 and float64 included, takes the block
+kernels), plain tensors (subclasses such as fake or functional tensors take the block kernels; an active
+dispatch mode sees no ATen op of the kernel, as of any kernel). ``GATEDNORM_CPU_KERNEL=0`` turns it off;
+without a compiler,
 or when the build fails, the block kernels run and :func:`status` says why. The library is built with
 ``-march=native`` into ``$GATEDNORM_CACHE_DIR`` (default ``~/.cache/gatednorm``), keyed by the source,
 the compiler and the CPU's feature flags, and written atomically (concurrent first uses are safe).
@@ -31,7 +34,8 @@ can differ in its last bit and y by the float32 error the tolerances of docs/des
 The properties of section 2 hold for it as for the block kernels: a row's bits depend on that row only
 (batch invariance, any thread count), the same inputs give the same bits, NaN and Inf propagate, and
 groups whose sums overflow or underflow are redone by the range rescue (row by row, so a row's bits never
-depend on its neighbours).
+depend on its neighbours). dweight / dbias: each task sums its rows in chunks of 32, the tasks' partial
+rows are summed in task order (deterministic for a given M, as the block kernels).
 """
 
 from __future__ import annotations
