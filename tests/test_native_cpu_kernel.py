@@ -49,18 +49,27 @@ def _forward(x, w, b, z, spec, out_dtype=None):
     return out, mean, rstd
 
 
-@pytest.fixture
-def kernel_calls(monkeypatch):
-    """Counts the C kernel's calls (each task makes one)."""
-    calls = []
-    real = native_cpu_kernel.forward_rows
+def _count_calls(monkeypatch, name: str) -> list[int]:
+    """Counts the calls of native_cpu_kernel.<name> (each task of a call makes one)."""
+    calls: list[int] = []
+    real = getattr(native_cpu_kernel, name)
 
     def counting(*args, **kwargs):
         calls.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(native_cpu_kernel, "forward_rows", counting)
+    monkeypatch.setattr(native_cpu_kernel, name, counting)
     return calls
+
+
+@pytest.fixture
+def kernel_calls(monkeypatch):
+    return _count_calls(monkeypatch, "forward_rows")
+
+
+@pytest.fixture
+def backward_calls(monkeypatch):
+    return _count_calls(monkeypatch, "backward_rows")
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
@@ -150,20 +159,6 @@ def test_range_rescue_rows(scale):
     for r in (2, 4, 39, 41):
         y1, _, _ = _forward(x[r : r + 1], w, b, z[r : r + 1], spec)
         assert torch.equal(_bits(y1[0]), _bits(y[r]))
-
-
-@pytest.fixture
-def backward_calls(monkeypatch):
-    """Counts the C backward's calls (each task makes one)."""
-    calls = []
-    real = native_cpu_kernel.backward_rows
-
-    def counting(*args, **kwargs):
-        calls.append(1)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(native_cpu_kernel, "backward_rows", counting)
-    return calls
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
