@@ -245,10 +245,16 @@ def test_without_a_compiler_the_block_kernels_run(monkeypatch, tmp_path):
     check_forward(y, mean, rstd, x, w, b, z, 1e-6, 64, True, True)
 
 
-def test_disabled_by_the_environment(monkeypatch):
-    monkeypatch.setattr(native_cpu_kernel, "_state", {})
+def test_switched_off_by_the_environment_on_the_next_call(monkeypatch, kernel_calls):
+    x, z, w, b = make_inputs(20, 64, torch.float32)
+    spec = _spec(64, 32, True, True, "swish")
     monkeypatch.setenv("GATEDNORM_CPU_KERNEL", "0")
     assert native_cpu_kernel.library() is None and "GATEDNORM_CPU_KERNEL" in native_cpu_kernel.status()
+    _forward(x, w, b, z, spec)
+    assert not kernel_calls
+    monkeypatch.delenv("GATEDNORM_CPU_KERNEL")
+    _forward(x, w, b, z, spec)
+    assert kernel_calls and native_cpu_kernel.status() == "in use"
 
 
 @pytest.mark.skipif(shutil.which("cc") is None, reason="no cc")

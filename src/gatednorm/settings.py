@@ -4,7 +4,8 @@ Reading a variable costs about 0.15 us (:func:`_lookup`), so every setting is lo
 used; tests and users may change these variables at run time and the next call follows. Two
 exceptions, both read when the triton backend first loads: ``TRITON_INTERPRET`` (Triton itself decides
 at kernel-definition time whether it interprets) and ``GATEDNORM_TRITON_FAST_LAUNCH`` (a lookup per
-kernel launch, about 0.8 us, would be a measurable share of a small call's host time).
+kernel launch, about 0.8 us, would be a measurable share of a small call's host time); and
+``GATEDNORM_CACHE_DIR``, read when the native CPU kernel is built (once per process).
 
 ================================  =============================================================================
 variable                          effect
@@ -17,6 +18,9 @@ variable                          effect
 ``GATEDNORM_PATCH``               targets to patch (read by the opt-in ``.pth`` hook and ``apply_env_patch()``)
 ``TRITON_INTERPRET``              Triton's interpreter: lets the triton backend run on CPU tensors
 ``GATEDNORM_TRITON_FAST_LAUNCH``  ``0``: Triton's own (slower) launch path instead of the cached launcher
+``GATEDNORM_CPU_KERNEL``          ``0``: the native backend's pure-PyTorch block loops on CPU instead of its C
+                                  kernel (which is then not built either)
+``GATEDNORM_CACHE_DIR``           where the C kernel is built (default ``~/.cache/gatednorm``)
 ================================  =============================================================================
 
 The backend precedence, in one table: docs/design.md, section 4, "Choosing a backend"

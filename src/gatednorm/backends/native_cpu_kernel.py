@@ -82,8 +82,6 @@ def _cache_dir() -> Path:
 
 def _build() -> tuple[ctypes.CDLL | None, str]:
     """(the loaded library, '') or (None, why not)."""
-    if env_text("GATEDNORM_CPU_KERNEL") in ("0", "false", "no", "off"):
-        return None, "disabled by GATEDNORM_CPU_KERNEL=0"
     compiler = env_text("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
     if not compiler or not _SOURCE.exists():
         return None, "no C compiler found (cc, gcc, clang)" if not compiler else f"{_SOURCE.name} missing"
@@ -118,8 +116,16 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
     return lib, ""
 
 
+def _off_by_environment() -> bool:
+    """``GATEDNORM_CPU_KERNEL=0`` (read on every call, as every setting: see gatednorm.settings)."""
+    return env_text("GATEDNORM_CPU_KERNEL").lower() in ("0", "false", "no", "off")
+
+
 def library() -> ctypes.CDLL | None:
-    """The loaded kernel library (built on the first call), or None (see :func:`status`)."""
+    """The loaded kernel library (built on the first call), or None (see :func:`status`). Nothing is built
+    while ``GATEDNORM_CPU_KERNEL=0``."""
+    if _off_by_environment():
+        return None
     if "lib" not in _state:
         with _lock:
             if "lib" not in _state:
@@ -146,6 +152,8 @@ def enabled(on: bool) -> Iterator[None]:
 
 def status() -> str:
     """'in use' or why the block kernels run instead."""
+    if _off_by_environment():
+        return "disabled by GATEDNORM_CPU_KERNEL=0"
     return "in use" if library() is not None else str(_state.get("why", ""))
 
 
