@@ -217,9 +217,12 @@ int64_t gn_backward_rows(const void *dy, int dy_dtype, int64_t stride_dy, const 
         load_row((const char *)dy + (size_t)(m * stride_dy) * dyb, dy_dtype, N, gr);
         if (z != NULL) {
             load_row((const char *)z + (size_t)(m * stride_z) * zb, z_dtype, N, zr);
-            activation(zr, N, sigmoid_only, act);
+            /* act exactly as activation() computes it in the forward (the same e and 1 + e), so xhat is
+             * the forward's; s and act' from the same e (one exponential per element) */
             for (int64_t i = 0; i < N; i++) {
-                float s = 1.0f / (1.0f + gn_exp(-zr[i]));
+                const float d = 1.0f + gn_exp(-zr[i]);
+                const float s = 1.0f / d;
+                act[i] = sigmoid_only ? s : zr[i] / d;
                 dact[i] = sigmoid_only ? s * (1.0f - s) : ((1.0f - s) * zr[i] + 1.0f) * s;
             }
         }
