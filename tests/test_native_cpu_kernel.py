@@ -121,6 +121,19 @@ def test_rows_do_not_depend_on_the_batch(threads):
         assert torch.equal(r1, rstd.view(groups, -1)[:, r]) and torch.equal(m1, mean.view(groups, -1)[:, r])
 
 
+def test_strided_output_rows_are_written_in_place_and_only_there(kernel_calls):
+    n = 96
+    x, z, w, b = make_inputs(33, n, torch.bfloat16, seed=4)
+    store = torch.full((33, 3 * n), float("nan"), dtype=torch.bfloat16)
+    out = store[:, n : 2 * n]  # features contiguous, row stride 3n
+    spec = _spec(n, 32, False, True, "sigmoid")
+    native_cpu.forward(x, w, b, z, spec, out)
+    assert kernel_calls
+    ref, _, _ = _forward(x, w, b, z, spec)
+    assert torch.equal(_bits(out), _bits(ref))
+    assert torch.isnan(store[:, :n]).all() and torch.isnan(store[:, 2 * n :]).all()
+
+
 def test_same_bits_every_call():
     x, z, w, b = make_inputs(2000, 256, torch.float32, seed=3)
     spec = _spec(256, 64, True, True, "swish")
