@@ -95,14 +95,22 @@ static void activation(const float *z, int64_t n, int sigmoid_only, float *out) 
     }
 }
 
-static float lane_sum(const float *v, int64_t n, int squares) {
+/* Sum of v[0:n), or with `squares` of (v - mu)^2 (mu = 0 for the plain squares: v - 0 is v exactly): element
+ * i goes to lane i % LANES, the lanes are added in a fixed tree. */
+static float lane_sum(const float *v, int64_t n, int squares, float mu) {
     float acc[LANES];
     for (int k = 0; k < LANES; k++) acc[k] = 0.0f;
     int64_t i = 0;
     if (squares) {
         for (; i + LANES <= n; i += LANES)
-            for (int k = 0; k < LANES; k++) acc[k] += v[i + k] * v[i + k];
-        for (int k = 0; i + k < n; k++) acc[k] += v[i + k] * v[i + k];
+            for (int k = 0; k < LANES; k++) {
+                const float d = v[i + k] - mu;
+                acc[k] += d * d;
+            }
+        for (int k = 0; i + k < n; k++) {
+            const float d = v[i + k] - mu;
+            acc[k] += d * d;
+        }
     } else {
         for (; i + LANES <= n; i += LANES)
             for (int k = 0; k < LANES; k++) acc[k] += v[i + k];
@@ -117,10 +125,10 @@ static float lane_sum(const float *v, int64_t n, int squares) {
  * split at a multiple of LEAF: an order that depends on n only, with a rounding error growing like
  * LEAF / LANES + log2(n) (a plain loop: n / LANES), as ATen's cascade sum does. */
 #define LEAF 128
-static float cascade_sum(const float *v, int64_t n, int squares) {
-    if (n <= LEAF) return lane_sum(v, n, squares);
+static float cascade_sum(const float *v, int64_t n, int squares, float mu) {
+    if (n <= LEAF) return lane_sum(v, n, squares, mu);
     int64_t half = (n / 2 + LEAF - 1) / LEAF * LEAF;
-    return cascade_sum(v, half, squares) + cascade_sum(v + half, n - half, squares);
+    return cascade_sum(v, half, squares, mu) + cascade_sum(v + half, n - half, squares, mu);
 }
 
 /* Rows [r0, r1) of x (M, N). Row strides in elements; features contiguous. w, b: float32 (N,), b may be
@@ -150,26 +158,30 @@ int64_t gn_forward_rows(const void *x, int x_dtype, int64_t stride_x, const void
             if (gate_before)
                 for (int64_t i = 0; i < N; i++) xr[i] = xr[i] * ar[i];
         }
+        char *yrow = (char *)y + (size_t)(m * stride_y) * yb;
         for (int64_t g = 0; g < groups; g++) {
             float *v = xr + g * gs;
             float mu = 0.0f;
             if (!is_rms) {
-                mu = cascade_sum(v, gs, 0) / gs_f;
-                for (int64_t i = 0; i < gs; i++) v[i] = v[i] - mu;
+                mu = cascade_sum(v, gs, 0, 0.0f) / gs_f;
                 mean[g * M + m] = mu;
             }
-            float var_eps = cascade_sum(v, gs, 1) / gs_f + eps;
+            float var_eps = cascade_sum(v, gs, 1, mu) / gs_f + eps;
             if (!(var_eps >= safe_var_min && var_eps <= 3.40282347e38f)) bad++;
             float rs = 1.0f / sqrtf(var_eps);
             rstd[g * M + m] = rs;
-            for (int64_t i = 0; i < gs; i++) v[i] = v[i] * rs;
+            /* y = ((v - mu) * rstd * w + b) [* act(z)], one pass, the steps in the formula's order */
+            const float *wg = w + g * gs, *bg = b != NULL ? b + g * gs : NULL, *ag = ar + g * gs;
+            const int gate_after = z != NULL && !gate_before;
+            for (int64_t i = 0; i < gs; i++) {
+                float t = (v[i] - mu) * rs;
+                t = t * wg[i];
+                if (bg != NULL) t = t + bg[i];
+                if (gate_after) t = t * ag[i];
+                v[i] = t;
+            }
+            store_row(v, gs, y_dtype, yrow + (size_t)(g * gs) * yb);
         }
-        for (int64_t i = 0; i < N; i++) xr[i] = xr[i] * w[i];
-        if (b != NULL)
-            for (int64_t i = 0; i < N; i++) xr[i] = xr[i] + b[i];
-        if (z != NULL && !gate_before)
-            for (int64_t i = 0; i < N; i++) xr[i] = xr[i] * ar[i];
-        store_row(xr, N, y_dtype, (char *)y + (size_t)(m * stride_y) * yb);
     }
     free(xr);
     free(ar);
@@ -270,9 +282,9 @@ int64_t gn_backward_rows(const void *dy, int dy_dtype, int64_t stride_dy, const 
             const float rs = rstd[g * M + m];
             float *wd = gr + g * gs, *h = xh + g * gs, *tt = t + g * gs;
             for (int64_t i = 0; i < gs; i++) tt[i] = h[i] * wd[i];
-            const float c1 = cascade_sum(tt, gs, 0) / gs_f;
+            const float c1 = cascade_sum(tt, gs, 0, 0.0f) / gs_f;
             if (!is_rms) {
-                const float c2 = cascade_sum(wd, gs, 0) / gs_f;
+                const float c2 = cascade_sum(wd, gs, 0, 0.0f) / gs_f;
                 for (int64_t i = 0; i < gs; i++) wd[i] = wd[i] - c2;
             }
             for (int64_t i = 0; i < gs; i++) wd[i] = (wd[i] - h[i] * c1) * rs; /* dL/dxc */
