@@ -62,6 +62,14 @@ def _count_calls(monkeypatch, name: str) -> list[int]:
     return calls
 
 
+def test_rescue_runs_cover_only_rows_out_of_range_in_chunks():
+    rstd = torch.ones(2 * 10)  # 2 groups x 10 rows, group-major
+    rstd[[3, 4, 5, 6, 7, 9]] = float("nan")  # group 0, rows 3-7 and 9
+    rstd[10 + 8] = 0.0  # group 1, row 8
+    assert native_cpu._runs_out_of_range(rstd, 10, 3) == [(3, 6), (6, 9), (9, 10)]
+    assert native_cpu._runs_out_of_range(torch.ones(20), 10, 3) == []
+
+
 @pytest.fixture
 def kernel_calls(monkeypatch):
     return _count_calls(monkeypatch, "forward_rows")
@@ -164,12 +172,13 @@ def test_nan_and_inf_propagate_like_the_block_kernels():
 def test_range_rescue_rows(scale):
     n, gs = 128, 64
     x, z, w, b = make_inputs(50, n, torch.float32, seed=5)
-    x[[3, 40], :gs] *= scale  # one group of two rows out of range (its squares overflow / underflow)
+    bad = [3, *range(20, 40), 45]  # one group of these rows out of range (its squares overflow / underflow)
+    x[bad, :gs] *= scale
     spec = _spec(n, gs, False, True, "swish", eps=0.0 if scale < 1 else 1e-6)
     y, mean, rstd = _forward(x, w, b, z, spec)
     check_forward(y, mean, rstd, x, w, b, z, spec.eps, gs, True, False)
     # the neighbours keep the kernel's bits: computed alone, they give the same
-    for r in (2, 4, 39, 41):
+    for r in (2, 4, 19, 40, 44, 46):
         y1, _, _ = _forward(x[r : r + 1], w, b, z[r : r + 1], spec)
         assert torch.equal(_bits(y1[0]), _bits(y[r]))
 

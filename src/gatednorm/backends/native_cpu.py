@@ -728,24 +728,33 @@ def _forward_cpu_kernel(x, weight_c, bias_c, z, spec: NormSpec, out, mean, rstd,
         native_cpu_kernel.forward_rows(x, z, weight_c, bias_c, out, mean, rstd, r0, r1, *args)
 
     plan.run(run_task, lambda: None)
-    bad_rows = _rows_out_of_range(rstd, m)
-    if bad_rows:
+    runs = _runs_out_of_range(rstd, m, plan.step)
+    if runs:
         c = compute_dtype(x.dtype)
         groups = n // spec.group_size
-        state = (torch.empty(1, n, dtype=c), torch.empty(1, n, dtype=c),
-                 _fused_buffer(1, n, c, x.device, plan.threads) if z is not None else None,
+        step = plan.step
+        state = (torch.empty(step, n, dtype=c), torch.empty(step, n, dtype=c),
+                 _fused_buffer(step, n, c, x.device, plan.threads) if z is not None else None,
                  torch.empty(2, 1, 1, dtype=c) if groups == 1 else None)
         mean3 = mean.view(groups, m).t().unsqueeze(-1) if mean is not None else None
         rstd3 = rstd.view(groups, m).t().unsqueeze(-1)
-        for row in bad_rows:
-            _redo_block(x, z, weight_c, bias_c, spec, out, mean3, rstd3, state, row, row + 1, plan.threads)
+        for r0, r1 in runs:
+            _redo_block(x, z, weight_c, bias_c, spec, out, mean3, rstd3, state, r0, r1, plan.threads)
     return mean, rstd
 
 
-def _rows_out_of_range(rstd: torch.Tensor, m: int) -> list[int]:
-    """Rows holding a group whose stored rstd is outside (0, SAFE_RSTD_MAX) or NaN (see
-    :func:`_blocks_out_of_range`, which groups them by block)."""
-    return _blocks_out_of_range(rstd, m, 1)
+def _runs_out_of_range(rstd: torch.Tensor, m: int, step: int) -> list[tuple[int, int]]:
+    """[r0, r1) runs of consecutive rows that hold a group whose stored rstd is outside (0, SAFE_RSTD_MAX) or
+    NaN, at most ``step`` rows each. Only such rows are redone (the block kernels' rows are independent of
+    their block), so the rows in range keep the C kernel's bits; runs keep an all-NaN batch from being
+    redone row by row."""
+    runs: list[tuple[int, int]] = []
+    for row in _blocks_out_of_range(rstd, m, 1):
+        if runs and runs[-1][1] == row and row - runs[-1][0] < step:
+            runs[-1] = (runs[-1][0], row + 1)
+        else:
+            runs.append((row, row + 1))
+    return runs
 
 
 def _fused_buffer(step: int, n: int, dtype, device, threads: int) -> torch.Tensor:
