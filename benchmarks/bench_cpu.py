@@ -86,8 +86,8 @@ CASES = [
 #: shown when the table has that column.
 LEGEND = [
     ("recipe", "the straightforward float32 code (x.float(), silu(z.float()), pow/mean/rsqrt, weight, gate, .to)"),
-    ("native", "gatednorm backend=\"native\" (on CPU, float32/bf16: its C forward kernel, one pass per row, where a\n"
-               "            C compiler built it; the backward and other dtypes: PyTorch ops in small row blocks;\n"
+    ("native", "gatednorm backend=\"native\" (on CPU, float32/bf16: its C kernel, forward and backward, one pass\n"
+               "            per row, where a C compiler built it; other dtypes: PyTorch ops in small row blocks;\n"
                "            both over worker threads)"),
     ("native blocks", "the same with the C kernel switched off: PyTorch ops in small row blocks (the fallback)"),
     ("compiled", "gatednorm backend=\"compiled\" (the same formula under torch.compile)"),
