@@ -1,5 +1,5 @@
-/* The gated norm forward on CPU in one pass per row: the native backend's fast path where a C compiler
- * is present (gatednorm/backends/native_cpu_kernel.py builds this file on first use and falls back to the
+/* The gated norm on CPU, forward and backward, one pass per row: the native backend's fast path where a C
+ * compiler is present (gatednorm/backends/native_cpu_kernel.py builds this file on first use and falls back to the
  * pure-PyTorch block kernels where it cannot).
  *
  * Per row and group of GS features, in float32 (docs/design.md section 1):
