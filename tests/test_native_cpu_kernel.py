@@ -11,6 +11,7 @@ Budget: a few seconds (the library is built once per machine, about a second).
 from __future__ import annotations
 
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -140,6 +141,24 @@ def test_strided_output_rows_are_written_in_place_and_only_there(kernel_calls):
     ref, _, _ = _forward(x, w, b, z, spec)
     assert torch.equal(_bits(out), _bits(ref))
     assert torch.isnan(store[:, :n]).all() and torch.isnan(store[:, 2 * n :]).all()
+
+
+def test_calls_from_several_threads_at_once(kernel_calls):
+    spec = _spec(256, 64, False, False, "swish")
+    inputs = [make_inputs(700, 256, torch.bfloat16, seed=s) for s in range(6)]
+
+    def work(args):
+        x, z, w, b = args
+        y, mean, rstd = _forward(x, w, b, z, spec)
+        dy = torch.ones_like(y)
+        return (y, rstd, *native_cpu.backward(dy, x, w, b, z, mean, rstd, spec))
+
+    serial = [work(a) for a in inputs]
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        threaded = list(pool.map(work, inputs))
+    assert kernel_calls
+    for a, c in zip(serial, threaded, strict=True):
+        assert all(torch.equal(_bits(p), _bits(q)) for p, q in zip(a, c, strict=True))
 
 
 def test_same_bits_every_call():
