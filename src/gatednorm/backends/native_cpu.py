@@ -611,16 +611,23 @@ class _Plan:
         self.tasks = -(-self.blocks // self.per_task)
         self.serial_ops = _padded_length(self.step * n, 1) < ATEN_GRAIN
         self.threads = torch.get_num_threads()
-        kernels = _kernels()
-        # the TorchScript kernels run outside this thread's Python modes: only plain tensors, no mode active
-        self.scripted = (kernels.scripted and not _thread_local_modes_active()
-                         and all(t is None or type(t) in _PLAIN_TENSORS for t in tensors))
-        # the C kernel (native_cpu_kernel) opens no parallel region at all: any block size can share the pool
-        pooled = ((compiled_kernel or (self.scripted and self.serial_ops))
-                  and self.threads > 1 and self.blocks >= _MIN_POOLED_BLOCKS)
+        self.forward: Callable[..., None] = _forward_rows
+        self.backward: Callable[..., None] = _backward_rows
+        if compiled_kernel:
+            # the C kernel (native_cpu_kernel) runs the tasks: no TorchScript kernels to compile, and it opens
+            # no parallel region at all, so any block size can share the pool
+            self.scripted = False
+            pooled = True
+        else:
+            kernels = _kernels()
+            # the TorchScript kernels run outside this thread's Python modes: only plain tensors, no mode active
+            self.scripted = (kernels.scripted and not _thread_local_modes_active()
+                             and all(t is None or type(t) in _PLAIN_TENSORS for t in tensors))
+            pooled = self.scripted and self.serial_ops
+            if self.scripted:
+                self.forward, self.backward = kernels.forward, kernels.backward
+        pooled = pooled and self.threads > 1 and self.blocks >= _MIN_POOLED_BLOCKS
         self.workers = min(self.threads, self.tasks) if pooled else 1
-        self.forward = kernels.forward if self.scripted else _forward_rows
-        self.backward = kernels.backward if self.scripted else _backward_rows
 
     def rows(self, task: int, m: int) -> tuple[int, int]:
         r0 = task * self.per_task * self.step
@@ -677,7 +684,7 @@ def _forward(x, weight, bias, z, spec: NormSpec, out, block_elements: int):
     bias_c = bias.to(c) if bias is not None else None
     gate_before = z is not None and not spec.norm_before_gate
     sigmoid = spec.activation == "sigmoid"
-    if _use_cpu_kernel(x, z, out, weight, bias):
+    if _use_cpu_kernel((x, z, out), (weight, bias)):
         return _forward_cpu_kernel(x, weight_c.contiguous(), None if bias_c is None else bias_c.contiguous(), z, spec,
                                    out, mean, rstd, block_elements)
     plan = _Plan(m, n, block_elements, (x, z, out, weight, bias))
@@ -704,14 +711,16 @@ def _forward(x, weight, bias, z, spec: NormSpec, out, block_elements: int):
     return mean, rstd
 
 
-def _use_cpu_kernel(x, z, out, weight, bias) -> bool:
-    """Whether the C kernel (:mod:`.native_cpu_kernel`) runs this forward: plain CPU tensors (it reads their
-    memory; subclasses such as fake or functional tensors take the block kernels) in float32 / bf16 with
-    contiguous features, and the kernel built. An active dispatch or function mode does not matter: like
-    any kernel, it runs no ATen op that a mode could see, so results do not depend on one."""
-    return (x.device.type == "cpu"
-            and all(t is None or type(t) in _PLAIN_TENSORS for t in (x, z, out, weight, bias))
-            and native_cpu_kernel.supports(x, z, out))
+def _use_cpu_kernel(rows: tuple[torch.Tensor | None, ...], others: tuple[torch.Tensor | None, ...]) -> bool:
+    """Whether the C kernel (:mod:`.native_cpu_kernel`) runs this call: ``rows`` the (M, N) tensors it reads
+    and writes (float32 / bf16 with contiguous features, :func:`native_cpu_kernel.handles`), ``others`` the
+    rest it reads (parameters, statistics); all plain CPU tensors (it reads their memory; subclasses such as
+    fake or functional tensors take the block kernels), and the kernel built. An active dispatch or function
+    mode does not matter: like any kernel, it runs no ATen op that a mode could see, so results do not
+    depend on one."""
+    return (rows[0].device.type == "cpu"
+            and all(t is None or type(t) in _PLAIN_TENSORS for t in rows + others)
+            and native_cpu_kernel.handles(*rows))
 
 
 def _forward_cpu_kernel(x, weight_c, bias_c, z, spec: NormSpec, out, mean, rstd, block_elements: int):
@@ -721,7 +730,7 @@ def _forward_cpu_kernel(x, weight_c, bias_c, z, spec: NormSpec, out, mean, rstd,
     m, n = x.shape
     plan = _Plan(m, n, block_elements, (x, z, out), compiled_kernel=True)
     gate_before = z is not None and not spec.norm_before_gate
-    args = (spec.group_size, spec.eps, spec.is_rms_norm, gate_before, spec.activation == "sigmoid", SAFE_VAR_MIN)
+    args = (spec.group_size, spec.eps, spec.is_rms_norm, gate_before, spec.activation == "sigmoid")
 
     def run_task(task: int, state) -> None:
         r0, r1 = plan.rows(task, m)
@@ -866,7 +875,8 @@ def _backward(dy, x, weight, bias, z, mean, rstd, spec: NormSpec, needs_dx: bool
     dx = torch.empty(m, n, dtype=x.dtype, device=dev) if needs_dx else None
     dz = torch.empty(m, n, dtype=z.dtype, device=dev) if (needs_dz and has_z) else None
     has_db = needs_dbias and bias is not None
-    if _use_cpu_kernel_backward(dy, x, z, weight, bias, mean, rstd):
+    if (_use_cpu_kernel((dy, x, z), (weight, bias, mean, rstd)) and rstd.is_contiguous()
+            and (mean is None or mean.is_contiguous())):  # the kernel reads the statistics' memory directly
         return _backward_cpu_kernel(dy, x, weight, bias, z, mean, rstd, spec, dx, dz, needs_dweight, has_db,
                                     block_elements)
     plan = _Plan(m, n, block_elements, (dy, x, z, weight, bias))
@@ -903,14 +913,6 @@ def _backward(dy, x, weight, bias, z, mean, rstd, spec: NormSpec, needs_dx: bool
     dweight = _sum_tasks(part_w, weight.dtype) if part_w is not None else None
     dbias = _sum_tasks(part_b, bias.dtype) if part_b is not None else None
     return dx, dz, dweight, dbias
-
-
-def _use_cpu_kernel_backward(dy, x, z, weight, bias, mean, rstd) -> bool:
-    """:func:`_use_cpu_kernel` for the backward: plain CPU tensors, dy / x / z in float32 / bf16 with
-    contiguous features (dx and dz take x's and z's dtypes), statistics float32 and contiguous."""
-    return (x.device.type == "cpu" and rstd.is_contiguous() and (mean is None or mean.is_contiguous())
-            and all(t is None or type(t) in _PLAIN_TENSORS for t in (dy, x, z, weight, bias, mean, rstd))
-            and native_cpu_kernel.supports_backward(dy, x, z))
 
 
 def _backward_cpu_kernel(dy, x, weight, bias, z, mean, rstd, spec: NormSpec, dx, dz, needs_dweight: bool,

@@ -18,8 +18,8 @@
  * e^x is computed here (Cody-Waite reduction, degree-7 polynomial: about 1 ulp), not by libm, so the
  * loops vectorise and the result does not depend on the C library.
  *
- * Groups whose var + eps leaves [SAFE_VAR_MIN, inf) are counted in the return value and their rstd is
- * written as computed; the caller redoes those rows with the rescue (the cold path).
+ * Groups whose var + eps leaves [SAFE_VAR_MIN, inf) get their rstd written as computed; the caller finds them
+ * on the stored rstd (as it does for the block kernels) and redoes those rows with the rescue (the cold path).
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -133,12 +133,11 @@ static float cascade_sum(const float *v, int64_t n, int squares, float mu) {
 
 /* Rows [r0, r1) of x (M, N). Row strides in elements; features contiguous. w, b: float32 (N,), b may be
  * NULL; z may be NULL. mean (NULL for RMSNorm) and rstd: G * M floats, group-major (g * M + m).
- * Returns the number of groups out of range, or -1 when out of memory. */
+ * Returns 0, or -1 when out of memory. */
 int64_t gn_forward_rows(const void *x, int x_dtype, int64_t stride_x, const void *z, int z_dtype,
                         int64_t stride_z, const float *w, const float *b, void *y, int y_dtype,
                         int64_t stride_y, float *mean, float *rstd, int64_t M, int64_t r0, int64_t r1,
-                        int64_t N, int64_t gs, float eps, int is_rms, int gate_before, int sigmoid_only,
-                        float safe_var_min) {
+                        int64_t N, int64_t gs, float eps, int is_rms, int gate_before, int sigmoid_only) {
     float *xr = (float *)malloc((size_t)N * sizeof(float));
     float *ar = (float *)malloc((size_t)N * sizeof(float));
     if (xr == NULL || ar == NULL) {
@@ -149,7 +148,6 @@ int64_t gn_forward_rows(const void *x, int x_dtype, int64_t stride_x, const void
     const int64_t groups = N / gs;
     const float gs_f = (float)gs;
     const size_t xb = x_dtype == GN_BF16 ? 2 : 4, zb = z_dtype == GN_BF16 ? 2 : 4, yb = y_dtype == GN_BF16 ? 2 : 4;
-    int64_t bad = 0;
     for (int64_t m = r0; m < r1; m++) {
         load_row((const char *)x + (size_t)(m * stride_x) * xb, x_dtype, N, xr);
         if (z != NULL) {
@@ -167,7 +165,6 @@ int64_t gn_forward_rows(const void *x, int x_dtype, int64_t stride_x, const void
                 mean[g * M + m] = mu;
             }
             float var_eps = cascade_sum(v, gs, 1, mu) / gs_f + eps;
-            if (!(var_eps >= safe_var_min && var_eps <= 3.40282347e38f)) bad++;
             float rs = 1.0f / sqrtf(var_eps);
             rstd[g * M + m] = rs;
             /* y = ((v - mu) * rstd * w + b) [* act(z)], one pass, the steps in the formula's order */
@@ -185,7 +182,7 @@ int64_t gn_forward_rows(const void *x, int x_dtype, int64_t stride_x, const void
     }
     free(xr);
     free(ar);
-    return bad;
+    return 0;
 }
 
 /* Rows per chunk of the dweight / dbias partial sums: rows are added one by one into a chunk's sum, the

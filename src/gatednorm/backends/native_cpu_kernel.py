@@ -107,7 +107,7 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
     fn = lib.gn_forward_rows
     i64, ptr, i32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
     fn.argtypes = [ptr, i32, i64, ptr, i32, i64, ptr, ptr, ptr, i32, i64, ptr, ptr, i64, i64, i64, i64, i64,
-                   ctypes.c_float, i32, i32, i32, ctypes.c_float]
+                   ctypes.c_float, i32, i32, i32]
     fn.restype = i64
     bwd = lib.gn_backward_rows
     bwd.argtypes = [ptr, i32, i64, ptr, i32, i64, ptr, i32, i64, ptr, ptr, ptr, ptr, ptr, i32, i64, ptr, i32, i64,
@@ -140,8 +140,8 @@ _switch = {"on": True}
 
 @contextlib.contextmanager
 def enabled(on: bool) -> Iterator[None]:
-    """Use the C kernel (``on``) or the block kernels for native forward calls made inside the block
-    (process-wide; for tests and A/B timing). ``GATEDNORM_CPU_KERNEL=0`` turns it off for good."""
+    """Use the C kernel (``on``) or the block kernels for native forward and backward calls made inside the
+    block (process-wide; for tests and A/B timing). ``GATEDNORM_CPU_KERNEL=0`` turns it off as well."""
     before = _switch["on"]
     _switch["on"] = on
     try:
@@ -157,17 +157,12 @@ def status() -> str:
     return "in use" if library() is not None else str(_state.get("why", ""))
 
 
-def supports(x: torch.Tensor, z: torch.Tensor | None, out: torch.Tensor) -> bool:
-    """Whether :func:`forward_rows` handles these tensors (dtypes, contiguous features)."""
-    return (_switch["on"] and x.dtype in _DTYPES and out.dtype in _DTYPES and (z is None or z.dtype in _DTYPES)
-            and x.stride(1) == 1 and out.stride(1) == 1 and (z is None or z.stride(1) == 1)
+def handles(*rows: torch.Tensor | None) -> bool:
+    """Whether the kernel takes these (M, N) tensors (None: absent): float32 / bfloat16 with unit feature
+    stride, the kernel switched on and built. The forward passes x, z, out; the backward dy, x, z (dx and dz
+    take x's and z's dtypes)."""
+    return (_switch["on"] and all(t is None or (t.dtype in _DTYPES and t.stride(1) == 1) for t in rows)
             and library() is not None)
-
-
-def supports_backward(dy: torch.Tensor, x: torch.Tensor, z: torch.Tensor | None) -> bool:
-    """Whether :func:`backward_rows` handles these tensors (its outputs take x's and z's dtypes)."""
-    tensors = (dy, x) if z is None else (dy, x, z)
-    return _switch["on"] and all(t.dtype in _DTYPES and t.stride(1) == 1 for t in tensors) and library() is not None
 
 
 def _ptr(t: torch.Tensor | None) -> int | None:
@@ -203,21 +198,15 @@ def backward_rows(dy: torch.Tensor, x: torch.Tensor, z: torch.Tensor | None, wei
 
 def forward_rows(x: torch.Tensor, z: torch.Tensor | None, weight_c: torch.Tensor, bias_c: torch.Tensor | None,
                  out: torch.Tensor, mean: torch.Tensor | None, rstd: torch.Tensor, r0: int, r1: int,
-                 group_size: int, eps: float, is_rms: bool, gate_before: bool, sigmoid: bool,
-                 safe_var_min: float) -> int:
+                 group_size: int, eps: float, is_rms: bool, gate_before: bool, sigmoid: bool) -> None:
     """Rows [r0, r1) of x (M, N) into out; mean/rstd 1-D group-major float32. weight_c/bias_c contiguous
-    float32 (N,). Returns how many groups left the safe range (their rows need the rescue)."""
+    float32 (N,). Groups out of the safe range keep the rstd computed; the caller finds them on it."""
     lib = library()
     assert lib is not None
     m, n = x.shape
-    bad = lib.gn_forward_rows(
-        x.data_ptr(), _DTYPES[x.dtype], x.stride(0),
-        z.data_ptr() if z is not None else None, _DTYPES[z.dtype] if z is not None else 0,
-        z.stride(0) if z is not None else 0,
-        weight_c.data_ptr(), bias_c.data_ptr() if bias_c is not None else None,
-        out.data_ptr(), _DTYPES[out.dtype], out.stride(0),
-        mean.data_ptr() if mean is not None else None, rstd.data_ptr(),
-        m, r0, r1, n, group_size, eps, int(is_rms), int(gate_before), int(sigmoid), safe_var_min)
-    if bad < 0:
+    status = lib.gn_forward_rows(
+        _ptr(x), _code(x), _row_stride(x), _ptr(z), _code(z), _row_stride(z), weight_c.data_ptr(), _ptr(bias_c),
+        _ptr(out), _code(out), _row_stride(out), _ptr(mean), rstd.data_ptr(),
+        m, r0, r1, n, group_size, eps, int(is_rms), int(gate_before), int(sigmoid))
+    if status < 0:
         raise MemoryError("gatednorm CPU kernel: out of memory for one row's buffers")
-    return bad
