@@ -57,6 +57,12 @@ def relayout(t: torch.Tensor, layout: str) -> torch.Tensor:
     raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
 
 
+def bits(t: torch.Tensor) -> torch.Tensor:
+    """t's bit patterns as integers of its element size (2, 4 or 8 bytes): torch.equal on them compares bits,
+    so NaN equals the same NaN and -0 differs from +0."""
+    return t.contiguous().view({2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
+
+
 def make_inputs(
     m: int,
     n: int,

@@ -14,7 +14,7 @@ import textwrap
 
 import pytest
 import torch
-from helpers import check_forward, check_gradients, check_pair, make_inputs, make_like
+from helpers import bits, check_forward, check_gradients, check_pair, make_inputs, make_like
 
 import gatednorm
 from gatednorm import native, ops
@@ -47,17 +47,13 @@ def _run_forward(x, w, b, z, spec, backend=native):
     return out, mean, rstd
 
 
-def _bits(t):
-    return t.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
-
-
 def _assert_rows_alone_equal(x, w, b, z, spec, out, mean, rstd, rows):
     """Each listed row, computed on its own (M = 1), gives the same output and statistics bits."""
     m = x.shape[0]
     groups = x.shape[1] // spec.group_size
     for r in rows:
         o1, m1, r1 = _run_forward(x[r : r + 1], w, b, z[r : r + 1] if z is not None else None, spec)
-        assert torch.equal(_bits(o1[0]), _bits(out[r])), f"row {r} of {m}: output bits depend on the batch"
+        assert torch.equal(bits(o1[0]), bits(out[r])), f"row {r} of {m}: output bits depend on the batch"
         assert torch.equal(r1, rstd.view(groups, m)[:, r]), f"row {r} of {m}: rstd depends on the batch"
         if mean is not None:
             assert torch.equal(m1, mean.view(groups, m)[:, r]), f"row {r} of {m}: mean depends on the batch"
@@ -85,7 +81,7 @@ def test_block_boundaries_bitwise(dtype, n, group_size, gate, rms, activation):
                       activation)
     # and the same bits as with the default (large) blocks
     out_big, _, rstd_big = _run_forward(x, w, b, z, spec)
-    assert torch.equal(_bits(out_big), _bits(out)) and torch.equal(rstd_big, rstd)
+    assert torch.equal(bits(out_big), bits(out)) and torch.equal(rstd_big, rstd)
 
 
 def test_default_blocks_rows_straddling():
@@ -120,7 +116,7 @@ def test_strided_rows_and_out():
     spec = _spec(n, 32, "after", True)
     native.forward(xs, w[:n], None, zs, spec, out)
     ref, _, _ = _run_forward(xs.contiguous(), w[:n], None, zs.contiguous(), spec)
-    assert torch.equal(_bits(out), _bits(ref))
+    assert torch.equal(bits(out), bits(ref))
     assert torch.isnan(out_store[:, :n]).all() and torch.isnan(out_store[:, 2 * n :]).all()
 
 
@@ -233,7 +229,7 @@ def test_compiled_matches_native_without_recompiles():
     # batch invariance of the compiled kernel: row 3 of M = 300 equals row 3 computed alone
     x, z, w, y = outs[300]
     alone, _, _ = gatednorm.layer_norm_fwd(x[3:4], w, None, z=z[3:4], **kwargs)
-    assert torch.equal(_bits(alone[0]), _bits(y[3]))
+    assert torch.equal(bits(alone[0]), bits(y[3]))
 
 
 @pytest.mark.slow  # torch.compile

@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
-from helpers import check_forward, check_gradients, make_inputs
+from helpers import bits, check_forward, check_gradients, make_inputs
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import gatednorm
@@ -34,10 +34,6 @@ VARIANTS = [
     ("ln-after-g50-bias", 100, 50, False, True, True, "swish"),
     ("rms-after-g7", 21, 7, True, True, True, "sigmoid"),
 ]
-
-
-def _bits(t):
-    return t.view({2: torch.int16, 4: torch.int32}[t.element_size()])
 
 
 def _spec(n, gs, rms, nbg, act, eps=1e-6):
@@ -122,11 +118,11 @@ def test_rows_do_not_depend_on_the_batch(threads):
         ys, _, _ = _forward(xw, w, b, zw, spec)
     finally:
         torch.set_num_threads(before)
-    assert torch.equal(_bits(ys), _bits(y))
+    assert torch.equal(bits(ys), bits(y))
     groups = n // gs
     for r in (0, 1, 1499, 2998, 2999):
         y1, m1, r1 = _forward(x[r : r + 1], w, b, z[r : r + 1], spec)
-        assert torch.equal(_bits(y1[0]), _bits(y[r])), f"row {r}: bits depend on the batch"
+        assert torch.equal(bits(y1[0]), bits(y[r])), f"row {r}: bits depend on the batch"
         assert torch.equal(r1, rstd.view(groups, -1)[:, r]) and torch.equal(m1, mean.view(groups, -1)[:, r])
 
 
@@ -139,7 +135,7 @@ def test_strided_output_rows_are_written_in_place_and_only_there(kernel_calls):
     native_cpu.forward(x, w, b, z, spec, out)
     assert kernel_calls
     ref, _, _ = _forward(x, w, b, z, spec)
-    assert torch.equal(_bits(out), _bits(ref))
+    assert torch.equal(bits(out), bits(ref))
     assert torch.isnan(store[:, :n]).all() and torch.isnan(store[:, 2 * n :]).all()
 
 
@@ -158,7 +154,7 @@ def test_calls_from_several_threads_at_once(kernel_calls):
         threaded = list(pool.map(work, inputs))
     assert kernel_calls
     for a, c in zip(serial, threaded, strict=True):
-        assert all(torch.equal(_bits(p), _bits(q)) for p, q in zip(a, c, strict=True))
+        assert all(torch.equal(bits(p), bits(q)) for p, q in zip(a, c, strict=True))
 
 
 def test_same_bits_every_call():
@@ -167,7 +163,7 @@ def test_same_bits_every_call():
     first = _forward(x, w, b, z, spec)
     for _ in range(3):
         again = _forward(x, w, b, z, spec)
-        assert all(torch.equal(_bits(p), _bits(q)) for p, q in zip(first[::2], again[::2], strict=True))
+        assert all(torch.equal(bits(p), bits(q)) for p, q in zip(first[::2], again[::2], strict=True))
 
 
 def test_nan_and_inf_propagate_like_the_block_kernels():
@@ -199,7 +195,7 @@ def test_range_rescue_rows(scale):
     # the neighbours keep the kernel's bits: computed alone, they give the same
     for r in (2, 4, 19, 40, 44, 46):
         y1, _, _ = _forward(x[r : r + 1], w, b, z[r : r + 1], spec)
-        assert torch.equal(_bits(y1[0]), _bits(y[r]))
+        assert torch.equal(bits(y1[0]), bits(y[r]))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
@@ -227,13 +223,13 @@ def test_gradients_do_not_depend_on_the_batch_and_repeat():
     _, mean, rstd = _forward(x, w, b, z, spec)
     full = native_cpu.backward(dy, x, w, b, z, mean, rstd, spec)
     again = native_cpu.backward(dy, x, w, b, z, mean, rstd, spec)
-    assert all(torch.equal(_bits(p), _bits(q)) for p, q in zip(full, again, strict=True))
+    assert all(torch.equal(bits(p), bits(q)) for p, q in zip(full, again, strict=True))
     groups = n // gs
     for r in (0, 777, 1499):
         sl = slice(r, r + 1)
         _, m1, r1 = _forward(x[sl], w, b, z[sl], spec)
         one = native_cpu.backward(dy[sl], x[sl], w, b, z[sl], m1, r1, spec)
-        assert torch.equal(_bits(one[0][0]), _bits(full[0][r])) and torch.equal(_bits(one[1][0]), _bits(full[1][r]))
+        assert torch.equal(bits(one[0][0]), bits(full[0][r])) and torch.equal(bits(one[1][0]), bits(full[1][r]))
         assert torch.equal(r1, rstd.view(groups, -1)[:, r])
 
 
@@ -250,7 +246,7 @@ def test_same_bits_under_a_dispatch_mode(kernel_calls):
         y, mean, rstd = _forward(x, w, b, z, spec)
     assert len(kernel_calls) == 1
     y2, _, rstd2 = _forward(x, w, b, z, spec)
-    assert torch.equal(_bits(y), _bits(y2)) and torch.equal(rstd, rstd2)
+    assert torch.equal(bits(y), bits(y2)) and torch.equal(rstd, rstd2)
 
 
 def test_tensor_subclasses_take_the_block_kernels(kernel_calls):

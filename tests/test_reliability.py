@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
-from helpers import check_forward, check_gradients, check_pair, make_inputs, make_like
+from helpers import bits, check_forward, check_gradients, check_pair, make_inputs, make_like
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -416,10 +416,6 @@ def test_gate_saturation_pm80(backend, act, gate, dtype):
 # Batch invariance and determinism
 # ---------------------------------------------------------------------------
 
-def _bits(t: torch.Tensor) -> torch.Tensor:
-    return t.contiguous().view(torch.int16 if t.element_size() == 2 else torch.int32)
-
-
 @pytest.mark.parametrize("backend", BACKEND_PARAMS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rms,gate", [(False, "after"), (True, "before"), (False, "none")])
@@ -452,7 +448,7 @@ def test_batch_invariance(backend, dtype, rms, gate):
             for pos in placed:
                 for a, c in zip(alone, got, strict=True):
                     if a is not None:
-                        assert torch.equal(_bits(a[0]), _bits(c[pos])), f"batch {batch}, position {pos}"
+                        assert torch.equal(bits(a[0]), bits(c[pos])), f"batch {batch}, position {pos}"
 
 
 @pytest.mark.parametrize("backend", BACKEND_PARAMS)
@@ -471,7 +467,7 @@ def test_repeated_runs_same_bits_gradients_included(backend, dtype):
     first = run()
     for _ in range(3):
         for a, c in zip(first, run(), strict=True):
-            assert torch.equal(_bits(a), _bits(c))
+            assert torch.equal(bits(a), bits(c))
 
 
 # ---------------------------------------------------------------------------
