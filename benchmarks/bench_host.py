@@ -14,7 +14,10 @@ Rows (x, z of ``--shape`` in ``--dtype``, weight (N,), gated RMSNorm with ``--gr
 * ``RMSNorm module``       ``gatednorm.RMSNorm(N, group_size=...)(x, z)``;
 * ``layer_norm_fwd``       the upstream drop-in, with statistics (is_rms_norm=True);
 * ``autograd pair``        the floor of the fwd+bwd rows: ``(x * z).backward(dy)`` with x, z requiring grad;
-* ``rmsnorm_fn fwd+bwd``   / ``RMSNorm module fwd+bwd``: x, z (and the weight) require grad, ``.backward(dy)``.
+* ``rmsnorm_fn fwd+bwd``   / ``RMSNorm module fwd+bwd``: x, z (and the weight) require grad, ``.backward(dy)``;
+* ``recipe`` / ``recipe fwd+bwd``: the straightforward float32 code of the same function (``x.float()``, per
+  group ``pow(2).mean``, ``rsqrt``, weight, ``silu(z.float())``, ``.to``), what a port without gatednorm
+  runs: on CPU at small shapes (decode) the row to beat.
 
 Forward rows run under ``torch.no_grad()`` (inference); fwd+bwd rows set the leaves' ``.grad`` to None
 after each backward, in the floor as in ours (``zero_grad(set_to_none=True)``): the gradient is then
@@ -130,6 +133,15 @@ def build_cases(device: torch.device, shape: tuple[int, int], dtype: torch.dtype
     w = torch.ones(n, device=device, dtype=dtype)
     module = gatednorm.RMSNorm(n, eps=1e-6, group_size=group_size, device=device, dtype=dtype, backend=backend)
 
+    def recipe(xv: torch.Tensor, zv: torch.Tensor, wv: torch.Tensor) -> torch.Tensor:
+        xf = xv.float().view(m, n // group_size, group_size)
+        y = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6)).view(m, n)
+        return (y * wv.float() * torch.nn.functional.silu(zv.float())).to(xv.dtype)
+
+    def fwd_recipe() -> None:
+        with torch.no_grad():
+            recipe(x, z, w)
+
     def fwd_mul() -> None:
         with torch.no_grad():
             torch.mul(x, z)
@@ -168,9 +180,14 @@ def build_cases(device: torch.device, shape: tuple[int, int], dtype: torch.dtype
         module(xg, zg).backward(dy)
         reset()
 
+    def both_recipe() -> None:
+        recipe(xg, zg, wg).backward(dy)
+        reset()
+
     forward = {"torch.mul": fwd_mul, "rmsnorm_fn": fwd_fn, "RMSNorm module": fwd_module,
-               "layer_norm_fwd": fwd_stats}
-    both = {"autograd pair": pair, "rmsnorm_fn fwd+bwd": both_fn, "RMSNorm module fwd+bwd": both_module}
+               "layer_norm_fwd": fwd_stats, "recipe": fwd_recipe}
+    both = {"autograd pair": pair, "rmsnorm_fn fwd+bwd": both_fn, "RMSNorm module fwd+bwd": both_module,
+            "recipe fwd+bwd": both_recipe}
     return forward, both
 
 
@@ -203,7 +220,7 @@ def main(argv: list[str] | None = None) -> dict:
         x = torch.empty(shape, dtype=dtype)
         with override_impl(resolved, "cpu", NoOpBackend(resolved, x, args.group_size)):
             noop = {f"{name} [no-op]": fn for name, fn in cases.items()
-                    if name not in ("torch.mul", "autograd pair")}
+                    if name not in ("torch.mul", "autograd pair", "recipe", "recipe fwd+bwd")}
             timed.update(time_cases(noop, device, args.calls, args.repeats, args.warmup))
 
     rows = []

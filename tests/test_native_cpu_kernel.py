@@ -198,6 +198,58 @@ def test_range_rescue_rows(scale):
         assert torch.equal(bits(y1[0]), bits(y[r]))
 
 
+def test_range_rescue_rows_on_the_pool(monkeypatch, kernel_calls):
+    """Rows out of range in different tasks of a pooled call: the tasks' counts add up, every such row is
+    redone and the others keep the bits they have when computed alone."""
+    monkeypatch.setattr(native_cpu._Plan, "__init__", _pooled_plan_init(native_cpu._Plan.__init__))
+    n, gs = 128, 64
+    x, z, w, b = make_inputs(1200, n, torch.bfloat16, seed=6)
+    spec = _spec(n, gs, False, True, "swish")
+    for bad in ([611], [7, 611, 1199]):  # in one task (a middle one); in the first, a middle and the last
+        xb = x.clone()
+        xb[bad, gs:] *= 1e30
+        y, mean, rstd = _forward(xb, w, b, z, spec)
+        assert len(kernel_calls) > 1, "the call was not shared out into tasks"
+        check_forward(y, mean, rstd, xb, w, b, z, spec.eps, gs, True, False)
+        for r in (6, 8, 610, 612, 1198):
+            y1, _, _ = _forward(xb[r : r + 1], w, b, z[r : r + 1], spec)
+            assert torch.equal(bits(y1[0]), bits(y[r]))
+
+
+def _pooled_plan_init(real_init):
+    """_Plan.__init__ that shares any call with several blocks out to two workers (a 1-core machine too)."""
+    def init(self, m, n, block_elements, tensors, compiled_kernel=False):
+        real_init(self, m, n, 8 * n, tensors, compiled_kernel)
+        if self.tasks > 1:
+            self.workers = 2
+    return init
+
+
+@pytest.mark.parametrize("param_dtype", [torch.bfloat16, torch.float16, torch.float32, "strided"], ids=str)
+def test_parameters_of_any_dtype_and_stride(param_dtype, kernel_calls, backward_calls):
+    """weight / bias are read in bf16 or float32 as they are (others converted to float32 first): the same bits
+    as float32 parameters holding the same values, forward and backward."""
+    n, gs = 192, 64
+    x, z, w, b = make_inputs(37, n, torch.bfloat16, seed=8)
+    if param_dtype == "strided":
+        w2, b2 = torch.randn(2 * n), torch.randn(2 * n)
+        w, b = w2[::2], b2[::2]
+    else:
+        w, b = w.to(param_dtype), b.to(param_dtype)
+    spec = _spec(n, gs, False, True, "sigmoid")
+    dy = torch.randn(x.shape).to(x.dtype)
+    results = []
+    for weight, bias in ((w, b), (w.float().contiguous(), b.float().contiguous())):
+        y, mean, rstd = _forward(x, weight, bias, z, spec)
+        grads = native_cpu.backward(dy, x, weight, bias, z, mean, rstd, spec)
+        results.append((y, *grads))
+    assert kernel_calls and backward_calls
+    (y, dx, dz, dw, db), (y32, dx32, dz32, dw32, db32) = results
+    for got, want in ((y, y32), (dx, dx32), (dz, dz32), (dw, dw32.to(dw.dtype)), (db, db32.to(db.dtype))):
+        assert got.dtype == want.dtype
+        assert torch.equal(bits(got), bits(want))
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
 @pytest.mark.parametrize("variant", VARIANTS, ids=[v[0] for v in VARIANTS])
 def test_gradients_match_float64(variant, dtype, backward_calls):

@@ -666,6 +666,8 @@ def forward(
     and rstd are 1-D, G*M long, group-major (row m, group g at g*M + m), in C.
     Extra memory: about 3 compute-dtype buffers of one block per worker. M > 0.
     """
+    if _use_cpu_kernel((x, z, out), (weight, bias)):  # reads and writes memory only: no autograd to turn off
+        return _forward_cpu_kernel(x, weight, bias, z, spec, out, block_elements)
     with torch.no_grad():
         return _forward(x, weight, bias, z, spec, out, block_elements)
 
@@ -684,9 +686,6 @@ def _forward(x, weight, bias, z, spec: NormSpec, out, block_elements: int):
     bias_c = bias.to(c) if bias is not None else None
     gate_before = z is not None and not spec.norm_before_gate
     sigmoid = spec.activation == "sigmoid"
-    if _use_cpu_kernel((x, z, out), (weight, bias)):
-        return _forward_cpu_kernel(x, weight_c.contiguous(), None if bias_c is None else bias_c.contiguous(), z, spec,
-                                   out, mean, rstd, block_elements)
     plan = _Plan(m, n, block_elements, (x, z, out, weight, bias))
     step = plan.step
 
@@ -723,33 +722,51 @@ def _use_cpu_kernel(rows: tuple[torch.Tensor | None, ...], others: tuple[torch.T
             and native_cpu_kernel.handles(*rows))
 
 
-def _forward_cpu_kernel(x, weight_c, bias_c, z, spec: NormSpec, out, mean, rstd, block_elements: int):
+def _forward_cpu_kernel(x, weight, bias, z, spec: NormSpec, out, block_elements: int):
     """The forward through the C kernel: the same tasks on the same pool as the block kernels, each task one
-    call over its rows (GIL released). Rows with a group out of range are then redone one by one by the
-    block kernels' rescue, so a row's bits never depend on its neighbours."""
+    call over its rows (GIL released); a call that the pool would not share out is one call over all rows in
+    this thread (a row's bits do not depend on which call computes it). Only when the kernel counted groups
+    out of range are their rows found on the stored rstd and redone by the block kernels' rescue, so a row's
+    bits never depend on its neighbours."""
     m, n = x.shape
-    plan = _Plan(m, n, block_elements, (x, z, out), compiled_kernel=True)
+    groups = n // spec.group_size
+    mean = None if spec.is_rms_norm else torch.empty(groups * m, dtype=torch.float32)
+    rstd = torch.empty(groups * m, dtype=torch.float32)
+    weight_k, bias_k = native_cpu_kernel.params_ready(weight), native_cpu_kernel.params_ready(bias)
     gate_before = z is not None and not spec.norm_before_gate
     args = (spec.group_size, spec.eps, spec.is_rms_norm, gate_before, spec.activation == "sigmoid")
+    plan = _Plan(m, n, block_elements, (x, z, out), compiled_kernel=True)
+    if plan.workers == 1:
+        out_of_range = native_cpu_kernel.forward_rows(x, z, weight_k, bias_k, out, mean, rstd, 0, m, *args)
+    else:
+        counts: list[int] = []  # list.append is atomic: tasks on several threads add to it
 
-    def run_task(task: int, state) -> None:
-        r0, r1 = plan.rows(task, m)
-        native_cpu_kernel.forward_rows(x, z, weight_c, bias_c, out, mean, rstd, r0, r1, *args)
+        def run_task(task: int, state) -> None:
+            r0, r1 = plan.rows(task, m)
+            counts.append(native_cpu_kernel.forward_rows(x, z, weight_k, bias_k, out, mean, rstd, r0, r1, *args))
 
-    plan.run(run_task, lambda: None)
-    runs = _runs_out_of_range(rstd, m, plan.step)
-    if runs:
-        c = compute_dtype(x.dtype)
-        groups = n // spec.group_size
-        step = plan.step
-        state = (torch.empty(step, n, dtype=c), torch.empty(step, n, dtype=c),
-                 _fused_buffer(step, n, c, x.device, plan.threads) if z is not None else None,
-                 torch.empty(2, 1, 1, dtype=c) if groups == 1 else None)
-        mean3 = mean.view(groups, m).t().unsqueeze(-1) if mean is not None else None
-        rstd3 = rstd.view(groups, m).t().unsqueeze(-1)
-        for r0, r1 in runs:
-            _redo_block(x, z, weight_c, bias_c, spec, out, mean3, rstd3, state, r0, r1, plan.threads)
+        plan.run(run_task, lambda: None)
+        out_of_range = sum(counts)
+    if out_of_range:
+        with torch.no_grad():
+            _redo_rows_out_of_range(x, z, weight, bias, spec, out, mean, rstd, plan)
     return mean, rstd
+
+
+def _redo_rows_out_of_range(x, z, weight, bias, spec: NormSpec, out, mean, rstd, plan: _Plan) -> None:
+    """The C forward's cold path: the rows holding a group out of range, redone by the block kernels' rescue."""
+    m, n = x.shape
+    c = torch.float32
+    groups = n // spec.group_size
+    step = plan.step
+    state = (torch.empty(step, n, dtype=c), torch.empty(step, n, dtype=c),
+             _fused_buffer(step, n, c, x.device, plan.threads) if z is not None else None,
+             torch.empty(2, 1, 1, dtype=c) if groups == 1 else None)
+    mean3 = mean.view(groups, m).t().unsqueeze(-1) if mean is not None else None
+    rstd3 = rstd.view(groups, m).t().unsqueeze(-1)
+    bias_c = bias.to(c) if bias is not None else None
+    for r0, r1 in _runs_out_of_range(rstd, m, step):
+        _redo_block(x, z, weight.to(c), bias_c, spec, out, mean3, rstd3, state, r0, r1, plan.threads)
 
 
 def _runs_out_of_range(rstd: torch.Tensor, m: int, step: int) -> list[tuple[int, int]]:
@@ -859,6 +876,10 @@ def backward(
     dx and dz are in x's and z's dtypes, dweight/dbias in the parameters' dtypes, each rounded
     once from the compute dtype. Works in row blocks and tasks like forward (:func:`_backward_rows`).
     """
+    if (_use_cpu_kernel((dy, x, z), (weight, bias, mean, rstd)) and rstd.is_contiguous()
+            and (mean is None or mean.is_contiguous())):  # the kernel reads the statistics' memory directly
+        return _backward_cpu_kernel(dy, x, weight, bias, z, mean, rstd, spec, needs_dx, needs_dz and z is not None,
+                                    needs_dweight, needs_dbias and bias is not None, block_elements)
     with torch.no_grad():
         return _backward(dy, x, weight, bias, z, mean, rstd, spec, needs_dx, needs_dz, needs_dweight, needs_dbias,
                          block_elements)
@@ -875,10 +896,6 @@ def _backward(dy, x, weight, bias, z, mean, rstd, spec: NormSpec, needs_dx: bool
     dx = torch.empty(m, n, dtype=x.dtype, device=dev) if needs_dx else None
     dz = torch.empty(m, n, dtype=z.dtype, device=dev) if (needs_dz and has_z) else None
     has_db = needs_dbias and bias is not None
-    if (_use_cpu_kernel((dy, x, z), (weight, bias, mean, rstd)) and rstd.is_contiguous()
-            and (mean is None or mean.is_contiguous())):  # the kernel reads the statistics' memory directly
-        return _backward_cpu_kernel(dy, x, weight, bias, z, mean, rstd, spec, dx, dz, needs_dweight, has_db,
-                                    block_elements)
     plan = _Plan(m, n, block_elements, (dy, x, z, weight, bias))
     step = plan.step
     part_w = torch.empty(plan.tasks, n, dtype=c, device=dev) if needs_dweight else None
@@ -915,27 +932,33 @@ def _backward(dy, x, weight, bias, z, mean, rstd, spec: NormSpec, needs_dx: bool
     return dx, dz, dweight, dbias
 
 
-def _backward_cpu_kernel(dy, x, weight, bias, z, mean, rstd, spec: NormSpec, dx, dz, needs_dweight: bool,
-                         has_db: bool, block_elements: int):
+def _backward_cpu_kernel(dy, x, weight, bias, z, mean, rstd, spec: NormSpec, needs_dx: bool, needs_dz: bool,
+                         needs_dweight: bool, needs_db: bool, block_elements: int):
     """The backward through the C kernel: the block kernels' tasks and pool, one call per task; each task
-    writes its dx / dz rows and one row of dweight / dbias partial sums, summed in task order after."""
+    writes its dx / dz rows and one row of dweight / dbias partial sums, summed in task order after (one
+    task: its row is the sum, rounded once)."""
     m, n = x.shape
+    dx = torch.empty(m, n, dtype=x.dtype) if needs_dx else None
+    dz = torch.empty(m, n, dtype=z.dtype) if needs_dz else None
     plan = _Plan(m, n, block_elements, (dy, x, z), compiled_kernel=True)
     part_w = torch.empty(plan.tasks, n, dtype=torch.float32) if needs_dweight else None
-    part_b = torch.empty(plan.tasks, n, dtype=torch.float32) if has_db else None
-    weight_c = weight.to(torch.float32).contiguous()
-    bias_c = bias.to(torch.float32).contiguous() if bias is not None else None
+    part_b = torch.empty(plan.tasks, n, dtype=torch.float32) if needs_db else None
+    weight_k, bias_k = native_cpu_kernel.params_ready(weight), native_cpu_kernel.params_ready(bias)
     gate_before = z is not None and not spec.norm_before_gate
     sigmoid = spec.activation == "sigmoid"
 
     def run_task(task: int, state) -> None:
         r0, r1 = plan.rows(task, m)
-        native_cpu_kernel.backward_rows(dy, x, z, weight_c, bias_c, mean, rstd, dx, dz,
+        native_cpu_kernel.backward_rows(dy, x, z, weight_k, bias_k, mean, rstd, dx, dz,
                                         part_w[task] if part_w is not None else None,
                                         part_b[task] if part_b is not None else None,
                                         r0, r1, spec.group_size, spec.is_rms_norm, gate_before, sigmoid)
 
-    plan.run(run_task, lambda: None)
+    if plan.workers == 1:  # in this thread, task by task: no job for the pool
+        for task in range(plan.tasks):
+            run_task(task, None)
+    else:
+        plan.run(run_task, lambda: None)
     dweight = _sum_tasks(part_w, weight.dtype) if part_w is not None else None
     dbias = _sum_tasks(part_b, bias.dtype) if part_b is not None else None
     return dx, dz, dweight, dbias
@@ -947,6 +970,8 @@ def _sum_tasks(parts: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     Column slices below ATEN_GRAIN elements keep every reduction serial: its order depends on T only.
     """
     tasks, n = parts.shape
+    if tasks == 1:
+        return (parts[0] + 0.0).to(dtype)  # torch.sum's 0 + row (-0.0 becomes +0.0, as there), in fewer steps
     total = torch.empty(n, dtype=parts.dtype, device=parts.device)
     width = max(1, CPU_BLOCK_ELEMENTS // tasks)
     for c0 in range(0, n, width):

@@ -18,8 +18,12 @@
  * e^x is computed here (Cody-Waite reduction, degree-7 polynomial: about 1 ulp), not by libm, so the
  * loops vectorise and the result does not depend on the C library.
  *
- * Groups whose var + eps leaves [SAFE_VAR_MIN, inf) get their rstd written as computed; the caller finds them
- * on the stored rstd (as it does for the block kernels) and redoes those rows with the rescue (the cold path).
+ * Groups whose var + eps leaves [SAFE_VAR_MIN, inf) get their rstd written as computed and are counted (the
+ * forward's return value): the caller, only when the count is not 0, finds them on the stored rstd (as it does
+ * for the block kernels) and redoes those rows with the rescue (the cold path).
+ *
+ * weight and bias are read in their own dtype (float32 or bf16), converted once per call: a bf16 model's
+ * parameters need no float32 copy per call.
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -61,6 +65,14 @@ static void store_row(const float *src, int64_t n, int dtype, void *dst) {
     } else {
         memcpy(dst, src, (size_t)n * sizeof(float));
     }
+}
+
+/* weight / bias (N,) in dtype into float32 dst; src NULL leaves dst unused (returns NULL). */
+static const float *load_params(const void *src, int dtype, int64_t n, float *dst) {
+    if (src == NULL) return NULL;
+    if (dtype == GN_F32) return (const float *)src;
+    load_row(src, dtype, n, dst);
+    return dst;
 }
 
 /* e^x; about 1 ulp for |x| < 87; 0 below -87.3 (no denormals), inf from 88.4 (the largest finite
@@ -131,20 +143,20 @@ static float cascade_sum(const float *v, int64_t n, int squares, float mu) {
     return cascade_sum(v, half, squares, mu) + cascade_sum(v + half, n - half, squares, mu);
 }
 
-/* Rows [r0, r1) of x (M, N). Row strides in elements; features contiguous. w, b: float32 (N,), b may be
- * NULL; z may be NULL. mean (NULL for RMSNorm) and rstd: G * M floats, group-major (g * M + m).
- * Returns 0, or -1 when out of memory. */
+/* Rows [r0, r1) of x (M, N). Row strides in elements; features contiguous. w, b: (N,) contiguous in w_dtype /
+ * b_dtype, b may be NULL; z may be NULL. mean (NULL for RMSNorm) and rstd: G * M floats, group-major
+ * (g * M + m). Returns the number of groups whose rstd is outside (0, rstd_max) or NaN (the rows the caller
+ * redoes), or -1 when out of memory. */
 int64_t gn_forward_rows(const void *x, int x_dtype, int64_t stride_x, const void *z, int z_dtype,
-                        int64_t stride_z, const float *w, const float *b, void *y, int y_dtype,
-                        int64_t stride_y, float *mean, float *rstd, int64_t M, int64_t r0, int64_t r1,
-                        int64_t N, int64_t gs, float eps, int is_rms, int gate_before, int sigmoid_only) {
-    float *xr = (float *)malloc((size_t)N * sizeof(float));
-    float *ar = (float *)malloc((size_t)N * sizeof(float));
-    if (xr == NULL || ar == NULL) {
-        free(xr);
-        free(ar);
-        return -1;
-    }
+                        int64_t stride_z, const void *w_in, int w_dtype, const void *b_in, int b_dtype, void *y,
+                        int y_dtype, int64_t stride_y, float *mean, float *rstd, int64_t M, int64_t r0, int64_t r1,
+                        int64_t N, int64_t gs, float eps, float rstd_max, int is_rms, int gate_before,
+                        int sigmoid_only) {
+    float *buf = (float *)malloc((size_t)N * 4 * sizeof(float));
+    if (buf == NULL) return -1;
+    float *xr = buf, *ar = buf + N;
+    const float *w = load_params(w_in, w_dtype, N, buf + 2 * N), *b = load_params(b_in, b_dtype, N, buf + 3 * N);
+    int64_t out_of_range = 0;
     const int64_t groups = N / gs;
     const float gs_f = (float)gs;
     const size_t xb = x_dtype == GN_BF16 ? 2 : 4, zb = z_dtype == GN_BF16 ? 2 : 4, yb = y_dtype == GN_BF16 ? 2 : 4;
@@ -167,6 +179,7 @@ int64_t gn_forward_rows(const void *x, int x_dtype, int64_t stride_x, const void
             float var_eps = cascade_sum(v, gs, 1, mu) / gs_f + eps;
             float rs = 1.0f / sqrtf(var_eps);
             rstd[g * M + m] = rs;
+            out_of_range += !(rs > 0.0f && rs < rstd_max);
             /* y = ((v - mu) * rstd * w + b) [* act(z)], one pass, the steps in the formula's order */
             const float *wg = w + g * gs, *bg = b != NULL ? b + g * gs : NULL, *ag = ar + g * gs;
             const int gate_after = z != NULL && !gate_before;
@@ -180,9 +193,8 @@ int64_t gn_forward_rows(const void *x, int x_dtype, int64_t stride_x, const void
             store_row(v, gs, y_dtype, yrow + (size_t)(g * gs) * yb);
         }
     }
-    free(xr);
-    free(ar);
-    return 0;
+    free(buf);
+    return out_of_range;
 }
 
 /* Rows per chunk of the dweight / dbias partial sums: rows are added one by one into a chunk's sum, the
@@ -198,19 +210,20 @@ int64_t gn_forward_rows(const void *x, int x_dtype, int64_t stride_x, const void
  *     dz   = dxc * x * act'(z), dx = dxc * act(z)                   (gate first; else dx = dxc)
  *
  * act is recomputed with the forward's formula, so xhat is the forward's bit for bit. dx, dz, part_w,
- * part_b may be NULL (not needed). part_w / part_b: N floats each, overwritten. Returns 0, or -1 when out
- * of memory. */
+ * part_b may be NULL (not needed). part_w / part_b: N floats each, overwritten. w, b as for the forward.
+ * Returns 0, or -1 when out of memory. */
 int64_t gn_backward_rows(const void *dy, int dy_dtype, int64_t stride_dy, const void *x, int x_dtype,
-                         int64_t stride_x, const void *z, int z_dtype, int64_t stride_z, const float *w,
-                         const float *b, const float *mean, const float *rstd, void *dx, int dx_dtype,
-                         int64_t stride_dx, void *dz, int dz_dtype, int64_t stride_dz, float *part_w,
-                         float *part_b, int64_t M, int64_t r0, int64_t r1, int64_t N, int64_t gs, int is_rms,
-                         int gate_before, int sigmoid_only) {
-    const int nbuf = 9;
+                         int64_t stride_x, const void *z, int z_dtype, int64_t stride_z, const void *w_in,
+                         int w_dtype, const void *b_in, int b_dtype, const float *mean, const float *rstd,
+                         void *dx, int dx_dtype, int64_t stride_dx, void *dz, int dz_dtype, int64_t stride_dz,
+                         float *part_w, float *part_b, int64_t M, int64_t r0, int64_t r1, int64_t N, int64_t gs,
+                         int is_rms, int gate_before, int sigmoid_only) {
+    const int nbuf = 11;
     float *buf = (float *)malloc((size_t)N * nbuf * sizeof(float));
     if (buf == NULL) return -1;
     float *xr = buf, *gr = buf + N, *zr = buf + 2 * N, *act = buf + 3 * N, *dact = buf + 4 * N;
     float *xh = buf + 5 * N, *t = buf + 6 * N, *chunk_w = buf + 7 * N, *chunk_b = buf + 8 * N;
+    const float *w = load_params(w_in, w_dtype, N, buf + 9 * N), *b = load_params(b_in, b_dtype, N, buf + 10 * N);
     const int64_t groups = N / gs;
     const float gs_f = (float)gs;
     const size_t dyb = dy_dtype == GN_BF16 ? 2 : 4, xb = x_dtype == GN_BF16 ? 2 : 4, zb = z_dtype == GN_BF16 ? 2 : 4;

@@ -55,6 +55,7 @@ from pathlib import Path
 
 import torch
 
+from ..numerics import SAFE_RSTD_MAX
 from ..settings import env_text
 
 _SOURCE = Path(__file__).with_name("native_cpu_kernel.c")
@@ -105,13 +106,13 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
     except OSError as exc:
         return None, f"could not load {lib_path}: {exc}"
     fn = lib.gn_forward_rows
-    i64, ptr, i32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
-    fn.argtypes = [ptr, i32, i64, ptr, i32, i64, ptr, ptr, ptr, i32, i64, ptr, ptr, i64, i64, i64, i64, i64,
-                   ctypes.c_float, i32, i32, i32]
+    i64, ptr, i32, f32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_float
+    fn.argtypes = [ptr, i32, i64, ptr, i32, i64, ptr, i32, ptr, i32, ptr, i32, i64, ptr, ptr, i64, i64, i64, i64,
+                   i64, f32, f32, i32, i32, i32]
     fn.restype = i64
     bwd = lib.gn_backward_rows
-    bwd.argtypes = [ptr, i32, i64, ptr, i32, i64, ptr, i32, i64, ptr, ptr, ptr, ptr, ptr, i32, i64, ptr, i32, i64,
-                    ptr, ptr, i64, i64, i64, i64, i64, i32, i32, i32]
+    bwd.argtypes = [ptr, i32, i64, ptr, i32, i64, ptr, i32, i64, ptr, i32, ptr, i32, ptr, ptr, ptr, i32, i64, ptr,
+                    i32, i64, ptr, ptr, i64, i64, i64, i64, i64, i32, i32, i32]
     bwd.restype = i64
     return lib, ""
 
@@ -165,6 +166,13 @@ def handles(*rows: torch.Tensor | None) -> bool:
             and library() is not None)
 
 
+def params_ready(t: torch.Tensor | None) -> torch.Tensor | None:
+    """weight / bias as the kernel reads them: float32 or bf16, contiguous (others converted to float32)."""
+    if t is None or (t.dtype in _DTYPES and t.is_contiguous()):
+        return t
+    return t.to(torch.float32).contiguous()
+
+
 def _ptr(t: torch.Tensor | None) -> int | None:
     return t.data_ptr() if t is not None else None
 
@@ -177,36 +185,39 @@ def _row_stride(t: torch.Tensor | None) -> int:
     return t.stride(0) if t is not None else 0
 
 
-def backward_rows(dy: torch.Tensor, x: torch.Tensor, z: torch.Tensor | None, weight_c: torch.Tensor,
-                  bias_c: torch.Tensor | None, mean: torch.Tensor | None, rstd: torch.Tensor,
+def backward_rows(dy: torch.Tensor, x: torch.Tensor, z: torch.Tensor | None, weight: torch.Tensor,
+                  bias: torch.Tensor | None, mean: torch.Tensor | None, rstd: torch.Tensor,
                   dx: torch.Tensor | None, dz: torch.Tensor | None, part_w: torch.Tensor | None,
                   part_b: torch.Tensor | None, r0: int, r1: int, group_size: int, is_rms: bool, gate_before: bool,
                   sigmoid: bool) -> None:
     """Gradients of rows [r0, r1): dx / dz rows written (None: not needed); part_w / part_b (N,) float32
-    overwritten with these rows' dweight / dbias sums. mean/rstd as :func:`forward_rows` wrote them."""
+    overwritten with these rows' dweight / dbias sums. weight / bias from :func:`params_ready`; mean/rstd as
+    :func:`forward_rows` wrote them."""
     lib = library()
     assert lib is not None
     m, n = x.shape
     status = lib.gn_backward_rows(
         _ptr(dy), _code(dy), _row_stride(dy), _ptr(x), _code(x), _row_stride(x), _ptr(z), _code(z), _row_stride(z),
-        weight_c.data_ptr(), _ptr(bias_c), _ptr(mean), rstd.data_ptr(),
+        weight.data_ptr(), _code(weight), _ptr(bias), _code(bias), _ptr(mean), rstd.data_ptr(),
         _ptr(dx), _code(dx), _row_stride(dx), _ptr(dz), _code(dz), _row_stride(dz), _ptr(part_w), _ptr(part_b),
         m, r0, r1, n, group_size, int(is_rms), int(gate_before), int(sigmoid))
     if status < 0:
         raise MemoryError("gatednorm CPU kernel: out of memory for one row's buffers")
 
 
-def forward_rows(x: torch.Tensor, z: torch.Tensor | None, weight_c: torch.Tensor, bias_c: torch.Tensor | None,
+def forward_rows(x: torch.Tensor, z: torch.Tensor | None, weight: torch.Tensor, bias: torch.Tensor | None,
                  out: torch.Tensor, mean: torch.Tensor | None, rstd: torch.Tensor, r0: int, r1: int,
-                 group_size: int, eps: float, is_rms: bool, gate_before: bool, sigmoid: bool) -> None:
-    """Rows [r0, r1) of x (M, N) into out; mean/rstd 1-D group-major float32. weight_c/bias_c contiguous
-    float32 (N,). Groups out of the safe range keep the rstd computed; the caller finds them on it."""
+                 group_size: int, eps: float, is_rms: bool, gate_before: bool, sigmoid: bool) -> int:
+    """Rows [r0, r1) of x (M, N) into out; mean/rstd 1-D group-major float32; weight / bias (N,) from
+    :func:`params_ready`. Returns how many groups came out of the safe range (rstd outside (0, SAFE_RSTD_MAX)
+    or NaN): they keep the rstd computed, and the caller redoes their rows."""
     lib = library()
     assert lib is not None
     m, n = x.shape
     status = lib.gn_forward_rows(
-        _ptr(x), _code(x), _row_stride(x), _ptr(z), _code(z), _row_stride(z), weight_c.data_ptr(), _ptr(bias_c),
-        _ptr(out), _code(out), _row_stride(out), _ptr(mean), rstd.data_ptr(),
-        m, r0, r1, n, group_size, eps, int(is_rms), int(gate_before), int(sigmoid))
+        _ptr(x), _code(x), _row_stride(x), _ptr(z), _code(z), _row_stride(z), weight.data_ptr(), _code(weight),
+        _ptr(bias), _code(bias), _ptr(out), _code(out), _row_stride(out), _ptr(mean), rstd.data_ptr(),
+        m, r0, r1, n, group_size, eps, SAFE_RSTD_MAX, int(is_rms), int(gate_before), int(sigmoid))
     if status < 0:
         raise MemoryError("gatednorm CPU kernel: out of memory for one row's buffers")
+    return status
