@@ -247,6 +247,8 @@ def test_launch_modes_give_the_same_bits(m, n, gs, nbg, is_rms, has_bias):
         for other in results[1:]:
             for a, c in zip(results[0], other, strict=True):
                 assert torch.equal(a, c)
+    if tk._DIRECT_LAUNCH:  # the comparison above held the direct C launch, not only compiled.run
+        assert any(entry[4] is not None for entry in tk._COMPILED.values()), "no launch took the direct path"
 
 
 @pytest.mark.parametrize("is_rms", [False, True])

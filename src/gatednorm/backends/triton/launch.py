@@ -60,6 +60,16 @@ ORDER_ROWS_FASTEST, ORDER_GROUPS_FASTEST, ORDER_FLAT = 0, 1, 2
 #: bit there) through 3.9 (read in its source). Other versions take Triton's own launch path.
 FAST_LAUNCH_TRITON_VERSIONS = ((3, 6), (3, 9))
 
+#: Triton releases whose compiled launcher (``CompiledKernel.run``, a CudaLauncher) wraps a C function
+#: ``launch(grid_0, grid_1, grid_2, stream, function, cooperative, pdl, global_scratch, profile_scratch,
+#: packed_metadata, launch_metadata, launch_enter_hook, launch_exit_hook, *args)`` that takes a pointer
+#: argument as a plain int: 3.6 (read in its source, measured on an H200). There :func:`_launch` calls that
+#: function itself with the tensors' addresses. Why: for a tensor the C launcher calls its ``data_ptr``
+#: method and then the CUDA driver (cuPointerGetAttribute, to reject host memory) per pointer, and the
+#: Python wrapper around it builds two closures per call; an int takes neither path. The addresses come
+#: from tensors that the callers checked to be on the launch's CUDA device.
+DIRECT_LAUNCH_TRITON_VERSIONS = ((3, 6), (3, 6))
+
 
 def triton_version() -> tuple[int, int]:
     """(major, minor) of the installed Triton; (0, 0) when the version string is unusual."""
@@ -78,6 +88,7 @@ def _fast_launch_supported() -> bool:
 # Read once, when this backend loads (an exception to settings.py's read-per-call policy): looking the
 # variable up costs about 0.8 us, a measurable share of a launch-bound call's few microseconds of host time.
 _FAST_LAUNCH = _fast_launch_supported() and env_text("GATEDNORM_TRITON_FAST_LAUNCH") != "0"
+_DIRECT_LAUNCH = DIRECT_LAUNCH_TRITON_VERSIONS[0] <= triton_version() <= DIRECT_LAUNCH_TRITON_VERSIONS[1]
 
 
 def _fast_launch_enabled() -> bool:
@@ -86,38 +97,50 @@ def _fast_launch_enabled() -> bool:
     return _FAST_LAUNCH
 
 
+#: Per specialisation: (CompiledKernel, its launcher, CUfunction, packed metadata, the launcher's C function
+#: or None, cooperative flag, PDL flag); see :func:`_launcher_entry`.
 _COMPILED: dict = {}
 _INTERPRETER_LOCK = threading.Lock()
 #: Launches that took the cached path (a diagnostic for benchmarks and tests).
 fast_launches = 0
 
 
-def _arg_key(v):
-    if v is None:
-        return None
-    if isinstance(v, torch.Tensor):
-        return (v.dtype, v.data_ptr() % 16 == 0)
-    if isinstance(v, bool):
-        return v
-    if isinstance(v, int):
-        return (v == 1, v % 16 == 0, -(2**31) <= v < 2**31)
-    return type(v)
+def _spec_key(args: tuple) -> tuple[tuple, list]:
+    """(what Triton specialises a compiled kernel on, the arguments as the C launcher takes them).
 
-
-def _spec_key(args: tuple) -> tuple:
-    """What Triton specialises a compiled kernel on, per runtime argument: a tensor's dtype and whether its
-    address is 16-byte aligned; an integer's being 1, divisible by 16, and fitting 32 bits."""
+    Per runtime argument: a tensor's dtype and whether its address is 16-byte aligned (the launcher gets
+    the address); an integer's being 1, divisible by 16, and fitting 32 bits; for bool and float the type
+    only. One pass over the arguments for both: this runs on every launch."""
     key = []
+    values = []
     for v in args:
         if v is None:
             key.append(None)
-        elif isinstance(v, torch.Tensor):
-            key.append((v.dtype, not v.data_ptr() & 15))
+            values.append(None)
         elif v.__class__ is int:
             key.append((v == 1, not v & 15, -(2**31) <= v < 2**31))
-        else:  # bool, float: Triton specialises on the type only
+            values.append(v)
+        elif isinstance(v, torch.Tensor):
+            address = v.data_ptr()
+            key.append((v.dtype, not address & 15))
+            values.append(address)
+        else:  # bool, float
             key.append(v.__class__)
-    return tuple(key)
+            values.append(v)
+    return tuple(key), values
+
+
+def _launcher_entry(compiled) -> tuple:
+    """What :func:`_launch` keeps for a compiled kernel: the C launch function where it can call it directly
+    (a Triton in DIRECT_LAUNCH_TRITON_VERSIONS, no scratch memory to allocate per launch, no tensor
+    descriptors), else None (``compiled.run`` with the tensors)."""
+    run = compiled.run  # a property that loads the binary on first use: read once, here
+    fixed = (compiled, run, compiled.function, compiled.packed_metadata)
+    direct = getattr(run, "launch", None) if _DIRECT_LAUNCH else None
+    if (direct is None or getattr(run, "global_scratch_size", 1) or getattr(run, "profile_scratch_size", 1)
+            or getattr(direct, "__name__", "") == "inner"):  # wrap_handle_tensordesc's wrapper
+        return (*fixed, None, 0, 0)
+    return (*fixed, direct, int(run.launch_cooperative_grid), int(run.launch_pdl))
 
 
 def _launch(kernel, grid: tuple[int, int, int], args: tuple, constexprs: tuple, num_warps: int,
@@ -141,27 +164,31 @@ def _launch(kernel, grid: tuple[int, int, int], args: tuple, constexprs: tuple, 
             kernel[grid](*args, **dict(zip(names, constexprs, strict=True)), **options)
         return
     index = dev.index if dev.index is not None else torch.cuda.current_device()
-    key = (kernel, index, num_warps, pdl, constexprs, _spec_key(args))
-    compiled = _COMPILED.get(key)
-    if compiled is None:
+    spec, values = _spec_key(args)
+    key = (kernel, index, num_warps, pdl, constexprs, spec)
+    entry = _COMPILED.get(key)
+    if entry is None:
         names = kernel.arg_names[len(args):]
         compiled = kernel[grid](*args, **dict(zip(names, constexprs, strict=True)), **options)
         if compiled is not None:
-            _COMPILED[key] = compiled
+            _COMPILED[key] = _launcher_entry(compiled)
         return
     global fast_launches
     fast_launches += 1
+    compiled, run, function, packed, direct, cooperative, pdl_flag = entry
     stream = torch._C._cuda_getCurrentRawStream(index)
-    all_args = (*args, *constexprs)
     # The launch hooks exactly as JITFunction.run passes them (profilers such as proton hook in here);
-    # launch metadata is only built when a hook is actually installed.
+    # launch metadata is only built when a hook is actually installed, and then from the tensors.
     hooks = triton.knobs.runtime
     enter, leave = hooks.launch_enter_hook, hooks.launch_exit_hook
     meta = None
     if enter is not None and getattr(enter, "calls", True):
-        meta = compiled.launch_metadata(grid, stream, *all_args)
-    compiled.run(grid[0], grid[1], grid[2], stream, compiled.function, compiled.packed_metadata, meta,
-                 enter, leave, *all_args)
+        meta = compiled.launch_metadata(grid, stream, *args, *constexprs)
+    if direct is not None:
+        direct(grid[0], grid[1], grid[2], stream, function, cooperative, pdl_flag, None, None, packed, meta,
+               enter, leave, *values, *constexprs)
+    else:
+        run(grid[0], grid[1], grid[2], stream, function, packed, meta, enter, leave, *args, *constexprs)
 
 
 #: Programmatic dependent launch only for calls with fewer elements (H200, benchmarks/results): it shortens
