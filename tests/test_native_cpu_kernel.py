@@ -216,6 +216,40 @@ def test_range_rescue_rows_on_the_pool(monkeypatch, kernel_calls):
             assert torch.equal(bits(y1[0]), bits(y[r]))
 
 
+@pytest.mark.parametrize("variant", VARIANTS[:3], ids=[v[0] for v in VARIANTS[:3]])
+def test_pooled_calls_give_the_serial_bits(variant, monkeypatch):
+    """Workers that take rows (forward) and tasks (backward) from a shared counter inside C give the bits of
+    one thread doing the same tasks in order: y, statistics, dx, dz and the dweight / dbias partial sums."""
+    _, n, gs, rms, nbg, has_bias, act = variant
+    x, z, w, b = make_inputs(700, n, torch.float32, gate=nbg is not None, bias=has_bias and not rms, seed=12)
+    spec = _spec(n, gs, rms, nbg, act)
+    dy = torch.randn(x.shape)
+    shared_calls: list[bool] = []
+    for name in ("forward_rows", "backward_rows"):
+        real = getattr(native_cpu_kernel, name)
+
+        def spy(*args, _real=real, **kwargs):
+            shared_calls.append(kwargs.get("shared") is not None)
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(native_cpu_kernel, name, spy)
+    real_init = native_cpu._Plan.__init__
+    results = []
+    for pooled in (False, True):
+        def init(self, m, n_, block_elements, tensors, compiled_kernel=False, _pooled=pooled):
+            real_init(self, m, n_, 4 * n_, tensors, compiled_kernel)  # blocks of 4 rows: many tasks
+            self.workers = 2 if _pooled else 1
+
+        monkeypatch.setattr(native_cpu._Plan, "__init__", init)
+        shared_calls.clear()
+        y, mean, rstd = _forward(x, w, b, z, spec)
+        grads = native_cpu.backward(dy, x, w, b, z, mean, rstd, spec)
+        assert all(shared_calls) if pooled else not any(shared_calls)
+        results.append([t for t in (y, mean, rstd, *grads) if t is not None])
+    for serial, pooled in zip(*results, strict=True):
+        assert torch.equal(bits(serial), bits(pooled))
+
+
 def _pooled_plan_init(real_init):
     """_Plan.__init__ that shares any call with several blocks out to two workers (a 1-core machine too)."""
     def init(self, m, n, block_elements, tensors, compiled_kernel=False):

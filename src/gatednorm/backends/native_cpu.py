@@ -633,8 +633,10 @@ class _Plan:
         r0 = task * self.per_task * self.step
         return r0, min(m, r0 + self.per_task * self.step)
 
-    def run(self, run_task: Callable[[int, Any], None], make_state: Callable[[], Any]) -> None:
-        job = _Job(self.tasks, run_task, make_state)
+    def run(self, run_task: Callable[[int, Any], None], make_state: Callable[[], Any],
+            tasks: int | None = None) -> None:
+        """Run tasks 0 .. ``tasks`` (default: this plan's tasks) on the pool or in this thread."""
+        job = _Job(self.tasks if tasks is None else tasks, run_task, make_state)
         # graph optimisation off (a thread-local flag): the interpreter runs exactly the ops of the source
         with torch.jit.optimized_execution(not self.scripted):
             if self.workers > 1:
@@ -739,13 +741,16 @@ def _forward_cpu_kernel(x, weight, bias, z, spec: NormSpec, out, block_elements:
     if plan.workers == 1:
         out_of_range = native_cpu_kernel.forward_rows(x, z, weight_k, bias_k, out, mean, rstd, 0, m, *args)
     else:
-        counts: list[int] = []  # list.append is atomic: tasks on several threads add to it
+        # one kernel call per worker, each taking blocks of rows from a shared counter inside C (dynamic,
+        # so a worker on a busy core takes fewer); a worker that comes late finds none left
+        shared = (native_cpu_kernel.WorkCounter(), plan.step)
+        counts: list[int] = []  # list.append is atomic: workers on several threads add to it
 
-        def run_task(task: int, state) -> None:
-            r0, r1 = plan.rows(task, m)
-            counts.append(native_cpu_kernel.forward_rows(x, z, weight_k, bias_k, out, mean, rstd, r0, r1, *args))
+        def run_worker(_: int, state) -> None:
+            counts.append(native_cpu_kernel.forward_rows(x, z, weight_k, bias_k, out, mean, rstd, 0, m, *args,
+                                                         shared=shared))
 
-        plan.run(run_task, lambda: None)
+        plan.run(run_worker, lambda: None, tasks=plan.workers)
         out_of_range = sum(counts)
     if out_of_range:
         with torch.no_grad():
@@ -947,18 +952,22 @@ def _backward_cpu_kernel(dy, x, weight, bias, z, mean, rstd, spec: NormSpec, nee
     gate_before = z is not None and not spec.norm_before_gate
     sigmoid = spec.activation == "sigmoid"
 
-    def run_task(task: int, state) -> None:
-        r0, r1 = plan.rows(task, m)
-        native_cpu_kernel.backward_rows(dy, x, z, weight_k, bias_k, mean, rstd, dx, dz,
-                                        part_w[task] if part_w is not None else None,
-                                        part_b[task] if part_b is not None else None,
-                                        r0, r1, spec.group_size, spec.is_rms_norm, gate_before, sigmoid)
-
+    args = (spec.group_size, spec.is_rms_norm, gate_before, sigmoid)
     if plan.workers == 1:  # in this thread, task by task: no job for the pool
         for task in range(plan.tasks):
-            run_task(task, None)
+            r0, r1 = plan.rows(task, m)
+            native_cpu_kernel.backward_rows(dy, x, z, weight_k, bias_k, mean, rstd, dx, dz,
+                                            part_w[task] if part_w is not None else None,
+                                            part_b[task] if part_b is not None else None, r0, r1, *args)
     else:
-        plan.run(run_task, lambda: None)
+        # one kernel call per worker, each taking tasks from a shared counter inside C (see the forward)
+        shared = (native_cpu_kernel.WorkCounter(), plan.per_task * plan.step, plan.tasks)
+
+        def run_worker(_: int, state) -> None:
+            native_cpu_kernel.backward_rows(dy, x, z, weight_k, bias_k, mean, rstd, dx, dz, part_w, part_b, 0, m,
+                                            *args, shared=shared)
+
+        plan.run(run_worker, lambda: None, tasks=plan.workers)
     dweight = _sum_tasks(part_w, weight.dtype) if part_w is not None else None
     dbias = _sum_tasks(part_b, bias.dtype) if part_b is not None else None
     return dx, dz, dweight, dbias

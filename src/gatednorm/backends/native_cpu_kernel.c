@@ -143,15 +143,36 @@ static float cascade_sum(const float *v, int64_t n, int squares, float mu) {
     return cascade_sum(v, half, squares, mu) + cascade_sum(v + half, n - half, squares, mu);
 }
 
-/* Rows [r0, r1) of x (M, N). Row strides in elements; features contiguous. w, b: (N,) contiguous in w_dtype /
- * b_dtype, b may be NULL; z may be NULL. mean (NULL for RMSNorm) and rstd: G * M floats, group-major
- * (g * M + m). Returns the number of groups whose rstd is outside (0, rstd_max) or NaN (the rows the caller
- * redoes), or -1 when out of memory. */
+/* Work sharing without the GIL: the threads of one call each make one call into this file with the same
+ * counter, and take the next piece of work from it (dynamic, so a thread on a busy core takes less), instead
+ * of one call per piece, each paying a hand-over of Python's GIL. What a piece computes never depends on
+ * which thread takes it.
+ *
+ * next_piece: the next [*lo, *hi) of [0, end) in pieces of `size` (forward: rows; backward: tasks) from
+ * *counter; without a counter, [*lo, *hi) as given, once. Returns 0 when nothing is left. */
+static int next_piece(int64_t *counter, int64_t size, int64_t end, int64_t *lo, int64_t *hi, int *taken) {
+    if (counter == NULL) {
+        if (*taken) return 0;
+        *taken = 1;
+        return *lo < *hi;
+    }
+    const int64_t start = __atomic_fetch_add(counter, size, __ATOMIC_RELAXED);
+    if (start >= end) return 0;
+    *lo = start;
+    *hi = start + size < end ? start + size : end;
+    return 1;
+}
+
+/* Rows [r0, r1) of x (M, N), or with a counter (see next_piece) chunks of chunk_rows rows of [0, M) taken
+ * from it. Row strides in elements; features contiguous. w, b: (N,) contiguous in w_dtype / b_dtype, b may
+ * be NULL; z may be NULL. mean (NULL for RMSNorm) and rstd: G * M floats, group-major (g * M + m). Returns
+ * the number of groups whose rstd is outside (0, rstd_max) or NaN (the rows the caller redoes), or -1 when
+ * out of memory. */
 int64_t gn_forward_rows(const void *x, int x_dtype, int64_t stride_x, const void *z, int z_dtype,
                         int64_t stride_z, const void *w_in, int w_dtype, const void *b_in, int b_dtype, void *y,
                         int y_dtype, int64_t stride_y, float *mean, float *rstd, int64_t M, int64_t r0, int64_t r1,
-                        int64_t N, int64_t gs, float eps, float rstd_max, int is_rms, int gate_before,
-                        int sigmoid_only) {
+                        int64_t *counter, int64_t chunk_rows, int64_t N, int64_t gs, float eps, float rstd_max,
+                        int is_rms, int gate_before, int sigmoid_only) {
     float *buf = (float *)malloc((size_t)N * 4 * sizeof(float));
     if (buf == NULL) return -1;
     float *xr = buf, *ar = buf + N;
@@ -160,37 +181,40 @@ int64_t gn_forward_rows(const void *x, int x_dtype, int64_t stride_x, const void
     const int64_t groups = N / gs;
     const float gs_f = (float)gs;
     const size_t xb = x_dtype == GN_BF16 ? 2 : 4, zb = z_dtype == GN_BF16 ? 2 : 4, yb = y_dtype == GN_BF16 ? 2 : 4;
-    for (int64_t m = r0; m < r1; m++) {
-        load_row((const char *)x + (size_t)(m * stride_x) * xb, x_dtype, N, xr);
-        if (z != NULL) {
-            load_row((const char *)z + (size_t)(m * stride_z) * zb, z_dtype, N, ar);
-            activation(ar, N, sigmoid_only, ar);
-            if (gate_before)
-                for (int64_t i = 0; i < N; i++) xr[i] = xr[i] * ar[i];
-        }
-        char *yrow = (char *)y + (size_t)(m * stride_y) * yb;
-        for (int64_t g = 0; g < groups; g++) {
-            float *v = xr + g * gs;
-            float mu = 0.0f;
-            if (!is_rms) {
-                mu = cascade_sum(v, gs, 0, 0.0f) / gs_f;
-                mean[g * M + m] = mu;
+    int taken = 0;
+    while (next_piece(counter, chunk_rows, M, &r0, &r1, &taken)) {
+        for (int64_t m = r0; m < r1; m++) {
+            load_row((const char *)x + (size_t)(m * stride_x) * xb, x_dtype, N, xr);
+            if (z != NULL) {
+                load_row((const char *)z + (size_t)(m * stride_z) * zb, z_dtype, N, ar);
+                activation(ar, N, sigmoid_only, ar);
+                if (gate_before)
+                    for (int64_t i = 0; i < N; i++) xr[i] = xr[i] * ar[i];
             }
-            float var_eps = cascade_sum(v, gs, 1, mu) / gs_f + eps;
-            float rs = 1.0f / sqrtf(var_eps);
-            rstd[g * M + m] = rs;
-            out_of_range += !(rs > 0.0f && rs < rstd_max);
-            /* y = ((v - mu) * rstd * w + b) [* act(z)], one pass, the steps in the formula's order */
-            const float *wg = w + g * gs, *bg = b != NULL ? b + g * gs : NULL, *ag = ar + g * gs;
-            const int gate_after = z != NULL && !gate_before;
-            for (int64_t i = 0; i < gs; i++) {
-                float t = (v[i] - mu) * rs;
-                t = t * wg[i];
-                if (bg != NULL) t = t + bg[i];
-                if (gate_after) t = t * ag[i];
-                v[i] = t;
+            char *yrow = (char *)y + (size_t)(m * stride_y) * yb;
+            for (int64_t g = 0; g < groups; g++) {
+                float *v = xr + g * gs;
+                float mu = 0.0f;
+                if (!is_rms) {
+                    mu = cascade_sum(v, gs, 0, 0.0f) / gs_f;
+                    mean[g * M + m] = mu;
+                }
+                float var_eps = cascade_sum(v, gs, 1, mu) / gs_f + eps;
+                float rs = 1.0f / sqrtf(var_eps);
+                rstd[g * M + m] = rs;
+                out_of_range += !(rs > 0.0f && rs < rstd_max);
+                /* y = ((v - mu) * rstd * w + b) [* act(z)], one pass, the steps in the formula's order */
+                const float *wg = w + g * gs, *bg = b != NULL ? b + g * gs : NULL, *ag = ar + g * gs;
+                const int gate_after = z != NULL && !gate_before;
+                for (int64_t i = 0; i < gs; i++) {
+                    float t = (v[i] - mu) * rs;
+                    t = t * wg[i];
+                    if (bg != NULL) t = t + bg[i];
+                    if (gate_after) t = t * ag[i];
+                    v[i] = t;
+                }
+                store_row(v, gs, y_dtype, yrow + (size_t)(g * gs) * yb);
             }
-            store_row(v, gs, y_dtype, yrow + (size_t)(g * gs) * yb);
         }
     }
     free(buf);
@@ -211,13 +235,16 @@ int64_t gn_forward_rows(const void *x, int x_dtype, int64_t stride_x, const void
  *
  * act is recomputed with the forward's formula, so xhat is the forward's bit for bit. dx, dz, part_w,
  * part_b may be NULL (not needed). part_w / part_b: N floats each, overwritten. w, b as for the forward.
- * Returns 0, or -1 when out of memory. */
+ * With a counter (see next_piece): tasks of task_rows rows of [0, M) taken from it, `tasks` of them, task t
+ * writing rows t * N of part_w / part_b (the same sums whichever thread takes it). Returns 0, or -1 when out
+ * of memory. */
 int64_t gn_backward_rows(const void *dy, int dy_dtype, int64_t stride_dy, const void *x, int x_dtype,
                          int64_t stride_x, const void *z, int z_dtype, int64_t stride_z, const void *w_in,
                          int w_dtype, const void *b_in, int b_dtype, const float *mean, const float *rstd,
                          void *dx, int dx_dtype, int64_t stride_dx, void *dz, int dz_dtype, int64_t stride_dz,
-                         float *part_w, float *part_b, int64_t M, int64_t r0, int64_t r1, int64_t N, int64_t gs,
-                         int is_rms, int gate_before, int sigmoid_only) {
+                         float *part_w, float *part_b, int64_t M, int64_t r0, int64_t r1, int64_t *counter,
+                         int64_t task_rows, int64_t tasks, int64_t N, int64_t gs, int is_rms, int gate_before,
+                         int sigmoid_only) {
     const int nbuf = 11;
     float *buf = (float *)malloc((size_t)N * nbuf * sizeof(float));
     if (buf == NULL) return -1;
@@ -230,83 +257,91 @@ int64_t gn_backward_rows(const void *dy, int dy_dtype, int64_t stride_dy, const 
     const size_t dxb = dx_dtype == GN_BF16 ? 2 : 4, dzb = dz_dtype == GN_BF16 ? 2 : 4;
     const int gate_after = z != NULL && !gate_before;
     const int need_dxc = dx != NULL || (gate_before && dz != NULL);
-    if (part_w != NULL) memset(part_w, 0, (size_t)N * sizeof(float));
-    if (part_b != NULL) memset(part_b, 0, (size_t)N * sizeof(float));
-    memset(chunk_w, 0, (size_t)N * sizeof(float));
-    memset(chunk_b, 0, (size_t)N * sizeof(float));
-    for (int64_t m = r0; m < r1; m++) {
-        load_row((const char *)x + (size_t)(m * stride_x) * xb, x_dtype, N, xr);
-        load_row((const char *)dy + (size_t)(m * stride_dy) * dyb, dy_dtype, N, gr);
-        if (z != NULL) {
-            load_row((const char *)z + (size_t)(m * stride_z) * zb, z_dtype, N, zr);
-            /* act exactly as activation() computes it in the forward (the same e and 1 + e), so xhat is
-             * the forward's; s and act' from the same e (one exponential per element) */
-            for (int64_t i = 0; i < N; i++) {
-                const float d = 1.0f + gn_exp(-zr[i]);
-                const float s = 1.0f / d;
-                act[i] = sigmoid_only ? s : zr[i] / d;
-                dact[i] = sigmoid_only ? s * (1.0f - s) : ((1.0f - s) * zr[i] + 1.0f) * s;
-            }
-        }
-        /* xhat, per group */
-        for (int64_t g = 0; g < groups; g++) {
-            const float rs = rstd[g * M + m], mu = is_rms ? 0.0f : mean[g * M + m];
-            const float *xs = xr + g * gs;
-            float *h = xh + g * gs;
-            if (gate_before) {
-                const float *a = act + g * gs;
-                if (is_rms)
-                    for (int64_t i = 0; i < gs; i++) h[i] = (xs[i] * a[i]) * rs;
-                else
-                    for (int64_t i = 0; i < gs; i++) h[i] = (xs[i] * a[i] - mu) * rs;
-            } else if (is_rms) {
-                for (int64_t i = 0; i < gs; i++) h[i] = xs[i] * rs;
-            } else {
-                for (int64_t i = 0; i < gs; i++) h[i] = (xs[i] - mu) * rs;
-            }
-        }
-        if (gate_after) {
-            if (dz != NULL) {
+    int taken = 0;
+    int64_t task = 0, task_end = 1;
+    while (next_piece(counter, 1, tasks, &task, &task_end, &taken)) {
+        const int64_t lo = counter == NULL ? r0 : task * task_rows;
+        const int64_t hi = counter == NULL ? r1 : (lo + task_rows < M ? lo + task_rows : M);
+        float *pw = part_w == NULL ? NULL : part_w + (counter == NULL ? 0 : task * N);
+        float *pb = part_b == NULL ? NULL : part_b + (counter == NULL ? 0 : task * N);
+        if (pw != NULL) memset(pw, 0, (size_t)N * sizeof(float));
+        if (pb != NULL) memset(pb, 0, (size_t)N * sizeof(float));
+        memset(chunk_w, 0, (size_t)N * sizeof(float));
+        memset(chunk_b, 0, (size_t)N * sizeof(float));
+        for (int64_t m = lo; m < hi; m++) {
+            load_row((const char *)x + (size_t)(m * stride_x) * xb, x_dtype, N, xr);
+            load_row((const char *)dy + (size_t)(m * stride_dy) * dyb, dy_dtype, N, gr);
+            if (z != NULL) {
+                load_row((const char *)z + (size_t)(m * stride_z) * zb, z_dtype, N, zr);
+                /* act exactly as activation() computes it in the forward (the same e and 1 + e), so xhat is
+                 * the forward's; s and act' from the same e (one exponential per element) */
                 for (int64_t i = 0; i < N; i++) {
-                    float p = xh[i] * w[i];
-                    if (b != NULL) p = p + b[i];
-                    t[i] = (p * gr[i]) * dact[i];
+                    const float d = 1.0f + gn_exp(-zr[i]);
+                    const float s = 1.0f / d;
+                    act[i] = sigmoid_only ? s : zr[i] / d;
+                    dact[i] = sigmoid_only ? s * (1.0f - s) : ((1.0f - s) * zr[i] + 1.0f) * s;
                 }
-                store_row(t, N, dz_dtype, (char *)dz + (size_t)(m * stride_dz) * dzb);
             }
-            for (int64_t i = 0; i < N; i++) gr[i] = gr[i] * act[i];
-        }
-        if (part_w != NULL)
-            for (int64_t i = 0; i < N; i++) chunk_w[i] += gr[i] * xh[i];
-        if (part_b != NULL)
-            for (int64_t i = 0; i < N; i++) chunk_b[i] += gr[i];
-        if ((m - r0) % SUM_CHUNK_ROWS == SUM_CHUNK_ROWS - 1 || m == r1 - 1) {
-            if (part_w != NULL)
-                for (int64_t i = 0; i < N; i++) { part_w[i] += chunk_w[i]; chunk_w[i] = 0.0f; }
-            if (part_b != NULL)
-                for (int64_t i = 0; i < N; i++) { part_b[i] += chunk_b[i]; chunk_b[i] = 0.0f; }
-        }
-        if (!need_dxc) continue;
-        for (int64_t i = 0; i < N; i++) gr[i] = gr[i] * w[i]; /* wdy */
-        for (int64_t g = 0; g < groups; g++) {
-            const float rs = rstd[g * M + m];
-            float *wd = gr + g * gs, *h = xh + g * gs, *tt = t + g * gs;
-            for (int64_t i = 0; i < gs; i++) tt[i] = h[i] * wd[i];
-            const float c1 = cascade_sum(tt, gs, 0, 0.0f) / gs_f;
-            if (!is_rms) {
-                const float c2 = cascade_sum(wd, gs, 0, 0.0f) / gs_f;
-                for (int64_t i = 0; i < gs; i++) wd[i] = wd[i] - c2;
+            /* xhat, per group */
+            for (int64_t g = 0; g < groups; g++) {
+                const float rs = rstd[g * M + m], mu = is_rms ? 0.0f : mean[g * M + m];
+                const float *xs = xr + g * gs;
+                float *h = xh + g * gs;
+                if (gate_before) {
+                    const float *a = act + g * gs;
+                    if (is_rms)
+                        for (int64_t i = 0; i < gs; i++) h[i] = (xs[i] * a[i]) * rs;
+                    else
+                        for (int64_t i = 0; i < gs; i++) h[i] = (xs[i] * a[i] - mu) * rs;
+                } else if (is_rms) {
+                    for (int64_t i = 0; i < gs; i++) h[i] = xs[i] * rs;
+                } else {
+                    for (int64_t i = 0; i < gs; i++) h[i] = (xs[i] - mu) * rs;
+                }
             }
-            for (int64_t i = 0; i < gs; i++) wd[i] = (wd[i] - h[i] * c1) * rs; /* dL/dxc */
-        }
-        if (gate_before) {
-            if (dz != NULL) {
-                for (int64_t i = 0; i < N; i++) t[i] = (gr[i] * xr[i]) * dact[i];
-                store_row(t, N, dz_dtype, (char *)dz + (size_t)(m * stride_dz) * dzb);
+            if (gate_after) {
+                if (dz != NULL) {
+                    for (int64_t i = 0; i < N; i++) {
+                        float p = xh[i] * w[i];
+                        if (b != NULL) p = p + b[i];
+                        t[i] = (p * gr[i]) * dact[i];
+                    }
+                    store_row(t, N, dz_dtype, (char *)dz + (size_t)(m * stride_dz) * dzb);
+                }
+                for (int64_t i = 0; i < N; i++) gr[i] = gr[i] * act[i];
             }
-            for (int64_t i = 0; i < N; i++) gr[i] = gr[i] * act[i];
+            if (pw != NULL)
+                for (int64_t i = 0; i < N; i++) chunk_w[i] += gr[i] * xh[i];
+            if (pb != NULL)
+                for (int64_t i = 0; i < N; i++) chunk_b[i] += gr[i];
+            if ((m - lo) % SUM_CHUNK_ROWS == SUM_CHUNK_ROWS - 1 || m == hi - 1) {
+                if (pw != NULL)
+                    for (int64_t i = 0; i < N; i++) { pw[i] += chunk_w[i]; chunk_w[i] = 0.0f; }
+                if (pb != NULL)
+                    for (int64_t i = 0; i < N; i++) { pb[i] += chunk_b[i]; chunk_b[i] = 0.0f; }
+            }
+            if (!need_dxc) continue;
+            for (int64_t i = 0; i < N; i++) gr[i] = gr[i] * w[i]; /* wdy */
+            for (int64_t g = 0; g < groups; g++) {
+                const float rs = rstd[g * M + m];
+                float *wd = gr + g * gs, *h = xh + g * gs, *tt = t + g * gs;
+                for (int64_t i = 0; i < gs; i++) tt[i] = h[i] * wd[i];
+                const float c1 = cascade_sum(tt, gs, 0, 0.0f) / gs_f;
+                if (!is_rms) {
+                    const float c2 = cascade_sum(wd, gs, 0, 0.0f) / gs_f;
+                    for (int64_t i = 0; i < gs; i++) wd[i] = wd[i] - c2;
+                }
+                for (int64_t i = 0; i < gs; i++) wd[i] = (wd[i] - h[i] * c1) * rs; /* dL/dxc */
+            }
+            if (gate_before) {
+                if (dz != NULL) {
+                    for (int64_t i = 0; i < N; i++) t[i] = (gr[i] * xr[i]) * dact[i];
+                    store_row(t, N, dz_dtype, (char *)dz + (size_t)(m * stride_dz) * dzb);
+                }
+                for (int64_t i = 0; i < N; i++) gr[i] = gr[i] * act[i];
+            }
+            if (dx != NULL) store_row(gr, N, dx_dtype, (char *)dx + (size_t)(m * stride_dx) * dxb);
         }
-        if (dx != NULL) store_row(gr, N, dx_dtype, (char *)dx + (size_t)(m * stride_dx) * dxb);
     }
     free(buf);
     return 0;
