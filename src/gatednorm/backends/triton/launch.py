@@ -444,8 +444,9 @@ def backward(
     needs_dz = needs_dz and z is not None
     needs_dbias = needs_dbias and bias is not None
     dev = x.device
-    dx = torch.empty((m, n), dtype=x.dtype, device=dev) if needs_dx else None
-    dz = torch.empty((m, n), dtype=z.dtype, device=dev) if needs_dz else None
+    contiguous = torch.contiguous_format  # empty_like: about half the host time of torch.empty(shape, ...)
+    dx = torch.empty_like(x, memory_format=contiguous) if needs_dx else None
+    dz = torch.empty_like(z, memory_format=contiguous) if needs_dz else None
     if m == 0:
         dw = torch.zeros_like(weight) if needs_dweight else None
         db = torch.zeros_like(bias) if needs_dbias else None
@@ -481,8 +482,8 @@ def backward(
     )
     dw = db = None
     if need_part:
-        dw = torch.empty(n, dtype=weight.dtype, device=dev) if needs_dweight else None
-        db = torch.empty(n, dtype=bias.dtype, device=dev) if needs_dbias else None
+        dw = torch.empty_like(weight, memory_format=contiguous) if needs_dweight else None
+        db = torch.empty_like(bias, memory_format=contiguous) if needs_dbias else None
         block_p, block_n, sum_warps = partials_config or _partials_config(n)
         _launch(
             sum_partials_kernel, (_cdiv(n, block_n), 1, 1),
