@@ -245,12 +245,15 @@ int64_t gn_backward_rows(const void *dy, int dy_dtype, int64_t stride_dy, const 
                          float *part_w, float *part_b, int64_t M, int64_t r0, int64_t r1, int64_t *counter,
                          int64_t task_rows, int64_t tasks, int64_t N, int64_t gs, int is_rms, int gate_before,
                          int sigmoid_only) {
-    const int nbuf = 11;
-    float *buf = (float *)malloc((size_t)N * nbuf * sizeof(float));
+    /* One group at a time (gs-wide buffers, in L1 for the usual group sizes: a row of 4096 features in
+     * groups of 128 would otherwise keep nine row-wide buffers in L2); the N-wide chunk sums and the
+     * parameters are touched once per row. Every element sees the same operations in the same order as
+     * row-wide passes would, so the bits do not depend on this. */
+    float *buf = (float *)malloc(((size_t)gs * 7 + (size_t)N * 4) * sizeof(float));
     if (buf == NULL) return -1;
-    float *xr = buf, *gr = buf + N, *zr = buf + 2 * N, *act = buf + 3 * N, *dact = buf + 4 * N;
-    float *xh = buf + 5 * N, *t = buf + 6 * N, *chunk_w = buf + 7 * N, *chunk_b = buf + 8 * N;
-    const float *w = load_params(w_in, w_dtype, N, buf + 9 * N), *b = load_params(b_in, b_dtype, N, buf + 10 * N);
+    float *xr = buf, *gr = buf + gs, *zr = buf + 2 * gs, *act = buf + 3 * gs, *dact = buf + 4 * gs;
+    float *xh = buf + 5 * gs, *t = buf + 6 * gs, *chunk_w = buf + 7 * gs, *chunk_b = chunk_w + N;
+    const float *w = load_params(w_in, w_dtype, N, chunk_b + N), *b = load_params(b_in, b_dtype, N, chunk_b + 2 * N);
     const int64_t groups = N / gs;
     const float gs_f = (float)gs;
     const size_t dyb = dy_dtype == GN_BF16 ? 2 : 4, xb = x_dtype == GN_BF16 ? 2 : 4, zb = z_dtype == GN_BF16 ? 2 : 4;
@@ -269,78 +272,80 @@ int64_t gn_backward_rows(const void *dy, int dy_dtype, int64_t stride_dy, const 
         memset(chunk_w, 0, (size_t)N * sizeof(float));
         memset(chunk_b, 0, (size_t)N * sizeof(float));
         for (int64_t m = lo; m < hi; m++) {
-            load_row((const char *)x + (size_t)(m * stride_x) * xb, x_dtype, N, xr);
-            load_row((const char *)dy + (size_t)(m * stride_dy) * dyb, dy_dtype, N, gr);
-            if (z != NULL) {
-                load_row((const char *)z + (size_t)(m * stride_z) * zb, z_dtype, N, zr);
-                /* act exactly as activation() computes it in the forward (the same e and 1 + e), so xhat is
-                 * the forward's; s and act' from the same e (one exponential per element) */
-                for (int64_t i = 0; i < N; i++) {
-                    const float d = 1.0f + gn_exp(-zr[i]);
-                    const float s = 1.0f / d;
-                    act[i] = sigmoid_only ? s : zr[i] / d;
-                    dact[i] = sigmoid_only ? s * (1.0f - s) : ((1.0f - s) * zr[i] + 1.0f) * s;
-                }
-            }
-            /* xhat, per group */
+            const char *x_row = (const char *)x + (size_t)(m * stride_x) * xb;
+            const char *dy_row = (const char *)dy + (size_t)(m * stride_dy) * dyb;
+            const char *z_row = z != NULL ? (const char *)z + (size_t)(m * stride_z) * zb : NULL;
+            char *dx_row = dx != NULL ? (char *)dx + (size_t)(m * stride_dx) * dxb : NULL;
+            char *dz_row = dz != NULL ? (char *)dz + (size_t)(m * stride_dz) * dzb : NULL;
+            const int flush = (m - lo) % SUM_CHUNK_ROWS == SUM_CHUNK_ROWS - 1 || m == hi - 1;
             for (int64_t g = 0; g < groups; g++) {
+                const int64_t o = g * gs;
                 const float rs = rstd[g * M + m], mu = is_rms ? 0.0f : mean[g * M + m];
-                const float *xs = xr + g * gs;
-                float *h = xh + g * gs;
-                if (gate_before) {
-                    const float *a = act + g * gs;
-                    if (is_rms)
-                        for (int64_t i = 0; i < gs; i++) h[i] = (xs[i] * a[i]) * rs;
-                    else
-                        for (int64_t i = 0; i < gs; i++) h[i] = (xs[i] * a[i] - mu) * rs;
-                } else if (is_rms) {
-                    for (int64_t i = 0; i < gs; i++) h[i] = xs[i] * rs;
-                } else {
-                    for (int64_t i = 0; i < gs; i++) h[i] = (xs[i] - mu) * rs;
-                }
-            }
-            if (gate_after) {
-                if (dz != NULL) {
-                    for (int64_t i = 0; i < N; i++) {
-                        float p = xh[i] * w[i];
-                        if (b != NULL) p = p + b[i];
-                        t[i] = (p * gr[i]) * dact[i];
+                const float *wg = w + o, *bg = b != NULL ? b + o : NULL;
+                load_row(x_row + (size_t)o * xb, x_dtype, gs, xr);
+                load_row(dy_row + (size_t)o * dyb, dy_dtype, gs, gr);
+                if (z != NULL) {
+                    load_row(z_row + (size_t)o * zb, z_dtype, gs, zr);
+                    /* act exactly as activation() computes it in the forward (the same e and 1 + e), so xhat
+                     * is the forward's; s and act' from the same e (one exponential per element) */
+                    for (int64_t i = 0; i < gs; i++) {
+                        const float d = 1.0f + gn_exp(-zr[i]);
+                        const float s = 1.0f / d;
+                        act[i] = sigmoid_only ? s : zr[i] / d;
+                        dact[i] = sigmoid_only ? s * (1.0f - s) : ((1.0f - s) * zr[i] + 1.0f) * s;
                     }
-                    store_row(t, N, dz_dtype, (char *)dz + (size_t)(m * stride_dz) * dzb);
                 }
-                for (int64_t i = 0; i < N; i++) gr[i] = gr[i] * act[i];
-            }
-            if (pw != NULL)
-                for (int64_t i = 0; i < N; i++) chunk_w[i] += gr[i] * xh[i];
-            if (pb != NULL)
-                for (int64_t i = 0; i < N; i++) chunk_b[i] += gr[i];
-            if ((m - lo) % SUM_CHUNK_ROWS == SUM_CHUNK_ROWS - 1 || m == hi - 1) {
-                if (pw != NULL)
-                    for (int64_t i = 0; i < N; i++) { pw[i] += chunk_w[i]; chunk_w[i] = 0.0f; }
-                if (pb != NULL)
-                    for (int64_t i = 0; i < N; i++) { pb[i] += chunk_b[i]; chunk_b[i] = 0.0f; }
-            }
-            if (!need_dxc) continue;
-            for (int64_t i = 0; i < N; i++) gr[i] = gr[i] * w[i]; /* wdy */
-            for (int64_t g = 0; g < groups; g++) {
-                const float rs = rstd[g * M + m];
-                float *wd = gr + g * gs, *h = xh + g * gs, *tt = t + g * gs;
-                for (int64_t i = 0; i < gs; i++) tt[i] = h[i] * wd[i];
-                const float c1 = cascade_sum(tt, gs, 0, 0.0f) / gs_f;
+                if (gate_before) {
+                    if (is_rms)
+                        for (int64_t i = 0; i < gs; i++) xh[i] = (xr[i] * act[i]) * rs;
+                    else
+                        for (int64_t i = 0; i < gs; i++) xh[i] = (xr[i] * act[i] - mu) * rs;
+                } else if (is_rms) {
+                    for (int64_t i = 0; i < gs; i++) xh[i] = xr[i] * rs;
+                } else {
+                    for (int64_t i = 0; i < gs; i++) xh[i] = (xr[i] - mu) * rs;
+                }
+                if (gate_after) {
+                    if (dz != NULL) {
+                        for (int64_t i = 0; i < gs; i++) {
+                            float p = xh[i] * wg[i];
+                            if (bg != NULL) p = p + bg[i];
+                            t[i] = (p * gr[i]) * dact[i];
+                        }
+                        store_row(t, gs, dz_dtype, dz_row + (size_t)o * dzb);
+                    }
+                    for (int64_t i = 0; i < gs; i++) gr[i] = gr[i] * act[i];
+                }
+                /* this task's dweight / dbias: rows into a chunk's sums, chunks into the task's */
+                float *cw = chunk_w + o, *cb = chunk_b + o;
+                if (pw != NULL) {
+                    for (int64_t i = 0; i < gs; i++) cw[i] += gr[i] * xh[i];
+                    if (flush)
+                        for (int64_t i = 0; i < gs; i++) { pw[o + i] += cw[i]; cw[i] = 0.0f; }
+                }
+                if (pb != NULL) {
+                    for (int64_t i = 0; i < gs; i++) cb[i] += gr[i];
+                    if (flush)
+                        for (int64_t i = 0; i < gs; i++) { pb[o + i] += cb[i]; cb[i] = 0.0f; }
+                }
+                if (!need_dxc) continue;
+                for (int64_t i = 0; i < gs; i++) gr[i] = gr[i] * wg[i]; /* wdy */
+                for (int64_t i = 0; i < gs; i++) t[i] = xh[i] * gr[i];
+                const float c1 = cascade_sum(t, gs, 0, 0.0f) / gs_f;
                 if (!is_rms) {
-                    const float c2 = cascade_sum(wd, gs, 0, 0.0f) / gs_f;
-                    for (int64_t i = 0; i < gs; i++) wd[i] = wd[i] - c2;
+                    const float c2 = cascade_sum(gr, gs, 0, 0.0f) / gs_f;
+                    for (int64_t i = 0; i < gs; i++) gr[i] = gr[i] - c2;
                 }
-                for (int64_t i = 0; i < gs; i++) wd[i] = (wd[i] - h[i] * c1) * rs; /* dL/dxc */
-            }
-            if (gate_before) {
-                if (dz != NULL) {
-                    for (int64_t i = 0; i < N; i++) t[i] = (gr[i] * xr[i]) * dact[i];
-                    store_row(t, N, dz_dtype, (char *)dz + (size_t)(m * stride_dz) * dzb);
+                for (int64_t i = 0; i < gs; i++) gr[i] = (gr[i] - xh[i] * c1) * rs; /* dL/dxc */
+                if (gate_before) {
+                    if (dz != NULL) {
+                        for (int64_t i = 0; i < gs; i++) t[i] = (gr[i] * xr[i]) * dact[i];
+                        store_row(t, gs, dz_dtype, dz_row + (size_t)o * dzb);
+                    }
+                    for (int64_t i = 0; i < gs; i++) gr[i] = gr[i] * act[i];
                 }
-                for (int64_t i = 0; i < N; i++) gr[i] = gr[i] * act[i];
+                if (dx != NULL) store_row(gr, gs, dx_dtype, dx_row + (size_t)o * dxb);
             }
-            if (dx != NULL) store_row(gr, N, dx_dtype, (char *)dx + (size_t)(m * stride_dx) * dxb);
         }
     }
     free(buf);
