@@ -173,27 +173,32 @@ int64_t gn_forward_rows(const void *x, int x_dtype, int64_t stride_x, const void
                         int y_dtype, int64_t stride_y, float *mean, float *rstd, int64_t M, int64_t r0, int64_t r1,
                         int64_t *counter, int64_t chunk_rows, int64_t N, int64_t gs, float eps, float rstd_max,
                         int is_rms, int gate_before, int sigmoid_only) {
-    float *buf = (float *)malloc((size_t)N * 4 * sizeof(float));
+    /* one group at a time, as the backward (gs-wide buffers) */
+    float *buf = (float *)malloc(((size_t)gs * 2 + (size_t)N * 2) * sizeof(float));
     if (buf == NULL) return -1;
-    float *xr = buf, *ar = buf + N;
-    const float *w = load_params(w_in, w_dtype, N, buf + 2 * N), *b = load_params(b_in, b_dtype, N, buf + 3 * N);
+    float *xr = buf, *ar = buf + gs;
+    const float *w = load_params(w_in, w_dtype, N, buf + 2 * gs), *b = load_params(b_in, b_dtype, N, buf + 2 * gs + N);
     int64_t out_of_range = 0;
     const int64_t groups = N / gs;
     const float gs_f = (float)gs;
     const size_t xb = x_dtype == GN_BF16 ? 2 : 4, zb = z_dtype == GN_BF16 ? 2 : 4, yb = y_dtype == GN_BF16 ? 2 : 4;
+    const int gate_after = z != NULL && !gate_before;
     int taken = 0;
     while (next_piece(counter, chunk_rows, M, &r0, &r1, &taken)) {
         for (int64_t m = r0; m < r1; m++) {
-            load_row((const char *)x + (size_t)(m * stride_x) * xb, x_dtype, N, xr);
-            if (z != NULL) {
-                load_row((const char *)z + (size_t)(m * stride_z) * zb, z_dtype, N, ar);
-                activation(ar, N, sigmoid_only, ar);
-                if (gate_before)
-                    for (int64_t i = 0; i < N; i++) xr[i] = xr[i] * ar[i];
-            }
-            char *yrow = (char *)y + (size_t)(m * stride_y) * yb;
+            const char *x_row = (const char *)x + (size_t)(m * stride_x) * xb;
+            const char *z_row = z != NULL ? (const char *)z + (size_t)(m * stride_z) * zb : NULL;
+            char *y_row = (char *)y + (size_t)(m * stride_y) * yb;
             for (int64_t g = 0; g < groups; g++) {
-                float *v = xr + g * gs;
+                const int64_t o = g * gs;
+                float *v = xr;
+                load_row(x_row + (size_t)o * xb, x_dtype, gs, v);
+                if (z != NULL) {
+                    load_row(z_row + (size_t)o * zb, z_dtype, gs, ar);
+                    activation(ar, gs, sigmoid_only, ar);
+                    if (gate_before)
+                        for (int64_t i = 0; i < gs; i++) v[i] = v[i] * ar[i];
+                }
                 float mu = 0.0f;
                 if (!is_rms) {
                     mu = cascade_sum(v, gs, 0, 0.0f) / gs_f;
@@ -204,16 +209,15 @@ int64_t gn_forward_rows(const void *x, int x_dtype, int64_t stride_x, const void
                 rstd[g * M + m] = rs;
                 out_of_range += !(rs > 0.0f && rs < rstd_max);
                 /* y = ((v - mu) * rstd * w + b) [* act(z)], one pass, the steps in the formula's order */
-                const float *wg = w + g * gs, *bg = b != NULL ? b + g * gs : NULL, *ag = ar + g * gs;
-                const int gate_after = z != NULL && !gate_before;
+                const float *wg = w + o, *bg = b != NULL ? b + o : NULL;
                 for (int64_t i = 0; i < gs; i++) {
                     float t = (v[i] - mu) * rs;
                     t = t * wg[i];
                     if (bg != NULL) t = t + bg[i];
-                    if (gate_after) t = t * ag[i];
+                    if (gate_after) t = t * ar[i];
                     v[i] = t;
                 }
-                store_row(v, gs, y_dtype, yrow + (size_t)(g * gs) * yb);
+                store_row(v, gs, y_dtype, y_row + (size_t)o * yb);
             }
         }
     }
