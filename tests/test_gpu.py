@@ -319,3 +319,71 @@ def test_rescue_kernel_matches_in_kernel_rescue(is_rms):
     check_forward(y, mean, rstd, x, w, None, z, 1e-6, 128, True, is_rms)
     torch.testing.assert_close(results[1][0].cpu().double(), ry.bfloat16().double(), rtol=2**-7, atol=2**-7)
     torch.testing.assert_close(results[1][2].cpu().double(), rrstd.float().double(), rtol=1e-5, atol=0)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_tensors_on_a_gpu_that_is_not_the_current_one():
+    """A model spread over GPUs in one process (Hugging Face's device_map="auto") keeps cuda:0 current while a
+    layer's tensors live on cuda:1: forward, backward and the quantized forward run on the tensors' GPU and
+    give the bits of the same calls made with cuda:1 current."""
+    gen = torch.Generator().manual_seed(21)
+    x, z, dy = (torch.randn(300, 512, generator=gen).bfloat16().to("cuda:1") for _ in range(3))
+    w = (1 + 0.1 * torch.randn(512, generator=gen)).bfloat16().to("cuda:1")
+
+    def run():
+        xg, zg, wg = (t.detach().requires_grad_(True) for t in (x, z, w))
+        y = gatednorm.rmsnorm_fn(xg, wg, None, z=zg, eps=EPS, group_size=128, backend="triton")
+        grads = torch.autograd.grad(y, (xg, zg, wg), dy)
+        q, scale = gatednorm.gated_norm_quant(x, w, None, EPS, z=z, group_size=128, is_rms_norm=True,
+                                              quant="fp8_e4m3", quant_group_size=128, backend="triton")
+        torch.cuda.synchronize(x.device)
+        return [y.detach(), *grads, q.view(torch.uint8), scale]
+
+    with torch.cuda.device(0):
+        elsewhere = run()
+    with torch.cuda.device(1):
+        here = run()
+    for a, c in zip(elsewhere, here, strict=True):
+        assert a.device == torch.device("cuda:1")
+        assert torch.equal(a, c)
+
+
+def test_the_device_guard_is_entered_where_another_gpu_is_current(monkeypatch):
+    """(Runs on one GPU.) Where the current device is not the tensors' (simulated: another index reported as
+    current), forward, backward and the quantized forward run inside torch.cuda.device(x.device), and give
+    the bits of the unguarded calls; where it is, no guard is entered."""
+    from gatednorm.backends.base import GradsNeeded
+    from gatednorm.spec import QuantSpec
+
+    tk = _tk()
+    entered: list[int] = []
+    real_device = torch.cuda.device
+
+    class SpyDevice(real_device):
+        def __enter__(self):
+            entered.append(self.idx)
+            return super().__enter__()
+
+    monkeypatch.setattr(torch.cuda, "device", SpyDevice)
+    x, w, b, z = _inputs(300, 512, torch.bfloat16, True, True, seed=22)
+    dy = make_like(x)
+    spec = NormSpec(EPS, 128, True, False, "swish")
+    needs = GradsNeeded(True, True, True, True)
+
+    def run():
+        impl = tk.TritonBackend()
+        out = torch.empty_like(x)
+        mean, rstd = impl.forward(x, w, b, z, spec, out)
+        grads = impl.backward(dy, x, w, b, z, mean, rstd, spec, needs)
+        q = torch.empty(x.shape, dtype=torch.int8, device=x.device)
+        scale = torch.empty(x.shape[0], 4, dtype=torch.float32, device=x.device)
+        assert impl.forward_quant(x, w, b, z, spec, QuantSpec("int8", 128, "float32", "none", False), q, scale)
+        return [out, mean, rstd, *grads, q, scale]
+
+    plain = run()
+    assert entered == []
+    monkeypatch.setattr(tk, "_current_cuda_device", lambda: x.device.index + 1)
+    guarded = run()
+    assert entered == [x.device.index] * 3
+    for a, c in zip(plain, guarded, strict=True):
+        assert torch.equal(a, c)

@@ -521,19 +521,38 @@ class TritonBackend:
         return self.pdl
 
     def forward(self, x, weight, bias, z, spec: NormSpec, out):
-        return forward(x, weight, bias, z, spec, out, self.rescue_kernel_min_elements, self.rescue_scan_rows,
-                       fast=self.fast_launch, pdl=self._pdl(x))
+        return _on_device_of(x, forward, x, weight, bias, z, spec, out, self.rescue_kernel_min_elements,
+                             self.rescue_scan_rows, fast=self.fast_launch, pdl=self._pdl(x))
 
     def forward_residual(self, x, residual, weight, bias, z, spec: NormSpec, out, residual_out):
-        return forward(x, weight, bias, z, spec, out, self.rescue_kernel_min_elements, self.rescue_scan_rows,
-                       fast=self.fast_launch, pdl=self._pdl(x), residual=residual, residual_out=residual_out)
+        return _on_device_of(x, forward, x, weight, bias, z, spec, out, self.rescue_kernel_min_elements,
+                             self.rescue_scan_rows, fast=self.fast_launch, pdl=self._pdl(x), residual=residual,
+                             residual_out=residual_out)
 
     def backward(self, dy, x, weight, bias, z, mean, rstd, spec: NormSpec, needs: GradsNeeded) -> Grads:
-        return backward(dy, x, weight, bias, z, mean, rstd, spec, *needs, fast=self.fast_launch,
-                        pdl=self._pdl(x))
+        return _on_device_of(x, backward, dy, x, weight, bias, z, mean, rstd, spec, *needs, fast=self.fast_launch,
+                             pdl=self._pdl(x))
 
     def forward_quant(self, x, weight, bias, z, spec: NormSpec, qspec: QuantSpec, q, scale) -> bool:
-        return forward_quant(x, weight, bias, z, spec, qspec, q, scale, fast=self.fast_launch, pdl=self._pdl(x))
+        return _on_device_of(x, forward_quant, x, weight, bias, z, spec, qspec, q, scale, fast=self.fast_launch,
+                             pdl=self._pdl(x))
+
+
+def _on_device_of(x: torch.Tensor, fn, *args, **kwargs):
+    """fn(*args, **kwargs) with x's GPU as the current device. Triton launches on the current device (its
+    context, its stream), and callers need not have made x's GPU current: a model spread over GPUs in one
+    process (Hugging Face's device_map="auto", pipeline stages) keeps cuda:0 current while a layer's tensors
+    live on cuda:1. Only entered when the devices differ (about 0.3 us to check)."""
+    dev = x.device
+    if dev.type == "cuda" and dev.index is not None and dev.index != _current_cuda_device():
+        with torch.cuda.device(dev):
+            return fn(*args, **kwargs)
+    return fn(*args, **kwargs)
+
+
+def _current_cuda_device() -> int:
+    """torch.cuda.current_device() without its Python layers."""
+    return torch._C._cuda_getDevice()
 
 
 # ---------------------------------------------------------------------------
