@@ -725,11 +725,11 @@ def _use_cpu_kernel(rows: tuple[torch.Tensor | None, ...], others: tuple[torch.T
 
 
 def _forward_cpu_kernel(x, weight, bias, z, spec: NormSpec, out, block_elements: int):
-    """The forward through the C kernel: the same tasks on the same pool as the block kernels, each task one
-    call over its rows (GIL released); a call that the pool would not share out is one call over all rows in
-    this thread (a row's bits do not depend on which call computes it). Only when the kernel counted groups
-    out of range are their rows found on the stored rstd and redone by the block kernels' rescue, so a row's
-    bits never depend on its neighbours."""
+    """The forward through the C kernel (GIL released during each call): a call that the pool would not share
+    out is one kernel call over all rows in this thread; a pooled one is one kernel call per worker, the
+    workers taking blocks of rows from a counter shared inside C (a row's bits do not depend on which call
+    computes it). Only when the kernel counted groups out of range are their rows found on the stored rstd
+    and redone by the block kernels' rescue, so a row's bits never depend on its neighbours."""
     m, n = x.shape
     groups = n // spec.group_size
     mean = None if spec.is_rms_norm else torch.empty(groups * m, dtype=torch.float32)
@@ -939,9 +939,10 @@ def _backward(dy, x, weight, bias, z, mean, rstd, spec: NormSpec, needs_dx: bool
 
 def _backward_cpu_kernel(dy, x, weight, bias, z, mean, rstd, spec: NormSpec, needs_dx: bool, needs_dz: bool,
                          needs_dweight: bool, needs_db: bool, block_elements: int):
-    """The backward through the C kernel: the block kernels' tasks and pool, one call per task; each task
-    writes its dx / dz rows and one row of dweight / dbias partial sums, summed in task order after (one
-    task: its row is the sum, rounded once)."""
+    """The backward through the C kernel, in the block kernels' tasks (they depend on M and N only): in this
+    thread task by task, or on the pool with one kernel call per worker, the workers taking tasks from a
+    counter shared inside C. Each task writes its dx / dz rows and one row of dweight / dbias partial sums,
+    summed in task order after (one task: its row is the sum, rounded once)."""
     m, n = x.shape
     dx = torch.empty(m, n, dtype=x.dtype) if needs_dx else None
     dz = torch.empty(m, n, dtype=z.dtype) if needs_dz else None
