@@ -519,7 +519,9 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.memory_only is None and os.environ.get("GATEDNORM_BENCH_MALLOC", "default") != args.malloc:
         # glibc reads these once, at start-up: run the script again with them set
-        env = dict(os.environ, GATEDNORM_BENCH_MALLOC=args.malloc, **MALLOC_MODES[args.malloc])
+        knobs = {k for mode in MALLOC_MODES.values() for k in mode}  # cleared first: "default" means unset
+        env = {k: v for k, v in os.environ.items() if k not in knobs}
+        env.update(GATEDNORM_BENCH_MALLOC=args.malloc, **MALLOC_MODES[args.malloc])
         script_args = list(argv) if argv is not None else sys.argv[1:]
         os.execve(sys.executable, [sys.executable, os.path.abspath(__file__), *script_args], env)
     # SIGTERM unwinds like Ctrl-C, so the spinner's with-block stops it
