@@ -40,8 +40,9 @@ The design: coarse-grained, dynamically scheduled work
   a C++ extension (``torch.utils.cpp_extension``) took 25 s to build a trivial at::vec kernel here.
 * Forward and backward of float32 / bfloat16 tensors run a C kernel instead of the block kernels where a
   C compiler built it (:mod:`.native_cpu_kernel`: one pass per row, built in about a second on first use,
-  called through ctypes without the GIL by the same tasks and pool). The block kernels below remain the
-  fallback (no compiler, float16 / float64, tensor subclasses) and the reference.
+  called through ctypes without the GIL on the same pool, one call per worker taking work from a counter
+  shared inside C). The block kernels below remain the fallback (no compiler, float16 / float64, tensor
+  subclasses) and the reference.
 
 Batch invariance and determinism
 --------------------------------
@@ -769,9 +770,10 @@ def _redo_rows_out_of_range(x, z, weight, bias, spec: NormSpec, out, mean, rstd,
              torch.empty(2, 1, 1, dtype=c) if groups == 1 else None)
     mean3 = mean.view(groups, m).t().unsqueeze(-1) if mean is not None else None
     rstd3 = rstd.view(groups, m).t().unsqueeze(-1)
+    weight_c = weight.to(c)
     bias_c = bias.to(c) if bias is not None else None
     for r0, r1 in _runs_out_of_range(rstd, m, step):
-        _redo_block(x, z, weight.to(c), bias_c, spec, out, mean3, rstd3, state, r0, r1, plan.threads)
+        _redo_block(x, z, weight_c, bias_c, spec, out, mean3, rstd3, state, r0, r1, plan.threads)
 
 
 def _runs_out_of_range(rstd: torch.Tensor, m: int, step: int) -> list[tuple[int, int]]:
