@@ -31,7 +31,7 @@ GATES = {"none": None, "after": True, "before": False}  # value: norm_before_gat
 
 @pytest.fixture(autouse=True)
 def _block_kernels():
-    """These tests hold the pure-PyTorch block kernels to their promises; the C forward kernel that the native
+    """These tests hold the pure-PyTorch block kernels to their promises; the C kernel that the native
     backend uses where it was built has its own tests (tests/test_native_cpu_kernel.py)."""
     with native_cpu_kernel.enabled(False):
         yield

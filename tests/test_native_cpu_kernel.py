@@ -1,4 +1,5 @@
-"""The native backend's C forward kernel (gatednorm/backends/native_cpu_kernel.c), where a C compiler built it.
+"""The native backend's C kernel, forward and backward (gatednorm/backends/native_cpu_kernel.c), where a C
+compiler built it.
 
 Held to the contract of docs/design.md section 2 as the block kernels are: float64 within the tolerance
 model, a row's bits independent of the batch, its position, the row stride and the thread count, the same

@@ -70,8 +70,8 @@ def info() -> dict[str, Any]:
       ``backend_importable`` is :func:`gatednorm.triton_available` (importable is not usable: see
       each device's ``backends``);
     * ``settings``: the environment variables that steer dispatch, as set ('' when unset);
-    * ``native_cpu_kernel``: ``"in use"`` when the native backend's C forward kernel is built (on the
-      first call here, about a second with a C compiler), else why the pure-PyTorch block kernels run;
+    * ``native_cpu_kernel``: ``"in use"`` when the native backend's C kernel (forward and backward) is built
+      (on the first call here, about a second with a C compiler), else why the pure-PyTorch block kernels run;
     * ``devices``: one entry per device (``cpu``, then every accelerator PyTorch reports), with
       ``device``, ``name``, ``auto`` (what ``backend="auto"`` picks there) and ``auto_reason``,
       ``default`` (what a call without ``backend=`` runs, given the environment; None when that raises)
@@ -106,7 +106,7 @@ def format_info(data: dict[str, Any]) -> str:
         f"torch     {data['torch']}",
         f"triton    {triton['version'] or 'absent'}: {triton['note']}",
         "settings  " + (", ".join(f"{k}={v}" for k, v in data["settings"].items() if v) or "(none set)"),
-        f"native CPU forward kernel: {data['native_cpu_kernel']}",
+        f"native CPU kernel: {data['native_cpu_kernel']}",
         "",
     ]
     for d in data["devices"]:
