@@ -13,14 +13,14 @@ from typing import Any
 
 import torch
 
-from . import ops
+from . import huge_pages, ops
 from ._platform import device_name
 from ._version import __version__
 from .settings import env_text
 
 #: The environment variables that change which backend a call gets (and Triton's interpreter switch).
 SETTINGS = ("GATEDNORM_BACKEND", "USE_NATIVE_LAYERNORM", "TRITON_INTERPRET", "GATEDNORM_PATCH", "GATEDNORM_CPU_KERNEL",
-            "GATEDNORM_CACHE_DIR")
+            "GATEDNORM_CACHE_DIR", "GATEDNORM_HUGE_PAGES")
 
 
 def _version(distribution: str) -> str | None:
@@ -93,6 +93,7 @@ def info() -> dict[str, Any]:
         "triton": _triton(),
         "settings": {name: env_text(name) for name in SETTINGS},
         "native_cpu_kernel": ops.native_cpu_kernel_status(),
+        "huge_pages": huge_pages.status(),
         "devices": devices,
     }
 
@@ -107,6 +108,7 @@ def format_info(data: dict[str, Any]) -> str:
         f"triton    {triton['version'] or 'absent'}: {triton['note']}",
         "settings  " + (", ".join(f"{k}={v}" for k, v in data["settings"].items() if v) or "(none set)"),
         f"native CPU kernel: {data['native_cpu_kernel']}",
+        f"huge pages for large CPU outputs: {data['huge_pages']}",
         "",
     ]
     for d in data["devices"]:

@@ -21,6 +21,8 @@ variable                          effect
 ``GATEDNORM_CPU_KERNEL``          ``0``: the native backend's pure-PyTorch block loops on CPU instead of its C
                                   kernel (which is then not built either)
 ``GATEDNORM_CACHE_DIR``           where the C kernel is built (default ``~/.cache/gatednorm``)
+``GATEDNORM_HUGE_PAGES``          ``0``: large CPU outputs keep the allocator's 4 KiB pages (default: advised
+                                  onto transparent huge pages, see gatednorm.huge_pages)
 ================================  =============================================================================
 
 The backend precedence, in one table: docs/design.md, section 4, "Choosing a backend"

@@ -1,0 +1,137 @@
+"""Large CPU outputs on huge pages (:mod:`gatednorm.huge_pages`): which bytes are advised, and when not at all.
+
+The advice changes page sizes, never values, so these tests record the ``madvise`` calls (a stand-in
+for libc's) and check their ranges: 2 MiB-aligned, inside the tensor's own bytes, covering every whole
+2 MiB stretch of it; nothing for small tensors, non-CPU tensors or ``GATEDNORM_HUGE_PAGES=0``. Two
+tests run the real advice where the kernel offers it: the outputs of both passes are advised and equal
+to the same call without it, bit for bit. No timing is asserted (benchmarks/bench_cpu.py measures it).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import make_inputs
+
+import gatednorm
+from gatednorm import huge_pages, ops
+from gatednorm.backends.base import GradsNeeded
+from gatednorm.spec import NormSpec
+
+HUGE = 2 << 20
+
+
+class RecordedMadvise:
+    """Stands for libc's madvise: records (start, length, advice), returns 0 (success)."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[int, int, int]] = []
+
+    def __call__(self, start: int, length: int, advice: int) -> int:
+        self.calls.append((start, length, advice))
+        return 0
+
+    def ranges(self) -> set[tuple[int, int]]:
+        return {(start, length) for start, length, _ in self.calls}
+
+
+@pytest.fixture
+def madvise(monkeypatch) -> RecordedMadvise:
+    recorder = RecordedMadvise()
+    monkeypatch.setattr(huge_pages, "_madvise", recorder)
+    monkeypatch.delenv("GATEDNORM_HUGE_PAGES", raising=False)
+    return recorder
+
+
+def whole_huge_pages(t: torch.Tensor) -> tuple[int, int]:
+    """(first, end) of the 2 MiB-aligned stretch inside t's bytes, computed independently of the module."""
+    start = t.data_ptr()
+    end = start + t.numel() * t.element_size()
+    first = -(-start // HUGE) * HUGE
+    return first, end // HUGE * HUGE
+
+
+@pytest.mark.parametrize("offset_elements", [0, 1, 1000, HUGE // 4 + 3])
+def test_advice_covers_the_whole_huge_pages_inside_the_tensor(madvise, offset_elements):
+    base = torch.empty(3 * HUGE + 4 * HUGE // 4 * 2, dtype=torch.float32)
+    t = base[offset_elements:offset_elements + 9 * HUGE // 4]  # 9 MiB of float32, at varied alignments
+    assert huge_pages.advise_huge_pages(t) is t
+    first, end = whole_huge_pages(t)
+    assert first % HUGE == 0 and end % HUGE == 0 and end - first >= 6 * HUGE
+    assert madvise.ranges() == {(first, end - first)}
+    # both advices: huge pages, then mapped before the first write
+    assert sorted(advice for _, _, advice in madvise.calls) == [14, 23]
+    lo, hi = t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()
+    assert all(lo <= start and start + length <= hi for start, length, _ in madvise.calls)
+
+
+@pytest.mark.parametrize("case", ["small", "meta", "switched off"])
+def test_no_advice(madvise, monkeypatch, case):
+    if case == "small":
+        t = torch.empty(huge_pages.MIN_BYTES // 4 - 1, dtype=torch.float32)
+    elif case == "meta":
+        t = torch.empty(1 << 24, dtype=torch.float32, device="meta")
+    else:
+        monkeypatch.setenv("GATEDNORM_HUGE_PAGES", "0")
+        t = torch.empty(1 << 24, dtype=torch.float32)
+    assert huge_pages.advise_huge_pages(t) is t
+    assert madvise.calls == []
+    assert huge_pages.status().startswith("off") == (case == "switched off")
+
+
+def test_the_smallest_advised_size(madvise):
+    t = torch.empty(huge_pages.MIN_BYTES // 2, dtype=torch.bfloat16)
+    huge_pages.advise_huge_pages(t)
+    first, end = whole_huge_pages(t)
+    assert madvise.ranges() == ({(first, end - first)} if end > first else set())
+
+
+def test_without_madvise_nothing_is_called(monkeypatch):
+    monkeypatch.setattr(huge_pages, "_madvise", False)
+    monkeypatch.delenv("GATEDNORM_HUGE_PAGES", raising=False)
+    t = torch.empty(1 << 24, dtype=torch.float32)
+    assert huge_pages.advise_huge_pages(t) is t
+    assert huge_pages.status() == "not available (no Linux madvise)"
+
+
+def _advised_outputs(madvise: RecordedMadvise, outputs) -> set[int]:
+    """The outputs whose whole huge pages were advised (their indices)."""
+    advised = set()
+    for i, t in enumerate(outputs):
+        first, end = whole_huge_pages(t)
+        if (first, end - first) in madvise.ranges():
+            advised.add(i)
+    return advised
+
+
+def test_native_outputs_of_both_passes_are_advised(madvise):
+    # 4096 x 1024 bf16 = 8 MiB per output: forward out, backward dx and dz
+    x, z, weight, _ = make_inputs(4096, 1024, torch.bfloat16, bias=False)
+    spec = NormSpec(1e-6, 128, True, True, "swish")
+    backend = ops.select_impl("native", x.device)
+    out = ops._new_rows(x)
+    mean, rstd = backend.forward(x, weight, None, z, spec, out)
+    dy = torch.randn_like(x)
+    dx, dz, _, _ = backend.backward(dy, x, weight, None, z, mean, rstd, spec, GradsNeeded(True, True, True, False))
+    assert _advised_outputs(madvise, [out, dx, dz]) == {0, 1, 2}
+    assert _advised_outputs(madvise, [x, z, dy]) == set()
+
+
+@pytest.mark.skipif(huge_pages._libc_madvise() is False, reason="no Linux madvise here")
+def test_real_advice_leaves_the_bits_alone(monkeypatch):
+    x, z, weight, _ = make_inputs(4096, 1024, torch.float32, bias=False)
+    x.requires_grad_(True)
+    z.requires_grad_(True)
+    dy = torch.randn_like(x)
+
+    def run():
+        y = gatednorm.rmsnorm_fn(x, weight, None, z=z, group_size=128, backend="native")
+        gx, gz = torch.autograd.grad(y, (x, z), dy)
+        return y.detach(), gx, gz
+
+    monkeypatch.setenv("GATEDNORM_HUGE_PAGES", "0")
+    plain = run()
+    monkeypatch.setenv("GATEDNORM_HUGE_PAGES", "1")
+    advised = run()
+    for a, b in zip(plain, advised, strict=True):
+        assert torch.equal(a, b)
