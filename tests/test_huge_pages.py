@@ -2,7 +2,8 @@
 
 The advice changes page sizes, never values, so these tests record the ``madvise`` calls (a stand-in
 for libc's) and check their ranges: 2 MiB-aligned, inside the tensor's own bytes, covering every whole
-2 MiB stretch of it; nothing for small tensors, non-CPU tensors or ``GATEDNORM_HUGE_PAGES=0``. Two
+2 MiB stretch of it; nothing for small tensors, non-CPU tensors, memory already in use (a stand-in for
+``mincore``) or ``GATEDNORM_HUGE_PAGES=0``. Two
 tests run the real advice where the kernel offers it: the outputs of both passes are advised and equal
 to the same call without it, bit for bit. No timing is asserted (benchmarks/bench_cpu.py measures it).
 """
@@ -35,8 +36,26 @@ class RecordedMadvise:
         return {(start, length) for start, length, _ in self.calls}
 
 
+class FakeMincore:
+    """Stands for libc's mincore on one page: reports it in memory when its address is in ``resident``."""
+
+    def __init__(self) -> None:
+        self.resident: set[int] = set()
+
+    def __call__(self, start: int, length: int, flags) -> int:
+        flags[0] = b"\x01" if start in self.resident else b"\x00"
+        return 0
+
+
 @pytest.fixture
-def madvise(monkeypatch) -> RecordedMadvise:
+def mincore(monkeypatch) -> FakeMincore:
+    fake = FakeMincore()
+    monkeypatch.setattr(huge_pages, "_mincore", fake)
+    return fake
+
+
+@pytest.fixture
+def madvise(monkeypatch, mincore) -> RecordedMadvise:
     recorder = RecordedMadvise()
     monkeypatch.setattr(huge_pages, "_madvise", recorder)
     monkeypatch.delenv("GATEDNORM_HUGE_PAGES", raising=False)
@@ -53,11 +72,12 @@ def whole_huge_pages(t: torch.Tensor) -> tuple[int, int]:
 
 @pytest.mark.parametrize("offset_elements", [0, 1, 1000, HUGE // 4 + 3])
 def test_advice_covers_the_whole_huge_pages_inside_the_tensor(madvise, offset_elements):
-    base = torch.empty(3 * HUGE + 4 * HUGE // 4 * 2, dtype=torch.float32)
-    t = base[offset_elements:offset_elements + 9 * HUGE // 4]  # 9 MiB of float32, at varied alignments
+    size = huge_pages.MIN_BYTES // 4 + HUGE // 8  # float32 elements: MIN_BYTES and a half huge page
+    base = torch.empty(size + HUGE, dtype=torch.float32)
+    t = base[offset_elements:offset_elements + size]  # at varied alignments
     assert huge_pages.advise_huge_pages(t) is t
     first, end = whole_huge_pages(t)
-    assert first % HUGE == 0 and end % HUGE == 0 and end - first >= 6 * HUGE
+    assert first % HUGE == 0 and end % HUGE == 0 and end - first >= huge_pages.MIN_BYTES - HUGE
     assert madvise.ranges() == {(first, end - first)}
     # both advices: huge pages, then mapped before the first write
     assert sorted(advice for _, _, advice in madvise.calls) == [14, 23]
@@ -65,15 +85,34 @@ def test_advice_covers_the_whole_huge_pages_inside_the_tensor(madvise, offset_el
     assert all(lo <= start and start + length <= hi for start, length, _ in madvise.calls)
 
 
+@pytest.mark.parametrize("resident_pages", [(), ("first",), ("last",), ("first", "last")])
+def test_memory_already_in_use_is_left_alone(madvise, mincore, resident_pages):
+    # a block glibc hands out again is in memory: no advice (it would only cost time); a fresh one is not
+    t = torch.empty(huge_pages.MIN_BYTES // 4, dtype=torch.float32)
+    first, end = whole_huge_pages(t)
+    mincore.resident = {first if p == "first" else end - 4096 for p in resident_pages}
+    huge_pages.advise_huge_pages(t)
+    assert bool(madvise.calls) == (len(resident_pages) < 2)
+
+
+@pytest.mark.skipif(huge_pages._libc_madvise() is False, reason="no Linux madvise here")
+def test_fresh_memory_is_told_from_memory_in_use():
+    t = torch.empty(64 << 20, dtype=torch.uint8)  # above glibc's largest mmap threshold: a new mapping
+    first, end = whole_huge_pages(t)
+    assert huge_pages._fresh(first, end)
+    t.fill_(1)
+    assert not huge_pages._fresh(first, end)
+
+
 @pytest.mark.parametrize("case", ["small", "meta", "switched off"])
 def test_no_advice(madvise, monkeypatch, case):
     if case == "small":
         t = torch.empty(huge_pages.MIN_BYTES // 4 - 1, dtype=torch.float32)
     elif case == "meta":
-        t = torch.empty(1 << 24, dtype=torch.float32, device="meta")
+        t = torch.empty(huge_pages.MIN_BYTES, dtype=torch.float32, device="meta")
     else:
         monkeypatch.setenv("GATEDNORM_HUGE_PAGES", "0")
-        t = torch.empty(1 << 24, dtype=torch.float32)
+        t = torch.empty(huge_pages.MIN_BYTES, dtype=torch.float32)
     assert huge_pages.advise_huge_pages(t) is t
     assert madvise.calls == []
     assert huge_pages.status().startswith("off") == (case == "switched off")
@@ -88,8 +127,9 @@ def test_the_smallest_advised_size(madvise):
 
 def test_without_madvise_nothing_is_called(monkeypatch):
     monkeypatch.setattr(huge_pages, "_madvise", False)
+    monkeypatch.setattr(huge_pages, "_mincore", False)
     monkeypatch.delenv("GATEDNORM_HUGE_PAGES", raising=False)
-    t = torch.empty(1 << 24, dtype=torch.float32)
+    t = torch.empty(huge_pages.MIN_BYTES, dtype=torch.float32)
     assert huge_pages.advise_huge_pages(t) is t
     assert huge_pages.status() == "not available (no Linux madvise)"
 
@@ -105,8 +145,8 @@ def _advised_outputs(madvise: RecordedMadvise, outputs) -> set[int]:
 
 
 def test_native_outputs_of_both_passes_are_advised(madvise):
-    # 4096 x 1024 bf16 = 8 MiB per output: forward out, backward dx and dz
-    x, z, weight, _ = make_inputs(4096, 1024, torch.bfloat16, bias=False)
+    # 4096 x 4096 bf16 = 32 MiB per output: forward out, backward dx and dz
+    x, z, weight, _ = make_inputs(4096, 4096, torch.bfloat16, bias=False)
     spec = NormSpec(1e-6, 128, True, True, "swish")
     backend = ops.select_impl("native", x.device)
     out = ops._new_rows(x)
@@ -119,7 +159,7 @@ def test_native_outputs_of_both_passes_are_advised(madvise):
 
 @pytest.mark.skipif(huge_pages._libc_madvise() is False, reason="no Linux madvise here")
 def test_real_advice_leaves_the_bits_alone(monkeypatch):
-    x, z, weight, _ = make_inputs(4096, 1024, torch.float32, bias=False)
+    x, z, weight, _ = make_inputs(8192, 1024, torch.float32, bias=False)  # 32 MiB
     x.requires_grad_(True)
     z.requires_grad_(True)
     dy = torch.randn_like(x)
