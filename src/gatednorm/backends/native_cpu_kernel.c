@@ -25,6 +25,12 @@
  * weight and bias are read in their own dtype (float32 or bf16), converted once per call: a bf16 model's
  * parameters need no float32 copy per call.
  */
+/* 512-bit vectors where the CPU has them (gcc keeps to 256 by default): single thread, preallocated output,
+ * the forward 10-30% faster (65536x128 bf16 gated RMSNorm 12.1 -> 10.0 ms), the backward 0-20%; the same bits
+ * (every element's operations are the same, the lane sums fixed by LANES, not by the vector width). */
+#if defined(__GNUC__) && !defined(__clang__) && defined(__AVX512F__)
+#pragma GCC target("prefer-vector-width=512")
+#endif
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -99,14 +105,6 @@ static inline float gn_exp(float x) {
     return p * scale;
 }
 
-static void activation(const float *z, int64_t n, int sigmoid_only, float *out) {
-    if (sigmoid_only) {
-        for (int64_t i = 0; i < n; i++) out[i] = 1.0f / (1.0f + gn_exp(-z[i]));
-    } else {
-        for (int64_t i = 0; i < n; i++) out[i] = z[i] / (1.0f + gn_exp(-z[i]));
-    }
-}
-
 /* Sum of v[0:n), or with `squares` of (v - mu)^2 (mu = 0 for the plain squares: v - 0 is v exactly): element
  * i goes to lane i % LANES, the lanes are added in a fixed tree. */
 static float lane_sum(const float *v, int64_t n, int squares, float mu) {
@@ -163,6 +161,68 @@ static int next_piece(int64_t *counter, int64_t size, int64_t end, int64_t *lo, 
     return 1;
 }
 
+/* The forward's two element-wise passes over one group, specialised (always_inline, called with constant
+ * flags) so that each combination of dtypes and gate is one straight loop that gcc vectorises, the
+ * conversions of bf16 inputs and output done in the same loop as the arithmetic (no separate load and store
+ * passes). Each element sees the operations of the formula in the formula's order, as before. */
+
+/* gate pass: v = x [* act(z) if the gate comes first], a = act(z) (kept for a gate after) */
+static inline __attribute__((always_inline)) void gate_pass(const void *xg, const int x_bf16, const void *zg,
+                                                            const int z_bf16, const int has_z, const int sigmoid_only,
+                                                            const int gate_before, int64_t gs, float *v, float *a) {
+    const uint16_t *xh = (const uint16_t *)xg, *zh = (const uint16_t *)zg;
+    const float *xf = (const float *)xg, *zf = (const float *)zg;
+    for (int64_t i = 0; i < gs; i++) {
+        float xv = x_bf16 ? bf16_to_f32(xh[i]) : xf[i];
+        if (has_z) {
+            const float zv = z_bf16 ? bf16_to_f32(zh[i]) : zf[i];
+            const float d = 1.0f + gn_exp(-zv);
+            const float act = sigmoid_only ? 1.0f / d : zv / d;
+            a[i] = act;
+            if (gate_before) xv = xv * act;
+        }
+        v[i] = xv;
+    }
+}
+
+/* output pass: y = ((v - mu) * rstd * w + b) [* a if the gate comes after], rounded once into y's dtype */
+static inline __attribute__((always_inline)) void output_pass(const float *v, const float *a, const float *wg,
+                                                              const float *bg, const int has_b, const int gate_after,
+                                                              float mu, float rs, int64_t gs, void *yg,
+                                                              const int y_bf16) {
+    uint16_t *yh = (uint16_t *)yg;
+    float *yf = (float *)yg;
+    for (int64_t i = 0; i < gs; i++) {
+        float t = (v[i] - mu) * rs;
+        t = t * wg[i];
+        if (has_b) t = t + bg[i];
+        if (gate_after) t = t * a[i];
+        if (y_bf16) yh[i] = f32_to_bf16(t); else yf[i] = t;
+    }
+}
+
+/* The specialisations, selected by bits: x bf16, z bf16, z present, sigmoid, gate first (gate pass); y bf16,
+ * bias present, gate after (output pass). */
+static void gate_pass_any(int code, const void *xg, const void *zg, int64_t gs, float *v, float *a) {
+#define GATE_CASE(c) case c: gate_pass(xg, (c) & 1, zg, ((c) >> 1) & 1, ((c) >> 2) & 1, ((c) >> 3) & 1, ((c) >> 4) & 1, gs, v, a); return;
+    switch (code) {
+        GATE_CASE(0) GATE_CASE(1) GATE_CASE(2) GATE_CASE(3) GATE_CASE(4) GATE_CASE(5) GATE_CASE(6) GATE_CASE(7)
+        GATE_CASE(8) GATE_CASE(9) GATE_CASE(10) GATE_CASE(11) GATE_CASE(12) GATE_CASE(13) GATE_CASE(14) GATE_CASE(15)
+        GATE_CASE(16) GATE_CASE(17) GATE_CASE(18) GATE_CASE(19) GATE_CASE(20) GATE_CASE(21) GATE_CASE(22) GATE_CASE(23)
+        GATE_CASE(24) GATE_CASE(25) GATE_CASE(26) GATE_CASE(27) GATE_CASE(28) GATE_CASE(29) GATE_CASE(30) GATE_CASE(31)
+    }
+#undef GATE_CASE
+}
+
+static void output_pass_any(int code, const float *v, const float *a, const float *wg, const float *bg, float mu,
+                            float rs, int64_t gs, void *yg) {
+#define OUT_CASE(c) case c: output_pass(v, a, wg, bg, ((c) >> 1) & 1, ((c) >> 2) & 1, mu, rs, gs, yg, (c) & 1); return;
+    switch (code) {
+        OUT_CASE(0) OUT_CASE(1) OUT_CASE(2) OUT_CASE(3) OUT_CASE(4) OUT_CASE(5) OUT_CASE(6) OUT_CASE(7)
+    }
+#undef OUT_CASE
+}
+
 /* Rows [r0, r1) of x (M, N), or with a counter (see next_piece) chunks of chunk_rows rows of [0, M) taken
  * from it. Row strides in elements; features contiguous. w, b: (N,) contiguous in w_dtype / b_dtype, b may
  * be NULL; z may be NULL. mean (NULL for RMSNorm) and rstd: G * M floats, group-major (g * M + m). Returns
@@ -182,42 +242,29 @@ int64_t gn_forward_rows(const void *x, int x_dtype, int64_t stride_x, const void
     const int64_t groups = N / gs;
     const float gs_f = (float)gs;
     const size_t xb = x_dtype == GN_BF16 ? 2 : 4, zb = z_dtype == GN_BF16 ? 2 : 4, yb = y_dtype == GN_BF16 ? 2 : 4;
-    const int gate_after = z != NULL && !gate_before;
+    const int has_z = z != NULL, gate_after = has_z && !gate_before;
+    const int gate_code = (x_dtype == GN_BF16) | (has_z && z_dtype == GN_BF16) << 1 | has_z << 2
+                          | (has_z && sigmoid_only) << 3 | (has_z && gate_before) << 4;
+    const int out_code = (y_dtype == GN_BF16) | (b != NULL) << 1 | gate_after << 2;
     int taken = 0;
     while (next_piece(counter, chunk_rows, M, &r0, &r1, &taken)) {
         for (int64_t m = r0; m < r1; m++) {
             const char *x_row = (const char *)x + (size_t)(m * stride_x) * xb;
-            const char *z_row = z != NULL ? (const char *)z + (size_t)(m * stride_z) * zb : NULL;
+            const char *z_row = has_z ? (const char *)z + (size_t)(m * stride_z) * zb : NULL;
             char *y_row = (char *)y + (size_t)(m * stride_y) * yb;
             for (int64_t g = 0; g < groups; g++) {
                 const int64_t o = g * gs;
-                float *v = xr;
-                load_row(x_row + (size_t)o * xb, x_dtype, gs, v);
-                if (z != NULL) {
-                    load_row(z_row + (size_t)o * zb, z_dtype, gs, ar);
-                    activation(ar, gs, sigmoid_only, ar);
-                    if (gate_before)
-                        for (int64_t i = 0; i < gs; i++) v[i] = v[i] * ar[i];
-                }
+                gate_pass_any(gate_code, x_row + (size_t)o * xb, has_z ? z_row + (size_t)o * zb : NULL, gs, xr, ar);
                 float mu = 0.0f;
                 if (!is_rms) {
-                    mu = cascade_sum(v, gs, 0, 0.0f) / gs_f;
+                    mu = cascade_sum(xr, gs, 0, 0.0f) / gs_f;
                     mean[g * M + m] = mu;
                 }
-                float var_eps = cascade_sum(v, gs, 1, mu) / gs_f + eps;
+                float var_eps = cascade_sum(xr, gs, 1, mu) / gs_f + eps;
                 float rs = 1.0f / sqrtf(var_eps);
                 rstd[g * M + m] = rs;
                 out_of_range += !(rs > 0.0f && rs < rstd_max);
-                /* y = ((v - mu) * rstd * w + b) [* act(z)], one pass, the steps in the formula's order */
-                const float *wg = w + o, *bg = b != NULL ? b + o : NULL;
-                for (int64_t i = 0; i < gs; i++) {
-                    float t = (v[i] - mu) * rs;
-                    t = t * wg[i];
-                    if (bg != NULL) t = t + bg[i];
-                    if (gate_after) t = t * ar[i];
-                    v[i] = t;
-                }
-                store_row(v, gs, y_dtype, y_row + (size_t)o * yb);
+                output_pass_any(out_code, xr, ar, w + o, b != NULL ? b + o : NULL, mu, rs, gs, y_row + (size_t)o * yb);
             }
         }
     }
@@ -290,7 +337,7 @@ int64_t gn_backward_rows(const void *dy, int dy_dtype, int64_t stride_dy, const 
                 load_row(dy_row + (size_t)o * dyb, dy_dtype, gs, gr);
                 if (z != NULL) {
                     load_row(z_row + (size_t)o * zb, z_dtype, gs, zr);
-                    /* act exactly as activation() computes it in the forward (the same e and 1 + e), so xhat
+                    /* act exactly as gate_pass() computes it in the forward (the same e and 1 + e), so xhat
                      * is the forward's; s and act' from the same e (one exponential per element) */
                     for (int64_t i = 0; i < gs; i++) {
                         const float d = 1.0f + gn_exp(-zr[i]);
