@@ -144,8 +144,10 @@ def _advised_outputs(madvise: RecordedMadvise, outputs) -> set[int]:
     return advised
 
 
-def test_native_outputs_of_both_passes_are_advised(madvise):
-    # 4096 x 4096 bf16 = 32 MiB per output: forward out, backward dx and dz
+def test_the_forward_output_is_advised_and_the_gradients_are_not(madvise):
+    # 4096 x 4096 bf16 = 32 MiB per tensor. Gradients keep 4 KiB pages: with huge pages for them too, the
+    # two-core VM's forward+backward with one core busy ran 3.1-5.0x slower than quiet in three of five
+    # benchmark runs (1.6x without), while the forward alone gained.
     x, z, weight, _ = make_inputs(4096, 4096, torch.bfloat16, bias=False)
     spec = NormSpec(1e-6, 128, True, True, "swish")
     backend = ops.select_impl("native", x.device)
@@ -153,8 +155,7 @@ def test_native_outputs_of_both_passes_are_advised(madvise):
     mean, rstd = backend.forward(x, weight, None, z, spec, out)
     dy = torch.randn_like(x)
     dx, dz, _, _ = backend.backward(dy, x, weight, None, z, mean, rstd, spec, GradsNeeded(True, True, True, False))
-    assert _advised_outputs(madvise, [out, dx, dz]) == {0, 1, 2}
-    assert _advised_outputs(madvise, [x, z, dy]) == set()
+    assert _advised_outputs(madvise, [out, dx, dz, x, z, dy]) == {0}
 
 
 @pytest.mark.skipif(huge_pages._libc_madvise() is False, reason="no Linux madvise here")

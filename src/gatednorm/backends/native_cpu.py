@@ -94,7 +94,6 @@ from typing import Any
 
 import torch
 
-from ..huge_pages import advise_huge_pages
 from ..numerics import SAFE_RSTD_MAX, SAFE_VAR_MIN, rescale_groups, scaled_rstd
 from ..spec import NormSpec, compute_dtype
 from . import native_cpu_kernel
@@ -901,8 +900,8 @@ def _backward(dy, x, weight, bias, z, mean, rstd, spec: NormSpec, needs_dx: bool
     groups = n // gs
     dev = x.device
     has_z = z is not None
-    dx = advise_huge_pages(torch.empty(m, n, dtype=x.dtype, device=dev)) if needs_dx else None
-    dz = advise_huge_pages(torch.empty(m, n, dtype=z.dtype, device=dev)) if (needs_dz and has_z) else None
+    dx = torch.empty(m, n, dtype=x.dtype, device=dev) if needs_dx else None
+    dz = torch.empty(m, n, dtype=z.dtype, device=dev) if (needs_dz and has_z) else None
     has_db = needs_dbias and bias is not None
     plan = _Plan(m, n, block_elements, (dy, x, z, weight, bias))
     step = plan.step
@@ -947,8 +946,8 @@ def _backward_cpu_kernel(dy, x, weight, bias, z, mean, rstd, spec: NormSpec, nee
     counter shared inside C. Each task writes its dx / dz rows and one row of dweight / dbias partial sums,
     summed in task order after (one task: its row is the sum, rounded once)."""
     m, n = x.shape
-    dx = advise_huge_pages(torch.empty(m, n, dtype=x.dtype)) if needs_dx else None
-    dz = advise_huge_pages(torch.empty(m, n, dtype=z.dtype)) if needs_dz else None
+    dx = torch.empty(m, n, dtype=x.dtype) if needs_dx else None
+    dz = torch.empty(m, n, dtype=z.dtype) if needs_dz else None
     plan = _Plan(m, n, block_elements, (dy, x, z), compiled_kernel=True)
     part_w = torch.empty(plan.tasks, n, dtype=torch.float32) if needs_dweight else None
     part_b = torch.empty(plan.tasks, n, dtype=torch.float32) if needs_db else None
