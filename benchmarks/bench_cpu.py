@@ -53,6 +53,7 @@ import gc
 import json
 import os
 import platform
+import random
 import signal
 import statistics
 import subprocess
@@ -358,9 +359,10 @@ def measure_memory(case, dtype, grad, impls, meter):
 
 def time_case(case, dtype, grad, impls, meter, reps):
     """Median wall time per implementation; every repeat runs every implementation once (interleaved), in
-    an order rotated by one per repeat: an implementation that runs right after another one pays for what
-    that one left behind (its threads asleep, OpenMP's spinning, caches), so no implementation always follows
-    the same one (compiled after native: LayerNorm bf16 4096x2048 forward 2.33 ms, after inductor 1.83)."""
+    an order shuffled per repeat (seeded: the same orders every run). An implementation pays for what the
+    one before it left behind (threads asleep, OpenMP's spinning, caches, the heap), so none may always
+    follow the same one (compiled after native: LayerNorm bf16 4096x2048 forward 2.33 ms, after inductor
+    1.83; a rotated order would keep every implementation's predecessor)."""
     args = make_inputs(case, dtype, meter.device, grad)
     res = {}
     for name, fn in impls.items():
@@ -370,10 +372,10 @@ def time_case(case, dtype, grad, impls, meter, reps):
         meter.sync()
         res[name] = {"first_call_s": time.perf_counter() - t0, "times": []}
         call_once(fn, case, args, grad)
-    order = list(impls.items())
     for rep in range(reps):
-        shift = rep % len(order)
-        for name, fn in order[shift:] + order[:shift]:
+        order = list(impls.items())
+        random.Random(rep).shuffle(order)
+        for name, fn in order:
             meter.sync()
             t0 = time.perf_counter()
             call_once(fn, case, args, grad)
