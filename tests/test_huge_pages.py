@@ -10,6 +10,9 @@ to the same call without it, bit for bit. No timing is asserted (benchmarks/benc
 
 from __future__ import annotations
 
+import ctypes
+import mmap
+
 import pytest
 import torch
 from helpers import make_inputs
@@ -97,11 +100,18 @@ def test_memory_already_in_use_is_left_alone(madvise, mincore, resident_pages):
 
 @pytest.mark.skipif(huge_pages._libc_madvise() is False, reason="no Linux madvise here")
 def test_fresh_memory_is_told_from_memory_in_use():
-    t = torch.empty(64 << 20, dtype=torch.uint8)  # above glibc's largest mmap threshold: a new mapping
-    first, end = whole_huge_pages(t)
-    assert huge_pages._fresh(first, end)
-    t.fill_(1)
-    assert not huge_pages._fresh(first, end)
+    # a mapping of our own: an allocator may hand a tensor memory it used before
+    block = mmap.mmap(-1, 4 * HUGE)
+    try:
+        buffer = (ctypes.c_char * len(block)).from_buffer(block)
+        start = ctypes.addressof(buffer)
+        first, end = -(-start // HUGE) * HUGE, (start + len(block)) // HUGE * HUGE
+        assert huge_pages._fresh(first, end)
+        block[:] = b"\x01" * len(block)
+        assert not huge_pages._fresh(first, end)
+        del buffer
+    finally:
+        block.close()
 
 
 @pytest.mark.parametrize("case", ["small", "meta", "switched off"])
