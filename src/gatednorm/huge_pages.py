@@ -1,7 +1,7 @@
 """Large CPU outputs on transparent huge pages: the first write of a fresh output without a page fault per 4 KiB.
 
-glibc serves a block of more than a few MiB from a fresh ``mmap``, so every 4 KiB page of a new output
-faults on its first write (the kernel traps, zeroes the page, maps it). For the native backend's large
+glibc serves a block of 32 MiB or more from a fresh ``mmap`` (smaller ones too, depending on its history),
+so every 4 KiB page of a new output faults on its first write (the kernel traps, zeroes the page, maps it). For the native backend's large
 outputs that cost more than the norm itself: filling a fresh 32 MiB tensor took 10.0 ms, 2.5 ms when
 the memory was already mapped, and 2.6 ms after ``madvise(MADV_HUGEPAGE)`` (one fault per 2 MiB page;
 2-core Xeon VM, Linux 6.18, THP mode ``madvise``). So :func:`advise_huge_pages` asks the kernel for huge
@@ -74,8 +74,8 @@ def _fresh(first: int, end: int) -> bool:
     """Whether [first, end) looks freshly mapped: its first or its last 4 KiB page is not in memory yet.
 
     A block that glibc hands out again from its heap is in memory already (writing it costs no fault, and the
-    advice would only cost time: up to a millisecond for 16 MiB); a new ``mmap`` (or heap grown by ``brk``)
-    is not. Where ``mincore`` fails, the memory counts as fresh.
+    advice would only cost time); a new ``mmap`` (or heap grown by ``brk``) is not. Where ``mincore`` fails,
+    the memory counts as fresh.
     """
     flags = ctypes.create_string_buffer(1)
     for page in (first, end - 4096):
@@ -95,7 +95,7 @@ def advise_huge_pages(t: torch.Tensor) -> torch.Tensor:
     whole 2 MiB-aligned stretches of ``t``'s bytes. A refusal by the kernel (THP off, an old kernel) is
     ignored: the tensor works as before, on 4 KiB pages.
     """
-    if not t.is_cpu:  # first: on a GPU this is the whole cost of the call (about 0.1 us)
+    if not t.is_cpu:  # first: on a GPU this check is the whole cost of the call
         return t
     nbytes = t.numel() * t.element_size()
     if nbytes < MIN_BYTES or not _enabled():
