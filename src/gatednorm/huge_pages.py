@@ -1,14 +1,14 @@
 """Large CPU outputs on transparent huge pages: the first write of a fresh output without a page fault per 4 KiB.
 
 glibc serves a block of 32 MiB or more from a fresh ``mmap`` (smaller ones too, depending on its history),
-so every 4 KiB page of a new output faults on its first write (the kernel traps, zeroes the page, maps it). For the native backend's large
-outputs that cost more than the norm itself: filling a fresh 32 MiB tensor took 10.0 ms, 2.5 ms when
-the memory was already mapped, and 2.6 ms after ``madvise(MADV_HUGEPAGE)`` (one fault per 2 MiB page;
-2-core Xeon VM, Linux 6.18, THP mode ``madvise``). So :func:`advise_huge_pages` asks the kernel for huge
-pages on the forward outputs this package allocates itself (``gatednorm.ops``), before their first write.
-Not on the backward's gradients: with them advised too, forward+backward with one core busy ran 3.1-5.0x
-slower than quiet in three of five benchmark runs on the VM (1.6x without; a guess, not measured: huge
-pages that the VM had reported free to its host and must fault in again there).
+so every 4 KiB page of a new output faults on its first write (the kernel traps, zeroes the page, maps it).
+For the native backend's large outputs that cost more than the norm itself: filling a fresh 32 MiB tensor
+took 10.0 ms, 2.5 ms when the memory was already mapped, and 2.6 ms after ``madvise(MADV_HUGEPAGE)`` (one
+fault per 2 MiB page; 2-core Xeon VM, Linux 6.18, THP mode ``madvise``). So :func:`advise_huge_pages` asks
+the kernel for huge pages on the forward outputs this package allocates itself (``gatednorm.ops``), before
+their first write. Not on the backward's gradients: with them advised too, forward+backward with one core
+busy ran 3.1-5.0x slower than quiet in three of five benchmark runs on the VM (1.6x without; a guess, not
+measured: huge pages that the VM had reported free to its host and must fault in again there).
 
 What it touches: only the whole 2 MiB-aligned stretches inside the tensor's own bytes (never a
 neighbour's), only for tensors of :data:`MIN_BYTES` or more, which are written whole, and only where
