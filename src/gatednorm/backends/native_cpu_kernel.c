@@ -166,13 +166,72 @@ static int next_piece(int64_t *counter, int64_t size, int64_t end, int64_t *lo, 
  * conversions of bf16 inputs and output done in the same loop as the arithmetic (no separate load and store
  * passes). Each element sees the operations of the formula in the formula's order, as before. */
 
+#if defined(__AVX512F__)
+#include <immintrin.h>
+/* Where gcc vectorises gn_exp itself it turns each clamp into masked paths (about 50 instructions per 16
+ * elements); written out it is one straight sequence: forward and backward 2-9% faster on gated rows, single
+ * thread, the same bits (benchmarks/ab_cpu_kernel.py, 8064 tensors). The scalar code stays for the tails and
+ * other CPUs.
+ *
+ * gn_exp on 16 lanes, the same IEEE operations in the same order (so the same bits as the scalar gn_exp): the
+ * clamps as max/min (x86's max/min return the second operand for a NaN, as the scalar comparisons do) */
+static inline __m512 gn_exp16(__m512 x) {
+    const __m512 xc = _mm512_min_ps(_mm512_set1_ps(100.0f), _mm512_max_ps(_mm512_set1_ps(-100.0f), x));
+    const __m512 t = _mm512_mul_ps(xc, _mm512_set1_ps(1.44269504088896341f));
+    const __m512 big = _mm512_set1_ps(12582912.0f);
+    const __m512 n = _mm512_sub_ps(_mm512_add_ps(t, big), big);
+    __m512 r = _mm512_sub_ps(xc, _mm512_mul_ps(n, _mm512_set1_ps(0.693145751953125f)));
+    r = _mm512_sub_ps(r, _mm512_mul_ps(n, _mm512_set1_ps(1.42860682030941723212e-6f)));
+    __m512 p = _mm512_set1_ps(1.9841270e-4f);
+    p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(1.3888889e-3f));
+    p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(8.3333338e-3f));
+    p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(4.1666668e-2f));
+    p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(1.6666667e-1f));
+    p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(0.5f));
+    p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(1.0f));
+    p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(1.0f));
+    __m512 nc = _mm512_min_ps(_mm512_set1_ps(128.0f), _mm512_max_ps(_mm512_set1_ps(-127.0f), n));
+    nc = _mm512_mask_mov_ps(nc, _mm512_cmp_ps_mask(nc, nc, _CMP_UNORD_Q), _mm512_setzero_ps());
+    const __m512i bits = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvttps_epi32(nc), _mm512_set1_epi32(127)), 23);
+    return _mm512_mul_ps(p, _mm512_castsi512_ps(bits));
+}
+
+/* -x as the scalar code's unary minus: the sign bit flipped (also for 0 and NaN) */
+static inline __m512 neg16(__m512 x) {
+    return _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(x), _mm512_set1_epi32((int)0x80000000u)));
+}
+
+static inline __m512 load16(const void *base, const int bf16, int64_t i) {
+    if (bf16) {
+        const __m256i h = _mm256_loadu_si256((const __m256i *)((const uint16_t *)base + i));
+        return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+    }
+    return _mm512_loadu_ps((const float *)base + i);
+}
+#endif
+
 /* gate pass: v = x [* act(z) if the gate comes first], a = act(z) (kept for a gate after) */
 static inline __attribute__((always_inline)) void gate_pass(const void *xg, const int x_bf16, const void *zg,
                                                             const int z_bf16, const int has_z, const int sigmoid_only,
                                                             const int gate_before, int64_t gs, float *v, float *a) {
     const uint16_t *xh = (const uint16_t *)xg, *zh = (const uint16_t *)zg;
     const float *xf = (const float *)xg, *zf = (const float *)zg;
-    for (int64_t i = 0; i < gs; i++) {
+    int64_t i0 = 0;
+#if defined(__AVX512F__)
+    if (has_z) {
+        const __m512 one = _mm512_set1_ps(1.0f);
+        for (; i0 + 16 <= gs; i0 += 16) {
+            __m512 xv = load16(xg, x_bf16, i0);
+            const __m512 zv = load16(zg, z_bf16, i0);
+            const __m512 d = _mm512_add_ps(one, gn_exp16(neg16(zv)));
+            const __m512 act = _mm512_div_ps(sigmoid_only ? one : zv, d);
+            _mm512_storeu_ps(a + i0, act);
+            if (gate_before) xv = _mm512_mul_ps(xv, act);
+            _mm512_storeu_ps(v + i0, xv);
+        }
+    }
+#endif
+    for (int64_t i = i0; i < gs; i++) {
         float xv = x_bf16 ? bf16_to_f32(xh[i]) : xf[i];
         if (has_z) {
             const float zv = z_bf16 ? bf16_to_f32(zh[i]) : zf[i];
@@ -339,7 +398,24 @@ int64_t gn_backward_rows(const void *dy, int dy_dtype, int64_t stride_dy, const 
                     load_row(z_row + (size_t)o * zb, z_dtype, gs, zr);
                     /* act exactly as gate_pass() computes it in the forward (the same e and 1 + e), so xhat
                      * is the forward's; s and act' from the same e (one exponential per element) */
-                    for (int64_t i = 0; i < gs; i++) {
+                    int64_t i0 = 0;
+#if defined(__AVX512F__)
+                    {
+                        const __m512 one = _mm512_set1_ps(1.0f);
+                        for (; i0 + 16 <= gs; i0 += 16) {
+                            const __m512 zv = _mm512_loadu_ps(zr + i0);
+                            const __m512 d = _mm512_add_ps(one, gn_exp16(neg16(zv)));
+                            const __m512 s = _mm512_div_ps(one, d);
+                            const __m512 one_minus_s = _mm512_sub_ps(one, s);
+                            _mm512_storeu_ps(act + i0, sigmoid_only ? s : _mm512_div_ps(zv, d));
+                            /* act' as the scalar loop below: s (1 - s), or ((1 - s) z + 1) s */
+                            const __m512 swish_slope = _mm512_add_ps(_mm512_mul_ps(one_minus_s, zv), one);
+                            _mm512_storeu_ps(dact + i0, _mm512_mul_ps(sigmoid_only ? s : swish_slope,
+                                                                      sigmoid_only ? one_minus_s : s));
+                        }
+                    }
+#endif
+                    for (int64_t i = i0; i < gs; i++) {
                         const float d = 1.0f + gn_exp(-zr[i]);
                         const float s = 1.0f / d;
                         act[i] = sigmoid_only ? s : zr[i] / d;
