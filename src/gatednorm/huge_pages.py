@@ -14,9 +14,9 @@ What it touches: only the whole 2 MiB-aligned stretches inside the tensor's own 
 neighbour's), only for tensors of :data:`MIN_BYTES` or more, which are written whole, and only where
 that memory is not in use yet (``mincore``: a block the allocator hands out again keeps its pages, and
 the advice is then skipped, as it would only cost time). The populate step (``MADV_POPULATE_WRITE``,
-Linux 5.14+) maps the pages in one system call before the kernel's threads write them: without it, two
-threads writing into one fresh 2 MiB page wait for each other, and the times spread (4096x4096 bf16 gated
-RMSNorm forward, two threads: median 23.6 ms, 16.6 ms with it, 18.1 with 4 KiB pages). What it
+Linux 5.14+) maps the pages in one system call before the kernel's threads write them: without it the
+times spread (4096x4096 bf16 gated RMSNorm forward, two threads: median 23.6 ms, 16.6 ms with it, 18.1
+with 4 KiB pages; our reading, not measured: two threads faulting on one fresh 2 MiB page wait for each other). What it
 changes: the kernel's choice of page size for those bytes, nothing else; without transparent huge pages
 (THP mode ``never``, another OS, no libc) it is a no-op. The cost it can have: with THP "defrag" set to
 ``madvise`` or ``always``, a fault may compact memory to find a free 2 MiB page on a fragmented machine.
@@ -38,8 +38,8 @@ __all__ = ["MIN_BYTES", "advise_huge_pages", "status"]
 #: Outputs smaller than this keep the allocator's pages. glibc serves a block of 32 MiB or more from a new
 #: ``mmap`` every time (its mmap threshold grows to 32 MiB at most), so such outputs always pay the faults;
 #: smaller ones come as often from the heap, reused, and there the advice measured a loss as often as a
-#: gain (a block at the top of the heap that glibc trimmed and grew again: huge pages come from memory the
-#: virtual machine had handed back to its host).
+#: gain (a block at the top of the heap that glibc trimmed and grew again; why, not measured: perhaps huge
+#: pages drawn from memory the virtual machine had reported free to its host).
 MIN_BYTES = 32 << 20
 
 _HUGE_PAGE = 2 << 20
