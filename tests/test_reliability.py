@@ -226,6 +226,25 @@ def test_extreme_range_matches_float64(path, rms, gate, dtype, scale, eps):
     _check_against_float64(y, mean, rstd, x, w, b, z, eps, 64, gate != "before", rms, "swish")
 
 
+@pytest.mark.parametrize("path", _params(PATHS))
+@pytest.mark.parametrize("rms", [False, True])
+@pytest.mark.parametrize(("scale", "eps"), [EXTREME[0], EXTREME[3], (1.0, 1e-6)])
+def test_inference_call_writes_what_the_forward_writes(path, rms, scale, eps):
+    """``layernorm_fn`` without autograd discards the statistics (a backend may then skip them: the compiled
+    backend on CPU checks the range from the extremes of its sums): the same bits as ``layer_norm_fwd``'s y,
+    also where rows are rescued beside ordinary ones."""
+    g = _gen(11)
+    x = (scale * (torch.randn(6, 128, generator=g, dtype=torch.float64) + (0.0 if rms else 2.0))).bfloat16()
+    x[3] = torch.randn(128, generator=g).bfloat16()  # an ordinary row beside rescued ones
+    z, w, b = (torch.randn(*shape, generator=g).bfloat16() for shape in ((6, 128), (128,), (128,)))
+    backend, route = _on_path(path)
+    with route, torch.no_grad():
+        y, mean, rstd = layer_norm_fwd(x, w, b, eps, z=z, group_size=64, is_rms_norm=rms, backend=backend)
+        y_inference = layernorm_fn(x, w, b, z, eps, 64, is_rms_norm=rms, backend=backend)
+    assert torch.equal(bits(y_inference), bits(y))
+    _check_against_float64(y_inference, mean, rstd, x, w, b, z, eps, 64, True, rms, "swish")
+
+
 @pytest.mark.slow
 @pytest.mark.skipif("compiled" not in BACKENDS, reason="torch.compile unavailable")
 @pytest.mark.parametrize("rms", [False, True])

@@ -151,7 +151,7 @@ def layernorm_fn(
     call = prepare(x, weight, bias, z, eps, group_size, norm_before_gate, is_rms_norm, activation, regroup_heads=True)
     res = regroup_residual(prepare_residual(x, residual, prenorm, residual_in_fp32), call)
     if res is None:
-        y = gated_norm_rows(call.x2d, call.weight, call.bias, call.z2d, call.spec, backend=backend)[0]
+        y = gated_norm_rows(call.x2d, call.weight, call.bias, call.z2d, call.spec, backend=backend, stats=False)[0]
         return _shaped_like(y, x, call)
     y, _, _, res_out = gated_norm_residual_rows(call.x2d, res.residual2d, call.weight, call.bias, call.z2d,
                                                 call.spec, res.out_dtype, prenorm=prenorm, backend=backend)

@@ -311,11 +311,16 @@ def _empty_stats(x: torch.Tensor, spec: NormSpec) -> tuple[torch.Tensor | None, 
     return mean, x.new_empty(stats, dtype=c)
 
 
-def _forward_eager(x, weight, bias, z, spec: NormSpec, backend: str):
+def _forward_eager(x, weight, bias, z, spec: NormSpec, backend: str, stats: bool = True):
     out = _new_rows(x)
     if _no_work(x):
         return (out, *_empty_stats(x, spec))
-    mean, rstd = _impl_for(backend, x).forward(x, weight, bias, z, spec, out)
+    impl = _impl_for(backend, x)
+    forward_output = None if stats else getattr(impl, "forward_output", None)
+    if forward_output is not None:  # the caller discards the statistics (backends.base.OutputOnlyBackend)
+        forward_output(x, weight, bias, z, spec, out)
+        return out, None, None
+    mean, rstd = impl.forward(x, weight, bias, z, spec, out)
     return out, mean, rstd
 
 
@@ -428,8 +433,10 @@ def _(dy, x, weight, bias, z, mean, rstd, eps, group_size, norm_before_gate, is_
 _compiling = torch.compiler.is_compiling
 
 
-def _run_forward(x, weight, bias, z, spec: NormSpec, backend: str, out_dtype: torch.dtype | None = None):
-    """(out, mean | None, rstd) for validated 2-D x/z; out in ``out_dtype`` (default x's dtype)."""
+def _run_forward(x, weight, bias, z, spec: NormSpec, backend: str, out_dtype: torch.dtype | None = None,
+                 stats: bool = True):
+    """(out, mean | None, rstd) for validated 2-D x/z; out in ``out_dtype`` (default x's dtype). ``stats=False``:
+    the caller discards mean and rstd, which may then be None."""
     if out_dtype is not None and out_dtype != x.dtype:
         # The residual path normalises a float32 sum into x's dtype: the backend's one rounding
         # targets the output buffer directly (no float32 output and second cast).
@@ -438,7 +445,7 @@ def _run_forward(x, weight, bias, z, spec: NormSpec, backend: str, out_dtype: to
     if _compiling():
         out, mean, rstd = forward_op(x, weight, bias, z, *spec, backend)
         return out, (None if spec.is_rms_norm else mean), rstd
-    return _forward_eager(x, weight, bias, z, spec, backend)
+    return _forward_eager(x, weight, bias, z, spec, backend, stats)
 
 
 def _run_forward_out(x, weight, bias, z, out, spec: NormSpec, backend: str):
@@ -548,13 +555,16 @@ def needs_autograd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
 def gated_norm_rows(
     x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, z2d: torch.Tensor | None, spec: NormSpec,
     *, backend: str | None = None, out: torch.Tensor | None = None, out_dtype: torch.dtype | None = None,
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    stats: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """(y (M, N), mean | None, rstd) of validated rows (from :func:`gatednorm.spec.prepare`).
 
     ``backend`` is a name or None (environment / auto). Differentiable when an input requires grad;
     ``out`` (x's shape, any floating dtype and strides) is written and returned as y, and is only
     allowed without autograd (the caller checks). Without ``out``, y is in ``out_dtype`` (default x's
-    dtype): still the one rounding from C, also when differentiable.
+    dtype): still the one rounding from C, also when differentiable. ``stats=False``: the caller discards
+    mean and rstd; a call without autograd may then return None for both (a backend with ``forward_output``
+    skips making them).
     """
     name = resolve_backend(backend, x2d.device)
     if out is not None:
@@ -562,7 +572,7 @@ def gated_norm_rows(
         return out, mean, rstd
     if needs_autograd(x2d, weight, bias, z2d):
         return _autograd_apply(x2d, weight, bias, z2d, spec, name, out_dtype)
-    return _run_forward(x2d, weight, bias, z2d, spec, name, out_dtype)
+    return _run_forward(x2d, weight, bias, z2d, spec, name, out_dtype, stats)
 
 
 def residual_sum(x2d: torch.Tensor, residual2d: torch.Tensor) -> torch.Tensor:

@@ -71,6 +71,18 @@ class FusedQuantBackend(Protocol):
 
 
 @runtime_checkable
+class OutputOnlyBackend(Protocol):
+    """What a backend adds when the statistics cost it more than the output: an inference call that discards
+    mean and rstd (``layernorm_fn`` / ``rmsnorm_fn`` without autograd). Optional: :mod:`gatednorm.ops` looks
+    for ``forward_output`` and, without it, calls :meth:`Backend.forward` and drops the statistics."""
+
+    def forward_output(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                       z: torch.Tensor | None, spec: NormSpec, out: torch.Tensor) -> None:
+        """Write into out exactly what :meth:`Backend.forward` writes; keep no statistics."""
+        ...
+
+
+@runtime_checkable
 class FusedResidualBackend(Protocol):
     """What a backend adds to fuse the residual sum into its forward (docs/design.md, "Residual and prenorm").
     Optional: :mod:`gatednorm.ops` looks for ``forward_residual`` and, without it, sums x + residual in

@@ -4,19 +4,21 @@ The same function as the native backend (docs/design.md, section 1). Inductor fu
 into a few loops, so no full-size temporaries exist at run time.
 
 Compilation: one compiled function per *feature combination* (the static
-:class:`~gatednorm.spec.NormSpec`, N, the dtypes, which of bias / z / gradients are present), with
-the row count M marked dynamic (size-oblivious, so M = 1 takes the same graph): a new batch size
+:class:`~gatednorm.spec.NormSpec`, N, every tensor's dtype (None where absent), which gradients), with
+the row count M marked dynamic (traced size-obliviously, so M = 1 takes the same graph): a new batch size
 never recompiles. N and the group size stay static so that Inductor can fuse each row's reductions
 without full-size buffers. Every combination gets its own code object, so dynamo's per-code-object
 recompile limit is never shared between them.
 
 Range rescue: on accelerators every group is scaled in the graph (no host sync, CUDA-graph safe).
-On CPU, where reading a value costs nothing like a device sync, the plain graph runs; one reduction
-over the statistics finds rows out of range, and those are redone with the rescuing formula, eagerly.
+On CPU, where reading a value costs nothing like a device sync, the plain graph runs and also reduces its
+sums to one flag (every row in range or not); the rows out of range are then found and redone with the
+rescuing formula, eagerly.
 
 On CPU the graphs are shaped for Inductor's C++ code generation, to stay within the speed of the
 compiled recipe (benchmarks/results/cpu_bench.md): the forward graph returns its raw per-group sums
-and the statistics are made from them outside (:func:`_make_forward_sums`), and the backward
+and the statistics are made from them outside (:func:`_make_forward_sums`), only for callers that keep
+them (:meth:`CompiledBackend.forward_output` serves those that do not), and the backward
 (:func:`_backward_rows_recomputed`) recomputes the gate in every loop that needs it, so no full-size
 float32 temporary is written, and sums dweight / dbias over blocks of rows first.
 
@@ -65,12 +67,33 @@ def _make_forward(spec: NormSpec) -> Callable:
     return fwd
 
 
-def _make_forward_sums(spec: NormSpec) -> Callable:
-    """The compiled forward on CPU: writes out and returns only the per-group sums it reduced, (sum of x
-    or None, sum of squared deviations), (M, G, 1) each; :func:`_stats_from_sums` makes the statistics.
+def _rstd_from_sum(sum_sq: torch.Tensor, spec: NormSpec) -> torch.Tensor:
+    """rstd = 1 / sqrt(sum_sq / gs + eps): a division, an addition and a reciprocal square root, each rounded
+    once (Inductor's code and ATen's ops give the same bits)."""
+    return torch.rsqrt(sum_sq / spec.group_size + spec.eps)
 
-    The graph's only outputs besides ``out`` are reductions, so Inductor runs each row's reductions and
-    its output in one loop over the rows (as it does for the recipe, whose graph returns y alone). A
+
+def _sums_in_range(sum_sq: torch.Tensor, spec: NormSpec) -> torch.Tensor:
+    """0-dim bool: whether every rstd made from sum_sq (:func:`_rstd_from_sum`) is in (0, SAFE_RSTD_MAX], i.e.
+    no row needs the rescue (``not numerics.rstd_out_of_range(rstd).any()``), judged on the extremes alone.
+
+    rstd is non-increasing in sum_sq (each rounding step keeps order), so the smallest rstd is that of the
+    largest sum and the largest that of the smallest: two reductions over the sums, no statistics needed. A NaN
+    sum makes both extremes NaN (amax and amin propagate it), and a NaN rstd fails both comparisons.
+    """
+    return (_rstd_from_sum(sum_sq.amax(), spec) > 0) & (_rstd_from_sum(sum_sq.amin(), spec) <= numerics.SAFE_RSTD_MAX)
+
+
+def _make_forward_sums(spec: NormSpec) -> Callable:
+    """The compiled forward on CPU: writes out and returns the per-group sums it reduced, (sum of x or None,
+    sum of squared deviations), (M, G, 1) each, for :func:`_stats_from_sums`, and whether every rstd is in
+    range (:func:`_sums_in_range`, 0-dim bool).
+
+    The graph's only outputs besides ``out`` are reductions (the range check reduces the sums again, in a
+    small kernel of its own after the row loop), so Inductor runs each row's reductions and its output in
+    one loop over the rows (as it does for the recipe, whose graph returns y alone). The check is in the
+    graph because eager ops after it are slow: each runs on caches the graph has just flushed (in bench_cpu
+    the eager statistics with the check took 0.14-0.37 ms after the 4096x2048 LayerNorm's 2 ms graph). A
     statistic computed in the graph (a pointwise node of a reduction) is a buffer with two users, and
     Inductor then splits the work into a reduction loop, a statistics loop and an output loop that
     reads x again.
@@ -82,7 +105,6 @@ def _make_forward_sums(spec: NormSpec) -> Callable:
     approximations of act(z); the statistics returned are those of the values the sums read.
     """
     gs = spec.group_size
-    eps = spec.eps
     gate_before = not spec.norm_before_gate
 
     def fwd(x, weight, bias, z, out):
@@ -106,12 +128,12 @@ def _make_forward_sums(spec: NormSpec) -> Callable:
             summed = summed - mean
             x3 = x3 - mean
         sum_sq = (summed * summed).sum(dim=-1, keepdim=True)
-        rstd = torch.rsqrt(sum_sq / gs + eps)  # as _stats_from_sums computes it, bit for bit
+        rstd = _rstd_from_sum(sum_sq, spec)  # as _stats_from_sums computes it, bit for bit
         y = numerics.affine(x3 * rstd, in_compute_dtype(weight, c).view(shape3),
                             None if bias is None else in_compute_dtype(bias, c).view(shape3),
                             gate if spec.norm_before_gate else None)
         out.copy_(y.reshape(out.shape))  # the one rounding, fused into the kernel that computes y
-        return sum_x, sum_sq
+        return sum_x, sum_sq, _sums_in_range(sum_sq, spec)
 
     return fwd
 
@@ -123,25 +145,20 @@ _SERIAL_SLICE = 16384
 
 
 def _stats_from_sums(sum_x: torch.Tensor | None, sum_sq: torch.Tensor, spec: NormSpec
-                     ) -> tuple[torch.Tensor | None, torch.Tensor, bool]:
-    """(mean, rstd, in_range) from the (M, G, 1) sums of :func:`_make_forward_sums`, in place.
+                     ) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """(mean, rstd) from the (M, G, 1) sums of :func:`_make_forward_sums`, in place.
 
-    mean and rstd are group-major 1-D, made with the same correctly rounded steps as the graph (a
-    division by gs, an addition, 1 / sqrt), so rstd is the factor that normalised the output. in_range:
-    every rstd in (0, SAFE_RSTD_MAX] (a NaN fails), i.e. no row needs the rescue. With one group per row
-    the sums' storage already is the group-major layout; otherwise one transposing copy each. Serial
-    slices (:data:`_SERIAL_SLICE`) throughout.
+    mean and rstd are group-major 1-D, made with the same correctly rounded steps as the graph (a division by
+    gs, an addition, 1 / sqrt: :func:`_rstd_from_sum`), so rstd is the factor that normalised the output. With
+    one group per row the sums' storage already is the group-major layout; otherwise one transposing copy
+    each. Serial slices (:data:`_SERIAL_SLICE`) throughout.
     """
     m, groups = sum_sq.shape[0], sum_sq.shape[1]
     stats = [sum_sq] if sum_x is None else [sum_x, sum_sq]
-    in_range = True
     for c0 in range(0, m * groups, _SERIAL_SLICE):
         if sum_x is not None:
             sum_x.view(-1)[c0 : c0 + _SERIAL_SLICE].div_(spec.group_size)
-        rstd = sum_sq.view(-1)[c0 : c0 + _SERIAL_SLICE].div_(spec.group_size).add_(spec.eps).rsqrt_()
-        if in_range:
-            lo, hi = torch.aminmax(rstd)
-            in_range = bool(lo > 0) and bool(hi <= numerics.SAFE_RSTD_MAX)
+        sum_sq.view(-1)[c0 : c0 + _SERIAL_SLICE].div_(spec.group_size).add_(spec.eps).rsqrt_()
     if groups == 1:
         flat = [t.view(m) for t in stats]
     else:
@@ -153,8 +170,7 @@ def _stats_from_sums(sum_x: torch.Tensor | None, sum_sq: torch.Tensor, spec: Nor
             for r0 in range(0, m, rows):
                 gm_view[:, r0 : r0 + rows].copy_(t2[r0 : r0 + rows].t())
             flat.append(gm)
-    mean, rstd = (None, flat[0]) if sum_x is None else flat
-    return mean, rstd, in_range
+    return (None, flat[0]) if sum_x is None else tuple(flat)
 
 
 def _gate_from_one_sigmoid(z: torch.Tensor, activation: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -335,22 +351,43 @@ class CompiledBackend:
 
     def forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, z: torch.Tensor | None,
                 spec: NormSpec, out: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
-        # Row-major inputs only: strided rows would give Inductor another (less accurate, sequential)
-        # reduction loop and a recompile per layout; a copy is what a fused kernel would do too.
         x, z = _contiguous(x), _contiguous(z)
-        inline = self.rescue_inline if self.rescue_inline is not None else x.device.type != "cpu"
-        key = ("fwd", spec, x.shape[1], x.dtype, out.dtype, bias is not None, z is not None, inline)
-        _mark_rows_dynamic(x, z, out)
         with torch.no_grad():
-            if inline:
-                fn = self._compiled(key, lambda: _make_forward(spec))
-                return fn(x, weight, bias, z, out)
-            fn = self._compiled(key, lambda: _make_forward_sums(spec))
-            mean, rstd, in_range = _stats_from_sums(*fn(x, weight, bias, z, out), spec)
+            if self._rescue_in_graph(x):
+                return self._compiled_forward(x, weight, bias, z, spec, out, sums=False)(x, weight, bias, z, out)
+            fn = self._compiled_forward(x, weight, bias, z, spec, out, sums=True)
+            sum_x, sum_sq, in_range = fn(x, weight, bias, z, out)
+            mean, rstd = _stats_from_sums(sum_x, sum_sq, spec)
             if not in_range:
-                rows = numerics.rstd_out_of_range(numerics.row_major(rstd, x.shape[0])).any(dim=1)
-                _redo_rows(rows.nonzero().squeeze(1), x, weight, bias, z, spec, out, mean, rstd)
+                _redo_out_of_range(x, weight, bias, z, spec, out, mean, rstd)
         return mean, rstd
+
+    def forward_output(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                       z: torch.Tensor | None, spec: NormSpec, out: torch.Tensor) -> None:
+        """:meth:`forward` for a caller that discards the statistics: on CPU they are made only when a row
+        needs the rescue (:func:`_stats_from_sums`: its eager ops took 0.1-0.3 ms after a 2 ms graph)."""
+        x, z = _contiguous(x), _contiguous(z)
+        with torch.no_grad():
+            if self._rescue_in_graph(x):
+                self._compiled_forward(x, weight, bias, z, spec, out, sums=False)(x, weight, bias, z, out)
+                return
+            fn = self._compiled_forward(x, weight, bias, z, spec, out, sums=True)
+            sum_x, sum_sq, in_range = fn(x, weight, bias, z, out)
+            if not in_range:
+                mean, rstd = _stats_from_sums(sum_x, sum_sq, spec)
+                _redo_out_of_range(x, weight, bias, z, spec, out, mean, rstd)
+
+    def _rescue_in_graph(self, x: torch.Tensor) -> bool:
+        return self.rescue_inline if self.rescue_inline is not None else x.device.type != "cpu"
+
+    def _compiled_forward(self, x, weight, bias, z, spec: NormSpec, out, sums: bool) -> Callable:
+        """The compiled forward for this call (rows marked dynamic): :func:`_make_forward_sums` with
+        ``sums``, else :func:`_make_forward`. Row-major x and z only (the callers' ``_contiguous``): strided
+        rows would give Inductor another (less accurate, sequential) reduction loop and a recompile per
+        layout; a copy is what a fused kernel would do too."""
+        key = ("fwd", spec, x.shape[1], _dtypes(x, weight, bias, z, out), not sums)
+        _mark_rows_dynamic(x, z, out)
+        return self._compiled(key, lambda: _make_forward_sums(spec) if sums else _make_forward(spec))
 
     def backward(self, dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                  z: torch.Tensor | None, mean: torch.Tensor | None, rstd: torch.Tensor, spec: NormSpec,
@@ -361,35 +398,52 @@ class CompiledBackend:
         # fails in Inductor (an empty block loop), and one traced with M = 1 is specialised to it. Batches
         # below 2 blocks take a graph of their own (one more, or two when the first of them has M = 1).
         blocked = cpu and x.shape[0] >= 2 * _COLUMN_BLOCK
-        key = ("bwd", spec, x.shape[1], x.dtype, bias is not None, z is not None, mean is not None, needs, cpu,
-               blocked)
+        key = ("bwd", spec, x.shape[1], _dtypes(dy, x, weight, bias, z), mean is not None, needs, cpu, blocked)
         fn = self._compiled(key, lambda: _make_backward(spec, needs, cpu, blocked))
         _mark_rows_dynamic(dy, x, z, mean, rstd)
         with torch.no_grad():
             return fn(dy, x, weight, bias, z, mean, rstd)
 
 
+def _dtypes(*tensors: torch.Tensor | None) -> tuple[torch.dtype | None, ...]:
+    """The dtypes of a call's tensors (None: absent), for the compiled functions' keys: a dtype the key left out
+    would make dynamo recompile the same function, and only a function's first call traces size-obliviously."""
+    return tuple(None if t is None else t.dtype for t in tensors)
+
+
 def _timed_first_call(key: tuple, compiled: Callable) -> Callable:
+    """``compiled`` with its first call (the trace: dynamo and Inductor) timed into COMPILE_TIMES and run
+    size-obliviously, so that M = 1 does not specialise the graph (no recompile for single rows).
+
+    Later calls run without the setting: it is read while dynamo traces, and their guards were made by the
+    first trace (a row count it left symbolic). Every dtype, shape feature and flag the graph depends on is in
+    ``key``, so a later call has no reason to retrace. Setting and restoring the config costs about 7 us of
+    host time per call, several times that on caches flushed by a large call.
+    """
     state = {"first": True}
 
     def call(*args):
-        # Size-oblivious: M = 1 must not specialise the graph (no recompile for single rows). Set and
-        # restored directly: config.patch() builds a class per call (about 20 us, 1% of a 2 ms call).
+        if not state["first"]:
+            return compiled(*args)
         config = torch.fx.experimental._config
         saved = config.backed_size_oblivious
         config.backed_size_oblivious = True
         try:
-            if state["first"]:
-                start = time.perf_counter()
-                result = compiled(*args)
-                COMPILE_TIMES.append((key, time.perf_counter() - start))
-                state["first"] = False
-                return result
-            return compiled(*args)
+            start = time.perf_counter()
+            result = compiled(*args)
+            COMPILE_TIMES.append((key, time.perf_counter() - start))
+            state["first"] = False
+            return result
         finally:
             config.backed_size_oblivious = saved
 
     return call
+
+
+def _redo_out_of_range(x, weight, bias, z, spec: NormSpec, out, mean, rstd) -> None:
+    """Redo the rows whose rstd is out of range (:func:`_redo_rows`)."""
+    rows = numerics.rstd_out_of_range(numerics.row_major(rstd, x.shape[0])).any(dim=1)
+    _redo_rows(rows.nonzero().squeeze(1), x, weight, bias, z, spec, out, mean, rstd)
 
 
 def _redo_rows(rows: torch.Tensor, x, weight, bias, z, spec: NormSpec, out, mean, rstd) -> None:
