@@ -318,6 +318,11 @@ def _mark_rows_dynamic(*tensors: torch.Tensor | None) -> None:
             torch._dynamo.maybe_mark_dynamic(t, 0)
 
 
+#: Positions of the arguments whose dim 0 counts rows (M, or G * M for the statistics), per compiled function.
+_FORWARD_ROW_ARGS = (0, 3, 4)  # fwd(x, weight, bias, z, out)
+_BACKWARD_ROW_ARGS = (0, 1, 4, 5, 6)  # bwd(dy, x, weight, bias, z, mean, rstd)
+
+
 class CompiledBackend:
     """The ``compiled`` backend. ``rescue_inline`` (None: on every device but CPU) scales every group
     in the graph instead of flagging out-of-range rows for an eager redo."""
@@ -330,8 +335,9 @@ class CompiledBackend:
         self._lock = threading.Lock()
         self._cache: dict[tuple, Callable] = {}
 
-    def _compiled(self, key: tuple, factory: Callable[[], Callable]) -> Callable:
-        """The compiled function for ``key``: built and wrapped once, on a private code object."""
+    def _compiled(self, key: tuple, factory: Callable[[], Callable], row_args: tuple[int, ...]) -> Callable:
+        """The compiled function for ``key``: built and wrapped once, on a private code object; the dim 0 of
+        the arguments at ``row_args`` is traced as a symbol (:func:`_timed_first_call`)."""
         fn = self._cache.get(key)
         if fn is not None:
             return fn
@@ -345,7 +351,7 @@ class CompiledBackend:
                 raw = types.FunctionType(code, raw.__globals__, code.co_name, raw.__defaults__, raw.__closure__)
                 # dynamic=None + rows marked dynamic: M is symbolic, while N, the group size and the
                 # constants stay static so Inductor fuses each row's reductions without full-size buffers.
-                fn = _timed_first_call(key, torch.compile(raw, dynamic=None, fullgraph=True))
+                fn = _timed_first_call(key, torch.compile(raw, dynamic=None, fullgraph=True), row_args)
                 self._cache[key] = fn
         return fn
 
@@ -386,8 +392,8 @@ class CompiledBackend:
         rows would give Inductor another (less accurate, sequential) reduction loop and a recompile per
         layout; a copy is what a fused kernel would do too."""
         key = ("fwd", spec, x.shape[1], _dtypes(x, weight, bias, z, out), not sums)
-        _mark_rows_dynamic(x, z, out)
-        return self._compiled(key, lambda: _make_forward_sums(spec) if sums else _make_forward(spec))
+        return self._compiled(key, lambda: _make_forward_sums(spec) if sums else _make_forward(spec),
+                              _FORWARD_ROW_ARGS)
 
     def backward(self, dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                  z: torch.Tensor | None, mean: torch.Tensor | None, rstd: torch.Tensor, spec: NormSpec,
@@ -399,8 +405,7 @@ class CompiledBackend:
         # below 2 blocks take a graph of their own (one more, or two when the first of them has M = 1).
         blocked = cpu and x.shape[0] >= 2 * _COLUMN_BLOCK
         key = ("bwd", spec, x.shape[1], _dtypes(dy, x, weight, bias, z), mean is not None, needs, cpu, blocked)
-        fn = self._compiled(key, lambda: _make_backward(spec, needs, cpu, blocked))
-        _mark_rows_dynamic(dy, x, z, mean, rstd)
+        fn = self._compiled(key, lambda: _make_backward(spec, needs, cpu, blocked), _BACKWARD_ROW_ARGS)
         with torch.no_grad():
             return fn(dy, x, weight, bias, z, mean, rstd)
 
@@ -411,20 +416,23 @@ def _dtypes(*tensors: torch.Tensor | None) -> tuple[torch.dtype | None, ...]:
     return tuple(None if t is None else t.dtype for t in tensors)
 
 
-def _timed_first_call(key: tuple, compiled: Callable) -> Callable:
-    """``compiled`` with its first call (the trace: dynamo and Inductor) timed into COMPILE_TIMES and run
-    size-obliviously, so that M = 1 does not specialise the graph (no recompile for single rows).
+def _timed_first_call(key: tuple, compiled: Callable, row_args: tuple[int, ...]) -> Callable:
+    """``compiled`` with its first call (the trace: dynamo and Inductor) timed into COMPILE_TIMES, its row
+    dims (dim 0 of the arguments at ``row_args``) marked dynamic and traced size-obliviously, so that M = 1
+    does not specialise the graph (no recompile for single rows).
 
-    Later calls run without the setting: it is read while dynamo traces, and their guards were made by the
-    first trace (a row count it left symbolic). Every dtype, shape feature and flag the graph depends on is in
-    ``key``, so a later call has no reason to retrace. Setting and restoring the config costs about 7 us of
-    host time per call, several times that on caches flushed by a large call.
+    Later calls skip both: the marks and the setting are read while dynamo traces, and later calls meet the
+    guards of the first trace (a row count it left symbolic). Every dtype, shape feature and flag the graph
+    depends on is in ``key``, so a later call has no reason to retrace. Marking and setting took about 14 us of
+    host time per call (a 2-row LayerNorm through layernorm_fn: 64.7 -> 50.5 us), several times that on caches
+    flushed by a large call.
     """
     state = {"first": True}
 
     def call(*args):
         if not state["first"]:
             return compiled(*args)
+        _mark_rows_dynamic(*(args[i] for i in row_args))
         config = torch.fx.experimental._config
         saved = config.backed_size_oblivious
         config.backed_size_oblivious = True
