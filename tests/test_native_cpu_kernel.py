@@ -12,6 +12,7 @@ Budget: a few seconds (the library is built once per machine, about a second).
 from __future__ import annotations
 
 import shutil
+import types
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -70,12 +71,29 @@ def test_rescue_runs_cover_only_rows_out_of_range_in_chunks():
 
 @pytest.fixture
 def kernel_calls(monkeypatch):
-    return _count_calls(monkeypatch, "forward_rows")
+    """Calls of the C forward: per task on the pool or in this thread, one per OpenMP team call."""
+    calls = _count_calls(monkeypatch, "forward_rows")
+    monkeypatch.setattr(native_cpu_kernel, "forward_rows_team", _counted(native_cpu_kernel.forward_rows_team, calls))
+    return calls
 
 
 @pytest.fixture
 def backward_calls(monkeypatch):
-    return _count_calls(monkeypatch, "backward_rows")
+    calls = _count_calls(monkeypatch, "backward_rows")
+    monkeypatch.setattr(native_cpu_kernel, "backward_rows_team", _counted(native_cpu_kernel.backward_rows_team, calls))
+    return calls
+
+
+def _counted(fn, calls: list[int]):
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return fn(*args, **kwargs)
+    return counting
+
+
+#: How pooled calls run: gatednorm's own pool, or PyTorch's OpenMP team where the library was built with one.
+THREADS = ["pool", pytest.param("team", marks=pytest.mark.skipif(
+    not native_cpu_kernel._state.get("team"), reason="no OpenMP team here: " + native_cpu_kernel.status()))]
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
@@ -199,38 +217,48 @@ def test_range_rescue_rows(scale):
         assert torch.equal(bits(y1[0]), bits(y[r]))
 
 
-def test_range_rescue_rows_on_the_pool(monkeypatch, kernel_calls):
-    """Rows out of range in different tasks of a pooled call: the tasks' counts add up, every such row is
-    redone and the others keep the bits they have when computed alone."""
+@pytest.mark.parametrize("threads", THREADS)
+def test_range_rescue_rows_on_the_pool(threads, monkeypatch, kernel_calls):
+    """Rows out of range in different tasks of a pooled call (on the pool, or on the OpenMP team): the tasks'
+    counts add up, every such row is redone and the others keep the bits they have when computed alone."""
     monkeypatch.setattr(native_cpu._Plan, "__init__", _pooled_plan_init(native_cpu._Plan.__init__))
+    team_calls = _count_calls(monkeypatch, "forward_rows_team")
+    monkeypatch.setattr(native_cpu_kernel, "_team", {"on": threads == "team", "pool_until": 0.0})
     n, gs = 128, 64
     x, z, w, b = make_inputs(1200, n, torch.bfloat16, seed=6)
     spec = _spec(n, gs, False, True, "swish")
     for bad in ([611], [7, 611, 1199]):  # in one task (a middle one); in the first, a middle and the last
         xb = x.clone()
         xb[bad, gs:] *= 1e30
+        team_calls.clear()
         y, mean, rstd = _forward(xb, w, b, z, spec)
-        assert len(kernel_calls) > 1, "the call was not shared out into tasks"
+        if threads == "team":
+            assert team_calls, "the call did not run on the OpenMP team"
+        else:
+            assert len(kernel_calls) > 1 and not team_calls, "the call was not shared out into tasks on the pool"
         check_forward(y, mean, rstd, xb, w, b, z, spec.eps, gs, True, False)
         for r in (6, 8, 610, 612, 1198):
             y1, _, _ = _forward(xb[r : r + 1], w, b, z[r : r + 1], spec)
             assert torch.equal(bits(y1[0]), bits(y[r]))
 
 
+@pytest.mark.parametrize("threads", THREADS)
 @pytest.mark.parametrize("variant", VARIANTS[:3], ids=[v[0] for v in VARIANTS[:3]])
-def test_pooled_calls_give_the_serial_bits(variant, monkeypatch):
-    """Workers that take rows (forward) and tasks (backward) from a shared counter inside C give the bits of
-    one thread doing the same tasks in order: y, statistics, dx, dz and the dweight / dbias partial sums."""
+def test_pooled_calls_give_the_serial_bits(variant, threads, monkeypatch):
+    """Workers that take rows (forward) and tasks (backward) from a shared counter inside C, on the pool or on
+    the OpenMP team, give the bits of one thread doing the same tasks in order: y, statistics, dx, dz and the
+    dweight / dbias partial sums."""
     _, n, gs, rms, nbg, has_bias, act = variant
     x, z, w, b = make_inputs(700, n, torch.float32, gate=nbg is not None, bias=has_bias and not rms, seed=12)
     spec = _spec(n, gs, rms, nbg, act)
     dy = torch.randn(x.shape)
-    shared_calls: list[bool] = []
-    for name in ("forward_rows", "backward_rows"):
-        real = getattr(native_cpu_kernel, name)
+    monkeypatch.setattr(native_cpu_kernel, "_team", {"on": threads == "team", "pool_until": 0.0})
+    shared_calls: list[bool] = []  # per kernel call: True where it shared rows or tasks (pool or team)
+    for name in ("forward_rows", "backward_rows", "forward_rows_team", "backward_rows_team"):
+        real, on_team = getattr(native_cpu_kernel, name), name.endswith("_team")
 
-        def spy(*args, _real=real, **kwargs):
-            shared_calls.append(kwargs.get("shared") is not None)
+        def spy(*args, _real=real, _team=on_team, **kwargs):
+            shared_calls.append(_team or kwargs.get("shared") is not None)
             return _real(*args, **kwargs)
 
         monkeypatch.setattr(native_cpu_kernel, name, spy)
@@ -245,7 +273,7 @@ def test_pooled_calls_give_the_serial_bits(variant, monkeypatch):
         shared_calls.clear()
         y, mean, rstd = _forward(x, w, b, z, spec)
         grads = native_cpu.backward(dy, x, w, b, z, mean, rstd, spec)
-        assert all(shared_calls) if pooled else not any(shared_calls)
+        assert shared_calls and (all(shared_calls) if pooled else not any(shared_calls))
         results.append([t for t in (y, mean, rstd, *grads) if t is not None])
     for serial, pooled in zip(*results, strict=True):
         assert torch.equal(bits(serial), bits(pooled))
@@ -378,7 +406,7 @@ def test_switched_off_by_the_environment_on_the_next_call(monkeypatch, kernel_ca
     assert not kernel_calls
     monkeypatch.delenv("GATEDNORM_CPU_KERNEL")
     _forward(x, w, b, z, spec)
-    assert kernel_calls and native_cpu_kernel.status() == "in use"
+    assert kernel_calls and native_cpu_kernel.status().startswith("in use")
 
 
 @pytest.mark.skipif(shutil.which("cc") is None, reason="no cc")
@@ -390,3 +418,39 @@ def test_built_once_into_the_cache(monkeypatch, tmp_path):
     assert len(built) == 1 and not [p for p in tmp_path.iterdir() if p.is_dir()]  # no temporary left
     monkeypatch.setattr(native_cpu_kernel, "_state", {})
     assert native_cpu_kernel.library() is not None and list(tmp_path.glob("gatednorm_cpu_*.so")) == built
+
+
+def test_team_after_a_late_start_the_pool_then_the_team_again(monkeypatch):
+    """Pooled calls run on the OpenMP team while its helpers start promptly; a late start sends the next calls
+    to gatednorm's pool for TEAM_PAUSE_SECONDS; other threads, GATEDNORM_CPU_OPENMP=0 and team(False) use the
+    pool."""
+    monkeypatch.setattr(native_cpu_kernel, "_state", {**native_cpu_kernel._state, "lib": object(), "team": True})
+    monkeypatch.setattr(native_cpu_kernel, "_team", {"on": True, "pool_until": 0.0})
+    now = [100.0]
+    monkeypatch.setattr(native_cpu_kernel, "time", types.SimpleNamespace(monotonic=lambda: now[0]))
+    use_team = native_cpu_kernel.use_team
+    assert use_team()
+    native_cpu_kernel._after_team_call(native_cpu_kernel.TEAM_LATE_SECONDS / 2)
+    assert use_team(), "helpers that started in time must keep the team"
+    native_cpu_kernel._after_team_call(native_cpu_kernel.TEAM_LATE_SECONDS * 2)
+    assert not use_team()
+    now[0] += native_cpu_kernel.TEAM_PAUSE_SECONDS * 0.9
+    assert not use_team()
+    now[0] += native_cpu_kernel.TEAM_PAUSE_SECONDS * 0.2
+    assert use_team(), "the team is tried again after the pause"
+    with ThreadPoolExecutor(1) as pool:
+        assert not pool.submit(use_team).result(), "a thread other than the main one started a team"
+    with native_cpu_kernel.team(False):
+        assert not use_team()
+    assert use_team()
+    monkeypatch.setenv("GATEDNORM_CPU_OPENMP", "0")
+    assert not use_team() and "GATEDNORM_CPU_OPENMP=0" in native_cpu_kernel.status()
+    monkeypatch.delenv("GATEDNORM_CPU_OPENMP")
+    assert native_cpu_kernel.status().startswith("in use (threads: PyTorch's OpenMP team")
+
+
+@pytest.mark.skipif(not native_cpu_kernel._state.get("team"), reason="no OpenMP team here")
+def test_team_runs_on_pytorchs_openmp_runtime():
+    """The library added no OpenMP runtime of its own: one is mapped, PyTorch's (else its team would be a
+    second set of threads competing with ATen's)."""
+    assert len(native_cpu_kernel._openmp_runtimes()) == 1

@@ -20,7 +20,7 @@ from .settings import env_text
 
 #: The environment variables that change which backend a call gets (and Triton's interpreter switch).
 SETTINGS = ("GATEDNORM_BACKEND", "USE_NATIVE_LAYERNORM", "TRITON_INTERPRET", "GATEDNORM_PATCH", "GATEDNORM_CPU_KERNEL",
-            "GATEDNORM_CACHE_DIR", "GATEDNORM_HUGE_PAGES")
+            "GATEDNORM_CPU_OPENMP", "GATEDNORM_CACHE_DIR", "GATEDNORM_HUGE_PAGES")
 
 
 def _version(distribution: str) -> str | None:

@@ -20,6 +20,9 @@ variable                          effect
 ``GATEDNORM_TRITON_FAST_LAUNCH``  ``0``: Triton's own (slower) launch path instead of the cached launcher
 ``GATEDNORM_CPU_KERNEL``          ``0``: the native backend's pure-PyTorch block loops on CPU instead of its C
                                   kernel (which is then not built either)
+``GATEDNORM_CPU_OPENMP``          ``0``: the C kernel's threads are always gatednorm's own pool (default: PyTorch's
+                                  OpenMP team where the kernel was built with OpenMP, the pool after a late
+                                  start of the team; docs/design.md, "The native backend on CPU")
 ``GATEDNORM_CACHE_DIR``           where the C kernel is built (default ``~/.cache/gatednorm``)
 ``GATEDNORM_HUGE_PAGES``          ``0``: large CPU outputs keep the allocator's 4 KiB pages (default: advised
                                   onto transparent huge pages, see gatednorm.huge_pages)

@@ -741,6 +741,9 @@ def _forward_cpu_kernel(x, weight, bias, z, spec: NormSpec, out, block_elements:
     plan = _Plan(m, n, block_elements, (x, z, out), compiled_kernel=True)
     if plan.workers == 1:
         out_of_range = native_cpu_kernel.forward_rows(x, z, weight_k, bias_k, out, mean, rstd, 0, m, *args)
+    elif native_cpu_kernel.use_team():  # PyTorch's OpenMP threads take the same chunks from a counter
+        out_of_range = native_cpu_kernel.forward_rows_team(x, z, weight_k, bias_k, out, mean, rstd, *args, plan.step,
+                                                           plan.workers)
     else:
         # one kernel call per worker, each taking blocks of rows from a shared counter inside C (dynamic,
         # so a worker on a busy core takes fewer); a worker that comes late finds none left
@@ -962,6 +965,9 @@ def _backward_cpu_kernel(dy, x, weight, bias, z, mean, rstd, spec: NormSpec, nee
             native_cpu_kernel.backward_rows(dy, x, z, weight_k, bias_k, mean, rstd, dx, dz,
                                             part_w[task] if part_w is not None else None,
                                             part_b[task] if part_b is not None else None, r0, r1, *args)
+    elif native_cpu_kernel.use_team():  # PyTorch's OpenMP threads take the same tasks from a counter
+        native_cpu_kernel.backward_rows_team(dy, x, z, weight_k, bias_k, mean, rstd, dx, dz, part_w, part_b, *args,
+                                             plan.per_task * plan.step, plan.tasks, plan.workers)
     else:
         # one kernel call per worker, each taking tasks from a shared counter inside C (see the forward)
         shared = (native_cpu_kernel.WorkCounter(), plan.per_task * plan.step, plan.tasks)

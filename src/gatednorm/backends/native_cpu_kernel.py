@@ -25,7 +25,9 @@ dispatch mode sees no ATen op of the kernel, as of any kernel). ``GATEDNORM_CPU_
 without a compiler,
 or when the build fails, the block kernels run and :func:`status` says why. The library is built with
 ``-march=native`` into ``$GATEDNORM_CACHE_DIR`` (default ``~/.cache/gatednorm``), keyed by the source,
-the compiler and the CPU's feature flags, and written atomically (concurrent first uses are safe).
+the compiler and the CPU's feature flags, and written atomically (concurrent first uses are safe). Where
+PyTorch runs GNU OpenMP, it is built with ``-fopenmp`` too, and pooled calls run on PyTorch's OpenMP team
+(:func:`use_team`; ``native_cpu_kernel.c``, "The same calls on an OpenMP team").
 
 Results
 -------
@@ -50,6 +52,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -81,40 +84,74 @@ def _cache_dir() -> Path:
     return Path(root) if root else Path.home() / ".cache" / "gatednorm"
 
 
+def _openmp_runtimes() -> set[str]:
+    """Paths of the OpenMP runtimes mapped into this process (Linux: /proc/self/maps; elsewhere empty)."""
+    try:
+        with open("/proc/self/maps") as f:
+            return {line.split()[-1] for line in f if "libgomp" in line or "libiomp" in line or "libomp" in line}
+    except OSError:
+        return set()
+
+
+def _compile(compiler: str, flags: list[str], lib_path: Path) -> str:
+    """Build the library at lib_path (unless there); '' or why it failed."""
+    if lib_path.exists():
+        return ""
+    try:
+        lib_path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=lib_path.parent) as tmp:
+            out = Path(tmp) / lib_path.name
+            proc = subprocess.run([compiler, *flags, str(_SOURCE), "-o", str(out), "-lm"],
+                                  capture_output=True, text=True, timeout=120)
+            if proc.returncode != 0:
+                return f"{compiler} failed: {proc.stderr.strip()[-500:]}"
+            os.replace(out, lib_path)  # atomic: a concurrent build writes the same bytes
+    except (OSError, subprocess.SubprocessError) as exc:
+        return f"build failed: {type(exc).__name__}: {exc}"
+    return ""
+
+
 def _build() -> tuple[ctypes.CDLL | None, str]:
-    """(the loaded library, '') or (None, why not)."""
+    """(the loaded library, '') or (None, why not). Built with OpenMP (the team entry points) where PyTorch's
+    own runtime is GNU OpenMP and the compiler has it, else (or if that build fails) without."""
     compiler = env_text("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
     if not compiler or not _SOURCE.exists():
         return None, "no C compiler found (cc, gcc, clang)" if not compiler else f"{_SOURCE.name} missing"
     source = _SOURCE.read_bytes()
-    key = hashlib.sha256(source + " ".join([compiler, *_FLAGS, _cpu_flags(), sys.platform]).encode()).hexdigest()
-    lib_path = _cache_dir() / f"gatednorm_cpu_{key[:16]}.so"
-    if not lib_path.exists():
+    runtimes = _openmp_runtimes()
+    variants = [[*_FLAGS, "-fopenmp"], _FLAGS] if len(runtimes) == 1 and "libgomp" in next(iter(runtimes)) else [_FLAGS]
+    why = ""
+    for flags in variants:
+        key = hashlib.sha256(source + " ".join([compiler, *flags, _cpu_flags(), sys.platform]).encode()).hexdigest()
+        lib_path = _cache_dir() / f"gatednorm_cpu_{key[:16]}.so"
+        why = _compile(compiler, flags, lib_path)
+        if why:
+            continue
         try:
-            lib_path.parent.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryDirectory(dir=lib_path.parent) as tmp:
-                out = Path(tmp) / lib_path.name
-                proc = subprocess.run([compiler, *_FLAGS, str(_SOURCE), "-o", str(out), "-lm"],
-                                      capture_output=True, text=True, timeout=120)
-                if proc.returncode != 0:
-                    return None, f"{compiler} failed: {proc.stderr.strip()[-500:]}"
-                os.replace(out, lib_path)  # atomic: a concurrent build writes the same bytes
-        except (OSError, subprocess.SubprocessError) as exc:
-            return None, f"build failed: {type(exc).__name__}: {exc}"
-    try:
-        lib = ctypes.CDLL(str(lib_path))
-    except OSError as exc:
-        return None, f"could not load {lib_path}: {exc}"
-    fn = lib.gn_forward_rows
+            lib = ctypes.CDLL(str(lib_path))
+        except OSError as exc:
+            why = f"could not load {lib_path}: {exc}"
+            continue
+        _declare(lib)
+        # The team runs on PyTorch's threads only if loading the library added no second runtime.
+        _state["team"] = hasattr(lib, "gn_forward_rows_team") and _openmp_runtimes() == runtimes
+        return lib, ""
+    return None, why
+
+
+def _declare(lib: ctypes.CDLL) -> None:
+    """The C signatures (ctypes converts the arguments by them)."""
     i64, ptr, i32, f32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_float
-    fn.argtypes = [ptr, i32, i64, ptr, i32, i64, ptr, i32, ptr, i32, ptr, i32, i64, ptr, ptr, i64, i64, i64, ptr, i64,
-                   i64, i64, f32, f32, i32, i32, i32]
-    fn.restype = i64
-    bwd = lib.gn_backward_rows
-    bwd.argtypes = [ptr, i32, i64, ptr, i32, i64, ptr, i32, i64, ptr, i32, ptr, i32, ptr, ptr, ptr, i32, i64, ptr,
-                    i32, i64, ptr, ptr, i64, i64, i64, ptr, i64, i64, i64, i64, i32, i32, i32]
-    bwd.restype = i64
-    return lib, ""
+    forward_args = [ptr, i32, i64, ptr, i32, i64, ptr, i32, ptr, i32, ptr, i32, i64, ptr, ptr, i64]
+    backward_args = [ptr, i32, i64, ptr, i32, i64, ptr, i32, i64, ptr, i32, ptr, i32, ptr, ptr, ptr, i32, i64, ptr,
+                     i32, i64, ptr, ptr, i64]
+    lib.gn_forward_rows.argtypes = [*forward_args, i64, i64, ptr, i64, i64, i64, f32, f32, i32, i32, i32]
+    lib.gn_backward_rows.argtypes = [*backward_args, i64, i64, ptr, i64, i64, i64, i64, i32, i32, i32]
+    lib.gn_forward_rows.restype = lib.gn_backward_rows.restype = i64
+    if hasattr(lib, "gn_forward_rows_team"):
+        lib.gn_forward_rows_team.argtypes = [*forward_args, ptr, i64, i64, i64, f32, f32, i32, i32, i32, i32, ptr]
+        lib.gn_backward_rows_team.argtypes = [*backward_args, ptr, i64, i64, i64, i64, i32, i32, i32, i32, ptr]
+        lib.gn_forward_rows_team.restype = lib.gn_backward_rows_team.restype = i64
 
 
 def _off_by_environment() -> bool:
@@ -152,10 +189,60 @@ def enabled(on: bool) -> Iterator[None]:
 
 
 def status() -> str:
-    """'in use' or why the block kernels run instead."""
+    """'in use' (and on which threads) or why the block kernels run instead."""
     if _off_by_environment():
         return "disabled by GATEDNORM_CPU_KERNEL=0"
-    return "in use" if library() is not None else str(_state.get("why", ""))
+    if library() is None:
+        return str(_state.get("why", ""))
+    if not _state.get("team"):
+        return "in use (threads: gatednorm's pool; no OpenMP team: not PyTorch's GNU OpenMP, or no -fopenmp)"
+    if _team_off_by_environment():
+        return "in use (threads: gatednorm's pool; OpenMP team off by GATEDNORM_CPU_OPENMP=0)"
+    return "in use (threads: PyTorch's OpenMP team, gatednorm's pool after a late start)"
+
+
+# ---------------------------------------------------------------------------
+# The OpenMP team and the pool (see native_cpu_kernel.c, "The same calls on an OpenMP team")
+# ---------------------------------------------------------------------------
+
+#: A team call whose helper threads started later than this after the call (seconds) goes back to the pool:
+#: helpers that spin after an ATen op start within microseconds, sleeping ones are woken in tens of
+#: microseconds (2-core VM), and a core that another process keeps busy costs milliseconds.
+TEAM_LATE_SECONDS = 300e-6
+#: ... for this long; then the next call tries the team again (a probe per quarter second while the machine
+#: stays busy: one call in many pays the team's barrier).
+TEAM_PAUSE_SECONDS = 0.25
+
+_team = {"on": True, "pool_until": 0.0}
+
+
+def _team_off_by_environment() -> bool:
+    return env_text("GATEDNORM_CPU_OPENMP").lower() in ("0", "false", "no", "off")
+
+
+@contextlib.contextmanager
+def team(on: bool) -> Iterator[None]:
+    """Run pooled calls on PyTorch's OpenMP team (``on``, where built: the default) or always on gatednorm's own
+    pool, inside the block (process-wide; for tests and A/B timing)."""
+    before = _team["on"]
+    _team["on"] = on
+    try:
+        yield
+    finally:
+        _team["on"] = before
+
+
+def use_team() -> bool:
+    """Whether the next pooled call runs on the OpenMP team: built with it, switched on, not
+    ``GATEDNORM_CPU_OPENMP=0``, called from the main thread (another thread's OpenMP region would start a team
+    of its own), and no late team start within the last :data:`TEAM_PAUSE_SECONDS`."""
+    return (_team["on"] and bool(_state.get("team")) and time.monotonic() >= _team["pool_until"]
+            and threading.current_thread() is threading.main_thread() and not _team_off_by_environment())
+
+
+def _after_team_call(helper_delay: float) -> None:
+    if helper_delay > TEAM_LATE_SECONDS:
+        _team["pool_until"] = time.monotonic() + TEAM_PAUSE_SECONDS
 
 
 def handles(*rows: torch.Tensor | None) -> bool:
@@ -237,3 +324,45 @@ def forward_rows(x: torch.Tensor, z: torch.Tensor | None, weight: torch.Tensor, 
     if status < 0:
         raise MemoryError("gatednorm CPU kernel: out of memory for one row's buffers")
     return status
+
+
+def forward_rows_team(x: torch.Tensor, z: torch.Tensor | None, weight: torch.Tensor, bias: torch.Tensor | None,
+                      out: torch.Tensor, mean: torch.Tensor | None, rstd: torch.Tensor, group_size: int, eps: float,
+                      is_rms: bool, gate_before: bool, sigmoid: bool, chunk_rows: int, threads: int) -> int:
+    """:func:`forward_rows` over all rows with ``shared`` chunks of chunk_rows rows, on an OpenMP team of
+    ``threads`` (:func:`use_team` said yes); then records whether the helpers started late."""
+    lib = library()
+    assert lib is not None
+    m, n = x.shape
+    delay = ctypes.c_double(0.0)
+    status = lib.gn_forward_rows_team(
+        _ptr(x), _code(x), _row_stride(x), _ptr(z), _code(z), _row_stride(z), weight.data_ptr(), _code(weight),
+        _ptr(bias), _code(bias), _ptr(out), _code(out), _row_stride(out), _ptr(mean), rstd.data_ptr(),
+        m, WorkCounter().address, chunk_rows, n, group_size, eps, SAFE_RSTD_MAX, int(is_rms), int(gate_before),
+        int(sigmoid), threads, ctypes.byref(delay))
+    _after_team_call(delay.value)
+    if status < 0:
+        raise MemoryError("gatednorm CPU kernel: out of memory for one row's buffers")
+    return status
+
+
+def backward_rows_team(dy: torch.Tensor, x: torch.Tensor, z: torch.Tensor | None, weight: torch.Tensor,
+                       bias: torch.Tensor | None, mean: torch.Tensor | None, rstd: torch.Tensor,
+                       dx: torch.Tensor | None, dz: torch.Tensor | None, part_w: torch.Tensor | None,
+                       part_b: torch.Tensor | None, group_size: int, is_rms: bool, gate_before: bool, sigmoid: bool,
+                       task_rows: int, tasks: int, threads: int) -> None:
+    """:func:`backward_rows` with ``shared`` tasks of task_rows rows, on an OpenMP team of ``threads``
+    (:func:`use_team` said yes); then records whether the helpers started late."""
+    lib = library()
+    assert lib is not None
+    m, n = x.shape
+    delay = ctypes.c_double(0.0)
+    status = lib.gn_backward_rows_team(
+        _ptr(dy), _code(dy), _row_stride(dy), _ptr(x), _code(x), _row_stride(x), _ptr(z), _code(z), _row_stride(z),
+        weight.data_ptr(), _code(weight), _ptr(bias), _code(bias), _ptr(mean), rstd.data_ptr(),
+        _ptr(dx), _code(dx), _row_stride(dx), _ptr(dz), _code(dz), _row_stride(dz), _ptr(part_w), _ptr(part_b),
+        m, WorkCounter().address, task_rows, tasks, n, group_size, int(is_rms), int(gate_before), int(sigmoid),
+        threads, ctypes.byref(delay))
+    _after_team_call(delay.value)
+    if status < 0:
+        raise MemoryError("gatednorm CPU kernel: out of memory for one row's buffers")
