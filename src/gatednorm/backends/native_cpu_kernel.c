@@ -488,9 +488,11 @@ int64_t gn_backward_rows(const void *dy, int dy_dtype, int64_t stride_dy, const 
  * LayerNorm bf16 forward after ATen ops: 3.4 ms on the pool, 1.75 ms on the team, 1.66-1.82 ms for
  * F.layer_norm). The team's price: its region ends at a barrier, which waits for a helper that another
  * process keeps off its core (the same call with one core busy: 5.4 ms on the team, 3.9 ms on the pool). So
- * each call reports how late its helpers started (*helper_delay, seconds) and the caller goes back to the pool
- * when they were late. Every thread runs the plain call with the shared counter: the rows and tasks, and so
- * every bit, are those of the pool's calls.
+ * each call reports how late the team was, and the caller goes back to the pool for a while after a late
+ * one: *late (seconds) is the later of the helpers' start after the call began and the
+ * master's wait at the closing barrier (a helper taken off its core in the middle of its rows). Every thread
+ * runs the plain call with the shared counter: the rows and tasks, and so every bit, are those of the pool's
+ * calls.
  * ------------------------------------------------------------------------------------------------------------ */
 #ifdef _OPENMP
 #include <omp.h>
@@ -506,9 +508,9 @@ int64_t gn_forward_rows_team(const void *x, int x_dtype, int64_t stride_x, const
                              int64_t stride_z, const void *w_in, int w_dtype, const void *b_in, int b_dtype, void *y,
                              int y_dtype, int64_t stride_y, float *mean, float *rstd, int64_t M, int64_t *counter,
                              int64_t chunk_rows, int64_t N, int64_t gs, float eps, float rstd_max, int is_rms,
-                             int gate_before, int sigmoid_only, int threads, double *helper_delay) {
+                             int gate_before, int sigmoid_only, int threads, double *late) {
     const double start = gn_seconds();
-    double delay = 0.0;
+    double delay = 0.0, master_done = start;
     int64_t out_of_range = 0;
     int failed = 0;
 #pragma omp parallel num_threads(threads) reduction(+ : out_of_range) reduction(| : failed) reduction(max : delay)
@@ -519,8 +521,10 @@ int64_t gn_forward_rows_team(const void *x, int x_dtype, int64_t stride_x, const
                                           rstd_max, is_rms, gate_before, sigmoid_only);
         if (r < 0) failed = 1;
         else out_of_range += r;
+        if (omp_get_thread_num() == 0) master_done = gn_seconds();
     }
-    *helper_delay = delay;
+    const double waited = gn_seconds() - master_done;
+    *late = delay > waited ? delay : waited;
     return failed ? -1 : out_of_range;
 }
 
@@ -530,9 +534,9 @@ int64_t gn_backward_rows_team(const void *dy, int dy_dtype, int64_t stride_dy, c
                               void *dx, int dx_dtype, int64_t stride_dx, void *dz, int dz_dtype, int64_t stride_dz,
                               float *part_w, float *part_b, int64_t M, int64_t *counter, int64_t task_rows,
                               int64_t tasks, int64_t N, int64_t gs, int is_rms, int gate_before, int sigmoid_only,
-                              int threads, double *helper_delay) {
+                              int threads, double *late) {
     const double start = gn_seconds();
-    double delay = 0.0;
+    double delay = 0.0, master_done = start;
     int failed = 0;
 #pragma omp parallel num_threads(threads) reduction(| : failed) reduction(max : delay)
     {
@@ -541,8 +545,10 @@ int64_t gn_backward_rows_team(const void *dy, int dy_dtype, int64_t stride_dy, c
                              b_dtype, mean, rstd, dx, dx_dtype, stride_dx, dz, dz_dtype, stride_dz, part_w, part_b, M,
                              0, M, counter, task_rows, tasks, N, gs, is_rms, gate_before, sigmoid_only) < 0)
             failed = 1;
+        if (omp_get_thread_num() == 0) master_done = gn_seconds();
     }
-    *helper_delay = delay;
+    const double waited = gn_seconds() - master_done;
+    *late = delay > waited ? delay : waited;
     return failed ? -1 : 0;
 }
 #endif

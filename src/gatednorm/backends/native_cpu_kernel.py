@@ -205,9 +205,10 @@ def status() -> str:
 # The OpenMP team and the pool (see native_cpu_kernel.c, "The same calls on an OpenMP team")
 # ---------------------------------------------------------------------------
 
-#: A team call whose helper threads started later than this after the call (seconds) goes back to the pool:
-#: helpers that spin after an ATen op start within microseconds, sleeping ones are woken in tens of
-#: microseconds (2-core VM), and a core that another process keeps busy costs milliseconds.
+#: After a team call that was this late (seconds: a helper's start after the call began, or the master's wait at
+#: the closing barrier for a helper taken off its core), calls go back to the pool: helpers that spin after an
+#: ATen op start within microseconds, sleeping ones are woken in tens of microseconds (2-core VM), and a core
+#: that another process keeps busy costs milliseconds.
 TEAM_LATE_SECONDS = 300e-6
 #: ... for this long; then the next call tries the team again (a probe per quarter second while the machine
 #: stays busy: one call in many pays the team's barrier).
@@ -240,8 +241,8 @@ def use_team() -> bool:
             and threading.current_thread() is threading.main_thread() and not _team_off_by_environment())
 
 
-def _after_team_call(helper_delay: float) -> None:
-    if helper_delay > TEAM_LATE_SECONDS:
+def _after_team_call(late: float) -> None:
+    if late > TEAM_LATE_SECONDS:
         _team["pool_until"] = time.monotonic() + TEAM_PAUSE_SECONDS
 
 
@@ -330,17 +331,17 @@ def forward_rows_team(x: torch.Tensor, z: torch.Tensor | None, weight: torch.Ten
                       out: torch.Tensor, mean: torch.Tensor | None, rstd: torch.Tensor, group_size: int, eps: float,
                       is_rms: bool, gate_before: bool, sigmoid: bool, chunk_rows: int, threads: int) -> int:
     """:func:`forward_rows` over all rows with ``shared`` chunks of chunk_rows rows, on an OpenMP team of
-    ``threads`` (:func:`use_team` said yes); then records whether the helpers started late."""
+    ``threads`` (:func:`use_team` said yes); then records whether the team was late."""
     lib = library()
     assert lib is not None
     m, n = x.shape
-    delay = ctypes.c_double(0.0)
+    late = ctypes.c_double(0.0)
     status = lib.gn_forward_rows_team(
         _ptr(x), _code(x), _row_stride(x), _ptr(z), _code(z), _row_stride(z), weight.data_ptr(), _code(weight),
         _ptr(bias), _code(bias), _ptr(out), _code(out), _row_stride(out), _ptr(mean), rstd.data_ptr(),
         m, WorkCounter().address, chunk_rows, n, group_size, eps, SAFE_RSTD_MAX, int(is_rms), int(gate_before),
-        int(sigmoid), threads, ctypes.byref(delay))
-    _after_team_call(delay.value)
+        int(sigmoid), threads, ctypes.byref(late))
+    _after_team_call(late.value)
     if status < 0:
         raise MemoryError("gatednorm CPU kernel: out of memory for one row's buffers")
     return status
@@ -352,17 +353,17 @@ def backward_rows_team(dy: torch.Tensor, x: torch.Tensor, z: torch.Tensor | None
                        part_b: torch.Tensor | None, group_size: int, is_rms: bool, gate_before: bool, sigmoid: bool,
                        task_rows: int, tasks: int, threads: int) -> None:
     """:func:`backward_rows` with ``shared`` tasks of task_rows rows, on an OpenMP team of ``threads``
-    (:func:`use_team` said yes); then records whether the helpers started late."""
+    (:func:`use_team` said yes); then records whether the team was late."""
     lib = library()
     assert lib is not None
     m, n = x.shape
-    delay = ctypes.c_double(0.0)
+    late = ctypes.c_double(0.0)
     status = lib.gn_backward_rows_team(
         _ptr(dy), _code(dy), _row_stride(dy), _ptr(x), _code(x), _row_stride(x), _ptr(z), _code(z), _row_stride(z),
         weight.data_ptr(), _code(weight), _ptr(bias), _code(bias), _ptr(mean), rstd.data_ptr(),
         _ptr(dx), _code(dx), _row_stride(dx), _ptr(dz), _code(dz), _row_stride(dz), _ptr(part_w), _ptr(part_b),
         m, WorkCounter().address, task_rows, tasks, n, group_size, int(is_rms), int(gate_before), int(sigmoid),
-        threads, ctypes.byref(delay))
-    _after_team_call(delay.value)
+        threads, ctypes.byref(late))
+    _after_team_call(late.value)
     if status < 0:
         raise MemoryError("gatednorm CPU kernel: out of memory for one row's buffers")
