@@ -425,7 +425,8 @@ def test_team_after_a_late_start_the_pool_then_the_team_again(monkeypatch):
     to gatednorm's pool for TEAM_PAUSE_SECONDS; other threads, GATEDNORM_CPU_OPENMP=0 and team(False) use the
     pool."""
     monkeypatch.setattr(native_cpu_kernel, "_state", {**native_cpu_kernel._state, "lib": object(), "team": True})
-    monkeypatch.setattr(native_cpu_kernel, "_team", {"on": True, "pool_until": 0.0})
+    monkeypatch.setattr(native_cpu_kernel, "_team", {"on": True, "pool_until": 0.0,
+                                                     "pause": native_cpu_kernel.TEAM_PAUSE_SECONDS})
     now = [100.0]
     monkeypatch.setattr(native_cpu_kernel, "time", types.SimpleNamespace(monotonic=lambda: now[0]))
     use_team = native_cpu_kernel.use_team
@@ -438,6 +439,19 @@ def test_team_after_a_late_start_the_pool_then_the_team_again(monkeypatch):
     assert not use_team()
     now[0] += native_cpu_kernel.TEAM_PAUSE_SECONDS * 0.2
     assert use_team(), "the team is tried again after the pause"
+    pause = native_cpu_kernel.TEAM_PAUSE_SECONDS
+    for _ in range(8):  # late again and again: each pause twice the last, up to the maximum
+        native_cpu_kernel._after_team_call(1.0)
+        pause = min(2 * pause, native_cpu_kernel.TEAM_PAUSE_MAX_SECONDS)
+        now[0] += pause * 0.45
+        assert not use_team()
+        now[0] += pause * 0.6
+        assert use_team()
+    assert pause == native_cpu_kernel.TEAM_PAUSE_MAX_SECONDS
+    native_cpu_kernel._after_team_call(0.0)  # on time: the next late call pauses the shortest time again
+    native_cpu_kernel._after_team_call(1.0)
+    now[0] += native_cpu_kernel.TEAM_PAUSE_SECONDS * 1.1
+    assert use_team()
     with ThreadPoolExecutor(1) as pool:
         assert not pool.submit(use_team).result(), "a thread other than the main one started a team"
     with native_cpu_kernel.team(False):
