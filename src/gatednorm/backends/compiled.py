@@ -371,7 +371,7 @@ class CompiledBackend:
     def forward_output(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                        z: torch.Tensor | None, spec: NormSpec, out: torch.Tensor) -> None:
         """:meth:`forward` for a caller that discards the statistics: on CPU they are made only when a row
-        needs the rescue (:func:`_stats_from_sums`: its eager ops took 0.1-0.3 ms after a 2 ms graph)."""
+        needs the rescue (:func:`_stats_from_sums`: its eager ops took 0.14-0.37 ms after a 2 ms graph)."""
         x, z = _contiguous(x), _contiguous(z)
         with torch.no_grad():
             if self._rescue_in_graph(x):
@@ -387,7 +387,7 @@ class CompiledBackend:
         return self.rescue_inline if self.rescue_inline is not None else x.device.type != "cpu"
 
     def _compiled_forward(self, x, weight, bias, z, spec: NormSpec, out, sums: bool) -> Callable:
-        """The compiled forward for this call (rows marked dynamic): :func:`_make_forward_sums` with
+        """The compiled forward for this call (its row count traced as a symbol): :func:`_make_forward_sums` with
         ``sums``, else :func:`_make_forward`. Row-major x and z only (the callers' ``_contiguous``): strided
         rows would give Inductor another (less accurate, sequential) reduction loop and a recompile per
         layout; a copy is what a fused kernel would do too."""
@@ -423,7 +423,8 @@ def _timed_first_call(key: tuple, compiled: Callable, row_args: tuple[int, ...])
 
     Later calls skip both: the marks and the setting are read while dynamo traces, and later calls meet the
     guards of the first trace (a row count it left symbolic). Every dtype, shape feature and flag the graph
-    depends on is in ``key``, so a later call has no reason to retrace. Marking and setting took about 14 us of
+    depends on is in ``key``, so only an unusual layout (a strided weight) retraces a later call: without the
+    setting, so at worst that layout gets a graph specialised to its M. Marking and setting took about 14 us of
     host time per call (a 2-row LayerNorm through layernorm_fn: 64.7 -> 50.5 us), several times that on caches
     flushed by a large call.
     """

@@ -177,15 +177,20 @@ _switch = {"on": True}
 
 
 @contextlib.contextmanager
-def enabled(on: bool) -> Iterator[None]:
-    """Use the C kernel (``on``) or the block kernels for native forward and backward calls made inside the
-    block (process-wide; for tests and A/B timing). ``GATEDNORM_CPU_KERNEL=0`` turns it off as well."""
-    before = _switch["on"]
-    _switch["on"] = on
+def _switched(state: dict, on: bool) -> Iterator[None]:
+    """``state["on"] = on`` inside the block, restored after it."""
+    before = state["on"]
+    state["on"] = on
     try:
         yield
     finally:
-        _switch["on"] = before
+        state["on"] = before
+
+
+def enabled(on: bool) -> contextlib.AbstractContextManager[None]:
+    """Use the C kernel (``on``) or the block kernels for native forward and backward calls made inside the
+    block (process-wide; for tests and A/B timing). ``GATEDNORM_CPU_KERNEL=0`` turns it off as well."""
+    return _switched(_switch, on)
 
 
 def status() -> str:
@@ -225,16 +230,10 @@ def _team_off_by_environment() -> bool:
     return env_text("GATEDNORM_CPU_OPENMP").lower() in ("0", "false", "no", "off")
 
 
-@contextlib.contextmanager
-def team(on: bool) -> Iterator[None]:
+def team(on: bool) -> contextlib.AbstractContextManager[None]:
     """Run pooled calls on PyTorch's OpenMP team (``on``, where built: the default) or always on gatednorm's own
     pool, inside the block (process-wide; for tests and A/B timing)."""
-    before = _team["on"]
-    _team["on"] = on
-    try:
-        yield
-    finally:
-        _team["on"] = before
+    return _switched(_team, on)
 
 
 def use_team() -> bool:
