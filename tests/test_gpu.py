@@ -183,31 +183,6 @@ def test_batch_invariance():
                 assert torch.equal(a, f[sl])
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float16], ids=str)
-@pytest.mark.parametrize("pdl", [False, True])
-def test_small_batch_launch_shapes_keep_every_bit(dtype, pdl):
-    """Small batches of groups of 128 launch with other rows per program and warps (FWD_SMALL_BATCH): a row's
-    output and statistics must be those of the same row in a large call (default shape), in every size class
-    and at its edges, with and without programmatic dependent launch."""
-    tk = _tk()
-    entries = tk.FWD_SMALL_BATCH[(128, True)]
-    m = entries[-1][0] + 1000  # beyond the last class: the default launch shape
-    for spec in (NormSpec(EPS, 128, True, True, "swish"), NormSpec(EPS, 128, False, False, "sigmoid")):
-        x, w, b, z = _inputs(m, 256, dtype, True, True, seed=31)
-        full = torch.empty_like(x)
-        mean, rstd = tk.forward(x, w, b, z, spec, full, pdl=pdl)
-        sizes = [1, 2, 5, 100]
-        for max_rows, _, _ in entries:
-            sizes += [max_rows - 1, max_rows, max_rows + 1]
-        for size in sizes:
-            out = torch.empty(size, 256, dtype=dtype, device="cuda")
-            mean_s, rstd_s = tk.forward(x[:size], w, b, z[:size], spec, out, pdl=pdl)
-            assert torch.equal(out, full[:size]), f"{size} rows"
-            assert torch.equal(rstd_s.view(2, size), rstd.view(2, m)[:, :size])
-            if mean is not None:
-                assert torch.equal(mean_s.view(2, size), mean.view(2, m)[:, :size])
-
-
 def test_dweight_deterministic():
     tk = _tk()
     m, n, gs = 65536, 256, 128

@@ -263,17 +263,6 @@ FWD_TUNED: dict[tuple[int, bool], tuple[int, int, int]] = {
     (8192, False): (1, 4, ORDER_ROWS_FASTEST),
     (8192, True): (1, 16, ORDER_ROWS_FASTEST),
 }
-# Small batches (launch-bound: the time in a CUDA graph is latency, not bandwidth) of groups of 128, by row count:
-# (rows up to, ROWS, num_warps). More programs of fewer rows up to 3072 rows (H200, bf16 gated RMSNorm, CUDA graph
-# of 100 calls with PDL: 2048x128 1.62 -> 1.50 us, torch.mul 1.55 us; 1024 rows 1.47 -> 1.34 us). Left out: 32
-# rows on 8 warps at 4096-16384 rows (8192x128 forward 2.83 -> 2.29 us), which made forward+backward with PDL
-# slower (8192x128 in a graph 9.5 -> 14.8 us; without PDL 11.1 either way). Every shape here, like FWD_TUNED's (16, 4),
-# keeps at least two rows per warp: a row's values then sit in the same lanes of one warp, its sums run in the
-# same order, and its bits are the same whatever the batch (tests/test_gpu.py compares them on every call size,
-# bf16 / fp16 / fp32), so batch invariance holds although the launch shape follows M.
-FWD_SMALL_BATCH: dict[tuple[int, bool], tuple[tuple[int, int, int], ...]] = {
-    (128, True): ((3072, 4, 2),),
-}
 # backward: (ROWS, num_warps, persistent programs per SM). Padded groups (640, 96) with fewer warps and,
 # for 640, more programs per SM: 62 -> 83% and 65 -> 71% of copy (same sweep).
 BWD_TUNED: dict[tuple[int, bool], tuple[int, int, int]] = {
@@ -293,7 +282,7 @@ def _is_pow2(v: int) -> bool:
 @functools.cache
 def _fwd_config(group_size: int, elem_bytes: int) -> tuple[int, int, int, int, int]:
     """Forward launch shape (BLOCK, NUM_CHUNKS, ROWS, num_warps, order: ORDER_*): from the group size and
-    dtype only (small batches may take another ROWS / num_warps with the same bits: FWD_SMALL_BATCH)."""
+    dtype only, never from M (batch invariance)."""
     block, chunks, rows, warps = _tile_config(group_size, FWD_TILE_ELEMENTS, FWD_ELEMS_PER_THREAD, MAX_BLOCK)
     tuned = FWD_TUNED.get((block, _is_pow2(group_size))) if chunks == 1 else None
     if tuned is None:
@@ -313,13 +302,6 @@ def _bwd_config(group_size: int, elem_bytes: int) -> tuple[int, int, int, int, i
     if tuned is not None:
         rows, warps, per_sm = tuned
     return block, chunks, rows, warps, per_sm, False
-
-
-@functools.cache
-def _fwd_small_batch(group_size: int) -> tuple[tuple[int, int, int], ...]:
-    """FWD_SMALL_BATCH's entries for this group size (none for groups wider than one tile)."""
-    block, chunks, _, _ = _tile_config(group_size, FWD_TILE_ELEMENTS, FWD_ELEMS_PER_THREAD, MAX_BLOCK)
-    return FWD_SMALL_BATCH.get((block, _is_pow2(group_size)), ()) if chunks == 1 else ()
 
 
 def _rows_ready(t: torch.Tensor) -> torch.Tensor:
@@ -372,10 +354,6 @@ def forward(
     y = out if out.stride(-1) == 1 else torch.empty(out.shape, dtype=out.dtype, device=out.device)
     if config is None:
         block, chunks, rows, warps, order = _fwd_config(gs, x.element_size())
-        for max_rows, small_rows, small_warps in _fwd_small_batch(gs):
-            if m <= max_rows:
-                rows, warps = small_rows, small_warps
-                break
     else:
         block, rows, warps, order = config
         chunks = _cdiv(gs, block)
