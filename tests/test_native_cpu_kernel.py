@@ -224,6 +224,7 @@ def test_range_rescue_rows_on_the_pool(threads, monkeypatch, kernel_calls):
     monkeypatch.setattr(native_cpu._Plan, "__init__", _pooled_plan_init(native_cpu._Plan.__init__))
     team_calls = _count_calls(monkeypatch, "forward_rows_team")
     monkeypatch.setattr(native_cpu_kernel, "_team", {"on": threads == "team", "pool_until": 0.0})
+    monkeypatch.setattr(native_cpu_kernel, "TEAM_LATE_SECONDS", float("inf"))  # no switch to the pool mid-test
     n, gs = 128, 64
     x, z, w, b = make_inputs(1200, n, torch.bfloat16, seed=6)
     spec = _spec(n, gs, False, True, "swish")
@@ -253,12 +254,16 @@ def test_pooled_calls_give_the_serial_bits(variant, threads, monkeypatch):
     spec = _spec(n, gs, rms, nbg, act)
     dy = torch.randn(x.shape)
     monkeypatch.setattr(native_cpu_kernel, "_team", {"on": threads == "team", "pool_until": 0.0})
+    monkeypatch.setattr(native_cpu_kernel, "TEAM_LATE_SECONDS", float("inf"))  # no switch to the pool mid-test
     shared_calls: list[bool] = []  # per kernel call: True where it shared rows or tasks (pool or team)
+    team_calls: list[str] = []
     for name in ("forward_rows", "backward_rows", "forward_rows_team", "backward_rows_team"):
         real, on_team = getattr(native_cpu_kernel, name), name.endswith("_team")
 
-        def spy(*args, _real=real, _team=on_team, **kwargs):
+        def spy(*args, _real=real, _team=on_team, _name=name, **kwargs):
             shared_calls.append(_team or kwargs.get("shared") is not None)
+            if _team:
+                team_calls.append(_name)
             return _real(*args, **kwargs)
 
         monkeypatch.setattr(native_cpu_kernel, name, spy)
@@ -271,9 +276,12 @@ def test_pooled_calls_give_the_serial_bits(variant, threads, monkeypatch):
 
         monkeypatch.setattr(native_cpu._Plan, "__init__", init)
         shared_calls.clear()
+        team_calls.clear()
         y, mean, rstd = _forward(x, w, b, z, spec)
         grads = native_cpu.backward(dy, x, w, b, z, mean, rstd, spec)
         assert shared_calls and (all(shared_calls) if pooled else not any(shared_calls))
+        on_team = pooled and threads == "team"
+        assert team_calls == (["forward_rows_team", "backward_rows_team"] if on_team else []), team_calls
         results.append([t for t in (y, mean, rstd, *grads) if t is not None])
     for serial, pooled in zip(*results, strict=True):
         assert torch.equal(bits(serial), bits(pooled))
