@@ -105,7 +105,8 @@ LEGEND = [
     ("recipe", "the straightforward float32 code (x.float(), silu(z.float()), pow/mean/rsqrt, weight, gate, .to)"),
     ("native", "gatednorm backend=\"native\" (on CPU, float32/bf16: its C kernel, forward and backward, one pass\n"
                "            per row, where a C compiler built it; other dtypes: PyTorch ops in small row blocks;\n"
-               "            both over worker threads)"),
+               "            the C kernel on PyTorch's OpenMP threads, or gatednorm's own pool while those start\n"
+               "            late; the row blocks on that pool)"),
     ("native blocks", "the same with the C kernel switched off: PyTorch ops in small row blocks (the fallback)"),
     ("compiled", "gatednorm backend=\"compiled\" (the same formula under torch.compile)"),
     ("inductor", "torch.compile of the recipe"),
