@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import shutil
 import types
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -476,3 +477,40 @@ def test_team_runs_on_pytorchs_openmp_runtime():
     """The library added no OpenMP runtime of its own: one is mapped, PyTorch's (else its team would be a
     second set of threads competing with ATen's)."""
     assert len(native_cpu_kernel._openmp_runtimes()) == 1
+
+
+@pytest.mark.parametrize("threads", [t for t in THREADS if not isinstance(t, str)])  # the team only
+def test_team_calls_hold_their_work_counter_during_the_call(threads, monkeypatch):
+    """The C code takes the shared counter's address: the counter object must outlive the call (a temporary's
+    memory is reused at once by the next small objects, and the threads would then take rows from garbage)."""
+    created: list[weakref.ref] = []
+
+    class Tracked(native_cpu_kernel.WorkCounter):
+        def __init__(self) -> None:
+            super().__init__()
+            created.append(weakref.ref(self))
+
+    real = native_cpu_kernel.library()
+    alive_during_call: list[bool] = []
+
+    class Spy:
+        def __getattr__(self, name):
+            fn = getattr(real, name)
+            if not name.endswith("_team"):
+                return fn
+
+            def call(*args):
+                alive_during_call.append(bool(created) and created[-1]() is not None)
+                return fn(*args)
+            return call
+
+    monkeypatch.setattr(native_cpu_kernel, "WorkCounter", Tracked)
+    monkeypatch.setattr(native_cpu_kernel, "library", lambda: Spy())
+    monkeypatch.setattr(native_cpu_kernel, "_team", {"on": True, "pool_until": 0.0})
+    monkeypatch.setattr(native_cpu_kernel, "TEAM_LATE_SECONDS", float("inf"))
+    monkeypatch.setattr(native_cpu._Plan, "__init__", _pooled_plan_init(native_cpu._Plan.__init__))
+    x, z, w, _ = make_inputs(300, 128, torch.float32, seed=4)
+    spec = _spec(128, 64, True, True, "swish")
+    y, mean, rstd = _forward(x, w, None, z, spec)
+    native_cpu.backward(torch.randn_like(x), x, w, None, z, mean, rstd, spec)
+    assert alive_during_call == [True, True]

@@ -343,10 +343,11 @@ def forward_rows_team(x: torch.Tensor, z: torch.Tensor | None, weight: torch.Ten
     assert lib is not None
     m, n = x.shape
     late = ctypes.c_double(0.0)
+    counter = WorkCounter()  # held until the call returns: the C code takes its address, not a reference
     status = lib.gn_forward_rows_team(
         _ptr(x), _code(x), _row_stride(x), _ptr(z), _code(z), _row_stride(z), weight.data_ptr(), _code(weight),
         _ptr(bias), _code(bias), _ptr(out), _code(out), _row_stride(out), _ptr(mean), rstd.data_ptr(),
-        m, WorkCounter().address, chunk_rows, n, group_size, eps, SAFE_RSTD_MAX, int(is_rms), int(gate_before),
+        m, counter.address, chunk_rows, n, group_size, eps, SAFE_RSTD_MAX, int(is_rms), int(gate_before),
         int(sigmoid), threads, ctypes.byref(late))
     _after_team_call(late.value)
     if status < 0:
@@ -365,11 +366,12 @@ def backward_rows_team(dy: torch.Tensor, x: torch.Tensor, z: torch.Tensor | None
     assert lib is not None
     m, n = x.shape
     late = ctypes.c_double(0.0)
+    counter = WorkCounter()  # held until the call returns: the C code takes its address, not a reference
     status = lib.gn_backward_rows_team(
         _ptr(dy), _code(dy), _row_stride(dy), _ptr(x), _code(x), _row_stride(x), _ptr(z), _code(z), _row_stride(z),
         weight.data_ptr(), _code(weight), _ptr(bias), _code(bias), _ptr(mean), rstd.data_ptr(),
         _ptr(dx), _code(dx), _row_stride(dx), _ptr(dz), _code(dz), _row_stride(dz), _ptr(part_w), _ptr(part_b),
-        m, WorkCounter().address, task_rows, tasks, n, group_size, int(is_rms), int(gate_before), int(sigmoid),
+        m, counter.address, task_rows, tasks, n, group_size, int(is_rms), int(gate_before), int(sigmoid),
         threads, ctypes.byref(late))
     _after_team_call(late.value)
     if status < 0:
