@@ -357,31 +357,28 @@ class CompiledBackend:
 
     def forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, z: torch.Tensor | None,
                 spec: NormSpec, out: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+        return self._forward(x, weight, bias, z, spec, out, stats=True)
+
+    def forward_output(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                       z: torch.Tensor | None, spec: NormSpec, out: torch.Tensor) -> None:
+        """:meth:`forward` for a caller that discards the statistics: on CPU they are made only when a row
+        needs the rescue (:func:`_stats_from_sums`: its eager ops took 0.14-0.37 ms after a 2 ms graph)."""
+        self._forward(x, weight, bias, z, spec, out, stats=False)
+
+    def _forward(self, x, weight, bias, z, spec: NormSpec, out, stats: bool):
+        """Write out; return (mean, rstd), or with ``stats=False`` on CPU (None, None) unless a row was redone."""
         x, z = _contiguous(x), _contiguous(z)
         with torch.no_grad():
             if self._rescue_in_graph(x):
                 return self._compiled_forward(x, weight, bias, z, spec, out, sums=False)(x, weight, bias, z, out)
             fn = self._compiled_forward(x, weight, bias, z, spec, out, sums=True)
             sum_x, sum_sq, in_range = fn(x, weight, bias, z, out)
+            if in_range and not stats:
+                return None, None
             mean, rstd = _stats_from_sums(sum_x, sum_sq, spec)
             if not in_range:
                 _redo_out_of_range(x, weight, bias, z, spec, out, mean, rstd)
         return mean, rstd
-
-    def forward_output(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                       z: torch.Tensor | None, spec: NormSpec, out: torch.Tensor) -> None:
-        """:meth:`forward` for a caller that discards the statistics: on CPU they are made only when a row
-        needs the rescue (:func:`_stats_from_sums`: its eager ops took 0.14-0.37 ms after a 2 ms graph)."""
-        x, z = _contiguous(x), _contiguous(z)
-        with torch.no_grad():
-            if self._rescue_in_graph(x):
-                self._compiled_forward(x, weight, bias, z, spec, out, sums=False)(x, weight, bias, z, out)
-                return
-            fn = self._compiled_forward(x, weight, bias, z, spec, out, sums=True)
-            sum_x, sum_sq, in_range = fn(x, weight, bias, z, out)
-            if not in_range:
-                mean, rstd = _stats_from_sums(sum_x, sum_sq, spec)
-                _redo_out_of_range(x, weight, bias, z, spec, out, mean, rstd)
 
     def _rescue_in_graph(self, x: torch.Tensor) -> bool:
         return self.rescue_inline if self.rescue_inline is not None else x.device.type != "cpu"

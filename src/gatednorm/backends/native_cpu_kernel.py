@@ -309,8 +309,7 @@ def backward_rows(dy: torch.Tensor, x: torch.Tensor, z: torch.Tensor | None, wei
         _ptr(dx), _code(dx), _row_stride(dx), _ptr(dz), _code(dz), _row_stride(dz), _ptr(part_w), _ptr(part_b),
         m, r0, r1, *(shared[0].address, shared[1], shared[2]) if shared else (None, 0, 0),
         n, group_size, int(is_rms), int(gate_before), int(sigmoid))
-    if status < 0:
-        raise MemoryError("gatednorm CPU kernel: out of memory for one row's buffers")
+    _checked(status)
 
 
 def forward_rows(x: torch.Tensor, z: torch.Tensor | None, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -329,9 +328,7 @@ def forward_rows(x: torch.Tensor, z: torch.Tensor | None, weight: torch.Tensor, 
         _ptr(bias), _code(bias), _ptr(out), _code(out), _row_stride(out), _ptr(mean), rstd.data_ptr(),
         m, r0, r1, *(shared[0].address, shared[1]) if shared else (None, 0),
         n, group_size, eps, SAFE_RSTD_MAX, int(is_rms), int(gate_before), int(sigmoid))
-    if status < 0:
-        raise MemoryError("gatednorm CPU kernel: out of memory for one row's buffers")
-    return status
+    return _checked(status)
 
 
 def forward_rows_team(x: torch.Tensor, z: torch.Tensor | None, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -342,17 +339,11 @@ def forward_rows_team(x: torch.Tensor, z: torch.Tensor | None, weight: torch.Ten
     lib = library()
     assert lib is not None
     m, n = x.shape
-    late = ctypes.c_double(0.0)
-    counter = WorkCounter()  # held until the call returns: the C code takes its address, not a reference
-    status = lib.gn_forward_rows_team(
-        _ptr(x), _code(x), _row_stride(x), _ptr(z), _code(z), _row_stride(z), weight.data_ptr(), _code(weight),
-        _ptr(bias), _code(bias), _ptr(out), _code(out), _row_stride(out), _ptr(mean), rstd.data_ptr(),
-        m, counter.address, chunk_rows, n, group_size, eps, SAFE_RSTD_MAX, int(is_rms), int(gate_before),
-        int(sigmoid), threads, ctypes.byref(late))
-    _after_team_call(late.value)
-    if status < 0:
-        raise MemoryError("gatednorm CPU kernel: out of memory for one row's buffers")
-    return status
+    return _team_call(
+        lib.gn_forward_rows_team,
+        (_ptr(x), _code(x), _row_stride(x), _ptr(z), _code(z), _row_stride(z), weight.data_ptr(), _code(weight),
+         _ptr(bias), _code(bias), _ptr(out), _code(out), _row_stride(out), _ptr(mean), rstd.data_ptr(), m),
+        (chunk_rows, n, group_size, eps, SAFE_RSTD_MAX, int(is_rms), int(gate_before), int(sigmoid), threads))
 
 
 def backward_rows_team(dy: torch.Tensor, x: torch.Tensor, z: torch.Tensor | None, weight: torch.Tensor,
@@ -365,14 +356,26 @@ def backward_rows_team(dy: torch.Tensor, x: torch.Tensor, z: torch.Tensor | None
     lib = library()
     assert lib is not None
     m, n = x.shape
+    _team_call(
+        lib.gn_backward_rows_team,
+        (_ptr(dy), _code(dy), _row_stride(dy), _ptr(x), _code(x), _row_stride(x), _ptr(z), _code(z), _row_stride(z),
+         weight.data_ptr(), _code(weight), _ptr(bias), _code(bias), _ptr(mean), rstd.data_ptr(),
+         _ptr(dx), _code(dx), _row_stride(dx), _ptr(dz), _code(dz), _row_stride(dz), _ptr(part_w), _ptr(part_b), m),
+        (task_rows, tasks, n, group_size, int(is_rms), int(gate_before), int(sigmoid), threads))
+
+
+def _team_call(entry, head: tuple, tail: tuple) -> int:
+    """``entry(*head, counter, *tail, &late)``, a ``gn_*_rows_team`` function: a fresh shared counter, held here
+    until the call returns (the C code takes its address, not a reference); records whether the team was late."""
     late = ctypes.c_double(0.0)
-    counter = WorkCounter()  # held until the call returns: the C code takes its address, not a reference
-    status = lib.gn_backward_rows_team(
-        _ptr(dy), _code(dy), _row_stride(dy), _ptr(x), _code(x), _row_stride(x), _ptr(z), _code(z), _row_stride(z),
-        weight.data_ptr(), _code(weight), _ptr(bias), _code(bias), _ptr(mean), rstd.data_ptr(),
-        _ptr(dx), _code(dx), _row_stride(dx), _ptr(dz), _code(dz), _row_stride(dz), _ptr(part_w), _ptr(part_b),
-        m, counter.address, task_rows, tasks, n, group_size, int(is_rms), int(gate_before), int(sigmoid),
-        threads, ctypes.byref(late))
+    counter = WorkCounter()
+    status = entry(*head, counter.address, *tail, ctypes.byref(late))
     _after_team_call(late.value)
+    return _checked(status)
+
+
+def _checked(status: int) -> int:
+    """A kernel call's return value; its -1 (a row buffer's malloc failed) as MemoryError."""
     if status < 0:
         raise MemoryError("gatednorm CPU kernel: out of memory for one row's buffers")
+    return status
