@@ -229,20 +229,27 @@ def test_extreme_range_matches_float64(path, rms, gate, dtype, scale, eps):
 @pytest.mark.parametrize("path", _params(PATHS))
 @pytest.mark.parametrize("rms", [False, True])
 @pytest.mark.parametrize(("scale", "eps"), [EXTREME[0], EXTREME[3], (1.0, 1e-6)])
-def test_inference_call_writes_what_the_forward_writes(path, rms, scale, eps):
+@pytest.mark.parametrize(("dtype", "gate"), [(torch.bfloat16, "after"), (torch.bfloat16, "before"),
+                                             (torch.float32, "before")])
+def test_inference_call_writes_what_the_forward_writes(path, rms, scale, eps, dtype, gate):
     """``layernorm_fn`` without autograd discards the statistics (a backend may then skip them: the compiled
-    backend on CPU checks the range from the extremes of its sums): the same bits as ``layer_norm_fwd``'s y,
-    also where rows are rescued beside ordinary ones."""
+    backend on CPU checks the range from the extremes of its sums, and with the gate before the norm in
+    float32 runs a graph that returns its own output): the same bits as ``layer_norm_fwd``'s y, also where
+    rows are rescued beside ordinary ones."""
     g = _gen(11)
-    x = (scale * (torch.randn(6, 128, generator=g, dtype=torch.float64) + (0.0 if rms else 2.0))).bfloat16()
-    x[3] = torch.randn(128, generator=g).bfloat16()  # an ordinary row beside rescued ones
-    z, w, b = (torch.randn(*shape, generator=g).bfloat16() for shape in ((6, 128), (128,), (128,)))
+    x = (scale * (torch.randn(6, 128, generator=g, dtype=torch.float64) + (0.0 if rms else 2.0))).to(dtype)
+    x[3] = torch.randn(128, generator=g).to(dtype)  # an ordinary row beside rescued ones
+    z, w, b = (torch.randn(*shape, generator=g).to(dtype) for shape in ((6, 128), (128,), (128,)))
+    before = gate == "before"
     backend, route = _on_path(path)
     with route, torch.no_grad():
-        y, mean, rstd = layer_norm_fwd(x, w, b, eps, z=z, group_size=64, is_rms_norm=rms, backend=backend)
-        y_inference = layernorm_fn(x, w, b, z, eps, 64, is_rms_norm=rms, backend=backend)
+        y, mean, rstd = layer_norm_fwd(x, w, b, eps, z=z, group_size=64, norm_before_gate=not before,
+                                       is_rms_norm=rms, backend=backend)
+        y_inference = layernorm_fn(x, w, b, z, eps, 64, norm_before_gate=not before, is_rms_norm=rms,
+                                   backend=backend)
+    assert y_inference.dtype == dtype and y_inference.is_contiguous()
     assert torch.equal(bits(y_inference), bits(y))
-    _check_against_float64(y_inference, mean, rstd, x, w, b, z, eps, 64, True, rms, "swish")
+    _check_against_float64(y_inference, mean, rstd, x, w, b, z, eps, 64, not before, rms, "swish")
 
 
 @pytest.mark.slow

@@ -312,14 +312,13 @@ def _empty_stats(x: torch.Tensor, spec: NormSpec) -> tuple[torch.Tensor | None, 
 
 
 def _forward_eager(x, weight, bias, z, spec: NormSpec, backend: str, stats: bool = True):
-    out = _new_rows(x)
     if _no_work(x):
-        return (out, *_empty_stats(x, spec))
+        return (_new_rows(x), *_empty_stats(x, spec))
     impl = _impl_for(backend, x)
     forward_output = None if stats else getattr(impl, "forward_output", None)
     if forward_output is not None:  # the caller discards the statistics (backends.base.OutputOnlyBackend)
-        forward_output(x, weight, bias, z, spec, out)
-        return out, None, None
+        return forward_output(x, weight, bias, z, spec), None, None
+    out = _new_rows(x)
     mean, rstd = impl.forward(x, weight, bias, z, spec, out)
     return out, mean, rstd
 

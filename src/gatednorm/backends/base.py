@@ -77,8 +77,10 @@ class OutputOnlyBackend(Protocol):
     for ``forward_output`` and, without it, calls :meth:`Backend.forward` and drops the statistics."""
 
     def forward_output(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                       z: torch.Tensor | None, spec: NormSpec, out: torch.Tensor) -> None:
-        """Write into out exactly what :meth:`Backend.forward` writes; keep no statistics."""
+                       z: torch.Tensor | None, spec: NormSpec) -> torch.Tensor:
+        """Return what :meth:`Backend.forward` writes, as new contiguous (M, N) rows of x's dtype (M > 0);
+        keep no statistics. The backend allocates the rows: its computation may already hold a buffer
+        that can become them."""
         ...
 
 
