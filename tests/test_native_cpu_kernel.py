@@ -496,7 +496,7 @@ def test_team_calls_hold_their_work_counter_during_the_call(threads, monkeypatch
     class Spy:
         def __getattr__(self, name):
             fn = getattr(real, name)
-            if not name.endswith("_team"):
+            if not name.endswith("_team_packed"):
                 return fn
 
             def call(*args):
@@ -505,7 +505,7 @@ def test_team_calls_hold_their_work_counter_during_the_call(threads, monkeypatch
             return call
 
     monkeypatch.setattr(native_cpu_kernel, "WorkCounter", Tracked)
-    monkeypatch.setattr(native_cpu_kernel, "library", lambda: Spy())
+    monkeypatch.setattr(native_cpu_kernel, "_loaded", lambda: Spy())
     monkeypatch.setattr(native_cpu_kernel, "_team", {"on": True, "pool_until": 0.0})
     monkeypatch.setattr(native_cpu_kernel, "TEAM_LATE_SECONDS", float("inf"))
     monkeypatch.setattr(native_cpu._Plan, "__init__", _pooled_plan_init(native_cpu._Plan.__init__))
