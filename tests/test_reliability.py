@@ -230,7 +230,7 @@ def test_extreme_range_matches_float64(path, rms, gate, dtype, scale, eps):
 @pytest.mark.parametrize("rms", [False, True])
 @pytest.mark.parametrize(("scale", "eps"), [EXTREME[0], EXTREME[3], (1.0, 1e-6)])
 @pytest.mark.parametrize(("dtype", "gate"), [(torch.bfloat16, "after"), (torch.bfloat16, "before"),
-                                             (torch.float32, "before")])
+                                             (torch.float32, "after"), (torch.float32, "before")])
 def test_inference_call_writes_what_the_forward_writes(path, rms, scale, eps, dtype, gate):
     """``layernorm_fn`` without autograd discards the statistics (a backend may then skip them: the compiled
     backend on CPU checks the range from the extremes of its sums, and with the gate before the norm in
@@ -250,6 +250,38 @@ def test_inference_call_writes_what_the_forward_writes(path, rms, scale, eps, dt
     assert y_inference.dtype == dtype and y_inference.is_contiguous()
     assert torch.equal(bits(y_inference), bits(y))
     _check_against_float64(y_inference, mean, rstd, x, w, b, z, eps, 64, not before, rms, "swish")
+
+
+@pytest.mark.skipif("compiled" not in BACKENDS, reason="torch.compile unavailable")
+@pytest.mark.parametrize("fresh", [True, False])
+@pytest.mark.parametrize("gate", ["after", "before"])
+def test_compiled_inference_output_of_either_graph(fresh, gate, monkeypatch):
+    """The compiled backend's inference call on CPU writes an output of its own, advised onto huge pages, where
+    that output's memory is fresh, and otherwise takes the graph's own output (with the gate before the norm in
+    float32 always): either way the bits of ``layer_norm_fwd``'s y, rescued rows included. The size threshold
+    is lowered and freshness decided here, so that both ways run on small rows."""
+    from gatednorm.backends import compiled
+
+    asked: list[int] = []
+
+    def advised_fresh(t: torch.Tensor) -> bool:
+        asked.append(t.numel())
+        return fresh
+
+    monkeypatch.setattr(compiled, "MIN_BYTES", 0)
+    monkeypatch.setattr(compiled, "advised_fresh", advised_fresh)
+    g = _gen(13)
+    x = torch.randn(6, 128, generator=g)
+    x[1] *= 3e37  # a rescued row beside ordinary ones
+    z, w, b = (torch.randn(*shape, generator=g) for shape in ((6, 128), (128,), (128,)))
+    before = gate == "before"
+    with torch.no_grad():
+        y, mean, rstd = layer_norm_fwd(x, w, b, 1e-6, z=z, group_size=64, norm_before_gate=not before,
+                                       backend="compiled")
+        y_inference = layernorm_fn(x, w, b, z, 1e-6, 64, norm_before_gate=not before, backend="compiled")
+    assert asked == ([] if before else [x.numel()])  # gate before, float32: the graph's buffer, never asked
+    assert y_inference.is_contiguous() and torch.equal(bits(y_inference), bits(y))
+    _check_against_float64(y_inference, mean, rstd, x, w, b, z, 1e-6, 64, not before, False, "swish")
 
 
 @pytest.mark.slow

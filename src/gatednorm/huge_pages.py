@@ -33,7 +33,7 @@ import torch
 
 from .settings import env_text
 
-__all__ = ["MIN_BYTES", "advise_huge_pages", "status"]
+__all__ = ["MIN_BYTES", "advise_huge_pages", "advised_fresh", "status"]
 
 #: Outputs smaller than this keep the allocator's pages. glibc serves a block of 32 MiB or more from a new
 #: ``mmap`` every time (its mmap threshold grows to 32 MiB at most), so such outputs always pay the faults;
@@ -95,11 +95,18 @@ def advise_huge_pages(t: torch.Tensor) -> torch.Tensor:
     whole 2 MiB-aligned stretches of ``t``'s bytes. A refusal by the kernel (THP off, an old kernel) is
     ignored: the tensor works as before, on 4 KiB pages.
     """
+    advised_fresh(t)
+    return t
+
+
+def advised_fresh(t: torch.Tensor) -> bool:
+    """:func:`advise_huge_pages` on ``t``; True when it advised, i.e. ``t`` is a CPU tensor of at least
+    :data:`MIN_BYTES` whose memory was not mapped yet (its first write would have taken a page fault per 4 KiB)."""
     if not t.is_cpu:  # first: on a GPU this check is the whole cost of the call
-        return t
+        return False
     nbytes = t.numel() * t.element_size()
     if nbytes < MIN_BYTES or not _enabled():
-        return t
+        return False
     madvise = _libc_madvise()
     if madvise:
         start = t.data_ptr()
@@ -108,7 +115,8 @@ def advise_huge_pages(t: torch.Tensor) -> torch.Tensor:
         if end > first and _fresh(first, end):
             madvise(first, end - first, _MADV_HUGEPAGE)
             madvise(first, end - first, _MADV_POPULATE_WRITE)
-    return t
+            return True
+    return False
 
 
 def _thp_mode() -> str | None:
