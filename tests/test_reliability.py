@@ -233,9 +233,9 @@ def test_extreme_range_matches_float64(path, rms, gate, dtype, scale, eps):
                                              (torch.float32, "after"), (torch.float32, "before")])
 def test_inference_call_writes_what_the_forward_writes(path, rms, scale, eps, dtype, gate):
     """``layernorm_fn`` without autograd discards the statistics (a backend may then skip them: the compiled
-    backend on CPU checks the range from the extremes of its sums, and with the gate before the norm in
-    float32 runs a graph that returns its own output): the same bits as ``layer_norm_fwd``'s y, also where
-    rows are rescued beside ordinary ones."""
+    backend on CPU checks the range from the extremes of its sums, and on these small rows returns its graph's
+    own output instead of writing into one): the same bits as ``layer_norm_fwd``'s y, also where rows are
+    rescued beside ordinary ones."""
     g = _gen(11)
     x = (scale * (torch.randn(6, 128, generator=g, dtype=torch.float64) + (0.0 if rms else 2.0))).to(dtype)
     x[3] = torch.randn(128, generator=g).to(dtype)  # an ordinary row beside rescued ones
