@@ -385,17 +385,14 @@ class CompiledBackend:
         graph's own output takes that memory back.
         """
         x, z = _contiguous(x), _contiguous(z)
-        if self._rescue_in_graph(x):
-            out = torch.empty_like(x, memory_format=torch.contiguous_format)
-            self._forward(x, weight, bias, z, spec, out, stats=False)
-            return out
+        in_graph = self._rescue_in_graph(x)
         gate_buffer = not spec.norm_before_gate and z is not None and x.dtype == compute_dtype(x.dtype)
-        if not gate_buffer and x.numel() * x.element_size() >= MIN_BYTES:
+        if in_graph or (not gate_buffer and x.numel() * x.element_size() >= MIN_BYTES):
             out = torch.empty_like(x, memory_format=torch.contiguous_format)
-            if advised_fresh(out):
+            if in_graph or advised_fresh(out):
                 self._forward(x, weight, bias, z, spec, out, stats=False)
                 return out
-            del out
+            del out  # memory glibc had mapped already: the graph's own output takes it back
         key = ("fwd", spec, x.shape[1], _dtypes(x, weight, bias, z), "returns output")
         fn = self._compiled(key, lambda: _make_forward_sums(spec, returns_output=True), _FORWARD_ROW_ARGS[:2])
         with torch.no_grad():
