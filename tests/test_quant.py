@@ -263,6 +263,42 @@ def test_range_rescue_reaches_the_quantizer(backend, group_size, block):
     assert bool(scale[4, 0].isnan()) and bool(torch.isfinite(scale[:4]).all())
 
 
+@needs_triton
+@pytest.mark.parametrize(("n", "group_size", "block", "column_major"),
+                         [(384, 64, 64, False), (384, 96, 32, True), (384, 32, 128, False), (256, 64, None, False)],
+                         ids=["one block per group", "blocks inside a padded group", "groups inside a block",
+                              "per token"])
+def test_triton_rescue_kernel_matches_in_kernel_rescue(n, group_size, block, column_major):
+    """Large calls redo out-of-range rows in quant_rescue_kernel, small ones in-kernel: the same rows, the same
+    bits, both right against float64; rows whose scale is NaN for the formula's own reasons (a NaN in x) are not
+    redone, and no scale keeps the kernel's internal mark."""
+    from gatednorm.backends.triton import TritonBackend
+
+    device = torch.device(TRITON_DEVICE)
+    assert tk.quant_layout(group_size, block or n) is not None  # the fused kernel runs
+    x, z, w, b = make_inputs(40, n, torch.bfloat16, device=device)
+    x = x.clone()
+    x[3] = x[3] * 3e37
+    x[17, 64:160] *= 1e30
+    x[21, :] *= 1e-30
+    x[30, 100] = float("nan")  # its block's (or row's) scale NaN; the other blocks of row 30 keep their bits
+    x[33, 200:] *= 1e25
+
+    def run(threshold):
+        # rescue_scan_rows=16: several scan programs, a partial last one
+        with ops.override_impl("triton", device.type, TritonBackend(threshold, rescue_scan_rows=16)):
+            return run_and_check(x, w, b, z, group_size=group_size, block=block, quant="fp8_e4m3",
+                                 backend="triton", column_major_scales=column_major)[:2]
+
+    (q1, s1), (q2, s2) = run(1 << 40), run(0)
+    assert_same_bits(q2, q1)
+    assert_same_bits(s2, s1, "scale")
+    assert not bool((s2.view(torch.int32) == 0x7FC00BAD).any())
+    assert bool(s2[30].isnan().any()) and bool(s2[30].isfinite().any() or block is None)
+    finite_rows = [r for r in range(40) if r != 30]
+    assert bool(s2[finite_rows].isfinite().all())
+
+
 # ---------------------------------------------------------------------------
 # Layouts: column-major scales, strided inputs, (T, H, N) gates, leading dims, batch invariance
 # ---------------------------------------------------------------------------

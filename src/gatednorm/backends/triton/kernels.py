@@ -175,6 +175,8 @@ def _load_input(X, R, rows64, mask, stride_xm, stride_rm, col0, cols, HAS_RES: t
 # elements use rescue_kernel, smaller ones (launch-bound anyway) check in-kernel.
 # Both judge the same stored rstd and redo rows with the same code and warps: a row's bits do not
 # depend on which one ran (batch invariance). Wide groups (looped in chunks) check in-kernel always.
+# The fused quantized forward (below) splits the same way; it stores no rstd, so a row to redo is marked
+# in its scales (_RESCUE_MARK) and quant_rescue_kernel scans those.
 
 _SAFE_VAR_MIN = tl.constexpr(SAFE_VAR_MIN)
 _SAFE_RSTD_MAX = tl.constexpr(SAFE_RSTD_MAX)  # 2^50
@@ -712,6 +714,10 @@ def sum_partials_kernel(
 
 _QUANT_SCALE_MIN = tl.constexpr(QUANT_SCALE_MIN)
 _RNE_MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2^23
+#: The bits of the scale written for a row whose statistics are out of range until _quant_rescue_rows redoes
+#: it: a quiet NaN with a payload no arithmetic produces (GPUs write 0x7FFFFFFF, the kernels 0x7FC00000), so
+#: a NaN scale of the formula's own is never taken for one to redo.
+_RESCUE_MARK = tl.constexpr(0x7FC00BAD)
 
 
 @triton.jit
@@ -839,26 +845,30 @@ def _quantize(yq, QMAX: tl.constexpr, INT8: tl.constexpr, FNUZ: tl.constexpr, UE
 
 
 @triton.jit
-def fwd_quant_kernel(
-    X, Z, W, B, Q, S,
-    M, stride_xm, stride_zm, stride_qm, stride_sm, stride_sg, eps,
-    GS: tl.constexpr, GB: tl.constexpr, NG: tl.constexpr, KB: tl.constexpr, NQ: tl.constexpr,
-    NQ_REAL: tl.constexpr, ROWS: tl.constexpr,
-    HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, NORM_BEFORE_GATE: tl.constexpr,
-    IS_RMS: tl.constexpr, SIGMOID_GATE: tl.constexpr,
-    QMAX: tl.constexpr, INT8: tl.constexpr, FNUZ: tl.constexpr, UE8M0: tl.constexpr, ROUND_TO: tl.constexpr,
-    FP8_BY_BITS: tl.constexpr, BF16_BY_BITS: tl.constexpr, USE_PDL: tl.constexpr,
-):
-    """Grid (row tiles, N // (NG * GS)). Q is int8, or uint8 holding the fp8 bits; S is (M, G) float32
-    with strides (stride_sm, stride_sg); NQ_REAL of the tile's NQ quant blocks hold features (the rest
-    cover the padding of a group whose size is not a power of two). USE_PDL: see _pdl_prologue.
+def _mark_for_rescue(scale, bad):
+    """scale with _RESCUE_MARK's bits where bad (a where on the bits: a NaN constant's payload may not survive)."""
+    return tl.where(bad, _RESCUE_MARK, scale.to(tl.int32, bitcast=True)).to(tl.float32, bitcast=True)
 
-    One norm group per tile (NG = 1: a quant block is the group, or a power-of-two part of it) runs on a 2-D
-    [ROWS, GB] tile, fwd_kernel's layout; several small groups per quant block (NG > 1) on [ROWS, NG, GB]."""
-    _pdl_prologue(USE_PDL)
-    pid = tl.program_id(0)
-    t = tl.program_id(1)
-    rows = pid * ROWS + tl.arange(0, ROWS)
+
+@triton.jit
+def _marked(s):
+    """Where the scales s hold _RESCUE_MARK's bits."""
+    return s.to(tl.int32, bitcast=True) == _RESCUE_MARK
+
+
+@triton.jit
+def _quant_tile(X, Z, W, B, Q, S, rows, t, M, stride_xm, stride_zm, stride_qm, stride_sm, stride_sg, eps,
+                GS: tl.constexpr, GB: tl.constexpr, NG: tl.constexpr, KB: tl.constexpr, NQ: tl.constexpr,
+                NQ_REAL: tl.constexpr, ROWS: tl.constexpr,
+                HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, NORM_BEFORE_GATE: tl.constexpr,
+                IS_RMS: tl.constexpr, SIGMOID_GATE: tl.constexpr,
+                QMAX: tl.constexpr, INT8: tl.constexpr, FNUZ: tl.constexpr, UE8M0: tl.constexpr,
+                ROUND_TO: tl.constexpr, FP8_BY_BITS: tl.constexpr, BF16_BY_BITS: tl.constexpr,
+                RESCUE: tl.constexpr):
+    """Normalise and quantize ``rows`` ([ROWS]) of tile t (features t * NG * GS onwards): write their codes
+    and scales. Rows whose statistics are out of range (see "Range rescue"): RESCUE redoes them here, in
+    registers (the tile is there); else their scales get _RESCUE_MARK's bits, to be redone by
+    _quant_rescue_rows (with RESCUE, one row at a time). Returns whether any row was marked (int32 0/1)."""
     row_ok = rows < M
     rows64 = rows.to(tl.int64)
     cols = tl.arange(0, GB)
@@ -878,16 +888,16 @@ def fwd_quant_kernel(
                 x = x * gate
         _, xm, var_eps = _tile_stats(x, col_ok, eps, GS, GB, IS_RMS)
         rstd = 1.0 / tl.sqrt_rn(var_eps)
-        # Range rescue, in registers (the tile is there): rows whose rstd is out of range are redone
-        # divided by a power of two of their max |value| (see "Range rescue" above); the others keep
-        # their bits, so a row's result never depends on its neighbours.
         bad = _rstd_out_of_range(rstd) & row_ok
-        if tl.max(bad.to(tl.int32), axis=0) != 0:
-            scale_r, inv = _rescue_scale(tl.max(tl.abs(x), axis=1), eps)
-            _, xms, var_s = _tile_stats(x * inv[:, None], col_ok, 0.0, GS, GB, IS_RMS)
-            _, rstd_x = _rescued_rstd(var_s, eps, scale_r, inv)
-            xm = tl.where(bad[:, None], xms, xm)
-            rstd = tl.where(bad, rstd_x, rstd)
+        if RESCUE:
+            # Rows out of range redone divided by a power of two of their max |value| (see "Range rescue");
+            # the others keep their bits, so a row's result never depends on its neighbours.
+            if tl.max(bad.to(tl.int32), axis=0) != 0:
+                scale_r, inv = _rescue_scale(tl.max(tl.abs(x), axis=1), eps)
+                _, xms, var_s = _tile_stats(x * inv[:, None], col_ok, 0.0, GS, GB, IS_RMS)
+                _, rstd_x = _rescued_rstd(var_s, eps, scale_r, inv)
+                xm = tl.where(bad[:, None], xms, xm)
+                rstd = tl.where(bad, rstd_x, rstd)
         y = xm * rstd[:, None] * _load_f32(W + col0 + cols, col_ok, BF16_BY_BITS)[None, :]
         if HAS_BIAS:
             y = y + _load_f32(B + col0 + cols, col_ok, BF16_BY_BITS)[None, :]
@@ -899,14 +909,19 @@ def fwd_quant_kernel(
         # The quantization: one block per row (the group), or NQ blocks of KB inside it.
         if NQ == 1:
             qv, scale = _quantize(y, QMAX, INT8, FNUZ, UE8M0, FP8_BY_BITS)
+            if not RESCUE:
+                scale = _mark_for_rescue(scale, bad)
             tl.store(S + rows64 * stride_sm + t * stride_sg, scale, mask=row_ok)
         else:
             qv, scale = _quantize(tl.reshape(y, [ROWS, NQ, KB]), QMAX, INT8, FNUZ, UE8M0, FP8_BY_BITS)
             qv = tl.reshape(qv, [ROWS, GB])
+            if not RESCUE:
+                scale = _mark_for_rescue(scale, bad[:, None])
             blk = tl.arange(0, NQ)
             s_ptrs = S + rows64[:, None] * stride_sm + (t * NQ_REAL + blk).to(tl.int64)[None, :] * stride_sg
             tl.store(s_ptrs, scale, mask=row_ok[:, None] & (blk < NQ_REAL)[None, :])
         tl.store(_tile_ptrs(Q, rows64, stride_qm, col0, cols), qv, mask=mask)
+        any_bad = tl.max(bad.to(tl.int32), axis=0)
     else:
         # NG power-of-two groups of GS = GB features make one quant block: a [ROWS, NG, GB] tile.
         grp = tl.arange(0, NG)
@@ -925,14 +940,15 @@ def fwd_quant_kernel(
             xm = x - (tl.sum(x, axis=2) / GS)[:, :, None]
         rstd = 1.0 / tl.sqrt_rn(tl.sum(xm * xm, axis=2) / GS + eps)
         bad = _rstd_out_of_range(rstd) & row_ok[:, None]
-        if tl.max(bad.to(tl.int32)) != 0:  # the range rescue, as above, per (row, group)
-            scale_r, inv = _rescue_scale(tl.max(tl.abs(x), axis=2), eps)
-            xms = x * inv[:, :, None]
-            if not IS_RMS:
-                xms = xms - (tl.sum(xms, axis=2) / GS)[:, :, None]
-            _, rstd_x = _rescued_rstd(tl.sum(xms * xms, axis=2) / GS, eps, scale_r, inv)
-            xm = tl.where(bad[:, :, None], xms, xm)
-            rstd = tl.where(bad, rstd_x, rstd)
+        if RESCUE:
+            if tl.max(bad.to(tl.int32)) != 0:  # the range rescue, as above, per (row, group)
+                scale_r, inv = _rescue_scale(tl.max(tl.abs(x), axis=2), eps)
+                xms = x * inv[:, :, None]
+                if not IS_RMS:
+                    xms = xms - (tl.sum(xms, axis=2) / GS)[:, :, None]
+                _, rstd_x = _rescued_rstd(tl.sum(xms * xms, axis=2) / GS, eps, scale_r, inv)
+                xm = tl.where(bad[:, :, None], xms, xm)
+                rstd = tl.where(bad, rstd_x, rstd)
         y = xm * rstd[:, :, None] * _load_f32(W + offs, offs >= 0, BF16_BY_BITS)[None, :, :]
         if HAS_BIAS:
             y = y + _load_f32(B + offs, offs >= 0, BF16_BY_BITS)[None, :, :]
@@ -940,5 +956,96 @@ def fwd_quant_kernel(
             y = y * gate
         y = _round_through(y, ROUND_TO, BF16_BY_BITS)
         qv, scale = _quantize(tl.reshape(y, [ROWS, KB]), QMAX, INT8, FNUZ, UE8M0, FP8_BY_BITS)
+        bad_row = tl.max(bad.to(tl.int32), axis=1) != 0
+        if not RESCUE:
+            scale = _mark_for_rescue(scale, bad_row)
         tl.store(Q + rows64[:, None, None] * stride_qm + offs[None, :, :], tl.reshape(qv, [ROWS, NG, GB]), mask=mask)
         tl.store(S + rows64 * stride_sm + t * stride_sg, scale, mask=row_ok)
+        any_bad = tl.max(bad_row.to(tl.int32), axis=0)
+    return any_bad
+
+
+@triton.jit(noinline=True)
+def _quant_rescue_rows(X, Z, W, B, Q, S, row0, t, M, stride_xm, stride_zm, stride_qm, stride_sm, stride_sg, eps,
+                       GS: tl.constexpr, GB: tl.constexpr, NG: tl.constexpr, KB: tl.constexpr, NQ: tl.constexpr,
+                       NQ_REAL: tl.constexpr, COUNT: tl.constexpr,
+                       HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, NORM_BEFORE_GATE: tl.constexpr,
+                       IS_RMS: tl.constexpr, SIGMOID_GATE: tl.constexpr,
+                       QMAX: tl.constexpr, INT8: tl.constexpr, FNUZ: tl.constexpr, UE8M0: tl.constexpr,
+                       ROUND_TO: tl.constexpr, FP8_BY_BITS: tl.constexpr, BF16_BY_BITS: tl.constexpr):
+    """Redo, one at a time with the in-register rescue, the rows row0 .. row0 + COUNT - 1 that _quant_tile
+    marked in tile t (_RESCUE_MARK in their scales). Not inlined: the rarely taken rescue must not raise the
+    common path's register count."""
+    blk = tl.arange(0, NQ)
+    for r in range(COUNT):
+        row = row0 + r
+        if row < M:
+            s_ptrs = S + row.to(tl.int64) * stride_sm + (t * NQ_REAL + blk).to(tl.int64) * stride_sg
+            s = tl.load(s_ptrs, mask=blk < NQ_REAL, other=0.0)
+            if tl.max(_marked(s).to(tl.int32), axis=0) != 0:
+                _quant_tile(X, Z, W, B, Q, S, row + tl.arange(0, 1), t, M, stride_xm, stride_zm, stride_qm,
+                            stride_sm, stride_sg, eps, GS, GB, NG, KB, NQ, NQ_REAL, 1, HAS_Z, HAS_BIAS,
+                            NORM_BEFORE_GATE, IS_RMS, SIGMOID_GATE, QMAX, INT8, FNUZ, UE8M0, ROUND_TO,
+                            FP8_BY_BITS, BF16_BY_BITS, True)
+
+
+@triton.jit
+def fwd_quant_kernel(
+    X, Z, W, B, Q, S,
+    M, stride_xm, stride_zm, stride_qm, stride_sm, stride_sg, eps,
+    GS: tl.constexpr, GB: tl.constexpr, NG: tl.constexpr, KB: tl.constexpr, NQ: tl.constexpr,
+    NQ_REAL: tl.constexpr, ROWS: tl.constexpr,
+    HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, NORM_BEFORE_GATE: tl.constexpr,
+    IS_RMS: tl.constexpr, SIGMOID_GATE: tl.constexpr,
+    QMAX: tl.constexpr, INT8: tl.constexpr, FNUZ: tl.constexpr, UE8M0: tl.constexpr, ROUND_TO: tl.constexpr,
+    FP8_BY_BITS: tl.constexpr, BF16_BY_BITS: tl.constexpr, RESCUE_IN_KERNEL: tl.constexpr, USE_PDL: tl.constexpr,
+):
+    """Grid (row tiles, N // (NG * GS)). Q is int8, or uint8 holding the fp8 bits; S is (M, G) float32
+    with strides (stride_sm, stride_sg); NQ_REAL of the tile's NQ quant blocks hold features (the rest
+    cover the padding of a group whose size is not a power of two). USE_PDL: see _pdl_prologue.
+
+    One norm group per tile (NG = 1: a quant block is the group, or a power-of-two part of it) runs on a 2-D
+    [ROWS, GB] tile, fwd_kernel's layout; several small groups per quant block (NG > 1) on [ROWS, NG, GB].
+    Rows out of range are redone at the end of the program (RESCUE_IN_KERNEL) or by quant_rescue_kernel
+    afterwards, with the same code either way (see "Range rescue")."""
+    _pdl_prologue(USE_PDL)
+    pid = tl.program_id(0)
+    t = tl.program_id(1)
+    any_bad = _quant_tile(X, Z, W, B, Q, S, pid * ROWS + tl.arange(0, ROWS), t, M, stride_xm, stride_zm, stride_qm,
+                          stride_sm, stride_sg, eps, GS, GB, NG, KB, NQ, NQ_REAL, ROWS, HAS_Z, HAS_BIAS,
+                          NORM_BEFORE_GATE, IS_RMS, SIGMOID_GATE, QMAX, INT8, FNUZ, UE8M0, ROUND_TO, FP8_BY_BITS,
+                          BF16_BY_BITS, False)
+    if RESCUE_IN_KERNEL:
+        if any_bad != 0:
+            tl.debug_barrier()  # the marked scales (written by other threads) are read back
+            _quant_rescue_rows(X, Z, W, B, Q, S, pid * ROWS, t, M, stride_xm, stride_zm, stride_qm, stride_sm,
+                               stride_sg, eps, GS, GB, NG, KB, NQ, NQ_REAL, ROWS, HAS_Z, HAS_BIAS, NORM_BEFORE_GATE,
+                               IS_RMS, SIGMOID_GATE, QMAX, INT8, FNUZ, UE8M0, ROUND_TO, FP8_BY_BITS, BF16_BY_BITS)
+
+
+@triton.jit
+def quant_rescue_kernel(
+    X, Z, W, B, Q, S,
+    M, stride_xm, stride_zm, stride_qm, stride_sm, stride_sg, eps,
+    GS: tl.constexpr, GB: tl.constexpr, NG: tl.constexpr, KB: tl.constexpr, NQ: tl.constexpr,
+    NQ_REAL: tl.constexpr, SCAN: tl.constexpr,
+    HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, NORM_BEFORE_GATE: tl.constexpr,
+    IS_RMS: tl.constexpr, SIGMOID_GATE: tl.constexpr,
+    QMAX: tl.constexpr, INT8: tl.constexpr, FNUZ: tl.constexpr, UE8M0: tl.constexpr, ROUND_TO: tl.constexpr,
+    FP8_BY_BITS: tl.constexpr, BF16_BY_BITS: tl.constexpr, USE_PDL: tl.constexpr,
+):
+    """After fwd_quant_kernel on large inputs (fwd_quant_kernel's arguments): grid (row blocks of SCAN, tiles).
+    Scans the scales of its rows in tile t and redoes the rows _quant_tile marked, as the forward would in-kernel
+    (run with the forward's warps: the same tile layout, the same bits)."""
+    _pdl_prologue(USE_PDL)
+    pid = tl.program_id(0)
+    t = tl.program_id(1)
+    rows = pid * SCAN + tl.arange(0, SCAN)
+    blk = tl.arange(0, NQ)
+    ok = (rows < M)[:, None] & (blk < NQ_REAL)[None, :]
+    s = tl.load(S + rows.to(tl.int64)[:, None] * stride_sm + (t * NQ_REAL + blk).to(tl.int64)[None, :] * stride_sg,
+                mask=ok, other=0.0)
+    if tl.max(tl.max(_marked(s).to(tl.int32), axis=1), axis=0) != 0:
+        _quant_rescue_rows(X, Z, W, B, Q, S, pid * SCAN, t, M, stride_xm, stride_zm, stride_qm, stride_sm,
+                           stride_sg, eps, GS, GB, NG, KB, NQ, NQ_REAL, SCAN, HAS_Z, HAS_BIAS, NORM_BEFORE_GATE,
+                           IS_RMS, SIGMOID_GATE, QMAX, INT8, FNUZ, UE8M0, ROUND_TO, FP8_BY_BITS, BF16_BY_BITS)

@@ -17,7 +17,15 @@ import triton
 from ...settings import env_flag, env_text
 from ...spec import NormSpec, QuantSpec, quant_max
 from ..base import Grads, GradsNeeded
-from .kernels import bwd_kernel, fwd_flat_kernel, fwd_kernel, fwd_quant_kernel, rescue_kernel, sum_partials_kernel
+from .kernels import (
+    bwd_kernel,
+    fwd_flat_kernel,
+    fwd_kernel,
+    fwd_quant_kernel,
+    quant_rescue_kernel,
+    rescue_kernel,
+    sum_partials_kernel,
+)
 
 #: Widest chunk of a group held in registers at once; wider groups are looped over.
 MAX_BLOCK = 8192
@@ -540,7 +548,8 @@ class TritonBackend:
                              pdl=self._pdl(x))
 
     def forward_quant(self, x, weight, bias, z, spec: NormSpec, qspec: QuantSpec, q, scale) -> bool:
-        return _on_device_of(x, forward_quant, x, weight, bias, z, spec, qspec, q, scale, fast=self.fast_launch,
+        return _on_device_of(x, forward_quant, x, weight, bias, z, spec, qspec, q, scale,
+                             self.rescue_kernel_min_elements, self.rescue_scan_rows, fast=self.fast_launch,
                              pdl=self._pdl(x))
 
 
@@ -623,6 +632,10 @@ def _fp8_by_bits(device: torch.device, fnuz: bool) -> bool:
 # 8192x128 (3.18 us with PDL); 640-wide groups (1, 1) as the plain forward; per-token blocks of 2048 and tiles
 # of 4096 fewer warps than the plain forward's (13% and 4% faster there). Groups inside a block (NG > 1,
 # powers of two) share the key of their tile width: the same contiguous [ROWS, NG * GB] stretch of memory.
+# Not (4, 1) for 128-wide tiles, though the 2026-12-04 sweeps (gpu_notes_h200.md) put it within 1-2% of (16, 4)
+# on large calls and ahead in a CUDA graph at 8192x128: with it, tiles of several groups (64 + 64, 4 x 32)
+# came out wrong on the H200 (rows' values in other rows; not investigated), and 65536x128 single-group tiles
+# took 20.7 us per call in a graph with PDL (the previous kernel with (16, 4): 12.9-16.3 us, same benchmark).
 # The key depends on the group size and block only, never on M (batch invariance).
 QUANT_TUNED: dict[tuple[int, bool], tuple[int, int]] = {
     (128, True): (16, 4),
@@ -651,10 +664,13 @@ def _quant_config(group_size: int, block: int) -> tuple[int, int] | None:
 
 
 def forward_quant(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, z: torch.Tensor | None,
-                  spec: NormSpec, qspec: QuantSpec, q: torch.Tensor, scale: torch.Tensor, *,
+                  spec: NormSpec, qspec: QuantSpec, q: torch.Tensor, scale: torch.Tensor,
+                  rescue_kernel_min_elements: int = RESCUE_KERNEL_MIN_ELEMENTS,
+                  rescue_scan_rows: int = RESCUE_SCAN_ROWS, *,
                   config: tuple[int, int] | None = None, fast: bool = True, pdl: bool = False) -> bool:
     """Write q (M, N, contiguous) and scale (M, G, any strides) of x (M > 0, N; float32/bf16/fp16) in one
-    kernel; False (nothing written) where :func:`quant_layout` does not cover the call.
+    kernel (calls of at least ``rescue_kernel_min_elements`` elements: and the range rescue's scan after it,
+    as :func:`forward`); False (nothing written) where :func:`quant_layout` does not cover the call.
 
     ``config``: (ROWS, num_warps) instead of :func:`_quant_config`'s choice (the tuning benchmark; ROWS a
     power of two); ``fast`` / ``pdl``: see :func:`_launch`.
@@ -673,17 +689,26 @@ def forward_quant(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     int8 = qspec.quant == "int8"
     fnuz = qspec.quant == "fp8_e4m3fnuz"
     by_bits = _fp8_by_bits(x.device, fnuz)
-    _launch_kw(
-        fwd_quant_kernel, (_cdiv(m, rows), n // (ng * spec.group_size), 1),
-        (x, z, weight, bias, q if int8 or not by_bits else q.view(torch.uint8), scale,
-         m, x.stride(0), z.stride(0) if z is not None else 0, q.stride(0), scale.stride(0), scale.stride(1),
-         spec.eps),
-        warps, x.device, fast=fast, pdl=pdl,
-        GS=spec.group_size, GB=gb, NG=ng, KB=kb, NQ=nq, NQ_REAL=nq_real, ROWS=rows,
+    tiles = n // (ng * spec.group_size)
+    args = (x, z, weight, bias, q if int8 or not by_bits else q.view(torch.uint8), scale,
+            m, x.stride(0), z.stride(0) if z is not None else 0, q.stride(0), scale.stride(0), scale.stride(1),
+            spec.eps)
+    constexprs = dict(
+        GS=spec.group_size, GB=gb, NG=ng, KB=kb, NQ=nq, NQ_REAL=nq_real,
         HAS_Z=z is not None, HAS_BIAS=bias is not None, NORM_BEFORE_GATE=spec.norm_before_gate,
         IS_RMS=spec.is_rms_norm, SIGMOID_GATE=spec.activation == "sigmoid",
         QMAX=quant_max(qspec.quant), INT8=int8, FNUZ=fnuz, UE8M0=qspec.scale_format == "ue8m0",
         ROUND_TO={"none": 0, "bfloat16": 1, "float16": 2}[qspec.round_to],
         FP8_BY_BITS=by_bits, BF16_BY_BITS=_INTERPRET, USE_PDL=pdl,
     )
+    # The range rescue: in-kernel below the threshold, else quant_rescue_kernel (the forward's warps: the
+    # same bits either way). As for forward(), the in-kernel check costs large calls bandwidth: with the
+    # rescue in registers (before) the H200 moved 524288x128 with 128-wide fp8 blocks at 71-73% of copy,
+    # with the scan kernel after it 81% (benchmarks/results/quant_bench_h200.md).
+    rescue_after = m * n >= rescue_kernel_min_elements
+    _launch_kw(fwd_quant_kernel, (_cdiv(m, rows), tiles, 1), args, warps, x.device, fast=fast, pdl=pdl,
+               ROWS=rows, RESCUE_IN_KERNEL=not rescue_after, **constexprs)
+    if rescue_after:
+        _launch_kw(quant_rescue_kernel, (_cdiv(m, rescue_scan_rows), tiles, 1), args, warps, x.device, fast=fast,
+                   pdl=pdl, SCAN=rescue_scan_rows, **constexprs)
     return True
