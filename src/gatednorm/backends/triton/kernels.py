@@ -868,7 +868,7 @@ def _quant_tile(X, Z, W, B, Q, S, rows, t, M, stride_xm, stride_zm, stride_qm, s
     """Normalise and quantize ``rows`` ([ROWS]) of tile t (features t * NG * GS onwards): write their codes
     and scales. Rows whose statistics are out of range (see "Range rescue"): RESCUE redoes them here, in
     registers (the tile is there); else their scales get _RESCUE_MARK's bits, to be redone by
-    _quant_rescue_rows (with RESCUE, one row at a time). Returns whether any row was marked (int32 0/1)."""
+    _quant_rescue_rows (with RESCUE, one row at a time). Returns whether any row was out of range (int32 0/1)."""
     row_ok = rows < M
     rows64 = rows.to(tl.int64)
     cols = tl.arange(0, GB)
