@@ -7,6 +7,10 @@
 #   bash benchmarks/gpu_suite.sh kernels   # GPU tests + the fused-kernel benchmark (issue 7)
 #   bash benchmarks/gpu_suite.sh verify    # the full `gatednorm verify` on cuda, in worker processes
 #   bash benchmarks/gpu_suite.sh report    # native eager on GPU, tensor parallel (2 GPUs)
+#   bash benchmarks/gpu_suite.sh quant     # the fused quantized forward (issue 14): its GPU tests (every
+#                                          # shipped launch shape against float64 first), the benchmark,
+#                                          # then the ablation probe (more than one 10-minute device call:
+#                                          # split it, or set QUANT_TESTS_TIMEOUT lower)
 #   bash benchmarks/gpu_suite.sh ab BASE.. # GPU tests, then forward A/B against other versions of the
 #                                          # triton backend: old triton_kernels.py files or backends/triton
 #                                          # folders (see benchmarks/bench_triton_ab.py)
@@ -49,6 +53,19 @@ ab)
     BASELINES=()
     for f in "$@"; do BASELINES+=(--baseline "$f"); done
     python3 benchmarks/bench_triton_ab.py "${BASELINES[@]}" 2>&1 | tee "$OUT/bench_triton_ab.log"
+    ;;
+quant)
+    # the shipped launch shapes against float64 first, then test_quant.py's triton tests (about 5 minutes on an
+    # H200: a compile per variant; -k "quant" would also select the native ones, by the module's name)
+    python3 -m pytest -q -p no:logging -W ignore -o addopts="" tests/test_gpu.py -k "quant" \
+        > "$OUT/quant_tests.log" 2>&1
+    echo "pytest exit $?" | tee -a "$OUT/quant_tests.log"; tail -3 "$OUT/quant_tests.log"
+    timeout "${QUANT_TESTS_TIMEOUT:-330}" python3 -m pytest -q -p no:logging -W ignore -o addopts="" \
+        tests/test_quant.py -k "triton or rescue" >> "$OUT/quant_tests.log" 2>&1
+    echo "pytest exit $?" | tee -a "$OUT/quant_tests.log"; tail -3 "$OUT/quant_tests.log"
+    python3 benchmarks/bench_gpu.py --quant --no-compile --quant-formats fp8_e4m3,fp8_e4m3:ue8m0,int8 \
+        --out "$OUT" 2>&1 | tail -30
+    python3 benchmarks/probe_quant_ablation.py --json "$OUT/quant_ablation.json" 2>&1 | tail -30
     ;;
 report)
     timeout 150 python3 benchmarks/bench_cpu.py --device cuda --no-memory --reps 9 --reps-bwd 5 \

@@ -27,6 +27,7 @@ from triton.testing import do_bench
 
 import gatednorm.backends.triton.launch as tk
 from gatednorm.spec import NormSpec, QuantSpec, quant_dtype
+from gatednorm.verify.quantized import check_quant, reference_y
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_gpu import EPS, SHAPES, copy_bandwidth, make_inputs  # noqa: E402
@@ -328,9 +329,16 @@ def warm_quant_parallel(items: list[str], jobs: int) -> None:
     print(f"compiled quant variants in {time.time() - t0:.0f}s (exit codes {codes})", flush=True)
 
 
+#: Rows of each sweep call judged against the float64 rule (verify.quantized.check_quant) per candidate: a launch
+#: shape that mixes rows up shows in any tile (one did: 2026-12-04, gpu_notes_h200.md), and the float64
+#: reference of every row of a large call would cost more device time than the sweep.
+QUANT_CHECK_ROWS = 2048
+
+
 def quant_sweep(shape, quant: str, fmt: str, copy_gbps: float) -> dict:
-    """Every candidate (ROWS, num_warps) of one shape and format: do_bench median us, GB/s, % of copy, and
-    for launch-bound shapes us per call in a CUDA graph (x one torch.mul's); sorted fastest first."""
+    """Every candidate (ROWS, num_warps) of one shape and format: whether its first QUANT_CHECK_ROWS rows pass the
+    float64 check, do_bench median us, GB/s, % of copy, and for launch-bound shapes us per call in a CUDA graph
+    (x one torch.mul's); sorted fastest first."""
     name, m, n, gs, rms, nbg, has_z, has_bias, block = shape
     x, z, w, b, _ = make_inputs(m, n, has_z, has_bias)
     spec, qspec = quant_specs(shape, quant, fmt)
@@ -348,6 +356,8 @@ def quant_sweep(shape, quant: str, fmt: str, copy_gbps: float) -> dict:
         rec["mul_graph_us"] = graph_us(lambda: torch.mul(x, other, out=y_mul))
     assert tk.forward_quant(x, w, b, z, spec, qspec, q, s)
     ref_q, ref_s = _bits(q).clone(), _bits(s).clone()
+    rows = min(m, QUANT_CHECK_ROWS)
+    y64, err = reference_y(x[:rows], w, b, None if z is None else z[:rows], EPS, gs, nbg, rms, "swish")
 
     def measure(cfg):
         def call():
@@ -357,6 +367,10 @@ def quant_sweep(shape, quant: str, fmt: str, copy_gbps: float) -> dict:
         s.fill_(float("nan"))
         call()
         r = {"config": cfg, "q_differ": int((_bits(q) != ref_q).sum()), "scales_differ": int((_bits(s) != ref_s).sum())}
+        check = check_quant(q[:rows], s[:rows], y64, err, quant, qspec.block, fmt)
+        r["correct"] = check.passed
+        if not check.passed:
+            print(f"WRONG {name} {quant} {fmt} config {cfg}: {check}", flush=True)
         t = time_ms(call)
         r.update(us=t * 1e3, gbps=nbytes / (t * 1e-3) / 1e9)
         r["pct_copy"] = 100 * r["gbps"] / copy_gbps
@@ -408,13 +422,17 @@ def quant_launch_modes(shape, quant: str, fmt: str, config: tuple[int, int] | No
 
 def suggest_quant_tuned(records: list[dict]) -> dict:
     """Per QUANT_TUNED key: the config with the best geometric mean of (us / that record's best us) over the
-    records sharing the key (every format and shape of that tile width), with its worst record's ratio."""
+    records sharing the key (every format and shape of that tile width), with its worst record's ratio. Only
+    configs that passed the float64 check in every one of those records are candidates."""
     by_key: dict = {}
     for r in records:
         by_key.setdefault(tuple(r["key"]), []).append(r)
     out = {}
     for key, recs in sorted(by_key.items()):
-        common = set.intersection(*({tuple(c["config"]) for c in r["configs"]} for r in recs))
+        common = set.intersection(*({tuple(c["config"]) for c in r["configs"] if c.get("correct", True)}
+                                    for r in recs))
+        if not common:
+            continue
         scores = {}
         for cfg in common:
             ratios = [next(c["us"] for c in r["configs"] if tuple(c["config"]) == cfg) / r["configs"][0]["us"]

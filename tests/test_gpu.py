@@ -387,3 +387,30 @@ def test_the_device_guard_is_entered_where_another_gpu_is_current(monkeypatch):
     assert entered == [x.device.index] * 3
     for a, c in zip(plain, guarded, strict=True):
         assert torch.equal(a, c)
+
+
+#: (group size, quant block) of every kind of fused tile: one block per group (128, padded 96, 2048 per token),
+#: blocks inside a group (128 / 32, padded 96 / 32, 640 / 128, 4096 / 128), groups inside a block (64 + 64,
+#: 4 x 32, 64 per token over 4096).
+QUANT_LAYOUTS = [(128, 128), (96, 96), (2048, 2048), (128, 32), (96, 32), (640, 128), (4096, 128), (64, 128),
+                 (32, 128), (64, 4096)]
+
+
+@pytest.mark.parametrize(("group_size", "block"), QUANT_LAYOUTS)
+@pytest.mark.parametrize("quant", ["fp8_e4m3", "int8"])
+def test_quant_launch_shapes_against_float64(group_size, block, quant):
+    """The fused quantized forward with the launch shape it ships (QUANT_TUNED or the rule) on every kind of tile,
+    every row judged against the float64 rule, with a partial last tile. A launch shape that mixes rows up
+    fails here: (4, 1) did so for tiles of several groups on an H200 (2026-12-04), under Triton's interpreter
+    it does not."""
+    from gatednorm.verify.quantized import check_quant, reference_y
+
+    tk = _tk()
+    n = max(group_size, block) * 2
+    assert tk.quant_layout(group_size, block) is not None  # the fused kernel runs
+    x, w, b, z = _inputs(37, n, torch.bfloat16, True, True, seed=11)
+    q, scale = gatednorm.gated_norm_quant(x, w, b, EPS, z, group_size, quant=quant, quant_group_size=block,
+                                          backend="triton")
+    y64, err = reference_y(x, w, b, z, EPS, group_size, True, False, "swish")
+    res = check_quant(q, scale, y64, err, quant, block, "float32")
+    assert res.passed, (tk._quant_config(group_size, block), res)
