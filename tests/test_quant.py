@@ -270,8 +270,9 @@ def test_range_rescue_reaches_the_quantizer(backend, group_size, block):
                               "per token"])
 def test_triton_rescue_kernel_matches_in_kernel_rescue(n, group_size, block, column_major):
     """Large calls redo out-of-range rows in quant_rescue_kernel, small ones in-kernel: the same rows, the same
-    bits, both right against float64; rows whose scale is NaN for the formula's own reasons (a NaN in x) are not
-    redone, and no scale keeps the kernel's internal mark."""
+    bits, both right against float64. A NaN in x makes its group out of range (redone, and NaN again); a NaN in
+    the gate leaves the statistics alone and gives its block the formula's NaN scale on both paths. No scale
+    keeps the kernel's internal mark."""
     from gatednorm.backends.triton import TritonBackend
 
     device = torch.device(TRITON_DEVICE)
@@ -283,6 +284,8 @@ def test_triton_rescue_kernel_matches_in_kernel_rescue(n, group_size, block, col
     x[21, :] *= 1e-30
     x[30, 100] = float("nan")  # its block's (or row's) scale NaN; the other blocks of row 30 keep their bits
     x[33, 200:] *= 1e25
+    z = z.clone()
+    z[25, 10] = float("nan")  # gate after the norm: block 0's y NaN, rstd untouched
 
     def run(threshold):
         # rescue_scan_rows=16: several scan programs, a partial last one
@@ -294,8 +297,9 @@ def test_triton_rescue_kernel_matches_in_kernel_rescue(n, group_size, block, col
     assert_same_bits(q2, q1)
     assert_same_bits(s2, s1, "scale")
     assert not bool((s2.view(torch.int32) == 0x7FC00BAD).any())
-    assert bool(s2[30].isnan().any()) and bool(s2[30].isfinite().any() or block is None)
-    finite_rows = [r for r in range(40) if r != 30]
+    for row in (25, 30):
+        assert bool(s2[row].isnan().any()) and bool(s2[row].isfinite().any() or block is None)
+    finite_rows = [r for r in range(40) if r not in (25, 30)]
     assert bool(s2[finite_rows].isfinite().all())
 
 
