@@ -857,6 +857,13 @@ def _marked(s):
 
 
 @triton.jit
+def _block_scale_ptrs(S, rows64, t, blk, NQ_REAL: tl.constexpr, stride_sm, stride_sg):
+    """Where the scales of tile t's quant blocks ``blk`` (< NQ_REAL) go for rows ``rows64`` (broadcast): column
+    t * NQ_REAL + blk. The one place the writers and the rescue's readers agree on."""
+    return S + rows64 * stride_sm + (t * NQ_REAL + blk).to(tl.int64) * stride_sg
+
+
+@triton.jit
 def _quant_tile(X, Z, W, B, Q, S, rows, t, M, stride_xm, stride_zm, stride_qm, stride_sm, stride_sg, eps,
                 GS: tl.constexpr, GB: tl.constexpr, NG: tl.constexpr, KB: tl.constexpr, NQ: tl.constexpr,
                 NQ_REAL: tl.constexpr, ROWS: tl.constexpr,
@@ -889,10 +896,11 @@ def _quant_tile(X, Z, W, B, Q, S, rows, t, M, stride_xm, stride_zm, stride_qm, s
         _, xm, var_eps = _tile_stats(x, col_ok, eps, GS, GB, IS_RMS)
         rstd = 1.0 / tl.sqrt_rn(var_eps)
         bad = _rstd_out_of_range(rstd) & row_ok
+        any_bad = tl.max(bad.to(tl.int32), axis=0)
         if RESCUE:
             # Rows out of range redone divided by a power of two of their max |value| (see "Range rescue");
             # the others keep their bits, so a row's result never depends on its neighbours.
-            if tl.max(bad.to(tl.int32), axis=0) != 0:
+            if any_bad != 0:
                 scale_r, inv = _rescue_scale(tl.max(tl.abs(x), axis=1), eps)
                 _, xms, var_s = _tile_stats(x * inv[:, None], col_ok, 0.0, GS, GB, IS_RMS)
                 _, rstd_x = _rescued_rstd(var_s, eps, scale_r, inv)
@@ -918,10 +926,9 @@ def _quant_tile(X, Z, W, B, Q, S, rows, t, M, stride_xm, stride_zm, stride_qm, s
             if not RESCUE:
                 scale = _mark_for_rescue(scale, bad[:, None])
             blk = tl.arange(0, NQ)
-            s_ptrs = S + rows64[:, None] * stride_sm + (t * NQ_REAL + blk).to(tl.int64)[None, :] * stride_sg
+            s_ptrs = _block_scale_ptrs(S, rows64[:, None], t, blk[None, :], NQ_REAL, stride_sm, stride_sg)
             tl.store(s_ptrs, scale, mask=row_ok[:, None] & (blk < NQ_REAL)[None, :])
         tl.store(_tile_ptrs(Q, rows64, stride_qm, col0, cols), qv, mask=mask)
-        any_bad = tl.max(bad.to(tl.int32), axis=0)
     else:
         # NG power-of-two groups of GS = GB features make one quant block: a [ROWS, NG, GB] tile.
         grp = tl.arange(0, NG)
@@ -940,8 +947,10 @@ def _quant_tile(X, Z, W, B, Q, S, rows, t, M, stride_xm, stride_zm, stride_qm, s
             xm = x - (tl.sum(x, axis=2) / GS)[:, :, None]
         rstd = 1.0 / tl.sqrt_rn(tl.sum(xm * xm, axis=2) / GS + eps)
         bad = _rstd_out_of_range(rstd) & row_ok[:, None]
+        bad_row = tl.max(bad.to(tl.int32), axis=1) != 0
+        any_bad = tl.max(bad_row.to(tl.int32), axis=0)
         if RESCUE:
-            if tl.max(bad.to(tl.int32)) != 0:  # the range rescue, as above, per (row, group)
+            if any_bad != 0:  # the range rescue, as above, per (row, group)
                 scale_r, inv = _rescue_scale(tl.max(tl.abs(x), axis=2), eps)
                 xms = x * inv[:, :, None]
                 if not IS_RMS:
@@ -956,12 +965,10 @@ def _quant_tile(X, Z, W, B, Q, S, rows, t, M, stride_xm, stride_zm, stride_qm, s
             y = y * gate
         y = _round_through(y, ROUND_TO, BF16_BY_BITS)
         qv, scale = _quantize(tl.reshape(y, [ROWS, KB]), QMAX, INT8, FNUZ, UE8M0, FP8_BY_BITS)
-        bad_row = tl.max(bad.to(tl.int32), axis=1) != 0
         if not RESCUE:
             scale = _mark_for_rescue(scale, bad_row)
         tl.store(Q + rows64[:, None, None] * stride_qm + offs[None, :, :], tl.reshape(qv, [ROWS, NG, GB]), mask=mask)
         tl.store(S + rows64 * stride_sm + t * stride_sg, scale, mask=row_ok)
-        any_bad = tl.max(bad_row.to(tl.int32), axis=0)
     return any_bad
 
 
@@ -980,8 +987,8 @@ def _quant_rescue_rows(X, Z, W, B, Q, S, row0, t, M, stride_xm, stride_zm, strid
     for r in range(COUNT):
         row = row0 + r
         if row < M:
-            s_ptrs = S + row.to(tl.int64) * stride_sm + (t * NQ_REAL + blk).to(tl.int64) * stride_sg
-            s = tl.load(s_ptrs, mask=blk < NQ_REAL, other=0.0)
+            s = tl.load(_block_scale_ptrs(S, row.to(tl.int64), t, blk, NQ_REAL, stride_sm, stride_sg),
+                        mask=blk < NQ_REAL, other=0.0)
             if tl.max(_marked(s).to(tl.int32), axis=0) != 0:
                 _quant_tile(X, Z, W, B, Q, S, row + tl.arange(0, 1), t, M, stride_xm, stride_zm, stride_qm,
                             stride_sm, stride_sg, eps, GS, GB, NG, KB, NQ, NQ_REAL, 1, HAS_Z, HAS_BIAS,
@@ -1043,7 +1050,7 @@ def quant_rescue_kernel(
     rows = pid * SCAN + tl.arange(0, SCAN)
     blk = tl.arange(0, NQ)
     ok = (rows < M)[:, None] & (blk < NQ_REAL)[None, :]
-    s = tl.load(S + rows.to(tl.int64)[:, None] * stride_sm + (t * NQ_REAL + blk).to(tl.int64)[None, :] * stride_sg,
+    s = tl.load(_block_scale_ptrs(S, rows.to(tl.int64)[:, None], t, blk[None, :], NQ_REAL, stride_sm, stride_sg),
                 mask=ok, other=0.0)
     if tl.max(tl.max(_marked(s).to(tl.int32), axis=1), axis=0) != 0:
         _quant_rescue_rows(X, Z, W, B, Q, S, pid * SCAN, t, M, stride_xm, stride_zm, stride_qm, stride_sm,
