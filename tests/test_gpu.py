@@ -251,6 +251,61 @@ def test_launch_modes_give_the_same_bits(m, n, gs, nbg, is_rms, has_bias):
         assert any(entry[4] is not None for entry in tk._COMPILED.values()), "no launch took the direct path"
 
 
+@pytest.mark.parametrize(("shape", "gs", "nbg", "is_rms", "has_bias", "dtype", "z_layout"), [
+    ((8192, 128), 128, True, True, False, torch.bfloat16, "rows"),
+    ((4, 1000, 128), 64, True, True, False, torch.bfloat16, "rows"),        # 3-D contiguous, 64 | 4000 rows
+    ((2049, 5120), 640, False, True, False, torch.bfloat16, "strided"),     # z a slice of a wider projection
+    ((333, 2048), 2048, True, False, True, torch.float16, "none"),
+    ((1, 3072), 96, False, False, True, torch.float32, "rows"),             # M = 1: its own kernel variant
+    ((300, 20000), 10000, True, True, True, torch.bfloat16, "rows"),        # wide groups, chunked
+])
+def test_forward_plan_matches_plain_launch(shape, gs, nbg, is_rms, has_bias, dtype, z_layout):
+    """The eager plan (ops.planned_forward -> launch.ForwardPlan) launches the kernel the plain launch compiled,
+    with the same grid and arguments: y, mean and rstd equal launch.forward's bit for bit, through the plan
+    (its launch counter moves), on calls with other M (the plan is per signature, not per M), and on a
+    misaligned x, which the plan hands back to the plain path."""
+    tk = _tk()
+    from gatednorm import ops
+
+    n = shape[-1]
+    spec = NormSpec(EPS, gs, nbg, is_rms, "swish")
+    for rows in (shape[:-1], (shape[0] + 17, *shape[1:-1]), shape[:-1]):
+        full = (*rows, n)
+        g = torch.Generator(device="cuda").manual_seed(sum(full))
+        x = torch.randn(full, generator=g, device="cuda").to(dtype)
+        wide = torch.randn((*rows, 3 * n), generator=g, device="cuda").to(dtype)
+        z = {"rows": torch.randn(full, generator=g, device="cuda").to(dtype), "strided": wide[..., n:2 * n],
+             "none": None}[z_layout]
+        w = (1 + 0.1 * torch.randn(n, generator=g, device="cuda")).to(dtype)
+        b = (0.1 * torch.randn(n, generator=g, device="cuda")).to(dtype) if has_bias else None
+        args = (x, w, b, EPS)
+        kw = dict(z=z, group_size=gs, norm_before_gate=nbg, is_rms_norm=is_rms, backend="triton")
+        with torch.no_grad():
+            gatednorm.layer_norm_fwd(*args, **kw)  # the plain path compiles this M's variant
+            before = tk.planned_launches
+            y, mean, rstd = gatednorm.layer_norm_fwd(*args, **kw)
+            assert tk.planned_launches == before + 1, "the call did not go through the plan"
+            y_fn = gatednorm.layernorm_fn(x, w, b, z, EPS, gs, nbg, is_rms, backend="triton")
+        x2d, z2d = x.reshape(-1, n), (None if z is None else z.reshape(-1, n))
+        out = torch.empty_like(x2d)
+        ref_mean, ref_rstd = tk.forward(x2d, w, b, z2d, spec, out, pdl=x.numel() < tk.PDL_MAX_ELEMENTS
+                                        and tk.pdl_supported(x.device))
+        assert y.shape == x.shape and torch.equal(y.reshape(-1, n), out) and torch.equal(y_fn, y)
+        assert torch.equal(rstd, ref_rstd)
+        assert (mean is None) == is_rms and (is_rms or torch.equal(mean, ref_mean))
+    # an x two bytes off alignment: the plan declines, the plain path runs, the bits are the launch's
+    if dtype != torch.float32:
+        base = torch.randn((shape[0], n + 1), device="cuda").to(dtype)
+        x = base[:, 1:]
+        kw2 = dict(kw, z=None if z_layout == "none" else torch.randn_like(x))
+        with torch.no_grad():
+            before = tk.planned_launches
+            y, _, rstd = gatednorm.layer_norm_fwd(x, w, b, EPS, **kw2)
+            assert tk.planned_launches == before
+        assert torch.equal(y, gatednorm.layer_norm_fwd(x.contiguous(), w, b, EPS, **kw2)[0])
+    assert ops._PLANS, "no plan was kept"
+
+
 @pytest.mark.parametrize("is_rms", [False, True])
 @pytest.mark.parametrize("gs", [64, 10000])
 @pytest.mark.parametrize(("scale", "eps"), [(3e37, 1e-6), (1e25, 0.0), (1e-30, 0.0)])

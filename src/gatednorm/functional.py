@@ -24,6 +24,7 @@ from .ops import (
     gated_norm_rows,
     gated_norm_rows_backward,
     needs_autograd,
+    planned_forward,
     residual_sum,
     resolve_backend,
 )
@@ -102,6 +103,11 @@ def layer_norm_fwd(
         ``g * M + m`` (M = x.numel() // N, G = N // group_size); with a residual they are s's.
         Differentiable in x, weight, bias, z and residual when ``out`` is not given.
     """
+    if out is None and residual is None and prenorm is False and residual_in_fp32.__class__ is bool:
+        planned = planned_forward(x, weight, bias, z, eps, group_size, norm_before_gate, is_rms_norm, activation,
+                                  backend)
+        if planned is not None:
+            return planned
     call = prepare(x, weight, bias, z, eps, group_size, norm_before_gate, is_rms_norm, activation, out,
                    regroup_heads=True)
     res = regroup_residual(prepare_residual(x, residual, prenorm, residual_in_fp32), call)
@@ -148,6 +154,11 @@ def layernorm_fn(
     Gradients flow to x, weight, bias, z and residual (analytic backward; the backward keeps only
     x (with a residual: the float32 sum s), z, weight, bias, mean and rstd).
     """
+    if residual is None and prenorm is False and residual_in_fp32.__class__ is bool:
+        planned = planned_forward(x, weight, bias, z, eps, group_size, norm_before_gate, is_rms_norm, activation,
+                                  backend, stats=False)
+        if planned is not None:
+            return planned[0]
     call = prepare(x, weight, bias, z, eps, group_size, norm_before_gate, is_rms_norm, activation, regroup_heads=True)
     res = regroup_residual(prepare_residual(x, residual, prenorm, residual_in_fp32), call)
     if res is None:

@@ -6,6 +6,8 @@ tensor-parallel layer and ``gatednorm verify``, reaches a backend through this m
 * :func:`gated_norm_rows` / :func:`gated_norm_rows_backward`: the internal entry points for
   already-validated 2-D rows (see :func:`gatednorm.spec.prepare`); :func:`gated_norm_residual_rows`:
   the same operator on ``x + residual`` with the prenorm output (docs/design.md, "Residual and prenorm").
+* :func:`planned_forward`: an inference call whose signature ran before, through the decisions cached for
+  it (argument checks, backend, launch; "Eager plans" below).
 * :func:`resolve_backend`: the backend *name* for a call (per call ``backend=``, the environment, auto;
   :func:`explain_backend` says why).
 * the registry (:func:`register_impl`, :func:`select_impl`, :func:`override_impl`): which
@@ -33,8 +35,8 @@ import torch
 from . import numerics
 from .backends.base import Backend, Grads, GradsNeeded
 from .huge_pages import advise_huge_pages
-from .settings import env_flag, env_text
-from .spec import NormSpec, QuantSpec, compute_dtype, quant_dtype, residual_sum_dtype, round_to_dtype
+from .settings import _lookup, env_flag, env_text
+from .spec import NormSpec, QuantSpec, compute_dtype, prepare, quant_dtype, residual_sum_dtype, round_to_dtype
 
 #: Names accepted by ``backend=`` and ``GATEDNORM_BACKEND``.
 BACKENDS = ("auto", "native", "triton", "compiled")
@@ -53,6 +55,9 @@ _UNAVAILABLE: dict[tuple[str, str], ImportError] = {}
 #: triton_available()'s answer, asked for on every CUDA call without backend= (about 0.7 us through
 #: select_impl); None until asked, reset whenever the registry changes.
 _TRITON_IMPORTABLE: bool | None = None
+#: Eager plans (see "Eager plans" below): signature key -> _EagerPlan, or _NO_PLAN for a signature plans do
+#: not serve. Every registry change empties it (a plan holds the implementation it resolved).
+_PLANS: dict[tuple, object] = {}
 
 
 def register_impl(name: str, device_type: str, loader: Callable[[], Backend]) -> None:
@@ -63,6 +68,7 @@ def register_impl(name: str, device_type: str, loader: Callable[[], Backend]) ->
     _IMPLS.pop((name, device_type), None)
     _UNAVAILABLE.pop((name, device_type), None)
     _TRITON_IMPORTABLE = None
+    _PLANS.clear()
 
 
 def select_impl(name: str, device: torch.device) -> Backend:
@@ -98,6 +104,7 @@ def override_impl(name: str, device_type: str, impl: Backend | ImportError) -> I
     key = (name, device_type)
     saved = _LOADERS.get(key), _IMPLS.get(key), _UNAVAILABLE.get(key)
     _TRITON_IMPORTABLE = None
+    _PLANS.clear()
     _IMPLS.pop(key, None)
     _UNAVAILABLE.pop(key, None)
     if isinstance(impl, ImportError):
@@ -115,6 +122,7 @@ def override_impl(name: str, device_type: str, impl: Backend | ImportError) -> I
             if value is not None:
                 table[key] = value
         _TRITON_IMPORTABLE = None
+        _PLANS.clear()
 
 
 def _native_cpu() -> Backend:
@@ -572,6 +580,103 @@ def gated_norm_rows(
     if needs_autograd(x2d, weight, bias, z2d):
         return _autograd_apply(x2d, weight, bias, z2d, spec, name, out_dtype)
     return _run_forward(x2d, weight, bias, z2d, spec, name, out_dtype, stats)
+
+
+# ---------------------------------------------------------------------------
+# Eager plans (docs/design.md, "Eager plans")
+# ---------------------------------------------------------------------------
+# Most of an inference call's host time goes to decisions that depend on its signature only: the argument
+# checks (spec.prepare), the backend (resolve_backend, the registry), and in the backend the launch shape and
+# the compiled kernel. A plan keeps them per signature, so a repeated call builds one key, looks it up and
+# runs. The key holds everything those decisions read except M (a serving batch changes M on every call, and
+# no decision depends on it): per tensor its class, dtype, device, rank and row strides (2-D) or
+# contiguity, the parameters' shapes and strides, the scalar arguments and their types (True == 1 in a
+# key, but prepare accepts only one of them), backend= and the three environment variables that choose a
+# backend. A key seen before passed prepare and resolve_backend with an equal signature, so the plan's call
+# raises nothing they would have raised. Registry changes drop every plan.
+
+_NO_PLAN = object()
+#: More signatures than this (a program sweeping shapes of many widths) start the table afresh.
+MAX_PLANS = 4096
+
+
+def _rows_signature(t: torch.Tensor | None) -> tuple | None:
+    if t is None:
+        return None
+    return t.__class__, t.dtype, t.device, t.dim(), t.stride() if t.dim() == 2 else t.is_contiguous()
+
+
+def _param_signature(t: torch.Tensor | None) -> tuple | None:
+    return None if t is None else (t.__class__, t.dtype, t.device, t.shape, t.stride())
+
+
+class _EagerPlan:
+    """The checked call of one signature: its NormSpec, the backend that serves it and that backend's own
+    plan (:class:`~gatednorm.backends.base.PlannedBackend`), if any."""
+
+    __slots__ = ("impl", "spec", "launch", "n", "flatten")
+
+    def __init__(self, impl: Backend, spec: NormSpec, launch: Callable[..., tuple | None] | None, n: int,
+                 flatten: bool) -> None:
+        self.impl, self.spec, self.launch, self.n, self.flatten = impl, spec, launch, n, flatten
+
+    def __call__(self, x, weight, bias, z, stats: bool):
+        if self.launch is not None:
+            done = self.launch(x, weight, bias, z)
+            if done is not None:
+                return done
+        # what _forward_eager does for these rows (prepare's (M, N) views; M > 0 checked by the caller)
+        x2d = x.reshape(-1, self.n) if self.flatten else x
+        z2d = z.reshape(-1, self.n) if self.flatten and z is not None else z
+        forward_output = None if stats else getattr(self.impl, "forward_output", None)
+        if forward_output is not None:
+            y, mean, rstd = forward_output(x2d, weight, bias, z2d, self.spec), None, None
+        else:
+            y = _new_rows(x2d)
+            mean, rstd = self.impl.forward(x2d, weight, bias, z2d, self.spec, y)
+        return (y.view_as(x) if self.flatten else y), mean, rstd
+
+
+def _plan_for(x, weight, bias, z, eps, group_size, norm_before_gate, is_rms_norm, activation, backend):
+    """A new plan for this signature (_NO_PLAN where plans do not serve it). Checks the call as the full
+    path does, in the same order, so a bad call raises the same error here."""
+    call = prepare(x, weight, bias, z, eps, group_size, norm_before_gate, is_rms_norm, activation,
+                   regroup_heads=True)
+    name = resolve_backend(backend, x.device)
+    if call.heads != 1 or x.is_meta or (z is not None and z.shape != x.shape):
+        return _NO_PLAN
+    impl = _impl_for(name, call.x2d)
+    planner = getattr(impl, "plan_forward", None)
+    launch = None if planner is None else planner(x, weight, bias, z, call.spec)
+    return _EagerPlan(impl, call.spec, launch, x.shape[-1], x.dim() != 2)
+
+
+def planned_forward(x, weight, bias, z, eps, group_size, norm_before_gate, is_rms_norm, activation,
+                    backend: str | None, stats: bool = True):
+    """``(y in x's shape, mean | None, rstd)`` of an eager inference call, through its signature's plan; or
+    None, with nothing done, where the caller must take the full path: autograd, torch.compile tracing, a
+    functorch transform, an empty batch, a signature plans do not serve. ``stats=False``: the caller
+    discards mean and rstd (which may then be None). Raises what :func:`gatednorm.spec.prepare` and
+    :func:`resolve_backend` raise for a bad call the first time its signature is seen."""
+    try:
+        if (x.__class__ is not torch.Tensor or x.dim() == 0 or x.numel() == 0 or needs_autograd(x, weight, bias, z)
+                or _compiling() or _C_APPLY is None or _functorch_active()):
+            return None
+        key = (_rows_signature(x), x.shape[-1], _rows_signature(z), _param_signature(weight),
+               _param_signature(bias), eps, group_size, norm_before_gate, is_rms_norm, activation, backend,
+               eps.__class__, group_size.__class__, norm_before_gate.__class__, is_rms_norm.__class__,
+               _lookup("GATEDNORM_BACKEND"), _lookup("USE_NATIVE_LAYERNORM"), _lookup("TRITON_INTERPRET"))
+        plan = _PLANS.get(key)
+    except (AttributeError, TypeError):  # not tensors, unhashable scalars: the full path says what is wrong
+        return None
+    if plan is None:
+        plan = _plan_for(x, weight, bias, z, eps, group_size, norm_before_gate, is_rms_norm, activation, backend)
+        if len(_PLANS) >= MAX_PLANS:
+            _PLANS.clear()
+        _PLANS[key] = plan
+    if plan is _NO_PLAN or (z is not None and z.shape != x.shape):
+        return None
+    return plan(x, weight, bias, z, stats)
 
 
 def residual_sum(x2d: torch.Tensor, residual2d: torch.Tensor) -> torch.Tensor:

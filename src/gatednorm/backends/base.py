@@ -7,6 +7,7 @@ float64 routing, which gradients are needed, the absent mean of RMSNorm).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple, Protocol, runtime_checkable
 
 import torch
@@ -97,4 +98,21 @@ class FusedResidualBackend(Protocol):
         float32, one rounding) into out (M, N, x's dtype or another floating dtype) and, when given, s
         rounded once to residual_out's dtype into residual_out (M, N, unit feature stride). Returns s's
         (mean | None, rstd), as :meth:`Backend.forward`."""
+        ...
+
+
+@runtime_checkable
+class PlannedBackend(Protocol):
+    """What a backend adds to cut the host time of repeated inference calls (docs/design.md, "Eager plans").
+    Optional: :mod:`gatednorm.ops` caches, per call signature, the checked arguments and this backend, and
+    asks ``plan_forward`` once for a launch decided in advance; without it (or when it returns None) the
+    cached call runs :meth:`Backend.forward`."""
+
+    def plan_forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                     z: torch.Tensor | None, spec: NormSpec) -> Callable[..., tuple | None] | None:
+        """A callable for later calls with tensors of the same signature as these (dtypes, devices, N, the
+        row strides of 2-D x and z or contiguous rows of any rank, the parameters' strides; any M):
+        ``plan(x, weight, bias, z)`` returns ``(y, mean | None, rstd)`` as :meth:`Backend.forward` computes
+        them (y new, in x's shape and dtype), or None, having written nothing, for a call it does not serve.
+        None here: no plan for this signature."""
         ...

@@ -323,6 +323,20 @@ def _rows_ready(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+def _fwd_flags(spec: NormSpec, has_z: bool, has_bias: bool) -> tuple[bool, ...]:
+    """HAS_Z, HAS_BIAS, NORM_BEFORE_GATE, IS_RMS, SIGMOID_GATE, BF16_BY_BITS: the forward kernels' flags."""
+    return has_z, has_bias, spec.norm_before_gate, spec.is_rms_norm, spec.activation == "sigmoid", _INTERPRET
+
+
+def _fwd_kernel_constexprs(gs: int, block: int, rows: int, chunks: int, flags: tuple[bool, ...],
+                           rescue_in_kernel: bool, pdl: bool, groups_fastest: bool, has_res: bool,
+                           store_res: bool) -> tuple:
+    """fwd_kernel's constexprs in signature order (GS, BLOCK, ROWS, NUM_CHUNKS, *flags, RESCUE_IN_KERNEL,
+    USE_PDL, GROUPS_FASTEST, HAS_RES, STORE_RES): one place, for :func:`forward` and :class:`ForwardPlan`,
+    so a plan finds exactly the compiled kernel the plain launch made."""
+    return (gs, block, rows, chunks, *flags, rescue_in_kernel, pdl, groups_fastest, has_res, store_res)
+
+
 def forward(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -378,17 +392,16 @@ def forward(
     args = (x, residual, z, weight, bias, y, residual_out, mean, rstd, m, x.stride(0),
             residual.stride(0) if residual is not None else 0, z.stride(0) if z is not None else 0, y.stride(0),
             residual_out.stride(0) if residual_out is not None else 0, spec.eps)
-    flags = (z is not None, bias is not None, spec.norm_before_gate, spec.is_rms_norm, spec.activation == "sigmoid",
-             _INTERPRET)  # HAS_Z, HAS_BIAS, NORM_BEFORE_GATE, IS_RMS, SIGMOID_GATE, BF16_BY_BITS
+    flags = _fwd_flags(spec, z is not None, bias is not None)
     rescue_after = chunks == 1 and (flat or m * n >= rescue_kernel_min_elements)
     if flat:  # GS, BLOCK, ROWS, *flags, USE_PDL
         _launch(fwd_flat_kernel, (_cdiv(m * groups, rows), 1, 1),
                 (x, z, weight, bias, y, mean, rstd, m, groups, spec.eps),
                 (gs, block, rows, *flags, pdl), warps, x.device, fast, pdl)
-    else:  # GS, BLOCK, ROWS, NUM_CHUNKS, *flags, RESCUE_IN_KERNEL, USE_PDL, GROUPS_FASTEST, HAS_RES, STORE_RES
+    else:
         _launch(fwd_kernel, (groups, tiles, 1) if groups_fastest else (tiles, groups, 1), args,
-                (gs, block, rows, chunks, *flags, not rescue_after, pdl, groups_fastest, residual is not None,
-                 residual_out is not None), warps, x.device, fast, pdl)
+                _fwd_kernel_constexprs(gs, block, rows, chunks, flags, not rescue_after, pdl, groups_fastest,
+                                       residual is not None, residual_out is not None), warps, x.device, fast, pdl)
     if rescue_after:  # GS, BLOCK, SCAN, *flags, USE_PDL, HAS_RES; the forward's warps (rescued rows' bits)
         _launch(rescue_kernel, (_cdiv(m, rescue_scan_rows), groups, 1), args,
                 (gs, block, rescue_scan_rows, *flags, pdl, residual is not None), warps, x.device, fast, pdl)
@@ -396,6 +409,148 @@ def forward(
         out.copy_(y)
     return mean, rstd
 
+
+
+def _aligned_spec(args: tuple) -> tuple:
+    """:func:`_spec_key`'s key for runtime arguments given as they will be at launch, except that each tensor
+    is given by its dtype and stands for one at a 16-byte aligned address (what a :class:`ForwardPlan` serves;
+    ``tests/test_triton_plan.py`` checks the two keys agree on real aligned tensors)."""
+    key = []
+    for v in args:
+        if v is None or v.__class__ is int:
+            key.append(v if v is None else (v == 1, not v & 15, -(2**31) <= v < 2**31))
+        elif isinstance(v, torch.dtype):
+            key.append((v, True))
+        else:  # bool, float
+            key.append(v.__class__)
+    return tuple(key)
+
+
+#: Forward launches made through a :class:`ForwardPlan` (a diagnostic for benchmarks and tests).
+planned_launches = 0
+
+
+class ForwardPlan:
+    """The forward launch of one call signature, decided once (docs/design.md, "Eager plans").
+
+    A signature is what :func:`forward` decides from: the dtypes and devices of x, z, weight and bias, N,
+    the row strides of x and z (2-D tensors, unit stride along features; or contiguous ones of any rank,
+    rows of N), the NormSpec and the backend's options. Everything but M is fixed by it, so the launch
+    shape, the constexprs and the argument list are worked out here, and a call only allocates the
+    outputs, reads the addresses and calls the launcher that :func:`_launch` cached for the same key:
+    the same compiled kernel, grid and arguments as :func:`forward`, hence the same bits
+    (tests/test_gpu.py::test_forward_plan_matches_plain_launch).
+
+    Calling it with tensors of the signature returns ``(y, mean | None, rstd)``, y new and in x's shape
+    and dtype, or None, having written nothing, where the plan does not serve the call: M = 0, calls that
+    run the range rescue as a second kernel (at least ``rescue_kernel_min_elements`` elements), an
+    address not 16-byte aligned, x's GPU not the current device, a Triton launch hook that takes metadata, or a
+    kernel variant (M = 1, M divisible by 16, PDL, program order) that no plain launch has compiled yet.
+    The caller then takes the plain path, which compiles it.
+    """
+
+    __slots__ = ("n", "groups", "rows", "warps", "device", "index", "pdl", "pdl_ok", "rescue_min", "fixed_args",
+                 "eps", "groups_fastest", "is_rms", "constexprs", "arg_dtypes", "variants", "key_base")
+
+    def __init__(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, z: torch.Tensor | None,
+                 spec: NormSpec, rescue_kernel_min_elements: int, pdl: bool | None) -> None:
+        n = x.shape[-1]
+        gs = spec.group_size
+        block, chunks, rows, warps, order = _fwd_config(gs, x.element_size())
+        self.n, self.groups, self.rows, self.warps = n, n // gs, rows, warps
+        self.device = x.device
+        self.index = x.device.index if x.device.index is not None else torch.cuda.current_device()
+        self.pdl, self.pdl_ok = pdl, pdl_supported(x.device)
+        # Calls this large run the rescue as a second kernel (forward's rescue_after): the plain path.
+        self.rescue_min = rescue_kernel_min_elements if chunks == 1 else 1 << 62
+        self.eps = spec.eps
+        self.is_rms = spec.is_rms_norm
+        self.groups_fastest = order == ORDER_GROUPS_FASTEST and self.groups > 1
+        flags = _fwd_flags(spec, z is not None, bias is not None)
+        #: (USE_PDL, GROUPS_FASTEST) -> fwd_kernel's constexprs (the range rescue in the kernel, no residual)
+        self.constexprs = {(p, g): _fwd_kernel_constexprs(gs, block, rows, chunks, flags, True, p, g, False, False)
+                           for p in (False, True) for g in (False, True)}
+        row_stride = x.stride(0) if x.dim() == 2 else n
+        z_stride = 0 if z is None else (z.stride(0) if z.dim() == 2 else n)
+        # the runtime arguments after m: x, z and y's row strides (no residual), eps; forward's order
+        self.fixed_args = (row_stride, 0, z_stride, n, 0, spec.eps)
+        f32 = torch.float32
+        self.arg_dtypes = (x.dtype, None, None if z is None else z.dtype, weight.dtype,
+                           None if bias is None else bias.dtype, x.dtype, None, None if self.is_rms else f32, f32)
+        self.key_base = (fwd_kernel, self.index, warps)
+        #: (M == 1, M % 16 == 0, USE_PDL, GROUPS_FASTEST) -> _launch's cached entry
+        self.variants: dict[tuple[bool, bool, bool, bool], tuple] = {}
+
+    def _entry(self, variant: tuple[bool, bool, bool, bool], m: int) -> tuple | None:
+        """The launcher :func:`_launch` cached for this variant (None: not compiled yet)."""
+        _, _, pdl, groups_fastest = variant
+        kernel, index, warps = self.key_base
+        spec = _aligned_spec((*self.arg_dtypes, m, *self.fixed_args))
+        entry = _COMPILED.get((kernel, index, warps, pdl, self.constexprs[(pdl, groups_fastest)], spec))
+        if entry is not None:
+            self.variants[variant] = entry
+        return entry
+
+    def __call__(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                 z: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor] | None:
+        n = self.n
+        numel = x.numel()
+        m = numel // n
+        if m == 0 or numel >= self.rescue_min or m >= 2**31:
+            return None
+        pdl = self.pdl if self.pdl is not None else (numel < PDL_MAX_ELEMENTS and self.pdl_ok)
+        tiles = -(-m // self.rows)
+        groups_fastest = self.groups_fastest and tiles <= MAX_GRID_Y
+        variant = (m == 1, not m & 15, pdl, groups_fastest)
+        entry = self.variants.get(variant) or self._entry(variant, m)
+        # Triton's launch hooks as _launch passes them; one that wants launch metadata (a profiler such as
+        # proton has hooked in) sends the call to _launch, which builds the metadata from the tensors.
+        hooks = triton.knobs.runtime
+        enter, leave = hooks.launch_enter_hook, hooks.launch_exit_hook
+        if (entry is None or self.index != _current_cuda_device()
+                or (enter is not None and getattr(enter, "calls", True))):
+            return None
+        y = torch.empty_like(x, memory_format=torch.contiguous_format)
+        stats = self.groups * m
+        rstd = torch.empty(stats, dtype=torch.float32, device=self.device)
+        mean = None if self.is_rms else torch.empty(stats, dtype=torch.float32, device=self.device)
+        xp, wp, yp, rp = x.data_ptr(), weight.data_ptr(), y.data_ptr(), rstd.data_ptr()
+        zp = 0 if z is None else z.data_ptr()
+        bp = 0 if bias is None else bias.data_ptr()
+        mp = 0 if mean is None else mean.data_ptr()
+        if (xp | wp | yp | rp | zp | bp | mp) & 15:
+            return None
+        global planned_launches
+        planned_launches += 1
+        compiled, run, function, packed, direct, cooperative, pdl_flag = entry
+        grid0, grid1 = (self.groups, tiles) if groups_fastest else (tiles, self.groups)
+        constexprs = self.constexprs[(pdl, groups_fastest)]
+        stream = torch._C._cuda_getCurrentRawStream(self.index)
+        if direct is not None:
+            direct(grid0, grid1, 1, stream, function, cooperative, pdl_flag, None, None, packed, None, enter, leave,
+                   xp, None, zp or None, wp, bp or None, yp, None, mp or None, rp, m, *self.fixed_args, *constexprs)
+        else:
+            run(grid0, grid1, 1, stream, function, packed, None, enter, leave, x, None, z, weight, bias, y, None,
+                mean, rstd, m, *self.fixed_args, *constexprs)
+        return y, mean, rstd
+
+
+def plan_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, z: torch.Tensor | None,
+                 spec: NormSpec, rescue_kernel_min_elements: int = RESCUE_KERNEL_MIN_ELEMENTS,
+                 pdl: bool | None = None, fast: bool = True) -> ForwardPlan | None:
+    """A :class:`ForwardPlan` for the signature of these tensors, or None where :func:`forward` would not
+    take its one-kernel path through the cached launcher: not a CUDA tensor, the fast launch off, the flat
+    program order, rows that are not 2-D with unit feature stride or contiguous, strided parameters."""
+    if not (fast and _FAST_LAUNCH and x.device.type == "cuda"):
+        return None
+    for t in (x, z):
+        if t is not None and (t.stride(-1) != 1 or not (t.dim() == 2 or t.is_contiguous())):
+            return None
+    if weight.stride(-1) != 1 or (bias is not None and bias.stride(-1) != 1):
+        return None
+    if _fwd_config(spec.group_size, x.element_size())[4] == ORDER_FLAT:
+        return None
+    return ForwardPlan(x, weight, bias, z, spec, rescue_kernel_min_elements, pdl)
 
 
 @functools.cache
@@ -537,6 +692,9 @@ class TritonBackend:
     def forward(self, x, weight, bias, z, spec: NormSpec, out):
         return _on_device_of(x, forward, x, weight, bias, z, spec, out, self.rescue_kernel_min_elements,
                              self.rescue_scan_rows, fast=self.fast_launch, pdl=self._pdl(x))
+
+    def plan_forward(self, x, weight, bias, z, spec: NormSpec) -> ForwardPlan | None:
+        return plan_forward(x, weight, bias, z, spec, self.rescue_kernel_min_elements, self.pdl, self.fast_launch)
 
     def forward_residual(self, x, residual, weight, bias, z, spec: NormSpec, out, residual_out):
         return _on_device_of(x, forward, x, weight, bias, z, spec, out, self.rescue_kernel_min_elements,

@@ -1,0 +1,177 @@
+"""Eager plans (docs/design.md, "Eager plans"): a repeated inference call skips the argument checks and
+backend resolution through its signature's cached plan. These tests prove the plan computes what the full
+path computes, never serves a call the full path would reject or route elsewhere, and follows the
+environment and the registry. The triton plan's launches are compared bit for bit on a GPU
+(tests/test_gpu.py::test_forward_plan_matches_plain_launch)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import RecordingBackend, make_inputs
+
+import gatednorm
+import gatednorm.functional as functional
+from gatednorm import ops
+from gatednorm.backends.native_cpu import NativeCPUBackend
+
+
+@pytest.fixture(autouse=True)
+def _fresh_plans():
+    ops._PLANS.clear()
+    yield
+    ops._PLANS.clear()
+
+
+@pytest.fixture
+def count_prepare(monkeypatch):
+    """How often the full path's argument checks ran (a planned call runs none)."""
+    calls = []
+    real = functional.prepare
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(functional, "prepare", counting)
+    return calls
+
+
+def _full_path(x, w, b, z, eps, gs, nbg, is_rms):
+    """The unplanned computation: prepare, then the internal entry point (what layer_norm_fwd runs)."""
+    call = gatednorm.spec.prepare(x, w, b, z, eps, gs, nbg, is_rms, "swish", regroup_heads=True)
+    y, mean, rstd = ops.gated_norm_rows(call.x2d, call.weight, call.bias, call.z2d, call.spec, backend="native")
+    return y.view_as(x), mean, rstd
+
+
+@pytest.mark.parametrize(("shape", "gs", "nbg", "is_rms", "bias", "dtype", "z_layout"), [
+    ((37, 128), 32, True, True, False, torch.bfloat16, "rows"),
+    ((3, 5, 96), None, False, False, True, torch.float32, "rows"),      # 3-D, one group, gate before the norm
+    ((19, 64), 16, True, False, True, torch.float16, "strided"),        # z a slice of a wider projection
+    ((11, 48), 24, True, True, True, torch.float64, "none"),
+    ((64,), None, True, True, False, torch.float32, "rows"),            # 1-D: one row
+])
+def test_planned_calls_equal_the_full_path(shape, gs, nbg, is_rms, bias, dtype, z_layout, count_prepare):
+    """Second and later calls of a signature go through its plan (no argument checks run) and give the full
+    path's bits, also for another M of the same signature."""
+    n = shape[-1]
+    for rows in (shape[:-1], (shape[0] + 5, *shape[1:-1]) if len(shape) > 1 else shape[:-1]):
+        x, z, w, b = make_inputs(int(torch.tensor(rows).prod()), n, dtype, bias=bias, seed=len(rows) + n)
+        x = x.view(*rows, n)
+        if z_layout == "strided":
+            z = torch.cat([z, torch.randn_like(z)], dim=-1)[:, n:]
+        z = None if z_layout == "none" else z.reshape(x.shape) if z_layout == "rows" else z
+        ref = _full_path(x, w, b, z, 1e-5, gs, nbg, is_rms)
+        kw = dict(z=z, group_size=gs, norm_before_gate=nbg, is_rms_norm=is_rms)
+        with torch.no_grad():
+            gatednorm.layer_norm_fwd(x, w, b, 1e-5, **kw)
+            count_prepare.clear()
+            got = gatednorm.layer_norm_fwd(x, w, b, 1e-5, **kw)
+            y_fn = gatednorm.layernorm_fn(x, w, b, z, 1e-5, gs, nbg, is_rms)
+            y_mod_kw = dict(group_size=gs, norm_before_gate=nbg, eps=1e-5, device="cpu", dtype=dtype)
+        assert count_prepare == [], "a repeated call ran the argument checks: no plan served it"
+        assert got[0].shape == x.shape and torch.equal(got[0], ref[0]) and torch.equal(y_fn, ref[0])
+        assert (got[1] is None) == is_rms and (is_rms or torch.equal(got[1], ref[1]))
+        assert torch.equal(got[2], ref[2])
+    module = (gatednorm.RMSNorm if is_rms else gatednorm.LayerNorm)(n, **y_mod_kw)
+    if not bias:
+        module.bias = None
+    with torch.no_grad():
+        module.weight.copy_(w)
+        if getattr(module, "bias", None) is not None:
+            module.bias.copy_(b)
+        for _ in range(2):
+            assert torch.equal(module(x, z), _full_path(x, module.weight, module.bias, z, 1e-5, gs, nbg, is_rms)[0])
+
+
+def test_plans_serve_only_calls_the_full_path_accepts():
+    """After a signature is planned, calls that differ in any checked way raise what the full path raises
+    (each has another key, or fails the plan's own per-call check of z's shape)."""
+    x, z, w, b = make_inputs(6, 64, torch.float32, seed=3)
+    with torch.no_grad():
+        for _ in range(2):
+            gatednorm.rmsnorm_fn(x, w, None, z, group_size=16)
+        assert ops._PLANS
+        bad = [
+            (ValueError, "weight must have shape", lambda: gatednorm.rmsnorm_fn(x, w[:32], None, z)),
+            (ValueError, "z must have x's shape", lambda: gatednorm.rmsnorm_fn(x, w, None, z[:, :32])),
+            (ValueError, "z must have x's shape", lambda: gatednorm.rmsnorm_fn(x, w, None, z[:3], group_size=16)),
+            (ValueError, "eps", lambda: gatednorm.rmsnorm_fn(x, w, None, z, eps=-1.0, group_size=16)),
+            (ValueError, "group_size", lambda: gatednorm.rmsnorm_fn(x, w, None, z, group_size=24)),
+            (TypeError, "group_size", lambda: gatednorm.rmsnorm_fn(x, w, None, z, group_size=16.0)),
+            (TypeError, "norm_before_gate", lambda: gatednorm.rmsnorm_fn(x, w, None, z, 1e-6, 16, 1)),
+            (ValueError, "activation", lambda: gatednorm.rmsnorm_fn(x, w, None, z, group_size=16, activation="relu")),
+            (ValueError, "backend", lambda: gatednorm.rmsnorm_fn(x, w, None, z, group_size=16, backend="nope")),
+            (TypeError, "weight", lambda: gatednorm.rmsnorm_fn(x, w.tolist(), None, z, group_size=16)),
+            (TypeError, "x", lambda: gatednorm.rmsnorm_fn(x.int(), w, None, z, group_size=16)),
+            (ValueError, "0-d", lambda: gatednorm.rmsnorm_fn(x[0, 0], w, None, None)),
+            (TypeError, "residual_in_fp32", lambda: gatednorm.rmsnorm_fn(x, w, None, z, group_size=16,
+                                                                        residual_in_fp32=1)),
+        ]
+        for exc, words, call in bad:
+            with pytest.raises(exc, match=words):
+                call()
+
+
+def test_plans_follow_the_environment_and_the_registry(monkeypatch):
+    """The backend variables are part of a plan's key (read on every call, as settings.py promises), and a
+    registry change drops every plan, so an override serves the very next call."""
+    x, z, w, _ = make_inputs(4, 32, torch.float32, seed=4)
+    with torch.no_grad():
+        for _ in range(2):
+            gatednorm.rmsnorm_fn(x, w, None, z)
+        monkeypatch.setenv("GATEDNORM_BACKEND", "bogus")
+        with pytest.raises(ValueError, match="GATEDNORM_BACKEND"):
+            gatednorm.rmsnorm_fn(x, w, None, z)
+        monkeypatch.setenv("GATEDNORM_BACKEND", "compiled")
+        monkeypatch.setenv("USE_NATIVE_LAYERNORM", "1")
+        rec = RecordingBackend(NativeCPUBackend())
+        with ops.override_impl("native", "cpu", rec):
+            gatednorm.rmsnorm_fn(x, w, None, z)
+            gatednorm.rmsnorm_fn(x, w, None, z)
+        assert [c[0] for c in rec.seen] == ["forward", "forward"]
+        gatednorm.rmsnorm_fn(x, w, None, z)
+        assert len(rec.seen) == 2, "a plan outlived the override it resolved"
+
+
+def test_autograd_meta_and_empty_calls_take_the_full_path():
+    """Plans serve inference only: with inputs that require grad the result is differentiable; meta and
+    empty batches keep their shapes-only handling."""
+    x, z, w, b = make_inputs(5, 32, torch.float32, seed=5)
+    for _ in range(2):
+        with torch.no_grad():
+            y0 = gatednorm.layernorm_fn(x, w, b, z, group_size=16)
+    xg = x.clone().requires_grad_()
+    y = gatednorm.layernorm_fn(xg, w, b, z, group_size=16)
+    assert y.requires_grad and torch.equal(y.detach(), y0)
+    y.sum().backward()
+    assert xg.grad is not None and torch.isfinite(xg.grad).all()
+    for _ in range(2):
+        ym = gatednorm.layernorm_fn(x.to("meta"), w.to("meta"), b.to("meta"), z.to("meta"), group_size=16)
+        assert ym.shape == x.shape and ym.is_meta
+        ye = gatednorm.layernorm_fn(x[:0], w, b, z[:0], group_size=16)
+        assert ye.shape == (0, 32)
+
+
+def test_plan_table_is_bounded(monkeypatch):
+    monkeypatch.setattr(ops, "MAX_PLANS", 2)
+    with torch.no_grad():
+        for n in (16, 32, 48, 64, 80):
+            x, z, w, _ = make_inputs(3, n, torch.float32, seed=n)
+            gatednorm.rmsnorm_fn(x, w, None, z)
+            assert len(ops._PLANS) <= 2
+
+
+def test_triton_plan_key_is_the_launch_key():
+    """The triton plan finds the launcher the plain launch cached by rebuilding its key with every tensor
+    taken as 16-byte aligned; on aligned tensors the two keys agree (ints, None, floats alike)."""
+    launch = pytest.importorskip("gatednorm.backends.triton.launch")
+    x = torch.randn(40, 64, dtype=torch.bfloat16)
+    rstd = torch.empty(40, dtype=torch.float32)
+    for m in (1, 16, 40, 2**31):
+        args = (x, None, x, x[0], None, x, None, None, rstd, m, 64, 0, 64, 64, 0, 1e-6)
+        proto = (x.dtype, None, x.dtype, x.dtype, None, x.dtype, None, None, torch.float32, m, 64, 0, 64, 64, 0,
+                 1e-6)
+        assert all(t is None or isinstance(t, (int, float)) or t.data_ptr() % 16 == 0 for t in args)
+        assert launch._aligned_spec(proto) == launch._spec_key(args)[0]
+    assert launch.plan_forward(x, x[0], None, x, gatednorm.spec.NormSpec(1e-6, 64, True, True, "swish")) is None
