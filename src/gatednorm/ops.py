@@ -659,8 +659,8 @@ def planned_forward(x, weight, bias, z, eps, group_size, norm_before_gate, is_rm
     discards mean and rstd (which may then be None). Raises what :func:`gatednorm.spec.prepare` and
     :func:`resolve_backend` raise for a bad call the first time its signature is seen."""
     try:
-        if (x.__class__ is not torch.Tensor or x.dim() == 0 or x.numel() == 0 or needs_autograd(x, weight, bias, z)
-                or _compiling() or _C_APPLY is None or _functorch_active()):
+        if (_compiling() or x.__class__ is not torch.Tensor or x.dim() == 0 or x.numel() == 0
+                or needs_autograd(x, weight, bias, z) or _C_APPLY is None or _functorch_active()):
             return None
         key = (_rows_signature(x), x.shape[-1], _rows_signature(z), _param_signature(weight),
                _param_signature(bias), eps, group_size, norm_before_gate, is_rms_norm, activation, backend,

@@ -414,7 +414,7 @@ def forward(
 def _aligned_spec(args: tuple) -> tuple:
     """:func:`_spec_key`'s key for runtime arguments given as they will be at launch, except that each tensor
     is given by its dtype and stands for one at a 16-byte aligned address (what a :class:`ForwardPlan` serves;
-    ``tests/test_triton_plan.py`` checks the two keys agree on real aligned tensors)."""
+    tests/test_plans.py checks the two keys agree on real aligned tensors)."""
     key = []
     for v in args:
         if v is None or v.__class__ is int:
