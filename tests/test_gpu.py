@@ -306,6 +306,52 @@ def test_forward_plan_matches_plain_launch(shape, gs, nbg, is_rms, has_bias, dty
     assert ops._PLANS, "no plan was kept"
 
 
+@pytest.mark.parametrize(("shape", "gs", "nbg", "is_rms", "has_bias", "dtype", "z_layout"), [
+    ((8192, 128), 128, True, True, False, torch.bfloat16, "rows"),
+    ((4, 1000, 128), 64, True, True, True, torch.bfloat16, "rows"),
+    ((2049, 5120), 640, False, True, False, torch.bfloat16, "strided"),
+    ((333, 2048), 2048, True, False, True, torch.float16, "none"),
+    ((300, 20000), 10000, True, True, True, torch.bfloat16, "rows"),        # wide groups: zeroed partial rows
+])
+def test_backward_plan_matches_plain_launch(shape, gs, nbg, is_rms, has_bias, dtype, z_layout):
+    """Differentiable calls through the eager plan (GatedNormFunction with launch.ForwardPlan / BackwardPlan):
+    y and dx, dz, dweight, dbias equal launch.forward / launch.backward's bit for bit on the same tensors, and
+    the backward went through the plan (its launch counter moves), for two values of M."""
+    tk = _tk()
+    from gatednorm.backends.base import GradsNeeded
+
+    n = shape[-1]
+    spec = NormSpec(EPS, gs, nbg, is_rms, "swish")
+    for rows in (shape[:-1], (shape[0] + 17, *shape[1:-1])):
+        full = (*rows, n)
+        g = torch.Generator(device="cuda").manual_seed(sum(full) + 1)
+        x = torch.randn(full, generator=g, device="cuda").to(dtype)
+        wide = torch.randn((*rows, 3 * n), generator=g, device="cuda").to(dtype)
+        z = {"rows": torch.randn(full, generator=g, device="cuda").to(dtype), "strided": wide[..., n:2 * n],
+             "none": None}[z_layout]
+        w = (1 + 0.1 * torch.randn(n, generator=g, device="cuda")).to(dtype)
+        b = (0.1 * torch.randn(n, generator=g, device="cuda")).to(dtype) if has_bias else None
+        dy = torch.randn(full, generator=g, device="cuda").to(dtype)
+        for _call in range(2):  # the first call of a variant compiles through the plain path
+            leaves = [None if t is None else t.detach().clone().requires_grad_() for t in (x, w, b, z)]
+            xl, wl, bl, zl = leaves
+            before = tk.planned_backward_launches
+            y = gatednorm.layernorm_fn(xl, wl, bl, zl, EPS, gs, nbg, is_rms, backend="triton")
+            y.backward(dy)
+        assert tk.planned_backward_launches == before + 1, "the backward did not go through the plan"
+        x2d, z2d = x.reshape(-1, n), (None if z is None else z.reshape(-1, n))
+        pdl = x.numel() < tk.PDL_MAX_ELEMENTS and tk.pdl_supported(x.device)
+        out = torch.empty_like(x2d)
+        mean, rstd = tk.forward(x2d, w, b, z2d, spec, out, pdl=pdl)
+        needs = GradsNeeded(True, z is not None, True, has_bias)
+        ref = tk.backward(dy.reshape(-1, n), x2d, w, b, z2d, mean, rstd, spec, *needs, pdl=pdl)
+        assert torch.equal(y.detach().reshape(-1, n), out)
+        for got, want in zip((xl.grad, None if zl is None else zl.grad, wl.grad, None if bl is None else bl.grad),
+                             ref, strict=True):
+            assert (got is None) == (want is None)
+            assert got is None or torch.equal(got.reshape(want.shape), want)
+
+
 @pytest.mark.parametrize("is_rms", [False, True])
 @pytest.mark.parametrize("gs", [64, 10000])
 @pytest.mark.parametrize(("scale", "eps"), [(3e37, 1e-6), (1e25, 0.0), (1e-30, 0.0)])

@@ -134,18 +134,49 @@ def test_plans_follow_the_environment_and_the_registry(monkeypatch):
         assert len(rec.seen) == 2, "a plan outlived the override it resolved"
 
 
-def test_autograd_meta_and_empty_calls_take_the_full_path():
-    """Plans serve inference only: with inputs that require grad the result is differentiable; meta and
-    empty batches keep their shapes-only handling."""
+def _full_path_grads(x, w, b, z, eps, gs, nbg, is_rms, dy):
+    """y and the gradients of the unplanned computation (prepare, then gated_norm_rows under autograd)."""
+    leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in (x, w, b, z)]
+    xl, wl, bl, zl = leaves
+    call = gatednorm.spec.prepare(xl, wl, bl, zl, eps, gs, nbg, is_rms, "swish", regroup_heads=True)
+    y = ops.gated_norm_rows(call.x2d, call.weight, call.bias, call.z2d, call.spec, backend="native")[0].view_as(xl)
+    y.backward(dy)
+    return y.detach(), [None if t is None else t.grad for t in leaves]
+
+
+@pytest.mark.parametrize(("shape", "gs", "nbg", "is_rms", "bias"), [
+    ((23, 64), 16, True, True, False),
+    ((2, 7, 96), 32, False, False, True),
+])
+def test_differentiable_planned_calls_equal_the_full_path(shape, gs, nbg, is_rms, bias, count_prepare):
+    """With inputs that require grad, a repeated call runs GatedNormFunction with the plan deciding both
+    directions (no argument checks run): y and every gradient equal the full path's bits."""
+    n = shape[-1]
+    m = int(torch.tensor(shape[:-1]).prod())
+    x, z, w, b = make_inputs(m, n, torch.float32, bias=bias, seed=m)
+    x, z = x.view(shape), z.view(shape)
+    dy = torch.randn(shape, generator=torch.Generator().manual_seed(7))
+    ref_y, ref_grads = _full_path_grads(x, w, b, z, 1e-5, gs, nbg, is_rms, dy)
+    for call in range(2):
+        leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in (x, w, b, z)]
+        xl, wl, bl, zl = leaves
+        count_prepare.clear()
+        y = gatednorm.layernorm_fn(xl, wl, bl, zl, 1e-5, gs, nbg, is_rms)
+        assert call == 0 or count_prepare == [], "a repeated differentiable call ran the argument checks"
+        y.backward(dy)
+        assert torch.equal(y.detach(), ref_y)
+        for got, ref in zip([None if t is None else t.grad for t in leaves], ref_grads, strict=True):
+            assert (got is None) == (ref is None) and (got is None or torch.equal(got, ref))
+    with pytest.raises(RuntimeError, match="double backward"):  # the plan keeps the Function's refusal
+        xl = x.detach().clone().requires_grad_()
+        y = gatednorm.layernorm_fn(xl, w, b, z, 1e-5, gs, nbg, is_rms)
+        (g,) = torch.autograd.grad(y, xl, dy, create_graph=True)
+        g.sum().backward()
+
+
+def test_meta_and_empty_calls_take_the_full_path():
+    """Meta tensors and empty batches keep their shapes-only handling (no plan serves them)."""
     x, z, w, b = make_inputs(5, 32, torch.float32, seed=5)
-    for _ in range(2):
-        with torch.no_grad():
-            y0 = gatednorm.layernorm_fn(x, w, b, z, group_size=16)
-    xg = x.clone().requires_grad_()
-    y = gatednorm.layernorm_fn(xg, w, b, z, group_size=16)
-    assert y.requires_grad and torch.equal(y.detach(), y0)
-    y.sum().backward()
-    assert xg.grad is not None and torch.isfinite(xg.grad).all()
     for _ in range(2):
         ym = gatednorm.layernorm_fn(x.to("meta"), w.to("meta"), b.to("meta"), z.to("meta"), group_size=16)
         assert ym.shape == x.shape and ym.is_meta

@@ -492,11 +492,17 @@ class GatedNormFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, z, spec, backend, out_dtype=None):
-        out, mean, rstd = _run_forward(x, weight, bias, z, spec, backend, out_dtype)
+    def forward(ctx, x, weight, bias, z, spec, backend, out_dtype=None, plan=None):
+        # plan: the call's _EagerPlan (eager calls whose signature ran before), whose decisions replace the
+        # per-call ones in both directions; None: the full path.
+        if plan is not None:
+            out, mean, rstd = plan.forward_rows(x, weight, bias, z)
+        else:
+            out, mean, rstd = _run_forward(x, weight, bias, z, spec, backend, out_dtype)
         ctx.save_for_backward(x, weight, bias, z, mean, rstd)
         ctx.spec = spec
         ctx.backend = backend
+        ctx.plan = plan
         if mean is None:
             ctx.mark_non_differentiable(rstd)
         else:
@@ -514,13 +520,16 @@ class GatedNormFunction(torch.autograd.Function):
                 "gatednorm does not support double backward (create_graph=True / higher-order gradients)"
             )
         if dy is None:  # only mean/rstd were used downstream: no gradient flows
-            return None, None, None, None, None, None, None
+            return None, None, None, None, None, None, None, None
         x, weight, bias, z, mean, rstd = ctx.saved_tensors
+        needs = _NEEDS[ctx.needs_input_grad[:4]]
         # dy has the output's dtype, which may differ from x's (a float32 residual sum normalised into
         # bf16): backends read dy in its own dtype and return dx in x's.
-        dx, dz, dw, db = _run_backward(dy, x, weight, bias, z, mean, rstd, ctx.spec, ctx.backend,
-                                       _NEEDS[ctx.needs_input_grad[:4]])
-        return dx, dw, db, dz, None, None, None
+        if ctx.plan is not None and not _compiling():  # compiled autograd traces backward_op instead
+            dx, dz, dw, db = ctx.plan.backward_rows(dy, x, weight, bias, z, mean, rstd, needs)
+        else:
+            dx, dz, dw, db = _run_backward(dy, x, weight, bias, z, mean, rstd, ctx.spec, ctx.backend, needs)
+        return dx, dw, db, dz, None, None, None, None
 
 
 # Function.apply's Python wrapper (torch/autograd/function.py) costs about 1.8 us of every call, most of it
@@ -538,12 +547,12 @@ except AttributeError:  # pragma: no cover - a torch whose internals moved
     _C_APPLY = None
 
 
-def _autograd_apply(x, weight, bias, z, spec: NormSpec, backend: str, out_dtype: torch.dtype | None):
+def _autograd_apply(x, weight, bias, z, spec: NormSpec, backend: str, out_dtype: torch.dtype | None, plan=None):
     """``GatedNormFunction.apply(...)``, without the wrapper's cost where it adds nothing."""
     if _C_APPLY is None or _compiling() or _functorch_active():
-        return GatedNormFunction.apply(x, weight, bias, z, spec, backend, out_dtype)
+        return GatedNormFunction.apply(x, weight, bias, z, spec, backend, out_dtype, plan)
     return _C_APPLY(_unwrap_if_dead(x), _unwrap_if_dead(weight), None if bias is None else _unwrap_if_dead(bias),
-                    None if z is None else _unwrap_if_dead(z), spec, backend, out_dtype)
+                    None if z is None else _unwrap_if_dead(z), spec, backend, out_dtype, plan)
 
 
 # ---------------------------------------------------------------------------
@@ -611,29 +620,47 @@ def _param_signature(t: torch.Tensor | None) -> tuple | None:
 
 
 class _EagerPlan:
-    """The checked call of one signature: its NormSpec, the backend that serves it and that backend's own
-    plan (:class:`~gatednorm.backends.base.PlannedBackend`), if any."""
+    """The checked call of one signature: its NormSpec, the backend that serves it (``name``, ``impl``) and that
+    backend's own forward and backward plans (:class:`~gatednorm.backends.base.PlannedBackend`), if any."""
 
-    __slots__ = ("impl", "spec", "launch", "n", "flatten")
+    __slots__ = ("name", "impl", "spec", "launch", "backward_launch", "n", "flatten")
 
-    def __init__(self, impl: Backend, spec: NormSpec, launch: Callable[..., tuple | None] | None, n: int,
-                 flatten: bool) -> None:
-        self.impl, self.spec, self.launch, self.n, self.flatten = impl, spec, launch, n, flatten
+    def __init__(self, name: str, impl: Backend, spec: NormSpec, launch: Callable[..., tuple | None] | None,
+                 backward_launch: Callable[..., Grads | None] | None, n: int, flatten: bool) -> None:
+        self.name, self.impl, self.spec, self.launch, self.backward_launch = name, impl, spec, launch, backward_launch
+        self.n, self.flatten = n, flatten
 
-    def __call__(self, x, weight, bias, z, stats: bool):
+    def forward_rows(self, x, weight, bias, z, stats: bool = True):
+        """(y, mean | None, rstd) of x's rows (x of the signature, M > 0), y in x's shape: the backend's plan,
+        or what _forward_eager does for these rows."""
         if self.launch is not None:
             done = self.launch(x, weight, bias, z)
             if done is not None:
                 return done
-        # what _forward_eager does for these rows (prepare's (M, N) views; M > 0 checked by the caller)
-        x2d = x.reshape(-1, self.n) if self.flatten else x
-        z2d = z.reshape(-1, self.n) if self.flatten and z is not None else z
+        x2d = x.reshape(-1, self.n) if x.dim() != 2 else x
+        z2d = z.reshape(-1, self.n) if z is not None and z.dim() != 2 else z
         forward_output = None if stats else getattr(self.impl, "forward_output", None)
         if forward_output is not None:
             y, mean, rstd = forward_output(x2d, weight, bias, z2d, self.spec), None, None
         else:
             y = _new_rows(x2d)
             mean, rstd = self.impl.forward(x2d, weight, bias, z2d, self.spec, y)
+        return (y if x2d is x else y.view_as(x)), mean, rstd
+
+    def backward_rows(self, dy, x, weight, bias, z, mean, rstd, needs: GradsNeeded) -> Grads:
+        """(dx, dz, dweight, dbias) of the forward's saved (M, N) rows: the backend's plan, or its backward."""
+        if self.backward_launch is not None:
+            done = self.backward_launch(dy, x, weight, bias, z, mean, rstd, needs)
+            if done is not None:
+                return done
+        return self.impl.backward(dy, x, weight, bias, z, mean, rstd, self.spec, needs)
+
+    def autograd(self, x, weight, bias, z):
+        """(y in x's shape, mean | None, rstd), differentiable: GatedNormFunction on the (M, N) views, as
+        gated_norm_rows runs it, with this plan deciding both directions."""
+        x2d = x.reshape(-1, self.n) if self.flatten else x
+        z2d = z.reshape(-1, self.n) if self.flatten and z is not None else z
+        y, mean, rstd = _autograd_apply(x2d, weight, bias, z2d, self.spec, self.name, None, self)
         return (y.view_as(x) if self.flatten else y), mean, rstd
 
 
@@ -648,20 +675,24 @@ def _plan_for(x, weight, bias, z, eps, group_size, norm_before_gate, is_rms_norm
     impl = _impl_for(name, call.x2d)
     planner = getattr(impl, "plan_forward", None)
     launch = None if planner is None else planner(x, weight, bias, z, call.spec)
-    return _EagerPlan(impl, call.spec, launch, x.shape[-1], x.dim() != 2)
+    planner = getattr(impl, "plan_backward", None)
+    backward_launch = None if planner is None else planner(x, weight, bias, z, call.spec)
+    return _EagerPlan(name, impl, call.spec, launch, backward_launch, x.shape[-1], x.dim() != 2)
 
 
 def planned_forward(x, weight, bias, z, eps, group_size, norm_before_gate, is_rms_norm, activation,
                     backend: str | None, stats: bool = True):
-    """``(y in x's shape, mean | None, rstd)`` of an eager inference call, through its signature's plan; or
-    None, with nothing done, where the caller must take the full path: autograd, torch.compile tracing, a
-    functorch transform, an empty batch, a signature plans do not serve. ``stats=False``: the caller
+    """``(y in x's shape, mean | None, rstd)`` of an eager call, through its signature's plan (differentiable
+    when an input requires grad: GatedNormFunction with the plan deciding forward and backward); or None,
+    with nothing done, where the caller must take the full path: torch.compile tracing, a functorch
+    transform, an empty batch, a signature plans do not serve. ``stats=False``: the caller
     discards mean and rstd (which may then be None). Raises what :func:`gatednorm.spec.prepare` and
     :func:`resolve_backend` raise for a bad call the first time its signature is seen."""
     try:
-        if (_compiling() or x.__class__ is not torch.Tensor or x.dim() == 0 or x.numel() == 0
-                or needs_autograd(x, weight, bias, z) or _C_APPLY is None or _functorch_active()):
+        if (_compiling() or x.__class__ is not torch.Tensor or x.dim() == 0 or x.numel() == 0 or _C_APPLY is None
+                or _functorch_active()):
             return None
+        differentiable = needs_autograd(x, weight, bias, z)
         key = (_rows_signature(x), x.shape[-1], _rows_signature(z), _param_signature(weight),
                _param_signature(bias), eps, group_size, norm_before_gate, is_rms_norm, activation, backend,
                eps.__class__, group_size.__class__, norm_before_gate.__class__, is_rms_norm.__class__,
@@ -676,7 +707,9 @@ def planned_forward(x, weight, bias, z, eps, group_size, norm_before_gate, is_rm
         _PLANS[key] = plan
     if plan is _NO_PLAN or (z is not None and z.shape != x.shape):
         return None
-    return plan(x, weight, bias, z, stats)
+    if differentiable:
+        return plan.autograd(x, weight, bias, z)
+    return plan.forward_rows(x, weight, bias, z, stats)
 
 
 def residual_sum(x2d: torch.Tensor, residual2d: torch.Tensor) -> torch.Tensor:

@@ -541,16 +541,22 @@ def plan_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     """A :class:`ForwardPlan` for the signature of these tensors, or None where :func:`forward` would not
     take its one-kernel path through the cached launcher: not a CUDA tensor, the fast launch off, the flat
     program order, rows that are not 2-D with unit feature stride or contiguous, strided parameters."""
-    if not (fast and _FAST_LAUNCH and x.device.type == "cuda"):
-        return None
-    for t in (x, z):
-        if t is not None and (t.stride(-1) != 1 or not (t.dim() == 2 or t.is_contiguous())):
-            return None
-    if weight.stride(-1) != 1 or (bias is not None and bias.stride(-1) != 1):
-        return None
-    if _fwd_config(spec.group_size, x.element_size())[4] == ORDER_FLAT:
+    if not _plannable(x, weight, bias, z, spec, fast):
         return None
     return ForwardPlan(x, weight, bias, z, spec, rescue_kernel_min_elements, pdl)
+
+
+def _plannable(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, z: torch.Tensor | None,
+               spec: NormSpec, fast: bool) -> bool:
+    """Whether the plans serve this signature (see :func:`plan_forward`)."""
+    if not (fast and _FAST_LAUNCH and x.device.type == "cuda"):
+        return False
+    for t in (x, z):
+        if t is not None and (t.stride(-1) != 1 or not (t.dim() == 2 or t.is_contiguous())):
+            return False
+    if weight.stride(-1) != 1 or (bias is not None and bias.stride(-1) != 1):
+        return False
+    return _fwd_config(spec.group_size, x.element_size())[4] != ORDER_FLAT
 
 
 @functools.cache
@@ -642,11 +648,8 @@ def backward(
         bwd_kernel, (groups, progs, 1) if groups_fastest else (progs, groups, 1),
         (dy, x, z, weight, bias, mean, rstd, dx, dz, dw_part, db_part,
          m, dy.stride(0), x.stride(0), z.stride(0) if z is not None else 0, n, n, n),
-        # GS, BLOCK, ROWS, NUM_CHUNKS, HAS_Z, HAS_BIAS, NORM_BEFORE_GATE, IS_RMS, SIGMOID_GATE, NEED_DX..NEED_DB,
-        # BF16_BY_BITS, USE_PDL, GROUPS_FASTEST
-        (gs, block, rows, chunks, z is not None, bias is not None, spec.norm_before_gate, spec.is_rms_norm,
-         spec.activation == "sigmoid", needs_dx, needs_dz, needs_dweight, needs_dbias, _INTERPRET, pdl,
-         groups_fastest),
+        _bwd_kernel_constexprs(gs, block, rows, chunks, spec, z is not None, bias is not None,
+                               GradsNeeded(needs_dx, needs_dz, needs_dweight, needs_dbias), pdl, groups_fastest),
         warps, dev, fast, pdl,
     )
     dw = db = None
@@ -662,6 +665,143 @@ def backward(
             sum_warps, dev, fast, pdl,
         )
     return dx, dz, dw, db
+
+
+def _bwd_kernel_constexprs(gs: int, block: int, rows: int, chunks: int, spec: NormSpec, has_z: bool,
+                           has_bias: bool, needs: GradsNeeded, pdl: bool, groups_fastest: bool) -> tuple:
+    """bwd_kernel's constexprs in signature order (GS, BLOCK, ROWS, NUM_CHUNKS, HAS_Z, HAS_BIAS, NORM_BEFORE_GATE,
+    IS_RMS, SIGMOID_GATE, NEED_DX, NEED_DZ, NEED_DW, NEED_DB, BF16_BY_BITS, USE_PDL, GROUPS_FASTEST): one place,
+    for :func:`backward` and :class:`BackwardPlan`."""
+    return (gs, block, rows, chunks, has_z, has_bias, spec.norm_before_gate, spec.is_rms_norm,
+            spec.activation == "sigmoid", *needs, _INTERPRET, pdl, groups_fastest)
+
+
+#: Backward launches made through a :class:`BackwardPlan` (a diagnostic for benchmarks and tests).
+planned_backward_launches = 0
+
+
+class BackwardPlan:
+    """The backward launches (bwd_kernel, then sum_partials_kernel for dweight / dbias) of one call signature,
+    decided once, as :class:`ForwardPlan` does for the forward: the same compiled kernels, grids and arguments
+    as :func:`backward` (tests/test_gpu.py::test_backward_plan_matches_plain_launch).
+
+    Called with the forward's saved (M, N) rows x and z (2-D, of the signature), the parameters, mean and rstd
+    and dy (M, N), it returns ``(dx, dz, dweight, dbias)`` (None where not asked for), or None, having
+    written nothing, where it does not serve the call: dy not of y's dtype or without unit stride along
+    features, an address not 16-byte aligned, x's GPU not current, a Triton launch hook that takes metadata,
+    a kernel variant no plain launch has compiled yet.
+    """
+
+    __slots__ = ("n", "gs", "groups", "block", "chunks", "rows", "warps", "per_sm", "groups_fastest_order", "device",
+                 "index", "pdl", "pdl_ok", "spec", "has_z", "has_bias", "dtypes", "x_stride", "z_stride",
+                 "partials", "variants")
+
+    def __init__(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, z: torch.Tensor | None,
+                 spec: NormSpec, pdl: bool | None) -> None:
+        n = x.shape[-1]
+        self.n, self.gs, self.groups = n, spec.group_size, n // spec.group_size
+        self.block, self.chunks, self.rows, self.warps, self.per_sm, self.groups_fastest_order = _bwd_config(
+            spec.group_size, x.element_size())
+        self.device = x.device
+        self.index = x.device.index if x.device.index is not None else torch.cuda.current_device()
+        self.pdl, self.pdl_ok = pdl, pdl_supported(x.device)
+        self.spec, self.has_z, self.has_bias = spec, z is not None, bias is not None
+        # x, z, weight, bias dtypes (dy has x's: y's dtype, as the Function's forward wrote it)
+        self.dtypes = (x.dtype, None if z is None else z.dtype, weight.dtype, None if bias is None else bias.dtype)
+        self.x_stride = x.stride(0) if x.dim() == 2 else n
+        self.z_stride = 0 if z is None else (z.stride(0) if z.dim() == 2 else n)
+        self.partials = _partials_config(n)
+        #: (M == 1, M % 16 == 0, dy's row stride's class, programs == 1, programs % 16 == 0, needs, USE_PDL,
+        #: GROUPS_FASTEST) -> (bwd_kernel's cached entry, sum_partials_kernel's or None)
+        self.variants: dict[tuple, tuple] = {}
+
+    def _entries(self, variant: tuple, m: int, dy_stride: int, progs: int, needs: GradsNeeded, pdl: bool,
+                 groups_fastest: bool) -> tuple | None:
+        """The launchers :func:`_launch` cached for this variant (None: one is not compiled yet)."""
+        x_dt, z_dt, w_dt, b_dt = self.dtypes
+        f32 = torch.float32
+        need_part = needs.dweight or needs.dbias
+        spec = _aligned_spec((x_dt, x_dt, z_dt, w_dt, b_dt, None if self.spec.is_rms_norm else f32, f32,
+                              x_dt if needs.dx else None, z_dt if needs.dz else None, f32 if needs.dweight else None,
+                              f32 if needs.dbias else None, m, dy_stride, self.x_stride, self.z_stride, self.n,
+                              self.n, self.n))
+        constexprs = _bwd_kernel_constexprs(self.gs, self.block, self.rows, self.chunks, self.spec, self.has_z,
+                                            self.has_bias, needs, pdl, groups_fastest)
+        bwd = _COMPILED.get((bwd_kernel, self.index, self.warps, pdl, constexprs, spec))
+        if bwd is None:
+            return None
+        part = None
+        if need_part:
+            block_p, block_n, sum_warps = self.partials
+            part_spec = _aligned_spec((f32 if needs.dweight else None, f32 if needs.dbias else None,
+                                       w_dt if needs.dweight else None, b_dt if needs.dbias else None, progs, self.n))
+            part = _COMPILED.get((sum_partials_kernel, self.index, sum_warps, pdl,
+                                  (block_p, block_n, needs.dweight, needs.dbias, _INTERPRET, pdl), part_spec))
+            if part is None:
+                return None
+        self.variants[variant] = (bwd, part)
+        return bwd, part
+
+    def __call__(self, dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                 z: torch.Tensor | None, mean: torch.Tensor | None, rstd: torch.Tensor,
+                 needs: GradsNeeded) -> Grads | None:
+        m, n = x.shape
+        if m == 0 or m >= 2**31 or dy.dtype != x.dtype or dy.stride(-1) != 1:
+            return None
+        dy_stride = dy.stride(0)
+        pdl = self.pdl if self.pdl is not None else (m * n < PDL_MAX_ELEMENTS and self.pdl_ok)
+        progs = _bwd_programs(m, self.rows, self.groups, self.device, self.per_sm)
+        groups_fastest = self.groups_fastest_order and self.groups > 1 and progs <= MAX_GRID_Y
+        variant = (m == 1, not m & 15, dy_stride == 1, not dy_stride & 15, -(2**31) <= dy_stride < 2**31,
+                   progs == 1, not progs & 15, needs, pdl, groups_fastest)
+        entries = self.variants.get(variant) or self._entries(variant, m, dy_stride, progs, needs, pdl,
+                                                               groups_fastest)
+        hooks = triton.knobs.runtime
+        enter, leave = hooks.launch_enter_hook, hooks.launch_exit_hook
+        if (entries is None or self.index != _current_cuda_device()
+                or (enter is not None and getattr(enter, "calls", True))):
+            return None
+        contiguous = torch.contiguous_format
+        dx = torch.empty_like(x, memory_format=contiguous) if needs.dx else None
+        dz = torch.empty_like(z, memory_format=contiguous) if needs.dz else None
+        alloc = torch.zeros if self.chunks > 1 else torch.empty  # wide groups accumulate into their partial row
+        dw_part = alloc((progs, n), dtype=torch.float32, device=self.device) if needs.dweight else None
+        db_part = alloc((progs, n), dtype=torch.float32, device=self.device) if needs.dbias else None
+        dw = torch.empty_like(weight, memory_format=contiguous) if needs.dweight else None
+        db = torch.empty_like(bias, memory_format=contiguous) if needs.dbias else None
+        tensors = (dy, x, z, weight, bias, mean, rstd, dx, dz, dw_part, db_part, dw, db)
+        ptrs = [None if t is None else t.data_ptr() for t in tensors]
+        aligned = 0
+        for p in ptrs:
+            if p is not None:
+                aligned |= p
+        if aligned & 15:
+            return None
+        global planned_backward_launches
+        planned_backward_launches += 1
+        (_, _, function, packed, direct, cooperative, pdl_flag), part = entries
+        grid0, grid1 = (self.groups, progs) if groups_fastest else (progs, self.groups)
+        stream = torch._C._cuda_getCurrentRawStream(self.index)
+        constexprs = _bwd_kernel_constexprs(self.gs, self.block, self.rows, self.chunks, self.spec, self.has_z,
+                                            self.has_bias, needs, pdl, groups_fastest)
+        ints = (m, dy_stride, self.x_stride, self.z_stride, n, n, n)
+        if direct is not None:
+            direct(grid0, grid1, 1, stream, function, cooperative, pdl_flag, None, None, packed, None, enter, leave,
+                   *ptrs[:11], *ints, *constexprs)
+        else:
+            entries[0][1](grid0, grid1, 1, stream, function, packed, None, enter, leave, *tensors[:11], *ints,
+                          *constexprs)
+        if part is not None:
+            block_p, block_n, _ = self.partials
+            _, run, function, packed, direct, cooperative, pdl_flag = part
+            sum_constexprs = (block_p, block_n, needs.dweight, needs.dbias, _INTERPRET, pdl)
+            if direct is not None:
+                direct(-(-n // block_n), 1, 1, stream, function, cooperative, pdl_flag, None, None, packed, None,
+                       enter, leave, ptrs[9], ptrs[10], ptrs[11], ptrs[12], progs, n, *sum_constexprs)
+            else:
+                run(-(-n // block_n), 1, 1, stream, function, packed, None, enter, leave, dw_part, db_part, dw, db,
+                    progs, n, *sum_constexprs)
+        return dx, dz, dw, db
 
 class TritonBackend:
     """The ``triton`` backend (CUDA GPUs; CPU tensors under ``TRITON_INTERPRET=1``).
@@ -695,6 +835,10 @@ class TritonBackend:
 
     def plan_forward(self, x, weight, bias, z, spec: NormSpec) -> ForwardPlan | None:
         return plan_forward(x, weight, bias, z, spec, self.rescue_kernel_min_elements, self.pdl, self.fast_launch)
+
+    def plan_backward(self, x, weight, bias, z, spec: NormSpec) -> BackwardPlan | None:
+        return BackwardPlan(x, weight, bias, z, spec, self.pdl) if _plannable(x, weight, bias, z, spec,
+                                                                             self.fast_launch) else None
 
     def forward_residual(self, x, residual, weight, bias, z, spec: NormSpec, out, residual_out):
         return _on_device_of(x, forward, x, weight, bias, z, spec, out, self.rescue_kernel_min_elements,
