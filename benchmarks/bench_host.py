@@ -191,6 +191,17 @@ def build_cases(device: torch.device, shape: tuple[int, int], dtype: torch.dtype
     return forward, both
 
 
+def triton_launch_counts() -> dict[str, int]:
+    """The triton backend's launch counters (gatednorm.backends.triton.launch): launches through a forward plan,
+    a backward plan, and the cached launcher of the plain path; {} where the counters do not exist."""
+    try:
+        from gatednorm.backends.triton import launch
+    except ImportError:
+        return {}
+    names = ("planned_launches", "planned_backward_launches", "fast_launches")
+    return {name: getattr(launch, name) for name in names if hasattr(launch, name)}
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -239,9 +250,13 @@ def main(argv: list[str] | None = None) -> dict:
     for r in rows:
         print(f"{r['case']:<{width}}  {r['us_per_call']:9.2f}  {r['ratio']:6.2f}  {r['ratio_to']}")
 
+    launches = triton_launch_counts() if resolved == "triton" else {}
+    if launches:  # which launch path the timed calls took (eager plans, the cached launcher)
+        print("triton launches during the run: " + ", ".join(f"{k} {v}" for k, v in launches.items()))
     result = {"device": str(device), "backend": backend, "resolved_backend": resolved, "shape": args.shape,
               "dtype": args.dtype, "group_size": args.group_size, "calls": args.calls, "repeats": args.repeats,
-              "torch": torch.__version__, "python": platform.python_version(), "rows": rows}
+              "torch": torch.__version__, "python": platform.python_version(), "rows": rows,
+              "triton_launches": launches}
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)

@@ -251,10 +251,25 @@ def test_launch_modes_give_the_same_bits(m, n, gs, nbg, is_rms, has_bias):
         assert any(entry[4] is not None for entry in tk._COMPILED.values()), "no launch took the direct path"
 
 
+def _plan_inputs(rows, n, dtype, z_layout, has_bias, seed):
+    """(x, z, w, b, dy) on the GPU for the plan tests: x and dy of shape (*rows, n); z of x's shape ("rows"), a
+    slice of a wider projection ("strided") or None ("none")."""
+    full = (*rows, n)
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    x = torch.randn(full, generator=g, device="cuda").to(dtype)
+    wide = torch.randn((*rows, 3 * n), generator=g, device="cuda").to(dtype)
+    z = {"rows": torch.randn(full, generator=g, device="cuda").to(dtype), "strided": wide[..., n:2 * n],
+         "none": None}[z_layout]
+    w = (1 + 0.1 * torch.randn(n, generator=g, device="cuda")).to(dtype)
+    b = (0.1 * torch.randn(n, generator=g, device="cuda")).to(dtype) if has_bias else None
+    return x, z, w, b, torch.randn(full, generator=g, device="cuda").to(dtype)
+
+
 @pytest.mark.parametrize(("shape", "gs", "nbg", "is_rms", "has_bias", "dtype", "z_layout"), [
     ((8192, 128), 128, True, True, False, torch.bfloat16, "rows"),
     ((4, 1000, 128), 64, True, True, False, torch.bfloat16, "rows"),        # 3-D contiguous, 64 | 4000 rows
     ((2049, 5120), 640, False, True, False, torch.bfloat16, "strided"),     # z a slice of a wider projection
+    ((4097, 5120), 640, False, True, False, torch.bfloat16, "rows"),        # >= 2^24 elements: rescue_kernel after
     ((333, 2048), 2048, True, False, True, torch.float16, "none"),
     ((1, 3072), 96, False, False, True, torch.float32, "rows"),             # M = 1: its own kernel variant
     ((300, 20000), 10000, True, True, True, torch.bfloat16, "rows"),        # wide groups, chunked
@@ -270,14 +285,7 @@ def test_forward_plan_matches_plain_launch(shape, gs, nbg, is_rms, has_bias, dty
     n = shape[-1]
     spec = NormSpec(EPS, gs, nbg, is_rms, "swish")
     for rows in (shape[:-1], (shape[0] + 17, *shape[1:-1]), shape[:-1]):
-        full = (*rows, n)
-        g = torch.Generator(device="cuda").manual_seed(sum(full))
-        x = torch.randn(full, generator=g, device="cuda").to(dtype)
-        wide = torch.randn((*rows, 3 * n), generator=g, device="cuda").to(dtype)
-        z = {"rows": torch.randn(full, generator=g, device="cuda").to(dtype), "strided": wide[..., n:2 * n],
-             "none": None}[z_layout]
-        w = (1 + 0.1 * torch.randn(n, generator=g, device="cuda")).to(dtype)
-        b = (0.1 * torch.randn(n, generator=g, device="cuda")).to(dtype) if has_bias else None
+        x, z, w, b, _ = _plan_inputs(rows, n, dtype, z_layout, has_bias, seed=sum(rows))
         args = (x, w, b, EPS)
         kw = dict(z=z, group_size=gs, norm_before_gate=nbg, is_rms_norm=is_rms, backend="triton")
         with torch.no_grad():
@@ -323,15 +331,7 @@ def test_backward_plan_matches_plain_launch(shape, gs, nbg, is_rms, has_bias, dt
     n = shape[-1]
     spec = NormSpec(EPS, gs, nbg, is_rms, "swish")
     for rows in (shape[:-1], (shape[0] + 17, *shape[1:-1])):
-        full = (*rows, n)
-        g = torch.Generator(device="cuda").manual_seed(sum(full) + 1)
-        x = torch.randn(full, generator=g, device="cuda").to(dtype)
-        wide = torch.randn((*rows, 3 * n), generator=g, device="cuda").to(dtype)
-        z = {"rows": torch.randn(full, generator=g, device="cuda").to(dtype), "strided": wide[..., n:2 * n],
-             "none": None}[z_layout]
-        w = (1 + 0.1 * torch.randn(n, generator=g, device="cuda")).to(dtype)
-        b = (0.1 * torch.randn(n, generator=g, device="cuda")).to(dtype) if has_bias else None
-        dy = torch.randn(full, generator=g, device="cuda").to(dtype)
+        x, z, w, b, dy = _plan_inputs(rows, n, dtype, z_layout, has_bias, seed=sum(rows) + 1)
         for _call in range(2):  # the first call of a variant compiles through the plain path
             leaves = [None if t is None else t.detach().clone().requires_grad_() for t in (x, w, b, z)]
             xl, wl, bl, zl = leaves

@@ -594,7 +594,7 @@ def gated_norm_rows(
 # ---------------------------------------------------------------------------
 # Eager plans (docs/design.md, "Eager plans")
 # ---------------------------------------------------------------------------
-# Most of an inference call's host time goes to decisions that depend on its signature only: the argument
+# Most of an eager call's host time goes to decisions that depend on its signature only: the argument
 # checks (spec.prepare), the backend (resolve_backend, the registry), and in the backend the launch shape and
 # the compiled kernel. A plan keeps them per signature, so a repeated call builds one key, looks it up and
 # runs. The key holds everything those decisions read except M (a serving batch changes M on every call, and

@@ -431,29 +431,29 @@ planned_launches = 0
 
 
 class ForwardPlan:
-    """The forward launch of one call signature, decided once (docs/design.md, "Eager plans").
+    """The forward launches of one call signature, decided once (docs/design.md, "Eager plans").
 
     A signature is what :func:`forward` decides from: the dtypes and devices of x, z, weight and bias, N,
     the row strides of x and z (2-D tensors, unit stride along features; or contiguous ones of any rank,
     rows of N), the NormSpec and the backend's options. Everything but M is fixed by it, so the launch
     shape, the constexprs and the argument list are worked out here, and a call only allocates the
-    outputs, reads the addresses and calls the launcher that :func:`_launch` cached for the same key:
-    the same compiled kernel, grid and arguments as :func:`forward`, hence the same bits
-    (tests/test_gpu.py::test_forward_plan_matches_plain_launch).
+    outputs, reads the addresses and calls the launchers that :func:`_launch` cached for the same keys:
+    fwd_kernel, and rescue_kernel after it for calls of at least ``rescue_kernel_min_elements`` elements
+    (the range rescue as a second kernel, as :func:`forward` runs it). The same compiled kernels, grids and
+    arguments as :func:`forward`, hence the same bits (tests/test_gpu.py::test_forward_plan_matches_plain_launch).
 
     Calling it with tensors of the signature returns ``(y, mean | None, rstd)``, y new and in x's shape
-    and dtype, or None, having written nothing, where the plan does not serve the call: M = 0, calls that
-    run the range rescue as a second kernel (at least ``rescue_kernel_min_elements`` elements), an
-    address not 16-byte aligned, x's GPU not the current device, a Triton launch hook that takes metadata, or a
-    kernel variant (M = 1, M divisible by 16, PDL, program order) that no plain launch has compiled yet.
-    The caller then takes the plain path, which compiles it.
+    and dtype, or None, having written nothing, where the plan does not serve the call: M = 0, an address
+    not 16-byte aligned, x's GPU not the current device, a Triton launch hook that takes metadata, or a
+    kernel variant (M = 1, M divisible by 16, PDL, program order, rescue in the kernel or after it) that
+    no plain launch has compiled yet. The caller then takes the plain path, which compiles it.
     """
 
-    __slots__ = ("n", "groups", "rows", "warps", "device", "index", "pdl", "pdl_ok", "rescue_min", "fixed_args",
-                 "eps", "groups_fastest", "is_rms", "constexprs", "arg_dtypes", "variants", "key_base")
+    __slots__ = ("n", "groups", "rows", "warps", "device", "index", "pdl", "pdl_ok", "rescue_min", "scan_rows",
+                 "fixed_args", "is_rms", "groups_fastest", "constexprs", "arg_dtypes", "variants")
 
     def __init__(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, z: torch.Tensor | None,
-                 spec: NormSpec, rescue_kernel_min_elements: int, pdl: bool | None) -> None:
+                 spec: NormSpec, rescue_kernel_min_elements: int, rescue_scan_rows: int, pdl: bool | None) -> None:
         n = x.shape[-1]
         gs = spec.group_size
         block, chunks, rows, warps, order = _fwd_config(gs, x.element_size())
@@ -461,15 +461,17 @@ class ForwardPlan:
         self.device = x.device
         self.index = x.device.index if x.device.index is not None else torch.cuda.current_device()
         self.pdl, self.pdl_ok = pdl, pdl_supported(x.device)
-        # Calls this large run the rescue as a second kernel (forward's rescue_after): the plain path.
+        # forward's rescue_after: wide groups (several chunks) always rescue inside the kernel
         self.rescue_min = rescue_kernel_min_elements if chunks == 1 else 1 << 62
-        self.eps = spec.eps
+        self.scan_rows = rescue_scan_rows
         self.is_rms = spec.is_rms_norm
         self.groups_fastest = order == ORDER_GROUPS_FASTEST and self.groups > 1
         flags = _fwd_flags(spec, z is not None, bias is not None)
-        #: (USE_PDL, GROUPS_FASTEST) -> fwd_kernel's constexprs (the range rescue in the kernel, no residual)
-        self.constexprs = {(p, g): _fwd_kernel_constexprs(gs, block, rows, chunks, flags, True, p, g, False, False)
-                           for p in (False, True) for g in (False, True)}
+        #: (USE_PDL, GROUPS_FASTEST, rescue after) -> (fwd_kernel's constexprs, rescue_kernel's or None), no residual
+        self.constexprs = {
+            (p, g, after): (_fwd_kernel_constexprs(gs, block, rows, chunks, flags, not after, p, g, False, False),
+                            (gs, block, rescue_scan_rows, *flags, p, False) if after else None)
+            for p in (False, True) for g in (False, True) for after in (False, True)}
         row_stride = x.stride(0) if x.dim() == 2 else n
         z_stride = 0 if z is None else (z.stride(0) if z.dim() == 2 else n)
         # the runtime arguments after m: x, z and y's row strides (no residual), eps; forward's order
@@ -477,37 +479,41 @@ class ForwardPlan:
         f32 = torch.float32
         self.arg_dtypes = (x.dtype, None, None if z is None else z.dtype, weight.dtype,
                            None if bias is None else bias.dtype, x.dtype, None, None if self.is_rms else f32, f32)
-        self.key_base = (fwd_kernel, self.index, warps)
-        #: (M == 1, M % 16 == 0, USE_PDL, GROUPS_FASTEST) -> _launch's cached entry
-        self.variants: dict[tuple[bool, bool, bool, bool], tuple] = {}
+        #: (M == 1, M % 16 == 0, USE_PDL, GROUPS_FASTEST, rescue after) -> _launch's cached entries
+        self.variants: dict[tuple[bool, ...], tuple] = {}
 
-    def _entry(self, variant: tuple[bool, bool, bool, bool], m: int) -> tuple | None:
-        """The launcher :func:`_launch` cached for this variant (None: not compiled yet)."""
-        _, _, pdl, groups_fastest = variant
-        kernel, index, warps = self.key_base
+    def _entries(self, variant: tuple[bool, ...], m: int) -> tuple | None:
+        """The launchers :func:`_launch` cached for this variant (None: one is not compiled yet)."""
+        _, _, pdl, groups_fastest, after = variant
         spec = _aligned_spec((*self.arg_dtypes, m, *self.fixed_args))
-        entry = _COMPILED.get((kernel, index, warps, pdl, self.constexprs[(pdl, groups_fastest)], spec))
-        if entry is not None:
-            self.variants[variant] = entry
-        return entry
+        fwd_constexprs, rescue_constexprs = self.constexprs[(pdl, groups_fastest, after)]
+        fwd = _COMPILED.get((fwd_kernel, self.index, self.warps, pdl, fwd_constexprs, spec))
+        rescue = None
+        if after:
+            rescue = _COMPILED.get((rescue_kernel, self.index, self.warps, pdl, rescue_constexprs, spec))
+        if fwd is None or (after and rescue is None):
+            return None
+        self.variants[variant] = (fwd, rescue)
+        return fwd, rescue
 
     def __call__(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                  z: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor] | None:
         n = self.n
         numel = x.numel()
         m = numel // n
-        if m == 0 or numel >= self.rescue_min or m >= 2**31:
+        if m == 0 or m >= 2**31:
             return None
         pdl = self.pdl if self.pdl is not None else (numel < PDL_MAX_ELEMENTS and self.pdl_ok)
         tiles = -(-m // self.rows)
         groups_fastest = self.groups_fastest and tiles <= MAX_GRID_Y
-        variant = (m == 1, not m & 15, pdl, groups_fastest)
-        entry = self.variants.get(variant) or self._entry(variant, m)
+        after = numel >= self.rescue_min
+        variant = (m == 1, not m & 15, pdl, groups_fastest, after)
+        entries = self.variants.get(variant) or self._entries(variant, m)
         # Triton's launch hooks as _launch passes them; one that wants launch metadata (a profiler such as
         # proton has hooked in) sends the call to _launch, which builds the metadata from the tensors.
         hooks = triton.knobs.runtime
         enter, leave = hooks.launch_enter_hook, hooks.launch_exit_hook
-        if (entry is None or self.index != _current_cuda_device()
+        if (entries is None or self.index != _current_cuda_device()
                 or (enter is not None and getattr(enter, "calls", True))):
             return None
         y = torch.empty_like(x, memory_format=torch.contiguous_format)
@@ -522,28 +528,34 @@ class ForwardPlan:
             return None
         global planned_launches
         planned_launches += 1
-        compiled, run, function, packed, direct, cooperative, pdl_flag = entry
-        grid0, grid1 = (self.groups, tiles) if groups_fastest else (tiles, self.groups)
-        constexprs = self.constexprs[(pdl, groups_fastest)]
+        fwd_constexprs, rescue_constexprs = self.constexprs[(pdl, groups_fastest, after)]
         stream = torch._C._cuda_getCurrentRawStream(self.index)
-        if direct is not None:
-            direct(grid0, grid1, 1, stream, function, cooperative, pdl_flag, None, None, packed, None, enter, leave,
-                   xp, None, zp or None, wp, bp or None, yp, None, mp or None, rp, m, *self.fixed_args, *constexprs)
-        else:
-            run(grid0, grid1, 1, stream, function, packed, None, enter, leave, x, None, z, weight, bias, y, None,
-                mean, rstd, m, *self.fixed_args, *constexprs)
+        pointers = (xp, None, zp or None, wp, bp or None, yp, None, mp or None, rp)
+        tensors = (x, None, z, weight, bias, y, None, mean, rstd)
+        grids = [((self.groups, tiles) if groups_fastest else (tiles, self.groups), entries[0], fwd_constexprs)]
+        if after:  # rescue_kernel: the forward's arguments and warps, a program per SCAN rows of a group
+            grids.append(((-(-m // self.scan_rows), self.groups), entries[1], rescue_constexprs))
+        for (grid0, grid1), entry, constexprs in grids:
+            _, run, function, packed, direct, cooperative, pdl_flag = entry
+            if direct is not None:
+                direct(grid0, grid1, 1, stream, function, cooperative, pdl_flag, None, None, packed, None, enter,
+                       leave, *pointers, m, *self.fixed_args, *constexprs)
+            else:
+                run(grid0, grid1, 1, stream, function, packed, None, enter, leave, *tensors, m, *self.fixed_args,
+                    *constexprs)
         return y, mean, rstd
 
 
 def plan_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, z: torch.Tensor | None,
                  spec: NormSpec, rescue_kernel_min_elements: int = RESCUE_KERNEL_MIN_ELEMENTS,
-                 pdl: bool | None = None, fast: bool = True) -> ForwardPlan | None:
+                 rescue_scan_rows: int = RESCUE_SCAN_ROWS, pdl: bool | None = None,
+                 fast: bool = True) -> ForwardPlan | None:
     """A :class:`ForwardPlan` for the signature of these tensors, or None where :func:`forward` would not
     take its one-kernel path through the cached launcher: not a CUDA tensor, the fast launch off, the flat
     program order, rows that are not 2-D with unit feature stride or contiguous, strided parameters."""
     if not _plannable(x, weight, bias, z, spec, fast):
         return None
-    return ForwardPlan(x, weight, bias, z, spec, rescue_kernel_min_elements, pdl)
+    return ForwardPlan(x, weight, bias, z, spec, rescue_kernel_min_elements, rescue_scan_rows, pdl)
 
 
 def _plannable(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, z: torch.Tensor | None,
@@ -834,7 +846,8 @@ class TritonBackend:
                              self.rescue_scan_rows, fast=self.fast_launch, pdl=self._pdl(x))
 
     def plan_forward(self, x, weight, bias, z, spec: NormSpec) -> ForwardPlan | None:
-        return plan_forward(x, weight, bias, z, spec, self.rescue_kernel_min_elements, self.pdl, self.fast_launch)
+        return plan_forward(x, weight, bias, z, spec, self.rescue_kernel_min_elements, self.rescue_scan_rows,
+                            self.pdl, self.fast_launch)
 
     def plan_backward(self, x, weight, bias, z, spec: NormSpec) -> BackwardPlan | None:
         return BackwardPlan(x, weight, bias, z, spec, self.pdl) if _plannable(x, weight, bias, z, spec,
