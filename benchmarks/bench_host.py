@@ -192,14 +192,14 @@ def build_cases(device: torch.device, shape: tuple[int, int], dtype: torch.dtype
 
 
 def triton_launch_counts() -> dict[str, int]:
-    """The triton backend's launch counters (gatednorm.backends.triton.launch): launches through a forward plan,
-    a backward plan, and the cached launcher of the plain path; {} where the counters do not exist."""
+    """The triton backend's launch counters: launches through a forward plan, a backward plan
+    (gatednorm.backends.triton.plans), and the cached launcher of the plain path (.launch); {} without them."""
     try:
-        from gatednorm.backends.triton import launch
+        from gatednorm.backends.triton import launch, plans
     except ImportError:
         return {}
-    names = ("planned_launches", "planned_backward_launches", "fast_launches")
-    return {name: getattr(launch, name) for name in names if hasattr(launch, name)}
+    counters = {"planned_launches": plans, "planned_backward_launches": plans, "fast_launches": launch}
+    return {name: getattr(module, name) for name, module in counters.items() if hasattr(module, name)}
 
 
 def main(argv: list[str] | None = None) -> dict:

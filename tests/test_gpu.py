@@ -275,12 +275,13 @@ def _plan_inputs(rows, n, dtype, z_layout, has_bias, seed):
     ((300, 20000), 10000, True, True, True, torch.bfloat16, "rows"),        # wide groups, chunked
 ])
 def test_forward_plan_matches_plain_launch(shape, gs, nbg, is_rms, has_bias, dtype, z_layout):
-    """The eager plan (ops.planned_forward -> launch.ForwardPlan) launches the kernel the plain launch compiled,
+    """The eager plan (ops.planned_forward -> plans.ForwardPlan) launches the kernel the plain launch compiled,
     with the same grid and arguments: y, mean and rstd equal launch.forward's bit for bit, through the plan
     (its launch counter moves), on calls with other M (the plan is per signature, not per M), and on a
     misaligned x, which the plan hands back to the plain path."""
     tk = _tk()
     from gatednorm import ops
+    from gatednorm.backends.triton import plans
 
     n = shape[-1]
     spec = NormSpec(EPS, gs, nbg, is_rms, "swish")
@@ -290,9 +291,9 @@ def test_forward_plan_matches_plain_launch(shape, gs, nbg, is_rms, has_bias, dty
         kw = dict(z=z, group_size=gs, norm_before_gate=nbg, is_rms_norm=is_rms, backend="triton")
         with torch.no_grad():
             gatednorm.layer_norm_fwd(*args, **kw)  # the plain path compiles this M's variant
-            before = tk.planned_launches
+            before = plans.planned_launches
             y, mean, rstd = gatednorm.layer_norm_fwd(*args, **kw)
-            assert tk.planned_launches == before + 1, "the call did not go through the plan"
+            assert plans.planned_launches == before + 1, "the call did not go through the plan"
             y_fn = gatednorm.layernorm_fn(x, w, b, z, EPS, gs, nbg, is_rms, backend="triton")
         x2d, z2d = x.reshape(-1, n), (None if z is None else z.reshape(-1, n))
         out = torch.empty_like(x2d)
@@ -307,9 +308,9 @@ def test_forward_plan_matches_plain_launch(shape, gs, nbg, is_rms, has_bias, dty
         x = base[:, 1:]
         kw2 = dict(kw, z=None if z_layout == "none" else torch.randn_like(x))
         with torch.no_grad():
-            before = tk.planned_launches
+            before = plans.planned_launches
             y, _, rstd = gatednorm.layer_norm_fwd(x, w, b, EPS, **kw2)
-            assert tk.planned_launches == before
+            assert plans.planned_launches == before
         assert torch.equal(y, gatednorm.layer_norm_fwd(x.contiguous(), w, b, EPS, **kw2)[0])
     assert ops._PLANS, "no plan was kept"
 
@@ -322,11 +323,12 @@ def test_forward_plan_matches_plain_launch(shape, gs, nbg, is_rms, has_bias, dty
     ((300, 20000), 10000, True, True, True, torch.bfloat16, "rows"),        # wide groups: zeroed partial rows
 ])
 def test_backward_plan_matches_plain_launch(shape, gs, nbg, is_rms, has_bias, dtype, z_layout):
-    """Differentiable calls through the eager plan (GatedNormFunction with launch.ForwardPlan / BackwardPlan):
+    """Differentiable calls through the eager plan (GatedNormFunction with plans.ForwardPlan / BackwardPlan):
     y and dx, dz, dweight, dbias equal launch.forward / launch.backward's bit for bit on the same tensors, and
     the backward went through the plan (its launch counter moves), for two values of M."""
     tk = _tk()
     from gatednorm.backends.base import GradsNeeded
+    from gatednorm.backends.triton import plans
 
     n = shape[-1]
     spec = NormSpec(EPS, gs, nbg, is_rms, "swish")
@@ -335,10 +337,10 @@ def test_backward_plan_matches_plain_launch(shape, gs, nbg, is_rms, has_bias, dt
         for _call in range(2):  # the first call of a variant compiles through the plain path
             leaves = [None if t is None else t.detach().clone().requires_grad_() for t in (x, w, b, z)]
             xl, wl, bl, zl = leaves
-            before = tk.planned_backward_launches
+            before = plans.planned_backward_launches
             y = gatednorm.layernorm_fn(xl, wl, bl, zl, EPS, gs, nbg, is_rms, backend="triton")
             y.backward(dy)
-        assert tk.planned_backward_launches == before + 1, "the backward did not go through the plan"
+        assert plans.planned_backward_launches == before + 1, "the backward did not go through the plan"
         x2d, z2d = x.reshape(-1, n), (None if z is None else z.reshape(-1, n))
         pdl = x.numel() < tk.PDL_MAX_ELEMENTS and tk.pdl_supported(x.device)
         out = torch.empty_like(x2d)

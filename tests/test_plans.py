@@ -13,6 +13,7 @@ from helpers import RecordingBackend, make_inputs
 import gatednorm
 import gatednorm.functional as functional
 from gatednorm import ops
+from gatednorm.backends.base import GradsNeeded
 from gatednorm.backends.native_cpu import NativeCPUBackend
 
 
@@ -197,6 +198,8 @@ def test_triton_plan_key_is_the_launch_key():
     """The triton plan finds the launcher the plain launch cached by rebuilding its key with every tensor
     taken as 16-byte aligned; on aligned tensors the two keys agree (ints, None, floats alike)."""
     launch = pytest.importorskip("gatednorm.backends.triton.launch")
+    from gatednorm.backends.triton import plans
+
     x = torch.randn(40, 64, dtype=torch.bfloat16)
     rstd = torch.empty(40, dtype=torch.float32)
     for m in (1, 16, 40, 2**31):
@@ -204,5 +207,86 @@ def test_triton_plan_key_is_the_launch_key():
         proto = (x.dtype, None, x.dtype, x.dtype, None, x.dtype, None, None, torch.float32, m, 64, 0, 64, 64, 0,
                  1e-6)
         assert all(t is None or isinstance(t, (int, float)) or t.data_ptr() % 16 == 0 for t in args)
-        assert launch._aligned_spec(proto) == launch._spec_key(args)[0]
-    assert launch.plan_forward(x, x[0], None, x, gatednorm.spec.NormSpec(1e-6, 64, True, True, "swish")) is None
+        assert plans._aligned_spec(proto) == launch._spec_key(args)[0]
+    assert plans.plan_forward(x, x[0], None, x, gatednorm.spec.NormSpec(1e-6, 64, True, True, "swish")) is None
+
+
+@pytest.fixture
+def recorded_launches(monkeypatch):
+    """The triton plans against the plain launch, without a GPU: launch._launch is replaced by a recorder that
+    files, under the key the real _launch would use (index 0), a fake launcher recording what a plan passes it;
+    the CUDA calls a plan makes are stubbed. A plan that finds its launcher built the plain launch's key."""
+    launch = pytest.importorskip("gatednorm.backends.triton.launch")
+    from gatednorm.backends.triton import plans
+
+    calls = []
+
+    def fake_launch(kernel, grid, args, constexprs, num_warps, dev, fast=True, pdl=False):
+        spec, values = launch._spec_key(args)
+        calls.append(("plain", kernel, tuple(grid), values, tuple(constexprs)))
+
+        def direct(g0, g1, g2, stream, function, cooperative, pdl_flag, gscratch, pscratch, packed, meta, enter,
+                   leave, *rest):
+            calls.append(("plan", kernel, (g0, g1, g2), list(rest[:len(args)]), tuple(rest[len(args):])))
+
+        monkeypatch.setitem(launch._COMPILED, (kernel, 0, num_warps, pdl, tuple(constexprs), spec),
+                            (None, None, "function", "packed", direct, 0, int(pdl)))
+
+    monkeypatch.setattr(launch, "_launch", fake_launch)
+    monkeypatch.setattr(plans, "_current_cuda_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch._C, "_cuda_getCurrentRawStream", lambda index: 0, raising=False)
+    return launch, plans, calls
+
+
+def _same_launch(plain, planned, fresh):
+    """A plain launch and a planned one: the same kernel, grid, constexprs and arguments, except the addresses
+    of the outputs each allocates itself (positions ``fresh``), which must still be both present or both None."""
+    assert plain[0] == "plain" and planned[0] == "plan"
+    assert plain[1] is planned[1] and plain[2] == planned[2] and plain[4] == planned[4]
+    assert len(plain[3]) == len(planned[3])
+    for i, (a, b) in enumerate(zip(plain[3], planned[3], strict=True)):
+        if i in fresh:
+            assert (a is None) == (b is None), i
+        else:
+            assert a == b and a.__class__ is b.__class__, i
+
+
+@pytest.mark.parametrize(("m", "n", "gs", "is_rms", "bias", "gate", "threshold"), [
+    (40, 128, 128, True, False, True, 1 << 24),
+    (17, 96, 32, False, True, True, 1 << 24),       # LayerNorm: mean too
+    (33, 64, 64, True, False, False, 1024),        # past the threshold: rescue_kernel after fwd_kernel
+    (5, 20000, 10000, True, True, True, 1 << 24),  # wide groups: chunks, partial rows zeroed
+])
+def test_triton_plans_launch_what_the_plain_launch_launches(recorded_launches, m, n, gs, is_rms, bias, gate,
+                                                             threshold):
+    """ForwardPlan / BackwardPlan against launch.forward / launch.backward on the same tensors: each launch of
+    the plain path is repeated by the plan with the same kernel, grid, constexprs, integers and input
+    addresses (checked on CPU with the launches recorded; tests/test_gpu.py runs both on a GPU, bit for bit)."""
+    launch, plans, calls = recorded_launches
+    x, z, w, b = make_inputs(m, n, torch.bfloat16, bias=bias, gate=gate, seed=m)
+    spec = gatednorm.spec.NormSpec(1e-6, gs, True, is_rms, "swish")
+    fplan = plans.ForwardPlan(x, w, b, z, spec, threshold, 16, False)
+    bplan = plans.BackwardPlan(x, w, b, z, spec, False)
+
+    launch.forward(x, w, b, z, spec, torch.empty_like(x), threshold, 16, pdl=False)
+    plain = list(calls)
+    calls.clear()
+    y, mean, rstd = fplan(x, w, b, z)
+    chunks = launch._fwd_config(gs, x.element_size())[1]
+    assert len(plain) == len(calls) == (2 if m * n >= threshold and chunks == 1 else 1)
+    for a, c in zip(plain, calls, strict=True):
+        _same_launch(a, c, fresh={5, 7, 8})  # y, mean, rstd
+    assert y.shape == x.shape and (mean is None) == is_rms and rstd.shape == (n // gs * m,)
+
+    calls.clear()
+    dy = torch.randn_like(x)
+    needs = GradsNeeded(True, gate, True, bias)
+    launch.backward(dy, x, w, b, z, mean, rstd, spec, *needs, pdl=False)
+    plain = list(calls)
+    calls.clear()
+    grads = bplan(dy, x, w, b, z, mean, rstd, needs)
+    assert grads is not None and len(plain) == len(calls) == 2
+    _same_launch(plain[0], calls[0], fresh={7, 8, 9, 10})  # dx, dz, the partial rows
+    _same_launch(plain[1], calls[1], fresh={0, 1, 2, 3})  # the partial rows, dweight, dbias
+    assert [g is not None for g in grads] == list(needs)

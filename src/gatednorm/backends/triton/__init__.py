@@ -1,4 +1,5 @@
-"""The triton backend: fused forward/backward kernels (:mod:`.kernels`) and their launcher (:mod:`.launch`).
+"""The triton backend: fused forward/backward kernels (:mod:`.kernels`), their launcher (:mod:`.launch`) and
+the launches decided once per call signature (:mod:`.plans`, eager plans).
 
 Importing this package imports Triton; :mod:`gatednorm.ops` does so only when the backend is asked for.
 """

@@ -1,0 +1,332 @@
+"""Eager plans of the triton backend: the forward and backward launches of one call signature, decided once.
+
+:mod:`gatednorm.ops` keeps a plan per call signature (docs/design.md, "Eager plans") and asks the backend for
+its launch plans there (``TritonBackend.plan_forward`` / ``plan_backward``). A :class:`ForwardPlan` or
+:class:`BackwardPlan` works out, from the signature alone, what :func:`.launch.forward` and
+:func:`.launch.backward` decide on every call (launch shapes, grids, constexprs, argument lists), and at a call
+finds the launchers :func:`.launch._launch` cached for the same keys: the same compiled kernels with the same
+arguments, so the same bits (tests/test_gpu.py), for a fraction of the host time.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+
+from ...spec import NormSpec
+from ..base import Grads, GradsNeeded
+from .kernels import bwd_kernel, fwd_kernel, rescue_kernel, sum_partials_kernel
+from .launch import (
+    _COMPILED,
+    _FAST_LAUNCH,
+    _INTERPRET,
+    MAX_GRID_Y,
+    ORDER_FLAT,
+    ORDER_GROUPS_FASTEST,
+    PDL_MAX_ELEMENTS,
+    RESCUE_KERNEL_MIN_ELEMENTS,
+    RESCUE_SCAN_ROWS,
+    _bwd_config,
+    _bwd_kernel_constexprs,
+    _bwd_programs,
+    _current_cuda_device,
+    _fwd_config,
+    _fwd_flags,
+    _fwd_kernel_constexprs,
+    _partials_config,
+    pdl_supported,
+)
+
+
+def _aligned_spec(args: tuple) -> tuple:
+    """:func:`_spec_key`'s key for runtime arguments given as they will be at launch, except that each tensor
+    is given by its dtype and stands for one at a 16-byte aligned address (what a :class:`ForwardPlan` serves;
+    tests/test_plans.py checks the two keys agree on real aligned tensors)."""
+    key = []
+    for v in args:
+        if v is None or v.__class__ is int:
+            key.append(v if v is None else (v == 1, not v & 15, -(2**31) <= v < 2**31))
+        elif isinstance(v, torch.dtype):
+            key.append((v, True))
+        else:  # bool, float
+            key.append(v.__class__)
+    return tuple(key)
+
+
+#: Forward launches made through a :class:`ForwardPlan` (a diagnostic for benchmarks and tests).
+planned_launches = 0
+
+
+class ForwardPlan:
+    """The forward launches of one call signature, decided once (docs/design.md, "Eager plans").
+
+    A signature is what :func:`forward` decides from: the dtypes and devices of x, z, weight and bias, N,
+    the row strides of x and z (2-D tensors, unit stride along features; or contiguous ones of any rank,
+    rows of N), the NormSpec and the backend's options. Everything but M is fixed by it, so the launch
+    shape, the constexprs and the argument list are worked out here, and a call only allocates the
+    outputs, reads the addresses and calls the launchers that :func:`_launch` cached for the same keys:
+    fwd_kernel, and rescue_kernel after it for calls of at least ``rescue_kernel_min_elements`` elements
+    (the range rescue as a second kernel, as :func:`forward` runs it). The same compiled kernels, grids and
+    arguments as :func:`forward`, hence the same bits (tests/test_gpu.py::test_forward_plan_matches_plain_launch).
+
+    Calling it with tensors of the signature returns ``(y, mean | None, rstd)``, y new and in x's shape
+    and dtype, or None, having written nothing, where the plan does not serve the call: M = 0, an address
+    not 16-byte aligned, x's GPU not the current device, a Triton launch hook that takes metadata, or a
+    kernel variant (M = 1, M divisible by 16, PDL, program order, rescue in the kernel or after it) that
+    no plain launch has compiled yet. The caller then takes the plain path, which compiles it.
+    """
+
+    __slots__ = ("n", "groups", "rows", "warps", "device", "index", "pdl", "pdl_ok", "rescue_min", "scan_rows",
+                 "fixed_args", "is_rms", "groups_fastest", "constexprs", "arg_dtypes", "variants")
+
+    def __init__(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, z: torch.Tensor | None,
+                 spec: NormSpec, rescue_kernel_min_elements: int, rescue_scan_rows: int, pdl: bool | None) -> None:
+        n = x.shape[-1]
+        gs = spec.group_size
+        block, chunks, rows, warps, order = _fwd_config(gs, x.element_size())
+        self.n, self.groups, self.rows, self.warps = n, n // gs, rows, warps
+        self.device = x.device
+        self.index = x.device.index if x.device.index is not None else torch.cuda.current_device()
+        self.pdl, self.pdl_ok = pdl, pdl_supported(x.device)
+        # forward's rescue_after: wide groups (several chunks) always rescue inside the kernel
+        self.rescue_min = rescue_kernel_min_elements if chunks == 1 else 1 << 62
+        self.scan_rows = rescue_scan_rows
+        self.is_rms = spec.is_rms_norm
+        self.groups_fastest = order == ORDER_GROUPS_FASTEST and self.groups > 1
+        flags = _fwd_flags(spec, z is not None, bias is not None)
+        #: (USE_PDL, GROUPS_FASTEST, rescue after) -> (fwd_kernel's constexprs, rescue_kernel's or None), no residual
+        self.constexprs = {
+            (p, g, after): (_fwd_kernel_constexprs(gs, block, rows, chunks, flags, not after, p, g, False, False),
+                            (gs, block, rescue_scan_rows, *flags, p, False) if after else None)
+            for p in (False, True) for g in (False, True) for after in (False, True)}
+        row_stride = x.stride(0) if x.dim() == 2 else n
+        z_stride = 0 if z is None else (z.stride(0) if z.dim() == 2 else n)
+        # the runtime arguments after m: x, z and y's row strides (no residual), eps; forward's order
+        self.fixed_args = (row_stride, 0, z_stride, n, 0, spec.eps)
+        f32 = torch.float32
+        self.arg_dtypes = (x.dtype, None, None if z is None else z.dtype, weight.dtype,
+                           None if bias is None else bias.dtype, x.dtype, None, None if self.is_rms else f32, f32)
+        #: (M == 1, M % 16 == 0, USE_PDL, GROUPS_FASTEST, rescue after) -> _launch's cached entries
+        self.variants: dict[tuple[bool, ...], tuple] = {}
+
+    def _entries(self, variant: tuple[bool, ...], m: int) -> tuple | None:
+        """The launchers :func:`_launch` cached for this variant (None: one is not compiled yet)."""
+        _, _, pdl, groups_fastest, after = variant
+        spec = _aligned_spec((*self.arg_dtypes, m, *self.fixed_args))
+        fwd_constexprs, rescue_constexprs = self.constexprs[(pdl, groups_fastest, after)]
+        fwd = _COMPILED.get((fwd_kernel, self.index, self.warps, pdl, fwd_constexprs, spec))
+        rescue = None
+        if after:
+            rescue = _COMPILED.get((rescue_kernel, self.index, self.warps, pdl, rescue_constexprs, spec))
+        if fwd is None or (after and rescue is None):
+            return None
+        self.variants[variant] = (fwd, rescue)
+        return fwd, rescue
+
+    def __call__(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                 z: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor] | None:
+        n = self.n
+        numel = x.numel()
+        m = numel // n
+        if m == 0 or m >= 2**31:
+            return None
+        pdl = self.pdl if self.pdl is not None else (numel < PDL_MAX_ELEMENTS and self.pdl_ok)
+        tiles = -(-m // self.rows)
+        groups_fastest = self.groups_fastest and tiles <= MAX_GRID_Y
+        after = numel >= self.rescue_min
+        variant = (m == 1, not m & 15, pdl, groups_fastest, after)
+        entries = self.variants.get(variant) or self._entries(variant, m)
+        # Triton's launch hooks as _launch passes them; one that wants launch metadata (a profiler such as
+        # proton has hooked in) sends the call to _launch, which builds the metadata from the tensors.
+        hooks = triton.knobs.runtime
+        enter, leave = hooks.launch_enter_hook, hooks.launch_exit_hook
+        if (entries is None or self.index != _current_cuda_device()
+                or (enter is not None and getattr(enter, "calls", True))):
+            return None
+        y = torch.empty_like(x, memory_format=torch.contiguous_format)
+        stats = self.groups * m
+        rstd = torch.empty(stats, dtype=torch.float32, device=self.device)
+        mean = None if self.is_rms else torch.empty(stats, dtype=torch.float32, device=self.device)
+        xp, wp, yp, rp = x.data_ptr(), weight.data_ptr(), y.data_ptr(), rstd.data_ptr()
+        zp = 0 if z is None else z.data_ptr()
+        bp = 0 if bias is None else bias.data_ptr()
+        mp = 0 if mean is None else mean.data_ptr()
+        if (xp | wp | yp | rp | zp | bp | mp) & 15:
+            return None
+        global planned_launches
+        planned_launches += 1
+        fwd_constexprs, rescue_constexprs = self.constexprs[(pdl, groups_fastest, after)]
+        stream = torch._C._cuda_getCurrentRawStream(self.index)
+        pointers = (xp, None, zp or None, wp, bp or None, yp, None, mp or None, rp)
+        tensors = (x, None, z, weight, bias, y, None, mean, rstd)
+        grids = [((self.groups, tiles) if groups_fastest else (tiles, self.groups), entries[0], fwd_constexprs)]
+        if after:  # rescue_kernel: the forward's arguments and warps, a program per SCAN rows of a group
+            grids.append(((-(-m // self.scan_rows), self.groups), entries[1], rescue_constexprs))
+        for (grid0, grid1), entry, constexprs in grids:
+            _, run, function, packed, direct, cooperative, pdl_flag = entry
+            if direct is not None:
+                direct(grid0, grid1, 1, stream, function, cooperative, pdl_flag, None, None, packed, None, enter,
+                       leave, *pointers, m, *self.fixed_args, *constexprs)
+            else:
+                run(grid0, grid1, 1, stream, function, packed, None, enter, leave, *tensors, m, *self.fixed_args,
+                    *constexprs)
+        return y, mean, rstd
+
+
+def plan_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, z: torch.Tensor | None,
+                 spec: NormSpec, rescue_kernel_min_elements: int = RESCUE_KERNEL_MIN_ELEMENTS,
+                 rescue_scan_rows: int = RESCUE_SCAN_ROWS, pdl: bool | None = None,
+                 fast: bool = True) -> ForwardPlan | None:
+    """A :class:`ForwardPlan` for the signature of these tensors, or None where :func:`forward` would not
+    take its one-kernel path through the cached launcher: not a CUDA tensor, the fast launch off, the flat
+    program order, rows that are not 2-D with unit feature stride or contiguous, strided parameters."""
+    if not _plannable(x, weight, bias, z, spec, fast):
+        return None
+    return ForwardPlan(x, weight, bias, z, spec, rescue_kernel_min_elements, rescue_scan_rows, pdl)
+
+
+def _plannable(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, z: torch.Tensor | None,
+               spec: NormSpec, fast: bool) -> bool:
+    """Whether the plans serve this signature (see :func:`plan_forward`)."""
+    if not (fast and _FAST_LAUNCH and x.device.type == "cuda"):
+        return False
+    for t in (x, z):
+        if t is not None and (t.stride(-1) != 1 or not (t.dim() == 2 or t.is_contiguous())):
+            return False
+    if weight.stride(-1) != 1 or (bias is not None and bias.stride(-1) != 1):
+        return False
+    return _fwd_config(spec.group_size, x.element_size())[4] != ORDER_FLAT
+
+
+def plan_backward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, z: torch.Tensor | None,
+                  spec: NormSpec, pdl: bool | None = None, fast: bool = True) -> BackwardPlan | None:
+    """A :class:`BackwardPlan` for the signature of these tensors (those :func:`plan_forward` serves), else None."""
+    return BackwardPlan(x, weight, bias, z, spec, pdl) if _plannable(x, weight, bias, z, spec, fast) else None
+
+
+#: Backward launches made through a :class:`BackwardPlan` (a diagnostic for benchmarks and tests).
+planned_backward_launches = 0
+
+
+class BackwardPlan:
+    """The backward launches (bwd_kernel, then sum_partials_kernel for dweight / dbias) of one call signature,
+    decided once, as :class:`ForwardPlan` does for the forward: the same compiled kernels, grids and arguments
+    as :func:`backward` (tests/test_gpu.py::test_backward_plan_matches_plain_launch).
+
+    Called with the forward's saved (M, N) rows x and z (2-D, of the signature), the parameters, mean and rstd
+    and dy (M, N), it returns ``(dx, dz, dweight, dbias)`` (None where not asked for), or None, having
+    written nothing, where it does not serve the call: dy not of y's dtype or without unit stride along
+    features, an address not 16-byte aligned, x's GPU not current, a Triton launch hook that takes metadata,
+    a kernel variant no plain launch has compiled yet.
+    """
+
+    __slots__ = ("n", "gs", "groups", "block", "chunks", "rows", "warps", "per_sm", "groups_fastest_order", "device",
+                 "index", "pdl", "pdl_ok", "spec", "has_z", "has_bias", "dtypes", "x_stride", "z_stride",
+                 "partials", "variants")
+
+    def __init__(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, z: torch.Tensor | None,
+                 spec: NormSpec, pdl: bool | None) -> None:
+        n = x.shape[-1]
+        self.n, self.gs, self.groups = n, spec.group_size, n // spec.group_size
+        self.block, self.chunks, self.rows, self.warps, self.per_sm, self.groups_fastest_order = _bwd_config(
+            spec.group_size, x.element_size())
+        self.device = x.device
+        self.index = x.device.index if x.device.index is not None else torch.cuda.current_device()
+        self.pdl, self.pdl_ok = pdl, pdl_supported(x.device)
+        self.spec, self.has_z, self.has_bias = spec, z is not None, bias is not None
+        # x, z, weight, bias dtypes (dy has x's: y's dtype, as the Function's forward wrote it)
+        self.dtypes = (x.dtype, None if z is None else z.dtype, weight.dtype, None if bias is None else bias.dtype)
+        self.x_stride = x.stride(0) if x.dim() == 2 else n
+        self.z_stride = 0 if z is None else (z.stride(0) if z.dim() == 2 else n)
+        self.partials = _partials_config(n)
+        #: (M == 1, M % 16 == 0, dy's row stride's class, programs == 1, programs % 16 == 0, needs, USE_PDL,
+        #: GROUPS_FASTEST) -> (bwd_kernel's cached entry, sum_partials_kernel's or None)
+        self.variants: dict[tuple, tuple] = {}
+
+    def _entries(self, variant: tuple, m: int, dy_stride: int, progs: int, needs: GradsNeeded, pdl: bool,
+                 groups_fastest: bool) -> tuple | None:
+        """The launchers :func:`_launch` cached for this variant (None: one is not compiled yet)."""
+        x_dt, z_dt, w_dt, b_dt = self.dtypes
+        f32 = torch.float32
+        need_part = needs.dweight or needs.dbias
+        spec = _aligned_spec((x_dt, x_dt, z_dt, w_dt, b_dt, None if self.spec.is_rms_norm else f32, f32,
+                              x_dt if needs.dx else None, z_dt if needs.dz else None, f32 if needs.dweight else None,
+                              f32 if needs.dbias else None, m, dy_stride, self.x_stride, self.z_stride, self.n,
+                              self.n, self.n))
+        constexprs = _bwd_kernel_constexprs(self.gs, self.block, self.rows, self.chunks, self.spec, self.has_z,
+                                            self.has_bias, needs, pdl, groups_fastest)
+        bwd = _COMPILED.get((bwd_kernel, self.index, self.warps, pdl, constexprs, spec))
+        if bwd is None:
+            return None
+        part = None
+        if need_part:
+            block_p, block_n, sum_warps = self.partials
+            part_spec = _aligned_spec((f32 if needs.dweight else None, f32 if needs.dbias else None,
+                                       w_dt if needs.dweight else None, b_dt if needs.dbias else None, progs, self.n))
+            part = _COMPILED.get((sum_partials_kernel, self.index, sum_warps, pdl,
+                                  (block_p, block_n, needs.dweight, needs.dbias, _INTERPRET, pdl), part_spec))
+            if part is None:
+                return None
+        self.variants[variant] = (bwd, part)
+        return bwd, part
+
+    def __call__(self, dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                 z: torch.Tensor | None, mean: torch.Tensor | None, rstd: torch.Tensor,
+                 needs: GradsNeeded) -> Grads | None:
+        m, n = x.shape
+        if m == 0 or m >= 2**31 or dy.dtype != x.dtype or dy.stride(-1) != 1:
+            return None
+        dy_stride = dy.stride(0)
+        pdl = self.pdl if self.pdl is not None else (m * n < PDL_MAX_ELEMENTS and self.pdl_ok)
+        progs = _bwd_programs(m, self.rows, self.groups, self.device, self.per_sm)
+        groups_fastest = self.groups_fastest_order and self.groups > 1 and progs <= MAX_GRID_Y
+        variant = (m == 1, not m & 15, dy_stride == 1, not dy_stride & 15, -(2**31) <= dy_stride < 2**31,
+                   progs == 1, not progs & 15, needs, pdl, groups_fastest)
+        entries = self.variants.get(variant) or self._entries(variant, m, dy_stride, progs, needs, pdl,
+                                                               groups_fastest)
+        hooks = triton.knobs.runtime
+        enter, leave = hooks.launch_enter_hook, hooks.launch_exit_hook
+        if (entries is None or self.index != _current_cuda_device()
+                or (enter is not None and getattr(enter, "calls", True))):
+            return None
+        contiguous = torch.contiguous_format
+        dx = torch.empty_like(x, memory_format=contiguous) if needs.dx else None
+        dz = torch.empty_like(z, memory_format=contiguous) if needs.dz else None
+        alloc = torch.zeros if self.chunks > 1 else torch.empty  # wide groups accumulate into their partial row
+        dw_part = alloc((progs, n), dtype=torch.float32, device=self.device) if needs.dweight else None
+        db_part = alloc((progs, n), dtype=torch.float32, device=self.device) if needs.dbias else None
+        dw = torch.empty_like(weight, memory_format=contiguous) if needs.dweight else None
+        db = torch.empty_like(bias, memory_format=contiguous) if needs.dbias else None
+        tensors = (dy, x, z, weight, bias, mean, rstd, dx, dz, dw_part, db_part, dw, db)
+        ptrs = [None if t is None else t.data_ptr() for t in tensors]
+        aligned = 0
+        for p in ptrs:
+            if p is not None:
+                aligned |= p
+        if aligned & 15:
+            return None
+        global planned_backward_launches
+        planned_backward_launches += 1
+        (_, _, function, packed, direct, cooperative, pdl_flag), part = entries
+        grid0, grid1 = (self.groups, progs) if groups_fastest else (progs, self.groups)
+        stream = torch._C._cuda_getCurrentRawStream(self.index)
+        constexprs = _bwd_kernel_constexprs(self.gs, self.block, self.rows, self.chunks, self.spec, self.has_z,
+                                            self.has_bias, needs, pdl, groups_fastest)
+        ints = (m, dy_stride, self.x_stride, self.z_stride, n, n, n)
+        if direct is not None:
+            direct(grid0, grid1, 1, stream, function, cooperative, pdl_flag, None, None, packed, None, enter, leave,
+                   *ptrs[:11], *ints, *constexprs)
+        else:
+            entries[0][1](grid0, grid1, 1, stream, function, packed, None, enter, leave, *tensors[:11], *ints,
+                          *constexprs)
+        if part is not None:
+            block_p, block_n, _ = self.partials
+            _, run, function, packed, direct, cooperative, pdl_flag = part
+            sum_constexprs = (block_p, block_n, needs.dweight, needs.dbias, _INTERPRET, pdl)
+            if direct is not None:
+                direct(-(-n // block_n), 1, 1, stream, function, cooperative, pdl_flag, None, None, packed, None,
+                       enter, leave, ptrs[9], ptrs[10], ptrs[11], ptrs[12], progs, n, *sum_constexprs)
+            else:
+                run(-(-n // block_n), 1, 1, stream, function, packed, None, enter, leave, dw_part, db_part, dw, db,
+                    progs, n, *sum_constexprs)
+        return dx, dz, dw, db
