@@ -39,7 +39,7 @@ from .launch import (
 
 
 def _aligned_spec(args: tuple) -> tuple:
-    """:func:`_spec_key`'s key for runtime arguments given as they will be at launch, except that each tensor
+    """:func:`.launch._spec_key`'s key for runtime arguments given as they will be at launch, except that each tensor
     is given by its dtype and stands for one at a 16-byte aligned address (what a :class:`ForwardPlan` serves;
     tests/test_plans.py checks the two keys agree on real aligned tensors)."""
     key = []
