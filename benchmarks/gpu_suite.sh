@@ -11,6 +11,8 @@
 #                                          # shipped launch shape against float64 first), the benchmark,
 #                                          # then the ablation probe (more than one 10-minute device call:
 #                                          # split it, or set QUANT_TESTS_TIMEOUT lower)
+#   bash benchmarks/gpu_suite.sh host     # eager plans (issue 16, host time): their GPU tests, then host time
+#                                          # per call at 2048, 8192 and 65536 rows of 128 (bench_host.py)
 #   bash benchmarks/gpu_suite.sh ab BASE.. # GPU tests, then forward A/B against other versions of the
 #                                          # triton backend: old triton_kernels.py files or backends/triton
 #                                          # folders (see benchmarks/bench_triton_ab.py)
@@ -66,6 +68,15 @@ quant)
     python3 benchmarks/bench_gpu.py --quant --no-compile --quant-formats fp8_e4m3,fp8_e4m3:ue8m0,int8 \
         --out "$OUT" 2>&1 | tail -30
     python3 benchmarks/probe_quant_ablation.py --json "$OUT/quant_ablation.json" 2>&1 | tail -30
+    ;;
+host)
+    python3 -m pytest -q -p no:logging -W ignore -o addopts="" tests/test_gpu.py -k "plan or launch_modes" \
+        > "$OUT/plan_tests.log" 2>&1
+    echo "pytest exit $?" | tee -a "$OUT/plan_tests.log"; tail -3 "$OUT/plan_tests.log"
+    for rows in 2048 8192 65536; do
+        python3 benchmarks/bench_host.py --device cuda --shape "${rows}x128" --calls 1000 --repeats 5 \
+            --json "$OUT/host_${rows}x128.json" 2>&1 | tail -12
+    done
     ;;
 report)
     timeout 150 python3 benchmarks/bench_cpu.py --device cuda --no-memory --reps 9 --reps-bwd 5 \
