@@ -322,7 +322,11 @@ def _empty_stats(x: torch.Tensor, spec: NormSpec) -> tuple[torch.Tensor | None, 
 def _forward_eager(x, weight, bias, z, spec: NormSpec, backend: str, stats: bool = True):
     if _no_work(x):
         return (_new_rows(x), *_empty_stats(x, spec))
-    impl = _impl_for(backend, x)
+    return _forward_with(_impl_for(backend, x), x, weight, bias, z, spec, stats)
+
+
+def _forward_with(impl: Backend, x, weight, bias, z, spec: NormSpec, stats: bool):
+    """(out, mean | None, rstd) of non-empty rows from ``impl`` (the eager path and the eager plans')."""
     forward_output = None if stats else getattr(impl, "forward_output", None)
     if forward_output is not None:  # the caller discards the statistics (backends.base.OutputOnlyBackend)
         return forward_output(x, weight, bias, z, spec), None, None
@@ -639,12 +643,7 @@ class _EagerPlan:
                 return done
         x2d = x.reshape(-1, self.n) if x.dim() != 2 else x
         z2d = z.reshape(-1, self.n) if z is not None and z.dim() != 2 else z
-        forward_output = None if stats else getattr(self.impl, "forward_output", None)
-        if forward_output is not None:
-            y, mean, rstd = forward_output(x2d, weight, bias, z2d, self.spec), None, None
-        else:
-            y = _new_rows(x2d)
-            mean, rstd = self.impl.forward(x2d, weight, bias, z2d, self.spec, y)
+        y, mean, rstd = _forward_with(self.impl, x2d, weight, bias, z2d, self.spec, stats)
         return (y if x2d is x else y.view_as(x)), mean, rstd
 
     def backward_rows(self, dy, x, weight, bias, z, mean, rstd, needs: GradsNeeded) -> Grads:
