@@ -103,10 +103,10 @@ class FusedResidualBackend(Protocol):
 
 @runtime_checkable
 class PlannedBackend(Protocol):
-    """What a backend adds to cut the host time of repeated inference calls (docs/design.md, "Eager plans").
-    Optional: :mod:`gatednorm.ops` caches, per call signature, the checked arguments and this backend, and
-    asks ``plan_forward`` once for a launch decided in advance; without it (or when it returns None) the
-    cached call runs :meth:`Backend.forward`."""
+    """What a backend adds to cut the host time of repeated calls (docs/design.md, "Eager plans"). Optional:
+    :mod:`gatednorm.ops` caches, per call signature, the checked arguments and this backend, and asks
+    ``plan_forward`` / ``plan_backward`` once for launches decided in advance; without them (or where they
+    return None) the cached call runs :meth:`Backend.forward` / :meth:`Backend.backward`."""
 
     def plan_forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                      z: torch.Tensor | None, spec: NormSpec) -> Callable[..., tuple | None] | None:
@@ -115,4 +115,11 @@ class PlannedBackend(Protocol):
         ``plan(x, weight, bias, z)`` returns ``(y, mean | None, rstd)`` as :meth:`Backend.forward` computes
         them (y new, in x's shape and dtype), or None, having written nothing, for a call it does not serve.
         None here: no plan for this signature."""
+        ...
+
+    def plan_backward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                      z: torch.Tensor | None, spec: NormSpec) -> Callable[..., Grads | None] | None:
+        """As :meth:`plan_forward`, for the backward of the same signature: ``plan(dy, x, weight, bias, z, mean,
+        rstd, needs)`` with the forward's saved (M, N) rows returns what :meth:`Backend.backward` returns, or
+        None, having written nothing, for a call it does not serve. None here: no plan for this signature."""
         ...
