@@ -185,6 +185,47 @@ def test_meta_and_empty_calls_take_the_full_path():
         assert ye.shape == (0, 32)
 
 
+def _bits(t):
+    return t.view(torch.uint8) if t.element_size() == 1 and t.dtype != torch.int8 else t
+
+
+@pytest.mark.parametrize(("shape", "gs", "is_rms", "bias", "quant", "k", "fmt", "round_to", "col"), [
+    ((33, 256), 128, True, False, "fp8_e4m3", 128, "float32", None, False),
+    ((2, 9, 256), 64, False, True, "int8", None, "float32", None, False),      # 3-D, per token
+    ((40, 512), 128, True, False, "fp8_e4m3", 128, "ue8m0", torch.bfloat16, True),  # DeepGEMM's layout
+    ((17, 96), None, True, True, "fp8_e4m3fnuz", 32, "float32", None, True),
+])
+def test_planned_quant_calls_equal_the_full_path(shape, gs, is_rms, bias, quant, k, fmt, round_to, col, monkeypatch):
+    """gated_norm_quant's repeated calls go through the signature's plan (no argument checks run) and give the full
+    path's codes and scales bit for bit, in the same shapes and strides (column-major scales included)."""
+    checks = []
+    real = functional.prepare_quant
+    monkeypatch.setattr(functional, "prepare_quant", lambda *a, **kw: checks.append(1) or real(*a, **kw))
+    n = shape[-1]
+    m = int(torch.tensor(shape[:-1]).prod())
+    x, z, w, b = make_inputs(m, n, torch.bfloat16, bias=bias, seed=m + n)
+    x, z = x.view(shape), z.view(shape)
+    qkw = dict(quant=quant, quant_group_size=k, scale_format=fmt, round_to=round_to, column_major_scales=col)
+    call, qspec = gatednorm.spec.prepare_quant(x, w, b, z, 1e-6, gs, True, is_rms, "swish", quant, k, fmt, round_to,
+                                               col, regroup_heads=True)
+    q_ref, s_ref = functional._quant_shaped(*ops.gated_norm_quant_rows(call.x2d, w, b, call.z2d, call.spec, qspec),
+                                            x.shape, col)
+    with torch.no_grad():
+        for call_index in range(3):
+            checks.clear()
+            q, scale = gatednorm.gated_norm_quant(x, w, b, 1e-6, z, gs, True, is_rms, **qkw)
+            assert call_index == 0 or checks == [], "a repeated call ran the argument checks"
+            assert q.shape == q_ref.shape and q.stride() == q_ref.stride() and torch.equal(_bits(q), _bits(q_ref))
+            assert scale.shape == s_ref.shape and scale.stride() == s_ref.stride() and torch.equal(scale, s_ref)
+    xg = x.clone().requires_grad_()
+    with pytest.raises(ValueError, match="not differentiable"):
+        gatednorm.gated_norm_quant(xg, w, b, 1e-6, z, gs, True, is_rms, **qkw)
+    for bad, exc in ((dict(qkw, quant="fp9"), ValueError), (dict(qkw, quant_group_size=7), ValueError),
+                     (dict(qkw, scale_format="e8m0"), ValueError), (dict(qkw, round_to=torch.float32), TypeError)):
+        with torch.no_grad(), pytest.raises(exc):
+            gatednorm.gated_norm_quant(x, w, b, 1e-6, z, gs, True, is_rms, **bad)
+
+
 def test_plan_table_is_bounded(monkeypatch):
     monkeypatch.setattr(ops, "MAX_PLANS", 2)
     with torch.no_grad():

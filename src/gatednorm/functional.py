@@ -25,6 +25,7 @@ from .ops import (
     gated_norm_rows_backward,
     needs_autograd,
     planned_forward,
+    planned_quant,
     residual_sum,
     resolve_backend,
 )
@@ -498,6 +499,10 @@ def gated_norm_quant(
         TypeError: arguments of the wrong kind; ``round_to`` other than None / torch.bfloat16 /
             torch.float16; a float8 ``quant`` this PyTorch has no dtype for.
     """
+    planned = planned_quant(x, weight, bias, z, eps, group_size, norm_before_gate, is_rms_norm, activation, quant,
+                            quant_group_size, scale_format, round_to, column_major_scales, backend)
+    if planned is not None:
+        return _quant_shaped(*planned, x.shape, column_major_scales)
     call, qspec = prepare_quant(x, weight, bias, z, eps, group_size, norm_before_gate, is_rms_norm, activation,
                                 quant, quant_group_size, scale_format, round_to, column_major_scales,
                                 regroup_heads=True)
@@ -511,12 +516,18 @@ def gated_norm_quant(
                                          backend=backend)
     else:
         q, scale = _quant_regrouped(call, qspec, backend)
-    lead = call.out_shape[:-1]
+    return _quant_shaped(q, scale, call.out_shape, column_major_scales)
+
+
+def _quant_shaped(q: torch.Tensor, scale: torch.Tensor, out_shape: torch.Size,
+                  column_major_scales: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q (M, N), scale (M, G)) of rows in the call's shape: q as x, scale as x.shape[:-1] + (G,)."""
+    lead = out_shape[:-1]
     if column_major_scales:  # (M, G) with strides (1, M): a view of (G, M) storage, G outermost
         scale = scale.t().view(scale.shape[1], *lead).movedim(0, -1)
     else:
         scale = scale.view(*lead, scale.shape[1])
-    return q.view(call.out_shape), scale
+    return q.view(out_shape), scale
 
 
 def _quant_regrouped(call: GatedNormCall, qspec: QuantSpec, backend: str | None) -> tuple[torch.Tensor, torch.Tensor]:

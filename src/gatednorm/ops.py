@@ -36,7 +36,16 @@ from . import numerics
 from .backends.base import Backend, Grads, GradsNeeded
 from .huge_pages import advise_huge_pages
 from .settings import _lookup, env_flag, env_text
-from .spec import NormSpec, QuantSpec, compute_dtype, prepare, quant_dtype, residual_sum_dtype, round_to_dtype
+from .spec import (
+    NormSpec,
+    QuantSpec,
+    compute_dtype,
+    prepare,
+    prepare_quant,
+    quant_dtype,
+    residual_sum_dtype,
+    round_to_dtype,
+)
 
 #: Names accepted by ``backend=`` and ``GATEDNORM_BACKEND``.
 BACKENDS = ("auto", "native", "triton", "compiled")
@@ -663,6 +672,27 @@ class _EagerPlan:
         return (y.view_as(x) if self.flatten else y), mean, rstd
 
 
+def _plannable_call(x) -> bool:
+    """Whether an eager plan may serve a call on x at all (see :func:`planned_forward`)."""
+    return not (_compiling() or x.__class__ is not torch.Tensor or x.dim() == 0 or x.numel() == 0
+                or _C_APPLY is None or _functorch_active())
+
+
+def _signature_key(x, weight, bias, z, eps, group_size, norm_before_gate, is_rms_norm, activation, backend) -> tuple:
+    """The key of a call's signature (see "Eager plans" above); raises AttributeError / TypeError for arguments
+    that are not what the checks expect (the full path then says what is wrong)."""
+    return (_rows_signature(x), x.shape[-1], _rows_signature(z), _param_signature(weight), _param_signature(bias),
+            eps, group_size, norm_before_gate, is_rms_norm, activation, backend, eps.__class__,
+            group_size.__class__, norm_before_gate.__class__, is_rms_norm.__class__, _lookup("GATEDNORM_BACKEND"),
+            _lookup("USE_NATIVE_LAYERNORM"), _lookup("TRITON_INTERPRET"))
+
+
+def _remember(key: tuple, plan) -> None:
+    if len(_PLANS) >= MAX_PLANS:
+        _PLANS.clear()
+    _PLANS[key] = plan
+
+
 def _plan_for(x, weight, bias, z, eps, group_size, norm_before_gate, is_rms_norm, activation, backend):
     """A new plan for this signature (_NO_PLAN where plans do not serve it). Checks the call as the full
     path does, in the same order, so a bad call raises the same error here."""
@@ -688,27 +718,69 @@ def planned_forward(x, weight, bias, z, eps, group_size, norm_before_gate, is_rm
     discards mean and rstd (which may then be None). Raises what :func:`gatednorm.spec.prepare` and
     :func:`resolve_backend` raise for a bad call the first time its signature is seen."""
     try:
-        if (_compiling() or x.__class__ is not torch.Tensor or x.dim() == 0 or x.numel() == 0 or _C_APPLY is None
-                or _functorch_active()):
+        if not _plannable_call(x):
             return None
         differentiable = needs_autograd(x, weight, bias, z)
-        key = (_rows_signature(x), x.shape[-1], _rows_signature(z), _param_signature(weight),
-               _param_signature(bias), eps, group_size, norm_before_gate, is_rms_norm, activation, backend,
-               eps.__class__, group_size.__class__, norm_before_gate.__class__, is_rms_norm.__class__,
-               _lookup("GATEDNORM_BACKEND"), _lookup("USE_NATIVE_LAYERNORM"), _lookup("TRITON_INTERPRET"))
+        key = _signature_key(x, weight, bias, z, eps, group_size, norm_before_gate, is_rms_norm, activation,
+                             backend)
         plan = _PLANS.get(key)
     except (AttributeError, TypeError):  # not tensors, unhashable scalars: the full path says what is wrong
         return None
     if plan is None:
         plan = _plan_for(x, weight, bias, z, eps, group_size, norm_before_gate, is_rms_norm, activation, backend)
-        if len(_PLANS) >= MAX_PLANS:
-            _PLANS.clear()
-        _PLANS[key] = plan
+        _remember(key, plan)
     if plan is _NO_PLAN or (z is not None and z.shape != x.shape):
         return None
     if differentiable:
         return plan.autograd(x, weight, bias, z)
     return plan.forward_rows(x, weight, bias, z, stats)
+
+
+class _QuantPlan:
+    """The checked quantized call of one signature: NormSpec, QuantSpec and the backend that serves it."""
+
+    __slots__ = ("impl", "spec", "qspec", "n", "flatten")
+
+    def __init__(self, impl: Backend, spec: NormSpec, qspec: QuantSpec, n: int, flatten: bool) -> None:
+        self.impl, self.spec, self.qspec, self.n, self.flatten = impl, spec, qspec, n, flatten
+
+    def __call__(self, x, weight, bias, z) -> tuple[torch.Tensor, torch.Tensor]:
+        x2d = x.reshape(-1, self.n) if self.flatten else x
+        z2d = z.reshape(-1, self.n) if self.flatten and z is not None else z
+        q, storage = _forward_quant_with(self.impl, x2d, weight, bias, z2d, self.spec, self.qspec)
+        return q, _scale_view(storage, self.qspec)
+
+
+def planned_quant(x, weight, bias, z, eps, group_size, norm_before_gate, is_rms_norm, activation, quant,
+                  quant_group_size, scale_format, round_to, column_major_scales, backend: str | None):
+    """``(q (M, N), scale (M, N // block))`` of an eager ``gated_norm_quant`` call through its signature's plan
+    (the arguments as that function takes them); or None, with nothing done, where the caller must take the
+    full path (which also raises for inputs that require grad). Raises what
+    :func:`gatednorm.spec.prepare_quant` and :func:`resolve_backend` raise for a bad call the first time its
+    signature is seen."""
+    try:
+        if not _plannable_call(x) or needs_autograd(x, weight, bias, z):
+            return None
+        key = ("quant", _signature_key(x, weight, bias, z, eps, group_size, norm_before_gate, is_rms_norm,
+                                       activation, backend),
+               quant, quant_group_size, quant_group_size.__class__, scale_format, round_to, column_major_scales,
+               column_major_scales.__class__)
+        plan = _PLANS.get(key)
+    except (AttributeError, TypeError):
+        return None
+    if plan is None:
+        call, qspec = prepare_quant(x, weight, bias, z, eps, group_size, norm_before_gate, is_rms_norm, activation,
+                                    quant, quant_group_size, scale_format, round_to, column_major_scales,
+                                    regroup_heads=True)
+        name = resolve_backend(backend, x.device)
+        if call.heads != 1 or x.is_meta or (z is not None and z.shape != x.shape):
+            plan = _NO_PLAN
+        else:
+            plan = _QuantPlan(_impl_for(name, call.x2d), call.spec, qspec, x.shape[-1], x.dim() != 2)
+        _remember(key, plan)
+    if plan is _NO_PLAN or (z is not None and z.shape != x.shape):
+        return None
+    return plan(x, weight, bias, z)
 
 
 def residual_sum(x2d: torch.Tensor, residual2d: torch.Tensor) -> torch.Tensor:
@@ -898,11 +970,16 @@ def _quantize_generic(impl: Backend, x, weight, bias, z, spec: NormSpec, qspec: 
 
 def _forward_quant_eager(x, weight, bias, z, spec: NormSpec, qspec: QuantSpec, backend: str):
     """(q, scale storage) of validated rows; see :func:`gated_norm_quant_rows`."""
-    q, storage = _quant_outputs(x, qspec)
     if _no_work(x):
-        return q, storage
+        return _quant_outputs(x, qspec)
+    return _forward_quant_with(_impl_for(backend, x), x, weight, bias, z, spec, qspec)
+
+
+def _forward_quant_with(impl: Backend, x, weight, bias, z, spec: NormSpec, qspec: QuantSpec):
+    """(q, scale storage) of non-empty validated rows from ``impl``: its fused ``forward_quant`` where it covers
+    the call, else the generic path (the eager path and the eager plans')."""
+    q, storage = _quant_outputs(x, qspec)
     scale = _scale_view(storage, qspec)
-    impl = _impl_for(backend, x)
     fused = getattr(impl, "forward_quant", None)
     if fused is None or not fused(x, weight, bias, z, spec, qspec, q, scale):
         _quantize_generic(impl, x, weight, bias, z, spec, qspec, q, scale)
