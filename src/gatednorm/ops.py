@@ -6,8 +6,8 @@ tensor-parallel layer and ``gatednorm verify``, reaches a backend through this m
 * :func:`gated_norm_rows` / :func:`gated_norm_rows_backward`: the internal entry points for
   already-validated 2-D rows (see :func:`gatednorm.spec.prepare`); :func:`gated_norm_residual_rows`:
   the same operator on ``x + residual`` with the prenorm output (docs/design.md, "Residual and prenorm").
-* :func:`planned_forward`: an inference call whose signature ran before, through the decisions cached for
-  it (argument checks, backend, launch; "Eager plans" below).
+* :func:`planned_forward` / :func:`planned_quant`: a call whose signature ran before, through the decisions
+  cached for it (argument checks, backend, launches; "Eager plans" below).
 * :func:`resolve_backend`: the backend *name* for a call (per call ``backend=``, the environment, auto;
   :func:`explain_backend` says why).
 * the registry (:func:`register_impl`, :func:`select_impl`, :func:`override_impl`): which
