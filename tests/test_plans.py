@@ -6,6 +6,8 @@ environment and the registry. The triton plan's launches are compared bit for bi
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 from helpers import RecordingBackend, make_inputs
@@ -331,3 +333,42 @@ def test_triton_plans_launch_what_the_plain_launch_launches(recorded_launches, m
     _same_launch(plain[0], calls[0], fresh={7, 8, 9, 10})  # dx, dz, the partial rows
     _same_launch(plain[1], calls[1], fresh={0, 1, 2, 3})  # the partial rows, dweight, dbias
     assert [g is not None for g in grads] == list(needs)
+
+
+def test_interleaved_signatures_keep_their_own_plans():
+    """Many signatures that share most of their key (dtypes of x and of the parameters, rank, strides, group
+    size, gate side, norm, activation, bias, N), called in a shuffled order so that each call after the first
+    of its signature is planned while the table holds its neighbours: every result equals the full path's bits,
+    and each signature has a plan of its own (a field missing from the key would merge two; on CPU the merged
+    plan may still compute right, on a GPU it would launch another signature's kernel)."""
+    g = torch.Generator().manual_seed(1234)
+    cases = []
+    for dtype, param_dtype in ((torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+                               (torch.bfloat16, torch.float32)):
+        for n, gs in ((64, 16), (64, 32), (64, None), (96, 32)):
+            for layout in ("2d", "3d", "strided x", "strided z"):
+                for nbg, is_rms, act, bias in itertools.product((True, False), (True, False), ("swish", "sigmoid"),
+                                                                (False, True)):
+                    cases.append((dtype, param_dtype, n, gs, layout, nbg, is_rms, act, bias))
+    order = [i for i in range(len(cases)) for _ in range(2)]
+    order = [order[i] for i in torch.randperm(len(order), generator=g).tolist()]
+    for i in order:
+        dtype, param_dtype, n, gs, layout, nbg, is_rms, act, bias = cases[i]
+        m = 6 + i % 5
+        x, z, w, b = make_inputs(m, n, dtype, bias=bias, param_dtype=param_dtype, seed=i)
+        if layout == "3d":
+            x, z = x.view(2, m // 2, n) if m % 2 == 0 else x.view(1, m, n), z.view(-1, n)
+            z = z.view(x.shape)
+        elif layout == "strided x":
+            x = torch.cat([x, x], dim=1)[:, :n]
+        elif layout == "strided z":
+            z = torch.cat([z, z], dim=1)[:, n:]
+        call = gatednorm.spec.prepare(x, w, b, z, 1e-5, gs, nbg, is_rms, act, regroup_heads=True)
+        y_ref, mean_ref, rstd_ref = ops.gated_norm_rows(call.x2d, call.weight, call.bias, call.z2d, call.spec,
+                                                        backend="native")
+        with torch.no_grad():
+            y, mean, rstd = gatednorm.layer_norm_fwd(x, w, b, 1e-5, z=z, group_size=gs, norm_before_gate=nbg,
+                                                     is_rms_norm=is_rms, activation=act)
+        assert torch.equal(y, y_ref.view_as(x)) and torch.equal(rstd, rstd_ref), cases[i]
+        assert (mean is None and mean_ref is None) or torch.equal(mean, mean_ref), cases[i]
+    assert len(ops._PLANS) == len(cases)
