@@ -254,11 +254,12 @@ def test_triton_plan_key_is_the_launch_key():
     assert plans.plan_forward(x, x[0], None, x, gatednorm.spec.NormSpec(1e-6, 64, True, True, "swish")) is None
 
 
-@pytest.fixture
-def recorded_launches(monkeypatch):
+@pytest.fixture(params=["direct", "run"])
+def recorded_launches(monkeypatch, request):
     """The triton plans against the plain launch, without a GPU: launch._launch is replaced by a recorder that
-    files, under the key the real _launch would use (index 0), a fake launcher recording what a plan passes it;
-    the CUDA calls a plan makes are stubbed. A plan that finds its launcher built the plain launch's key."""
+    files, under the key the real _launch would use (index 0), a fake launcher recording what a plan passes it
+    (the C launch function with addresses, Triton 3.6's path, or compiled.run with tensors, the others'); the
+    CUDA calls a plan makes are stubbed. A plan that finds its launcher built the plain launch's key."""
     launch = pytest.importorskip("gatednorm.backends.triton.launch")
     from gatednorm.backends.triton import plans
 
@@ -272,8 +273,13 @@ def recorded_launches(monkeypatch):
                    leave, *rest):
             calls.append(("plan", kernel, (g0, g1, g2), list(rest[:len(args)]), tuple(rest[len(args):])))
 
-        monkeypatch.setitem(launch._COMPILED, (kernel, 0, num_warps, pdl, tuple(constexprs), spec),
-                            (None, None, "function", "packed", direct, 0, int(pdl)))
+        def run(g0, g1, g2, stream, function, packed, meta, enter, leave, *rest):
+            addresses = [a.data_ptr() if isinstance(a, torch.Tensor) else a for a in rest[:len(args)]]
+            calls.append(("plan", kernel, (g0, g1, g2), addresses, tuple(rest[len(args):])))
+
+        entry = ((None, None, "function", "packed", direct, 0, int(pdl)) if request.param == "direct"
+                 else (None, run, "function", "packed", None, 0, 0))
+        monkeypatch.setitem(launch._COMPILED, (kernel, 0, num_warps, pdl, tuple(constexprs), spec), entry)
 
     monkeypatch.setattr(launch, "_launch", fake_launch)
     monkeypatch.setattr(plans, "_current_cuda_device", lambda: 0)

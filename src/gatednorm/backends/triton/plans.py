@@ -10,6 +10,8 @@ arguments, so the same bits (tests/test_gpu.py), for a fraction of the host time
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import triton
 
@@ -51,6 +53,30 @@ def _aligned_spec(args: tuple) -> tuple:
         else:  # bool, float
             key.append(v.__class__)
     return tuple(key)
+
+
+def _launch_hooks(index: int) -> tuple | None:
+    """(enter, exit) hooks to pass the launcher, as :func:`.launch._launch` passes them; None where a plan must
+    hand the call back: the launch's GPU is not current, or an enter hook wants launch metadata (a profiler
+    such as proton has hooked in; _launch builds the metadata from the tensors)."""
+    hooks = triton.knobs.runtime
+    enter, leave = hooks.launch_enter_hook, hooks.launch_exit_hook
+    if index != _current_cuda_device() or (enter is not None and getattr(enter, "calls", True)):
+        return None
+    return enter, leave
+
+
+def _run_entry(entry: tuple, grid0: int, grid1: int, stream: int, hooks: tuple, pointers: Sequence,
+               tensors: Sequence, tail: tuple) -> None:
+    """Call a launcher :func:`.launch._launch` cached, as it calls it: the C launch function with the tensors'
+    addresses (``pointers``), else ``compiled.run`` with the tensors; ``tail``: the integer and float arguments,
+    then the constexprs."""
+    _, run, function, packed, direct, cooperative, pdl_flag = entry
+    if direct is not None:
+        direct(grid0, grid1, 1, stream, function, cooperative, pdl_flag, None, None, packed, None, *hooks, *pointers,
+               *tail)
+    else:
+        run(grid0, grid1, 1, stream, function, packed, None, *hooks, *tensors, *tail)
 
 
 #: Forward launches made through a :class:`ForwardPlan` (a diagnostic for benchmarks and tests).
@@ -136,12 +162,8 @@ class ForwardPlan:
         after = numel >= self.rescue_min
         variant = (m == 1, not m & 15, pdl, groups_fastest, after)
         entries = self.variants.get(variant) or self._entries(variant, m)
-        # Triton's launch hooks as _launch passes them; one that wants launch metadata (a profiler such as
-        # proton has hooked in) sends the call to _launch, which builds the metadata from the tensors.
-        hooks = triton.knobs.runtime
-        enter, leave = hooks.launch_enter_hook, hooks.launch_exit_hook
-        if (entries is None or self.index != _current_cuda_device()
-                or (enter is not None and getattr(enter, "calls", True))):
+        hooks = None if entries is None else _launch_hooks(self.index)
+        if hooks is None:
             return None
         y = torch.empty_like(x, memory_format=torch.contiguous_format)
         stats = self.groups * m
@@ -163,13 +185,7 @@ class ForwardPlan:
         if after:  # rescue_kernel: the forward's arguments and warps, a program per SCAN rows of a group
             grids.append(((-(-m // self.scan_rows), self.groups), entries[1], rescue_constexprs))
         for (grid0, grid1), entry, constexprs in grids:
-            _, run, function, packed, direct, cooperative, pdl_flag = entry
-            if direct is not None:
-                direct(grid0, grid1, 1, stream, function, cooperative, pdl_flag, None, None, packed, None, enter,
-                       leave, *pointers, m, *self.fixed_args, *constexprs)
-            else:
-                run(grid0, grid1, 1, stream, function, packed, None, enter, leave, *tensors, m, *self.fixed_args,
-                    *constexprs)
+            _run_entry(entry, grid0, grid1, stream, hooks, pointers, tensors, (m, *self.fixed_args, *constexprs))
         return y, mean, rstd
 
 
@@ -284,10 +300,8 @@ class BackwardPlan:
                    progs == 1, not progs & 15, needs, pdl, groups_fastest)
         entries = self.variants.get(variant) or self._entries(variant, m, dy_stride, progs, needs, pdl,
                                                                groups_fastest)
-        hooks = triton.knobs.runtime
-        enter, leave = hooks.launch_enter_hook, hooks.launch_exit_hook
-        if (entries is None or self.index != _current_cuda_device()
-                or (enter is not None and getattr(enter, "calls", True))):
+        hooks = None if entries is None else _launch_hooks(self.index)
+        if hooks is None:
             return None
         contiguous = torch.contiguous_format
         dx = torch.empty_like(x, memory_format=contiguous) if needs.dx else None
@@ -307,26 +321,15 @@ class BackwardPlan:
             return None
         global planned_backward_launches
         planned_backward_launches += 1
-        (_, _, function, packed, direct, cooperative, pdl_flag), part = entries
+        bwd, part = entries
         grid0, grid1 = (self.groups, progs) if groups_fastest else (progs, self.groups)
         stream = torch._C._cuda_getCurrentRawStream(self.index)
         constexprs = _bwd_kernel_constexprs(self.gs, self.block, self.rows, self.chunks, self.spec, self.has_z,
                                             self.has_bias, needs, pdl, groups_fastest)
-        ints = (m, dy_stride, self.x_stride, self.z_stride, n, n, n)
-        if direct is not None:
-            direct(grid0, grid1, 1, stream, function, cooperative, pdl_flag, None, None, packed, None, enter, leave,
-                   *ptrs[:11], *ints, *constexprs)
-        else:
-            entries[0][1](grid0, grid1, 1, stream, function, packed, None, enter, leave, *tensors[:11], *ints,
-                          *constexprs)
-        if part is not None:
+        _run_entry(bwd, grid0, grid1, stream, hooks, ptrs[:11], tensors[:11],
+                   (m, dy_stride, self.x_stride, self.z_stride, n, n, n, *constexprs))
+        if part is not None:  # (dw_part, db_part, dw, db, programs, N), as backward launches it
             block_p, block_n, _ = self.partials
-            _, run, function, packed, direct, cooperative, pdl_flag = part
-            sum_constexprs = (block_p, block_n, needs.dweight, needs.dbias, _INTERPRET, pdl)
-            if direct is not None:
-                direct(-(-n // block_n), 1, 1, stream, function, cooperative, pdl_flag, None, None, packed, None,
-                       enter, leave, ptrs[9], ptrs[10], ptrs[11], ptrs[12], progs, n, *sum_constexprs)
-            else:
-                run(-(-n // block_n), 1, 1, stream, function, packed, None, enter, leave, dw_part, db_part, dw, db,
-                    progs, n, *sum_constexprs)
+            _run_entry(part, -(-n // block_n), 1, stream, hooks, ptrs[9:], tensors[9:],
+                       (progs, n, block_p, block_n, needs.dweight, needs.dbias, _INTERPRET, pdl))
         return dx, dz, dw, db
