@@ -632,16 +632,23 @@ def _param_signature(t: torch.Tensor | None) -> tuple | None:
     return None if t is None else (t.__class__, t.dtype, t.device, t.shape, t.stride())
 
 
+def _rows_of(x: torch.Tensor, z: torch.Tensor | None, n: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The (M, N) rows of x and of a gate of x's shape, as spec.prepare makes them (a view where one exists)."""
+    if x.dim() == 2:
+        return x, z
+    return x.reshape(-1, n), (None if z is None else z.reshape(-1, n))
+
+
 class _EagerPlan:
     """The checked call of one signature: its NormSpec, the backend that serves it (``name``, ``impl``) and that
     backend's own forward and backward plans (:class:`~gatednorm.backends.base.PlannedBackend`), if any."""
 
-    __slots__ = ("name", "impl", "spec", "launch", "backward_launch", "n", "flatten")
+    __slots__ = ("name", "impl", "spec", "launch", "backward_launch", "n")
 
     def __init__(self, name: str, impl: Backend, spec: NormSpec, launch: Callable[..., tuple | None] | None,
-                 backward_launch: Callable[..., Grads | None] | None, n: int, flatten: bool) -> None:
+                 backward_launch: Callable[..., Grads | None] | None, n: int) -> None:
         self.name, self.impl, self.spec, self.launch, self.backward_launch = name, impl, spec, launch, backward_launch
-        self.n, self.flatten = n, flatten
+        self.n = n
 
     def forward_rows(self, x, weight, bias, z, stats: bool = True):
         """(y, mean | None, rstd) of x's rows (x of the signature, M > 0), y in x's shape: the backend's plan,
@@ -650,8 +657,7 @@ class _EagerPlan:
             done = self.launch(x, weight, bias, z)
             if done is not None:
                 return done
-        x2d = x.reshape(-1, self.n) if x.dim() != 2 else x
-        z2d = z.reshape(-1, self.n) if z is not None and z.dim() != 2 else z
+        x2d, z2d = _rows_of(x, z, self.n)
         y, mean, rstd = _forward_with(self.impl, x2d, weight, bias, z2d, self.spec, stats)
         return (y if x2d is x else y.view_as(x)), mean, rstd
 
@@ -666,10 +672,9 @@ class _EagerPlan:
     def autograd(self, x, weight, bias, z):
         """(y in x's shape, mean | None, rstd), differentiable: GatedNormFunction on the (M, N) views, as
         gated_norm_rows runs it, with this plan deciding both directions."""
-        x2d = x.reshape(-1, self.n) if self.flatten else x
-        z2d = z.reshape(-1, self.n) if self.flatten and z is not None else z
+        x2d, z2d = _rows_of(x, z, self.n)
         y, mean, rstd = _autograd_apply(x2d, weight, bias, z2d, self.spec, self.name, None, self)
-        return (y.view_as(x) if self.flatten else y), mean, rstd
+        return (y if x2d is x else y.view_as(x)), mean, rstd
 
 
 def _plannable_call(x) -> bool:
@@ -706,7 +711,7 @@ def _plan_for(x, weight, bias, z, eps, group_size, norm_before_gate, is_rms_norm
     launch = None if planner is None else planner(x, weight, bias, z, call.spec)
     planner = getattr(impl, "plan_backward", None)
     backward_launch = None if planner is None else planner(x, weight, bias, z, call.spec)
-    return _EagerPlan(name, impl, call.spec, launch, backward_launch, x.shape[-1], x.dim() != 2)
+    return _EagerPlan(name, impl, call.spec, launch, backward_launch, x.shape[-1])
 
 
 def planned_forward(x, weight, bias, z, eps, group_size, norm_before_gate, is_rms_norm, activation,
@@ -739,14 +744,13 @@ def planned_forward(x, weight, bias, z, eps, group_size, norm_before_gate, is_rm
 class _QuantPlan:
     """The checked quantized call of one signature: NormSpec, QuantSpec and the backend that serves it."""
 
-    __slots__ = ("impl", "spec", "qspec", "n", "flatten")
+    __slots__ = ("impl", "spec", "qspec", "n")
 
-    def __init__(self, impl: Backend, spec: NormSpec, qspec: QuantSpec, n: int, flatten: bool) -> None:
-        self.impl, self.spec, self.qspec, self.n, self.flatten = impl, spec, qspec, n, flatten
+    def __init__(self, impl: Backend, spec: NormSpec, qspec: QuantSpec, n: int) -> None:
+        self.impl, self.spec, self.qspec, self.n = impl, spec, qspec, n
 
     def __call__(self, x, weight, bias, z) -> tuple[torch.Tensor, torch.Tensor]:
-        x2d = x.reshape(-1, self.n) if self.flatten else x
-        z2d = z.reshape(-1, self.n) if self.flatten and z is not None else z
+        x2d, z2d = _rows_of(x, z, self.n)
         q, storage = _forward_quant_with(self.impl, x2d, weight, bias, z2d, self.spec, self.qspec)
         return q, _scale_view(storage, self.qspec)
 
@@ -776,7 +780,7 @@ def planned_quant(x, weight, bias, z, eps, group_size, norm_before_gate, is_rms_
         if call.heads != 1 or x.is_meta or (z is not None and z.shape != x.shape):
             plan = _NO_PLAN
         else:
-            plan = _QuantPlan(_impl_for(name, call.x2d), call.spec, qspec, x.shape[-1], x.dim() != 2)
+            plan = _QuantPlan(_impl_for(name, call.x2d), call.spec, qspec, x.shape[-1])
         _remember(key, plan)
     if plan is _NO_PLAN or (z is not None and z.shape != x.shape):
         return None
