@@ -13,6 +13,7 @@ Rows (x, z of ``--shape`` in ``--dtype``, weight (N,), gated RMSNorm with ``--gr
 * ``rmsnorm_fn``           ``gatednorm.rmsnorm_fn(x, w, None, z=z, group_size=...)``;
 * ``RMSNorm module``       ``gatednorm.RMSNorm(N, group_size=...)(x, z)``;
 * ``layer_norm_fwd``       the upstream drop-in, with statistics (is_rms_norm=True);
+* ``gated_norm_quant fp8`` the quantized output (issue 14): fp8 e4m3 codes, a float32 scale per group;
 * ``autograd pair``        the floor of the fwd+bwd rows: ``(x * z).backward(dy)`` with x, z requiring grad;
 * ``rmsnorm_fn fwd+bwd``   / ``RMSNorm module fwd+bwd``: x, z (and the weight) require grad, ``.backward(dy)``;
 * ``recipe`` / ``recipe fwd+bwd``: the straightforward float32 code of the same function (``x.float()``, per
@@ -159,6 +160,11 @@ def build_cases(device: torch.device, shape: tuple[int, int], dtype: torch.dtype
             gatednorm.layer_norm_fwd(x, w, None, 1e-6, z=z, group_size=group_size, is_rms_norm=True,
                                      backend=backend)
 
+    def fwd_quant() -> None:  # the quantized output: fp8 codes and float32 scales per group (DeepGEMM's blocks)
+        with torch.no_grad():
+            gatednorm.gated_norm_quant(x, w, None, 1e-6, z, group_size, is_rms_norm=True,
+                                       quant_group_size=group_size, backend=backend)
+
     xg = x.detach().requires_grad_()
     zg = z.detach().requires_grad_()
     wg = w.detach().requires_grad_()
@@ -185,7 +191,7 @@ def build_cases(device: torch.device, shape: tuple[int, int], dtype: torch.dtype
         reset()
 
     forward = {"torch.mul": fwd_mul, "rmsnorm_fn": fwd_fn, "RMSNorm module": fwd_module,
-               "layer_norm_fwd": fwd_stats, "recipe": fwd_recipe}
+               "layer_norm_fwd": fwd_stats, "gated_norm_quant fp8": fwd_quant, "recipe": fwd_recipe}
     both = {"autograd pair": pair, "rmsnorm_fn fwd+bwd": both_fn, "RMSNorm module fwd+bwd": both_module,
             "recipe fwd+bwd": both_recipe}
     return forward, both
@@ -198,7 +204,8 @@ def triton_launch_counts() -> dict[str, int]:
         from gatednorm.backends.triton import launch, plans
     except ImportError:
         return {}
-    counters = {"planned_launches": plans, "planned_backward_launches": plans, "fast_launches": launch}
+    counters = {"planned_launches": plans, "planned_backward_launches": plans, "planned_quant_launches": plans,
+                "fast_launches": launch}
     return {name: getattr(module, name) for name, module in counters.items() if hasattr(module, name)}
 
 

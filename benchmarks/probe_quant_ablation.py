@@ -29,8 +29,8 @@ import tempfile
 PATCHES: dict[str, list[tuple[str, str]]] = {
     "baseline": [],
     # y / scale by an approximate reciprocal instead of the exact quotient (kernels._scaled_quotient)
-    "quotient": [("        v = _scaled_quotient(yq, tl.expand_dims(scale, LAST), QMAX)",
-                  "        v = tl.minimum(tl.maximum(yq * tl.expand_dims(1.0 / scale, LAST), -QMAX), QMAX)")],
+    "quotient": [("        v = _scaled_quotient(yq, tl.expand_dims(scale, LAST))",
+                  "        v = yq * tl.expand_dims(1.0 / scale, LAST)")],
     # the scale as amax times 1 / qmax instead of div_rn(amax, qmax)
     "scale division": [("    scale = tl.maximum(tl.math.div_rn(amax, QMAX), _QUANT_SCALE_MIN, "
                         "propagate_nan=tl.PropagateNan.ALL)",

@@ -25,7 +25,7 @@ from helpers import (  # noqa: E402
 import gatednorm  # noqa: E402
 from gatednorm import native  # noqa: E402
 from gatednorm.reference import gated_norm_reference  # noqa: E402
-from gatednorm.spec import NormSpec  # noqa: E402
+from gatednorm.spec import NormSpec, QuantSpec  # noqa: E402
 
 EPS = 1e-6
 
@@ -354,6 +354,44 @@ def test_backward_plan_matches_plain_launch(shape, gs, nbg, is_rms, has_bias, dt
             assert got is None or torch.equal(got.reshape(want.shape), want)
 
 
+@pytest.mark.parametrize(("shape", "gs", "block", "quant", "fmt", "col", "z_layout", "has_bias"), [
+    ((8192, 128), 128, 128, "fp8_e4m3", "float32", False, "rows", False),
+    ((4, 1000, 128), 128, 128, "fp8_e4m3", "ue8m0", True, "rows", False),      # 3-D; DeepGEMM's column-major
+    ((2049, 5120), 640, 128, "int8", "float32", False, "strided", False),     # padded groups, strided z
+    ((4097, 4096), 4096, 128, "fp8_e4m3", "float32", True, "rows", False),    # >= 2^24: quant_rescue_kernel after
+    ((333, 2048), 2048, 2048, "fp8_e4m3fnuz", "float32", False, "none", True),  # per token, LayerNorm
+    ((1, 4096), 64, 4096, "int8", "ue8m0", False, "rows", False),             # M = 1, per token over 64 groups
+])
+def test_quant_plan_matches_plain_launch(shape, gs, block, quant, fmt, col, z_layout, has_bias):
+    """The quantized call's plan (ops.planned_quant -> plans.QuantPlan) launches the kernels the plain launch
+    compiled, with the same grids and arguments: q and the scales equal launch.forward_quant's bit for bit,
+    through the plan (its launch counter moves), at other M, in the same shapes and strides."""
+    tk = _tk()
+    from gatednorm import ops
+    from gatednorm.backends.triton import plans
+
+    n = shape[-1]
+    spec = NormSpec(EPS, gs, True, False, "swish")
+    qspec = QuantSpec(quant, block, fmt, "none", col)
+    for rows in (shape[:-1], (shape[0] + 17, *shape[1:-1]), shape[:-1]):
+        x, z, w, b, _ = _plan_inputs(rows, n, torch.bfloat16, z_layout, has_bias, seed=sum(rows) + n)
+        kw = dict(quant=quant, quant_group_size=block, scale_format=fmt, column_major_scales=col, backend="triton")
+        with torch.no_grad():
+            gatednorm.gated_norm_quant(x, w, b, EPS, z, gs, **kw)  # the plain path compiles this M's variant
+            before = plans.planned_quant_launches
+            q, scale = gatednorm.gated_norm_quant(x, w, b, EPS, z, gs, **kw)
+            assert plans.planned_quant_launches == before + 1, "the call did not go through the plan"
+        x2d, z2d = x.reshape(-1, n), (None if z is None else z.reshape(-1, n))
+        q_ref, storage = ops._quant_outputs(x2d, qspec)
+        s_ref = ops._scale_view(storage, qspec)
+        assert tk.forward_quant(x2d, w, b, z2d, spec, qspec, q_ref, s_ref,
+                                pdl=x.numel() < tk.PDL_MAX_ELEMENTS and tk.pdl_supported(x.device))
+        assert q.shape == x.shape and torch.equal(q.reshape(-1, n).view(torch.uint8), q_ref.view(torch.uint8))
+        assert torch.equal(scale.reshape(-1, n // block), s_ref)
+        assert x.dim() > 2 or scale.stride() == s_ref.stride()
+    assert ops._PLANS, "no plan was kept"
+
+
 @pytest.mark.parametrize("is_rms", [False, True])
 @pytest.mark.parametrize("gs", [64, 10000])
 @pytest.mark.parametrize(("scale", "eps"), [(3e37, 1e-6), (1e25, 0.0), (1e-30, 0.0)])
@@ -456,7 +494,6 @@ def test_the_device_guard_is_entered_where_another_gpu_is_current(monkeypatch):
     current), forward, backward and the quantized forward run inside torch.cuda.device(x.device), and give
     the bits of the unguarded calls; where it is, no guard is entered."""
     from gatednorm.backends.base import GradsNeeded
-    from gatednorm.spec import QuantSpec
 
     tk = _tk()
     entered: list[int] = []

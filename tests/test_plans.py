@@ -341,6 +341,33 @@ def test_triton_plans_launch_what_the_plain_launch_launches(recorded_launches, m
     assert [g is not None for g in grads] == list(needs)
 
 
+@pytest.mark.parametrize(("m", "n", "gs", "block", "quant", "fmt", "col", "gate", "bias", "threshold"), [
+    (40, 128, 128, 128, "fp8_e4m3", "float32", False, True, False, 1 << 24),
+    (17, 256, 64, 256, "int8", "float32", True, True, True, 1 << 24),        # per token over 4 groups, col-major
+    (33, 640, 640, 128, "fp8_e4m3", "ue8m0", True, False, False, 1024),     # padded group; the rescue kernel after
+    (16, 384, 128, 128, "fp8_e4m3fnuz", "float32", False, True, True, 1 << 24),
+])
+def test_triton_quant_plan_launches_what_the_plain_launch_launches(recorded_launches, m, n, gs, block, quant, fmt,
+                                                                   col, gate, bias, threshold):
+    """QuantPlan against launch.forward_quant on the same tensors, as above: the same kernels, grids, constexprs,
+    integers (the scales' strides, row-major or column-major, included) and input addresses; q and the scale
+    storage in the shapes and dtypes ops._quant_outputs gives them."""
+    launch, plans, calls = recorded_launches
+    x, z, w, b = make_inputs(m, n, torch.bfloat16, bias=bias, gate=gate, seed=m + n)
+    spec = gatednorm.spec.NormSpec(1e-6, gs, True, True, "swish")
+    qspec = gatednorm.spec.QuantSpec(quant, block, fmt, "none", col)
+    plan = plans.QuantPlan(x, w, b, z, spec, qspec, threshold, 16, False)
+    q, storage = ops._quant_outputs(x, qspec)
+    assert launch.forward_quant(x, w, b, z, spec, qspec, q, ops._scale_view(storage, qspec), threshold, 16, pdl=False)
+    plain = list(calls)
+    calls.clear()
+    q2, storage2 = plan(x, w, b, z)
+    assert len(plain) == len(calls) == (2 if m * n >= threshold else 1)
+    for a, c in zip(plain, calls, strict=True):
+        _same_launch(a, c, fresh={4, 5})  # q, the scales
+    assert q2.shape == q.shape and q2.dtype == q.dtype and storage2.shape == storage.shape
+
+
 def test_interleaved_signatures_keep_their_own_plans():
     """Many signatures that share most of their key (dtypes of x and of the parameters, rank, strides, group
     size, gate side, norm, activation, bias, N), called in a shuffled order so that each call after the first

@@ -27,7 +27,7 @@ try:
     import triton.language as tl
 
     from gatednorm.backends.triton import launch as tk
-    from gatednorm.backends.triton.kernels import _fp8_e4m3_bits
+    from gatednorm.backends.triton.kernels import _fp8_e4m3_bits, _scaled_quotient
 except ImportError:  # pragma: no cover - Triton is optional
     tk = None
 else:
@@ -36,6 +36,12 @@ else:
     def _encode_fp8(V, OUT, FNUZ: tl.constexpr, BLOCK: tl.constexpr):
         i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         tl.store(OUT + i, _fp8_e4m3_bits(tl.load(V + i), FNUZ))
+
+    @triton.jit
+    def _quotients(Y, S, OUT, BLOCK: tl.constexpr):
+        i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        scale = tl.load(S + tl.program_id(0) + tl.arange(0, 1))  # one scale per row, as a quant block's
+        tl.store(OUT + i, _scaled_quotient(tl.load(Y + i), scale))
 
 needs_triton = pytest.mark.skipif(tk is None, reason="triton is not installed")
 # The interpreter runs kernels in numpy, which warns about Inf/NaN in masked-off lanes (never stored)
@@ -477,6 +483,47 @@ def test_fp8_bits_emulation_matches_torch_casts():
         expect = vals.to(dtype).view(torch.uint8).to(torch.int32)
         bad = out != expect
         assert not bool(bad.any()), (quant, vals[bad][:5], out[bad][:5], expect[bad][:5])
+
+
+@needs_triton
+def test_scaled_quotient_is_the_correctly_rounded_division():
+    """kernels._scaled_quotient (y / scale without a division per element) against float32 division on the
+    CPU: the same bits wherever |y / scale| >= 2^-100, and below that a value under 2^-90 with y's sign. Scales
+    over every binade of fwd_quant_kernel's range (significands 1 and 2 - 2^-23 included); quotients on the
+    fp8 and int8 grids' midpoints and their float32 neighbours, random ones, tiny ones, signed zeros."""
+    gen = torch.Generator().manual_seed(14)
+    rows, block = 96, 4096
+    exps = torch.randint(-126, 121, (rows,), generator=gen).double()  # amax / 127 < 2^121
+    sig = 1 + torch.rand(rows, generator=gen, dtype=torch.float64)
+    sig[:8], sig[8:16] = 1.0, 2 - 2.0**-23
+    scale = (sig * 2.0**exps).float()
+    e4m3 = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
+    e4m3 = e4m3[torch.isfinite(e4m3)].unique()
+    mids = torch.cat([(e4m3[1:] + e4m3[:-1]) / 2, torch.arange(-127, 127) + 0.5])
+    near = torch.cat([mids] + [mids.nextafter(mids + d) for d in (1.0, -1.0)]
+                     + [mids.nextafter(mids + 1).nextafter(mids + 2), mids.nextafter(mids - 1).nextafter(mids - 2)])
+    t = torch.empty(rows, block)
+    t[:, : near.numel()] = near
+    t[:, near.numel():] = (torch.rand(rows, block - near.numel(), generator=gen) * 2 - 1) * 448
+    t[:, -64:] = 2.0 ** torch.linspace(-99, -10, 64)  # tiny quotients
+    t[:, -64::2] *= -1
+    t = t.double().clamp(-(2.0**127) / scale.double()[:, None], 2.0**127 / scale.double()[:, None])  # y finite
+    y = (t * scale.double()[:, None]).float()  # y / scale lands next to t, its midpoint included
+    y[:, -80] = 0.0
+    y[:, -79] = -0.0
+    y[:, -78:-64] = scale[:, None] * 2.0**-110 * torch.tensor([1.0, -1.0]).repeat(7)  # below 2^-100
+    out = torch.empty_like(y, device=TRITON_DEVICE)
+    _quotients[(rows,)](y.to(TRITON_DEVICE), scale.to(TRITON_DEVICE), out, BLOCK=block)
+    out = out.cpu()
+    expect = y / scale[:, None]
+    big = expect.abs() >= 2.0**-100
+    assert big.sum() > 0.9 * y.numel()
+    bad = big & (out.view(torch.int32) != expect.view(torch.int32))
+    assert not bool(bad.any()), (y[bad][:5], scale[:, None].expand(rows, block)[bad][:5], out[bad][:5], expect[bad][:5])
+    small = ~big
+    assert bool((out[small].abs() < 2.0**-90).all())
+    wrong = small & (out.signbit() != y.signbit())
+    assert not bool(wrong.any()), (y[wrong][:6], scale[:, None].expand(rows, block)[wrong][:6], out[wrong][:6])
 
 
 # ---------------------------------------------------------------------------

@@ -742,16 +742,21 @@ def planned_forward(x, weight, bias, z, eps, group_size, norm_before_gate, is_rm
 
 
 class _QuantPlan:
-    """The checked quantized call of one signature: NormSpec, QuantSpec and the backend that serves it."""
+    """The checked quantized call of one signature: NormSpec, QuantSpec, the backend that serves it and that
+    backend's own launch plan (:meth:`~gatednorm.backends.base.PlannedBackend.plan_forward_quant`), if any."""
 
-    __slots__ = ("impl", "spec", "qspec", "n")
+    __slots__ = ("impl", "spec", "qspec", "n", "launch")
 
-    def __init__(self, impl: Backend, spec: NormSpec, qspec: QuantSpec, n: int) -> None:
-        self.impl, self.spec, self.qspec, self.n = impl, spec, qspec, n
+    def __init__(self, impl: Backend, spec: NormSpec, qspec: QuantSpec, n: int,
+                 launch: Callable[..., tuple | None] | None) -> None:
+        self.impl, self.spec, self.qspec, self.n, self.launch = impl, spec, qspec, n, launch
 
     def __call__(self, x, weight, bias, z) -> tuple[torch.Tensor, torch.Tensor]:
-        x2d, z2d = _rows_of(x, z, self.n)
-        q, storage = _forward_quant_with(self.impl, x2d, weight, bias, z2d, self.spec, self.qspec)
+        done = None if self.launch is None else self.launch(x, weight, bias, z)
+        if done is None:
+            x2d, z2d = _rows_of(x, z, self.n)
+            done = _forward_quant_with(self.impl, x2d, weight, bias, z2d, self.spec, self.qspec)
+        q, storage = done
         return q, _scale_view(storage, self.qspec)
 
 
@@ -780,7 +785,10 @@ def planned_quant(x, weight, bias, z, eps, group_size, norm_before_gate, is_rms_
         if call.heads != 1 or x.is_meta or (z is not None and z.shape != x.shape):
             plan = _NO_PLAN
         else:
-            plan = _QuantPlan(_impl_for(name, call.x2d), call.spec, qspec, x.shape[-1])
+            impl = _impl_for(name, call.x2d)
+            planner = getattr(impl, "plan_forward_quant", None)
+            launch = None if planner is None else planner(x, weight, bias, z, call.spec, qspec)
+            plan = _QuantPlan(impl, call.spec, qspec, x.shape[-1], launch)
         _remember(key, plan)
     if plan is _NO_PLAN or (z is not None and z.shape != x.shape):
         return None

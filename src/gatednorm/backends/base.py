@@ -103,10 +103,11 @@ class FusedResidualBackend(Protocol):
 
 @runtime_checkable
 class PlannedBackend(Protocol):
-    """What a backend adds to cut the host time of repeated calls (docs/design.md, "Eager plans"). Optional:
-    :mod:`gatednorm.ops` caches, per call signature, the checked arguments and this backend, and asks
-    ``plan_forward`` / ``plan_backward`` once for launches decided in advance; without them (or where they
-    return None) the cached call runs :meth:`Backend.forward` / :meth:`Backend.backward`."""
+    """What a backend adds to cut the host time of repeated calls (docs/design.md, "Eager plans"). Optional, each
+    method on its own: :mod:`gatednorm.ops` caches, per call signature, the checked arguments and this backend,
+    and asks ``plan_forward`` / ``plan_backward`` / ``plan_forward_quant`` once for launches decided in advance;
+    without them (or where they return None) the cached call runs :meth:`Backend.forward` /
+    :meth:`Backend.backward` / :meth:`Backend.forward_quant`."""
 
     def plan_forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                      z: torch.Tensor | None, spec: NormSpec) -> Callable[..., tuple | None] | None:
@@ -122,4 +123,13 @@ class PlannedBackend(Protocol):
         """As :meth:`plan_forward`, for the backward of the same signature: ``plan(dy, x, weight, bias, z, mean,
         rstd, needs)`` with the forward's saved (M, N) rows returns what :meth:`Backend.backward` returns, or
         None, having written nothing, for a call it does not serve. None here: no plan for this signature."""
+        ...
+
+    def plan_forward_quant(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                           z: torch.Tensor | None, spec: NormSpec,
+                           qspec: QuantSpec) -> Callable[..., tuple | None] | None:
+        """As :meth:`plan_forward`, for the quantized forward of :meth:`Backend.forward_quant` where it covers the
+        signature: ``plan(x, weight, bias, z)`` returns ``(q (M, N), scale storage)``, both new (the storage
+        (M, G), or (G, M) for column-major scales), or None, having written nothing, for a call it does not
+        serve. None here: no plan for this signature (the quantized call then runs ``forward_quant``)."""
         ...

@@ -741,7 +741,8 @@ def _round_through(y, ROUND_TO: tl.constexpr, BF16_BY_BITS: tl.constexpr):
 def _fp8_e4m3_bits(v, FNUZ: tl.constexpr):
     """The float8 e4m3fn (FNUZ: e4m3fnuz) bits, as int32 in [0, 255], of fp32 v rounded to nearest even.
 
-    v must be finite and within the format's range (the caller clamps). Used where the hardware
+    v must be finite and round to the format's range: |v| below its largest value plus half a step there
+    (464 for e4m3fn, 248 for e4m3fnuz; _quantize's quotients are within 2^-23 of it). Used where the hardware
     conversion is missing (e4m3fnuz on NVIDIA GPUs) or wrong (Triton's interpreter rounds fp32 -> fp8
     incorrectly). e4m3fn: exponent bias 7, subnormal spacing 2^-9, -0 kept; e4m3fnuz: bias 8, spacing
     2^-10, no -0 (0x80 is its NaN).
@@ -775,38 +776,40 @@ def _max_nan(a, b):
 
 
 @triton.jit
-def _scaled_quotient(y, scale, QMAX: tl.constexpr):
-    """min(RN(y / scale), QMAX) with y's sign, per element, without a division per element.
+def _scaled_quotient(y, scale):
+    """RN(y / scale) per element, without a division per element (not clamped: see _quantize).
 
     ``scale`` [..., 1] is a normal float32 in [2^-126, 2^122) (fwd_quant_kernel's finite scales; others
-    are masked by the caller). Equal bits to tl.math.div_rn(y, scale) clamped to [-QMAX, QMAX] wherever
-    |y / scale| >= 2^-100; below that both are under 2^-90 with y's sign (any fp8 / int8 code: +-0).
+    are masked by the caller). Equal bits to tl.math.div_rn(y, scale) wherever |y / scale| >= 2^-100;
+    below that both are under 2^-90 with y's sign (any fp8 / int8 code: +-0).
 
     Per block: s1 = scale * 2^-e in [1, 2) (exact, on the bits), r = RN(1 / s1), r_lo = RN(RN(1 - s1 r) r)
-    (r + r_lo is 1 / s1 within 2^-45 relative). Per element, a = |y| 2^-e (exact while a >= 2^-126,
-    i.e. for every quotient that matters) and a / s1 = |y| / scale:
+    (r + r_lo is 1 / s1 within 2^-45 relative). Per element, a = y 2^-e (exact while |a| >= 2^-126, i.e.
+    for every quotient that matters) and a / s1 = y / scale:
 
     * q0 = RN(a r + RN(a r_lo)) is within |t| 2^-45 + 1/2 ulp of t = a / s1, so a faithful rounding of t;
     * e = fma(-q0, s1, a) is then exact and q = RN(q0 + e r) = RN(t): Markstein's theorem (IBM J. Res. Dev.
       34 (1990); J.-M. Muller et al., Handbook of Floating-Point Arithmetic, "Markstein's theorem"): q0
-      faithful, r within relative 2^-24 of 1 / s1, no underflow (s1 in [1, 2), a >= 2^-100: the residual's
-      last bit is >= 2^-23 ulp(q0) >= 2^-146).
+      faithful, r within relative 2^-24 of 1 / s1, no underflow (s1 in [1, 2), |a| >= 2^-100: the
+      residual's last bit is >= 2^-23 ulp(q0) >= 2^-146).
 
-    Working on |y| and copying y's sign bit at the end keeps RN's symmetry and the sign of zeros
-    (-0 / scale = -0). The sign copy also makes the clamp one min. Checked against numpy's float32
-    division on 10^8 (y, scale) pairs incl. quotients next to fp8 / int8 rounding midpoints.
+    Signed throughout (every step is an RN of an odd function of y, so a nonzero result has y's sign), then
+    y's sign bit copied onto the result, one bit-select: zeros take y's sign too (-0 / scale = -0), which
+    the arithmetic alone does not guarantee (an exact cancellation gives +0, and compilers may rewrite
+    negations around zeros; on the H200 a -0 came out +0 without the copy). Six operations per element.
+    tests/test_quant.py checks the bits against float32 division (midpoints of the fp8 and int8 grids and
+    their neighbours, every binade of the scales, signed zeros).
     """
     sb = scale.to(tl.int32, bitcast=True)
     p2 = ((254 << 23) - (sb & 0x7F800000)).to(tl.float32, bitcast=True)  # 2^-e (e <= 121: normal)
     s1 = ((sb & 0x7FFFFF) | 0x3F800000).to(tl.float32, bitcast=True)  # scale * 2^-e, in [1, 2)
     r = tl.math.div_rn(tl.full(s1.shape, 1.0, tl.float32), s1)
     r_lo = tl.fma(-s1, r, 1.0) * r
-    a = tl.abs(y) * p2
+    a = y * p2
     q0 = tl.fma(a, r, a * r_lo)
     q = tl.fma(tl.fma(-q0, s1, a), r, q0)
-    q = tl.minimum(q, QMAX)
-    qb = q.to(tl.int32, bitcast=True) & 0x7FFFFFFF
-    return (qb | (y.to(tl.int32, bitcast=True) & -0x80000000)).to(tl.float32, bitcast=True)
+    return ((q.to(tl.int32, bitcast=True) & 0x7FFFFFFF) | (y.to(tl.int32, bitcast=True) & -0x80000000)).to(
+        tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -825,13 +828,19 @@ def _quantize(yq, QMAX: tl.constexpr, INT8: tl.constexpr, FNUZ: tl.constexpr, UE
         # 1 / scale is a power of two too (2^-126 <= scale < 2^127), built from the exponent bits: y * inv
         # is then exactly y / scale, without a division per element
         v = yq * tl.expand_dims(((254 << 23) - bits).to(tl.float32, bitcast=True), LAST)
-        v = tl.minimum(tl.maximum(v, -QMAX), QMAX)
-    else:  # RN(y / scale) clamped, by a reciprocal and one exact correction (no division per element)
-        v = _scaled_quotient(yq, tl.expand_dims(scale, LAST), QMAX)
+    else:  # RN(y / scale), by a reciprocal and one exact correction (no division per element)
+        v = _scaled_quotient(yq, tl.expand_dims(scale, LAST))
     scale = tl.where(has_nan, float("nan"), scale)  # one NaN for every NaN block (the generic path's)
     finite = tl.expand_dims(scale <= _FP32_MAX, LAST)  # False for NaN and Inf
+    # No clamp to [-QMAX, QMAX]: it never binds. |y| <= amax and scale >= RN(amax / QMAX) >= amax / QMAX *
+    # (1 - 2^-24) (ue8m0 and the floor only raise it), so |RN(y / scale)| <= QMAX (1 + 2^-23), which every
+    # conversion below rounds to QMAX (the midpoint to the next value up lies at least 0.39% above QMAX: 127.5
+    # for int8, 464 for e4m3fn, 248 for e4m3fnuz): two ops per element saved.
     if INT8:
-        qv = tl.where(finite, (v + _RNE_MAGIC) - _RNE_MAGIC, 0.0).to(tl.int8)
+        # v + 1.5 * 2^23 rounds v half to even onto the integers, and for |k| < 2^22 its bits are those of
+        # 1.5 * 2^23 plus k: the low byte is k in two's complement, i.e. the int8 code (no float -> int
+        # conversion). A non-finite block's codes are 0.
+        qv = tl.where(finite, (v + _RNE_MAGIC).to(tl.int32, bitcast=True), 0).to(tl.int8)
     else:
         if FP8_BY_BITS:
             code = _fp8_e4m3_bits(tl.where(finite, v, 0.0), FNUZ)

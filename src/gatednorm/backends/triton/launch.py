@@ -569,6 +569,12 @@ class TritonBackend:
 
         return plan_backward(x, weight, bias, z, spec, self.pdl, self.fast_launch)
 
+    def plan_forward_quant(self, x, weight, bias, z, spec: NormSpec, qspec: QuantSpec):
+        from .plans import plan_forward_quant
+
+        return plan_forward_quant(x, weight, bias, z, spec, qspec, self.rescue_kernel_min_elements,
+                                  self.rescue_scan_rows, self.pdl, self.fast_launch)
+
     def forward_residual(self, x, residual, weight, bias, z, spec: NormSpec, out, residual_out):
         return _on_device_of(x, forward, x, weight, bias, z, spec, out, self.rescue_kernel_min_elements,
                              self.rescue_scan_rows, fast=self.fast_launch, pdl=self._pdl(x), residual=residual,
@@ -694,6 +700,26 @@ def _quant_config(group_size: int, block: int) -> tuple[int, int] | None:
     return rows, warps
 
 
+def _quant_codes_arg(q: torch.Tensor, qspec: QuantSpec, by_bits: bool) -> torch.Tensor:
+    """q as fwd_quant_kernel takes it: int8, float8 where the hardware converts, else uint8 for the fp8 bits."""
+    return q.view(torch.uint8) if by_bits and qspec.quant != "int8" else q
+
+
+def _quant_kernel_constexprs(spec: NormSpec, qspec: QuantSpec, layout: tuple[int, int, int, int, int], has_z: bool,
+                             has_bias: bool, by_bits: bool, pdl: bool) -> dict:
+    """The constexprs fwd_quant_kernel and quant_rescue_kernel share, by name (all but ROWS,
+    RESCUE_IN_KERNEL and SCAN): what :func:`forward_quant` and the eager plans (.plans) launch with."""
+    ng, gb, kb, nq, nq_real = layout
+    return dict(
+        GS=spec.group_size, GB=gb, NG=ng, KB=kb, NQ=nq, NQ_REAL=nq_real,
+        HAS_Z=has_z, HAS_BIAS=has_bias, NORM_BEFORE_GATE=spec.norm_before_gate,
+        IS_RMS=spec.is_rms_norm, SIGMOID_GATE=spec.activation == "sigmoid",
+        QMAX=quant_max(qspec.quant), INT8=qspec.quant == "int8", FNUZ=qspec.quant == "fp8_e4m3fnuz",
+        UE8M0=qspec.scale_format == "ue8m0", ROUND_TO={"none": 0, "bfloat16": 1, "float16": 2}[qspec.round_to],
+        FP8_BY_BITS=by_bits, BF16_BY_BITS=_INTERPRET, USE_PDL=pdl,
+    )
+
+
 def forward_quant(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, z: torch.Tensor | None,
                   spec: NormSpec, qspec: QuantSpec, q: torch.Tensor, scale: torch.Tensor,
                   rescue_kernel_min_elements: int = RESCUE_KERNEL_MIN_ELEMENTS,
@@ -710,28 +736,19 @@ def forward_quant(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     layout = quant_layout(spec.group_size, qspec.block)
     if layout is None:
         return False
-    ng, gb, kb, nq, nq_real = layout
+    ng = layout[0]
     rows, warps = _quant_config(spec.group_size, qspec.block) if config is None else config
     x = _rows_ready(x)
     if z is not None:
         z = _rows_ready(z)
     weight = _rows_ready(weight)
     bias = _rows_ready(bias) if bias is not None else None
-    int8 = qspec.quant == "int8"
-    fnuz = qspec.quant == "fp8_e4m3fnuz"
-    by_bits = _fp8_by_bits(x.device, fnuz)
+    by_bits = _fp8_by_bits(x.device, qspec.quant == "fp8_e4m3fnuz")
     tiles = n // (ng * spec.group_size)
-    args = (x, z, weight, bias, q if int8 or not by_bits else q.view(torch.uint8), scale,
+    args = (x, z, weight, bias, _quant_codes_arg(q, qspec, by_bits), scale,
             m, x.stride(0), z.stride(0) if z is not None else 0, q.stride(0), scale.stride(0), scale.stride(1),
             spec.eps)
-    constexprs = dict(
-        GS=spec.group_size, GB=gb, NG=ng, KB=kb, NQ=nq, NQ_REAL=nq_real,
-        HAS_Z=z is not None, HAS_BIAS=bias is not None, NORM_BEFORE_GATE=spec.norm_before_gate,
-        IS_RMS=spec.is_rms_norm, SIGMOID_GATE=spec.activation == "sigmoid",
-        QMAX=quant_max(qspec.quant), INT8=int8, FNUZ=fnuz, UE8M0=qspec.scale_format == "ue8m0",
-        ROUND_TO={"none": 0, "bfloat16": 1, "float16": 2}[qspec.round_to],
-        FP8_BY_BITS=by_bits, BF16_BY_BITS=_INTERPRET, USE_PDL=pdl,
-    )
+    constexprs = _quant_kernel_constexprs(spec, qspec, layout, z is not None, bias is not None, by_bits, pdl)
     # The range rescue: in-kernel below the threshold, else quant_rescue_kernel (the forward's warps: the
     # same bits either way). As for forward(), the in-kernel check costs large calls bandwidth: with the
     # rescue in registers (before) the H200 moved 524288x128 with 128-wide fp8 blocks at 71-73% of copy,

@@ -1,11 +1,12 @@
-"""Eager plans of the triton backend: the forward and backward launches of one call signature, decided once.
+"""Eager plans of the triton backend: the launches of one call signature, decided once.
 
 :mod:`gatednorm.ops` keeps a plan per call signature (docs/design.md, "Eager plans") and asks the backend for
-its launch plans there (``TritonBackend.plan_forward`` / ``plan_backward``). A :class:`ForwardPlan` or
-:class:`BackwardPlan` works out, from the signature alone, what :func:`.launch.forward` and
-:func:`.launch.backward` decide on every call (launch shapes, grids, constexprs, argument lists), and at a call
-finds the launchers :func:`.launch._launch` cached for the same keys: the same compiled kernels with the same
-arguments, so the same bits (tests/test_gpu.py), for a fraction of the host time.
+its launch plans there (``TritonBackend.plan_forward`` / ``plan_backward`` / ``plan_forward_quant``). A
+:class:`ForwardPlan`, :class:`BackwardPlan` or :class:`QuantPlan` works out, from the signature alone, what
+:func:`.launch.forward`, :func:`.launch.backward` and :func:`.launch.forward_quant` decide on every call (launch
+shapes, grids, constexprs, argument lists), and at a call finds the launchers :func:`.launch._launch` cached for
+the same keys: the same compiled kernels with the same arguments, so the same bits (tests/test_gpu.py), for a
+fraction of the host time.
 """
 
 from __future__ import annotations
@@ -15,9 +16,9 @@ from collections.abc import Sequence
 import torch
 import triton
 
-from ...spec import NormSpec
+from ...spec import NormSpec, QuantSpec, quant_dtype
 from ..base import Grads, GradsNeeded
-from .kernels import bwd_kernel, fwd_kernel, rescue_kernel, sum_partials_kernel
+from .kernels import bwd_kernel, fwd_kernel, fwd_quant_kernel, quant_rescue_kernel, rescue_kernel, sum_partials_kernel
 from .launch import (
     _COMPILED,
     _FAST_LAUNCH,
@@ -32,11 +33,15 @@ from .launch import (
     _bwd_kernel_constexprs,
     _bwd_programs,
     _current_cuda_device,
+    _fp8_by_bits,
     _fwd_config,
     _fwd_flags,
     _fwd_kernel_constexprs,
     _partials_config,
+    _quant_config,
+    _quant_kernel_constexprs,
     pdl_supported,
+    quant_layout,
 )
 
 
@@ -203,15 +208,20 @@ def plan_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
 
 def _plannable(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, z: torch.Tensor | None,
                spec: NormSpec, fast: bool) -> bool:
-    """Whether the plans serve this signature (see :func:`plan_forward`)."""
+    """Whether the forward and backward plans serve this signature (see :func:`plan_forward`)."""
+    return _rows_plannable(x, weight, bias, z, fast) and _fwd_config(spec.group_size, x.element_size())[4] != ORDER_FLAT
+
+
+def _rows_plannable(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, z: torch.Tensor | None,
+                    fast: bool) -> bool:
+    """CUDA tensors with the cached launcher on; x and z 2-D with unit feature stride or contiguous rows of any
+    rank; unit-stride parameters: the layouts a plan reads its row strides from."""
     if not (fast and _FAST_LAUNCH and x.device.type == "cuda"):
         return False
     for t in (x, z):
         if t is not None and (t.stride(-1) != 1 or not (t.dim() == 2 or t.is_contiguous())):
             return False
-    if weight.stride(-1) != 1 or (bias is not None and bias.stride(-1) != 1):
-        return False
-    return _fwd_config(spec.group_size, x.element_size())[4] != ORDER_FLAT
+    return weight.stride(-1) == 1 and (bias is None or bias.stride(-1) == 1)
 
 
 def plan_backward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, z: torch.Tensor | None,
@@ -333,3 +343,125 @@ class BackwardPlan:
             _run_entry(part, -(-n // block_n), 1, stream, hooks, ptrs[9:], tensors[9:],
                        (progs, n, block_p, block_n, needs.dweight, needs.dbias, _INTERPRET, pdl))
         return dx, dz, dw, db
+
+
+def plan_forward_quant(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, z: torch.Tensor | None,
+                       spec: NormSpec, qspec: QuantSpec, rescue_kernel_min_elements: int = RESCUE_KERNEL_MIN_ELEMENTS,
+                       rescue_scan_rows: int = RESCUE_SCAN_ROWS, pdl: bool | None = None,
+                       fast: bool = True) -> QuantPlan | None:
+    """A :class:`QuantPlan` for the signature of these tensors, or None where :func:`.launch.forward_quant` would
+    not take the fused kernel through the cached launcher: a layout :func:`.launch.quant_layout` does not
+    cover, and what :func:`plan_forward` refuses (other than the forward's program order)."""
+    if not _rows_plannable(x, weight, bias, z, fast) or quant_layout(spec.group_size, qspec.block) is None:
+        return None
+    return QuantPlan(x, weight, bias, z, spec, qspec, rescue_kernel_min_elements, rescue_scan_rows, pdl)
+
+
+#: Quantized forwards launched through a :class:`QuantPlan` (a diagnostic for benchmarks and tests).
+planned_quant_launches = 0
+
+
+class QuantPlan:
+    """The fused quantized forward of one call signature (fwd_quant_kernel, and quant_rescue_kernel after it on
+    calls of at least ``rescue_kernel_min_elements`` elements), decided once as :class:`ForwardPlan` decides the
+    forward: the same compiled kernels, grids and arguments as :func:`.launch.forward_quant`
+    (tests/test_gpu.py::test_quant_plan_matches_plain_launch).
+
+    Called with tensors of the signature it returns ``(q (M, N), scale storage)``, both new, the storage (M, G)
+    or, for column-major scales, (G, M) as ``ops._quant_outputs`` makes them; or None, having written nothing,
+    where it does not serve the call (as :class:`ForwardPlan`).
+    """
+
+    __slots__ = ("n", "groups", "rows", "warps", "tiles", "device", "index", "pdl", "pdl_ok", "rescue_min",
+                 "scan_rows", "column_major", "q_dtype", "fixed_args", "eps", "arg_dtypes", "constexprs", "variants")
+
+    def __init__(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, z: torch.Tensor | None,
+                 spec: NormSpec, qspec: QuantSpec, rescue_kernel_min_elements: int, rescue_scan_rows: int,
+                 pdl: bool | None) -> None:
+        n = x.shape[-1]
+        layout = quant_layout(spec.group_size, qspec.block)
+        self.n, self.groups = n, n // qspec.block
+        self.rows, self.warps = _quant_config(spec.group_size, qspec.block)
+        self.tiles = n // (layout[0] * spec.group_size)
+        self.device = x.device
+        self.index = x.device.index if x.device.index is not None else torch.cuda.current_device()
+        self.pdl, self.pdl_ok = pdl, pdl_supported(x.device)
+        self.rescue_min, self.scan_rows = rescue_kernel_min_elements, rescue_scan_rows
+        self.column_major = qspec.column_major_scales
+        self.q_dtype = quant_dtype(qspec.quant)
+        by_bits = _fp8_by_bits(x.device, qspec.quant == "fp8_e4m3fnuz")
+        kernel_q_dtype = torch.uint8 if by_bits and qspec.quant != "int8" else self.q_dtype
+        row_stride = x.stride(0) if x.dim() == 2 else n
+        z_stride = 0 if z is None else (z.stride(0) if z.dim() == 2 else n)
+        # the runtime arguments after the tensors and m: x, z and q's row strides (then the scales' per call, and
+        # eps: forward_quant's order)
+        self.fixed_args = (row_stride, z_stride, n)
+        self.eps = spec.eps
+        self.arg_dtypes = (x.dtype, None if z is None else z.dtype, weight.dtype, None if bias is None else bias.dtype,
+                           kernel_q_dtype, torch.float32)
+        #: (USE_PDL, rescue after) -> (fwd_quant_kernel's constexprs, quant_rescue_kernel's or None), in order
+        self.constexprs = {}
+        for p in (False, True):
+            shared = _quant_kernel_constexprs(spec, qspec, layout, z is not None, bias is not None, by_bits, p)
+            for after in (False, True):
+                fwd = dict(shared, ROWS=self.rows, RESCUE_IN_KERNEL=not after)
+                rescue = dict(shared, SCAN=rescue_scan_rows)
+                self.constexprs[(p, after)] = (
+                    tuple(fwd[name] for name in fwd_quant_kernel.arg_names[13:]),
+                    tuple(rescue[name] for name in quant_rescue_kernel.arg_names[13:]) if after else None)
+        #: (M == 1, M % 16 == 0, USE_PDL, rescue after) -> _launch's cached entries
+        self.variants: dict[tuple[bool, ...], tuple] = {}
+
+    def _scale_strides(self, m: int) -> tuple[int, int]:
+        """The (M, G) scale tensor's strides over its storage (see ``ops._scale_view``)."""
+        return (1, m) if self.column_major else (self.groups, 1)
+
+    def _entries(self, variant: tuple[bool, ...], m: int) -> tuple | None:
+        """The launchers :func:`_launch` cached for this variant (None: one is not compiled yet)."""
+        _, _, pdl, after = variant
+        spec = _aligned_spec((*self.arg_dtypes, m, *self.fixed_args, *self._scale_strides(m), self.eps))
+        fwd_constexprs, rescue_constexprs = self.constexprs[(pdl, after)]
+        fwd = _COMPILED.get((fwd_quant_kernel, self.index, self.warps, pdl, fwd_constexprs, spec))
+        rescue = None
+        if after:
+            rescue = _COMPILED.get((quant_rescue_kernel, self.index, self.warps, pdl, rescue_constexprs, spec))
+        if fwd is None or (after and rescue is None):
+            return None
+        self.variants[variant] = (fwd, rescue)
+        return fwd, rescue
+
+    def __call__(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                 z: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor] | None:
+        n = self.n
+        numel = x.numel()
+        m = numel // n
+        if m == 0 or m >= 2**31:
+            return None
+        pdl = self.pdl if self.pdl is not None else (numel < PDL_MAX_ELEMENTS and self.pdl_ok)
+        after = numel >= self.rescue_min
+        variant = (m == 1, not m & 15, pdl, after)
+        entries = self.variants.get(variant) or self._entries(variant, m)
+        hooks = None if entries is None else _launch_hooks(self.index)
+        if hooks is None:
+            return None
+        q = torch.empty((m, n), dtype=self.q_dtype, device=self.device)
+        storage = torch.empty((self.groups, m) if self.column_major else (m, self.groups), dtype=torch.float32,
+                              device=self.device)
+        xp, wp, qp, sp = x.data_ptr(), weight.data_ptr(), q.data_ptr(), storage.data_ptr()
+        zp = 0 if z is None else z.data_ptr()
+        bp = 0 if bias is None else bias.data_ptr()
+        if (xp | wp | qp | sp | zp | bp) & 15:
+            return None
+        global planned_quant_launches
+        planned_quant_launches += 1
+        fwd_constexprs, rescue_constexprs = self.constexprs[(pdl, after)]
+        stream = torch._C._cuda_getCurrentRawStream(self.index)
+        pointers = (xp, zp or None, wp, bp or None, qp, sp)
+        tensors = (x, z, weight, bias, q, storage)
+        tail = (m, *self.fixed_args, *self._scale_strides(m), self.eps)
+        _run_entry(entries[0], -(-m // self.rows), self.tiles, stream, hooks, pointers, tensors,
+                   (*tail, *fwd_constexprs))
+        if after:  # quant_rescue_kernel: the forward's arguments and warps, a program per SCAN rows of a tile
+            _run_entry(entries[1], -(-m // self.scan_rows), self.tiles, stream, hooks, pointers, tensors,
+                       (*tail, *rescue_constexprs))
+        return q, storage
