@@ -514,3 +514,92 @@ def test_team_calls_hold_their_work_counter_during_the_call(threads, monkeypatch
     y, mean, rstd = _forward(x, w, None, z, spec)
     native_cpu.backward(torch.randn_like(x), x, w, None, z, mean, rstd, spec)
     assert alive_during_call == [True, True]
+
+
+# ---------------------------------------------------------------------------
+# The quantized output's last step in C (native_cpu_kernel.c, "The quantized output's last step")
+# ---------------------------------------------------------------------------
+
+
+def _quant_rows(k: int, quant: str) -> torch.Tensor:
+    """float32 rows whose blocks of k hit the quantizer's edges: values on the fp8 / int8 grids' midpoints and
+    their float32 neighbours (times a block scale), a NaN block, an Inf block, an all-zero block, -0, values
+    that underflow the fp8 grid, a block of tiny values (the scale's floor) and random ones."""
+    from gatednorm.spec import QUANT_FORMATS, quant_max
+
+    g = torch.Generator().manual_seed(k)
+    qmax = quant_max(quant)
+    if quant == "int8":
+        mids = torch.arange(-127, 127) + 0.5
+    else:
+        grid = torch.arange(256, dtype=torch.uint8).view(getattr(torch, QUANT_FORMATS[quant][0])).float()
+        grid = grid[torch.isfinite(grid)].unique()
+        mids = (grid[1:] + grid[:-1]) / 2
+    vals = torch.cat([mids, mids.nextafter(mids + 1), mids.nextafter(mids - 1), torch.tensor([qmax, -qmax])])
+    rows = [(torch.rand(k, generator=g) * 2 - 1) * 10 for _ in range(12)]
+    for i in range(0, vals.numel(), k - 1):  # blocks whose max is qmax: scale 1 (ue8m0: the power of two above)
+        chunk = vals[i:i + k - 1]
+        rows.append(torch.cat([torch.tensor([qmax]), chunk, torch.zeros(k - 1 - chunk.numel())]))
+    special = torch.randn(6, k, generator=g)
+    special[0, 3] = float("nan")
+    special[1, 5] = -float("inf")
+    special[2] = 0.0
+    special[3, ::2] = -0.0
+    special[3, 1::2] = 1e-30
+    special[4] = torch.rand(k, generator=g) * 1e-38  # below qmax * 2^-126: the scale's floor
+    special[5, 0] = 0.0 * float("inf")  # a NaN of the sign x86 gives 0 * Inf
+    rows += list(special)
+    return torch.stack(rows).float()
+
+
+@pytest.mark.parametrize("quant", ["fp8_e4m3", "fp8_e4m3fnuz", "int8"])
+@pytest.mark.parametrize("fmt", ["float32", "ue8m0"])
+@pytest.mark.parametrize("k", [128, 64, 7])
+@pytest.mark.parametrize("column_major", [False, True])
+def test_c_quantizer_matches_quantize_blocks(quant, fmt, k, column_major):
+    """quantize_rows (C) against numerics.quantize_blocks (torch ops) on the same float32 y: the same code
+    bytes and the same scales (NaN where theirs is NaN), row-major and column-major scale storage."""
+    from gatednorm import numerics
+    from gatednorm.spec import QuantSpec, quant_dtype
+
+    qspec = QuantSpec(quant, k, fmt, "none", column_major)
+    rows = _quant_rows(k, quant)
+    y = rows[: rows.shape[0] // 3 * 3].reshape(-1, 3 * k)  # three blocks per row
+    m, n = y.shape
+    q_ref, s_ref = numerics.quantize_blocks(y, qspec)
+    q = torch.empty(m, n, dtype=quant_dtype(quant))
+    storage = torch.full((n // k, m) if column_major else (m, n // k), 7.0)
+    scale = storage.t() if column_major else storage
+    native_cpu_kernel.quantize_rows(y, q.view(torch.uint8), scale, quant, k, fmt == "ue8m0")
+    assert torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8))
+    assert torch.equal(scale.isnan(), s_ref.isnan())
+    assert torch.equal(scale.nan_to_num(), s_ref.nan_to_num())
+
+
+def test_native_quantized_forward_takes_the_c_quantizer(monkeypatch):
+    """gated_norm_quant on the native backend runs the C quantizer (forward_quant returns True) and gives the
+    generic path's bits; round_to (a bf16 / fp16 y) and a switched-off kernel take the generic path."""
+    from gatednorm import ops
+
+    calls = []
+    real = native_cpu_kernel.quantize_rows
+    monkeypatch.setattr(native_cpu_kernel, "quantize_rows", lambda *a: calls.append(a[0].shape) or real(*a))
+    monkeypatch.setattr(native_cpu, "QUANT_STEP_ELEMENTS", 1024)  # several steps of rows
+    x, z, w, b = make_inputs(40, 256, torch.bfloat16, bias=True, gate=True, seed=3)
+    for quant in ("fp8_e4m3", "int8"):
+        kw = dict(quant=quant, quant_group_size=64)
+        calls.clear()
+        q, s = gatednorm.gated_norm_quant(x, w, b, 1e-6, z, 128, backend="native", **kw)
+        assert calls and sum(c[0] for c in calls) == 40 and all(c[0] <= 4 for c in calls)
+        with native_cpu_kernel.enabled(False):
+            q2, s2 = gatednorm.gated_norm_quant(x, w, b, 1e-6, z, 128, backend="native", **kw)
+        # switched off: the block kernels' forward (not the C forward's bits) and quantize_blocks; compare
+        # the C quantizer with quantize_blocks on the C forward's own float32 y instead
+        y = gatednorm.layer_norm_fwd(x, w, b, 1e-6, z, group_size=128, backend="native",
+                                     out=torch.empty(40, 256))[0]
+        q3, s3 = ops.numerics.quantize_blocks(y, gatednorm.spec.QuantSpec(quant, 64, "float32", "none", False))
+        assert torch.equal(q.view(torch.uint8), q3.view(torch.uint8)) and torch.equal(s, s3)
+        assert q2.shape == q.shape
+        calls.clear()
+        gatednorm.gated_norm_quant(x, w, b, 1e-6, z, 128, backend="native", round_to=torch.bfloat16, **kw)
+        assert calls == []

@@ -424,10 +424,11 @@ def test_backend_without_forward_quant_takes_the_generic_path():
 
 
 def test_forward_quant_returning_false_falls_back():
-    rec = _Recorder(NativeCPUBackend(), fused=True)  # the inner backend has no forward_quant: returns False
+    # the native backend's forward_quant declines a y rounded to bf16 first (round_to): the generic path runs
+    rec = _Recorder(NativeCPUBackend(), fused=True)
     x, z, w, b = make_inputs(4, 64, torch.float32)
     with ops.override_impl("native", "cpu", rec):
-        q, s = gatednorm.gated_norm_quant(x, w, b, EPS, z, backend="native")
+        q, s = gatednorm.gated_norm_quant(x, w, b, EPS, z, backend="native", round_to=torch.bfloat16)
     assert rec.calls == ["forward_quant:False", "forward"]
     assert s.shape == (4, 1)
 
@@ -529,6 +530,23 @@ def test_scaled_quotient_is_the_correctly_rounded_division():
 # ---------------------------------------------------------------------------
 # The reference and the checker themselves
 # ---------------------------------------------------------------------------
+
+
+def test_quantize_blocks_scratch_and_input():
+    """quantize_blocks leaves y alone unless told y is scratch; with y_is_scratch (the generic path's float32
+    buffer) the codes and scales are the same, NaN and Inf blocks included."""
+    y = torch.randn(6, 256) * 3
+    y[1, 5], y[4, 200] = float("nan"), -float("inf")
+    for quant in QUANTS:
+        qspec = QuantSpec(quant, 64, "float32", "none", False)
+        kept = y.clone()
+        q, s = numerics.quantize_blocks(y, qspec)
+        assert torch.equal(y.view(torch.int32), kept.view(torch.int32))
+        q2, s2 = numerics.quantize_blocks(kept, qspec, y_is_scratch=True)
+        assert torch.equal(q.view(torch.uint8) if q.dtype != torch.int8 else q,
+                           q2.view(torch.uint8) if q2.dtype != torch.int8 else q2)
+        assert torch.equal(s.nan_to_num(), s2.nan_to_num()) and bool((s.isnan() == s2.isnan()).all())
+        assert not torch.equal(kept.view(torch.int32), y.view(torch.int32))  # the scratch was overwritten
 
 
 def test_grid_round_is_torchs_cast():

@@ -338,12 +338,15 @@ def quant_scales(amax: torch.Tensor, qspec: QuantSpec) -> torch.Tensor:
 
 
 def quantize_blocks(y: torch.Tensor, qspec: QuantSpec, q_out: torch.Tensor | None = None,
-                    scale_out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                    scale_out: torch.Tensor | None = None, *,
+                    y_is_scratch: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(q (M, N), scale (M, N // k)) of y (M, N): the quantization of a norm's output, k = ``qspec.block``.
 
     ``y`` is float32, or bf16/fp16 (taken exactly); a float64 y is rounded to float32 first (that is the
     rule: the quantizer reads float32). ``q_out`` / ``scale_out`` (any strides) receive the results when
-    given. ``qspec.round_to`` is the caller's business: pass y already rounded.
+    given. ``qspec.round_to`` is the caller's business: pass y already rounded. ``y_is_scratch``: y is a float32
+    buffer the caller discards, which the quotients may overwrite (no temporary of y's size: on CPU a fresh
+    one costs its page faults, about as much as the division).
 
     Non-finite blocks (docs/design.md): a block holding a NaN gets scale NaN, one holding an Inf (and
     no NaN) scale +Inf; every q of such a block is NaN (fp8) or 0 (int8), so ``q * scale`` is NaN
@@ -353,13 +356,23 @@ def quantize_blocks(y: torch.Tensor, qspec: QuantSpec, q_out: torch.Tensor | Non
     k = qspec.block
     qmax = quant_max(qspec.quant)
     y3 = (y if y.dtype != torch.float64 else y.float()).unflatten(1, (n // k, k))
-    amax = torch.linalg.vector_norm(y3, float("inf"), dim=-1, dtype=torch.float32)  # NaN propagates
+    # max |y| per block as max(max y, -min y): exact, NaN propagates, and on CPU about 3x faster than the
+    # inf-norm reduction or abs().amax() (which allocates a copy of y).
+    amax = torch.maximum(y3.amax(-1), y3.amin(-1).neg()).float()
     scale = quant_scales(amax, qspec)
-    v = y3 / scale.unsqueeze(-1)  # correctly rounded float32 division (bf16/fp16 y promote exactly)
+    # correctly rounded float32 division (bf16/fp16 y promote exactly)
+    if y_is_scratch and y3.dtype == torch.float32:
+        v = y3.div_(scale.unsqueeze(-1))
+    else:
+        v = y3 / scale.unsqueeze(-1)
     v.clamp_(-qmax, qmax)
     is_int = qspec.quant == "int8"
     # Blocks with a NaN or Inf: q marks them (NaN; int8 has none, so 0) and the scale carries the cause.
-    v.masked_fill_(~torch.isfinite(scale).unsqueeze(-1), 0.0 if is_int else float("nan"))
+    # On CPU, where reading a flag costs no device sync, the fill (a pass with a broadcast mask, as long as
+    # the division) runs only for calls that have such a block.
+    bad = ~torch.isfinite(scale)
+    if v.device.type != "cpu" or bool(bad.any()):
+        v.masked_fill_(bad.unsqueeze(-1), 0.0 if is_int else float("nan"))
     if is_int:
         v.round_()  # half to even
     v = v.view(m, n)

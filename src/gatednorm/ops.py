@@ -977,7 +977,7 @@ def _quantize_generic(impl: Backend, x, weight, bias, z, spec: NormSpec, qspec: 
         r1 = min(m, r0 + step)
         yb = y[: r1 - r0]
         impl.forward(x[r0:r1], weight, bias, None if z is None else z[r0:r1], spec, yb)
-        numerics.quantize_blocks(yb, qspec, q[r0:r1], scale[r0:r1])
+        numerics.quantize_blocks(yb, qspec, q[r0:r1], scale[r0:r1], y_is_scratch=True)
 
 
 def _forward_quant_eager(x, weight, bias, z, spec: NormSpec, qspec: QuantSpec, backend: str):

@@ -95,7 +95,7 @@ from typing import Any
 import torch
 
 from ..numerics import SAFE_RSTD_MAX, SAFE_VAR_MIN, rescale_groups, scaled_rstd
-from ..spec import NormSpec, compute_dtype
+from ..spec import NormSpec, QuantSpec, compute_dtype
 from . import native_cpu_kernel
 from .base import Grads, GradsNeeded
 
@@ -1015,3 +1015,32 @@ class NativeCPUBackend:
 
     def backward(self, dy, x, weight, bias, z, mean, rstd, spec: NormSpec, needs: GradsNeeded) -> Grads:
         return backward(dy, x, weight, bias, z, mean, rstd, spec, *needs, block_elements=self.block_elements)
+
+    def forward_quant(self, x, weight, bias, z, spec: NormSpec, qspec: QuantSpec, q, scale) -> bool:
+        return forward_quant(self, x, weight, bias, z, spec, qspec, q, scale)
+
+
+#: Rows per step of the quantized forward: y of about this many elements in float32 (1 MiB), written by the
+#: forward and read back by the quantizer while it is still in the cache.
+QUANT_STEP_ELEMENTS = 1 << 18
+
+
+def forward_quant(backend: NativeCPUBackend, x, weight, bias, z, spec: NormSpec, qspec: QuantSpec, q, scale) -> bool:
+    """The quantized output where the C kernel is built and y is quantized from float32 (``round_to`` None):
+    per step of rows, the backend's forward into a float32 buffer, then the C quantizer
+    (:func:`.native_cpu_kernel.quantize_rows`: numerics.quantize_blocks' steps, one pass, no ATen op, so no
+    parallel region to wait for a descheduled thread on a busy machine). False elsewhere, having written
+    nothing: the generic path then runs the same forward and numerics.quantize_blocks (the same bits)."""
+    if qspec.round_to != "none" or not native_cpu_kernel.quantizer_ready():
+        return False
+    m, n = x.shape
+    step = max(1, min(m, QUANT_STEP_ELEMENTS // n))
+    y = torch.empty((step, n), dtype=torch.float32)
+    codes = q.view(torch.uint8)
+    for r0 in range(0, m, step):
+        r1 = min(m, r0 + step)
+        yb = y[: r1 - r0]
+        backend.forward(x[r0:r1], weight, bias, None if z is None else z[r0:r1], spec, yb)
+        native_cpu_kernel.quantize_rows(yb, codes[r0:r1], scale[r0:r1], qspec.quant, qspec.block,
+                                        qspec.scale_format == "ue8m0")
+    return True

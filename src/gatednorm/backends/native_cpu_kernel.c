@@ -331,6 +331,86 @@ int64_t gn_forward_rows(const void *x, int x_dtype, int64_t stride_x, const void
     return out_of_range;
 }
 
+/* ---- The quantized output's last step (docs/design.md, "Quantized output"), on float32 rows of y ----------------
+ *
+ * Per row and block of k features: amax = max |y| (NaN when the block holds one), scale = max(RN(amax / qmax),
+ * 2^-126) (ue8m0: then rounded up to a power of two on the bits), q = round_half_even(clamp(y / scale, +-qmax)),
+ * each step one IEEE float32 operation: numerics.quantize_blocks' steps on the same y, so the same codes and
+ * scales. kind: 0 int8 (qmax 127), 1 e4m3fn (448), 2 e4m3fnuz (240); fp8 codes are written as their bits. A
+ * block holding a NaN gets scale NaN, one holding an Inf (and no NaN) scale +Inf, and every code of such a
+ * block is the format's NaN (0x7F, 0x80) or 0 (int8). Scales at scale + m * stride_sm + block * stride_sg. */
+
+#define GN_RNE_MAGIC 12582912.0f /* 1.5 * 2^23: t + it rounds |t| < 2^22 half to even onto the integers */
+
+static inline uint32_t gn_f32_bits(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
+static inline float gn_bits_f32(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
+
+/* The e4m3fn (fnuz: e4m3fnuz) bits of a finite v with |v| <= the format's largest value, rounded to nearest
+ * even: backends/triton/kernels.py's _fp8_e4m3_bits, step for step (normal results by rounding the mantissa
+ * on the bits and re-biasing the exponent; subnormal ones as multiples of the spacing). */
+static inline uint8_t gn_fp8_code(float v, const int fnuz) {
+    const uint32_t bits = gn_f32_bits(v);
+    const uint32_t mag = bits & 0x7FFFFFFFu;
+    const float a = gn_bits_f32(mag);
+    const int32_t normal = (int32_t)((mag + 0x7FFFFu + ((mag >> 20) & 1u)) >> 20) - (fnuz ? 952 : 960);
+    const int32_t sub = (int32_t)((a * (fnuz ? 1024.0f : 512.0f) + GN_RNE_MAGIC) - GN_RNE_MAGIC);
+    const int32_t code = a < (fnuz ? 0.0078125f : 0.015625f) ? sub : normal;
+    const uint32_t sign = (fnuz && code == 0) ? 0u : (bits >> 24) & 0x80u;
+    return (uint8_t)((uint32_t)code | sign);
+}
+
+static void quantize_block(const float *y, int64_t k, const int kind, const int ue8m0, uint8_t *q, float *scale_at) {
+    const float qmax = kind == 0 ? 127.0f : (kind == 1 ? 448.0f : 240.0f);
+    /* max |y| on the bits: for non-NaN floats the magnitudes order as their bits do, and every NaN's
+     * magnitude bits exceed Inf's (an integer max: vectorised, no NaN rules) */
+    uint32_t amax_bits = 0;
+    for (int64_t i = 0; i < k; i++) {
+        const uint32_t m = gn_f32_bits(y[i]) & 0x7FFFFFFFu;
+        amax_bits = m > amax_bits ? m : amax_bits;
+    }
+    const int has_nan = amax_bits > 0x7F800000u;
+    float scale = gn_bits_f32(amax_bits) / qmax;
+    if (scale < 0x1p-126f) scale = 0x1p-126f;
+    if (ue8m0) scale = gn_bits_f32((gn_f32_bits(scale) + 0x7FFFFFu) & 0x7F800000u); /* Inf stays Inf */
+    if (has_nan) scale = NAN;
+    *scale_at = scale;
+    if (!(scale <= 3.4028234663852886e38f)) { /* NaN or Inf: the block's codes mark it */
+        memset(q, kind == 0 ? 0 : (kind == 1 ? 0x7F : 0x80), (size_t)k);
+        return;
+    }
+    if (kind == 0) {
+        for (int64_t i = 0; i < k; i++) {
+            float t = y[i] / scale;
+            t = t < -qmax ? -qmax : (t > qmax ? qmax : t);
+            q[i] = (uint8_t)(gn_f32_bits(t + GN_RNE_MAGIC) & 0xFFu); /* the low byte: the integer, two's complement */
+        }
+    } else {
+        const int fnuz = kind == 2;
+        for (int64_t i = 0; i < k; i++) {
+            float t = y[i] / scale;
+            t = t < -qmax ? -qmax : (t > qmax ? qmax : t);
+            q[i] = gn_fp8_code(t, fnuz);
+        }
+    }
+}
+
+/* Rows [r0, r1) of y (M, N) float32, row stride stride_y, or with a counter (next_piece) chunks of chunk_rows
+ * rows of [0, M): codes into q (one byte each, row stride stride_q), scales as above. Returns 0. */
+int64_t gn_quantize_rows(const float *y, int64_t stride_y, uint8_t *q, int64_t stride_q, float *scale,
+                         int64_t stride_sm, int64_t stride_sg, int64_t M, int64_t r0, int64_t r1, int64_t *counter,
+                         int64_t chunk_rows, int64_t N, int64_t k, int kind, int ue8m0) {
+    int taken = 0;
+    while (next_piece(counter, chunk_rows, M, &r0, &r1, &taken)) {
+        for (int64_t m = r0; m < r1; m++) {
+            for (int64_t blk = 0; blk < N / k; blk++) {
+                quantize_block(y + m * stride_y + blk * k, k, kind, ue8m0, q + m * stride_q + blk * k,
+                               scale + m * stride_sm + blk * stride_sg);
+            }
+        }
+    }
+    return 0;
+}
+
 /* Rows per chunk of the dweight / dbias partial sums: rows are added one by one into a chunk's sum, the
  * chunks one by one into the task's (two short sequential sums instead of one long one). */
 #define SUM_CHUNK_ROWS 32
@@ -575,7 +655,17 @@ typedef struct {
         is_rms, gate_before, sigmoid_only, threads, late;
 } gn_backward_call;
 
+typedef struct {
+    int64_t y, stride_y, q, stride_q, scale, stride_sm, stride_sg, M, r0, r1, counter, chunk_rows, N, k, kind, ue8m0;
+} gn_quantize_call;
+
 #define GN_PTR(v) ((void *)(intptr_t)(v))
+
+int64_t gn_quantize_packed(const gn_quantize_call *c) {
+    return gn_quantize_rows((const float *)GN_PTR(c->y), c->stride_y, (uint8_t *)GN_PTR(c->q), c->stride_q,
+                            (float *)GN_PTR(c->scale), c->stride_sm, c->stride_sg, c->M, c->r0, c->r1,
+                            (int64_t *)GN_PTR(c->counter), c->chunk_rows, c->N, c->k, (int)c->kind, (int)c->ue8m0);
+}
 
 int64_t gn_forward_packed(const gn_forward_call *c) {
     return gn_forward_rows(GN_PTR(c->x), (int)c->x_dtype, c->stride_x, GN_PTR(c->z), (int)c->z_dtype, c->stride_z,

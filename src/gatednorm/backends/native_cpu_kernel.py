@@ -18,7 +18,8 @@ needs no matching compiler ABI, and a ctypes call releases the GIL, so the worke
 
 When it is used
 ---------------
-Forward and backward calls of the native backend on CPU whose x, z, dy and outputs are float32 or
+The quantized output's last step (:func:`quantize_rows`, the native backend's ``forward_quant``) wherever the
+library is built. Forward and backward calls of the native backend on CPU whose x, z, dy and outputs are float32 or
 bfloat16 with contiguous features (anything else, float16 and float64 included, takes the block
 kernels), plain tensors (subclasses such as fake or functional tensors take the block kernels; an active
 dispatch mode sees no ATen op of the kernel, as of any kernel). ``GATEDNORM_CPU_KERNEL=0`` turns it off;
@@ -143,7 +144,8 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
 def _declare(lib: ctypes.CDLL) -> None:
     """The C signatures of the packed entry points: one pointer to the call's arguments (:data:`_FORWARD_CALL`,
     :data:`_BACKWARD_CALL`), a count back."""
-    for name in ("gn_forward_packed", "gn_backward_packed", "gn_forward_team_packed", "gn_backward_team_packed"):
+    for name in ("gn_forward_packed", "gn_backward_packed", "gn_forward_team_packed", "gn_backward_team_packed",
+                 "gn_quantize_packed"):
         if hasattr(lib, name):
             entry = getattr(lib, name)
             entry.argtypes = [ctypes.c_char_p]
@@ -155,6 +157,10 @@ def _declare(lib: ctypes.CDLL) -> None:
 #: conversion of 27-36 typed arguments took 5.3 us per call on the 2-core VM, packing them 0.2 us.
 _FORWARD_CALL = struct.Struct("=22q2d5q")
 _BACKWARD_CALL = struct.Struct("=36q")
+#: gn_quantize_call: 16 int64 fields.
+_QUANTIZE_CALL = struct.Struct("=16q")
+#: The C quantizer's format codes.
+_QUANT_KINDS = {"int8": 0, "fp8_e4m3": 1, "fp8_e4m3fnuz": 2}
 
 
 def _off_by_environment() -> bool:
@@ -272,6 +278,11 @@ def handles(*rows: torch.Tensor | None) -> bool:
             and library() is not None)
 
 
+def quantizer_ready() -> bool:
+    """Whether :func:`quantize_rows` runs: the kernel switched on and built."""
+    return _switch["on"] and library() is not None
+
+
 def params_ready(t: torch.Tensor | None) -> torch.Tensor | None:
     """weight / bias as the kernel reads them: float32 or bf16, contiguous (others converted to float32)."""
     if t is None or (t.dtype in _DTYPES and t.is_contiguous()):
@@ -333,6 +344,18 @@ def forward_rows(x: torch.Tensor, z: torch.Tensor | None, weight: torch.Tensor, 
     return _checked(lib.gn_forward_packed(_FORWARD_CALL.pack(
         *_forward_tensors(x, z, weight, bias, out, mean, rstd), m, r0, r1, counter, chunk_rows, n, group_size, eps,
         SAFE_RSTD_MAX, is_rms, gate_before, sigmoid, 0, 0)))
+
+
+def quantize_rows(y: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, quant: str, block: int, ue8m0: bool) -> None:
+    """The quantized output's last step on float32 rows y (M, N, unit feature stride): codes into q (M, N, one byte
+    per element, unit feature stride) and scales into scale (M, N // block, any strides), as
+    :func:`gatednorm.numerics.quantize_blocks` computes them (the same bits; ``native_cpu_kernel.c``, "The
+    quantized output's last step"), in one pass, on this thread."""
+    m, n = y.shape
+    lib = _loaded()
+    lib.gn_quantize_packed(_QUANTIZE_CALL.pack(
+        y.data_ptr(), y.stride(0), q.data_ptr(), q.stride(0), scale.data_ptr(), scale.stride(0), scale.stride(1),
+        m, 0, m, 0, 0, n, block, _QUANT_KINDS[quant], ue8m0))
 
 
 def forward_rows_team(x: torch.Tensor, z: torch.Tensor | None, weight: torch.Tensor, bias: torch.Tensor | None,

@@ -84,6 +84,28 @@ def _run_entry(entry: tuple, grid0: int, grid1: int, stream: int, hooks: tuple, 
         run(grid0, grid1, 1, stream, function, packed, None, *hooks, *tensors, *tail)
 
 
+def _rows_and_pdl(x: torch.Tensor, n: int, pdl: bool | None, pdl_ok: bool) -> tuple[int, bool] | None:
+    """(M, whether to launch with PDL: ``pdl``, or by the call's size where the backend left it None) of a call on
+    x's rows of n features; None where a plan does not serve it (M = 0, M >= 2^31)."""
+    numel = x.numel()
+    m = numel // n
+    if m == 0 or m >= 2**31:
+        return None
+    return m, (pdl if pdl is not None else (numel < PDL_MAX_ELEMENTS and pdl_ok))
+
+
+def _kernel_and_rescue(kernel, rescue, index: int, warps: int, pdl: bool, constexprs: tuple, spec: tuple,
+                       after: bool) -> tuple | None:
+    """(kernel's launcher, rescue's or None): what :func:`.launch._launch` cached for a forward kernel and, where the
+    range rescue runs after it, for its rescue kernel (the forward's warps and arguments; ``constexprs`` the pair
+    of their constexpr tuples); None where one of them is not compiled yet."""
+    fwd = _COMPILED.get((kernel, index, warps, pdl, constexprs[0], spec))
+    after_launcher = _COMPILED.get((rescue, index, warps, pdl, constexprs[1], spec)) if after else None
+    if fwd is None or (after and after_launcher is None):
+        return None
+    return fwd, after_launcher
+
+
 #: Forward launches made through a :class:`ForwardPlan` (a diagnostic for benchmarks and tests).
 planned_launches = 0
 
@@ -144,24 +166,20 @@ class ForwardPlan:
         """The launchers :func:`_launch` cached for this variant (None: one is not compiled yet)."""
         _, _, pdl, groups_fastest, after = variant
         spec = _aligned_spec((*self.arg_dtypes, m, *self.fixed_args))
-        fwd_constexprs, rescue_constexprs = self.constexprs[(pdl, groups_fastest, after)]
-        fwd = _COMPILED.get((fwd_kernel, self.index, self.warps, pdl, fwd_constexprs, spec))
-        rescue = None
-        if after:
-            rescue = _COMPILED.get((rescue_kernel, self.index, self.warps, pdl, rescue_constexprs, spec))
-        if fwd is None or (after and rescue is None):
-            return None
-        self.variants[variant] = (fwd, rescue)
-        return fwd, rescue
+        entries = _kernel_and_rescue(fwd_kernel, rescue_kernel, self.index, self.warps, pdl,
+                                     self.constexprs[(pdl, groups_fastest, after)], spec, after)
+        if entries is not None:
+            self.variants[variant] = entries
+        return entries
 
     def __call__(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                  z: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor] | None:
         n = self.n
-        numel = x.numel()
-        m = numel // n
-        if m == 0 or m >= 2**31:
+        rows = _rows_and_pdl(x, n, self.pdl, self.pdl_ok)
+        if rows is None:
             return None
-        pdl = self.pdl if self.pdl is not None else (numel < PDL_MAX_ELEMENTS and self.pdl_ok)
+        m, pdl = rows
+        numel = m * n
         tiles = -(-m // self.rows)
         groups_fastest = self.groups_fastest and tiles <= MAX_GRID_Y
         after = numel >= self.rescue_min
@@ -420,25 +438,20 @@ class QuantPlan:
         """The launchers :func:`_launch` cached for this variant (None: one is not compiled yet)."""
         _, _, pdl, after = variant
         spec = _aligned_spec((*self.arg_dtypes, m, *self.fixed_args, *self._scale_strides(m), self.eps))
-        fwd_constexprs, rescue_constexprs = self.constexprs[(pdl, after)]
-        fwd = _COMPILED.get((fwd_quant_kernel, self.index, self.warps, pdl, fwd_constexprs, spec))
-        rescue = None
-        if after:
-            rescue = _COMPILED.get((quant_rescue_kernel, self.index, self.warps, pdl, rescue_constexprs, spec))
-        if fwd is None or (after and rescue is None):
-            return None
-        self.variants[variant] = (fwd, rescue)
-        return fwd, rescue
+        entries = _kernel_and_rescue(fwd_quant_kernel, quant_rescue_kernel, self.index, self.warps, pdl,
+                                     self.constexprs[(pdl, after)], spec, after)
+        if entries is not None:
+            self.variants[variant] = entries
+        return entries
 
     def __call__(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                  z: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor] | None:
         n = self.n
-        numel = x.numel()
-        m = numel // n
-        if m == 0 or m >= 2**31:
+        rows = _rows_and_pdl(x, n, self.pdl, self.pdl_ok)
+        if rows is None:
             return None
-        pdl = self.pdl if self.pdl is not None else (numel < PDL_MAX_ELEMENTS and self.pdl_ok)
-        after = numel >= self.rescue_min
+        m, pdl = rows
+        after = m * n >= self.rescue_min
         variant = (m == 1, not m & 15, pdl, after)
         entries = self.variants.get(variant) or self._entries(variant, m)
         hooks = None if entries is None else _launch_hooks(self.index)
