@@ -576,30 +576,57 @@ def test_c_quantizer_matches_quantize_blocks(quant, fmt, k, column_major):
     assert torch.equal(scale.nan_to_num(), s_ref.nan_to_num())
 
 
-def test_native_quantized_forward_takes_the_c_quantizer(monkeypatch):
-    """gated_norm_quant on the native backend runs the C quantizer (forward_quant returns True) and gives the
-    generic path's bits; round_to (a bf16 / fp16 y) and a switched-off kernel take the generic path."""
-    from gatednorm import ops
+def _generic_quant(x, w, b, z, gs, quant, block):
+    """The generic path's result for the same call: the native forward into float32, then quantize_blocks."""
+    from gatednorm import numerics
+    from gatednorm.spec import QuantSpec
 
+    y = gatednorm.layer_norm_fwd(x, w, b, 1e-6, z, group_size=gs, backend="native",
+                                 out=torch.empty(x.shape, dtype=torch.float32))[0]
+    return numerics.quantize_blocks(y, QuantSpec(quant, block, "float32", "none", False))
+
+
+@pytest.mark.parametrize("threads", THREADS)
+@pytest.mark.parametrize("quant", ["fp8_e4m3", "int8"])
+def test_native_quantized_forward_in_one_pass(quant, threads, monkeypatch):
+    """gated_norm_quant on the native backend with bf16 / float32 rows: the C forward quantizes each row as it
+    computes it (no separate quantizer call, no y), on the pool or the team, and gives the generic path's bits:
+    the C forward's float32 y then quantize_blocks. Rows out of range (|x| near bf16's maximum) are redone by
+    the rescue and quantized again, to the same bits."""
+    monkeypatch.setattr(native_cpu._Plan, "__init__", _pooled_plan_init(native_cpu._Plan.__init__))
+    team_calls = _count_calls(monkeypatch, "forward_rows_team")
+    pool_calls = _count_calls(monkeypatch, "forward_rows")
+    monkeypatch.setattr(native_cpu_kernel, "_team", {"on": threads == "team", "pool_until": 0.0})
+    monkeypatch.setattr(native_cpu_kernel, "TEAM_LATE_SECONDS", float("inf"))  # no switch to the pool mid-test
+    calls = []
+    real = native_cpu_kernel.quantize_rows
+    monkeypatch.setattr(native_cpu_kernel, "quantize_rows", lambda *a: calls.append(a[0].shape) or real(*a))
+    x, z, w, b = make_inputs(300, 256, torch.bfloat16, bias=True, gate=True, seed=5)
+    x[7] *= 1e36  # groups whose sums overflow float32: the range rescue's rows
+    x[200, :128] = 0.0
+    q, s = gatednorm.gated_norm_quant(x, w, b, 1e-6, z, 128, quant=quant, quant_group_size=64, backend="native")
+    assert (team_calls if threads == "team" else len(pool_calls) > 1), "not run on the team / shared out on the pool"
+    assert calls == [(1, 256)], calls  # row 7 only, through the rescue
+    q_ref, s_ref = _generic_quant(x, w, b, z, 128, quant, 64)
+    assert torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8)) and torch.equal(s, s_ref)
+    assert bool(torch.isfinite(s[7]).all()) and bool((q[7].float().abs() > 0).any())
+
+
+def test_native_quantized_forward_other_rows_and_round_to(monkeypatch):
+    """Rows the C forward does not take (float16): the block kernels' forward a step at a time, then the C
+    quantizer per step, to the generic path's bits; a y rounded to bf16 first (round_to): the generic path."""
     calls = []
     real = native_cpu_kernel.quantize_rows
     monkeypatch.setattr(native_cpu_kernel, "quantize_rows", lambda *a: calls.append(a[0].shape) or real(*a))
     monkeypatch.setattr(native_cpu, "QUANT_STEP_ELEMENTS", 1024)  # several steps of rows
-    x, z, w, b = make_inputs(40, 256, torch.bfloat16, bias=True, gate=True, seed=3)
+    x, z, w, b = make_inputs(40, 256, torch.float16, bias=True, gate=True, seed=3)
     for quant in ("fp8_e4m3", "int8"):
-        kw = dict(quant=quant, quant_group_size=64)
         calls.clear()
-        q, s = gatednorm.gated_norm_quant(x, w, b, 1e-6, z, 128, backend="native", **kw)
-        assert calls and sum(c[0] for c in calls) == 40 and all(c[0] <= 4 for c in calls)
-        with native_cpu_kernel.enabled(False):
-            q2, s2 = gatednorm.gated_norm_quant(x, w, b, 1e-6, z, 128, backend="native", **kw)
-        # switched off: the block kernels' forward (not the C forward's bits) and quantize_blocks; compare
-        # the C quantizer with quantize_blocks on the C forward's own float32 y instead
-        y = gatednorm.layer_norm_fwd(x, w, b, 1e-6, z, group_size=128, backend="native",
-                                     out=torch.empty(40, 256))[0]
-        q3, s3 = ops.numerics.quantize_blocks(y, gatednorm.spec.QuantSpec(quant, 64, "float32", "none", False))
-        assert torch.equal(q.view(torch.uint8), q3.view(torch.uint8)) and torch.equal(s, s3)
-        assert q2.shape == q.shape
+        q, s = gatednorm.gated_norm_quant(x, w, b, 1e-6, z, 128, quant=quant, quant_group_size=64, backend="native")
+        assert sum(c[0] for c in calls) == 40 and all(c[0] <= 4 for c in calls), calls
+        q_ref, s_ref = _generic_quant(x, w, b, z, 128, quant, 64)
+        assert torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8)) and torch.equal(s, s_ref)
         calls.clear()
-        gatednorm.gated_norm_quant(x, w, b, 1e-6, z, 128, backend="native", round_to=torch.bfloat16, **kw)
+        gatednorm.gated_norm_quant(x.bfloat16(), w, b, 1e-6, z.bfloat16(), 128, quant=quant, quant_group_size=64,
+                                   round_to=torch.bfloat16, backend="native")
         assert calls == []

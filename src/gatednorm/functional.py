@@ -522,7 +522,7 @@ def gated_norm_quant(
 def _quant_shaped(q: torch.Tensor, scale: torch.Tensor, out_shape: torch.Size,
                   column_major_scales: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(q (M, N), scale (M, G)) of rows in the call's shape: q as x, scale as x.shape[:-1] + (G,)."""
-    if len(out_shape) == 2:  # 2-D x: the rows are the shape already (two views cost a repeated call ~3 us)
+    if len(out_shape) == 2 and not column_major_scales:  # the rows are the shape (two views: ~3 us a call)
         return q, scale
     lead = out_shape[:-1]
     if column_major_scales:  # (M, G) with strides (1, M): a view of (G, M) storage, G outermost

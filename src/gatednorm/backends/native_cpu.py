@@ -725,12 +725,15 @@ def _use_cpu_kernel(rows: tuple[torch.Tensor | None, ...], others: tuple[torch.T
             and native_cpu_kernel.handles(*rows))
 
 
-def _forward_cpu_kernel(x, weight, bias, z, spec: NormSpec, out, block_elements: int):
+def _forward_cpu_kernel(x, weight, bias, z, spec: NormSpec, out, block_elements: int,
+                        quant: native_cpu_kernel.QuantTarget | None = None):
     """The forward through the C kernel (GIL released during each call): a call that the pool would not share
     out is one kernel call over all rows in this thread; a pooled one is one kernel call per worker, the
     workers taking blocks of rows from a counter shared inside C (a row's bits do not depend on which call
     computes it). Only when the kernel counted groups out of range are their rows found on the stored rstd
-    and redone by the block kernels' rescue, so a row's bits never depend on its neighbours."""
+    and redone by the block kernels' rescue, so a row's bits never depend on its neighbours. ``quant``
+    (out None): the rows quantized into that target in the same pass instead of written as y; rows redone by
+    the rescue go through a float32 buffer and are quantized again."""
     m, n = x.shape
     groups = n // spec.group_size
     mean = None if spec.is_rms_norm else torch.empty(groups * m, dtype=torch.float32)
@@ -740,10 +743,11 @@ def _forward_cpu_kernel(x, weight, bias, z, spec: NormSpec, out, block_elements:
     args = (spec.group_size, spec.eps, spec.is_rms_norm, gate_before, spec.activation == "sigmoid")
     plan = _Plan(m, n, block_elements, (x, z, out), compiled_kernel=True)
     if plan.workers == 1:
-        out_of_range = native_cpu_kernel.forward_rows(x, z, weight_k, bias_k, out, mean, rstd, 0, m, *args)
+        out_of_range = native_cpu_kernel.forward_rows(x, z, weight_k, bias_k, out, mean, rstd, 0, m, *args,
+                                                      quant=quant)
     elif native_cpu_kernel.use_team():  # PyTorch's OpenMP threads take the same chunks from a counter
         out_of_range = native_cpu_kernel.forward_rows_team(x, z, weight_k, bias_k, out, mean, rstd, *args, plan.step,
-                                                           plan.workers)
+                                                           plan.workers, quant=quant)
     else:
         # one kernel call per worker, each taking blocks of rows from a shared counter inside C (dynamic,
         # so a worker on a busy core takes fewer); a worker that comes late finds none left
@@ -752,18 +756,24 @@ def _forward_cpu_kernel(x, weight, bias, z, spec: NormSpec, out, block_elements:
 
         def run_worker(_: int, state) -> None:
             counts.append(native_cpu_kernel.forward_rows(x, z, weight_k, bias_k, out, mean, rstd, 0, m, *args,
-                                                         shared=shared))
+                                                         shared=shared, quant=quant))
 
         plan.run(run_worker, lambda: None, tasks=plan.workers)
         out_of_range = sum(counts)
     if out_of_range:
         with torch.no_grad():
-            _redo_rows_out_of_range(x, z, weight, bias, spec, out, mean, rstd, plan)
+            y = out if quant is None else torch.empty(m, n, dtype=torch.float32)  # only the redone rows are used
+            for r0, r1 in _redo_rows_out_of_range(x, z, weight, bias, spec, y, mean, rstd, plan):
+                if quant is not None:
+                    native_cpu_kernel.quantize_rows(y[r0:r1], quant.codes[r0:r1], quant.scale[r0:r1], quant.quant,
+                                                    quant.block, quant.ue8m0)
     return mean, rstd
 
 
-def _redo_rows_out_of_range(x, z, weight, bias, spec: NormSpec, out, mean, rstd, plan: _Plan) -> None:
-    """The C forward's cold path: the rows holding a group out of range, redone by the block kernels' rescue."""
+def _redo_rows_out_of_range(x, z, weight, bias, spec: NormSpec, out, mean, rstd,
+                            plan: _Plan) -> list[tuple[int, int]]:
+    """The C forward's cold path: the rows holding a group out of range, redone by the block kernels' rescue;
+    returns their [r0, r1) runs."""
     m, n = x.shape
     c = torch.float32
     groups = n // spec.group_size
@@ -775,8 +785,10 @@ def _redo_rows_out_of_range(x, z, weight, bias, spec: NormSpec, out, mean, rstd,
     rstd3 = rstd.view(groups, m).t().unsqueeze(-1)
     weight_c = weight.to(c)
     bias_c = bias.to(c) if bias is not None else None
-    for r0, r1 in _runs_out_of_range(rstd, m, step):
+    runs = _runs_out_of_range(rstd, m, step)
+    for r0, r1 in runs:
         _redo_block(x, z, weight_c, bias_c, spec, out, mean3, rstd3, state, r0, r1, plan.threads)
+    return runs
 
 
 def _runs_out_of_range(rstd: torch.Tensor, m: int, step: int) -> list[tuple[int, int]]:
@@ -1027,16 +1039,22 @@ QUANT_STEP_ELEMENTS = 1 << 18
 
 def forward_quant(backend: NativeCPUBackend, x, weight, bias, z, spec: NormSpec, qspec: QuantSpec, q, scale) -> bool:
     """The quantized output where the C kernel is built and y is quantized from float32 (``round_to`` None):
-    per step of rows, the backend's forward into a float32 buffer, then the C quantizer
-    (:func:`.native_cpu_kernel.quantize_rows`: numerics.quantize_blocks' steps, one pass, no ATen op, so no
-    parallel region to wait for a descheduled thread on a busy machine). False elsewhere, having written
-    nothing: the generic path then runs the same forward and numerics.quantize_blocks (the same bits)."""
+    where the C forward takes x and z (float32 / bf16 rows), one pass: each row normalised and quantized in C
+    (numerics.quantize_blocks' steps on its float32 y), on the forward's threads, no y in memory; else per step
+    of rows the backend's forward into a float32 buffer, then the C quantizer
+    (:func:`.native_cpu_kernel.quantize_rows`). The quantization runs no ATen op either way, so no parallel
+    region that waits for a descheduled thread on a busy machine. False elsewhere, having written nothing: the
+    generic path then runs the same forward and numerics.quantize_blocks (the same bits)."""
     if qspec.round_to != "none" or not native_cpu_kernel.quantizer_ready():
         return False
+    codes = q.view(torch.uint8)
+    if _use_cpu_kernel((x, z), (weight, bias)):  # the C forward quantizes each row as it computes it
+        target = native_cpu_kernel.QuantTarget(codes, scale, qspec.block, qspec.quant, qspec.scale_format == "ue8m0")
+        _forward_cpu_kernel(x, weight, bias, z, spec, None, backend.block_elements, quant=target)
+        return True
     m, n = x.shape
     step = max(1, min(m, QUANT_STEP_ELEMENTS // n))
     y = torch.empty((step, n), dtype=torch.float32)
-    codes = q.view(torch.uint8)
     for r0 in range(0, m, step):
         r1 = min(m, r0 + step)
         yb = y[: r1 - r0]

@@ -282,55 +282,6 @@ static void output_pass_any(int code, const float *v, const float *a, const floa
 #undef OUT_CASE
 }
 
-/* Rows [r0, r1) of x (M, N), or with a counter (see next_piece) chunks of chunk_rows rows of [0, M) taken
- * from it. Row strides in elements; features contiguous. w, b: (N,) contiguous in w_dtype / b_dtype, b may
- * be NULL; z may be NULL. mean (NULL for RMSNorm) and rstd: G * M floats, group-major (g * M + m). Returns
- * the number of groups whose rstd is outside (0, rstd_max) or NaN (the rows the caller redoes), or -1 when
- * out of memory. */
-int64_t gn_forward_rows(const void *x, int x_dtype, int64_t stride_x, const void *z, int z_dtype,
-                        int64_t stride_z, const void *w_in, int w_dtype, const void *b_in, int b_dtype, void *y,
-                        int y_dtype, int64_t stride_y, float *mean, float *rstd, int64_t M, int64_t r0, int64_t r1,
-                        int64_t *counter, int64_t chunk_rows, int64_t N, int64_t gs, float eps, float rstd_max,
-                        int is_rms, int gate_before, int sigmoid_only) {
-    /* one group at a time, as the backward (gs-wide buffers) */
-    float *buf = (float *)malloc(((size_t)gs * 2 + (size_t)N * 2) * sizeof(float));
-    if (buf == NULL) return -1;
-    float *xr = buf, *ar = buf + gs;
-    const float *w = load_params(w_in, w_dtype, N, buf + 2 * gs), *b = load_params(b_in, b_dtype, N, buf + 2 * gs + N);
-    int64_t out_of_range = 0;
-    const int64_t groups = N / gs;
-    const float gs_f = (float)gs;
-    const size_t xb = x_dtype == GN_BF16 ? 2 : 4, zb = z_dtype == GN_BF16 ? 2 : 4, yb = y_dtype == GN_BF16 ? 2 : 4;
-    const int has_z = z != NULL, gate_after = has_z && !gate_before;
-    const int gate_code = (x_dtype == GN_BF16) | (has_z && z_dtype == GN_BF16) << 1 | has_z << 2
-                          | (has_z && sigmoid_only) << 3 | (has_z && gate_before) << 4;
-    const int out_code = (y_dtype == GN_BF16) | (b != NULL) << 1 | gate_after << 2;
-    int taken = 0;
-    while (next_piece(counter, chunk_rows, M, &r0, &r1, &taken)) {
-        for (int64_t m = r0; m < r1; m++) {
-            const char *x_row = (const char *)x + (size_t)(m * stride_x) * xb;
-            const char *z_row = has_z ? (const char *)z + (size_t)(m * stride_z) * zb : NULL;
-            char *y_row = (char *)y + (size_t)(m * stride_y) * yb;
-            for (int64_t g = 0; g < groups; g++) {
-                const int64_t o = g * gs;
-                gate_pass_any(gate_code, x_row + (size_t)o * xb, has_z ? z_row + (size_t)o * zb : NULL, gs, xr, ar);
-                float mu = 0.0f;
-                if (!is_rms) {
-                    mu = cascade_sum(xr, gs, 0, 0.0f) / gs_f;
-                    mean[g * M + m] = mu;
-                }
-                float var_eps = cascade_sum(xr, gs, 1, mu) / gs_f + eps;
-                float rs = 1.0f / sqrtf(var_eps);
-                rstd[g * M + m] = rs;
-                out_of_range += !(rs > 0.0f && rs < rstd_max);
-                output_pass_any(out_code, xr, ar, w + o, b != NULL ? b + o : NULL, mu, rs, gs, y_row + (size_t)o * yb);
-            }
-        }
-    }
-    free(buf);
-    return out_of_range;
-}
-
 /* ---- The quantized output's last step (docs/design.md, "Quantized output"), on float32 rows of y ----------------
  *
  * Per row and block of k features: amax = max |y| (NaN when the block holds one), scale = max(RN(amax / qmax),
@@ -358,6 +309,16 @@ static inline uint8_t gn_fp8_code(float v, const int fnuz) {
     const uint32_t sign = (fnuz && code == 0) ? 0u : (bits >> 24) & 0x80u;
     return (uint8_t)((uint32_t)code | sign);
 }
+
+/* Where a forward writes its rows quantized instead of y (gn_forward_rows' qo): codes, their row stride, the
+ * scales and their strides, the block size k, kind and ue8m0 as above. */
+typedef struct {
+    uint8_t *q;
+    int64_t stride_q;
+    float *scale;
+    int64_t stride_sm, stride_sg, k;
+    int kind, ue8m0;
+} gn_quant_out;
 
 static void quantize_block(const float *y, int64_t k, const int kind, const int ue8m0, uint8_t *q, float *scale_at) {
     const float qmax = kind == 0 ? 127.0f : (kind == 1 ? 448.0f : 240.0f);
@@ -394,21 +355,77 @@ static void quantize_block(const float *y, int64_t k, const int kind, const int 
     }
 }
 
+/* Row m's N values (float32, at y) quantized into qo's row m */
+static void quantize_row(const float *y, int64_t N, int64_t m, const gn_quant_out *qo) {
+    for (int64_t blk = 0; blk < N / qo->k; blk++) {
+        quantize_block(y + blk * qo->k, qo->k, qo->kind, qo->ue8m0, qo->q + m * qo->stride_q + blk * qo->k,
+                       qo->scale + m * qo->stride_sm + blk * qo->stride_sg);
+    }
+}
+
 /* Rows [r0, r1) of y (M, N) float32, row stride stride_y, or with a counter (next_piece) chunks of chunk_rows
  * rows of [0, M): codes into q (one byte each, row stride stride_q), scales as above. Returns 0. */
 int64_t gn_quantize_rows(const float *y, int64_t stride_y, uint8_t *q, int64_t stride_q, float *scale,
                          int64_t stride_sm, int64_t stride_sg, int64_t M, int64_t r0, int64_t r1, int64_t *counter,
                          int64_t chunk_rows, int64_t N, int64_t k, int kind, int ue8m0) {
+    const gn_quant_out qo = {q, stride_q, scale, stride_sm, stride_sg, k, kind, ue8m0};
+    int taken = 0;
+    while (next_piece(counter, chunk_rows, M, &r0, &r1, &taken)) {
+        for (int64_t m = r0; m < r1; m++) quantize_row(y + m * stride_y, N, m, &qo);
+    }
+    return 0;
+}
+
+/* Rows [r0, r1) of x (M, N), or with a counter (see next_piece) chunks of chunk_rows rows of [0, M) taken
+ * from it. Row strides in elements; features contiguous. w, b: (N,) contiguous in w_dtype / b_dtype, b may
+ * be NULL; z may be NULL. mean (NULL for RMSNorm) and rstd: G * M floats, group-major (g * M + m). With qo
+ * (else NULL), each row is quantized as gn_quantize_rows would quantize its float32 y, and y is not written
+ * (may be NULL): the quantized output in one pass. Returns the number of groups whose rstd is outside
+ * (0, rstd_max) or NaN (the rows the caller redoes; with qo, redoes and quantizes), or -1 when out of memory. */
+int64_t gn_forward_rows(const void *x, int x_dtype, int64_t stride_x, const void *z, int z_dtype,
+                        int64_t stride_z, const void *w_in, int w_dtype, const void *b_in, int b_dtype, void *y,
+                        int y_dtype, int64_t stride_y, float *mean, float *rstd, int64_t M, int64_t r0, int64_t r1,
+                        int64_t *counter, int64_t chunk_rows, int64_t N, int64_t gs, float eps, float rstd_max,
+                        int is_rms, int gate_before, int sigmoid_only, const gn_quant_out *qo) {
+    /* one group at a time, as the backward (gs-wide buffers); with qo a float32 row for y too */
+    float *buf = (float *)malloc(((size_t)gs * 2 + (size_t)N * (qo != NULL ? 3 : 2)) * sizeof(float));
+    if (buf == NULL) return -1;
+    float *xr = buf, *ar = buf + gs, *yq = qo != NULL ? buf + 2 * gs + 2 * N : NULL;
+    const float *w = load_params(w_in, w_dtype, N, buf + 2 * gs), *b = load_params(b_in, b_dtype, N, buf + 2 * gs + N);
+    int64_t out_of_range = 0;
+    const int64_t groups = N / gs;
+    const float gs_f = (float)gs;
+    const size_t xb = x_dtype == GN_BF16 ? 2 : 4, zb = z_dtype == GN_BF16 ? 2 : 4, yb = y_dtype == GN_BF16 ? 2 : 4;
+    const int has_z = z != NULL, gate_after = has_z && !gate_before;
+    const int gate_code = (x_dtype == GN_BF16) | (has_z && z_dtype == GN_BF16) << 1 | has_z << 2
+                          | (has_z && sigmoid_only) << 3 | (has_z && gate_before) << 4;
+    const int out_code = (qo == NULL && y_dtype == GN_BF16) | (b != NULL) << 1 | gate_after << 2;
     int taken = 0;
     while (next_piece(counter, chunk_rows, M, &r0, &r1, &taken)) {
         for (int64_t m = r0; m < r1; m++) {
-            for (int64_t blk = 0; blk < N / k; blk++) {
-                quantize_block(y + m * stride_y + blk * k, k, kind, ue8m0, q + m * stride_q + blk * k,
-                               scale + m * stride_sm + blk * stride_sg);
+            const char *x_row = (const char *)x + (size_t)(m * stride_x) * xb;
+            const char *z_row = has_z ? (const char *)z + (size_t)(m * stride_z) * zb : NULL;
+            char *y_row = qo != NULL ? (char *)yq : (char *)y + (size_t)(m * stride_y) * yb;
+            const size_t out_b = qo != NULL ? 4 : yb;
+            for (int64_t g = 0; g < groups; g++) {
+                const int64_t o = g * gs;
+                gate_pass_any(gate_code, x_row + (size_t)o * xb, has_z ? z_row + (size_t)o * zb : NULL, gs, xr, ar);
+                float mu = 0.0f;
+                if (!is_rms) {
+                    mu = cascade_sum(xr, gs, 0, 0.0f) / gs_f;
+                    mean[g * M + m] = mu;
+                }
+                float var_eps = cascade_sum(xr, gs, 1, mu) / gs_f + eps;
+                float rs = 1.0f / sqrtf(var_eps);
+                rstd[g * M + m] = rs;
+                out_of_range += !(rs > 0.0f && rs < rstd_max);
+                output_pass_any(out_code, xr, ar, w + o, b != NULL ? b + o : NULL, mu, rs, gs, y_row + (size_t)o * out_b);
             }
+            if (qo != NULL) quantize_row(yq, N, m, qo);
         }
     }
-    return 0;
+    free(buf);
+    return out_of_range;
 }
 
 /* Rows per chunk of the dweight / dbias partial sums: rows are added one by one into a chunk's sum, the
@@ -588,7 +605,7 @@ int64_t gn_forward_rows_team(const void *x, int x_dtype, int64_t stride_x, const
                              int64_t stride_z, const void *w_in, int w_dtype, const void *b_in, int b_dtype, void *y,
                              int y_dtype, int64_t stride_y, float *mean, float *rstd, int64_t M, int64_t *counter,
                              int64_t chunk_rows, int64_t N, int64_t gs, float eps, float rstd_max, int is_rms,
-                             int gate_before, int sigmoid_only, int threads, double *late) {
+                             int gate_before, int sigmoid_only, const gn_quant_out *qo, int threads, double *late) {
     const double start = gn_seconds();
     double delay = 0.0, master_done = start;
     int64_t out_of_range = 0;
@@ -598,7 +615,7 @@ int64_t gn_forward_rows_team(const void *x, int x_dtype, int64_t stride_x, const
         if (omp_get_thread_num() != 0) delay = gn_seconds() - start;
         const int64_t r = gn_forward_rows(x, x_dtype, stride_x, z, z_dtype, stride_z, w_in, w_dtype, b_in, b_dtype, y,
                                           y_dtype, stride_y, mean, rstd, M, 0, M, counter, chunk_rows, N, gs, eps,
-                                          rstd_max, is_rms, gate_before, sigmoid_only);
+                                          rstd_max, is_rms, gate_before, sigmoid_only, qo);
         if (r < 0) failed = 1;
         else out_of_range += r;
         if (omp_get_thread_num() == 0) master_done = gn_seconds();
@@ -647,6 +664,7 @@ typedef struct {
         r0, r1, counter, chunk_rows, N, gs;
     double eps, rstd_max;
     int64_t is_rms, gate_before, sigmoid_only, threads, late;
+    int64_t q, stride_q, qscale, stride_sm, stride_sg, qk, qkind, ue8m0; /* the quantized output (q 0: y) */
 } gn_forward_call;
 
 typedef struct {
@@ -667,12 +685,28 @@ int64_t gn_quantize_packed(const gn_quantize_call *c) {
                             (int64_t *)GN_PTR(c->counter), c->chunk_rows, c->N, c->k, (int)c->kind, (int)c->ue8m0);
 }
 
+/* The quantized output's fields of a forward call (NULL where q is 0: the forward writes y). */
+static const gn_quant_out *quant_out_of(const gn_forward_call *c, gn_quant_out *qo) {
+    if (c->q == 0) return NULL;
+    qo->q = (uint8_t *)GN_PTR(c->q);
+    qo->stride_q = c->stride_q;
+    qo->scale = (float *)GN_PTR(c->qscale);
+    qo->stride_sm = c->stride_sm;
+    qo->stride_sg = c->stride_sg;
+    qo->k = c->qk;
+    qo->kind = (int)c->qkind;
+    qo->ue8m0 = (int)c->ue8m0;
+    return qo;
+}
+
 int64_t gn_forward_packed(const gn_forward_call *c) {
+    gn_quant_out qo;
     return gn_forward_rows(GN_PTR(c->x), (int)c->x_dtype, c->stride_x, GN_PTR(c->z), (int)c->z_dtype, c->stride_z,
                            GN_PTR(c->w), (int)c->w_dtype, GN_PTR(c->b), (int)c->b_dtype, GN_PTR(c->y), (int)c->y_dtype,
                            c->stride_y, (float *)GN_PTR(c->mean), (float *)GN_PTR(c->rstd), c->M, c->r0, c->r1,
                            (int64_t *)GN_PTR(c->counter), c->chunk_rows, c->N, c->gs, (float)c->eps,
-                           (float)c->rstd_max, (int)c->is_rms, (int)c->gate_before, (int)c->sigmoid_only);
+                           (float)c->rstd_max, (int)c->is_rms, (int)c->gate_before, (int)c->sigmoid_only,
+                           quant_out_of(c, &qo));
 }
 
 int64_t gn_backward_packed(const gn_backward_call *c) {
@@ -687,12 +721,13 @@ int64_t gn_backward_packed(const gn_backward_call *c) {
 
 #ifdef _OPENMP
 int64_t gn_forward_team_packed(const gn_forward_call *c) {
+    gn_quant_out qo;
     return gn_forward_rows_team(GN_PTR(c->x), (int)c->x_dtype, c->stride_x, GN_PTR(c->z), (int)c->z_dtype,
                                 c->stride_z, GN_PTR(c->w), (int)c->w_dtype, GN_PTR(c->b), (int)c->b_dtype, GN_PTR(c->y),
                                 (int)c->y_dtype, c->stride_y, (float *)GN_PTR(c->mean), (float *)GN_PTR(c->rstd), c->M,
                                 (int64_t *)GN_PTR(c->counter), c->chunk_rows, c->N, c->gs, (float)c->eps,
                                 (float)c->rstd_max, (int)c->is_rms, (int)c->gate_before, (int)c->sigmoid_only,
-                                (int)c->threads, (double *)GN_PTR(c->late));
+                                quant_out_of(c, &qo), (int)c->threads, (double *)GN_PTR(c->late));
 }
 
 int64_t gn_backward_team_packed(const gn_backward_call *c) {

@@ -18,8 +18,9 @@ needs no matching compiler ABI, and a ctypes call releases the GIL, so the worke
 
 When it is used
 ---------------
-The quantized output's last step (:func:`quantize_rows`, the native backend's ``forward_quant``) wherever the
-library is built. Forward and backward calls of the native backend on CPU whose x, z, dy and outputs are float32 or
+The native backend's quantized output (``forward_quant``) wherever the library is built: in the forward's pass
+(:class:`QuantTarget`) for float32 / bf16 rows, else by :func:`quantize_rows` after the forward. Forward and
+backward calls of the native backend on CPU whose x, z, dy and outputs are float32 or
 bfloat16 with contiguous features (anything else, float16 and float64 included, takes the block
 kernels), plain tensors (subclasses such as fake or functional tensors take the block kernels; an active
 dispatch mode sees no ATen op of the kernel, as of any kernel). ``GATEDNORM_CPU_KERNEL=0`` turns it off;
@@ -57,6 +58,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -153,9 +155,10 @@ def _declare(lib: ctypes.CDLL) -> None:
 
 
 #: The layouts of native_cpu_kernel.c's gn_forward_call and gn_backward_call: every field 8 bytes, pointers and
-#: integers int64 (a NULL pointer is 0), eps and rstd_max double. One struct.pack and one pointer per call: ctypes'
-#: conversion of 27-36 typed arguments took 5.3 us per call on the 2-core VM, packing them 0.2 us.
-_FORWARD_CALL = struct.Struct("=22q2d5q")
+#: integers int64 (a NULL pointer is 0), eps and rstd_max double; the forward's last 8 fields are the quantized
+#: output's. One struct.pack and one pointer per call: ctypes' conversion of 27-36 typed arguments took 5.3 us
+#: per call on the 2-core VM, packing them 0.2 us.
+_FORWARD_CALL = struct.Struct("=22q2d13q")
 _BACKWARD_CALL = struct.Struct("=36q")
 #: gn_quantize_call: 16 int64 fields.
 _QUANTIZE_CALL = struct.Struct("=16q")
@@ -330,20 +333,43 @@ def backward_rows(dy: torch.Tensor, x: torch.Tensor, z: torch.Tensor | None, wei
         task_rows, tasks, n, group_size, is_rms, gate_before, sigmoid, 0, 0)))
 
 
+class QuantTarget(NamedTuple):
+    """Where a forward writes its rows quantized instead of y (docs/design.md, "Quantized output"): the codes
+    (M, N) as one byte each with unit feature stride, the (M, N // block) float32 scales (any strides), the
+    block, the format and whether scales are rounded up to powers of two."""
+
+    codes: torch.Tensor
+    scale: torch.Tensor
+    block: int
+    quant: str
+    ue8m0: bool
+
+
+def _quant_fields(target: QuantTarget | None) -> tuple[int, ...]:
+    """gn_forward_call's quantized-output fields (all 0: the forward writes y)."""
+    if target is None:
+        return (0,) * 8
+    codes, scale = target.codes, target.scale
+    return (codes.data_ptr(), codes.stride(0), scale.data_ptr(), scale.stride(0), scale.stride(1), target.block,
+            _QUANT_KINDS[target.quant], target.ue8m0)
+
+
 def forward_rows(x: torch.Tensor, z: torch.Tensor | None, weight: torch.Tensor, bias: torch.Tensor | None,
-                 out: torch.Tensor, mean: torch.Tensor | None, rstd: torch.Tensor, r0: int, r1: int,
+                 out: torch.Tensor | None, mean: torch.Tensor | None, rstd: torch.Tensor, r0: int, r1: int,
                  group_size: int, eps: float, is_rms: bool, gate_before: bool, sigmoid: bool,
-                 shared: tuple[WorkCounter, int] | None = None) -> int:
+                 shared: tuple[WorkCounter, int] | None = None, quant: QuantTarget | None = None) -> int:
     """Rows [r0, r1) of x (M, N) into out; mean/rstd 1-D group-major float32; weight / bias (N,) from
     :func:`params_ready`. ``shared=(counter, chunk_rows)``: instead, chunks of chunk_rows rows of all M taken
-    from the counter until none is left. Returns how many groups came out of the safe range (rstd outside
-    (0, SAFE_RSTD_MAX) or NaN): they keep the rstd computed, and the caller redoes their rows."""
+    from the counter until none is left. ``quant``: instead of writing y (out None), each row's float32 y
+    quantized into the target as :func:`quantize_rows` would. Returns how many groups came out of the safe
+    range (rstd outside (0, SAFE_RSTD_MAX) or NaN): they keep the rstd computed, and the caller redoes their
+    rows (and quantizes them again)."""
     lib = _loaded()
     m, n = x.shape
     counter, chunk_rows = (shared[0].address, shared[1]) if shared else (0, 0)
     return _checked(lib.gn_forward_packed(_FORWARD_CALL.pack(
         *_forward_tensors(x, z, weight, bias, out, mean, rstd), m, r0, r1, counter, chunk_rows, n, group_size, eps,
-        SAFE_RSTD_MAX, is_rms, gate_before, sigmoid, 0, 0)))
+        SAFE_RSTD_MAX, is_rms, gate_before, sigmoid, 0, 0, *_quant_fields(quant))))
 
 
 def quantize_rows(y: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, quant: str, block: int, ue8m0: bool) -> None:
@@ -359,15 +385,16 @@ def quantize_rows(y: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, quant: 
 
 
 def forward_rows_team(x: torch.Tensor, z: torch.Tensor | None, weight: torch.Tensor, bias: torch.Tensor | None,
-                      out: torch.Tensor, mean: torch.Tensor | None, rstd: torch.Tensor, group_size: int, eps: float,
-                      is_rms: bool, gate_before: bool, sigmoid: bool, chunk_rows: int, threads: int) -> int:
+                      out: torch.Tensor | None, mean: torch.Tensor | None, rstd: torch.Tensor, group_size: int,
+                      eps: float, is_rms: bool, gate_before: bool, sigmoid: bool, chunk_rows: int, threads: int,
+                      quant: QuantTarget | None = None) -> int:
     """:func:`forward_rows` over all rows with ``shared`` chunks of chunk_rows rows, on an OpenMP team of
     ``threads`` (:func:`use_team` said yes); then records whether the team was late."""
     lib = _loaded()
     m, n = x.shape
     return _team_call(lambda counter, late: lib.gn_forward_team_packed(_FORWARD_CALL.pack(
         *_forward_tensors(x, z, weight, bias, out, mean, rstd), m, 0, m, counter, chunk_rows, n, group_size, eps,
-        SAFE_RSTD_MAX, is_rms, gate_before, sigmoid, threads, late)))
+        SAFE_RSTD_MAX, is_rms, gate_before, sigmoid, threads, late, *_quant_fields(quant))))
 
 
 def backward_rows_team(dy: torch.Tensor, x: torch.Tensor, z: torch.Tensor | None, weight: torch.Tensor,
@@ -387,7 +414,7 @@ def backward_rows_team(dy: torch.Tensor, x: torch.Tensor, z: torch.Tensor | None
 def _forward_tensors(x, z, weight, bias, out, mean, rstd) -> tuple[int, ...]:
     """The tensor fields of gn_forward_call (address, dtype code, row stride; parameters without a stride)."""
     return (x.data_ptr(), _code(x), x.stride(0), _ptr(z), _code(z), _row_stride(z), weight.data_ptr(), _code(weight),
-            _ptr(bias), _code(bias), out.data_ptr(), _code(out), out.stride(0), _ptr(mean), rstd.data_ptr())
+            _ptr(bias), _code(bias), _ptr(out), _code(out), _row_stride(out), _ptr(mean), rstd.data_ptr())
 
 
 def _backward_tensors(dy, x, z, weight, bias, mean, rstd, dx, dz, part_w, part_b) -> tuple[int, ...]:
