@@ -287,9 +287,11 @@ static void output_pass_any(int code, const float *v, const float *a, const floa
  * Per row and block of k features: amax = max |y| (NaN when the block holds one), scale = max(RN(amax / qmax),
  * 2^-126) (ue8m0: then rounded up to a power of two on the bits), q = round_half_even(clamp(y / scale, +-qmax)),
  * each step one IEEE float32 operation: numerics.quantize_blocks' steps on the same y, so the same codes and
- * scales. kind: 0 int8 (qmax 127), 1 e4m3fn (448), 2 e4m3fnuz (240); fp8 codes are written as their bits. A
- * block holding a NaN gets scale NaN, one holding an Inf (and no NaN) scale +Inf, and every code of such a
- * block is the format's NaN (0x7F, 0x80) or 0 (int8). Scales at scale + m * stride_sm + block * stride_sg. */
+ * scales (a NaN scale is the one quiet NaN here, as the triton kernel writes it; quantize_blocks passes on the
+ * block's own NaN, whose sign may differ). kind: 0 int8 (qmax 127), 1 e4m3fn (448), 2 e4m3fnuz (240); fp8 codes
+ * are written as their bits. A block holding a NaN gets scale NaN, one holding an Inf (and no NaN) scale +Inf,
+ * and every code of such a block is the format's NaN (0x7F, 0x80) or 0 (int8). Scales at
+ * scale + m * stride_sm + block * stride_sg. */
 
 #define GN_RNE_MAGIC 12582912.0f /* 1.5 * 2^23: t + it rounds |t| < 2^22 half to even onto the integers */
 
