@@ -576,14 +576,31 @@ def test_c_quantizer_matches_quantize_blocks(quant, fmt, k, column_major):
     assert torch.equal(scale.nan_to_num(), s_ref.nan_to_num())
 
 
-def _generic_quant(x, w, b, z, gs, quant, block):
+def _generic_quant(x, w, b, z, gs, quant, block, **norm):
     """The generic path's result for the same call: the native forward into float32, then quantize_blocks."""
     from gatednorm import numerics
     from gatednorm.spec import QuantSpec
 
     y = gatednorm.layer_norm_fwd(x, w, b, 1e-6, z, group_size=gs, backend="native",
-                                 out=torch.empty(x.shape, dtype=torch.float32))[0]
-    return numerics.quantize_blocks(y, QuantSpec(quant, block, "float32", "none", False))
+                                 out=torch.empty(x.shape, dtype=torch.float32), **norm)[0]
+    return numerics.quantize_blocks(y, QuantSpec(quant, block or x.shape[-1], "float32", "none", False))
+
+
+@pytest.mark.parametrize(("n", "gs", "block", "norm"), [
+    (288, 96, 32, dict(norm_before_gate=False, activation="sigmoid")),   # blocks inside groups, gate first
+    (288, 96, 144, dict(is_rms_norm=True)),                               # blocks straddling groups
+    (100, 50, None, dict()),                                              # per token, LayerNorm, odd sizes
+])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_native_quantized_forward_layouts(n, gs, block, norm, dtype):
+    """The one-pass C path on other group / block layouts and dtypes (the row is quantized after all its groups,
+    so blocks may cross groups): the generic path's bits."""
+    x, z, w, b = make_inputs(37, n, dtype, bias=True, gate=True, seed=n + gs)
+    for quant in ("fp8_e4m3", "fp8_e4m3fnuz", "int8"):
+        q, s = gatednorm.gated_norm_quant(x, w, b, 1e-6, z, gs, quant=quant, quant_group_size=block, backend="native",
+                                          **norm)
+        q_ref, s_ref = _generic_quant(x, w, b, z, gs, quant, block, **norm)
+        assert torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8)) and torch.equal(s, s_ref), (quant, block)
 
 
 @pytest.mark.parametrize("threads", THREADS)

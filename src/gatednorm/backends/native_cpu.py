@@ -1045,8 +1045,9 @@ def forward_quant(backend: NativeCPUBackend, x, weight, bias, z, spec: NormSpec,
     (:func:`.native_cpu_kernel.quantize_rows`). The quantization runs no ATen op either way, so no parallel
     region that waits for a descheduled thread on a busy machine. False elsewhere, having written nothing: the
     generic path then runs the same forward and numerics.quantize_blocks (the same bits)."""
-    if qspec.round_to != "none" or not native_cpu_kernel.quantizer_ready():
-        return False
+    if (qspec.round_to != "none" or not native_cpu_kernel.quantizer_ready()
+            or not all(t is None or type(t) in _PLAIN_TENSORS for t in (x, z, q, scale))):
+        return False  # (a tensor subclass may hold no memory of its own for the C code to read)
     codes = q.view(torch.uint8)
     if _use_cpu_kernel((x, z), (weight, bias)):  # the C forward quantizes each row as it computes it
         target = native_cpu_kernel.QuantTarget(codes, scale, qspec.block, qspec.quant, qspec.scale_format == "ue8m0")
