@@ -570,7 +570,8 @@ def test_c_quantizer_matches_quantize_blocks(quant, fmt, k, column_major):
     q = torch.empty(m, n, dtype=quant_dtype(quant))
     storage = torch.full((n // k, m) if column_major else (m, n // k), 7.0)
     scale = storage.t() if column_major else storage
-    native_cpu_kernel.quantize_rows(y, q.view(torch.uint8), scale, quant, k, fmt == "ue8m0")
+    native_cpu_kernel.quantize_rows(y, native_cpu_kernel.QuantTarget(q.view(torch.uint8), scale, k, quant,
+                                                                     fmt == "ue8m0"))
     assert torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8))
     assert torch.equal(scale.isnan(), s_ref.isnan())
     assert torch.equal(scale.nan_to_num(), s_ref.nan_to_num())

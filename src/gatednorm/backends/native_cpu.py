@@ -765,8 +765,7 @@ def _forward_cpu_kernel(x, weight, bias, z, spec: NormSpec, out, block_elements:
             y = out if quant is None else torch.empty(m, n, dtype=torch.float32)  # only the redone rows are used
             for r0, r1 in _redo_rows_out_of_range(x, z, weight, bias, spec, y, mean, rstd, plan):
                 if quant is not None:
-                    native_cpu_kernel.quantize_rows(y[r0:r1], quant.codes[r0:r1], quant.scale[r0:r1], quant.quant,
-                                                    quant.block, quant.ue8m0)
+                    native_cpu_kernel.quantize_rows(y[r0:r1], quant.rows(r0, r1))
     return mean, rstd
 
 
@@ -1048,9 +1047,9 @@ def forward_quant(backend: NativeCPUBackend, x, weight, bias, z, spec: NormSpec,
     if (qspec.round_to != "none" or not native_cpu_kernel.quantizer_ready()
             or not all(t is None or type(t) in _PLAIN_TENSORS for t in (x, z, q, scale))):
         return False  # (a tensor subclass may hold no memory of its own for the C code to read)
-    codes = q.view(torch.uint8)
+    target = native_cpu_kernel.QuantTarget(q.view(torch.uint8), scale, qspec.block, qspec.quant,
+                                           qspec.scale_format == "ue8m0")
     if _use_cpu_kernel((x, z), (weight, bias)):  # the C forward quantizes each row as it computes it
-        target = native_cpu_kernel.QuantTarget(codes, scale, qspec.block, qspec.quant, qspec.scale_format == "ue8m0")
         _forward_cpu_kernel(x, weight, bias, z, spec, None, backend.block_elements, quant=target)
         return True
     m, n = x.shape
@@ -1060,6 +1059,5 @@ def forward_quant(backend: NativeCPUBackend, x, weight, bias, z, spec: NormSpec,
         r1 = min(m, r0 + step)
         yb = y[: r1 - r0]
         backend.forward(x[r0:r1], weight, bias, None if z is None else z[r0:r1], spec, yb)
-        native_cpu_kernel.quantize_rows(yb, codes[r0:r1], scale[r0:r1], qspec.quant, qspec.block,
-                                        qspec.scale_format == "ue8m0")
+        native_cpu_kernel.quantize_rows(yb, target.rows(r0, r1))
     return True

@@ -366,14 +366,12 @@ static void quantize_row(const float *y, int64_t N, int64_t m, const gn_quant_ou
 }
 
 /* Rows [r0, r1) of y (M, N) float32, row stride stride_y, or with a counter (next_piece) chunks of chunk_rows
- * rows of [0, M): codes into q (one byte each, row stride stride_q), scales as above. Returns 0. */
-int64_t gn_quantize_rows(const float *y, int64_t stride_y, uint8_t *q, int64_t stride_q, float *scale,
-                         int64_t stride_sm, int64_t stride_sg, int64_t M, int64_t r0, int64_t r1, int64_t *counter,
-                         int64_t chunk_rows, int64_t N, int64_t k, int kind, int ue8m0) {
-    const gn_quant_out qo = {q, stride_q, scale, stride_sm, stride_sg, k, kind, ue8m0};
+ * rows of [0, M): quantized into qo's rows. Returns 0. */
+int64_t gn_quantize_rows(const float *y, int64_t stride_y, int64_t M, int64_t r0, int64_t r1, int64_t *counter,
+                         int64_t chunk_rows, int64_t N, const gn_quant_out *qo) {
     int taken = 0;
     while (next_piece(counter, chunk_rows, M, &r0, &r1, &taken)) {
-        for (int64_t m = r0; m < r1; m++) quantize_row(y + m * stride_y, N, m, &qo);
+        for (int64_t m = r0; m < r1; m++) quantize_row(y + m * stride_y, N, m, qo);
     }
     return 0;
 }
@@ -661,12 +659,17 @@ int64_t gn_backward_rows_team(const void *dy, int dy_dtype, int64_t stride_dy, c
  * decode-sized call (one to a few dozen rows) computes for a few microseconds, so the conversion was most of
  * its time in C. `threads` and `late` (a double *) are read by the team calls only.
  * ------------------------------------------------------------------------------------------------------------ */
+/* A gn_quant_out as 8 fields of a packed call (q 0: none, the forward writes y) */
+typedef struct {
+    int64_t q, stride_q, scale, stride_sm, stride_sg, k, kind, ue8m0;
+} gn_quant_fields;
+
 typedef struct {
     int64_t x, x_dtype, stride_x, z, z_dtype, stride_z, w, w_dtype, b, b_dtype, y, y_dtype, stride_y, mean, rstd, M,
         r0, r1, counter, chunk_rows, N, gs;
     double eps, rstd_max;
     int64_t is_rms, gate_before, sigmoid_only, threads, late;
-    int64_t q, stride_q, qscale, stride_sm, stride_sg, qk, qkind, ue8m0; /* the quantized output (q 0: y) */
+    gn_quant_fields quant;
 } gn_forward_call;
 
 typedef struct {
@@ -676,29 +679,30 @@ typedef struct {
 } gn_backward_call;
 
 typedef struct {
-    int64_t y, stride_y, q, stride_q, scale, stride_sm, stride_sg, M, r0, r1, counter, chunk_rows, N, k, kind, ue8m0;
+    int64_t y, stride_y, M, r0, r1, counter, chunk_rows, N;
+    gn_quant_fields quant;
 } gn_quantize_call;
 
 #define GN_PTR(v) ((void *)(intptr_t)(v))
 
-int64_t gn_quantize_packed(const gn_quantize_call *c) {
-    return gn_quantize_rows((const float *)GN_PTR(c->y), c->stride_y, (uint8_t *)GN_PTR(c->q), c->stride_q,
-                            (float *)GN_PTR(c->scale), c->stride_sm, c->stride_sg, c->M, c->r0, c->r1,
-                            (int64_t *)GN_PTR(c->counter), c->chunk_rows, c->N, c->k, (int)c->kind, (int)c->ue8m0);
+/* The gn_quant_out of a call's quantized-output fields (NULL where q is 0: the forward writes y). */
+static const gn_quant_out *quant_out_of(const gn_quant_fields *f, gn_quant_out *qo) {
+    if (f->q == 0) return NULL;
+    qo->q = (uint8_t *)GN_PTR(f->q);
+    qo->stride_q = f->stride_q;
+    qo->scale = (float *)GN_PTR(f->scale);
+    qo->stride_sm = f->stride_sm;
+    qo->stride_sg = f->stride_sg;
+    qo->k = f->k;
+    qo->kind = (int)f->kind;
+    qo->ue8m0 = (int)f->ue8m0;
+    return qo;
 }
 
-/* The quantized output's fields of a forward call (NULL where q is 0: the forward writes y). */
-static const gn_quant_out *quant_out_of(const gn_forward_call *c, gn_quant_out *qo) {
-    if (c->q == 0) return NULL;
-    qo->q = (uint8_t *)GN_PTR(c->q);
-    qo->stride_q = c->stride_q;
-    qo->scale = (float *)GN_PTR(c->qscale);
-    qo->stride_sm = c->stride_sm;
-    qo->stride_sg = c->stride_sg;
-    qo->k = c->qk;
-    qo->kind = (int)c->qkind;
-    qo->ue8m0 = (int)c->ue8m0;
-    return qo;
+int64_t gn_quantize_packed(const gn_quantize_call *c) {
+    gn_quant_out qo;
+    return gn_quantize_rows((const float *)GN_PTR(c->y), c->stride_y, c->M, c->r0, c->r1,
+                            (int64_t *)GN_PTR(c->counter), c->chunk_rows, c->N, quant_out_of(&c->quant, &qo));
 }
 
 int64_t gn_forward_packed(const gn_forward_call *c) {
@@ -708,7 +712,7 @@ int64_t gn_forward_packed(const gn_forward_call *c) {
                            c->stride_y, (float *)GN_PTR(c->mean), (float *)GN_PTR(c->rstd), c->M, c->r0, c->r1,
                            (int64_t *)GN_PTR(c->counter), c->chunk_rows, c->N, c->gs, (float)c->eps,
                            (float)c->rstd_max, (int)c->is_rms, (int)c->gate_before, (int)c->sigmoid_only,
-                           quant_out_of(c, &qo));
+                           quant_out_of(&c->quant, &qo));
 }
 
 int64_t gn_backward_packed(const gn_backward_call *c) {
@@ -729,7 +733,7 @@ int64_t gn_forward_team_packed(const gn_forward_call *c) {
                                 (int)c->y_dtype, c->stride_y, (float *)GN_PTR(c->mean), (float *)GN_PTR(c->rstd), c->M,
                                 (int64_t *)GN_PTR(c->counter), c->chunk_rows, c->N, c->gs, (float)c->eps,
                                 (float)c->rstd_max, (int)c->is_rms, (int)c->gate_before, (int)c->sigmoid_only,
-                                quant_out_of(c, &qo), (int)c->threads, (double *)GN_PTR(c->late));
+                                quant_out_of(&c->quant, &qo), (int)c->threads, (double *)GN_PTR(c->late));
 }
 
 int64_t gn_backward_team_packed(const gn_backward_call *c) {

@@ -160,7 +160,7 @@ def _declare(lib: ctypes.CDLL) -> None:
 #: per call on the 2-core VM, packing them 0.2 us.
 _FORWARD_CALL = struct.Struct("=22q2d13q")
 _BACKWARD_CALL = struct.Struct("=36q")
-#: gn_quantize_call: 16 int64 fields.
+#: gn_quantize_call: 16 int64 fields, the last 8 a quantized output's (:func:`_quant_fields`).
 _QUANTIZE_CALL = struct.Struct("=16q")
 #: The C quantizer's format codes.
 _QUANT_KINDS = {"int8": 0, "fp8_e4m3": 1, "fp8_e4m3fnuz": 2}
@@ -344,9 +344,13 @@ class QuantTarget(NamedTuple):
     quant: str
     ue8m0: bool
 
+    def rows(self, r0: int, r1: int) -> QuantTarget:
+        """The target of rows [r0, r1) only."""
+        return self._replace(codes=self.codes[r0:r1], scale=self.scale[r0:r1])
+
 
 def _quant_fields(target: QuantTarget | None) -> tuple[int, ...]:
-    """gn_forward_call's quantized-output fields (all 0: the forward writes y)."""
+    """A packed call's quantized-output fields, gn_quant_fields (all 0: none, the forward writes y)."""
     if target is None:
         return (0,) * 8
     codes, scale = target.codes, target.scale
@@ -372,16 +376,13 @@ def forward_rows(x: torch.Tensor, z: torch.Tensor | None, weight: torch.Tensor, 
         SAFE_RSTD_MAX, is_rms, gate_before, sigmoid, 0, 0, *_quant_fields(quant))))
 
 
-def quantize_rows(y: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, quant: str, block: int, ue8m0: bool) -> None:
-    """The quantized output's last step on float32 rows y (M, N, unit feature stride): codes into q (M, N, one byte
-    per element, unit feature stride) and scales into scale (M, N // block, any strides), as
-    :func:`gatednorm.numerics.quantize_blocks` computes them (the same bits; ``native_cpu_kernel.c``, "The
+def quantize_rows(y: torch.Tensor, target: QuantTarget) -> None:
+    """The quantized output's last step on float32 rows y (M, N, unit feature stride) into the target's rows,
+    as :func:`gatednorm.numerics.quantize_blocks` computes them (the same bits; ``native_cpu_kernel.c``, "The
     quantized output's last step"), in one pass, on this thread."""
     m, n = y.shape
-    lib = _loaded()
-    lib.gn_quantize_packed(_QUANTIZE_CALL.pack(
-        y.data_ptr(), y.stride(0), q.data_ptr(), q.stride(0), scale.data_ptr(), scale.stride(0), scale.stride(1),
-        m, 0, m, 0, 0, n, block, _QUANT_KINDS[quant], ue8m0))
+    _loaded().gn_quantize_packed(_QUANTIZE_CALL.pack(y.data_ptr(), y.stride(0), m, 0, m, 0, 0, n,
+                                                     *_quant_fields(target)))
 
 
 def forward_rows_team(x: torch.Tensor, z: torch.Tensor | None, weight: torch.Tensor, bias: torch.Tensor | None,
