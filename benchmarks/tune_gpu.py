@@ -260,21 +260,23 @@ def quant_specs(shape, quant: str, fmt: str) -> tuple[NormSpec, QuantSpec]:
     return NormSpec(EPS, gs, nbg, rms, "swish"), QuantSpec(quant, block or n, fmt, "none", False)
 
 
-def quant_rule_config(gs: int, block: int) -> tuple[int, int]:
-    """The general rule's (ROWS, num_warps) for this layout (launch._tile_config of the tile width): what
-    forward_quant used before QUANT_TUNED."""
+def quant_rule_config(gs: int, block: int) -> tuple[int, int, int]:
+    """The general rule's (ROWS, num_warps, order) for this layout (launch._tile_config of the tile width, rows
+    fastest): what forward_quant used before QUANT_TUNED."""
     ng, gb = tk.quant_layout(gs, block)[:2]
     _, _, rows, warps = tk._tile_config(ng * gb, tk.FWD_TILE_ELEMENTS, tk.FWD_ELEMS_PER_THREAD, tk.MAX_BLOCK)
-    return rows, warps
+    return rows, warps, tk.ORDER_ROWS_FASTEST
 
 
-def quant_configs(gs: int, block: int) -> list[tuple[int, int]]:
-    """(ROWS, num_warps) candidates for fwd_quant_kernel: tiles of 512 to 16384 elements (ROWS a power of two),
-    4 to 64 fp32 values of a tile per thread, 1 to 32 warps; plus today's choice and the general rule."""
+def quant_configs(gs: int, block: int, n: int) -> list[tuple[int, int, int]]:
+    """(ROWS, num_warps, order) candidates for fwd_quant_kernel on rows of n features: tiles of 512 to 16384
+    elements (ROWS a power of two), 4 to 64 fp32 values of a tile per thread, 1 to 32 warps, rows fastest and,
+    where a row holds several tiles, groups fastest; plus today's choice and the general rule."""
     layout = tk.quant_layout(gs, block)
     if layout is None:
         return []
     tile = layout[0] * layout[1]
+    orders = (tk.ORDER_ROWS_FASTEST, tk.ORDER_GROUPS_FASTEST) if n // (layout[0] * gs) > 1 else (tk.ORDER_ROWS_FASTEST,)
     out = {tk._quant_config(gs, block), quant_rule_config(gs, block)}
     rows = 1
     while rows * tile <= 16384:
@@ -282,7 +284,7 @@ def quant_configs(gs: int, block: int) -> list[tuple[int, int]]:
             for ept in (4, 8, 16, 32, 64):
                 warps = rows * tile // (32 * ept)
                 if 1 <= warps <= 32 and warps & (warps - 1) == 0:
-                    out.add((rows, warps))
+                    out.update((rows, warps, order) for order in orders)
         rows *= 2
     return sorted(out)
 
@@ -311,7 +313,7 @@ def warm_quant(item: str) -> None:
     spec, qspec = quant_specs(shape, quant, fmt)
     q, s = _quant_outputs(m, n, qspec, x.device)
     pdl_modes = (False, True) if tk.pdl_supported(x.device) and name.startswith(QUANT_MODES_SHAPE + " ") else (False,)
-    for cfg in quant_configs(gs, qspec.block):
+    for cfg in quant_configs(gs, qspec.block, n):
         for pdl in pdl_modes:
             tk.forward_quant(x, w, b, z, spec, qspec, q, s, config=cfg, pdl=pdl)
     torch.cuda.synchronize()
@@ -336,9 +338,9 @@ QUANT_CHECK_ROWS = 2048
 
 
 def quant_sweep(shape, quant: str, fmt: str, copy_gbps: float) -> dict:
-    """Every candidate (ROWS, num_warps) of one shape and format: whether its first QUANT_CHECK_ROWS rows pass the
-    float64 check, do_bench median us, GB/s, % of copy, and for launch-bound shapes us per call in a CUDA graph
-    (x one torch.mul's); sorted fastest first."""
+    """Every candidate (ROWS, num_warps, order) of one shape and format: whether its first QUANT_CHECK_ROWS rows
+    pass the float64 check, do_bench median us, GB/s, % of copy, and for launch-bound shapes us per call in a CUDA
+    graph (x one torch.mul's); sorted fastest first."""
     name, m, n, gs, rms, nbg, has_z, has_bias, block = shape
     x, z, w, b, _ = make_inputs(m, n, has_z, has_bias)
     spec, qspec = quant_specs(shape, quant, fmt)
@@ -348,8 +350,7 @@ def quant_sweep(shape, quant: str, fmt: str, copy_gbps: float) -> dict:
     rec = {"shape": name, "quant": quant, "scale_format": fmt, "block": qspec.block, "bytes": nbytes,
            "layout": tk.quant_layout(gs, qspec.block), "key": None, "today": tk._quant_config(gs, qspec.block),
            "rule": quant_rule_config(gs, qspec.block), "configs": []}
-    ng, gb = rec["layout"][:2]
-    rec["key"] = (ng * gb, gs & (gs - 1) == 0)
+    rec["key"] = tk.quant_tile_key(gs, qspec.block)
     if graph:
         y_mul = torch.empty_like(x)
         other = z if z is not None else x
@@ -379,7 +380,7 @@ def quant_sweep(shape, quant: str, fmt: str, copy_gbps: float) -> dict:
             r["graph_x_mul"] = r["graph_us"] / rec["mul_graph_us"]
         return r
 
-    for cfg in quant_configs(gs, qspec.block):
+    for cfg in quant_configs(gs, qspec.block, n):
         rec["configs"].append(measure(cfg))
     rec["configs"].sort(key=lambda r: r["us"])
     rec["today_result"] = next(r for r in rec["configs"] if r["config"] == rec["today"])
@@ -387,7 +388,7 @@ def quant_sweep(shape, quant: str, fmt: str, copy_gbps: float) -> dict:
     return rec
 
 
-def quant_launch_modes(shape, quant: str, fmt: str, config: tuple[int, int] | None = None) -> list[dict]:
+def quant_launch_modes(shape, quant: str, fmt: str, config: tuple[int, int, int] | None = None) -> list[dict]:
     """Triton's launch vs the cached launcher, each with and without PDL: bits (against Triton's launch),
     eager wall us, us per call in a CUDA graph of 100 calls, and that as a multiple of one torch.mul's."""
     name, m, n, gs, rms, nbg, has_z, has_bias, block = shape
@@ -458,7 +459,7 @@ def quant_dry_run(indices: list[int], formats: list[tuple[str, str]]) -> None:
         name, m, n, gs = shape[:4]
         for quant, fmt in formats:
             spec, qspec = quant_specs(shape, quant, fmt)
-            cfgs = quant_configs(gs, qspec.block)
+            cfgs = quant_configs(gs, qspec.block, n)
             total += len(cfgs)
             layout = tk.quant_layout(gs, qspec.block)
             print(f"QCFG {name} | {quant} {fmt} block {qspec.block} | layout (NG, GB, KB, NQ, NQ_REAL) {layout} | "

@@ -529,11 +529,11 @@ def test_the_device_guard_is_entered_where_another_gpu_is_current(monkeypatch):
         assert torch.equal(a, c)
 
 
-#: (group size, quant block) of every kind of fused tile: one block per group (128, padded 96, 2048 per token),
-#: blocks inside a group (128 / 32, padded 96 / 32, 640 / 128, 4096 / 128), groups inside a block (64 + 64,
-#: 4 x 32, 64 per token over 4096).
-QUANT_LAYOUTS = [(128, 128), (96, 96), (2048, 2048), (128, 32), (96, 32), (640, 128), (4096, 128), (64, 128),
-                 (32, 128), (64, 4096)]
+#: (group size, quant block) of every kind of fused tile: one block per group (128, padded 96, 2048 per token,
+#: split 640), blocks inside a group (128 / 32, padded 96 / 32, split 640 / 128, 384 / 128, 1280 / 128 and
+#: 5120 / 128, 4096 / 128), groups inside a block (64 + 64, 4 x 32, 64 per token over 4096).
+QUANT_LAYOUTS = [(128, 128), (96, 96), (2048, 2048), (640, 640), (128, 32), (96, 32), (640, 128), (384, 128),
+                 (1280, 128), (5120, 128), (4096, 128), (64, 128), (32, 128), (64, 4096)]
 
 
 @pytest.mark.parametrize(("group_size", "block"), QUANT_LAYOUTS)

@@ -341,27 +341,45 @@ def test_triton_plans_launch_what_the_plain_launch_launches(recorded_launches, m
     assert [g is not None for g in grads] == list(needs)
 
 
-@pytest.mark.parametrize(("m", "n", "gs", "block", "quant", "fmt", "col", "gate", "bias", "threshold"), [
-    (40, 128, 128, 128, "fp8_e4m3", "float32", False, True, False, 1 << 24),
-    (17, 256, 64, 256, "int8", "float32", True, True, True, 1 << 24),        # per token over 4 groups, col-major
-    (33, 640, 640, 128, "fp8_e4m3", "ue8m0", True, False, False, 1024),     # padded group; the rescue kernel after
-    (16, 384, 128, 128, "fp8_e4m3fnuz", "float32", False, True, True, 1 << 24),
+@pytest.mark.parametrize(("m", "n", "gs", "block", "quant", "fmt", "col", "gate", "bias", "threshold", "order"), [
+    (40, 128, 128, 128, "fp8_e4m3", "float32", False, True, False, 1 << 24, None),
+    (17, 256, 64, 256, "int8", "float32", True, True, True, 1 << 24, None),  # per token over 4 groups, col-major
+    (33, 640, 640, 128, "fp8_e4m3", "ue8m0", True, False, False, 1024, None),  # padded group; the rescue kernel after
+    (16, 384, 128, 128, "fp8_e4m3fnuz", "float32", False, True, True, 1 << 24, None),
+    (72, 384, 128, 128, "int8", "float32", False, True, False, 1 << 24, "groups"),  # tiles of a row side by side
+    (9, 1920, 640, 128, "fp8_e4m3", "float32", True, True, False, 1024, "groups"),  # and the rescue kernel after
 ])
 def test_triton_quant_plan_launches_what_the_plain_launch_launches(recorded_launches, m, n, gs, block, quant, fmt,
-                                                                   col, gate, bias, threshold):
+                                                                   col, gate, bias, threshold, order):
     """QuantPlan against launch.forward_quant on the same tensors, as above: the same kernels, grids, constexprs,
     integers (the scales' strides, row-major or column-major, included) and input addresses; q and the scale
-    storage in the shapes and dtypes ops._quant_outputs gives them."""
+    storage in the shapes and dtypes ops._quant_outputs gives them. "groups": the tile's QUANT_TUNED entry set to
+    the groups-fastest program order (the grid's axes swapped)."""
     launch, plans, calls = recorded_launches
-    x, z, w, b = make_inputs(m, n, torch.bfloat16, bias=bias, gate=gate, seed=m + n)
-    spec = gatednorm.spec.NormSpec(1e-6, gs, True, True, "swish")
-    qspec = gatednorm.spec.QuantSpec(quant, block, fmt, "none", col)
-    plan = plans.QuantPlan(x, w, b, z, spec, qspec, threshold, 16, False)
-    q, storage = ops._quant_outputs(x, qspec)
-    assert launch.forward_quant(x, w, b, z, spec, qspec, q, ops._scale_view(storage, qspec), threshold, 16, pdl=False)
-    plain = list(calls)
-    calls.clear()
-    q2, storage2 = plan(x, w, b, z)
+    key = launch.quant_tile_key(gs, block)
+    shipped = launch.QUANT_TUNED.get(key)
+    try:
+        if order == "groups":
+            rows, warps, _ = launch._quant_config(gs, block)
+            launch.QUANT_TUNED[key] = (rows, warps, launch.ORDER_GROUPS_FASTEST)
+            launch._quant_config.cache_clear()
+            assert launch._quant_grid(m, rows, n // gs, launch._quant_config(gs, block)[2])[1]
+        x, z, w, b = make_inputs(m, n, torch.bfloat16, bias=bias, gate=gate, seed=m + n)
+        spec = gatednorm.spec.NormSpec(1e-6, gs, True, True, "swish")
+        qspec = gatednorm.spec.QuantSpec(quant, block, fmt, "none", col)
+        plan = plans.QuantPlan(x, w, b, z, spec, qspec, threshold, 16, False)
+        q, storage = ops._quant_outputs(x, qspec)
+        assert launch.forward_quant(x, w, b, z, spec, qspec, q, ops._scale_view(storage, qspec), threshold, 16,
+                                    pdl=False)
+        plain = list(calls)
+        calls.clear()
+        q2, storage2 = plan(x, w, b, z)
+    finally:
+        if shipped is not None:
+            launch.QUANT_TUNED[key] = shipped
+        else:
+            launch.QUANT_TUNED.pop(key, None)
+        launch._quant_config.cache_clear()
     assert len(plain) == len(calls) == (2 if m * n >= threshold else 1)
     for a, c in zip(plain, calls, strict=True):
         _same_launch(a, c, fresh={4, 5})  # q, the scales

@@ -141,6 +141,44 @@ def test_triton_matches_float64(variant, quant):
                       quant=quant, block=block, scale_format=fmt, backend="triton")
 
 
+@needs_triton
+@pytest.mark.parametrize("variant", VARIANTS, ids=variant_id)
+def test_triton_split_groups(variant, monkeypatch):
+    """Groups of two power-of-two parts (640 = 512 + 128, 384 = 256 + 128, 768, 1280; launch.split_low), which the
+    fused kernel reads as two unpadded tiles: against float64, and against the triton forward followed by
+    quantize_blocks (same bits under the interpreter), with quant blocks inside the group and one block over it.
+    Under the interpreter the two-tile path is checked to have run."""
+    from gatednorm.backends.triton import kernels
+
+    assert [tk.split_low(g) for g in (384, 640, 768, 1280, 5120)] == [128, 128, 256, 256, 1024]
+    assert [tk.split_low(g) for g in (96, 128, 576, 704, 4096)] == [0, 0, 0, 0, 0]  # low part < 128, 3 parts, pow2
+    assert tk.quant_tile_key(640, 128) == (1024, "split") and tk.quant_tile_key(576, 64) == (1024, "padded")
+    split_calls = []
+    if TRITON_DEVICE == "cpu":
+        inner = kernels._split_stats
+
+        def counted(*args, **kwargs):
+            split_calls.append(1)
+            return inner.fn(*args, **kwargs)
+
+        monkeypatch.setattr(kernels, "_split_stats", counted)
+    rms, nbg, act, has_bias, has_z = variant
+    device = torch.device(TRITON_DEVICE)
+    cases = ((1280, 640, 128, "fp8_e4m3", "float32"), (1280, 640, 640, "int8", "ue8m0"),
+             (1280, 1280, 256, "int8", "float32"), (768, 384, 128, "fp8_e4m3", "ue8m0"),
+             (768, 768, 768, "fp8_e4m3", "float32"))
+    for n, gs, block, quant, fmt in cases:
+        x, z, w, b = make_inputs(6, n, torch.bfloat16, gate=has_z, bias=has_bias, device=device, seed=n + gs + block)
+        calls = len(split_calls)
+        q, s, _ = run_and_check(x, w, b, z, group_size=gs, norm_before_gate=nbg, is_rms_norm=rms, activation=act,
+                                quant=quant, block=block, scale_format=fmt, backend="triton")
+        assert TRITON_DEVICE != "cpu" or len(split_calls) > calls, (n, gs, block)
+        y = gatednorm.layer_norm_fwd(x, w, b, EPS, z, group_size=gs, norm_before_gate=nbg, is_rms_norm=rms,
+                                     activation=act, backend="triton", out=torch.empty(6, n, device=device))[0]
+        q2, s2 = numerics.quantize_blocks(y, QuantSpec(quant, block, fmt, "none", False))
+        assert_fused_matches_generic(q, s, q2, s2)
+
+
 @pytest.mark.parametrize("backend", ["native", pytest.param("triton", marks=needs_triton)])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_round_to_rounds_y_first(backend, dtype):
@@ -271,9 +309,10 @@ def test_range_rescue_reaches_the_quantizer(backend, group_size, block):
 
 @needs_triton
 @pytest.mark.parametrize(("n", "group_size", "block", "column_major"),
-                         [(384, 64, 64, False), (384, 96, 32, True), (384, 32, 128, False), (256, 64, None, False)],
+                         [(384, 64, 64, False), (384, 96, 32, True), (384, 32, 128, False), (256, 64, None, False),
+                          (1280, 640, 128, False), (768, 384, 384, True)],
                          ids=["one block per group", "blocks inside a padded group", "groups inside a block",
-                              "per token"])
+                              "per token", "blocks inside a split group", "one block over a split group"])
 def test_triton_rescue_kernel_matches_in_kernel_rescue(n, group_size, block, column_major):
     """Large calls redo out-of-range rows in quant_rescue_kernel, small ones in-kernel: the same rows, the same
     bits, both right against float64. A NaN in x makes its group out of range (redone, and NaN again); a NaN in

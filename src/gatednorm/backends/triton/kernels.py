@@ -231,6 +231,54 @@ def _tile_stats(x, col_ok, eps, GS: tl.constexpr, BLOCK: tl.constexpr, IS_RMS: t
     return mean, xm, tl.sum(xm * xm, axis=1) / GS + eps
 
 
+# A group of two power-of-two parts (640 = 512 + 128; launch.split_low): the fused quantized forward reads it as
+# two unpadded tiles, [ROWS, GS - GLO] and [ROWS, GLO], rather than one tile padded to the next power of two,
+# whose padded lanes (384 of 1024 for 640) cost it as many instructions as real ones (sm_90 SASS: 49.5 per real
+# element padded at the shipped launch shape, 32 split; launch.SPLIT_MIN_LOW). fwd_kernel keeps the padded tile:
+# its per-element work is small enough that the padding did not show there (96-100% of copy on the H200); so
+# does bwd_kernel, whose split version counted no fewer instructions at its shipped 640-wide launch shape (one
+# row, one warp: 46.5 per element against 45.5) and was not kept.
+
+@triton.jit
+def _gated_part(X, Z, rows64, mask, stride_xm, stride_zm, col0, cols, HAS_Z: tl.constexpr,
+                GATE_FIRST: tl.constexpr, SIGMOID_GATE: tl.constexpr, BF16_BY_BITS: tl.constexpr):
+    """One part of a split group: (x, times act(z) when the gate comes first; act(z), or 1.0 without z)."""
+    x = _load_f32(_tile_ptrs(X, rows64, stride_xm, col0, cols), mask, BF16_BY_BITS)
+    gate = 1.0  # unused without z
+    if HAS_Z:
+        gate = _gate_value(_load_f32(_tile_ptrs(Z, rows64, stride_zm, col0, cols), mask, BF16_BY_BITS), SIGMOID_GATE)
+        if GATE_FIRST:
+            x = x * gate
+    return x, gate
+
+
+@triton.jit
+def _split_stats(xh, xl, eps, GS: tl.constexpr, IS_RMS: tl.constexpr):
+    """_tile_stats of a group held as two parts: (mean, xh - mean, xl - mean, var + eps); two-pass."""
+    if IS_RMS:
+        mean = tl.zeros([xh.shape[0]], dtype=tl.float32)
+        xmh = xh
+        xml = xl
+    else:
+        mean = (tl.sum(xh, axis=1) + tl.sum(xl, axis=1)) / GS
+        xmh = xh - mean[:, None]
+        xml = xl - mean[:, None]
+    return mean, xmh, xml, (tl.sum(xmh * xmh, axis=1) + tl.sum(xml * xml, axis=1)) / GS + eps
+
+
+@triton.jit
+def _part_y(W, B, xm, rstd, gate, col0, cols, HAS_BIAS: tl.constexpr, GATE_AFTER: tl.constexpr,
+            BF16_BY_BITS: tl.constexpr):
+    """y = (xm * rstd * w + b) [* act(z)] of one part (fwd_kernel's order of operations)."""
+    every = cols >= 0
+    y = xm * rstd[:, None] * _load_f32(W + col0 + cols, every, BF16_BY_BITS)[None, :]
+    if HAS_BIAS:
+        y = y + _load_f32(B + col0 + cols, every, BF16_BY_BITS)[None, :]
+    if GATE_AFTER:
+        y = y * gate
+    return y
+
+
 # ---------------------------------------------------------------------------
 # Forward
 # ---------------------------------------------------------------------------
@@ -820,14 +868,32 @@ def _quantize(yq, QMAX: tl.constexpr, INT8: tl.constexpr, FNUZ: tl.constexpr, UE
     yq's shape without its last axis."""
     LAST: tl.constexpr = len(yq.shape) - 1  # explicit: Triton's interpreter mishandles axis -1 here
     amax = tl.reduce(tl.abs(yq), LAST, _max_nan)  # NaN iff the block holds a NaN (one pass, no separate NaN scan)
+    scale, has_nan = _scale_of_blocks(amax, QMAX, UE8M0)
+    return _codes_of_blocks(yq, scale, has_nan, QMAX, INT8, FNUZ, UE8M0, FP8_BY_BITS)
+
+
+@triton.jit
+def _scale_of_blocks(amax, QMAX: tl.constexpr, UE8M0: tl.constexpr):
+    """(the scale the codes divide by, whether it is NaN) of blocks of largest |y| amax (NaN for a block
+    holding a NaN). With UE8M0 a NaN scale has turned +Inf here; _codes_of_blocks gives it back its NaN."""
     scale = tl.maximum(tl.math.div_rn(amax, QMAX), _QUANT_SCALE_MIN, propagate_nan=tl.PropagateNan.ALL)
     has_nan = scale != scale
     if UE8M0:  # up to a power of two on the bits (exact; Inf stays Inf): numerics.ue8m0_round_up
-        bits = (scale.to(tl.int32, bitcast=True) + 0x7FFFFF) & 0x7F800000
-        scale = bits.to(tl.float32, bitcast=True)
+        scale = ((scale.to(tl.int32, bitcast=True) + 0x7FFFFF) & 0x7F800000).to(tl.float32, bitcast=True)
+    return scale, has_nan
+
+
+@triton.jit
+def _codes_of_blocks(yq, scale, has_nan, QMAX: tl.constexpr, INT8: tl.constexpr, FNUZ: tl.constexpr,
+                     UE8M0: tl.constexpr, FP8_BY_BITS: tl.constexpr):
+    """(codes, scale as stored) of the blocks along yq's last axis, given their scales from _scale_of_blocks
+    (scale and has_nan: yq's shape without its last axis)."""
+    LAST: tl.constexpr = len(yq.shape) - 1
+    if UE8M0:
         # 1 / scale is a power of two too (2^-126 <= scale < 2^127), built from the exponent bits: y * inv
         # is then exactly y / scale, without a division per element
-        v = yq * tl.expand_dims(((254 << 23) - bits).to(tl.float32, bitcast=True), LAST)
+        v = yq * tl.expand_dims(((254 << 23) - scale.to(tl.int32, bitcast=True)).to(tl.float32, bitcast=True),
+                                LAST)
     else:  # RN(y / scale), by a reciprocal and one exact correction (no division per element)
         v = _scaled_quotient(yq, tl.expand_dims(scale, LAST))
     scale = tl.where(has_nan, float("nan"), scale)  # one NaN for every NaN block (the generic path's)
@@ -880,18 +946,72 @@ def _quant_tile(X, Z, W, B, Q, S, rows, t, M, stride_xm, stride_zm, stride_qm, s
                 IS_RMS: tl.constexpr, SIGMOID_GATE: tl.constexpr,
                 QMAX: tl.constexpr, INT8: tl.constexpr, FNUZ: tl.constexpr, UE8M0: tl.constexpr,
                 ROUND_TO: tl.constexpr, FP8_BY_BITS: tl.constexpr, BF16_BY_BITS: tl.constexpr,
-                RESCUE: tl.constexpr):
+                RESCUE: tl.constexpr, GLO: tl.constexpr):
     """Normalise and quantize ``rows`` ([ROWS]) of tile t (features t * NG * GS onwards): write their codes
     and scales. Rows whose statistics are out of range (see "Range rescue"): RESCUE redoes them here, in
     registers (the tile is there); else their scales get _RESCUE_MARK's bits, to be redone by
-    _quant_rescue_rows (with RESCUE, one row at a time). Returns whether any row was out of range (int32 0/1)."""
+    _quant_rescue_rows (with RESCUE, one row at a time). Returns whether any row was out of range (int32 0/1).
+    GLO > 0 (NG = 1): the group is two power-of-two parts, read as two unpadded tiles (see _split_stats)."""
     row_ok = rows < M
     rows64 = rows.to(tl.int64)
     cols = tl.arange(0, GB)
     col_ok = cols < GS
     GATE_FIRST: tl.constexpr = HAS_Z and not NORM_BEFORE_GATE
     GATE_AFTER: tl.constexpr = HAS_Z and NORM_BEFORE_GATE
-    if NG == 1:
+    if NG == 1 and GLO > 0:
+        # A split group (see _split_stats): the steps below on its two parts, then NQ_REAL quant blocks of KB over
+        # them (KB divides both: a power of two dividing GS divides its lower part), or one block over both (NQ 1).
+        GHI: tl.constexpr = GS - GLO
+        col0 = t * GS
+        part_mask = row_ok[:, None]
+        hi = tl.arange(0, GHI)
+        lo = GHI + tl.arange(0, GLO)
+        xh, gate_h = _gated_part(X, Z, rows64, part_mask, stride_xm, stride_zm, col0, hi, HAS_Z, GATE_FIRST,
+                                 SIGMOID_GATE, BF16_BY_BITS)
+        xl, gate_l = _gated_part(X, Z, rows64, part_mask, stride_xm, stride_zm, col0, lo, HAS_Z, GATE_FIRST,
+                                 SIGMOID_GATE, BF16_BY_BITS)
+        _, xmh, xml, var_eps = _split_stats(xh, xl, eps, GS, IS_RMS)
+        rstd = 1.0 / tl.sqrt_rn(var_eps)
+        bad = _rstd_out_of_range(rstd) & row_ok
+        any_bad = tl.max(bad.to(tl.int32), axis=0)
+        if RESCUE:
+            if any_bad != 0:  # the range rescue in registers, as below
+                scale_r, inv = _rescue_scale(tl.maximum(tl.max(tl.abs(xh), axis=1), tl.max(tl.abs(xl), axis=1)),
+                                             eps)
+                _, xmsh, xmsl, var_s = _split_stats(xh * inv[:, None], xl * inv[:, None], 0.0, GS, IS_RMS)
+                _, rstd_x = _rescued_rstd(var_s, eps, scale_r, inv)
+                xmh = tl.where(bad[:, None], xmsh, xmh)
+                xml = tl.where(bad[:, None], xmsl, xml)
+                rstd = tl.where(bad, rstd_x, rstd)
+        yh = _round_through(_part_y(W, B, xmh, rstd, gate_h, col0, hi, HAS_BIAS, GATE_AFTER, BF16_BY_BITS),
+                            ROUND_TO, BF16_BY_BITS)
+        yl = _round_through(_part_y(W, B, xml, rstd, gate_l, col0, lo, HAS_BIAS, GATE_AFTER, BF16_BY_BITS),
+                            ROUND_TO, BF16_BY_BITS)
+        if NQ == 1:
+            amax = _max_nan(tl.reduce(tl.abs(yh), 1, _max_nan), tl.reduce(tl.abs(yl), 1, _max_nan))
+            scale, has_nan = _scale_of_blocks(amax, QMAX, UE8M0)
+            qh, scale_out = _codes_of_blocks(yh, scale, has_nan, QMAX, INT8, FNUZ, UE8M0, FP8_BY_BITS)
+            ql, _ = _codes_of_blocks(yl, scale, has_nan, QMAX, INT8, FNUZ, UE8M0, FP8_BY_BITS)
+            if not RESCUE:
+                scale_out = _mark_for_rescue(scale_out, bad)
+            tl.store(S + rows64 * stride_sm + t * stride_sg, scale_out, mask=row_ok)
+        else:
+            qh, scale_h = _quantize(tl.reshape(yh, [ROWS, GHI // KB, KB]), QMAX, INT8, FNUZ, UE8M0, FP8_BY_BITS)
+            ql, scale_l = _quantize(tl.reshape(yl, [ROWS, GLO // KB, KB]), QMAX, INT8, FNUZ, UE8M0, FP8_BY_BITS)
+            qh = tl.reshape(qh, [ROWS, GHI])
+            ql = tl.reshape(ql, [ROWS, GLO])
+            if not RESCUE:
+                scale_h = _mark_for_rescue(scale_h, bad[:, None])
+                scale_l = _mark_for_rescue(scale_l, bad[:, None])
+            blk_h = tl.arange(0, GHI // KB)
+            blk_l = GHI // KB + tl.arange(0, GLO // KB)
+            tl.store(_block_scale_ptrs(S, rows64[:, None], t, blk_h[None, :], NQ_REAL, stride_sm, stride_sg), scale_h,
+                     mask=part_mask)
+            tl.store(_block_scale_ptrs(S, rows64[:, None], t, blk_l[None, :], NQ_REAL, stride_sm, stride_sg), scale_l,
+                     mask=part_mask)
+        tl.store(_tile_ptrs(Q, rows64, stride_qm, col0, hi), qh, mask=part_mask)
+        tl.store(_tile_ptrs(Q, rows64, stride_qm, col0, lo), ql, mask=part_mask)
+    elif NG == 1:
         col0 = t * GS
         mask = row_ok[:, None] & col_ok[None, :]
         # The norm: fwd_kernel's steps on the tile.
@@ -984,7 +1104,7 @@ def _quant_tile(X, Z, W, B, Q, S, rows, t, M, stride_xm, stride_zm, stride_qm, s
 @triton.jit(noinline=True)
 def _quant_rescue_rows(X, Z, W, B, Q, S, row0, t, M, stride_xm, stride_zm, stride_qm, stride_sm, stride_sg, eps,
                        GS: tl.constexpr, GB: tl.constexpr, NG: tl.constexpr, KB: tl.constexpr, NQ: tl.constexpr,
-                       NQ_REAL: tl.constexpr, COUNT: tl.constexpr,
+                       NQ_REAL: tl.constexpr, GLO: tl.constexpr, COUNT: tl.constexpr,
                        HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, NORM_BEFORE_GATE: tl.constexpr,
                        IS_RMS: tl.constexpr, SIGMOID_GATE: tl.constexpr,
                        QMAX: tl.constexpr, INT8: tl.constexpr, FNUZ: tl.constexpr, UE8M0: tl.constexpr,
@@ -1002,7 +1122,7 @@ def _quant_rescue_rows(X, Z, W, B, Q, S, row0, t, M, stride_xm, stride_zm, strid
                 _quant_tile(X, Z, W, B, Q, S, row + tl.arange(0, 1), t, M, stride_xm, stride_zm, stride_qm,
                             stride_sm, stride_sg, eps, GS, GB, NG, KB, NQ, NQ_REAL, 1, HAS_Z, HAS_BIAS,
                             NORM_BEFORE_GATE, IS_RMS, SIGMOID_GATE, QMAX, INT8, FNUZ, UE8M0, ROUND_TO,
-                            FP8_BY_BITS, BF16_BY_BITS, True)
+                            FP8_BY_BITS, BF16_BY_BITS, True, GLO)
 
 
 @triton.jit
@@ -1010,13 +1130,15 @@ def fwd_quant_kernel(
     X, Z, W, B, Q, S,
     M, stride_xm, stride_zm, stride_qm, stride_sm, stride_sg, eps,
     GS: tl.constexpr, GB: tl.constexpr, NG: tl.constexpr, KB: tl.constexpr, NQ: tl.constexpr,
-    NQ_REAL: tl.constexpr, ROWS: tl.constexpr,
+    NQ_REAL: tl.constexpr, GLO: tl.constexpr, ROWS: tl.constexpr,
     HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, NORM_BEFORE_GATE: tl.constexpr,
     IS_RMS: tl.constexpr, SIGMOID_GATE: tl.constexpr,
     QMAX: tl.constexpr, INT8: tl.constexpr, FNUZ: tl.constexpr, UE8M0: tl.constexpr, ROUND_TO: tl.constexpr,
     FP8_BY_BITS: tl.constexpr, BF16_BY_BITS: tl.constexpr, RESCUE_IN_KERNEL: tl.constexpr, USE_PDL: tl.constexpr,
+    GROUPS_FASTEST: tl.constexpr,
 ):
-    """Grid (row tiles, N // (NG * GS)). Q is int8, or uint8 holding the fp8 bits; S is (M, G) float32
+    """Grid (row tiles, N // (NG * GS)), with GROUPS_FASTEST the other way round (_tile_and_group). Q is int8,
+    or uint8 holding the fp8 bits; S is (M, G) float32
     with strides (stride_sm, stride_sg); NQ_REAL of the tile's NQ quant blocks hold features (the rest
     cover the padding of a group whose size is not a power of two). USE_PDL: see _pdl_prologue.
 
@@ -1025,18 +1147,18 @@ def fwd_quant_kernel(
     Rows out of range are redone at the end of the program (RESCUE_IN_KERNEL) or by quant_rescue_kernel
     afterwards, with the same code either way (see "Range rescue")."""
     _pdl_prologue(USE_PDL)
-    pid = tl.program_id(0)
-    t = tl.program_id(1)
+    pid, t = _tile_and_group(GROUPS_FASTEST)
     any_bad = _quant_tile(X, Z, W, B, Q, S, pid * ROWS + tl.arange(0, ROWS), t, M, stride_xm, stride_zm, stride_qm,
                           stride_sm, stride_sg, eps, GS, GB, NG, KB, NQ, NQ_REAL, ROWS, HAS_Z, HAS_BIAS,
                           NORM_BEFORE_GATE, IS_RMS, SIGMOID_GATE, QMAX, INT8, FNUZ, UE8M0, ROUND_TO, FP8_BY_BITS,
-                          BF16_BY_BITS, False)
+                          BF16_BY_BITS, False, GLO)
     if RESCUE_IN_KERNEL:
         if any_bad != 0:
             tl.debug_barrier()  # the marked scales (written by other threads) are read back
             _quant_rescue_rows(X, Z, W, B, Q, S, pid * ROWS, t, M, stride_xm, stride_zm, stride_qm, stride_sm,
-                               stride_sg, eps, GS, GB, NG, KB, NQ, NQ_REAL, ROWS, HAS_Z, HAS_BIAS, NORM_BEFORE_GATE,
-                               IS_RMS, SIGMOID_GATE, QMAX, INT8, FNUZ, UE8M0, ROUND_TO, FP8_BY_BITS, BF16_BY_BITS)
+                               stride_sg, eps, GS, GB, NG, KB, NQ, NQ_REAL, GLO, ROWS, HAS_Z, HAS_BIAS,
+                               NORM_BEFORE_GATE, IS_RMS, SIGMOID_GATE, QMAX, INT8, FNUZ, UE8M0, ROUND_TO, FP8_BY_BITS,
+                               BF16_BY_BITS)
 
 
 @triton.jit
@@ -1044,7 +1166,7 @@ def quant_rescue_kernel(
     X, Z, W, B, Q, S,
     M, stride_xm, stride_zm, stride_qm, stride_sm, stride_sg, eps,
     GS: tl.constexpr, GB: tl.constexpr, NG: tl.constexpr, KB: tl.constexpr, NQ: tl.constexpr,
-    NQ_REAL: tl.constexpr, SCAN: tl.constexpr,
+    NQ_REAL: tl.constexpr, GLO: tl.constexpr, SCAN: tl.constexpr,
     HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, NORM_BEFORE_GATE: tl.constexpr,
     IS_RMS: tl.constexpr, SIGMOID_GATE: tl.constexpr,
     QMAX: tl.constexpr, INT8: tl.constexpr, FNUZ: tl.constexpr, UE8M0: tl.constexpr, ROUND_TO: tl.constexpr,
@@ -1063,5 +1185,5 @@ def quant_rescue_kernel(
                 mask=ok, other=0.0)
     if tl.max(tl.max(_marked(s).to(tl.int32), axis=1), axis=0) != 0:
         _quant_rescue_rows(X, Z, W, B, Q, S, pid * SCAN, t, M, stride_xm, stride_zm, stride_qm, stride_sm,
-                           stride_sg, eps, GS, GB, NG, KB, NQ, NQ_REAL, SCAN, HAS_Z, HAS_BIAS, NORM_BEFORE_GATE,
+                           stride_sg, eps, GS, GB, NG, KB, NQ, NQ_REAL, GLO, SCAN, HAS_Z, HAS_BIAS, NORM_BEFORE_GATE,
                            IS_RMS, SIGMOID_GATE, QMAX, INT8, FNUZ, UE8M0, ROUND_TO, FP8_BY_BITS, BF16_BY_BITS)

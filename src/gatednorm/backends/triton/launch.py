@@ -292,6 +292,23 @@ def _is_pow2(v: int) -> bool:
     return v & (v - 1) == 0
 
 
+#: The narrowest lower part of a group that fwd_quant_kernel splits in two (split_low): below it the second
+#: tile's own reductions cost more than the padding they save (sm_90 SASS compiled on the CPU machine: groups of
+#: 96 = 64 + 32 took 25-35% more instructions per element split than padded to 128; groups of 640 = 512 + 128
+#: 30-35% fewer at two rows a warp).
+SPLIT_MIN_LOW = 128
+
+
+def split_low(group_size: int) -> int:
+    """GLO of fwd_quant_kernel: for a group of two power-of-two parts, the lower one (640 = 512 + 128 -> 128),
+    which the kernel reads as two unpadded tiles ([ROWS, group_size - GLO] and [ROWS, GLO]) instead of one tile
+    padded to the next power of two; 0 for any other group (a power of two, three or more parts, or a lower part
+    under SPLIT_MIN_LOW)."""
+    low = group_size & -group_size
+    rest = group_size - low
+    return low if rest and _is_pow2(rest) and low >= SPLIT_MIN_LOW else 0
+
+
 @functools.cache
 def _fwd_config(group_size: int, elem_bytes: int) -> tuple[int, int, int, int, int]:
     """Forward launch shape (BLOCK, NUM_CHUNKS, ROWS, num_warps, order: ORDER_*): from the group size and
@@ -662,42 +679,71 @@ def _fp8_by_bits(device: torch.device, fnuz: bool) -> bool:
     return torch.cuda.get_device_capability(device) < (8, 9)
 
 
-# Tuned fused-quant launch shapes: (tile width NG * GB, whether the group size is a power of two) ->
-# (ROWS, num_warps); a key not listed takes _tile_config's general rule. Measured on an H200 with
+# Tuned fused-quant launch shapes: (tile width NG * GB, kind of group: "pow2", "padded" (one tile padded to GB) or
+# "split" (two parts, split_low)) -> (ROWS, num_warps, program order); a split group without an entry takes its
+# padded entry, a key not listed _tile_config's general rule. Measured on an H200 with
 # `benchmarks/tune_gpu.py --quant` (bf16, fp8_e4m3 and int8; benchmarks/results/tune_gpu_quant_h200.json):
 # 128-wide tiles keep (16, 4), within 7% of each shape's best and the best of them inside a CUDA graph at
-# 8192x128 (3.18 us with PDL); 640-wide groups (1, 1) as the plain forward; per-token blocks of 2048 and tiles
-# of 4096 fewer warps than the plain forward's (13% and 4% faster there). Groups inside a block (NG > 1,
+# 8192x128 (3.18 us with PDL); 640-wide groups (1, 1) padded, as the plain forward; per-token blocks of 2048 and
+# tiles of 4096 fewer warps than the plain forward's (13% and 4% faster there). Groups inside a block (NG > 1,
 # powers of two) share the key of their tile width: the same contiguous [ROWS, NG * GB] stretch of memory.
+# Split groups (not measured on a GPU yet: chosen from sm_90 SASS compiled on the CPU machine, the fewest
+# instructions per element at under 100 registers; the next sweep decides): two rows a warp, 24-40 features a
+# thread (fp8, 128-wide blocks: 640 at (4, 2) 32.4 instructions per element against 49.5 padded at (1, 1); 1280
+# at (2, 2) 33.0 against 48.8 padded at the rule's (2, 8); 384 at (8, 4) 37.9 against 45.0 at the rule's (8, 8);
+# one group of 5120 at the padded entry's (1, 4) 32.6 against 35.0).
 # Not (4, 1) for 128-wide tiles, though the 2026-12-04 sweeps (gpu_notes_h200.md) put it within 1-2% of (16, 4)
 # on large calls and ahead in a CUDA graph at 8192x128: with it, tiles of several groups (64 + 64, 4 x 32)
 # came out wrong on the H200 (rows' values in other rows; not investigated), and 65536x128 single-group tiles
 # took 20.7 us per call in a graph with PDL (the previous kernel with (16, 4): 12.9-16.3 us, same benchmark).
 # The key depends on the group size and block only, never on M (batch invariance).
-QUANT_TUNED: dict[tuple[int, bool], tuple[int, int]] = {
-    (128, True): (16, 4),
-    (128, False): (16, 4),
-    (1024, False): (1, 1),
-    (2048, True): (2, 2),
-    (4096, True): (1, 4),
-    (8192, False): (1, 4),
-    (8192, True): (1, 16),
+QUANT_TUNED: dict[tuple[int, str], tuple[int, int, int]] = {
+    (128, "pow2"): (16, 4, ORDER_ROWS_FASTEST),
+    (128, "padded"): (16, 4, ORDER_ROWS_FASTEST),
+    (512, "split"): (8, 4, ORDER_ROWS_FASTEST),
+    (1024, "padded"): (1, 1, ORDER_ROWS_FASTEST),
+    (1024, "split"): (4, 2, ORDER_ROWS_FASTEST),
+    (2048, "pow2"): (2, 2, ORDER_ROWS_FASTEST),
+    (2048, "split"): (2, 2, ORDER_ROWS_FASTEST),
+    (4096, "pow2"): (1, 4, ORDER_ROWS_FASTEST),
+    (8192, "padded"): (1, 4, ORDER_ROWS_FASTEST),
+    (8192, "pow2"): (1, 16, ORDER_ROWS_FASTEST),
 }
 
 
-@functools.cache
-def _quant_config(group_size: int, block: int) -> tuple[int, int] | None:
-    """(ROWS, num_warps) of fwd_quant_kernel for a group size and quant block (None: not fused); from
-    those only, never from M (batch invariance)."""
+def quant_tile_key(group_size: int, block: int) -> tuple[int, str] | None:
+    """QUANT_TUNED's key of fwd_quant_kernel's tile for this group size and quant block (None: not fused)."""
     layout = quant_layout(group_size, block)
     if layout is None:
         return None
-    tile = layout[0] * layout[1]
-    tuned = QUANT_TUNED.get((tile, _is_pow2(group_size)))
+    kind = ("pow2" if _is_pow2(group_size) else "split" if layout[0] == 1 and split_low(group_size)
+            else "padded")
+    return layout[0] * layout[1], kind
+
+
+@functools.cache
+def _quant_config(group_size: int, block: int) -> tuple[int, int, int] | None:
+    """(ROWS, num_warps, program order: ORDER_ROWS_FASTEST / ORDER_GROUPS_FASTEST) of fwd_quant_kernel for a
+    group size and quant block (None: not fused); from those only, never from M (batch invariance)."""
+    key = quant_tile_key(group_size, block)
+    if key is None:
+        return None
+    tuned = QUANT_TUNED.get(key)
+    if tuned is None and key[1] == "split":
+        tuned = QUANT_TUNED.get((key[0], "padded"))
     if tuned is not None:
         return tuned
-    _, _, rows, warps = _tile_config(tile, FWD_TILE_ELEMENTS, FWD_ELEMS_PER_THREAD, MAX_BLOCK)
-    return rows, warps
+    _, _, rows, warps = _tile_config(key[0], FWD_TILE_ELEMENTS, FWD_ELEMS_PER_THREAD, MAX_BLOCK)
+    return rows, warps, ORDER_ROWS_FASTEST
+
+
+def _quant_grid(m: int, rows: int, tiles: int, order: int) -> tuple[tuple[int, int, int], bool]:
+    """fwd_quant_kernel's grid and GROUPS_FASTEST: tiles of a row in neighbouring programs where the order asks
+    for it and the row tiles fit the grid's second axis."""
+    row_tiles = _cdiv(m, rows)
+    if order == ORDER_GROUPS_FASTEST and tiles > 1 and row_tiles <= MAX_GRID_Y:
+        return (tiles, row_tiles, 1), True
+    return (row_tiles, tiles, 1), False
 
 
 def _quant_codes_arg(q: torch.Tensor, qspec: QuantSpec, by_bits: bool) -> torch.Tensor:
@@ -712,6 +758,7 @@ def _quant_kernel_constexprs(spec: NormSpec, qspec: QuantSpec, layout: tuple[int
     ng, gb, kb, nq, nq_real = layout
     return dict(
         GS=spec.group_size, GB=gb, NG=ng, KB=kb, NQ=nq, NQ_REAL=nq_real,
+        GLO=split_low(spec.group_size) if ng == 1 else 0,
         HAS_Z=has_z, HAS_BIAS=has_bias, NORM_BEFORE_GATE=spec.norm_before_gate,
         IS_RMS=spec.is_rms_norm, SIGMOID_GATE=spec.activation == "sigmoid",
         QMAX=quant_max(qspec.quant), INT8=qspec.quant == "int8", FNUZ=qspec.quant == "fp8_e4m3fnuz",
@@ -729,15 +776,17 @@ def forward_quant(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     kernel (calls of at least ``rescue_kernel_min_elements`` elements: and the range rescue's scan after it,
     as :func:`forward`); False (nothing written) where :func:`quant_layout` does not cover the call.
 
-    ``config``: (ROWS, num_warps) instead of :func:`_quant_config`'s choice (the tuning benchmark; ROWS a
-    power of two); ``fast`` / ``pdl``: see :func:`_launch`.
+    ``config``: (ROWS, num_warps[, order]) instead of :func:`_quant_config`'s choice (the tuning benchmark; ROWS
+    a power of two); ``fast`` / ``pdl``: see :func:`_launch`.
     """
     m, n = x.shape
     layout = quant_layout(spec.group_size, qspec.block)
     if layout is None:
         return False
     ng = layout[0]
-    rows, warps = _quant_config(spec.group_size, qspec.block) if config is None else config
+    if config is None:
+        config = _quant_config(spec.group_size, qspec.block)
+    rows, warps, order = config if len(config) == 3 else (*config, ORDER_ROWS_FASTEST)
     x = _rows_ready(x)
     if z is not None:
         z = _rows_ready(z)
@@ -754,8 +803,9 @@ def forward_quant(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     # rescue in registers (before) the H200 moved 524288x128 with 128-wide fp8 blocks at 71-73% of copy,
     # with the scan kernel after it 81% (benchmarks/results/quant_bench_h200.md).
     rescue_after = m * n >= rescue_kernel_min_elements
-    _launch_kw(fwd_quant_kernel, (_cdiv(m, rows), tiles, 1), args, warps, x.device, fast=fast, pdl=pdl,
-               ROWS=rows, RESCUE_IN_KERNEL=not rescue_after, **constexprs)
+    grid, groups_fastest = _quant_grid(m, rows, tiles, order)
+    _launch_kw(fwd_quant_kernel, grid, args, warps, x.device, fast=fast, pdl=pdl,
+               ROWS=rows, RESCUE_IN_KERNEL=not rescue_after, GROUPS_FASTEST=groups_fastest, **constexprs)
     if rescue_after:
         _launch_kw(quant_rescue_kernel, (_cdiv(m, rescue_scan_rows), tiles, 1), args, warps, x.device, fast=fast,
                    pdl=pdl, SCAN=rescue_scan_rows, **constexprs)

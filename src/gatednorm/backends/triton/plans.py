@@ -39,6 +39,7 @@ from .launch import (
     _fwd_kernel_constexprs,
     _partials_config,
     _quant_config,
+    _quant_grid,
     _quant_kernel_constexprs,
     pdl_supported,
     quant_layout,
@@ -390,7 +391,7 @@ class QuantPlan:
     where it does not serve the call (as :class:`ForwardPlan`).
     """
 
-    __slots__ = ("n", "groups", "rows", "warps", "tiles", "device", "index", "pdl", "pdl_ok", "rescue_min",
+    __slots__ = ("n", "groups", "rows", "warps", "order", "tiles", "device", "index", "pdl", "pdl_ok", "rescue_min",
                  "scan_rows", "column_major", "q_dtype", "fixed_args", "eps", "arg_dtypes", "constexprs", "variants")
 
     def __init__(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, z: torch.Tensor | None,
@@ -399,7 +400,7 @@ class QuantPlan:
         n = x.shape[-1]
         layout = quant_layout(spec.group_size, qspec.block)
         self.n, self.groups = n, n // qspec.block
-        self.rows, self.warps = _quant_config(spec.group_size, qspec.block)
+        self.rows, self.warps, self.order = _quant_config(spec.group_size, qspec.block)
         self.tiles = n // (layout[0] * spec.group_size)
         self.device = x.device
         self.index = x.device.index if x.device.index is not None else torch.cuda.current_device()
@@ -417,17 +418,19 @@ class QuantPlan:
         self.eps = spec.eps
         self.arg_dtypes = (x.dtype, None if z is None else z.dtype, weight.dtype, None if bias is None else bias.dtype,
                            kernel_q_dtype, torch.float32)
-        #: (USE_PDL, rescue after) -> (fwd_quant_kernel's constexprs, quant_rescue_kernel's or None), in order
+        #: (USE_PDL, GROUPS_FASTEST, rescue after) -> (fwd_quant_kernel's constexprs, quant_rescue_kernel's or
+        #: None), in order
         self.constexprs = {}
         for p in (False, True):
             shared = _quant_kernel_constexprs(spec, qspec, layout, z is not None, bias is not None, by_bits, p)
-            for after in (False, True):
-                fwd = dict(shared, ROWS=self.rows, RESCUE_IN_KERNEL=not after)
-                rescue = dict(shared, SCAN=rescue_scan_rows)
-                self.constexprs[(p, after)] = (
-                    tuple(fwd[name] for name in fwd_quant_kernel.arg_names[13:]),
-                    tuple(rescue[name] for name in quant_rescue_kernel.arg_names[13:]) if after else None)
-        #: (M == 1, M % 16 == 0, USE_PDL, rescue after) -> _launch's cached entries
+            for groups_fastest in (False, True):
+                for after in (False, True):
+                    fwd = dict(shared, ROWS=self.rows, RESCUE_IN_KERNEL=not after, GROUPS_FASTEST=groups_fastest)
+                    rescue = dict(shared, SCAN=rescue_scan_rows)
+                    self.constexprs[(p, groups_fastest, after)] = (
+                        tuple(fwd[name] for name in fwd_quant_kernel.arg_names[13:]),
+                        tuple(rescue[name] for name in quant_rescue_kernel.arg_names[13:]) if after else None)
+        #: (M == 1, M % 16 == 0, USE_PDL, GROUPS_FASTEST, rescue after) -> _launch's cached entries
         self.variants: dict[tuple[bool, ...], tuple] = {}
 
     def _scale_strides(self, m: int) -> tuple[int, int]:
@@ -436,10 +439,10 @@ class QuantPlan:
 
     def _entries(self, variant: tuple[bool, ...], m: int) -> tuple | None:
         """The launchers :func:`_launch` cached for this variant (None: one is not compiled yet)."""
-        _, _, pdl, after = variant
+        _, _, pdl, groups_fastest, after = variant
         spec = _aligned_spec((*self.arg_dtypes, m, *self.fixed_args, *self._scale_strides(m), self.eps))
         entries = _kernel_and_rescue(fwd_quant_kernel, quant_rescue_kernel, self.index, self.warps, pdl,
-                                     self.constexprs[(pdl, after)], spec, after)
+                                     self.constexprs[(pdl, groups_fastest, after)], spec, after)
         if entries is not None:
             self.variants[variant] = entries
         return entries
@@ -452,7 +455,8 @@ class QuantPlan:
             return None
         m, pdl = rows
         after = m * n >= self.rescue_min
-        variant = (m == 1, not m & 15, pdl, after)
+        grid, groups_fastest = _quant_grid(m, self.rows, self.tiles, self.order)
+        variant = (m == 1, not m & 15, pdl, groups_fastest, after)
         entries = self.variants.get(variant) or self._entries(variant, m)
         hooks = None if entries is None else _launch_hooks(self.index)
         if hooks is None:
@@ -467,13 +471,12 @@ class QuantPlan:
             return None
         global planned_quant_launches
         planned_quant_launches += 1
-        fwd_constexprs, rescue_constexprs = self.constexprs[(pdl, after)]
+        fwd_constexprs, rescue_constexprs = self.constexprs[(pdl, groups_fastest, after)]
         stream = torch._C._cuda_getCurrentRawStream(self.index)
         pointers = (xp, zp or None, wp, bp or None, qp, sp)
         tensors = (x, z, weight, bias, q, storage)
         tail = (m, *self.fixed_args, *self._scale_strides(m), self.eps)
-        _run_entry(entries[0], -(-m // self.rows), self.tiles, stream, hooks, pointers, tensors,
-                   (*tail, *fwd_constexprs))
+        _run_entry(entries[0], grid[0], grid[1], stream, hooks, pointers, tensors, (*tail, *fwd_constexprs))
         if after:  # quant_rescue_kernel: the forward's arguments and warps, a program per SCAN rows of a tile
             _run_entry(entries[1], -(-m // self.scan_rows), self.tiles, stream, hooks, pointers, tensors,
                        (*tail, *rescue_constexprs))
