@@ -19,7 +19,7 @@ from helpers import VARIANTS, make_inputs, relayout, variant_id
 import gatednorm
 from gatednorm import numerics, ops
 from gatednorm.backends.native_cpu import NativeCPUBackend
-from gatednorm.spec import QUANT_FORMATS, QuantSpec, quant_max
+from gatednorm.spec import QUANT_FORMATS, NormSpec, QuantSpec, quant_max
 from gatednorm.verify.quant import check_quant, grid_round, quant_cases, reference_quant, reference_y, run_quant_case
 
 try:
@@ -139,6 +139,28 @@ def test_triton_matches_float64(variant, quant):
     for gs, block, fmt in ((96, 96, "float32"), (192, 64, "ue8m0"), (64, 192, "float32"), (32, 64, "ue8m0")):
         run_and_check(x, w, b, z, group_size=gs, norm_before_gate=nbg, is_rms_norm=rms, activation=act,
                       quant=quant, block=block, scale_format=fmt, backend="triton")
+
+
+@needs_triton
+@pytest.mark.parametrize(("n", "group_size", "block"), [(384, 128, 128), (1280, 640, 128), (1024, 64, 256)])
+def test_triton_quant_program_order_keeps_bits(n, group_size, block):
+    """fwd_quant_kernel with its tiles' programs in either order (rows fastest, or a row's tiles side by side:
+    launch._quant_grid, the kernel's GROUPS_FASTEST): the same bits; only the order of the programs changes."""
+    device = torch.device(TRITON_DEVICE)
+    x, z, w, b = make_inputs(37, n, torch.bfloat16, device=device, seed=n)
+    spec = NormSpec(EPS, group_size, True, True, "swish")
+    qspec = QuantSpec("fp8_e4m3", block, "float32", "none", False)
+    rows, warps, _ = tk._quant_config(group_size, block)
+    assert tk._quant_grid(37, rows, n // max(group_size, block), tk.ORDER_GROUPS_FASTEST)[1]  # the order applies
+    out = []
+    for order in (tk.ORDER_ROWS_FASTEST, tk.ORDER_GROUPS_FASTEST):
+        q = torch.empty(37, n, dtype=torch.float8_e4m3fn, device=device)
+        s = torch.full((37, n // block), float("nan"), device=device)
+        assert tk.forward_quant(x, w, b, z, spec, qspec, q, s, config=(rows, warps, order))
+        out.append((q, s))
+    assert_same_bits(out[1][0], out[0][0])
+    assert_same_bits(out[1][1], out[0][1], "scale")
+    assert bool(out[0][1].isfinite().all())
 
 
 @needs_triton

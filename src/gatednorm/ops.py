@@ -33,7 +33,7 @@ from collections.abc import Callable, Iterator
 import torch
 
 from . import numerics
-from .backends.base import Backend, Grads, GradsNeeded
+from .backends.base import Backend, Grads, GradsNeeded, quantize_by_steps
 from .huge_pages import advise_huge_pages
 from .settings import _lookup, env_flag, env_text
 from .spec import (
@@ -692,10 +692,22 @@ def _signature_key(x, weight, bias, z, eps, group_size, norm_before_gate, is_rms
             _lookup("USE_NATIVE_LAYERNORM"), _lookup("TRITON_INTERPRET"))
 
 
-def _remember(key: tuple, plan) -> None:
+def _remember(key: tuple, plan):
+    """Remember a new plan under its signature's key (the table emptied when full); returns the plan."""
     if len(_PLANS) >= MAX_PLANS:
         _PLANS.clear()
     _PLANS[key] = plan
+    return plan
+
+
+def _plan_impl(call, x, z, backend):
+    """(backend name, the implementation) that serve a checked call's plan, or None where plans do not serve
+    the call (heads regrouped, no storage, z not of x's shape). Resolves the backend first, as the full path
+    does, so a bad name raises the same error here."""
+    name = resolve_backend(backend, x.device)
+    if call.heads != 1 or x.is_meta or (z is not None and z.shape != x.shape):
+        return None
+    return name, _impl_for(name, call.x2d)
 
 
 def _plan_for(x, weight, bias, z, eps, group_size, norm_before_gate, is_rms_norm, activation, backend):
@@ -703,10 +715,10 @@ def _plan_for(x, weight, bias, z, eps, group_size, norm_before_gate, is_rms_norm
     path does, in the same order, so a bad call raises the same error here."""
     call = prepare(x, weight, bias, z, eps, group_size, norm_before_gate, is_rms_norm, activation,
                    regroup_heads=True)
-    name = resolve_backend(backend, x.device)
-    if call.heads != 1 or x.is_meta or (z is not None and z.shape != x.shape):
+    served = _plan_impl(call, x, z, backend)
+    if served is None:
         return _NO_PLAN
-    impl = _impl_for(name, call.x2d)
+    name, impl = served
     planner = getattr(impl, "plan_forward", None)
     launch = None if planner is None else planner(x, weight, bias, z, call.spec)
     planner = getattr(impl, "plan_backward", None)
@@ -728,12 +740,12 @@ def planned_forward(x, weight, bias, z, eps, group_size, norm_before_gate, is_rm
         differentiable = needs_autograd(x, weight, bias, z)
         key = _signature_key(x, weight, bias, z, eps, group_size, norm_before_gate, is_rms_norm, activation,
                              backend)
-        plan = _PLANS.get(key)
+        plan = _PLANS.get(key)  # hashing the key: inside the try (unhashable scalars)
     except (AttributeError, TypeError):  # not tensors, unhashable scalars: the full path says what is wrong
         return None
     if plan is None:
-        plan = _plan_for(x, weight, bias, z, eps, group_size, norm_before_gate, is_rms_norm, activation, backend)
-        _remember(key, plan)
+        plan = _remember(key, _plan_for(x, weight, bias, z, eps, group_size, norm_before_gate, is_rms_norm,
+                                        activation, backend))
     if plan is _NO_PLAN or (z is not None and z.shape != x.shape):
         return None
     if differentiable:
@@ -760,6 +772,22 @@ class _QuantPlan:
         return q, _scale_view(storage, self.qspec)
 
 
+def _quant_plan_for(x, weight, bias, z, eps, group_size, norm_before_gate, is_rms_norm, activation, quant,
+                    quant_group_size, scale_format, round_to, column_major_scales, backend):
+    """A new plan for this quantized call's signature (_NO_PLAN where plans do not serve it), checked as
+    :func:`_plan_for` checks a forward."""
+    call, qspec = prepare_quant(x, weight, bias, z, eps, group_size, norm_before_gate, is_rms_norm, activation,
+                                quant, quant_group_size, scale_format, round_to, column_major_scales,
+                                regroup_heads=True)
+    served = _plan_impl(call, x, z, backend)
+    if served is None:
+        return _NO_PLAN
+    impl = served[1]
+    planner = getattr(impl, "plan_forward_quant", None)
+    launch = None if planner is None else planner(x, weight, bias, z, call.spec, qspec)
+    return _QuantPlan(impl, call.spec, qspec, x.shape[-1], launch)
+
+
 def planned_quant(x, weight, bias, z, eps, group_size, norm_before_gate, is_rms_norm, activation, quant,
                   quant_group_size, scale_format, round_to, column_major_scales, backend: str | None):
     """``(q (M, N), scale (M, N // block))`` of an eager ``gated_norm_quant`` call through its signature's plan
@@ -778,18 +806,9 @@ def planned_quant(x, weight, bias, z, eps, group_size, norm_before_gate, is_rms_
     except (AttributeError, TypeError):
         return None
     if plan is None:
-        call, qspec = prepare_quant(x, weight, bias, z, eps, group_size, norm_before_gate, is_rms_norm, activation,
-                                    quant, quant_group_size, scale_format, round_to, column_major_scales,
-                                    regroup_heads=True)
-        name = resolve_backend(backend, x.device)
-        if call.heads != 1 or x.is_meta or (z is not None and z.shape != x.shape):
-            plan = _NO_PLAN
-        else:
-            impl = _impl_for(name, call.x2d)
-            planner = getattr(impl, "plan_forward_quant", None)
-            launch = None if planner is None else planner(x, weight, bias, z, call.spec, qspec)
-            plan = _QuantPlan(impl, call.spec, qspec, x.shape[-1], launch)
-        _remember(key, plan)
+        plan = _remember(key, _quant_plan_for(x, weight, bias, z, eps, group_size, norm_before_gate, is_rms_norm,
+                                              activation, quant, quant_group_size, scale_format, round_to,
+                                              column_major_scales, backend))
     if plan is _NO_PLAN or (z is not None and z.shape != x.shape):
         return None
     return plan(x, weight, bias, z)
@@ -964,20 +983,12 @@ def _scale_view(storage: torch.Tensor, qspec: QuantSpec) -> torch.Tensor:
 
 def _quantize_generic(impl: Backend, x, weight, bias, z, spec: NormSpec, qspec: QuantSpec,
                       q: torch.Tensor, scale: torch.Tensor) -> None:
-    """impl.forward into a float32 (or round_to) buffer, then :func:`numerics.quantize_blocks`, by row blocks.
-
-    Each row's quantization depends on that row alone, so blocking keeps batch invariance wherever
-    the backend's forward has it.
-    """
-    m, n = x.shape
-    buffer_dtype = round_to_dtype(qspec.round_to) or torch.float32
-    step = max(1, min(m, QUANT_BLOCK_ELEMENTS // n))
-    y = torch.empty((step, n), dtype=buffer_dtype, device=x.device)
-    for r0 in range(0, m, step):
-        r1 = min(m, r0 + step)
-        yb = y[: r1 - r0]
-        impl.forward(x[r0:r1], weight, bias, None if z is None else z[r0:r1], spec, yb)
-        numerics.quantize_blocks(yb, qspec, q[r0:r1], scale[r0:r1], y_is_scratch=True)
+    """impl.forward into a float32 (or round_to) buffer, then :func:`numerics.quantize_blocks`, by row blocks of
+    about QUANT_BLOCK_ELEMENTS elements (:func:`.backends.base.quantize_by_steps`)."""
+    quantize_by_steps(impl.forward, x, weight, bias, z, spec, round_to_dtype(qspec.round_to) or torch.float32,
+                      QUANT_BLOCK_ELEMENTS,
+                      lambda y_rows, r0, r1: numerics.quantize_blocks(y_rows, qspec, q[r0:r1], scale[r0:r1],
+                                                                      y_is_scratch=True))
 
 
 def _forward_quant_eager(x, weight, bias, z, spec: NormSpec, qspec: QuantSpec, backend: str):

@@ -133,3 +133,22 @@ class PlannedBackend(Protocol):
         (M, G), or (G, M) for column-major scales), or None, having written nothing, for a call it does not
         serve. None here: no plan for this signature (the quantized call then runs ``forward_quant``)."""
         ...
+
+
+def quantize_by_steps(forward: Callable[..., object], x: torch.Tensor, weight: torch.Tensor,
+                      bias: torch.Tensor | None, z: torch.Tensor | None, spec: NormSpec, y_dtype: torch.dtype,
+                      step_elements: int, quantize: Callable[[torch.Tensor, int, int], object]) -> None:
+    """The quantized output as a forward and a quantizer, a step of rows at a time: ``forward`` (a
+    :meth:`Backend.forward`) writes rows r0 .. r1 - 1 of y into a reused (rows, N) buffer of ``y_dtype`` of about
+    ``step_elements`` elements (so y never exists whole, and a step is still in the cache when it is read back),
+    then ``quantize(y_rows, r0, r1)`` writes their codes and scales. Each row's quantization depends on that row
+    alone, so the steps keep batch invariance wherever the forward has it. The generic path of
+    :func:`gatednorm.ops.gated_norm_quant_rows` and the native backend's rows its C forward does not take."""
+    m, n = x.shape
+    step = max(1, min(m, step_elements // n))
+    y = torch.empty((step, n), dtype=y_dtype, device=x.device)
+    for r0 in range(0, m, step):
+        r1 = min(m, r0 + step)
+        y_rows = y[: r1 - r0]
+        forward(x[r0:r1], weight, bias, None if z is None else z[r0:r1], spec, y_rows)
+        quantize(y_rows, r0, r1)

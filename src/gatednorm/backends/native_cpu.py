@@ -97,7 +97,7 @@ import torch
 from ..numerics import SAFE_RSTD_MAX, SAFE_VAR_MIN, rescale_groups, scaled_rstd
 from ..spec import NormSpec, QuantSpec, compute_dtype
 from . import native_cpu_kernel
-from .base import Grads, GradsNeeded
+from .base import Grads, GradsNeeded, quantize_by_steps
 
 #: ATen's CPU parallel grain (at::internal::GRAIN_SIZE): element-wise ops and reductions on fewer
 #: elements run serially; larger ones are cut into num_threads chunks of ceil(numel / num_threads).
@@ -1052,12 +1052,6 @@ def forward_quant(backend: NativeCPUBackend, x, weight, bias, z, spec: NormSpec,
     if _use_cpu_kernel((x, z), (weight, bias)):  # the C forward quantizes each row as it computes it
         _forward_cpu_kernel(x, weight, bias, z, spec, None, backend.block_elements, quant=target)
         return True
-    m, n = x.shape
-    step = max(1, min(m, QUANT_STEP_ELEMENTS // n))
-    y = torch.empty((step, n), dtype=torch.float32)
-    for r0 in range(0, m, step):
-        r1 = min(m, r0 + step)
-        yb = y[: r1 - r0]
-        backend.forward(x[r0:r1], weight, bias, None if z is None else z[r0:r1], spec, yb)
-        native_cpu_kernel.quantize_rows(yb, target.rows(r0, r1))
+    quantize_by_steps(backend.forward, x, weight, bias, z, spec, torch.float32, QUANT_STEP_ELEMENTS,
+                      lambda y_rows, r0, r1: native_cpu_kernel.quantize_rows(y_rows, target.rows(r0, r1)))
     return True

@@ -690,7 +690,7 @@ def _fp8_by_bits(device: torch.device, fnuz: bool) -> bool:
 # Split groups (not measured on a GPU yet: chosen from sm_90 SASS compiled on the CPU machine, the fewest
 # instructions per element at under 100 registers; the next sweep decides): two rows a warp, 24-40 features a
 # thread (fp8, 128-wide blocks: 640 at (4, 2) 32.4 instructions per element against 49.5 padded at (1, 1); 1280
-# at (2, 2) 33.0 against 48.8 padded at the rule's (2, 8); 384 at (8, 4) 37.9 against 45.0 at the rule's (8, 8);
+# at (2, 2) 33.5 against 60.1 padded at the rule's (2, 8); 384 at (8, 4) 40.4 against 47.0 at the rule's (8, 8);
 # one group of 5120 at the padded entry's (1, 4) 32.6 against 35.0).
 # Not (4, 1) for 128-wide tiles, though the 2026-12-04 sweeps (gpu_notes_h200.md) put it within 1-2% of (16, 4)
 # on large calls and ahead in a CUDA graph at 8192x128: with it, tiles of several groups (64 + 64, 4 x 32)

@@ -1,0 +1,127 @@
+"""Instructions per element of the fused quantized forward's sm_90 code, compiled on a machine without a GPU.
+
+The fused kernel (``fwd_quant_kernel``) has enough arithmetic per element to be bound by instruction issue on an
+H200 rather than by memory (UE8M0 scales, one multiply per element where float32 scales take six, ran 10 points
+of the copy bandwidth closer to it; docs/design.md, "Quantized output"). Without a GPU the instruction count is
+what can be measured: this script compiles the kernel with Triton for sm_90 (``triton.compile`` with a
+``GPUTarget``; ``ptxas`` and ``cuobjdump`` ship with Triton), with the specialisation a real launch gets (16-byte
+aligned pointers and row strides), disassembles it and counts the SASS instructions of the whole kernel (every
+path, the rarely taken rescue and division slow paths included: a static count, an upper bound of what one
+program runs), divided by the real elements one thread holds. Rows: each launch shape as shipped
+(``launch._quant_config``) and others, and for groups of two power-of-two parts (``launch.split_low``) the
+padded tile against the two-tile one.
+
+    PYTHONPATH=src python benchmarks/sass_count.py [--out benchmarks/results/quant_sass_sm90.md]
+
+A count is not a speed: it says where instruction issue can bind, and the device's timing decides.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import re
+import sys
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from triton.tools.disasm import get_sass
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
+from gatednorm.backends.triton import kernels, launch  # noqa: E402
+from gatednorm.spec import NormSpec, QuantSpec  # noqa: E402
+
+TARGET = GPUTarget("cuda", 90, 32)
+#: (group size, quant block, variant as in bench_quant.SHAPES: "rms gate-after" / "rms gate-before" / "LN+bias
+#: no gate", extra launch shapes to count beside the shipped one)
+CASES = [
+    (128, 128, "rms gate-after", [(32, 4)]),
+    (640, 128, "rms gate-before", [(1, 1), (2, 1), (8, 4)]),
+    (640, 640, "rms gate-before", [(1, 1)]),
+    (384, 128, "rms gate-after", [(8, 8)]),
+    (1280, 128, "rms gate-after", [(2, 8)]),
+    (5120, 128, "rms gate-before", [(2, 8)]),
+    (4096, 128, "rms gate-after", []),
+    (64, 4096, "rms gate-after", [(2, 4)]),
+    (2048, 2048, "LN+bias no gate", [(1, 4)]),
+]
+VARIANTS = {"rms gate-after": (True, True, True, False), "rms gate-before": (True, False, True, False),
+            "LN+bias no gate": (False, True, False, True)}  # is_rms, norm_before_gate, has_z, has_bias
+FORMATS = [("fp8_e4m3", "float32"), ("fp8_e4m3", "ue8m0"), ("int8", "float32")]
+_SASS_LINE = re.compile(r"[-0-9a-fA-F:]+:\d+\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]+)")
+
+
+def compile_quant(gs: int, block: int, variant: str, quant: str, fmt: str, rows: int, warps: int,
+                  glo: int | None = None):
+    """fwd_quant_kernel for bf16 x (and z) in one of VARIANTS, as launch.forward_quant would launch it
+    (hardware fp8 conversion, no in-kernel rescue); ``glo`` forces GLO (0: the padded tile)."""
+    is_rms, norm_before_gate, has_z, has_bias = VARIANTS[variant]
+    spec = NormSpec(1e-6, gs, norm_before_gate, is_rms, "swish")
+    qspec = QuantSpec(quant, block, fmt, "none", False)
+    constexprs = launch._quant_kernel_constexprs(spec, qspec, launch.quant_layout(gs, block), has_z, has_bias,
+                                                 False, False)
+    constexprs.update(BF16_BY_BITS=False, ROWS=rows, RESCUE_IN_KERNEL=False, GROUPS_FASTEST=False)
+    if glo is not None:
+        constexprs["GLO"] = glo
+    names = kernels.fwd_quant_kernel.arg_names
+    signature = {"X": "*bf16", "Z": "*bf16", "W": "*bf16", "B": "*bf16", "Q": "*i8" if quant == "int8" else "*fp8e4nv",
+                 "S": "*fp32", "M": "i32", "stride_xm": "i32", "stride_zm": "i32", "stride_qm": "i32",
+                 "stride_sm": "i32", "stride_sg": "i32", "eps": "fp32"}
+    signature.update(dict.fromkeys(constexprs, "constexpr"))
+    aligned = ("X", "Z", "W", "B", "Q", "S", "stride_xm", "stride_zm", "stride_qm")
+    src = ASTSource(fn=kernels.fwd_quant_kernel, signature=signature,
+                    constexprs={(names.index(k),): v for k, v in constexprs.items()},
+                    attrs={(names.index(k),): [["tt.divisibility", 16]] for k in aligned})
+    return triton.compile(src, target=TARGET, options={"num_warps": warps})
+
+
+def sass_counts(compiled) -> tuple[int, int, collections.Counter]:
+    """(instructions, highest register number used, instructions by opcode) of a compiled kernel."""
+    sass = get_sass(compiled.asm["cubin"])
+    ops: collections.Counter = collections.Counter()
+    for line in sass.splitlines():
+        m = _SASS_LINE.match(line)
+        if m:
+            ops[m.group(2).split(".")[0]] += 1
+    return sum(ops.values()), max(map(int, re.findall(r"\bR(\d+)", sass)), default=0), ops
+
+
+def per_element(total: int, gs: int, block: int, rows: int, warps: int) -> float:
+    """Instructions per real element a thread holds: a tile is ``rows`` rows of max(group, block) features."""
+    return total * 32 * warps / (rows * max(gs, block))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default=None, help="write the table as Markdown here")
+    args = ap.parse_args()
+    lines = ["# fwd_quant_kernel: sm_90 instructions per element (compiled without a GPU)", "",
+             f"Command: `PYTHONPATH=src python benchmarks/sass_count.py`; triton {triton.__version__}. Static count of "
+             "the whole kernel (every path) over the real elements a thread holds; bf16 in.", "",
+             "| group / block | variant | format | launch shape (rows, warps) | tile | instructions | registers | "
+             "per element |",
+             "|---|---|---|---|---|---|---|---|"]
+    for gs, block, variant, extra in CASES:
+        shipped = launch._quant_config(gs, block)[:2]
+        split = launch.split_low(gs) if launch.quant_layout(gs, block)[0] == 1 else 0
+        for quant, fmt in FORMATS:
+            for rows, warps in dict.fromkeys([shipped, *extra]):
+                for glo in ([split, 0] if split else [0]):
+                    total, regs, _ = sass_counts(compile_quant(gs, block, variant, quant, fmt, rows, warps, glo))
+                    kind = "split" if glo else "padded" if gs & (gs - 1) else "one tile"
+                    if (rows, warps) == shipped and glo == split:
+                        kind += " (shipped)"
+                    row = (f"| {gs} / {block} | {variant} | {quant} {fmt} | ({rows}, {warps}) | {kind} | {total} | "
+                           f"{regs} | {per_element(total, gs, block, rows, warps):.1f} |")
+                    lines.append(row)
+                    print(row, flush=True)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write("\n".join(lines) + "\n")
+        print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
