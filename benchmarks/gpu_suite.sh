@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The GPU session in one script: run on a lent GPU machine from a tree staged with the wheels
-# (fla-core, einops, pytest) in whl/, sglang's newest layernorm_gated.py in sgl/ and the sglang
-# loader script (upstream_sglang.py, provided with the project's shared tools) copied to tools/ at
-# run time (none of those are committed).
+# (fla-core, einops) in whl/, sglang's layernorm_gated.py in sgl/ and the sglang loader script
+# (upstream_sglang.py, provided with the project's shared tools) in tools/ (none of those are committed):
+# `bash benchmarks/stage_gpu.sh` stages all of it into .gpu/stage.
 #
 #   bash benchmarks/gpu_suite.sh kernels   # GPU tests + the fused-kernel benchmark (issue 7)
 #   bash benchmarks/gpu_suite.sh verify    # the full `gatednorm verify` on cuda, in worker processes

@@ -8,6 +8,7 @@ sglang, vLLM and mamba_ssm run their real gated-norm module files with framework
 
 from __future__ import annotations
 
+import inspect
 import sys
 import types
 
@@ -223,6 +224,63 @@ def test_sglang_layernorm_gated(sglang_modules):
                 assert _calls(name) >= 1, name
         assert_restored(snap)
         reset_call_counts()
+
+
+def test_sglang_quant_heads_epilogue(sglang_modules, monkeypatch):
+    """sglang's FP8 epilogue, ``_layer_norm_fwd(quant_heads=H)`` as Qwen3.5's gated delta net calls it: the H
+    head rows of a token normalised and quantized together (one float32 scale per token, y rounded to bf16
+    first), routed to gated_norm_quant. Judged against the float64 norm quantized by the documented rule, and
+    against sglang's own kernel (under Triton's interpreter): scales within a bf16 rounding of y's largest value,
+    dequantized values within a float8 step. Bad quant_heads / group sizes raise ValueError."""
+    from gatednorm.verify.quantized import check_quant, reference_y
+
+    mods = [m for n, m in sglang_modules.items()
+            if n.endswith("layernorm_gated") and "quant_heads" in inspect.signature(m._layer_norm_fwd).parameters]
+    if not mods:
+        pytest.skip("this sglang's _layer_norm_fwd has no quant_heads")
+    t, h, n, eps = 6, 4, 64, 1e-6
+    x, _, w, _ = make_inputs(t * h, n, torch.bfloat16, seed=7)
+    z3 = torch.randn(t, h, n, dtype=torch.bfloat16)
+    x = x.clone()
+    x[2 * h:3 * h] *= 1e-15  # eps dominates: largest |y| ~ 1e-11, under sglang's floor of 1e-10 (ours: 2^-126)
+    for m in mods:
+        monkeypatch.setattr(m, "_get_sm_count", lambda device: 132, raising=False)  # sglang asks CUDA (an H100's)
+        (q_up, s_up), _, _ = m._layer_norm_fwd(x, w, None, eps, z=z3, is_rms_norm=True, activation="silu",
+                                               quant_heads=h)
+        with gatednorm.patch("sglang"):
+            (q, s), mean, rstd = m._layer_norm_fwd(x, w, None, eps, z=z3, is_rms_norm=True, activation="silu",
+                                                   quant_heads=h)
+            with pytest.raises(ValueError, match="quant_heads"):
+                m._layer_norm_fwd(x, w, None, eps, z=z3, is_rms_norm=True, quant_heads=5)
+            with pytest.raises(ValueError, match="group_size"):
+                m._layer_norm_fwd(x, w, None, eps, z=z3, group_size=32, is_rms_norm=True, quant_heads=h)
+            assert _calls("_layer_norm_fwd") >= 1
+        assert q.shape == q_up.shape == (t, h * n) and q.dtype == q_up.dtype == torch.float8_e4m3fn
+        assert s.shape == s_up.shape == (t, 1) and s.dtype == torch.float32 and mean is None and rstd is None
+        y64, err = reference_y(x.view(t, h * n), w.repeat(h), None, z3.view(t, h * n), eps, n, True, True, "swish",
+                               torch.bfloat16)
+        res = check_quant(q, s, y64, err, "fp8_e4m3", None, "float32")
+        assert res.passed, res
+        normal = torch.ones(t, dtype=torch.bool)
+        normal[2] = False
+        assert bool(((s - s_up).abs() <= 2.0**-7 * s_up)[normal].all()), (s, s_up)  # amax of a bf16-rounded y
+        deq, deq_up = q.float() * s, q_up.float() * s_up
+        step = torch.maximum(deq.abs(), deq_up.abs()) * 2.0**-3 + s * 2.0**-9  # one e4m3 step, subnormals incl.
+        close = (deq - deq_up).abs() <= 1.01 * step + 2.0**-7 * deq_up.abs()
+        if not x.is_cuda:
+            # Triton's interpreter casts fp32 to fp8 wrongly next to a binade edge: sglang's code there is a power
+            # of two, half the right one (32 for 64, 0.0625 for 0.125: gatednorm's kernels compute those bits
+            # themselves under the interpreter)
+            codes = q_up.float().abs()
+            halved = (codes > 0) & (torch.frexp(codes).mantissa == 0.5) & ((deq - 2 * deq_up).abs() <= 1.01 * step)
+            assert int(halved.sum()) < close.numel() // 10
+            close |= halved
+        assert bool(close[normal].all())
+        # the tiny token: sglang's scale is its floor, 1e-10 / 448, ours the rule's amax / 448 below it (q then
+        # spans the whole fp8 range: check_quant above judged it)
+        assert float(s_up[2]) == pytest.approx(1e-10 / 448, rel=1e-6) and float(s[2]) < float(s_up[2])
+        assert float(q[2].float().abs().max()) == 448.0
+    reset_call_counts()
 
 
 def test_sglang_fused_norm_gate_and_rebinding(sglang_modules):

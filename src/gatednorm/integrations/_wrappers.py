@@ -21,7 +21,7 @@ from collections.abc import Callable
 
 import torch
 
-from ..functional import layer_norm_fwd, layernorm_fn, layernorm_linear_fn
+from ..functional import gated_norm_quant, layer_norm_fwd, layernorm_fn, layernorm_linear_fn
 from ..ops import gated_norm_rows, gated_norm_rows_backward
 from ..spec import compute_dtype, prepare
 from .counters import hit
@@ -57,22 +57,61 @@ def fwd_activation(label: str, backend: str | None) -> Callable:
     return _layer_norm_fwd
 
 
-def fwd_quant(label: str, backend: str | None, original: Callable) -> Callable:
+def fwd_quant(label: str, backend: str | None) -> Callable:
     """Newest sglang forward: ``activation``, a (T, H, N) gate, and ``quant_heads`` (FP8 epilogue).
 
-    ``quant_heads != 0`` asks for sglang's FP8 quantised output, which gatednorm does not
-    produce: those calls go to the original kernel.
+    ``quant_heads = H`` (Qwen3.5's gated delta net in front of an FP8 ``out_proj``): the H head rows of each
+    token, one group of N each, are normalised and quantized together to float8 e4m3fn with one float32 scale
+    per token, y rounded to ``out``'s (else x's) dtype first, as sglang's epilogue does. That is
+    ``gated_norm_quant`` on the (M / H, H N) view of the rows with the weight repeated per head
+    (:func:`_quant_heads`); it returns ``((q (M / H, H N), scale (M / H, 1)), None, None)``.
     """
 
     def _layer_norm_fwd(x, weight, bias, eps, z=None, out=None, group_size=None, norm_before_gate=True,
                         is_rms_norm=False, activation: str = "swish", quant_heads: int = 0):
         if quant_heads:
-            return original(x, weight, bias, eps, z, out, group_size, norm_before_gate, is_rms_norm, activation,
-                            quant_heads)
+            return _quant_heads(label, backend, x, weight, bias, eps, z, out, group_size, norm_before_gate,
+                                is_rms_norm, activation, quant_heads)
         return _fwd(label, backend, x, weight, bias, eps, z, out, group_size, norm_before_gate, is_rms_norm,
                     activation)
 
     return _layer_norm_fwd
+
+
+def _quant_heads(label, backend, x, weight, bias, eps, z, out, group_size, norm_before_gate, is_rms_norm,
+                 activation, heads):
+    """sglang's ``_layer_norm_fwd(quant_heads=heads)`` through :func:`gatednorm.gated_norm_quant`.
+
+    Where the results differ from sglang's kernel, by design: the quotient y / scale is the correctly rounded
+    one (sglang multiplies by a rounded reciprocal: a code may differ by one step where y / scale lies next to
+    a rounding midpoint); a token whose largest |y| is under 1e-10 gets the scale max(amax / 448, 2^-126)
+    rather than sglang's 1e-10 / 448 (the same dequantized values, to float8 precision); and mean and rstd are
+    None, not the statistics: the fused kernel does not write them, and sglang's one caller (Qwen3.5's gated
+    delta net) discards them."""
+    if x.dim() != 2:
+        raise ValueError(f"quant_heads: x must be 2-D (M, N), got shape {tuple(x.shape)}")
+    m, n = x.shape
+    if group_size not in (None, n):
+        raise ValueError(f"quant_heads: group_size must be None or N = {n} (one group per head), got {group_size}")
+    if not isinstance(heads, int) or heads < 1 or m % heads:
+        raise ValueError(f"quant_heads must be a positive divisor of the {m} rows, got {heads!r}")
+    name = hit(label, backend, x.device)
+    tokens = m // heads
+    y_dtype = x.dtype if out is None else out.dtype
+    with torch.no_grad():
+        q, scale = gated_norm_quant(
+            x.reshape(tokens, heads * n), _per_head(weight, heads), _per_head(bias, heads), eps,
+            None if z is None else z.reshape(m, n).reshape(tokens, heads * n), n, bool(norm_before_gate),
+            bool(is_rms_norm), activation=activation, quant="fp8_e4m3",
+            round_to=y_dtype if y_dtype in (torch.bfloat16, torch.float16) else None, backend=name)
+    return (q, scale), None, None
+
+
+def _per_head(p: torch.Tensor | None, heads: int) -> torch.Tensor | None:
+    """``p`` (N,) repeated ``heads`` times: the parameter of H groups of N. A copy per call (H N values): a cache
+    could not see weights that serving frameworks overwrite in place through ``.data`` (weight updates), which
+    leaves the version counter alone."""
+    return p if p is None or heads == 1 else p.detach().repeat(heads)
 
 
 # --- backward primitive: mamba_ssm `_layer_norm_bwd` / fla `layer_norm_bwd` ---

@@ -4,7 +4,8 @@ Covered module paths (whichever the installed release has):
 
 * ``sglang.srt.layers.attention.fla.layernorm_gated`` (older releases, e.g. 0.5.9; the path the
   migration guide names) and ``sglang.kernels.ops.attention.fla.layernorm_gated`` (newer, e.g. 0.5.23):
-  ``_layer_norm_fwd`` (``activation``; newer: (T, H, N) gate, ``quant_heads``), ``rms_norm_gated``
+  ``_layer_norm_fwd`` (``activation``; newer: (T, H, N) gate, ``quant_heads``: the FP8 epilogue, through
+  ``gated_norm_quant``), ``rms_norm_gated``
   (keyword-only), ``layernorm_fn``, ``LayerNormFn`` (forward replaced, a backward added), and the
   ``forward`` of ``LayerNorm`` and ``RMSNorm`` (imported by the model files as ``RMSNormGated``).
 * ``sglang.srt.layers.attention.mamba.ops.layernorm_gated`` (older releases): ``_layer_norm_fwd``,
@@ -14,9 +15,8 @@ Covered module paths (whichever the installed release has):
   strided (T, H, D) gate the newest release passes for a (T*H, D) input (read through its strides,
   not copied). Not replaced: the primitive ``layer_norm_gated_fwd``.
 
-Not covered: ``_layer_norm_fwd(quant_heads=...)`` (FP8 epilogue: goes to sglang's kernel) and the
-tensor-parallel ``Mixer2RMSNormGated`` (its ``rms_norm_gated`` import is rebound, so its local
-normalisation runs through gatednorm).
+Not covered: the tensor-parallel ``Mixer2RMSNormGated`` (its ``rms_norm_gated`` import is rebound, so its
+local normalisation runs through gatednorm).
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ def plan(p: Planner) -> None:
             continue
         fwd = vars(m).get("_layer_norm_fwd")
         if fwd is not None and "quant_heads" in inspect.signature(fwd).parameters:
-            p.function(m, "_layer_norm_fwd", lambda label, orig: w.fwd_quant(label, b, orig))
+            p.function(m, "_layer_norm_fwd", lambda label, orig: w.fwd_quant(label, b))
         else:
             p.function(m, "_layer_norm_fwd", lambda label, orig: w.fwd_activation(label, b))
         p.function(m, "rms_norm_gated", lambda label, orig: w.rms_norm_gated_keywords(label, b))

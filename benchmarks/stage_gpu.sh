@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Stage a tree for a lent GPU machine (no network there): the working tree's src, tests, benchmarks and
+# pyproject.toml, plus what benchmarks/gpu_suite.sh expects beside them and the GPU image lacks:
+#
+#   whl/    fla-core 0.6.0 and einops wheels (fla's kernels beside ours; pip download, or pip's cache offline)
+#   sgl/    sglang 0.5.23's layernorm_gated.py, from the test environment's sglang (make setup-test)
+#   tools/  upstream_sglang.py, the loader of that file (../shared/tools)
+#
+#   bash benchmarks/stage_gpu.sh [DEST]     # default .gpu/stage (git ignores .gpu/)
+#
+# Then, with the device tool: carry [".gpu"], command `cd .gpu/stage && bash benchmarks/gpu_suite.sh MODE`
+# (MODE: kernels, verify, quant, quant-tune, host, ...; results land in the tool's $OUT).
+set -eu
+cd "$(dirname "$0")/.."
+DEST=${1:-.gpu/stage}
+PY=${PYTHON:-.venv/bin/python}
+rm -rf "$DEST"
+mkdir -p "$DEST/whl" "$DEST/sgl" "$DEST/tools"
+cp -r src tests benchmarks pyproject.toml "$DEST/"
+rm -rf "$DEST/benchmarks/results"
+find "$DEST" -name __pycache__ -prune -exec rm -rf {} +
+"$PY" -m pip download --quiet --no-deps --dest "$DEST/whl" "fla-core==0.6.0" einops
+SGL=$("$PY" -c "import importlib.util as u; s = u.find_spec('sglang'); print(s.submodule_search_locations[0] if s else '')")
+if [ -n "$SGL" ] && [ -f "$SGL/kernels/ops/attention/fla/layernorm_gated.py" ]; then
+    cp "$SGL/kernels/ops/attention/fla/layernorm_gated.py" "$DEST/sgl/"
+else
+    echo "sglang not installed here (make setup-test): sgl/ left empty, bench_gpu.py runs without it" >&2
+fi
+if [ -f ../shared/tools/upstream_sglang.py ]; then
+    cp ../shared/tools/upstream_sglang.py "$DEST/tools/"
+else
+    echo "../shared/tools/upstream_sglang.py not found: tools/ left empty" >&2
+fi
+du -sh "$DEST"
+ls "$DEST/whl" "$DEST/sgl" "$DEST/tools"
