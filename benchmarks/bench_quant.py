@@ -8,6 +8,10 @@ Run through ``benchmarks/bench_gpu.py --quant`` (or directly). Per shape (bf16 i
 * ``norm + eager quant``: the same quantization in eager torch ops;
 * ``norm + sglang quant`` / ``norm + vllm quant``: those projects' own quant kernels where importable
   (sglang's per-token-group fp8 quant; vLLM's per-token dynamic fp8 quant);
+* ``sglang fused epilogue``: sglang's own fused norm + fp8 kernel, ``_layer_norm_fwd(quant_heads=H)`` (the one
+  Qwen3.5's gated delta net calls), where ``--sglang PATH`` names its ``layernorm_gated.py`` (loaded through
+  ``--sglang-loader DIR``, as bench_gpu.py loads it): per-token fp8 with float32 scales over the H = N / group
+  heads of a row, the same function as ours on those shapes (the row seen as H rows of one group each);
 
 and the copy bandwidth in the same run. Bytes counted: x and z read (bf16) + q (1 byte) and scales
 (4 bytes per block) written; weight ignored. Goals: fused >= 1.8x faster than norm + separate quant
@@ -25,6 +29,7 @@ CPU smoke (Triton interpreter, tiny shapes, no goals):
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import sys
@@ -50,12 +55,15 @@ SHAPES = [
     ("32768x4096 one group rms gate-after k128", 32768, 4096, 4096, True, True, True, False, 128),
     ("32768x5120 g640 rms gate-before k128", 32768, 5120, 640, True, False, True, False, 128),
     ("16384x4096 g64 rms gate-after per-token", 16384, 4096, 64, True, True, True, False, None),
+    # Qwen3.5's gated delta net before an FP8 out_proj: 32 heads of 128 per token (sglang's quant_heads=32)
+    ("16384x4096 g128 rms gate-after per-token", 16384, 4096, 128, True, True, True, False, None),
     ("65536x2048 LN+bias no gate per-token", 65536, 2048, 2048, False, True, False, True, None),
 ]
 SMOKE_SHAPES = [
     ("64x128 rms gate-after k128", 64, 128, 128, True, True, True, False, 128),
     ("16x512 g128 rms gate-before k64", 16, 512, 128, True, False, True, False, 64),
     ("16x256 g64 LN+bias per-token", 16, 256, 64, False, True, True, True, None),
+    ("16x512 g128 rms gate-after per-token", 16, 512, 128, True, True, True, False, None),
 ]
 
 
@@ -137,7 +145,28 @@ def copy_gbps(device: torch.device, timer: Timer, smoke: bool) -> float:
     return 2 * n * 2 / (timer(lambda: dst.copy_(src)) * 1e-3) / 1e9
 
 
-def run_shape(shape, device, timer: Timer, copy: float, quant: str, scale_format: str, compile_quant: bool):
+def load_sglang_epilogue(args: argparse.Namespace, device: torch.device):
+    """sglang's layernorm_gated module (its ``_layer_norm_fwd`` with ``quant_heads``) from ``--sglang PATH`` through
+    ``--sglang-loader DIR`` (upstream_sglang.py), or None where not given or not loadable."""
+    path, loader = getattr(args, "sglang", ""), getattr(args, "sglang_loader", "")
+    if not path or not os.path.exists(path):
+        return None
+    try:
+        sys.path.insert(0, loader)
+        from upstream_sglang import load_sglang_layernorm_gated
+
+        module = load_sglang_layernorm_gated(path, sm_count=None if device.type == "cuda" else 132)
+    except Exception as exc:  # noqa: BLE001 - optional
+        print(f"sglang kernel not loadable: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return None
+    if "quant_heads" not in inspect.signature(module._layer_norm_fwd).parameters:
+        print("this sglang kernel has no quant_heads (FP8 epilogue)", file=sys.stderr)
+        return None
+    return module
+
+
+def run_shape(shape, device, timer: Timer, copy: float, quant: str, scale_format: str, compile_quant: bool,
+              sglang=None):
     name, m, n, gs, rms, nbg, has_z, has_bias, block = shape
     k = block or n
     ue8m0 = scale_format == "ue8m0"
@@ -187,6 +216,13 @@ def run_shape(shape, device, timer: Timer, copy: float, quant: str, scale_format
             impls["norm + compiled quant"] = lambda: cq(norm(), quant, k, ue8m0)
         for up_name, up in upstream_quants(quant).items():
             impls[f"norm + {up_name}"] = (lambda up=up: up(norm(), k))
+        if sglang is not None and quant == "fp8_e4m3" and scale_format == "float32" and block is None:
+            # the row as H = N / gs rows of one group each, quantized together: sglang's FP8 epilogue
+            heads = n // gs
+            x_h, z_h = x.view(m * heads, gs), None if z is None else z.view(m * heads, gs)
+            w_h, b_h = w[:gs], None if b is None else b[:gs]
+            impls["sglang fused epilogue"] = lambda: sglang._layer_norm_fwd(
+                x_h, w_h, b_h, EPS, z=z_h, norm_before_gate=nbg, is_rms_norm=rms, quant_heads=heads)[0]
         impls[NORM_ALONE] = norm
         z_or_x = z if z is not None else x
         y_mul = torch.empty_like(x)
@@ -304,12 +340,13 @@ def run(args: argparse.Namespace) -> None:
         formats.append((quant, fmt or "float32"))
     copy = copy_gbps(device, timer, args.smoke)
     print(f"{device_name}: copy bandwidth {copy:.0f} GB/s", flush=True)
+    sglang = load_sglang_epilogue(args, device)
     compile_quant = not getattr(args, "no_compile", False) and not args.smoke
     records = []
     for shape in shapes:
         for quant, fmt in formats:
             t0 = time.time()
-            records.append(run_shape(shape, device, timer, copy, quant, fmt, compile_quant))
+            records.append(run_shape(shape, device, timer, copy, quant, fmt, compile_quant, sglang))
             print(f"  {shape[0]} {quant} {fmt} done in {time.time() - t0:.0f}s", flush=True)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -329,6 +366,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--only", default="", help="comma-separated substrings of shape names")
+    ap.add_argument("--sglang", default="", help="sglang's layernorm_gated.py: its fused FP8 epilogue timed too")
+    ap.add_argument("--sglang-loader", default="", help="the folder of upstream_sglang.py")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile-d separate quantization")
     add_arguments(ap)
     run(ap.parse_args())

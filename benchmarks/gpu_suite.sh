@@ -12,9 +12,11 @@
 #                                          # then the ablation probe (more than one 10-minute device call:
 #                                          # split it, or set QUANT_TESTS_TIMEOUT lower)
 #   bash benchmarks/gpu_suite.sh quant-tune  # the fused quantized forward's launch shapes (issue 14): its GPU
-#                                          # tests (split groups' tiles against float64 and the forward), then
-#                                          # tune_gpu.py --quant over every shape, both program orders (about
-#                                          # 10 minutes: split with QUANT_TUNE_ONLY=g640,per-token / the rest)
+#                                          # tests (the split tiles of GATEDNORM_TRITON_SPLIT_GROUPS=1 against
+#                                          # float64 and the padded ones), then tune_gpu.py --quant over every
+#                                          # shape with the split tiles on, both program orders (about 10
+#                                          # minutes: split with QUANT_TUNE_ONLY=g640,per-token / the rest).
+#                                          # GATEDNORM_TRITON_SPLIT_GROUPS=1 bash ... quant: the benchmark split
 #   bash benchmarks/gpu_suite.sh host     # eager plans (issue 16, host time): their GPU tests, then host time
 #                                          # per call at 2048, 8192 and 65536 rows of 128 (bench_host.py)
 #   bash benchmarks/gpu_suite.sh ab BASE.. # GPU tests, then forward A/B against other versions of the
@@ -69,7 +71,7 @@ quant)
     timeout "${QUANT_TESTS_TIMEOUT:-330}" python3 -m pytest -q -p no:logging -W ignore -o addopts="" \
         tests/test_quant.py -k "triton or rescue" >> "$OUT/quant_tests.log" 2>&1
     echo "pytest exit $?" | tee -a "$OUT/quant_tests.log"; tail -3 "$OUT/quant_tests.log"
-    python3 benchmarks/bench_gpu.py --quant --no-compile --quant-formats fp8_e4m3,fp8_e4m3:ue8m0,int8 \
+    python3 benchmarks/bench_gpu.py --quant --no-compile --quant-formats fp8_e4m3,fp8_e4m3:ue8m0,int8 "${SGL[@]}" \
         --out "$OUT" 2>&1 | tail -30
     python3 benchmarks/probe_quant_ablation.py --json "$OUT/quant_ablation.json" 2>&1 | tail -30
     ;;
@@ -80,7 +82,7 @@ quant-tune)
     python3 -m pytest -q -p no:logging -W ignore -o addopts="" tests/test_quant.py \
         -k "split_groups or fused_coverage or rescue_kernel_matches" >> "$OUT/quant_tests.log" 2>&1
     echo "pytest exit $?" | tee -a "$OUT/quant_tests.log"; tail -3 "$OUT/quant_tests.log"
-    timeout "${QUANT_TUNE_TIMEOUT:-480}" python3 benchmarks/tune_gpu.py --quant --jobs 16 \
+    GATEDNORM_TRITON_SPLIT_GROUPS=1 timeout "${QUANT_TUNE_TIMEOUT:-480}" python3 benchmarks/tune_gpu.py --quant --jobs 16 \
         --only "${QUANT_TUNE_ONLY:-}" --out "$OUT" 2>&1 | grep -E "^(QFWD|SUGGEST|WRONG|compiled|NVIDIA|wrote)" \
         | tee "$OUT/tune_quant.log"
     ;;

@@ -8,8 +8,9 @@ what can be measured: this script compiles the kernel with Triton for sm_90 (``t
 aligned pointers and row strides), disassembles it and counts the SASS instructions of the whole kernel (every
 path, the rarely taken rescue and division slow paths included: a static count, an upper bound of what one
 program runs), divided by the real elements one thread holds. Rows: each launch shape as shipped
-(``launch._quant_config``) and others, and for groups of two power-of-two parts (``launch.split_low``) the
-padded tile against the two-tile one.
+(``launch._quant_config``) and others, and for groups of two power-of-two parts (``launch.split_parts``) the
+padded tile (the default) against the two-tile one (``GATEDNORM_TRITON_SPLIT_GROUPS=1``) at its QUANT_TUNED
+"split" launch shape.
 
     PYTHONPATH=src python benchmarks/sass_count.py [--out benchmarks/results/quant_sass_sm90.md]
 
@@ -104,15 +105,19 @@ def main() -> None:
              "per element |",
              "|---|---|---|---|---|---|---|---|"]
     for gs, block, variant, extra in CASES:
-        shipped = launch._quant_config(gs, block)[:2]
-        split = launch.split_low(gs) if launch.quant_layout(gs, block)[0] == 1 else 0
+        layout = launch.quant_layout(gs, block)
+        shipped = launch._quant_config(gs, block)[:2]  # the default: split tiles off
+        split = launch.split_parts(gs) if layout[0] == 1 else 0
+        split_shape = launch.QUANT_TUNED.get((layout[0] * layout[1], "split"), (*shipped, 0))[:2] if split else None
         for quant, fmt in FORMATS:
-            for rows, warps in dict.fromkeys([shipped, *extra]):
+            for rows, warps in dict.fromkeys([shipped, *([split_shape] if split else []), *extra]):
                 for glo in ([split, 0] if split else [0]):
                     total, regs, _ = sass_counts(compile_quant(gs, block, variant, quant, fmt, rows, warps, glo))
                     kind = "split" if glo else "padded" if gs & (gs - 1) else "one tile"
-                    if (rows, warps) == shipped and glo == split:
-                        kind += " (shipped)"
+                    if glo == 0 and (rows, warps) == shipped:
+                        kind += " (default)"
+                    if glo and (rows, warps) == split_shape:
+                        kind += " (SPLIT_GROUPS=1)"
                     row = (f"| {gs} / {block} | {variant} | {quant} {fmt} | ({rows}, {warps}) | {kind} | {total} | "
                            f"{regs} | {per_element(total, gs, block, rows, warps):.1f} |")
                     lines.append(row)

@@ -529,9 +529,10 @@ def test_the_device_guard_is_entered_where_another_gpu_is_current(monkeypatch):
         assert torch.equal(a, c)
 
 
-#: (group size, quant block) of every kind of fused tile: one block per group (128, padded 96, 2048 per token,
-#: split 640), blocks inside a group (128 / 32, padded 96 / 32, split 640 / 128, 384 / 128, 1280 / 128 and
-#: 5120 / 128, 4096 / 128), groups inside a block (64 + 64, 4 x 32, 64 per token over 4096).
+#: (group size, quant block) of every kind of fused tile: one block per group (128, padded 96 and 640, 2048 per
+#: token), blocks inside a group (128 / 32, padded 96 / 32, 640 / 128, 384 / 128, 1280 / 128 and 5120 / 128,
+#: 4096 / 128), groups inside a block (64 + 64, 4 x 32, 64 per token over 4096). The groups of two power-of-two
+#: parts run padded here (the default) and split in test_split_quant_tiles_against_float64.
 QUANT_LAYOUTS = [(128, 128), (96, 96), (2048, 2048), (640, 640), (128, 32), (96, 32), (640, 128), (384, 128),
                  (1280, 128), (5120, 128), (4096, 128), (64, 128), (32, 128), (64, 4096)]
 
@@ -554,3 +555,34 @@ def test_quant_launch_shapes_against_float64(group_size, block, quant):
     y64, err = reference_y(x, w, b, z, EPS, group_size, True, False, "swish")
     res = check_quant(q, scale, y64, err, quant, block, "float32")
     assert res.passed, (tk._quant_config(group_size, block), res)
+
+
+@pytest.mark.parametrize(("group_size", "block"), [(640, 640), (640, 128), (384, 128), (1280, 128), (5120, 128)])
+@pytest.mark.parametrize("quant", ["fp8_e4m3", "int8"])
+def test_split_quant_tiles_against_float64(group_size, block, quant, monkeypatch):
+    """The fused quantized forward's split tiles (launch.SPLIT_GROUPS, off by default until this passes on a GPU)
+    with their QUANT_TUNED launch shapes, every row against the float64 rule, a partial last tile included, and
+    within a float32 rounding of the padded tiles' result (test_quant.assert_fused_matches_generic's bound)."""
+    from test_quant import assert_fused_matches_generic
+
+    from gatednorm.verify.quantized import check_quant, reference_y
+
+    tk = _tk()
+    n = max(group_size, block) * 2
+    x, w, b, z = _inputs(37, n, torch.bfloat16, True, True, seed=13)
+    padded = gatednorm.gated_norm_quant(x, w, b, EPS, z, group_size, quant=quant, quant_group_size=block,
+                                        backend="triton")
+    monkeypatch.setattr(tk, "SPLIT_GROUPS", True)
+    tk._quant_config.cache_clear()
+    try:
+        assert tk.quant_tile_key(group_size, block)[1] == "split"
+        q, scale = gatednorm.gated_norm_quant(x, w, b, EPS, z, group_size, quant=quant, quant_group_size=block,
+                                              backend="triton")
+        config = tk._quant_config(group_size, block)
+    finally:
+        tk._quant_config.cache_clear()
+    y64, err = reference_y(x, w, b, z, EPS, group_size, True, False, "swish")
+    res = check_quant(q, scale, y64, err, quant, block, "float32")
+    assert res.passed, (config, res)
+    assert_fused_matches_generic(q, scale, *padded)
+

@@ -141,6 +141,15 @@ def test_triton_matches_float64(variant, quant):
                       quant=quant, block=block, scale_format=fmt, backend="triton")
 
 
+@pytest.fixture
+def split_groups(monkeypatch):
+    """The fused kernel's split tiles on (launch.SPLIT_GROUPS: off by default until they have run on a GPU)."""
+    monkeypatch.setattr(tk, "SPLIT_GROUPS", True)
+    tk._quant_config.cache_clear()  # launch shapes are cached per group size
+    yield
+    tk._quant_config.cache_clear()
+
+
 @needs_triton
 @pytest.mark.parametrize(("n", "group_size", "block"), [(384, 128, 128), (1280, 640, 128), (1024, 64, 256)])
 def test_triton_quant_program_order_keeps_bits(n, group_size, block):
@@ -165,15 +174,16 @@ def test_triton_quant_program_order_keeps_bits(n, group_size, block):
 
 @needs_triton
 @pytest.mark.parametrize("variant", VARIANTS, ids=variant_id)
-def test_triton_split_groups(variant, monkeypatch):
+def test_triton_split_groups(variant, monkeypatch, split_groups):
     """Groups of two power-of-two parts (640 = 512 + 128, 384 = 256 + 128, 768, 1280; launch.split_low), which the
     fused kernel reads as two unpadded tiles: against float64, and against the triton forward followed by
     quantize_blocks (same bits under the interpreter), with quant blocks inside the group and one block over it.
     Under the interpreter the two-tile path is checked to have run."""
     from gatednorm.backends.triton import kernels
 
-    assert [tk.split_low(g) for g in (384, 640, 768, 1280, 5120)] == [128, 128, 256, 256, 1024]
-    assert [tk.split_low(g) for g in (96, 128, 576, 704, 4096)] == [0, 0, 0, 0, 0]  # low part < 128, 3 parts, pow2
+    assert [tk.split_parts(g) for g in (384, 640, 768, 1280, 5120)] == [128, 128, 256, 256, 1024]
+    assert [tk.split_parts(g) for g in (96, 128, 576, 704, 4096)] == [0, 0, 0, 0, 0]  # low part < 128, 3 parts, pow2
+    assert tk.split_low(640) == 128  # on: the fixture
     assert tk.quant_tile_key(640, 128) == (1024, "split") and tk.quant_tile_key(576, 64) == (1024, "padded")
     split_calls = []
     if TRITON_DEVICE == "cpu":
@@ -335,7 +345,7 @@ def test_range_rescue_reaches_the_quantizer(backend, group_size, block):
                           (1280, 640, 128, False), (768, 384, 384, True)],
                          ids=["one block per group", "blocks inside a padded group", "groups inside a block",
                               "per token", "blocks inside a split group", "one block over a split group"])
-def test_triton_rescue_kernel_matches_in_kernel_rescue(n, group_size, block, column_major):
+def test_triton_rescue_kernel_matches_in_kernel_rescue(n, group_size, block, column_major, split_groups):
     """Large calls redo out-of-range rows in quant_rescue_kernel, small ones in-kernel: the same rows, the same
     bits, both right against float64. A NaN in x makes its group out of range (redone, and NaN again); a NaN in
     the gate leaves the statistics alone and gives its block the formula's NaN scale on both paths. No scale

@@ -2,31 +2,34 @@
 
 Reading a variable costs about 0.15 us (:func:`_lookup`), so every setting is looked up when it is
 used; tests and users may change these variables at run time and the next call follows. Two
-exceptions, both read when the triton backend first loads: ``TRITON_INTERPRET`` (Triton itself decides
-at kernel-definition time whether it interprets) and ``GATEDNORM_TRITON_FAST_LAUNCH`` (a lookup per
-kernel launch, about 0.8 us, would be a measurable share of a small call's host time); and
+exceptions, read when the triton backend first loads: ``TRITON_INTERPRET`` (Triton itself decides
+at kernel-definition time whether it interprets), ``GATEDNORM_TRITON_FAST_LAUNCH`` (a lookup per
+kernel launch, about 0.8 us, would be a measurable share of a small call's host time) and
+``GATEDNORM_TRITON_SPLIT_GROUPS`` (launch shapes are cached per group size); and
 ``GATEDNORM_CACHE_DIR``, read when the native CPU kernel is built (once per process).
 
-================================  =============================================================================
-variable                          effect
-================================  =============================================================================
-``USE_NATIVE_LAYERNORM``          the migration guide's switch, ``1``: calls without ``backend=`` run native
-                                  (it takes precedence over ``GATEDNORM_BACKEND``; an explicit ``backend=``
-                                  wins over both)
-``GATEDNORM_BACKEND``             backend for calls without ``backend=`` when ``USE_NATIVE_LAYERNORM`` is not
-                                  set (auto/native/triton/compiled; an unknown name raises on every call)
-``GATEDNORM_PATCH``               targets to patch (read by the opt-in ``.pth`` hook and ``apply_env_patch()``)
-``TRITON_INTERPRET``              Triton's interpreter: lets the triton backend run on CPU tensors
-``GATEDNORM_TRITON_FAST_LAUNCH``  ``0``: Triton's own (slower) launch path instead of the cached launcher
-``GATEDNORM_CPU_KERNEL``          ``0``: the native backend's pure-PyTorch block loops on CPU instead of its C
-                                  kernel (which is then not built either)
-``GATEDNORM_CPU_OPENMP``          ``0``: the C kernel's threads are always gatednorm's own pool (default: PyTorch's
-                                  OpenMP team where the kernel was built with OpenMP, the pool after a late
-                                  start of the team; docs/design.md, "The native backend on CPU")
-``GATEDNORM_CACHE_DIR``           where the C kernel is built (default ``~/.cache/gatednorm``)
-``GATEDNORM_HUGE_PAGES``          ``0``: large CPU outputs keep the allocator's 4 KiB pages (default: advised
-                                  onto transparent huge pages, see gatednorm.huge_pages)
-================================  =============================================================================
+==================================  =============================================================================
+variable                            effect
+==================================  =============================================================================
+``USE_NATIVE_LAYERNORM``            the migration guide's switch, ``1``: calls without ``backend=`` run native
+                                    (it takes precedence over ``GATEDNORM_BACKEND``; an explicit ``backend=``
+                                    wins over both)
+``GATEDNORM_BACKEND``               backend for calls without ``backend=`` when ``USE_NATIVE_LAYERNORM`` is not
+                                    set (auto/native/triton/compiled; an unknown name raises on every call)
+``GATEDNORM_PATCH``                 targets to patch (read by the opt-in ``.pth`` hook and ``apply_env_patch()``)
+``TRITON_INTERPRET``                Triton's interpreter: lets the triton backend run on CPU tensors
+``GATEDNORM_TRITON_FAST_LAUNCH``    ``0``: Triton's own (slower) launch path instead of the cached launcher
+``GATEDNORM_TRITON_SPLIT_GROUPS``   ``1``: the fused quantized kernel reads groups of two power-of-two parts (640)
+                                    as two tiles (not yet verified on a GPU: off by default)
+``GATEDNORM_CPU_KERNEL``            ``0``: the native backend's pure-PyTorch block loops on CPU instead of its C
+                                    kernel (which is then not built either)
+``GATEDNORM_CPU_OPENMP``            ``0``: the C kernel's threads are always gatednorm's own pool (default: PyTorch's
+                                    OpenMP team where the kernel was built with OpenMP, the pool after a late
+                                    start of the team; docs/design.md, "The native backend on CPU")
+``GATEDNORM_CACHE_DIR``             where the C kernel is built (default ``~/.cache/gatednorm``)
+``GATEDNORM_HUGE_PAGES``            ``0``: large CPU outputs keep the allocator's 4 KiB pages (default: advised
+                                    onto transparent huge pages, see gatednorm.huge_pages)
+==================================  =============================================================================
 
 The backend precedence, in one table: docs/design.md, section 4, "Choosing a backend"
 (implemented by :func:`gatednorm.ops.resolve_backend`).

@@ -231,13 +231,13 @@ def _tile_stats(x, col_ok, eps, GS: tl.constexpr, BLOCK: tl.constexpr, IS_RMS: t
     return mean, xm, tl.sum(xm * xm, axis=1) / GS + eps
 
 
-# A group of two power-of-two parts (640 = 512 + 128; launch.split_low): the fused quantized forward reads it as
-# two unpadded tiles, [ROWS, GS - GLO] and [ROWS, GLO], rather than one tile padded to the next power of two,
-# whose padded lanes (384 of 1024 for 640) cost it as many instructions as real ones (sm_90 SASS: 49.5 per real
-# element padded at the shipped launch shape, 32 split; launch.SPLIT_MIN_LOW). fwd_kernel keeps the padded tile:
-# its per-element work is small enough that the padding did not show there (96-100% of copy on the H200); so
-# does bwd_kernel, whose split version counted no fewer instructions at its shipped 640-wide launch shape (one
-# row, one warp: 46.5 per element against 45.5) and was not kept.
+# A group of two power-of-two parts (640 = 512 + 128; launch.split_low, where launch.SPLIT_GROUPS is on): the
+# fused quantized forward reads it as two unpadded tiles, [ROWS, GS - GLO] and [ROWS, GLO], rather than one tile
+# padded to the next power of two, whose padded lanes (384 of 1024 for 640) cost it as many instructions as real
+# ones (sm_90 SASS: 49.5 per real element padded at the default launch shape, 32.4 split; launch.SPLIT_MIN_LOW).
+# fwd_kernel keeps the padded tile: its per-element work is small enough that the padding did not show there
+# (96-100% of copy on the H200); so does bwd_kernel, whose split version counted no fewer instructions at its
+# shipped 640-wide launch shape (one row, one warp: 46.5 per element against 45.5) and was not kept.
 
 @triton.jit
 def _gated_part(X, Z, rows64, mask, stride_xm, stride_zm, col0, cols, HAS_Z: tl.constexpr,
@@ -1143,7 +1143,8 @@ def fwd_quant_kernel(
     cover the padding of a group whose size is not a power of two). USE_PDL: see _pdl_prologue.
 
     One norm group per tile (NG = 1: a quant block is the group, or a power-of-two part of it) runs on a 2-D
-    [ROWS, GB] tile, fwd_kernel's layout; several small groups per quant block (NG > 1) on [ROWS, NG, GB].
+    [ROWS, GB] tile, fwd_kernel's layout, or, for a group of two power-of-two parts (GLO > 0), on two unpadded
+    tiles; several small groups per quant block (NG > 1) on [ROWS, NG, GB].
     Rows out of range are redone at the end of the program (RESCUE_IN_KERNEL) or by quant_rescue_kernel
     afterwards, with the same code either way (see "Range rescue")."""
     _pdl_prologue(USE_PDL)

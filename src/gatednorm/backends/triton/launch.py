@@ -297,16 +297,27 @@ def _is_pow2(v: int) -> bool:
 #: 96 = 64 + 32 took 25-35% more instructions per element split than padded to 128; groups of 640 = 512 + 128
 #: 30-35% fewer at two rows a warp).
 SPLIT_MIN_LOW = 128
+#: Whether fwd_quant_kernel splits such groups at all. Off until the split tiles have run on a GPU: they are
+#: checked under Triton's interpreter and compiled for sm_90 on the CPU machine, but the H200 once miscompiled a
+#: launch shape the interpreter ran right (the one-warp tiles of session 10), and their speed is a prediction.
+#: GATEDNORM_TRITON_SPLIT_GROUPS=1, read when the triton backend loads, turns them on (the device session's
+#: tests and benchmarks; docs/design.md, "Quantized output").
+SPLIT_GROUPS = env_flag("GATEDNORM_TRITON_SPLIT_GROUPS")
 
 
-def split_low(group_size: int) -> int:
-    """GLO of fwd_quant_kernel: for a group of two power-of-two parts, the lower one (640 = 512 + 128 -> 128),
-    which the kernel reads as two unpadded tiles ([ROWS, group_size - GLO] and [ROWS, GLO]) instead of one tile
-    padded to the next power of two; 0 for any other group (a power of two, three or more parts, or a lower part
-    under SPLIT_MIN_LOW)."""
+def split_parts(group_size: int) -> int:
+    """For a group of two power-of-two parts, the lower one (640 = 512 + 128 -> 128); 0 for any other group (a
+    power of two, three or more parts, or a lower part under SPLIT_MIN_LOW)."""
     low = group_size & -group_size
     rest = group_size - low
     return low if rest and _is_pow2(rest) and low >= SPLIT_MIN_LOW else 0
+
+
+def split_low(group_size: int) -> int:
+    """GLO of fwd_quant_kernel: :func:`split_parts` where SPLIT_GROUPS is on, the lower part that the kernel reads
+    as a second unpadded tile ([ROWS, group_size - GLO] and [ROWS, GLO]) instead of one tile padded to the next
+    power of two; else 0 (one padded tile)."""
+    return split_parts(group_size) if SPLIT_GROUPS else 0
 
 
 @functools.cache
@@ -687,11 +698,11 @@ def _fp8_by_bits(device: torch.device, fnuz: bool) -> bool:
 # 8192x128 (3.18 us with PDL); 640-wide groups (1, 1) padded, as the plain forward; per-token blocks of 2048 and
 # tiles of 4096 fewer warps than the plain forward's (13% and 4% faster there). Groups inside a block (NG > 1,
 # powers of two) share the key of their tile width: the same contiguous [ROWS, NG * GB] stretch of memory.
-# Split groups (not measured on a GPU yet: chosen from sm_90 SASS compiled on the CPU machine, the fewest
-# instructions per element at under 100 registers; the next sweep decides): two rows a warp, 24-40 features a
-# thread (fp8, 128-wide blocks: 640 at (4, 2) 32.4 instructions per element against 49.5 padded at (1, 1); 1280
-# at (2, 2) 33.5 against 60.1 padded at the rule's (2, 8); 384 at (8, 4) 40.4 against 47.0 at the rule's (8, 8);
-# one group of 5120 at the padded entry's (1, 4) 32.6 against 35.0).
+# Split groups (SPLIT_GROUPS on; not measured on a GPU yet: chosen from sm_90 SASS compiled on the CPU
+# machine, benchmarks/sass_count.py; the next sweep decides): two rows a warp, 24-40 features a thread, where the
+# counts were lowest (fp8, 128-wide blocks: 640 at (4, 2) 32.4 instructions per element against 49.5 padded at
+# (1, 1); 1280 at (2, 2) 33.5 against 60.1 padded at the rule's (2, 8); 384 at (8, 4) 40.4 against 47.0 at the
+# rule's (8, 8); one group of 5120 at the padded entry's (1, 4) 32.6 against 35.0).
 # Not (4, 1) for 128-wide tiles, though the 2026-12-04 sweeps (gpu_notes_h200.md) put it within 1-2% of (16, 4)
 # on large calls and ahead in a CUDA graph at 8192x128: with it, tiles of several groups (64 + 64, 4 x 32)
 # came out wrong on the H200 (rows' values in other rows; not investigated), and 65536x128 single-group tiles
