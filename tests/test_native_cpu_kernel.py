@@ -558,7 +558,7 @@ def _quant_rows(k: int, quant: str) -> torch.Tensor:
 @pytest.mark.parametrize("column_major", [False, True])
 def test_c_quantizer_matches_quantize_blocks(quant, fmt, k, column_major):
     """quantize_rows (C) against numerics.quantize_blocks (torch ops) on the same float32 y: the same code
-    bytes and the same scales (NaN where theirs is NaN), row-major and column-major scale storage."""
+    bytes and the same scale bits (NaN scales the one quiet NaN on both), row-major and column-major storage."""
     from gatednorm import numerics
     from gatednorm.spec import QuantSpec, quant_dtype
 
@@ -573,8 +573,8 @@ def test_c_quantizer_matches_quantize_blocks(quant, fmt, k, column_major):
     native_cpu_kernel.quantize_rows(y, native_cpu_kernel.QuantTarget(q.view(torch.uint8), scale, k, quant,
                                                                      fmt == "ue8m0"))
     assert torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8))
-    assert torch.equal(scale.isnan(), s_ref.isnan())
-    assert torch.equal(scale.nan_to_num(), s_ref.nan_to_num())
+    assert torch.equal(scale.contiguous().view(torch.int32), s_ref.view(torch.int32))
+    assert bool(scale.isnan().any())  # the NaN blocks were exercised
 
 
 def _generic_quant(x, w, b, z, gs, quant, block, **norm):

@@ -348,9 +348,10 @@ def quantize_blocks(y: torch.Tensor, qspec: QuantSpec, q_out: torch.Tensor | Non
     buffer the caller discards, which the quotients may overwrite (no temporary of y's size: on CPU a fresh
     one costs its page faults, about as much as the division).
 
-    Non-finite blocks (docs/design.md): a block holding a NaN gets scale NaN, one holding an Inf (and
-    no NaN) scale +Inf; every q of such a block is NaN (fp8) or 0 (int8), so ``q * scale`` is NaN
-    across the block. Other blocks of the row are not affected.
+    Non-finite blocks (docs/design.md): a block holding a NaN gets scale NaN (the quiet NaN 0x7FC00000,
+    whatever NaN the block held), one holding an Inf (and no NaN) scale +Inf; every q of such a block is
+    NaN (fp8) or 0 (int8), so ``q * scale`` is NaN across the block. Other blocks of the row are not
+    affected.
     """
     m, n = y.shape
     k = qspec.block
@@ -373,6 +374,9 @@ def quantize_blocks(y: torch.Tensor, qspec: QuantSpec, q_out: torch.Tensor | Non
     bad = ~torch.isfinite(scale)
     if v.device.type != "cpu" or bool(bad.any()):
         v.masked_fill_(bad.unsqueeze(-1), 0.0 if is_int else float("nan"))
+        # one NaN for every NaN block, the quiet positive one the fused kernels write, rather than the
+        # block's own (its sign and payload would make the scales' bits differ between backends)
+        scale = scale.masked_fill(scale.isnan(), float("nan"))
     if is_int:
         v.round_()  # half to even
     v = v.view(m, n)

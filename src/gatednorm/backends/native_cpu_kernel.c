@@ -287,8 +287,8 @@ static void output_pass_any(int code, const float *v, const float *a, const floa
  * Per row and block of k features: amax = max |y| (NaN when the block holds one), scale = max(RN(amax / qmax),
  * 2^-126) (ue8m0: then rounded up to a power of two on the bits), q = round_half_even(clamp(y / scale, +-qmax)),
  * each step one IEEE float32 operation: numerics.quantize_blocks' steps on the same y, so the same codes and
- * scales (a NaN scale is the one quiet NaN here, as the triton kernel writes it; quantize_blocks passes on the
- * block's own NaN, whose sign may differ). kind: 0 int8 (qmax 127), 1 e4m3fn (448), 2 e4m3fnuz (240); fp8 codes
+ * scales (a NaN scale is the one quiet NaN, as the triton kernel and quantize_blocks write it).
+ * kind: 0 int8 (qmax 127), 1 e4m3fn (448), 2 e4m3fnuz (240); fp8 codes
  * are written as their bits. A block holding a NaN gets scale NaN, one holding an Inf (and no NaN) scale +Inf,
  * and every code of such a block is the format's NaN (0x7F, 0x80) or 0 (int8). Scales at
  * scale + m * stride_sm + block * stride_sg. */
