@@ -240,9 +240,10 @@ def _tile_stats(x, col_ok, eps, GS: tl.constexpr, BLOCK: tl.constexpr, IS_RMS: t
 # shipped 640-wide launch shape (one row, one warp: 46.5 per element against 45.5) and was not kept.
 
 @triton.jit
-def _gated_part(X, Z, rows64, mask, stride_xm, stride_zm, col0, cols, HAS_Z: tl.constexpr,
-                GATE_FIRST: tl.constexpr, SIGMOID_GATE: tl.constexpr, BF16_BY_BITS: tl.constexpr):
-    """One part of a split group: (x, times act(z) when the gate comes first; act(z), or 1.0 without z)."""
+def _gated_input(X, Z, rows64, mask, stride_xm, stride_zm, col0, cols, HAS_Z: tl.constexpr,
+                 GATE_FIRST: tl.constexpr, SIGMOID_GATE: tl.constexpr, BF16_BY_BITS: tl.constexpr):
+    """A tile (or a split group's part) of the norm's input: (x, times act(z) when the gate comes first;
+    act(z), or 1.0 without z). Masked lanes read x = z = 0, so x * act(z) stays 0 there."""
     x = _load_f32(_tile_ptrs(X, rows64, stride_xm, col0, cols), mask, BF16_BY_BITS)
     gate = 1.0  # unused without z
     if HAS_Z:
@@ -267,13 +268,13 @@ def _split_stats(xh, xl, eps, GS: tl.constexpr, IS_RMS: tl.constexpr):
 
 
 @triton.jit
-def _part_y(W, B, xm, rstd, gate, col0, cols, HAS_BIAS: tl.constexpr, GATE_AFTER: tl.constexpr,
-            BF16_BY_BITS: tl.constexpr):
-    """y = (xm * rstd * w + b) [* act(z)] of one part (fwd_kernel's order of operations)."""
-    every = cols >= 0
-    y = xm * rstd[:, None] * _load_f32(W + col0 + cols, every, BF16_BY_BITS)[None, :]
+def _norm_output(W, B, xm, rstd, gate, col0, cols, col_ok, HAS_BIAS: tl.constexpr, GATE_AFTER: tl.constexpr,
+                 BF16_BY_BITS: tl.constexpr):
+    """y = (xm * rstd * w + b) [* act(z)] of a tile or part (fwd_kernel's order of operations); col_ok masks
+    the parameters' loads."""
+    y = xm * rstd[:, None] * _load_f32(W + col0 + cols, col_ok, BF16_BY_BITS)[None, :]
     if HAS_BIAS:
-        y = y + _load_f32(B + col0 + cols, every, BF16_BY_BITS)[None, :]
+        y = y + _load_f32(B + col0 + cols, col_ok, BF16_BY_BITS)[None, :]
     if GATE_AFTER:
         y = y * gate
     return y
@@ -324,6 +325,7 @@ def fwd_kernel(
         if not IS_RMS:
             tl.store(MEAN + stat, mean, mask=row_ok)
         tl.store(RSTD + stat, rstd, mask=row_ok)
+        # w loaded before the products (not _norm_output's order): the instruction order measured on the H200
         w = _load_f32(W + col0 + cols, col_ok, BF16_BY_BITS)
         y = xm * rstd[:, None] * w[None, :]
         if HAS_BIAS:
@@ -966,10 +968,10 @@ def _quant_tile(X, Z, W, B, Q, S, rows, t, M, stride_xm, stride_zm, stride_qm, s
         part_mask = row_ok[:, None]
         hi = tl.arange(0, GHI)
         lo = GHI + tl.arange(0, GLO)
-        xh, gate_h = _gated_part(X, Z, rows64, part_mask, stride_xm, stride_zm, col0, hi, HAS_Z, GATE_FIRST,
-                                 SIGMOID_GATE, BF16_BY_BITS)
-        xl, gate_l = _gated_part(X, Z, rows64, part_mask, stride_xm, stride_zm, col0, lo, HAS_Z, GATE_FIRST,
-                                 SIGMOID_GATE, BF16_BY_BITS)
+        xh, gate_h = _gated_input(X, Z, rows64, part_mask, stride_xm, stride_zm, col0, hi, HAS_Z, GATE_FIRST,
+                                  SIGMOID_GATE, BF16_BY_BITS)
+        xl, gate_l = _gated_input(X, Z, rows64, part_mask, stride_xm, stride_zm, col0, lo, HAS_Z, GATE_FIRST,
+                                  SIGMOID_GATE, BF16_BY_BITS)
         _, xmh, xml, var_eps = _split_stats(xh, xl, eps, GS, IS_RMS)
         rstd = 1.0 / tl.sqrt_rn(var_eps)
         bad = _rstd_out_of_range(rstd) & row_ok
@@ -983,10 +985,10 @@ def _quant_tile(X, Z, W, B, Q, S, rows, t, M, stride_xm, stride_zm, stride_qm, s
                 xmh = tl.where(bad[:, None], xmsh, xmh)
                 xml = tl.where(bad[:, None], xmsl, xml)
                 rstd = tl.where(bad, rstd_x, rstd)
-        yh = _round_through(_part_y(W, B, xmh, rstd, gate_h, col0, hi, HAS_BIAS, GATE_AFTER, BF16_BY_BITS),
-                            ROUND_TO, BF16_BY_BITS)
-        yl = _round_through(_part_y(W, B, xml, rstd, gate_l, col0, lo, HAS_BIAS, GATE_AFTER, BF16_BY_BITS),
-                            ROUND_TO, BF16_BY_BITS)
+        yh = _round_through(_norm_output(W, B, xmh, rstd, gate_h, col0, hi, hi >= 0, HAS_BIAS, GATE_AFTER,
+                                         BF16_BY_BITS), ROUND_TO, BF16_BY_BITS)
+        yl = _round_through(_norm_output(W, B, xml, rstd, gate_l, col0, lo, lo >= 0, HAS_BIAS, GATE_AFTER,
+                                         BF16_BY_BITS), ROUND_TO, BF16_BY_BITS)
         if NQ == 1:
             amax = _max_nan(tl.reduce(tl.abs(yh), 1, _max_nan), tl.reduce(tl.abs(yl), 1, _max_nan))
             scale, has_nan = _scale_of_blocks(amax, QMAX, UE8M0)
@@ -1015,13 +1017,8 @@ def _quant_tile(X, Z, W, B, Q, S, rows, t, M, stride_xm, stride_zm, stride_qm, s
         col0 = t * GS
         mask = row_ok[:, None] & col_ok[None, :]
         # The norm: fwd_kernel's steps on the tile.
-        x = _load_f32(_tile_ptrs(X, rows64, stride_xm, col0, cols), mask, BF16_BY_BITS)
-        gate = 1.0  # unused without z
-        if HAS_Z:
-            gate = _gate_value(_load_f32(_tile_ptrs(Z, rows64, stride_zm, col0, cols), mask, BF16_BY_BITS),
-                               SIGMOID_GATE)
-            if GATE_FIRST:
-                x = x * gate
+        x, gate = _gated_input(X, Z, rows64, mask, stride_xm, stride_zm, col0, cols, HAS_Z, GATE_FIRST, SIGMOID_GATE,
+                               BF16_BY_BITS)
         _, xm, var_eps = _tile_stats(x, col_ok, eps, GS, GB, IS_RMS)
         rstd = 1.0 / tl.sqrt_rn(var_eps)
         bad = _rstd_out_of_range(rstd) & row_ok
@@ -1035,12 +1032,8 @@ def _quant_tile(X, Z, W, B, Q, S, rows, t, M, stride_xm, stride_zm, stride_qm, s
                 _, rstd_x = _rescued_rstd(var_s, eps, scale_r, inv)
                 xm = tl.where(bad[:, None], xms, xm)
                 rstd = tl.where(bad, rstd_x, rstd)
-        y = xm * rstd[:, None] * _load_f32(W + col0 + cols, col_ok, BF16_BY_BITS)[None, :]
-        if HAS_BIAS:
-            y = y + _load_f32(B + col0 + cols, col_ok, BF16_BY_BITS)[None, :]
-        if GATE_AFTER:
-            y = y * gate
-        y = _round_through(y, ROUND_TO, BF16_BY_BITS)
+        y = _round_through(_norm_output(W, B, xm, rstd, gate, col0, cols, col_ok, HAS_BIAS, GATE_AFTER, BF16_BY_BITS),
+                           ROUND_TO, BF16_BY_BITS)
         if GB != GS:  # padding lanes must not reach a block's max (rows past M only fill blocks never stored)
             y = tl.where(col_ok[None, :], y, 0.0)
         # The quantization: one block per row (the group), or NQ blocks of KB inside it.
