@@ -47,7 +47,7 @@ CASES = [
     ("8192x128 k128", 8192, 128, 128, True, True, True, False, 128, [(16, 4), (4, 1)], True),
     ("524288x128 k128", 524288, 128, 128, True, True, True, False, 128, [(16, 4), (8, 2)], False),
     ("65536x2048 LN+bias per token", 65536, 2048, 2048, False, True, False, True, 2048, [(2, 2), (1, 2)], False),
-    # groups of 640 are split in two tiles since the thirteenth session (launch.split_low): its shipped (4, 2)
+    # (4, 2): the launch shape of the split tiles (GATEDNORM_TRITON_SPLIT_GROUPS=1); (1, 1): the padded default's
     ("32768x5120 g640 gate-before k128", 32768, 5120, 640, True, False, True, False, 128, [(4, 2), (1, 1)], False),
 ]
 SMOKE_CASES = [
