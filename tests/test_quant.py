@@ -11,6 +11,9 @@ The triton backend runs under TRITON_INTERPRET=1 on CPU (conftest.py): shapes st
 from __future__ import annotations
 
 import itertools
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -148,6 +151,20 @@ def split_groups(monkeypatch):
     tk._quant_config.cache_clear()  # launch shapes are cached per group size
     yield
     tk._quant_config.cache_clear()
+
+
+@needs_triton
+@pytest.mark.parametrize(("value", "on"), [(None, False), ("0", False), ("1", True)])
+def test_split_groups_switch_is_read_when_the_backend_loads(value, on):
+    """GATEDNORM_TRITON_SPLIT_GROUPS=1 turns the fused kernel's split tiles on; unset (the default) or 0 keeps the
+    padded tile: the launch key and GLO of a 640-wide group follow, in a fresh process."""
+    code = ("from gatednorm.backends.triton import launch\n"
+            "print(launch.SPLIT_GROUPS, launch.split_low(640), launch.quant_tile_key(640, 128)[1])\n")
+    env = {k: v for k, v in os.environ.items() if k != "GATEDNORM_TRITON_SPLIT_GROUPS"}
+    if value is not None:
+        env["GATEDNORM_TRITON_SPLIT_GROUPS"] = value
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert out.stdout.split() == ([str(on), "128", "split"] if on else [str(on), "0", "padded"]), out
 
 
 @needs_triton
