@@ -113,13 +113,9 @@ def load_upstream(args):
         impls["fla_fused"] = fla_fused
     except Exception as e:
         print(f"fla not available: {e}", file=sys.stderr)
-    if args.sglang and os.path.exists(args.sglang):
-        try:
-            sys.path.insert(0, args.sglang_loader)
-            from upstream_sglang import load_sglang_layernorm_gated
-            impls["sglang"] = load_sglang_layernorm_gated(args.sglang)
-        except Exception as e:
-            print(f"sglang kernel not loadable: {e}", file=sys.stderr)
+    sglang = bench_quant.load_sglang(args, torch.device("cuda"))
+    if sglang is not None:
+        impls["sglang"] = sglang
     return impls
 
 

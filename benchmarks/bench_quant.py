@@ -145,9 +145,9 @@ def copy_gbps(device: torch.device, timer: Timer, smoke: bool) -> float:
     return 2 * n * 2 / (timer(lambda: dst.copy_(src)) * 1e-3) / 1e9
 
 
-def load_sglang_epilogue(args: argparse.Namespace, device: torch.device):
-    """sglang's layernorm_gated module (its ``_layer_norm_fwd`` with ``quant_heads``) from ``--sglang PATH`` through
-    ``--sglang-loader DIR`` (upstream_sglang.py), or None where not given or not loadable."""
+def load_sglang(args: argparse.Namespace, device: torch.device):
+    """sglang's layernorm_gated module from ``--sglang PATH`` through ``--sglang-loader DIR`` (upstream_sglang.py),
+    or None where not given or not loadable (bench_gpu.py's peers and the FP8 epilogue here)."""
     path, loader = getattr(args, "sglang", ""), getattr(args, "sglang_loader", "")
     if not path or not os.path.exists(path):
         return None
@@ -155,11 +155,16 @@ def load_sglang_epilogue(args: argparse.Namespace, device: torch.device):
         sys.path.insert(0, loader)
         from upstream_sglang import load_sglang_layernorm_gated
 
-        module = load_sglang_layernorm_gated(path, sm_count=None if device.type == "cuda" else 132)
+        return load_sglang_layernorm_gated(path, sm_count=None if device.type == "cuda" else 132)
     except Exception as exc:  # noqa: BLE001 - optional
         print(f"sglang kernel not loadable: {type(exc).__name__}: {exc}", file=sys.stderr)
         return None
-    if "quant_heads" not in inspect.signature(module._layer_norm_fwd).parameters:
+
+
+def load_sglang_epilogue(args: argparse.Namespace, device: torch.device):
+    """:func:`load_sglang`'s module where its ``_layer_norm_fwd`` has ``quant_heads`` (the FP8 epilogue), else None."""
+    module = load_sglang(args, device)
+    if module is not None and "quant_heads" not in inspect.signature(module._layer_norm_fwd).parameters:
         print("this sglang kernel has no quant_heads (FP8 epilogue)", file=sys.stderr)
         return None
     return module

@@ -95,6 +95,18 @@ def _rows_and_pdl(x: torch.Tensor, n: int, pdl: bool | None, pdl_ok: bool) -> tu
     return m, (pdl if pdl is not None else (numel < PDL_MAX_ELEMENTS and pdl_ok))
 
 
+def _variant_entries(plan, variant: tuple[bool, ...], kernel, rescue, spec: tuple) -> tuple | None:
+    """The launchers of a forward or quantized plan's variant (M == 1, M % 16 == 0, USE_PDL, GROUPS_FASTEST,
+    rescue after): :func:`_kernel_and_rescue` for the plan's constexprs of that variant, remembered in
+    ``plan.variants`` once both are compiled (None until then)."""
+    _, _, pdl, groups_fastest, after = variant
+    entries = _kernel_and_rescue(kernel, rescue, plan.index, plan.warps, pdl,
+                                 plan.constexprs[(pdl, groups_fastest, after)], spec, after)
+    if entries is not None:
+        plan.variants[variant] = entries
+    return entries
+
+
 def _kernel_and_rescue(kernel, rescue, index: int, warps: int, pdl: bool, constexprs: tuple, spec: tuple,
                        after: bool) -> tuple | None:
     """(kernel's launcher, rescue's or None): what :func:`.launch._launch` cached for a forward kernel and, where the
@@ -165,13 +177,8 @@ class ForwardPlan:
 
     def _entries(self, variant: tuple[bool, ...], m: int) -> tuple | None:
         """The launchers :func:`_launch` cached for this variant (None: one is not compiled yet)."""
-        _, _, pdl, groups_fastest, after = variant
-        spec = _aligned_spec((*self.arg_dtypes, m, *self.fixed_args))
-        entries = _kernel_and_rescue(fwd_kernel, rescue_kernel, self.index, self.warps, pdl,
-                                     self.constexprs[(pdl, groups_fastest, after)], spec, after)
-        if entries is not None:
-            self.variants[variant] = entries
-        return entries
+        return _variant_entries(self, variant, fwd_kernel, rescue_kernel,
+                                _aligned_spec((*self.arg_dtypes, m, *self.fixed_args)))
 
     def __call__(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                  z: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor] | None:
@@ -439,13 +446,8 @@ class QuantPlan:
 
     def _entries(self, variant: tuple[bool, ...], m: int) -> tuple | None:
         """The launchers :func:`_launch` cached for this variant (None: one is not compiled yet)."""
-        _, _, pdl, groups_fastest, after = variant
         spec = _aligned_spec((*self.arg_dtypes, m, *self.fixed_args, *self._scale_strides(m), self.eps))
-        entries = _kernel_and_rescue(fwd_quant_kernel, quant_rescue_kernel, self.index, self.warps, pdl,
-                                     self.constexprs[(pdl, groups_fastest, after)], spec, after)
-        if entries is not None:
-            self.variants[variant] = entries
-        return entries
+        return _variant_entries(self, variant, fwd_quant_kernel, quant_rescue_kernel, spec)
 
     def __call__(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                  z: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor] | None:
