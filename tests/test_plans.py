@@ -177,6 +177,30 @@ def test_differentiable_planned_calls_equal_the_full_path(shape, gs, nbg, is_rms
         g.sum().backward()
 
 
+def test_calls_that_discard_the_statistics_run_the_one_output_function():
+    """layernorm_fn, rmsnorm_fn and the modules return y only, so their differentiable calls run
+    GatedNormOutputFunction (no mean / rstd outputs for autograd to wrap and track), on the full path (first
+    call) and through the plan (repeated call) alike; layer_norm_fwd returns the statistics and keeps
+    GatedNormFunction, with mean and rstd outside the graph. The gradients of both are compared bit for bit
+    in test_differentiable_planned_calls_equal_the_full_path."""
+    x, z, w, b = make_inputs(12, 64, torch.float32, bias=True, seed=12)
+    leaves = [t.detach().clone().requires_grad_() for t in (x, w, b, z)]
+    module = gatednorm.RMSNorm(64, group_size=32)
+    for _ in range(2):  # the first call plans, the second runs the plan
+        y = gatednorm.layernorm_fn(*leaves, 1e-5, 32)
+        assert type(y.grad_fn).__name__ == "GatedNormOutputFunctionBackward"
+        y = gatednorm.rmsnorm_fn(leaves[0], leaves[1], None, z=leaves[3], group_size=16)
+        assert type(y.grad_fn).__name__ == "GatedNormOutputFunctionBackward"
+        assert type(module(leaves[0], leaves[3]).grad_fn).__name__ == "GatedNormOutputFunctionBackward"
+        y, mean, rstd = gatednorm.layer_norm_fwd(leaves[0], leaves[1], leaves[2], 1e-5, z=leaves[3], group_size=32)
+        assert type(y.grad_fn).__name__ == "GatedNormFunctionBackward"
+        assert not mean.requires_grad and not rstd.requires_grad
+        assert mean.shape == rstd.shape == (12 * 2,)
+    # a (T, H, N) gate of (T*H, N) rows: plans do not serve it, gated_norm_rows runs the call
+    y = gatednorm.layernorm_fn(leaves[0], leaves[1], leaves[2], leaves[3].view(4, 3, 64), 1e-5, 32)
+    assert type(y.grad_fn).__name__ == "GatedNormOutputFunctionBackward"
+
+
 def test_meta_and_empty_calls_take_the_full_path():
     """Meta tensors and empty batches keep their shapes-only handling (no plan serves them)."""
     x, z, w, b = make_inputs(5, 32, torch.float32, seed=5)
