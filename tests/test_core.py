@@ -248,6 +248,47 @@ def test_empty_batch_and_meta_device():
     assert y.device.type == "meta" and y.shape == xm.shape and rstd.shape == (60,) and mean is None
 
 
+def _fake_mode_calls(x, z, w, b, res, lw):
+    """Each public entry point once, returning tensors (and the leaves' gradients after a backward)."""
+    yield "layer_norm_fwd", gatednorm.layer_norm_fwd(x, w, b, 1e-6, z=z, group_size=16)
+    yield "rmsnorm_fn (T, H, N) gate", (gatednorm.rmsnorm_fn(x.view(-1, 64), w, None, z=z.view(3, 5, 64),
+                                                             group_size=32),)
+    yield "quant fp8 column-major", gatednorm.gated_norm_quant(x, w, None, 1e-6, z=z, group_size=32,
+                                                                 is_rms_norm=True, quant_group_size=32,
+                                                                 column_major_scales=True)
+    yield "quant int8 per token", gatednorm.gated_norm_quant(x, w, b, 1e-6, z=z, quant="int8")
+    yield "residual prenorm", gatednorm.layernorm_fn(x, w, b, z, residual=res, prenorm=True, residual_in_fp32=True)
+    yield "norm + linear", (gatednorm.layernorm_linear_fn(x, w, b, z, lw),)
+    leaves = [t.detach().clone().requires_grad_() for t in (x, w, b, z)]
+    gatednorm.layernorm_fn(*leaves, group_size=16).backward(torch.ones_like(x))
+    yield "layernorm_fn gradients", tuple(t.grad for t in leaves)
+
+
+def test_fake_tensor_mode_gives_the_real_calls_shapes_dtypes_and_strides():
+    """Under FakeTensorMode (shape propagation, memory planning, non-compiled tracing) every entry point
+    answers with outputs shaped, typed and laid out as the real call's, without reading data (a backend
+    call would: the native CPU path read a value and raised DataDependentOutputException)."""
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+
+    x, z, w, b = make_inputs(15, 64, torch.bfloat16, seed=15)
+    x, z = x.view(3, 5, 64), z.view(3, 5, 64)
+    res = torch.randn(3, 5, 64, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    lw = torch.randn(48, 64, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
+    real = dict(_fake_mode_calls(x, z, w, b, res, lw))
+    with FakeTensorMode() as mode:
+        fake_args = [mode.from_tensor(t) for t in (x, z, w, b, res, lw)]
+        fake = dict(_fake_mode_calls(*fake_args))
+    assert fake.keys() == real.keys()
+    for name in real:
+        for got, ref in zip(fake[name], real[name], strict=True):
+            if ref is None:
+                assert got is None, name
+                continue
+            assert isinstance(got, FakeTensor), name
+            assert (got.shape, got.dtype, got.stride(), got.device) == (ref.shape, ref.dtype, ref.stride(),
+                                                                         ref.device), name
+
+
 def test_layernorm_fwd_is_differentiable_without_out():
     x, z, w, b = make_inputs(6, 32, torch.float64)
     x.requires_grad_()

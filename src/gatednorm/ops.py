@@ -31,6 +31,7 @@ import itertools
 from collections.abc import Callable, Iterator
 
 import torch
+from torch._subclasses.fake_tensor import is_fake as _torch_is_fake
 
 from . import numerics
 from .backends.base import Backend, Grads, GradsNeeded, quantize_by_steps
@@ -310,8 +311,9 @@ def _impl_for(name: str, x: torch.Tensor) -> Backend:
 
 
 def _no_work(x: torch.Tensor) -> bool:
-    """Empty batches and the meta device: shapes only, no backend call."""
-    return x.shape[0] == 0 or x.is_meta
+    """Empty batches, the meta device and fake tensors (``FakeTensorMode``: shape propagation, memory
+    planning): shapes only, no backend call (a backend would read the data, which fake tensors do not have)."""
+    return x.shape[0] == 0 or x.is_meta or (x.__class__ is not torch.Tensor and bool(_torch_is_fake(x)))
 
 
 def _new_rows(x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
