@@ -762,17 +762,15 @@ def _forward_cpu_kernel(x, weight, bias, z, spec: NormSpec, out, block_elements:
         out_of_range = sum(counts)
     if out_of_range:
         with torch.no_grad():
-            y = out if quant is None else torch.empty(m, n, dtype=torch.float32)  # only the redone rows are used
-            for r0, r1 in _redo_rows_out_of_range(x, z, weight, bias, spec, y, mean, rstd, plan):
-                if quant is not None:
-                    native_cpu_kernel.quantize_rows(y[r0:r1], quant.rows(r0, r1))
+            _redo_rows_out_of_range(x, z, weight, bias, spec, out, mean, rstd, plan, quant)
     return mean, rstd
 
 
-def _redo_rows_out_of_range(x, z, weight, bias, spec: NormSpec, out, mean, rstd,
-                            plan: _Plan) -> list[tuple[int, int]]:
-    """The C forward's cold path: the rows holding a group out of range, redone by the block kernels' rescue;
-    returns their [r0, r1) runs."""
+def _redo_rows_out_of_range(x, z, weight, bias, spec: NormSpec, out, mean, rstd, plan: _Plan,
+                            quant: native_cpu_kernel.QuantTarget | None = None) -> None:
+    """The C forward's cold path: the rows holding a group out of range, redone by the block kernels' rescue,
+    into ``out``, or (``quant``, out None) quantized from the rescue's float32 rows of each run (no (M, N)
+    buffer: a run is at most a step of rows)."""
     m, n = x.shape
     c = torch.float32
     groups = n // spec.group_size
@@ -784,10 +782,10 @@ def _redo_rows_out_of_range(x, z, weight, bias, spec: NormSpec, out, mean, rstd,
     rstd3 = rstd.view(groups, m).t().unsqueeze(-1)
     weight_c = weight.to(c)
     bias_c = bias.to(c) if bias is not None else None
-    runs = _runs_out_of_range(rstd, m, step)
-    for r0, r1 in runs:
-        _redo_block(x, z, weight_c, bias_c, spec, out, mean3, rstd3, state, r0, r1, plan.threads)
-    return runs
+    for r0, r1 in _runs_out_of_range(rstd, m, step):
+        y_rows = _redo_block(x, z, weight_c, bias_c, spec, out, mean3, rstd3, state, r0, r1, plan.threads)
+        if quant is not None:
+            native_cpu_kernel.quantize_rows(y_rows, quant.rows(r0, r1))
 
 
 def _runs_out_of_range(rstd: torch.Tensor, m: int, step: int) -> list[tuple[int, int]]:
@@ -826,9 +824,10 @@ def _blocks_out_of_range(rstd: torch.Tensor, m: int, step: int) -> list[int]:
 
 
 def _redo_block(x, z, weight_c, bias_c, spec: NormSpec, out, mean3, rstd3, state, r0: int, r1: int,
-                threads: int) -> None:
+                threads: int) -> torch.Tensor:
     """The cold path: rows [r0, r1), whose float32 sums overflowed or underflowed, redone with each such
-    group divided by a power of two (exact); groups in range keep scale 1 and their bits."""
+    group divided by a power of two (exact); groups in range keep scale 1 and their bits. Writes
+    ``out[r0:r1]`` (out None: nothing) and returns the rows' float32 y (state's buffer, until the next block)."""
     buf_x, buf_t, flat_g, pair = state
     mb, n = r1 - r0, x.shape[1]
     gs = spec.group_size
@@ -869,7 +868,9 @@ def _redo_block(x, z, weight_c, bias_c, spec: NormSpec, out, mean3, rstd3, state
         xc.add_(bias_c)
     if gate is not None and not gate_before:
         xc.mul_(gate)
-    out[r0:r1].copy_(xc)
+    if out is not None:
+        out[r0:r1].copy_(xc)
+    return xc
 
 
 # ---------------------------------------------------------------------------
