@@ -17,6 +17,10 @@
 #                                          # shape with the split tiles on, both program orders (about 10
 #                                          # minutes: split with QUANT_TUNE_ONLY=g640,per-token / the rest).
 #                                          # GATEDNORM_TRITON_SPLIT_GROUPS=1 bash ... quant: the benchmark split
+#   bash benchmarks/gpu_suite.sh parts    # the forward's three-part tiles (issue 16, groups of 96): their GPU
+#                                          # tests, the g96 row of bench_gpu.py padded (default) and in three
+#                                          # parts (GATEDNORM_TRITON_SPLIT_GROUPS=1), then the forward sweep of
+#                                          # launch shapes for that row with the parts on (a few minutes)
 #   bash benchmarks/gpu_suite.sh host     # eager plans (issue 16, host time): their GPU tests, then host time
 #                                          # per call at 2048, 8192 and 65536 rows of 128 (bench_host.py)
 #   bash benchmarks/gpu_suite.sh ab BASE.. # GPU tests, then forward A/B against other versions of the
@@ -85,6 +89,16 @@ quant-tune)
     GATEDNORM_TRITON_SPLIT_GROUPS=1 timeout "${QUANT_TUNE_TIMEOUT:-480}" python3 benchmarks/tune_gpu.py --quant --jobs 16 \
         --only "${QUANT_TUNE_ONLY:-}" --out "$OUT" 2>&1 | grep -E "^(QFWD|SUGGEST|WRONG|compiled|NVIDIA|wrote)" \
         | tee "$OUT/tune_quant.log"
+    ;;
+parts)
+    GATEDNORM_TRITON_SPLIT_GROUPS=1 python3 -m pytest -q -p no:logging -W ignore -o addopts="" tests/test_gpu.py \
+        tests/test_triton.py -k "three_part" > "$OUT/parts_tests.log" 2>&1
+    echo "pytest exit $?" | tee -a "$OUT/parts_tests.log"; tail -3 "$OUT/parts_tests.log"
+    python3 benchmarks/bench_gpu.py --no-compile --only g96 --out "$OUT/padded" "${SGL[@]}" 2>&1 | tail -12
+    GATEDNORM_TRITON_SPLIT_GROUPS=1 python3 benchmarks/bench_gpu.py --no-compile --only g96 --out "$OUT/parts" \
+        "${SGL[@]}" 2>&1 | tail -12
+    GATEDNORM_TRITON_SPLIT_GROUPS=1 timeout "${PARTS_TUNE_TIMEOUT:-300}" python3 benchmarks/tune_gpu.py --fwd-only \
+        --only g96 --jobs 16 --out "$OUT/parts" 2>&1 | grep -E "^(FWD|compiled|NVIDIA)" | tee "$OUT/tune_parts.log"
     ;;
 host)
     python3 -m pytest -q -p no:logging -W ignore -o addopts="" tests/test_gpu.py -k "plan or launch_modes" \

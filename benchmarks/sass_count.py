@@ -14,6 +14,12 @@ padded tile (the default) against the two-tile one (``GATEDNORM_TRITON_SPLIT_GRO
 
     PYTHONPATH=src python benchmarks/sass_count.py [--out benchmarks/results/quant_sass_sm90.md]
 
+``--forward``: the same count for the plain forward (``fwd_kernel``) over groups of three power-of-two parts
+(``launch.fwd_parts``: 96 = 3 x 32, ...), one tile padded to the next power of two (the default) against three
+unpadded ones (``GATEDNORM_TRITON_SPLIT_GROUPS=1``), at the padded tile's launch shape and others:
+
+    PYTHONPATH=src python benchmarks/sass_count.py --forward [--out benchmarks/results/fwd_sass_sm90.md]
+
 A count is not a speed: it says where instruction issue can bind, and the device's timing decides.
 """
 
@@ -78,6 +84,65 @@ def compile_quant(gs: int, block: int, variant: str, quant: str, fmt: str, rows:
     return triton.compile(src, target=TARGET, options={"num_warps": warps})
 
 
+#: fwd_kernel's variants: is_rms, norm_before_gate, has_z, has_bias.
+FWD_VARIANTS = {"LN+bias gate-before": (False, False, True, True), "rms gate-after": (True, True, True, False),
+                "rms gate-before": (True, False, True, False)}
+#: (group size, variant, extra launch shapes) for --forward: bench_gpu's 32768x3072 groups of 96 row first.
+FWD_CASES = [
+    (96, "LN+bias gate-before", [(32, 2), (8, 1)]),
+    (96, "rms gate-after", [(32, 2)]),
+    (48, "LN+bias gate-before", [(32, 2)]),
+    (192, "LN+bias gate-before", [(8, 2)]),
+    (384, "rms gate-after", [(4, 2)]),
+    (768, "rms gate-before", [(2, 2)]),
+    (768, "rms gate-after", [(2, 2)]),
+    (3072, "rms gate-after", [(1, 4)]),
+]
+
+
+def compile_forward(gs: int, variant: str, rows: int, warps: int, parts: int, groups_fastest: bool):
+    """fwd_kernel for bf16 x (and z, y) in one of FWD_VARIANTS as launch.forward would launch it on a large call
+    (no residual, the range rescue after the kernel, no PDL), with PARTS forced."""
+    is_rms, norm_before_gate, has_z, has_bias = FWD_VARIANTS[variant]
+    block = launch._next_pow2(gs)
+    flags = (has_z, has_bias, norm_before_gate, is_rms, False, False)
+    values = launch._fwd_kernel_constexprs(gs, block, rows, 1, flags, False, False, groups_fastest, False, False,
+                                           parts)
+    names = kernels.fwd_kernel.arg_names
+    constexprs = dict(zip(names[-len(values):], values, strict=True))
+    signature = {"X": "*bf16", "R": "*bf16", "Z": "*bf16", "W": "*bf16", "B": "*bf16", "Y": "*bf16", "RO": "*bf16",
+                 "MEAN": "*fp32", "RSTD": "*fp32", "M": "i32", "stride_xm": "i32", "stride_rm": "i32",
+                 "stride_zm": "i32", "stride_ym": "i32", "stride_om": "i32", "eps": "fp32"}
+    signature.update(dict.fromkeys(constexprs, "constexpr"))
+    aligned = ("X", "Z", "W", "B", "Y", "stride_xm", "stride_zm", "stride_ym")
+    src = ASTSource(fn=kernels.fwd_kernel, signature=signature,
+                    constexprs={(names.index(k),): v for k, v in constexprs.items()},
+                    attrs={(names.index(k),): [["tt.divisibility", 16]] for k in aligned})
+    return triton.compile(src, target=TARGET, options={"num_warps": warps})
+
+
+def forward_rows() -> list[str]:
+    """The --forward table's rows (printed as they come)."""
+    rows_out = []
+    for gs, variant, extra in FWD_CASES:
+        launch.SPLIT_GROUPS = False
+        launch._fwd_config.cache_clear()
+        _, _, rows0, warps0, order, _ = launch._fwd_config(gs, 2)
+        for rows, warps in dict.fromkeys([(rows0, warps0), *extra]):
+            for parts in (1, 3):
+                total, regs, _ = sass_counts(compile_forward(gs, variant, rows, warps, parts,
+                                                             order == launch.ORDER_GROUPS_FASTEST))
+                kind = "three parts" if parts == 3 else "padded"
+                if (rows, warps) == (rows0, warps0):
+                    kind += " (SPLIT_GROUPS=1)" if parts == 3 else " (default)"
+                row = (f"| {gs} | {variant} | ({rows}, {warps}) | {kind} | {total} | {regs} | "
+                       f"{total * 32 * warps / (rows * gs):.1f} |")
+                rows_out.append(row)
+                print(row, flush=True)
+    launch._fwd_config.cache_clear()
+    return rows_out
+
+
 def sass_counts(compiled) -> tuple[int, int, collections.Counter]:
     """(instructions, highest register number used, instructions by opcode) of a compiled kernel."""
     sass = get_sass(compiled.asm["cubin"])
@@ -97,7 +162,16 @@ def per_element(total: int, gs: int, block: int, rows: int, warps: int) -> float
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=None, help="write the table as Markdown here")
+    ap.add_argument("--forward", action="store_true", help="count fwd_kernel over three-part groups instead")
     args = ap.parse_args()
+    if args.forward:
+        lines = ["# fwd_kernel over groups of three parts: sm_90 instructions per element (compiled without a GPU)", "",
+                 f"Command: `PYTHONPATH=src python benchmarks/sass_count.py --forward`; triton {triton.__version__}. "
+                 "Static count of the whole kernel (every path) over the real elements a thread holds; bf16 in.", "",
+                 "| group | variant | launch shape (rows, warps) | tile | instructions | registers | per element |",
+                 "|---|---|---|---|---|---|---|", *forward_rows()]
+        _write(args.out, lines)
+        return
     lines = ["# fwd_quant_kernel: sm_90 instructions per element (compiled without a GPU)", "",
              f"Command: `PYTHONPATH=src python benchmarks/sass_count.py`; triton {triton.__version__}. Static count of "
              "the whole kernel (every path) over the real elements a thread holds; bf16 in.", "",
@@ -122,10 +196,14 @@ def main() -> None:
                            f"{regs} | {per_element(total, gs, block, rows, warps):.1f} |")
                     lines.append(row)
                     print(row, flush=True)
-    if args.out:
-        with open(args.out, "w") as f:
+    _write(args.out, lines)
+
+
+def _write(path: str | None, lines: list[str]) -> None:
+    if path:
+        with open(path, "w") as f:
             f.write("\n".join(lines) + "\n")
-        print(f"wrote {args.out}")
+        print(f"wrote {path}")
 
 
 if __name__ == "__main__":

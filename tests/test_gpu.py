@@ -61,9 +61,9 @@ def _normwise(r):
 CASES = [(v, (999, 1280, 640)) for v in VARIANTS] + [(v, (1031, 256, 128)) for v in VARIANTS if v[0]]
 
 
-@pytest.mark.parametrize("v,shape", CASES, ids=[f"{variant_id(v)}-{s[2]}" for v, s in CASES])
-def test_variant_against_float64_and_native(v, shape):
-    m, n, gs = shape
+def _against_float64_and_native(v, m, n, gs):
+    """fp32 forward and backward against float64, bf16 against native (one rounding each); returns the bf16 call's
+    (inputs, y, rstd)."""
     tk = _tk()
     spec = NormSpec(EPS, gs, v[1], v[0], v[2])
     # fp32 against float64: tight
@@ -88,6 +88,12 @@ def test_variant_against_float64_and_native(v, shape):
     ref = native.backward(dyb, xb, wb, bb, zb, mean_n, rstd_n, spec)
     assert all(a is None or a.dtype == r.dtype for a, r in zip(got, ref, strict=True))
     check_gradients(got, xb, wb, bb, zb, dyb, *_args(spec), against=ref)
+    return (xb, wb, bb, zb), out, rstd
+
+
+@pytest.mark.parametrize("v,shape", CASES, ids=[f"{variant_id(v)}-{s[2]}" for v, s in CASES])
+def test_variant_against_float64_and_native(v, shape):
+    _against_float64_and_native(v, *shape)
 
 
 @pytest.mark.parametrize("is_rms,nbg", [(False, False), (True, True)])
@@ -586,3 +592,24 @@ def test_split_quant_tiles_against_float64(group_size, block, quant, monkeypatch
     assert res.passed, (config, res)
     assert_fused_matches_generic(q, scale, *padded)
 
+
+
+@pytest.mark.parametrize("v", VARIANTS, ids=variant_id)
+@pytest.mark.parametrize(("m", "n", "gs"), [(1031, 3072, 96), (999, 1536, 384), (257, 3072, 3072), (4097, 96, 48)])
+def test_three_part_groups_against_float64_and_native(v, m, n, gs, monkeypatch):
+    """fwd_kernel's three-part tiles (launch.fwd_parts; SPLIT_GROUPS, off by default until this passes on a GPU),
+    at the padded tile's launch shape: as test_variant_against_float64_and_native, and a row's bits independent
+    of the batch (the first rows alone)."""
+    tk = _tk()
+    monkeypatch.setattr(tk, "SPLIT_GROUPS", True)
+    tk._fwd_config.cache_clear()
+    try:
+        assert tk._fwd_config(gs, 2)[5] == 3
+        (xb, wb, bb, zb), out, rstd = _against_float64_and_native(v, m, n, gs)
+        head = torch.empty(5, n, dtype=torch.bfloat16, device="cuda")
+        spec = NormSpec(EPS, gs, v[1], v[0], v[2])
+        _, rstd_head = tk.forward(xb[:5], wb, bb, None if zb is None else zb[:5], spec, head)
+        assert torch.equal(head, out[:5])
+        assert torch.equal(rstd_head.view(n // gs, 5), rstd.view(n // gs, m)[:, :5])
+    finally:
+        tk._fwd_config.cache_clear()

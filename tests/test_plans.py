@@ -365,6 +365,30 @@ def test_triton_plans_launch_what_the_plain_launch_launches(recorded_launches, m
     assert [g is not None for g in grads] == list(needs)
 
 
+@pytest.mark.parametrize(("m", "gs", "is_rms", "threshold"), [(17, 96, False, 1 << 24), (9, 384, True, 1024)])
+def test_triton_plans_launch_three_part_groups(recorded_launches, monkeypatch, m, gs, is_rms, threshold):
+    """As above for groups of three parts (launch.fwd_parts, SPLIT_GROUPS on): the plan and the plain launch both
+    build fwd_kernel's constexprs with PARTS = 3 and launch the same variant."""
+    launch, plans, _ = recorded_launches
+    monkeypatch.setattr(launch, "SPLIT_GROUPS", True)
+    launch._fwd_config.cache_clear()
+    parts = []
+    real = launch._fwd_kernel_constexprs
+
+    def spy(*args):
+        parts.append(args[-1])
+        return real(*args)
+
+    monkeypatch.setattr(launch, "_fwd_kernel_constexprs", spy)
+    monkeypatch.setattr(plans, "_fwd_kernel_constexprs", spy)
+    try:
+        test_triton_plans_launch_what_the_plain_launch_launches(recorded_launches, m, 2 * gs, gs, is_rms, not is_rms,
+                                                                True, threshold)
+    finally:
+        launch._fwd_config.cache_clear()
+    assert parts and set(parts) == {3}
+
+
 @pytest.mark.parametrize(("m", "n", "gs", "block", "quant", "fmt", "col", "gate", "bias", "threshold", "order"), [
     (40, 128, 128, 128, "fp8_e4m3", "float32", False, True, False, 1 << 24, None),
     (17, 256, 64, 256, "int8", "float32", True, True, True, 1 << 24, None),  # per token over 4 groups, col-major

@@ -233,3 +233,67 @@ def test_launch_orders_give_the_same_bits(v):
         for a, c in zip(results[0], other, strict=True):
             assert (a is None and c is None) or torch.equal(a, c)
     check_forward(*results[0], x, w, b, z, *_args(spec))
+
+
+@pytest.fixture
+def three_part_groups(monkeypatch):
+    """fwd_kernel's three-part tiles on (launch.SPLIT_GROUPS: off by default until they have run on a GPU)."""
+    monkeypatch.setattr(tk, "SPLIT_GROUPS", True)
+    tk._fwd_config.cache_clear()  # launch shapes are cached per group size
+    yield
+    tk._fwd_config.cache_clear()
+
+
+@pytest.mark.parametrize("v", VARIANTS, ids=variant_id)
+def test_three_part_groups(v, monkeypatch, three_part_groups):
+    """Groups of three power-of-two parts (48 = 3 x 16, 96, 192, 384; launch.fwd_parts), which fwd_kernel reads as
+    three unpadded tiles: y, mean and rstd against float64 (every element of a poisoned output written), the
+    backward from those statistics, the residual sum stored (prenorm), and rows whose range must be rescued, redone
+    in the kernel and by rescue_kernel with the same bits (the rescue keeps the padded width's code). Under the
+    interpreter a spy proves the three-part path ran."""
+    from gatednorm.backends.triton import kernels
+
+    assert [tk.fwd_parts(g) for g in (48, 96, 192, 384, 768, 3072)] == [3] * 6
+    assert [tk.fwd_parts(g) for g in (24, 64, 128, 160, 288, 640)] == [1] * 6  # parts < 16, pow2, 5 or 9 parts
+    part_calls = []
+    if DEV == "cpu":
+        inner = kernels._three_part_stats
+
+        def counted(*args, **kwargs):
+            part_calls.append(1)
+            return inner.fn(*args, **kwargs)
+
+        monkeypatch.setattr(kernels, "_three_part_stats", counted)
+    for m, n, gs in ((7, 192, 96), (5, 384, 384), (9, 96, 48), (4, 384, 192)):
+        spec = _spec(gs, v)
+        assert tk._fwd_config(gs, 4)[5] == 3
+        x, z, w, b = make_inputs(m, n, torch.float32, gate=v[4], bias=v[3], seed=m * n + gs, device=DEV)
+        out = torch.full((m, n), float("nan"), dtype=torch.float32, device=DEV)
+        calls = len(part_calls)
+        mean, rstd = tk.forward(x, w, b, z, spec, out)
+        assert DEV != "cpu" or len(part_calls) > calls, gs
+        check_forward(out, mean, rstd, x, w, b, z, *_args(spec), fixed={"mean": (1e-5, 1e-6, "max")})
+        dy = make_like(x)
+        grads = tk.backward(dy, x, w, b, z, mean, rstd, spec, True, True, True, True)
+        check_gradients(grads, x, w, b, z, dy, *_args(spec), fixed=dict.fromkeys(("dx", "dz"), (1e-4, 1e-5, "max")))
+
+    m, n, gs = 37, 288, 96
+    spec = _spec(gs, v)
+    x, z, w, b = make_inputs(m, n, torch.bfloat16, gate=v[4], bias=v[3], seed=72, device=DEV)
+    res = make_like(x)
+    s = torch.empty(m, n, dtype=torch.float32, device=DEV)
+    out = torch.full((m, n), float("nan"), dtype=torch.bfloat16, device=DEV)
+    mean, rstd = tk.forward(x, w, b, z, spec, out, residual=res, residual_out=s)
+    assert torch.equal(s, x.float() + res.float())  # one float32 rounding of the sum, stored part by part
+    check_forward(out, mean, rstd, s, w, b, z, *_args(spec), out_dtype=torch.bfloat16)
+
+    x[5, :gs] *= 1e36  # group 0 of row 5 overflows float32 sums: the range rescue redoes it
+    x[9, gs:2 * gs] *= 1e-30
+    results = []
+    for threshold in (1 << 24, 1):  # the rescue in the kernel, then as rescue_kernel after it
+        out = torch.full((m, n), float("nan"), dtype=torch.bfloat16, device=DEV)
+        results.append((out, *tk.forward(x, w, b, z, spec, out, threshold)))
+    assert results[0][2].view(3, m)[0, 5] < 1e-30  # the rescue did run (var ~ 1e72)
+    for a, c in zip(*results, strict=True):
+        assert (a is None and c is None) or torch.equal(a, c)
+    check_forward(*results[0], x, w, b, z, *_args(spec))

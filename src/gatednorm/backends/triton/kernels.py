@@ -241,10 +241,15 @@ def _tile_stats(x, col_ok, eps, GS: tl.constexpr, BLOCK: tl.constexpr, IS_RMS: t
 
 @triton.jit
 def _gated_input(X, Z, rows64, mask, stride_xm, stride_zm, col0, cols, HAS_Z: tl.constexpr,
-                 GATE_FIRST: tl.constexpr, SIGMOID_GATE: tl.constexpr, BF16_BY_BITS: tl.constexpr):
-    """A tile (or a split group's part) of the norm's input: (x, times act(z) when the gate comes first;
-    act(z), or 1.0 without z). Masked lanes read x = z = 0, so x * act(z) stays 0 there."""
-    x = _load_f32(_tile_ptrs(X, rows64, stride_xm, col0, cols), mask, BF16_BY_BITS)
+                 GATE_FIRST: tl.constexpr, SIGMOID_GATE: tl.constexpr, BF16_BY_BITS: tl.constexpr,
+                 R=None, RO=None, stride_rm=0, stride_om=0, HAS_RES: tl.constexpr = False,
+                 STORE_RES: tl.constexpr = False):
+    """A tile (or a group's part) of the norm's input: (s = x [+ residual R: HAS_RES], stored to RO with STORE_RES,
+    times act(z) when the gate comes first; act(z), or 1.0 without z). Masked lanes read x = z = 0, so x * act(z)
+    stays 0 there."""
+    x = _load_input(X, R, rows64, mask, stride_xm, stride_rm, col0, cols, HAS_RES, BF16_BY_BITS)
+    if STORE_RES:
+        _store_out(_tile_ptrs(RO, rows64, stride_om, col0, cols), x, mask, BF16_BY_BITS)
     gate = 1.0  # unused without z
     if HAS_Z:
         gate = _gate_value(_load_f32(_tile_ptrs(Z, rows64, stride_zm, col0, cols), mask, BF16_BY_BITS), SIGMOID_GATE)
@@ -268,6 +273,23 @@ def _split_stats(xh, xl, eps, GS: tl.constexpr, IS_RMS: tl.constexpr):
 
 
 @triton.jit
+def _three_part_stats(x0, x1, x2, eps, GS: tl.constexpr, IS_RMS: tl.constexpr):
+    """_tile_stats of a group held as three equal parts: (mean, x0 - mean, x1 - mean, x2 - mean, var + eps)."""
+    if IS_RMS:
+        mean = tl.zeros([x0.shape[0]], dtype=tl.float32)
+        xm0 = x0
+        xm1 = x1
+        xm2 = x2
+    else:
+        mean = (tl.sum(x0, axis=1) + tl.sum(x1, axis=1) + tl.sum(x2, axis=1)) / GS
+        xm0 = x0 - mean[:, None]
+        xm1 = x1 - mean[:, None]
+        xm2 = x2 - mean[:, None]
+    var = tl.sum(xm0 * xm0, axis=1) + tl.sum(xm1 * xm1, axis=1) + tl.sum(xm2 * xm2, axis=1)
+    return mean, xm0, xm1, xm2, var / GS + eps
+
+
+@triton.jit
 def _norm_output(W, B, xm, rstd, gate, col0, cols, col_ok, HAS_BIAS: tl.constexpr, GATE_AFTER: tl.constexpr,
                  BF16_BY_BITS: tl.constexpr):
     """y = (xm * rstd * w + b) [* act(z)] of a tile or part (fwd_kernel's order of operations); col_ok masks
@@ -285,6 +307,20 @@ def _norm_output(W, B, xm, rstd, gate, col0, cols, col_ok, HAS_BIAS: tl.constexp
 # ---------------------------------------------------------------------------
 
 @triton.jit
+def _rescue_tile(X, R, Z, W, B, Y, MEAN, RSTD, rstd, row_ok, row0, g, M, stride_xm, stride_rm, stride_zm, stride_ym,
+                 col0, eps, GS: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr, HAS_Z: tl.constexpr,
+                 HAS_BIAS: tl.constexpr, GATE_FIRST: tl.constexpr, GATE_AFTER: tl.constexpr, IS_RMS: tl.constexpr,
+                 SIGMOID_GATE: tl.constexpr, BF16_BY_BITS: tl.constexpr, HAS_RES: tl.constexpr):
+    """fwd_kernel's in-kernel range rescue of a single-tile program (rows row0 ..): its rows whose rstd is out of
+    range, if any, redone by _rescue_rows with the padded width BLOCK (rescue_kernel's code: the same bits)."""
+    if tl.max((_rstd_out_of_range(rstd) & row_ok).to(tl.int32), axis=0) != 0:
+        tl.debug_barrier()  # the rows' plain results (written by other threads) are overwritten
+        _rescue_rows(X, R, Z, W, B, Y, MEAN, RSTD, row0, g, M, stride_xm, stride_rm, stride_zm, stride_ym, col0, eps,
+                     GS, BLOCK, ROWS, HAS_Z, HAS_BIAS, GATE_FIRST, GATE_AFTER, IS_RMS, SIGMOID_GATE, BF16_BY_BITS,
+                     HAS_RES)
+
+
+@triton.jit
 def fwd_kernel(
     X, R, Z, W, B, Y, RO, MEAN, RSTD,
     M, stride_xm, stride_rm, stride_zm, stride_ym, stride_om, eps,
@@ -292,9 +328,12 @@ def fwd_kernel(
     HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, NORM_BEFORE_GATE: tl.constexpr,
     IS_RMS: tl.constexpr, SIGMOID_GATE: tl.constexpr, BF16_BY_BITS: tl.constexpr, RESCUE_IN_KERNEL: tl.constexpr,
     USE_PDL: tl.constexpr, GROUPS_FASTEST: tl.constexpr, HAS_RES: tl.constexpr, STORE_RES: tl.constexpr,
+    PARTS: tl.constexpr = 1,
 ):
     """The norm of s = x (HAS_RES: x + residual R, summed in fp32) into Y; with STORE_RES, s rounded to RO's
-    dtype is written to RO too (the prenorm output, or s in fp32 kept for the backward)."""
+    dtype is written to RO too (the prenorm output, or s in fp32 kept for the backward). PARTS = 3: a group of
+    three power-of-two parts (96 = 3 x 32) read as three unpadded tiles (launch.fwd_parts); BLOCK stays the
+    padded width, for the range rescue (the same code as rescue_kernel's, so rescued rows keep their bits)."""
     _pdl_prologue(USE_PDL)
     pid, g = _tile_and_group(GROUPS_FASTEST)
     rows = pid * ROWS + tl.arange(0, ROWS)
@@ -306,7 +345,35 @@ def fwd_kernel(
     GATE_AFTER: tl.constexpr = HAS_Z and NORM_BEFORE_GATE
     stat = g.to(tl.int64) * M + rows64  # group-major statistics: index g * M + m
 
-    if NUM_CHUNKS == 1:
+    if NUM_CHUNKS == 1 and PARTS == 3:
+        # The whole group is in registers as three [ROWS, GS / 3] tiles: no padded lanes (a 96-wide group
+        # padded to 128 spends a quarter of its instructions on them; see launch.fwd_parts).
+        PW: tl.constexpr = GS // 3
+        pcols = tl.arange(0, PW)
+        pcol_ok = pcols < PW
+        mask = row_ok[:, None] & pcol_ok[None, :]
+        x0, g0 = _gated_input(X, Z, rows64, mask, stride_xm, stride_zm, col0, pcols, HAS_Z, GATE_FIRST, SIGMOID_GATE,
+                              BF16_BY_BITS, R, RO, stride_rm, stride_om, HAS_RES, STORE_RES)
+        x1, g1 = _gated_input(X, Z, rows64, mask, stride_xm, stride_zm, col0 + PW, pcols, HAS_Z, GATE_FIRST,
+                              SIGMOID_GATE, BF16_BY_BITS, R, RO, stride_rm, stride_om, HAS_RES, STORE_RES)
+        x2, g2 = _gated_input(X, Z, rows64, mask, stride_xm, stride_zm, col0 + 2 * PW, pcols, HAS_Z, GATE_FIRST,
+                              SIGMOID_GATE, BF16_BY_BITS, R, RO, stride_rm, stride_om, HAS_RES, STORE_RES)
+        mean, xm0, xm1, xm2, var_eps = _three_part_stats(x0, x1, x2, eps, GS, IS_RMS)
+        rstd = 1.0 / tl.sqrt_rn(var_eps)
+        if not IS_RMS:
+            tl.store(MEAN + stat, mean, mask=row_ok)
+        tl.store(RSTD + stat, rstd, mask=row_ok)
+        y = _norm_output(W, B, xm0, rstd, g0, col0, pcols, pcol_ok, HAS_BIAS, GATE_AFTER, BF16_BY_BITS)
+        _store_out(_tile_ptrs(Y, rows64, stride_ym, col0, pcols), y, mask, BF16_BY_BITS)
+        y = _norm_output(W, B, xm1, rstd, g1, col0 + PW, pcols, pcol_ok, HAS_BIAS, GATE_AFTER, BF16_BY_BITS)
+        _store_out(_tile_ptrs(Y, rows64, stride_ym, col0 + PW, pcols), y, mask, BF16_BY_BITS)
+        y = _norm_output(W, B, xm2, rstd, g2, col0 + 2 * PW, pcols, pcol_ok, HAS_BIAS, GATE_AFTER, BF16_BY_BITS)
+        _store_out(_tile_ptrs(Y, rows64, stride_ym, col0 + 2 * PW, pcols), y, mask, BF16_BY_BITS)
+        if RESCUE_IN_KERNEL:  # else rescue_kernel runs after this kernel (see "Range rescue")
+            _rescue_tile(X, R, Z, W, B, Y, MEAN, RSTD, rstd, row_ok, pid * ROWS, g, M, stride_xm, stride_rm, stride_zm,
+                         stride_ym, col0, eps, GS, BLOCK, ROWS, HAS_Z, HAS_BIAS, GATE_FIRST, GATE_AFTER, IS_RMS,
+                         SIGMOID_GATE, BF16_BY_BITS, HAS_RES)
+    elif NUM_CHUNKS == 1:
         # The whole group is in registers: two-pass variance on the tile itself.
         col_ok = cols < GS
         mask = row_ok[:, None] & col_ok[None, :]
@@ -334,11 +401,9 @@ def fwd_kernel(
             y = y * gate
         _store_out(_tile_ptrs(Y, rows64, stride_ym, col0, cols), y, mask, BF16_BY_BITS)
         if RESCUE_IN_KERNEL:  # else rescue_kernel runs after this kernel (see "Range rescue")
-            if tl.max((_rstd_out_of_range(rstd) & row_ok).to(tl.int32), axis=0) != 0:
-                tl.debug_barrier()  # the rows' plain results (written by other threads) are overwritten
-                _rescue_rows(X, R, Z, W, B, Y, MEAN, RSTD, pid * ROWS, g, M, stride_xm, stride_rm, stride_zm,
-                             stride_ym, col0, eps, GS, BLOCK, ROWS, HAS_Z, HAS_BIAS, GATE_FIRST, GATE_AFTER, IS_RMS,
-                             SIGMOID_GATE, BF16_BY_BITS, HAS_RES)
+            _rescue_tile(X, R, Z, W, B, Y, MEAN, RSTD, rstd, row_ok, pid * ROWS, g, M, stride_xm, stride_rm, stride_zm,
+                         stride_ym, col0, eps, GS, BLOCK, ROWS, HAS_Z, HAS_BIAS, GATE_FIRST, GATE_AFTER, IS_RMS,
+                         SIGMOID_GATE, BF16_BY_BITS, HAS_RES)
     else:
         # Wide group (ROWS = 1): pass 1 merges chunk statistics, pass 2 writes (_chunked_stats).
         ones = tl.full([ROWS], 1.0, tl.float32)

@@ -297,11 +297,12 @@ def _is_pow2(v: int) -> bool:
 #: 96 = 64 + 32 took 25-35% more instructions per element split than padded to 128; groups of 640 = 512 + 128
 #: 30-35% fewer at two rows a warp).
 SPLIT_MIN_LOW = 128
-#: Whether fwd_quant_kernel splits such groups at all. Off until the split tiles have run on a GPU: they are
-#: checked under Triton's interpreter and compiled for sm_90 on the CPU machine, but the H200 once miscompiled a
-#: launch shape the interpreter ran right (the one-warp tiles of session 10), and their speed is a prediction.
+#: Whether groups that are not a power of two are read as unpadded parts: fwd_quant_kernel's two-part split tiles
+#: (split_low) and fwd_kernel's three-part tiles (fwd_parts). Off until they have run on a GPU: they are checked
+#: under Triton's interpreter and compiled for sm_90 on the CPU machine, but the H200 once miscompiled a launch
+#: shape the interpreter ran right (the one-warp tiles of session 10), and their speed is a prediction.
 #: GATEDNORM_TRITON_SPLIT_GROUPS=1, read when the triton backend loads, turns them on (the device session's
-#: tests and benchmarks; docs/design.md, "Quantized output").
+#: tests and benchmarks; docs/design.md, "Quantized output" and "Groups of three parts").
 SPLIT_GROUPS = env_flag("GATEDNORM_TRITON_SPLIT_GROUPS")
 
 
@@ -320,16 +321,35 @@ def split_low(group_size: int) -> int:
     return split_parts(group_size) if SPLIT_GROUPS else 0
 
 
+#: The narrowest part of a group that fwd_kernel reads as three unpadded tiles (fwd_parts). sm_90 SASS compiled on
+#: the CPU machine (benchmarks/sass_count.py --forward, benchmarks/results/fwd_sass_sm90.md), instructions per
+#: real element at the padded tile's launch shape, padded -> three parts: groups of 96, LayerNorm + bias gated
+#: first (bench_gpu's row at 80% of copy) 29.8 -> 18.7, RMSNorm gated after 24.9 -> 16.2 (groups of 128, RMSNorm
+#: gated after, run at 94% of copy with 21.4); 48 = 3 x 16 33.9 -> 25.4; 192 34.6 -> 27.0; 384 29.0 -> 21.7;
+#: 3072 26.8 -> 23.6; 768 at its one-row, one-warp shape 17.5-17.7 -> 17.5-18.0 (no change).
+FWD_PARTS_MIN = 16
+
+
+def fwd_parts(group_size: int) -> int:
+    """PARTS of fwd_kernel: 3 for a group of three equal power-of-two parts (96 = 3 x 32, 192, 384, ..., 3072;
+    parts of at least FWD_PARTS_MIN) where SPLIT_GROUPS is on, read as three unpadded tiles at the padded tile's
+    launch shape; else 1 (one tile padded to the next power of two: 96 -> 128, a quarter of its lanes idle)."""
+    part = group_size // 3
+    return 3 if SPLIT_GROUPS and part * 3 == group_size and _is_pow2(part) and part >= FWD_PARTS_MIN else 1
+
+
+
 @functools.cache
-def _fwd_config(group_size: int, elem_bytes: int) -> tuple[int, int, int, int, int]:
-    """Forward launch shape (BLOCK, NUM_CHUNKS, ROWS, num_warps, order: ORDER_*): from the group size and
+def _fwd_config(group_size: int, elem_bytes: int) -> tuple[int, int, int, int, int, int]:
+    """Forward launch shape (BLOCK, NUM_CHUNKS, ROWS, num_warps, order: ORDER_*, PARTS): from the group size and
     dtype only, never from M (batch invariance)."""
     block, chunks, rows, warps = _tile_config(group_size, FWD_TILE_ELEMENTS, FWD_ELEMS_PER_THREAD, MAX_BLOCK)
+    parts = fwd_parts(group_size) if chunks == 1 else 1
     tuned = FWD_TUNED.get((block, _is_pow2(group_size))) if chunks == 1 else None
     if tuned is None:
-        return block, chunks, rows, warps, ORDER_ROWS_FASTEST
+        return block, chunks, rows, warps, ORDER_ROWS_FASTEST, parts
     rows, warps, order = tuned
-    return block, chunks, rows, warps, order
+    return block, chunks, rows, warps, order, parts
 
 
 @functools.cache
@@ -357,11 +377,11 @@ def _fwd_flags(spec: NormSpec, has_z: bool, has_bias: bool) -> tuple[bool, ...]:
 
 def _fwd_kernel_constexprs(gs: int, block: int, rows: int, chunks: int, flags: tuple[bool, ...],
                            rescue_in_kernel: bool, pdl: bool, groups_fastest: bool, has_res: bool,
-                           store_res: bool) -> tuple:
+                           store_res: bool, parts: int) -> tuple:
     """fwd_kernel's constexprs in signature order (GS, BLOCK, ROWS, NUM_CHUNKS, *flags, RESCUE_IN_KERNEL,
-    USE_PDL, GROUPS_FASTEST, HAS_RES, STORE_RES): one place, for :func:`forward` and :class:`ForwardPlan`,
+    USE_PDL, GROUPS_FASTEST, HAS_RES, STORE_RES, PARTS): one place, for :func:`forward` and :class:`ForwardPlan`,
     so a plan finds exactly the compiled kernel the plain launch made."""
-    return (gs, block, rows, chunks, *flags, rescue_in_kernel, pdl, groups_fastest, has_res, store_res)
+    return (gs, block, rows, chunks, *flags, rescue_in_kernel, pdl, groups_fastest, has_res, store_res, parts)
 
 
 def forward(
@@ -408,10 +428,11 @@ def forward(
     bias = _rows_ready(bias) if bias is not None else None
     y = out if out.stride(-1) == 1 else torch.empty(out.shape, dtype=out.dtype, device=out.device)
     if config is None:
-        block, chunks, rows, warps, order = _fwd_config(gs, x.element_size())
+        block, chunks, rows, warps, order, parts = _fwd_config(gs, x.element_size())
     else:
         block, rows, warps, order = config
         chunks = _cdiv(gs, block)
+        parts = fwd_parts(gs) if chunks == 1 else 1
     tiles = _cdiv(m, rows)
     flat = (order == ORDER_FLAT and chunks == 1 and groups > 1 and x.stride(0) == n and y.stride(0) == n
             and (z is None or z.stride(0) == n) and residual is None and residual_out is None)
@@ -428,7 +449,8 @@ def forward(
     else:
         _launch(fwd_kernel, (groups, tiles, 1) if groups_fastest else (tiles, groups, 1), args,
                 _fwd_kernel_constexprs(gs, block, rows, chunks, flags, not rescue_after, pdl, groups_fastest,
-                                       residual is not None, residual_out is not None), warps, x.device, fast, pdl)
+                                       residual is not None, residual_out is not None, parts),
+                warps, x.device, fast, pdl)
     if rescue_after:  # GS, BLOCK, SCAN, *flags, USE_PDL, HAS_RES; the forward's warps (rescued rows' bits)
         _launch(rescue_kernel, (_cdiv(m, rescue_scan_rows), groups, 1), args,
                 (gs, block, rescue_scan_rows, *flags, pdl, residual is not None), warps, x.device, fast, pdl)
