@@ -17,10 +17,10 @@
 #                                          # shape with the split tiles on, both program orders (about 10
 #                                          # minutes: split with QUANT_TUNE_ONLY=g640,per-token / the rest).
 #                                          # GATEDNORM_TRITON_SPLIT_GROUPS=1 bash ... quant: the benchmark split
-#   bash benchmarks/gpu_suite.sh parts    # the forward's three-part tiles (issue 16, groups of 96): their GPU
-#                                          # tests, the g96 row of bench_gpu.py padded (default) and in three
-#                                          # parts (GATEDNORM_TRITON_SPLIT_GROUPS=1), then the forward sweep of
-#                                          # launch shapes for that row with the parts on (a few minutes)
+#   bash benchmarks/gpu_suite.sh parts    # the three-part tiles of the forward and backward (issue 16, groups
+#                                          # of 96): their GPU tests, the g96 row of bench_gpu.py padded (the
+#                                          # default) and in three parts (GATEDNORM_TRITON_SPLIT_GROUPS=1), then
+#                                          # the forward's launch-shape sweep for that row with the parts on
 #   bash benchmarks/gpu_suite.sh host     # eager plans (issue 16, host time): their GPU tests, then host time
 #                                          # per call at 2048, 8192 and 65536 rows of 128 (bench_host.py)
 #   bash benchmarks/gpu_suite.sh ab BASE.. # GPU tests, then forward A/B against other versions of the

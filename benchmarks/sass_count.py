@@ -14,11 +14,12 @@ padded tile (the default) against the two-tile one (``GATEDNORM_TRITON_SPLIT_GRO
 
     PYTHONPATH=src python benchmarks/sass_count.py [--out benchmarks/results/quant_sass_sm90.md]
 
-``--forward``: the same count for the plain forward (``fwd_kernel``) over groups of three power-of-two parts
-(``launch.fwd_parts``: 96 = 3 x 32, ...), one tile padded to the next power of two (the default) against three
-unpadded ones (``GATEDNORM_TRITON_SPLIT_GROUPS=1``), at the padded tile's launch shape and others:
+``--parts``: the same count for the plain forward and backward (``fwd_kernel``, ``bwd_kernel``) over groups of
+three power-of-two parts (``launch.fwd_parts``: 96 = 3 x 32, ...), one tile padded to the next power of two (the
+default) against three unpadded ones (``GATEDNORM_TRITON_SPLIT_GROUPS=1``), at the padded tile's launch shape and
+others:
 
-    PYTHONPATH=src python benchmarks/sass_count.py --forward [--out benchmarks/results/fwd_sass_sm90.md]
+    PYTHONPATH=src python benchmarks/sass_count.py --parts [--out benchmarks/results/parts_sass_sm90.md]
 
 A count is not a speed: it says where instruction issue can bind, and the device's timing decides.
 """
@@ -87,7 +88,7 @@ def compile_quant(gs: int, block: int, variant: str, quant: str, fmt: str, rows:
 #: fwd_kernel's variants: is_rms, norm_before_gate, has_z, has_bias.
 FWD_VARIANTS = {"LN+bias gate-before": (False, False, True, True), "rms gate-after": (True, True, True, False),
                 "rms gate-before": (True, False, True, False)}
-#: (group size, variant, extra launch shapes) for --forward: bench_gpu's 32768x3072 groups of 96 row first.
+#: (group size, variant, extra launch shapes) for --parts: bench_gpu's 32768x3072 groups of 96 row first.
 FWD_CASES = [
     (96, "LN+bias gate-before", [(32, 2), (8, 1)]),
     (96, "rms gate-after", [(32, 2)]),
@@ -121,21 +122,45 @@ def compile_forward(gs: int, variant: str, rows: int, warps: int, parts: int, gr
     return triton.compile(src, target=TARGET, options={"num_warps": warps})
 
 
-def forward_rows() -> list[str]:
-    """The --forward table's rows (printed as they come)."""
+def compile_backward(gs: int, variant: str, rows: int, warps: int, parts: int, groups_fastest: bool):
+    """bwd_kernel for bf16 tensors in one of FWD_VARIANTS, every gradient asked for, with PARTS forced."""
+    is_rms, norm_before_gate, has_z, has_bias = FWD_VARIANTS[variant]
+    constexprs = dict(GS=gs, BLOCK=launch._next_pow2(gs), ROWS=rows, NUM_CHUNKS=1, HAS_Z=has_z, HAS_BIAS=has_bias,
+                      NORM_BEFORE_GATE=norm_before_gate, IS_RMS=is_rms, SIGMOID_GATE=False, NEED_DX=True,
+                      NEED_DZ=has_z, NEED_DW=True, NEED_DB=has_bias, BF16_BY_BITS=False, USE_PDL=False,
+                      GROUPS_FASTEST=groups_fastest, PARTS=parts)
+    names = kernels.bwd_kernel.arg_names
+    signature = dict.fromkeys(("DY", "X", "Z", "W", "B", "DX", "DZ"), "*bf16")
+    signature.update({"MEAN": "*fp32", "RSTD": "*fp32", "DW_PART": "*fp32", "DB_PART": "*fp32", "M": "i32",
+                      "stride_dym": "i32", "stride_xm": "i32", "stride_zm": "i32", "stride_dxm": "i32",
+                      "stride_dzm": "i32", "N": "i32"})
+    signature.update(dict.fromkeys(constexprs, "constexpr"))
+    aligned = ("DY", "X", "Z", "W", "B", "DX", "DZ", "DW_PART", "DB_PART", "stride_dym", "stride_xm", "stride_zm",
+               "stride_dxm", "stride_dzm", "N")
+    src = ASTSource(fn=kernels.bwd_kernel, signature=signature,
+                    constexprs={(names.index(k),): v for k, v in constexprs.items()},
+                    attrs={(names.index(k),): [["tt.divisibility", 16]] for k in aligned})
+    return triton.compile(src, target=TARGET, options={"num_warps": warps})
+
+
+def parts_rows() -> list[str]:
+    """The --parts table's rows (printed as they come): the forward's cases, then the backward's for groups of 96."""
     rows_out = []
-    for gs, variant, extra in FWD_CASES:
-        launch.SPLIT_GROUPS = False
-        launch._fwd_config.cache_clear()
-        _, _, rows0, warps0, order, _ = launch._fwd_config(gs, 2)
+    launch.SPLIT_GROUPS = False
+    launch._fwd_config.cache_clear()
+    cases = [("forward", gs, variant, launch._fwd_config(gs, 2), extra) for gs, variant, extra in FWD_CASES]
+    cases += [("backward", 96, variant, launch._bwd_config(96, 2), [(8, 1)]) for variant in FWD_VARIANTS]
+    for kernel, gs, variant, config, extra in cases:
+        rows0, warps0 = config[2:4]
+        groups_fastest = kernel == "forward" and config[4] == launch.ORDER_GROUPS_FASTEST
+        compile_fn = compile_forward if kernel == "forward" else compile_backward
         for rows, warps in dict.fromkeys([(rows0, warps0), *extra]):
             for parts in (1, 3):
-                total, regs, _ = sass_counts(compile_forward(gs, variant, rows, warps, parts,
-                                                             order == launch.ORDER_GROUPS_FASTEST))
+                total, regs, _ = sass_counts(compile_fn(gs, variant, rows, warps, parts, groups_fastest))
                 kind = "three parts" if parts == 3 else "padded"
                 if (rows, warps) == (rows0, warps0):
                     kind += " (SPLIT_GROUPS=1)" if parts == 3 else " (default)"
-                row = (f"| {gs} | {variant} | ({rows}, {warps}) | {kind} | {total} | {regs} | "
+                row = (f"| {kernel} | {gs} | {variant} | ({rows}, {warps}) | {kind} | {total} | {regs} | "
                        f"{total * 32 * warps / (rows * gs):.1f} |")
                 rows_out.append(row)
                 print(row, flush=True)
@@ -162,14 +187,18 @@ def per_element(total: int, gs: int, block: int, rows: int, warps: int) -> float
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=None, help="write the table as Markdown here")
-    ap.add_argument("--forward", action="store_true", help="count fwd_kernel over three-part groups instead")
+    ap.add_argument("--parts", action="store_true",
+                    help="count fwd_kernel and bwd_kernel over three-part groups instead")
     args = ap.parse_args()
-    if args.forward:
-        lines = ["# fwd_kernel over groups of three parts: sm_90 instructions per element (compiled without a GPU)", "",
-                 f"Command: `PYTHONPATH=src python benchmarks/sass_count.py --forward`; triton {triton.__version__}. "
-                 "Static count of the whole kernel (every path) over the real elements a thread holds; bf16 in.", "",
-                 "| group | variant | launch shape (rows, warps) | tile | instructions | registers | per element |",
-                 "|---|---|---|---|---|---|---|", *forward_rows()]
+    if args.parts:
+        lines = ["# fwd_kernel and bwd_kernel over groups of three parts: sm_90 instructions per element (compiled "
+                 "without a GPU)", "",
+                 f"Command: `PYTHONPATH=src python benchmarks/sass_count.py --parts`; triton {triton.__version__}. "
+                 "Static count of the whole kernel (every path) over the real elements a thread holds; bf16 in; "
+                 "the backward with every gradient asked for.", "",
+                 "| kernel | group | variant | launch shape (rows, warps) | tile | instructions | registers | "
+                 "per element |",
+                 "|---|---|---|---|---|---|---|---|", *parts_rows()]
         _write(args.out, lines)
         return
     lines = ["# fwd_quant_kernel: sm_90 instructions per element (compiled without a GPU)", "",

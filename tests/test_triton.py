@@ -246,36 +246,37 @@ def three_part_groups(monkeypatch):
 
 @pytest.mark.parametrize("v", VARIANTS, ids=variant_id)
 def test_three_part_groups(v, monkeypatch, three_part_groups):
-    """Groups of three power-of-two parts (48 = 3 x 16, 96, 192, 384; launch.fwd_parts), which fwd_kernel reads as
-    three unpadded tiles: y, mean and rstd against float64 (every element of a poisoned output written), the
-    backward from those statistics, the residual sum stored (prenorm), and rows whose range must be rescued, redone
-    in the kernel and by rescue_kernel with the same bits (the rescue keeps the padded width's code). Under the
-    interpreter a spy proves the three-part path ran."""
+    """Groups of three power-of-two parts (48 = 3 x 16, 96, 192, 384; launch.fwd_parts), which fwd_kernel and
+    bwd_kernel read as three unpadded tiles: y, mean and rstd against float64 (every element of a poisoned output
+    written), the backward from those statistics, the residual sum stored (prenorm), and rows whose range must be
+    rescued, redone in the kernel and by rescue_kernel with the same bits (the rescue keeps the padded width's
+    code). Under the interpreter spies prove the three-part paths ran."""
     from gatednorm.backends.triton import kernels
 
     assert [tk.fwd_parts(g) for g in (48, 96, 192, 384, 768, 3072)] == [3] * 6
     assert [tk.fwd_parts(g) for g in (24, 64, 128, 160, 288, 640)] == [1] * 6  # parts < 16, pow2, 5 or 9 parts
-    part_calls = []
+    part_calls = {"_three_part_stats": 0, "_bwd_three_parts": 0}  # the forward's and the backward's
     if DEV == "cpu":
-        inner = kernels._three_part_stats
+        for name in part_calls:
+            inner = getattr(kernels, name)
 
-        def counted(*args, **kwargs):
-            part_calls.append(1)
-            return inner.fn(*args, **kwargs)
+            def counted(*args, _inner=inner, _name=name, **kwargs):
+                part_calls[_name] += 1
+                return _inner.fn(*args, **kwargs)
 
-        monkeypatch.setattr(kernels, "_three_part_stats", counted)
+            monkeypatch.setattr(kernels, name, counted)
     for m, n, gs in ((7, 192, 96), (5, 384, 384), (9, 96, 48), (4, 384, 192)):
         spec = _spec(gs, v)
         assert tk._fwd_config(gs, 4)[5] == 3
         x, z, w, b = make_inputs(m, n, torch.float32, gate=v[4], bias=v[3], seed=m * n + gs, device=DEV)
         out = torch.full((m, n), float("nan"), dtype=torch.float32, device=DEV)
-        calls = len(part_calls)
+        calls = dict(part_calls)
         mean, rstd = tk.forward(x, w, b, z, spec, out)
-        assert DEV != "cpu" or len(part_calls) > calls, gs
         check_forward(out, mean, rstd, x, w, b, z, *_args(spec), fixed={"mean": (1e-5, 1e-6, "max")})
         dy = make_like(x)
         grads = tk.backward(dy, x, w, b, z, mean, rstd, spec, True, True, True, True)
         check_gradients(grads, x, w, b, z, dy, *_args(spec), fixed=dict.fromkeys(("dx", "dz"), (1e-4, 1e-5, "max")))
+        assert DEV != "cpu" or all(part_calls[k] > calls[k] for k in calls), (gs, part_calls)
 
     m, n, gs = 37, 288, 96
     spec = _spec(gs, v)

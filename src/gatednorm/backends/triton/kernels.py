@@ -696,6 +696,85 @@ def _bwd_store(
 
 
 @triton.jit
+def _bwd_tile_rows(MEAN, RSTD, tile, g, M, ROWS: tl.constexpr, IS_RMS: tl.constexpr):
+    """(rows as int64, which are < M, mean, rstd) of a backward row tile of group g (mean: rstd, unused, for RMS)."""
+    rows = tile * ROWS + tl.arange(0, ROWS)
+    row_ok = rows < M
+    rows64 = rows.to(tl.int64)
+    stat = g.to(tl.int64) * M + rows64
+    rstd = tl.load(RSTD + stat, mask=row_ok, other=0.0)
+    if IS_RMS:
+        mean = rstd  # unused
+    else:
+        mean = tl.load(MEAN + stat, mask=row_ok, other=0.0)
+    return rows64, row_ok, mean, rstd
+
+
+@triton.jit
+def _bwd_three_parts(
+    DY, X, Z, W, B, MEAN, RSTD, DX, DZ, DW_PART, DB_PART, M, stride_dym, stride_xm, stride_zm, stride_dxm, stride_dzm,
+    pid, g, num_progs, part_row, GS: tl.constexpr, ROWS: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
+    NORM_BEFORE_GATE: tl.constexpr, IS_RMS: tl.constexpr, SIGMOID_GATE: tl.constexpr, NEED_DX: tl.constexpr,
+    NEED_DZ: tl.constexpr, NEED_DW: tl.constexpr, NEED_DB: tl.constexpr, BF16_BY_BITS: tl.constexpr,
+):
+    """bwd_kernel's single-tile loop for a group held as three unpadded [ROWS, GS / 3] tiles: each part's terms
+    (_bwd_terms), the row sums c1 = mean(xhat * w dy), c2 = mean(w dy) over the three, then each part's dx, dz."""
+    PW: tl.constexpr = GS // 3
+    pcols = tl.arange(0, PW)
+    col0 = g * GS
+    dw0 = tl.zeros([ROWS, PW], dtype=tl.float32)
+    dw1 = tl.zeros([ROWS, PW], dtype=tl.float32)
+    dw2 = tl.zeros([ROWS, PW], dtype=tl.float32)
+    db0 = tl.zeros([ROWS, PW], dtype=tl.float32)
+    db1 = tl.zeros([ROWS, PW], dtype=tl.float32)
+    db2 = tl.zeros([ROWS, PW], dtype=tl.float32)
+    for tile in range(pid, tl.cdiv(M, ROWS), num_progs):
+        rows64, row_ok, mean, rstd = _bwd_tile_rows(MEAN, RSTD, tile, g, M, ROWS, IS_RMS)
+        x0, act0, dact0, xhat0, gy0, wdy0, dza0, mask = _bwd_terms(
+            DY, X, Z, W, B, mean, rstd, rows64, row_ok, stride_dym, stride_xm, stride_zm, col0, pcols,
+            GS, HAS_Z, HAS_BIAS, NORM_BEFORE_GATE, IS_RMS, SIGMOID_GATE, BF16_BY_BITS)
+        x1, act1, dact1, xhat1, gy1, wdy1, dza1, mask = _bwd_terms(
+            DY, X, Z, W, B, mean, rstd, rows64, row_ok, stride_dym, stride_xm, stride_zm, col0, PW + pcols,
+            GS, HAS_Z, HAS_BIAS, NORM_BEFORE_GATE, IS_RMS, SIGMOID_GATE, BF16_BY_BITS)
+        x2, act2, dact2, xhat2, gy2, wdy2, dza2, mask = _bwd_terms(
+            DY, X, Z, W, B, mean, rstd, rows64, row_ok, stride_dym, stride_xm, stride_zm, col0, 2 * PW + pcols,
+            GS, HAS_Z, HAS_BIAS, NORM_BEFORE_GATE, IS_RMS, SIGMOID_GATE, BF16_BY_BITS)
+        if NEED_DW:
+            dw0 += gy0 * xhat0
+            dw1 += gy1 * xhat1
+            dw2 += gy2 * xhat2
+        if NEED_DB:
+            db0 += gy0
+            db1 += gy1
+            db2 += gy2
+        c1 = (tl.sum(xhat0 * wdy0, axis=1) + tl.sum(xhat1 * wdy1, axis=1) + tl.sum(xhat2 * wdy2, axis=1)) / GS
+        c2 = (tl.sum(wdy0, axis=1) + tl.sum(wdy1, axis=1) + tl.sum(wdy2, axis=1)) / GS
+        _bwd_store(DX, DZ, _bwd_dxc(wdy0, xhat0, c1, c2, rstd, IS_RMS), x0, act0, dact0, dza0, rows64, stride_dxm,
+                   stride_dzm, col0, pcols, mask, HAS_Z, NORM_BEFORE_GATE, NEED_DX, NEED_DZ, BF16_BY_BITS)
+        _bwd_store(DX, DZ, _bwd_dxc(wdy1, xhat1, c1, c2, rstd, IS_RMS), x1, act1, dact1, dza1, rows64, stride_dxm,
+                   stride_dzm, col0, PW + pcols, mask, HAS_Z, NORM_BEFORE_GATE, NEED_DX, NEED_DZ, BF16_BY_BITS)
+        _bwd_store(DX, DZ, _bwd_dxc(wdy2, xhat2, c1, c2, rstd, IS_RMS), x2, act2, dact2, dza2, rows64, stride_dxm,
+                   stride_dzm, col0, 2 * PW + pcols, mask, HAS_Z, NORM_BEFORE_GATE, NEED_DX, NEED_DZ, BF16_BY_BITS)
+    if NEED_DW:
+        tl.store(DW_PART + part_row + pcols, tl.sum(dw0, axis=0))
+        tl.store(DW_PART + part_row + PW + pcols, tl.sum(dw1, axis=0))
+        tl.store(DW_PART + part_row + 2 * PW + pcols, tl.sum(dw2, axis=0))
+    if NEED_DB:
+        tl.store(DB_PART + part_row + pcols, tl.sum(db0, axis=0))
+        tl.store(DB_PART + part_row + PW + pcols, tl.sum(db1, axis=0))
+        tl.store(DB_PART + part_row + 2 * PW + pcols, tl.sum(db2, axis=0))
+
+
+@triton.jit
+def _bwd_dxc(wdy, xhat, c1, c2, rstd, IS_RMS: tl.constexpr):
+    """dL/dxc of a tile from the row sums: (w dy - xhat c1 [- c2]) rstd."""
+    dxc = wdy - xhat * c1[:, None]
+    if not IS_RMS:
+        dxc = dxc - c2[:, None]
+    return dxc * rstd[:, None]
+
+
+@triton.jit
 def bwd_kernel(
     DY, X, Z, W, B, MEAN, RSTD, DX, DZ, DW_PART, DB_PART,
     M, stride_dym, stride_xm, stride_zm, stride_dxm, stride_dzm, N,
@@ -703,8 +782,10 @@ def bwd_kernel(
     HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, NORM_BEFORE_GATE: tl.constexpr,
     IS_RMS: tl.constexpr, SIGMOID_GATE: tl.constexpr,
     NEED_DX: tl.constexpr, NEED_DZ: tl.constexpr, NEED_DW: tl.constexpr, NEED_DB: tl.constexpr,
-    BF16_BY_BITS: tl.constexpr, USE_PDL: tl.constexpr, GROUPS_FASTEST: tl.constexpr,
+    BF16_BY_BITS: tl.constexpr, USE_PDL: tl.constexpr, GROUPS_FASTEST: tl.constexpr, PARTS: tl.constexpr = 1,
 ):
+    """dx, dz and this program's partial rows of dweight / dbias over the row tiles it takes (persistent). PARTS = 3:
+    a group of three power-of-two parts held as three unpadded tiles (launch.fwd_parts), as in fwd_kernel."""
     _pdl_prologue(USE_PDL)
     pid, g = _tile_and_group(GROUPS_FASTEST)
     num_progs = tl.num_programs(1 if GROUPS_FASTEST else 0)
@@ -712,19 +793,16 @@ def bwd_kernel(
     cols = tl.arange(0, BLOCK)
     num_tiles = tl.cdiv(M, ROWS)
     part_row = pid.to(tl.int64) * N + col0  # this program's row of partials (dweight and dbias alike)
+    if NUM_CHUNKS == 1 and PARTS == 3:
+        _bwd_three_parts(DY, X, Z, W, B, MEAN, RSTD, DX, DZ, DW_PART, DB_PART, M, stride_dym, stride_xm, stride_zm,
+                         stride_dxm, stride_dzm, pid, g, num_progs, part_row, GS, ROWS, HAS_Z, HAS_BIAS,
+                         NORM_BEFORE_GATE, IS_RMS, SIGMOID_GATE, NEED_DX, NEED_DZ, NEED_DW, NEED_DB, BF16_BY_BITS)
+        return
     if NUM_CHUNKS == 1:
         dw_acc = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
         db_acc = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
     for tile in range(pid, num_tiles, num_progs):
-        rows = tile * ROWS + tl.arange(0, ROWS)
-        row_ok = rows < M
-        rows64 = rows.to(tl.int64)
-        stat = g.to(tl.int64) * M + rows64
-        rstd = tl.load(RSTD + stat, mask=row_ok, other=0.0)
-        if IS_RMS:
-            mean = rstd  # unused
-        else:
-            mean = tl.load(MEAN + stat, mask=row_ok, other=0.0)
+        rows64, row_ok, mean, rstd = _bwd_tile_rows(MEAN, RSTD, tile, g, M, ROWS, IS_RMS)
         if NUM_CHUNKS == 1:
             x, act, dact, xhat, gy, wdy, dz_after, mask = _bwd_terms(
                 DY, X, Z, W, B, mean, rstd, rows64, row_ok, stride_dym, stride_xm, stride_zm, col0, cols,

@@ -321,12 +321,13 @@ def split_low(group_size: int) -> int:
     return split_parts(group_size) if SPLIT_GROUPS else 0
 
 
-#: The narrowest part of a group that fwd_kernel reads as three unpadded tiles (fwd_parts). sm_90 SASS compiled on
-#: the CPU machine (benchmarks/sass_count.py --forward, benchmarks/results/fwd_sass_sm90.md), instructions per
-#: real element at the padded tile's launch shape, padded -> three parts: groups of 96, LayerNorm + bias gated
-#: first (bench_gpu's row at 80% of copy) 29.8 -> 18.7, RMSNorm gated after 24.9 -> 16.2 (groups of 128, RMSNorm
-#: gated after, run at 94% of copy with 21.4); 48 = 3 x 16 33.9 -> 25.4; 192 34.6 -> 27.0; 384 29.0 -> 21.7;
-#: 3072 26.8 -> 23.6; 768 at its one-row, one-warp shape 17.5-17.7 -> 17.5-18.0 (no change).
+#: The narrowest part of a group that fwd_kernel and bwd_kernel read as three unpadded tiles (fwd_parts). sm_90 SASS
+#: compiled on the CPU machine (benchmarks/sass_count.py --parts, benchmarks/results/parts_sass_sm90.md),
+#: instructions per real element at the padded tile's launch shape, padded -> three parts. Forward: groups of 96,
+#: LayerNorm + bias gated first (bench_gpu's row at 80% of copy) 29.8 -> 18.7, RMSNorm gated after 24.9 -> 16.2
+#: (groups of 128, RMSNorm gated after, run at 94% of copy with 21.4); 48 = 3 x 16 33.9 -> 25.4; 192 34.6 -> 27.0;
+#: 384 29.0 -> 21.7; 3072 26.8 -> 23.6; 768 at its one-row, one-warp shape 17.5-17.7 -> 17.5-18.0 (no change).
+#: Backward, groups of 96: 56.2 -> 50.8 (LayerNorm), 43.5 -> 37.8 (RMSNorm gated after), 46.4 -> 39.7.
 FWD_PARTS_MIN = 16
 
 
@@ -570,10 +571,12 @@ def backward(
 def _bwd_kernel_constexprs(gs: int, block: int, rows: int, chunks: int, spec: NormSpec, has_z: bool,
                            has_bias: bool, needs: GradsNeeded, pdl: bool, groups_fastest: bool) -> tuple:
     """bwd_kernel's constexprs in signature order (GS, BLOCK, ROWS, NUM_CHUNKS, HAS_Z, HAS_BIAS, NORM_BEFORE_GATE,
-    IS_RMS, SIGMOID_GATE, NEED_DX, NEED_DZ, NEED_DW, NEED_DB, BF16_BY_BITS, USE_PDL, GROUPS_FASTEST): one place,
-    for :func:`backward` and :class:`BackwardPlan`."""
+    IS_RMS, SIGMOID_GATE, NEED_DX, NEED_DZ, NEED_DW, NEED_DB, BF16_BY_BITS, USE_PDL, GROUPS_FASTEST, PARTS): one
+    place, for :func:`backward` and :class:`BackwardPlan`. PARTS as the forward's (:func:`fwd_parts`), at the
+    padded tile's launch shape."""
     return (gs, block, rows, chunks, has_z, has_bias, spec.norm_before_gate, spec.is_rms_norm,
-            spec.activation == "sigmoid", *needs, _INTERPRET, pdl, groups_fastest)
+            spec.activation == "sigmoid", *needs, _INTERPRET, pdl, groups_fastest,
+            fwd_parts(gs) if chunks == 1 else 1)
 
 
 class TritonBackend:
