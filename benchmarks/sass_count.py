@@ -107,10 +107,10 @@ def compile_forward(gs: int, variant: str, rows: int, warps: int, parts: int, gr
     is_rms, norm_before_gate, has_z, has_bias = FWD_VARIANTS[variant]
     block = launch._next_pow2(gs)
     flags = (has_z, has_bias, norm_before_gate, is_rms, False, False)
-    values = launch._fwd_kernel_constexprs(gs, block, rows, 1, flags, False, False, groups_fastest, False, False,
-                                           parts)
+    values = launch._fwd_kernel_constexprs(gs, block, rows, 1, flags, False, False, groups_fastest, False, False)
     names = kernels.fwd_kernel.arg_names
     constexprs = dict(zip(names[-len(values):], values, strict=True))
+    constexprs["PARTS"] = parts
     signature = {"X": "*bf16", "R": "*bf16", "Z": "*bf16", "W": "*bf16", "B": "*bf16", "Y": "*bf16", "RO": "*bf16",
                  "MEAN": "*fp32", "RSTD": "*fp32", "M": "i32", "stride_xm": "i32", "stride_rm": "i32",
                  "stride_zm": "i32", "stride_ym": "i32", "stride_om": "i32", "eps": "fp32"}

@@ -602,14 +602,10 @@ def test_three_part_groups_against_float64_and_native(v, m, n, gs, monkeypatch):
     of the batch (the first rows alone)."""
     tk = _tk()
     monkeypatch.setattr(tk, "SPLIT_GROUPS", True)
-    tk._fwd_config.cache_clear()
-    try:
-        assert tk._fwd_config(gs, 2)[5] == 3
-        (xb, wb, bb, zb), out, rstd = _against_float64_and_native(v, m, n, gs)
-        head = torch.empty(5, n, dtype=torch.bfloat16, device="cuda")
-        spec = NormSpec(EPS, gs, v[1], v[0], v[2])
-        _, rstd_head = tk.forward(xb[:5], wb, bb, None if zb is None else zb[:5], spec, head)
-        assert torch.equal(head, out[:5])
-        assert torch.equal(rstd_head.view(n // gs, 5), rstd.view(n // gs, m)[:, :5])
-    finally:
-        tk._fwd_config.cache_clear()
+    assert tk.fwd_parts(gs) == 3
+    (xb, wb, bb, zb), out, rstd = _against_float64_and_native(v, m, n, gs)
+    head = torch.empty(5, n, dtype=torch.bfloat16, device="cuda")
+    spec = NormSpec(EPS, gs, v[1], v[0], v[2])
+    _, rstd_head = tk.forward(xb[:5], wb, bb, None if zb is None else zb[:5], spec, head)
+    assert torch.equal(head, out[:5])
+    assert torch.equal(rstd_head.view(n // gs, 5), rstd.view(n // gs, m)[:, :5])

@@ -367,25 +367,15 @@ def test_triton_plans_launch_what_the_plain_launch_launches(recorded_launches, m
 
 @pytest.mark.parametrize(("m", "gs", "is_rms", "threshold"), [(17, 96, False, 1 << 24), (9, 384, True, 1024)])
 def test_triton_plans_launch_three_part_groups(recorded_launches, monkeypatch, m, gs, is_rms, threshold):
-    """As above for groups of three parts (launch.fwd_parts, SPLIT_GROUPS on): the plan and the plain launch both
-    build fwd_kernel's constexprs with PARTS = 3 and launch the same variant."""
-    launch, plans, _ = recorded_launches
+    """As above for groups of three parts (launch.fwd_parts, SPLIT_GROUPS on): the plans launch the plain launch's
+    variants, PARTS = 3 (bwd_kernel's checked here; fwd_kernel's by the recorded launches' equal constexprs and
+    the forward's own spy in tests/test_triton.py)."""
+    launch, plans, calls = recorded_launches
     monkeypatch.setattr(launch, "SPLIT_GROUPS", True)
-    launch._fwd_config.cache_clear()
-    parts = []
-    real = launch._fwd_kernel_constexprs
-
-    def spy(*args):
-        parts.append(args[-1])
-        return real(*args)
-
-    monkeypatch.setattr(launch, "_fwd_kernel_constexprs", spy)
-    monkeypatch.setattr(plans, "_fwd_kernel_constexprs", spy)
-    try:
-        test_triton_plans_launch_what_the_plain_launch_launches(recorded_launches, m, 2 * gs, gs, is_rms, not is_rms,
-                                                                True, threshold)
-    finally:
-        launch._fwd_config.cache_clear()
+    test_triton_plans_launch_what_the_plain_launch_launches(recorded_launches, m, 2 * gs, gs, is_rms, not is_rms,
+                                                            True, threshold)
+    # the backward's launches are what the recorder holds last: bwd_kernel's constexprs end with PARTS
+    parts = [c[4][-1] for c in calls if c[1] is plans.bwd_kernel]
     assert parts and set(parts) == {3}
 
 

@@ -235,17 +235,8 @@ def test_launch_orders_give_the_same_bits(v):
     check_forward(*results[0], x, w, b, z, *_args(spec))
 
 
-@pytest.fixture
-def three_part_groups(monkeypatch):
-    """fwd_kernel's three-part tiles on (launch.SPLIT_GROUPS: off by default until they have run on a GPU)."""
-    monkeypatch.setattr(tk, "SPLIT_GROUPS", True)
-    tk._fwd_config.cache_clear()  # launch shapes are cached per group size
-    yield
-    tk._fwd_config.cache_clear()
-
-
 @pytest.mark.parametrize("v", VARIANTS, ids=variant_id)
-def test_three_part_groups(v, monkeypatch, three_part_groups):
+def test_three_part_groups(v, monkeypatch):
     """Groups of three power-of-two parts (48 = 3 x 16, 96, 192, 384; launch.fwd_parts), which fwd_kernel and
     bwd_kernel read as three unpadded tiles: y, mean and rstd against float64 (every element of a poisoned output
     written), the backward from those statistics, the residual sum stored (prenorm), and rows whose range must be
@@ -253,6 +244,8 @@ def test_three_part_groups(v, monkeypatch, three_part_groups):
     code). Under the interpreter spies prove the three-part paths ran."""
     from gatednorm.backends.triton import kernels
 
+    assert tk.fwd_parts(96) == 1  # off by default, until they have run on a GPU (launch.SPLIT_GROUPS)
+    monkeypatch.setattr(tk, "SPLIT_GROUPS", True)
     assert [tk.fwd_parts(g) for g in (48, 96, 192, 384, 768, 3072)] == [3] * 6
     assert [tk.fwd_parts(g) for g in (24, 64, 128, 160, 288, 640)] == [1] * 6  # parts < 16, pow2, 5 or 9 parts
     part_calls = {"_three_part_stats": 0, "_bwd_three_parts": 0}  # the forward's and the backward's
@@ -267,7 +260,7 @@ def test_three_part_groups(v, monkeypatch, three_part_groups):
             monkeypatch.setattr(kernels, name, counted)
     for m, n, gs in ((7, 192, 96), (5, 384, 384), (9, 96, 48), (4, 384, 192)):
         spec = _spec(gs, v)
-        assert tk._fwd_config(gs, 4)[5] == 3
+        assert tk.fwd_parts(gs) == 3
         x, z, w, b = make_inputs(m, n, torch.float32, gate=v[4], bias=v[3], seed=m * n + gs, device=DEV)
         out = torch.full((m, n), float("nan"), dtype=torch.float32, device=DEV)
         calls = dict(part_calls)

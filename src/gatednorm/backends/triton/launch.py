@@ -339,18 +339,16 @@ def fwd_parts(group_size: int) -> int:
     return 3 if SPLIT_GROUPS and part * 3 == group_size and _is_pow2(part) and part >= FWD_PARTS_MIN else 1
 
 
-
 @functools.cache
-def _fwd_config(group_size: int, elem_bytes: int) -> tuple[int, int, int, int, int, int]:
-    """Forward launch shape (BLOCK, NUM_CHUNKS, ROWS, num_warps, order: ORDER_*, PARTS): from the group size and
+def _fwd_config(group_size: int, elem_bytes: int) -> tuple[int, int, int, int, int]:
+    """Forward launch shape (BLOCK, NUM_CHUNKS, ROWS, num_warps, order: ORDER_*): from the group size and
     dtype only, never from M (batch invariance)."""
     block, chunks, rows, warps = _tile_config(group_size, FWD_TILE_ELEMENTS, FWD_ELEMS_PER_THREAD, MAX_BLOCK)
-    parts = fwd_parts(group_size) if chunks == 1 else 1
     tuned = FWD_TUNED.get((block, _is_pow2(group_size))) if chunks == 1 else None
     if tuned is None:
-        return block, chunks, rows, warps, ORDER_ROWS_FASTEST, parts
+        return block, chunks, rows, warps, ORDER_ROWS_FASTEST
     rows, warps, order = tuned
-    return block, chunks, rows, warps, order, parts
+    return block, chunks, rows, warps, order
 
 
 @functools.cache
@@ -378,11 +376,13 @@ def _fwd_flags(spec: NormSpec, has_z: bool, has_bias: bool) -> tuple[bool, ...]:
 
 def _fwd_kernel_constexprs(gs: int, block: int, rows: int, chunks: int, flags: tuple[bool, ...],
                            rescue_in_kernel: bool, pdl: bool, groups_fastest: bool, has_res: bool,
-                           store_res: bool, parts: int) -> tuple:
+                           store_res: bool) -> tuple:
     """fwd_kernel's constexprs in signature order (GS, BLOCK, ROWS, NUM_CHUNKS, *flags, RESCUE_IN_KERNEL,
     USE_PDL, GROUPS_FASTEST, HAS_RES, STORE_RES, PARTS): one place, for :func:`forward` and :class:`ForwardPlan`,
-    so a plan finds exactly the compiled kernel the plain launch made."""
-    return (gs, block, rows, chunks, *flags, rescue_in_kernel, pdl, groups_fastest, has_res, store_res, parts)
+    so a plan finds exactly the compiled kernel the plain launch made. PARTS: :func:`fwd_parts` for a group in
+    one tile, at the padded tile's launch shape."""
+    return (gs, block, rows, chunks, *flags, rescue_in_kernel, pdl, groups_fastest, has_res, store_res,
+            fwd_parts(gs) if chunks == 1 else 1)
 
 
 def forward(
@@ -429,11 +429,10 @@ def forward(
     bias = _rows_ready(bias) if bias is not None else None
     y = out if out.stride(-1) == 1 else torch.empty(out.shape, dtype=out.dtype, device=out.device)
     if config is None:
-        block, chunks, rows, warps, order, parts = _fwd_config(gs, x.element_size())
+        block, chunks, rows, warps, order = _fwd_config(gs, x.element_size())
     else:
         block, rows, warps, order = config
         chunks = _cdiv(gs, block)
-        parts = fwd_parts(gs) if chunks == 1 else 1
     tiles = _cdiv(m, rows)
     flat = (order == ORDER_FLAT and chunks == 1 and groups > 1 and x.stride(0) == n and y.stride(0) == n
             and (z is None or z.stride(0) == n) and residual is None and residual_out is None)
@@ -450,8 +449,7 @@ def forward(
     else:
         _launch(fwd_kernel, (groups, tiles, 1) if groups_fastest else (tiles, groups, 1), args,
                 _fwd_kernel_constexprs(gs, block, rows, chunks, flags, not rescue_after, pdl, groups_fastest,
-                                       residual is not None, residual_out is not None, parts),
-                warps, x.device, fast, pdl)
+                                       residual is not None, residual_out is not None), warps, x.device, fast, pdl)
     if rescue_after:  # GS, BLOCK, SCAN, *flags, USE_PDL, HAS_RES; the forward's warps (rescued rows' bits)
         _launch(rescue_kernel, (_cdiv(m, rescue_scan_rows), groups, 1), args,
                 (gs, block, rescue_scan_rows, *flags, pdl, residual is not None), warps, x.device, fast, pdl)

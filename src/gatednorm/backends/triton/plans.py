@@ -149,7 +149,7 @@ class ForwardPlan:
                  spec: NormSpec, rescue_kernel_min_elements: int, rescue_scan_rows: int, pdl: bool | None) -> None:
         n = x.shape[-1]
         gs = spec.group_size
-        block, chunks, rows, warps, order, parts = _fwd_config(gs, x.element_size())
+        block, chunks, rows, warps, order = _fwd_config(gs, x.element_size())
         self.n, self.groups, self.rows, self.warps = n, n // gs, rows, warps
         self.device = x.device
         self.index = x.device.index if x.device.index is not None else torch.cuda.current_device()
@@ -162,9 +162,8 @@ class ForwardPlan:
         flags = _fwd_flags(spec, z is not None, bias is not None)
         #: (USE_PDL, GROUPS_FASTEST, rescue after) -> (fwd_kernel's constexprs, rescue_kernel's or None), no residual
         self.constexprs = {
-            (p, g, after): (
-                _fwd_kernel_constexprs(gs, block, rows, chunks, flags, not after, p, g, False, False, parts),
-                (gs, block, rescue_scan_rows, *flags, p, False) if after else None)
+            (p, g, after): (_fwd_kernel_constexprs(gs, block, rows, chunks, flags, not after, p, g, False, False),
+                            (gs, block, rescue_scan_rows, *flags, p, False) if after else None)
             for p in (False, True) for g in (False, True) for after in (False, True)}
         row_stride = x.stride(0) if x.dim() == 2 else n
         z_stride = 0 if z is None else (z.stride(0) if z.dim() == 2 else n)
