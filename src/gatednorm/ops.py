@@ -31,7 +31,6 @@ import itertools
 from collections.abc import Callable, Iterator
 
 import torch
-from torch._subclasses.fake_tensor import is_fake as _torch_is_fake
 
 from . import numerics
 from .backends.base import Backend, Grads, GradsNeeded, quantize_by_steps
@@ -313,7 +312,15 @@ def _impl_for(name: str, x: torch.Tensor) -> Backend:
 def _no_work(x: torch.Tensor) -> bool:
     """Empty batches, the meta device and fake tensors (``FakeTensorMode``: shape propagation, memory
     planning): shapes only, no backend call (a backend would read the data, which fake tensors do not have)."""
-    return x.shape[0] == 0 or x.is_meta or (x.__class__ is not torch.Tensor and bool(_torch_is_fake(x)))
+    return x.shape[0] == 0 or x.is_meta or (x.__class__ is not torch.Tensor and _is_fake(x))
+
+
+def _is_fake(x: torch.Tensor) -> bool:
+    """Whether x is a fake tensor (or a wrapper subclass of fake ones). Imported here, on the rare path of tensor
+    subclasses, not with gatednorm: ``import gatednorm`` does not load torch's fake-tensor machinery itself."""
+    from torch._subclasses.fake_tensor import is_fake
+
+    return bool(is_fake(x))
 
 
 def _new_rows(x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
