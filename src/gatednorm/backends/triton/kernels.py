@@ -767,7 +767,8 @@ def _bwd_three_parts(
 
 @triton.jit
 def _bwd_dxc(wdy, xhat, c1, c2, rstd, IS_RMS: tl.constexpr):
-    """dL/dxc of a tile from the row sums: (w dy - xhat c1 [- c2]) rstd."""
+    """dL/dxc of a tile from the row sums: (w dy - xhat c1 [- c2]) rstd. bwd_kernel's padded paths keep this
+    formula inline: through the helper, with c2 reduced first, LayerNorm's compiled order changed (sm_90 SASS)."""
     dxc = wdy - xhat * c1[:, None]
     if not IS_RMS:
         dxc = dxc - c2[:, None]
