@@ -289,6 +289,70 @@ def test_fake_tensor_mode_gives_the_real_calls_shapes_dtypes_and_strides():
                                                                          ref.device), name
 
 
+@pytest.mark.parametrize(("is_rms", "nbg", "act", "bias"),
+                         [(True, True, "swish", False), (False, False, "sigmoid", True)])
+def test_torch_func_transforms(is_rms, nbg, act, bias):
+    """torch.func sees through the operator (ops.functorch_rows: numerics' formulas in torch ops, where the
+    backends' kernels cannot take batched or wrapped tensors): vmap over a batch of calls gives each call's
+    values (every sample against float64; the statistics too), grad and jacrev the analytic backward's gradients
+    (float64 reference), jvp the jacobian's product, hessian a symmetric matrix; the residual / prenorm and the
+    norm + linear entry points under vmap and grad as well. gated_norm_quant refuses the transforms by name."""
+    import torch.func as tf
+
+    eps, gs = 1e-5, 16
+    x, z, w, b = make_inputs(5 * 3, 32, torch.float32, bias=bias, seed=31)
+    x, z = x.view(5, 3, 32), z.view(5, 3, 32)
+    args = dict(eps=eps, group_size=gs, norm_before_gate=nbg, is_rms_norm=is_rms, activation=act)
+
+    def norm(xs, zs, ws=w):
+        return gatednorm.layernorm_fn(xs, ws, b, zs, **args)
+
+    y = tf.vmap(norm)(x, z)
+    def with_stats(xs, zs):  # (y, [mean,] rstd): vmap returns tensors only
+        out = gatednorm.layer_norm_fwd(xs, w, b, eps, z=zs, group_size=gs, norm_before_gate=nbg,
+                                       is_rms_norm=is_rms, activation=act)
+        assert (out[1] is None) == is_rms
+        return tuple(t for t in out if t is not None)
+
+    yf, *stats = tf.vmap(with_stats)(x, z)
+    mean, rstd = (None, *stats) if is_rms else stats
+    assert torch.equal(yf, y) and rstd.shape == (5, 3 * 32 // gs)
+    for i in range(5):
+        check_forward(y[i], None if is_rms else mean[i], rstd[i], x[i], w, b, z[i], eps, gs, nbg, is_rms, act)
+
+    dy = make_like(x[0])
+    got = tf.grad(lambda xs, zs, ws: (norm(xs, zs, ws) * dy).sum(), argnums=(0, 1, 2))(x[0], z[0], w)
+    check_gradients((got[0], got[1], got[2], None), x[0], w, b, z[0], dy, eps, gs, nbg, is_rms, act)
+    jac = tf.jacrev(norm)(x[0, :1], z[0, :1])  # (1, 32, 1, 32)
+    vjp = torch.einsum("ij,ijkl->kl", dy[:1], jac)
+    check_gradients((vjp, None, None, None), x[0, :1], w, b, z[0, :1], dy[:1], eps, gs, nbg, is_rms, act)
+    tangent = make_like(x[0, :1])
+    _, jvp = tf.jvp(lambda xs: norm(xs, z[0, :1]), (x[0, :1],), (tangent,))
+    torch.testing.assert_close(jvp, torch.einsum("ijkl,kl->ij", jac, tangent), rtol=1e-4, atol=1e-5)
+    hess = tf.hessian(lambda xs: norm(xs, z[0, :1]).pow(2).sum())(x[0, :1]).view(32, 32)
+    assert torch.isfinite(hess).all() and torch.allclose(hess, hess.t(), rtol=1e-3, atol=1e-4)
+
+    res = make_like(x)
+    from gatednorm.backends.native_cpu import NativeCPUBackend
+
+    class FusedResidual(NativeCPUBackend):  # a backend that fuses the residual sum (triton does), never entered
+        def forward_residual(self, *_):
+            raise AssertionError("a fused residual kernel ran under vmap")
+
+    with gatednorm.ops.override_impl("native", "cpu", FusedResidual()):
+        y_pre, res_out = tf.vmap(lambda xs, rs, zs: gatednorm.layernorm_fn(xs, w, b, zs, residual=rs, prenorm=True,
+                                                                         **args))(x, res, z)
+    torch.testing.assert_close(res_out, x + res)
+    torch.testing.assert_close(y_pre, tf.vmap(norm)(x + res, z), rtol=0, atol=0)
+    lw = make_like(torch.empty(24, 32))
+    lin = tf.vmap(lambda xs, zs: gatednorm.layernorm_linear_fn(xs, w, b, zs, lw, **args))(x, z)
+    torch.testing.assert_close(lin, y @ lw.t(), rtol=1e-5, atol=1e-5)
+    dlw = tf.grad(lambda m: gatednorm.layernorm_linear_fn(x[0], w, b, z[0], m, **args).sum())(lw)
+    torch.testing.assert_close(dlw, y[0].sum(0).expand(24, 32), rtol=1e-5, atol=1e-5)
+    with pytest.raises(RuntimeError, match="gated_norm_quant does not support torch.func"):
+        tf.vmap(lambda xs: gatednorm.gated_norm_quant(xs, w, b, eps, quant_group_size=16))(x)
+
+
 def test_layernorm_fwd_is_differentiable_without_out():
     x, z, w, b = make_inputs(6, 32, torch.float64)
     x.requires_grad_()

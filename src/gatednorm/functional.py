@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from .ops import (
+    functorch_active,
     gated_norm_quant_rows,
     gated_norm_residual_rows,
     gated_norm_rows,
@@ -303,7 +304,8 @@ def layernorm_linear_fn(
     res = regroup_residual(prepare_residual(x, residual, prenorm, residual_in_fp32), call)
     check_linear(x, linear_weight, linear_bias)
     x2d = call.x2d
-    if res is not None and res.residual2d is not None and not _linear_needs_autograd(
+    transformed = functorch_active()
+    if res is not None and res.residual2d is not None and not transformed and not _linear_needs_autograd(
             call, res.residual2d, linear_weight, linear_bias):
         return _norm_residual_linear_inference(call, res, linear_weight, linear_bias, prenorm, backend)
     if res is not None and res.residual2d is not None:
@@ -315,8 +317,14 @@ def layernorm_linear_fn(
     else:
         s = x2d
     name = resolve_backend(backend, x.device)
-    out = GatedNormLinearFunction.apply(s, call.z2d, call.weight, call.bias, linear_weight, linear_bias, call.spec,
-                                        name, linear_dtype(x))
+    if transformed:  # torch.func sees through the norm (ops.functorch_rows) and F.linear, not through the Function
+        dtype = linear_dtype(x)
+        y = gated_norm_rows(s, call.weight, call.bias, call.z2d, call.spec, backend=name, out_dtype=dtype)[0]
+        out = F.linear(_linear_rows(y, linear_weight), linear_weight.to(dtype),
+                       None if linear_bias is None else linear_bias.to(dtype))
+    else:
+        out = GatedNormLinearFunction.apply(s, call.z2d, call.weight, call.bias, linear_weight, linear_bias,
+                                            call.spec, name, linear_dtype(x))
     out = out.view(*call.out_shape[:-1], linear_weight.shape[0])
     if not prenorm:
         return out

@@ -592,10 +592,17 @@ class GatedNormOutputFunction(torch.autograd.Function):
 try:
     _C_APPLY = super(torch.autograd.Function, GatedNormFunction).apply
     _C_APPLY_OUTPUT = super(torch.autograd.Function, GatedNormOutputFunction).apply
-    _functorch_active = torch._C._are_functorch_transforms_active
     _unwrap_if_dead = torch._C._functorch.unwrap_if_dead
 except AttributeError:  # pragma: no cover - a torch whose internals moved
     _C_APPLY = _C_APPLY_OUTPUT = None
+#: Whether a torch.func transform (vmap, grad, jvp, ...) is active around this call (see functorch_rows).
+_functorch_active = torch._C._are_functorch_transforms_active
+
+
+def functorch_active() -> bool:
+    """Whether a torch.func transform is active around this call and torch.compile is not tracing it: such a
+    call is computed by :func:`functorch_rows`."""
+    return _functorch_active() and not _compiling()
 
 
 def _autograd_apply(x, weight, bias, z, spec: NormSpec, backend: str, out_dtype: torch.dtype | None, plan=None,
@@ -618,6 +625,18 @@ def _plain_apply(x, weight, bias, z, spec: NormSpec, backend: str, out_dtype, pl
     if not stats:
         return _C_APPLY_OUTPUT(x, weight, bias, z, spec, backend, out_dtype, plan), None, None
     return _C_APPLY(x, weight, bias, z, spec, backend, out_dtype, plan)
+
+
+def functorch_rows(x2d, weight, bias, z2d, spec: NormSpec, out: torch.Tensor | None = None,
+                   out_dtype: torch.dtype | None = None):
+    """(y, mean | None, rstd) as :func:`gated_norm_rows` returns them, computed by :mod:`gatednorm.numerics`'
+    formulas in torch ops (the native accelerator path's: C math, one rounding, the range rescue), for calls
+    under a torch.func transform. The transforms (vmap, grad, jvp, jacrev, hessian) see through those ops, where
+    they cannot enter a backend's kernels (which read memory a batched or wrapped tensor does not have) or the
+    autograd Functions (whose backward is analytic, and not differentiable again)."""
+    y, mean, rstd = numerics.forward_rows(x2d, weight, bias, z2d, spec, out=out)
+    y = out if out is not None else y.flatten(1).to(out_dtype or x2d.dtype)
+    return y, (None if mean is None else numerics.group_major(mean)), numerics.group_major(rstd)
 
 
 # ---------------------------------------------------------------------------
@@ -648,6 +667,8 @@ def gated_norm_rows(
     skips making them).
     """
     name = resolve_backend(backend, x2d.device)
+    if functorch_active():
+        return functorch_rows(x2d, weight, bias, z2d, spec, out, out_dtype)
     if out is not None:
         mean, rstd = _run_forward_out(x2d, weight, bias, z2d, out, spec, name)
         return out, mean, rstd
@@ -925,7 +946,8 @@ def _fused_residual_forward(backend: str | None, x2d: torch.Tensor, residual2d: 
     """The backend implementation where it has ``forward_residual`` and the call can take it, else None (generic path):
     not while compiling (the custom ops cover the generic path), not for empty batches or the meta device,
     not for float64 sums, not for an ``out`` that no 2-D view expresses."""
-    if _compiling() or _no_work(x2d) or residual_sum_dtype(x2d.dtype, residual2d.dtype) != torch.float32:
+    if (_compiling() or _functorch_active() or _no_work(x2d)
+            or residual_sum_dtype(x2d.dtype, residual2d.dtype) != torch.float32):
         return None
     if out is not None:
         try:
@@ -1090,6 +1112,10 @@ def gated_norm_quant_rows(
     generic path (forward into float32, then :func:`gatednorm.numerics.quantize_blocks`).
     """
     name = resolve_backend(backend, x2d.device)
+    if functorch_active():
+        # numerics.quantize_blocks branches on the data (the range rescue), which vmap cannot batch
+        raise RuntimeError("gated_norm_quant does not support torch.func transforms (vmap, grad, jvp, ...); "
+                           "call it outside the transform, e.g. per sample in a loop")
     if _compiling():
         q, storage = forward_quant_op(x2d, weight, bias, z2d, *spec, *qspec, name)
     else:
