@@ -192,12 +192,27 @@ def test_low_precision_gradients(dtype):
                     fixed=dict.fromkeys(("dx", "dz"), (2.0**-8 if dtype == torch.bfloat16 else 2.0**-10, 1e-5)))
 
 
-def test_double_backward_raises_clearly():
-    x, z, w, _ = make_inputs(4, 16, torch.float64, bias=False)
-    x.requires_grad_()
-    y = gatednorm.rmsnorm_fn(x, w, None, z)
-    with pytest.raises(RuntimeError, match="double backward"):
-        torch.autograd.grad(y.sum(), x, create_graph=True)
+@pytest.mark.parametrize(("is_rms", "nbg", "act", "bias"),
+                         [(True, True, "swish", False), (False, False, "sigmoid", True), (False, True, "swish", True)])
+def test_double_backward(is_rms, nbg, act, bias):
+    """create_graph=True gives gradients that are differentiable again (ops._differentiable_grads: the forward
+    recomputed in numerics' torch ops): second derivatives against finite differences (gradgradcheck, float64),
+    and the recorded first-order gradients against float64 as the analytic ones are (float32)."""
+    x, z, w, b = make_inputs(3, 16, torch.float64, bias=bias, seed=3)
+    leaves = [t.clone().requires_grad_() for t in (x, z, w) + ((b,) if bias else ())]
+
+    def norm(x, z, w, b=None):
+        return gatednorm.layernorm_fn(x, w, b, z, 1e-5, 8, nbg, is_rms, activation=act)
+
+    assert torch.autograd.gradgradcheck(norm, leaves)
+    x, z, w, b = make_inputs(6, 32, torch.float32, bias=bias, seed=6)
+    leaves = [t.clone().requires_grad_() for t in (x, z, w, b) if t is not None]
+    dy = make_like(x)
+    y = gatednorm.layernorm_fn(leaves[0], leaves[2], leaves[3] if bias else None, leaves[1], 1e-5, 8, nbg, is_rms,
+                               activation=act)
+    dx, dz, dw, *db = torch.autograd.grad(y, leaves, dy, create_graph=True)
+    assert dx.requires_grad and dz.requires_grad and dw.requires_grad
+    check_gradients((dx, dz, dw, db[0] if bias else None), x, w, b, z, dy, 1e-5, 8, nbg, is_rms, act)
 
 
 def test_mixed_parameter_and_gate_dtypes():

@@ -177,6 +177,20 @@ def test_no_float32_sum_in_memory_without_gradients():
     assert torch.equal(residual_out, s.to(BF16))
 
 
+def test_double_backward_through_the_fused_residual_is_refused_by_name():
+    """create_graph=True through the fused residual forward (which keeps the float32 sum, not x and the residual)
+    raises, naming the way out; the generic path (native) differentiates twice."""
+    m, n = 6, 32
+    x, residual, z = (torch.randn(m, n, device=DEVICE, requires_grad=True) for _ in range(3))
+    w = torch.randn(n, device=DEVICE)
+    y = gatednorm.rmsnorm_fn(x, w, None, z, group_size=16, residual=residual, backend="triton")
+    with pytest.raises(RuntimeError, match="fused residual forward: pass backend='native'"):
+        torch.autograd.grad(y.sum(), x, create_graph=True)
+    y = gatednorm.rmsnorm_fn(x, w, None, z, group_size=16, residual=residual, backend="native")
+    (g,) = torch.autograd.grad(y.square().sum(), x, create_graph=True)
+    assert g.requires_grad and torch.isfinite(torch.autograd.grad(g.square().sum(), residual)[0]).all()
+
+
 @pytest.mark.parametrize("backend", ["triton", "native"])
 @pytest.mark.parametrize("prenorm", [False, True])
 @pytest.mark.parametrize("heads", [False, True])

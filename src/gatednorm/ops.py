@@ -524,15 +524,11 @@ def _forward_saved(ctx, x, weight, bias, z, spec, backend, out_dtype, plan):
 
 def _saved_backward(ctx, dy):
     """The gradients of the Functions' eight inputs (x, weight, bias, z, then four constants) from dy."""
-    if torch.is_grad_enabled():
-        # The backward is analytic and itself not differentiable: refuse rather than return
-        # gradients that silently miss their second-order terms.
-        raise RuntimeError(
-            "gatednorm does not support double backward (create_graph=True / higher-order gradients)"
-        )
     if dy is None:  # only mean/rstd were used downstream: no gradient flows
         return None, None, None, None, None, None, None, None
     x, weight, bias, z, mean, rstd = ctx.saved_tensors
+    if torch.is_grad_enabled():  # create_graph=True: gradients that are themselves differentiable
+        return (*_differentiable_grads(ctx, dy, x, weight, bias, z), None, None, None, None)
     needs = _NEEDS[ctx.needs_input_grad[:4]]
     # dy has the output's dtype, which may differ from x's (a float32 residual sum normalised into
     # bf16): backends read dy in its own dtype and return dx in x's.
@@ -541,6 +537,19 @@ def _saved_backward(ctx, dy):
     else:
         dx, dz, dw, db = _run_backward(dy, x, weight, bias, z, mean, rstd, ctx.spec, ctx.backend, needs)
     return dx, dw, db, dz, None, None, None, None
+
+
+def _differentiable_grads(ctx, dy, x, weight, bias, z) -> tuple:
+    """(dx, dweight, dbias, dz) for a backward that records its own graph (``create_graph=True``: double backward,
+    gradient penalties, Hessian-vector products). The analytic backward is not differentiable again, so the
+    forward is recomputed in :mod:`gatednorm.numerics`' torch ops (the native accelerator path's formulas, as
+    under torch.func) and autograd differentiates it, with the graph kept; None where no gradient is asked."""
+    inputs = (x, weight, bias, z)
+    wanted = [t for t, need in zip(inputs, ctx.needs_input_grad[:4], strict=True) if need]
+    y = numerics.forward_rows(x, weight, bias, z, ctx.spec)[0].flatten(1).to(dy.dtype)
+    grads = iter(torch.autograd.grad(y, wanted, dy, create_graph=True, allow_unused=True))
+    dx, dw, db, dz = (next(grads) if need else None for need in ctx.needs_input_grad[:4])
+    return dx, dw, db, dz
 
 
 class GatedNormFunction(torch.autograd.Function):
@@ -996,8 +1005,10 @@ class GatedNormResidualFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy, dresidual_out, _dmean, _drstd):
         if torch.is_grad_enabled():
+            # It keeps the float32 sum s, not x and residual, so no graph of its gradients back to them exists.
             raise RuntimeError(
-                "gatednorm does not support double backward (create_graph=True / higher-order gradients)"
+                "gatednorm does not support double backward (create_graph=True) through a backend's fused "
+                "residual forward: pass backend='native', or add the residual to x before the norm"
             )
         s, weight, bias, z, mean, rstd = ctx.saved_tensors
         need_x, need_res, need_w, need_b, need_z = ctx.needs_input_grad[:5]
