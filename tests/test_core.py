@@ -215,6 +215,21 @@ def test_double_backward(is_rms, nbg, act, bias):
     check_gradients((dx, dz, dw, db[0] if bias else None), x, w, b, z, dy, 1e-5, 8, nbg, is_rms, act)
 
 
+def test_double_backward_of_norm_and_linear():
+    """layernorm_linear_fn with create_graph=True: its gradients are differentiable again (the norm and the linear
+    layer recomputed in torch ops), second derivatives against finite differences (gradgradcheck, float64), the
+    (T, H, N) gate's regrouped rows and the linear bias included."""
+    t, h, n = 2, 3, 8
+    x, z, w, b = make_inputs(t * h, n, torch.float64, bias=True, seed=11)
+    lw, lb = make_like(torch.empty(5, n, dtype=torch.float64)), make_like(torch.empty(5, dtype=torch.float64))
+    leaves = [v.clone().requires_grad_() for v in (x, z.view(t, h, n), w, b, lw, lb)]
+
+    def norm_linear(x, z, w, b, lw, lb):
+        return gatednorm.layernorm_linear_fn(x, w, b, z, lw, lb, 1e-5, 4, False, False)
+
+    assert torch.autograd.gradgradcheck(norm_linear, leaves)
+
+
 def test_mixed_parameter_and_gate_dtypes():
     x, _, _, _ = make_inputs(16, 64, torch.bfloat16, gate=False)
     _, z, w, b = make_inputs(16, 64, torch.float32)
@@ -307,7 +322,7 @@ def test_fake_tensor_mode_gives_the_real_calls_shapes_dtypes_and_strides():
 @pytest.mark.parametrize(("is_rms", "nbg", "act", "bias"),
                          [(True, True, "swish", False), (False, False, "sigmoid", True)])
 def test_torch_func_transforms(is_rms, nbg, act, bias):
-    """torch.func sees through the operator (ops.functorch_rows: numerics' formulas in torch ops, where the
+    """torch.func sees through the operator (ops.formula_rows: numerics' formulas in torch ops, where the
     backends' kernels cannot take batched or wrapped tensors): vmap over a batch of calls gives each call's
     values (every sample against float64; the statistics too), grad and jacrev the analytic backward's gradients
     (float64 reference), jvp the jacobian's product, hessian a symmetric matrix; the residual / prenorm and the

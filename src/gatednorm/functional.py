@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from .ops import (
+    formula_rows,
     functorch_active,
     gated_norm_quant_rows,
     gated_norm_residual_rows,
@@ -241,20 +242,23 @@ class GatedNormLinearFunction(torch.autograd.Function):
         return out
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, dout: torch.Tensor):
         s, z, weight, bias, mean, rstd, linear_weight = ctx.saved_tensors
         spec, backend, dtype, bias_dtype = ctx.gatednorm
         need = ctx.needs_input_grad  # s, z, weight, bias, linear_weight, linear_bias, then the constants
         dout = dout.to(dtype)
-        d_lw = d_lb = None
+        d_lb = None
+        if need[5]:
+            # summed in float32 (float64 stays float64), rounded once to the bias's dtype
+            d_lb = dout.sum(0, dtype=torch.promote_types(dout.dtype, torch.float32)).to(bias_dtype)
+        if torch.is_grad_enabled():  # create_graph=True: gradients that are themselves differentiable
+            return (*_differentiable_linear_grads(dout, s, z, weight, bias, linear_weight, spec, dtype, need[:5]),
+                    d_lb, None, None, None)
+        d_lw = None
         if need[4]:
             y, _, _ = gated_norm_rows(s, weight, bias, z, spec, backend=backend, out_dtype=dtype)
             d_lw = (dout.t() @ _linear_rows(y, linear_weight)).to(linear_weight.dtype)
             del y  # before dy and the norm's gradients are allocated: y never lives beside them
-        if need[5]:
-            # summed in float32 (float64 stays float64), rounded once to the bias's dtype
-            d_lb = dout.sum(0, dtype=torch.promote_types(dout.dtype, torch.float32)).to(bias_dtype)
         ds = dz = dw = db = None
         if any(need[:4]):
             dy = dout @ linear_weight.to(dtype)
@@ -264,6 +268,18 @@ class GatedNormLinearFunction(torch.autograd.Function):
                 dy, s, weight, bias, z, mean, rstd, spec, backend=backend,
                 needs_dx=need[0], needs_dz=need[1], needs_dweight=need[2], needs_dbias=need[3])
         return ds, dz, dw, db, d_lw, d_lb, None, None, None
+
+
+def _differentiable_linear_grads(dout, s, z, weight, bias, linear_weight, spec: NormSpec, dtype: torch.dtype,
+                                 need) -> tuple:
+    """(ds, dz, dweight, dbias, dlinear_weight) with their own graph (``create_graph=True``), as
+    ops._differentiable_grads does for the norm: its forward (ops.formula_rows) and the linear layer recomputed
+    in torch ops, then differentiated by autograd; None where no gradient is asked."""
+    wanted = [t for t, n in zip((s, z, weight, bias, linear_weight), need, strict=True) if n]
+    y = formula_rows(s, weight, bias, z, spec, out_dtype=dtype)[0]
+    out = F.linear(_linear_rows(y, linear_weight), linear_weight.to(dtype))
+    grads = iter(torch.autograd.grad(out, wanted, dout, create_graph=True, allow_unused=True))
+    return tuple(next(grads) if n else None for n in need)
 
 
 def layernorm_linear_fn(
@@ -317,7 +333,7 @@ def layernorm_linear_fn(
     else:
         s = x2d
     name = resolve_backend(backend, x.device)
-    if transformed:  # torch.func sees through the norm (ops.functorch_rows) and F.linear, not through the Function
+    if transformed:  # torch.func sees through the norm (ops.formula_rows) and F.linear, not through the Function
         dtype = linear_dtype(x)
         y = gated_norm_rows(s, call.weight, call.bias, call.z2d, call.spec, backend=name, out_dtype=dtype)[0]
         out = F.linear(_linear_rows(y, linear_weight), linear_weight.to(dtype),

@@ -542,11 +542,11 @@ def _saved_backward(ctx, dy):
 def _differentiable_grads(ctx, dy, x, weight, bias, z) -> tuple:
     """(dx, dweight, dbias, dz) for a backward that records its own graph (``create_graph=True``: double backward,
     gradient penalties, Hessian-vector products). The analytic backward is not differentiable again, so the
-    forward is recomputed in :mod:`gatednorm.numerics`' torch ops (the native accelerator path's formulas, as
-    under torch.func) and autograd differentiates it, with the graph kept; None where no gradient is asked."""
+    forward is recomputed in torch ops (:func:`formula_rows`, as under torch.func) and autograd differentiates
+    it, with the graph kept; None where no gradient is asked."""
     inputs = (x, weight, bias, z)
     wanted = [t for t, need in zip(inputs, ctx.needs_input_grad[:4], strict=True) if need]
-    y = numerics.forward_rows(x, weight, bias, z, ctx.spec)[0].flatten(1).to(dy.dtype)
+    y = formula_rows(x, weight, bias, z, ctx.spec, out_dtype=dy.dtype)[0]
     grads = iter(torch.autograd.grad(y, wanted, dy, create_graph=True, allow_unused=True))
     dx, dw, db, dz = (next(grads) if need else None for need in ctx.needs_input_grad[:4])
     return dx, dw, db, dz
@@ -604,13 +604,13 @@ try:
     _unwrap_if_dead = torch._C._functorch.unwrap_if_dead
 except AttributeError:  # pragma: no cover - a torch whose internals moved
     _C_APPLY = _C_APPLY_OUTPUT = None
-#: Whether a torch.func transform (vmap, grad, jvp, ...) is active around this call (see functorch_rows).
+#: Whether a torch.func transform (vmap, grad, jvp, ...) is active around this call (see formula_rows).
 _functorch_active = torch._C._are_functorch_transforms_active
 
 
 def functorch_active() -> bool:
     """Whether a torch.func transform is active around this call and torch.compile is not tracing it: such a
-    call is computed by :func:`functorch_rows`."""
+    call is computed by :func:`formula_rows`."""
     return _functorch_active() and not _compiling()
 
 
@@ -636,13 +636,13 @@ def _plain_apply(x, weight, bias, z, spec: NormSpec, backend: str, out_dtype, pl
     return _C_APPLY(x, weight, bias, z, spec, backend, out_dtype, plan)
 
 
-def functorch_rows(x2d, weight, bias, z2d, spec: NormSpec, out: torch.Tensor | None = None,
-                   out_dtype: torch.dtype | None = None):
+def formula_rows(x2d, weight, bias, z2d, spec: NormSpec, out: torch.Tensor | None = None,
+                 out_dtype: torch.dtype | None = None):
     """(y, mean | None, rstd) as :func:`gated_norm_rows` returns them, computed by :mod:`gatednorm.numerics`'
-    formulas in torch ops (the native accelerator path's: C math, one rounding, the range rescue), for calls
-    under a torch.func transform. The transforms (vmap, grad, jvp, jacrev, hessian) see through those ops, where
-    they cannot enter a backend's kernels (which read memory a batched or wrapped tensor does not have) or the
-    autograd Functions (whose backward is analytic, and not differentiable again)."""
+    formulas in torch ops (the native accelerator path's: C math, one rounding, the range rescue), which autograd
+    and torch.func see through: for calls under a torch.func transform (vmap, grad, jvp, jacrev, hessian; the
+    backends' kernels read memory a batched or wrapped tensor does not have) and for backward passes that record
+    their own graph (the Functions' analytic backward is not differentiable again)."""
     y, mean, rstd = numerics.forward_rows(x2d, weight, bias, z2d, spec, out=out)
     y = out if out is not None else y.flatten(1).to(out_dtype or x2d.dtype)
     return y, (None if mean is None else numerics.group_major(mean)), numerics.group_major(rstd)
@@ -677,7 +677,7 @@ def gated_norm_rows(
     """
     name = resolve_backend(backend, x2d.device)
     if functorch_active():
-        return functorch_rows(x2d, weight, bias, z2d, spec, out, out_dtype)
+        return formula_rows(x2d, weight, bias, z2d, spec, out, out_dtype)
     if out is not None:
         mean, rstd = _run_forward_out(x2d, weight, bias, z2d, out, spec, name)
         return out, mean, rstd
