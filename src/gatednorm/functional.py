@@ -216,6 +216,13 @@ def _linear_rows(y: torch.Tensor, linear_weight: torch.Tensor) -> torch.Tensor:
     return y if y.shape[1] == n else y.view(-1, n)
 
 
+def _linear_of(y: torch.Tensor, linear_weight: torch.Tensor, linear_bias: torch.Tensor | None,
+               dtype: torch.dtype) -> torch.Tensor:
+    """The linear layer on the norm's output y (in ``dtype``), its weight and bias cast to ``dtype``: (M, O)."""
+    return F.linear(_linear_rows(y, linear_weight), linear_weight.to(dtype),
+                    None if linear_bias is None else linear_bias.to(dtype))
+
+
 class GatedNormLinearFunction(torch.autograd.Function):
     """``out = y @ linear_weight.T + linear_bias`` with ``y = norm(s) [gated]`` of (M, N) rows; y is not kept.
 
@@ -235,8 +242,7 @@ class GatedNormLinearFunction(torch.autograd.Function):
         strided (T, H, N) gate (weight and bias then repeated H times; :attr:`GatedNormCall.heads`);
         returns (M, O) in ``dtype``, M = T*H rows of N = ``linear_weight.shape[1]`` features."""
         y, mean, rstd = gated_norm_rows(s, weight, bias, z, spec, backend=backend, out_dtype=dtype)
-        out = F.linear(_linear_rows(y, linear_weight), linear_weight.to(dtype),
-                       None if linear_bias is None else linear_bias.to(dtype))
+        out = _linear_of(y, linear_weight, linear_bias, dtype)
         ctx.save_for_backward(s, z, weight, bias, mean, rstd, linear_weight)
         ctx.gatednorm = (spec, backend, dtype, None if linear_bias is None else linear_bias.dtype)
         return out
@@ -276,8 +282,7 @@ def _differentiable_linear_grads(dout, s, z, weight, bias, linear_weight, spec: 
     ops._differentiable_grads does for the norm: its forward (ops.formula_rows) and the linear layer recomputed
     in torch ops, then differentiated by autograd; None where no gradient is asked."""
     wanted = [t for t, n in zip((s, z, weight, bias, linear_weight), need, strict=True) if n]
-    y = formula_rows(s, weight, bias, z, spec, out_dtype=dtype)[0]
-    out = F.linear(_linear_rows(y, linear_weight), linear_weight.to(dtype))
+    out = _linear_of(formula_rows(s, weight, bias, z, spec, out_dtype=dtype)[0], linear_weight, None, dtype)
     grads = iter(torch.autograd.grad(out, wanted, dout, create_graph=True, allow_unused=True))
     return tuple(next(grads) if n else None for n in need)
 
@@ -335,9 +340,8 @@ def layernorm_linear_fn(
     name = resolve_backend(backend, x.device)
     if transformed:  # torch.func sees through the norm (ops.formula_rows) and F.linear, not through the Function
         dtype = linear_dtype(x)
-        y = gated_norm_rows(s, call.weight, call.bias, call.z2d, call.spec, backend=name, out_dtype=dtype)[0]
-        out = F.linear(_linear_rows(y, linear_weight), linear_weight.to(dtype),
-                       None if linear_bias is None else linear_bias.to(dtype))
+        y = formula_rows(s, call.weight, call.bias, call.z2d, call.spec, out_dtype=dtype)[0]
+        out = _linear_of(y, linear_weight, linear_bias, dtype)
     else:
         out = GatedNormLinearFunction.apply(s, call.z2d, call.weight, call.bias, linear_weight, linear_bias,
                                             call.spec, name, linear_dtype(x))
@@ -364,9 +368,7 @@ def _norm_residual_linear_inference(call: GatedNormCall, res: ResidualCall, line
     y = torch.empty(call.x2d.shape, dtype=dtype, device=call.x2d.device)
     y, _, _, res_out = gated_norm_residual_rows(call.x2d, res.residual2d, call.weight, call.bias, call.z2d, call.spec,
                                                 res.out_dtype, prenorm=prenorm, backend=backend, out=y)
-    out = F.linear(_linear_rows(y, linear_weight), linear_weight.to(dtype),
-                   None if linear_bias is None else linear_bias.to(dtype))
-    out = out.view(*call.out_shape[:-1], linear_weight.shape[0])
+    out = _linear_of(y, linear_weight, linear_bias, dtype).view(*call.out_shape[:-1], linear_weight.shape[0])
     return (out, res_out.view(call.out_shape)) if prenorm else out
 
 

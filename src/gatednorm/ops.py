@@ -544,12 +544,11 @@ def _differentiable_grads(ctx, dy, x, weight, bias, z) -> tuple:
     gradient penalties, Hessian-vector products). The analytic backward is not differentiable again, so the
     forward is recomputed in torch ops (:func:`formula_rows`, as under torch.func) and autograd differentiates
     it, with the graph kept; None where no gradient is asked."""
-    inputs = (x, weight, bias, z)
-    wanted = [t for t, need in zip(inputs, ctx.needs_input_grad[:4], strict=True) if need]
+    needs = ctx.needs_input_grad[:4]
+    wanted = [t for t, need in zip((x, weight, bias, z), needs, strict=True) if need]
     y = formula_rows(x, weight, bias, z, ctx.spec, out_dtype=dy.dtype)[0]
     grads = iter(torch.autograd.grad(y, wanted, dy, create_graph=True, allow_unused=True))
-    dx, dw, db, dz = (next(grads) if need else None for need in ctx.needs_input_grad[:4])
-    return dx, dw, db, dz
+    return tuple(next(grads) if need else None for need in needs)
 
 
 class GatedNormFunction(torch.autograd.Function):
