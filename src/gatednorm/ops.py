@@ -578,7 +578,7 @@ class GatedNormOutputFunction(torch.autograd.Function):
     """y = gated_norm(x, weight, bias, z), for callers that discard mean and rstd (layernorm_fn, rmsnorm_fn, the
     modules): GatedNormFunction with y its only output. Autograd wraps, versions and tracks every output of a
     Function on each call: on the CPU machine (torch 2.13) a minimal Function of three outputs took 40.5 us of
-    host time per forward+backward against 35.6 with one, and gatednorm's own calls 47.9 -> 45.6 us with a no-op
+    host time per forward+backward against 35.6 with one, and gatednorm's own calls 47.5 -> 45.0 us with a no-op
     backend (benchmarks/bench_host.py)."""
 
     @staticmethod
