@@ -73,13 +73,18 @@ def compile_quant(gs: int, block: int, variant: str, quant: str, fmt: str, rows:
     constexprs.update(BF16_BY_BITS=False, ROWS=rows, RESCUE_IN_KERNEL=False, GROUPS_FASTEST=False)
     if glo is not None:
         constexprs["GLO"] = glo
-    names = kernels.fwd_quant_kernel.arg_names
     signature = {"X": "*bf16", "Z": "*bf16", "W": "*bf16", "B": "*bf16", "Q": "*i8" if quant == "int8" else "*fp8e4nv",
                  "S": "*fp32", "M": "i32", "stride_xm": "i32", "stride_zm": "i32", "stride_qm": "i32",
                  "stride_sm": "i32", "stride_sg": "i32", "eps": "fp32"}
-    signature.update(dict.fromkeys(constexprs, "constexpr"))
-    aligned = ("X", "Z", "W", "B", "Q", "S", "stride_xm", "stride_zm", "stride_qm")
-    src = ASTSource(fn=kernels.fwd_quant_kernel, signature=signature,
+    return _compile(kernels.fwd_quant_kernel, signature, constexprs,
+                    ("X", "Z", "W", "B", "Q", "S", "stride_xm", "stride_zm", "stride_qm"), warps)
+
+
+def _compile(kernel, signature: dict[str, str], constexprs: dict, aligned: tuple[str, ...], warps: int):
+    """``kernel`` compiled for TARGET with these argument types and constexprs, the ``aligned`` arguments
+    specialised as 16-byte aligned (what a real launch's pointers and row strides get)."""
+    names = kernel.arg_names
+    src = ASTSource(fn=kernel, signature={**signature, **dict.fromkeys(constexprs, "constexpr")},
                     constexprs={(names.index(k),): v for k, v in constexprs.items()},
                     attrs={(names.index(k),): [["tt.divisibility", 16]] for k in aligned})
     return triton.compile(src, target=TARGET, options={"num_warps": warps})
@@ -114,12 +119,8 @@ def compile_forward(gs: int, variant: str, rows: int, warps: int, parts: int, gr
     signature = {"X": "*bf16", "R": "*bf16", "Z": "*bf16", "W": "*bf16", "B": "*bf16", "Y": "*bf16", "RO": "*bf16",
                  "MEAN": "*fp32", "RSTD": "*fp32", "M": "i32", "stride_xm": "i32", "stride_rm": "i32",
                  "stride_zm": "i32", "stride_ym": "i32", "stride_om": "i32", "eps": "fp32"}
-    signature.update(dict.fromkeys(constexprs, "constexpr"))
-    aligned = ("X", "Z", "W", "B", "Y", "stride_xm", "stride_zm", "stride_ym")
-    src = ASTSource(fn=kernels.fwd_kernel, signature=signature,
-                    constexprs={(names.index(k),): v for k, v in constexprs.items()},
-                    attrs={(names.index(k),): [["tt.divisibility", 16]] for k in aligned})
-    return triton.compile(src, target=TARGET, options={"num_warps": warps})
+    return _compile(kernels.fwd_kernel, signature, constexprs,
+                    ("X", "Z", "W", "B", "Y", "stride_xm", "stride_zm", "stride_ym"), warps)
 
 
 def compile_backward(gs: int, variant: str, rows: int, warps: int, parts: int, groups_fastest: bool):
@@ -129,25 +130,18 @@ def compile_backward(gs: int, variant: str, rows: int, warps: int, parts: int, g
                       NORM_BEFORE_GATE=norm_before_gate, IS_RMS=is_rms, SIGMOID_GATE=False, NEED_DX=True,
                       NEED_DZ=has_z, NEED_DW=True, NEED_DB=has_bias, BF16_BY_BITS=False, USE_PDL=False,
                       GROUPS_FASTEST=groups_fastest, PARTS=parts)
-    names = kernels.bwd_kernel.arg_names
     signature = dict.fromkeys(("DY", "X", "Z", "W", "B", "DX", "DZ"), "*bf16")
     signature.update({"MEAN": "*fp32", "RSTD": "*fp32", "DW_PART": "*fp32", "DB_PART": "*fp32", "M": "i32",
                       "stride_dym": "i32", "stride_xm": "i32", "stride_zm": "i32", "stride_dxm": "i32",
                       "stride_dzm": "i32", "N": "i32"})
-    signature.update(dict.fromkeys(constexprs, "constexpr"))
-    aligned = ("DY", "X", "Z", "W", "B", "DX", "DZ", "DW_PART", "DB_PART", "stride_dym", "stride_xm", "stride_zm",
-               "stride_dxm", "stride_dzm", "N")
-    src = ASTSource(fn=kernels.bwd_kernel, signature=signature,
-                    constexprs={(names.index(k),): v for k, v in constexprs.items()},
-                    attrs={(names.index(k),): [["tt.divisibility", 16]] for k in aligned})
-    return triton.compile(src, target=TARGET, options={"num_warps": warps})
+    return _compile(kernels.bwd_kernel, signature, constexprs,
+                    ("DY", "X", "Z", "W", "B", "DX", "DZ", "DW_PART", "DB_PART", "stride_dym", "stride_xm",
+                     "stride_zm", "stride_dxm", "stride_dzm", "N"), warps)
 
 
 def parts_rows() -> list[str]:
     """The --parts table's rows (printed as they come): the forward's cases, then the backward's for groups of 96."""
     rows_out = []
-    launch.SPLIT_GROUPS = False
-    launch._fwd_config.cache_clear()
     cases = [("forward", gs, variant, launch._fwd_config(gs, 2), extra) for gs, variant, extra in FWD_CASES]
     cases += [("backward", 96, variant, launch._bwd_config(96, 2), [(8, 1)]) for variant in FWD_VARIANTS]
     for kernel, gs, variant, config, extra in cases:
@@ -164,7 +158,6 @@ def parts_rows() -> list[str]:
                        f"{total * 32 * warps / (rows * gs):.1f} |")
                 rows_out.append(row)
                 print(row, flush=True)
-    launch._fwd_config.cache_clear()
     return rows_out
 
 
