@@ -176,7 +176,8 @@ class ForwardPlan:
         self.variants: dict[tuple[bool, ...], tuple] = {}
 
     def _entries(self, variant: tuple[bool, ...], m: int) -> tuple | None:
-        """The launchers :func:`_launch` cached for this variant (None: one is not compiled yet)."""
+        """The launchers :func:`_launch` cached for this variant and bwd_kernel's constexprs (None: one is not
+        compiled yet)."""
         return _variant_entries(self, variant, fwd_kernel, rescue_kernel,
                                 _aligned_spec((*self.arg_dtypes, m, *self.fixed_args)))
 
@@ -292,12 +293,13 @@ class BackwardPlan:
         self.z_stride = 0 if z is None else (z.stride(0) if z.dim() == 2 else n)
         self.partials = _partials_config(n)
         #: (M == 1, M % 16 == 0, dy's row stride's class, programs == 1, programs % 16 == 0, needs, USE_PDL,
-        #: GROUPS_FASTEST) -> (bwd_kernel's cached entry, sum_partials_kernel's or None)
+        #: GROUPS_FASTEST) -> (bwd_kernel's cached entry, sum_partials_kernel's or None, bwd_kernel's constexprs)
         self.variants: dict[tuple, tuple] = {}
 
     def _entries(self, variant: tuple, m: int, dy_stride: int, progs: int, needs: GradsNeeded, pdl: bool,
                  groups_fastest: bool) -> tuple | None:
-        """The launchers :func:`_launch` cached for this variant (None: one is not compiled yet)."""
+        """The launchers :func:`_launch` cached for this variant and bwd_kernel's constexprs (None: one is not
+        compiled yet)."""
         x_dt, z_dt, w_dt, b_dt = self.dtypes
         f32 = torch.float32
         need_part = needs.dweight or needs.dbias
@@ -319,8 +321,8 @@ class BackwardPlan:
                                   (block_p, block_n, needs.dweight, needs.dbias, _INTERPRET, pdl), part_spec))
             if part is None:
                 return None
-        self.variants[variant] = (bwd, part)
-        return bwd, part
+        self.variants[variant] = (bwd, part, constexprs)
+        return bwd, part, constexprs
 
     def __call__(self, dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                  z: torch.Tensor | None, mean: torch.Tensor | None, rstd: torch.Tensor,
@@ -357,11 +359,9 @@ class BackwardPlan:
             return None
         global planned_backward_launches
         planned_backward_launches += 1
-        bwd, part = entries
+        bwd, part, constexprs = entries
         grid0, grid1 = (self.groups, progs) if groups_fastest else (progs, self.groups)
         stream = torch._C._cuda_getCurrentRawStream(self.index)
-        constexprs = _bwd_kernel_constexprs(self.gs, self.block, self.rows, self.chunks, self.spec, self.has_z,
-                                            self.has_bias, needs, pdl, groups_fastest)
         _run_entry(bwd, grid0, grid1, stream, hooks, ptrs[:11], tensors[:11],
                    (m, dy_stride, self.x_stride, self.z_stride, n, n, n, *constexprs))
         if part is not None:  # (dw_part, db_part, dw, db, programs, N), as backward launches it
@@ -445,7 +445,8 @@ class QuantPlan:
         return (1, m) if self.column_major else (self.groups, 1)
 
     def _entries(self, variant: tuple[bool, ...], m: int) -> tuple | None:
-        """The launchers :func:`_launch` cached for this variant (None: one is not compiled yet)."""
+        """The launchers :func:`_launch` cached for this variant and bwd_kernel's constexprs (None: one is not
+        compiled yet)."""
         spec = _aligned_spec((*self.arg_dtypes, m, *self.fixed_args, *self._scale_strides(m), self.eps))
         return _variant_entries(self, variant, fwd_quant_kernel, quant_rescue_kernel, spec)
 
