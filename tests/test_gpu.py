@@ -566,7 +566,7 @@ def test_quant_launch_shapes_against_float64(group_size, block, quant):
 @pytest.mark.parametrize(("group_size", "block"), [(640, 640), (640, 128), (384, 128), (1280, 128), (5120, 128)])
 @pytest.mark.parametrize("quant", ["fp8_e4m3", "int8"])
 def test_split_quant_tiles_against_float64(group_size, block, quant, monkeypatch):
-    """The fused quantized forward's split tiles (launch.SPLIT_GROUPS, off by default until this passes on a GPU)
+    """The fused quantized forward's split tiles (launch.SPLIT_GROUPS, on by default since this passed on an H200)
     with their QUANT_TUNED launch shapes, every row against the float64 rule, a partial last tile included, and
     within a float32 rounding of the padded tiles' result (test_quant.assert_fused_matches_generic's bound)."""
     from test_quant import assert_fused_matches_generic
@@ -576,6 +576,8 @@ def test_split_quant_tiles_against_float64(group_size, block, quant, monkeypatch
     tk = _tk()
     n = max(group_size, block) * 2
     x, w, b, z = _inputs(37, n, torch.bfloat16, True, True, seed=13)
+    monkeypatch.setattr(tk, "SPLIT_GROUPS", False)
+    tk._quant_config.cache_clear()
     padded = gatednorm.gated_norm_quant(x, w, b, EPS, z, group_size, quant=quant, quant_group_size=block,
                                         backend="triton")
     monkeypatch.setattr(tk, "SPLIT_GROUPS", True)
@@ -597,7 +599,7 @@ def test_split_quant_tiles_against_float64(group_size, block, quant, monkeypatch
 @pytest.mark.parametrize("v", VARIANTS, ids=variant_id)
 @pytest.mark.parametrize(("m", "n", "gs"), [(1031, 3072, 96), (999, 1536, 384), (257, 3072, 3072), (4097, 96, 48)])
 def test_three_part_groups_against_float64_and_native(v, m, n, gs, monkeypatch):
-    """fwd_kernel's three-part tiles (launch.fwd_parts; SPLIT_GROUPS, off by default until this passes on a GPU),
+    """fwd_kernel's three-part tiles (launch.fwd_parts; SPLIT_GROUPS, on by default since this passed on an H200),
     at the padded tile's launch shape: as test_variant_against_float64_and_native, and a row's bits independent
     of the batch (the first rows alone)."""
     tk = _tk()

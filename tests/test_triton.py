@@ -214,10 +214,12 @@ def test_public_api_with_triton_backend():
 
 
 @pytest.mark.parametrize("v", VARIANTS, ids=variant_id)
-def test_launch_orders_give_the_same_bits(v):
+def test_launch_orders_give_the_same_bits(v, monkeypatch):
     """The program order of the forward (row tiles first, groups first, or the flat (M * G, GS) view) changes
     which program computes a (row, group), never its arithmetic: equal bits, and equal to float64 within the
-    model; the flat view also with rows whose range must be rescued (its rescue runs as a separate kernel)."""
+    model; the flat view also with rows whose range must be rescued (its rescue runs as a separate kernel).
+    With the padded tile (SPLIT_GROUPS off): the flat view has no three-part tiles."""
+    monkeypatch.setattr(tk, "SPLIT_GROUPS", False)
     m, n, gs = 37, 288, 96
     spec = _spec(gs, v)
     x, z, w, b = make_inputs(m, n, torch.bfloat16, gate=v[4], bias=v[3], seed=71, device=DEV)
@@ -244,8 +246,9 @@ def test_three_part_groups(v, monkeypatch):
     code). Under the interpreter spies prove the three-part paths ran."""
     from gatednorm.backends.triton import kernels
 
-    assert tk.fwd_parts(96) == 1  # off by default, until they have run on a GPU (launch.SPLIT_GROUPS)
-    monkeypatch.setattr(tk, "SPLIT_GROUPS", True)
+    monkeypatch.setattr(tk, "SPLIT_GROUPS", False)  # GATEDNORM_TRITON_SPLIT_GROUPS=0: one padded tile
+    assert tk.fwd_parts(96) == 1
+    monkeypatch.setattr(tk, "SPLIT_GROUPS", True)  # the default
     assert [tk.fwd_parts(g) for g in (48, 96, 192, 384, 768, 3072)] == [3] * 6
     assert [tk.fwd_parts(g) for g in (24, 64, 128, 160, 288, 640)] == [1] * 6  # parts < 16, pow2, 5 or 9 parts
     part_calls = {"_three_part_stats": 0, "_bwd_three_parts": 0}  # the forward's and the backward's

@@ -298,12 +298,12 @@ def _is_pow2(v: int) -> bool:
 #: 30-35% fewer at two rows a warp).
 SPLIT_MIN_LOW = 128
 #: Whether groups that are not a power of two are read as unpadded parts: fwd_quant_kernel's two-part split tiles
-#: (split_low) and fwd_kernel's three-part tiles (fwd_parts). Off until they have run on a GPU: they are checked
-#: under Triton's interpreter and compiled for sm_90 on the CPU machine, but the H200 once miscompiled a launch
-#: shape the interpreter ran right (the one-warp tiles of session 10), and their speed is a prediction.
-#: GATEDNORM_TRITON_SPLIT_GROUPS=1, read when the triton backend loads, turns them on (the device session's
-#: tests and benchmarks; docs/design.md, "Quantized output" and "Groups of three parts").
-SPLIT_GROUPS = env_flag("GATEDNORM_TRITON_SPLIT_GROUPS")
+#: (split_low) and fwd_kernel's / bwd_kernel's three-part tiles (fwd_parts). On since they ran on the H200
+#: (session 14: their GPU tests passed; 32768x3072 groups of 96 forward 83 -> 90% of copy, forward + backward in a
+#: graph 77 -> 87%; 32768x5120 groups of 640 quantized fp8 / ue8m0 / int8 in a graph 53 / 66 / 53 -> 72 / 84 / 75%).
+#: GATEDNORM_TRITON_SPLIT_GROUPS=0, read when the triton backend loads, keeps one padded tile (docs/design.md,
+#: "Quantized output" and "Groups of three parts").
+SPLIT_GROUPS = env_text("GATEDNORM_TRITON_SPLIT_GROUPS").lower() not in ("0", "false", "no", "off")
 
 
 def split_parts(group_size: int) -> int:
