@@ -61,8 +61,9 @@ DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch
 
 
 class NoOpBackend:
-    """A Backend that computes nothing: the forward returns statistics allocated once, the backward
-    allocates its gradients (uninitialised, ``torch.empty``) and returns them.
+    """A Backend that computes nothing: the forward returns statistics allocated once, the fused quantized
+    forward writes nothing, the backward allocates its gradients (uninitialised, ``torch.empty``) and returns
+    them.
 
     The backward allocates rather than returning preallocated gradients: autograd copies a gradient it
     does not own into ``.grad`` (a real kernel), and hands over one it owns. Allocating is what every
@@ -81,6 +82,13 @@ class NoOpBackend:
     def forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, z: torch.Tensor | None,
                 spec: NormSpec, out: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
         return (None if spec.is_rms_norm else self._mean), self._rstd
+
+    def forward_quant(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                      z: torch.Tensor | None, spec: NormSpec, qspec: object, q: torch.Tensor,
+                      scale: torch.Tensor) -> bool:
+        # claims the call as fused: without this method ops runs the generic path (the backend's forward
+        # into a float32 buffer, then torch ops that quantize it), and the row would time that compute
+        return True
 
     def backward(self, dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                  z: torch.Tensor | None, mean: torch.Tensor | None, rstd: torch.Tensor, spec: NormSpec,
