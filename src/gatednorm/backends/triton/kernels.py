@@ -231,13 +231,17 @@ def _tile_stats(x, col_ok, eps, GS: tl.constexpr, BLOCK: tl.constexpr, IS_RMS: t
     return mean, xm, tl.sum(xm * xm, axis=1) / GS + eps
 
 
-# A group of two power-of-two parts (640 = 512 + 128; launch.split_low, where launch.SPLIT_GROUPS is on): the
-# fused quantized forward reads it as two unpadded tiles, [ROWS, GS - GLO] and [ROWS, GLO], rather than one tile
-# padded to the next power of two, whose padded lanes (384 of 1024 for 640) cost it as many instructions as real
-# ones (sm_90 SASS: 49.5 per real element padded at the default launch shape, 32.4 split; launch.SPLIT_MIN_LOW).
-# fwd_kernel keeps the padded tile: its per-element work is small enough that the padding did not show there
-# (96-100% of copy on the H200); so does bwd_kernel, whose split version counted no fewer instructions at its
-# shipped 640-wide launch shape (one row, one warp: 46.5 per element against 45.5) and was not kept.
+# Groups that are not a power of two, where launch.SPLIT_GROUPS is on (the default), are read unpadded rather
+# than as one tile padded to the next power of two, whose padded lanes cost as many instructions as real ones:
+# - two power-of-two parts (640 = 512 + 128; launch.split_low): the fused quantized forward reads [ROWS, GS - GLO]
+#   and [ROWS, GLO] (sm_90 SASS: 49.5 instructions per real element padded at the default launch shape, 32.4
+#   split; launch.SPLIT_MIN_LOW). fwd_kernel and bwd_kernel keep the padded tile for these: the forward reached
+#   96-100% of copy padded on the H200, and a split backward counted no fewer instructions at its one-row,
+#   one-warp launch shape (46.5 per element against 45.5);
+# - three equal power-of-two parts (96 = 3 x 32, 3072 = 3 x 1024; launch.fwd_parts): fwd_kernel and bwd_kernel
+#   read three [ROWS, GS / 3] tiles (_three_part_stats, _bwd_three_parts; 32768x3072 in groups of 96 on the H200:
+#   forward 83 -> 90% of copy, forward + backward in a CUDA graph 77 -> 87%).
+# _gated_input reads one such tile, or a whole padded group.
 
 @triton.jit
 def _gated_input(X, Z, rows64, mask, stride_xm, stride_zm, col0, cols, HAS_Z: tl.constexpr,
