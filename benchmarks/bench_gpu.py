@@ -285,6 +285,28 @@ def host_breakdown(m=8192, n=128):
         before = tk.fast_launches
         us = back_to_back_us(f, 300)
         print(f"HOST {k}: {us:.1f} us/call (cached launches: {tk.fast_launches - before})", flush=True)
+    # Where forward+backward's host time goes: the Function's backward (Python, run by the autograd engine on the
+    # device's thread) timed from inside, the rest of a call is the forward's Python and the engine
+    from gatednorm.ops import GatedNormOutputFunction
+    inner = GatedNormOutputFunction.backward
+    spent = [0.0, 0]
+
+    def timed_backward(ctx, dy):
+        t0 = time.perf_counter()
+        try:
+            return inner(ctx, dy)
+        finally:
+            spent[0] += time.perf_counter() - t0
+            spent[1] += 1
+
+    GatedNormOutputFunction.backward = staticmethod(timed_backward)
+    try:
+        us = back_to_back_us(rows["rmsnorm_fn fwd+bwd"], 300)
+    finally:
+        GatedNormOutputFunction.backward = staticmethod(inner)
+    if spent[1]:
+        print(f"HOST rmsnorm_fn fwd+bwd: {us:.1f} us/call, of which {spent[0] / spent[1] * 1e6:.1f} us inside the "
+              f"Function's backward ({spent[1]} backward calls)", flush=True)
     import cProfile
     import pstats
     for k in ("layer_norm_fwd", "tk.backward"):
