@@ -7,7 +7,8 @@ Run through ``benchmarks/bench_gpu.py --quant`` (or directly). Per shape (bf16 i
   ``torch.compile``-d function (Inductor fuses it into a kernel or two: the best separate quant torch offers);
 * ``norm + eager quant``: the same quantization in eager torch ops;
 * ``norm + sglang quant`` / ``norm + vllm quant``: those projects' own quant kernels where importable
-  (sglang's per-token-group fp8 quant; vLLM's per-token dynamic fp8 quant);
+  (sglang's per-token-group fp8 quant, from an installed sglang or its staged ``fp8_kernel.py``:
+  ``--sglang-quant``, upstream_quant.py; vLLM's per-token dynamic fp8 quant), float32 scales only;
 * ``sglang fused epilogue``: sglang's own fused norm + fp8 kernel, ``_layer_norm_fwd(quant_heads=H)`` (the one
   Qwen3.5's gated delta net calls), where ``--sglang PATH`` names its ``layernorm_gated.py`` (loaded through
   ``--sglang-loader DIR``, as bench_gpu.py loads it): per-token fp8 with float32 scales over the H = N / group
@@ -80,15 +81,24 @@ def torch_quant(y: torch.Tensor, quant: str, block: int, ue8m0: bool) -> tuple[t
     return v.view(m, n).to(getattr(torch, QUANT_FORMATS[quant][0])), scale
 
 
-def upstream_quants(quant: str):
-    """{name: fn(y, block) -> (q, scale)} for the upstream quant kernels that import here (fp8 e4m3 only)."""
+def upstream_quants(quant: str, sglang_quant_file: str = ""):
+    """{name: fn(y, block) -> (q, scale)} for the upstream quant kernels found here (fp8 e4m3 only): sglang's
+    per-token-group kernel from an installed sglang, else from its staged ``fp8_kernel.py`` (upstream_quant.py);
+    vLLM's per-token one where vLLM imports."""
     found = {}
     if quant != "fp8_e4m3":
         return found
     try:
-        from sglang.srt.layers.quantization.fp8_kernel import per_token_group_quant_fp8
+        try:
+            from sglang.srt.layers.quantization.fp8_kernel import per_token_group_quant_fp8
+        except ImportError:
+            if not sglang_quant_file:
+                raise
+            from upstream_quant import load_sglang_group_quant  # next to this file
 
-        found["sglang quant"] = lambda y, block: per_token_group_quant_fp8(y, block)
+            found["sglang quant"] = load_sglang_group_quant(sglang_quant_file)
+        else:
+            found["sglang quant"] = lambda y, block: per_token_group_quant_fp8(y, block)
     except Exception as exc:  # noqa: BLE001 - optional
         print(f"sglang quant kernel not available: {type(exc).__name__}: {exc}", file=sys.stderr)
     try:
@@ -171,7 +181,7 @@ def load_sglang_epilogue(args: argparse.Namespace, device: torch.device):
 
 
 def run_shape(shape, device, timer: Timer, copy: float, quant: str, scale_format: str, compile_quant: bool,
-              sglang=None):
+              sglang=None, upstream=None):
     name, m, n, gs, rms, nbg, has_z, has_bias, block = shape
     k = block or n
     ue8m0 = scale_format == "ue8m0"
@@ -219,8 +229,23 @@ def run_shape(shape, device, timer: Timer, copy: float, quant: str, scale_format
             torch._dynamo.reset()
             cq = torch.compile(torch_quant, dynamic=False)
             impls["norm + compiled quant"] = lambda: cq(norm(), quant, k, ue8m0)
-        for up_name, up in upstream_quants(quant).items():
+        for up_name, up in (upstream or {}).items():
+            if scale_format != "float32":
+                continue  # the upstream kernels timed here write float32 scales
             impls[f"norm + {up_name}"] = (lambda up=up: up(norm(), k))
+            # the same function (from y rounded to bf16): dequantized, within a step of its block's scale of ours
+            try:
+                qu, su = up(norm(), k)
+                deq_u = (qu.float().view(m, n // k, k) * su.float().view(m, n // k, 1)).view(m, n)
+                deq = (q.float().view(m, n // k, k) * s.view(m, n // k, 1)).view(m, n)
+                # one e4m3 step: 2^-3 of the value's binade, 2^-9 scale among the subnormal codes
+                step = 2**-3 * torch.maximum(deq.abs(), deq_u.abs()) + 2**-9 * torch.maximum(su.float(), s).view(
+                    m, n // k, 1).expand(m, n // k, k).reshape(m, n)
+                rec[f"{up_name} within a step"] = within = float(((deq_u - deq).abs() <= step).float().mean())
+                if within < 0.999:  # under Triton's interpreter: its fp32 -> fp8 cast rounds wrongly (~2% off)
+                    print(f"  {name} {up_name}: {within:.2%} of its dequantized values within a step of ours")
+            except Exception as exc:  # noqa: BLE001 - reported, the timing below reports the failure too
+                print(f"  {name} {up_name} check failed: {type(exc).__name__}: {exc}", file=sys.stderr)
         if sglang is not None and quant == "fp8_e4m3" and scale_format == "float32" and block is None:
             # the row as H = N / gs rows of one group each, quantized together: sglang's FP8 epilogue
             heads = n // gs
@@ -326,6 +351,9 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     """The options of the quant benchmark (bench_gpu.py --quant adds these to its own)."""
     ap.add_argument("--device", default=None, help="cuda (default when available) or cpu (Triton interpreter)")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes, few repetitions (a CPU check that it runs)")
+    ap.add_argument("--sglang-quant", default="",
+                    help="sglang's fp8_kernel.py (its per-token-group quant kernel after our norm; default: the one "
+                         "beside --sglang's file, where staged)")
     ap.add_argument("--quant-formats", default="fp8_e4m3",
                     help="comma-separated quant:scale_format pairs or quant names, e.g. fp8_e4m3,int8,fp8_e4m3:ue8m0")
 
@@ -346,12 +374,15 @@ def run(args: argparse.Namespace) -> None:
     copy = copy_gbps(device, timer, args.smoke)
     print(f"{device_name}: copy bandwidth {copy:.0f} GB/s", flush=True)
     sglang = load_sglang_epilogue(args, device)
+    quant_file = args.sglang_quant or os.path.join(os.path.dirname(getattr(args, "sglang", "") or "."), "fp8_kernel.py")
+    upstream = {quant: upstream_quants(quant, quant_file if os.path.isfile(quant_file) else "")
+                for quant in dict.fromkeys(q for q, _ in formats)}
     compile_quant = not getattr(args, "no_compile", False) and not args.smoke
     records = []
     for shape in shapes:
         for quant, fmt in formats:
             t0 = time.time()
-            records.append(run_shape(shape, device, timer, copy, quant, fmt, compile_quant, sglang))
+            records.append(run_shape(shape, device, timer, copy, quant, fmt, compile_quant, sglang, upstream[quant]))
             print(f"  {shape[0]} {quant} {fmt} done in {time.time() - t0:.0f}s", flush=True)
             if device.type == "cuda":
                 torch.cuda.empty_cache()

@@ -3,7 +3,8 @@
 # pyproject.toml, plus what benchmarks/gpu_suite.sh expects beside them and the GPU image lacks:
 #
 #   whl/    fla-core 0.6.0 and einops wheels (fla's kernels beside ours; pip download, or pip's cache offline)
-#   sgl/    sglang 0.5.23's layernorm_gated.py, from the test environment's sglang (make setup-test)
+#   sgl/    sglang 0.5.23's layernorm_gated.py and fp8_kernel.py (its per-token-group quant kernel), from the
+#           test environment's sglang (make setup-test)
 #   tools/  upstream_sglang.py, the loader of that file (../shared/tools)
 #
 #   bash benchmarks/stage_gpu.sh [DEST]     # default .gpu/stage (git ignores .gpu/)
@@ -23,6 +24,8 @@ find "$DEST" -name __pycache__ -prune -exec rm -rf {} +
 SGL=$("$PY" -c "import importlib.util as u; s = u.find_spec('sglang'); print(s.submodule_search_locations[0] if s else '')")
 if [ -n "$SGL" ] && [ -f "$SGL/kernels/ops/attention/fla/layernorm_gated.py" ]; then
     cp "$SGL/kernels/ops/attention/fla/layernorm_gated.py" "$DEST/sgl/"
+    # its per-token-group quant kernel (benchmarks/upstream_quant.py loads it beside the norm)
+    [ -f "$SGL/kernels/ops/quantization/fp8_kernel.py" ] && cp "$SGL/kernels/ops/quantization/fp8_kernel.py" "$DEST/sgl/"
 else
     echo "sglang not installed here (make setup-test): sgl/ left empty, bench_gpu.py runs without it" >&2
 fi
