@@ -431,14 +431,6 @@ def main():
     if shapes:
         run_shape(shapes[0], impls, copy_gbps, args)
         torch.cuda.empty_cache()
-    records = []
-    for s in shapes:
-        t0 = time.time()
-        records.append(run_shape(s, impls, copy_gbps, args))
-        print(f"  {s[0]} done in {time.time() - t0:.0f}s", flush=True)
-        torch.cuda.empty_cache()
-    table = fmt_table(records, copy_gbps, device)
-    print(table)
     meta = {"device": device, "torch": torch.__version__, "triton": triton.__version__, "copy_gbps": copy_gbps,
             "config": {k: getattr(tk, k) for k in ("MAX_BLOCK", "FWD_TILE_ELEMENTS", "BWD_TILE_ELEMENTS",
                                                     "FWD_ELEMS_PER_THREAD", "BWD_ELEMS_PER_THREAD",
@@ -446,10 +438,19 @@ def main():
             "fwd_tuned": {str(k): v for k, v in tk.FWD_TUNED.items()},
             "bwd_tuned": {str(k): v for k, v in tk.BWD_TUNED.items()},
             "pdl": tk.pdl_supported(torch.device("cuda"))}
-    with open(os.path.join(args.out, "gpu_bench.json"), "w") as f:
-        json.dump({"meta": meta, "records": records}, f, indent=1)
-    with open(os.path.join(args.out, "gpu_bench.md"), "w") as f:
-        f.write(f"# gatednorm GPU benchmark ({device})\n\n{table}\n")
+    records, table = [], ""
+    for s in shapes:
+        t0 = time.time()
+        records.append(run_shape(s, impls, copy_gbps, args))
+        print(f"  {s[0]} done in {time.time() - t0:.0f}s", flush=True)
+        torch.cuda.empty_cache()
+        # the tables so far, after every shape: a run cut short (a device call's time limit) keeps its rows
+        table = fmt_table(records, copy_gbps, device)
+        with open(os.path.join(args.out, "gpu_bench.json"), "w") as f:
+            json.dump({"meta": meta, "records": records}, f, indent=1)
+        with open(os.path.join(args.out, "gpu_bench.md"), "w") as f:
+            f.write(f"# gatednorm GPU benchmark ({device})\n\n{table}\n")
+    print(table)
     plot(records, os.path.join(args.out, "gpu_bench.png"))
 
 
