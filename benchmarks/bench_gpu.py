@@ -299,6 +299,9 @@ def host_breakdown(m=8192, n=128):
             spent[0] += time.perf_counter() - t0
             spent[1] += 1
 
+    from gatednorm.backends.triton import plans
+
+    planned = plans.planned_backward_launches
     GatedNormOutputFunction.backward = staticmethod(timed_backward)
     try:
         us = back_to_back_us(rows["rmsnorm_fn fwd+bwd"], 300)
@@ -306,7 +309,8 @@ def host_breakdown(m=8192, n=128):
         GatedNormOutputFunction.backward = staticmethod(inner)
     if spent[1]:
         print(f"HOST rmsnorm_fn fwd+bwd: {us:.1f} us/call, of which {spent[0] / spent[1] * 1e6:.1f} us inside the "
-              f"Function's backward ({spent[1]} backward calls)", flush=True)
+              f"Function's backward ({spent[1]} backward calls, {plans.planned_backward_launches - planned} through "
+              "the backward plan)", flush=True)
     import cProfile
     import pstats
     for k in ("layer_norm_fwd", "tk.backward"):
