@@ -56,6 +56,8 @@ SHAPES = [
     ("65536x2048 LN+bias no gate", 65536, 2048, 2048, False, True, False, True),
     ("16384x8192 rms gate-after", 16384, 8192, 8192, True, True, True, False),
     ("32768x3072 LN g96 gate-before", 32768, 3072, 96, False, False, True, False),
+    # a group wider than one register tile (MAX_BLOCK): the chunked kernels, two passes over each row's chunks
+    ("8192x16384 one group rms gate-before", 8192, 16384, 16384, True, False, True, False),
 ]
 
 
