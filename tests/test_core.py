@@ -525,3 +525,66 @@ def test_torch_compile_fullgraph():
     y_e.sum().backward()
     check_gradients((xc.grad, None, None, None), x, mod.weight, None, z, torch.ones_like(y_e), 1e-5, 16,
                     is_rms_norm=True, against=(xe.grad, None, None, None), fixed={"dx": (1.3e-6, 1e-5)})  # FIXED
+
+
+def test_vmap_rules_of_the_custom_ops(monkeypatch):
+    """torch.func.vmap over the custom ops (reached where vmap runs inside torch.compile) stacks the batch's rows
+    into one call when weight and bias are shared: (B, M, N) -> (B * M, N), statistics handed back in each
+    sample's group-major layout; bit for bit each sample's own call (the operator is batch invariant). Per-sample
+    weights, and parameter gradients, take one call per sample. The compiled vmap makes that one call too."""
+    import torch.func as tf
+
+    from gatednorm import ops
+
+    calls = []
+    forward_eager, backward_eager = ops._forward_eager, ops._backward_eager
+    monkeypatch.setattr(ops, "_forward_eager", lambda x, *a, **k: calls.append(("fwd", *x.shape))
+                        or forward_eager(x, *a, **k))
+    monkeypatch.setattr(ops, "_backward_eager", lambda dy, x, *a, **k: calls.append(("bwd", *x.shape))
+                        or backward_eager(dy, x, *a, **k))
+    batch, m, n, gs, eps = 4, 6, 64, 16, 1e-5
+    x, z, w, b = make_inputs(batch * m, n, torch.float32, bias=True, seed=41)
+    x, z = x.view(batch, m, n), z.view(batch, m, n)
+    consts = (eps, gs, False, False, "swish", "native")  # LayerNorm, gate first: mean and rstd both real
+    fwd = torch.ops.gatednorm.forward
+
+    def each(fn):  # each sample's own call, outputs stacked
+        return tuple(torch.stack(parts) for parts in zip(*(fn(i) for i in range(batch)), strict=True))
+
+    expect = each(lambda i: fwd(x[i], w, b, z[i], *consts))
+    calls.clear()
+    got = tf.vmap(lambda xs, zs: fwd(xs, w, b, zs, *consts))(x, z)
+    assert calls == [("fwd", batch * m, n)]
+    for g, e in zip(got, expect, strict=True):
+        assert torch.equal(g, e)
+    check_forward(got[0][1], got[1][1], got[2][1], x[1], w, b, z[1], eps, gs, False, False)
+    # a weight per sample: one call each
+    ws = w + torch.randn(batch, n)
+    calls.clear()
+    got = tf.vmap(lambda xs, ws_, zs: fwd(xs, ws_, b, zs, *consts))(x, ws, z)
+    assert calls == [("fwd", m, n)] * batch
+    for g, e in zip(got, each(lambda i: fwd(x[i], ws[i], b, z[i], *consts)), strict=True):
+        assert torch.equal(g, e)
+
+    # backward: dx and dz of the stacked rows in one call; dweight / dbias per sample
+    _, mean, rstd = expect
+    dy = torch.randn(batch, m, n)
+    bwd = torch.ops.gatednorm.backward
+    for needs in ((True, True, False, False), (True, True, True, True)):
+        want = each(lambda i, needs=needs: bwd(dy[i], x[i], w, b, z[i], mean[i], rstd[i], *consts, *needs))
+        calls.clear()
+        got = tf.vmap(lambda d, xs, zs, mu, rs, needs=needs: bwd(d, xs, w, b, zs, mu, rs, *consts, *needs))(
+            dy, x, z, mean, rstd)
+        assert calls == ([("bwd", batch * m, n)] if not needs[2] else [("bwd", m, n)] * batch)
+        for g, e, need in zip(got, want, needs, strict=True):
+            if need:
+                assert torch.equal(g, e)
+
+    # vmap inside a compiled region reaches the op with batched tensors: one call over the stacked rows
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda xs, zs: tf.vmap(lambda a, c: gatednorm.layernorm_fn(a, w, b, c, eps, gs))(xs, zs),
+                             backend="aot_eager")
+    calls.clear()
+    y = compiled(x, z)
+    assert calls == [("fwd", batch * m, n)]
+    assert torch.equal(y, torch.stack([gatednorm.layernorm_fn(x[i], w, b, z[i], eps, gs) for i in range(batch)]))

@@ -455,6 +455,81 @@ def _(dy, x, weight, bias, z, mean, rstd, eps, group_size, norm_before_gate, is_
     )
 
 
+# vmap rules of the custom ops (reached where torch.func.vmap runs around or inside torch.compile: eager calls
+# under a transform take formula_rows instead). The operator is row-wise, so a batch of calls over the same
+# weight and bias is one call over the batch's rows stacked: (B, M, N) -> (B * M, N), the group-major
+# statistics (G, B * M) handed back per sample as (B, G * M). Per-sample weights or bias, and parameter
+# gradients (summed per sample, not over the batch), take one call per sample, as torch's fallback does
+# (without its warning that no rule exists).
+
+
+def _batch_first(t: torch.Tensor | None, bdim: int | None, batch: int) -> torch.Tensor | None:
+    """t with its batch dimension first (an unbatched t expanded to the batch)."""
+    if t is None:
+        return None
+    return t.movedim(bdim, 0) if bdim is not None else t.expand(batch, *t.shape)
+
+
+def _stacked_rows(t: torch.Tensor | None, bdim: int | None, batch: int) -> torch.Tensor | None:
+    """The (B * M, N) rows of a batch of (M, N) row tensors."""
+    t = _batch_first(t, bdim, batch)
+    return None if t is None else t.reshape(-1, t.shape[-1])
+
+
+def _stats_per_sample(stat: torch.Tensor, batch: int, m: int) -> torch.Tensor:
+    """Group-major statistics of B * M rows, (G * B * M,) -> (B, G * M): each sample's own group-major layout."""
+    if stat.numel() == 0:  # RMSNorm's mean placeholder
+        return stat.new_empty(batch, 0)
+    return stat.view(-1, batch, m).transpose(0, 1).reshape(batch, -1)
+
+
+def _stats_stacked(stat: torch.Tensor, bdim: int | None, batch: int, m: int) -> torch.Tensor:
+    """The inverse of :func:`_stats_per_sample`: (B, G * M) per-sample statistics -> (G * B * M,)."""
+    stat = _batch_first(stat, bdim, batch)
+    if stat.numel() == 0:
+        return stat.new_empty(0)
+    return stat.reshape(batch, -1, m).transpose(0, 1).reshape(-1)
+
+
+def _per_sample_calls(op, batch: int, in_dims: tuple, args: tuple) -> tuple[tuple, tuple]:
+    """``op`` once per sample (the batched arguments indexed along their batch dimension), outputs stacked."""
+    outs = []
+    for i in range(batch):
+        sample = tuple(a.select(d, i) if d is not None else a for a, d in zip(args, in_dims, strict=True))
+        outs.append(op(*sample))
+    stacked = tuple(torch.stack(parts) for parts in zip(*outs, strict=True))
+    return stacked, (0,) * len(stacked)
+
+
+@forward_op.register_vmap
+def _(info, in_dims, x, weight, bias, z, eps, group_size, norm_before_gate, is_rms_norm, activation, backend):
+    x_dim, w_dim, b_dim, z_dim = in_dims[:4]
+    args = (x, weight, bias, z, eps, group_size, norm_before_gate, is_rms_norm, activation, backend)
+    if w_dim is not None or b_dim is not None:
+        return _per_sample_calls(forward_op, info.batch_size, in_dims, args)
+    batch, (m, n) = info.batch_size, _batch_first(x, x_dim, info.batch_size).shape[1:]
+    out, mean, rstd = forward_op(_stacked_rows(x, x_dim, batch), weight, bias, _stacked_rows(z, z_dim, batch),
+                                 *args[4:])
+    return (out.view(batch, m, n), _stats_per_sample(mean, batch, m), _stats_per_sample(rstd, batch, m)), (0, 0, 0)
+
+
+@backward_op.register_vmap
+def _(info, in_dims, dy, x, weight, bias, z, mean, rstd, eps, group_size, norm_before_gate, is_rms_norm, activation,
+      backend, needs_dx, needs_dz, needs_dweight, needs_dbias):
+    dy_dim, x_dim, w_dim, b_dim, z_dim, mean_dim, rstd_dim = in_dims[:7]
+    args = (dy, x, weight, bias, z, mean, rstd, eps, group_size, norm_before_gate, is_rms_norm, activation, backend,
+            needs_dx, needs_dz, needs_dweight, needs_dbias)
+    if w_dim is not None or b_dim is not None or needs_dweight or needs_dbias:
+        return _per_sample_calls(backward_op, info.batch_size, in_dims, args)
+    batch, (m, n) = info.batch_size, _batch_first(x, x_dim, info.batch_size).shape[1:]
+    dx, dz, dweight, dbias = backward_op(
+        _stacked_rows(dy, dy_dim, batch), _stacked_rows(x, x_dim, batch), weight, bias, _stacked_rows(z, z_dim, batch),
+        _stats_stacked(mean, mean_dim, batch, m), _stats_stacked(rstd, rstd_dim, batch, m), *args[7:])
+    # absent gradients stay the op's unbatched placeholders
+    return ((dx.view(batch, m, n) if needs_dx else dx), (dz.view(batch, m, n) if needs_dz else dz), dweight,
+            dbias), (0 if needs_dx else None, 0 if needs_dz else None, None, None)
+
+
 # ---------------------------------------------------------------------------
 # Eager backend call, or the custom op while compiling
 # ---------------------------------------------------------------------------
