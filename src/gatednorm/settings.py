@@ -19,8 +19,9 @@ variable                            effect
 ``GATEDNORM_PATCH``                 targets to patch (read by the opt-in ``.pth`` hook and ``apply_env_patch()``)
 ``TRITON_INTERPRET``                Triton's interpreter: lets the triton backend run on CPU tensors
 ``GATEDNORM_TRITON_FAST_LAUNCH``    ``0``: Triton's own (slower) launch path instead of the cached launcher
-``GATEDNORM_TRITON_SPLIT_GROUPS``   ``1``: the fused quantized kernel reads groups of two power-of-two parts (640)
-                                    as two tiles (not yet verified on a GPU: off by default)
+``GATEDNORM_TRITON_SPLIT_GROUPS``   ``0``: groups that are not a power of two are one tile padded to the next power
+                                    of two (default: read unpadded, two power-of-two parts (640) in the fused
+                                    quantized kernel, three equal parts (96) in the forward and backward kernels)
 ``GATEDNORM_CPU_KERNEL``            ``0``: the native backend's pure-PyTorch block loops on CPU instead of its C
                                     kernel (which is then not built either)
 ``GATEDNORM_CPU_OPENMP``            ``0``: the C kernel's threads are always gatednorm's own pool (default: PyTorch's
