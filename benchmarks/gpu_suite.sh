@@ -4,6 +4,9 @@
 # (upstream_sglang.py, provided with the project's shared tools) in tools/ (none of those are committed):
 # `bash benchmarks/stage_gpu.sh` stages all of it into .gpu/stage.
 #
+#   bash benchmarks/gpu_suite.sh full      # issue 16's acceptance run in one device call: the whole bench_gpu
+#                                          # table (every shape, sglang and fla beside us, the host breakdown),
+#                                          # then `gatednorm verify` on cuda in the time left (FULL_SECONDS, 575)
 #   bash benchmarks/gpu_suite.sh kernels   # GPU tests + the fused-kernel benchmark (issue 7)
 #   bash benchmarks/gpu_suite.sh verify    # the full `gatednorm verify` on cuda, in worker processes
 #   bash benchmarks/gpu_suite.sh report    # native eager on GPU, tensor parallel (2 GPUs)
@@ -44,6 +47,20 @@ SGL=()
 [ -f sgl/layernorm_gated.py ] && SGL=(--sglang sgl/layernorm_gated.py --sglang-loader tools)
 
 case "${1:-kernels}" in
+full)
+    start=$(date +%s)
+    timeout "${FULL_BENCH_SECONDS:-420}" python3 benchmarks/bench_gpu.py --host --no-compile --out "$OUT/full" \
+        "${SGL[@]}" > "$OUT/bench_gpu_full.log" 2>&1  # tables written after every shape: a cut run keeps its rows
+    echo "bench_gpu exit $? after $(( $(date +%s) - start )) s"
+    grep -E "^HOST|done in|copy bandwidth" "$OUT/bench_gpu_full.log" | head -40
+    left=$(( ${FULL_SECONDS:-575} - ($(date +%s) - start) ))
+    if [ "$left" -gt 60 ]; then
+        timeout --preserve-status "$left" python3 -m gatednorm verify --device cuda --backend native --backend triton \
+            --jobs "${VERIFY_JOBS:-12}" --no-progress --progress-every 30 --max-seconds $(( left - 30 )) \
+            --json "$OUT/verify_cuda.json" --markdown "$OUT/verify_cuda.md" > "$OUT/verify_cuda.log" 2>&1
+        echo "verify exit $?"; tail -8 "$OUT/verify_cuda.log"
+    fi
+    ;;
 kernels)
     python3 -m pytest -q -p no:logging -W ignore tests/test_gpu.py > "$OUT/gpu_tests.log" 2>&1
     echo "pytest exit $?" | tee -a "$OUT/gpu_tests.log"; tail -3 "$OUT/gpu_tests.log"
