@@ -50,6 +50,11 @@ def fwd_configs(gs: int, n: int) -> list[tuple[int, int, int, int]]:
                 warps = tile // (32 * ept)
                 if 1 <= warps <= 32:  # 32 warps: 1024 threads, Triton's maximum
                     out.append((block, rows, warps))
+    elif block <= 2 * tk.MAX_BLOCK:
+        # a group wider than one shipped tile (MAX_BLOCK) in one tile anyway, at Triton's 32-warp maximum: 16
+        # elements a thread, as 8192 at 16 warps (sm_90 SASS compiled on the CPU machine, 16384 gate first: 29
+        # registers, no spills, 18.9 instructions per element), one pass over the row against the chunks' two
+        out.append((block, 1, 32))
     if gs & (gs - 1):
         chunk = gs & -gs  # largest power of two dividing gs
         if chunk >= 128 and gs // chunk <= 8:
