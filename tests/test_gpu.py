@@ -189,6 +189,34 @@ def test_batch_invariance():
                 assert torch.equal(a, f[sl])
 
 
+def test_vmap_rule_stacks_rows_with_the_same_bits():
+    """The custom ops' vmap rules (what vmap meets inside torch.compile) run one triton call over a batch's stacked
+    rows: each sample's output, statistics and dx / dz bit for bit its own call's (the launch shape never
+    follows M), the three-part and padded group kinds included."""
+    import torch.func as tf
+
+    fwd, bwd = torch.ops.gatednorm.forward, torch.ops.gatednorm.backward
+    for n, gs, nbg, is_rms in ((128, 128, True, True), (3072, 96, False, False), (5120, 640, False, True)):
+        x, w, b, z = _inputs(5 * 37, n, torch.bfloat16, not is_rms, True, seed=gs)
+        x, z, dy = x.view(5, 37, n), z.view(5, 37, n), make_like(x).view(5, 37, n)
+        consts = (EPS, gs, nbg, is_rms, "swish", "triton")
+
+        def forward(xs, zs, w=w, b=b, consts=consts):
+            return fwd(xs, w, b, zs, *consts)
+
+        def backward(d, xs, zs, mu, rs, w=w, b=b, consts=consts):
+            return bwd(d, xs, w, b, zs, mu, rs, *consts, True, True, False, False)
+
+        got = tf.vmap(forward)(x, z)
+        grads = tf.vmap(backward)(dy, x, z, got[1], got[2])
+        for i in range(5):
+            own = forward(x[i], z[i])
+            for a, e in zip(got, own, strict=True):
+                assert torch.equal(a[i], e)
+            own_grads = backward(dy[i], x[i], z[i], own[1], own[2])
+            assert torch.equal(grads[0][i], own_grads[0]) and torch.equal(grads[1][i], own_grads[1])
+
+
 def test_dweight_deterministic():
     tk = _tk()
     m, n, gs = 65536, 256, 128
