@@ -525,9 +525,10 @@ def _(info, in_dims, dy, x, weight, bias, z, mean, rstd, eps, group_size, norm_b
     dx, dz, dweight, dbias = backward_op(
         _stacked_rows(dy, dy_dim, batch), _stacked_rows(x, x_dim, batch), weight, bias, _stacked_rows(z, z_dim, batch),
         _stats_stacked(mean, mean_dim, batch, m), _stats_stacked(rstd, rstd_dim, batch, m), *args[7:])
-    # absent gradients stay the op's unbatched placeholders
-    return ((dx.view(batch, m, n) if needs_dx else dx), (dz.view(batch, m, n) if needs_dz else dz), dweight,
-            dbias), (0 if needs_dx else None, 0 if needs_dz else None, None, None)
+    # absent gradients stay the op's unbatched placeholders (dz: not asked for, or no z)
+    has_dz = needs_dz and z is not None
+    return ((dx.view(batch, m, n) if needs_dx else dx), (dz.view(batch, m, n) if has_dz else dz), dweight,
+            dbias), (0 if needs_dx else None, 0 if has_dz else None, None, None)
 
 
 # ---------------------------------------------------------------------------
