@@ -176,8 +176,7 @@ class ForwardPlan:
         self.variants: dict[tuple[bool, ...], tuple] = {}
 
     def _entries(self, variant: tuple[bool, ...], m: int) -> tuple | None:
-        """The launchers :func:`_launch` cached for this variant and bwd_kernel's constexprs (None: one is not
-        compiled yet)."""
+        """The launchers :func:`_launch` cached for this variant (None: one is not compiled yet)."""
         return _variant_entries(self, variant, fwd_kernel, rescue_kernel,
                                 _aligned_spec((*self.arg_dtypes, m, *self.fixed_args)))
 
@@ -445,8 +444,7 @@ class QuantPlan:
         return (1, m) if self.column_major else (self.groups, 1)
 
     def _entries(self, variant: tuple[bool, ...], m: int) -> tuple | None:
-        """The launchers :func:`_launch` cached for this variant and bwd_kernel's constexprs (None: one is not
-        compiled yet)."""
+        """The launchers :func:`_launch` cached for this variant (None: one is not compiled yet)."""
         spec = _aligned_spec((*self.arg_dtypes, m, *self.fixed_args, *self._scale_strides(m), self.eps))
         return _variant_entries(self, variant, fwd_quant_kernel, quant_rescue_kernel, spec)
 
