@@ -41,6 +41,7 @@ from __future__ import annotations
 import os
 
 _TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
 
 #: Encoded keys of the names looked up so far (the encoding of a name never changes).
 _KEYS: dict[str, object] = {}
@@ -70,6 +71,13 @@ def env_flag(name: str) -> bool:
     """True when the environment variable ``name`` is set to 1/true/yes/on (any case)."""
     value = _lookup(name)
     return value is not None and value.strip().lower() in _TRUE
+
+
+def env_off(name: str) -> bool:
+    """True when the environment variable ``name`` is set to 0/false/no/off (any case): a switch that is on
+    unless turned off."""
+    value = _lookup(name)
+    return value is not None and value.strip().lower() in _FALSE
 
 
 def env_text(name: str) -> str:

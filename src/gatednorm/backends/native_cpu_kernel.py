@@ -63,7 +63,7 @@ from typing import NamedTuple
 import torch
 
 from ..numerics import SAFE_RSTD_MAX
-from ..settings import env_text
+from ..settings import env_off, env_text
 
 _SOURCE = Path(__file__).with_name("native_cpu_kernel.c")
 _FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fPIC", "-shared"]
@@ -168,7 +168,7 @@ _QUANT_KINDS = {"int8": 0, "fp8_e4m3": 1, "fp8_e4m3fnuz": 2}
 
 def _off_by_environment() -> bool:
     """``GATEDNORM_CPU_KERNEL=0`` (read on every call, as every setting: see gatednorm.settings)."""
-    return env_text("GATEDNORM_CPU_KERNEL").lower() in ("0", "false", "no", "off")
+    return env_off("GATEDNORM_CPU_KERNEL")
 
 
 def library() -> ctypes.CDLL | None:
@@ -247,7 +247,7 @@ _team = {"on": True, "pool_until": 0.0, "pause": TEAM_PAUSE_SECONDS}
 
 
 def _team_off_by_environment() -> bool:
-    return env_text("GATEDNORM_CPU_OPENMP").lower() in ("0", "false", "no", "off")
+    return env_off("GATEDNORM_CPU_OPENMP")
 
 
 def team(on: bool) -> contextlib.AbstractContextManager[None]:

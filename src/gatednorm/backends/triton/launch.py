@@ -14,7 +14,7 @@ import threading
 import torch
 import triton
 
-from ...settings import env_flag, env_text
+from ...settings import env_flag, env_off, env_text
 from ...spec import NormSpec, QuantSpec, quant_max
 from ..base import Grads, GradsNeeded
 from .kernels import (
@@ -303,7 +303,7 @@ SPLIT_MIN_LOW = 128
 #: graph 77 -> 87%; 32768x5120 groups of 640 quantized fp8 / ue8m0 / int8 in a graph 53 / 66 / 53 -> 72 / 84 / 75%).
 #: GATEDNORM_TRITON_SPLIT_GROUPS=0, read when the triton backend loads, keeps one padded tile (docs/design.md,
 #: "Quantized output" and "Groups of three parts").
-SPLIT_GROUPS = env_text("GATEDNORM_TRITON_SPLIT_GROUPS").lower() not in ("0", "false", "no", "off")
+SPLIT_GROUPS = not env_off("GATEDNORM_TRITON_SPLIT_GROUPS")
 
 
 def split_parts(group_size: int) -> int:
