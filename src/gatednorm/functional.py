@@ -25,6 +25,7 @@ from .ops import (
     gated_norm_residual_rows,
     gated_norm_rows,
     gated_norm_rows_backward,
+    grads_with_graph,
     needs_autograd,
     planned_forward,
     planned_quant,
@@ -281,10 +282,8 @@ def _differentiable_linear_grads(dout, s, z, weight, bias, linear_weight, spec: 
     """(ds, dz, dweight, dbias, dlinear_weight) with their own graph (``create_graph=True``), as
     ops._differentiable_grads does for the norm: its forward (ops.formula_rows) and the linear layer recomputed
     in torch ops, then differentiated by autograd; None where no gradient is asked."""
-    wanted = [t for t, n in zip((s, z, weight, bias, linear_weight), need, strict=True) if n]
     out = _linear_of(formula_rows(s, weight, bias, z, spec, out_dtype=dtype)[0], linear_weight, None, dtype)
-    grads = iter(torch.autograd.grad(out, wanted, dout, create_graph=True, allow_unused=True))
-    return tuple(next(grads) if n else None for n in need)
+    return grads_with_graph(out, (s, z, weight, bias, linear_weight), need, dout)
 
 
 def layernorm_linear_fn(

@@ -620,10 +620,15 @@ def _differentiable_grads(ctx, dy, x, weight, bias, z) -> tuple:
     gradient penalties, Hessian-vector products). The analytic backward is not differentiable again, so the
     forward is recomputed in torch ops (:func:`formula_rows`, as under torch.func) and autograd differentiates
     it, with the graph kept; None where no gradient is asked."""
-    needs = ctx.needs_input_grad[:4]
-    wanted = [t for t, need in zip((x, weight, bias, z), needs, strict=True) if need]
     y = formula_rows(x, weight, bias, z, ctx.spec, out_dtype=dy.dtype)[0]
-    grads = iter(torch.autograd.grad(y, wanted, dy, create_graph=True, allow_unused=True))
+    return grads_with_graph(y, (x, weight, bias, z), ctx.needs_input_grad[:4], dy)
+
+
+def grads_with_graph(output: torch.Tensor, inputs: tuple, needs: tuple[bool, ...], grad_output: torch.Tensor) -> tuple:
+    """The gradients of ``output`` (recomputed in torch ops) with respect to ``inputs``, their graph kept
+    (``create_graph=True``), one per input: None where ``needs`` says no gradient is asked."""
+    wanted = [t for t, need in zip(inputs, needs, strict=True) if need]
+    grads = iter(torch.autograd.grad(output, wanted, grad_output, create_graph=True, allow_unused=True))
     return tuple(next(grads) if need else None for need in needs)
 
 
