@@ -46,6 +46,14 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', tr
 SGL=()
 [ -f sgl/layernorm_gated.py ] && SGL=(--sglang sgl/layernorm_gated.py --sglang-loader tools)
 
+# `gatednorm verify` on cuda, native and triton, in worker processes (every Triton variant JIT-compiles on first
+# use, CPU-bound): killed after $1 seconds, stopping by itself after $2 with a partial report
+verify_cuda() {
+    timeout --preserve-status "$1" python3 -m gatednorm verify --device cuda --backend native --backend triton \
+        --jobs "${VERIFY_JOBS:-12}" --no-progress --progress-every 30 --max-seconds "$2" \
+        --json "$OUT/verify_cuda.json" --markdown "$OUT/verify_cuda.md" > "$OUT/verify_cuda.log" 2>&1
+}
+
 case "${1:-kernels}" in
 full)
     start=$(date +%s)
@@ -55,9 +63,7 @@ full)
     grep -E "^HOST|done in|copy bandwidth" "$OUT/bench_gpu_full.log" | head -40
     left=$(( ${FULL_SECONDS:-575} - ($(date +%s) - start) ))
     if [ "$left" -gt 60 ]; then
-        timeout --preserve-status "$left" python3 -m gatednorm verify --device cuda --backend native --backend triton \
-            --jobs "${VERIFY_JOBS:-12}" --no-progress --progress-every 30 --max-seconds $(( left - 30 )) \
-            --json "$OUT/verify_cuda.json" --markdown "$OUT/verify_cuda.md" > "$OUT/verify_cuda.log" 2>&1
+        verify_cuda "$left" $(( left - 30 ))
         echo "verify exit $?"; tail -8 "$OUT/verify_cuda.log"
     fi
     ;;
@@ -67,12 +73,7 @@ kernels)
     python3 benchmarks/bench_gpu.py --host --out "$OUT" "${SGL[@]}" 2>&1 | tee "$OUT/bench_gpu.log"
     ;;
 verify)
-    # every Triton variant JIT-compiles on first use (CPU-bound): compile in worker processes, bound
-    # the run and keep a partial report if it does not finish
-    timeout --preserve-status "${VERIFY_TIMEOUT:-540}" python3 -m gatednorm verify --device cuda \
-        --backend native --backend triton --jobs "${VERIFY_JOBS:-12}" --no-progress --progress-every 30 \
-        --max-seconds "${VERIFY_SECONDS:-420}" \
-        --json "$OUT/verify_cuda.json" --markdown "$OUT/verify_cuda.md" > "$OUT/verify_cuda.log" 2>&1
+    verify_cuda "${VERIFY_TIMEOUT:-540}" "${VERIFY_SECONDS:-420}"
     echo "verify exit $?"; tail -40 "$OUT/verify_cuda.log"
     ;;
 ab)
