@@ -139,6 +139,24 @@ def test_info_explains_the_environment(monkeypatch):
     assert cpu["default"] is None and "GATEDNORM_BACKEND" in cpu["default_reason"]
 
 
+def test_info_reports_every_variable_gatednorm_reads(monkeypatch):
+    """settings.VARIABLES, what ``gatednorm info`` reports, is every name in settings' table and every name the
+    package reads (string literals in src/gatednorm), so a bug report shows each setting that changed what ran."""
+    from gatednorm import settings
+
+    src = pathlib.Path(gatednorm.__file__).parent
+    read = set()
+    for path in src.rglob("*.py"):
+        read |= set(re.findall(r'"((?:GATEDNORM|USE_NATIVE|TRITON)_[A-Z_]+)"', path.read_text()))
+    table = set(re.findall(r"^``([A-Z_]+)``", settings.__doc__, re.MULTILINE))
+    assert len(settings.VARIABLES) == len(set(settings.VARIABLES))
+    assert set(settings.VARIABLES) == table == read, (set(settings.VARIABLES) ^ table, set(settings.VARIABLES) ^ read)
+    monkeypatch.setenv("GATEDNORM_TRITON_SPLIT_GROUPS", "0")
+    data = gatednorm.info()
+    assert data["settings"]["GATEDNORM_TRITON_SPLIT_GROUPS"] == "0"
+    assert "GATEDNORM_TRITON_SPLIT_GROUPS=0" in gatednorm.diagnostics.format_info(data)
+
+
 def test_triton_available_says_importable_not_usable():
     doc = gatednorm.triton_available.__doc__
     assert "import" in doc and "TRITON_INTERPRET" in doc and "info" in doc

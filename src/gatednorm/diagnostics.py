@@ -16,11 +16,10 @@ import torch
 from . import huge_pages, ops
 from ._platform import device_name
 from ._version import __version__
-from .settings import env_text
+from .settings import VARIABLES, env_text
 
-#: The environment variables that change which backend a call gets (and Triton's interpreter switch).
-SETTINGS = ("GATEDNORM_BACKEND", "USE_NATIVE_LAYERNORM", "TRITON_INTERPRET", "GATEDNORM_PATCH", "GATEDNORM_CPU_KERNEL",
-            "GATEDNORM_CPU_OPENMP", "GATEDNORM_CACHE_DIR", "GATEDNORM_HUGE_PAGES")
+#: The environment variables reported: every one gatednorm reads (gatednorm.settings, one list).
+SETTINGS = VARIABLES
 
 
 def _version(distribution: str) -> str | None:

@@ -40,6 +40,13 @@ from __future__ import annotations
 
 import os
 
+#: Every variable gatednorm reads, in the table's order: ``gatednorm info`` (gatednorm.diagnostics) reports each
+#: one that is set, so a bug report shows every setting that changed what ran. tests/test_newcomer.py checks this
+#: against the table above and against the names the package reads.
+VARIABLES = ("USE_NATIVE_LAYERNORM", "GATEDNORM_BACKEND", "GATEDNORM_PATCH", "TRITON_INTERPRET",
+             "GATEDNORM_TRITON_FAST_LAUNCH", "GATEDNORM_TRITON_SPLIT_GROUPS", "GATEDNORM_CPU_KERNEL",
+             "GATEDNORM_CPU_OPENMP", "GATEDNORM_CACHE_DIR", "GATEDNORM_HUGE_PAGES")
+
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")
 
