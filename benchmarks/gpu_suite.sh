@@ -6,7 +6,8 @@
 #
 #   bash benchmarks/gpu_suite.sh full      # issue 16's acceptance run in one device call: the whole bench_gpu
 #                                          # table (every shape, sglang and fla beside us, the host breakdown),
-#                                          # then `gatednorm verify` on cuda in the time left (FULL_SECONDS, 575)
+#                                          # its goals checked (benchmarks/acceptance.py -> acceptance.md), then
+#                                          # `gatednorm verify` on cuda in the time left (FULL_SECONDS, 575)
 #   bash benchmarks/gpu_suite.sh kernels   # GPU tests + the fused-kernel benchmark (issue 7)
 #   bash benchmarks/gpu_suite.sh verify    # the full `gatednorm verify` on cuda, in worker processes
 #   bash benchmarks/gpu_suite.sh report    # native eager on GPU, tensor parallel (2 GPUs)
@@ -61,6 +62,8 @@ full)
         "${SGL[@]}" > "$OUT/bench_gpu_full.log" 2>&1  # tables written after every shape: a cut run keeps its rows
     echo "bench_gpu exit $? after $(( $(date +%s) - start )) s"
     grep -E "^HOST|done in|copy bandwidth" "$OUT/bench_gpu_full.log" | head -40
+    # issue 16's goals, each against the figure this run measured (met / MISSED / not measured)
+    python3 benchmarks/acceptance.py --bench "$OUT/full/gpu_bench.json" --markdown "$OUT/acceptance.md" | tail -1
     left=$(( ${FULL_SECONDS:-575} - ($(date +%s) - start) ))
     if [ "$left" -gt 60 ]; then
         verify_cuda "$left" $(( left - 30 ))
@@ -95,6 +98,7 @@ quant)
     echo "pytest exit $?" | tee -a "$OUT/quant_tests.log"; tail -3 "$OUT/quant_tests.log"
     python3 benchmarks/bench_gpu.py --quant --no-compile --quant-formats fp8_e4m3,fp8_e4m3:ue8m0,int8 "${SGL[@]}" \
         --out "$OUT" 2>&1 | tail -30
+    python3 benchmarks/acceptance.py --quant "$OUT/quant_bench.json" --markdown "$OUT/acceptance_quant.md" | tail -1
     python3 benchmarks/probe_quant_ablation.py --json "$OUT/quant_ablation.json" 2>&1 | tail -30
     ;;
 quant-tune)

@@ -1,0 +1,189 @@
+"""The GPU goals of issues 16 and 14, checked against one benchmark run's JSON: every goal, every shape it
+applies to, the figure measured, the bound and whether it is met, so that a closing note quotes each goal as
+measured and forgets none.
+
+    python benchmarks/acceptance.py --bench OUT/gpu_bench.json [--quant OUT/quant_bench.json] [--markdown PATH]
+
+``--bench``: what ``benchmarks/bench_gpu.py [--host]`` wrote (issue 16); ``--quant``: what ``bench_gpu.py --quant``
+wrote (issue 14). Reads the JSON only (no torch, no GPU): it runs on the machine the results were copied to.
+A goal whose figure the run did not measure (a peer not installed, a shape left out, no CUDA-graph time) is
+listed as "not measured", never as met. Correctness goals (``tests/test_gpu.py``, ``gatednorm verify --device
+cuda``) are not in these files; their results are quoted from their own logs.
+
+The bounds are the issues' own:
+
+* issue 16: the forward at least as fast as the best of sglang, fla's layernorm_gated and fla's fused_norm_gate
+  on every shape (eager do_bench medians, L2 flushed, one run); forward >= 90% and forward+backward >= 75% of the
+  copy bandwidth measured in the same run on every shape of at least 32M elements (forward+backward eagerly and
+  in a CUDA graph); host time per call (back to back) forward <= 2x one torch.mul, forward+backward <= 1.5x the
+  autograd pair ``(x * z).backward(dy)``; in a CUDA graph forward <= 1.3x one torch.mul at 8192x128 and
+  2048x128, forward+backward <= 5x;
+* issue 14: the fused quantized forward >= 1.8x faster than the norm followed by each separate quantization the
+  run timed, and >= 85% of copy, on shapes of at least 32M elements; in a CUDA graph at 8192x128 within 1.3x of
+  one torch.mul.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Iterator
+from typing import NamedTuple
+
+#: The issues' threshold: bandwidth goals apply to shapes of at least this many elements.
+BIG = 32 * 1024 * 1024
+OURS = "gatednorm triton"
+FUSED = "fused (gated_norm_quant)"
+#: bench_gpu.py's names of the peers of issue 16's forward goal (sglang's carries its version: a prefix).
+PEERS = ("sglang", "fla layernorm_gated", "fla fused_norm_gate")
+#: The shapes of issue 16's CUDA-graph forward goal and issue 14's (name prefixes).
+GRAPH_FORWARD_SHAPES = ("8192x128 ", "2048x128 ")
+QUANT_GRAPH_SHAPE = "8192x128 "
+
+
+class Check(NamedTuple):
+    """One goal on one case: the figure measured (None: not measured) against its bound."""
+
+    issue: int
+    goal: str
+    case: str
+    value: float | None
+    bound: float
+    at_least: bool  # True: value >= bound meets the goal; False: value <= bound
+    unit: str
+    detail: str = ""
+
+    @property
+    def verdict(self) -> str:
+        if self.value is None:
+            return "not measured"
+        return "met" if (self.value >= self.bound if self.at_least else self.value <= self.bound) else "MISSED"
+
+    def figure(self) -> str:
+        if self.value is None:
+            return "-"
+        return f"{self.value:.2f}{self.unit}" if self.unit == "x" else f"{self.value:.1f}{self.unit}"
+
+
+def _big(rec: dict) -> bool:
+    return rec["M"] * rec["N"] >= BIG
+
+
+def _us(v: float | None) -> str:
+    return "-" if v is None else f"{v:.1f} us"
+
+
+def _ratio(num: float | None, den: float | None) -> float | None:
+    return None if num is None or not den else num / den
+
+
+def _parity(shape: str, ours_ms: float | None, peers: dict[str, float], where: str) -> Check:
+    """Our forward's time over the fastest peer's (issue 16: at most 1)."""
+    goal = f"forward at least as fast as the best peer{where} (time / best peer's)"
+    if not peers:
+        return Check(16, goal, shape, None, 1.0, False, "x", "no peer timed")
+    best = min(peers, key=peers.get)
+    return Check(16, goal, shape, _ratio(ours_ms, peers[best]), 1.0, False, "x", f"best: {best}")
+
+
+def forward_checks(records: list[dict]) -> Iterator[Check]:
+    """Issue 16's goals from bench_gpu.py's records."""
+    for rec in records:
+        shape = rec["shape"]
+        fwd = rec.get("fwd", {})
+        fb = rec.get("fwd_bwd", {})
+        ours = fwd.get(OURS, {})
+        peers = {name: r["ms"] for name, r in fwd.items() if name.startswith(PEERS) and r.get("ms")}
+        yield _parity(shape, ours.get("ms"), peers, "")
+        graph_peers = {name: r["graph_ms"] for name, r in fwd.items() if name.startswith(PEERS) and r.get("graph_ms")}
+        if ours.get("graph_ms") and graph_peers:  # small shapes: the kernels alone (eagerly the host's time counts)
+            yield _parity(shape, ours["graph_ms"], graph_peers, ", in a CUDA graph")
+        if _big(rec):
+            yield Check(16, "forward >= 90% of copy", shape, ours.get("pct_copy"), 90.0, True, "%")
+            ours_fb = fb.get(OURS, {})
+            yield Check(16, "forward+backward >= 75% of copy, eagerly", shape, ours_fb.get("pct_copy"), 75.0, True, "%")
+            yield Check(16, "forward+backward >= 75% of copy, in a CUDA graph", shape,
+                        ours_fb.get("graph_pct_copy"), 75.0, True, "%")
+        if rec.get("mul_b2b_us"):  # back-to-back host time: the shapes below BIG
+            yield Check(16, "host: forward <= 2x one torch.mul per call", shape,
+                        _ratio(ours.get("b2b_us"), rec["mul_b2b_us"]), 2.0, False, "x",
+                        f"{_us(ours.get('b2b_us'))} / {_us(rec['mul_b2b_us'])}")
+        if rec.get("autograd_pair_b2b_us"):
+            ours_fb_us = fb.get(OURS, {}).get("b2b_us")
+            yield Check(16, "host: forward+backward <= 1.5x the autograd pair per call", shape,
+                        _ratio(ours_fb_us, rec["autograd_pair_b2b_us"]), 1.5, False, "x",
+                        f"{_us(ours_fb_us)} / {_us(rec['autograd_pair_b2b_us'])}")
+        if shape.startswith(GRAPH_FORWARD_SHAPES):
+            yield Check(16, "CUDA graph: forward <= 1.3x one torch.mul", shape, ours.get("graph_x_mul"), 1.3, False,
+                        "x")
+        if rec.get("mul_graph_ms") and not _big(rec):
+            yield Check(16, "CUDA graph: forward+backward <= 5x one torch.mul", shape,
+                        fb.get(OURS, {}).get("graph_x_mul"), 5.0, False, "x")
+
+
+def quant_checks(records: list[dict]) -> Iterator[Check]:
+    """Issue 14's goals from bench_gpu.py --quant's records (one per shape and format)."""
+    for rec in records:
+        case = f"{rec['shape']} {rec['quant']} {rec['scale_format']}"
+        impls = rec.get("impls", {})
+        fused = impls.get(FUSED, {})
+        if _big(rec):
+            separate = {name: r for name, r in impls.items() if name.startswith("norm + ")}
+            for name, r in separate.items():
+                yield Check(14, "fused >= 1.8x faster than norm + separate quant", case,
+                            _ratio(r.get("ms"), fused.get("ms")), 1.8, True, "x", name)
+            if not separate:
+                yield Check(14, "fused >= 1.8x faster than norm + separate quant", case, None, 1.8, True, "x")
+            yield Check(14, "fused >= 85% of copy, eagerly", case, fused.get("pct_copy"), 85.0, True, "%")
+            yield Check(14, "fused >= 85% of copy, in a CUDA graph", case, fused.get("graph_pct_copy"), 85.0, True,
+                        "%")
+        if rec["shape"].startswith(QUANT_GRAPH_SHAPE):
+            yield Check(14, "CUDA graph: fused within 1.3x one torch.mul", case, fused.get("graph_x_mul"), 1.3, False,
+                        "x")
+
+
+def markdown(checks: list[Check], sources: list[str]) -> str:
+    lines = [f"Goals checked against {', '.join(sources)}.", "",
+             "| issue | goal | case | measured | bound | verdict | note |", "|---|---|---|---|---|---|---|"]
+    for c in checks:
+        bound = f"{'>=' if c.at_least else '<='} {c.bound:g}{c.unit}"
+        lines.append(f"| {c.issue} | {c.goal} | {c.case} | {c.figure()} | {bound} | {c.verdict} | {c.detail} |")
+    counts = {v: sum(c.verdict == v for c in checks) for v in ("met", "MISSED", "not measured")}
+    lines += ["", f"{counts['met']} met, {counts['MISSED']} missed, {counts['not measured']} not measured "
+              f"(of {len(checks)} checks)."]
+    return "\n".join(lines)
+
+
+def load(path: str) -> tuple[dict, list[dict]]:
+    with open(path) as f:
+        data = json.load(f)
+    return data.get("meta", {}), data["records"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--bench", help="gpu_bench.json from benchmarks/bench_gpu.py (issue 16)")
+    ap.add_argument("--quant", help="quant_bench.json from benchmarks/bench_gpu.py --quant (issue 14)")
+    ap.add_argument("--markdown", help="also write the table here")
+    args = ap.parse_args(argv)
+    if not args.bench and not args.quant:
+        ap.error("give --bench and/or --quant")
+    checks: list[Check] = []
+    sources = []
+    for path, make in ((args.bench, forward_checks), (args.quant, quant_checks)):
+        if path:
+            meta, records = load(path)
+            copy = meta.get("copy_gbps")
+            sources.append(f"`{path}` ({meta.get('device', '?')}"
+                           + (f", copy {copy:.0f} GB/s in the same run)" if copy else ")"))
+            checks.extend(make(records))
+    text = markdown(checks, sources)
+    print(text)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
