@@ -18,12 +18,20 @@ kernel when ``--sglang PATH`` names the extracted ``layernorm_gated.py`` (loaded
 The launch shapes themselves are tuned by benchmarks/tune_gpu.py.
 
 With --quant: the quantized-output benchmark of benchmarks/bench_quant.py (fused gated_norm_quant vs
-norm + separate quantization); --device cpu --smoke runs it tiny under TRITON_INTERPRET=1.
+norm + separate quantization).
+
+``--device cpu --smoke`` (under ``TRITON_INTERPRET=1``) runs either benchmark on tiny shapes of the same kinds on
+the CPU machine, every code path the GPU run takes (the host breakdown, the peers, tables, JSON, plot) but CUDA
+graphs, with perf_counter timings that mean nothing: a check that a scarce device call will not die in Python
+(tests/test_acceptance.py runs it).
+
+    TRITON_INTERPRET=1 PYTHONPATH=src python benchmarks/bench_gpu.py --device cpu --smoke --host --out /tmp/smoke
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -32,14 +40,12 @@ import time
 import torch
 import torch.nn.functional as F
 import triton
-from triton.testing import do_bench
 
 import gatednorm
 import gatednorm.backends.triton.launch as tk
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_quant  # noqa: E402  (the --quant benchmark, next to this file)
-from cuda_timing import cuda_graph_ms  # noqa: E402
 
 EPS = 1e-6
 BIG = 32 * 1024 * 1024  # elements: at and above this, the bandwidth goals apply
@@ -59,29 +65,54 @@ SHAPES = [
     # a group wider than one register tile (MAX_BLOCK): the chunked kernels, two passes over each row's chunks
     ("8192x16384 one group rms gate-before", 8192, 16384, 16384, True, False, True, False),
 ]
+#: --smoke: one tiny shape of each kernel kind above (tiles of several rows, padded groups, one wide group, the
+#: LayerNorm with bias, three-part groups of 96, chunks of a group wider than a tile).
+SMOKE_SHAPES = [
+    ("16x128 rms gate-after", 16, 128, 128, True, True, True, False),
+    ("4x1280 g640 rms gate-before", 4, 1280, 640, True, False, True, False),
+    ("2x2048 LN+bias no gate", 2, 2048, 2048, False, True, False, True),
+    ("4x192 LN g96 gate-before", 4, 192, 96, False, False, True, False),
+    ("1x16384 one group rms gate-before", 1, 16384, 16384, True, False, True, False),
+]
 
 
-def bench(fn, graph_calls=0):
-    """Median ms per call (do_bench); with graph_calls, also ms per call inside a CUDA graph of that many."""
-    t = do_bench(fn, warmup=25, rep=100, return_mode="median")
-    tg = None
-    if graph_calls:
-        try:
-            tg = cuda_graph_ms(fn, graph_calls)
-        except Exception as e:  # an upstream kernel that cannot be captured
-            print(f"    graph capture failed: {type(e).__name__}: {e}", file=sys.stderr)
-    return t, tg
+@dataclasses.dataclass
+class Run:
+    """Where and how this run times: the device, bench_quant's Timer (do_bench with L2 flushed on CUDA,
+    perf_counter on CPU) and, for --smoke, few calls of everything."""
+
+    device: torch.device
+    timer: bench_quant.Timer
+    smoke: bool = False
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def calls(self, n: int) -> int:
+        return 2 if self.smoke else n
 
 
-def back_to_back_us(fn, calls=2000):
+#: CUDA, as tune_gpu.py, bench_triton_ab.py and bench_residual.py (which import from here) use it.
+CUDA_RUN = Run(torch.device("cuda"), bench_quant.Timer(torch.device("cuda"), False))
+
+
+def bench(fn, run: Run, graph_calls=0):
+    """Median ms per call; with graph_calls, also ms per call inside a CUDA graph of that many (None off CUDA or
+    where capture fails: an upstream kernel that cannot be captured)."""
+    return run.timer(fn), (run.timer.graph(fn, graph_calls) if graph_calls else None)
+
+
+def back_to_back_us(fn, run: Run, calls=2000):
     """Wall-clock us per call for many calls in a row (the larger of host and device time per call)."""
-    for _ in range(10):
+    for _ in range(run.calls(10)):
         fn()
-    torch.cuda.synchronize()
+    run.sync()
+    calls = run.calls(calls)
     t0 = time.perf_counter()
     for _ in range(calls):
         fn()
-    torch.cuda.synchronize()
+    run.sync()
     return (time.perf_counter() - t0) / calls * 1e6
 
 
@@ -106,7 +137,7 @@ def torch_formula(x, w, b, z, gs, rms, nbg):
     return y.to(x.dtype)
 
 
-def load_upstream(args):
+def load_upstream(args, device: torch.device):
     impls = {}
     try:
         from fla.modules.norm import fused_norm_gate as fla_fused
@@ -115,33 +146,31 @@ def load_upstream(args):
         impls["fla_fused"] = fla_fused
     except Exception as e:
         print(f"fla not available: {e}", file=sys.stderr)
-    sglang = bench_quant.load_sglang(args, torch.device("cuda"))
+    sglang = bench_quant.load_sglang(args, device)
     if sglang is not None:
         impls["sglang"] = sglang
     return impls
 
 
-def copy_bandwidth():
-    src = torch.randn(256 * 1024 * 1024, device="cuda", dtype=torch.bfloat16)  # 512 MiB
-    dst = torch.empty_like(src)
-    t = do_bench(lambda: dst.copy_(src), warmup=25, rep=100, return_mode="median")
-    return 2 * 256 * 1024 * 1024 * 2 / (t * 1e-3) / 1e9
+def copy_bandwidth(run: Run = CUDA_RUN) -> float:
+    """GB/s (bytes read + written) of a bf16 copy of 512 MiB (64K elements for --smoke)."""
+    return bench_quant.copy_gbps(run.device, run.timer, run.smoke)
 
 
-def make_inputs(m, n, has_z, has_bias, seed=0):
-    g = torch.Generator(device="cuda").manual_seed(seed)
+def make_inputs(m, n, has_z, has_bias, seed=0, device="cuda"):
+    g = torch.Generator(device=device).manual_seed(seed)
     bf = torch.bfloat16
-    x = torch.randn(m, n, device="cuda", generator=g).to(bf)
-    z = torch.randn(m, n, device="cuda", generator=g).to(bf) if has_z else None
-    w = (torch.randn(n, device="cuda", generator=g) * 0.1 + 1).to(bf)
-    b = (torch.randn(n, device="cuda", generator=g) * 0.1).to(bf) if has_bias else None
-    dy = torch.randn(m, n, device="cuda", generator=g).to(bf)
+    x = torch.randn(m, n, device=device, generator=g).to(bf)
+    z = torch.randn(m, n, device=device, generator=g).to(bf) if has_z else None
+    w = (torch.randn(n, device=device, generator=g) * 0.1 + 1).to(bf)
+    b = (torch.randn(n, device=device, generator=g) * 0.1).to(bf) if has_bias else None
+    dy = torch.randn(m, n, device=device, generator=g).to(bf)
     return x, z, w, b, dy
 
 
-def run_shape(shape, impls, copy_gbps, args):
+def run_shape(shape, impls, copy_gbps, args, run: Run):
     name, m, n, gs, rms, nbg, has_z, has_bias = shape
-    x, z, w, b, dy = make_inputs(m, n, has_z, has_bias)
+    x, z, w, b, dy = make_inputs(m, n, has_z, has_bias, device=run.device)
     groups = n // gs
     tensors = 2 if has_z else 1
     bytes_fwd = (tensors + 1) * m * n * 2 + (1 if rms else 2) * groups * m * 4
@@ -153,17 +182,18 @@ def run_shape(shape, impls, copy_gbps, args):
 
     y = torch.empty_like(x)
     z_or_x = z if z is not None else x
-    t, tg = bench(lambda: torch.mul(x, z_or_x, out=y), graph_calls)
+    t, tg = bench(lambda: torch.mul(x, z_or_x, out=y), run, graph_calls)
     rec["mul_ms"], rec["mul_graph_ms"] = t, tg
-    rec["mul_b2b_us"] = back_to_back_us(lambda: torch.mul(x, z_or_x, out=y)) if small else None
+    rec["mul_b2b_us"] = back_to_back_us(lambda: torch.mul(x, z_or_x, out=y), run) if small else None
     if small:  # the host floor of any autograd pair: one product forward, its two-product backward
         xa, za = x.detach().requires_grad_(True), z_or_x.detach().clone().requires_grad_(True)
-        rec["autograd_pair_b2b_us"] = back_to_back_us(lambda: torch.autograd.grad(xa * za, (xa, za), dy), calls=500)
+        rec["autograd_pair_b2b_us"] = back_to_back_us(lambda: torch.autograd.grad(xa * za, (xa, za), dy), run,
+                                                      calls=500)
 
     if small:
         from gatednorm.spec import NormSpec
         spec = NormSpec(EPS, gs, nbg, rms, "swish")
-        rec["ours_kernel_b2b_us"] = back_to_back_us(lambda: tk.forward(x, w, b, z, spec, y))
+        rec["ours_kernel_b2b_us"] = back_to_back_us(lambda: tk.forward(x, w, b, z, spec, y), run)
 
     # correctness gate: ours against native on this very shape
     with torch.no_grad():
@@ -209,10 +239,10 @@ def run_shape(shape, impls, copy_gbps, args):
         for key, fn in fwd.items():
             try:
                 gc = graph_calls if key in ("gatednorm triton", "sglang 0.5.23", "fla fused_norm_gate") else 0
-                t, tg = bench(fn, gc)
+                t, tg = bench(fn, run, gc)
                 r = {"ms": t, "graph_ms": tg}
                 if small and key == "gatednorm triton":
-                    r["b2b_us"] = back_to_back_us(fn)
+                    r["b2b_us"] = back_to_back_us(fn, run)
                 rec["fwd"][key] = r
             except Exception as e:
                 print(f"  {name} fwd {key} failed: {type(e).__name__}: {e}", file=sys.stderr)
@@ -243,10 +273,10 @@ def run_shape(shape, impls, copy_gbps, args):
     for key, fn in fb_impls.items():
         try:
             gc = (graph_calls or 10) if key in ("gatednorm triton", "fla layernorm_gated", "fla fused_norm_gate") else 0
-            t, tg = bench(fn, gc)
+            t, tg = bench(fn, run, gc)
             r = {"ms": t, "graph_ms": tg}
             if small and key == "gatednorm triton":
-                r["b2b_us"] = back_to_back_us(fn, calls=500)
+                r["b2b_us"] = back_to_back_us(fn, run, calls=500)
             rec["fwd_bwd"][key] = r
         except Exception as e:
             print(f"  {name} fwd+bwd {key} failed: {type(e).__name__}: {e}", file=sys.stderr)
@@ -263,10 +293,12 @@ def run_shape(shape, impls, copy_gbps, args):
     return rec
 
 
-def host_breakdown(m=8192, n=128):
+def host_breakdown(run: Run, m=8192, n=128):
     """Wall us per call of each layer of the stack back-to-back, and a profiler table of fwd+bwd."""
     from gatednorm.spec import NormSpec
-    x, z, w, b, dy = make_inputs(m, n, True, False)
+    if run.smoke:
+        m = 16
+    x, z, w, b, dy = make_inputs(m, n, True, False, device=run.device)
     spec = NormSpec(EPS, n, True, True, "swish")
     y = torch.empty_like(x)
     mean, rstd = tk.forward(x, w, None, z, spec, y)
@@ -285,7 +317,7 @@ def host_breakdown(m=8192, n=128):
     }
     for k, f in rows.items():
         before = tk.fast_launches
-        us = back_to_back_us(f, 300)
+        us = back_to_back_us(f, run, 300)
         print(f"HOST {k}: {us:.1f} us/call (cached launches: {tk.fast_launches - before})", flush=True)
     # Where forward+backward's host time goes: the Function's backward (Python, run by the autograd engine on the
     # device's thread) timed from inside, the rest of a call is the forward's Python and the engine
@@ -306,7 +338,7 @@ def host_breakdown(m=8192, n=128):
     planned = plans.planned_backward_launches
     GatedNormOutputFunction.backward = staticmethod(timed_backward)
     try:
-        us = back_to_back_us(rows["rmsnorm_fn fwd+bwd"], 300)
+        us = back_to_back_us(rows["rmsnorm_fn fwd+bwd"], run, 300)
     finally:
         GatedNormOutputFunction.backward = staticmethod(inner)
     if spent[1]:
@@ -319,18 +351,18 @@ def host_breakdown(m=8192, n=128):
         f = rows[k]
         prof = cProfile.Profile()
         prof.enable()
-        for _ in range(300):
+        for _ in range(run.calls(300)):
             f()
         prof.disable()
-        torch.cuda.synchronize()
+        run.sync()
         print(f"PROFILE {k} (300 calls)")
         pstats.Stats(prof).sort_stats("tottime").print_stats(14)
     from torch.profiler import ProfilerActivity, profile
     f = rows["rmsnorm_fn fwd+bwd"]
     with profile(activities=[ProfilerActivity.CPU]) as prof:
-        for _ in range(20):
+        for _ in range(run.calls(20)):
             f()
-        torch.cuda.synchronize()
+        run.sync()
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=10))
 
 
@@ -423,19 +455,26 @@ def main():
         bench_quant.run(args)
         return
     os.makedirs(args.out, exist_ok=True)
-    device = torch.cuda.get_device_name()
-    shapes = [s for s in SHAPES if not args.only or any(o in s[0] for o in args.only.split(","))]
+    dev = torch.device(args.device or "cuda")
+    if dev.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        sys.exit("on CPU the triton backend needs TRITON_INTERPRET=1 (set before Python starts)")
+    run = Run(dev, bench_quant.Timer(dev, args.smoke), args.smoke)
+    if args.smoke:
+        args.no_compile = True  # torch.compile of every shape: minutes of CPU for timings that mean nothing
+    device = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu (Triton interpreter)"
+    shapes = [s for s in (SMOKE_SHAPES if args.smoke else SHAPES)
+              if not args.only or any(o in s[0] for o in args.only.split(","))]
     print(f"{device}, torch {torch.__version__}, triton {triton.__version__}", flush=True)
     print(f"fast launch: {tk._fast_launch_enabled()}", flush=True)
     if args.host:
-        host_breakdown()
-    impls = load_upstream(args)
-    copy_gbps = copy_bandwidth()
+        host_breakdown(run)
+    impls = load_upstream(args, dev)
+    copy_gbps = copy_bandwidth(run)
     print(f"copy bandwidth {copy_gbps:.0f} GB/s", flush=True)
     # Warm-up pass, discarded: in one H200 run the first shape's forward rows ran at half speed for every
     # implementation timed early (clocks, first compiles), while the same row rerun at once was normal.
     if shapes:
-        run_shape(shapes[0], impls, copy_gbps, args)
+        run_shape(shapes[0], impls, copy_gbps, args, run)
         torch.cuda.empty_cache()
     meta = {"device": device, "torch": torch.__version__, "triton": triton.__version__, "copy_gbps": copy_gbps,
             "config": {k: getattr(tk, k) for k in ("MAX_BLOCK", "FWD_TILE_ELEMENTS", "BWD_TILE_ELEMENTS",
@@ -443,11 +482,11 @@ def main():
                                                     "BWD_PROGRAMS_PER_SM")},
             "fwd_tuned": {str(k): v for k, v in tk.FWD_TUNED.items()},
             "bwd_tuned": {str(k): v for k, v in tk.BWD_TUNED.items()},
-            "pdl": tk.pdl_supported(torch.device("cuda"))}
+            "pdl": tk.pdl_supported(dev)}
     records, table = [], ""
     for s in shapes:
         t0 = time.time()
-        records.append(run_shape(s, impls, copy_gbps, args))
+        records.append(run_shape(s, impls, copy_gbps, args, run))
         print(f"  {s[0]} done in {time.time() - t0:.0f}s", flush=True)
         torch.cuda.empty_cache()
         # the tables so far, after every shape: a run cut short (a device call's time limit) keeps its rows

@@ -1,10 +1,15 @@
-"""benchmarks/acceptance.py: issue 16's and 14's GPU goals read off a benchmark run's JSON (no GPU needed)."""
+"""The GPU benchmarks on the CPU machine: benchmarks/acceptance.py (issue 16's and 14's goals read off a run's
+JSON) and benchmarks/bench_gpu.py's --smoke runs (every code path of a device run but CUDA graphs, under Triton's
+interpreter), so that a scarce device call does not die in Python. No timing is asserted."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import pathlib
+import subprocess
+import sys
 
 import pytest
 
@@ -87,3 +92,65 @@ def test_committed_h200_runs(tmp_path, capsys):
     n = len(json.loads((results / "gpu_bench_h200.json").read_text())["records"])
     assert text.count("| 16 | forward at least as fast as the best peer (time") == n
     assert text.rstrip().endswith(", 0 not measured (of 102 checks).")  # every goal of these runs has its figure
+
+
+def _sglang_args() -> list[str]:
+    """--sglang / --sglang-quant / --sglang-loader for the installed sglang's kernel files and the shared loader,
+    where both are present (make setup-test and ../shared), else none (the runs go without sglang's columns)."""
+    spec = importlib.util.find_spec("sglang")
+    loader = ROOT.parent / "shared" / "tools"
+    if spec is None or not (loader / "upstream_sglang.py").is_file():
+        return []
+    ops = pathlib.Path(spec.submodule_search_locations[0]) / "kernels" / "ops"
+    norm, quant = ops / "attention" / "fla" / "layernorm_gated.py", ops / "quantization" / "fp8_kernel.py"
+    if not norm.is_file() or not quant.is_file():
+        return []
+    return ["--sglang", str(norm), "--sglang-quant", str(quant), "--sglang-loader", str(loader)]
+
+
+def _smoke(tmp_path: pathlib.Path, *args: str) -> str:
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT / "src")}
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_gpu.py"), "--device", "cpu", "--smoke",
+                           "--out", str(tmp_path), *args, *_sglang_args()],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_bench_gpu_smoke_runs_every_path(tmp_path):
+    """The forward / forward+backward benchmark with its host breakdown: every smoke shape (a wide group in
+    chunks, three-part groups, padded groups, LayerNorm with bias) gets our rows, the host lines print, and the
+    JSON it writes is what acceptance.py reads."""
+    out = _smoke(tmp_path, "--host")
+    assert "inside the Function's backward" in out and "HOST tk.backward:" in out
+    data = json.loads((tmp_path / "gpu_bench.json").read_text())
+    bench_gpu_shapes = [s[0] for s in _bench_gpu_module().SMOKE_SHAPES]
+    assert [r["shape"] for r in data["records"]] == bench_gpu_shapes
+    for rec in data["records"]:
+        assert rec["check_repeat_bitwise"] and rec["check_rel_err_vs_native"] < 1e-2, rec["shape"]
+        assert {"gatednorm triton", "gatednorm native"} <= set(rec["fwd"]) and "gatednorm triton" in rec["fwd_bwd"]
+        assert rec["fwd"]["gatednorm triton"]["graph_ms"] is None  # no CUDA graphs on the CPU
+    checks = list(acceptance.forward_checks(data["records"]))
+    assert checks and {c.verdict for c in checks} <= {"met", "MISSED", "not measured"}
+    assert (tmp_path / "gpu_bench.md").is_file()
+
+
+def test_bench_gpu_quant_smoke(tmp_path):
+    _smoke(tmp_path, "--quant")
+    data = json.loads((tmp_path / "quant_bench_smoke.json").read_text())
+    assert data["records"] and all("fused (gated_norm_quant)" in r["impls"] for r in data["records"])
+    assert all(r["check_bitwise_vs_generic"] for r in data["records"])
+
+
+def _bench_gpu_module():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        spec = importlib.util.spec_from_file_location("bench_gpu_for_test", ROOT / "benchmarks" / "bench_gpu.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module  # its dataclass looks its module up there
+        spec.loader.exec_module(module)
+        return module
+    finally:
+        sys.modules.pop("bench_gpu_for_test", None)
+        sys.path.remove(str(ROOT / "benchmarks"))
