@@ -23,7 +23,7 @@ norm + separate quantization).
 ``--device cpu --smoke`` (under ``TRITON_INTERPRET=1``) runs either benchmark on tiny shapes of the same kinds on
 the CPU machine, every code path the GPU run takes (the host breakdown, the peers, tables, JSON, plot) but CUDA
 graphs, with perf_counter timings that mean nothing: a check that a scarce device call will not die in Python
-(tests/test_acceptance.py runs it).
+(tests/test_gpu_benchmarks.py runs it).
 
     TRITON_INTERPRET=1 PYTHONPATH=src python benchmarks/bench_gpu.py --device cpu --smoke --host --out /tmp/smoke
 """

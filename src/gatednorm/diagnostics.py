@@ -18,9 +18,6 @@ from ._platform import device_name
 from ._version import __version__
 from .settings import VARIABLES, env_text
 
-#: The environment variables reported: every one gatednorm reads (gatednorm.settings, one list).
-SETTINGS = VARIABLES
-
 
 def _version(distribution: str) -> str | None:
     try:
@@ -90,7 +87,7 @@ def info() -> dict[str, Any]:
         "python": sys.version.split()[0],
         "torch": torch.__version__,
         "triton": _triton(),
-        "settings": {name: env_text(name) for name in SETTINGS},
+        "settings": {name: env_text(name) for name in VARIABLES},  # every variable gatednorm reads
         "native_cpu_kernel": ops.native_cpu_kernel_status(),
         "huge_pages": huge_pages.status(),
         "devices": devices,
