@@ -1,4 +1,4 @@
-"""A/B timing of the Triton forward kernel against other versions of the triton backend.
+"""A/B timing of the Triton forward (``--backward``: backward) kernels against other versions of the triton backend.
 
 For kernel changes that must not cost bandwidth (e.g. the range rescue's per-tile check): every
 version runs interleaved on the same inputs in one process; each is reported in GB/s, as a
@@ -18,12 +18,14 @@ A baseline (``BASE``) is either layout of the backend:
   installed package.
 
 Either way the version must be interface-compatible with the installed package and provide
-``forward(x, weight, bias, z, spec, out)``. The installed ``gatednorm.backends.triton.launch`` runs
-last, as "current". A label is the file's name without ``.py`` (for a folder or a ``launch.py``,
-the folder's name); ``--baseline LABEL=PATH`` names it explicitly.
+``forward(x, weight, bias, z, spec, out)`` (with ``--backward``: ``backward(dy, x, weight, bias, z, mean, rstd,
+spec)``, every gradient asked for, timed on the statistics of the current forward). The installed
+``gatednorm.backends.triton.launch`` runs last, as "current". A label is the file's name without ``.py`` (for
+a folder or a ``launch.py``, the folder's name); ``--baseline LABEL=PATH`` names it explicitly.
 
 ``--smoke`` runs every version once on a few small inputs and prints how far each is from "current"
-(max |difference| of y and rstd, and whether the bits agree); no timing, no bandwidth. It needs no
+(max |difference| of y and rstd, or with ``--backward`` of each gradient, and whether the bits agree); no
+timing, no bandwidth. It needs no
 GPU: on a machine without CUDA it runs on CPU tensors under Triton's interpreter
 (``TRITON_INTERPRET=1``, slow).
 
@@ -67,6 +69,7 @@ SMOKE_SHAPES = [
     ("16x256 g128 rms gate-after", 16, 256, 128, True, True, True, False),
     ("8x640 one group rms gate-before", 8, 640, 640, True, False, True, False),
     ("8x512 LN+bias no gate", 8, 512, 512, False, True, False, True),
+    ("3x12288 one group LN+bias gate-before", 3, 12288, 12288, False, False, True, True),  # two chunks
 ]
 
 
@@ -135,28 +138,41 @@ def load_versions(baselines: list[str]) -> dict[str, types.ModuleType]:
     return versions
 
 
-def time_shape(versions: dict, m, n, gs, rms, nbg, has_z, has_bias, rounds) -> tuple[dict[str, float], int]:
-    """({version: median ms of one forward over interleaved rounds}, bytes moved)."""
-    x, z, w, b, _ = make_inputs(m, n, has_z, has_bias)
+def _call(mod, backward: bool, x, w, b, z, dy, spec, out, stats):
+    """One forward of ``mod`` into out, or (backward) one backward from the current forward's statistics."""
+    if backward:
+        return mod.backward(dy, x, w, b, z, *stats, spec)
+    return mod.forward(x, w, b, z, spec, out)
+
+
+def time_shape(versions: dict, m, n, gs, rms, nbg, has_z, has_bias, rounds,
+               backward: bool = False) -> tuple[dict[str, float], int]:
+    """({version: median ms of one forward (or backward) over interleaved rounds}, bytes moved)."""
+    x, z, w, b, dy = make_inputs(m, n, has_z, has_bias)
     out = torch.empty_like(x)
     spec = NormSpec(EPS, gs, nbg, rms, "swish")
-    # bytes moved: x, z, out (bf16) and the fp32 statistics
-    moved = x.numel() * 2 * (3 if has_z else 2) + (m * (n // gs)) * 4 * (1 if rms else 2)
+    stats = current.forward(x, w, b, z, spec, out)
+    # bytes moved: x, z, out (bf16) and the fp32 statistics; the backward reads x, z, dy and writes dx, dz
+    tensors = 2 if has_z else 1
+    moved = x.numel() * 2 * ((2 * tensors + 1) if backward else (tensors + 1)) + (m * (n // gs)) * 4 * (1 if rms else 2)
     times: dict[str, list[float]] = {label: [] for label in versions}
     for _ in range(rounds):
         for label, mod in versions.items():
-            times[label].append(do_bench(lambda mod=mod: mod.forward(x, w, b, z, spec, out),
+            times[label].append(do_bench(lambda mod=mod: _call(mod, backward, x, w, b, z, dy, spec, out, stats),
                                          warmup=25, rep=100, return_mode="median"))
     return {label: statistics.median(t) for label, t in times.items()}, moved
 
 
-def smoke(versions: dict) -> int:
-    """Every version once per SMOKE_SHAPES input; print its distance from "current". Returns 1 on an error."""
+def smoke(versions: dict, backward: bool = False) -> int:
+    """Every version once per SMOKE_SHAPES input; print its distance from "current" (the forward's y and rstd, or
+    the backward's gradients). Returns 1 on an error."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cpu" and not env_flag("TRITON_INTERPRET"):
         print("no CUDA device: set TRITON_INTERPRET=1 to run the kernels on CPU tensors", file=sys.stderr)
         return 1
-    print(f"smoke on {device}; per version: max |y - y_current|, max |rstd - rstd_current|, bits equal")
+    print(f"smoke on {device}; per version: " + ("max |grad - grad_current| over dx, dz, dweight, dbias, bits equal"
+                                                 if backward else
+                                                 "max |y - y_current|, max |rstd - rstd_current|, bits equal"))
     failed = 0
     for name, m, n, gs, rms, nbg, has_z, has_bias in SMOKE_SHAPES:
         g = torch.Generator().manual_seed(0)
@@ -165,28 +181,29 @@ def smoke(versions: dict) -> int:
         w = (1 + 0.1 * torch.randn(n, generator=g)).to(device, torch.bfloat16)
         b = (0.1 * torch.randn(n, generator=g)).to(device, torch.bfloat16) if has_bias else None
         spec = NormSpec(EPS, gs, nbg, rms, "swish")
+        dy = torch.randn(m, n, generator=g).to(device, torch.bfloat16)
+        stats = current.forward(x, w, b, z, spec, torch.empty_like(x))
         results = {}
         for label, mod in versions.items():
             out = torch.empty_like(x)
             try:
-                _, rstd = mod.forward(x, w, b, z, spec, out)
+                got = _call(mod, backward, x, w, b, z, dy, spec, out, stats)
             except Exception as e:  # report and go on: one broken baseline should not hide the others
                 print(f"  {name}: {label} failed: {type(e).__name__}: {e}")
                 failed = 1
                 continue
-            results[label] = (out.float(), rstd.float())
+            results[label] = tuple(t.float() for t in (got if backward else (out, got[1])) if t is not None)
         ref = results.get("current")
         cells = []
-        for label, (y, rstd) in results.items():
+        for label, got in results.items():
             if label == "current":
                 continue
             if ref is None:
                 cells.append(f"{label} ran")
                 continue
-            dy = (y - ref[0]).abs().max().item()
-            dr = (rstd - ref[1]).abs().max().item()
-            same = torch.equal(y, ref[0]) and torch.equal(rstd, ref[1])
-            cells.append(f"{label} {dy:.1e} {dr:.1e} {'bits equal' if same else 'DIFFER'}")
+            diffs = " ".join(f"{(a - r).abs().max().item():.1e}" for a, r in zip(got, ref, strict=True))
+            same = all(torch.equal(a, r) for a, r in zip(got, ref, strict=True))
+            cells.append(f"{label} {diffs} {'bits equal' if same else 'DIFFER'}")
         print(f"  {name}: " + "; ".join(cells), flush=True)
     return failed
 
@@ -198,22 +215,23 @@ def main() -> None:
                          "backends/triton folder (or its launch.py); repeatable; ratios are to the first")
     ap.add_argument("--only", default="", help="comma-separated substrings of shape names (bench_gpu.SHAPES)")
     ap.add_argument("--rounds", type=int, default=5, help="interleaved do_bench rounds per version")
+    ap.add_argument("--backward", action="store_true", help="time (or compare) the backward instead of the forward")
     ap.add_argument("--smoke", action="store_true",
                     help="load every version and compare it with current on small inputs; no timing "
                          "(CPU: needs TRITON_INTERPRET=1)")
     args = ap.parse_args()
     versions = load_versions(args.baseline)
     if args.smoke:
-        sys.exit(smoke(versions))
+        sys.exit(smoke(versions, args.backward))
     first = next(iter(versions))
     copy_gbps = copy_bandwidth()
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; copy bandwidth {copy_gbps:.0f} GB/s; "
-          f"per version: ms, % of copy, time / {first}")
+          f"{'backward' if args.backward else 'forward'}, per version: ms, % of copy, time / {first}")
     print(f"{'shape':38s} " + " ".join(f"{label[:24]:>26s}" for label in versions))
     for name, m, n, gs, rms, nbg, has_z, has_bias in SHAPES:
         if args.only and not any(o in name for o in args.only.split(",")):
             continue
-        ms, moved = time_shape(versions, m, n, gs, rms, nbg, has_z, has_bias, args.rounds)
+        ms, moved = time_shape(versions, m, n, gs, rms, nbg, has_z, has_bias, args.rounds, args.backward)
         cells = [f"{t:8.4f} {100 * moved / (t * 1e-3) / 1e9 / copy_gbps:5.1f}% {t / ms[first]:6.3f}x"
                  for t in ms.values()]
         print(f"{name:38s} " + " ".join(f"{c:>26s}" for c in cells), flush=True)

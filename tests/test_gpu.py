@@ -354,7 +354,7 @@ def test_forward_plan_matches_plain_launch(shape, gs, nbg, is_rms, has_bias, dty
     ((4, 1000, 128), 64, True, True, True, torch.bfloat16, "rows"),
     ((2049, 5120), 640, False, True, False, torch.bfloat16, "strided"),
     ((333, 2048), 2048, True, False, True, torch.float16, "none"),
-    ((300, 20000), 10000, True, True, True, torch.bfloat16, "rows"),        # wide groups: zeroed partial rows
+    ((300, 20000), 10000, True, True, True, torch.bfloat16, "rows"),        # wide groups of two chunks
 ])
 def test_backward_plan_matches_plain_launch(shape, gs, nbg, is_rms, has_bias, dtype, z_layout):
     """Differentiable calls through the eager plan (GatedNormFunction with plans.ForwardPlan / BackwardPlan):

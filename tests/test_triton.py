@@ -104,6 +104,43 @@ def test_wide_group_loop_path(is_rms, nbg):
                     fixed=dict.fromkeys(("dx", "dz", "dweight"), (1e-4, 1e-5, "max")))
 
 
+@pytest.mark.parametrize("is_rms,nbg,bias", [(True, False, False), (False, True, True)])
+def test_two_chunk_backward_keeps_partials_in_registers(is_rms, nbg, bias, monkeypatch):
+    """Groups of two chunks (MAX_BLOCK < group <= 2 * MAX_BLOCK; here 1.5 * MAX_BLOCK, the second chunk half
+    masked) keep each chunk's dweight / dbias sums in registers across a program's row tiles and write its partial
+    row once, into memory left uninitialised (here poisoned with NaN: a column left unwritten would show). Against
+    float64, and against the same group read in four chunks (the read-modify-write of zeroed partial rows) at the
+    same program count, one row a tile: under the interpreter the same dweight / dbias bits (the same additions in
+    the same order; dx differs in how the row sums were reduced). Compiled for a GPU, the register sums may take
+    the product in a fused multiply-add where the read-modify-write adds it rounded, so there only close."""
+    gs = 3 * tk.MAX_BLOCK // 2
+    assert tk._bwd_config(gs, 4)[:3] == (tk.MAX_BLOCK, 2, 1)
+    m = 9  # several row tiles a program: the register sums run across tiles
+    spec = NormSpec(EPS, gs, nbg, is_rms, "swish")
+    x, z, w, b = make_inputs(m, gs, torch.float32, bias=bias, seed=5, device=DEV)
+    out = torch.empty(m, gs, device=DEV)
+    mean, rstd = tk.forward(x, w, b, z, spec, out)
+    dy = make_like(x)
+    assert tk._partials_alloc(3) is torch.zeros and tk._partials_alloc(2) is torch.empty
+    poisoned = []
+
+    def alloc(chunks):
+        if chunks > 2:
+            return torch.zeros
+        poisoned.append(chunks)
+        return lambda shape, **kw: torch.full(shape, float("nan"), **kw)
+
+    monkeypatch.setattr(tk, "_partials_alloc", alloc)
+    two = tk.backward(dy, x, w, b, z, mean, rstd, spec, config=(tk.MAX_BLOCK, 1, 4, 2, False))
+    four = tk.backward(dy, x, w, b, z, mean, rstd, spec, config=(tk.MAX_BLOCK // 2, 1, 4, 2, False))
+    assert poisoned == [2]
+    check_gradients(two, x, w, b, z, dy, *_args(spec),
+                    fixed=dict.fromkeys(("dx", "dz", "dweight"), (1e-4, 1e-5, "max")))
+    if DEV == "cpu":
+        assert torch.equal(two[2], four[2]) and (not bias or torch.equal(two[3], four[3]))
+    check_gradients(two, x, w, b, z, dy, *_args(spec), against=four)
+
+
 def test_non_contiguous_inputs_and_out():
     m, n, gs = 6, 128, 64
     spec = NormSpec(EPS, gs, False, False, "swish")

@@ -780,6 +780,27 @@ def _bwd_dxc(wdy, xhat, c1, c2, rstd, IS_RMS: tl.constexpr):
 
 
 @triton.jit
+def _bwd_chunk_write(
+    DY, X, Z, W, B, DX, DZ, mean, rstd, c1, c2, rows64, row_ok, stride_dym, stride_xm, stride_zm, stride_dxm,
+    stride_dzm, col0, offs, GS: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
+    NORM_BEFORE_GATE: tl.constexpr, IS_RMS: tl.constexpr, SIGMOID_GATE: tl.constexpr, NEED_DX: tl.constexpr,
+    NEED_DZ: tl.constexpr, BF16_BY_BITS: tl.constexpr,
+):
+    """A wide group's second pass over one chunk of a row tile, given the row sums' means c1, c2: stores its dx
+    (and dz) and returns its (g * xhat, g), the chunk's dweight / dbias contributions per element."""
+    x, act, dact, xhat, gy, wdy, dz_after, mask = _bwd_terms(
+        DY, X, Z, W, B, mean, rstd, rows64, row_ok, stride_dym, stride_xm, stride_zm, col0, offs,
+        GS, HAS_Z, HAS_BIAS, NORM_BEFORE_GATE, IS_RMS, SIGMOID_GATE, BF16_BY_BITS)
+    dxc = wdy - xhat * c1[:, None]
+    if not IS_RMS:
+        dxc = dxc - c2[:, None]
+    dxc = dxc * rstd[:, None]
+    _bwd_store(DX, DZ, dxc, x, act, dact, dz_after, rows64, stride_dxm, stride_dzm, col0, offs, mask,
+               HAS_Z, NORM_BEFORE_GATE, NEED_DX, NEED_DZ, BF16_BY_BITS)
+    return gy * xhat, gy
+
+
+@triton.jit
 def bwd_kernel(
     DY, X, Z, W, B, MEAN, RSTD, DX, DZ, DW_PART, DB_PART,
     M, stride_dym, stride_xm, stride_zm, stride_dxm, stride_dzm, N,
@@ -790,7 +811,12 @@ def bwd_kernel(
     BF16_BY_BITS: tl.constexpr, USE_PDL: tl.constexpr, GROUPS_FASTEST: tl.constexpr, PARTS: tl.constexpr = 1,
 ):
     """dx, dz and this program's partial rows of dweight / dbias over the row tiles it takes (persistent). PARTS = 3:
-    a group of three power-of-two parts held as three unpadded tiles (launch.fwd_parts), as in fwd_kernel."""
+    a group of three power-of-two parts held as three unpadded tiles (launch.fwd_parts), as in fwd_kernel.
+
+    A group wider than BLOCK is read in NUM_CHUNKS chunks, twice per row tile (the row sums, then dx and dz, the
+    second pass from L2). With two chunks (groups up to 2 * MAX_BLOCK) each chunk's dweight / dbias sums stay in
+    registers across the program's tiles and its partial row is written once at the end; with more, they are
+    added into the partial row in memory once per tile and chunk (read-modify-write: the launcher zeroes it)."""
     _pdl_prologue(USE_PDL)
     pid, g = _tile_and_group(GROUPS_FASTEST)
     num_progs = tl.num_programs(1 if GROUPS_FASTEST else 0)
@@ -803,9 +829,12 @@ def bwd_kernel(
                          stride_dxm, stride_dzm, pid, g, num_progs, part_row, GS, ROWS, HAS_Z, HAS_BIAS,
                          NORM_BEFORE_GATE, IS_RMS, SIGMOID_GATE, NEED_DX, NEED_DZ, NEED_DW, NEED_DB, BF16_BY_BITS)
         return
-    if NUM_CHUNKS == 1:
+    if NUM_CHUNKS <= 2:  # the partial sums in registers (two chunks: the second one's in dw_hi / db_hi)
         dw_acc = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
         db_acc = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
+    if NUM_CHUNKS == 2:
+        dw_hi = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
+        db_hi = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
     for tile in range(pid, num_tiles, num_progs):
         rows64, row_ok, mean, rstd = _bwd_tile_rows(MEAN, RSTD, tile, g, M, ROWS, IS_RMS)
         if NUM_CHUNKS == 1:
@@ -836,31 +865,46 @@ def bwd_kernel(
                 s2 += tl.sum(wdy, axis=1)
             c1 = s1 / GS
             c2 = s2 / GS
-            for c in range(NUM_CHUNKS):
-                offs = c * BLOCK + cols
-                x, act, dact, xhat, gy, wdy, dz_after, mask = _bwd_terms(
-                    DY, X, Z, W, B, mean, rstd, rows64, row_ok, stride_dym, stride_xm, stride_zm, col0, offs,
-                    GS, HAS_Z, HAS_BIAS, NORM_BEFORE_GATE, IS_RMS, SIGMOID_GATE, BF16_BY_BITS)
-                col_ok = offs < GS
-                # This program owns its partial row: read-modify-write is race-free and ordered.
-                if NEED_DW:
-                    acc = tl.load(DW_PART + part_row + offs, mask=col_ok, other=0.0)
-                    tl.store(DW_PART + part_row + offs, acc + tl.sum(gy * xhat, axis=0), mask=col_ok)
-                if NEED_DB:
-                    acc = tl.load(DB_PART + part_row + offs, mask=col_ok, other=0.0)
-                    tl.store(DB_PART + part_row + offs, acc + tl.sum(gy, axis=0), mask=col_ok)
-                dxc = wdy - xhat * c1[:, None]
-                if not IS_RMS:
-                    dxc = dxc - c2[:, None]
-                dxc = dxc * rstd[:, None]
-                _bwd_store(DX, DZ, dxc, x, act, dact, dz_after, rows64, stride_dxm, stride_dzm, col0, offs, mask,
-                           HAS_Z, NORM_BEFORE_GATE, NEED_DX, NEED_DZ, BF16_BY_BITS)
-    if NUM_CHUNKS == 1:
+            if NUM_CHUNKS == 2:
+                gx, gb = _bwd_chunk_write(
+                    DY, X, Z, W, B, DX, DZ, mean, rstd, c1, c2, rows64, row_ok, stride_dym, stride_xm, stride_zm,
+                    stride_dxm, stride_dzm, col0, cols, GS, HAS_Z, HAS_BIAS, NORM_BEFORE_GATE, IS_RMS,
+                    SIGMOID_GATE, NEED_DX, NEED_DZ, BF16_BY_BITS)
+                dw_acc += gx
+                db_acc += gb
+                gx, gb = _bwd_chunk_write(
+                    DY, X, Z, W, B, DX, DZ, mean, rstd, c1, c2, rows64, row_ok, stride_dym, stride_xm, stride_zm,
+                    stride_dxm, stride_dzm, col0, BLOCK + cols, GS, HAS_Z, HAS_BIAS, NORM_BEFORE_GATE, IS_RMS,
+                    SIGMOID_GATE, NEED_DX, NEED_DZ, BF16_BY_BITS)
+                dw_hi += gx
+                db_hi += gb
+            else:
+                for c in range(NUM_CHUNKS):
+                    offs = c * BLOCK + cols
+                    gx, gb = _bwd_chunk_write(
+                        DY, X, Z, W, B, DX, DZ, mean, rstd, c1, c2, rows64, row_ok, stride_dym, stride_xm,
+                        stride_zm, stride_dxm, stride_dzm, col0, offs, GS, HAS_Z, HAS_BIAS, NORM_BEFORE_GATE,
+                        IS_RMS, SIGMOID_GATE, NEED_DX, NEED_DZ, BF16_BY_BITS)
+                    col_ok = offs < GS
+                    # This program owns its partial row: read-modify-write is race-free and ordered.
+                    if NEED_DW:
+                        acc = tl.load(DW_PART + part_row + offs, mask=col_ok, other=0.0)
+                        tl.store(DW_PART + part_row + offs, acc + tl.sum(gx, axis=0), mask=col_ok)
+                    if NEED_DB:
+                        acc = tl.load(DB_PART + part_row + offs, mask=col_ok, other=0.0)
+                        tl.store(DB_PART + part_row + offs, acc + tl.sum(gb, axis=0), mask=col_ok)
+    if NUM_CHUNKS <= 2:
         col_ok = cols < GS
         if NEED_DW:
             tl.store(DW_PART + part_row + cols, tl.sum(dw_acc, axis=0), mask=col_ok)
         if NEED_DB:
             tl.store(DB_PART + part_row + cols, tl.sum(db_acc, axis=0), mask=col_ok)
+    if NUM_CHUNKS == 2:
+        hi_ok = BLOCK + cols < GS
+        if NEED_DW:
+            tl.store(DW_PART + part_row + BLOCK + cols, tl.sum(dw_hi, axis=0), mask=hi_ok)
+        if NEED_DB:
+            tl.store(DB_PART + part_row + BLOCK + cols, tl.sum(db_hi, axis=0), mask=hi_ok)
 
 
 @triton.jit

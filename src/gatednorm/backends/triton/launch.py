@@ -472,6 +472,12 @@ def _partials_config(n: int) -> tuple[int, int, int]:
     return PARTIAL_ROWS, min(_next_pow2(n), PARTIAL_COLS), 4
 
 
+def _partials_alloc(chunks: int):
+    """How bwd_kernel's partial rows are allocated for a group in ``chunks`` chunks: zeroed where the kernel adds into
+    them in memory (more than two chunks), else uninitialised (each program writes its row once)."""
+    return torch.zeros if chunks > 2 else torch.empty
+
+
 def _bwd_programs(m: int, rows: int, groups: int, device: torch.device, programs_per_sm: int) -> int:
     """Persistent programs per group: enough to fill the machine, never more than there are row tiles. Where
     the programs would get about one tile each (a launch-bound call), one program per multiprocessor: fewer
@@ -539,8 +545,7 @@ def backward(
     progs = _bwd_programs(m, rows, groups, dev, per_sm)
     groups_fastest = groups_fastest and groups > 1 and progs <= MAX_GRID_Y
     need_part = needs_dweight or needs_dbias
-    # Wide groups accumulate into their partial row in memory, so it must start at zero.
-    alloc = torch.zeros if chunks > 1 else torch.empty
+    alloc = _partials_alloc(chunks)
     dw_part = alloc((progs, n), dtype=torch.float32, device=dev) if needs_dweight else None
     db_part = alloc((progs, n), dtype=torch.float32, device=dev) if needs_dbias else None
     _launch(

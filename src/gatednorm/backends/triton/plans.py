@@ -37,6 +37,7 @@ from .launch import (
     _fwd_config,
     _fwd_flags,
     _fwd_kernel_constexprs,
+    _partials_alloc,
     _partials_config,
     _quant_config,
     _quant_grid,
@@ -343,7 +344,7 @@ class BackwardPlan:
         contiguous = torch.contiguous_format
         dx = torch.empty_like(x, memory_format=contiguous) if needs.dx else None
         dz = torch.empty_like(z, memory_format=contiguous) if needs.dz else None
-        alloc = torch.zeros if self.chunks > 1 else torch.empty  # wide groups accumulate into their partial row
+        alloc = _partials_alloc(self.chunks)
         dw_part = alloc((progs, n), dtype=torch.float32, device=self.device) if needs.dweight else None
         db_part = alloc((progs, n), dtype=torch.float32, device=self.device) if needs.dbias else None
         dw = torch.empty_like(weight, memory_format=contiguous) if needs.dweight else None
