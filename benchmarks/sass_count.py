@@ -21,7 +21,12 @@ others:
 
     PYTHONPATH=src python benchmarks/sass_count.py --parts [--out benchmarks/results/parts_sass_sm90.md]
 
-A count is not a speed: it says where instruction issue can bind, and the device's timing decides.
+A count is not a speed: it says where instruction issue can bind, and the device's timing decides. The code is
+that of the Triton installed here; the GPU image runs Triton 3.6, whose code can differ (a 16384-wide backward
+spilled 4 values with 3.9 and none with 3.6). To count with 3.6 (PyPI is reachable from the CPU machine)::
+
+    pip download --no-deps triton==3.6.0 -d /tmp/t36whl && pip install --no-deps --target /tmp/t36site /tmp/t36whl/*.whl
+    PYTHONPATH=/tmp/t36site:src python benchmarks/sass_count.py ...
 """
 
 from __future__ import annotations

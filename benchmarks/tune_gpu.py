@@ -52,8 +52,9 @@ def fwd_configs(gs: int, n: int) -> list[tuple[int, int, int, int]]:
                     out.append((block, rows, warps))
     elif block <= 2 * tk.MAX_BLOCK:
         # a group wider than one shipped tile (MAX_BLOCK) in one tile anyway, at Triton's 32-warp maximum: 16
-        # elements a thread, as 8192 at 16 warps (sm_90 SASS compiled on the CPU machine, 16384 gate first: 29
-        # registers, no spills, 18.9 instructions per element), one pass over the row against the chunks' two
+        # elements a thread, as 8192 at 16 warps (sm_90 code of Triton 3.6, the GPU image's, compiled on the CPU
+        # machine, 16384 gated first: 29 registers, no spills, 16.6 instructions per element against the two
+        # chunks' 20.3), one pass over the row against the chunks' two
         out.append((block, 1, 32))
     if gs & (gs - 1):
         chunk = gs & -gs  # largest power of two dividing gs
@@ -90,10 +91,9 @@ def bwd_configs(gs: int, n: int) -> list[tuple[int, int, int, int, bool]]:
                     if 8 <= rows * chunk // (32 * warps) <= 64:
                         out.append((chunk, rows, warps, per_sm, False))
     if tk.MAX_BLOCK < triton.next_power_of_2(gs) <= 2 * tk.MAX_BLOCK:
-        # the whole group in one tile at Triton's 32-warp maximum (one program per SM): one pass over the row and
-        # the partials in registers, no read-modify-write, but it spills (sm_90 SASS compiled on the CPU machine,
-        # 16384 RMSNorm gate first: 73 local loads and 72 stores, 39.6 instructions per element against the chunks'
-        # 46.5 with none; LayerNorm with bias 127 / 150 and 54.2 against 57.6 with 19 / 19)
+        # the whole group in one tile at Triton's 32-warp maximum (one program per SM): one pass over the row, but
+        # it spills (sm_90 code of Triton 3.6 compiled on the CPU machine, 16384 RMSNorm gated first: 75 local
+        # loads and 75 stores; LayerNorm with bias 123 / 130; the two-chunk default none / 3)
         out.append((triton.next_power_of_2(gs), 1, 32, 1, False))
     return out
 
