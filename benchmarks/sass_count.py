@@ -8,15 +8,15 @@ what can be measured: this script compiles the kernel with Triton for sm_90 (``t
 aligned pointers and row strides), disassembles it and counts the SASS instructions of the whole kernel (every
 path, the rarely taken rescue and division slow paths included: a static count, an upper bound of what one
 program runs), divided by the real elements one thread holds. Rows: each launch shape as shipped
-(``launch._quant_config``) and others, and for groups of two power-of-two parts (``launch.split_parts``) the
-padded tile (the default) against the two-tile one (``GATEDNORM_TRITON_SPLIT_GROUPS=1``) at its QUANT_TUNED
-"split" launch shape.
+(``launch._quant_config``, marked "default") and others, and for groups of two power-of-two parts
+(``launch.split_parts``) the two-tile kernel (the default) against the padded tile
+(``GATEDNORM_TRITON_SPLIT_GROUPS=0``) at its own launch shape.
 
     PYTHONPATH=src python benchmarks/sass_count.py [--out benchmarks/results/quant_sass_sm90.md]
 
 ``--parts``: the same count for the plain forward and backward (``fwd_kernel``, ``bwd_kernel``) over groups of
-three power-of-two parts (``launch.fwd_parts``: 96 = 3 x 32, ...), one tile padded to the next power of two (the
-default) against three unpadded ones (``GATEDNORM_TRITON_SPLIT_GROUPS=1``), at the padded tile's launch shape and
+three power-of-two parts (``launch.fwd_parts``: 96 = 3 x 32, ...), three unpadded tiles (the default) against one
+tile padded to the next power of two (``GATEDNORM_TRITON_SPLIT_GROUPS=0``), at the shipped launch shape and
 others:
 
     PYTHONPATH=src python benchmarks/sass_count.py --parts [--out benchmarks/results/parts_sass_sm90.md]
@@ -158,7 +158,7 @@ def parts_rows() -> list[str]:
                 total, regs, _ = sass_counts(compile_fn(gs, variant, rows, warps, parts, groups_fastest))
                 kind = "three parts" if parts == 3 else "padded"
                 if (rows, warps) == (rows0, warps0):
-                    kind += " (SPLIT_GROUPS=1)" if parts == 3 else " (default)"
+                    kind += " (default)" if parts == launch.fwd_parts(gs) else f" (SPLIT_GROUPS={parts // 3})"
                 row = (f"| {kernel} | {gs} | {variant} | ({rows}, {warps}) | {kind} | {total} | {regs} | "
                        f"{total * 32 * warps / (rows * gs):.1f} |")
                 rows_out.append(row)
@@ -207,18 +207,20 @@ def main() -> None:
              "|---|---|---|---|---|---|---|---|"]
     for gs, block, variant, extra in CASES:
         layout = launch.quant_layout(gs, block)
-        shipped = launch._quant_config(gs, block)[:2]  # the default: split tiles off
+        tile = layout[0] * layout[1]
         split = launch.split_parts(gs) if layout[0] == 1 else 0
-        split_shape = launch.QUANT_TUNED.get((layout[0] * layout[1], "split"), (*shipped, 0))[:2] if split else None
+        default_glo = launch.split_low(gs) if layout[0] == 1 else 0  # what a launch reads: split where switched on
+        kinds = {glo: "split" if glo else "pow2" if not gs & (gs - 1) else "padded" for glo in {split, 0}}
+        # the launch shape of each kind of tile, by GLO (0: one tile), the default's first
+        shapes = {glo: launch.quant_launch_shape((tile, kinds[glo]))[:2]
+                  for glo in dict.fromkeys([default_glo, split, 0])}
         for quant, fmt in FORMATS:
-            for rows, warps in dict.fromkeys([shipped, *([split_shape] if split else []), *extra]):
+            for rows, warps in dict.fromkeys([*shapes.values(), *extra]):
                 for glo in ([split, 0] if split else [0]):
                     total, regs, _ = sass_counts(compile_quant(gs, block, variant, quant, fmt, rows, warps, glo))
                     kind = "split" if glo else "padded" if gs & (gs - 1) else "one tile"
-                    if glo == 0 and (rows, warps) == shipped:
-                        kind += " (default)"
-                    if glo and (rows, warps) == split_shape:
-                        kind += " (SPLIT_GROUPS=1)"
+                    if (rows, warps) == shapes[glo]:
+                        kind += " (default)" if glo == default_glo else f" (SPLIT_GROUPS={int(bool(glo))})"
                     row = (f"| {gs} / {block} | {variant} | {quant} {fmt} | ({rows}, {warps}) | {kind} | {total} | "
                            f"{regs} | {per_element(total, gs, block, rows, warps):.1f} |")
                     lines.append(row)

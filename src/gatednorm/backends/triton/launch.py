@@ -765,8 +765,12 @@ def _quant_config(group_size: int, block: int) -> tuple[int, int, int] | None:
     """(ROWS, num_warps, program order: ORDER_ROWS_FASTEST / ORDER_GROUPS_FASTEST) of fwd_quant_kernel for a
     group size and quant block (None: not fused); from those only, never from M (batch invariance)."""
     key = quant_tile_key(group_size, block)
-    if key is None:
-        return None
+    return None if key is None else quant_launch_shape(key)
+
+
+def quant_launch_shape(key: tuple[int, str]) -> tuple[int, int, int]:
+    """(ROWS, num_warps, order) of fwd_quant_kernel for a QUANT_TUNED key (tile width, kind): the tuned entry, a
+    split tile taking its padded tile's where it has none, else the general rule of _tile_config."""
     tuned = QUANT_TUNED.get(key)
     if tuned is None and key[1] == "split":
         tuned = QUANT_TUNED.get((key[0], "padded"))
