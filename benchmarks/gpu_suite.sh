@@ -27,9 +27,10 @@
 #                                          # the forward's launch-shape sweep for that row with the parts on
 #   bash benchmarks/gpu_suite.sh host     # eager plans (issue 16, host time): their GPU tests, then host time
 #                                          # per call at 2048, 8192 and 65536 rows of 128 (bench_host.py)
-#   bash benchmarks/gpu_suite.sh ab BASE.. # GPU tests, then forward A/B against other versions of the
-#                                          # triton backend: old triton_kernels.py files or backends/triton
-#                                          # folders (see benchmarks/bench_triton_ab.py)
+#   bash benchmarks/gpu_suite.sh ab BASE.. # GPU tests (AB_TESTS=0: none), then forward A/B against other
+#                                          # versions of the triton backend: old triton_kernels.py files or
+#                                          # backends/triton folders (see benchmarks/bench_triton_ab.py; staged
+#                                          # by STAGE_AB_REVS, see stage_gpu.sh); AB_ARGS="--backward --only X"
 #
 # Results go to $OUT (default gpu_out/).
 set -u
@@ -80,12 +81,16 @@ verify)
     echo "verify exit $?"; tail -40 "$OUT/verify_cuda.log"
     ;;
 ab)
-    python3 -m pytest -q -p no:logging -W ignore tests/test_gpu.py > "$OUT/gpu_tests.log" 2>&1
-    echo "pytest exit $?" | tee -a "$OUT/gpu_tests.log"; tail -3 "$OUT/gpu_tests.log"
+    if [ "${AB_TESTS:-1}" != 0 ]; then
+        python3 -m pytest -q -p no:logging -W ignore tests/test_gpu.py > "$OUT/gpu_tests.log" 2>&1
+        echo "pytest exit $?" | tee -a "$OUT/gpu_tests.log"; tail -3 "$OUT/gpu_tests.log"
+    fi
     shift
     BASELINES=()
     for f in "$@"; do BASELINES+=(--baseline "$f"); done
-    python3 benchmarks/bench_triton_ab.py "${BASELINES[@]}" 2>&1 | tee "$OUT/bench_triton_ab.log"
+    # AB_ARGS: e.g. "--backward --only 16384" (the backward of the wide groups against a staged revision)
+    # shellcheck disable=SC2086
+    python3 benchmarks/bench_triton_ab.py "${BASELINES[@]}" ${AB_ARGS:-} 2>&1 | tee "$OUT/bench_triton_ab.log"
     ;;
 quant)
     # the shipped launch shapes against float64 first, then test_quant.py's triton tests (about 5 minutes on an

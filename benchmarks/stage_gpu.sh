@@ -6,6 +6,8 @@
 #   sgl/    sglang 0.5.23's layernorm_gated.py and fp8_kernel.py (its per-token-group quant kernel), from the
 #           test environment's sglang (make setup-test)
 #   tools/  upstream_sglang.py, the loader of that file (../shared/tools)
+#   ab/REV/ with STAGE_AB_REVS="REV ...": each revision's src/gatednorm/backends/triton, for gpu_suite.sh ab
+#           (bench_triton_ab.py against it: ab/REV/src/gatednorm/backends/triton)
 #
 #   bash benchmarks/stage_gpu.sh [DEST]     # default .gpu/stage (git ignores .gpu/)
 #
@@ -29,6 +31,10 @@ if [ -n "$SGL" ] && [ -f "$SGL/kernels/ops/attention/fla/layernorm_gated.py" ]; 
 else
     echo "sglang not installed here (make setup-test): sgl/ left empty, bench_gpu.py runs without it" >&2
 fi
+for rev in ${STAGE_AB_REVS:-}; do
+    mkdir -p "$DEST/ab/$rev"
+    git archive "$rev" src/gatednorm/backends/triton | tar -x -C "$DEST/ab/$rev"
+done
 if [ -f ../shared/tools/upstream_sglang.py ]; then
     cp ../shared/tools/upstream_sglang.py "$DEST/tools/"
 else
