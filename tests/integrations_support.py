@@ -189,11 +189,13 @@ def vllm_stubs() -> dict[str, dict]:
 VLLM_PACKAGES = [
     "vllm", "vllm.third_party", "vllm.third_party.flash_linear_attention",
     "vllm.third_party.flash_linear_attention.ops", "vllm.model_executor", "vllm.model_executor.layers",
-    "vllm.model_executor.warmup", "vllm.utils",
+    "vllm.model_executor.warmup", "vllm.utils", "vllm.model_executor.layers.mamba",
+    "vllm.model_executor.layers.mamba.ops",
 ]
 VLLM_MODULES = [
     "vllm.third_party.flash_linear_attention.ops.layernorm_guard",
     "vllm.model_executor.layers.layernorm",
+    "vllm.model_executor.layers.mamba.ops.layernorm_gated",
 ]
 
 # --- mamba_ssm 2.x (installed with MAMBA_SKIP_CUDA_BUILD: its package __init__ needs CUDA extensions) ---

@@ -337,7 +337,7 @@ def vllm_modules():
 
 
 def test_vllm_layernorm_guard_and_custom_op(vllm_modules):
-    guard, layernorm = vllm_modules
+    guard, layernorm, _ = vllm_modules
     cls = layernorm.RMSNormGated
     snap = snapshot(guard, guard.RMSNormGated, cls)
     x, z, w, _ = make_inputs(10, 128, seed=4)
@@ -358,6 +358,35 @@ def test_vllm_layernorm_guard_and_custom_op(vllm_modules):
         check_forward(gmod(x, z), None, None, x, gmod.weight, None, z, gmod.eps, 32, False, True, stats=False)
     assert_restored(snap)
     assert "forward" not in vars(cls)
+
+
+def test_vllm_mamba_ops_copy(vllm_modules):
+    """vLLM's copy of mamba_ssm's kernel file (its Mamba2 mixer's ``rms_norm_gated``): both functions replaced,
+    a module that imported ``rms_norm_gated`` by name (as mamba_mixer2.py does) rebound while patched, all
+    restored after."""
+    m = vllm_modules[2]
+    snap = snapshot(m)
+    original = m.rms_norm_gated
+    mixer_file = types.ModuleType("vllm_mixer_like_for_test")
+    mixer_file.rms_norm_gated = original  # `from ...mamba.ops.layernorm_gated import rms_norm_gated`
+    sys.modules[mixer_file.__name__] = mixer_file
+    try:
+        x2, z2, w, _ = make_inputs(18, 128, seed=8)
+        with gatednorm.patch("vllm"):
+            assert mixer_file.rms_norm_gated is m.rms_norm_gated is not original
+            # as Mixer2RMSNormGated.forward_cuda calls it: one group, the gate first, (batch, tokens, features)
+            y = mixer_file.rms_norm_gated(x2.reshape(6, 3, 128), w, bias=None, z=z2.reshape(6, 3, 128), eps=1e-5,
+                                          norm_before_gate=False)
+            assert y.shape == (6, 3, 128)
+            check_forward(y.reshape(18, 128), None, None, x2, w, None, z2, 1e-5, None, False, True, stats=False)
+            y, mean, rstd = m._layer_norm_fwd(x2, w, None, 1e-6, z=z2, group_size=32, is_rms_norm=True)
+            assert mean is None and rstd.shape == (18 * 4,)
+            check_forward(y, mean, rstd, x2, w, None, z2, 1e-6, 32, True, True)
+            assert _calls("layernorm_gated.rms_norm_gated") == 1 and _calls("layernorm_gated._layer_norm_fwd") == 1
+        assert mixer_file.rms_norm_gated is original
+        assert_restored(snap)
+    finally:
+        del sys.modules[mixer_file.__name__]
 
 
 # ---------------------------------------------------------------------------------------- mamba_ssm

@@ -207,7 +207,7 @@ def rms_norm_gated_keywords(label: str, backend: str | None) -> Callable:
 
 
 def rms_norm_gated_positional(label: str, backend: str | None) -> Callable:
-    """Older sglang's mamba copy: ``rms_norm_gated(x, weight, bias, z=None, ...)`` (always RMSNorm)."""
+    """Older sglang's and vLLM's mamba copies: ``rms_norm_gated(x, weight, bias, z=None, ...)`` (always RMSNorm)."""
 
     def rms_norm_gated(x, weight, bias, z=None, eps=1e-6, group_size=None, norm_before_gate=True):
         name = hit(label, backend, x.device)

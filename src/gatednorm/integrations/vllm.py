@@ -6,6 +6,12 @@ Covered module paths: ``vllm.model_executor.layers.fla.ops.layernorm_guard`` (ol
 ``_layer_norm_fn_impl`` and ``LayerNormFn`` where present, and ``RMSNormGated.forward``
 (``norm_before_gate`` defaults to False in vLLM; the module's attribute is used).
 
+``vllm.model_executor.layers.mamba.ops.layernorm_gated`` (mamba_ssm's kernel file, as vLLM carries it for the
+Mamba2 mixer of Mamba2 / Falcon-H1 / NemotronH / Bamba / Zamba2 / Granite-4 models): ``_layer_norm_fwd`` and
+``rms_norm_gated`` (positional). ``Mixer2RMSNormGated`` imports that ``rms_norm_gated`` by name, which the patch
+rebinds, so its ``forward_cuda`` (one group, no tensor parallelism) runs through gatednorm; its ``forward_native``
+(PyTorch ops, tensor-parallel collectives) is left to vLLM.
+
 ``vllm.model_executor.layers.layernorm.RMSNormGated`` (a ``CustomOp``): ``forward_native`` and
 ``forward_cuda`` are replaced, and a ``forward`` is added to the class (removed again by undo).
 vLLM binds the platform's method to each instance when it is built (``_forward_method``); the added
@@ -27,6 +33,7 @@ LAYERNORM_GUARD = (
     "vllm.third_party.flash_linear_attention.ops.layernorm_guard",
 )
 LAYERNORM = "vllm.model_executor.layers.layernorm"
+MAMBA_OPS = "vllm.model_executor.layers.mamba.ops.layernorm_gated"
 _PLATFORM_METHODS = ("forward_native", "forward_cuda", "forward_hip", "forward_xpu", "forward_cpu", "forward_oot",
                      "forward_tpu")
 
@@ -68,6 +75,11 @@ def plan(p: Planner) -> None:
         if cls is not None:
             p.method(cls, "forward", w.module_forward(p.label(cls, "forward"), b, False))
     p.require_any(LAYERNORM_GUARD)
+
+    m = p.module(MAMBA_OPS)
+    if m is not None:
+        p.function(m, "_layer_norm_fwd", lambda label, orig: w.fwd_plain(label, b))
+        p.function(m, "rms_norm_gated", lambda label, orig: w.rms_norm_gated_positional(label, b), required=False)
 
     m = p.module(LAYERNORM)
     cls = p.cls(m, "RMSNormGated", required=False) if m is not None else None
