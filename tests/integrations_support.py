@@ -172,9 +172,17 @@ def vllm_stubs() -> dict[str, dict]:
             "triton_scalar_specialization_rep": lambda *a, **k: None,
         },
         "vllm.triton_utils": {"tl": tl, "triton": triton},
-        "vllm.utils.math_utils": {"cdiv": _cdiv, "next_power_of_2": _next_power_of_2},
+        "vllm.utils.math_utils": {"cdiv": _cdiv, "next_power_of_2": _next_power_of_2, "RCP_LN2": 1.4426950408889634},
+        "vllm.platforms": {"current_platform": types.SimpleNamespace(is_arch_support_pdl=lambda: False)},
         "vllm.utils.platform_utils": {"num_compute_units": lambda *a: 1},
-        "vllm.third_party.flash_linear_attention.ops.utils": {"input_guard": _input_guard},
+        "vllm.third_party.flash_linear_attention.ops.utils": {"input_guard": _input_guard, "FLA_CHUNK_SIZE": 64,
+                                                              "is_amd": False},
+        # what kda.py (the home of FusedRMSNormGated) imports for its delta-rule kernels, none of them run here
+        **{f"vllm.third_party.flash_linear_attention.ops.{module}": dict.fromkeys(names) for module, names in (
+            ("chunk_delta_h", ["chunk_gated_delta_rule_fwd_h"]), ("cumsum", ["chunk_local_cumsum"]),
+            ("fused_recurrent", ["fused_recurrent_gated_delta_rule_fwd_kernel"]),
+            ("index", ["prepare_chunk_indices"]), ("l2norm", ["l2norm_fwd"]), ("op", ["exp2", "log"]),
+            ("solve_tril", ["solve_tril"]))},
         "vllm.kernels": {},
         "vllm.envs": {"VLLM_BATCH_INVARIANT": False},
         "vllm.ir": {},
@@ -196,6 +204,7 @@ VLLM_MODULES = [
     "vllm.third_party.flash_linear_attention.ops.layernorm_guard",
     "vllm.model_executor.layers.layernorm",
     "vllm.model_executor.layers.mamba.ops.layernorm_gated",
+    "vllm.third_party.flash_linear_attention.ops.fused_norm_gate",  # imports kda.py (FusedRMSNormGated)
 ]
 
 # --- mamba_ssm 2.x (installed with MAMBA_SKIP_CUDA_BUILD: its package __init__ needs CUDA extensions) ---

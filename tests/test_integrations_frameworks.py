@@ -337,7 +337,7 @@ def vllm_modules():
 
 
 def test_vllm_layernorm_guard_and_custom_op(vllm_modules):
-    guard, layernorm, _ = vllm_modules
+    guard, layernorm = vllm_modules[:2]
     cls = layernorm.RMSNormGated
     snap = snapshot(guard, guard.RMSNormGated, cls)
     x, z, w, _ = make_inputs(10, 128, seed=4)
@@ -387,6 +387,39 @@ def test_vllm_mamba_ops_copy(vllm_modules):
         assert_restored(snap)
     finally:
         del sys.modules[mixer_file.__name__]
+
+
+def test_vllm_fused_norm_gate_copy_and_kda_custom_op(vllm_modules):
+    """vLLM's fla fused_norm_gate copy (Kimi Linear's, Bailing-MoE v3's ``o_norm``): both ``rms_norm_gated`` (in
+    fused_norm_gate and in kda), and ``kda.FusedRMSNormGated``, a CustomOp re-exported by fused_norm_gate, with
+    instances built before the patch; residual / prenorm and a (T, H, D) gate; all restored after."""
+    fused = vllm_modules[3]
+    kda = sys.modules["vllm.third_party.flash_linear_attention.ops.kda"]
+    cls = kda.FusedRMSNormGated
+    assert fused.FusedRMSNormGated is cls
+    snap = snapshot(fused, kda, cls)
+    x, z, w, _ = make_inputs(12, 64, seed=9)
+    r = torch.randn_like(x)
+    built_before = cls(64, activation="sigmoid")
+    with torch.no_grad():
+        built_before.weight.copy_(w)
+    with gatednorm.patch("vllm"):
+        assert "forward" in vars(cls)
+        for mod in (built_before, cls(64, activation="sigmoid")):
+            with torch.no_grad():
+                mod.weight.copy_(w)
+            y = mod(x, z)
+            check_forward(y, None, None, x, w, None, z, mod.eps, None, True, True, "sigmoid", stats=False)
+        # the instance built before: its bound original sent to ours (forward_native's); the new one binds ours
+        assert _calls("FusedRMSNormGated.forward_native") == 1 and _calls("FusedRMSNormGated.forward_cuda") == 1
+        for m in (fused, kda):
+            # (T, H, D) gate for (T * H, D) rows, as the KDA layers pass them; the residual summed first
+            y, res = m.rms_norm_gated(x, z.reshape(4, 3, 64), w, None, "swish", residual=r, prenorm=True, eps=1e-5)
+            check_forward(y, None, None, x + r, w, None, z, 1e-5, None, True, True, stats=False)
+            assert torch.equal(res, x + r)
+        assert _calls("fused_norm_gate.rms_norm_gated") == 1 and _calls("kda.rms_norm_gated") == 1
+    assert_restored(snap)
+    assert "forward" not in vars(cls)
 
 
 # ---------------------------------------------------------------------------------------- mamba_ssm

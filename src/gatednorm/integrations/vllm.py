@@ -12,6 +12,12 @@ Mamba2 mixer of Mamba2 / Falcon-H1 / NemotronH / Bamba / Zamba2 / Granite-4 mode
 rebinds, so its ``forward_cuda`` (one group, no tensor parallelism) runs through gatednorm; its ``forward_native``
 (PyTorch ops, tensor-parallel collectives) is left to vLLM.
 
+fla's ``fused_norm_gate`` as vLLM carries it (``vllm.third_party.flash_linear_attention.ops.fused_norm_gate``
+and its twin in ``...ops.kda``, behind Kimi Linear's and Bailing-MoE v3's ``o_norm``): ``rms_norm_gated``
+(``residual=`` / ``prenorm=`` / ``residual_in_fp32=``, the (T, H, D) gate) and ``kda.FusedRMSNormGated`` (a
+``CustomOp``, re-exported by fused_norm_gate): ``forward_native`` and ``forward_cuda`` replaced and a ``forward``
+added, as for ``RMSNormGated`` below.
+
 ``vllm.model_executor.layers.layernorm.RMSNormGated`` (a ``CustomOp``): ``forward_native`` and
 ``forward_cuda`` are replaced, and a ``forward`` is added to the class (removed again by undo).
 vLLM binds the platform's method to each instance when it is built (``_forward_method``); the added
@@ -34,6 +40,10 @@ LAYERNORM_GUARD = (
 )
 LAYERNORM = "vllm.model_executor.layers.layernorm"
 MAMBA_OPS = "vllm.model_executor.layers.mamba.ops.layernorm_gated"
+FUSED_NORM_GATE = (
+    "vllm.third_party.flash_linear_attention.ops.fused_norm_gate",
+    "vllm.third_party.flash_linear_attention.ops.kda",
+)
 _PLATFORM_METHODS = ("forward_native", "forward_cuda", "forward_hip", "forward_xpu", "forward_cpu", "forward_oot",
                      "forward_tpu")
 
@@ -43,13 +53,26 @@ def _has_activation(fn) -> bool:
 
 
 def _custom_op_forward(ours, originals: frozenset):
-    def forward(self, x, z=None):
+    """A ``forward`` for a patched ``CustomOp`` class: ours where the instance's bound platform method is one of
+    vLLM's originals (or none is bound), else that method (e.g. one vLLM wrapped in torch.compile)."""
+
+    def forward(self, *args, **kwargs):
         bound = self.__dict__.get("_forward_method")
         if bound is None or getattr(bound, "__func__", None) in originals:
-            return ours(self, x, z)
-        return bound(x, z)
+            return ours(self, *args, **kwargs)
+        return bound(*args, **kwargs)
 
     return forward
+
+
+def _patch_custom_op(p: Planner, cls, make) -> None:
+    """forward_native and forward_cuda of a ``CustomOp`` class replaced by ``make(label)``'s wrappers, and a
+    ``forward`` added that serves instances built before the patch too."""
+    originals = frozenset(getattr(cls, n) for n in _PLATFORM_METHODS if hasattr(cls, n))
+    ours = make(p.label(cls, "forward_native"))
+    p.method(cls, "forward_native", ours)
+    p.method(cls, "forward_cuda", make(p.label(cls, "forward_cuda")))
+    p.plan.append((cls, "forward", _custom_op_forward(ours, originals)))
 
 
 def plan(p: Planner) -> None:
@@ -81,11 +104,18 @@ def plan(p: Planner) -> None:
         p.function(m, "_layer_norm_fwd", lambda label, orig: w.fwd_plain(label, b))
         p.function(m, "rms_norm_gated", lambda label, orig: w.rms_norm_gated_positional(label, b), required=False)
 
+    fused_classes = set()  # fused_norm_gate re-exports kda's class: patched once
+    for path in FUSED_NORM_GATE:
+        m = p.module(path)
+        if m is None:
+            continue
+        p.function(m, "rms_norm_gated", lambda label, orig: w.fused_function(label, b, True))
+        cls = p.cls(m, "FusedRMSNormGated", required=False)
+        if cls is not None and cls not in fused_classes:
+            fused_classes.add(cls)
+            _patch_custom_op(p, cls, lambda label: w.fused_module_forward(label, b, True))
+
     m = p.module(LAYERNORM)
     cls = p.cls(m, "RMSNormGated", required=False) if m is not None else None
     if cls is not None:
-        originals = frozenset(getattr(cls, n) for n in _PLATFORM_METHODS if hasattr(cls, n))
-        ours = w.module_forward(p.label(cls, "forward_native"), b, True)
-        p.method(cls, "forward_native", ours)
-        p.method(cls, "forward_cuda", w.module_forward(p.label(cls, "forward_cuda"), b, True))
-        p.plan.append((cls, "forward", _custom_op_forward(ours, originals)))
+        _patch_custom_op(p, cls, lambda label: w.module_forward(label, b, True))
