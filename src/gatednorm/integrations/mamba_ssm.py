@@ -3,6 +3,8 @@
 Covered: ``_layer_norm_fwd``, ``_layer_norm_bwd`` (``(dx, dw, db, dz[, out])``), ``LayerNormFn``
 (forward and backward), ``layernorm_fn``, ``rmsnorm_fn``, ``LayerNorm.forward``, ``RMSNorm.forward``
 (``norm_before_gate`` defaults to True in mamba_ssm's modules; the module's attribute is used).
+
+sglang and vLLM carry copies of this file's forward half (:func:`plan_forward_copy`).
 """
 
 from __future__ import annotations
@@ -29,3 +31,13 @@ def plan(p: Planner) -> None:
         cls = p.cls(m, name)
         if cls is not None:
             p.method(cls, "forward", w.module_forward(p.label(cls, "forward"), b, rms))
+
+
+def plan_forward_copy(p: Planner, path: str) -> None:
+    """A framework's copy of this file's forward half, where the installed release has it (sglang's and vLLM's
+    ``mamba/ops/layernorm_gated``): ``_layer_norm_fwd`` and ``rms_norm_gated(x, weight, bias, z=None, ...)``."""
+    m = p.module(path)
+    if m is not None:
+        p.function(m, "_layer_norm_fwd", lambda label, orig: w.fwd_plain(label, p.backend))
+        p.function(m, "rms_norm_gated", lambda label, orig: w.rms_norm_gated_positional(label, p.backend),
+                   required=False)

@@ -31,6 +31,7 @@ from __future__ import annotations
 import inspect
 
 from . import _wrappers as w
+from . import mamba_ssm
 from ._core import Planner
 
 PACKAGE = "vllm"
@@ -99,10 +100,7 @@ def plan(p: Planner) -> None:
             p.method(cls, "forward", w.module_forward(p.label(cls, "forward"), b, False))
     p.require_any(LAYERNORM_GUARD)
 
-    m = p.module(MAMBA_OPS)
-    if m is not None:
-        p.function(m, "_layer_norm_fwd", lambda label, orig: w.fwd_plain(label, b))
-        p.function(m, "rms_norm_gated", lambda label, orig: w.rms_norm_gated_positional(label, b), required=False)
+    mamba_ssm.plan_forward_copy(p, MAMBA_OPS)
 
     fused_classes = set()  # fused_norm_gate re-exports kda's class: patched once
     for path in FUSED_NORM_GATE:
