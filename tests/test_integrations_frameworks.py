@@ -417,7 +417,11 @@ def test_vllm_fused_norm_gate_copy_and_kda_custom_op(vllm_modules):
             y, res = m.rms_norm_gated(x, z.reshape(4, 3, 64), w, None, "swish", residual=r, prenorm=True, eps=1e-5)
             check_forward(y, None, None, x + r, w, None, z, 1e-5, None, True, True, stats=False)
             assert torch.equal(res, x + r)
-        assert _calls("fused_norm_gate.rms_norm_gated") == 1 and _calls("kda.rms_norm_gated") == 1
+        # no weight, (T, H, D) rows and gate, as vLLM's muse_spark model calls fused_norm_gate's
+        y = fused.rms_norm_gated(x.reshape(4, 3, 64), z.reshape(4, 3, 64), None, None, "sigmoid", eps=1e-5)
+        check_forward(y.reshape(12, 64), None, None, x, torch.ones_like(w), None, z, 1e-5, None, True, True,
+                      "sigmoid", stats=False)
+        assert _calls("fused_norm_gate.rms_norm_gated") == 2 and _calls("kda.rms_norm_gated") == 1
     assert_restored(snap)
     assert "forward" not in vars(cls)
 
