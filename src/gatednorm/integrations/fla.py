@@ -63,3 +63,19 @@ def plan(p: Planner) -> None:
             cls = p.cls(m, name, required=False)
             if cls is not None:
                 p.method(cls, "forward", w.fused_linear_module_forward(p.label(cls, "forward"), b, rms))
+
+
+def plan_rms_norm_gated_copies(p: Planner, paths: tuple[str, ...]) -> list[type]:
+    """sglang's and vLLM's copies of ``fused_norm_gate``: ``rms_norm_gated`` replaced in each of ``paths`` the
+    installed release has; returns the distinct ``FusedRMSNormGated`` classes found, for the framework's plan to
+    patch its own way (a plain module in sglang, a ``CustomOp`` in vLLM)."""
+    classes: list[type] = []
+    for path in paths:
+        m = p.module(path)
+        if m is None:
+            continue
+        p.function(m, "rms_norm_gated", lambda label, orig: w.fused_function(label, p.backend, True))
+        cls = p.cls(m, "FusedRMSNormGated", required=False)
+        if cls is not None and cls not in classes:
+            classes.append(cls)
+    return classes

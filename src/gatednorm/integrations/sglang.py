@@ -24,7 +24,7 @@ from __future__ import annotations
 import inspect
 
 from . import _wrappers as w
-from . import mamba_ssm
+from . import fla, mamba_ssm
 from ._core import Planner
 
 PACKAGE = "sglang"
@@ -61,11 +61,5 @@ def plan(p: Planner) -> None:
 
     mamba_ssm.plan_forward_copy(p, MAMBA_OPS)
 
-    for path in FUSED_NORM_GATE:
-        m = p.module(path)
-        if m is None:
-            continue
-        p.function(m, "rms_norm_gated", lambda label, orig: w.fused_function(label, b, True))
-        cls = p.cls(m, "FusedRMSNormGated", required=False)
-        if cls is not None:
-            p.method(cls, "forward", w.fused_module_forward(p.label(cls, "forward"), b, True))
+    for cls in fla.plan_rms_norm_gated_copies(p, FUSED_NORM_GATE):
+        p.method(cls, "forward", w.fused_module_forward(p.label(cls, "forward"), b, True))

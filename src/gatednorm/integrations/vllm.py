@@ -31,7 +31,7 @@ from __future__ import annotations
 import inspect
 
 from . import _wrappers as w
-from . import mamba_ssm
+from . import fla, mamba_ssm
 from ._core import Planner
 
 PACKAGE = "vllm"
@@ -102,16 +102,8 @@ def plan(p: Planner) -> None:
 
     mamba_ssm.plan_forward_copy(p, MAMBA_OPS)
 
-    fused_classes = set()  # fused_norm_gate re-exports kda's class: patched once
-    for path in FUSED_NORM_GATE:
-        m = p.module(path)
-        if m is None:
-            continue
-        p.function(m, "rms_norm_gated", lambda label, orig: w.fused_function(label, b, True))
-        cls = p.cls(m, "FusedRMSNormGated", required=False)
-        if cls is not None and cls not in fused_classes:
-            fused_classes.add(cls)
-            _patch_custom_op(p, cls, lambda label: w.fused_module_forward(label, b, True))
+    for cls in fla.plan_rms_norm_gated_copies(p, FUSED_NORM_GATE):  # one class: fused_norm_gate re-exports kda's
+        _patch_custom_op(p, cls, lambda label: w.fused_module_forward(label, b, True))
 
     m = p.module(LAYERNORM)
     cls = p.cls(m, "RMSNormGated", required=False) if m is not None else None
