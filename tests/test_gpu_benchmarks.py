@@ -14,9 +14,24 @@ import sys
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-_spec = importlib.util.spec_from_file_location("acceptance", ROOT / "benchmarks" / "acceptance.py")
-acceptance = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(acceptance)
+
+
+def _benchmark_module(name: str):
+    """benchmarks/NAME.py as a module (its sibling imports resolved from benchmarks/ while it loads)."""
+    folder = str(ROOT / "benchmarks")
+    sys.path.insert(0, folder)
+    try:
+        spec = importlib.util.spec_from_file_location(f"{name}_for_test", ROOT / "benchmarks" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module  # a dataclass looks its module up there
+        spec.loader.exec_module(module)
+        return module
+    finally:
+        sys.modules.pop(f"{name}_for_test", None)
+        sys.path.remove(folder)
+
+
+acceptance = _benchmark_module("acceptance")
 
 
 def _fwd_record(shape: str, m: int, n: int, **extra) -> dict:
@@ -125,7 +140,7 @@ def test_bench_gpu_smoke_runs_every_path(tmp_path):
     out = _smoke(tmp_path, "--host")
     assert "inside the Function's backward" in out and "HOST tk.backward:" in out
     data = json.loads((tmp_path / "gpu_bench.json").read_text())
-    bench_gpu_shapes = [s[0] for s in _bench_gpu_module().SMOKE_SHAPES]
+    bench_gpu_shapes = [s[0] for s in _benchmark_module("bench_gpu").SMOKE_SHAPES]
     assert [r["shape"] for r in data["records"]] == bench_gpu_shapes
     for rec in data["records"]:
         assert rec["check_repeat_bitwise"] and rec["check_rel_err_vs_native"] < 1e-2, rec["shape"]
@@ -141,16 +156,3 @@ def test_bench_gpu_quant_smoke(tmp_path):
     data = json.loads((tmp_path / "quant_bench_smoke.json").read_text())
     assert data["records"] and all("fused (gated_norm_quant)" in r["impls"] for r in data["records"])
     assert all(r["check_bitwise_vs_generic"] for r in data["records"])
-
-
-def _bench_gpu_module():
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        spec = importlib.util.spec_from_file_location("bench_gpu_for_test", ROOT / "benchmarks" / "bench_gpu.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module  # its dataclass looks its module up there
-        spec.loader.exec_module(module)
-        return module
-    finally:
-        sys.modules.pop("bench_gpu_for_test", None)
-        sys.path.remove(str(ROOT / "benchmarks"))
