@@ -426,6 +426,35 @@ def test_vllm_fused_norm_gate_copy_and_kda_custom_op(vllm_modules):
     assert "forward" not in vars(cls)
 
 
+def test_vllm_patch_survives_a_kernel_copy_that_fails_to_import(vllm_modules, monkeypatch):
+    """A vLLM build whose KDA file fails to import (it pulls in vLLM's delta-rule kernels) still gets its main
+    gated norm patched: both fused_norm_gate copies (fused_norm_gate imports kda) are left alone, named in
+    ``handle.skipped`` with the import error, and a RuntimeWarning says so; all restored after."""
+    from gatednorm.integrations import vllm as vllm_plan
+
+    guard = vllm_modules[0]
+    snap = snapshot(guard)
+    kda_path = vllm_plan.FUSED_NORM_GATE[1]
+    for path in vllm_plan.FUSED_NORM_GATE:
+        monkeypatch.delitem(sys.modules, path)
+
+    class _BrokenKda:
+        def find_spec(self, name, path=None, target=None):
+            if name == kda_path:
+                raise ImportError("kda kernels need another triton (simulated)")
+            return None
+
+    monkeypatch.setattr(sys, "meta_path", [_BrokenKda(), *sys.meta_path])
+    x, z, w, _ = make_inputs(10, 128, seed=11)
+    with pytest.warns(RuntimeWarning, match="ops.kda"), gatednorm.patch("vllm") as handle:
+        assert set(handle.skipped) == set(vllm_plan.FUSED_NORM_GATE)
+        assert all("simulated" in why for why in handle.skipped.values())
+        y = guard.rmsnorm_fn(x, w, None, z, 1e-6, 32, True, "sigmoid")
+        check_forward(y, None, None, x, w, None, z, 1e-6, 32, True, True, "sigmoid", stats=False)
+        assert _calls("layernorm_guard.rmsnorm_fn") == 1
+    assert_restored(snap)
+
+
 # ---------------------------------------------------------------------------------------- mamba_ssm
 
 

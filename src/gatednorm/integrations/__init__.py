@@ -62,7 +62,9 @@ def patch(*targets: str, backend: str | None = None) -> PatchHandle:
 
     Returns:
         A :class:`PatchHandle`; ``handle.undo()`` (or leaving a ``with`` block) restores the originals.
-        ``handle.skipped`` says which targets were skipped and why.
+        ``handle.skipped`` says which targets were skipped and why, and which secondary kernel copies of a
+        patched target (vLLM's KDA file, a fused_norm_gate or mamba copy) failed to import and were left alone
+        (with a ``RuntimeWarning``; the target's main gated-norm file is patched).
 
     A named target that is not installed is skipped with a warning; one that is installed but
     whose module layout or signatures are not the known ones raises :class:`UnknownLayoutError`
@@ -106,6 +108,10 @@ def patch(*targets: str, backend: str | None = None) -> PatchHandle:
             first = len(handle._records)
             apply_plan(name, planner.finish(), handle)
             rebind_imported_names(handle, first)
+            for path, why in planner.skipped.items():
+                handle.skipped[path] = why
+                warnings.warn(f"gatednorm.patch: {path} ({name}) not patched, {why}; the rest of {name!r} is",
+                              RuntimeWarning, stacklevel=2)
     except BaseException:
         handle.undo()
         raise

@@ -67,7 +67,8 @@ class PatchHandle:
 
     Attributes:
         backend: the backend the replacements use (None: per call / environment).
-        skipped: target -> why it was not patched (not installed, import failed, ...).
+        skipped: target -> why it was not patched (not installed, import failed, ...); also module path -> why,
+            for a patched target's secondary kernel copy whose import failed.
     """
 
     backend: str | None = None
@@ -251,8 +252,9 @@ class Planner:
         self.plan: list[tuple[object, str, object]] = []
         self.problems: list[str] = []
         self.found: list[str] = []
+        self.skipped: dict[str, str] = {}  # optional module path -> why it was left unpatched
 
-    def module(self, path: str) -> types.ModuleType | None:
+    def module(self, path: str, *, optional: bool = False) -> types.ModuleType | None:
         """The module at ``path``, imported if needed; None when this version of the package has no such file.
 
         The framework's top-level package is imported first, as ``import <package>`` would, whenever
@@ -262,6 +264,10 @@ class Planner:
         attempt fails the same way, and leaves what a plain ``import <package>`` leaves. (Removing those
         submodules instead is not safe: re-running a module that registers types or ops with torch, as
         vLLM's do, raises "already registered" on the next import.)
+
+        ``optional``: a secondary copy of the kernels (vLLM's KDA file, a framework's fused_norm_gate or mamba
+        copy) whose own import fails is recorded in :attr:`skipped` and None returned, so the framework's main
+        gated-norm file is still patched; the framework's package failing to import still raises.
         """
         if path in sys.modules:
             module = sys.modules[path]
@@ -271,7 +277,13 @@ class Planner:
             top = path.partition(".")[0]
             if top not in sys.modules:
                 importlib.import_module(top)
-            module = importlib.import_module(path)
+            try:
+                module = importlib.import_module(path)
+            except ImportError as exc:
+                if not optional or isinstance(exc, UnknownLayoutError):
+                    raise
+                self.skipped[path] = f"importing it failed: {exc!r}"
+                return None
         self.found.append(path)
         return module
 

@@ -68,10 +68,11 @@ def plan(p: Planner) -> None:
 def plan_rms_norm_gated_copies(p: Planner, paths: tuple[str, ...]) -> list[type]:
     """sglang's and vLLM's copies of ``fused_norm_gate``: ``rms_norm_gated`` replaced in each of ``paths`` the
     installed release has; returns the distinct ``FusedRMSNormGated`` classes found, for the framework's plan to
-    patch its own way (a plain module in sglang, a ``CustomOp`` in vLLM)."""
+    patch its own way (a plain module in sglang, a ``CustomOp`` in vLLM). Optional: a copy that fails to import
+    (vLLM's ``ops.kda`` pulls in its KDA kernels) is skipped, the framework's main file still patched."""
     classes: list[type] = []
     for path in paths:
-        m = p.module(path)
+        m = p.module(path, optional=True)
         if m is None:
             continue
         p.function(m, "rms_norm_gated", lambda label, orig: w.fused_function(label, p.backend, True))

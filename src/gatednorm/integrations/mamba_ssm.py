@@ -35,8 +35,9 @@ def plan(p: Planner) -> None:
 
 def plan_forward_copy(p: Planner, path: str) -> None:
     """A framework's copy of this file's forward half, where the installed release has it (sglang's and vLLM's
-    ``mamba/ops/layernorm_gated``): ``_layer_norm_fwd`` and ``rms_norm_gated(x, weight, bias, z=None, ...)``."""
-    m = p.module(path)
+    ``mamba/ops/layernorm_gated``): ``_layer_norm_fwd`` and ``rms_norm_gated(x, weight, bias, z=None, ...)``.
+    Optional: a copy that fails to import is skipped (the framework's main file is still patched)."""
+    m = p.module(path, optional=True)
     if m is not None:
         p.function(m, "_layer_norm_fwd", lambda label, orig: w.fwd_plain(label, p.backend))
         p.function(m, "rms_norm_gated", lambda label, orig: w.rms_norm_gated_positional(label, p.backend),
