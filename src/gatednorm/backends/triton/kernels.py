@@ -234,7 +234,7 @@ def _tile_stats(x, col_ok, eps, GS: tl.constexpr, BLOCK: tl.constexpr, IS_RMS: t
 # Groups that are not a power of two, where launch.SPLIT_GROUPS is on (the default), are read unpadded rather
 # than as one tile padded to the next power of two, whose padded lanes cost as many instructions as real ones:
 # - two power-of-two parts (640 = 512 + 128; launch.split_low): the fused quantized forward reads [ROWS, GS - GLO]
-#   and [ROWS, GLO] (sm_90 SASS: 49.5 instructions per real element padded at the default launch shape, 32.4
+#   and [ROWS, GLO] (sm_90 SASS, Triton 3.9: 49.5 instructions per real element padded at the default launch shape, 32.4
 #   split; launch.SPLIT_MIN_LOW). fwd_kernel and bwd_kernel keep the padded tile for these: the forward reached
 #   96-100% of copy padded on the H200, and a split backward counted no fewer instructions at its one-row,
 #   one-warp launch shape (46.5 per element against 45.5);

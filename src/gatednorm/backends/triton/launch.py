@@ -293,7 +293,7 @@ def _is_pow2(v: int) -> bool:
 
 
 #: The narrowest lower part of a group that fwd_quant_kernel splits in two (split_low): below it the second
-#: tile's own reductions cost more than the padding they save (sm_90 SASS compiled on the CPU machine: groups of
+#: tile's own reductions cost more than the padding they save (sm_90 SASS, Triton 3.9 on the CPU machine: groups of
 #: 96 = 64 + 32 took 25-35% more instructions per element split than padded to 128; groups of 640 = 512 + 128
 #: 30-35% fewer at two rows a warp).
 SPLIT_MIN_LOW = 128
@@ -322,7 +322,8 @@ def split_low(group_size: int) -> int:
 
 
 #: The narrowest part of a group that fwd_kernel and bwd_kernel read as three unpadded tiles (fwd_parts). sm_90 SASS
-#: compiled on the CPU machine (benchmarks/sass_count.py --parts, benchmarks/results/parts_sass_sm90.md),
+#: compiled with Triton 3.9 on the CPU machine (benchmarks/sass_count.py --parts, results/parts_sass_sm90.md;
+#: Triton 3.6, the GPU image's: parts_sass_sm90_triton36.md, within about 10%),
 #: instructions per real element at the padded tile's launch shape, padded -> three parts. Forward: groups of 96,
 #: LayerNorm + bias gated first (bench_gpu's row at 80% of copy) 29.8 -> 18.7, RMSNorm gated after 24.9 -> 16.2
 #: (groups of 128, RMSNorm gated after, run at 94% of copy with 21.4); 48 = 3 x 16 33.9 -> 25.4; 192 34.6 -> 27.0;
@@ -727,7 +728,8 @@ def _fp8_by_bits(device: torch.device, fnuz: bool) -> bool:
 # tiles of 4096 fewer warps than the plain forward's (13% and 4% faster there). Groups inside a block (NG > 1,
 # powers of two) share the key of their tile width: the same contiguous [ROWS, NG * GB] stretch of memory.
 # Split groups (SPLIT_GROUPS on; not measured on a GPU yet: chosen from sm_90 SASS compiled on the CPU
-# machine, benchmarks/sass_count.py; the next sweep decides): two rows a warp, 24-40 features a thread, where the
+# machine with Triton 3.9, benchmarks/sass_count.py; 3.6's counts in results/quant_sass_sm90_triton36.md; the
+# next sweep decides): two rows a warp, 24-40 features a thread, where the
 # counts were lowest (fp8, 128-wide blocks: 640 at (4, 2) 32.4 instructions per element against 49.5 padded at
 # (1, 1); 1280 at (2, 2) 33.5 against 60.1 padded at the rule's (2, 8); 384 at (8, 4) 40.4 against 47.0 at the
 # rule's (8, 8); one group of 5120 at the padded entry's (1, 4) 32.6 against 35.0).
