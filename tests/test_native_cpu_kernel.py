@@ -357,6 +357,28 @@ def test_gradients_do_not_depend_on_the_batch_and_repeat():
         assert torch.equal(r1, rstd.view(groups, -1)[:, r])
 
 
+def test_one_block_backward_gives_the_planned_paths_bits(monkeypatch):
+    """A call of one block takes one kernel call without a plan, its partial row rounded straight to the
+    parameters' dtype: the same bits as the planned path (blocks of one row, one task, its row summed as
+    torch.sum), a column whose products are all -0.0 summed to +0.0 in both; float32 parameters too."""
+    m, n, gs = 8, 256, 64
+    for dtype in (torch.bfloat16, torch.float32):
+        x, z, w, b = make_inputs(m, n, dtype, seed=21)
+        dy = torch.randn(m, n).to(dtype)
+        dy[:, 3] = -0.0
+        spec = _spec(n, gs, False, False, "swish")
+        _, mean, rstd = _forward(x, w, b, z, spec)
+        calls = _count_calls(monkeypatch, "backward_rows")
+        one = native_cpu.backward(dy, x, w, b, z, mean, rstd, spec)
+        assert len(calls) == 1
+        planned = native_cpu.backward(dy, x, w, b, z, mean, rstd, spec, block_elements=n)
+        assert len(calls) == 2  # blocks of one row, in one task (8 rows): one kernel call, summed by _sum_tasks
+        for got, want in zip(one, planned, strict=True):
+            assert got.dtype == want.dtype and torch.equal(bits(got), bits(want))
+        assert not one[2][3].signbit() and not one[3][3].signbit() and one[3][3] == 0
+        monkeypatch.undo()
+
+
 def test_same_bits_under_a_dispatch_mode(kernel_calls):
     """A mode sees no ATen op of the kernel (as with any kernel), and results do not depend on one."""
 

@@ -720,9 +720,12 @@ def _use_cpu_kernel(rows: tuple[torch.Tensor | None, ...], others: tuple[torch.T
     fake or functional tensors take the block kernels), and the kernel built. An active dispatch or function
     mode does not matter: like any kernel, it runs no ATen op that a mode could see, so results do not
     depend on one."""
-    return (rows[0].device.type == "cpu"
-            and all(t is None or type(t) in _PLAIN_TENSORS for t in rows + others)
-            and native_cpu_kernel.handles(*rows))
+    if not rows[0].is_cpu:
+        return False
+    for t in rows + others:  # a loop, not all() over a generator: this runs on every CPU call
+        if t is not None and type(t) not in _PLAIN_TENSORS:
+            return False
+    return native_cpu_kernel.handles(*rows)
 
 
 def _forward_cpu_kernel(x, weight, bias, z, spec: NormSpec, out, block_elements: int,
@@ -741,8 +744,10 @@ def _forward_cpu_kernel(x, weight, bias, z, spec: NormSpec, out, block_elements:
     weight_k, bias_k = native_cpu_kernel.params_ready(weight), native_cpu_kernel.params_ready(bias)
     gate_before = z is not None and not spec.norm_before_gate
     args = (spec.group_size, spec.eps, spec.is_rms_norm, gate_before, spec.activation == "sigmoid")
-    plan = _Plan(m, n, block_elements, (x, z, out), compiled_kernel=True)
-    if plan.workers == 1:
+    # one block of rows: one kernel call in this thread, as _Plan decides for it (not built: a few us of a
+    # small call's host time)
+    plan = None if m * n <= block_elements else _Plan(m, n, block_elements, (x, z, out), compiled_kernel=True)
+    if plan is None or plan.workers == 1:
         out_of_range = native_cpu_kernel.forward_rows(x, z, weight_k, bias_k, out, mean, rstd, 0, m, *args,
                                                       quant=quant)
     elif native_cpu_kernel.use_team():  # PyTorch's OpenMP threads take the same chunks from a counter
@@ -761,6 +766,8 @@ def _forward_cpu_kernel(x, weight, bias, z, spec: NormSpec, out, block_elements:
         plan.run(run_worker, lambda: None, tasks=plan.workers)
         out_of_range = sum(counts)
     if out_of_range:
+        if plan is None:
+            plan = _Plan(m, n, block_elements, (x, z, out), compiled_kernel=True)
         with torch.no_grad():
             _redo_rows_out_of_range(x, z, weight, bias, spec, out, mean, rstd, plan, quant)
     return mean, rstd
@@ -963,14 +970,20 @@ def _backward_cpu_kernel(dy, x, weight, bias, z, mean, rstd, spec: NormSpec, nee
     m, n = x.shape
     dx = torch.empty(m, n, dtype=x.dtype) if needs_dx else None
     dz = torch.empty(m, n, dtype=z.dtype) if needs_dz else None
-    plan = _Plan(m, n, block_elements, (dy, x, z), compiled_kernel=True)
-    part_w = torch.empty(plan.tasks, n, dtype=torch.float32) if needs_dweight else None
-    part_b = torch.empty(plan.tasks, n, dtype=torch.float32) if needs_db else None
     weight_k, bias_k = native_cpu_kernel.params_ready(weight), native_cpu_kernel.params_ready(bias)
     gate_before = z is not None and not spec.norm_before_gate
     sigmoid = spec.activation == "sigmoid"
-
     args = (spec.group_size, spec.is_rms_norm, gate_before, sigmoid)
+    if m * n <= block_elements:  # one block, so one task (_Plan's decision, without building it)
+        part_w = torch.empty(n, dtype=torch.float32) if needs_dweight else None
+        part_b = torch.empty(n, dtype=torch.float32) if needs_db else None
+        native_cpu_kernel.backward_rows(dy, x, z, weight_k, bias_k, mean, rstd, dx, dz, part_w, part_b, 0, m, *args)
+        # the kernel's sums start at +0.0, so never -0.0: one task's row is torch.sum's over tasks as it is
+        return (dx, dz, part_w.to(weight.dtype) if part_w is not None else None,
+                part_b.to(bias.dtype) if part_b is not None else None)
+    plan = _Plan(m, n, block_elements, (dy, x, z), compiled_kernel=True)
+    part_w = torch.empty(plan.tasks, n, dtype=torch.float32) if needs_dweight else None
+    part_b = torch.empty(plan.tasks, n, dtype=torch.float32) if needs_db else None
     if plan.workers == 1:  # in this thread, task by task: no job for the pool
         for task in range(plan.tasks):
             r0, r1 = plan.rows(task, m)

@@ -277,8 +277,12 @@ def handles(*rows: torch.Tensor | None) -> bool:
     """Whether the kernel takes these (M, N) tensors (None: absent): float32 / bfloat16 with unit feature
     stride, the kernel switched on and built. The forward passes x, z, out; the backward dy, x, z (dx and dz
     take x's and z's dtypes)."""
-    return (_switch["on"] and all(t is None or (t.dtype in _DTYPES and t.stride(1) == 1) for t in rows)
-            and library() is not None)
+    if not _switch["on"]:
+        return False
+    for t in rows:  # a loop, not all() over a generator: this runs on every CPU call
+        if t is not None and (t.dtype not in _DTYPES or t.stride(1) != 1):
+            return False
+    return library() is not None
 
 
 def quantizer_ready() -> bool:
