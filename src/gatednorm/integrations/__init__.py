@@ -110,7 +110,7 @@ def patch(*targets: str, backend: str | None = None) -> PatchHandle:
             rebind_imported_names(handle, first)
             for path, why in planner.skipped.items():
                 handle.skipped[path] = why
-                warnings.warn(f"gatednorm.patch: {path} ({name}) not patched, {why}; the rest of {name!r} is",
+                warnings.warn(f"gatednorm.patch: {path} ({name}) not patched, {why}; the rest of {name!r} is patched",
                               RuntimeWarning, stacklevel=2)
     except BaseException:
         handle.undo()
