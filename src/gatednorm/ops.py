@@ -274,6 +274,8 @@ def auto_reason(device: torch.device) -> str:
         return "CUDA tensors run gatednorm's Triton kernels"
     if device.type == "cuda":
         return "Triton cannot be imported here, so CUDA tensors run native (pip install 'gatednorm[triton]')"
+    if device.type == "cpu":
+        return "Triton serves CUDA tensors only; cpu tensors run native (its C kernel where built, else PyTorch ops)"
     return f"Triton serves CUDA tensors only; {device.type} tensors run native (plain PyTorch ops)"
 
 

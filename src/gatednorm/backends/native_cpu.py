@@ -1,4 +1,5 @@
-"""The native backend on CPU: plain PyTorch ops over small row blocks, spread over worker threads.
+"""The native backend on CPU: one pass per row through the C kernel (:mod:`.native_cpu_kernel`) where it is built,
+else plain PyTorch ops over small row blocks; either way spread over worker threads.
 
 The operator of docs/design.md section 1 (the formulas of :mod:`gatednorm.numerics`), written for
 a CPU that other processes share, because there speed comes from how the work meets the cores.
