@@ -280,7 +280,7 @@ class Planner:
             try:
                 module = importlib.import_module(path)
             except ImportError as exc:
-                if not optional or isinstance(exc, UnknownLayoutError):
+                if not optional:
                     raise
                 self.skipped[path] = f"importing it failed: {exc!r}"
                 return None
