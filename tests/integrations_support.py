@@ -11,6 +11,7 @@ Everything added to ``sys.modules`` is removed again afterwards.
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import functools
 import importlib
@@ -67,6 +68,41 @@ def upstream_modules(top: str, packages: list[str], stubs: dict[str, dict], modu
         sys.modules.update(before)
 
 
+def upstream_class_module(top: str, path: str, class_name: str, namespace: dict) -> types.ModuleType:
+    """A module named ``path`` holding only the class ``class_name`` of the installed file of that module (decorators
+    included), executed with the globals of ``namespace``, and entered in ``sys.modules``: for a class whose file
+    imports too much of its framework to execute here (vLLM's ``mamba_mixer2.py``). Call it inside
+    :func:`upstream_modules`, which removes it again."""
+    file = os.path.join(package_root(top), *path.split(".")[1:]) + ".py"
+    with open(file, encoding="utf-8") as f:
+        source = f.read()
+    node = next(n for n in ast.parse(source).body if isinstance(n, ast.ClassDef) and n.name == class_name)
+    first = min([node.lineno] + [d.lineno for d in node.decorator_list])
+    lines = source.splitlines()[first - 1:node.end_lineno]
+    module = types.ModuleType(path)
+    module.__dict__.update(namespace)
+    # padded to the class's own line numbers, so tracebacks point into the installed file
+    exec(compile("\n" * (first - 1) + "\n".join(lines), file, "exec"), module.__dict__)
+    sys.modules[path] = module
+    return module
+
+
+#: The tensor-parallel job the stand-ins of sglang's and vLLM's collectives pretend to run in: ``size`` ranks
+#: that all hold this rank's shard (an all_reduce multiplies by ``size``, an all_gather repeats the shard);
+#: each collective called is appended to ``calls``. Tests set ``size`` (and restore it).
+TP = types.SimpleNamespace(size=1, rank=0, calls=[])
+
+
+def _tp_all_reduce(t: torch.Tensor) -> torch.Tensor:
+    TP.calls.append("all_reduce")
+    return t * TP.size
+
+
+def _tp_all_gather(t: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    TP.calls.append("all_gather")
+    return torch.cat([t] * TP.size, dim=dim)
+
+
 def _next_power_of_2(n: int) -> int:
     return 1 << (int(n) - 1).bit_length() if n > 1 else 1
 
@@ -78,13 +114,30 @@ def _cdiv(a: int, b: int) -> int:
 _FALSE = staticmethod(lambda *a, **k: False)
 
 
+def _set_weight_attrs(weight, attrs):
+    for k, v in (attrs or {}).items():
+        setattr(weight, k, v)
+
+
+class _FusedOp(nn.Module):
+    """sglang's BaseFusedOp as it dispatches on a CPU without AMX: ``forward`` resolves ``forward_native`` on the first
+    call and keeps that bound method in ``_forward_method``."""
+
+    def forward(self, *args, **kwargs):
+        if "_forward_method" not in self.__dict__:
+            self._forward_method = self.forward_native
+        return self._forward_method(*args, **kwargs)
+
+
 # --- sglang 0.5.x -------------------------------------------------------------------------------
 
 SGLANG_PACKAGES = [
     "sglang", "sglang.kernels", "sglang.kernels.ops", "sglang.kernels.ops.attention",
     "sglang.kernels.ops.attention.fla", "sglang.srt", "sglang.srt.layers", "sglang.srt.layers.attention",
-    "sglang.srt.layers.attention.fla",
+    "sglang.srt.layers.attention.fla", "sglang.srt.layers.attention.mamba",
 ]
+#: sglang's Mamba2 mixer norm (0.5.23), executed with the stand-ins below
+SGLANG_MIXER2 = "sglang.srt.layers.attention.mamba.mixer2_rms_norm_gated"
 SGLANG_STUBS = {
     "sglang.kernels.jit.utils": {"is_arch_support_pdl": lambda *a: False, "get_jit_cuda_arch": lambda *a: None},
     "sglang.srt.batch_invariant_ops": {"is_batch_invariant_mode_enabled": lambda: False},
@@ -98,6 +151,14 @@ SGLANG_STUBS = {
         "cdiv": _cdiv, "next_power_of_2": _next_power_of_2, "cpu_has_amx_support": lambda: False,
         "is_cpu": lambda: False, "is_npu": lambda: False, "device_context": lambda d: contextlib.nullcontext(),
     },
+    # what the Mamba2 mixer's norm (mixer2_rms_norm_gated.py) imports: one rank unless a test sets TP.size
+    "sglang.kernels.fused_op": {"BaseFusedOp": _FusedOp},
+    "sglang.srt.distributed.communication_op": {"tensor_model_parallel_all_gather": _tp_all_gather,
+                                                "tensor_model_parallel_all_reduce": _tp_all_reduce},
+    "sglang.srt.layers.dp_attention": {"attn_tp_all_reduce": _tp_all_reduce, "is_dp_attention_enabled": lambda: False},
+    "sglang.srt.model_loader.weight_utils": {"sharded_weight_loader": lambda *a, **k: None},
+    "sglang.srt.runtime_context": {"get_parallel": lambda: types.SimpleNamespace(tp_size=TP.size, tp_rank=TP.rank)},
+    "sglang.srt.utils.common": {"set_weight_attrs": _set_weight_attrs},
 }
 
 
@@ -156,11 +217,6 @@ def _input_guard(fn):
     return wrapper
 
 
-def _set_weight_attrs(weight, attrs):
-    for k, v in (attrs or {}).items():
-        setattr(weight, k, v)
-
-
 def vllm_stubs() -> dict[str, dict]:
     import triton
     import triton.language as tl
@@ -192,6 +248,23 @@ def vllm_stubs() -> dict[str, dict]:
         "vllm.model_executor.utils": {"set_weight_attrs": _set_weight_attrs},
         "vllm.utils.torch_utils": {"direct_register_custom_op": lambda *a, **k: None},
     }
+
+
+#: vLLM's Mamba2 mixer file: its Mixer2RMSNormGated is executed alone (vllm_mixer2_module), the file imports
+#: most of vLLM
+VLLM_MIXER2 = "vllm.model_executor.layers.mamba.mamba_mixer2"
+
+
+def vllm_mixer2_module(mamba_ops: types.ModuleType) -> types.ModuleType:
+    """``VLLM_MIXER2`` holding the installed ``Mixer2RMSNormGated`` alone, its imports stood in for (one rank unless
+    a test sets TP.size); ``rms_norm_gated`` is the one of vLLM's mamba ops copy ``mamba_ops``, as the file imports
+    it. Inside :func:`upstream_modules`."""
+    return upstream_class_module("vllm", VLLM_MIXER2, "Mixer2RMSNormGated", {
+        "torch": torch, "nn": nn, "CustomOp": _CustomOp, "rms_norm_gated": mamba_ops.rms_norm_gated,
+        "get_tensor_model_parallel_world_size": lambda: TP.size, "get_tensor_model_parallel_rank": lambda: TP.rank,
+        "tensor_model_parallel_all_gather": _tp_all_gather, "tensor_model_parallel_all_reduce": _tp_all_reduce,
+        "set_weight_attrs": _set_weight_attrs, "sharded_weight_loader": lambda *a, **k: None,
+    })
 
 
 VLLM_PACKAGES = [

@@ -9,6 +9,7 @@ sglang, vLLM and mamba_ssm run their real gated-norm module files with framework
 from __future__ import annotations
 
 import inspect
+import os
 import sys
 import types
 
@@ -18,9 +19,11 @@ from helpers import assert_within, check_forward, check_gradients, magnitudes, m
 from integrations_support import (
     MAMBA_MODULES,
     MAMBA_PACKAGES,
+    SGLANG_MIXER2,
     SGLANG_PACKAGES,
     SGLANG_STUBS,
     TOL,
+    TP,
     VLLM_MODULES,
     VLLM_PACKAGES,
     assert_restored,
@@ -29,6 +32,7 @@ from integrations_support import (
     sglang_module_names,
     snapshot,
     upstream_modules,
+    vllm_mixer2_module,
     vllm_stubs,
 )
 
@@ -169,11 +173,66 @@ def test_fla_residual_and_prenorm_calls_run_gatednorm(fla_modules):
 # ------------------------------------------------------------------------------------------- sglang
 
 
+#: (full hidden size, n_groups, tensor-parallel size) of Mixer2RMSNormGated calls on 128 features a rank: groups
+#: whole on every rank (gatednorm's), then a group split over ranks (upstream's, with the collective it runs)
+MIXER2_LOCAL = ((128, 1, 1), (128, 4, 1), (256, 4, 2))
+MIXER2_SPLIT = ((256, 1, 2, "all_reduce"), (384, 4, 3, "all_gather"))
+
+
+def _check_mixer2(cls, framework: str, monkeypatch) -> None:
+    """The Mamba2 mixer's norm, ``Mixer2RMSNormGated`` (sglang's or vLLM's), patched: calls whose groups lie whole on
+    every rank give the float64 RMSNorm of x * silu(z) per group, rounded once (upstream's torch ops round twice:
+    within a few bf16 roundings of theirs), instances built before the patch included; a group split over ranks and
+    ``use_rms_norm=False`` run upstream's own code, bit for bit, collectives included; all restored after."""
+    monkeypatch.setattr(TP, "calls", [])
+    snap = snapshot(cls)
+    x, z, _, _ = make_inputs(6, 128, torch.bfloat16, seed=12)
+    w = (torch.randn(128) * 0.5 + 1).bfloat16()
+    before, upstream = {}, {}
+    for full, groups, tp, *_ in MIXER2_LOCAL + MIXER2_SPLIT:
+        monkeypatch.setattr(TP, "size", tp)
+        mod = cls(full, groups, eps=1e-5).to(torch.bfloat16)
+        with torch.no_grad():
+            mod.weight.copy_(w)
+        local = groups % tp == 0
+        upstream[full, groups, tp] = mod.forward_native(x, z) if local else mod(x, z)
+        before[full, groups, tp] = mod
+    monkeypatch.setattr(TP, "size", 1)
+    plain_upstream = cls(128, 4, use_rms_norm=False)(x, z)
+    assert TP.calls == [c[3] for c in MIXER2_SPLIT]
+    with gatednorm.patch(framework):
+        for full, groups, tp in MIXER2_LOCAL:
+            monkeypatch.setattr(TP, "size", tp)
+            up = upstream[full, groups, tp].float()
+            for mod in (before[full, groups, tp], cls(full, groups, eps=1e-5).to(torch.bfloat16)):
+                with torch.no_grad():
+                    mod.weight.copy_(w)
+                calls = sum(call_counts().values())
+                y = mod(x, z)
+                assert sum(call_counts().values()) == calls + 1, (full, groups, tp)
+                check_forward(y, None, None, x, mod.weight, None, z, 1e-5, full // groups, False, True, stats=False)
+                assert bool(((y.float() - up).abs() <= 2.0**-6 * up.abs() + 1e-6).all()), (full, groups, tp)
+        assert _calls("Mixer2RMSNormGated.forward_native") >= 3
+        for full, groups, tp, collective in MIXER2_SPLIT:
+            monkeypatch.setattr(TP, "size", tp)
+            TP.calls.clear()
+            calls = sum(call_counts().values())
+            assert torch.equal(before[full, groups, tp](x, z), upstream[full, groups, tp])
+            assert TP.calls == [collective] and sum(call_counts().values()) == calls
+        monkeypatch.setattr(TP, "size", 1)
+        calls = sum(call_counts().values())
+        assert torch.equal(cls(128, 4, use_rms_norm=False)(x, z), plain_upstream)
+        assert sum(call_counts().values()) == calls
+    assert_restored(snap)
+
+
 @pytest.fixture(scope="module")
 def sglang_modules():
     if package_root("sglang") is None:
         pytest.skip("sglang is not installed")
     names = sglang_module_names()
+    if os.path.isfile(os.path.join(package_root("sglang"), *SGLANG_MIXER2.split(".")[1:]) + ".py"):
+        names.append(SGLANG_MIXER2)
     with upstream_modules("sglang", SGLANG_PACKAGES, SGLANG_STUBS, names) as mods:
         yield dict(zip(names, mods, strict=True))
 
@@ -310,6 +369,14 @@ def test_sglang_fused_norm_gate_and_rebinding(sglang_modules):
         del sys.modules[model_file.__name__]
 
 
+def test_sglang_mixer2_norm(sglang_modules, monkeypatch):
+    """sglang's Mamba2 mixer norm (mixer2_rms_norm_gated.py, executed with its imports stood in for): what
+    _check_mixer2 says, through BaseFusedOp's dispatch on a CPU (forward_native)."""
+    if SGLANG_MIXER2 not in sglang_modules:
+        pytest.skip("this sglang has no mixer2_rms_norm_gated module")
+    _check_mixer2(sglang_modules[SGLANG_MIXER2].Mixer2RMSNormGated, "sglang", monkeypatch)
+
+
 def test_route1_native_function_used_as_the_frameworks_layer_norm_fwd(sglang_modules, monkeypatch):
     """Migration guide route 1: `from layernorm_native_implementation import _layer_norm_fwd_native`
     assigned to the framework's `_layer_norm_fwd`; the framework's own wrappers then run it."""
@@ -333,7 +400,7 @@ def vllm_modules():
         pytest.skip("vllm is not installed")
     pytest.importorskip("triton")
     with upstream_modules("vllm", VLLM_PACKAGES, vllm_stubs(), VLLM_MODULES) as mods:
-        yield mods
+        yield [*mods, vllm_mixer2_module(mods[2])]
 
 
 def test_vllm_layernorm_guard_and_custom_op(vllm_modules):
@@ -387,6 +454,24 @@ def test_vllm_mamba_ops_copy(vllm_modules):
         assert_restored(snap)
     finally:
         del sys.modules[mixer_file.__name__]
+
+
+def test_vllm_mixer2_norm(vllm_modules, monkeypatch):
+    """vLLM's Mamba2 mixer norm (the installed class, executed alone): what _check_mixer2 says, through the
+    CustomOp's forward_cuda (forward_native by name for several groups, the rebound rms_norm_gated for one); an
+    instance vLLM bound to the original forward_native before the patch is routed by the added forward."""
+    cls = vllm_modules[4].Mixer2RMSNormGated
+    _check_mixer2(cls, "vllm", monkeypatch)
+    reset_call_counts()
+    x, z, _, _ = make_inputs(4, 128, seed=13)
+    bound_early = cls(128, 4)
+    bound_early._forward_method = bound_early.forward_native  # custom op disabled: vLLM binds forward_native
+    with gatednorm.patch("vllm"):
+        assert "forward" in vars(cls)
+        y = bound_early(x, z)
+        assert _calls("Mixer2RMSNormGated.forward_native") == 1
+        check_forward(y, None, None, x, bound_early.weight, None, z, 1e-6, 32, False, True, stats=False)
+    assert "forward" not in vars(cls)
 
 
 def test_vllm_fused_norm_gate_copy_and_kda_custom_op(vllm_modules):

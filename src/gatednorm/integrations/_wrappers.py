@@ -281,6 +281,25 @@ def module_forward(label: str, backend: str | None, is_rms_norm: bool) -> Callab
     return forward
 
 
+def mixer2_forward_native(label: str, backend: str | None, original: Callable) -> Callable:
+    """``forward_native(self, x, gate)`` of vLLM's / sglang's tensor-parallel ``Mixer2RMSNormGated``: the RMSNorm of
+    ``x * silu(gate)`` over ``n_groups`` groups of the full hidden size, x, gate and ``weight`` this rank's shard.
+
+    gatednorm serves the calls a rank finishes alone: one rank, or whole groups on every rank (``tp_size`` divides
+    ``n_groups``). The rest keep upstream's code (``original``): a group split over ranks needs upstream's
+    collectives (an all_reduce of one group, an all_gather where groups straddle ranks), and ``use_rms_norm=False``
+    is a plain gate without a norm."""
+
+    def forward_native(self, x, gate):
+        if not self.use_rms_norm or self.n_groups % self.tp_size:
+            return original(self, x, gate)
+        name = hit(label, backend, x.device)
+        return layernorm_fn(x, self.weight, None, gate, self.variance_epsilon, self.group_size, False, True,
+                            backend=name)
+
+    return forward_native
+
+
 # --- fused_norm_gate (fla and sglang): residual, prenorm and the norm + gate + linear variants ---
 
 

@@ -4,10 +4,13 @@ Covered: ``_layer_norm_fwd``, ``_layer_norm_bwd`` (``(dx, dw, db, dz[, out])``),
 (forward and backward), ``layernorm_fn``, ``rmsnorm_fn``, ``LayerNorm.forward``, ``RMSNorm.forward``
 (``norm_before_gate`` defaults to True in mamba_ssm's modules; the module's attribute is used).
 
-sglang and vLLM carry copies of this file's forward half (:func:`plan_forward_copy`).
+sglang and vLLM carry copies of this file's forward half (:func:`plan_forward_copy`) and a tensor-parallel module of
+the same norm, ``Mixer2RMSNormGated`` (:func:`plan_mixer2_norm`).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 from . import _wrappers as w
 from ._core import Planner
@@ -42,3 +45,17 @@ def plan_forward_copy(p: Planner, path: str) -> None:
         p.function(m, "_layer_norm_fwd", lambda label, orig: w.fwd_plain(label, p.backend))
         p.function(m, "rms_norm_gated", lambda label, orig: w.rms_norm_gated_positional(label, p.backend),
                    required=False)
+
+
+def plan_mixer2_norm(p: Planner, path: str) -> tuple[type, Callable] | None:
+    """sglang's and vLLM's tensor-parallel ``Mixer2RMSNormGated`` (the Mamba2 mixer's norm, in ``path``), where the
+    installed release has it: ``forward_native`` replaced (see ``_wrappers.mixer2_forward_native``); returns the
+    class and the replacement, for the framework to route instances its dispatch bound before the patch.
+    Optional, as :func:`plan_forward_copy`: its file imports much of the framework, and one that fails is skipped."""
+    m = p.module(path, optional=True)
+    cls = None if m is None else p.cls(m, "Mixer2RMSNormGated", required=False)
+    if cls is None:
+        return None
+    ours = w.mixer2_forward_native(p.label(cls, "forward_native"), p.backend, cls.forward_native)
+    p.method(cls, "forward_native", ours)
+    return cls, ours

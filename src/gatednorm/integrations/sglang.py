@@ -15,8 +15,13 @@ Covered module paths (whichever the installed release has):
   strided (T, H, D) gate the newest release passes for a (T*H, D) input (read through its strides,
   not copied). Not replaced: the primitive ``layer_norm_gated_fwd``.
 
-Not covered: the tensor-parallel ``Mixer2RMSNormGated`` (its ``rms_norm_gated`` import is rebound, so its
-local normalisation runs through gatednorm).
+* ``sglang.srt.layers.attention.mamba.mixer2_rms_norm_gated`` (the Mamba2 mixer's norm, optional: skipped with a
+  warning where it fails to import): ``Mixer2RMSNormGated.forward_native``, the torch-op path sglang takes on CPU,
+  under torch.compile and where a group is split over tensor-parallel ranks. Calls whose groups lie whole on
+  every rank (one rank, or ``tp_size`` dividing ``n_groups``) go to gatednorm; a group split over ranks (its
+  all_reduce / all_gather) and ``use_rms_norm=False`` keep sglang's code. Its ``forward_cuda`` calls the
+  ``rms_norm_gated`` the patch rebinds. An instance that ran before the patch keeps the method sglang's dispatch
+  cached for it on its first call.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ FUSED_NORM_GATE = (
     "sglang.srt.layers.attention.fla.fused_norm_gate",
     "sglang.kernels.ops.attention.fla.fused_norm_gate",
 )
+MIXER2 = "sglang.srt.layers.attention.mamba.mixer2_rms_norm_gated"
 
 
 def plan(p: Planner) -> None:
@@ -63,3 +69,5 @@ def plan(p: Planner) -> None:
 
     for cls in fla.plan_rms_norm_gated_copies(p, FUSED_NORM_GATE):
         p.method(cls, "forward", w.fused_module_forward(p.label(cls, "forward"), b, True))
+
+    mamba_ssm.plan_mixer2_norm(p, MIXER2)

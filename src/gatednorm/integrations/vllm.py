@@ -8,9 +8,13 @@ Covered module paths: ``vllm.model_executor.layers.fla.ops.layernorm_guard`` (ol
 
 ``vllm.model_executor.layers.mamba.ops.layernorm_gated`` (mamba_ssm's kernel file, as vLLM carries it for the
 Mamba2 mixer of Mamba2 / Falcon-H1 / NemotronH / Bamba / Zamba2 / Granite-4 models): ``_layer_norm_fwd`` and
-``rms_norm_gated`` (positional). ``Mixer2RMSNormGated`` imports that ``rms_norm_gated`` by name, which the patch
-rebinds, so its ``forward_cuda`` (one group, no tensor parallelism) runs through gatednorm; its ``forward_native``
-(PyTorch ops, tensor-parallel collectives) is left to vLLM.
+``rms_norm_gated`` (positional). ``Mixer2RMSNormGated`` (``vllm.model_executor.layers.mamba.mamba_mixer2``, a
+``CustomOp``; optional: skipped with a warning where that file fails to import): its ``forward_native`` is
+replaced, the torch-op path vLLM takes on CPU, where custom ops are disabled, and from ``forward_cuda`` for every
+group count but one. Calls whose groups lie whole on every rank (one rank, or ``tp_size`` dividing ``n_groups``) go
+to gatednorm; a group split over ranks (its all_reduce / all_gather) and ``use_rms_norm=False`` keep vLLM's code.
+``forward_cuda``'s one-group call reaches the ``rms_norm_gated`` the patch rebinds; a ``forward`` is added as
+for ``RMSNormGated`` below (instances bound to the original ``forward_native`` before the patch).
 
 fla's ``fused_norm_gate`` as vLLM carries it (``vllm.third_party.flash_linear_attention.ops.fused_norm_gate``
 and its twin in ``...ops.kda``, behind Kimi Linear's and Bailing-MoE v3's ``o_norm``): ``rms_norm_gated``
@@ -41,6 +45,7 @@ LAYERNORM_GUARD = (
 )
 LAYERNORM = "vllm.model_executor.layers.layernorm"
 MAMBA_OPS = "vllm.model_executor.layers.mamba.ops.layernorm_gated"
+MIXER2 = "vllm.model_executor.layers.mamba.mamba_mixer2"
 FUSED_NORM_GATE = (
     "vllm.third_party.flash_linear_attention.ops.fused_norm_gate",
     "vllm.third_party.flash_linear_attention.ops.kda",
@@ -101,6 +106,12 @@ def plan(p: Planner) -> None:
     p.require_any(LAYERNORM_GUARD)
 
     mamba_ssm.plan_forward_copy(p, MAMBA_OPS)
+    planned = mamba_ssm.plan_mixer2_norm(p, MIXER2)
+    if planned is not None:
+        # forward_cuda, forward_xpu and forward_cpu look forward_native up by name at each call; an instance that
+        # vLLM bound to the original forward_native itself (custom op disabled) is routed by the added forward
+        cls, ours = planned
+        p.plan.append((cls, "forward", _custom_op_forward(ours, frozenset({cls.forward_native}))))
 
     for cls in fla.plan_rms_norm_gated_copies(p, FUSED_NORM_GATE):  # one class: fused_norm_gate re-exports kda's
         _patch_custom_op(p, cls, lambda label: w.fused_module_forward(label, b, True))
