@@ -64,6 +64,8 @@ SHAPES = [
     ("32768x3072 LN g96 gate-before", 32768, 3072, 96, False, False, True, False),
     # a group wider than one register tile (MAX_BLOCK): the chunked kernels, two passes over each row's chunks
     ("8192x16384 one group rms gate-before", 8192, 16384, 16384, True, False, True, False),
+    # the same group as LayerNorm with a bias and the gate first: the most registers a thread holds in one tile
+    ("8192x16384 one group LN+bias gate-before", 8192, 16384, 16384, False, False, True, True),
 ]
 #: --smoke: one tiny shape of each kernel kind above (tiles of several rows, padded groups, one wide group, the
 #: LayerNorm with bias, three-part groups of 96, chunks of a group wider than a tile).

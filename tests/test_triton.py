@@ -104,6 +104,26 @@ def test_wide_group_loop_path(is_rms, nbg):
                     fixed=dict.fromkeys(("dx", "dz", "dweight"), (1e-4, 1e-5, "max")))
 
 
+@pytest.mark.parametrize("is_rms,nbg,bias", [(True, False, False), (False, False, True)])
+def test_group_of_two_max_blocks_runs_the_forward_in_one_tile(is_rms, nbg, bias):
+    """A group of exactly FWD_ONE_TILE_GROUP (2 * MAX_BLOCK) features: the forward holds it in one 32-warp tile (one
+    pass over the row, no chunks), against float64 with every output element written, LayerNorm + bias included;
+    the chunked launch shape the group had before gives the same function; the backward keeps its two chunks."""
+    gs = tk.FWD_ONE_TILE_GROUP
+    assert tk._fwd_config(gs, 2) == (gs, 1, 1, 32, tk.ORDER_ROWS_FASTEST) and tk._bwd_config(gs, 2)[1] == 2
+    assert tk._fwd_config(gs + 1024, 2)[1] > 1  # other wide groups keep the chunks
+    spec = NormSpec(EPS, gs, nbg, is_rms, "swish")
+    x, z, w, b = make_inputs(3, gs, torch.float32, bias=bias, seed=17, device=DEV)
+    x = x + 30.0  # a common offset: a one-pass variance would lose digits
+    out = torch.full_like(x, float("nan"))
+    mean, rstd = tk.forward(x, w, b, z, spec, out)
+    check_forward(out, mean, rstd, x, w, b, z, *_args(spec))
+    chunked = torch.full_like(x, float("nan"))
+    mean_c, rstd_c = tk.forward(x, w, b, z, spec, chunked, config=(tk.MAX_BLOCK, 1, 16, tk.ORDER_ROWS_FASTEST))
+    check_forward(chunked, mean_c, rstd_c, x, w, b, z, *_args(spec))
+    torch.testing.assert_close(out, chunked, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("is_rms,nbg,bias", [(True, False, False), (False, True, True)])
 def test_two_chunk_backward_keeps_partials_in_registers(is_rms, nbg, bias, monkeypatch):
     """Groups of two chunks (MAX_BLOCK < group <= 2 * MAX_BLOCK; here 1.5 * MAX_BLOCK, the second chunk half

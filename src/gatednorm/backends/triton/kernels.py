@@ -5,7 +5,8 @@ One kernel family, four kernels (sized and launched by :mod:`.launch`):
 * ``fwd_kernel``: grid (row tiles, groups). A program normalises ``ROWS`` rows of one group,
   a 2-D tile [ROWS, BLOCK] (BLOCK = the group size rounded up to a power of two), so small groups
   (128) still give each program several KB to move. Groups wider than ``MAX_BLOCK`` are looped over
-  in chunks: the first loop merges per-chunk (mean, M2) pairs (Chan et al.), the second writes y.
+  in chunks: the first loop merges per-chunk (mean, M2) pairs (Chan et al.), the second writes y
+  (except a group of exactly ``FWD_ONE_TILE_GROUP``, which the launch holds in one tile of 32 warps).
 * ``bwd_kernel``: a persistent grid (programs, groups). Each program walks its share of the row
   tiles of one group, reads x, z, dy once, writes dx, dz once (xhat recomputed from mean/rstd) and
   keeps its dweight/dbias contribution in registers; at the end it writes one row of fp32 partials.
