@@ -109,6 +109,22 @@ def test_committed_h200_runs(tmp_path, capsys):
     assert text.rstrip().endswith(", 0 not measured (of 102 checks).")  # every goal of these runs has its figure
 
 
+@pytest.mark.parametrize("flag,bench,verdicts", [
+    ("--bench", "gpu_bench_h100_session18.json", "acceptance_h100_session18.md"),
+    ("--quant", "quant_bench_h100_session18.json", "acceptance_quant_h100_session18.md"),
+])
+def test_committed_h100_run_gives_its_committed_verdicts(flag, bench, verdicts, tmp_path, capsys):
+    """The eighteenth session's H100 run: the script on its committed JSON gives the table the device printed
+    beside it (README quotes it), line for line but the first (the JSON's path on the device)."""
+    results = ROOT / "benchmarks" / "results"
+    out = tmp_path / verdicts
+    assert acceptance.main([flag, str(results / bench), "--markdown", str(out)]) == 0
+    capsys.readouterr()
+    got, want = out.read_text().splitlines(), (results / verdicts).read_text().splitlines()
+    assert got[0].startswith("Goals checked against") and got[1:] == want[1:]
+    assert "MISSED" in out.read_text() and " met |" in out.read_text()
+
+
 def _sglang_args() -> list[str]:
     """--sglang / --sglang-quant / --sglang-loader for the installed sglang's kernel files and the shared loader,
     where both are present (make setup-test and ../shared), else none (the runs go without sglang's columns)."""
