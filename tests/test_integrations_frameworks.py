@@ -542,6 +542,33 @@ def test_vllm_patch_survives_a_kernel_copy_that_fails_to_import(vllm_modules, mo
     assert_restored(snap)
 
 
+def test_vllm_patch_survives_a_mixer_file_whose_import_raises(vllm_modules, monkeypatch):
+    """The Mamba2 mixer's file imports much of vLLM, whose modules can raise more than ImportError at import (a
+    platform or config check): any exception leaves only that file unpatched, named in ``handle.skipped``, with a
+    RuntimeWarning; the rest of vLLM is patched; all restored after."""
+    from gatednorm.integrations import vllm as vllm_plan
+
+    guard = vllm_modules[0]
+    snap = snapshot(guard, vllm_modules[4].Mixer2RMSNormGated)
+    monkeypatch.delitem(sys.modules, vllm_plan.MIXER2)
+
+    class _RaisingMixer:
+        def find_spec(self, name, path=None, target=None):
+            if name == vllm_plan.MIXER2:
+                raise RuntimeError("no platform detected (simulated)")
+            return None
+
+    monkeypatch.setattr(sys, "meta_path", [_RaisingMixer(), *sys.meta_path])
+    x, z, w, _ = make_inputs(10, 128, seed=14)
+    with pytest.warns(RuntimeWarning, match="not patched") as warned, gatednorm.patch("vllm") as handle:
+        assert list(handle.skipped) == [vllm_plan.MIXER2] and "simulated" in handle.skipped[vllm_plan.MIXER2]
+        y = guard.rmsnorm_fn(x, w, None, z, 1e-6, 32, True, "sigmoid")
+        check_forward(y, None, None, x, w, None, z, 1e-6, 32, True, True, "sigmoid", stats=False)
+        assert _calls("layernorm_guard.rmsnorm_fn") == 1
+    assert [str(m.message).split()[1] for m in warned] == [vllm_plan.MIXER2]
+    assert_restored(snap)
+
+
 # ---------------------------------------------------------------------------------------- mamba_ssm
 
 

@@ -266,8 +266,9 @@ class Planner:
         vLLM's do, raises "already registered" on the next import.)
 
         ``optional``: a secondary copy of the kernels (vLLM's KDA file, a framework's fused_norm_gate or mamba
-        copy) whose own import fails is recorded in :attr:`skipped` and None returned, so the framework's main
-        gated-norm file is still patched; the framework's package failing to import still raises.
+        copy, the Mamba2 mixer's file) whose own import raises, with any exception, is recorded in :attr:`skipped`
+        and None returned, so the framework's main gated-norm file is still patched; the framework's package
+        failing to import still raises.
         """
         if path in sys.modules:
             module = sys.modules[path]
@@ -279,7 +280,7 @@ class Planner:
                 importlib.import_module(top)
             try:
                 module = importlib.import_module(path)
-            except ImportError as exc:
+            except Exception as exc:  # optional: whatever its import raises (vLLM's files also raise RuntimeError)
                 if not optional:
                     raise
                 self.skipped[path] = f"importing it failed: {exc!r}"

@@ -267,7 +267,10 @@ def _tile_config(group_size: int, tile_elements: int, elems_per_thread: int, max
 # backward 9.5 -> 8.7 us, 16384x128 16.1 -> 13.9 us; 2048x128 forward 1.61 -> 1.69 us; 524288x128 and
 # 32768x4096 forward unchanged (93.4-94.1% of copy), forward + backward within 1.5%. The forward alone at
 # 32 rows / 8 warps with the old backward (16 rows / 8 warps) made forward + backward 1.6x slower at 4096-8192
-# rows: under PDL the backward, released at the forward's start, then spread unevenly over the SMs.
+# rows: under PDL the backward, released at the forward's start, then spread unevenly over the SMs. Groups of 128
+# among several of a row (N > 128; with one group a row the order changes nothing) run groups fastest: H100
+# (tune_gpu.py --fwd-only, 2026-12-05, Triton 3.6), 32768x4096 289.3 -> 275.1 us, 93.9 -> 98.8% of copy at the
+# same 32 rows / 8 warps (every rows / warps pair of the sweep gained 4-5 points from it).
 FWD_TUNED: dict[tuple[int, bool], tuple[int, int, int]] = {
     (128, True): (32, 8, ORDER_GROUPS_FASTEST),
     (128, False): (16, 1, ORDER_GROUPS_FASTEST),
@@ -276,10 +279,6 @@ FWD_TUNED: dict[tuple[int, bool], tuple[int, int, int]] = {
     (8192, False): (1, 4, ORDER_ROWS_FASTEST),
     (8192, True): (1, 16, ORDER_ROWS_FASTEST),
 }
-#
-# Groups of 128 among several of a row (N > 128; one group of 128 runs a grid of one group, where the order changes
-# nothing): groups fastest, H100 (tune_gpu.py --fwd-only, 2026-12-05, Triton 3.6): 32768x4096 289.3 -> 275.1 us, 93.9
-# -> 98.8% of copy at the same 32 rows / 8 warps (every rows / warps pair of the sweep gained 4-5 points from it).
 #: A group of exactly this many features runs the forward as one register tile of 32 warps (16 fp32 values a
 #: thread, as MAX_BLOCK at 16 warps), one pass over the row, instead of two chunks of MAX_BLOCK read twice (the
 #: chunked loop reads each chunk for the statistics, then again for the output): H100 (tune_gpu.py --fwd-only,
