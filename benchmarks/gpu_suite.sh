@@ -8,6 +8,10 @@
 #                                          # table (every shape, sglang and fla beside us, the host breakdown),
 #                                          # its goals checked (benchmarks/acceptance.py -> acceptance.md), then
 #                                          # `gatednorm verify` on cuda in the time left (FULL_SECONDS, 575)
+#   bash benchmarks/gpu_suite.sh tests     # the whole tests/test_gpu.py (about 240 s on an H100), killed after
+#                                          # TESTS_SECONDS (500)
+#   bash benchmarks/gpu_suite.sh tune      # the launch-shape sweeps of every bench_gpu shape, forward then
+#                                          # forward and backward (tune_gpu.py; about 65 + 75 s on an H100)
 #   bash benchmarks/gpu_suite.sh kernels   # GPU tests + the fused-kernel benchmark (issue 7)
 #   bash benchmarks/gpu_suite.sh verify    # the full `gatednorm verify` on cuda, in worker processes
 #   bash benchmarks/gpu_suite.sh report    # native eager on GPU, tensor parallel (2 GPUs)
@@ -70,6 +74,19 @@ full)
         verify_cuda "$left" $(( left - 30 ))
         echo "verify exit $?"; tail -8 "$OUT/verify_cuda.log"
     fi
+    ;;
+tests)
+    timeout "${TESTS_SECONDS:-500}" python3 -m pytest -q -rfE -p no:logging -W ignore -o addopts="" tests/test_gpu.py \
+        > "$OUT/gpu_tests.log" 2>&1
+    echo "pytest exit $?"; tail -5 "$OUT/gpu_tests.log"
+    ;;
+tune)
+    mkdir -p "$OUT/fwd"
+    timeout "${TUNE_SECONDS:-250}" python3 benchmarks/tune_gpu.py --fwd-only --jobs 16 --out "$OUT/fwd" \
+        > "$OUT/tune_fwd.log" 2>&1
+    echo "tune --fwd-only exit $?"; grep -E "^(FWD|WRONG|compiled)" "$OUT/tune_fwd.log"
+    timeout "${TUNE_SECONDS:-250}" python3 benchmarks/tune_gpu.py --jobs 16 --out "$OUT" > "$OUT/tune.log" 2>&1
+    echo "tune exit $?"; grep -E "^(BWD|WRONG|compiled)" "$OUT/tune.log"
     ;;
 kernels)
     python3 -m pytest -q -p no:logging -W ignore tests/test_gpu.py > "$OUT/gpu_tests.log" 2>&1
