@@ -183,7 +183,8 @@ def _check_mixer2(cls, framework: str, monkeypatch) -> None:
     """The Mamba2 mixer's norm, ``Mixer2RMSNormGated`` (sglang's or vLLM's), patched: calls whose groups lie whole on
     every rank give the float64 RMSNorm of x * silu(z) per group, rounded once (upstream's torch ops round twice:
     within a few bf16 roundings of theirs), instances built before the patch included; a group split over ranks and
-    ``use_rms_norm=False`` run upstream's own code, bit for bit, collectives included; all restored after."""
+    ``use_rms_norm=False`` run upstream's own code, bit for bit, collectives included; a float32 weight beside bf16
+    activations gives upstream's float32 output; all restored after."""
     monkeypatch.setattr(TP, "calls", [])
     snap = snapshot(cls)
     x, z, _, _ = make_inputs(6, 128, torch.bfloat16, seed=12)
@@ -199,6 +200,7 @@ def _check_mixer2(cls, framework: str, monkeypatch) -> None:
         before[full, groups, tp] = mod
     monkeypatch.setattr(TP, "size", 1)
     plain_upstream = cls(128, 4, use_rms_norm=False)(x, z)
+    wide_upstream = cls(128, 4, eps=1e-5).forward_native(x, z)
     assert TP.calls == [c[3] for c in MIXER2_SPLIT]
     with gatednorm.patch(framework):
         for full, groups, tp in MIXER2_LOCAL:
@@ -223,6 +225,13 @@ def _check_mixer2(cls, framework: str, monkeypatch) -> None:
         calls = sum(call_counts().values())
         assert torch.equal(cls(128, 4, use_rms_norm=False)(x, z), plain_upstream)
         assert sum(call_counts().values()) == calls
+        # a float32 weight beside bf16 activations: upstream's weight * y.to(bf16) is float32, and so is ours
+        wide = cls(128, 4, eps=1e-5)
+        with torch.no_grad():
+            wide.weight.copy_(w.float() + torch.rand(128) * 2.0**-9)  # not a bf16 value
+        y = wide(x, z)
+        assert y.dtype == wide_upstream.dtype == torch.float32
+        check_forward(y, None, None, x.float(), wide.weight, None, z.float(), 1e-5, 32, False, True, stats=False)
     assert_restored(snap)
 
 

@@ -288,12 +288,16 @@ def mixer2_forward_native(label: str, backend: str | None, original: Callable) -
     gatednorm serves the calls a rank finishes alone: one rank, or whole groups on every rank (``tp_size`` divides
     ``n_groups``). The rest keep upstream's code (``original``): a group split over ranks needs upstream's
     collectives (an all_reduce of one group, an all_gather where groups straddle ranks), and ``use_rms_norm=False``
-    is a plain gate without a norm."""
+    is a plain gate without a norm. The output dtype is upstream's, ``weight * y.to(x.dtype)``'s: the promoted dtype
+    of weight and x (x and gate upcast exactly where the weight is wider, so the one rounding lands on it)."""
 
     def forward_native(self, x, gate):
         if not self.use_rms_norm or self.n_groups % self.tp_size:
             return original(self, x, gate)
         name = hit(label, backend, x.device)
+        out_dtype = torch.promote_types(self.weight.dtype, x.dtype)
+        if out_dtype != x.dtype:
+            x, gate = x.to(out_dtype), gate.to(out_dtype)
         return layernorm_fn(x, self.weight, None, gate, self.variance_epsilon, self.group_size, False, True,
                             backend=name)
 
