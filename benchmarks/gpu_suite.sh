@@ -12,6 +12,8 @@
 #                                          # TESTS_SECONDS (500)
 #   bash benchmarks/gpu_suite.sh tune      # the launch-shape sweeps of every bench_gpu shape, forward then
 #                                          # forward and backward (tune_gpu.py; about 65 + 75 s on an H100)
+#   bash benchmarks/gpu_suite.sh layers    # host time per call of each layer of the eager path at 8192x128 and
+#                                          # 2048x128 (probe_host_layers.py, about 30 s)
 #   bash benchmarks/gpu_suite.sh kernels   # GPU tests + the fused-kernel benchmark (issue 7)
 #   bash benchmarks/gpu_suite.sh verify    # the full `gatednorm verify` on cuda, in worker processes
 #   bash benchmarks/gpu_suite.sh report    # native eager on GPU, tensor parallel (2 GPUs)
@@ -87,6 +89,11 @@ tune)
     echo "tune --fwd-only exit $?"; grep -E "^(FWD|WRONG|compiled)" "$OUT/tune_fwd.log"
     timeout "${TUNE_SECONDS:-250}" python3 benchmarks/tune_gpu.py --jobs 16 --out "$OUT" > "$OUT/tune.log" 2>&1
     echo "tune exit $?"; grep -E "^(BWD|WRONG|compiled)" "$OUT/tune.log"
+    ;;
+layers)
+    for shape in 8192x128 2048x128; do
+        python3 benchmarks/probe_host_layers.py --shape "$shape" --json "$OUT/host_layers_$shape.json" 2>&1 | tail -30
+    done
     ;;
 kernels)
     python3 -m pytest -q -p no:logging -W ignore tests/test_gpu.py > "$OUT/gpu_tests.log" 2>&1
