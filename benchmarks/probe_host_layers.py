@@ -8,6 +8,8 @@ difference between two rows is what the layer between them costs:
   ``torch.empty`` of the statistics, the current raw stream, four ``data_ptr`` reads;
 * the Triton C launcher of the cached forward kernel called with fixed addresses (the launch alone), with and
   without the PDL launch attribute;
+* the least Python a planned forward can run (two allocations, the addresses, the stream, the C launcher with
+  a prebuilt argument tail: the floor of a flatter plan);
 * the forward plan (``ForwardPlan.__call__``: allocate, read addresses, launch), the eager plan's
   ``forward_rows``, ``ops.planned_forward`` (signature key and lookup), ``layer_norm_fwd`` and ``rmsnorm_fn``
   (no grad); the key's parts (``_signature_key``, ``_plannable_call``, ``needs_autograd``) alone;
@@ -54,7 +56,10 @@ def rows_for(m: int, n: int) -> dict:
     fplan, bplan = eager.launch, eager.backward_launch
     if fplan is None or bplan is None:
         raise SystemExit("no triton plan for this signature (fast launch off? not CUDA?)")
-    _, mean, rstd = fplan(x, w, None, z)
+    done = fplan(x, w, None, z)
+    if done is None or bplan(dy, x, w, None, z, None, done[2], GradsNeeded(True, True, True, False)) is None:
+        raise SystemExit("the plans did not serve the call after three warm-up calls")
+    rstd = done[2]
     variant = next(iter(fplan.variants))
     entry = fplan.variants[variant][0]
     _, run, function, packed, direct, cooperative, pdl_flag = entry
@@ -72,6 +77,18 @@ def rows_for(m: int, n: int) -> dict:
         return lambda: direct(grid[0], grid[1], 1, stream, function, cooperative, flag, None, None, packed, None,
                               *hooks, *ptrs, *tail)
 
+    enter, leave = hooks
+    fixed_tail = (*fplan.fixed_args, *constexprs)
+    contiguous, f32, dev, groups = torch.contiguous_format, torch.float32, x.device, fplan.groups
+
+    def minimal_forward():  # the least Python a planned forward can run: what a flatter plan could reach
+        y_ = torch.empty_like(x, memory_format=contiguous)
+        r_ = torch.empty(groups * m, dtype=f32, device=dev)
+        direct(grid[0], grid[1], 1, torch._C._cuda_getCurrentRawStream(index), function, cooperative, pdl_flag,
+               None, None, packed, None, enter, leave, x.data_ptr(), None, z.data_ptr(), w.data_ptr(), None,
+               y_.data_ptr(), None, None, r_.data_ptr(), m, *fixed_tail)
+        return y_, None, r_
+
     needs = GradsNeeded(True, True, True, False)
     xg, zg, wg = (t.detach().requires_grad_(True) for t in (x, z, w))
     xa, za = x.detach().requires_grad_(True), z.detach().clone().requires_grad_(True)
@@ -86,6 +103,7 @@ def rows_for(m: int, n: int) -> dict:
         "_launch_hooks": lambda: plans._launch_hooks(index),
         "C launch, pdl flag as cached": raw_launch(pdl_flag),
         "C launch, pdl flag 0": raw_launch(0),
+        "minimal forward (allocate 2, launch)": minimal_forward,
         "ForwardPlan()": lambda: fplan(x, w, None, z),
         "_EagerPlan.forward_rows": lambda: eager.forward_rows(x, w, None, z),
         "_plannable_call": lambda: ops._plannable_call(x),

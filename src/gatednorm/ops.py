@@ -35,7 +35,7 @@ import torch
 from . import numerics
 from .backends.base import Backend, Grads, GradsNeeded, quantize_by_steps
 from .huge_pages import advise_huge_pages
-from .settings import _lookup, env_flag, env_text
+from .settings import backend_choice_key, env_flag, env_text
 from .spec import (
     NormSpec,
     QuantSpec,
@@ -849,11 +849,12 @@ def _plannable_call(x) -> bool:
 
 def _signature_key(x, weight, bias, z, eps, group_size, norm_before_gate, is_rms_norm, activation, backend) -> tuple:
     """The key of a call's signature (see "Eager plans" above); raises AttributeError / TypeError for arguments
-    that are not what the checks expect (the full path then says what is wrong)."""
-    return (_rows_signature(x), x.shape[-1], _rows_signature(z), _param_signature(weight), _param_signature(bias),
+    that are not what the checks expect (the full path then says what is wrong). x's part is
+    :func:`_rows_signature` written out (every call builds this key)."""
+    return (x.__class__, x.dtype, x.device, x.dim(), x.stride() if x.dim() == 2 else x.is_contiguous(), x.shape[-1],
+            _rows_signature(z), _param_signature(weight), _param_signature(bias),
             eps, group_size, norm_before_gate, is_rms_norm, activation, backend, eps.__class__,
-            group_size.__class__, norm_before_gate.__class__, is_rms_norm.__class__, _lookup("GATEDNORM_BACKEND"),
-            _lookup("USE_NATIVE_LAYERNORM"), _lookup("TRITON_INTERPRET"))
+            group_size.__class__, norm_before_gate.__class__, is_rms_norm.__class__, backend_choice_key())
 
 
 def _remember(key: tuple, plan):

@@ -74,6 +74,28 @@ def _lookup(name: str) -> str | None:
     return None if value is None else env.decodevalue(value)
 
 
+#: The variables that choose the backend of a call without ``backend=`` (see :func:`backend_choice_key`).
+_BACKEND_CHOICE = ("GATEDNORM_BACKEND", "USE_NATIVE_LAYERNORM", "TRITON_INTERPRET")
+
+
+def backend_choice_key() -> tuple:
+    """The current values of GATEDNORM_BACKEND, USE_NATIVE_LAYERNORM and TRITON_INTERPRET, as a key: equal keys
+    mean equal values (raw, undecoded: a key, not the settings). One call where three :func:`_lookup`s cost
+    about 0.35 us: the eager plans (gatednorm.ops) put it into every call's signature."""
+    env = os.environ
+    if type(env) is not os._Environ:
+        return tuple(env.get(name) for name in _BACKEND_CHOICE)
+    if not _BACKEND_CHOICE_KEYS:
+        _BACKEND_CHOICE_KEYS.extend(env.encodekey(name) for name in _BACKEND_CHOICE)
+    get = env._data.get
+    k1, k2, k3 = _BACKEND_CHOICE_KEYS
+    return get(k1), get(k2), get(k3)
+
+
+#: The encoded names of _BACKEND_CHOICE (filled on first use, as _lookup's _KEYS).
+_BACKEND_CHOICE_KEYS: list = []
+
+
 def env_flag(name: str) -> bool:
     """True when the environment variable ``name`` is set to 1/true/yes/on (any case)."""
     value = _lookup(name)

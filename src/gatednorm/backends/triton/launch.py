@@ -490,12 +490,12 @@ def _partials_alloc(chunks: int):
     return torch.zeros if chunks > 2 else torch.empty
 
 
-def _bwd_programs(m: int, rows: int, groups: int, device: torch.device, programs_per_sm: int) -> int:
+def _bwd_programs(m: int, rows: int, groups: int, sms: int, programs_per_sm: int) -> int:
     """Persistent programs per group: enough to fill the machine, never more than there are row tiles. Where
     the programs would get about one tile each (a launch-bound call), one program per multiprocessor: fewer
     rows of dweight partials to sum beat more programs (H200, 8192x128 forward + backward in a CUDA graph:
-    13.5 -> 9.7 us; 2048x128 unchanged, 65536x128 keeps programs_per_sm)."""
-    sms = _sm_count(device)
+    13.5 -> 9.7 us; 2048x128 unchanged, 65536x128 keeps programs_per_sm). ``sms``: the device's multiprocessors
+    (:func:`_sm_count`)."""
     tiles = _cdiv(m, rows)
     if tiles * groups <= sms * programs_per_sm:
         programs_per_sm = 1
@@ -554,7 +554,7 @@ def backward(
     else:
         block, rows, warps, per_sm, groups_fastest = config
         chunks = _cdiv(gs, block)
-    progs = _bwd_programs(m, rows, groups, dev, per_sm)
+    progs = _bwd_programs(m, rows, groups, _sm_count(dev), per_sm)
     groups_fastest = groups_fastest and groups > 1 and progs <= MAX_GRID_Y
     need_part = needs_dweight or needs_dbias
     alloc = _partials_alloc(chunks)

@@ -42,6 +42,7 @@ from .launch import (
     _quant_config,
     _quant_grid,
     _quant_kernel_constexprs,
+    _sm_count,
     pdl_supported,
     quant_layout,
 )
@@ -73,17 +74,26 @@ def _launch_hooks(index: int) -> tuple | None:
     return enter, leave
 
 
-def _run_entry(entry: tuple, grid0: int, grid1: int, stream: int, hooks: tuple, pointers: Sequence,
-               tensors: Sequence, tail: tuple) -> None:
-    """Call a launcher :func:`.launch._launch` cached, as it calls it: the C launch function with the tensors'
-    addresses (``pointers``), else ``compiled.run`` with the tensors; ``tail``: the integer and float arguments,
-    then the constexprs."""
+def _ready(entry: tuple, tail: tuple) -> tuple:
+    """A launch a plan repeats on every call: the launcher :func:`.launch._launch` cached (``entry``) with the
+    arguments that follow a call's own ones (``tail``: row strides, eps, then the constexprs), as
+    :func:`_fire` takes it: (C launch function or None, compiled.run, CUfunction, packed metadata, cooperative
+    flag, PDL flag, tail). Built once per plan variant, so a call unpacks one tuple."""
     _, run, function, packed, direct, cooperative, pdl_flag = entry
+    return direct, run, function, packed, cooperative, pdl_flag, tail
+
+
+def _fire(ready: tuple, grid0: int, grid1: int, stream: int, enter, leave, pointers: Sequence, tensors: Sequence,
+          head: tuple) -> None:
+    """Launch a :func:`_ready` launch as :func:`.launch._launch` launches it: the C launch function with the
+    tensors' addresses (``pointers``), else ``compiled.run`` with the tensors; ``head``: the call's own integer
+    arguments that come before the ready tail (M, ...)."""
+    direct, run, function, packed, cooperative, pdl_flag, tail = ready
     if direct is not None:
-        direct(grid0, grid1, 1, stream, function, cooperative, pdl_flag, None, None, packed, None, *hooks, *pointers,
-               *tail)
+        direct(grid0, grid1, 1, stream, function, cooperative, pdl_flag, None, None, packed, None, enter, leave,
+               *pointers, *head, *tail)
     else:
-        run(grid0, grid1, 1, stream, function, packed, None, *hooks, *tensors, *tail)
+        run(grid0, grid1, 1, stream, function, packed, None, enter, leave, *tensors, *head, *tail)
 
 
 def _rows_and_pdl(x: torch.Tensor, n: int, pdl: bool | None, pdl_ok: bool) -> tuple[int, bool] | None:
@@ -96,16 +106,18 @@ def _rows_and_pdl(x: torch.Tensor, n: int, pdl: bool | None, pdl_ok: bool) -> tu
     return m, (pdl if pdl is not None else (numel < PDL_MAX_ELEMENTS and pdl_ok))
 
 
-def _variant_entries(plan, variant: tuple[bool, ...], kernel, rescue, spec: tuple) -> tuple | None:
-    """The launchers of a forward or quantized plan's variant (M == 1, M % 16 == 0, USE_PDL, GROUPS_FASTEST,
-    rescue after): :func:`_kernel_and_rescue` for the plan's constexprs of that variant, remembered in
-    ``plan.variants`` once both are compiled (None until then)."""
+def _variant_launches(plan, variant: tuple[bool, ...], kernel, rescue, spec: tuple) -> tuple | None:
+    """The launches of a quantized plan's variant (M == 1, M % 16 == 0, USE_PDL, GROUPS_FASTEST, rescue after):
+    :func:`_kernel_and_rescue` for the plan's constexprs of that variant, each made :func:`_ready` with its
+    constexprs as the tail, remembered in ``plan.variants`` once both are compiled (None until then)."""
     _, _, pdl, groups_fastest, after = variant
-    entries = _kernel_and_rescue(kernel, rescue, plan.index, plan.warps, pdl,
-                                 plan.constexprs[(pdl, groups_fastest, after)], spec, after)
-    if entries is not None:
-        plan.variants[variant] = entries
-    return entries
+    constexprs = plan.constexprs[(pdl, groups_fastest, after)]
+    entries = _kernel_and_rescue(kernel, rescue, plan.index, plan.warps, pdl, constexprs, spec, after)
+    if entries is None:
+        return None
+    launches = (_ready(entries[0], constexprs[0]), None if entries[1] is None else _ready(entries[1], constexprs[1]))
+    plan.variants[variant] = launches
+    return launches
 
 
 def _kernel_and_rescue(kernel, rescue, index: int, warps: int, pdl: bool, constexprs: tuple, spec: tuple,
@@ -173,51 +185,66 @@ class ForwardPlan:
         f32 = torch.float32
         self.arg_dtypes = (x.dtype, None, None if z is None else z.dtype, weight.dtype,
                            None if bias is None else bias.dtype, x.dtype, None, None if self.is_rms else f32, f32)
-        #: (M == 1, M % 16 == 0, USE_PDL, GROUPS_FASTEST, rescue after) -> _launch's cached entries
+        #: (M == 1, M % 16 == 0, USE_PDL, GROUPS_FASTEST, rescue after) -> the launches, see _launches
         self.variants: dict[tuple[bool, ...], tuple] = {}
 
-    def _entries(self, variant: tuple[bool, ...], m: int) -> tuple | None:
-        """The launchers :func:`_launch` cached for this variant (None: one is not compiled yet)."""
-        return _variant_entries(self, variant, fwd_kernel, rescue_kernel,
-                                _aligned_spec((*self.arg_dtypes, m, *self.fixed_args)))
+    def _launches(self, variant: tuple[bool, ...], m: int) -> tuple | None:
+        """(fwd_kernel's :func:`_ready` launch, rescue_kernel's or None) of this variant, from the launchers
+        :func:`_launch` cached (None: one is not compiled yet); remembered in ``variants``."""
+        _, _, pdl, groups_fastest, after = variant
+        constexprs = self.constexprs[(pdl, groups_fastest, after)]
+        entries = _kernel_and_rescue(fwd_kernel, rescue_kernel, self.index, self.warps, pdl, constexprs,
+                                     _aligned_spec((*self.arg_dtypes, m, *self.fixed_args)), after)
+        if entries is None:
+            return None
+        fwd, rescue = entries
+        launches = (_ready(fwd, (*self.fixed_args, *constexprs[0])),
+                    None if rescue is None else _ready(rescue, (*self.fixed_args, *constexprs[1])))
+        self.variants[variant] = launches
+        return launches
 
     def __call__(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                  z: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor] | None:
-        n = self.n
-        rows = _rows_and_pdl(x, n, self.pdl, self.pdl_ok)
-        if rows is None:
+        # Every call of a repeated signature runs this: written flat (no helper calls, one tuple per launch
+        # unpacked), as each Python step costs about 0.1 us of a launch-bound call's host time.
+        numel = x.numel()
+        m = numel // self.n
+        if m == 0 or m >= 2**31:
             return None
-        m, pdl = rows
-        numel = m * n
+        pdl = self.pdl if self.pdl is not None else (numel < PDL_MAX_ELEMENTS and self.pdl_ok)
         tiles = -(-m // self.rows)
         groups_fastest = self.groups_fastest and tiles <= MAX_GRID_Y
         after = numel >= self.rescue_min
         variant = (m == 1, not m & 15, pdl, groups_fastest, after)
-        entries = self.variants.get(variant) or self._entries(variant, m)
-        hooks = None if entries is None else _launch_hooks(self.index)
+        launches = self.variants.get(variant) or self._launches(variant, m)
+        hooks = None if launches is None else _launch_hooks(self.index)
         if hooks is None:
             return None
         y = torch.empty_like(x, memory_format=torch.contiguous_format)
-        stats = self.groups * m
-        rstd = torch.empty(stats, dtype=torch.float32, device=self.device)
-        mean = None if self.is_rms else torch.empty(stats, dtype=torch.float32, device=self.device)
+        rstd = torch.empty(self.groups * m, dtype=torch.float32, device=self.device)
+        mean = None if self.is_rms else torch.empty(self.groups * m, dtype=torch.float32, device=self.device)
         xp, wp, yp, rp = x.data_ptr(), weight.data_ptr(), y.data_ptr(), rstd.data_ptr()
-        zp = 0 if z is None else z.data_ptr()
-        bp = 0 if bias is None else bias.data_ptr()
-        mp = 0 if mean is None else mean.data_ptr()
-        if (xp | wp | yp | rp | zp | bp | mp) & 15:
+        zp = None if z is None else z.data_ptr()
+        bp = None if bias is None else bias.data_ptr()
+        mp = None if mean is None else mean.data_ptr()
+        if (xp | wp | yp | rp | (zp or 0) | (bp or 0) | (mp or 0)) & 15:
             return None
         global planned_launches
         planned_launches += 1
-        fwd_constexprs, rescue_constexprs = self.constexprs[(pdl, groups_fastest, after)]
         stream = torch._C._cuda_getCurrentRawStream(self.index)
-        pointers = (xp, None, zp or None, wp, bp or None, yp, None, mp or None, rp)
-        tensors = (x, None, z, weight, bias, y, None, mean, rstd)
-        grids = [((self.groups, tiles) if groups_fastest else (tiles, self.groups), entries[0], fwd_constexprs)]
-        if after:  # rescue_kernel: the forward's arguments and warps, a program per SCAN rows of a group
-            grids.append(((-(-m // self.scan_rows), self.groups), entries[1], rescue_constexprs))
-        for (grid0, grid1), entry, constexprs in grids:
-            _run_entry(entry, grid0, grid1, stream, hooks, pointers, tensors, (m, *self.fixed_args, *constexprs))
+        enter, leave = hooks
+        grid0, grid1 = (self.groups, tiles) if groups_fastest else (tiles, self.groups)
+        fwd, rescue = launches
+        direct, run, function, packed, cooperative, pdl_flag, tail = fwd
+        if direct is not None:  # the pointers in forward's order: x, residual, z, weight, bias, y, residual_out, ...
+            direct(grid0, grid1, 1, stream, function, cooperative, pdl_flag, None, None, packed, None, enter, leave,
+                   xp, None, zp, wp, bp, yp, None, mp, rp, m, *tail)
+        else:
+            run(grid0, grid1, 1, stream, function, packed, None, enter, leave, x, None, z, weight, bias, y, None,
+                mean, rstd, m, *tail)
+        if rescue is not None:  # rescue_kernel: the forward's arguments and warps, a program per SCAN rows of a group
+            _fire(rescue, -(-m // self.scan_rows), self.groups, stream, enter, leave,
+                  (xp, None, zp, wp, bp, yp, None, mp, rp), (x, None, z, weight, bias, y, None, mean, rstd), (m,))
         return y, mean, rstd
 
 
@@ -275,7 +302,7 @@ class BackwardPlan:
 
     __slots__ = ("n", "gs", "groups", "block", "chunks", "rows", "warps", "per_sm", "groups_fastest_order", "device",
                  "index", "pdl", "pdl_ok", "spec", "has_z", "has_bias", "dtypes", "x_stride", "z_stride",
-                 "partials", "variants")
+                 "partials", "variants", "sms", "alloc_partials")
 
     def __init__(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, z: torch.Tensor | None,
                  spec: NormSpec, pdl: bool | None) -> None:
@@ -292,65 +319,70 @@ class BackwardPlan:
         self.x_stride = x.stride(0) if x.dim() == 2 else n
         self.z_stride = 0 if z is None else (z.stride(0) if z.dim() == 2 else n)
         self.partials = _partials_config(n)
+        self.sms = _sm_count(x.device)
+        self.alloc_partials = _partials_alloc(self.chunks)
         #: (M == 1, M % 16 == 0, dy's row stride's class, programs == 1, programs % 16 == 0, needs, USE_PDL,
-        #: GROUPS_FASTEST) -> (bwd_kernel's cached entry, sum_partials_kernel's or None, bwd_kernel's constexprs)
+        #: GROUPS_FASTEST) -> the launches, see _launches
         self.variants: dict[tuple, tuple] = {}
 
-    def _entries(self, variant: tuple, m: int, dy_stride: int, progs: int, needs: GradsNeeded, pdl: bool,
-                 groups_fastest: bool) -> tuple | None:
-        """The launchers :func:`_launch` cached for this variant and bwd_kernel's constexprs (None: one is not
-        compiled yet)."""
+    def _launches(self, variant: tuple, m: int, dy_stride: int, progs: int, needs: GradsNeeded, pdl: bool,
+                  groups_fastest: bool) -> tuple | None:
+        """(bwd_kernel's :func:`_ready` launch, sum_partials_kernel's or None) of this variant, from the launchers
+        :func:`_launch` cached (None: one is not compiled yet); remembered in ``variants``."""
         x_dt, z_dt, w_dt, b_dt = self.dtypes
         f32 = torch.float32
-        need_part = needs.dweight or needs.dbias
+        n = self.n
         spec = _aligned_spec((x_dt, x_dt, z_dt, w_dt, b_dt, None if self.spec.is_rms_norm else f32, f32,
                               x_dt if needs.dx else None, z_dt if needs.dz else None, f32 if needs.dweight else None,
-                              f32 if needs.dbias else None, m, dy_stride, self.x_stride, self.z_stride, self.n,
-                              self.n, self.n))
+                              f32 if needs.dbias else None, m, dy_stride, self.x_stride, self.z_stride, n, n, n))
         constexprs = _bwd_kernel_constexprs(self.gs, self.block, self.rows, self.chunks, self.spec, self.has_z,
                                             self.has_bias, needs, pdl, groups_fastest)
         bwd = _COMPILED.get((bwd_kernel, self.index, self.warps, pdl, constexprs, spec))
         if bwd is None:
             return None
         part = None
-        if need_part:
+        if needs.dweight or needs.dbias:
             block_p, block_n, sum_warps = self.partials
             part_spec = _aligned_spec((f32 if needs.dweight else None, f32 if needs.dbias else None,
-                                       w_dt if needs.dweight else None, b_dt if needs.dbias else None, progs, self.n))
-            part = _COMPILED.get((sum_partials_kernel, self.index, sum_warps, pdl,
-                                  (block_p, block_n, needs.dweight, needs.dbias, _INTERPRET, pdl), part_spec))
+                                       w_dt if needs.dweight else None, b_dt if needs.dbias else None, progs, n))
+            part_constexprs = (block_p, block_n, needs.dweight, needs.dbias, _INTERPRET, pdl)
+            part = _COMPILED.get((sum_partials_kernel, self.index, sum_warps, pdl, part_constexprs, part_spec))
             if part is None:
                 return None
-        self.variants[variant] = (bwd, part, constexprs)
-        return bwd, part, constexprs
+            part = _ready(part, (n, *part_constexprs))
+        launches = (_ready(bwd, (self.x_stride, self.z_stride, n, n, n, *constexprs)), part)
+        self.variants[variant] = launches
+        return launches
 
     def __call__(self, dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                  z: torch.Tensor | None, mean: torch.Tensor | None, rstd: torch.Tensor,
                  needs: GradsNeeded) -> Grads | None:
+        # Written flat, as ForwardPlan.__call__ is (every backward of a repeated signature runs this).
         m, n = x.shape
         if m == 0 or m >= 2**31 or dy.dtype != x.dtype or dy.stride(-1) != 1:
             return None
         dy_stride = dy.stride(0)
         pdl = self.pdl if self.pdl is not None else (m * n < PDL_MAX_ELEMENTS and self.pdl_ok)
-        progs = _bwd_programs(m, self.rows, self.groups, self.device, self.per_sm)
+        progs = _bwd_programs(m, self.rows, self.groups, self.sms, self.per_sm)
         groups_fastest = self.groups_fastest_order and self.groups > 1 and progs <= MAX_GRID_Y
         variant = (m == 1, not m & 15, dy_stride == 1, not dy_stride & 15, -(2**31) <= dy_stride < 2**31,
                    progs == 1, not progs & 15, needs, pdl, groups_fastest)
-        entries = self.variants.get(variant) or self._entries(variant, m, dy_stride, progs, needs, pdl,
-                                                               groups_fastest)
-        hooks = None if entries is None else _launch_hooks(self.index)
+        launches = self.variants.get(variant) or self._launches(variant, m, dy_stride, progs, needs, pdl,
+                                                                groups_fastest)
+        hooks = None if launches is None else _launch_hooks(self.index)
         if hooks is None:
             return None
+        need_dx, need_dz, need_dw, need_db = needs
         contiguous = torch.contiguous_format
-        dx = torch.empty_like(x, memory_format=contiguous) if needs.dx else None
-        dz = torch.empty_like(z, memory_format=contiguous) if needs.dz else None
-        alloc = _partials_alloc(self.chunks)
-        dw_part = alloc((progs, n), dtype=torch.float32, device=self.device) if needs.dweight else None
-        db_part = alloc((progs, n), dtype=torch.float32, device=self.device) if needs.dbias else None
-        dw = torch.empty_like(weight, memory_format=contiguous) if needs.dweight else None
-        db = torch.empty_like(bias, memory_format=contiguous) if needs.dbias else None
+        dx = torch.empty_like(x, memory_format=contiguous) if need_dx else None
+        dz = torch.empty_like(z, memory_format=contiguous) if need_dz else None
+        alloc = self.alloc_partials
+        dw_part = alloc((progs, n), dtype=torch.float32, device=self.device) if need_dw else None
+        db_part = alloc((progs, n), dtype=torch.float32, device=self.device) if need_db else None
+        dw = torch.empty_like(weight, memory_format=contiguous) if need_dw else None
+        db = torch.empty_like(bias, memory_format=contiguous) if need_db else None
         tensors = (dy, x, z, weight, bias, mean, rstd, dx, dz, dw_part, db_part, dw, db)
-        ptrs = [None if t is None else t.data_ptr() for t in tensors]
+        ptrs = tuple(None if t is None else t.data_ptr() for t in tensors)
         aligned = 0
         for p in ptrs:
             if p is not None:
@@ -359,15 +391,13 @@ class BackwardPlan:
             return None
         global planned_backward_launches
         planned_backward_launches += 1
-        bwd, part, constexprs = entries
+        bwd, part = launches
         grid0, grid1 = (self.groups, progs) if groups_fastest else (progs, self.groups)
         stream = torch._C._cuda_getCurrentRawStream(self.index)
-        _run_entry(bwd, grid0, grid1, stream, hooks, ptrs[:11], tensors[:11],
-                   (m, dy_stride, self.x_stride, self.z_stride, n, n, n, *constexprs))
+        enter, leave = hooks
+        _fire(bwd, grid0, grid1, stream, enter, leave, ptrs[:11], tensors[:11], (m, dy_stride))
         if part is not None:  # (dw_part, db_part, dw, db, programs, N), as backward launches it
-            block_p, block_n, _ = self.partials
-            _run_entry(part, -(-n // block_n), 1, stream, hooks, ptrs[9:], tensors[9:],
-                       (progs, n, block_p, block_n, needs.dweight, needs.dbias, _INTERPRET, pdl))
+            _fire(part, -(-n // self.partials[1]), 1, stream, enter, leave, ptrs[9:], tensors[9:], (progs,))
         return dx, dz, dw, db
 
 
@@ -437,17 +467,17 @@ class QuantPlan:
                     self.constexprs[(p, groups_fastest, after)] = (
                         tuple(fwd[name] for name in fwd_quant_kernel.arg_names[13:]),
                         tuple(rescue[name] for name in quant_rescue_kernel.arg_names[13:]) if after else None)
-        #: (M == 1, M % 16 == 0, USE_PDL, GROUPS_FASTEST, rescue after) -> _launch's cached entries
+        #: (M == 1, M % 16 == 0, USE_PDL, GROUPS_FASTEST, rescue after) -> the launches, see _variant_launches
         self.variants: dict[tuple[bool, ...], tuple] = {}
 
     def _scale_strides(self, m: int) -> tuple[int, int]:
         """The (M, G) scale tensor's strides over its storage (see ``ops._scale_view``)."""
         return (1, m) if self.column_major else (self.groups, 1)
 
-    def _entries(self, variant: tuple[bool, ...], m: int) -> tuple | None:
-        """The launchers :func:`_launch` cached for this variant (None: one is not compiled yet)."""
+    def _launches(self, variant: tuple[bool, ...], m: int) -> tuple | None:
+        """The launches of this variant (None: a kernel is not compiled yet)."""
         spec = _aligned_spec((*self.arg_dtypes, m, *self.fixed_args, *self._scale_strides(m), self.eps))
-        return _variant_entries(self, variant, fwd_quant_kernel, quant_rescue_kernel, spec)
+        return _variant_launches(self, variant, fwd_quant_kernel, quant_rescue_kernel, spec)
 
     def __call__(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                  z: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -459,8 +489,8 @@ class QuantPlan:
         after = m * n >= self.rescue_min
         grid, groups_fastest = _quant_grid(m, self.rows, self.tiles, self.order)
         variant = (m == 1, not m & 15, pdl, groups_fastest, after)
-        entries = self.variants.get(variant) or self._entries(variant, m)
-        hooks = None if entries is None else _launch_hooks(self.index)
+        launches = self.variants.get(variant) or self._launches(variant, m)
+        hooks = None if launches is None else _launch_hooks(self.index)
         if hooks is None:
             return None
         q = torch.empty((m, n), dtype=self.q_dtype, device=self.device)
@@ -473,13 +503,13 @@ class QuantPlan:
             return None
         global planned_quant_launches
         planned_quant_launches += 1
-        fwd_constexprs, rescue_constexprs = self.constexprs[(pdl, groups_fastest, after)]
         stream = torch._C._cuda_getCurrentRawStream(self.index)
+        enter, leave = hooks
         pointers = (xp, zp or None, wp, bp or None, qp, sp)
         tensors = (x, z, weight, bias, q, storage)
-        tail = (m, *self.fixed_args, *self._scale_strides(m), self.eps)
-        _run_entry(entries[0], grid[0], grid[1], stream, hooks, pointers, tensors, (*tail, *fwd_constexprs))
-        if after:  # quant_rescue_kernel: the forward's arguments and warps, a program per SCAN rows of a tile
-            _run_entry(entries[1], -(-m // self.scan_rows), self.tiles, stream, hooks, pointers, tensors,
-                       (*tail, *rescue_constexprs))
+        head = (m, *self.fixed_args, *self._scale_strides(m), self.eps)
+        fwd, rescue = launches
+        _fire(fwd, grid[0], grid[1], stream, enter, leave, pointers, tensors, head)
+        if rescue is not None:  # quant_rescue_kernel: the forward's arguments and warps, a program per SCAN rows
+            _fire(rescue, -(-m // self.scan_rows), self.tiles, stream, enter, leave, pointers, tensors, head)
         return q, storage
