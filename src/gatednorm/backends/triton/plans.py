@@ -382,7 +382,12 @@ class BackwardPlan:
         dw = torch.empty_like(weight, memory_format=contiguous) if need_dw else None
         db = torch.empty_like(bias, memory_format=contiguous) if need_db else None
         tensors = (dy, x, z, weight, bias, mean, rstd, dx, dz, dw_part, db_part, dw, db)
-        ptrs = tuple(None if t is None else t.data_ptr() for t in tensors)
+        # the addresses, None for absent tensors (as the launcher's key has them); written out, not a generator
+        ptrs = (dy.data_ptr(), x.data_ptr(), None if z is None else z.data_ptr(), weight.data_ptr(),
+                None if bias is None else bias.data_ptr(), None if mean is None else mean.data_ptr(), rstd.data_ptr(),
+                None if dx is None else dx.data_ptr(), None if dz is None else dz.data_ptr(),
+                None if dw_part is None else dw_part.data_ptr(), None if db_part is None else db_part.data_ptr(),
+                None if dw is None else dw.data_ptr(), None if db is None else db.data_ptr())
         aligned = 0
         for p in ptrs:
             if p is not None:
