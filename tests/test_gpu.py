@@ -469,12 +469,19 @@ def test_compiled_backend_in_graph_rescue():
     torch.testing.assert_close(rstd.cpu().double(), rrstd.float().double(), rtol=1e-5, atol=0)
 
 
+@pytest.mark.parametrize("pdl_forward", [True, False])
 @pytest.mark.parametrize("is_rms", [False, True])
-def test_rescue_kernel_matches_in_kernel_rescue(is_rms):
-    """Large calls rescue in a separate kernel (_rescue_kernel), small ones in-kernel: the same bits."""
+def test_rescue_kernel_matches_in_kernel_rescue(is_rms, pdl_forward, monkeypatch):
+    """Large calls rescue in a separate kernel (_rescue_kernel), small ones in-kernel: the same bits.
+    pdl_forward False: the calls taken as too large for PDL (PDL_MAX_ELEMENTS lowered), so the forward is an
+    ordinary launch and only the scan kernel after it a programmatic dependent one (where the GPU supports PDL);
+    each call twice, the second through the eager plan."""
     from gatednorm import ops
-    from gatednorm.backends.triton import TritonBackend
+    from gatednorm.backends.triton import TritonBackend, launch, plans
 
+    if not pdl_forward:
+        monkeypatch.setattr(launch, "PDL_MAX_ELEMENTS", 1)
+        monkeypatch.setattr(plans, "PDL_MAX_ELEMENTS", 1)
     g = torch.Generator().manual_seed(13)
     x = torch.randn(300, 640, generator=g).bfloat16()
     x[7] = (3e37 * torch.randn(640, generator=g)).bfloat16()
@@ -482,13 +489,13 @@ def test_rescue_kernel_matches_in_kernel_rescue(is_rms):
     z = torch.randn(300, 640, generator=g).bfloat16()
     w = (1 + 0.1 * torch.randn(640, generator=g)).bfloat16()
     results = []
-    for threshold in (1 << 40, 0):
+    for threshold in (1 << 40, 0, 0):
         with ops.override_impl("triton", "cuda", TritonBackend(threshold)):
             results.append(gatednorm.layer_norm_fwd(x.cuda(), w.cuda(), None, 1e-6, z=z.cuda(), group_size=128,
                                                     is_rms_norm=is_rms, backend="triton"))
-    for a, b in zip(*results, strict=True):
+    for a, b, c in zip(*results, strict=True):
         if a is not None:
-            assert torch.equal(a, b)
+            assert torch.equal(a, b) and torch.equal(a, c)
     ry, _, rrstd = gated_norm_reference(x, w, None, z, 1e-6, 128, True, is_rms, "swish")
     y, mean, rstd = (t.cpu() if t is not None else None for t in results[1])
     check_forward(y, mean, rstd, x, w, None, z, 1e-6, 128, True, is_rms)

@@ -112,6 +112,7 @@ def test_committed_h200_runs(tmp_path, capsys):
 @pytest.mark.parametrize("flag,bench,verdicts", [
     ("--bench", "gpu_bench_h100_session18.json", "acceptance_h100_session18.md"),
     ("--quant", "quant_bench_h100_session18.json", "acceptance_quant_h100_session18.md"),
+    ("--bench", "gpu_bench_h100_session19.json", "acceptance_h100_session19.md"),
 ])
 def test_committed_h100_run_gives_its_committed_verdicts(flag, bench, verdicts, tmp_path, capsys):
     """The eighteenth session's H100 run: the script on its committed JSON gives the table the device printed

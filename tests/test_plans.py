@@ -432,6 +432,42 @@ def test_triton_quant_plan_launches_what_the_plain_launch_launches(recorded_laun
     assert q2.shape == q.shape and q2.dtype == q.dtype and storage2.shape == storage.shape
 
 
+@pytest.mark.parametrize("quant", [False, True])
+@pytest.mark.parametrize("option", [None, False])
+def test_triton_scan_after_a_large_forward_is_a_dependent_launch(recorded_launches, monkeypatch, quant, option):
+    """Where the GPU supports PDL, the range rescue's scan kernel after a forward too large for PDL is launched as a
+    programmatic dependent (its USE_PDL set, and the PDL launch, which the recorder's key holds), the forward not;
+    the backend's plain path and the plan agree (the plan finds the scan's launcher under the same key); with
+    the backend's pdl=False neither is. Forward and fused quantized forward alike."""
+    launch, plans, calls = recorded_launches
+    for module in (launch, plans):
+        monkeypatch.setattr(module, "pdl_supported", lambda device: True)
+        monkeypatch.setattr(module, "PDL_MAX_ELEMENTS", 256)  # every call of this test is "large"
+    backend = launch.TritonBackend(rescue_kernel_min_elements=1024, rescue_scan_rows=16, pdl=option)
+    m, n = 40, 128
+    x, z, w, _ = make_inputs(m, n, torch.bfloat16, bias=False, gate=True, seed=5)
+    spec = gatednorm.spec.NormSpec(1e-6, 128, True, True, "swish")
+    if quant:
+        qspec = gatednorm.spec.QuantSpec("fp8_e4m3", 128, "float32", "none", False)
+        q, storage = ops._quant_outputs(x, qspec)
+        assert backend.forward_quant(x, w, None, z, spec, qspec, q, ops._scale_view(storage, qspec))
+        plan = plans.QuantPlan(x, w, None, z, spec, qspec, 1024, 16, option)
+        kernels = (plans.fwd_quant_kernel, plans.quant_rescue_kernel)
+    else:
+        backend.forward(x, w, None, z, spec, torch.empty_like(x))
+        plan = plans.ForwardPlan(x, w, None, z, spec, 1024, 16, option)
+        kernels = (plans.fwd_kernel, plans.rescue_kernel)
+    plain = list(calls)
+    calls.clear()
+    assert plan(x, w, None, z) is not None
+    assert [c[1] for c in plain] == list(kernels) and len(calls) == 2
+    for a, c in zip(plain, calls, strict=True):
+        _same_launch(a, c, fresh={4, 5} if quant else {5, 7, 8})
+    use_pdl = [c[4][k.arg_names[len(c[3]):].index("USE_PDL")] for c, k in zip(plain, kernels, strict=True)]
+    assert use_pdl == [False, option is None]
+    assert {key[3] for key in launch._COMPILED if key[0] is kernels[1]} == {option is None}  # the launch's PDL
+
+
 def test_interleaved_signatures_keep_their_own_plans():
     """Many signatures that share most of their key (dtypes of x and of the parameters, rank, strides, group
     size, gate side, norm, activation, bias, N), called in a shuffled order so that each call after the first

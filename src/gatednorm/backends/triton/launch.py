@@ -204,6 +204,11 @@ def _launch(kernel, grid: tuple[int, int, int], args: tuple, constexprs: tuple, 
 #: while on large calls it cost bandwidth (32768x5120 groups of 640: 96% of copy without, 74-75% with,
 #: whether the next kernel was released at a program's start or its end). Bits are the same either way.
 PDL_MAX_ELEMENTS = 1 << 24
+# The range rescue's scan kernel after a forward of at least RESCUE_KERNEL_MIN_ELEMENTS (above that size) is
+# launched as a programmatic dependent wherever the GPU supports it, even where the forward is not: the forward
+# then triggers nothing early (no griddepcontrol in it), so the scan's programs start only as the forward's
+# exit, and its gdc_wait holds them until the forward's memory is visible; what PDL saves is the scan's launch
+# latency between the two kernels (benchmarks/results/gpu_notes_h200.md, session 19).
 
 
 @functools.cache
@@ -410,6 +415,7 @@ def forward(
     config: tuple[int, int, int, int] | None = None,
     fast: bool = True,
     pdl: bool = False,
+    rescue_pdl: bool | None = None,
     residual: torch.Tensor | None = None,
     residual_out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor]:
@@ -421,7 +427,8 @@ def forward(
     rounded once to its dtype (the prenorm output, or s in float32 for the backward).
     ``config``: (BLOCK, ROWS, num_warps, order: ORDER_*) instead of :func:`_fwd_config`'s choice (the
     tuning benchmark);
-    ``fast`` / ``pdl``: see :func:`_launch`.
+    ``fast`` / ``pdl``: see :func:`_launch`; ``rescue_pdl``: the same for rescue_kernel where it runs after the
+    forward (None: ``pdl``, or PDL wherever the GPU supports it, see PDL_MAX_ELEMENTS).
     """
     m, n = x.shape
     gs = spec.group_size
@@ -463,8 +470,11 @@ def forward(
                 _fwd_kernel_constexprs(gs, block, rows, chunks, flags, not rescue_after, pdl, groups_fastest,
                                        residual is not None, residual_out is not None), warps, x.device, fast, pdl)
     if rescue_after:  # GS, BLOCK, SCAN, *flags, USE_PDL, HAS_RES; the forward's warps (rescued rows' bits)
+        if rescue_pdl is None:
+            rescue_pdl = pdl or pdl_supported(x.device)
         _launch(rescue_kernel, (_cdiv(m, rescue_scan_rows), groups, 1), args,
-                (gs, block, rescue_scan_rows, *flags, pdl, residual is not None), warps, x.device, fast, pdl)
+                (gs, block, rescue_scan_rows, *flags, rescue_pdl, residual is not None), warps, x.device, fast,
+                rescue_pdl)
     if y is not out:
         out.copy_(y)
     return mean, rstd
@@ -601,7 +611,7 @@ class TritonBackend:
     scan kernel instead of in-kernel (tests lower the threshold to compare the two).
     ``fast_launch``: the cached launcher (False: Triton's own launch; both give the same bits).
     ``pdl``: programmatic dependent launch; None: for calls under :data:`PDL_MAX_ELEMENTS` where the GPU
-    supports it (:func:`pdl_supported`).
+    supports it (:func:`pdl_supported`), and for the range rescue's scan kernel after larger calls too.
     """
 
     name = "triton"
@@ -620,9 +630,14 @@ class TritonBackend:
             return x.numel() < PDL_MAX_ELEMENTS and pdl_supported(x.device)
         return self.pdl
 
+    def _rescue_pdl(self, x: torch.Tensor) -> bool:
+        """PDL for the range rescue's scan kernel after a large forward: the option, else wherever supported."""
+        return self.pdl if self.pdl is not None else pdl_supported(x.device)
+
     def forward(self, x, weight, bias, z, spec: NormSpec, out):
         return _on_device_of(x, forward, x, weight, bias, z, spec, out, self.rescue_kernel_min_elements,
-                             self.rescue_scan_rows, fast=self.fast_launch, pdl=self._pdl(x))
+                             self.rescue_scan_rows, fast=self.fast_launch, pdl=self._pdl(x),
+                             rescue_pdl=self._rescue_pdl(x))
 
     # The eager plans (.plans) are built from this module's launch decisions, so they are imported here, once
     # per call signature, rather than at the top (plans imports this module).
@@ -645,8 +660,8 @@ class TritonBackend:
 
     def forward_residual(self, x, residual, weight, bias, z, spec: NormSpec, out, residual_out):
         return _on_device_of(x, forward, x, weight, bias, z, spec, out, self.rescue_kernel_min_elements,
-                             self.rescue_scan_rows, fast=self.fast_launch, pdl=self._pdl(x), residual=residual,
-                             residual_out=residual_out)
+                             self.rescue_scan_rows, fast=self.fast_launch, pdl=self._pdl(x),
+                             rescue_pdl=self._rescue_pdl(x), residual=residual, residual_out=residual_out)
 
     def backward(self, dy, x, weight, bias, z, mean, rstd, spec: NormSpec, needs: GradsNeeded) -> Grads:
         return _on_device_of(x, backward, dy, x, weight, bias, z, mean, rstd, spec, *needs, fast=self.fast_launch,
@@ -655,7 +670,7 @@ class TritonBackend:
     def forward_quant(self, x, weight, bias, z, spec: NormSpec, qspec: QuantSpec, q, scale) -> bool:
         return _on_device_of(x, forward_quant, x, weight, bias, z, spec, qspec, q, scale,
                              self.rescue_kernel_min_elements, self.rescue_scan_rows, fast=self.fast_launch,
-                             pdl=self._pdl(x))
+                             pdl=self._pdl(x), rescue_pdl=self._rescue_pdl(x))
 
 
 def _on_device_of(x: torch.Tensor, fn, *args, **kwargs):
@@ -827,13 +842,14 @@ def forward_quant(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
                   spec: NormSpec, qspec: QuantSpec, q: torch.Tensor, scale: torch.Tensor,
                   rescue_kernel_min_elements: int = RESCUE_KERNEL_MIN_ELEMENTS,
                   rescue_scan_rows: int = RESCUE_SCAN_ROWS, *,
-                  config: tuple[int, int] | None = None, fast: bool = True, pdl: bool = False) -> bool:
+                  config: tuple[int, int] | None = None, fast: bool = True, pdl: bool = False,
+                  rescue_pdl: bool | None = None) -> bool:
     """Write q (M, N, contiguous) and scale (M, G, any strides) of x (M > 0, N; float32/bf16/fp16) in one
     kernel (calls of at least ``rescue_kernel_min_elements`` elements: and the range rescue's scan after it,
     as :func:`forward`); False (nothing written) where :func:`quant_layout` does not cover the call.
 
     ``config``: (ROWS, num_warps[, order]) instead of :func:`_quant_config`'s choice (the tuning benchmark; ROWS
-    a power of two); ``fast`` / ``pdl``: see :func:`_launch`.
+    a power of two); ``fast`` / ``pdl`` / ``rescue_pdl``: see :func:`forward`.
     """
     m, n = x.shape
     layout = quant_layout(spec.group_size, qspec.block)
@@ -863,6 +879,8 @@ def forward_quant(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     _launch_kw(fwd_quant_kernel, grid, args, warps, x.device, fast=fast, pdl=pdl,
                ROWS=rows, RESCUE_IN_KERNEL=not rescue_after, GROUPS_FASTEST=groups_fastest, **constexprs)
     if rescue_after:
+        if rescue_pdl is None:
+            rescue_pdl = pdl or pdl_supported(x.device)
         _launch_kw(quant_rescue_kernel, (_cdiv(m, rescue_scan_rows), tiles, 1), args, warps, x.device, fast=fast,
-                   pdl=pdl, SCAN=rescue_scan_rows, **constexprs)
+                   pdl=rescue_pdl, SCAN=rescue_scan_rows, **dict(constexprs, USE_PDL=rescue_pdl))
     return True

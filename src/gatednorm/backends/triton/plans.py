@@ -112,7 +112,7 @@ def _variant_launches(plan, variant: tuple[bool, ...], kernel, rescue, spec: tup
     constexprs as the tail, remembered in ``plan.variants`` once both are compiled (None until then)."""
     _, _, pdl, groups_fastest, after = variant
     constexprs = plan.constexprs[(pdl, groups_fastest, after)]
-    entries = _kernel_and_rescue(kernel, rescue, plan.index, plan.warps, pdl, constexprs, spec, after)
+    entries = _kernel_and_rescue(kernel, rescue, plan.index, plan.warps, pdl, constexprs, spec, after, plan.rescue_pdl)
     if entries is None:
         return None
     launches = (_ready(entries[0], constexprs[0]), None if entries[1] is None else _ready(entries[1], constexprs[1]))
@@ -121,12 +121,12 @@ def _variant_launches(plan, variant: tuple[bool, ...], kernel, rescue, spec: tup
 
 
 def _kernel_and_rescue(kernel, rescue, index: int, warps: int, pdl: bool, constexprs: tuple, spec: tuple,
-                       after: bool) -> tuple | None:
+                       after: bool, rescue_pdl: bool) -> tuple | None:
     """(kernel's launcher, rescue's or None): what :func:`.launch._launch` cached for a forward kernel and, where the
     range rescue runs after it, for its rescue kernel (the forward's warps and arguments; ``constexprs`` the pair
     of their constexpr tuples); None where one of them is not compiled yet."""
     fwd = _COMPILED.get((kernel, index, warps, pdl, constexprs[0], spec))
-    after_launcher = _COMPILED.get((rescue, index, warps, pdl, constexprs[1], spec)) if after else None
+    after_launcher = _COMPILED.get((rescue, index, warps, rescue_pdl, constexprs[1], spec)) if after else None
     if fwd is None or (after and after_launcher is None):
         return None
     return fwd, after_launcher
@@ -155,8 +155,8 @@ class ForwardPlan:
     no plain launch has compiled yet. The caller then takes the plain path, which compiles it.
     """
 
-    __slots__ = ("n", "groups", "rows", "warps", "device", "index", "pdl", "pdl_ok", "rescue_min", "scan_rows",
-                 "fixed_args", "is_rms", "groups_fastest", "constexprs", "arg_dtypes", "variants")
+    __slots__ = ("n", "groups", "rows", "warps", "device", "index", "pdl", "pdl_ok", "rescue_pdl", "rescue_min",
+                 "scan_rows", "fixed_args", "is_rms", "groups_fastest", "constexprs", "arg_dtypes", "variants")
 
     def __init__(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, z: torch.Tensor | None,
                  spec: NormSpec, rescue_kernel_min_elements: int, rescue_scan_rows: int, pdl: bool | None) -> None:
@@ -167,6 +167,8 @@ class ForwardPlan:
         self.device = x.device
         self.index = x.device.index if x.device.index is not None else torch.cuda.current_device()
         self.pdl, self.pdl_ok = pdl, pdl_supported(x.device)
+        # the scan kernel after a large forward: PDL by the option, else wherever supported (TritonBackend._rescue_pdl)
+        self.rescue_pdl = pdl if pdl is not None else self.pdl_ok
         # forward's rescue_after: wide groups (several chunks) always rescue inside the kernel
         self.rescue_min = rescue_kernel_min_elements if chunks == 1 else 1 << 62
         self.scan_rows = rescue_scan_rows
@@ -176,7 +178,7 @@ class ForwardPlan:
         #: (USE_PDL, GROUPS_FASTEST, rescue after) -> (fwd_kernel's constexprs, rescue_kernel's or None), no residual
         self.constexprs = {
             (p, g, after): (_fwd_kernel_constexprs(gs, block, rows, chunks, flags, not after, p, g, False, False),
-                            (gs, block, rescue_scan_rows, *flags, p, False) if after else None)
+                            (gs, block, rescue_scan_rows, *flags, self.rescue_pdl, False) if after else None)
             for p in (False, True) for g in (False, True) for after in (False, True)}
         row_stride = x.stride(0) if x.dim() == 2 else n
         z_stride = 0 if z is None else (z.stride(0) if z.dim() == 2 else n)
@@ -194,7 +196,7 @@ class ForwardPlan:
         _, _, pdl, groups_fastest, after = variant
         constexprs = self.constexprs[(pdl, groups_fastest, after)]
         entries = _kernel_and_rescue(fwd_kernel, rescue_kernel, self.index, self.warps, pdl, constexprs,
-                                     _aligned_spec((*self.arg_dtypes, m, *self.fixed_args)), after)
+                                     _aligned_spec((*self.arg_dtypes, m, *self.fixed_args)), after, self.rescue_pdl)
         if entries is None:
             return None
         fwd, rescue = entries
@@ -433,7 +435,8 @@ class QuantPlan:
     where it does not serve the call (as :class:`ForwardPlan`).
     """
 
-    __slots__ = ("n", "groups", "rows", "warps", "order", "tiles", "device", "index", "pdl", "pdl_ok", "rescue_min",
+    __slots__ = ("n", "groups", "rows", "warps", "order", "tiles", "device", "index", "pdl", "pdl_ok", "rescue_pdl",
+                 "rescue_min",
                  "scan_rows", "column_major", "q_dtype", "fixed_args", "eps", "arg_dtypes", "constexprs", "variants")
 
     def __init__(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, z: torch.Tensor | None,
@@ -447,6 +450,8 @@ class QuantPlan:
         self.device = x.device
         self.index = x.device.index if x.device.index is not None else torch.cuda.current_device()
         self.pdl, self.pdl_ok = pdl, pdl_supported(x.device)
+        # the scan kernel after a large forward: PDL by the option, else wherever supported (TritonBackend._rescue_pdl)
+        self.rescue_pdl = pdl if pdl is not None else self.pdl_ok
         self.rescue_min, self.scan_rows = rescue_kernel_min_elements, rescue_scan_rows
         self.column_major = qspec.column_major_scales
         self.q_dtype = quant_dtype(qspec.quant)
@@ -468,7 +473,7 @@ class QuantPlan:
             for groups_fastest in (False, True):
                 for after in (False, True):
                     fwd = dict(shared, ROWS=self.rows, RESCUE_IN_KERNEL=not after, GROUPS_FASTEST=groups_fastest)
-                    rescue = dict(shared, SCAN=rescue_scan_rows)
+                    rescue = dict(shared, SCAN=rescue_scan_rows, USE_PDL=self.rescue_pdl)
                     self.constexprs[(p, groups_fastest, after)] = (
                         tuple(fwd[name] for name in fwd_quant_kernel.arg_names[13:]),
                         tuple(rescue[name] for name in quant_rescue_kernel.arg_names[13:]) if after else None)
