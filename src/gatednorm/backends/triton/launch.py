@@ -206,9 +206,9 @@ def _launch(kernel, grid: tuple[int, int, int], args: tuple, constexprs: tuple, 
 PDL_MAX_ELEMENTS = 1 << 24
 # The range rescue's scan kernel after a forward of at least RESCUE_KERNEL_MIN_ELEMENTS (above that size) is
 # launched as a programmatic dependent wherever the GPU supports it, even where the forward is not: the forward
-# then triggers nothing early (no griddepcontrol in it), so the scan's programs start only as the forward's
-# exit, and its gdc_wait holds them until the forward's memory is visible; what PDL saves is the scan's launch
-# latency between the two kernels (benchmarks/results/gpu_notes_h200.md, session 19).
+# then triggers nothing early (no griddepcontrol in it), so the scan's programs start only as the forward's last
+# programs exit, and its gdc_wait holds them until the forward's memory is visible; what PDL can save is the
+# scan's launch latency between the two kernels (not timed yet: benchmarks/results/gpu_notes_h200.md, session 19).
 
 
 @functools.cache
