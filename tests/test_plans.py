@@ -87,6 +87,56 @@ def test_planned_calls_equal_the_full_path(shape, gs, nbg, is_rms, bias, dtype, 
             assert torch.equal(module(x, z), _full_path(x, module.weight, module.bias, z, 1e-5, gs, nbg, is_rms)[0])
 
 
+def test_cpu_kernel_plan_serves_small_calls_with_the_full_paths_bits(monkeypatch):
+    """The native backend's CPU plan (KernelForwardPlan: the C kernel's call decided per signature) serves the
+    repeated calls of one block of rows, with the full path's bits: strided x rows, a 3-D contiguous x with a
+    gate before the norm, LayerNorm with bias, rows whose groups are out of the float32 range (redone by the
+    rescue), float32; calls above the block size, and every call once GATEDNORM_CPU_KERNEL=0 is set, are left
+    to the backend's forward (the switch read on every call)."""
+    from gatednorm.backends import native_cpu_kernel
+
+    if not native_cpu_kernel.ready():
+        pytest.skip("the CPU kernel is not built here")
+    served = []
+    real = native_cpu_kernel.forward_fields
+    monkeypatch.setattr(native_cpu_kernel, "forward_fields", lambda fields: served.append(fields[15]) or real(fields))
+    wide = make_inputs(9, 256, torch.bfloat16, seed=1)[0]
+    huge = make_inputs(6, 64, torch.bfloat16, seed=2)[0]
+    huge[2] *= 1e30  # its statistics overflow float32: the rescue redoes the row
+    cases = [
+        (wide[:, :128], torch.randn(9, 128).bfloat16(), 32, True, True, False),  # x rows strided (a slice)
+        (torch.randn(2, 3, 96), torch.randn(2, 3, 96), None, False, False, True),  # 3-D, gate before, float32
+        (huge, torch.randn(6, 64).bfloat16(), 16, True, False, True),  # LayerNorm + bias, a row rescued
+        (torch.randn(400, 128).bfloat16(), torch.randn(400, 128).bfloat16(), 64, True, True, False),  # > one block
+    ]
+    for x, z, gs, nbg, is_rms, bias in cases:
+        n = x.shape[-1]
+        w = (1 + 0.1 * torch.randn(n)).to(x.dtype)
+        b = torch.randn(n).to(x.dtype) if bias else None
+        kw = dict(z=z, group_size=gs, norm_before_gate=nbg, is_rms_norm=is_rms)
+        ref = _full_path(x, w, b, z, 1e-5, gs, nbg, is_rms)
+        served.clear()
+        with torch.no_grad():
+            got = [gatednorm.layer_norm_fwd(x, w, b, 1e-5, **kw) for _ in range(2)]
+        small = x.numel() <= ops._impl_for("native", x.reshape(-1, n)).block_elements
+        assert served == ([x.numel() // n] * 2 if small else []), (x.shape, served)
+        for out in got:
+            assert torch.equal(out[0], ref[0]) and torch.equal(out[2], ref[2])
+            assert (out[1] is None) == is_rms and (is_rms or torch.equal(out[1], ref[1]))
+        if x is huge:
+            assert torch.isfinite(got[1][0][2]).all() and got[1][2][2] < 1e-20  # the rescued row
+    x, z, gs, nbg, is_rms, bias = cases[0]
+    w = (1 + 0.1 * torch.randn(128)).bfloat16()
+    kw = dict(z=z, group_size=gs, norm_before_gate=nbg, is_rms_norm=is_rms)
+    with torch.no_grad():
+        gatednorm.layer_norm_fwd(x, w, None, 1e-5, **kw)
+        monkeypatch.setenv("GATEDNORM_CPU_KERNEL", "0")
+        served.clear()
+        got = gatednorm.layer_norm_fwd(x, w, None, 1e-5, **kw)
+        ref = _full_path(x, w, None, z, 1e-5, gs, nbg, is_rms)
+    assert served == [] and torch.equal(got[0], ref[0]) and torch.equal(got[2], ref[2])
+
+
 def test_plans_serve_only_calls_the_full_path_accepts():
     """After a signature is planned, calls that differ in any checked way raise what the full path raises
     (each has another key, or fails the plan's own per-call check of z's shape)."""

@@ -1023,6 +1023,73 @@ def _sum_tasks(parts: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return total.to(dtype)
 
 
+class KernelForwardPlan:
+    """The C kernel's forward for one call signature (docs/design.md, "Eager plans"), as
+    :func:`_forward_cpu_kernel` runs it on a call of one block of rows: one kernel call in this thread, the
+    struct of its arguments built from the fields the signature fixes (dtype codes, row strides, N, the spec)
+    and the call's addresses and M. The same call, hence the same bits; rows holding a group out of range are
+    redone by the same rescue. For calls above ``block_elements`` (shared out over threads: their compute, not
+    the host, is the time) or when the kernel is off (``GATEDNORM_CPU_KERNEL=0``, read on every call), it returns
+    None, having done nothing, and the backend's forward runs. At 1x128 bf16 on the CPU machine the eager call
+    went 15.4 -> (see docs/design.md) us; a ``torch.mul`` of the same tensors takes 1.4."""
+
+    __slots__ = ("n", "groups", "is_rms", "spec", "block_elements", "codes", "x_stride", "z_stride", "tail")
+
+    def __init__(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, z: torch.Tensor | None,
+                 spec: NormSpec, block_elements: int) -> None:
+        n = x.shape[-1]
+        self.n, self.groups, self.is_rms, self.spec = n, n // spec.group_size, spec.is_rms_norm, spec
+        self.block_elements = block_elements
+        code = native_cpu_kernel.dtype_code
+        self.codes = (code(x.dtype), 0 if z is None else code(z.dtype), code(weight.dtype),
+                      0 if bias is None else code(bias.dtype))
+        self.x_stride = x.stride(0) if x.dim() == 2 else n
+        self.z_stride = 0 if z is None else (z.stride(0) if z.dim() == 2 else n)
+        self.tail = native_cpu_kernel.forward_tail(n, spec.group_size, spec.eps, spec.is_rms_norm,
+                                                   z is not None and not spec.norm_before_gate,
+                                                   spec.activation == "sigmoid")
+
+    def __call__(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                 z: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor] | None:
+        numel = x.numel()
+        n = self.n
+        m = numel // n
+        if m == 0 or numel > self.block_elements or not native_cpu_kernel.ready():
+            return None
+        y = torch.empty_like(x, memory_format=torch.contiguous_format)
+        rstd = torch.empty(self.groups * m, dtype=torch.float32)
+        mean = None if self.is_rms else torch.empty(self.groups * m, dtype=torch.float32)
+        code_x, code_z, code_w, code_b = self.codes
+        # gn_forward_call's fields in order (native_cpu_kernel._forward_tensors, then rows [0, M) in this thread)
+        out_of_range = native_cpu_kernel.forward_fields((
+            x.data_ptr(), code_x, self.x_stride, 0 if z is None else z.data_ptr(), code_z, self.z_stride,
+            weight.data_ptr(), code_w, 0 if bias is None else bias.data_ptr(), code_b, y.data_ptr(), code_x, n,
+            0 if mean is None else mean.data_ptr(), rstd.data_ptr(), m, 0, m, 0, 0, *self.tail))
+        if out_of_range:  # the cold path, as _forward_cpu_kernel takes it, on (M, N) views
+            rows = (x.view(m, n), None if z is None else z.view(m, n), y.view(m, n))
+            with torch.no_grad():
+                _redo_rows_out_of_range(rows[0], rows[1], weight, bias, self.spec, rows[2], mean, rstd,
+                                        _Plan(m, n, self.block_elements, rows, compiled_kernel=True))
+        return y, mean, rstd
+
+
+def plan_kernel_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, z: torch.Tensor | None,
+                        spec: NormSpec, block_elements: int) -> KernelForwardPlan | None:
+    """A :class:`KernelForwardPlan` where the C kernel would run this signature's calls (plain CPU tensors; x and z
+    float32 / bf16, unit feature stride, 2-D or contiguous; weight and bias of those dtypes and contiguous, as
+    the kernel reads them), else None."""
+    if not x.is_cpu or not native_cpu_kernel.ready():
+        return None
+    for t in (x, z):
+        if t is not None and (type(t) not in _PLAIN_TENSORS or not native_cpu_kernel.takes_dtype(t.dtype)
+                              or t.stride(-1) != 1 or not (t.dim() == 2 or t.is_contiguous())):
+            return None
+    for t in (weight, bias):
+        if t is not None and (type(t) not in _PLAIN_TENSORS or native_cpu_kernel.params_ready(t) is not t):
+            return None
+    return KernelForwardPlan(x, weight, bias, z, spec, block_elements)
+
+
 class NativeCPUBackend:
     """The ``native`` backend's implementation for CPU tensors.
 
@@ -1044,6 +1111,10 @@ class NativeCPUBackend:
 
     def forward_quant(self, x, weight, bias, z, spec: NormSpec, qspec: QuantSpec, q, scale) -> bool:
         return forward_quant(self, x, weight, bias, z, spec, qspec, q, scale)
+
+    def plan_forward(self, x, weight, bias, z, spec: NormSpec) -> KernelForwardPlan | None:
+        """The C kernel's forward decided once for this signature (:func:`plan_kernel_forward`), or None."""
+        return plan_kernel_forward(x, weight, bias, z, spec, self.block_elements)
 
 
 #: Rows per step of the quantized forward: y of about this many elements in float32 (1 MiB), written by the

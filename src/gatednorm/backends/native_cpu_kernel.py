@@ -285,6 +285,36 @@ def handles(*rows: torch.Tensor | None) -> bool:
     return library() is not None
 
 
+def ready() -> bool:
+    """Whether the kernel runs calls now: switched on and built (:func:`handles` without the tensors; the eager
+    plans ask it on every call, as the environment may have turned the kernel off since)."""
+    return _switch["on"] and library() is not None
+
+
+def takes_dtype(dtype: torch.dtype) -> bool:
+    """Whether the kernel reads and writes rows (and parameters) of this dtype."""
+    return dtype in _DTYPES
+
+
+def dtype_code(dtype: torch.dtype) -> int:
+    """The kernel's code of a dtype it takes (:func:`takes_dtype`)."""
+    return _DTYPES[dtype]
+
+
+def forward_tail(n: int, group_size: int, eps: float, is_rms: bool, gate_before: bool, sigmoid: bool) -> tuple:
+    """The fields of gn_forward_call that follow the rows' range (N on), for a forward writing y in one call of this
+    thread (no shared counter, no team, no quantized output), as :func:`forward_rows` packs them there."""
+    return (n, group_size, eps, SAFE_RSTD_MAX, is_rms, gate_before, sigmoid, 0, 0, *_quant_fields(None))
+
+
+def forward_fields(fields: tuple) -> int:
+    """One kernel call from every field of gn_forward_call given in order (the tensor fields as
+    :func:`_forward_tensors` gives them, M, r0, r1, counter 0, chunk rows 0, then :func:`forward_tail`): an eager
+    plan's forward, which keeps all but the addresses and M. Returns the out-of-range group count, as
+    :func:`forward_rows`. The caller asked :func:`ready` just before."""
+    return _checked(_loaded().gn_forward_packed(_FORWARD_CALL.pack(*fields)))
+
+
 def quantizer_ready() -> bool:
     """Whether :func:`quantize_rows` runs: the kernel switched on and built."""
     return _switch["on"] and library() is not None
