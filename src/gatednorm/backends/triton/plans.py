@@ -436,8 +436,8 @@ class QuantPlan:
     """
 
     __slots__ = ("n", "groups", "rows", "warps", "order", "tiles", "device", "index", "pdl", "pdl_ok", "rescue_pdl",
-                 "rescue_min",
-                 "scan_rows", "column_major", "q_dtype", "fixed_args", "eps", "arg_dtypes", "constexprs", "variants")
+                 "rescue_min", "scan_rows", "column_major", "q_dtype", "fixed_args", "eps", "arg_dtypes", "constexprs",
+                 "variants")
 
     def __init__(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, z: torch.Tensor | None,
                  spec: NormSpec, qspec: QuantSpec, rescue_kernel_min_elements: int, rescue_scan_rows: int,
