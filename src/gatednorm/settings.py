@@ -85,15 +85,17 @@ def backend_choice_key() -> tuple:
     env = os.environ
     if type(env) is not os._Environ:
         return tuple(env.get(name) for name in _BACKEND_CHOICE)
-    if not _BACKEND_CHOICE_KEYS:
-        _BACKEND_CHOICE_KEYS.extend(env.encodekey(name) for name in _BACKEND_CHOICE)
+    keys = _BACKEND_CHOICE_KEYS or _encoded_names(env)
     get = env._data.get
-    k1, k2, k3 = _BACKEND_CHOICE_KEYS
-    return get(k1), get(k2), get(k3)
+    return get(keys[0]), get(keys[1]), get(keys[2])
 
 
-#: The encoded names of _BACKEND_CHOICE (filled on first use, as _lookup's _KEYS).
-_BACKEND_CHOICE_KEYS: list = []
+def _encoded_names(env: os._Environ) -> tuple:
+    return tuple(env.encodekey(name) for name in _BACKEND_CHOICE)
+
+
+#: The encoded names of _BACKEND_CHOICE, as os.environ keeps its keys (encoded once: the encoding never changes).
+_BACKEND_CHOICE_KEYS = _encoded_names(os.environ) if type(os.environ) is os._Environ else None
 
 
 def env_flag(name: str) -> bool:
