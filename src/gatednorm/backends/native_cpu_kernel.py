@@ -316,8 +316,8 @@ def forward_fields(fields: tuple) -> int:
 
 
 def quantizer_ready() -> bool:
-    """Whether :func:`quantize_rows` runs: the kernel switched on and built."""
-    return _switch["on"] and library() is not None
+    """Whether :func:`quantize_rows` runs: the kernel switched on and built (:func:`ready`)."""
+    return ready()
 
 
 def params_ready(t: torch.Tensor | None) -> torch.Tensor | None:
