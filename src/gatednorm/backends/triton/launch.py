@@ -218,6 +218,12 @@ def pdl_supported(device: torch.device) -> bool:
             and torch.cuda.get_device_capability(device)[0] >= 9)
 
 
+def rescue_scan_pdl(option: bool | None, device: torch.device) -> bool:
+    """Whether the range rescue's scan kernel after a large forward launches with PDL: the backend's ``pdl``
+    option where set, else wherever the GPU supports it (see the comment under PDL_MAX_ELEMENTS)."""
+    return option if option is not None else pdl_supported(device)
+
+
 #: Triton releases with ``launch_pdl`` and ``tl.extra.cuda.gdc_wait`` (3.6 measured on an H200).
 _TRITON_HAS_PDL = triton_version() >= (3, 6)
 
@@ -631,8 +637,7 @@ class TritonBackend:
         return self.pdl
 
     def _rescue_pdl(self, x: torch.Tensor) -> bool:
-        """PDL for the range rescue's scan kernel after a large forward: the option, else wherever supported."""
-        return self.pdl if self.pdl is not None else pdl_supported(x.device)
+        return rescue_scan_pdl(self.pdl, x.device)
 
     def forward(self, x, weight, bias, z, spec: NormSpec, out):
         return _on_device_of(x, forward, x, weight, bias, z, spec, out, self.rescue_kernel_min_elements,

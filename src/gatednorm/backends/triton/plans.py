@@ -45,6 +45,7 @@ from .launch import (
     _sm_count,
     pdl_supported,
     quant_layout,
+    rescue_scan_pdl,
 )
 
 
@@ -167,8 +168,7 @@ class ForwardPlan:
         self.device = x.device
         self.index = x.device.index if x.device.index is not None else torch.cuda.current_device()
         self.pdl, self.pdl_ok = pdl, pdl_supported(x.device)
-        # the scan kernel after a large forward: PDL by the option, else wherever supported (TritonBackend._rescue_pdl)
-        self.rescue_pdl = pdl if pdl is not None else self.pdl_ok
+        self.rescue_pdl = rescue_scan_pdl(pdl, x.device)  # the scan after a large forward, as the backend launches it
         # forward's rescue_after: wide groups (several chunks) always rescue inside the kernel
         self.rescue_min = rescue_kernel_min_elements if chunks == 1 else 1 << 62
         self.scan_rows = rescue_scan_rows
@@ -450,8 +450,7 @@ class QuantPlan:
         self.device = x.device
         self.index = x.device.index if x.device.index is not None else torch.cuda.current_device()
         self.pdl, self.pdl_ok = pdl, pdl_supported(x.device)
-        # the scan kernel after a large forward: PDL by the option, else wherever supported (TritonBackend._rescue_pdl)
-        self.rescue_pdl = pdl if pdl is not None else self.pdl_ok
+        self.rescue_pdl = rescue_scan_pdl(pdl, x.device)  # the scan after a large forward, as the backend launches it
         self.rescue_min, self.scan_rows = rescue_kernel_min_elements, rescue_scan_rows
         self.column_major = qspec.column_major_scales
         self.q_dtype = quant_dtype(qspec.quant)
