@@ -115,7 +115,7 @@ def test_committed_h200_runs(tmp_path, capsys):
     ("--bench", "gpu_bench_h100_session19.json", "acceptance_h100_session19.md"),
 ])
 def test_committed_h100_run_gives_its_committed_verdicts(flag, bench, verdicts, tmp_path, capsys):
-    """The eighteenth session's H100 run: the script on its committed JSON gives the table the device printed
+    """The H100 runs (sessions 18 and 19): the script on a committed JSON gives the table the device printed
     beside it (README quotes it), line for line but the first (the JSON's path on the device)."""
     results = ROOT / "benchmarks" / "results"
     out = tmp_path / verdicts
