@@ -98,8 +98,9 @@ def test_cpu_kernel_plan_serves_small_calls_with_the_full_paths_bits(monkeypatch
     if not native_cpu_kernel.ready():
         pytest.skip("the CPU kernel is not built here")
     served = []
-    real = native_cpu_kernel.forward_fields
-    monkeypatch.setattr(native_cpu_kernel, "forward_fields", lambda fields: served.append(fields[15]) or real(fields))
+    real = native_cpu_kernel.planned_forward
+    monkeypatch.setattr(native_cpu_kernel, "planned_forward",
+                        lambda *args: served.append(args[-1]) or real(*args))
     wide = make_inputs(9, 256, torch.bfloat16, seed=1)[0]
     huge = make_inputs(6, 64, torch.bfloat16, seed=2)[0]
     huge[2] *= 1e30  # its statistics overflow float32: the rescue redoes the row

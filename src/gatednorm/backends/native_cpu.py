@@ -1034,21 +1034,16 @@ class KernelForwardPlan:
     (2 cores, ``bench_host.py --device cpu``): 20.4 -> 13.7 us per call quiet, 26.7 -> 12.9 with two busy
     processes on the cores; ``torch.mul`` of the same tensors 3.7 (benchmarks/results/cpu_host_plan_ab.md)."""
 
-    __slots__ = ("n", "groups", "is_rms", "spec", "block_elements", "codes", "x_stride", "z_stride", "tail")
+    __slots__ = ("n", "groups", "is_rms", "spec", "block_elements", "fields")
 
     def __init__(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, z: torch.Tensor | None,
                  spec: NormSpec, block_elements: int) -> None:
         n = x.shape[-1]
         self.n, self.groups, self.is_rms, self.spec = n, n // spec.group_size, spec.is_rms_norm, spec
         self.block_elements = block_elements
-        code = native_cpu_kernel.dtype_code
-        self.codes = (code(x.dtype), 0 if z is None else code(z.dtype), code(weight.dtype),
-                      0 if bias is None else code(bias.dtype))
-        self.x_stride = x.stride(0) if x.dim() == 2 else n
-        self.z_stride = 0 if z is None else (z.stride(0) if z.dim() == 2 else n)
-        self.tail = native_cpu_kernel.forward_tail(n, spec.group_size, spec.eps, spec.is_rms_norm,
-                                                   z is not None and not spec.norm_before_gate,
-                                                   spec.activation == "sigmoid")
+        self.fields = native_cpu_kernel.planned_forward_fields(
+            x, z, weight, bias, spec.group_size, spec.eps, spec.is_rms_norm,
+            z is not None and not spec.norm_before_gate, spec.activation == "sigmoid")
 
     def __call__(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                  z: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor] | None:
@@ -1060,12 +1055,7 @@ class KernelForwardPlan:
         y = torch.empty_like(x, memory_format=torch.contiguous_format)
         rstd = torch.empty(self.groups * m, dtype=torch.float32)
         mean = None if self.is_rms else torch.empty(self.groups * m, dtype=torch.float32)
-        code_x, code_z, code_w, code_b = self.codes
-        # gn_forward_call's fields in order (native_cpu_kernel._forward_tensors, then rows [0, M) in this thread)
-        out_of_range = native_cpu_kernel.forward_fields((
-            x.data_ptr(), code_x, self.x_stride, 0 if z is None else z.data_ptr(), code_z, self.z_stride,
-            weight.data_ptr(), code_w, 0 if bias is None else bias.data_ptr(), code_b, y.data_ptr(), code_x, n,
-            0 if mean is None else mean.data_ptr(), rstd.data_ptr(), m, 0, m, 0, 0, *self.tail))
+        out_of_range = native_cpu_kernel.planned_forward(self.fields, x, z, weight, bias, y, mean, rstd, m)
         if out_of_range:  # the cold path, as _forward_cpu_kernel takes it, on (M, N) views
             rows = (x.view(m, n), None if z is None else z.view(m, n), y.view(m, n))
             with torch.no_grad():

@@ -296,23 +296,29 @@ def takes_dtype(dtype: torch.dtype) -> bool:
     return dtype in _DTYPES
 
 
-def dtype_code(dtype: torch.dtype) -> int:
-    """The kernel's code of a dtype it takes (:func:`takes_dtype`)."""
-    return _DTYPES[dtype]
+def planned_forward_fields(x: torch.Tensor, z: torch.Tensor | None, weight: torch.Tensor, bias: torch.Tensor | None,
+                           group_size: int, eps: float, is_rms: bool, gate_before: bool, sigmoid: bool) -> tuple:
+    """What an eager plan's forward (:func:`planned_forward`) keeps of gn_forward_call for one call signature: the
+    dtype codes, the row strides (x and z 2-D, or contiguous rows of any rank; y contiguous, x's dtype) and the
+    fields after the rows' range, for a forward writing y in one call of this thread (no shared counter, no
+    team, no quantized output), as :func:`forward_rows` packs them there."""
+    n = x.shape[-1]
+    return (_DTYPES[x.dtype], x.stride(0) if x.dim() == 2 else n, _code(z),
+            0 if z is None else (z.stride(0) if z.dim() == 2 else n), _DTYPES[weight.dtype], _code(bias),
+            (n, group_size, eps, SAFE_RSTD_MAX, is_rms, gate_before, sigmoid, 0, 0, *_quant_fields(None)))
 
 
-def forward_tail(n: int, group_size: int, eps: float, is_rms: bool, gate_before: bool, sigmoid: bool) -> tuple:
-    """The fields of gn_forward_call that follow the rows' range (N on), for a forward writing y in one call of this
-    thread (no shared counter, no team, no quantized output), as :func:`forward_rows` packs them there."""
-    return (n, group_size, eps, SAFE_RSTD_MAX, is_rms, gate_before, sigmoid, 0, 0, *_quant_fields(None))
-
-
-def forward_fields(fields: tuple) -> int:
-    """One kernel call from every field of gn_forward_call given in order (the tensor fields as
-    :func:`_forward_tensors` gives them, M, r0, r1, counter 0, chunk rows 0, then :func:`forward_tail`): an eager
-    plan's forward, which keeps all but the addresses and M. Returns the out-of-range group count, as
-    :func:`forward_rows`. The caller asked :func:`ready` just before."""
-    return _checked(_loaded().gn_forward_packed(_FORWARD_CALL.pack(*fields)))
+def planned_forward(fields: tuple, x: torch.Tensor, z: torch.Tensor | None, weight: torch.Tensor,
+                    bias: torch.Tensor | None, y: torch.Tensor, mean: torch.Tensor | None, rstd: torch.Tensor,
+                    m: int) -> int:
+    """:func:`forward_rows` over all M rows in this thread, with the signature's fields from
+    :func:`planned_forward_fields` (y contiguous, x's dtype): the same kernel call, packed with no per-call
+    lookups. Returns the out-of-range group count. The caller asked :func:`ready` just before."""
+    code_x, x_stride, code_z, z_stride, code_w, code_b, tail = fields
+    return _checked(_loaded().gn_forward_packed(_FORWARD_CALL.pack(
+        x.data_ptr(), code_x, x_stride, 0 if z is None else z.data_ptr(), code_z, z_stride, weight.data_ptr(),
+        code_w, 0 if bias is None else bias.data_ptr(), code_b, y.data_ptr(), code_x, tail[0],
+        0 if mean is None else mean.data_ptr(), rstd.data_ptr(), m, 0, m, 0, 0, *tail)))
 
 
 def quantizer_ready() -> bool:
