@@ -214,7 +214,10 @@ def triton_launch_counts() -> dict[str, int]:
         return {}
     counters = {"planned_launches": plans, "planned_backward_launches": plans, "planned_quant_launches": plans,
                 "fast_launches": launch}
-    return {name: getattr(module, name) for name, module in counters.items() if hasattr(module, name)}
+    counts = {name: getattr(module, name) for name, module in counters.items() if hasattr(module, name)}
+    if hasattr(plans, "forward_plan_launches"):  # with the plans' C++ entry's launches
+        counts["planned_launches"] = plans.forward_plan_launches()
+    return counts
 
 
 def main(argv: list[str] | None = None) -> dict:

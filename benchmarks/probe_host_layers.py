@@ -35,12 +35,14 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import gatednorm  # noqa: E402
 from gatednorm import ops  # noqa: E402
 from gatednorm.backends.base import GradsNeeded  # noqa: E402
-from gatednorm.backends.triton import launch, plans  # noqa: E402
+from gatednorm.backends.triton import host_forward, launch, plans  # noqa: E402
 
 EPS = 1e-6
 
 
 def rows_for(m: int, n: int) -> dict:
+    if host_forward.ENABLED:
+        host_forward.extension()  # built here, so that the plans below attach to it
     gen = torch.Generator(device="cuda").manual_seed(0)
     bf = torch.bfloat16
     x, z, dy = (torch.randn(m, n, device="cuda", generator=gen).to(bf) for _ in range(3))
@@ -91,6 +93,14 @@ def rows_for(m: int, n: int) -> dict:
                y_.data_ptr(), None, None, r_.data_ptr(), m, *fixed_tail)
         return y_, None, r_
 
+    # the same plan kept in Python (its C++ entry detached), and the C++ entry alone where it is in use
+    native = fplan.native_forward
+    py_plan = plans.ForwardPlan(x, w, None, z, eager.spec, launch.RESCUE_KERNEL_MIN_ELEMENTS, launch.RESCUE_SCAN_ROWS,
+                                None)
+    py_plan.native_forward, py_plan.native_wanted = None, False
+    if py_plan(x, w, None, z) is None:
+        raise SystemExit("the Python plan did not serve the call")
+    print(f"host_forward: {host_forward.status()}")
     needs = GradsNeeded(True, True, True, False)
     xg, zg, wg = (t.detach().requires_grad_(True) for t in (x, z, w))
     xa, za = x.detach().requires_grad_(True), z.detach().clone().requires_grad_(True)
@@ -107,6 +117,8 @@ def rows_for(m: int, n: int) -> dict:
         "C launch, pdl flag 0": raw_launch(0),
         "minimal forward (allocate 2, launch)": minimal_forward,
         "ForwardPlan()": lambda: fplan(x, w, None, z),
+        "ForwardPlan() in Python": lambda: py_plan(x, w, None, z),
+        "host_forward C++ call": (lambda: native(fplan.native_address, x, z, w, None)) if native else None,
         "_EagerPlan.forward_rows": lambda: eager.forward_rows(x, w, None, z),
         "_plannable_call": lambda: ops._plannable_call(x),
         "needs_autograd": lambda: ops.needs_autograd(x, w, None, z),
@@ -125,7 +137,7 @@ def rows_for(m: int, n: int) -> dict:
         "autograd pair (x * z), grad": lambda: torch.autograd.grad(xa * za, (xa, za), dy),
         "x * z, grad on (forward only)": lambda: xa * za,
     }
-    return out
+    return {k: f for k, f in out.items() if f is not None}
 
 
 def time_rows(rows: dict, calls: int, repeats: int) -> dict:

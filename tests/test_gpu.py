@@ -312,10 +312,13 @@ def test_forward_plan_matches_plain_launch(shape, gs, nbg, is_rms, has_bias, dty
     """The eager plan (ops.planned_forward -> plans.ForwardPlan) launches the kernel the plain launch compiled,
     with the same grid and arguments: y, mean and rstd equal launch.forward's bit for bit, through the plan
     (its launch counter moves), on calls with other M (the plan is per signature, not per M), and on a
-    misaligned x, which the plan hands back to the plain path."""
+    misaligned x, which the plan hands back to the plain path. Where the plan's C++ entry is in use (Triton 3.6,
+    a C++ compiler: test_host_forward_is_in_use), the planned calls are its launches."""
     tk = _tk()
     from gatednorm import ops
-    from gatednorm.backends.triton import plans
+    from gatednorm.backends.triton import host_forward, plans
+
+    host = host_forward.extension() if host_forward.ENABLED else None  # built now, not on a background thread
 
     n = shape[-1]
     spec = NormSpec(EPS, gs, nbg, is_rms, "swish")
@@ -325,9 +328,12 @@ def test_forward_plan_matches_plain_launch(shape, gs, nbg, is_rms, has_bias, dty
         kw = dict(z=z, group_size=gs, norm_before_gate=nbg, is_rms_norm=is_rms, backend="triton")
         with torch.no_grad():
             gatednorm.layer_norm_fwd(*args, **kw)  # the plain path compiles this M's variant
-            before = plans.planned_launches
+            gatednorm.layer_norm_fwd(*args, **kw)  # the plan's Python call registers it with the C++ entry
+            before = plans.forward_plan_launches()
+            host_before = None if host is None else host.launches()
             y, mean, rstd = gatednorm.layer_norm_fwd(*args, **kw)
-            assert plans.planned_launches == before + 1, "the call did not go through the plan"
+            assert plans.forward_plan_launches() == before + 1, "the call did not go through the plan"
+            assert host is None or host.launches() == host_before + 1, "the plan's C++ entry did not launch"
             y_fn = gatednorm.layernorm_fn(x, w, b, z, EPS, gs, nbg, is_rms, backend="triton")
         x2d, z2d = x.reshape(-1, n), (None if z is None else z.reshape(-1, n))
         out = torch.empty_like(x2d)
@@ -342,11 +348,24 @@ def test_forward_plan_matches_plain_launch(shape, gs, nbg, is_rms, has_bias, dty
         x = base[:, 1:]
         kw2 = dict(kw, z=None if z_layout == "none" else torch.randn_like(x))
         with torch.no_grad():
-            before = plans.planned_launches
+            before = plans.forward_plan_launches()
             y, _, rstd = gatednorm.layer_norm_fwd(x, w, b, EPS, **kw2)
-            assert plans.planned_launches == before
+            assert plans.forward_plan_launches() == before
         assert torch.equal(y, gatednorm.layer_norm_fwd(x.contiguous(), w, b, EPS, **kw2)[0])
     assert ops._PLANS, "no plan was kept"
+
+
+def test_host_forward_is_in_use():
+    """The eager forward plans' C++ entry (host_forward.cpp) builds and finds the CUDA driver wherever Triton's C
+    launcher is the one it repeats (Triton 3.6) and a C++ compiler is present; elsewhere the reason is given."""
+    _tk()
+    import shutil
+
+    from gatednorm.backends.triton import host_forward
+
+    if not host_forward.ENABLED or not (shutil.which("c++") or shutil.which("g++")):
+        pytest.skip(host_forward.status())
+    assert host_forward.extension() is not None and host_forward.status() == "in use", host_forward.status()
 
 
 @pytest.mark.parametrize(("shape", "gs", "nbg", "is_rms", "has_bias", "dtype", "z_layout"), [

@@ -556,3 +556,111 @@ def test_interleaved_signatures_keep_their_own_plans():
         assert torch.equal(y, y_ref.view_as(x)) and torch.equal(rstd, rstd_ref), cases[i]
         assert (mean is None and mean_ref is None) or torch.equal(mean, mean_ref), cases[i]
     assert len(ops._PLANS) == len(cases)
+
+
+def _fake_signature(spec_key: tuple, constexprs: tuple) -> dict:
+    """What Triton 3.6 would type a kernel's arguments as, from launch._spec_key's key of the runtime arguments:
+    a tensor a pointer, None and an integer equal to 1 constexpr (specialised away), other integers i32 or i64 by
+    size, floats fp32; then the constexprs."""
+    types = []
+    for k in spec_key:
+        if k is None:
+            types.append("constexpr")
+        elif k is float:
+            types.append("fp32")
+        elif isinstance(k[0], torch.dtype):
+            types.append("*" + str(k[0]).removeprefix("torch."))
+        else:
+            is_one, _, fits_32 = k
+            types.append("constexpr" if is_one else ("i32" if fits_32 else "i64"))
+    types += ["constexpr"] * len(constexprs)
+    return {f"arg{i}": t for i, t in enumerate(types)}
+
+
+@pytest.mark.parametrize(("m", "n", "gs", "is_rms", "bias", "gate", "threshold"), [
+    (40, 128, 128, True, False, True, 1 << 24),
+    (1, 96, 32, False, True, True, 1 << 24),        # M = 1: m specialised away, LayerNorm's mean
+    (33, 64, 64, True, True, False, 1024),          # rescue_kernel after fwd_kernel, no gate
+    (48, 20000, 10000, False, False, True, 1 << 24),  # wide groups: chunks; M % 16 == 0
+])
+def test_host_forward_launches_what_the_python_plan_launches(monkeypatch, m, n, gs, is_rms, bias, gate, threshold):
+    """The C++ entry of ForwardPlan (host_forward.cpp) against the plan's Python call, without a GPU: the launches
+    are recorded (the C++ entry's through its recorder, the Python plan's through a fake Triton 3.6 C launch
+    function) for fake compiled kernels whose signatures type the arguments as Triton does. Each launch must be
+    the same kernel, grid, warps, PDL flag and kernel parameters (the signature's non-constexpr arguments with eps
+    as its float32 bits, then the two null scratch pointers); outputs are fresh and shaped as the plan's; the C++
+    entry declines (None, nothing launched) a variant not registered yet and a misaligned x."""
+    import struct
+
+    launch = pytest.importorskip("gatednorm.backends.triton.launch")
+    from gatednorm.backends.triton import host_forward, plans
+
+    module = host_forward.extension()
+    assert module is not None, host_forward.status()
+    kernels: dict[int, tuple] = {}
+    python_calls: list = []
+    host_calls: list = []
+
+    def fake_launch(kernel, grid, args, constexprs, num_warps, dev, fast=True, pdl=False):
+        spec, _ = launch._spec_key(args)
+        signature = _fake_signature(spec, constexprs)
+        function = 1000 + len(kernels)
+        kernels[function] = (kernel, signature)
+
+        def direct(g0, g1, g2, stream, fn, cooperative, pdl_flag, gscratch, pscratch, packed, meta, enter, leave,
+                   *rest):
+            python_calls.append((fn, (g0, g1), packed[0], pdl_flag, list(rest)))
+
+        compiled = type("Compiled", (), {"src": type("Src", (), {"signature": signature})()})()
+        entry = (compiled, None, function, (num_warps, 1, 0), direct, 0, int(pdl))
+        monkeypatch.setitem(launch._COMPILED, (kernel, 0, num_warps, pdl, tuple(constexprs), spec), entry)
+
+    monkeypatch.setattr(launch, "_launch", fake_launch)
+    monkeypatch.setattr(plans, "_current_cuda_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch._C, "_cuda_getCurrentRawStream", lambda index: 0, raising=False)
+    monkeypatch.setattr(host_forward, "ENABLED", True)
+    module.set_recorder(lambda g0, g1, fn, warps, shared, coop, pdl_flag, params: host_calls.append(
+        (fn, (g0, g1), warps, pdl_flag, list(params))))
+    try:
+        x, z, w, b = make_inputs(m, n, torch.bfloat16, bias=bias, gate=gate, seed=m + n)
+        spec = gatednorm.spec.NormSpec(1e-6, gs, True, is_rms, "swish")
+        plan = plans.ForwardPlan(x, w, b, z, spec, threshold, 16, False)
+        assert plan.native_forward is not None, "the plan did not attach to the C++ entry"
+        launch.forward(x, w, b, z, spec, torch.empty_like(x), threshold, 16, pdl=False)  # compiles (fakes) the variant
+        before = plans.forward_plan_launches()
+        plan(x, w, b, z)  # the C++ entry declines (variant not registered), the Python call launches and registers
+        assert host_calls == [] and plans.forward_plan_launches() == before + 1
+        expected = list(python_calls)
+        y, mean, rstd = plan(x, w, b, z)  # now the C++ entry
+        assert len(python_calls) == len(expected), "the Python call ran again"
+        assert plans.forward_plan_launches() == before + 2
+    finally:
+        module.set_recorder(None)
+    rescued = m * n >= threshold and launch._fwd_config(gs, 2)[1] == 1
+    assert len(host_calls) == len(expected) == (2 if rescued else 1)
+    for (fn, grid, warps, pdl_flag, rest), (h_fn, h_grid, h_warps, h_pdl, params) in zip(expected, host_calls,
+                                                                                         strict=True):
+        assert (fn, grid, warps, pdl_flag) == (h_fn, h_grid, h_warps, h_pdl)
+        signature = list(kernels[fn][1].values())
+        want = []
+        for i, (value, ty) in enumerate(zip(rest, signature, strict=False)):
+            if ty == "constexpr":
+                continue
+            if ty == "fp32":
+                value = struct.unpack("<I", struct.pack("<f", value))[0]
+            want.append((i, value))
+        assert len(params) == len(want) + 2 and params[-2:] == [0, 0]
+        for (i, value), got in zip(want, params, strict=False):
+            if i in (5, 7, 8):  # y, mean, rstd: each call allocates its own
+                assert got != 0 and got % 16 == 0, i
+            else:
+                assert got == value, (i, got, value)
+    assert y.shape == x.shape and y.dtype == x.dtype and rstd.shape == (n // gs * m,) and rstd.dtype == torch.float32
+    assert (mean is None) == is_rms and (is_rms or mean.shape == rstd.shape)
+    assert y.data_ptr() not in (x.data_ptr(), z.data_ptr() if z is not None else 0)
+    # a misaligned x (two bytes off): both entries decline, nothing is launched
+    if m > 1:
+        base = torch.randn(m, n + 1).to(torch.bfloat16)
+        calls = len(host_calls)
+        assert plan(base[:, 1:], w, b, None if z is None else z) is None and len(host_calls) == calls

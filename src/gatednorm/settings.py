@@ -3,10 +3,11 @@
 Reading a variable costs about 0.15 us (:func:`_lookup`), so every setting is looked up when it is
 used; tests and users may change these variables at run time and the next call follows. Two
 exceptions, read when the triton backend first loads: ``TRITON_INTERPRET`` (Triton itself decides
-at kernel-definition time whether it interprets), ``GATEDNORM_TRITON_FAST_LAUNCH`` (a lookup per
-kernel launch, about 0.8 us, would be a measurable share of a small call's host time) and
-``GATEDNORM_TRITON_SPLIT_GROUPS`` (launch shapes are cached per group size); and
-``GATEDNORM_CACHE_DIR``, read when the native CPU kernel is built (once per process).
+at kernel-definition time whether it interprets), ``GATEDNORM_TRITON_FAST_LAUNCH`` and
+``GATEDNORM_HOST_FORWARD`` (a lookup per kernel launch, about 0.8 us, would be a measurable share of a small
+call's host time) and ``GATEDNORM_TRITON_SPLIT_GROUPS`` (launch shapes are cached per group size); and
+``GATEDNORM_CACHE_DIR``, read when a built extension (the native CPU kernel, the triton backend's C++ forward
+entry) is first built (once per process).
 
 ==================================  =============================================================================
 variable                            effect
@@ -19,6 +20,8 @@ variable                            effect
 ``GATEDNORM_PATCH``                 targets to patch (read by the opt-in ``.pth`` hook and ``apply_env_patch()``)
 ``TRITON_INTERPRET``                Triton's interpreter: lets the triton backend run on CPU tensors
 ``GATEDNORM_TRITON_FAST_LAUNCH``    ``0``: Triton's own (slower) launch path instead of the cached launcher
+``GATEDNORM_HOST_FORWARD``          ``0``: the triton backend's eager forward plans stay in Python instead of
+                                    their C++ entry (gatednorm.backends.triton.host_forward)
 ``GATEDNORM_TRITON_SPLIT_GROUPS``   ``0``: groups that are not a power of two are one tile padded to the next power
                                     of two (default: read unpadded, two power-of-two parts (640) in the fused
                                     quantized kernel, three equal parts (96) in the forward and backward kernels)
@@ -27,7 +30,8 @@ variable                            effect
 ``GATEDNORM_CPU_OPENMP``            ``0``: the C kernel's threads are always gatednorm's own pool (default: PyTorch's
                                     OpenMP team where the kernel was built with OpenMP, the pool after a late
                                     start of the team; docs/design.md, "The native backend on CPU")
-``GATEDNORM_CACHE_DIR``             where the C kernel is built (default ``~/.cache/gatednorm``)
+``GATEDNORM_CACHE_DIR``             where the C kernel and the C++ forward entry are built (default
+                                    ``~/.cache/gatednorm``)
 ``GATEDNORM_HUGE_PAGES``            ``0``: large CPU outputs keep the allocator's 4 KiB pages (default: advised
                                     onto transparent huge pages, see gatednorm.huge_pages)
 ==================================  =============================================================================
@@ -39,13 +43,14 @@ The backend precedence, in one table: docs/design.md, section 4, "Choosing a bac
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 #: Every variable gatednorm reads, in the table's order: ``gatednorm info`` (gatednorm.diagnostics) reports each
 #: one that is set, so a bug report shows every setting that changed what ran. tests/test_newcomer.py checks this
 #: against the table above and against the names the package reads.
 VARIABLES = ("USE_NATIVE_LAYERNORM", "GATEDNORM_BACKEND", "GATEDNORM_PATCH", "TRITON_INTERPRET",
-             "GATEDNORM_TRITON_FAST_LAUNCH", "GATEDNORM_TRITON_SPLIT_GROUPS", "GATEDNORM_CPU_KERNEL",
-             "GATEDNORM_CPU_OPENMP", "GATEDNORM_CACHE_DIR", "GATEDNORM_HUGE_PAGES")
+             "GATEDNORM_TRITON_FAST_LAUNCH", "GATEDNORM_HOST_FORWARD", "GATEDNORM_TRITON_SPLIT_GROUPS",
+             "GATEDNORM_CPU_KERNEL", "GATEDNORM_CPU_OPENMP", "GATEDNORM_CACHE_DIR", "GATEDNORM_HUGE_PAGES")
 
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")
@@ -115,3 +120,9 @@ def env_text(name: str) -> str:
     """The stripped value of ``name`` ('' when unset)."""
     value = _lookup(name)
     return "" if value is None else value.strip()
+
+
+def cache_dir() -> Path:
+    """Where built extensions are kept: ``$GATEDNORM_CACHE_DIR``, else ``~/.cache/gatednorm``."""
+    root = env_text("GATEDNORM_CACHE_DIR")
+    return Path(root) if root else Path.home() / ".cache" / "gatednorm"

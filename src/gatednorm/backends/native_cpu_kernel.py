@@ -63,7 +63,7 @@ from typing import NamedTuple
 import torch
 
 from ..numerics import SAFE_RSTD_MAX
-from ..settings import env_off, env_text
+from ..settings import cache_dir, env_off, env_text
 
 _SOURCE = Path(__file__).with_name("native_cpu_kernel.c")
 _FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fPIC", "-shared"]
@@ -81,11 +81,6 @@ def _cpu_flags() -> str:
     except OSError:
         pass
     return platform.processor()
-
-
-def _cache_dir() -> Path:
-    root = env_text("GATEDNORM_CACHE_DIR")
-    return Path(root) if root else Path.home() / ".cache" / "gatednorm"
 
 
 def _openmp_runtimes() -> set[str]:
@@ -127,7 +122,7 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
     why = ""
     for flags in variants:
         key = hashlib.sha256(source + " ".join([compiler, *flags, _cpu_flags(), sys.platform]).encode()).hexdigest()
-        lib_path = _cache_dir() / f"gatednorm_cpu_{key[:16]}.so"
+        lib_path = cache_dir() / f"gatednorm_cpu_{key[:16]}.so"
         why = _compile(compiler, flags, lib_path)
         if why:
             continue

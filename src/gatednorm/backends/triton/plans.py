@@ -11,6 +11,7 @@ fraction of the host time.
 
 from __future__ import annotations
 
+import ctypes
 from collections.abc import Sequence
 
 import torch
@@ -18,6 +19,7 @@ import triton
 
 from ...spec import NormSpec, QuantSpec, quant_dtype
 from ..base import Grads, GradsNeeded
+from . import host_forward
 from .kernels import bwd_kernel, fwd_kernel, fwd_quant_kernel, quant_rescue_kernel, rescue_kernel, sum_partials_kernel
 from .launch import (
     _COMPILED,
@@ -133,8 +135,70 @@ def _kernel_and_rescue(kernel, rescue, index: int, warps: int, pdl: bool, conste
     return fwd, after_launcher
 
 
-#: Forward launches made through a :class:`ForwardPlan` (a diagnostic for benchmarks and tests).
+class _KernelLaunch(ctypes.Structure):
+    """host_forward.cpp's KernelLaunch: a compiled kernel as its C++ entry launches it (function 0: none yet)."""
+
+    _fields_ = [("function", ctypes.c_uint64), ("num_warps", ctypes.c_int32), ("num_ctas", ctypes.c_int32),
+                ("shared_memory", ctypes.c_int32), ("cooperative", ctypes.c_int32), ("pdl", ctypes.c_int32),
+                ("num_args", ctypes.c_int32), ("kinds", ctypes.c_int8 * 32)]
+
+
+class _ForwardPlanState(ctypes.Structure):
+    """host_forward.cpp's ForwardPlanState: what a :class:`ForwardPlan` decided, for its C++ entry."""
+
+    _fields_ = [("n", ctypes.c_int64), ("groups", ctypes.c_int64), ("rows", ctypes.c_int64),
+                ("scan_rows", ctypes.c_int64), ("rescue_min", ctypes.c_int64), ("pdl_max_elements", ctypes.c_int64),
+                ("max_grid_y", ctypes.c_int64), ("pdl_mode", ctypes.c_int32), ("pdl_ok", ctypes.c_int32),
+                ("groups_fastest", ctypes.c_int32), ("is_rms", ctypes.c_int32), ("device_index", ctypes.c_int32),
+                ("on_cuda", ctypes.c_int32), ("fixed", ctypes.c_int64 * 5), ("eps", ctypes.c_double),
+                ("variants", (_KernelLaunch * 2) * 32)]
+
+
+#: host_forward.cpp's ArgKind of each signature type a Triton 3.6 launcher passes by value ('*...': a pointer, 1).
+_ARG_KINDS = {"constexpr": 0, "i32": 2, "i64": 3, "fp32": 4}
+#: Per kind, the arguments of a call that may take it: "p" a tensor, "-" None, "i" an int, "f" a float.
+_KIND_TAKES = {0: "-i", 1: "p", 2: "i", 3: "i", 4: "f"}
+
+
+def _host_launch(entry: tuple, call_args: str) -> _KernelLaunch | None:
+    """The record host_forward.cpp launches a launcher :func:`.launch._launch` cached (``entry``) from, or None
+    where it cannot repeat Triton's launch: no C launch function in the entry (another Triton than the C++
+    repeats, scratch memory, tensor descriptors), a cluster launch, a signature type it does not pass, or a
+    signature that disagrees with the call's arguments (``call_args``: per runtime argument its class, as
+    _KIND_TAKES spells them; the constexprs after them must be constexpr in the signature)."""
+    compiled, _, function, packed, direct, cooperative, pdl_flag = entry
+    signature = getattr(getattr(compiled, "src", None), "signature", None)
+    if direct is None or not isinstance(signature, dict) or len(signature) > 32 or packed[1] != 1:
+        return None
+    kinds = []
+    for i, ty in enumerate(signature.values()):
+        kind = 1 if isinstance(ty, str) and ty.startswith("*") else _ARG_KINDS.get(ty)
+        if kind is None or (call_args[i] not in _KIND_TAKES[kind] if i < len(call_args) else kind != 0):
+            return None
+        kinds.append(kind)
+    record = _KernelLaunch(function=function, num_warps=packed[0], num_ctas=1, shared_memory=packed[2],
+                           cooperative=cooperative, pdl=pdl_flag, num_args=len(kinds))
+    record.kinds[:len(kinds)] = kinds
+    return record
+
+
+def _variant_index(variant: tuple[bool, ...]) -> int:
+    """host_forward.cpp's index of a (M == 1, M % 16 == 0, USE_PDL, GROUPS_FASTEST, rescue after) variant."""
+    index = 0
+    for flag in variant:
+        index = index << 1 | bool(flag)
+    return index
+
+
+#: Forward launches made through a :class:`ForwardPlan` in Python (a diagnostic for benchmarks and tests; those
+#: of its C++ entry: :func:`forward_plan_launches`).
 planned_launches = 0
+
+
+def forward_plan_launches() -> int:
+    """Forward launches made through :class:`ForwardPlan` s, in Python or their C++ entry."""
+    module = host_forward.extension(wait=False) if host_forward.ENABLED else None
+    return planned_launches + (0 if module is None else module.launches())
 
 
 class ForwardPlan:
@@ -157,7 +221,8 @@ class ForwardPlan:
     """
 
     __slots__ = ("n", "groups", "rows", "warps", "device", "index", "pdl", "pdl_ok", "rescue_pdl", "rescue_min",
-                 "scan_rows", "fixed_args", "is_rms", "groups_fastest", "constexprs", "arg_dtypes", "variants")
+                 "scan_rows", "fixed_args", "is_rms", "groups_fastest", "constexprs", "arg_dtypes", "variants",
+                 "entries", "call_args", "native", "native_forward", "native_address", "native_wanted")
 
     def __init__(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, z: torch.Tensor | None,
                  spec: NormSpec, rescue_kernel_min_elements: int, rescue_scan_rows: int, pdl: bool | None) -> None:
@@ -189,6 +254,53 @@ class ForwardPlan:
                            None if bias is None else bias.dtype, x.dtype, None, None if self.is_rms else f32, f32)
         #: (M == 1, M % 16 == 0, USE_PDL, GROUPS_FASTEST, rescue after) -> the launches, see _launches
         self.variants: dict[tuple[bool, ...], tuple] = {}
+        #: the same variants -> the launchers' cache entries (fwd_kernel's, rescue_kernel's or None)
+        self.entries: dict[tuple[bool, ...], tuple] = {}
+        # the runtime arguments' classes in forward's order, as _host_launch checks a signature against them
+        self.call_args = ("p-" + ("p" if z is not None else "-") + "p" + ("p" if bias is not None else "-") + "p-"
+                          + ("-" if self.is_rms else "p") + "p" + "iiiiii" + "f")
+        # the C++ entry (host_forward.cpp): its state, its forward function and the state's address, once attached
+        self.native: _ForwardPlanState | None = None
+        self.native_forward = None
+        self.native_address = 0
+        self.native_wanted = host_forward.ENABLED
+        if self.native_wanted:
+            self._attach()
+
+    def _attach(self) -> None:
+        """Hand this plan's decisions to the C++ entry once its extension is loaded (its build runs on a background
+        thread; until then every call comes back here, and stops once the build has failed)."""
+        module = host_forward.extension(wait=False)
+        if module is None:
+            self.native_wanted = not host_forward.settled()
+            return
+        self.native_wanted = False
+        if module.layout() != (ctypes.sizeof(_KernelLaunch), ctypes.sizeof(_ForwardPlanState),
+                               _ForwardPlanState.fixed.offset, _ForwardPlanState.variants.offset,
+                               _KernelLaunch.kinds.offset):
+            return
+        state = _ForwardPlanState(
+            n=self.n, groups=self.groups, rows=self.rows, scan_rows=self.scan_rows, rescue_min=self.rescue_min,
+            pdl_max_elements=PDL_MAX_ELEMENTS, max_grid_y=MAX_GRID_Y,
+            pdl_mode=-1 if self.pdl is None else int(self.pdl), pdl_ok=int(self.pdl_ok),
+            groups_fastest=int(self.groups_fastest), is_rms=int(self.is_rms), device_index=self.index,
+            on_cuda=int(self.device.type == "cuda"), eps=self.fixed_args[5])
+        state.fixed[:] = self.fixed_args[:5]
+        self.native = state
+        for variant, entries in self.entries.items():
+            self._register(variant, entries)
+        self.native_forward, self.native_address = module.forward, ctypes.addressof(state)
+
+    def _register(self, variant: tuple[bool, ...], entries: tuple) -> None:
+        """Give the C++ entry a variant's launches (none where :func:`_host_launch` refuses one of them: the
+        variant then stays with the Python call)."""
+        fwd, rescue = (_host_launch(entry, self.call_args) if entry is not None else None for entry in entries)
+        if fwd is None or (entries[1] is not None and rescue is None):
+            return
+        pair = self.native.variants[_variant_index(variant)]
+        pair[0] = fwd
+        if rescue is not None:
+            pair[1] = rescue
 
     def _launches(self, variant: tuple[bool, ...], m: int) -> tuple | None:
         """(fwd_kernel's :func:`_ready` launch, rescue_kernel's or None) of this variant, from the launchers
@@ -203,12 +315,23 @@ class ForwardPlan:
         launches = (_ready(fwd, (*self.fixed_args, *constexprs[0])),
                     None if rescue is None else _ready(rescue, (*self.fixed_args, *constexprs[1])))
         self.variants[variant] = launches
+        self.entries[variant] = entries
+        if self.native is not None:
+            self._register(variant, entries)
         return launches
 
     def __call__(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                  z: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor] | None:
         # Every call of a repeated signature runs this: written flat (no helper calls, one tuple per launch
-        # unpacked), as each Python step costs about 0.1 us of a launch-bound call's host time.
+        # unpacked), as each Python step costs about 0.1 us of a launch-bound call's host time. First the C++
+        # entry, which makes the whole call where its variant is registered (None: it did nothing).
+        forward = self.native_forward
+        if forward is not None:
+            done = forward(self.native_address, x, z, weight, bias)
+            if done is not None:
+                return done
+        elif self.native_wanted:
+            self._attach()
         numel = x.numel()
         m = numel // self.n
         if m == 0 or m >= 2**31:

@@ -1,0 +1,144 @@
+"""The eager forward plan's per-call host work in C++ (``host_forward.cpp``), built on first use where it can be.
+
+Why
+---
+A launch-bound forward (decode, 8192x128) is timed by its host time. On an H100 (session 19,
+benchmarks/probe_host_layers.py) one torch.mul took 6.7 us per call and the leanest Python that can allocate
+the outputs and call Triton's C launcher 9.0; :class:`.plans.ForwardPlan` took 10.7-11.6, of which the two
+allocations from Python were 4.1 and Triton's launcher 3.8 (it parses ~25 Python arguments per call). The C++
+entry does the plan's whole call (variant, allocations, alignment check, ``cuLaunchKernelEx``) in one C call
+with the tensors' ATen handles: the same kernels, grids and arguments, so the same bits
+(tests/test_gpu.py::test_forward_plan_matches_plain_launch runs through it; tests/test_plans.py compares its
+launches with the Python plan's on CPU, recorded).
+
+When it is used
+---------------
+By every :class:`.plans.ForwardPlan` whose kernels were launched through Triton 3.6's C launcher (the ABI the
+C++ repeats: ``launch.DIRECT_LAUNCH_TRITON_VERSIONS``), where this module builds: a C++ compiler
+(``$CXX``, else c++ / g++ / clang++), PyTorch's headers and Triton's ``cuda.h``. ``GATEDNORM_HOST_FORWARD=0``
+(read when the backend loads, as ``GATEDNORM_TRITON_FAST_LAUNCH``) keeps the Python plan. The extension is
+built once into ``$GATEDNORM_CACHE_DIR`` (default ``~/.cache/gatednorm``), keyed by the source, PyTorch's
+version, Python's and the compiler (10 s on a 2-core machine), on a background thread started by the first
+plan: plans made before it is ready attach to it when it is. :func:`status` says whether it is in use or why
+not.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.machinery
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import threading
+from pathlib import Path
+from types import ModuleType
+
+import torch
+import triton
+
+from ...settings import cache_dir, env_text
+from .launch import _DIRECT_LAUNCH
+
+#: Whether plans use the C++ entry: Triton 3.6's C launcher (whose launch the C++ repeats) and not turned off by
+#: ``GATEDNORM_HOST_FORWARD=0`` (read once, when the backend loads; see gatednorm.settings).
+ENABLED = _DIRECT_LAUNCH and env_text("GATEDNORM_HOST_FORWARD") != "0"
+
+_SOURCE = Path(__file__).with_name("host_forward.cpp")
+_lock = threading.Lock()
+_state: dict[str, object] = {}
+
+
+def _flags() -> list[str]:
+    """Compiler flags for a CPython extension against this PyTorch (its headers, libraries and C++ ABI) and
+    Triton's copy of cuda.h."""
+    from torch.utils import cpp_extension
+
+    torch_lib = str(Path(torch.__file__).parent / "lib")
+    includes = [*cpp_extension.include_paths(), sysconfig.get_paths()["include"],
+                str(Path(triton.__file__).parent / "backends" / "nvidia" / "include")]
+    abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
+    return ["-O2", "-std=c++17", "-fPIC", "-shared", f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
+            *(f"-I{p}" for p in includes), f"-L{torch_lib}", f"-Wl,-rpath,{torch_lib}",
+            "-ltorch_python", "-ltorch", "-ltorch_cpu", "-lc10", "-ldl"]
+
+
+def _build() -> tuple[ModuleType | None, str]:
+    """(the loaded extension, '') or (None, why not)."""
+    compiler = env_text("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
+    if not compiler:
+        return None, "no C++ compiler found (c++, g++, clang++)"
+    cuda_h = Path(triton.__file__).parent / "backends" / "nvidia" / "include" / "cuda.h"
+    if not cuda_h.exists():
+        return None, f"Triton ships no {cuda_h}"
+    flags = _flags()
+    ident = " ".join([compiler, *flags, torch.__version__, sys.version, sys.platform]).encode()
+    key = hashlib.sha256(_SOURCE.read_bytes() + cuda_h.read_bytes() + ident).hexdigest()[:16]
+    suffix = importlib.machinery.EXTENSION_SUFFIXES[0]
+    path = cache_dir() / f"gatednorm_host_forward_{key}{suffix}"
+    if not path.exists():
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+                out = Path(tmp) / path.name
+                proc = subprocess.run([compiler, str(_SOURCE), "-o", str(out), *flags], capture_output=True,
+                                      text=True, timeout=600)
+                if proc.returncode != 0:
+                    return None, f"{compiler} failed: {proc.stderr.strip()[-800:]}"
+                os.replace(out, path)  # atomic: a concurrent build writes the same bytes
+        except (OSError, subprocess.SubprocessError) as exc:
+            return None, f"build failed: {type(exc).__name__}: {exc}"
+    try:
+        spec = importlib.util.spec_from_file_location("gatednorm_host_forward", path)
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    except (ImportError, OSError) as exc:
+        return None, f"could not load {path}: {exc}"
+    module.setup(triton.knobs.runtime, getattr(torch._C, "_cuda_getCurrentRawStream", None))
+    return module, ""
+
+
+def _load() -> None:
+    with _lock:
+        if "module" not in _state:
+            module, why = _build()
+            _state["why"], _state["module"] = why, module
+
+
+def extension(wait: bool = True) -> ModuleType | None:
+    """The loaded extension, or None (see :func:`status`). Built on the first call; ``wait=False`` (the plans)
+    starts that build on a background thread and returns None until it is done, so a first call does not wait
+    the build's seconds: its plan runs in Python meanwhile."""
+    if "module" in _state:
+        return _state["module"]  # type: ignore[return-value]
+    if wait:
+        _load()
+        return _state["module"]  # type: ignore[return-value]
+    if "thread" not in _state:
+        with _lock:
+            if "thread" not in _state:
+                _state["thread"] = threading.Thread(target=_load, name="gatednorm-host-forward-build", daemon=True)
+                _state["thread"].start()  # type: ignore[attr-defined]
+    return None
+
+
+def settled() -> bool:
+    """Whether the build has finished (the extension loaded, or failed: :func:`status` says why)."""
+    return "module" in _state
+
+
+def status() -> str:
+    """'in use', or why the Python plan runs instead."""
+    if env_text("GATEDNORM_HOST_FORWARD") == "0":
+        return "disabled by GATEDNORM_HOST_FORWARD=0"
+    if not ENABLED:
+        return f"not used with Triton {triton.__version__} (its C launcher's ABI is repeated for Triton 3.6 only)"
+    module = extension()
+    if module is None:
+        return str(_state.get("why", ""))
+    return "in use" if module.driver_available() else "built; no CUDA driver (libcuda.so.1) here"
