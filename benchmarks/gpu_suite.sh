@@ -14,7 +14,7 @@
 #                                          # forward and backward (tune_gpu.py; about 65 + 75 s on an H100)
 #   bash benchmarks/gpu_suite.sh layers    # host time per call of each layer of the eager path at 8192x128 and
 #                                          # 2048x128 (probe_host_layers.py, about 30 s)
-#   bash benchmarks/gpu_suite.sh hostcxx   # the forward plans' C++ entry: build, plan tests, layers probe at
+#   bash benchmarks/gpu_suite.sh cxxplans   # the forward plans' C++ entry: build, plan tests, layers probe at
 #                                          # 8192x128, bench_host with the entry off and on (about 4 minutes)
 #   bash benchmarks/gpu_suite.sh kernels   # GPU tests + the fused-kernel benchmark (issue 7)
 #   bash benchmarks/gpu_suite.sh verify    # the full `gatednorm verify` on cuda, in worker processes
@@ -92,19 +92,19 @@ tune)
     timeout "${TUNE_SECONDS:-250}" python3 benchmarks/tune_gpu.py --jobs 16 --out "$OUT" > "$OUT/tune.log" 2>&1
     echo "tune exit $?"; grep -E "^(BWD|WRONG|compiled)" "$OUT/tune.log"
     ;;
-hostcxx)
-    # the eager forward plans' C++ entry (host_forward.cpp): its build, the plans' GPU tests, the layers probe,
-    # then bench_host at 8192x128 with the entry off (GATEDNORM_HOST_FORWARD=0) and on, alternating
+cxxplans)
+    # the eager forward plans' C++ entry (cxx_plans.cpp): its build, the plans' GPU tests, the layers probe,
+    # then bench_host at 8192x128 with the entry off (GATEDNORM_CXX_PLANS=0) and on, alternating
     start=$(date +%s)
-    python3 -c "from gatednorm.backends.triton import host_forward as h; print('host_forward:', h.status())"
-    echo "host_forward build and load: $(( $(date +%s) - start )) s"
+    python3 -c "from gatednorm.backends.triton import cxx_plans as h; print('cxx_plans:', h.status())"
+    echo "cxx_plans build and load: $(( $(date +%s) - start )) s"
     python3 -m pytest -q -p no:logging -W ignore -o addopts="" tests/test_gpu.py \
-        -k "plan or host_forward or launch_modes or rescue_kernel_matches" > "$OUT/plan_tests.log" 2>&1
+        -k "plan or cxx_plans or launch_modes or rescue_kernel_matches" > "$OUT/plan_tests.log" 2>&1
     echo "pytest exit $?" | tee -a "$OUT/plan_tests.log"; tail -3 "$OUT/plan_tests.log"
     python3 benchmarks/probe_host_layers.py --shape 8192x128 --json "$OUT/host_layers_8192x128.json" 2>&1 | tail -32
     for flag in 0 1 0 1; do
-        echo "GATEDNORM_HOST_FORWARD=$flag"
-        GATEDNORM_HOST_FORWARD=$flag python3 benchmarks/bench_host.py --device cuda --shape 8192x128 --calls 1000 \
+        echo "GATEDNORM_CXX_PLANS=$flag"
+        GATEDNORM_CXX_PLANS=$flag python3 benchmarks/bench_host.py --device cuda --shape 8192x128 --calls 1000 \
             --repeats 5 --json "$OUT/host_8192x128_cxx$flag.json" 2>&1 | tail -9
     done
     ;;

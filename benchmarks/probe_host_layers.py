@@ -35,14 +35,14 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import gatednorm  # noqa: E402
 from gatednorm import ops  # noqa: E402
 from gatednorm.backends.base import GradsNeeded  # noqa: E402
-from gatednorm.backends.triton import host_forward, launch, plans  # noqa: E402
+from gatednorm.backends.triton import cxx_plans, launch, plans  # noqa: E402
 
 EPS = 1e-6
 
 
 def rows_for(m: int, n: int) -> dict:
-    if host_forward.ENABLED:
-        host_forward.extension()  # built here, so that the plans below attach to it
+    if cxx_plans.ENABLED:
+        cxx_plans.extension()  # built here, so that the plans below attach to it
     gen = torch.Generator(device="cuda").manual_seed(0)
     bf = torch.bfloat16
     x, z, dy = (torch.randn(m, n, device="cuda", generator=gen).to(bf) for _ in range(3))
@@ -100,7 +100,7 @@ def rows_for(m: int, n: int) -> dict:
     py_plan.native_forward, py_plan.native_wanted = None, False
     if py_plan(x, w, None, z) is None:
         raise SystemExit("the Python plan did not serve the call")
-    print(f"host_forward: {host_forward.status()}")
+    print(f"cxx_plans: {cxx_plans.status()}")
     needs = GradsNeeded(True, True, True, False)
     xg, zg, wg = (t.detach().requires_grad_(True) for t in (x, z, w))
     xa, za = x.detach().requires_grad_(True), z.detach().clone().requires_grad_(True)
@@ -118,7 +118,7 @@ def rows_for(m: int, n: int) -> dict:
         "minimal forward (allocate 2, launch)": minimal_forward,
         "ForwardPlan()": lambda: fplan(x, w, None, z),
         "ForwardPlan() in Python": lambda: py_plan(x, w, None, z),
-        "host_forward C++ call": (lambda: native(fplan.native_address, x, z, w, None)) if native else None,
+        "cxx_plans C++ call": (lambda: native(fplan.native_address, x, z, w, None)) if native else None,
         "_EagerPlan.forward_rows": lambda: eager.forward_rows(x, w, None, z),
         "_plannable_call": lambda: ops._plannable_call(x),
         "needs_autograd": lambda: ops.needs_autograd(x, w, None, z),

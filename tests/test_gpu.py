@@ -313,12 +313,12 @@ def test_forward_plan_matches_plain_launch(shape, gs, nbg, is_rms, has_bias, dty
     with the same grid and arguments: y, mean and rstd equal launch.forward's bit for bit, through the plan
     (its launch counter moves), on calls with other M (the plan is per signature, not per M), and on a
     misaligned x, which the plan hands back to the plain path. Where the plan's C++ entry is in use (Triton 3.6,
-    a C++ compiler: test_host_forward_is_in_use), the planned calls are its launches."""
+    a C++ compiler: test_cxx_plans_is_in_use), the planned calls are its launches."""
     tk = _tk()
     from gatednorm import ops
-    from gatednorm.backends.triton import host_forward, plans
+    from gatednorm.backends.triton import cxx_plans, plans
 
-    host = host_forward.extension() if host_forward.ENABLED else None  # built now, not on a background thread
+    host = cxx_plans.extension() if cxx_plans.ENABLED else None  # built now, not on a background thread
 
     n = shape[-1]
     spec = NormSpec(EPS, gs, nbg, is_rms, "swish")
@@ -355,17 +355,17 @@ def test_forward_plan_matches_plain_launch(shape, gs, nbg, is_rms, has_bias, dty
     assert ops._PLANS, "no plan was kept"
 
 
-def test_host_forward_is_in_use():
-    """The eager forward plans' C++ entry (host_forward.cpp) builds and finds the CUDA driver wherever Triton's C
+def test_cxx_plans_is_in_use():
+    """The eager forward plans' C++ entry (cxx_plans.cpp) builds and finds the CUDA driver wherever Triton's C
     launcher is the one it repeats (Triton 3.6) and a C++ compiler is present; elsewhere the reason is given."""
     _tk()
     import shutil
 
-    from gatednorm.backends.triton import host_forward
+    from gatednorm.backends.triton import cxx_plans
 
-    if not host_forward.ENABLED or not (shutil.which("c++") or shutil.which("g++")):
-        pytest.skip(host_forward.status())
-    assert host_forward.extension() is not None and host_forward.status() == "in use", host_forward.status()
+    if not cxx_plans.ENABLED or not (shutil.which("c++") or shutil.which("g++")):
+        pytest.skip(cxx_plans.status())
+    assert cxx_plans.extension() is not None and cxx_plans.status() == "in use", cxx_plans.status()
 
 
 @pytest.mark.parametrize(("shape", "gs", "nbg", "is_rms", "has_bias", "dtype", "z_layout"), [
@@ -378,22 +378,27 @@ def test_host_forward_is_in_use():
 def test_backward_plan_matches_plain_launch(shape, gs, nbg, is_rms, has_bias, dtype, z_layout):
     """Differentiable calls through the eager plan (GatedNormFunction with plans.ForwardPlan / BackwardPlan):
     y and dx, dz, dweight, dbias equal launch.forward / launch.backward's bit for bit on the same tensors, and
-    the backward went through the plan (its launch counter moves), for two values of M."""
+    the backward went through the plan (its launch counter moves), for two values of M; where the plans' C++
+    entry is in use, the last call's forward and backward are its launches."""
     tk = _tk()
     from gatednorm.backends.base import GradsNeeded
-    from gatednorm.backends.triton import plans
+    from gatednorm.backends.triton import cxx_plans, plans
 
+    host = cxx_plans.extension() if cxx_plans.ENABLED else None
     n = shape[-1]
     spec = NormSpec(EPS, gs, nbg, is_rms, "swish")
     for rows in (shape[:-1], (shape[0] + 17, *shape[1:-1])):
         x, z, w, b, dy = _plan_inputs(rows, n, dtype, z_layout, has_bias, seed=sum(rows) + 1)
-        for _call in range(2):  # the first call of a variant compiles through the plain path
+        # the first call of a variant compiles through the plain path, the second registers it with the C++ entry
+        for _call in range(3):
             leaves = [None if t is None else t.detach().clone().requires_grad_() for t in (x, w, b, z)]
             xl, wl, bl, zl = leaves
-            before = plans.planned_backward_launches
+            before = plans.backward_plan_launches()
+            host_before = None if host is None else host.launches()
             y = gatednorm.layernorm_fn(xl, wl, bl, zl, EPS, gs, nbg, is_rms, backend="triton")
             y.backward(dy)
-        assert plans.planned_backward_launches == before + 1, "the backward did not go through the plan"
+        assert plans.backward_plan_launches() == before + 1, "the backward did not go through the plan"
+        assert host is None or host.launches() == (host_before[0] + 1, host_before[1] + 1), "not the C++ entry"
         x2d, z2d = x.reshape(-1, n), (None if z is None else z.reshape(-1, n))
         pdl = x.numel() < tk.PDL_MAX_ELEMENTS and tk.pdl_supported(x.device)
         out = torch.empty_like(x2d)

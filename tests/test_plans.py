@@ -577,29 +577,23 @@ def _fake_signature(spec_key: tuple, constexprs: tuple) -> dict:
     return {f"arg{i}": t for i, t in enumerate(types)}
 
 
-@pytest.mark.parametrize(("m", "n", "gs", "is_rms", "bias", "gate", "threshold"), [
-    (40, 128, 128, True, False, True, 1 << 24),
-    (1, 96, 32, False, True, True, 1 << 24),        # M = 1: m specialised away, LayerNorm's mean
-    (33, 64, 64, True, True, False, 1024),          # rescue_kernel after fwd_kernel, no gate
-    (48, 20000, 10000, False, False, True, 1 << 24),  # wide groups: chunks; M % 16 == 0
-])
-def test_host_forward_launches_what_the_python_plan_launches(monkeypatch, m, n, gs, is_rms, bias, gate, threshold):
-    """The C++ entry of ForwardPlan (host_forward.cpp) against the plan's Python call, without a GPU: the launches
-    are recorded (the C++ entry's through its recorder, the Python plan's through a fake Triton 3.6 C launch
-    function) for fake compiled kernels whose signatures type the arguments as Triton does. Each launch must be
-    the same kernel, grid, warps, PDL flag and kernel parameters (the signature's non-constexpr arguments with eps
-    as its float32 bits, then the two null scratch pointers); outputs are fresh and shaped as the plan's; the C++
-    entry declines (None, nothing launched) a variant not registered yet and a misaligned x."""
-    import struct
+@pytest.fixture
+def cxx_recorded(monkeypatch):
+    """The plans' C++ entry (cxx_plans.cpp) against their Python calls, without a GPU: launch._launch files fake
+    compiled kernels (signatures typed as Triton types the arguments, see _fake_signature; a function id each)
+    whose Triton 3.6 C launch function records what the Python plans pass it, and the extension's recorder
+    records what the C++ entry would launch. Yields (launch, plans, kernels: function id -> (kernel, signature),
+    python_calls, cxx_calls), each call (function id, grid, warps, PDL flag, arguments / kernel parameters)."""
+    import struct  # noqa: F401 - the tests below
 
     launch = pytest.importorskip("gatednorm.backends.triton.launch")
-    from gatednorm.backends.triton import host_forward, plans
+    from gatednorm.backends.triton import cxx_plans, plans
 
-    module = host_forward.extension()
-    assert module is not None, host_forward.status()
+    module = cxx_plans.extension()
+    assert module is not None, cxx_plans.status()
     kernels: dict[int, tuple] = {}
     python_calls: list = []
-    host_calls: list = []
+    cxx_calls: list = []
 
     def fake_launch(kernel, grid, args, constexprs, num_warps, dev, fast=True, pdl=False):
         spec, _ = launch._spec_key(args)
@@ -619,48 +613,106 @@ def test_host_forward_launches_what_the_python_plan_launches(monkeypatch, m, n, 
     monkeypatch.setattr(plans, "_current_cuda_device", lambda: 0)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch._C, "_cuda_getCurrentRawStream", lambda index: 0, raising=False)
-    monkeypatch.setattr(host_forward, "ENABLED", True)
-    module.set_recorder(lambda g0, g1, fn, warps, shared, coop, pdl_flag, params: host_calls.append(
+    monkeypatch.setattr(cxx_plans, "ENABLED", True)
+    module.set_recorder(lambda g0, g1, fn, warps, shared, coop, pdl_flag, params: cxx_calls.append(
         (fn, (g0, g1), warps, pdl_flag, list(params))))
     try:
-        x, z, w, b = make_inputs(m, n, torch.bfloat16, bias=bias, gate=gate, seed=m + n)
-        spec = gatednorm.spec.NormSpec(1e-6, gs, True, is_rms, "swish")
-        plan = plans.ForwardPlan(x, w, b, z, spec, threshold, 16, False)
-        assert plan.native_forward is not None, "the plan did not attach to the C++ entry"
-        launch.forward(x, w, b, z, spec, torch.empty_like(x), threshold, 16, pdl=False)  # compiles (fakes) the variant
-        before = plans.forward_plan_launches()
-        plan(x, w, b, z)  # the C++ entry declines (variant not registered), the Python call launches and registers
-        assert host_calls == [] and plans.forward_plan_launches() == before + 1
-        expected = list(python_calls)
-        y, mean, rstd = plan(x, w, b, z)  # now the C++ entry
-        assert len(python_calls) == len(expected), "the Python call ran again"
-        assert plans.forward_plan_launches() == before + 2
+        yield launch, plans, kernels, python_calls, cxx_calls
     finally:
         module.set_recorder(None)
-    rescued = m * n >= threshold and launch._fwd_config(gs, 2)[1] == 1
-    assert len(host_calls) == len(expected) == (2 if rescued else 1)
-    for (fn, grid, warps, pdl_flag, rest), (h_fn, h_grid, h_warps, h_pdl, params) in zip(expected, host_calls,
+
+
+def _same_kernel_parameters(kernels: dict, python_calls: list, cxx_calls: list, fresh: set[int]) -> None:
+    """Each launch the C++ entry recorded is the Python plan's: the same kernel, grid, warps and PDL flag, and as
+    parameters the signature's non-constexpr arguments (eps as its float32 bits) then two null scratch pointers;
+    outputs each call allocates (positions ``fresh``) only need to be there and 16-byte aligned."""
+    import struct
+
+    assert len(cxx_calls) == len(python_calls)
+    for (fn, grid, warps, pdl_flag, rest), (c_fn, c_grid, c_warps, c_pdl, params) in zip(python_calls, cxx_calls,
                                                                                          strict=True):
-        assert (fn, grid, warps, pdl_flag) == (h_fn, h_grid, h_warps, h_pdl)
-        signature = list(kernels[fn][1].values())
+        assert (fn, grid, warps, pdl_flag) == (c_fn, c_grid, c_warps, c_pdl)
         want = []
-        for i, (value, ty) in enumerate(zip(rest, signature, strict=False)):
+        for i, (value, ty) in enumerate(zip(rest, kernels[fn][1].values(), strict=False)):
             if ty == "constexpr":
                 continue
-            if ty == "fp32":
-                value = struct.unpack("<I", struct.pack("<f", value))[0]
-            want.append((i, value))
+            want.append((i, struct.unpack("<I", struct.pack("<f", value))[0] if ty == "fp32" else value))
         assert len(params) == len(want) + 2 and params[-2:] == [0, 0]
         for (i, value), got in zip(want, params, strict=False):
-            if i in (5, 7, 8):  # y, mean, rstd: each call allocates its own
+            if i in fresh:
                 assert got != 0 and got % 16 == 0, i
             else:
                 assert got == value, (i, got, value)
+
+
+@pytest.mark.parametrize(("m", "n", "gs", "is_rms", "bias", "gate", "threshold"), [
+    (40, 128, 128, True, False, True, 1 << 24),
+    (1, 96, 32, False, True, True, 1 << 24),        # M = 1: m specialised away, LayerNorm's mean
+    (33, 64, 64, True, True, False, 1024),          # rescue_kernel after fwd_kernel, no gate
+    (48, 20000, 10000, False, False, True, 1 << 24),  # wide groups: chunks; M % 16 == 0
+])
+def test_cxx_forward_launches_what_the_python_plan_launches(cxx_recorded, m, n, gs, is_rms, bias, gate, threshold):
+    """ForwardPlan's C++ entry against its Python call (launches recorded, see cxx_recorded): the same launches
+    and kernel parameters; outputs fresh and shaped as the plan's; the C++ entry declines (None, nothing launched)
+    a variant not registered yet and a misaligned x."""
+    launch, plans, kernels, python_calls, cxx_calls = cxx_recorded
+    x, z, w, b = make_inputs(m, n, torch.bfloat16, bias=bias, gate=gate, seed=m + n)
+    spec = gatednorm.spec.NormSpec(1e-6, gs, True, is_rms, "swish")
+    plan = plans.ForwardPlan(x, w, b, z, spec, threshold, 16, False)
+    assert plan.native_forward is not None, "the plan did not attach to the C++ entry"
+    launch.forward(x, w, b, z, spec, torch.empty_like(x), threshold, 16, pdl=False)  # compiles (fakes) the variant
+    before = plans.forward_plan_launches()
+    plan(x, w, b, z)  # the C++ entry declines (variant not registered), the Python call launches and registers
+    assert cxx_calls == [] and plans.forward_plan_launches() == before + 1
+    expected = list(python_calls)
+    y, mean, rstd = plan(x, w, b, z)  # now the C++ entry
+    assert len(python_calls) == len(expected), "the Python call ran again"
+    assert plans.forward_plan_launches() == before + 2
+    rescued = m * n >= threshold and launch._fwd_config(gs, 2)[1] == 1
+    assert len(cxx_calls) == (2 if rescued else 1)
+    _same_kernel_parameters(kernels, expected, cxx_calls, fresh={5, 7, 8})  # y, mean, rstd
     assert y.shape == x.shape and y.dtype == x.dtype and rstd.shape == (n // gs * m,) and rstd.dtype == torch.float32
     assert (mean is None) == is_rms and (is_rms or mean.shape == rstd.shape)
-    assert y.data_ptr() not in (x.data_ptr(), z.data_ptr() if z is not None else 0)
-    # a misaligned x (two bytes off): both entries decline, nothing is launched
-    if m > 1:
+    if m > 1:  # a misaligned x (two bytes off): both entries decline, nothing is launched
         base = torch.randn(m, n + 1).to(torch.bfloat16)
-        calls = len(host_calls)
-        assert plan(base[:, 1:], w, b, None if z is None else z) is None and len(host_calls) == calls
+        calls = len(cxx_calls)
+        assert plan(base[:, 1:], w, b, z) is None and len(cxx_calls) == calls
+
+
+@pytest.mark.parametrize(("m", "n", "gs", "is_rms", "bias", "gate", "needs"), [
+    (40, 128, 128, True, False, True, (True, True, True, False)),
+    (17, 96, 32, False, True, True, (True, False, True, True)),   # LayerNorm: mean; no dz
+    (1, 64, 64, True, True, False, (True, False, False, False)),  # M = 1, dx only: no partial sums
+    (48, 20000, 10000, False, True, True, (False, True, True, True)),  # wide groups, zeroed partial rows; no dx
+])
+def test_cxx_backward_launches_what_the_python_plan_launches(cxx_recorded, m, n, gs, is_rms, bias, gate, needs):
+    """BackwardPlan's C++ entry against its Python call (as the forward's above): the same bwd_kernel and
+    sum_partials_kernel launches and parameters, the gradients asked for (and only those) returned, shaped as
+    their inputs; dy of another dtype declined."""
+    launch, plans, kernels, python_calls, cxx_calls = cxx_recorded
+    x, z, w, b = make_inputs(m, n, torch.bfloat16, bias=bias, gate=gate, seed=m + n)
+    spec = gatednorm.spec.NormSpec(1e-6, gs, True, is_rms, "swish")
+    needs = GradsNeeded(*needs)
+    plan = plans.BackwardPlan(x, w, b, z, spec, False)
+    assert plan.native_backward is not None, "the plan did not attach to the C++ entry"
+    groups = n // gs
+    mean = None if is_rms else torch.randn(groups * m)
+    rstd = torch.rand(groups * m) + 0.5
+    dy = torch.randn_like(x)
+    launch.backward(dy, x, w, b, z, mean, rstd, spec, *needs, pdl=False)  # compiles (fakes) the variant
+    python_calls.clear()
+    before = plans.backward_plan_launches()
+    assert plan(dy, x, w, b, z, mean, rstd, needs) is not None  # the Python call, which registers the variant
+    assert cxx_calls == [] and plans.backward_plan_launches() == before + 1
+    expected = list(python_calls)
+    grads = plan(dy, x, w, b, z, mean, rstd, needs)  # now the C++ entry
+    assert len(python_calls) == len(expected) and plans.backward_plan_launches() == before + 2
+    assert len(cxx_calls) == (2 if needs.dweight or needs.dbias else 1)
+    fresh = [{7, 8, 9, 10}, {0, 1, 2, 3}]  # dx, dz, the partial rows; the partial rows, dweight, dbias
+    for i in range(len(cxx_calls)):
+        _same_kernel_parameters(kernels, expected[i:i + 1], cxx_calls[i:i + 1], fresh[i])
+    for grad, need, like in zip(grads, needs, (x, z, w, b), strict=True):
+        assert (grad is not None) == need
+        assert grad is None or (grad.shape == like.shape and grad.dtype == like.dtype)
+    calls = len(cxx_calls)
+    assert plan(dy.float(), x, w, b, z, mean, rstd, needs) is None and len(cxx_calls) == calls

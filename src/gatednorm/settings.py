@@ -4,7 +4,7 @@ Reading a variable costs about 0.15 us (:func:`_lookup`), so every setting is lo
 used; tests and users may change these variables at run time and the next call follows. Two
 exceptions, read when the triton backend first loads: ``TRITON_INTERPRET`` (Triton itself decides
 at kernel-definition time whether it interprets), ``GATEDNORM_TRITON_FAST_LAUNCH`` and
-``GATEDNORM_HOST_FORWARD`` (a lookup per kernel launch, about 0.8 us, would be a measurable share of a small
+``GATEDNORM_CXX_PLANS`` (a lookup per kernel launch, about 0.8 us, would be a measurable share of a small
 call's host time) and ``GATEDNORM_TRITON_SPLIT_GROUPS`` (launch shapes are cached per group size); and
 ``GATEDNORM_CACHE_DIR``, read when a built extension (the native CPU kernel, the triton backend's C++ forward
 entry) is first built (once per process).
@@ -20,8 +20,8 @@ variable                            effect
 ``GATEDNORM_PATCH``                 targets to patch (read by the opt-in ``.pth`` hook and ``apply_env_patch()``)
 ``TRITON_INTERPRET``                Triton's interpreter: lets the triton backend run on CPU tensors
 ``GATEDNORM_TRITON_FAST_LAUNCH``    ``0``: Triton's own (slower) launch path instead of the cached launcher
-``GATEDNORM_HOST_FORWARD``          ``0``: the triton backend's eager forward plans stay in Python instead of
-                                    their C++ entry (gatednorm.backends.triton.host_forward)
+``GATEDNORM_CXX_PLANS``          ``0``: the triton backend's eager forward plans stay in Python instead of
+                                    their C++ entry (gatednorm.backends.triton.cxx_plans)
 ``GATEDNORM_TRITON_SPLIT_GROUPS``   ``0``: groups that are not a power of two are one tile padded to the next power
                                     of two (default: read unpadded, two power-of-two parts (640) in the fused
                                     quantized kernel, three equal parts (96) in the forward and backward kernels)
@@ -49,7 +49,7 @@ from pathlib import Path
 #: one that is set, so a bug report shows every setting that changed what ran. tests/test_newcomer.py checks this
 #: against the table above and against the names the package reads.
 VARIABLES = ("USE_NATIVE_LAYERNORM", "GATEDNORM_BACKEND", "GATEDNORM_PATCH", "TRITON_INTERPRET",
-             "GATEDNORM_TRITON_FAST_LAUNCH", "GATEDNORM_HOST_FORWARD", "GATEDNORM_TRITON_SPLIT_GROUPS",
+             "GATEDNORM_TRITON_FAST_LAUNCH", "GATEDNORM_CXX_PLANS", "GATEDNORM_TRITON_SPLIT_GROUPS",
              "GATEDNORM_CPU_KERNEL", "GATEDNORM_CPU_OPENMP", "GATEDNORM_CACHE_DIR", "GATEDNORM_HUGE_PAGES")
 
 _TRUE = ("1", "true", "yes", "on")

@@ -19,7 +19,7 @@ import triton
 
 from ...spec import NormSpec, QuantSpec, quant_dtype
 from ..base import Grads, GradsNeeded
-from . import host_forward
+from . import cxx_plans
 from .kernels import bwd_kernel, fwd_kernel, fwd_quant_kernel, quant_rescue_kernel, rescue_kernel, sum_partials_kernel
 from .launch import (
     _COMPILED,
@@ -135,16 +135,20 @@ def _kernel_and_rescue(kernel, rescue, index: int, warps: int, pdl: bool, conste
     return fwd, after_launcher
 
 
+#: cxx_plans.cpp's kMaxArgs: the most arguments (constexprs included) a kernel it launches may have.
+_MAX_ARGS = 48
+
+
 class _KernelLaunch(ctypes.Structure):
-    """host_forward.cpp's KernelLaunch: a compiled kernel as its C++ entry launches it (function 0: none yet)."""
+    """cxx_plans.cpp's KernelLaunch: a compiled kernel as its C++ entry launches it (function 0: none yet)."""
 
     _fields_ = [("function", ctypes.c_uint64), ("num_warps", ctypes.c_int32), ("num_ctas", ctypes.c_int32),
                 ("shared_memory", ctypes.c_int32), ("cooperative", ctypes.c_int32), ("pdl", ctypes.c_int32),
-                ("num_args", ctypes.c_int32), ("kinds", ctypes.c_int8 * 32)]
+                ("num_args", ctypes.c_int32), ("kinds", ctypes.c_int8 * _MAX_ARGS)]
 
 
 class _ForwardPlanState(ctypes.Structure):
-    """host_forward.cpp's ForwardPlanState: what a :class:`ForwardPlan` decided, for its C++ entry."""
+    """cxx_plans.cpp's ForwardPlanState: what a :class:`ForwardPlan` decided, for its C++ entry."""
 
     _fields_ = [("n", ctypes.c_int64), ("groups", ctypes.c_int64), ("rows", ctypes.c_int64),
                 ("scan_rows", ctypes.c_int64), ("rescue_min", ctypes.c_int64), ("pdl_max_elements", ctypes.c_int64),
@@ -154,21 +158,46 @@ class _ForwardPlanState(ctypes.Structure):
                 ("variants", (_KernelLaunch * 2) * 32)]
 
 
-#: host_forward.cpp's ArgKind of each signature type a Triton 3.6 launcher passes by value ('*...': a pointer, 1).
+class _BackwardVariant(ctypes.Structure):
+    """cxx_plans.cpp's BackwardVariant: a backward variant's key (-1: a free slot) and its two launches."""
+
+    _fields_ = [("key", ctypes.c_int32), ("pad", ctypes.c_int32), ("bwd", _KernelLaunch), ("part", _KernelLaunch)]
+
+
+class _BackwardPlanState(ctypes.Structure):
+    """cxx_plans.cpp's BackwardPlanState: what a :class:`BackwardPlan` decided, for its C++ entry."""
+
+    _fields_ = [("n", ctypes.c_int64), ("groups", ctypes.c_int64), ("rows", ctypes.c_int64), ("sms", ctypes.c_int64),
+                ("per_sm", ctypes.c_int64), ("pdl_max_elements", ctypes.c_int64), ("max_grid_y", ctypes.c_int64),
+                ("block_n", ctypes.c_int64), ("x_stride", ctypes.c_int64), ("z_stride", ctypes.c_int64),
+                ("pdl_mode", ctypes.c_int32), ("pdl_ok", ctypes.c_int32), ("groups_fastest_order", ctypes.c_int32),
+                ("zero_partials", ctypes.c_int32), ("device_index", ctypes.c_int32), ("on_cuda", ctypes.c_int32),
+                ("variants", _BackwardVariant * 16)]
+
+
+def _layout_matches(module) -> bool:
+    """Whether the extension's structs have the sizes and offsets of the ctypes mirrors above."""
+    return module.layout() == (
+        ctypes.sizeof(_KernelLaunch), ctypes.sizeof(_ForwardPlanState), _ForwardPlanState.fixed.offset,
+        _ForwardPlanState.variants.offset, _KernelLaunch.kinds.offset, ctypes.sizeof(_BackwardVariant),
+        ctypes.sizeof(_BackwardPlanState), _BackwardPlanState.variants.offset)
+
+
+#: cxx_plans.cpp's ArgKind of each signature type a Triton 3.6 launcher passes by value ('*...': a pointer, 1).
 _ARG_KINDS = {"constexpr": 0, "i32": 2, "i64": 3, "fp32": 4}
 #: Per kind, the arguments of a call that may take it: "p" a tensor, "-" None, "i" an int, "f" a float.
 _KIND_TAKES = {0: "-i", 1: "p", 2: "i", 3: "i", 4: "f"}
 
 
 def _host_launch(entry: tuple, call_args: str) -> _KernelLaunch | None:
-    """The record host_forward.cpp launches a launcher :func:`.launch._launch` cached (``entry``) from, or None
+    """The record cxx_plans.cpp launches a launcher :func:`.launch._launch` cached (``entry``) from, or None
     where it cannot repeat Triton's launch: no C launch function in the entry (another Triton than the C++
     repeats, scratch memory, tensor descriptors), a cluster launch, a signature type it does not pass, or a
     signature that disagrees with the call's arguments (``call_args``: per runtime argument its class, as
     _KIND_TAKES spells them; the constexprs after them must be constexpr in the signature)."""
     compiled, _, function, packed, direct, cooperative, pdl_flag = entry
     signature = getattr(getattr(compiled, "src", None), "signature", None)
-    if direct is None or not isinstance(signature, dict) or len(signature) > 32 or packed[1] != 1:
+    if direct is None or not isinstance(signature, dict) or len(signature) > _MAX_ARGS or packed[1] != 1:
         return None
     kinds = []
     for i, ty in enumerate(signature.values()):
@@ -182,11 +211,21 @@ def _host_launch(entry: tuple, call_args: str) -> _KernelLaunch | None:
     return record
 
 
-def _variant_index(variant: tuple[bool, ...]) -> int:
-    """host_forward.cpp's index of a (M == 1, M % 16 == 0, USE_PDL, GROUPS_FASTEST, rescue after) variant."""
+def _pointers(*present: bool) -> str:
+    """:func:`_host_launch`'s classes of pointer arguments: "p" for a tensor, "-" for None."""
+    return "".join("p" if p else "-" for p in present)
+
+
+def _variant_index(variant: tuple) -> int:
+    """cxx_plans.cpp's index (forward) or key (backward) of a plan's variant: its flags as bits, in order, a
+    nested tuple's (GradsNeeded) in place."""
     index = 0
     for flag in variant:
-        index = index << 1 | bool(flag)
+        if isinstance(flag, tuple):
+            for inner in flag:
+                index = index << 1 | bool(inner)
+        else:
+            index = index << 1 | bool(flag)
     return index
 
 
@@ -197,8 +236,14 @@ planned_launches = 0
 
 def forward_plan_launches() -> int:
     """Forward launches made through :class:`ForwardPlan` s, in Python or their C++ entry."""
-    module = host_forward.extension(wait=False) if host_forward.ENABLED else None
-    return planned_launches + (0 if module is None else module.launches())
+    module = cxx_plans.extension(wait=False) if cxx_plans.ENABLED else None
+    return planned_launches + (0 if module is None else module.launches()[0])
+
+
+def backward_plan_launches() -> int:
+    """Backward launches made through :class:`BackwardPlan` s, in Python or their C++ entry."""
+    module = cxx_plans.extension(wait=False) if cxx_plans.ENABLED else None
+    return planned_backward_launches + (0 if module is None else module.launches()[1])
 
 
 class ForwardPlan:
@@ -257,27 +302,26 @@ class ForwardPlan:
         #: the same variants -> the launchers' cache entries (fwd_kernel's, rescue_kernel's or None)
         self.entries: dict[tuple[bool, ...], tuple] = {}
         # the runtime arguments' classes in forward's order, as _host_launch checks a signature against them
-        self.call_args = ("p-" + ("p" if z is not None else "-") + "p" + ("p" if bias is not None else "-") + "p-"
-                          + ("-" if self.is_rms else "p") + "p" + "iiiiii" + "f")
-        # the C++ entry (host_forward.cpp): its state, its forward function and the state's address, once attached
+        # (x, residual, z, weight, bias, y, residual_out, mean, rstd, m, five row strides, eps)
+        self.call_args = _pointers(True, False, z is not None, True, bias is not None, True, False,
+                                   not self.is_rms, True) + "i" * 6 + "f"
+        # the C++ entry (cxx_plans.cpp): its state, its forward function and the state's address, once attached
         self.native: _ForwardPlanState | None = None
         self.native_forward = None
         self.native_address = 0
-        self.native_wanted = host_forward.ENABLED
+        self.native_wanted = cxx_plans.ENABLED
         if self.native_wanted:
             self._attach()
 
     def _attach(self) -> None:
         """Hand this plan's decisions to the C++ entry once its extension is loaded (its build runs on a background
         thread; until then every call comes back here, and stops once the build has failed)."""
-        module = host_forward.extension(wait=False)
+        module = cxx_plans.extension(wait=False)
         if module is None:
-            self.native_wanted = not host_forward.settled()
+            self.native_wanted = not cxx_plans.settled()
             return
         self.native_wanted = False
-        if module.layout() != (ctypes.sizeof(_KernelLaunch), ctypes.sizeof(_ForwardPlanState),
-                               _ForwardPlanState.fixed.offset, _ForwardPlanState.variants.offset,
-                               _KernelLaunch.kinds.offset):
+        if not _layout_matches(module):
             return
         state = _ForwardPlanState(
             n=self.n, groups=self.groups, rows=self.rows, scan_rows=self.scan_rows, rescue_min=self.rescue_min,
@@ -427,7 +471,8 @@ class BackwardPlan:
 
     __slots__ = ("n", "gs", "groups", "block", "chunks", "rows", "warps", "per_sm", "groups_fastest_order", "device",
                  "index", "pdl", "pdl_ok", "spec", "has_z", "has_bias", "dtypes", "x_stride", "z_stride",
-                 "partials", "variants", "sms", "alloc_partials")
+                 "partials", "variants", "sms", "alloc_partials", "entries", "native", "native_backward",
+                 "native_address", "native_wanted")
 
     def __init__(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, z: torch.Tensor | None,
                  spec: NormSpec, pdl: bool | None) -> None:
@@ -449,6 +494,56 @@ class BackwardPlan:
         #: (M == 1, M % 16 == 0, dy's row stride's class, programs == 1, programs % 16 == 0, needs, USE_PDL,
         #: GROUPS_FASTEST) -> the launches, see _launches
         self.variants: dict[tuple, tuple] = {}
+        #: the same variants -> (bwd_kernel's launcher cache entry, sum_partials_kernel's or None, needs)
+        self.entries: dict[tuple, tuple] = {}
+        # the C++ entry (cxx_plans.cpp), as ForwardPlan's
+        self.native: _BackwardPlanState | None = None
+        self.native_backward = None
+        self.native_address = 0
+        self.native_wanted = cxx_plans.ENABLED
+        if self.native_wanted:
+            self._attach()
+
+    def _attach(self) -> None:
+        """Hand this plan's decisions to the C++ entry once its extension is loaded (as ForwardPlan._attach)."""
+        module = cxx_plans.extension(wait=False)
+        if module is None:
+            self.native_wanted = not cxx_plans.settled()
+            return
+        self.native_wanted = False
+        if not _layout_matches(module):
+            return
+        state = _BackwardPlanState(
+            n=self.n, groups=self.groups, rows=self.rows, sms=self.sms, per_sm=self.per_sm,
+            pdl_max_elements=PDL_MAX_ELEMENTS, max_grid_y=MAX_GRID_Y, block_n=self.partials[1],
+            x_stride=self.x_stride, z_stride=self.z_stride, pdl_mode=-1 if self.pdl is None else int(self.pdl),
+            pdl_ok=int(self.pdl_ok), groups_fastest_order=int(self.groups_fastest_order),
+            zero_partials=int(self.alloc_partials is torch.zeros), device_index=self.index,
+            on_cuda=int(self.device.type == "cuda"))
+        for slot in state.variants:
+            slot.key = -1
+        self.native = state
+        for variant, entries in self.entries.items():
+            self._register(variant, entries)
+        self.native_backward, self.native_address = module.backward, ctypes.addressof(state)
+
+    def _register(self, variant: tuple, entries: tuple) -> None:
+        """Give the C++ entry a variant's launches, in a free slot (none left, or a launch :func:`_host_launch`
+        refuses: the variant stays with the Python call)."""
+        bwd_entry, part_entry, needs = entries
+        # dy, x, z, weight, bias, mean, rstd, dx, dz, dweight's and dbias' partial rows, then 7 integers
+        bwd = _host_launch(bwd_entry, _pointers(True, True, self.has_z, True, self.has_bias,
+                                                not self.spec.is_rms_norm, True, *needs) + "i" * 7)
+        part = None
+        if part_entry is not None:  # the partial rows, dweight, dbias, then programs and N
+            part = _host_launch(part_entry, _pointers(needs.dweight, needs.dbias, needs.dweight, needs.dbias) + "ii")
+        free = next((slot for slot in self.native.variants if slot.key == -1), None)
+        if bwd is None or (part_entry is not None and part is None) or free is None:
+            return
+        free.bwd = bwd
+        if part is not None:
+            free.part = part
+        free.key = _variant_index(variant)
 
     def _launches(self, variant: tuple, m: int, dy_stride: int, progs: int, needs: GradsNeeded, pdl: bool,
                   groups_fastest: bool) -> tuple | None:
@@ -474,15 +569,29 @@ class BackwardPlan:
             part = _COMPILED.get((sum_partials_kernel, self.index, sum_warps, pdl, part_constexprs, part_spec))
             if part is None:
                 return None
+            part_entry = part
             part = _ready(part, (n, *part_constexprs))
+        else:
+            part_entry = None
         launches = (_ready(bwd, (self.x_stride, self.z_stride, n, n, n, *constexprs)), part)
         self.variants[variant] = launches
+        self.entries[variant] = (bwd, part_entry, needs)
+        if self.native is not None:
+            self._register(variant, self.entries[variant])
         return launches
 
     def __call__(self, dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                  z: torch.Tensor | None, mean: torch.Tensor | None, rstd: torch.Tensor,
                  needs: GradsNeeded) -> Grads | None:
-        # Written flat, as ForwardPlan.__call__ is (every backward of a repeated signature runs this).
+        # Written flat, as ForwardPlan.__call__ is (every backward of a repeated signature runs this); the C++
+        # entry first, as there.
+        backward = self.native_backward
+        if backward is not None:
+            done = backward(self.native_address, dy, x, weight, bias, z, mean, rstd, needs)
+            if done is not None:
+                return done
+        elif self.native_wanted:
+            self._attach()
         m, n = x.shape
         if m == 0 or m >= 2**31 or dy.dtype != x.dtype or dy.stride(-1) != 1:
             return None

@@ -1,4 +1,4 @@
-"""The eager forward plan's per-call host work in C++ (``host_forward.cpp``), built on first use where it can be.
+"""The eager forward plan's per-call host work in C++ (``cxx_plans.cpp``), built on first use where it can be.
 
 Why
 ---
@@ -15,7 +15,7 @@ When it is used
 ---------------
 By every :class:`.plans.ForwardPlan` whose kernels were launched through Triton 3.6's C launcher (the ABI the
 C++ repeats: ``launch.DIRECT_LAUNCH_TRITON_VERSIONS``), where this module builds: a C++ compiler
-(``$CXX``, else c++ / g++ / clang++), PyTorch's headers and Triton's ``cuda.h``. ``GATEDNORM_HOST_FORWARD=0``
+(``$CXX``, else c++ / g++ / clang++), PyTorch's headers and Triton's ``cuda.h``. ``GATEDNORM_CXX_PLANS=0``
 (read when the backend loads, as ``GATEDNORM_TRITON_FAST_LAUNCH``) keeps the Python plan. The extension is
 built once into ``$GATEDNORM_CACHE_DIR`` (default ``~/.cache/gatednorm``), keyed by the source, PyTorch's
 version, Python's and the compiler (10 s on a 2-core machine), on a background thread started by the first
@@ -45,10 +45,10 @@ from ...settings import cache_dir, env_text
 from .launch import _DIRECT_LAUNCH
 
 #: Whether plans use the C++ entry: Triton 3.6's C launcher (whose launch the C++ repeats) and not turned off by
-#: ``GATEDNORM_HOST_FORWARD=0`` (read once, when the backend loads; see gatednorm.settings).
-ENABLED = _DIRECT_LAUNCH and env_text("GATEDNORM_HOST_FORWARD") != "0"
+#: ``GATEDNORM_CXX_PLANS=0`` (read once, when the backend loads; see gatednorm.settings).
+ENABLED = _DIRECT_LAUNCH and env_text("GATEDNORM_CXX_PLANS") != "0"
 
-_SOURCE = Path(__file__).with_name("host_forward.cpp")
+_SOURCE = Path(__file__).with_name("cxx_plans.cpp")
 _lock = threading.Lock()
 _state: dict[str, object] = {}
 
@@ -79,7 +79,7 @@ def _build() -> tuple[ModuleType | None, str]:
     ident = " ".join([compiler, *flags, torch.__version__, sys.version, sys.platform]).encode()
     key = hashlib.sha256(_SOURCE.read_bytes() + cuda_h.read_bytes() + ident).hexdigest()[:16]
     suffix = importlib.machinery.EXTENSION_SUFFIXES[0]
-    path = cache_dir() / f"gatednorm_host_forward_{key}{suffix}"
+    path = cache_dir() / f"gatednorm_cxx_plans_{key}{suffix}"
     if not path.exists():
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -93,7 +93,7 @@ def _build() -> tuple[ModuleType | None, str]:
         except (OSError, subprocess.SubprocessError) as exc:
             return None, f"build failed: {type(exc).__name__}: {exc}"
     try:
-        spec = importlib.util.spec_from_file_location("gatednorm_host_forward", path)
+        spec = importlib.util.spec_from_file_location("gatednorm_cxx_plans", path)
         assert spec is not None and spec.loader is not None
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
@@ -134,8 +134,8 @@ def settled() -> bool:
 
 def status() -> str:
     """'in use', or why the Python plan runs instead."""
-    if env_text("GATEDNORM_HOST_FORWARD") == "0":
-        return "disabled by GATEDNORM_HOST_FORWARD=0"
+    if env_text("GATEDNORM_CXX_PLANS") == "0":
+        return "disabled by GATEDNORM_CXX_PLANS=0"
     if not ENABLED:
         return f"not used with Triton {triton.__version__} (its C launcher's ABI is repeated for Triton 3.6 only)"
     module = extension()
