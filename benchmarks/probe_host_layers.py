@@ -100,6 +100,10 @@ def rows_for(m: int, n: int) -> dict:
     py_plan.native_forward, py_plan.native_wanted = None, False
     if py_plan(x, w, None, z) is None:
         raise SystemExit("the Python plan did not serve the call")
+    py_bplan = plans.BackwardPlan(x, w, None, z, eager.spec, None)
+    py_bplan.native_backward, py_bplan.native_wanted = None, False
+    if py_bplan(dy, x, w, None, z, None, rstd, GradsNeeded(True, True, True, False)) is None:
+        raise SystemExit("the Python backward plan did not serve the call")
     print(f"cxx_plans: {cxx_plans.status()}")
     needs = GradsNeeded(True, True, True, False)
     xg, zg, wg = (t.detach().requires_grad_(True) for t in (x, z, w))
@@ -130,6 +134,7 @@ def rows_for(m: int, n: int) -> dict:
         "rmsnorm_fn (no grad)": lambda: gatednorm.rmsnorm_fn(x, w, None, z, EPS),
         "launch.forward (unplanned)": lambda: launch.forward(x, w, None, z, spec, y),
         "BackwardPlan()": lambda: bplan(dy, x, w, None, z, None, rstd, needs),
+        "BackwardPlan() in Python": lambda: py_bplan(dy, x, w, None, z, None, rstd, needs),
         "launch.backward (unplanned)": lambda: launch.backward(dy, x, w, None, z, None, rstd, spec, *needs),
         "rmsnorm_fn forward, grad on": lambda: gatednorm.rmsnorm_fn(xg, wg, None, zg, EPS),
         "rmsnorm_fn fwd+bwd (autograd.grad)": lambda: torch.autograd.grad(
