@@ -16,14 +16,21 @@
 
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
+#include <ATen/ops/zeros.h>
+#include <c10/core/GradMode.h>
 #include <c10/core/impl/DeviceGuardImplInterface.h>
+#include <torch/csrc/Exceptions.h>
+#include <torch/csrc/autograd/function.h>
+#include <torch/csrc/autograd/functions/utils.h>
 #include <torch/csrc/autograd/python_variable.h>
+#include <torch/csrc/autograd/saved_variable.h>
 
 #include <dlfcn.h>
 
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #include "cuda.h"  // Triton's copy of the driver API header (types only; libcuda is opened at run time)
 
@@ -177,113 +184,7 @@ bool hooks_installed() {
   return false;
 }
 
-int launch_context(int32_t on_cuda, int32_t device_index, uint64_t* stream);
-
-// forward(state address, x, z | None, weight, bias | None) -> (y, mean | None, rstd) or None (see the top).
-PyObject* forward(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
-  if (nargs != 5) {
-    PyErr_SetString(PyExc_TypeError, "forward(state, x, z, weight, bias): 5 arguments");
-    return nullptr;
-  }
-  auto* st = static_cast<const ForwardPlanState*>(PyLong_AsVoidPtr(args[0]));
-  if (st == nullptr) return nullptr;
-  for (int i = 1; i < 5; ++i) {
-    if (!(THPVariable_Check(args[i]) || ((i == 2 || i == 4) && args[i] == Py_None))) {
-      PyErr_SetString(PyExc_TypeError, "forward: x and weight must be tensors, z and bias tensors or None");
-      return nullptr;
-    }
-  }
-  const at::Tensor& x = THPVariable_Unpack(args[1]);
-  const at::Tensor& weight = THPVariable_Unpack(args[3]);
-  const bool has_z = args[2] != Py_None, has_bias = args[4] != Py_None;
-  const int64_t numel = x.numel();
-  const int64_t m = numel / st->n;
-  if (m == 0 || m >= (int64_t{1} << 31)) Py_RETURN_NONE;
-  const bool pdl = st->pdl_mode >= 0 ? st->pdl_mode != 0 : (numel < st->pdl_max_elements && st->pdl_ok);
-  const int64_t tiles = (m + st->rows - 1) / st->rows;
-  const bool groups_fastest = st->groups_fastest && tiles <= st->max_grid_y;
-  const bool after = numel >= st->rescue_min;
-  const int variant = (m == 1) << 4 | ((m & 15) == 0) << 3 | pdl << 2 | groups_fastest << 1 | after;
-  const KernelLaunch& fwd = st->variants[variant][0];
-  const KernelLaunch& rescue = st->variants[variant][1];
-  if (fwd.function == 0 || (after && rescue.function == 0)) Py_RETURN_NONE;
-  uint64_t stream;
-  const int ready = launch_context(st->on_cuda, st->device_index, &stream);
-  if (ready <= 0) return ready < 0 ? nullptr : (Py_INCREF(Py_None), Py_None);
-  at::Tensor y, mean, rstd;
-  try {
-    y = at::empty_like(x, x.options(), at::MemoryFormat::Contiguous);
-    auto stats = x.options().dtype(at::kFloat);
-    rstd = at::empty({st->groups * m}, stats);
-    if (!st->is_rms) mean = at::empty({st->groups * m}, stats);
-  } catch (const std::exception& e) {
-    PyErr_SetString(PyExc_RuntimeError, e.what());
-    return nullptr;
-  }
-  ArgValues values;
-  std::memset(&values, 0, sizeof(values));
-  values.v[0] = reinterpret_cast<uintptr_t>(x.data_ptr());
-  values.v[2] = has_z ? reinterpret_cast<uintptr_t>(THPVariable_Unpack(args[2]).data_ptr()) : 0;
-  values.v[3] = reinterpret_cast<uintptr_t>(weight.data_ptr());
-  values.v[4] = has_bias ? reinterpret_cast<uintptr_t>(THPVariable_Unpack(args[4]).data_ptr()) : 0;
-  values.v[5] = reinterpret_cast<uintptr_t>(y.data_ptr());
-  values.v[7] = st->is_rms ? 0 : reinterpret_cast<uintptr_t>(mean.data_ptr());
-  values.v[8] = reinterpret_cast<uintptr_t>(rstd.data_ptr());
-  if ((values.v[0] | values.v[2] | values.v[3] | values.v[4] | values.v[5] | values.v[7] | values.v[8]) & 15)
-    Py_RETURN_NONE;
-  values.v[9] = static_cast<uint64_t>(m);
-  for (int i = 0; i < 5; ++i) values.v[10 + i] = static_cast<uint64_t>(st->fixed[i]);
-  float eps32 = static_cast<float>(st->eps);
-  uint32_t eps_bits;
-  std::memcpy(&eps_bits, &eps32, sizeof(eps_bits));
-  values.v[15] = eps_bits;
-  const int64_t grid_a = groups_fastest ? st->groups : tiles, grid_b = groups_fastest ? tiles : st->groups;
-  int rc = launch(fwd, values, static_cast<unsigned>(grid_a), static_cast<unsigned>(grid_b), stream);
-  if (rc == 0 && after)  // rescue_kernel: the forward's arguments and warps, a program per SCAN rows of a group
-    rc = launch(rescue, values, static_cast<unsigned>((m + st->scan_rows - 1) / st->scan_rows),
-                static_cast<unsigned>(st->groups), stream);
-  if (rc == -1) return nullptr;
-  if (rc != 0) return raise_cuda(rc);
-  ++served;
-  PyObject* out = PyTuple_New(3);
-  if (out == nullptr) return nullptr;
-  PyTuple_SET_ITEM(out, 0, THPVariable_Wrap(std::move(y)));
-  if (st->is_rms) {
-    Py_INCREF(Py_None);
-    PyTuple_SET_ITEM(out, 1, Py_None);
-  } else {
-    PyTuple_SET_ITEM(out, 1, THPVariable_Wrap(std::move(mean)));
-  }
-  PyTuple_SET_ITEM(out, 2, THPVariable_Wrap(std::move(rstd)));
-  return out;
-}
-
-// One backward variant: its key (BackwardPlan's variant flattened to bits, -1: a free slot) and its launches.
-struct BackwardVariant {
-  int32_t key, pad;
-  KernelLaunch bwd, part;  // bwd_kernel; sum_partials_kernel (function 0 where no dweight / dbias is asked)
-};
-
-constexpr int kBackwardSlots = 16;
-
-// The decisions of one call signature's backward. Mirrored by plans._BackwardPlanState.
-struct BackwardPlanState {
-  int64_t n, groups, rows, sms, per_sm, pdl_max_elements, max_grid_y, block_n, x_stride, z_stride;
-  int32_t pdl_mode, pdl_ok, groups_fastest_order, zero_partials, device_index, on_cuda;
-  BackwardVariant variants[kBackwardSlots];
-};
-
-bool truthy(PyObject* tuple, int i) { return PyObject_IsTrue(PyTuple_GET_ITEM(tuple, i)) == 1; }
-
-uintptr_t address(const at::Tensor& t) { return t.defined() ? reinterpret_cast<uintptr_t>(t.data_ptr()) : 0; }
-
-PyObject* wrap_or_none(at::Tensor&& t) {
-  if (t.defined()) return THPVariable_Wrap(std::move(t));
-  Py_INCREF(Py_None);
-  return Py_None;
-}
-
-// The stream and checks both entries make before allocating: 1 go on, 0 decline (Python's path), -1 error.
+// The stream and the checks both entries make before allocating: 1 go on, 0 decline (Python's path), -1 error.
 int launch_context(int32_t on_cuda, int32_t device_index, uint64_t* stream) {
   *stream = 0;
   if (recorder == nullptr && (!open_driver() || hooks_installed())) return 0;
@@ -302,34 +203,101 @@ int launch_context(int32_t on_cuda, int32_t device_index, uint64_t* stream) {
   return 1;
 }
 
-// backward(state address, dy, x, weight, bias | None, z | None, mean | None, rstd, needs) -> (dx, dz, dweight,
-// dbias), each None where not asked, or None, having launched nothing (BackwardPlan.__call__'s contract).
-PyObject* backward(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
-  if (nargs != 9 || !PyTuple_Check(args[8]) || PyTuple_GET_SIZE(args[8]) != 4) {
-    PyErr_SetString(PyExc_TypeError, "backward(state, dy, x, weight, bias, z, mean, rstd, needs)");
-    return nullptr;
+uintptr_t address(const at::Tensor& t) { return t.defined() ? reinterpret_cast<uintptr_t>(t.data_ptr()) : 0; }
+
+// The launch's result as the cores return it: 1 launched, -1 with a Python error set.
+int launched(int rc) {
+  if (rc == 0) return 1;
+  if (rc != -1) raise_cuda(rc);
+  return -1;
+}
+
+// ForwardPlan's call on tensors (z, bias undefined where absent): 1 with y, mean (undefined for RMSNorm) and
+// rstd allocated and the kernels launched; 0 declined, nothing launched; -1 a Python error set. GIL held.
+int forward_core(const ForwardPlanState* st, const at::Tensor& x, const at::Tensor& z, const at::Tensor& weight,
+                 const at::Tensor& bias, at::Tensor& y, at::Tensor& mean, at::Tensor& rstd) {
+  const int64_t numel = x.numel();
+  const int64_t m = numel / st->n;
+  if (m == 0 || m >= (int64_t{1} << 31)) return 0;
+  const bool pdl = st->pdl_mode >= 0 ? st->pdl_mode != 0 : (numel < st->pdl_max_elements && st->pdl_ok);
+  const int64_t tiles = (m + st->rows - 1) / st->rows;
+  const bool groups_fastest = st->groups_fastest && tiles <= st->max_grid_y;
+  const bool after = numel >= st->rescue_min;
+  const int variant = (m == 1) << 4 | ((m & 15) == 0) << 3 | pdl << 2 | groups_fastest << 1 | after;
+  const KernelLaunch& fwd = st->variants[variant][0];
+  const KernelLaunch& rescue = st->variants[variant][1];
+  if (fwd.function == 0 || (after && rescue.function == 0)) return 0;
+  uint64_t stream;
+  const int ready = launch_context(st->on_cuda, st->device_index, &stream);
+  if (ready <= 0) return ready;
+  try {
+    c10::AutoGradMode no_grad(false);
+    y = at::empty_like(x, x.options(), at::MemoryFormat::Contiguous);
+    auto stats = x.options().dtype(at::kFloat);
+    rstd = at::empty({st->groups * m}, stats);
+    if (!st->is_rms) mean = at::empty({st->groups * m}, stats);
+  } catch (const std::exception& e) {
+    PyErr_SetString(PyExc_RuntimeError, e.what());
+    return -1;
   }
-  auto* st = static_cast<const BackwardPlanState*>(PyLong_AsVoidPtr(args[0]));
-  if (st == nullptr) return nullptr;
-  for (int i = 1; i < 8; ++i) {
-    const bool optional = i == 4 || i == 5 || i == 6;
-    if (!(THPVariable_Check(args[i]) || (optional && args[i] == Py_None))) {
-      PyErr_SetString(PyExc_TypeError, "backward: dy, x, weight, rstd must be tensors, bias, z, mean tensors or None");
-      return nullptr;
-    }
-  }
-  const at::Tensor& dy = THPVariable_Unpack(args[1]);
-  const at::Tensor& x = THPVariable_Unpack(args[2]);
-  const at::Tensor& weight = THPVariable_Unpack(args[3]);
-  const bool has_bias = args[4] != Py_None, has_z = args[5] != Py_None, has_mean = args[6] != Py_None;
-  if (x.dim() != 2) Py_RETURN_NONE;
+  ArgValues values;
+  std::memset(&values, 0, sizeof(values));
+  // x, residual, z, weight, bias, y, residual_out, mean, rstd (forward's order; no residual in a plan)
+  values.v[0] = address(x);
+  values.v[2] = address(z);
+  values.v[3] = address(weight);
+  values.v[4] = address(bias);
+  values.v[5] = address(y);
+  values.v[7] = address(mean);
+  values.v[8] = address(rstd);
+  if ((values.v[0] | values.v[2] | values.v[3] | values.v[4] | values.v[5] | values.v[7] | values.v[8]) & 15) return 0;
+  values.v[9] = static_cast<uint64_t>(m);
+  for (int i = 0; i < 5; ++i) values.v[10 + i] = static_cast<uint64_t>(st->fixed[i]);
+  float eps32 = static_cast<float>(st->eps);  // Triton's launcher packs a float argument as float32
+  uint32_t eps_bits;
+  std::memcpy(&eps_bits, &eps32, sizeof(eps_bits));
+  values.v[15] = eps_bits;
+  const int64_t grid_a = groups_fastest ? st->groups : tiles, grid_b = groups_fastest ? tiles : st->groups;
+  int rc = launch(fwd, values, static_cast<unsigned>(grid_a), static_cast<unsigned>(grid_b), stream);
+  if (rc == 0 && after)  // rescue_kernel: the forward's arguments and warps, a program per SCAN rows of a group
+    rc = launch(rescue, values, static_cast<unsigned>((m + st->scan_rows - 1) / st->scan_rows),
+                static_cast<unsigned>(st->groups), stream);
+  if (rc == 0) ++served;
+  return launched(rc);
+}
+
+// One backward variant: its key (BackwardPlan's variant flattened to bits, -1: a free slot) and its launches.
+struct BackwardVariant {
+  int32_t key, pad;
+  KernelLaunch bwd, part;  // bwd_kernel; sum_partials_kernel (function 0 where no dweight / dbias is asked)
+};
+
+constexpr int kBackwardSlots = 16;
+
+// The decisions of one call signature's backward. Mirrored by plans._BackwardPlanState.
+struct BackwardPlanState {
+  int64_t n, groups, rows, sms, per_sm, pdl_max_elements, max_grid_y, block_n, x_stride, z_stride;
+  int32_t pdl_mode, pdl_ok, groups_fastest_order, zero_partials, device_index, on_cuda;
+  BackwardVariant variants[kBackwardSlots];
+};
+
+// Which gradients a backward computes: dx, dz, dweight, dbias (GradsNeeded's order).
+struct Needs {
+  bool dx, dz, dw, db;
+};
+
+// BackwardPlan's call on tensors (bias, z, mean undefined where absent): 1 with the asked gradients in
+// grads (dx, dz, dweight, dbias; undefined where not asked) and the kernels launched; 0 declined, nothing
+// launched; -1 a Python error set. GIL held.
+int backward_core(const BackwardPlanState* st, const at::Tensor& dy, const at::Tensor& x, const at::Tensor& weight,
+                  const at::Tensor& bias, const at::Tensor& z, const at::Tensor& mean, const at::Tensor& rstd,
+                  Needs needs, at::Tensor grads[4]) {
+  if (x.dim() != 2) return 0;
   const int64_t m = x.size(0), n = x.size(1);
   if (m == 0 || m >= (int64_t{1} << 31) || dy.scalar_type() != x.scalar_type() || dy.dim() != 2 ||
       dy.stride(1) != 1)
-    Py_RETURN_NONE;
+    return 0;
   const int64_t dy_stride = dy.stride(0);
-  const bool need_dx = truthy(args[8], 0), need_dz = truthy(args[8], 1), need_dw = truthy(args[8], 2),
-             need_db = truthy(args[8], 3);
   const bool pdl = st->pdl_mode >= 0 ? st->pdl_mode != 0 : (m * n < st->pdl_max_elements && st->pdl_ok);
   // launch._bwd_programs: persistent programs per group
   const int64_t tiles = (m + st->rows - 1) / st->rows;
@@ -338,77 +306,268 @@ PyObject* backward(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   const int64_t progs = std::max<int64_t>(1, std::min(per_group, tiles));
   const bool groups_fastest = st->groups_fastest_order && st->groups > 1 && progs <= st->max_grid_y;
   const bool fits32 = dy_stride >= -(int64_t{1} << 31) && dy_stride < (int64_t{1} << 31);
+  const bool sums = needs.dw || needs.db;
   const bool flags[] = {m == 1, (m & 15) == 0, dy_stride == 1, (dy_stride & 15) == 0, fits32, progs == 1,
-                        (progs & 15) == 0, need_dx, need_dz, need_dw, need_db, pdl, groups_fastest};
+                        (progs & 15) == 0, needs.dx, needs.dz, needs.dw, needs.db, pdl, groups_fastest};
   int32_t key = 0;
   for (bool f : flags) key = key << 1 | f;
   const BackwardVariant* variant = nullptr;
   for (const auto& v : st->variants)
     if (v.key == key) variant = &v;
-  if (variant == nullptr || variant->bwd.function == 0 || ((need_dw || need_db) && variant->part.function == 0))
-    Py_RETURN_NONE;
+  if (variant == nullptr || variant->bwd.function == 0 || (sums && variant->part.function == 0)) return 0;
   uint64_t stream;
   const int ready = launch_context(st->on_cuda, st->device_index, &stream);
-  if (ready <= 0) return ready < 0 ? nullptr : (Py_INCREF(Py_None), Py_None);
-  const at::Tensor& z = has_z ? THPVariable_Unpack(args[5]) : at::Tensor();
-  at::Tensor dx, dz, dw_part, db_part, dw, db;
+  if (ready <= 0) return ready;
+  at::Tensor dw_part, db_part;
+  at::Tensor& dx = grads[0];
+  at::Tensor& dz = grads[1];
+  at::Tensor& dw = grads[2];
+  at::Tensor& db = grads[3];
   try {
-    if (need_dx) dx = at::empty_like(x, x.options(), at::MemoryFormat::Contiguous);
-    if (need_dz) dz = at::empty_like(z, z.options(), at::MemoryFormat::Contiguous);
+    c10::AutoGradMode no_grad(false);
+    if (needs.dx) dx = at::empty_like(x, x.options(), at::MemoryFormat::Contiguous);
+    if (needs.dz) dz = at::empty_like(z, z.options(), at::MemoryFormat::Contiguous);
     auto f32 = x.options().dtype(at::kFloat);
-    if (need_dw) dw_part = st->zero_partials ? at::zeros({progs, n}, f32) : at::empty({progs, n}, f32);
-    if (need_db) db_part = st->zero_partials ? at::zeros({progs, n}, f32) : at::empty({progs, n}, f32);
-    if (need_dw) dw = at::empty_like(weight, weight.options(), at::MemoryFormat::Contiguous);
-    if (need_db) {
-      const at::Tensor& bias = THPVariable_Unpack(args[4]);
-      db = at::empty_like(bias, bias.options(), at::MemoryFormat::Contiguous);
-    }
+    if (needs.dw) dw_part = st->zero_partials ? at::zeros({progs, n}, f32) : at::empty({progs, n}, f32);
+    if (needs.db) db_part = st->zero_partials ? at::zeros({progs, n}, f32) : at::empty({progs, n}, f32);
+    if (needs.dw) dw = at::empty_like(weight, weight.options(), at::MemoryFormat::Contiguous);
+    if (needs.db) db = at::empty_like(bias, bias.options(), at::MemoryFormat::Contiguous);
   } catch (const std::exception& e) {
     PyErr_SetString(PyExc_RuntimeError, e.what());
-    return nullptr;
+    return -1;
   }
   ArgValues values;
   std::memset(&values, 0, sizeof(values));
-  values.v[0] = address(dy);
-  values.v[1] = address(x);
-  values.v[2] = address(z);
-  values.v[3] = address(weight);
-  values.v[4] = has_bias ? address(THPVariable_Unpack(args[4])) : 0;
-  values.v[5] = has_mean ? address(THPVariable_Unpack(args[6])) : 0;
-  values.v[6] = address(THPVariable_Unpack(args[7]));
-  values.v[7] = address(dx);
-  values.v[8] = address(dz);
-  values.v[9] = address(dw_part);
-  values.v[10] = address(db_part);
-  uint64_t aligned = 0;
-  for (int i = 0; i < 11; ++i) aligned |= values.v[i];
-  aligned |= address(dw) | address(db);
-  if (aligned & 15) Py_RETURN_NONE;
+  const at::Tensor* pointers[] = {&dy, &x, &z, &weight, &bias, &mean, &rstd, &dx, &dz, &dw_part, &db_part};
+  uint64_t aligned = address(dw) | address(db);
+  for (int i = 0; i < 11; ++i) aligned |= values.v[i] = address(*pointers[i]);
+  if (aligned & 15) {
+    for (int i = 0; i < 4; ++i) grads[i] = at::Tensor();
+    return 0;
+  }
   const int64_t ints[] = {m, dy_stride, st->x_stride, st->z_stride, n, n, n};
   for (int i = 0; i < 7; ++i) values.v[11 + i] = static_cast<uint64_t>(ints[i]);
   const int64_t grid_a = groups_fastest ? st->groups : progs, grid_b = groups_fastest ? progs : st->groups;
   int rc = launch(variant->bwd, values, static_cast<unsigned>(grid_a), static_cast<unsigned>(grid_b), stream);
-  if (rc == 0 && (need_dw || need_db)) {  // (dw_part, db_part, dw, db, programs, N), as backward launches it
-    ArgValues sums;
-    std::memset(&sums, 0, sizeof(sums));
-    sums.v[0] = address(dw_part);
-    sums.v[1] = address(db_part);
-    sums.v[2] = address(dw);
-    sums.v[3] = address(db);
-    sums.v[4] = static_cast<uint64_t>(progs);
-    sums.v[5] = static_cast<uint64_t>(n);
-    rc = launch(variant->part, sums, static_cast<unsigned>((n + st->block_n - 1) / st->block_n), 1, stream);
+  if (rc == 0 && sums) {  // (dw_part, db_part, dw, db, programs, N), as backward launches it
+    ArgValues partials;
+    std::memset(&partials, 0, sizeof(partials));
+    partials.v[0] = address(dw_part);
+    partials.v[1] = address(db_part);
+    partials.v[2] = address(dw);
+    partials.v[3] = address(db);
+    partials.v[4] = static_cast<uint64_t>(progs);
+    partials.v[5] = static_cast<uint64_t>(n);
+    rc = launch(variant->part, partials, static_cast<unsigned>((n + st->block_n - 1) / st->block_n), 1, stream);
   }
-  if (rc == -1) return nullptr;
-  if (rc != 0) return raise_cuda(rc);
-  ++served_backward;
+  if (rc == 0) ++served_backward;
+  return launched(rc);
+}
+
+// --- From Python --------------------------------------------------------------------------------------------
+
+bool tensor_or_none(PyObject* obj, at::Tensor& out) {
+  if (obj == Py_None) return true;
+  if (!THPVariable_Check(obj)) return false;
+  out = THPVariable_Unpack(obj);
+  return true;
+}
+
+PyObject* wrap_or_none(at::Tensor&& t) {
+  if (t.defined()) return THPVariable_Wrap(std::move(t));
+  Py_INCREF(Py_None);
+  return Py_None;
+}
+
+PyObject* forward_outputs(at::Tensor&& y, at::Tensor&& mean, at::Tensor&& rstd) {
+  PyObject* out = PyTuple_New(3);
+  if (out == nullptr) return nullptr;
+  PyTuple_SET_ITEM(out, 0, wrap_or_none(std::move(y)));
+  PyTuple_SET_ITEM(out, 1, wrap_or_none(std::move(mean)));
+  PyTuple_SET_ITEM(out, 2, wrap_or_none(std::move(rstd)));
+  return out;
+}
+
+// forward(state address, x, z | None, weight, bias | None) -> (y, mean | None, rstd) or None (see the top).
+PyObject* forward(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  at::Tensor x, z, weight, bias;
+  if (nargs != 5 || !THPVariable_Check(args[1]) || !THPVariable_Check(args[3]) || !tensor_or_none(args[1], x) ||
+      !tensor_or_none(args[2], z) || !tensor_or_none(args[3], weight) || !tensor_or_none(args[4], bias)) {
+    PyErr_SetString(PyExc_TypeError, "forward(state, x, z, weight, bias): x, weight tensors, z, bias or None");
+    return nullptr;
+  }
+  auto* st = static_cast<const ForwardPlanState*>(PyLong_AsVoidPtr(args[0]));
+  if (st == nullptr) return nullptr;
+  at::Tensor y, mean, rstd;
+  const int rc = forward_core(st, x, z, weight, bias, y, mean, rstd);
+  if (rc <= 0) return rc < 0 ? nullptr : (Py_INCREF(Py_None), Py_None);
+  return forward_outputs(std::move(y), std::move(mean), std::move(rstd));
+}
+
+bool needs_of(PyObject* tuple, Needs& needs) {
+  if (!PyTuple_Check(tuple) || PyTuple_GET_SIZE(tuple) != 4) return false;
+  bool flags[4];
+  for (int i = 0; i < 4; ++i) {
+    const int t = PyObject_IsTrue(PyTuple_GET_ITEM(tuple, i));
+    if (t < 0) return false;
+    flags[i] = t == 1;
+  }
+  needs = {flags[0], flags[1], flags[2], flags[3]};
+  return true;
+}
+
+PyObject* grads_tuple(at::Tensor grads[4]) {
   PyObject* out = PyTuple_New(4);
   if (out == nullptr) return nullptr;
-  PyTuple_SET_ITEM(out, 0, wrap_or_none(std::move(dx)));
-  PyTuple_SET_ITEM(out, 1, wrap_or_none(std::move(dz)));
-  PyTuple_SET_ITEM(out, 2, wrap_or_none(std::move(dw)));
-  PyTuple_SET_ITEM(out, 3, wrap_or_none(std::move(db)));
+  for (int i = 0; i < 4; ++i) PyTuple_SET_ITEM(out, i, wrap_or_none(std::move(grads[i])));
   return out;
+}
+
+// backward(state address, dy, x, weight, bias | None, z | None, mean | None, rstd, needs) -> (dx, dz, dweight,
+// dbias), each None where not asked, or None, having launched nothing (BackwardPlan.__call__'s contract).
+PyObject* backward(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  at::Tensor dy, x, weight, bias, z, mean, rstd;
+  Needs needs;
+  if (nargs != 9 || !THPVariable_Check(args[1]) || !THPVariable_Check(args[2]) || !THPVariable_Check(args[3]) ||
+      !THPVariable_Check(args[7]) || !tensor_or_none(args[1], dy) || !tensor_or_none(args[2], x) ||
+      !tensor_or_none(args[3], weight) || !tensor_or_none(args[4], bias) || !tensor_or_none(args[5], z) ||
+      !tensor_or_none(args[6], mean) || !tensor_or_none(args[7], rstd) || !needs_of(args[8], needs)) {
+    PyErr_SetString(PyExc_TypeError, "backward(state, dy, x, weight, bias, z, mean, rstd, needs): dy, x, weight, "
+                                     "rstd tensors, bias, z, mean tensors or None, needs 4 flags");
+    return nullptr;
+  }
+  auto* st = static_cast<const BackwardPlanState*>(PyLong_AsVoidPtr(args[0]));
+  if (st == nullptr) return nullptr;
+  at::Tensor grads[4];
+  const int rc = backward_core(st, dy, x, weight, bias, z, mean, rstd, needs, grads);
+  if (rc <= 0) return rc < 0 ? nullptr : (Py_INCREF(Py_None), Py_None);
+  return grads_tuple(grads);
+}
+
+// --- The autograd node -----------------------------------------------------------------------------------------
+//
+// A differentiable eager call through both plans, without a Python autograd.Function: autograd(...) runs the
+// forward core and records a GatedNormBackward node (a C++ torch::autograd::Node, as PyTorch's own ops have) whose
+// apply runs the backward core on the autograd engine's thread; the Function's Python (apply, ctx, the saved
+// tensors, the backward wrapper) is what took a planned forward+backward to twice the host time of a plain
+// autograd pair (docs/design.md, "Eager plans"). Where the core declines (a variant not registered yet, dy of
+// another dtype or layout, a misaligned address) and for a backward that records its own graph
+// (create_graph=True), apply calls the Python fallback the plan gave: the Function's backward, same results.
+
+struct GatedNormBackward final : torch::autograd::Node {
+  torch::autograd::SavedVariable x, weight, bias, z, mean, rstd;
+  bool has_bias = false, has_z = false, has_mean = false;
+  Needs needs{};
+  const BackwardPlanState* state = nullptr;
+  PyObject* fallback = nullptr;  // owned; keeps the plans (and so `state`) alive
+
+  ~GatedNormBackward() override {
+    if (fallback != nullptr && Py_IsInitialized()) {
+      PyGILState_STATE gil = PyGILState_Ensure();
+      Py_DECREF(fallback);
+      PyGILState_Release(gil);
+    }
+  }
+
+  std::string name() const override { return "GatedNormBackward"; }
+
+  void release_variables() override {
+    for (auto* saved : {&x, &weight, &bias, &z, &mean, &rstd}) saved->reset_data();
+  }
+
+  torch::autograd::variable_list apply(torch::autograd::variable_list&& grads) override {
+    torch::autograd::variable_list out(4);  // the next edges' order: x, weight, bias, z
+    const at::Tensor& dy = grads[0];
+    if (!dy.defined()) return out;
+    auto self = getptr();
+    at::Tensor x_ = x.unpack(self), w_ = weight.unpack(self), r_ = rstd.unpack(self);
+    at::Tensor b_ = has_bias ? bias.unpack(self) : at::Tensor();
+    at::Tensor z_ = has_z ? z.unpack(self) : at::Tensor();
+    at::Tensor m_ = has_mean ? mean.unpack(self) : at::Tensor();
+    at::Tensor g[4];  // dx, dz, dweight, dbias
+    PyGILState_STATE gil = PyGILState_Ensure();
+    int rc = c10::GradMode::is_enabled() ? 0 : backward_core(state, dy, x_, w_, b_, z_, m_, r_, needs, g);
+    if (rc == 0) {
+      PyObject* result = PyObject_CallFunction(
+          fallback, "NNNNNNN(NNNN)", THPVariable_Wrap(dy), THPVariable_Wrap(x_), THPVariable_Wrap(w_),
+          wrap_or_none(std::move(b_)), wrap_or_none(std::move(z_)), wrap_or_none(std::move(m_)), THPVariable_Wrap(r_),
+          PyBool_FromLong(needs.dx), PyBool_FromLong(needs.dz), PyBool_FromLong(needs.dw), PyBool_FromLong(needs.db));
+      rc = -1;
+      if (result != nullptr && PyTuple_Check(result) && PyTuple_GET_SIZE(result) == 4) {
+        rc = 1;
+        for (int i = 0; i < 4; ++i)
+          if (!tensor_or_none(PyTuple_GET_ITEM(result, i), g[i])) rc = -1;
+      }
+      if (rc < 0 && result != nullptr)
+        PyErr_SetString(PyExc_TypeError, "gatednorm cxx_plans: the backward fallback must return 4 tensors or None");
+      Py_XDECREF(result);
+    }
+    if (rc < 0) {
+      python_error err;
+      err.persist();
+      PyGILState_Release(gil);
+      throw err;
+    }
+    PyGILState_Release(gil);
+    out[0] = std::move(g[0]);
+    out[1] = std::move(g[2]);
+    out[2] = std::move(g[3]);
+    out[3] = std::move(g[1]);
+    return out;
+  }
+};
+
+// A new node, as the installed PyTorch holds them: c10::intrusive_ptr (2.13) or std::shared_ptr (before).
+template <typename N>
+auto make_node() {
+  if constexpr (std::is_base_of_v<c10::intrusive_ptr_target, N>) {
+    return c10::make_intrusive<N>();
+  } else {
+    return std::shared_ptr<N>(new N());
+  }
+}
+
+// autograd(forward state, backward state, fallback, x, z | None, weight, bias | None) -> (y, mean | None, rstd)
+// with y differentiable through a GatedNormBackward node, or None (declined: the Function's path runs). Called
+// with grad mode on and an input that requires grad; x and z (M, N) rows. fallback(dy, x, weight, bias, z, mean,
+// rstd, needs) -> (dx, dz, dweight, dbias): the Python backward, for what the node's core declines.
+PyObject* autograd(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  at::Tensor x, z, weight, bias;
+  if (nargs != 7 || !THPVariable_Check(args[3]) || !THPVariable_Check(args[5]) || !tensor_or_none(args[3], x) ||
+      !tensor_or_none(args[4], z) || !tensor_or_none(args[5], weight) || !tensor_or_none(args[6], bias) ||
+      !PyCallable_Check(args[2])) {
+    PyErr_SetString(PyExc_TypeError, "autograd(fstate, bstate, fallback, x, z, weight, bias)");
+    return nullptr;
+  }
+  auto* fst = static_cast<const ForwardPlanState*>(PyLong_AsVoidPtr(args[0]));
+  auto* bst = static_cast<const BackwardPlanState*>(PyLong_AsVoidPtr(args[1]));
+  if (fst == nullptr || bst == nullptr) return nullptr;
+  at::Tensor y, mean, rstd;
+  const int rc = forward_core(fst, x, z, weight, bias, y, mean, rstd);
+  if (rc <= 0) return rc < 0 ? nullptr : (Py_INCREF(Py_None), Py_None);
+  try {
+    auto node = make_node<GatedNormBackward>();
+    node->set_next_edges(torch::autograd::collect_next_edges(x, weight, bias, z));
+    node->needs = {x.requires_grad(), z.defined() && z.requires_grad(), weight.requires_grad(),
+                   bias.defined() && bias.requires_grad()};
+    node->has_bias = bias.defined();
+    node->has_z = z.defined();
+    node->has_mean = mean.defined();
+    node->x = torch::autograd::SavedVariable(x, false);
+    node->weight = torch::autograd::SavedVariable(weight, false);
+    if (bias.defined()) node->bias = torch::autograd::SavedVariable(bias, false);
+    if (z.defined()) node->z = torch::autograd::SavedVariable(z, false);
+    if (mean.defined()) node->mean = torch::autograd::SavedVariable(mean, false);
+    node->rstd = torch::autograd::SavedVariable(rstd, false);
+    node->state = bst;
+    Py_INCREF(args[2]);
+    node->fallback = args[2];
+    torch::autograd::set_history(y, node);
+  } catch (const std::exception& e) {
+    PyErr_SetString(PyExc_RuntimeError, e.what());
+    return nullptr;
+  }
+  return forward_outputs(std::move(y), std::move(mean), std::move(rstd));
 }
 
 // setup(triton.knobs.runtime, torch._C._cuda_getCurrentRawStream or None): what every call reads.
@@ -452,6 +611,8 @@ PyMethodDef methods[] = {
      "forward(state, x, z, weight, bias) -> (y, mean, rstd) or None"},
     {"backward", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(backward)), METH_FASTCALL,
      "backward(state, dy, x, weight, bias, z, mean, rstd, needs) -> (dx, dz, dweight, dbias) or None"},
+    {"autograd", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(autograd)), METH_FASTCALL,
+     "autograd(fstate, bstate, fallback, x, z, weight, bias) -> (y, mean, rstd), y through a GatedNormBackward node"},
     {"setup", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(setup)), METH_FASTCALL, "setup"},
     {"set_recorder", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(set_recorder)), METH_FASTCALL,
      "set_recorder"},

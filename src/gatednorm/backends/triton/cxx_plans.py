@@ -53,18 +53,36 @@ _lock = threading.Lock()
 _state: dict[str, object] = {}
 
 
-def _flags() -> list[str]:
+def _flags(std: str) -> list[str]:
     """Compiler flags for a CPython extension against this PyTorch (its headers, libraries and C++ ABI) and
-    Triton's copy of cuda.h."""
+    Triton's copy of cuda.h, in C++ standard ``std``."""
     from torch.utils import cpp_extension
 
     torch_lib = str(Path(torch.__file__).parent / "lib")
     includes = [*cpp_extension.include_paths(), sysconfig.get_paths()["include"],
                 str(Path(triton.__file__).parent / "backends" / "nvidia" / "include")]
     abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
-    return ["-O2", "-std=c++17", "-fPIC", "-shared", f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
+    return ["-O2", f"-std={std}", "-fPIC", "-shared", f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
             *(f"-I{p}" for p in includes), f"-L{torch_lib}", f"-Wl,-rpath,{torch_lib}",
             "-ltorch_python", "-ltorch", "-ltorch_cpu", "-lc10", "-ldl"]
+
+
+def _compile(compiler: str, flags: list[str], path: Path) -> str:
+    """Build the extension at path (unless there); '' or why it failed."""
+    if path.exists():
+        return ""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+            out = Path(tmp) / path.name
+            proc = subprocess.run([compiler, str(_SOURCE), "-o", str(out), *flags], capture_output=True, text=True,
+                                  timeout=600)
+            if proc.returncode != 0:
+                return f"{compiler} failed: {proc.stderr.strip()[-800:]}"
+            os.replace(out, path)  # atomic: a concurrent build writes the same bytes
+    except (OSError, subprocess.SubprocessError) as exc:
+        return f"build failed: {type(exc).__name__}: {exc}"
+    return ""
 
 
 def _build() -> tuple[ModuleType | None, str]:
@@ -75,23 +93,18 @@ def _build() -> tuple[ModuleType | None, str]:
     cuda_h = Path(triton.__file__).parent / "backends" / "nvidia" / "include" / "cuda.h"
     if not cuda_h.exists():
         return None, f"Triton ships no {cuda_h}"
-    flags = _flags()
-    ident = " ".join([compiler, *flags, torch.__version__, sys.version, sys.platform]).encode()
-    key = hashlib.sha256(_SOURCE.read_bytes() + cuda_h.read_bytes() + ident).hexdigest()[:16]
     suffix = importlib.machinery.EXTENSION_SUFFIXES[0]
-    path = cache_dir() / f"gatednorm_cxx_plans_{key}{suffix}"
-    if not path.exists():
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
-                out = Path(tmp) / path.name
-                proc = subprocess.run([compiler, str(_SOURCE), "-o", str(out), *flags], capture_output=True,
-                                      text=True, timeout=600)
-                if proc.returncode != 0:
-                    return None, f"{compiler} failed: {proc.stderr.strip()[-800:]}"
-                os.replace(out, path)  # atomic: a concurrent build writes the same bytes
-        except (OSError, subprocess.SubprocessError) as exc:
-            return None, f"build failed: {type(exc).__name__}: {exc}"
+    why = ""
+    for std in ("c++20", "c++17"):  # PyTorch 2.13's headers want C++20; an older compiler may have only C++17
+        flags = _flags(std)
+        ident = " ".join([compiler, *flags, torch.__version__, sys.version, sys.platform]).encode()
+        key = hashlib.sha256(_SOURCE.read_bytes() + cuda_h.read_bytes() + ident).hexdigest()[:16]
+        path = cache_dir() / f"gatednorm_cxx_plans_{key}{suffix}"
+        why = _compile(compiler, flags, path)
+        if not why:
+            break
+    if why:
+        return None, why
     try:
         spec = importlib.util.spec_from_file_location("gatednorm_cxx_plans", path)
         assert spec is not None and spec.loader is not None
