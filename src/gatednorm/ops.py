@@ -27,6 +27,7 @@ implementations, so graphs trace without breaks and the kernels stay opaque to I
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 from collections.abc import Callable, Iterator
 
@@ -622,8 +623,13 @@ def _differentiable_grads(ctx, dy, x, weight, bias, z) -> tuple:
     gradient penalties, Hessian-vector products). The analytic backward is not differentiable again, so the
     forward is recomputed in torch ops (:func:`formula_rows`, as under torch.func) and autograd differentiates
     it, with the graph kept; None where no gradient is asked."""
-    y = formula_rows(x, weight, bias, z, ctx.spec, out_dtype=dy.dtype)[0]
-    return grads_with_graph(y, (x, weight, bias, z), ctx.needs_input_grad[:4], dy)
+    return _differentiable_rows_grads(ctx.spec, dy, x, weight, bias, z, ctx.needs_input_grad[:4])
+
+
+def _differentiable_rows_grads(spec: NormSpec, dy, x, weight, bias, z, needs: tuple[bool, ...]) -> tuple:
+    """:func:`_differentiable_grads` for the saved rows and ``needs`` in (x, weight, bias, z) order."""
+    y = formula_rows(x, weight, bias, z, spec, out_dtype=dy.dtype)[0]
+    return grads_with_graph(y, (x, weight, bias, z), needs, dy)
 
 
 def grads_with_graph(output: torch.Tensor, inputs: tuple, needs: tuple[bool, ...], grad_output: torch.Tensor) -> tuple:
@@ -807,12 +813,18 @@ class _EagerPlan:
     """The checked call of one signature: its NormSpec, the backend that serves it (``name``, ``impl``) and that
     backend's own forward and backward plans (:class:`~gatednorm.backends.base.PlannedBackend`), if any."""
 
-    __slots__ = ("name", "impl", "spec", "launch", "backward_launch", "n")
+    __slots__ = ("name", "impl", "spec", "launch", "backward_launch", "n", "fused_autograd", "autograd_planner",
+                 "node_backward")
 
     def __init__(self, name: str, impl: Backend, spec: NormSpec, launch: Callable[..., tuple | None] | None,
                  backward_launch: Callable[..., Grads | None] | None, n: int) -> None:
         self.name, self.impl, self.spec, self.launch, self.backward_launch = name, impl, spec, launch, backward_launch
         self.n = n
+        #: the backend's differentiable entry (PlannedBackend.plan_autograd) once it has one; its planner until
+        #: then (None: the backend has none for this signature)
+        self.fused_autograd = None
+        self.autograd_planner = getattr(impl, "plan_autograd", None)
+        self.node_backward = functools.partial(_node_backward, self)
 
     def forward_rows(self, x, weight, bias, z, stats: bool = True):
         """(y, mean | None, rstd) of x's rows (x of the signature, M > 0), y in x's shape: the backend's plan,
@@ -837,8 +849,37 @@ class _EagerPlan:
         """(y in x's shape, mean | None, rstd), differentiable: GatedNormFunction on the (M, N) views, as
         gated_norm_rows runs it, with this plan deciding both directions; ``stats=False``: (y, None, None)."""
         x2d, z2d = _rows_of(x, z, self.n)
-        y, mean, rstd = _plain_apply(x2d, weight, bias, z2d, self.spec, self.name, None, self, stats)
+        entry = self.fused_autograd
+        if entry is None and self.autograd_planner is not None:
+            entry = self._fused_entry()
+        done = None if entry is None else entry(self.node_backward, x2d, z2d, weight, bias)
+        if done is None:
+            done = _plain_apply(x2d, weight, bias, z2d, self.spec, self.name, None, self, stats)
+        y, mean, rstd = done
         return (y if x2d is x else y.view_as(x)), mean, rstd
+
+    def _fused_entry(self):
+        """Ask the backend for its differentiable entry (see :meth:`PlannedBackend.plan_autograd`): the entry, or
+        None (not yet; asked again next call, or never again where the backend said False)."""
+        entry = self.autograd_planner(self.launch, self.backward_launch)
+        if entry is False or entry is True:
+            self.autograd_planner = None
+            return None
+        self.fused_autograd = entry
+        if entry is not None:
+            self.autograd_planner = None
+        return entry
+
+
+def _node_backward(plan: _EagerPlan, dy, x, weight, bias, z, mean, rstd, needs: tuple[bool, ...]) -> tuple:
+    """(dx, dz, dweight, dbias) for a backend's autograd node (PlannedBackend.plan_autograd) where the node does
+    not compute them itself: what the Functions' backward returns for the same saved tensors (``needs``: the
+    (dx, dz, dweight, dbias) flags), a graph recorded where grad mode is on (``create_graph=True``)."""
+    if torch.is_grad_enabled():
+        dx, dw, db, dz = _differentiable_rows_grads(plan.spec, dy, x, weight, bias, z,
+                                                    (needs[0], needs[2], needs[3], needs[1]))
+        return dx, dz, dw, db
+    return tuple(plan.backward_rows(dy, x, weight, bias, z, mean, rstd, GradsNeeded(*needs)))
 
 
 def _plannable_call(x) -> bool:

@@ -105,7 +105,8 @@ class FusedResidualBackend(Protocol):
 class PlannedBackend(Protocol):
     """What a backend adds to cut the host time of repeated calls (docs/design.md, "Eager plans"). Optional, each
     method on its own: :mod:`gatednorm.ops` caches, per call signature, the checked arguments and this backend,
-    and asks ``plan_forward`` / ``plan_backward`` / ``plan_forward_quant`` once for launches decided in advance;
+    and asks ``plan_forward`` / ``plan_backward`` / ``plan_forward_quant`` once for launches decided in advance
+(``plan_autograd``, for differentiable calls through both, until it answers);
     without them (or where they return None) the cached call runs :meth:`Backend.forward` /
     :meth:`Backend.backward` / :meth:`Backend.forward_quant`."""
 
@@ -123,6 +124,17 @@ class PlannedBackend(Protocol):
         """As :meth:`plan_forward`, for the backward of the same signature: ``plan(dy, x, weight, bias, z, mean,
         rstd, needs)`` with the forward's saved (M, N) rows returns what :meth:`Backend.backward` returns, or
         None, having written nothing, for a call it does not serve. None here: no plan for this signature."""
+        ...
+
+    def plan_autograd(self, forward_plan: Callable[..., tuple | None] | None,
+                      backward_plan: Callable[..., Grads | None] | None) -> Callable[..., tuple | None] | bool | None:
+        """Differentiable calls of a signature without a Python autograd Function, from the two plans
+        :meth:`plan_forward` and :meth:`plan_backward` returned for it: ``entry(fallback, x, z, weight, bias)``
+        (x, z (M, N) rows; grad mode on, an input requiring grad) returns ``(y, mean | None, rstd)`` with y
+        differentiable through the backend's own autograd node, or None, having done nothing (the Function's path
+        runs). The node's backward calls ``fallback(dy, x, weight, bias, z, mean, rstd, needs)`` -> (dx, dz,
+        dweight, dbias) for what it does not serve itself (needs: (dx, dz, dweight, dbias) flags). None here: not
+        yet (ask again on a later call); False: never for this signature."""
         ...
 
     def plan_forward_quant(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,

@@ -657,6 +657,11 @@ class TritonBackend:
 
         return plan_backward(x, weight, bias, z, spec, self.pdl, self.fast_launch)
 
+    def plan_autograd(self, forward_plan, backward_plan):
+        from .plans import plan_autograd
+
+        return plan_autograd(forward_plan, backward_plan)
+
     def plan_forward_quant(self, x, weight, bias, z, spec: NormSpec, qspec: QuantSpec):
         from .plans import plan_forward_quant
 

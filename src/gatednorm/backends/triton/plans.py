@@ -12,6 +12,7 @@ fraction of the host time.
 from __future__ import annotations
 
 import ctypes
+import functools
 from collections.abc import Sequence
 
 import torch
@@ -445,6 +446,20 @@ def _rows_plannable(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
         if t is not None and (t.stride(-1) != 1 or not (t.dim() == 2 or t.is_contiguous())):
             return False
     return weight.stride(-1) == 1 and (bias is None or bias.stride(-1) == 1)
+
+
+def plan_autograd(forward_plan: ForwardPlan | None, backward_plan: BackwardPlan | None):
+    """The C++ entry's differentiable call bound to both plans' states (cxx_plans.cpp, ``autograd``: a
+    GatedNormBackward node instead of the Python Function; see PlannedBackend.plan_autograd), None while either
+    plan waits for the extension, False where either has no C++ entry."""
+    if forward_plan is None or backward_plan is None:
+        return False
+    if forward_plan.native_forward is None or backward_plan.native_backward is None:
+        if forward_plan.native_wanted or backward_plan.native_wanted:
+            return None
+        return False
+    module = cxx_plans.extension(wait=False)
+    return functools.partial(module.autograd, forward_plan.native_address, backward_plan.native_address)
 
 
 def plan_backward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, z: torch.Tensor | None,
