@@ -716,3 +716,66 @@ def test_cxx_backward_launches_what_the_python_plan_launches(cxx_recorded, m, n,
         assert grad is None or (grad.shape == like.shape and grad.dtype == like.dtype)
     calls = len(cxx_calls)
     assert plan(dy.float(), x, w, b, z, mean, rstd, needs) is None and len(cxx_calls) == calls
+
+
+def test_cxx_autograd_node_runs_the_backward_plan_or_its_fallback(cxx_recorded):
+    """plans.plan_autograd's entry (cxx_plans.cpp, ``autograd``): y comes back differentiable through a C++
+    GatedNormBackward node (no Python Function), mean and rstd not; its backward launches the backward plan's
+    kernels from C++ (recorded, as the Python plan launches them) and fills the gradients of exactly the inputs
+    that require grad; where the C++ core declines (dy with feature stride > 1) or a graph is recorded (create_graph),
+    it calls the fallback with the saved tensors and what is needed, and its gradients are what the fallback
+    returned."""
+    launch, plans, kernels, python_calls, cxx_calls = cxx_recorded
+    m, n, gs = 24, 128, 64
+    x, z, w, b = make_inputs(m, n, torch.bfloat16, bias=True, gate=True, seed=7)
+    spec = gatednorm.spec.NormSpec(1e-6, gs, True, False, "swish")
+    fplan = plans.ForwardPlan(x, w, b, z, spec, 1 << 24, 16, False)
+    bplan = plans.BackwardPlan(x, w, b, z, spec, False)
+    entry = plans.plan_autograd(fplan, bplan)
+    assert callable(entry) and plans.plan_autograd(None, bplan) is False
+    fallback_calls = []
+
+    def fallback(dy, xs, ws, bs, zs, mean, rstd, needs):
+        fallback_calls.append((dy, xs, ws, bs, zs, mean, rstd, needs, torch.is_grad_enabled()))
+        return tuple(None if not need else torch.full_like(t, 3.0) for need, t in zip(needs, (xs, zs, ws, bs),
+                                                                                        strict=True))
+
+    xl, zl, wl = (t.detach().clone().requires_grad_() for t in (x, z, w))  # bias does not require grad
+    needs = GradsNeeded(True, True, True, False)
+    # register the variants: the forward's and the backward's plain launches, then each plan's Python call
+    launch.forward(x, w, b, z, spec, torch.empty_like(x), 1 << 24, 16, pdl=False)
+    launch.backward(x, x, w, b, z, torch.zeros(2 * m), torch.ones(2 * m), spec, *needs, pdl=False)
+    assert fplan(x, w, b, z) is not None
+    assert bplan(x, x, w, b, z, torch.zeros(2 * m), torch.ones(2 * m), needs) is not None
+    cxx_calls.clear()
+    y, mean, rstd = entry(fallback, xl, zl, wl, b)
+    assert y.grad_fn.name() == "GatedNormBackward" and y.requires_grad
+    assert not mean.requires_grad and not rstd.requires_grad and mean.shape == rstd.shape == (2 * m,)
+    assert len(cxx_calls) == 1  # the forward
+    dy = torch.randn_like(x)
+    y.backward(dy)
+    assert fallback_calls == [] and len(cxx_calls) == 3  # bwd_kernel and sum_partials_kernel
+    assert xl.grad.shape == x.shape and zl.grad.shape == z.shape and wl.grad.shape == w.shape
+    bwd_params = cxx_calls[1][4]
+    assert bwd_params[0] == dy.data_ptr() and bwd_params[1] == xl.data_ptr()  # dy and the saved x, unpacked
+    # dy without unit stride along features: the core declines and the fallback computes
+    for t in (xl, zl, wl):
+        t.grad = None
+    y, _, _ = entry(fallback, xl, zl, wl, b)
+    dy_columns = dy.t().contiguous().t()
+    y.backward(dy_columns)
+    (dy_seen, x_seen, w_seen, b_seen, z_seen, mean_seen, rstd_seen, needs_seen, grad_mode) = fallback_calls[-1]
+    assert needs_seen == (True, True, True, False) and not grad_mode
+    assert x_seen.data_ptr() == xl.data_ptr() and z_seen.data_ptr() == zl.data_ptr() and b_seen is b
+    assert dy_seen.stride() == dy_columns.stride() and mean_seen is not None and rstd_seen.shape == (2 * m,)
+    assert torch.equal(xl.grad, torch.full_like(x, 3.0)) and torch.equal(wl.grad, torch.full_like(w, 3.0))
+    # a backward that records its graph goes to the fallback with grad mode on
+    y, _, _ = entry(fallback, xl, zl, wl, b)
+    torch.autograd.grad(y, (xl,), dy, create_graph=True)
+    assert fallback_calls[-1][-1] is True
+    # a saved input modified in place after the forward: autograd's version check, as for any op
+    y, _, _ = entry(fallback, xl, zl, wl, b)
+    with torch.no_grad():
+        wl.add_(1)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.backward(dy)
