@@ -121,6 +121,9 @@ def test_info_dict():
     assert data["gatednorm"] == gatednorm.__version__ and data["torch"] == torch.__version__
     assert set(data["triton"]) >= {"version", "backend_importable", "note"}
     assert data["triton"]["backend_importable"] == gatednorm.triton_available()
+    # the triton plans' C++ entry: in use, or why not (here: no CUDA driver, another Triton, no backend)
+    assert isinstance(data["triton_cxx_plans"], str) and data["triton_cxx_plans"]
+    assert data["triton_cxx_plans"] in gatednorm.diagnostics.format_info(data)
     cpu = data["devices"][0]
     assert cpu["device"] == "cpu" and cpu["auto"] == "native" and "CUDA" in cpu["auto_reason"]
     assert cpu["default"] == gatednorm.resolve_backend(None, torch.device("cpu"))

@@ -68,6 +68,9 @@ def info() -> dict[str, Any]:
     * ``settings``: the environment variables that steer dispatch, as set ('' when unset);
     * ``native_cpu_kernel``: ``"in use"`` when the native backend's C kernel (forward and backward) is built
       (on the first call here, about a second with a C compiler), else why the pure-PyTorch block kernels run;
+    * ``triton_cxx_plans``: ``"in use"`` when the triton backend's eager plans make their calls from C++
+      (gatednorm.backends.triton.cxx_plans; built on the first call here where Triton 3.6 is installed, 10-60 s),
+      else why they run in Python;
     * ``devices``: one entry per device (``cpu``, then every accelerator PyTorch reports), with
       ``device``, ``name``, ``auto`` (what ``backend="auto"`` picks there) and ``auto_reason``,
       ``default`` (what a call without ``backend=`` runs, given the environment; None when that raises)
@@ -89,6 +92,7 @@ def info() -> dict[str, Any]:
         "triton": _triton(),
         "settings": {name: env_text(name) for name in VARIABLES},  # every variable gatednorm reads
         "native_cpu_kernel": ops.native_cpu_kernel_status(),
+        "triton_cxx_plans": ops.triton_cxx_plans_status(),
         "huge_pages": huge_pages.status(),
         "devices": devices,
     }
@@ -104,6 +108,7 @@ def format_info(data: dict[str, Any]) -> str:
         f"triton    {triton['version'] or 'absent'}: {triton['note']}",
         "settings  " + (", ".join(f"{k}={v}" for k, v in data["settings"].items() if v) or "(none set)"),
         f"native CPU kernel: {data['native_cpu_kernel']}",
+        f"triton plans in C++: {data['triton_cxx_plans']}",
         f"huge pages for large CPU outputs: {data['huge_pages']}",
         "",
     ]

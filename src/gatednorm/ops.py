@@ -237,6 +237,17 @@ def native_cpu_kernel_status() -> str:
     return native_cpu_kernel.status()
 
 
+def triton_cxx_plans_status() -> str:
+    """'in use' when the triton backend's eager plans run their per-call host work in C++ (built here on first
+    use where Triton's C launcher is the one it repeats, 10-60 s with a C++ compiler), else why the plans run in
+    Python."""
+    if not triton_available():
+        return "no triton backend here"
+    from .backends.triton import cxx_plans
+
+    return cxx_plans.status()
+
+
 def backend_problem(name: str, device: torch.device) -> str | None:
     """Why the concrete backend ``name`` cannot run tensors on ``device`` (None when it can)."""
     if name == "triton":
