@@ -102,7 +102,7 @@ cxxplans)
         -k "plan or cxx_plans or launch_modes or rescue_kernel_matches" > "$OUT/plan_tests.log" 2>&1
     echo "pytest exit $?" | tee -a "$OUT/plan_tests.log"; tail -3 "$OUT/plan_tests.log"
     python3 benchmarks/probe_host_layers.py --shape 8192x128 --json "$OUT/host_layers_8192x128.json" 2>&1 | tail -32
-    for flag in 0 1 0 1; do
+    for flag in ${CXX_FLAGS:-0 1 0 1}; do
         echo "GATEDNORM_CXX_PLANS=$flag"
         GATEDNORM_CXX_PLANS=$flag python3 benchmarks/bench_host.py --device cuda --shape 8192x128 --calls 1000 \
             --repeats 5 --json "$OUT/host_8192x128_cxx$flag.json" 2>&1 | tail -9
