@@ -779,3 +779,97 @@ def test_cxx_autograd_node_runs_the_backward_plan_or_its_fallback(cxx_recorded):
         wl.add_(1)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         y.backward(dy)
+
+
+class _NodeOfFallback(torch.autograd.Function):
+    """A stand-in for a backend's autograd node: y's backward is the fallback ops gave the entry."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, z, y, mean, rstd, fallback, seen):
+        ctx.save_for_backward(x, weight, bias, z, mean, rstd)
+        ctx.fallback, ctx.seen = fallback, seen
+        return y.clone()
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, bias, z, mean, rstd = ctx.saved_tensors
+        needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[3], ctx.needs_input_grad[1], ctx.needs_input_grad[2])
+        ctx.seen.append(needs)
+        dx, dz, dw, db = ctx.fallback(dy, x, weight, bias, z, mean, rstd, needs)
+        return dx, dw, db, dz, None, None, None, None, None
+
+
+class _AutogradPlannedBackend:
+    """The native backend with a PlannedBackend.plan_autograd that answers None (not yet) on its first ask and then
+    an entry whose node is _NodeOfFallback (or, with ``never``, False)."""
+
+    def __init__(self, never: bool = False) -> None:
+        self.inner = NativeCPUBackend()
+        self.name, self.supports_float64 = self.inner.name, self.inner.supports_float64
+        self.asks, self.entries, self.never = 0, 0, never
+        self.node_backwards: list = []
+
+    def forward(self, *args):
+        return self.inner.forward(*args)
+
+    def backward(self, *args):
+        return self.inner.backward(*args)
+
+    def plan_autograd(self, forward_plan, backward_plan):
+        self.asks += 1
+        if self.never:
+            return False
+        if self.asks == 1:
+            return None
+
+        def entry(fallback, x, z, weight, bias):
+            self.entries += 1
+            spec = gatednorm.spec.NormSpec(1e-6, 32, True, True, "swish")
+            y = torch.empty_like(x)
+            with torch.no_grad():
+                mean, rstd = self.inner.forward(x, weight, bias, z, spec, y)
+            y = _NodeOfFallback.apply(x, weight, bias, z, y, mean, rstd, fallback, self.node_backwards)
+            return y, mean, rstd
+
+        return entry
+
+
+def test_planned_autograd_goes_through_the_backends_node_and_its_fallback():
+    """ops' side of PlannedBackend.plan_autograd: asked until it answers (None: not yet; False: never again),
+    then differentiable planned calls go through its entry with the (M, N) rows (y back in x's shape), and the
+    fallback it is given computes the Function's gradients, bit for bit the full path's; with create_graph, the
+    fallback's gradients are themselves differentiable and equal the full path's double backward."""
+    x, z, w, _ = make_inputs(12, 64, torch.float32, seed=21)
+    x3, z3 = x.view(3, 4, 64), z.view(3, 4, 64)
+    dy = torch.randn_like(x3)
+    want_y, want_grads = _full_path_grads(x3, w, None, z3, 1e-6, 32, True, True, dy)
+    backend = _AutogradPlannedBackend()
+    with ops.override_impl("native", "cpu", backend):
+        for call in range(4):
+            xl, wl, zl = (t.detach().clone().requires_grad_() for t in (x3, w, z3))
+            y = gatednorm.rmsnorm_fn(xl, wl, None, zl, 1e-6, 32, backend="native")
+            y.backward(dy)
+            assert torch.equal(y.detach(), want_y) and y.shape == x3.shape
+            for got, want in zip((xl.grad, wl.grad, zl.grad), (want_grads[0], want_grads[1], want_grads[3]),
+                                 strict=True):
+                assert torch.equal(got, want), call
+        # the first call: asked (None), the Function ran; then asked again, and its entry served the other three
+        assert backend.asks == 2 and backend.entries == 3, "asked until it answered, then its entry served"
+        assert backend.node_backwards == [(True, True, True, False)] * 3  # dx, dz, dweight; no bias
+        # create_graph: the fallback records the graph; double backward matches the full path's
+        xl, wl, zl = (t.detach().clone().requires_grad_() for t in (x3, w, z3))
+        y = gatednorm.rmsnorm_fn(xl, wl, None, zl, 1e-6, 32, backend="native")
+        (gx,) = torch.autograd.grad(y, (xl,), dy, create_graph=True)
+        assert gx.requires_grad and backend.entries == 4
+        (ggx,) = torch.autograd.grad(gx.square().sum(), (xl,))
+    xf, wf, zf = (t.detach().clone().requires_grad_() for t in (x3, w, z3))
+    call = gatednorm.spec.prepare(xf, wf, None, zf, 1e-6, 32, True, True, "swish", regroup_heads=True)
+    yf = ops.gated_norm_rows(call.x2d, call.weight, call.bias, call.z2d, call.spec, backend="native")[0].view_as(xf)
+    (gf,) = torch.autograd.grad(yf, (xf,), dy, create_graph=True)
+    assert torch.equal(gx, gf) and torch.equal(ggx, torch.autograd.grad(gf.square().sum(), (xf,))[0])
+    never = _AutogradPlannedBackend(never=True)
+    with ops.override_impl("native", "cpu", never):
+        for _ in range(3):
+            xl = x3.detach().clone().requires_grad_()
+            gatednorm.rmsnorm_fn(xl, w, None, z3, 1e-6, 32, backend="native").sum().backward()
+    assert never.asks == 1 and never.entries == 0
