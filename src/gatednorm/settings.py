@@ -44,7 +44,6 @@ The backend precedence, in one table: docs/design.md, section 4, "Choosing a bac
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 #: Every variable gatednorm reads, in the table's order: ``gatednorm info`` (gatednorm.diagnostics) reports each
 #: one that is set, so a bug report shows every setting that changed what ran. tests/test_newcomer.py checks this
@@ -121,9 +120,3 @@ def env_text(name: str) -> str:
     """The stripped value of ``name`` ('' when unset)."""
     value = _lookup(name)
     return "" if value is None else value.strip()
-
-
-def cache_dir() -> Path:
-    """Where built extensions are kept: ``$GATEDNORM_CACHE_DIR``, else ``~/.cache/gatednorm``."""
-    root = env_text("GATEDNORM_CACHE_DIR")
-    return Path(root) if root else Path.home() / ".cache" / "gatednorm"

@@ -47,13 +47,10 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import hashlib
-import os
 import platform
 import shutil
 import struct
-import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -62,8 +59,9 @@ from typing import NamedTuple
 
 import torch
 
+from ..builds import build_once, cache_dir
 from ..numerics import SAFE_RSTD_MAX
-from ..settings import cache_dir, env_off, env_text
+from ..settings import env_off, env_text
 
 _SOURCE = Path(__file__).with_name("native_cpu_kernel.c")
 _FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fPIC", "-shared"]
@@ -92,24 +90,6 @@ def _openmp_runtimes() -> set[str]:
         return set()
 
 
-def _compile(compiler: str, flags: list[str], lib_path: Path) -> str:
-    """Build the library at lib_path (unless there); '' or why it failed."""
-    if lib_path.exists():
-        return ""
-    try:
-        lib_path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=lib_path.parent) as tmp:
-            out = Path(tmp) / lib_path.name
-            proc = subprocess.run([compiler, *flags, str(_SOURCE), "-o", str(out), "-lm"],
-                                  capture_output=True, text=True, timeout=120)
-            if proc.returncode != 0:
-                return f"{compiler} failed: {proc.stderr.strip()[-500:]}"
-            os.replace(out, lib_path)  # atomic: a concurrent build writes the same bytes
-    except (OSError, subprocess.SubprocessError) as exc:
-        return f"build failed: {type(exc).__name__}: {exc}"
-    return ""
-
-
 def _build() -> tuple[ctypes.CDLL | None, str]:
     """(the loaded library, '') or (None, why not). Built with OpenMP (the team entry points) where PyTorch's
     own runtime is GNU OpenMP and the compiler has it, else (or if that build fails) without."""
@@ -123,7 +103,7 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
     for flags in variants:
         key = hashlib.sha256(source + " ".join([compiler, *flags, _cpu_flags(), sys.platform]).encode()).hexdigest()
         lib_path = cache_dir() / f"gatednorm_cpu_{key[:16]}.so"
-        why = _compile(compiler, flags, lib_path)
+        why = build_once([compiler, *flags, str(_SOURCE), "-lm"], lib_path, timeout=120)
         if why:
             continue
         try:

@@ -240,18 +240,12 @@ int forward_core(const ForwardPlanState* st, const at::Tensor& x, const at::Tens
     PyErr_SetString(PyExc_RuntimeError, e.what());
     return -1;
   }
-  ArgValues values;
-  std::memset(&values, 0, sizeof(values));
-  // x, residual, z, weight, bias, y, residual_out, mean, rstd (forward's order; no residual in a plan)
-  values.v[0] = address(x);
-  values.v[2] = address(z);
-  values.v[3] = address(weight);
-  values.v[4] = address(bias);
-  values.v[5] = address(y);
-  values.v[7] = address(mean);
-  values.v[8] = address(rstd);
-  if ((values.v[0] | values.v[2] | values.v[3] | values.v[4] | values.v[5] | values.v[7] | values.v[8]) & 15) return 0;
-  values.v[9] = static_cast<uint64_t>(m);
+  // x, residual, z, weight, bias, y, residual_out, mean, rstd (forward's order; no residual in a plan), then m
+  ArgValues values{{address(x), 0, address(z), address(weight), address(bias), address(y), 0, address(mean),
+                    address(rstd), static_cast<uint64_t>(m)}};
+  uint64_t aligned = 0;
+  for (int i = 0; i < 9; ++i) aligned |= values.v[i];
+  if (aligned & 15) return 0;
   for (int i = 0; i < 5; ++i) values.v[10 + i] = static_cast<uint64_t>(st->fixed[i]);
   float eps32 = static_cast<float>(st->eps);  // Triton's launcher packs a float argument as float32
   uint32_t eps_bits;
@@ -336,8 +330,7 @@ int backward_core(const BackwardPlanState* st, const at::Tensor& dy, const at::T
     PyErr_SetString(PyExc_RuntimeError, e.what());
     return -1;
   }
-  ArgValues values;
-  std::memset(&values, 0, sizeof(values));
+  ArgValues values{};
   const at::Tensor* pointers[] = {&dy, &x, &z, &weight, &bias, &mean, &rstd, &dx, &dz, &dw_part, &db_part};
   uint64_t aligned = address(dw) | address(db);
   for (int i = 0; i < 11; ++i) aligned |= values.v[i] = address(*pointers[i]);
@@ -350,14 +343,8 @@ int backward_core(const BackwardPlanState* st, const at::Tensor& dy, const at::T
   const int64_t grid_a = groups_fastest ? st->groups : progs, grid_b = groups_fastest ? progs : st->groups;
   int rc = launch(variant->bwd, values, static_cast<unsigned>(grid_a), static_cast<unsigned>(grid_b), stream);
   if (rc == 0 && sums) {  // (dw_part, db_part, dw, db, programs, N), as backward launches it
-    ArgValues partials;
-    std::memset(&partials, 0, sizeof(partials));
-    partials.v[0] = address(dw_part);
-    partials.v[1] = address(db_part);
-    partials.v[2] = address(dw);
-    partials.v[3] = address(db);
-    partials.v[4] = static_cast<uint64_t>(progs);
-    partials.v[5] = static_cast<uint64_t>(n);
+    const ArgValues partials{{address(dw_part), address(db_part), address(dw), address(db),
+                              static_cast<uint64_t>(progs), static_cast<uint64_t>(n)}};
     rc = launch(variant->part, partials, static_cast<unsigned>((n + st->block_n - 1) / st->block_n), 1, stream);
   }
   if (rc == 0) ++served_backward;

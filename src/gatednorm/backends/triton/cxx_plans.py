@@ -29,12 +29,9 @@ from __future__ import annotations
 import hashlib
 import importlib.machinery
 import importlib.util
-import os
 import shutil
-import subprocess
 import sys
 import sysconfig
-import tempfile
 import threading
 from pathlib import Path
 from types import ModuleType
@@ -42,7 +39,8 @@ from types import ModuleType
 import torch
 import triton
 
-from ...settings import cache_dir, env_text
+from ...builds import build_once, cache_dir
+from ...settings import env_text
 from .launch import _DIRECT_LAUNCH
 
 #: Whether plans use the C++ entry: Triton 3.6's C launcher (whose launch the C++ repeats) and not turned off by
@@ -73,24 +71,6 @@ def _flags(std: str) -> list[str]:
             "-ltorch_python", "-ltorch", "-ltorch_cpu", "-lc10", "-ldl"]
 
 
-def _compile(compiler: str, flags: list[str], path: Path) -> str:
-    """Build the extension at path (unless there); '' or why it failed."""
-    if path.exists():
-        return ""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
-            out = Path(tmp) / path.name
-            proc = subprocess.run([compiler, str(_SOURCE), "-o", str(out), *flags], capture_output=True, text=True,
-                                  timeout=600)
-            if proc.returncode != 0:
-                return f"{compiler} failed: {proc.stderr.strip()[-800:]}"
-            os.replace(out, path)  # atomic: a concurrent build writes the same bytes
-    except (OSError, subprocess.SubprocessError) as exc:
-        return f"build failed: {type(exc).__name__}: {exc}"
-    return ""
-
-
 def _build() -> tuple[ModuleType | None, str]:
     """(the loaded extension, '') or (None, why not)."""
     compiler = env_text("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
@@ -106,7 +86,7 @@ def _build() -> tuple[ModuleType | None, str]:
         ident = " ".join([compiler, *flags, torch.__version__, sys.version, sys.platform]).encode()
         key = hashlib.sha256(_SOURCE.read_bytes() + cuda_h.read_bytes() + ident).hexdigest()[:16]
         path = cache_dir() / f"gatednorm_cxx_plans_{key}{suffix}"
-        why = _compile(compiler, flags, path)
+        why = build_once([compiler, str(_SOURCE), *flags], path, timeout=600)
         if not why:
             break
     if why:

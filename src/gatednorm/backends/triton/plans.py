@@ -184,6 +184,18 @@ def _layout_matches(module) -> bool:
         ctypes.sizeof(_BackwardPlanState), _BackwardPlanState.variants.offset)
 
 
+def _extension_for(plan):
+    """The C++ entry's extension for a plan's ``_attach``: None while it builds (``plan.native_wanted`` stays set:
+    the plan asks again on its next call) or where it cannot serve (a failed build, other struct layouts: the
+    plan stops asking)."""
+    module = cxx_plans.extension(wait=False)
+    if module is None:
+        plan.native_wanted = not cxx_plans.settled()
+        return None
+    plan.native_wanted = False
+    return module if _layout_matches(module) else None
+
+
 #: cxx_plans.cpp's ArgKind of each signature type a Triton 3.6 launcher passes by value ('*...': a pointer, 1).
 _ARG_KINDS = {"constexpr": 0, "i32": 2, "i64": 3, "fp32": 4}
 #: Per kind, the arguments of a call that may take it: "p" a tensor, "-" None, "i" an int, "f" a float.
@@ -317,12 +329,8 @@ class ForwardPlan:
     def _attach(self) -> None:
         """Hand this plan's decisions to the C++ entry once its extension is loaded (its build runs on a background
         thread; until then every call comes back here, and stops once the build has failed)."""
-        module = cxx_plans.extension(wait=False)
+        module = _extension_for(self)
         if module is None:
-            self.native_wanted = not cxx_plans.settled()
-            return
-        self.native_wanted = False
-        if not _layout_matches(module):
             return
         state = _ForwardPlanState(
             n=self.n, groups=self.groups, rows=self.rows, scan_rows=self.scan_rows, rescue_min=self.rescue_min,
@@ -521,12 +529,8 @@ class BackwardPlan:
 
     def _attach(self) -> None:
         """Hand this plan's decisions to the C++ entry once its extension is loaded (as ForwardPlan._attach)."""
-        module = cxx_plans.extension(wait=False)
+        module = _extension_for(self)
         if module is None:
-            self.native_wanted = not cxx_plans.settled()
-            return
-        self.native_wanted = False
-        if not _layout_matches(module):
             return
         state = _BackwardPlanState(
             n=self.n, groups=self.groups, rows=self.rows, sms=self.sms, per_sm=self.per_sm,
