@@ -14,8 +14,10 @@
 #                                          # forward and backward (tune_gpu.py; about 65 + 75 s on an H100)
 #   bash benchmarks/gpu_suite.sh layers    # host time per call of each layer of the eager path at 8192x128 and
 #                                          # 2048x128 (probe_host_layers.py, about 30 s)
-#   bash benchmarks/gpu_suite.sh cxxplans   # the forward plans' C++ entry: build, plan tests, layers probe at
-#                                          # 8192x128, bench_host with the entry off and on (about 4 minutes)
+#   bash benchmarks/gpu_suite.sh cxxplans  # the plans' C++ entry (GATEDNORM_CXX_PLANS=1): build, plan tests,
+#                                          # layers probe at 8192x128, bench_host with the entry off and on
+#                                          # (CXX_FLAGS, default "0 1 0 1"; about 4 minutes); CXX_GOALS=1 adds
+#                                          # bench_gpu's small shapes and issue 16's host goals
 #   bash benchmarks/gpu_suite.sh kernels   # GPU tests + the fused-kernel benchmark (issue 7)
 #   bash benchmarks/gpu_suite.sh verify    # the full `gatednorm verify` on cuda, in worker processes
 #   bash benchmarks/gpu_suite.sh report    # native eager on GPU, tensor parallel (2 GPUs)
@@ -108,6 +110,12 @@ cxxplans)
         GATEDNORM_CXX_PLANS=$flag python3 benchmarks/bench_host.py --device cuda --shape 8192x128 --calls 1000 \
             --repeats 5 --json "$OUT/host_8192x128_cxx$flag.json" 2>&1 | tail -9
     done
+    if [ "${CXX_GOALS:-0}" = 1 ]; then  # issue 16's host goals with the C++ entry on (bench_gpu's small shapes)
+        timeout 240 python3 benchmarks/bench_gpu.py --no-compile --only "2048x128,8192x128,65536x128" \
+            --out "$OUT/small" "${SGL[@]}" > "$OUT/bench_gpu_small.log" 2>&1
+        python3 benchmarks/acceptance.py --bench "$OUT/small/gpu_bench.json" --markdown "$OUT/acceptance_small.md" \
+            | grep -i host
+    fi
     ;;
 layers)
     for shape in 8192x128 2048x128; do
