@@ -873,3 +873,26 @@ def test_planned_autograd_goes_through_the_backends_node_and_its_fallback():
             xl = x3.detach().clone().requires_grad_()
             gatednorm.rmsnorm_fn(xl, w, None, z3, 1e-6, 32, backend="native").sum().backward()
     assert never.asks == 1 and never.entries == 0
+
+
+def test_cxx_plans_build_failure_leaves_the_plans_in_python(monkeypatch, tmp_path):
+    """A build that fails (here a compiler that exits 1), or raises, settles with the reason in status() and no
+    extension, so plans stop asking for it and run in Python; a background build (wait=False) settles the same."""
+    pytest.importorskip("gatednorm.backends.triton.launch")
+    from gatednorm.backends.triton import cxx_plans, plans
+
+    monkeypatch.setattr(cxx_plans, "_state", {})
+    monkeypatch.setattr(cxx_plans, "ENABLED", True)
+    monkeypatch.setenv("GATEDNORM_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("CXX", "false")
+    assert cxx_plans.extension() is None and cxx_plans.settled()
+    assert "false failed" in cxx_plans.status() and not list(tmp_path.glob("*.so"))
+    monkeypatch.setattr(cxx_plans, "_state", {})
+    monkeypatch.setattr(cxx_plans, "_build", lambda: 1 / 0)
+    assert cxx_plans.extension(wait=False) is None
+    cxx_plans._state["thread"].join(30)
+    assert cxx_plans.settled() and "ZeroDivisionError" in cxx_plans.status()
+    x, z, w, _ = make_inputs(4, 64, torch.bfloat16, seed=3)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    plan = plans.ForwardPlan(x, w, None, z, gatednorm.spec.NormSpec(1e-6, 64, True, True, "swish"), 1 << 24, 16, False)
+    assert plan.native_forward is None and not plan.native_wanted

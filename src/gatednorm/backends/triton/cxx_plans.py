@@ -29,6 +29,7 @@ from __future__ import annotations
 import hashlib
 import importlib.machinery
 import importlib.util
+import os
 import shutil
 import sys
 import sysconfig
@@ -60,10 +61,11 @@ _state: dict[str, object] = {}
 def _flags(std: str) -> list[str]:
     """Compiler flags for a CPython extension against this PyTorch (its headers, libraries and C++ ABI) and
     Triton's copy of cuda.h, in C++ standard ``std``."""
-    from torch.utils import cpp_extension
-
-    torch_lib = str(Path(torch.__file__).parent / "lib")
-    includes = [*cpp_extension.include_paths(), sysconfig.get_paths()["include"],
+    torch_dir = Path(torch.__file__).parent
+    torch_lib = str(torch_dir / "lib")
+    # torch.utils.cpp_extension.include_paths()' two directories, without importing that module
+    includes = [str(torch_dir / "include"), str(torch_dir / "include" / "torch" / "csrc" / "api" / "include"),
+                sysconfig.get_paths()["include"],
                 str(Path(triton.__file__).parent / "backends" / "nvidia" / "include")]
     abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
     return ["-O2", f"-std={std}", "-fPIC", "-shared", f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
@@ -105,7 +107,10 @@ def _build() -> tuple[ModuleType | None, str]:
 def _load() -> None:
     with _lock:
         if "module" not in _state:
-            module, why = _build()
+            try:
+                module, why = _build()
+            except Exception as exc:  # noqa: BLE001 - any failure leaves the plans in Python, and says why
+                module, why = None, f"build failed: {type(exc).__name__}: {exc}"
             _state["why"], _state["module"] = why, module
 
 
@@ -121,9 +126,22 @@ def extension(wait: bool = True) -> ModuleType | None:
     if "thread" not in _state:
         with _lock:
             if "thread" not in _state:
-                _state["thread"] = threading.Thread(target=_load, name="gatednorm-host-forward-build", daemon=True)
+                _state["thread"] = threading.Thread(target=_load, name="gatednorm-cxx-plans-build", daemon=True)
                 _state["thread"].start()  # type: ignore[attr-defined]
     return None
+
+
+def _forget_the_build_in_a_forked_child() -> None:
+    """A child forked while the build ran has neither its thread nor, maybe, a usable lock: start afresh (the
+    parent's finished build, if any, is in the cache)."""
+    global _lock
+    _lock = threading.Lock()
+    if "module" not in _state:
+        _state.pop("thread", None)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_the_build_in_a_forked_child)
 
 
 def settled() -> bool:
