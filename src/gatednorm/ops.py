@@ -857,8 +857,11 @@ class _EagerPlan:
         return self.impl.backward(dy, x, weight, bias, z, mean, rstd, self.spec, needs)
 
     def autograd(self, x, weight, bias, z, stats: bool = True):
-        """(y in x's shape, mean | None, rstd), differentiable: GatedNormFunction on the (M, N) views, as
-        gated_norm_rows runs it, with this plan deciding both directions; ``stats=False``: (y, None, None)."""
+        """(y in x's shape, mean | None, rstd), differentiable: the backend's own autograd node on the (M, N) views
+        where it offers one (PlannedBackend.plan_autograd: no Python Function, :func:`_node_backward` its
+        fallback), else GatedNormFunction on them, as gated_norm_rows runs it, with this plan deciding both
+        directions; ``stats=False``: (y, None, None) from the Function (the node's call returns the statistics
+        anyway; the callers discard them)."""
         x2d, z2d = _rows_of(x, z, self.n)
         entry = self.fused_autograd
         if entry is None and self.autograd_planner is not None:
@@ -873,12 +876,12 @@ class _EagerPlan:
         """Ask the backend for its differentiable entry (see :meth:`PlannedBackend.plan_autograd`): the entry, or
         None (not yet; asked again next call, or never again where the backend said False)."""
         entry = self.autograd_planner(self.launch, self.backward_launch)
-        if entry is False or entry is True:
-            self.autograd_planner = None
+        if entry is None:
+            return None
+        self.autograd_planner = None
+        if entry is False:
             return None
         self.fused_autograd = entry
-        if entry is not None:
-            self.autograd_planner = None
         return entry
 
 
