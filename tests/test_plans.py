@@ -622,6 +622,14 @@ def cxx_recorded(monkeypatch):
         module.set_recorder(None)
 
 
+def _padded_rows(t: torch.Tensor) -> torch.Tensor:
+    """t's values in rows 8 elements longer than t's (NaN there): a row stride of its own, rows still 16-byte
+    aligned for 2-byte dtypes, as the plans need them."""
+    base = torch.full((t.shape[0], t.shape[1] + 8), float("nan"), dtype=t.dtype)
+    base[:, :t.shape[1]] = t
+    return base[:, :t.shape[1]]
+
+
 def _same_kernel_parameters(kernels: dict, python_calls: list, cxx_calls: list, fresh: set[int]) -> None:
     """Each launch the C++ entry recorded is the Python plan's: the same kernel, grid, warps and PDL flag, and as
     parameters the signature's non-constexpr arguments (eps as its float32 bits) then two null scratch pointers;
@@ -645,18 +653,22 @@ def _same_kernel_parameters(kernels: dict, python_calls: list, cxx_calls: list, 
                 assert got == value, (i, got, value)
 
 
-@pytest.mark.parametrize(("m", "n", "gs", "is_rms", "bias", "gate", "threshold"), [
-    (40, 128, 128, True, False, True, 1 << 24),
-    (1, 96, 32, False, True, True, 1 << 24),        # M = 1: m specialised away, LayerNorm's mean
-    (33, 64, 64, True, True, False, 1024),          # rescue_kernel after fwd_kernel, no gate
-    (48, 20000, 10000, False, False, True, 1 << 24),  # wide groups: chunks; M % 16 == 0
+@pytest.mark.parametrize(("m", "n", "gs", "is_rms", "bias", "gate", "threshold", "layout"), [
+    (40, 128, 128, True, False, True, 1 << 24, "contiguous"),
+    (1, 96, 32, False, True, True, 1 << 24, "contiguous"),        # M = 1: m specialised away, LayerNorm's mean
+    (33, 64, 64, True, True, False, 1024, "contiguous"),          # rescue_kernel after fwd_kernel, no gate
+    (48, 20000, 10000, False, False, True, 1 << 24, "contiguous"),  # wide groups: chunks; M % 16 == 0
+    (24, 128, 64, True, False, True, 1 << 24, "padded_rows"),  # x and z with row strides of their own
 ])
-def test_cxx_forward_launches_what_the_python_plan_launches(cxx_recorded, m, n, gs, is_rms, bias, gate, threshold):
+def test_cxx_forward_launches_what_the_python_plan_launches(cxx_recorded, m, n, gs, is_rms, bias, gate, threshold,
+                                                            layout):
     """ForwardPlan's C++ entry against its Python call (launches recorded, see cxx_recorded): the same launches
     and kernel parameters; outputs fresh and shaped as the plan's; the C++ entry declines (None, nothing launched)
     a variant not registered yet and a misaligned x."""
     launch, plans, kernels, python_calls, cxx_calls = cxx_recorded
     x, z, w, b = make_inputs(m, n, torch.bfloat16, bias=bias, gate=gate, seed=m + n)
+    if layout == "padded_rows":
+        x, z = _padded_rows(x), _padded_rows(z)
     spec = gatednorm.spec.NormSpec(1e-6, gs, True, is_rms, "swish")
     plan = plans.ForwardPlan(x, w, b, z, spec, threshold, 16, False)
     assert plan.native_forward is not None, "the plan did not attach to the C++ entry"
@@ -679,18 +691,22 @@ def test_cxx_forward_launches_what_the_python_plan_launches(cxx_recorded, m, n, 
         assert plan(base[:, 1:], w, b, z) is None and len(cxx_calls) == calls
 
 
-@pytest.mark.parametrize(("m", "n", "gs", "is_rms", "bias", "gate", "needs"), [
-    (40, 128, 128, True, False, True, (True, True, True, False)),
-    (17, 96, 32, False, True, True, (True, False, True, True)),   # LayerNorm: mean; no dz
-    (1, 64, 64, True, True, False, (True, False, False, False)),  # M = 1, dx only: no partial sums
-    (48, 20000, 10000, False, True, True, (False, True, True, True)),  # wide groups, zeroed partial rows; no dx
+@pytest.mark.parametrize(("m", "n", "gs", "is_rms", "bias", "gate", "needs", "layout"), [
+    (40, 128, 128, True, False, True, (True, True, True, False), "contiguous"),
+    (17, 96, 32, False, True, True, (True, False, True, True), "contiguous"),   # LayerNorm: mean; no dz
+    (1, 64, 64, True, True, False, (True, False, False, False), "contiguous"),  # M = 1, dx only: no partial sums
+    (48, 20000, 10000, False, True, True, (False, True, True, True), "contiguous"),  # wide groups, zeroed partials
+    (24, 128, 64, True, False, True, (True, True, True, False), "padded_rows"),  # x and z with row strides
 ])
-def test_cxx_backward_launches_what_the_python_plan_launches(cxx_recorded, m, n, gs, is_rms, bias, gate, needs):
+def test_cxx_backward_launches_what_the_python_plan_launches(cxx_recorded, m, n, gs, is_rms, bias, gate, needs,
+                                                             layout):
     """BackwardPlan's C++ entry against its Python call (as the forward's above): the same bwd_kernel and
     sum_partials_kernel launches and parameters, the gradients asked for (and only those) returned, shaped as
     their inputs; dy of another dtype declined."""
     launch, plans, kernels, python_calls, cxx_calls = cxx_recorded
     x, z, w, b = make_inputs(m, n, torch.bfloat16, bias=bias, gate=gate, seed=m + n)
+    if layout == "padded_rows":
+        x, z = _padded_rows(x), _padded_rows(z)
     spec = gatednorm.spec.NormSpec(1e-6, gs, True, is_rms, "swish")
     needs = GradsNeeded(*needs)
     plan = plans.BackwardPlan(x, w, b, z, spec, False)
