@@ -1,27 +1,29 @@
-"""The eager forward plan's per-call host work in C++ (``cxx_plans.cpp``), built on first use where it can be.
+"""The triton plans' per-call host work in C++ (``cxx_plans.cpp``), built on first use where it can be.
 
 Why
 ---
-A launch-bound forward (decode, 8192x128) is timed by its host time. On an H100 (session 19,
+A launch-bound call (decode, 8192x128) is timed by its host time. On an H100 (session 19,
 benchmarks/probe_host_layers.py) one torch.mul took 6.7 us per call and the leanest Python that can allocate
 the outputs and call Triton's C launcher 9.0; :class:`.plans.ForwardPlan` took 10.7-11.6, of which the two
-allocations from Python were 4.1 and Triton's launcher 3.8 (it parses ~25 Python arguments per call). The C++
-entry does the plan's whole call (variant, allocations, alignment check, ``cuLaunchKernelEx``) in one C call
-with the tensors' ATen handles: the same kernels, grids and arguments, so the same bits
-(tests/test_gpu.py::test_forward_plan_matches_plain_launch runs through it; tests/test_plans.py compares its
-launches with the Python plan's on CPU, recorded).
+allocations from Python were 4.1 and Triton's launcher 3.8 (it parses ~25 Python arguments per call); a planned
+forward+backward took 183-191 us against 85-94 for a plain autograd pair, the backward plan's Python running at
+64 us on the autograd engine's thread. The C++ entry makes a forward or backward plan's whole call (variant,
+allocations, alignment check, ``cuLaunchKernelEx``) in one C call with the tensors' ATen handles, and
+differentiable calls go through a C++ autograd node (``GatedNormBackward``) instead of the Python Function:
+the same kernels, grids and arguments, so the same bits (tests/test_plans.py compares its launches with the
+Python plans' on CPU, recorded; tests/test_gpu.py's plan tests run through it on a GPU).
 
 When it is used
 ---------------
-By every :class:`.plans.ForwardPlan` whose kernels were launched through Triton 3.6's C launcher (the ABI the
-C++ repeats: ``launch.DIRECT_LAUNCH_TRITON_VERSIONS``), where this module builds: a C++ compiler
-(``$CXX``, else c++ / g++ / clang++), PyTorch's headers and Triton's ``cuda.h``, while ``GATEDNORM_CXX_PLANS=1``
-(off by default until it has run on a GPU: :data:`ON_BY_DEFAULT`); ``GATEDNORM_CXX_PLANS=0``
-(read when the backend loads, as ``GATEDNORM_TRITON_FAST_LAUNCH``) keeps the Python plan. The extension is
-built once into ``$GATEDNORM_CACHE_DIR`` (default ``~/.cache/gatednorm``), keyed by the source, PyTorch's
-version, Python's and the compiler (10 s on a 2-core machine), on a background thread started by the first
-plan: plans made before it is ready attach to it when it is. :func:`status` says whether it is in use or why
-not.
+By the :class:`.plans.ForwardPlan` s and :class:`.plans.BackwardPlan` s whose kernels were launched through
+Triton 3.6's C launcher (the ABI the C++ repeats: ``launch.DIRECT_LAUNCH_TRITON_VERSIONS``), where this module
+builds (a C++ compiler: ``$CXX``, else c++ / g++ / clang++; PyTorch's headers; Triton's ``cuda.h``) and while
+``GATEDNORM_CXX_PLANS=1`` (off by default until it has run on a GPU: :data:`ON_BY_DEFAULT`;
+``GATEDNORM_CXX_PLANS=0`` keeps the Python plans; read when the backend loads, as
+``GATEDNORM_TRITON_FAST_LAUNCH``). The extension is built once into ``$GATEDNORM_CACHE_DIR`` (default
+``~/.cache/gatednorm``), keyed by the source, PyTorch's version, Python's and the compiler (10 s on a 2-core
+machine), on a background thread started by the first plan: plans made before it is ready attach to it when it
+is. :func:`status` says whether it is in use or why not.
 """
 
 from __future__ import annotations
@@ -44,8 +46,8 @@ from ...builds import build_once, cache_dir
 from ...settings import env_text
 from .launch import _DIRECT_LAUNCH
 
-#: Whether plans use the C++ entry: Triton 3.6's C launcher (whose launch the C++ repeats) and not turned off by
-#: ``GATEDNORM_CXX_PLANS=0`` (read once, when the backend loads; see gatednorm.settings).
+#: Whether plans use the C++ entry: Triton 3.6's C launcher (whose launch the C++ repeats) and
+#: ``GATEDNORM_CXX_PLANS`` (read once, when the backend loads; see gatednorm.settings).
 #: Off unless ``GATEDNORM_CXX_PLANS=1`` until it has run on a GPU: its CPU tests compare every kernel parameter
 #: with the Python plans' launches, but the launch itself (cuLaunchKernelEx with Triton 3.6's ABI) and the node on
 #: the engine's thread are checked only by tests/test_gpu.py, not yet run (no device in session 20).
