@@ -1,13 +1,13 @@
 """Environment settings, read in one place with one policy: on every call.
 
 Reading a variable costs about 0.15 us (:func:`_lookup`), so every setting is looked up when it is
-used; tests and users may change these variables at run time and the next call follows. Two
+used; tests and users may change these variables at run time and the next call follows. The
 exceptions, read when the triton backend first loads: ``TRITON_INTERPRET`` (Triton itself decides
 at kernel-definition time whether it interprets), ``GATEDNORM_TRITON_FAST_LAUNCH`` and
 ``GATEDNORM_CXX_PLANS`` (a lookup per kernel launch, about 0.8 us, would be a measurable share of a small
 call's host time) and ``GATEDNORM_TRITON_SPLIT_GROUPS`` (launch shapes are cached per group size); and
-``GATEDNORM_CACHE_DIR``, read when a built extension (the native CPU kernel, the triton backend's C++ forward
-entry) is first built (once per process).
+``GATEDNORM_CACHE_DIR``, read when a built extension (the native CPU kernel, the triton plans' C++ entry) is
+first built (once per process).
 
 ==================================  =============================================================================
 variable                            effect
