@@ -106,7 +106,7 @@ class PlannedBackend(Protocol):
     """What a backend adds to cut the host time of repeated calls (docs/design.md, "Eager plans"). Optional, each
     method on its own: :mod:`gatednorm.ops` caches, per call signature, the checked arguments and this backend,
     and asks ``plan_forward`` / ``plan_backward`` / ``plan_forward_quant`` once for launches decided in advance
-(``plan_autograd``, for differentiable calls through both, until it answers);
+    (``plan_autograd``, for differentiable calls through both, until it answers);
     without them (or where they return None) the cached call runs :meth:`Backend.forward` /
     :meth:`Backend.backward` / :meth:`Backend.forward_quant`."""
 

@@ -146,6 +146,11 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_forget_the_build_in_a_forked_child)
 
 
+def loaded() -> ModuleType | None:
+    """The extension if it is loaded already, else None; starts no build (for counters and plans attached to it)."""
+    return _state.get("module")  # type: ignore[return-value]
+
+
 def settled() -> bool:
     """Whether the build has finished (the extension loaded, or failed: :func:`status` says why)."""
     return "module" in _state

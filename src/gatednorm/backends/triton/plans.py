@@ -249,13 +249,13 @@ planned_launches = 0
 
 def forward_plan_launches() -> int:
     """Forward launches made through :class:`ForwardPlan` s, in Python or their C++ entry."""
-    module = cxx_plans.extension(wait=False) if cxx_plans.ENABLED else None
+    module = cxx_plans.loaded()
     return planned_launches + (0 if module is None else module.launches()[0])
 
 
 def backward_plan_launches() -> int:
     """Backward launches made through :class:`BackwardPlan` s, in Python or their C++ entry."""
-    module = cxx_plans.extension(wait=False) if cxx_plans.ENABLED else None
+    module = cxx_plans.loaded()
     return planned_backward_launches + (0 if module is None else module.launches()[1])
 
 
@@ -466,7 +466,7 @@ def plan_autograd(forward_plan: ForwardPlan | None, backward_plan: BackwardPlan 
         if forward_plan.native_wanted or backward_plan.native_wanted:
             return None
         return False
-    module = cxx_plans.extension(wait=False)
+    module = cxx_plans.loaded()  # both plans are attached to it
     return functools.partial(module.autograd, forward_plan.native_address, backward_plan.native_address)
 
 
