@@ -171,8 +171,12 @@ PyObject* raise_cuda(int rc) {
 
 bool hooks_installed() {
   if (runtime_knobs == nullptr) return false;
-  for (const char* name : {"launch_enter_hook", "launch_exit_hook"}) {
-    PyObject* hook = PyObject_GetAttrString(runtime_knobs, name);
+  // interned once: every call reads both hooks (PyObject_GetAttrString would build the two names each time)
+  static PyObject* names[2] = {PyUnicode_InternFromString("launch_enter_hook"),
+                               PyUnicode_InternFromString("launch_exit_hook")};
+  for (PyObject* name : names) {
+    if (name == nullptr) return true;  // could not intern: let Python's path decide
+    PyObject* hook = PyObject_GetAttr(runtime_knobs, name);
     if (hook == nullptr) {
       PyErr_Clear();
       return true;  // unreadable: let Python's path decide
