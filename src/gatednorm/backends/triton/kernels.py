@@ -1068,31 +1068,10 @@ def _quantize(yq, QMAX: tl.constexpr, INT8: tl.constexpr, FNUZ: tl.constexpr, UE
 
 
 @triton.jit
-def _quotient_by_qmax(amax, QMAX: tl.constexpr):
-    """RN(amax / QMAX) for QMAX in {448, 240, 127}, without a division: q0 = RN(amax c) with c = RN(1 / QMAX),
-    the residual e = amax - q0 QMAX (one fma, exact), then RN(q0 + e c) (one fma).
-
-    Equal bits to tl.math.div_rn(amax, QMAX) for every float32 amax >= 0 whose quotient is at least 2^-126
-    (below it the caller's floor takes over, and this is below it too), and for +Inf and NaN. Proved
-    exhaustively for the three QMAX by benchmarks/prove_qmax_quotient.py (every amax below 2^-99 and in the top
-    binade, two whole binades between, which stand for the rest: there every step scales exactly with amax);
-    tests/test_quant.py::test_quotient_by_qmax_is_the_correctly_rounded_division runs a sample through this
-    kernel. q0 alone is one ulp off for 5-65% of amax, depending on QMAX. div_rn compiles to a reciprocal,
-    its refinement and a range check that branches to a slow path; this is three straight-line operations
-    and the Inf check.
-    """
-    rcp: tl.constexpr = 1.0 / QMAX  # a float32 constant: RN(1 / QMAX) (1/QMAX in float64, then to float32)
-    q0 = amax * rcp
-    e = tl.fma(-q0, QMAX, amax)
-    q = tl.fma(e, rcp, q0)
-    return tl.where(e == e, q, q0)  # amax = +Inf: e = Inf - Inf is NaN and q0 = Inf is the quotient
-
-
-@triton.jit
 def _scale_of_blocks(amax, QMAX: tl.constexpr, UE8M0: tl.constexpr):
     """(the scale the codes divide by, whether it is NaN) of blocks of largest |y| amax (NaN for a block
     holding a NaN). With UE8M0 a NaN scale has turned +Inf here; _codes_of_blocks gives it back its NaN."""
-    scale = tl.maximum(_quotient_by_qmax(amax, QMAX), _QUANT_SCALE_MIN, propagate_nan=tl.PropagateNan.ALL)
+    scale = tl.maximum(tl.math.div_rn(amax, QMAX), _QUANT_SCALE_MIN, propagate_nan=tl.PropagateNan.ALL)
     has_nan = scale != scale
     if UE8M0:  # up to a power of two on the bits (exact; Inf stays Inf): numerics.ue8m0_round_up
         scale = ((scale.to(tl.int32, bitcast=True) + 0x7FFFFF) & 0x7F800000).to(tl.float32, bitcast=True)
