@@ -18,6 +18,9 @@ from gatednorm import ops
 from gatednorm.backends.base import GradsNeeded
 from gatednorm.backends.native_cpu import NativeCPUBackend
 
+#: torch's current-stream getter as the C++ entry was set up with it, read before any test stands in for it
+_RAW_STREAM = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+
 
 @pytest.fixture(autouse=True)
 def _fresh_plans():
@@ -689,6 +692,52 @@ def test_cxx_forward_launches_what_the_python_plan_launches(cxx_recorded, m, n, 
         base = torch.randn(m, n + 1).to(torch.bfloat16)
         calls = len(cxx_calls)
         assert plan(base[:, 1:], w, b, z) is None and len(cxx_calls) == calls
+
+
+def test_cxx_entry_hands_calls_with_launch_hooks_back_to_python(cxx_recorded):
+    """Triton's launch hooks (a profiler such as proton hooks in there): Triton 3.6's knobs hold HookChains, never
+    None. While both chains are empty the C++ entry launches; with a hook in either, or an older Triton's plain
+    callable, it declines and launches nothing, so the Python path (which passes the hooks) runs. On the GPU the
+    first version took every empty HookChain for an installed hook and never launched."""
+    import types
+
+    import triton
+
+    launch, plans, kernels, python_calls, cxx_calls = cxx_recorded
+    from gatednorm.backends.triton import cxx_plans
+
+    module = cxx_plans.extension()
+    x, z, w, b = make_inputs(40, 128, torch.bfloat16, bias=False, gate=True, seed=21)
+    spec = gatednorm.spec.NormSpec(1e-6, 128, True, True, "swish")
+    plan = plans.ForwardPlan(x, w, b, z, spec, 1 << 24, 16, False)
+    launch.forward(x, w, b, z, spec, torch.empty_like(x), 1 << 24, 16, pdl=False)
+    plan(x, w, b, z)  # the Python call registers the variant
+    runtime = triton.knobs.runtime
+
+    def through_cxx() -> bool:
+        calls = len(cxx_calls)
+        plan.native_forward(plan.native_address, x, z, w, b)
+        return len(cxx_calls) > calls
+
+    assert through_cxx(), "no hook installed, and the C++ entry declined"
+    chains = [getattr(runtime, name) for name in ("launch_enter_hook", "launch_exit_hook")]
+    for chain in chains:
+        if chain is None or not hasattr(chain, "add"):
+            continue  # a Triton whose knobs hold plain callables: covered below
+        hook = lambda *args, **kwargs: None  # noqa: E731
+        chain.add(hook)
+        try:
+            assert not through_cxx(), "a launch hook is installed, and the C++ entry launched without it"
+        finally:
+            chain.remove(hook)
+        assert through_cxx()
+    try:
+        for enter, leave in ((lambda *a: None, None), (None, lambda *a: None), (None, None)):
+            module.setup(types.SimpleNamespace(launch_enter_hook=enter, launch_exit_hook=leave), _RAW_STREAM)
+            assert through_cxx() == (enter is None and leave is None), (enter, leave)
+    finally:
+        module.setup(runtime, _RAW_STREAM)  # as cxx_plans set it up (the fixture's stand-in is not kept)
+    assert through_cxx()
 
 
 @pytest.mark.parametrize(("m", "n", "gs", "is_rms", "bias", "gate", "needs", "layout"), [

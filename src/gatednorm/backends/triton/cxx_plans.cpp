@@ -169,21 +169,38 @@ PyObject* raise_cuda(int rc) {
   return nullptr;
 }
 
+// Whether a launch hook is installed, as plans._launch_hooks reads them: Triton 3.6's knobs hold a HookChain
+// (never None; empty while no profiler has hooked in, its `calls` list then empty), older ones a callable or
+// None. Where one is installed the call goes back to Python, whose launch passes the hooks.
 bool hooks_installed() {
   if (runtime_knobs == nullptr) return false;
-  // interned once: every call reads both hooks (PyObject_GetAttrString would build the two names each time)
-  static PyObject* names[2] = {PyUnicode_InternFromString("launch_enter_hook"),
-                               PyUnicode_InternFromString("launch_exit_hook")};
-  for (PyObject* name : names) {
-    if (name == nullptr) return true;  // could not intern: let Python's path decide
-    PyObject* hook = PyObject_GetAttr(runtime_knobs, name);
+  // interned once: every call reads both hooks (PyObject_GetAttrString would build the names each time)
+  static PyObject* names[3] = {PyUnicode_InternFromString("launch_enter_hook"),
+                               PyUnicode_InternFromString("launch_exit_hook"), PyUnicode_InternFromString("calls")};
+  if (names[0] == nullptr || names[1] == nullptr || names[2] == nullptr) return true;  // let Python's path decide
+  for (int i = 0; i < 2; ++i) {
+    PyObject* hook = PyObject_GetAttr(runtime_knobs, names[i]);
     if (hook == nullptr) {
       PyErr_Clear();
       return true;  // unreadable: let Python's path decide
     }
-    bool none = hook == Py_None;
+    int installed = 0;
+    if (hook != Py_None) {
+      PyObject* calls = PyObject_GetAttr(hook, names[2]);
+      if (calls == nullptr) {
+        PyErr_Clear();
+        installed = 1;  // a plain callable
+      } else {
+        installed = PyObject_IsTrue(calls);  // a HookChain: installed while its list holds a hook
+        Py_DECREF(calls);
+        if (installed < 0) {
+          PyErr_Clear();
+          installed = 1;
+        }
+      }
+    }
     Py_DECREF(hook);
-    if (!none) return true;
+    if (installed) return true;
   }
   return false;
 }
@@ -191,8 +208,9 @@ bool hooks_installed() {
 // The stream and the checks both entries make before allocating: 1 go on, 0 decline (Python's path), -1 error.
 int launch_context(int32_t on_cuda, int32_t device_index, uint64_t* stream) {
   *stream = 0;
-  if (recorder == nullptr && (!open_driver() || hooks_installed())) return 0;
+  if (hooks_installed() || (recorder == nullptr && !open_driver())) return 0;
   if (!on_cuda) return 1;
+  if (raw_stream == nullptr || raw_stream == Py_None) return 0;  // a torch without CUDA streams
   const auto* guard = c10::impl::getDeviceGuardImpl(c10::DeviceType::CUDA);
   if (guard->getDevice().index() != device_index) return 0;
   PyObject* index = PyLong_FromLong(device_index);
