@@ -97,7 +97,7 @@ tune)
 cxxplans)
     # the eager forward plans' C++ entry (cxx_plans.cpp): its build, the plans' GPU tests, the layers probe,
     # then bench_host at 8192x128 with the entry off (GATEDNORM_CXX_PLANS=0) and on, alternating
-    export GATEDNORM_CXX_PLANS=1  # on for the tests and the probe (off by default until it has run on a GPU)
+    export GATEDNORM_CXX_PLANS=1  # on for the tests and the probe (the default; set in case the caller turned it off)
     start=$(date +%s)
     python3 -c "from gatednorm.backends.triton import cxx_plans as h; print('cxx_plans:', h.status())"
     echo "cxx_plans build and load: $(( $(date +%s) - start )) s"

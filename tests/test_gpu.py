@@ -356,9 +356,9 @@ def test_forward_plan_matches_plain_launch(shape, gs, nbg, is_rms, has_bias, dty
 
 
 def test_cxx_plans_is_in_use():
-    """The triton plans' C++ entry (cxx_plans.cpp) builds and finds the CUDA driver wherever it is on
-    (GATEDNORM_CXX_PLANS=1, Triton 3.6, whose C launcher it repeats) and a C++ compiler is present; elsewhere the
-    skip gives the reason."""
+    """The triton plans' C++ entry (cxx_plans.cpp) builds and finds the CUDA driver wherever it is on (the
+    default with Triton 3.6, whose C launcher it repeats, unless GATEDNORM_CXX_PLANS=0) and a C++ compiler is
+    present; elsewhere the skip gives the reason."""
     _tk()
     import shutil
 
