@@ -169,9 +169,10 @@ PyObject* raise_cuda(int rc) {
   return nullptr;
 }
 
-// Whether a launch hook is installed, as plans._launch_hooks reads them: Triton 3.6's knobs hold a HookChain
-// (never None; empty while no profiler has hooked in, its `calls` list then empty), older ones a callable or
-// None. Where one is installed the call goes back to Python, whose launch passes the hooks.
+// Whether a launch hook is installed, read as plans._launch_hooks reads the enter hook: Triton 3.6's knobs hold
+// a HookChain (never None; its `calls` list empty while no profiler has hooked in), older ones a callable or None.
+// The exit hook is read the same way (the Python plan passes it to Triton's launcher; this entry calls neither).
+// Where one is installed the call goes back to Python.
 bool hooks_installed() {
   if (runtime_knobs == nullptr) return false;
   // interned once: every call reads both hooks (PyObject_GetAttrString would build the names each time)
