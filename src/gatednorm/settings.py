@@ -20,7 +20,7 @@ variable                            effect
 ``GATEDNORM_PATCH``                 targets to patch (read by the opt-in ``.pth`` hook and ``apply_env_patch()``)
 ``TRITON_INTERPRET``                Triton's interpreter: lets the triton backend run on CPU tensors
 ``GATEDNORM_TRITON_FAST_LAUNCH``    ``0``: Triton's own (slower) launch path instead of the cached launcher
-``GATEDNORM_CXX_PLANS``          ``0``: the triton backend's eager plans make their calls in Python instead of
+``GATEDNORM_CXX_PLANS``             ``0``: the triton backend's eager plans make their calls in Python instead of
                                     C++ (gatednorm.backends.triton.cxx_plans; the default with Triton 3.6 and a
                                     C++ compiler)
 ``GATEDNORM_TRITON_SPLIT_GROUPS``   ``0``: groups that are not a power of two are one tile padded to the next power

@@ -22,7 +22,7 @@ By the :class:`.plans.ForwardPlan` s and :class:`.plans.BackwardPlan` s whose ke
 Triton 3.6's C launcher (the ABI the C++ repeats: ``launch.DIRECT_LAUNCH_TRITON_VERSIONS``), where this module
 builds (a C++ compiler: ``$CXX``, else c++ / g++ / clang++; PyTorch's headers; Triton's ``cuda.h``), unless
 ``GATEDNORM_CXX_PLANS=0`` (the Python plans; read when the backend loads, as ``GATEDNORM_TRITON_FAST_LAUNCH``;
-on by default since it ran on a GPU: :data:`ON_BY_DEFAULT`). The extension is built once into
+see :data:`ENABLED`). The extension is built once into
 ``$GATEDNORM_CACHE_DIR`` (default ``~/.cache/gatednorm``), keyed by the source, PyTorch's version, Python's and
 the compiler (10 s on a 2-core machine, 16-25 s on the H100 hosts), on a background thread started by the first
 plan: plans made before it is ready attach to it when it is. :func:`status` says whether it is in use or why not.
@@ -48,15 +48,13 @@ from ...builds import build_once, cache_dir
 from ...settings import env_text
 from .launch import _DIRECT_LAUNCH
 
-#: Whether plans use the C++ entry: Triton 3.6's C launcher (whose launch the C++ repeats) and
-#: ``GATEDNORM_CXX_PLANS`` (read once, when the backend loads; see gatednorm.settings).
-#: On unless ``GATEDNORM_CXX_PLANS=0``. Its CPU tests compare every kernel parameter with the Python plans'
-#: launches; the launch itself (cuLaunchKernelEx with Triton 3.6's ABI) and the node on the engine's thread ran on
-#: an H100 in session 21: tests/test_gpu.py's 28 plan tests and 126 of its other 176 through it, all passing
-#: (the device time ran out before the last 50, groups of three parts).
-ON_BY_DEFAULT = True
-_SWITCH = env_text("GATEDNORM_CXX_PLANS")
-ENABLED = _DIRECT_LAUNCH and (_SWITCH == "1" or (ON_BY_DEFAULT and _SWITCH != "0"))
+#: Whether plans use the C++ entry: with Triton 3.6's C launcher (whose launch the C++ repeats), unless
+#: ``GATEDNORM_CXX_PLANS=0`` (read once, when the backend loads; see gatednorm.settings). On by default since
+#: session 21: its CPU tests compare every kernel parameter with the Python plans' launches; the launch itself
+#: (cuLaunchKernelEx with Triton 3.6's ABI) and the node on the engine's thread ran on an H100: tests/test_gpu.py's
+#: 28 plan tests and 126 of its other 176 through it, all passing (the device time ran out before the last 50,
+#: groups of three parts).
+ENABLED = _DIRECT_LAUNCH and env_text("GATEDNORM_CXX_PLANS") != "0"
 
 _SOURCE = Path(__file__).with_name("cxx_plans.cpp")
 _lock = threading.Lock()
@@ -163,8 +161,6 @@ def status() -> str:
     """'in use', or why the Python plan runs instead."""
     if env_text("GATEDNORM_CXX_PLANS") == "0":
         return "disabled by GATEDNORM_CXX_PLANS=0"
-    if _DIRECT_LAUNCH and not ENABLED:
-        return "off (GATEDNORM_CXX_PLANS=1 turns it on)"
     if not ENABLED:
         return f"not used with Triton {triton.__version__} (its C launcher's ABI is repeated for Triton 3.6 only)"
     module = extension()
