@@ -95,8 +95,7 @@ def rows_for(m: int, n: int) -> dict:
 
     # the same plan kept in Python (its C++ entry detached), and the C++ entry alone where it is in use
     native = fplan.native_forward
-    py_plan = plans.ForwardPlan(x, w, None, z, eager.spec, launch.RESCUE_KERNEL_MIN_ELEMENTS, launch.RESCUE_SCAN_ROWS,
-                                None)
+    py_plan = plans.ForwardPlan(x, w, None, z, eager.spec, None, launch.RESCUE_SCAN_ROWS, None)  # the backend's
     py_plan.native_forward, py_plan.native_wanted = None, False
     if py_plan(x, w, None, z) is None:
         raise SystemExit("the Python plan did not serve the call")

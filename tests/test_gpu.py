@@ -303,7 +303,8 @@ def _plan_inputs(rows, n, dtype, z_layout, has_bias, seed):
     ((8192, 128), 128, True, True, False, torch.bfloat16, "rows"),
     ((4, 1000, 128), 64, True, True, False, torch.bfloat16, "rows"),        # 3-D contiguous, 64 | 4000 rows
     ((2049, 5120), 640, False, True, False, torch.bfloat16, "strided"),     # z a slice of a wider projection
-    ((4097, 5120), 640, False, True, False, torch.bfloat16, "rows"),        # >= 2^24 elements: rescue_kernel after
+    ((4097, 5120), 640, False, True, False, torch.bfloat16, "rows"),        # >= 2^24 elements, rescue in-kernel
+    ((2049, 8192), 8192, True, True, False, torch.bfloat16, "rows"),        # >= 2^24, groups of 8192: rescue_kernel
     ((333, 2048), 2048, True, False, True, torch.float16, "none"),
     ((1, 3072), 96, False, False, True, torch.float32, "rows"),             # M = 1: its own kernel variant
     ((300, 20000), 10000, True, True, True, torch.bfloat16, "rows"),        # wide groups, chunked

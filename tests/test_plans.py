@@ -522,6 +522,39 @@ def test_triton_scan_after_a_large_forward_is_a_dependent_launch(recorded_launch
     assert {key[3] for key in launch._COMPILED if key[0] is kernels[1]} == {option is None}  # the launch's PDL
 
 
+@pytest.mark.parametrize(("gs", "scan"), [(128, False), (5120, False), (8192, True), (16384, True)])
+def test_triton_range_rescue_runs_in_kernel_below_the_group_width_rule(recorded_launches, monkeypatch, gs, scan):
+    """With the backend's default threshold (None), a large call checks the range in fwd_kernel for groups narrower
+    than RESCUE_KERNEL_MIN_GROUP and runs rescue_kernel after it for wider ones; the plan decides the same; an
+    explicit threshold applies at every width (what the other tests use to reach the scan); the fused quantized
+    forward keeps the scan at every width."""
+    launch, plans, calls = recorded_launches
+    monkeypatch.setattr(launch, "RESCUE_KERNEL_MIN_ELEMENTS", 1024)  # every call of this test is "large"
+    assert launch.rescue_scan_min_elements(None, gs) == (1024 if scan else launch._NEVER)
+    assert launch.rescue_scan_min_elements(0, gs) == 0 and launch.quant_rescue_scan_min_elements(None) == 1024
+    m, n = 8, 2 * gs
+    x, z, w, _ = make_inputs(m, n, torch.bfloat16, bias=False, gate=True, seed=gs)
+    spec = gatednorm.spec.NormSpec(1e-6, gs, True, True, "swish")
+    backend = launch.TritonBackend(pdl=False)
+    backend.forward(x, w, None, z, spec, torch.empty_like(x))
+    plain = list(calls)
+    calls.clear()
+    assert plans.ForwardPlan(x, w, None, z, spec, None, launch.RESCUE_SCAN_ROWS, False)(x, w, None, z) is not None
+    kernels = [plans.fwd_kernel, plans.rescue_kernel] if scan else [plans.fwd_kernel]
+    assert [c[1] for c in plain] == [c[1] for c in calls] == kernels
+    in_kernel = plain[0][4][plans.fwd_kernel.arg_names[len(plain[0][3]):].index("RESCUE_IN_KERNEL")]
+    assert in_kernel is (not scan)
+    calls.clear()
+    launch.TritonBackend(rescue_kernel_min_elements=m * n, pdl=False).forward(x, w, None, z, spec, torch.empty_like(x))
+    assert [c[1] for c in calls] == [plans.fwd_kernel, plans.rescue_kernel]
+    if gs <= 8192:  # a 128-wide quant block in one tile
+        calls.clear()
+        qspec = gatednorm.spec.QuantSpec("fp8_e4m3", 128, "float32", "none", False)
+        q, storage = ops._quant_outputs(x, qspec)
+        if backend.forward_quant(x, w, None, z, spec, qspec, q, ops._scale_view(storage, qspec)):
+            assert [c[1] for c in calls] == [plans.fwd_quant_kernel, plans.quant_rescue_kernel]
+
+
 def test_interleaved_signatures_keep_their_own_plans():
     """Many signatures that share most of their key (dtypes of x and of the parameters, rank, strides, group
     size, gate side, norm, activation, bias, N), called in a shuffled order so that each call after the first

@@ -168,16 +168,17 @@ def _load_input(X, R, rows64, mask, stride_xm, stride_rm, col0, cols, HAS_RES: t
 # a power of two of its largest |value| (exact); mean * scale and rstd / scale are stored. Other rows
 # are never touched, so their bits are the plain path's.
 #
-# Where the check runs is a cost question (H200, benchmarks/bench_triton_ab.py): a check-and-branch
-# at the end of every program costs nothing measurable on small inputs but 3-17% of bandwidth on
-# some large shapes (it perturbs how the compiler schedules the common path); a separate scan kernel
-# leaves fwd_kernel's code as it was and costs one small launch, 1-4% of a large call (results in
-# benchmarks/results/triton_rescue_ab_h200.md). So calls of at least launch.RESCUE_KERNEL_MIN_ELEMENTS
-# elements use rescue_kernel, smaller ones (launch-bound anyway) check in-kernel.
+# Where the check runs is a cost question (benchmarks/bench_triton_ab.py): a separate scan kernel leaves
+# fwd_kernel's code as it was and costs one small launch, 1-4% of a large call; the check-and-branch at the
+# end of every program cost 3-17% of bandwidth on some large shapes when first measured (H200,
+# benchmarks/results/triton_rescue_ab_h200.md), but on today's kernels (H100, session 22) nothing on groups
+# of 96 to 5120, where it now runs at every size, and 3.5% on groups of 8192. So only calls of at least
+# launch.RESCUE_KERNEL_MIN_ELEMENTS elements whose groups are at least launch.RESCUE_KERNEL_MIN_GROUP wide
+# use rescue_kernel (launch.rescue_scan_min_elements).
 # Both judge the same stored rstd and redo rows with the same code and warps: a row's bits do not
 # depend on which one ran (batch invariance). Wide groups (looped in chunks) check in-kernel always.
-# The fused quantized forward (below) splits the same way; it stores no rstd, so a row to redo is marked
-# in its scales (_RESCUE_MARK) and quant_rescue_kernel scans those.
+# The fused quantized forward (below) splits at that size at every group width; it stores no rstd, so a row
+# to redo is marked in its scales (_RESCUE_MARK) and quant_rescue_kernel scans those.
 
 _SAFE_VAR_MIN = tl.constexpr(SAFE_VAR_MIN)
 _SAFE_RSTD_MAX = tl.constexpr(SAFE_RSTD_MAX)  # 2^50

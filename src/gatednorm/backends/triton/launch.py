@@ -235,10 +235,29 @@ _TRITON_HAS_PDL = triton_version() >= (3, 6)
 _INTERPRET = env_flag("TRITON_INTERPRET")
 
 
-#: Calls with at least this many elements run the range rescue as a separate kernel (see "Range rescue").
+#: Calls with at least this many elements, of groups at least RESCUE_KERNEL_MIN_GROUP wide, run the range rescue
+#: as a separate kernel (see "Range rescue"); the fused quantized forward does so at every group width.
 RESCUE_KERNEL_MIN_ELEMENTS = 1 << 24
+#: Groups narrower than this check in-kernel at every call size. H100 (session 22, bench_triton_ab.py, two runs
+#: of 5 and 7 interleaved rounds): with the check in fwd_kernel rather than the scan kernel after it, the large
+#: shapes of groups of 96 to 5120 ran 0.8-2.1% faster, the same time as with no rescue at all (the check costs
+#: nothing there); groups of 8192 ran 3.5% slower (benchmarks/results/gpu_notes_h200.md, session 22). 16384 was
+#: not measured and keeps the scan.
+RESCUE_KERNEL_MIN_GROUP = 8192
+#: A call size no call reaches: the range rescue always in-kernel.
+_NEVER = 1 << 62
 #: Rows whose stored rstd one program of rescue_kernel checks.
 RESCUE_SCAN_ROWS = 1024
+
+
+def rescue_scan_min_elements(option: int | None, group_size: int) -> int:
+    """The call size (elements) from which :func:`forward` runs the range rescue of groups of ``group_size`` as
+    rescue_kernel after fwd_kernel: ``option`` where given (any group width: tests lower it to compare the two),
+    else RESCUE_KERNEL_MIN_ELEMENTS for groups at least RESCUE_KERNEL_MIN_GROUP wide and never for narrower ones.
+    Wide groups looped in chunks check in-kernel whatever this says."""
+    if option is not None:
+        return option
+    return RESCUE_KERNEL_MIN_ELEMENTS if group_size >= RESCUE_KERNEL_MIN_GROUP else _NEVER
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -415,7 +434,7 @@ def forward(
     z: torch.Tensor | None,
     spec: NormSpec,
     out: torch.Tensor,
-    rescue_kernel_min_elements: int = RESCUE_KERNEL_MIN_ELEMENTS,
+    rescue_kernel_min_elements: int | None = None,
     rescue_scan_rows: int = RESCUE_SCAN_ROWS,
     *,
     config: tuple[int, int, int, int] | None = None,
@@ -433,6 +452,7 @@ def forward(
     rounded once to its dtype (the prenorm output, or s in float32 for the backward).
     ``config``: (BLOCK, ROWS, num_warps, order: ORDER_*) instead of :func:`_fwd_config`'s choice (the
     tuning benchmark);
+    ``rescue_kernel_min_elements``: see :func:`rescue_scan_min_elements` (None: by the group width);
     ``fast`` / ``pdl``: see :func:`_launch`; ``rescue_pdl``: the same for rescue_kernel where it runs after the
     forward (None: ``pdl``, or PDL wherever the GPU supports it, see PDL_MAX_ELEMENTS).
     """
@@ -466,7 +486,7 @@ def forward(
             residual.stride(0) if residual is not None else 0, z.stride(0) if z is not None else 0, y.stride(0),
             residual_out.stride(0) if residual_out is not None else 0, spec.eps)
     flags = _fwd_flags(spec, z is not None, bias is not None)
-    rescue_after = chunks == 1 and (flat or m * n >= rescue_kernel_min_elements)
+    rescue_after = chunks == 1 and (flat or m * n >= rescue_scan_min_elements(rescue_kernel_min_elements, gs))
     if flat:  # GS, BLOCK, ROWS, *flags, USE_PDL
         _launch(fwd_flat_kernel, (_cdiv(m * groups, rows), 1, 1),
                 (x, z, weight, bias, y, mean, rstd, m, groups, spec.eps),
@@ -614,7 +634,8 @@ class TritonBackend:
     """The ``triton`` backend (CUDA GPUs; CPU tensors under ``TRITON_INTERPRET=1``).
 
     ``rescue_kernel_min_elements`` / ``rescue_scan_rows``: where the range rescue runs as a separate
-    scan kernel instead of in-kernel (tests lower the threshold to compare the two).
+    scan kernel instead of in-kernel (None: :func:`rescue_scan_min_elements` by the group width, the fused
+    quantized forward from RESCUE_KERNEL_MIN_ELEMENTS; tests lower the threshold to compare the two).
     ``fast_launch``: the cached launcher (False: Triton's own launch; both give the same bits).
     ``pdl``: programmatic dependent launch; None: for calls under :data:`PDL_MAX_ELEMENTS` where the GPU
     supports it (:func:`pdl_supported`), and for the range rescue's scan kernel after larger calls too.
@@ -623,7 +644,7 @@ class TritonBackend:
     name = "triton"
     supports_float64 = False
 
-    def __init__(self, rescue_kernel_min_elements: int = RESCUE_KERNEL_MIN_ELEMENTS,
+    def __init__(self, rescue_kernel_min_elements: int | None = None,
                  rescue_scan_rows: int = RESCUE_SCAN_ROWS, fast_launch: bool = True,
                  pdl: bool | None = None) -> None:
         self.rescue_kernel_min_elements = rescue_kernel_min_elements
@@ -848,15 +869,23 @@ def _quant_kernel_constexprs(spec: NormSpec, qspec: QuantSpec, layout: tuple[int
     )
 
 
+def quant_rescue_scan_min_elements(option: int | None) -> int:
+    """The call size from which :func:`forward_quant` runs its range rescue as quant_rescue_kernel: ``option``, else
+    RESCUE_KERNEL_MIN_ELEMENTS at every group width (the fused kernel's in-kernel rescue was measured costly on
+    large calls; the group-width rule of :func:`rescue_scan_min_elements` was measured for fwd_kernel only)."""
+    return RESCUE_KERNEL_MIN_ELEMENTS if option is None else option
+
+
 def forward_quant(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, z: torch.Tensor | None,
                   spec: NormSpec, qspec: QuantSpec, q: torch.Tensor, scale: torch.Tensor,
-                  rescue_kernel_min_elements: int = RESCUE_KERNEL_MIN_ELEMENTS,
+                  rescue_kernel_min_elements: int | None = None,
                   rescue_scan_rows: int = RESCUE_SCAN_ROWS, *,
                   config: tuple[int, int] | None = None, fast: bool = True, pdl: bool = False,
                   rescue_pdl: bool | None = None) -> bool:
     """Write q (M, N, contiguous) and scale (M, G, any strides) of x (M > 0, N; float32/bf16/fp16) in one
-    kernel (calls of at least ``rescue_kernel_min_elements`` elements: and the range rescue's scan after it,
-    as :func:`forward`); False (nothing written) where :func:`quant_layout` does not cover the call.
+    kernel (and the range rescue's scan after it on calls of at least ``rescue_kernel_min_elements`` elements,
+    see :func:`quant_rescue_scan_min_elements`); False (nothing written) where :func:`quant_layout` does not
+    cover the call.
 
     ``config``: (ROWS, num_warps[, order]) instead of :func:`_quant_config`'s choice (the tuning benchmark; ROWS
     a power of two); ``fast`` / ``pdl`` / ``rescue_pdl``: see :func:`forward`.
@@ -884,7 +913,7 @@ def forward_quant(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     # same bits either way). As for forward(), the in-kernel check costs large calls bandwidth: with the
     # rescue in registers (before) the H200 moved 524288x128 with 128-wide fp8 blocks at 71-73% of copy,
     # with the scan kernel after it 81% (benchmarks/results/quant_bench_h200.md).
-    rescue_after = m * n >= rescue_kernel_min_elements
+    rescue_after = m * n >= quant_rescue_scan_min_elements(rescue_kernel_min_elements)
     grid, groups_fastest = _quant_grid(m, rows, tiles, order)
     _launch_kw(fwd_quant_kernel, grid, args, warps, x.device, fast=fast, pdl=pdl,
                ROWS=rows, RESCUE_IN_KERNEL=not rescue_after, GROUPS_FASTEST=groups_fastest, **constexprs)

@@ -26,11 +26,11 @@ from .launch import (
     _COMPILED,
     _FAST_LAUNCH,
     _INTERPRET,
+    _NEVER,
     MAX_GRID_Y,
     ORDER_FLAT,
     ORDER_GROUPS_FASTEST,
     PDL_MAX_ELEMENTS,
-    RESCUE_KERNEL_MIN_ELEMENTS,
     RESCUE_SCAN_ROWS,
     _bwd_config,
     _bwd_kernel_constexprs,
@@ -48,6 +48,8 @@ from .launch import (
     _sm_count,
     pdl_supported,
     quant_layout,
+    quant_rescue_scan_min_elements,
+    rescue_scan_min_elements,
     rescue_scan_pdl,
 )
 
@@ -283,7 +285,8 @@ class ForwardPlan:
                  "entries", "call_args", "native", "native_forward", "native_address", "native_wanted")
 
     def __init__(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, z: torch.Tensor | None,
-                 spec: NormSpec, rescue_kernel_min_elements: int, rescue_scan_rows: int, pdl: bool | None) -> None:
+                 spec: NormSpec, rescue_kernel_min_elements: int | None, rescue_scan_rows: int,
+                 pdl: bool | None) -> None:
         n = x.shape[-1]
         gs = spec.group_size
         block, chunks, rows, warps, order = _fwd_config(gs, x.element_size())
@@ -292,8 +295,9 @@ class ForwardPlan:
         self.index = x.device.index if x.device.index is not None else torch.cuda.current_device()
         self.pdl, self.pdl_ok = pdl, pdl_supported(x.device)
         self.rescue_pdl = rescue_scan_pdl(pdl, x.device)  # the scan after a large forward, as the backend launches it
-        # forward's rescue_after: wide groups (several chunks) always rescue inside the kernel
-        self.rescue_min = rescue_kernel_min_elements if chunks == 1 else 1 << 62
+        # forward's rescue_after: by the group width (narrow groups check in-kernel at every size); wide groups
+        # (several chunks) always rescue inside the kernel
+        self.rescue_min = rescue_scan_min_elements(rescue_kernel_min_elements, gs) if chunks == 1 else _NEVER
         self.scan_rows = rescue_scan_rows
         self.is_rms = spec.is_rms_norm
         self.groups_fastest = order == ORDER_GROUPS_FASTEST and self.groups > 1
@@ -427,7 +431,7 @@ class ForwardPlan:
 
 
 def plan_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, z: torch.Tensor | None,
-                 spec: NormSpec, rescue_kernel_min_elements: int = RESCUE_KERNEL_MIN_ELEMENTS,
+                 spec: NormSpec, rescue_kernel_min_elements: int | None = None,
                  rescue_scan_rows: int = RESCUE_SCAN_ROWS, pdl: bool | None = None,
                  fast: bool = True) -> ForwardPlan | None:
     """A :class:`ForwardPlan` for the signature of these tensors, or None where :func:`forward` would not
@@ -660,7 +664,7 @@ class BackwardPlan:
 
 
 def plan_forward_quant(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, z: torch.Tensor | None,
-                       spec: NormSpec, qspec: QuantSpec, rescue_kernel_min_elements: int = RESCUE_KERNEL_MIN_ELEMENTS,
+                       spec: NormSpec, qspec: QuantSpec, rescue_kernel_min_elements: int | None = None,
                        rescue_scan_rows: int = RESCUE_SCAN_ROWS, pdl: bool | None = None,
                        fast: bool = True) -> QuantPlan | None:
     """A :class:`QuantPlan` for the signature of these tensors, or None where :func:`.launch.forward_quant` would
@@ -691,7 +695,7 @@ class QuantPlan:
                  "variants")
 
     def __init__(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, z: torch.Tensor | None,
-                 spec: NormSpec, qspec: QuantSpec, rescue_kernel_min_elements: int, rescue_scan_rows: int,
+                 spec: NormSpec, qspec: QuantSpec, rescue_kernel_min_elements: int | None, rescue_scan_rows: int,
                  pdl: bool | None) -> None:
         n = x.shape[-1]
         layout = quant_layout(spec.group_size, qspec.block)
@@ -702,7 +706,8 @@ class QuantPlan:
         self.index = x.device.index if x.device.index is not None else torch.cuda.current_device()
         self.pdl, self.pdl_ok = pdl, pdl_supported(x.device)
         self.rescue_pdl = rescue_scan_pdl(pdl, x.device)  # the scan after a large forward, as the backend launches it
-        self.rescue_min, self.scan_rows = rescue_kernel_min_elements, rescue_scan_rows
+        self.rescue_min = quant_rescue_scan_min_elements(rescue_kernel_min_elements)
+        self.scan_rows = rescue_scan_rows
         self.column_major = qspec.column_major_scales
         self.q_dtype = quant_dtype(qspec.quant)
         by_bits = _fp8_by_bits(x.device, qspec.quant == "fp8_e4m3fnuz")
