@@ -34,6 +34,7 @@ import argparse
 import dataclasses
 import json
 import os
+import statistics
 import sys
 import time
 
@@ -118,6 +119,29 @@ def back_to_back_us(fn, run: Run, calls=2000):
     return (time.perf_counter() - t0) / calls * 1e6
 
 
+#: Interleaved rounds of the host-time measurement (host_rounds) and the calls each times per round.
+HOST_ROUNDS = 7
+HOST_CALLS = {"fwd": 1000, "fwd_bwd": 200}
+
+
+def host_rounds(fns: dict, calls: dict, run: Run, rounds: int = HOST_ROUNDS) -> dict[str, list[float]]:
+    """Back-to-back wall us per call of every fn (name -> (fn, calls)), in ``rounds`` interleaved rounds: each round
+    times each fn once, in order. A shared host's speed drifts during a run (other processes, clocks: torch.mul's
+    host time moved 8.7 -> 11.5 -> 9.3 us per call between three runs of one H100 host in session 22), and the
+    goals are ratios: timing ours and its reference side by side, round after round, lets the drift move both
+    alike; the ratio of each round's pair is what the goals read (median over the rounds)."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(run.calls(rounds)):
+        for name, fn in fns.items():
+            times[name].append(back_to_back_us(fn, run, calls[name]))
+    return times
+
+
+def _median_ratio(num: list[float], den: list[float]) -> float:
+    """Median over rounds of num[i] / den[i] (each round's pair measured side by side)."""
+    return statistics.median(a / b for a, b in zip(num, den, strict=True))
+
+
 def torch_formula(x, w, b, z, gs, rms, nbg):
     """The operator in plain torch ops (fp32 math, one rounding): what torch.compile is given."""
     m, n = x.shape
@@ -186,11 +210,6 @@ def run_shape(shape, impls, copy_gbps, args, run: Run):
     z_or_x = z if z is not None else x
     t, tg = bench(lambda: torch.mul(x, z_or_x, out=y), run, graph_calls)
     rec["mul_ms"], rec["mul_graph_ms"] = t, tg
-    rec["mul_b2b_us"] = back_to_back_us(lambda: torch.mul(x, z_or_x, out=y), run) if small else None
-    if small:  # the host floor of any autograd pair: one product forward, its two-product backward
-        xa, za = x.detach().requires_grad_(True), z_or_x.detach().clone().requires_grad_(True)
-        rec["autograd_pair_b2b_us"] = back_to_back_us(lambda: torch.autograd.grad(xa * za, (xa, za), dy), run,
-                                                      calls=500)
 
     if small:
         from gatednorm.spec import NormSpec
@@ -242,10 +261,7 @@ def run_shape(shape, impls, copy_gbps, args, run: Run):
             try:
                 gc = graph_calls if key in ("gatednorm triton", "sglang 0.5.23", "fla fused_norm_gate") else 0
                 t, tg = bench(fn, run, gc)
-                r = {"ms": t, "graph_ms": tg}
-                if small and key == "gatednorm triton":
-                    r["b2b_us"] = back_to_back_us(fn, run)
-                rec["fwd"][key] = r
+                rec["fwd"][key] = {"ms": t, "graph_ms": tg}
             except Exception as e:
                 print(f"  {name} fwd {key} failed: {type(e).__name__}: {e}", file=sys.stderr)
 
@@ -276,13 +292,27 @@ def run_shape(shape, impls, copy_gbps, args, run: Run):
         try:
             gc = (graph_calls or 10) if key in ("gatednorm triton", "fla layernorm_gated", "fla fused_norm_gate") else 0
             t, tg = bench(fn, run, gc)
-            r = {"ms": t, "graph_ms": tg}
-            if small and key == "gatednorm triton":
-                r["b2b_us"] = back_to_back_us(fn, run, calls=500)
-            rec["fwd_bwd"][key] = r
+            rec["fwd_bwd"][key] = {"ms": t, "graph_ms": tg}
         except Exception as e:
             print(f"  {name} fwd+bwd {key} failed: {type(e).__name__}: {e}", file=sys.stderr)
 
+    if small and "gatednorm triton" in rec["fwd"] and "gatednorm triton" in rec["fwd_bwd"]:
+        # host time per call, ours and its references side by side (host_rounds): one torch.mul, and the host
+        # floor of any autograd pair (one product forward, its two-product backward)
+        xa, za = x.detach().requires_grad_(True), z_or_x.detach().clone().requires_grad_(True)
+        # (no input of ours or torch.mul requires grad: the forwards take their inference paths)
+        host = host_rounds({"torch.mul": lambda: torch.mul(x, z_or_x, out=y), "ours fwd": ours,
+                            "autograd pair": lambda: torch.autograd.grad(xa * za, (xa, za), dy),
+                            "ours fwd+bwd": fb_impls["gatednorm triton"]},
+                           {"torch.mul": HOST_CALLS["fwd"], "ours fwd": HOST_CALLS["fwd"],
+                            "autograd pair": HOST_CALLS["fwd_bwd"], "ours fwd+bwd": HOST_CALLS["fwd_bwd"]}, run)
+        rec["host_rounds_us"] = host
+        rec["mul_b2b_us"] = statistics.median(host["torch.mul"])
+        rec["autograd_pair_b2b_us"] = statistics.median(host["autograd pair"])
+        rec["fwd"]["gatednorm triton"]["b2b_us"] = statistics.median(host["ours fwd"])
+        rec["fwd_bwd"]["gatednorm triton"]["b2b_us"] = statistics.median(host["ours fwd+bwd"])
+        rec["host_fwd_x_mul"] = _median_ratio(host["ours fwd"], host["torch.mul"])
+        rec["host_fwd_bwd_x_pair"] = _median_ratio(host["ours fwd+bwd"], host["autograd pair"])
     for part, nbytes in (("fwd", bytes_fwd), ("fwd_bwd", bytes_fb)):
         for r in rec[part].values():
             r["gbps"] = nbytes / (r["ms"] * 1e-3) / 1e9
@@ -372,8 +402,9 @@ def fmt_table(records, copy_gbps, device):
     lines = [f"Device: {device}; copy bandwidth {copy_gbps:.0f} GB/s (bytes read + written). bf16. "
              "Per call: do_bench median, L2 flushed. Cells: GB/s (% of copy, time / torch.mul floor); "
              "graph: us per call in a CUDA graph of 100 calls (10 for fwd+bwd of large shapes), its % of copy and "
-             "x the mul graph figure; back-to-back: wall us per call of 2000 (fwd+bwd: 500) calls in a row, "
-             "the host time per call where it exceeds the kernels'.", ""]
+             f"x the mul graph figure; back-to-back: wall us per call of {HOST_CALLS['fwd']} (fwd+bwd: "
+             f"{HOST_CALLS['fwd_bwd']}) calls in a row, the host time per call where it exceeds the kernels' "
+             f"(median of {HOST_ROUNDS} rounds interleaved with torch.mul and the autograd pair).", ""]
     impls = []
     for r in records:
         for k in list(r["fwd"]) + list(r["fwd_bwd"]):
@@ -410,6 +441,10 @@ def fmt_table(records, copy_gbps, device):
         f"{r['shape'].split()[0]} {r['autograd_pair_b2b_us']:.1f}" for r in records if r.get("autograd_pair_b2b_us")))
     lines.append("gatednorm backends.triton.launch.forward alone back-to-back (us per call): " + ", ".join(
         f"{r['shape'].split()[0]} {r['ours_kernel_b2b_us']:.1f}" for r in records if r.get("ours_kernel_b2b_us")))
+    lines.append("host time, ours / its reference measured side by side (median over the rounds of each round's "
+                 "ratio): " + ", ".join(
+                     f"{r['shape'].split()[0]} forward {r['host_fwd_x_mul']:.2f}x torch.mul, forward+backward "
+                     f"{r['host_fwd_bwd_x_pair']:.2f}x the autograd pair" for r in records if r.get("host_fwd_x_mul")))
     return "\n".join(lines)
 
 
