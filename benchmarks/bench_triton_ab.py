@@ -6,6 +6,7 @@ percentage of the copy bandwidth measured in the same run, and as a time ratio t
 
     python benchmarks/bench_triton_ab.py --baseline BASE [--baseline OTHER ...] [--only 4096,5120] [--rounds 5]
     python benchmarks/bench_triton_ab.py --baseline BASE --smoke      # load and compare only, no timing
+    python benchmarks/bench_triton_ab.py --baseline BASE --quant fp8_e4m3[:ue8m0] [--smoke]  # forward_quant
 
 A baseline (``BASE``) is either layout of the backend:
 
@@ -19,7 +20,8 @@ A baseline (``BASE``) is either layout of the backend:
 
 Either way the version must be interface-compatible with the installed package and provide
 ``forward(x, weight, bias, z, spec, out)`` (with ``--backward``: ``backward(dy, x, weight, bias, z, mean, rstd,
-spec)``, every gradient asked for, timed on the statistics of the current forward). The installed
+spec)``, every gradient asked for, timed on the statistics of the current forward; with ``--quant``:
+``forward_quant(x, weight, bias, z, spec, qspec, q, scale)``, on bench_quant's shapes). The installed
 ``gatednorm.backends.triton.launch`` runs last, as "current". A label is the file's name without ``.py`` (for
 a folder or a ``launch.py``, the folder's name); ``--baseline LABEL=PATH`` names it explicitly.
 
@@ -59,10 +61,12 @@ from triton.testing import do_bench
 
 import gatednorm.backends.triton.launch as current
 from gatednorm.settings import env_flag
-from gatednorm.spec import NormSpec
+from gatednorm.spec import NormSpec, QuantSpec, quant_dtype
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_gpu import EPS, SHAPES, copy_bandwidth, make_inputs  # noqa: E402
+from bench_quant import SHAPES as QUANT_SHAPES  # noqa: E402
+from bench_quant import SMOKE_SHAPES as QUANT_SMOKE_SHAPES  # noqa: E402
 
 #: --smoke inputs: name, M, N, group size, rms, norm_before_gate, has_z, has_bias (small: the interpreter is slow)
 SMOKE_SHAPES = [
@@ -163,6 +167,73 @@ def time_shape(versions: dict, m, n, gs, rms, nbg, has_z, has_bias, rounds,
     return {label: statistics.median(t) for label, t in times.items()}, moved
 
 
+def _quant_inputs(shape, quant: str, fmt: str, device: torch.device, seed: int = 0):
+    """x, z, w, b, NormSpec, QuantSpec and fresh (q, scale (M, G)) for a bench_quant.SHAPES entry."""
+    _, m, n, gs, rms, nbg, has_z, has_bias, block = shape
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, n, generator=g).to(device, torch.bfloat16)
+    z = torch.randn(m, n, generator=g).to(device, torch.bfloat16) if has_z else None
+    w = (1 + 0.1 * torch.randn(n, generator=g)).to(device, torch.bfloat16)
+    b = (0.1 * torch.randn(n, generator=g)).to(device, torch.bfloat16) if has_bias else None
+    qspec = QuantSpec(quant, block or n, fmt, "none", False)
+    return x, z, w, b, NormSpec(EPS, gs, nbg, rms, "swish"), qspec
+
+
+def _quant_outputs(x: torch.Tensor, qspec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    m, n = x.shape
+    return (torch.empty(m, n, dtype=quant_dtype(qspec.quant), device=x.device),
+            torch.empty(m, n // qspec.block, dtype=torch.float32, device=x.device))
+
+
+def time_quant_shape(versions: dict, shape, quant: str, fmt: str, rounds: int) -> tuple[dict[str, float], int] | None:
+    """({version: median ms of one fused quantized forward (forward_quant) over interleaved rounds}, bytes moved:
+    x, z read, q and the scales written), or None where the fused kernel does not cover the layout."""
+    x, z, w, b, spec, qspec = _quant_inputs(shape, quant, fmt, torch.device("cuda"))
+    q, scale = _quant_outputs(x, qspec)
+    if not current.forward_quant(x, w, b, z, spec, qspec, q, scale):
+        return None
+    m, n = x.shape
+    moved = x.numel() * 2 * (2 if z is not None else 1) + m * n + scale.numel() * 4
+    times: dict[str, list[float]] = {label: [] for label in versions}
+    for _ in range(rounds):
+        for label, mod in versions.items():
+            times[label].append(do_bench(lambda mod=mod: mod.forward_quant(x, w, b, z, spec, qspec, q, scale),
+                                         warmup=25, rep=100, return_mode="median"))
+    return {label: statistics.median(t) for label, t in times.items()}, moved
+
+
+def smoke_quant(versions: dict, quant: str, fmt: str) -> int:
+    """Every version's fused quantized forward once per bench_quant.SMOKE_SHAPES input: q and the scales against
+    "current", bit for bit. Returns 1 on an error."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cpu" and not env_flag("TRITON_INTERPRET"):
+        print("no CUDA device: set TRITON_INTERPRET=1 to run the kernels on CPU tensors", file=sys.stderr)
+        return 1
+    print(f"smoke on {device}, {quant} {fmt}; per version: q and scales bits equal to current's")
+    failed = 0
+    for shape in QUANT_SMOKE_SHAPES:
+        x, z, w, b, spec, qspec = _quant_inputs(shape, quant, fmt, device)
+        results = {}
+        for label, mod in versions.items():
+            q, scale = _quant_outputs(x, qspec)
+            try:
+                covered = mod.forward_quant(x, w, b, z, spec, qspec, q, scale)
+            except Exception as e:  # report and go on: one broken baseline should not hide the others
+                print(f"  {shape[0]}: {label} failed: {type(e).__name__}: {e}")
+                failed = 1
+                continue
+            results[label] = (q.view(torch.uint8) if q.dtype != torch.int8 else q, scale.view(torch.int32)) \
+                if covered else None
+        ref = results.get("current")
+        cells = [f"{label} " + ("not covered" if got is None else "bits equal" if ref is not None
+                                and all(torch.equal(a, r) for a, r in zip(got, ref, strict=True)) else "DIFFER")
+                 for label, got in results.items() if label != "current"]
+        if any("DIFFER" in c for c in cells):
+            failed = 1
+        print(f"  {shape[0]}: " + "; ".join(cells), flush=True)
+    return failed
+
+
 def smoke(versions: dict, backward: bool = False) -> int:
     """Every version once per SMOKE_SHAPES input; print its distance from "current" (the forward's y and rstd, or
     the backward's gradients). Returns 1 on an error."""
@@ -216,22 +287,36 @@ def main() -> None:
     ap.add_argument("--only", default="", help="comma-separated substrings of shape names (bench_gpu.SHAPES)")
     ap.add_argument("--rounds", type=int, default=5, help="interleaved do_bench rounds per version")
     ap.add_argument("--backward", action="store_true", help="time (or compare) the backward instead of the forward")
+    ap.add_argument("--quant", default=None, metavar="QUANT[:FORMAT]",
+                    help="time (or compare) the fused quantized forward (forward_quant) instead, on bench_quant's "
+                         "shapes, e.g. fp8_e4m3, fp8_e4m3:ue8m0, int8")
     ap.add_argument("--smoke", action="store_true",
                     help="load every version and compare it with current on small inputs; no timing "
                          "(CPU: needs TRITON_INTERPRET=1)")
     args = ap.parse_args()
     versions = load_versions(args.baseline)
+    quant, _, fmt = (args.quant or "").partition(":")
+    fmt = fmt or "float32"
     if args.smoke:
-        sys.exit(smoke(versions, args.backward))
+        sys.exit(smoke_quant(versions, quant, fmt) if args.quant else smoke(versions, args.backward))
     first = next(iter(versions))
     copy_gbps = copy_bandwidth()
+    what = f"fused quantized forward {quant} {fmt}" if args.quant else "backward" if args.backward else "forward"
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; copy bandwidth {copy_gbps:.0f} GB/s; "
-          f"{'backward' if args.backward else 'forward'}, per version: ms, % of copy, time / {first}")
+          f"{what}, per version: ms, % of copy, time / {first}")
     print(f"{'shape':38s} " + " ".join(f"{label[:24]:>26s}" for label in versions))
-    for name, m, n, gs, rms, nbg, has_z, has_bias in SHAPES:
+    for shape in QUANT_SHAPES if args.quant else SHAPES:
+        name = shape[0]
         if args.only and not any(o in name for o in args.only.split(",")):
             continue
-        ms, moved = time_shape(versions, m, n, gs, rms, nbg, has_z, has_bias, args.rounds, args.backward)
+        if args.quant:
+            timed = time_quant_shape(versions, shape, quant, fmt, args.rounds)
+            if timed is None:
+                print(f"{name:38s} not covered by the fused kernel")
+                continue
+            ms, moved = timed
+        else:
+            ms, moved = time_shape(versions, *shape[1:], args.rounds, args.backward)
         cells = [f"{t:8.4f} {100 * moved / (t * 1e-3) / 1e9 / copy_gbps:5.1f}% {t / ms[first]:6.3f}x"
                  for t in ms.values()]
         print(f"{name:38s} " + " ".join(f"{c:>26s}" for c in cells), flush=True)

@@ -40,7 +40,8 @@
 #   bash benchmarks/gpu_suite.sh ab BASE.. # GPU tests (AB_TESTS=0: none), then forward A/B against other
 #                                          # versions of the triton backend: old triton_kernels.py files or
 #                                          # backends/triton folders (see benchmarks/bench_triton_ab.py; staged
-#                                          # by STAGE_AB_REVS, see stage_gpu.sh); AB_ARGS="--backward --only X"
+#                                          # by STAGE_AB_REVS, see stage_gpu.sh); AB_ARGS="--backward --only X",
+#                                          # or AB_ARGS="--quant fp8_e4m3" (the fused quantized forward)
 #
 # Results go to $OUT (default gpu_out/).
 set -u

@@ -185,3 +185,18 @@ def test_bench_gpu_quant_smoke(tmp_path):
     data = json.loads((tmp_path / "quant_bench_smoke.json").read_text())
     assert data["records"] and all("fused (gated_norm_quant)" in r["impls"] for r in data["records"])
     assert all(r["check_bitwise_vs_generic"] for r in data["records"])
+
+
+@pytest.mark.parametrize("mode", [[], ["--backward"], ["--quant", "fp8_e4m3"], ["--quant", "int8"]])
+def test_bench_triton_ab_smoke_compares_a_baseline_bit_for_bit(mode):
+    """bench_triton_ab.py --smoke (the A/B tool of the device sessions) against a baseline that is this very backend
+    folder: every smoke input runs in both and gives the same bits (forward, backward, fused quantized forward);
+    a broken comparison would print DIFFER or fail."""
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT / "src")}
+    folder = ROOT / "src" / "gatednorm" / "backends" / "triton"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_triton_ab.py"), "--baseline",
+                           f"same={folder}", "--smoke", *mode], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("  ")]
+    assert len(lines) == 4 and all("same" in line and "bits equal" in line for line in lines), proc.stdout
