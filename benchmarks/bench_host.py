@@ -215,8 +215,11 @@ def triton_launch_counts() -> dict[str, int]:
     counters = {"planned_launches": plans, "planned_backward_launches": plans, "planned_quant_launches": plans,
                 "fast_launches": launch}
     counts = {name: getattr(module, name) for name, module in counters.items() if hasattr(module, name)}
-    if hasattr(plans, "forward_plan_launches"):  # with the plans' C++ entry's launches
-        counts["planned_launches"] = plans.forward_plan_launches()
+    for name, total in (("planned_launches", "forward_plan_launches"),  # with the plans' C++ entry's launches
+                        ("planned_backward_launches", "backward_plan_launches"),
+                        ("planned_quant_launches", "quant_plan_launches")):
+        if hasattr(plans, total):
+            counts[name] = getattr(plans, total)()
     return counts
 
 

@@ -400,7 +400,7 @@ def test_backward_plan_matches_plain_launch(shape, gs, nbg, is_rms, has_bias, dt
             y = gatednorm.layernorm_fn(xl, wl, bl, zl, EPS, gs, nbg, is_rms, backend="triton")
             y.backward(dy)
         assert plans.backward_plan_launches() == before + 1, "the backward did not go through the plan"
-        assert host is None or host.launches() == (host_before[0] + 1, host_before[1] + 1), "not the C++ entry"
+        assert host is None or host.launches()[:2] == (host_before[0] + 1, host_before[1] + 1), "not the C++ entry"
         x2d, z2d = x.reshape(-1, n), (None if z is None else z.reshape(-1, n))
         pdl = x.numel() < tk.PDL_MAX_ELEMENTS and tk.pdl_supported(x.device)
         out = torch.empty_like(x2d)
@@ -425,10 +425,13 @@ def test_backward_plan_matches_plain_launch(shape, gs, nbg, is_rms, has_bias, dt
 def test_quant_plan_matches_plain_launch(shape, gs, block, quant, fmt, col, z_layout, has_bias):
     """The quantized call's plan (ops.planned_quant -> plans.QuantPlan) launches the kernels the plain launch
     compiled, with the same grids and arguments: q and the scales equal launch.forward_quant's bit for bit,
-    through the plan (its launch counter moves), at other M, in the same shapes and strides."""
+    through the plan (its launch counter moves), at other M, in the same shapes and strides; where the plans' C++
+    entry is in use, the repeated M's call is its launch."""
     tk = _tk()
     from gatednorm import ops
-    from gatednorm.backends.triton import plans
+    from gatednorm.backends.triton import cxx_plans, plans
+
+    host = cxx_plans.extension() if cxx_plans.ENABLED else None  # built now, not on a background thread
 
     n = shape[-1]
     spec = NormSpec(EPS, gs, True, False, "swish")
@@ -438,9 +441,12 @@ def test_quant_plan_matches_plain_launch(shape, gs, block, quant, fmt, col, z_la
         kw = dict(quant=quant, quant_group_size=block, scale_format=fmt, column_major_scales=col, backend="triton")
         with torch.no_grad():
             gatednorm.gated_norm_quant(x, w, b, EPS, z, gs, **kw)  # the plain path compiles this M's variant
-            before = plans.planned_quant_launches
+            gatednorm.gated_norm_quant(x, w, b, EPS, z, gs, **kw)  # the plan's Python call registers it with C++
+            before = plans.quant_plan_launches()
+            host_before = None if host is None else host.launches()
             q, scale = gatednorm.gated_norm_quant(x, w, b, EPS, z, gs, **kw)
-            assert plans.planned_quant_launches == before + 1, "the call did not go through the plan"
+            assert plans.quant_plan_launches() == before + 1, "the call did not go through the plan"
+            assert host is None or host.launches()[2] == host_before[2] + 1, "the plan's C++ entry did not launch"
         x2d, z2d = x.reshape(-1, n), (None if z is None else z.reshape(-1, n))
         q_ref, storage = ops._quant_outputs(x2d, qspec)
         s_ref = ops._scale_view(storage, qspec)

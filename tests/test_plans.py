@@ -727,6 +727,44 @@ def test_cxx_forward_launches_what_the_python_plan_launches(cxx_recorded, m, n, 
         assert plan(base[:, 1:], w, b, z) is None and len(cxx_calls) == calls
 
 
+@pytest.mark.parametrize(("m", "n", "gs", "block", "quant", "fmt", "col", "gate", "bias", "threshold"), [
+    (40, 128, 128, 128, "fp8_e4m3", "float32", False, True, False, 1 << 24),
+    (17, 256, 64, 256, "int8", "float32", True, True, True, 1 << 24),      # per token over 4 groups, column-major
+    (33, 640, 640, 128, "fp8_e4m3", "ue8m0", True, False, False, 1024),    # padded group; quant_rescue_kernel after
+    (1, 384, 128, 128, "fp8_e4m3fnuz", "float32", False, True, True, 1 << 24),  # M = 1: m specialised away
+    (48, 1920, 640, 128, "fp8_e4m3", "float32", False, True, False, 1024),  # M % 16 == 0; the rescue after
+])
+def test_cxx_quant_launches_what_the_python_plan_launches(cxx_recorded, m, n, gs, block, quant, fmt, col, gate, bias,
+                                                          threshold):
+    """QuantPlan's C++ entry against its Python call (launches recorded, see cxx_recorded): the same launches and
+    kernel parameters (the scales' strides, row- or column-major, included); q and the scale storage fresh, in
+    the plan's shapes and dtypes; the C++ entry declines a variant not registered yet and a misaligned x."""
+    launch, plans, kernels, python_calls, cxx_calls = cxx_recorded
+    x, z, w, b = make_inputs(m, n, torch.bfloat16, bias=bias, gate=gate, seed=m + n)
+    spec = gatednorm.spec.NormSpec(1e-6, gs, True, True, "swish")
+    qspec = gatednorm.spec.QuantSpec(quant, block, fmt, "none", col)
+    plan = plans.QuantPlan(x, w, b, z, spec, qspec, threshold, 16, False)
+    assert plan.native_quant is not None, "the plan did not attach to the C++ entry"
+    q, storage = ops._quant_outputs(x, qspec)
+    assert launch.forward_quant(x, w, b, z, spec, qspec, q, ops._scale_view(storage, qspec), threshold, 16,
+                                pdl=False)  # compiles (fakes) the variant
+    before = plans.quant_plan_launches()
+    assert plan(x, w, b, z) is not None  # the C++ entry declines (variant not registered), Python launches
+    assert cxx_calls == [] and plans.quant_plan_launches() == before + 1
+    expected = list(python_calls)
+    q2, storage2 = plan(x, w, b, z)  # now the C++ entry
+    assert len(python_calls) == len(expected), "the Python call ran again"
+    assert plans.quant_plan_launches() == before + 2
+    assert len(cxx_calls) == (2 if m * n >= threshold else 1)
+    _same_kernel_parameters(kernels, expected, cxx_calls, fresh={4, 5})  # q, the scales
+    assert q2.shape == q.shape and q2.dtype == q.dtype and q2.is_contiguous()
+    assert storage2.shape == storage.shape and storage2.dtype == torch.float32
+    if m > 1:  # a misaligned x (two bytes off): both entries decline, nothing is launched
+        base = torch.randn(m, n + 1).to(torch.bfloat16)
+        calls = len(cxx_calls)
+        assert plan(base[:, 1:], w, b, z) is None and len(cxx_calls) == calls
+
+
 def test_cxx_entry_hands_calls_with_launch_hooks_back_to_python(cxx_recorded):
     """Triton's launch hooks (a profiler such as proton hooks in there): Triton 3.6's knobs hold HookChains, never
     None. While both chains are empty the C++ entry launches; with a hook in either, or an older Triton's plain

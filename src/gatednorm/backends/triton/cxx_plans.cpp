@@ -1,14 +1,15 @@
 // The eager plans' per-call host work in C++ (gatednorm.backends.triton.cxx_plans builds and loads it).
 //
 // What a call of plans.ForwardPlan does in Python (about 11 us on an H100 host, of which Triton's C launcher is
-// 3.8 and the two output allocations 4.1) is done here in one C call, and a call of plans.BackwardPlan likewise:
+// 3.8 and the two output allocations 4.1) is done here in one C call, and a call of plans.BackwardPlan and of
+// plans.QuantPlan (fwd_quant_kernel, then quant_rescue_kernel on large calls) likewise:
 // read M off x, pick the kernel variant, allocate the outputs, check the addresses' alignment and launch the
 // plan's kernels (fwd_kernel, then rescue_kernel on large calls; bwd_kernel, then sum_partials_kernel where
 // dweight or dbias is asked) with cuLaunchKernelEx exactly as Triton 3.6's generated launcher does: the kernel's
 // parameters are its signature's non-constexpr arguments in order (pointers as CUdeviceptr, integers as int32 /
 // int64 as the signature types them, floats as their float32 bits), then two null scratch pointers (global and
 // profile scratch; plans only register kernels that need neither). Everything decided per signature sits in a
-// ForwardPlanState / BackwardPlanState that Python fills (ctypes, plans.py) as the kernel variants get compiled;
+// ForwardPlanState / BackwardPlanState / QuantPlanState that Python fills (ctypes, plans.py) as the kernel variants get compiled;
 // a variant not registered yet, a misaligned address, another current GPU or an installed Triton launch hook
 // returns None, having launched nothing, and Python takes its own path (which compiles and registers).
 
@@ -19,6 +20,7 @@
 #include <ATen/ops/zeros.h>
 #include <c10/core/GradMode.h>
 #include <c10/core/impl/DeviceGuardImplInterface.h>
+#include <torch/csrc/Dtype.h>
 #include <torch/csrc/Exceptions.h>
 #include <torch/csrc/autograd/function.h>
 #include <torch/csrc/autograd/functions/utils.h>
@@ -60,6 +62,15 @@ struct ForwardPlanState {
   KernelLaunch variants[kVariants][2];  // fwd_kernel, rescue_kernel
 };
 
+// The decisions of one call signature of the fused quantized forward. Mirrored by plans._QuantPlanState.
+struct QuantPlanState {
+  int64_t n, groups, rows, tiles, scan_rows, rescue_min, pdl_max_elements, max_grid_y;
+  int32_t pdl_mode, pdl_ok, groups_fastest_order, column_major, device_index, on_cuda;
+  int64_t fixed[3];  // after m: x's, z's and q's row strides (the scales' two strides follow M, then eps)
+  double eps;
+  KernelLaunch variants[kVariants][2];  // fwd_quant_kernel, quant_rescue_kernel
+};
+
 using LaunchKernelEx = CUresult (*)(const CUlaunchConfig*, CUfunction, void**, void**);
 using CtxGetCurrent = CUresult (*)(CUcontext*);
 using GetErrorString = CUresult (*)(CUresult, const char**);
@@ -72,6 +83,7 @@ PyObject* raw_stream = nullptr;      // torch._C._cuda_getCurrentRawStream
 PyObject* recorder = nullptr;        // tests: called with each launch instead of the driver
 int64_t served = 0;                  // forwards launched from here
 int64_t served_backward = 0;         // backwards launched from here
+int64_t served_quant = 0;            // fused quantized forwards launched from here
 
 bool open_driver() {
   if (launch_kernel_ex != nullptr) return true;
@@ -283,6 +295,60 @@ int forward_core(const ForwardPlanState* st, const at::Tensor& x, const at::Tens
   return launched(rc);
 }
 
+// float32 `value`'s bits, as Triton's launcher packs a float argument.
+uint64_t float32_bits(double value) {
+  float narrow = static_cast<float>(value);
+  uint32_t bits;
+  std::memcpy(&bits, &narrow, sizeof(bits));
+  return bits;
+}
+
+// QuantPlan's call on tensors (z, bias undefined where absent): 1 with q (M, N) of q_dtype and the scales'
+// storage ((M, G), or (G, M) for column-major scales) allocated and the kernels launched; 0 declined, nothing
+// launched; -1 a Python error set. GIL held.
+int quant_core(const QuantPlanState* st, const at::Tensor& x, const at::Tensor& z, const at::Tensor& weight,
+               const at::Tensor& bias, at::ScalarType q_dtype, at::Tensor& q, at::Tensor& storage) {
+  const int64_t numel = x.numel();
+  const int64_t m = numel / st->n;
+  if (m == 0 || m >= (int64_t{1} << 31)) return 0;
+  const bool pdl = st->pdl_mode >= 0 ? st->pdl_mode != 0 : (numel < st->pdl_max_elements && st->pdl_ok);
+  const bool after = numel >= st->rescue_min;
+  // launch._quant_grid: a row's tiles in neighbouring programs where the order asks and the row tiles fit
+  const int64_t row_tiles = (m + st->rows - 1) / st->rows;
+  const bool groups_fastest = st->groups_fastest_order && st->tiles > 1 && row_tiles <= st->max_grid_y;
+  const int variant = (m == 1) << 4 | ((m & 15) == 0) << 3 | pdl << 2 | groups_fastest << 1 | after;
+  const KernelLaunch& fwd = st->variants[variant][0];
+  const KernelLaunch& rescue = st->variants[variant][1];
+  if (fwd.function == 0 || (after && rescue.function == 0)) return 0;
+  uint64_t stream;
+  const int ready = launch_context(st->on_cuda, st->device_index, &stream);
+  if (ready <= 0) return ready;
+  try {
+    c10::AutoGradMode no_grad(false);
+    q = at::empty({m, st->n}, x.options().dtype(q_dtype));
+    storage = st->column_major ? at::empty({st->groups, m}, x.options().dtype(at::kFloat))
+                               : at::empty({m, st->groups}, x.options().dtype(at::kFloat));
+  } catch (const std::exception& e) {
+    PyErr_SetString(PyExc_RuntimeError, e.what());
+    return -1;
+  }
+  // x, z, weight, bias, q, scales, m, the three row strides, the scales' strides, eps: forward_quant's order
+  ArgValues values{{address(x), address(z), address(weight), address(bias), address(q), address(storage),
+                    static_cast<uint64_t>(m), static_cast<uint64_t>(st->fixed[0]), static_cast<uint64_t>(st->fixed[1]),
+                    static_cast<uint64_t>(st->fixed[2]), static_cast<uint64_t>(st->column_major ? 1 : st->groups),
+                    static_cast<uint64_t>(st->column_major ? m : 1), float32_bits(st->eps)}};
+  uint64_t aligned = 0;
+  for (int i = 0; i < 6; ++i) aligned |= values.v[i];
+  if (aligned & 15) return 0;
+  const int64_t grid_a = groups_fastest ? st->tiles : row_tiles, grid_b = groups_fastest ? row_tiles : st->tiles;
+  int rc = launch(fwd, values, static_cast<unsigned>(grid_a), static_cast<unsigned>(grid_b), stream);
+  if (rc == 0 && after)  // quant_rescue_kernel: the forward's arguments and warps, a program per SCAN rows of a tile
+    rc = launch(rescue, values, static_cast<unsigned>((m + st->scan_rows - 1) / st->scan_rows),
+                static_cast<unsigned>(st->tiles), stream);
+  if (rc == 0) ++served_quant;
+  return launched(rc);
+}
+
 // One backward variant: its key (BackwardPlan's variant flattened to bits, -1: a free slot) and its launches.
 struct BackwardVariant {
   int32_t key, pad;
@@ -412,6 +478,28 @@ PyObject* forward(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   const int rc = forward_core(st, x, z, weight, bias, y, mean, rstd);
   if (rc <= 0) return rc < 0 ? nullptr : (Py_INCREF(Py_None), Py_None);
   return forward_outputs(std::move(y), std::move(mean), std::move(rstd));
+}
+
+// quant(state address, x, z | None, weight, bias | None, q dtype) -> (q, scale storage) or None (see the top).
+PyObject* quant(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  at::Tensor x, z, weight, bias;
+  if (nargs != 6 || !THPVariable_Check(args[1]) || !THPVariable_Check(args[3]) || !tensor_or_none(args[1], x) ||
+      !tensor_or_none(args[2], z) || !tensor_or_none(args[3], weight) || !tensor_or_none(args[4], bias) ||
+      !THPDtype_Check(args[5])) {
+    PyErr_SetString(PyExc_TypeError,
+                    "quant(state, x, z, weight, bias, q_dtype): x, weight tensors, z, bias or None, a torch.dtype");
+    return nullptr;
+  }
+  auto* st = static_cast<const QuantPlanState*>(PyLong_AsVoidPtr(args[0]));
+  if (st == nullptr) return nullptr;
+  at::Tensor q, storage;
+  const int rc = quant_core(st, x, z, weight, bias, reinterpret_cast<THPDtype*>(args[5])->scalar_type, q, storage);
+  if (rc <= 0) return rc < 0 ? nullptr : (Py_INCREF(Py_None), Py_None);
+  PyObject* out = PyTuple_New(2);
+  if (out == nullptr) return nullptr;
+  PyTuple_SET_ITEM(out, 0, THPVariable_Wrap(std::move(q)));
+  PyTuple_SET_ITEM(out, 1, THPVariable_Wrap(std::move(storage)));
+  return out;
 }
 
 bool needs_of(PyObject* tuple, Needs& needs) {
@@ -607,13 +695,14 @@ PyObject* set_recorder(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
 
 PyObject* driver_available(PyObject*, PyObject*) { return PyBool_FromLong(open_driver()); }
 
-PyObject* launches(PyObject*, PyObject*) { return Py_BuildValue("(LL)", served, served_backward); }
+PyObject* launches(PyObject*, PyObject*) { return Py_BuildValue("(LLL)", served, served_backward, served_quant); }
 
 PyObject* layout(PyObject*, PyObject*) {  // the struct sizes and offsets plans.py's ctypes mirrors must equal
-  return Py_BuildValue("(nnnnnnnn)", sizeof(KernelLaunch), sizeof(ForwardPlanState),
+  return Py_BuildValue("(nnnnnnnnnnn)", sizeof(KernelLaunch), sizeof(ForwardPlanState),
                        offsetof(ForwardPlanState, fixed), offsetof(ForwardPlanState, variants),
                        offsetof(KernelLaunch, kinds), sizeof(BackwardVariant), sizeof(BackwardPlanState),
-                       offsetof(BackwardPlanState, variants));
+                       offsetof(BackwardPlanState, variants), sizeof(QuantPlanState), offsetof(QuantPlanState, fixed),
+                       offsetof(QuantPlanState, variants));
 }
 
 PyMethodDef methods[] = {
@@ -621,13 +710,15 @@ PyMethodDef methods[] = {
      "forward(state, x, z, weight, bias) -> (y, mean, rstd) or None"},
     {"backward", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(backward)), METH_FASTCALL,
      "backward(state, dy, x, weight, bias, z, mean, rstd, needs) -> (dx, dz, dweight, dbias) or None"},
+    {"quant", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(quant)), METH_FASTCALL,
+     "quant(state, x, z, weight, bias, q_dtype) -> (q, scale storage) or None"},
     {"autograd", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(autograd)), METH_FASTCALL,
      "autograd(fstate, bstate, fallback, x, z, weight, bias) -> (y, mean, rstd), y through a GatedNormBackward node"},
     {"setup", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(setup)), METH_FASTCALL, "setup"},
     {"set_recorder", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(set_recorder)), METH_FASTCALL,
      "set_recorder"},
     {"driver_available", driver_available, METH_NOARGS, "whether libcuda's launch entry points are there"},
-    {"launches", launches, METH_NOARGS, "(forwards, backwards) launched from C++"},
+    {"launches", launches, METH_NOARGS, "(forwards, backwards, quantized forwards) launched from C++"},
     {"layout", layout, METH_NOARGS, "struct sizes and offsets"},
     {nullptr, nullptr, 0, nullptr}};
 

@@ -18,7 +18,8 @@ pair's (1.98x in Python).
 
 When it is used
 ---------------
-By the :class:`.plans.ForwardPlan` s and :class:`.plans.BackwardPlan` s whose kernels were launched through
+By the :class:`.plans.ForwardPlan` s, :class:`.plans.BackwardPlan` s and :class:`.plans.QuantPlan` s (the
+fused quantized forward; since session 22, its GPU run still to come) whose kernels were launched through
 Triton 3.6's C launcher (the ABI the C++ repeats: ``launch.DIRECT_LAUNCH_TRITON_VERSIONS``), where this module
 builds (a C++ compiler: ``$CXX``, else c++ / g++ / clang++; PyTorch's headers; Triton's ``cuda.h``), unless
 ``GATEDNORM_CXX_PLANS=0`` (the Python plans; read when the backend loads, as ``GATEDNORM_TRITON_FAST_LAUNCH``;

@@ -115,7 +115,8 @@ def _rows_and_pdl(x: torch.Tensor, n: int, pdl: bool | None, pdl_ok: bool) -> tu
 def _variant_launches(plan, variant: tuple[bool, ...], kernel, rescue, spec: tuple) -> tuple | None:
     """The launches of a quantized plan's variant (M == 1, M % 16 == 0, USE_PDL, GROUPS_FASTEST, rescue after):
     :func:`_kernel_and_rescue` for the plan's constexprs of that variant, each made :func:`_ready` with its
-    constexprs as the tail, remembered in ``plan.variants`` once both are compiled (None until then)."""
+    constexprs as the tail, remembered in ``plan.variants`` (and the launchers' entries in ``plan.entries``,
+    handed to the plan's C++ entry where it is attached) once both are compiled (None until then)."""
     _, _, pdl, groups_fastest, after = variant
     constexprs = plan.constexprs[(pdl, groups_fastest, after)]
     entries = _kernel_and_rescue(kernel, rescue, plan.index, plan.warps, pdl, constexprs, spec, after, plan.rescue_pdl)
@@ -123,6 +124,9 @@ def _variant_launches(plan, variant: tuple[bool, ...], kernel, rescue, spec: tup
         return None
     launches = (_ready(entries[0], constexprs[0]), None if entries[1] is None else _ready(entries[1], constexprs[1]))
     plan.variants[variant] = launches
+    plan.entries[variant] = entries
+    if plan.native is not None:
+        _register(plan.native, variant, entries, plan.call_args)
     return launches
 
 
@@ -178,12 +182,24 @@ class _BackwardPlanState(ctypes.Structure):
                 ("variants", _BackwardVariant * 16)]
 
 
+class _QuantPlanState(ctypes.Structure):
+    """cxx_plans.cpp's QuantPlanState: what a :class:`QuantPlan` decided, for its C++ entry."""
+
+    _fields_ = [("n", ctypes.c_int64), ("groups", ctypes.c_int64), ("rows", ctypes.c_int64), ("tiles", ctypes.c_int64),
+                ("scan_rows", ctypes.c_int64), ("rescue_min", ctypes.c_int64), ("pdl_max_elements", ctypes.c_int64),
+                ("max_grid_y", ctypes.c_int64), ("pdl_mode", ctypes.c_int32), ("pdl_ok", ctypes.c_int32),
+                ("groups_fastest_order", ctypes.c_int32), ("column_major", ctypes.c_int32),
+                ("device_index", ctypes.c_int32), ("on_cuda", ctypes.c_int32), ("fixed", ctypes.c_int64 * 3),
+                ("eps", ctypes.c_double), ("variants", (_KernelLaunch * 2) * 32)]
+
+
 def _layout_matches(module) -> bool:
     """Whether the extension's structs have the sizes and offsets of the ctypes mirrors above."""
     return module.layout() == (
         ctypes.sizeof(_KernelLaunch), ctypes.sizeof(_ForwardPlanState), _ForwardPlanState.fixed.offset,
         _ForwardPlanState.variants.offset, _KernelLaunch.kinds.offset, ctypes.sizeof(_BackwardVariant),
-        ctypes.sizeof(_BackwardPlanState), _BackwardPlanState.variants.offset)
+        ctypes.sizeof(_BackwardPlanState), _BackwardPlanState.variants.offset, ctypes.sizeof(_QuantPlanState),
+        _QuantPlanState.fixed.offset, _QuantPlanState.variants.offset)
 
 
 def _extension_for(plan):
@@ -226,6 +242,19 @@ def _host_launch(entry: tuple, call_args: str) -> _KernelLaunch | None:
     return record
 
 
+def _register(state, variant: tuple[bool, ...], entries: tuple, call_args: str) -> None:
+    """Give a plan's C++ state (ForwardPlanState or QuantPlanState: a kernel and its rescue kernel per variant) a
+    variant's launches; none where :func:`_host_launch` refuses one of them (the variant then stays with the
+    Python call)."""
+    fwd, rescue = (_host_launch(entry, call_args) if entry is not None else None for entry in entries)
+    if fwd is None or (entries[1] is not None and rescue is None):
+        return
+    pair = state.variants[_variant_index(variant)]
+    pair[0] = fwd
+    if rescue is not None:
+        pair[1] = rescue
+
+
 def _pointers(*present: bool) -> str:
     """:func:`_host_launch`'s classes of pointer arguments: "p" for a tensor, "-" for None."""
     return "".join("p" if p else "-" for p in present)
@@ -259,6 +288,12 @@ def backward_plan_launches() -> int:
     """Backward launches made through :class:`BackwardPlan` s, in Python or their C++ entry."""
     module = cxx_plans.loaded()
     return planned_backward_launches + (0 if module is None else module.launches()[1])
+
+
+def quant_plan_launches() -> int:
+    """Fused quantized forwards launched through :class:`QuantPlan` s, in Python or their C++ entry."""
+    module = cxx_plans.loaded()
+    return planned_quant_launches + (0 if module is None else module.launches()[2])
 
 
 class ForwardPlan:
@@ -345,19 +380,8 @@ class ForwardPlan:
         state.fixed[:] = self.fixed_args[:5]
         self.native = state
         for variant, entries in self.entries.items():
-            self._register(variant, entries)
+            _register(state, variant, entries, self.call_args)
         self.native_forward, self.native_address = module.forward, ctypes.addressof(state)
-
-    def _register(self, variant: tuple[bool, ...], entries: tuple) -> None:
-        """Give the C++ entry a variant's launches (none where :func:`_host_launch` refuses one of them: the
-        variant then stays with the Python call)."""
-        fwd, rescue = (_host_launch(entry, self.call_args) if entry is not None else None for entry in entries)
-        if fwd is None or (entries[1] is not None and rescue is None):
-            return
-        pair = self.native.variants[_variant_index(variant)]
-        pair[0] = fwd
-        if rescue is not None:
-            pair[1] = rescue
 
     def _launches(self, variant: tuple[bool, ...], m: int) -> tuple | None:
         """(fwd_kernel's :func:`_ready` launch, rescue_kernel's or None) of this variant, from the launchers
@@ -374,7 +398,7 @@ class ForwardPlan:
         self.variants[variant] = launches
         self.entries[variant] = entries
         if self.native is not None:
-            self._register(variant, entries)
+            _register(self.native, variant, entries, self.call_args)
         return launches
 
     def __call__(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -687,12 +711,13 @@ class QuantPlan:
 
     Called with tensors of the signature it returns ``(q (M, N), scale storage)``, both new, the storage (M, G)
     or, for column-major scales, (G, M) as ``ops._quant_outputs`` makes them; or None, having written nothing,
-    where it does not serve the call (as :class:`ForwardPlan`).
+    where it does not serve the call (as :class:`ForwardPlan`). Where the plans' C++ entry is in use (see
+    :mod:`.cxx_plans`), the call is made there (``cxx_plans.cpp``'s ``quant``) once its variant is registered.
     """
 
     __slots__ = ("n", "groups", "rows", "warps", "order", "tiles", "device", "index", "pdl", "pdl_ok", "rescue_pdl",
                  "rescue_min", "scan_rows", "column_major", "q_dtype", "fixed_args", "eps", "arg_dtypes", "constexprs",
-                 "variants")
+                 "variants", "entries", "call_args", "native", "native_quant", "native_address", "native_wanted")
 
     def __init__(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, z: torch.Tensor | None,
                  spec: NormSpec, qspec: QuantSpec, rescue_kernel_min_elements: int | None, rescue_scan_rows: int,
@@ -734,6 +759,35 @@ class QuantPlan:
                         tuple(rescue[name] for name in quant_rescue_kernel.arg_names[13:]) if after else None)
         #: (M == 1, M % 16 == 0, USE_PDL, GROUPS_FASTEST, rescue after) -> the launches, see _variant_launches
         self.variants: dict[tuple[bool, ...], tuple] = {}
+        #: the same variants -> the launchers' cache entries (fwd_quant_kernel's, quant_rescue_kernel's or None)
+        self.entries: dict[tuple[bool, ...], tuple] = {}
+        # the runtime arguments' classes in forward_quant's order (x, z, weight, bias, q, scales, m, three row
+        # strides, the scales' two strides, eps), as _host_launch checks a signature against them
+        self.call_args = _pointers(True, z is not None, True, bias is not None, True, True) + "i" * 6 + "f"
+        # the C++ entry (cxx_plans.cpp), as ForwardPlan's
+        self.native: _QuantPlanState | None = None
+        self.native_quant = None
+        self.native_address = 0
+        self.native_wanted = cxx_plans.ENABLED
+        if self.native_wanted:
+            self._attach()
+
+    def _attach(self) -> None:
+        """Hand this plan's decisions to the C++ entry once its extension is loaded (as ForwardPlan._attach)."""
+        module = _extension_for(self)
+        if module is None:
+            return
+        state = _QuantPlanState(
+            n=self.n, groups=self.groups, rows=self.rows, tiles=self.tiles, scan_rows=self.scan_rows,
+            rescue_min=self.rescue_min, pdl_max_elements=PDL_MAX_ELEMENTS, max_grid_y=MAX_GRID_Y,
+            pdl_mode=-1 if self.pdl is None else int(self.pdl), pdl_ok=int(self.pdl_ok),
+            groups_fastest_order=int(self.order == ORDER_GROUPS_FASTEST), column_major=int(self.column_major),
+            device_index=self.index, on_cuda=int(self.device.type == "cuda"), eps=self.eps)
+        state.fixed[:] = self.fixed_args
+        self.native = state
+        for variant, entries in self.entries.items():
+            _register(state, variant, entries, self.call_args)
+        self.native_quant, self.native_address = module.quant, ctypes.addressof(state)
 
     def _scale_strides(self, m: int) -> tuple[int, int]:
         """The (M, G) scale tensor's strides over its storage (see ``ops._scale_view``)."""
@@ -746,6 +800,13 @@ class QuantPlan:
 
     def __call__(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                  z: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor] | None:
+        quant = self.native_quant  # the C++ entry first, as ForwardPlan's call
+        if quant is not None:
+            done = quant(self.native_address, x, z, weight, bias, self.q_dtype)
+            if done is not None:
+                return done
+        elif self.native_wanted:
+            self._attach()
         n = self.n
         rows = _rows_and_pdl(x, n, self.pdl, self.pdl_ok)
         if rows is None:
