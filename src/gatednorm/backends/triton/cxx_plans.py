@@ -18,8 +18,9 @@ pair's (1.98x in Python).
 
 When it is used
 ---------------
-By the :class:`.plans.ForwardPlan` s, :class:`.plans.BackwardPlan` s and :class:`.plans.QuantPlan` s (the
-fused quantized forward; since session 22, its GPU run still to come) whose kernels were launched through
+By the :class:`.plans.ForwardPlan` s, :class:`.plans.BackwardPlan` s and, with ``GATEDNORM_CXX_PLANS=all``,
+:class:`.plans.QuantPlan` s (the fused quantized forward; see :data:`QUANT_ENABLED`) whose kernels were launched
+through
 Triton 3.6's C launcher (the ABI the C++ repeats: ``launch.DIRECT_LAUNCH_TRITON_VERSIONS``), where this module
 builds (a C++ compiler: ``$CXX``, else c++ / g++ / clang++; PyTorch's headers; Triton's ``cuda.h``), unless
 ``GATEDNORM_CXX_PLANS=0`` (the Python plans; read when the backend loads, as ``GATEDNORM_TRITON_FAST_LAUNCH``;
@@ -56,6 +57,10 @@ from .launch import _DIRECT_LAUNCH
 #: 28 plan tests and 126 of its other 176 through it, all passing (the device time ran out before the last 50,
 #: groups of three parts).
 ENABLED = _DIRECT_LAUNCH and env_text("GATEDNORM_CXX_PLANS") != "0"
+#: Whether :class:`.plans.QuantPlan` s use it too: only with ``GATEDNORM_CXX_PLANS=all`` until its entry has run on
+#: a GPU (session 22 built it and compared its launches with the Python plan's on the CPU only; the forward's
+#: entry ran that way before session 21 put it on by default).
+QUANT_ENABLED = ENABLED and env_text("GATEDNORM_CXX_PLANS") == "all"
 
 _SOURCE = Path(__file__).with_name("cxx_plans.cpp")
 _lock = threading.Lock()

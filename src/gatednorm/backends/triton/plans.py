@@ -711,8 +711,9 @@ class QuantPlan:
 
     Called with tensors of the signature it returns ``(q (M, N), scale storage)``, both new, the storage (M, G)
     or, for column-major scales, (G, M) as ``ops._quant_outputs`` makes them; or None, having written nothing,
-    where it does not serve the call (as :class:`ForwardPlan`). Where the plans' C++ entry is in use (see
-    :mod:`.cxx_plans`), the call is made there (``cxx_plans.cpp``'s ``quant``) once its variant is registered.
+    where it does not serve the call (as :class:`ForwardPlan`). Where the plans' C++ entry is in use for it
+    (:data:`.cxx_plans.QUANT_ENABLED`), the call is made there (``cxx_plans.cpp``'s ``quant``) once its variant
+    is registered.
     """
 
     __slots__ = ("n", "groups", "rows", "warps", "order", "tiles", "device", "index", "pdl", "pdl_ok", "rescue_pdl",
@@ -768,7 +769,7 @@ class QuantPlan:
         self.native: _QuantPlanState | None = None
         self.native_quant = None
         self.native_address = 0
-        self.native_wanted = cxx_plans.ENABLED
+        self.native_wanted = cxx_plans.QUANT_ENABLED
         if self.native_wanted:
             self._attach()
 
