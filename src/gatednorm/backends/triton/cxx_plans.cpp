@@ -247,6 +247,29 @@ int launched(int rc) {
   return -1;
 }
 
+// float32 `value`'s bits, as Triton's launcher packs a float argument.
+uint64_t float32_bits(double value) {
+  float narrow = static_cast<float>(value);
+  uint32_t bits;
+  std::memcpy(&bits, &narrow, sizeof(bits));
+  return bits;
+}
+
+// Whether a call launches with PDL: the backend's option where set (mode 0 / 1), else (-1) by the call's size where
+// the GPU supports it (launch.TritonBackend._pdl).
+bool use_pdl(int32_t mode, int64_t numel, int64_t max_elements, int32_t ok) {
+  return mode >= 0 ? mode != 0 : (numel < max_elements && ok);
+}
+
+// A forward plan's or quantized plan's launches for a call's variant (M == 1, M % 16 == 0, USE_PDL,
+// GROUPS_FASTEST, rescue after): the kernel and its rescue kernel, or nullptr where the variant (or its rescue,
+// where one runs after) is not registered yet.
+const KernelLaunch* registered(const KernelLaunch (*variants)[2], int64_t m, bool pdl, bool groups_fastest,
+                               bool after) {
+  const KernelLaunch* pair = variants[(m == 1) << 4 | ((m & 15) == 0) << 3 | pdl << 2 | groups_fastest << 1 | after];
+  return pair[0].function == 0 || (after && pair[1].function == 0) ? nullptr : pair;
+}
+
 // ForwardPlan's call on tensors (z, bias undefined where absent): 1 with y, mean (undefined for RMSNorm) and
 // rstd allocated and the kernels launched; 0 declined, nothing launched; -1 a Python error set. GIL held.
 int forward_core(const ForwardPlanState* st, const at::Tensor& x, const at::Tensor& z, const at::Tensor& weight,
@@ -254,14 +277,13 @@ int forward_core(const ForwardPlanState* st, const at::Tensor& x, const at::Tens
   const int64_t numel = x.numel();
   const int64_t m = numel / st->n;
   if (m == 0 || m >= (int64_t{1} << 31)) return 0;
-  const bool pdl = st->pdl_mode >= 0 ? st->pdl_mode != 0 : (numel < st->pdl_max_elements && st->pdl_ok);
+  const bool pdl = use_pdl(st->pdl_mode, numel, st->pdl_max_elements, st->pdl_ok);
   const int64_t tiles = (m + st->rows - 1) / st->rows;
   const bool groups_fastest = st->groups_fastest && tiles <= st->max_grid_y;
   const bool after = numel >= st->rescue_min;
-  const int variant = (m == 1) << 4 | ((m & 15) == 0) << 3 | pdl << 2 | groups_fastest << 1 | after;
-  const KernelLaunch& fwd = st->variants[variant][0];
-  const KernelLaunch& rescue = st->variants[variant][1];
-  if (fwd.function == 0 || (after && rescue.function == 0)) return 0;
+  const KernelLaunch* pair = registered(st->variants, m, pdl, groups_fastest, after);
+  if (pair == nullptr) return 0;
+  const KernelLaunch &fwd = pair[0], &rescue = pair[1];
   uint64_t stream;
   const int ready = launch_context(st->on_cuda, st->device_index, &stream);
   if (ready <= 0) return ready;
@@ -282,10 +304,7 @@ int forward_core(const ForwardPlanState* st, const at::Tensor& x, const at::Tens
   for (int i = 0; i < 9; ++i) aligned |= values.v[i];
   if (aligned & 15) return 0;
   for (int i = 0; i < 5; ++i) values.v[10 + i] = static_cast<uint64_t>(st->fixed[i]);
-  float eps32 = static_cast<float>(st->eps);  // Triton's launcher packs a float argument as float32
-  uint32_t eps_bits;
-  std::memcpy(&eps_bits, &eps32, sizeof(eps_bits));
-  values.v[15] = eps_bits;
+  values.v[15] = float32_bits(st->eps);
   const int64_t grid_a = groups_fastest ? st->groups : tiles, grid_b = groups_fastest ? tiles : st->groups;
   int rc = launch(fwd, values, static_cast<unsigned>(grid_a), static_cast<unsigned>(grid_b), stream);
   if (rc == 0 && after)  // rescue_kernel: the forward's arguments and warps, a program per SCAN rows of a group
@@ -293,14 +312,6 @@ int forward_core(const ForwardPlanState* st, const at::Tensor& x, const at::Tens
                 static_cast<unsigned>(st->groups), stream);
   if (rc == 0) ++served;
   return launched(rc);
-}
-
-// float32 `value`'s bits, as Triton's launcher packs a float argument.
-uint64_t float32_bits(double value) {
-  float narrow = static_cast<float>(value);
-  uint32_t bits;
-  std::memcpy(&bits, &narrow, sizeof(bits));
-  return bits;
 }
 
 // QuantPlan's call on tensors (z, bias undefined where absent): 1 with q (M, N) of q_dtype and the scales'
@@ -311,15 +322,14 @@ int quant_core(const QuantPlanState* st, const at::Tensor& x, const at::Tensor& 
   const int64_t numel = x.numel();
   const int64_t m = numel / st->n;
   if (m == 0 || m >= (int64_t{1} << 31)) return 0;
-  const bool pdl = st->pdl_mode >= 0 ? st->pdl_mode != 0 : (numel < st->pdl_max_elements && st->pdl_ok);
+  const bool pdl = use_pdl(st->pdl_mode, numel, st->pdl_max_elements, st->pdl_ok);
   const bool after = numel >= st->rescue_min;
   // launch._quant_grid: a row's tiles in neighbouring programs where the order asks and the row tiles fit
   const int64_t row_tiles = (m + st->rows - 1) / st->rows;
   const bool groups_fastest = st->groups_fastest_order && st->tiles > 1 && row_tiles <= st->max_grid_y;
-  const int variant = (m == 1) << 4 | ((m & 15) == 0) << 3 | pdl << 2 | groups_fastest << 1 | after;
-  const KernelLaunch& fwd = st->variants[variant][0];
-  const KernelLaunch& rescue = st->variants[variant][1];
-  if (fwd.function == 0 || (after && rescue.function == 0)) return 0;
+  const KernelLaunch* pair = registered(st->variants, m, pdl, groups_fastest, after);
+  if (pair == nullptr) return 0;
+  const KernelLaunch &fwd = pair[0], &rescue = pair[1];
   uint64_t stream;
   const int ready = launch_context(st->on_cuda, st->device_index, &stream);
   if (ready <= 0) return ready;
@@ -381,7 +391,7 @@ int backward_core(const BackwardPlanState* st, const at::Tensor& dy, const at::T
       dy.stride(1) != 1)
     return 0;
   const int64_t dy_stride = dy.stride(0);
-  const bool pdl = st->pdl_mode >= 0 ? st->pdl_mode != 0 : (m * n < st->pdl_max_elements && st->pdl_ok);
+  const bool pdl = use_pdl(st->pdl_mode, m * n, st->pdl_max_elements, st->pdl_ok);
   // launch._bwd_programs: persistent programs per group
   const int64_t tiles = (m + st->rows - 1) / st->rows;
   const int64_t per_sm = tiles * st->groups <= st->sms * st->per_sm ? 1 : st->per_sm;

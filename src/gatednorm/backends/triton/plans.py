@@ -202,6 +202,15 @@ def _layout_matches(module) -> bool:
         _QuantPlanState.fixed.offset, _QuantPlanState.variants.offset)
 
 
+def _start_native(plan, wanted: bool) -> None:
+    """A new plan's C++ entry fields (``native``: its ctypes state, ``native_address``: the state's address, both
+    set by the plan's ``_attach``; ``native_wanted``: whether to attach, asked again on calls while the extension
+    builds), then its first attempt to attach where the entry is wanted."""
+    plan.native, plan.native_address, plan.native_wanted = None, 0, wanted
+    if wanted:
+        plan._attach()
+
+
 def _extension_for(plan):
     """The C++ entry's extension for a plan's ``_attach``: None while it builds (``plan.native_wanted`` stays set:
     the plan asks again on its next call) or where it cannot serve (a failed build, other struct layouts: the
@@ -358,12 +367,8 @@ class ForwardPlan:
         self.call_args = _pointers(True, False, z is not None, True, bias is not None, True, False,
                                    not self.is_rms, True) + "i" * 6 + "f"
         # the C++ entry (cxx_plans.cpp): its state, its forward function and the state's address, once attached
-        self.native: _ForwardPlanState | None = None
         self.native_forward = None
-        self.native_address = 0
-        self.native_wanted = cxx_plans.ENABLED
-        if self.native_wanted:
-            self._attach()
+        _start_native(self, cxx_plans.ENABLED)
 
     def _attach(self) -> None:
         """Hand this plan's decisions to the C++ entry once its extension is loaded (its build runs on a background
@@ -548,12 +553,8 @@ class BackwardPlan:
         #: the same variants -> (bwd_kernel's launcher cache entry, sum_partials_kernel's or None, needs)
         self.entries: dict[tuple, tuple] = {}
         # the C++ entry (cxx_plans.cpp), as ForwardPlan's
-        self.native: _BackwardPlanState | None = None
         self.native_backward = None
-        self.native_address = 0
-        self.native_wanted = cxx_plans.ENABLED
-        if self.native_wanted:
-            self._attach()
+        _start_native(self, cxx_plans.ENABLED)
 
     def _attach(self) -> None:
         """Hand this plan's decisions to the C++ entry once its extension is loaded (as ForwardPlan._attach)."""
@@ -766,12 +767,8 @@ class QuantPlan:
         # strides, the scales' two strides, eps), as _host_launch checks a signature against them
         self.call_args = _pointers(True, z is not None, True, bias is not None, True, True) + "i" * 6 + "f"
         # the C++ entry (cxx_plans.cpp), as ForwardPlan's
-        self.native: _QuantPlanState | None = None
         self.native_quant = None
-        self.native_address = 0
-        self.native_wanted = cxx_plans.QUANT_ENABLED
-        if self.native_wanted:
-            self._attach()
+        _start_native(self, cxx_plans.QUANT_ENABLED)
 
     def _attach(self) -> None:
         """Hand this plan's decisions to the C++ entry once its extension is loaded (as ForwardPlan._attach)."""
