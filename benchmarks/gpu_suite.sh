@@ -18,6 +18,9 @@
 #                                          # layers probe at 8192x128, bench_host with the entry off and on
 #                                          # (CXX_FLAGS, default "0 1 0 1"; about 4 minutes); CXX_GOALS=1 adds
 #                                          # bench_gpu's small shapes and issue 16's host goals
+#   bash benchmarks/gpu_suite.sh cxxquant  # the quantized plan's C++ entry (GATEDNORM_CXX_PLANS=all, off by
+#                                          # default until this has passed): the plan tests through it, then
+#                                          # bench_host at 8192x128 with it off and on, alternating (CXX_FLAGS)
 #   bash benchmarks/gpu_suite.sh kernels   # GPU tests + the fused-kernel benchmark (issue 7)
 #   bash benchmarks/gpu_suite.sh verify    # the full `gatednorm verify` on cuda, in worker processes
 #   bash benchmarks/gpu_suite.sh report    # native eager on GPU, tensor parallel (2 GPUs)
@@ -117,6 +120,16 @@ cxxplans)
         python3 benchmarks/acceptance.py --bench "$OUT/small/gpu_bench.json" --markdown "$OUT/acceptance_small.md" \
             | grep -i host
     fi
+    ;;
+cxxquant)
+    GATEDNORM_CXX_PLANS=all python3 -m pytest -q -p no:logging -W ignore -o addopts="" tests/test_gpu.py \
+        -k "plan or cxx_plans or quant" > "$OUT/cxx_quant_tests.log" 2>&1
+    echo "pytest exit $?" | tee -a "$OUT/cxx_quant_tests.log"; tail -3 "$OUT/cxx_quant_tests.log"
+    for flag in ${CXX_FLAGS:-1 all 1 all}; do  # 1: the forward and backward entries only (the default)
+        echo "GATEDNORM_CXX_PLANS=$flag"
+        GATEDNORM_CXX_PLANS=$flag python3 benchmarks/bench_host.py --device cuda --shape 8192x128 --calls 1000 \
+            --repeats 5 --json "$OUT/host_8192x128_cxx_$flag.json" 2>&1 | grep -E "torch.mul|quant|layer_norm_fwd|launches"
+    done
     ;;
 layers)
     for shape in 8192x128 2048x128; do

@@ -241,7 +241,7 @@ RESCUE_KERNEL_MIN_ELEMENTS = 1 << 24
 #: Groups narrower than this check in-kernel at every call size. H100 (session 22, bench_triton_ab.py, two runs
 #: of 5 and 7 interleaved rounds): with the check in fwd_kernel rather than the scan kernel after it, the large
 #: shapes of groups of 96 to 5120 ran 0.8-2.1% faster, the same time as with no rescue at all (the check costs
-#: nothing there); groups of 8192 ran 3.5% slower (benchmarks/results/gpu_notes_h200.md, session 22). 16384 was
+#: nothing there); groups of 8192 ran 3.4-3.6% slower (benchmarks/results/gpu_notes_h200.md, session 22). 16384 was
 #: not measured and keeps the scan.
 RESCUE_KERNEL_MIN_GROUP = 8192
 #: A call size no call reaches: the range rescue always in-kernel.
@@ -871,8 +871,9 @@ def _quant_kernel_constexprs(spec: NormSpec, qspec: QuantSpec, layout: tuple[int
 
 def quant_rescue_scan_min_elements(option: int | None) -> int:
     """The call size from which :func:`forward_quant` runs its range rescue as quant_rescue_kernel: ``option``, else
-    RESCUE_KERNEL_MIN_ELEMENTS at every group width (the fused kernel's in-kernel rescue was measured costly on
-    large calls; the group-width rule of :func:`rescue_scan_min_elements` was measured for fwd_kernel only)."""
+    RESCUE_KERNEL_MIN_ELEMENTS at every group width. The group-width rule of :func:`rescue_scan_min_elements` was
+    measured for fwd_kernel only; the fused kernel's in-kernel rescue (rows marked, redone at the program's end)
+    has not been timed against the scan on large calls yet (gpu_notes_h200.md, session 22)."""
     return RESCUE_KERNEL_MIN_ELEMENTS if option is None else option
 
 
@@ -910,9 +911,9 @@ def forward_quant(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
             spec.eps)
     constexprs = _quant_kernel_constexprs(spec, qspec, layout, z is not None, bias is not None, by_bits, pdl)
     # The range rescue: in-kernel below the threshold, else quant_rescue_kernel (the forward's warps: the
-    # same bits either way). As for forward(), the in-kernel check costs large calls bandwidth: with the
-    # rescue in registers (before) the H200 moved 524288x128 with 128-wide fp8 blocks at 71-73% of copy,
-    # with the scan kernel after it 81% (benchmarks/results/quant_bench_h200.md).
+    # same bits either way). With the rescue in registers (an earlier kernel) the H200 moved 524288x128 with
+    # 128-wide fp8 blocks at 71-73% of copy, with the scan kernel after it 81%
+    # (benchmarks/results/quant_bench_h200.md); see quant_rescue_scan_min_elements for today's kernel.
     rescue_after = m * n >= quant_rescue_scan_min_elements(rescue_kernel_min_elements)
     grid, groups_fastest = _quant_grid(m, rows, tiles, order)
     _launch_kw(fwd_quant_kernel, grid, args, warps, x.device, fast=fast, pdl=pdl,
