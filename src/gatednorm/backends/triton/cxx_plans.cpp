@@ -9,9 +9,10 @@
 // parameters are its signature's non-constexpr arguments in order (pointers as CUdeviceptr, integers as int32 /
 // int64 as the signature types them, floats as their float32 bits), then two null scratch pointers (global and
 // profile scratch; plans only register kernels that need neither). Everything decided per signature sits in a
-// ForwardPlanState / BackwardPlanState / QuantPlanState that Python fills (ctypes, plans.py) as the kernel variants get compiled;
-// a variant not registered yet, a misaligned address, another current GPU or an installed Triton launch hook
-// returns None, having launched nothing, and Python takes its own path (which compiles and registers).
+// ForwardPlanState / BackwardPlanState / QuantPlanState that Python fills (ctypes, plans.py) as the kernel
+// variants get compiled; a variant not registered yet, a misaligned address, another current GPU or an installed
+// Triton launch hook returns None, having launched nothing, and Python takes its own path (which compiles and
+// registers).
 
 #include <Python.h>
 
