@@ -21,6 +21,9 @@
 #   bash benchmarks/gpu_suite.sh cxxquant  # the quantized plan's C++ entry (GATEDNORM_CXX_PLANS=all, off by
 #                                          # default until this has passed): the plan tests through it, then
 #                                          # bench_host at 8192x128 with it off and on, alternating (CXX_FLAGS)
+#   bash benchmarks/gpu_suite.sh ncu       # Nsight Compute on the kernels behind two open misses (probe_ncu.py's
+#                                          # cases: 8192x128 quantized vs plain forward, 16384x8192's range rescue
+#                                          # in-kernel vs its scan kernel); details as text in $OUT/ncu_details.txt
 #   bash benchmarks/gpu_suite.sh kernels   # GPU tests + the fused-kernel benchmark (issue 7)
 #   bash benchmarks/gpu_suite.sh verify    # the full `gatednorm verify` on cuda, in worker processes
 #   bash benchmarks/gpu_suite.sh report    # native eager on GPU, tensor parallel (2 GPUs)
@@ -130,6 +133,23 @@ cxxquant)
         GATEDNORM_CXX_PLANS=$flag python3 benchmarks/bench_host.py --device cuda --shape 8192x128 --calls 1000 \
             --repeats 5 --json "$OUT/host_8192x128_cxx_$flag.json" 2>&1 | grep -E "torch.mul|quant|layer_norm_fwd|launches"
     done
+    ;;
+ncu)
+    NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+    [ -n "$NCU" ] || { echo "ncu not found"; exit 1; }
+    python3 benchmarks/probe_ncu.py 2>&1 | tail -8  # the cases run, and their graph times, before profiling
+    for case in $(python3 benchmarks/probe_ncu.py --list | awk '{print $1}'); do
+        per_call=1; case "$case" in *-scan) per_call=2;; esac  # the scan case launches rescue_kernel too
+        # skip the warm-up calls (compilations, the plan's start: probe_ncu.WARMUP = 3), profile two calls
+        timeout "${NCU_SECONDS:-150}" "$NCU" --clock-control none --set full \
+            -k regex:'fwd_kernel|fwd_quant_kernel|rescue_kernel' --launch-skip $((3 * per_call)) \
+            --launch-count $((2 * per_call)) -f -o "/tmp/ncu_$case" python3 benchmarks/probe_ncu.py "$case" \
+            > "/tmp/ncu_$case.log" 2>&1
+        echo "ncu $case exit $?"
+        { echo "=== $case"; "$NCU" --import "/tmp/ncu_$case.ncu-rep" --page details; } >> "$OUT/ncu_details.txt" 2>&1
+    done
+    grep -E "^=== |Duration|Achieved Occupancy|Registers Per Thread|Memory Throughput|DRAM Throughput" \
+        "$OUT/ncu_details.txt" | head -80
     ;;
 layers)
     for shape in 8192x128 2048x128; do

@@ -200,3 +200,19 @@ def test_bench_triton_ab_smoke_compares_a_baseline_bit_for_bit(mode):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     lines = [line for line in proc.stdout.splitlines() if line.startswith("  ")]
     assert len(lines) == 4 and all("same" in line and "bits equal" in line for line in lines), proc.stdout
+
+
+def test_probe_ncu_cases_run():
+    """benchmarks/probe_ncu.py (what gpu_suite.sh ncu profiles): every case makes its calls (2 rows each, under
+    Triton's interpreter), and an unknown case name is refused."""
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT / "src")}
+    script = str(ROOT / "benchmarks" / "probe_ncu.py")
+    proc = subprocess.run([sys.executable, script, "--device", "cpu", "--smoke"], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    names = [line.split()[0] for line in proc.stdout.splitlines() if line.endswith(" ran")]
+    listed = subprocess.run([sys.executable, script, "--list"], env=env, capture_output=True, text=True, timeout=600)
+    assert names == [line.split()[0] for line in listed.stdout.splitlines()] and len(names) == 6
+    bad = subprocess.run([sys.executable, script, "no-such-case"], env=env, capture_output=True, text=True, timeout=600)
+    assert bad.returncode == 2 and "unknown case" in bad.stderr
