@@ -127,7 +127,7 @@ HOST_CALLS = {"fwd": 1000, "fwd_bwd": 200}
 def host_rounds(fns: dict, calls: dict, run: Run, rounds: int = HOST_ROUNDS) -> dict[str, list[float]]:
     """Back-to-back wall us per call of every fn (``fns``: name -> fn; ``calls``: name -> calls per timing), in
     ``rounds`` interleaved rounds: each round times each fn once, in order. A shared host's speed drifts during a
-    run (other processes, clocks: torch.mul's host time moved 8.7 -> 11.5 -> 9.3 us per call between three runs
+    run (other processes, clocks: torch.mul's host time at 8192x128 went 11.5 -> 8.7 -> 9.3 us in three runs
     of one H100 host in session 22), and the goals are ratios: timing ours and its reference side by side, round
     after round, lets the drift move both alike; the ratio of each round's pair is what the goals read (median
     over the rounds)."""
