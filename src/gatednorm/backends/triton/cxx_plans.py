@@ -20,14 +20,13 @@ When it is used
 ---------------
 By the :class:`.plans.ForwardPlan` s, :class:`.plans.BackwardPlan` s and, with ``GATEDNORM_CXX_PLANS=all``,
 :class:`.plans.QuantPlan` s (the fused quantized forward; see :data:`QUANT_ENABLED`) whose kernels were launched
-through
-Triton 3.6's C launcher (the ABI the C++ repeats: ``launch.DIRECT_LAUNCH_TRITON_VERSIONS``), where this module
-builds (a C++ compiler: ``$CXX``, else c++ / g++ / clang++; PyTorch's headers; Triton's ``cuda.h``), unless
-``GATEDNORM_CXX_PLANS=0`` (the Python plans; read when the backend loads, as ``GATEDNORM_TRITON_FAST_LAUNCH``;
-see :data:`ENABLED`). The extension is built once into
-``$GATEDNORM_CACHE_DIR`` (default ``~/.cache/gatednorm``), keyed by the source, PyTorch's version, Python's and
-the compiler (10 s on a 2-core machine, 16-25 s on the H100 hosts), on a background thread started by the first
-plan: plans made before it is ready attach to it when it is. :func:`status` says whether it is in use or why not.
+through Triton 3.6's C launcher (the ABI the C++ repeats: ``launch.DIRECT_LAUNCH_TRITON_VERSIONS``), where this
+module builds (a C++ compiler: ``$CXX``, else c++ / g++ / clang++; PyTorch's headers; Triton's ``cuda.h``),
+unless ``GATEDNORM_CXX_PLANS=0`` (the Python plans; read when the backend loads, as
+``GATEDNORM_TRITON_FAST_LAUNCH``; see :data:`ENABLED`). The extension is built once into ``$GATEDNORM_CACHE_DIR``
+(default ``~/.cache/gatednorm``), keyed by the source, PyTorch's version, Python's and the compiler (10 s on a
+2-core machine, 16-25 s on the H100 hosts), on a background thread started by the first plan: plans made before
+it is ready attach to it when it is. :func:`status` says whether it is in use or why not.
 """
 
 from __future__ import annotations
