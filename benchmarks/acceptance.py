@@ -109,9 +109,13 @@ def forward_checks(records: list[dict]) -> Iterator[Check]:
         side_by_side = " (medians; ratio: median of rounds side by side)"
         if rec.get("mul_b2b_us"):
             ratio = rec.get("host_fwd_x_mul") or _ratio(ours.get("b2b_us"), rec["mul_b2b_us"])
+            # torch.mul(x, z) (allocating, as issue 16's table names it) since session 23; files before that timed
+            # it into a given out= (no allocation), which their notes say
+            out_note = (f"; {rec['host_fwd_x_mul_out']:.2f}x torch.mul into out= ({_us(rec['mul_out_b2b_us'])})"
+                        if rec.get("host_fwd_x_mul_out") else "")
             yield Check(16, "host: forward <= 2x one torch.mul per call", shape, ratio, 2.0, False, "x",
                         f"{_us(ours.get('b2b_us'))} / {_us(rec['mul_b2b_us'])}"
-                        + (side_by_side if rec.get("host_fwd_x_mul") else ""))
+                        + (side_by_side if rec.get("host_fwd_x_mul") else "") + out_note)
         if rec.get("autograd_pair_b2b_us"):
             ours_fb_us = fb.get(OURS, {}).get("b2b_us")
             ratio = rec.get("host_fwd_bwd_x_pair") or _ratio(ours_fb_us, rec["autograd_pair_b2b_us"])

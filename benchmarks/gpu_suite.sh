@@ -18,9 +18,9 @@
 #                                          # layers probe at 8192x128, bench_host with the entry off and on
 #                                          # (CXX_FLAGS, default "0 1 0 1"; about 4 minutes); CXX_GOALS=1 adds
 #                                          # bench_gpu's small shapes and issue 16's host goals
-#   bash benchmarks/gpu_suite.sh cxxquant  # the quantized plan's C++ entry (GATEDNORM_CXX_PLANS=all, off by
-#                                          # default until this has passed): the plan tests through it, then
-#                                          # bench_host at 8192x128 with it off and on, alternating (CXX_FLAGS)
+#   bash benchmarks/gpu_suite.sh cxxquant  # the quantized plan's C++ entry (on by default since session 23): the
+#                                          # plan and quant GPU tests through it, then bench_host at 8192x128 with
+#                                          # the C++ entries off and on, alternating (CXX_FLAGS, default "0 1 0 1")
 #   bash benchmarks/gpu_suite.sh ncu       # Nsight Compute on the kernels behind two open misses (probe_ncu.py's
 #                                          # cases: 8192x128 quantized vs plain forward, 16384x8192's range rescue
 #                                          # in-kernel vs its scan kernel); details as text in $OUT/ncu_details.txt
@@ -125,10 +125,10 @@ cxxplans)
     fi
     ;;
 cxxquant)
-    GATEDNORM_CXX_PLANS=all python3 -m pytest -q -p no:logging -W ignore -o addopts="" tests/test_gpu.py \
+    GATEDNORM_CXX_PLANS=1 python3 -m pytest -q -p no:logging -W ignore -o addopts="" tests/test_gpu.py \
         -k "plan or cxx_plans or quant" > "$OUT/cxx_quant_tests.log" 2>&1
     echo "pytest exit $?" | tee -a "$OUT/cxx_quant_tests.log"; tail -3 "$OUT/cxx_quant_tests.log"
-    for flag in ${CXX_FLAGS:-1 all 1 all}; do  # 1: the forward and backward entries only (the default)
+    for flag in ${CXX_FLAGS:-0 1 0 1}; do  # 0: every plan in Python
         echo "GATEDNORM_CXX_PLANS=$flag"
         GATEDNORM_CXX_PLANS=$flag python3 benchmarks/bench_host.py --device cuda --shape 8192x128 --calls 1000 \
             --repeats 5 --json "$OUT/host_8192x128_cxx_$flag.json" 2>&1 | grep -E "torch.mul|quant|layer_norm_fwd|launches"

@@ -526,12 +526,11 @@ def test_triton_scan_after_a_large_forward_is_a_dependent_launch(recorded_launch
 def test_triton_range_rescue_runs_in_kernel_below_the_group_width_rule(recorded_launches, monkeypatch, gs, scan):
     """With the backend's default threshold (None), a large call checks the range in fwd_kernel for groups narrower
     than RESCUE_KERNEL_MIN_GROUP and runs rescue_kernel after it for wider ones; the plan decides the same; an
-    explicit threshold applies at every width (what the other tests use to reach the scan); the fused quantized
-    forward keeps the scan at every width."""
+    explicit threshold applies at every width (what the other tests use to reach the scan)."""
     launch, plans, calls = recorded_launches
     monkeypatch.setattr(launch, "RESCUE_KERNEL_MIN_ELEMENTS", 1024)  # every call of this test is "large"
     assert launch.rescue_scan_min_elements(None, gs) == (1024 if scan else launch._NEVER)
-    assert launch.rescue_scan_min_elements(0, gs) == 0 and launch.quant_rescue_scan_min_elements(None) == 1024
+    assert launch.rescue_scan_min_elements(0, gs) == 0
     m, n = 8, 2 * gs
     x, z, w, _ = make_inputs(m, n, torch.bfloat16, bias=False, gate=True, seed=gs)
     spec = gatednorm.spec.NormSpec(1e-6, gs, True, True, "swish")
@@ -547,12 +546,39 @@ def test_triton_range_rescue_runs_in_kernel_below_the_group_width_rule(recorded_
     calls.clear()
     launch.TritonBackend(rescue_kernel_min_elements=m * n, pdl=False).forward(x, w, None, z, spec, torch.empty_like(x))
     assert [c[1] for c in calls] == [plans.fwd_kernel, plans.rescue_kernel]
-    if gs <= 8192:  # a 128-wide quant block in one tile
+
+
+@pytest.mark.parametrize(("quant", "gs", "block", "scan"), [
+    ("fp8_e4m3", 128, 128, False), ("int8", 128, 128, False), ("fp8_e4m3", 4096, 128, False),
+    ("fp8_e4m3", 640, 128, False), ("int8", 640, 128, True), ("fp8_e4m3", 64, 2048, False),
+    ("fp8_e4m3", 64, 4096, True), ("int8", 4096, 4096, True),
+])
+def test_triton_quant_range_rescue_follows_the_block_width_rule(recorded_launches, monkeypatch, quant, gs, block,
+                                                                scan):
+    """With the backend's default threshold (None), a large fused quantized call checks the range in
+    fwd_quant_kernel for scale blocks up to QUANT_RESCUE_KERNEL_MAX_BLOCK wide, and runs quant_rescue_kernel after
+    it for wider blocks (per-token scales of long rows) and for int8 on padded groups; the plan decides the same
+    (its C++ entry launches what it records); an explicit threshold applies to every call."""
+    launch, plans, calls = recorded_launches
+    monkeypatch.setattr(launch, "RESCUE_KERNEL_MIN_ELEMENTS", 1024)  # every call of this test is "large"
+    m, n = 8, max(2 * gs, block)
+    x, z, w, _ = make_inputs(m, n, torch.bfloat16, bias=False, gate=True, seed=gs + block)
+    spec = gatednorm.spec.NormSpec(1e-6, gs, True, True, "swish")
+    qspec = gatednorm.spec.QuantSpec(quant, block, "float32", "none", False)
+    assert launch.quant_rescue_scan_min_elements(None, spec, qspec) == (1024 if scan else launch._NEVER)
+    expected = [plans.fwd_quant_kernel, plans.quant_rescue_kernel] if scan else [plans.fwd_quant_kernel]
+    for option, kernels in ((None, expected), (m * n, [plans.fwd_quant_kernel, plans.quant_rescue_kernel])):
         calls.clear()
-        qspec = gatednorm.spec.QuantSpec("fp8_e4m3", 128, "float32", "none", False)
         q, storage = ops._quant_outputs(x, qspec)
-        if backend.forward_quant(x, w, None, z, spec, qspec, q, ops._scale_view(storage, qspec)):
-            assert [c[1] for c in calls] == [plans.fwd_quant_kernel, plans.quant_rescue_kernel]
+        backend = launch.TritonBackend(rescue_kernel_min_elements=option, pdl=False)
+        assert backend.forward_quant(x, w, None, z, spec, qspec, q, ops._scale_view(storage, qspec))
+        assert [c[1] for c in calls] == kernels
+        in_kernel = calls[0][4][plans.fwd_quant_kernel.arg_names[len(calls[0][3]):].index("RESCUE_IN_KERNEL")]
+        assert in_kernel is (len(kernels) == 1)
+    calls.clear()
+    plan = plans.QuantPlan(x, w, None, z, spec, qspec, None, launch.RESCUE_SCAN_ROWS, False)
+    assert plan(x, w, None, z) is not None
+    assert [c[1] for c in calls] == expected
 
 
 def test_interleaved_signatures_keep_their_own_plans():

@@ -22,8 +22,7 @@ variable                            effect
 ``GATEDNORM_TRITON_FAST_LAUNCH``    ``0``: Triton's own (slower) launch path instead of the cached launcher
 ``GATEDNORM_CXX_PLANS``             ``0``: the triton backend's eager plans make their calls in Python instead of
                                     C++ (gatednorm.backends.triton.cxx_plans; the default with Triton 3.6 and a
-                                    C++ compiler); ``all``: the fused quantized forward's plan too (off by
-                                    default until it has run on a GPU)
+                                    C++ compiler; the fused quantized forward's plan too since session 23)
 ``GATEDNORM_TRITON_SPLIT_GROUPS``   ``0``: groups that are not a power of two are one tile padded to the next power
                                     of two (default: read unpadded, two power-of-two parts (640) in the fused
                                     quantized kernel, three equal parts (96) in the forward and backward kernels)

@@ -56,10 +56,10 @@ from .launch import _DIRECT_LAUNCH
 #: 28 plan tests and 126 of its other 176 through it, all passing (the device time ran out before the last 50,
 #: groups of three parts).
 ENABLED = _DIRECT_LAUNCH and env_text("GATEDNORM_CXX_PLANS") != "0"
-#: Whether :class:`.plans.QuantPlan` s use it too: only with ``GATEDNORM_CXX_PLANS=all`` until its entry has run on
-#: a GPU (session 22 built it and compared its launches with the Python plan's on the CPU only; the forward's
-#: entry ran that way before session 21 put it on by default).
-QUANT_ENABLED = ENABLED and env_text("GATEDNORM_CXX_PLANS") == "all"
+#: Whether :class:`.plans.QuantPlan` s use it too: wherever the other plans do, since session 23 (session 22 built
+#: it behind ``GATEDNORM_CXX_PLANS=all``; on an H100 its GPU tests passed through it and ``gated_norm_quant`` fp8
+#: at 8192x128 went from 2.66-2.79x to 1.66-1.72x one torch.mul's host time, benchmarks/results/gpu_notes_h200.md).
+QUANT_ENABLED = ENABLED
 
 _SOURCE = Path(__file__).with_name("cxx_plans.cpp")
 _lock = threading.Lock()

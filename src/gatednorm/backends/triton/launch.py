@@ -236,7 +236,8 @@ _INTERPRET = env_flag("TRITON_INTERPRET")
 
 
 #: Calls with at least this many elements, of groups at least RESCUE_KERNEL_MIN_GROUP wide, run the range rescue
-#: as a separate kernel (see "Range rescue"); the fused quantized forward does so at every group width.
+#: as a separate kernel (see "Range rescue"); the fused quantized forward does so for the calls
+#: :func:`quant_rescue_scan_min_elements` names.
 RESCUE_KERNEL_MIN_ELEMENTS = 1 << 24
 #: Groups narrower than this check in-kernel at every call size. H100 (session 22, bench_triton_ab.py, two runs
 #: of 5 and 7 interleaved rounds): with the check in fwd_kernel rather than the scan kernel after it, the large
@@ -244,6 +245,14 @@ RESCUE_KERNEL_MIN_ELEMENTS = 1 << 24
 #: nothing there); groups of 8192 ran 3.4-3.6% slower (benchmarks/results/gpu_notes_h200.md, session 22). 16384 was
 #: not measured and keeps the scan.
 RESCUE_KERNEL_MIN_GROUP = 8192
+#: The fused quantized forward checks in-kernel at every call size where its scale blocks are at most this wide
+#: (and the call is not int8 on padded groups). H100 (session 23, bench_triton_ab.py --quant, two runs of 5 and 7
+#: interleaved rounds, fp8 / int8 / fp8 with UE8M0 scales): with the check in fwd_quant_kernel rather than
+#: quant_rescue_kernel after it, blocks of 128 (524288x128, groups of 128 and one group of 4096 in 32768x4096) ran
+#: 1.6-3.9% faster, LayerNorm per token over 2048 0.9-1.6% faster; per-token scales over 4096 ran 1.1-2.8% slower in
+#: fp8 and int8 (0.7-1.1% faster with UE8M0 scales), int8 on groups of 640 (padded to 1024) 6.2% slower
+#: (benchmarks/results/gpu_notes_h200.md, session 23).
+QUANT_RESCUE_KERNEL_MAX_BLOCK = 2048
 #: A call size no call reaches: the range rescue always in-kernel.
 _NEVER = 1 << 62
 #: Rows whose stored rstd one program of rescue_kernel checks.
@@ -869,12 +878,17 @@ def _quant_kernel_constexprs(spec: NormSpec, qspec: QuantSpec, layout: tuple[int
     )
 
 
-def quant_rescue_scan_min_elements(option: int | None) -> int:
-    """The call size from which :func:`forward_quant` runs its range rescue as quant_rescue_kernel: ``option``, else
-    RESCUE_KERNEL_MIN_ELEMENTS at every group width. The group-width rule of :func:`rescue_scan_min_elements` was
-    measured for fwd_kernel only; the fused kernel's in-kernel rescue (rows marked, redone at the program's end)
-    has not been timed against the scan on large calls yet (gpu_notes_h200.md, session 22)."""
-    return RESCUE_KERNEL_MIN_ELEMENTS if option is None else option
+def quant_rescue_scan_min_elements(option: int | None, spec: NormSpec, qspec: QuantSpec) -> int:
+    """The call size (elements) from which :func:`forward_quant` runs its range rescue as quant_rescue_kernel:
+    ``option`` where given (tests lower it to compare the two), else RESCUE_KERNEL_MIN_ELEMENTS for scale blocks
+    wider than QUANT_RESCUE_KERNEL_MAX_BLOCK (per-token scales of long rows) and for int8 on groups that are not a
+    power of two (padded in the tile), never for the others (the check in fwd_quant_kernel: measured faster)."""
+    if option is not None:
+        return option
+    padded = spec.group_size & (spec.group_size - 1) != 0
+    if qspec.block > QUANT_RESCUE_KERNEL_MAX_BLOCK or (padded and qspec.quant == "int8"):
+        return RESCUE_KERNEL_MIN_ELEMENTS
+    return _NEVER
 
 
 def forward_quant(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, z: torch.Tensor | None,
@@ -914,7 +928,7 @@ def forward_quant(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     # same bits either way). With the rescue in registers (an earlier kernel) the H200 moved 524288x128 with
     # 128-wide fp8 blocks at 71-73% of copy, with the scan kernel after it 81%
     # (benchmarks/results/quant_bench_h200.md); see quant_rescue_scan_min_elements for today's kernel.
-    rescue_after = m * n >= quant_rescue_scan_min_elements(rescue_kernel_min_elements)
+    rescue_after = m * n >= quant_rescue_scan_min_elements(rescue_kernel_min_elements, spec, qspec)
     grid, groups_fastest = _quant_grid(m, rows, tiles, order)
     _launch_kw(fwd_quant_kernel, grid, args, warps, x.device, fast=fast, pdl=pdl,
                ROWS=rows, RESCUE_IN_KERNEL=not rescue_after, GROUPS_FASTEST=groups_fastest, **constexprs)

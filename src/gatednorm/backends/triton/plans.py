@@ -733,7 +733,7 @@ class QuantPlan:
         self.index = x.device.index if x.device.index is not None else torch.cuda.current_device()
         self.pdl, self.pdl_ok = pdl, pdl_supported(x.device)
         self.rescue_pdl = rescue_scan_pdl(pdl, x.device)  # the scan after a large forward, as the backend launches it
-        self.rescue_min = quant_rescue_scan_min_elements(rescue_kernel_min_elements)
+        self.rescue_min = quant_rescue_scan_min_elements(rescue_kernel_min_elements, spec, qspec)
         self.scan_rows = rescue_scan_rows
         self.column_major = qspec.column_major_scales
         self.q_dtype = quant_dtype(qspec.quant)
