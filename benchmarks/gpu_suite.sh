@@ -31,6 +31,10 @@
 #                                          # shipped launch shape against float64 first), the benchmark,
 #                                          # then the ablation probe (more than one 10-minute device call:
 #                                          # split it, or set QUANT_TESTS_TIMEOUT lower)
+#   bash benchmarks/gpu_suite.sh quant-bench  # issue 14's acceptance in one device call (about 5 minutes): the
+#                                          # quantized forward's and the plans' GPU tests (rescue, launch shapes), the
+#                                          # benchmark (fp8, fp8 with UE8M0 scales, int8) and its goals checked
+#                                          # (-> acceptance_quant.md), then its host time at 8192x128
 #   bash benchmarks/gpu_suite.sh quant-tune  # the fused quantized forward's launch shapes (issue 14): its GPU
 #                                          # tests (the split tiles of GATEDNORM_TRITON_SPLIT_GROUPS=1 against
 #                                          # float64 and the padded ones), then tune_gpu.py --quant over every
@@ -190,6 +194,19 @@ quant)
         --out "$OUT" 2>&1 | tail -30
     python3 benchmarks/acceptance.py --quant "$OUT/quant_bench.json" --markdown "$OUT/acceptance_quant.md" | tail -1
     python3 benchmarks/probe_quant_ablation.py --json "$OUT/quant_ablation.json" 2>&1 | tail -30
+    ;;
+quant-bench)
+    timeout "${QUANT_TESTS_TIMEOUT:-150}" python3 -m pytest -q -p no:logging -W ignore -o addopts="" tests/test_gpu.py \
+        -k "quant or rescue or plan" > "$OUT/quant_tests.log" 2>&1
+    echo "pytest exit $?" | tee -a "$OUT/quant_tests.log"; tail -3 "$OUT/quant_tests.log"
+    mkdir -p "$OUT/quant"
+    timeout "${QUANT_BENCH_SECONDS:-300}" python3 benchmarks/bench_gpu.py --quant --no-compile \
+        --quant-formats fp8_e4m3,fp8_e4m3:ue8m0,int8 "${SGL[@]}" --out "$OUT/quant" > "$OUT/quant_bench.log" 2>&1
+    echo "bench_gpu --quant exit $?"; tail -12 "$OUT/quant_bench.log"
+    python3 benchmarks/acceptance.py --quant "$OUT/quant/quant_bench.json" --markdown "$OUT/acceptance_quant.md" \
+        | tail -1
+    python3 benchmarks/bench_host.py --device cuda --shape 8192x128 --calls 1000 --repeats 5 \
+        --json "$OUT/host_8192x128.json" 2>&1 | tail -9
     ;;
 quant-tune)
     python3 -m pytest -q -p no:logging -W ignore -o addopts="" tests/test_gpu.py -k "quant" \

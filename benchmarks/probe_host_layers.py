@@ -12,7 +12,8 @@ difference between two rows is what the layer between them costs:
   a prebuilt argument tail: the floor of a flatter plan);
 * the forward plan (``ForwardPlan.__call__``: allocate, read addresses, launch), the eager plan's
   ``forward_rows``, ``ops.planned_forward`` (signature key and lookup), ``layer_norm_fwd`` and ``rmsnorm_fn``
-  (no grad); the key's parts (``_signature_key``, ``_plannable_call``, ``needs_autograd``) alone;
+  (no grad); the key's parts (``_signature_key``, ``_plannable_call``, ``needs_autograd``) alone, and the whole
+  of it (``_call_signature``) with the tensors' part in Python and from the C++ ``call_key``;
 * backward: the backward plan with saved tensors (allocate 4, launch 2), ``launch.backward`` (the unplanned
   path), the Function's forward with grad on, ``torch.autograd.grad`` of rmsnorm_fn, and the autograd pair
   ``(x * z)`` backward, the floor of the engine.
@@ -34,6 +35,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
 import gatednorm  # noqa: E402
 from gatednorm import ops  # noqa: E402
+from gatednorm.backends import base as backend_base  # noqa: E402
 from gatednorm.backends.base import GradsNeeded  # noqa: E402
 from gatednorm.backends.triton import cxx_plans, launch, plans  # noqa: E402
 
@@ -85,6 +87,15 @@ def rows_for(m: int, n: int) -> dict:
     fixed_tail = (*fplan.fixed_args, *constexprs)
     contiguous, f32, dev, groups = torch.contiguous_format, torch.float32, x.device, fplan.groups
 
+    def python_key(fn):  # fn with the eager plans' keys built in Python (no C++ call_key)
+        def run():
+            saved, backend_base.call_key = backend_base.call_key, None
+            try:
+                return fn()
+            finally:
+                backend_base.call_key = saved
+        return run
+
     def minimal_forward():  # the least Python a planned forward can run: what a flatter plan could reach
         y_ = torch.empty_like(x, memory_format=contiguous)
         r_ = torch.empty(groups * m, dtype=f32, device=dev)
@@ -126,6 +137,9 @@ def rows_for(m: int, n: int) -> dict:
         "_plannable_call": lambda: ops._plannable_call(x),
         "needs_autograd": lambda: ops.needs_autograd(x, w, None, z),
         "_signature_key": lambda: ops._signature_key(x, w, None, z, EPS, None, True, True, "swish", None),
+        "_call_signature, Python key": python_key(
+            lambda: ops._call_signature(x, w, None, z, EPS, None, True, True, "swish", None)),
+        "_call_signature": lambda: ops._call_signature(x, w, None, z, EPS, None, True, True, "swish", None),
         "planned_forward": lambda: ops.planned_forward(x, w, None, z, EPS, None, True, True, "swish", None),
         "layer_norm_fwd": lambda: gatednorm.layer_norm_fwd(x, w, None, EPS, z=z, is_rms_norm=True),
         "layer_norm_fwd (bench_gpu's kwargs)": lambda: gatednorm.layer_norm_fwd(

@@ -581,7 +581,72 @@ def test_triton_quant_range_rescue_follows_the_block_width_rule(recorded_launche
     assert [c[1] for c in calls] == expected
 
 
-def test_interleaved_signatures_keep_their_own_plans():
+@pytest.fixture(params=["python key", "C key"])
+def key_kind(request, monkeypatch):
+    """The eager plans' keys built in Python, or their tensors' part by the C++ extension's call_key (what a
+    process with the triton backend's C++ plans loaded uses; built here on the CPU, as the C++ plan tests build
+    it)."""
+    from gatednorm.backends import base
+    if request.param == "python key":
+        monkeypatch.setattr(base, "call_key", None)
+        return None
+    cxx_plans = pytest.importorskip("gatednorm.backends.triton.cxx_plans")
+    module = cxx_plans.extension()
+    if module is None:
+        pytest.skip(cxx_plans.status())
+    monkeypatch.setattr(base, "call_key", module.call_key)
+    return module.call_key
+
+
+class _OtherTensor(torch.Tensor):
+    """A tensor subclass: neither torch.Tensor nor torch.nn.Parameter."""
+
+
+def test_c_call_key_is_equal_exactly_where_the_python_key_is(key_kind):
+    """The C++ call_key's bytes are equal for two calls exactly where ops._signature_key's tensor fields are
+    (x and z: class, dtype, device, rank, row strides or contiguity, N; weight and bias: class, dtype, device,
+    shape, strides), over every pair of many calls that differ in one field; its flag is needs_autograd's; it
+    declines (None: the Python key decides) x that is not exactly a torch.Tensor, of rank 0 or empty, other
+    classes, sparse tensors and parameters of more than four dims."""
+    call_key = key_kind
+    if call_key is None:
+        pytest.skip("the C key only")
+    g = torch.Generator().manual_seed(7)
+    base_x = torch.randn(6, 32, generator=g)
+    wide = torch.randn(6, 64, generator=g)
+    w, w2 = torch.randn(32, generator=g), torch.randn(64, generator=g)
+    xs = [base_x, base_x.bfloat16(), base_x.double(), wide[:, :32], wide[:, ::2], base_x.view(2, 3, 32),
+          base_x.view(2, 3, 32).transpose(0, 1), torch.randn(6, 48, generator=g), base_x.to("meta"),
+          base_x[:1], base_x[0]]
+    zs = [None, base_x, wide[:, 32:], base_x.bfloat16(), base_x.view(2, 3, 32)]
+    ws = [w, torch.nn.Parameter(w.clone()), w.bfloat16(), w2[::2], w.view(1, 32), w.to("meta")]
+    bs = [None, w.clone(), torch.nn.Parameter(w.clone()), w2[1::2]]
+    calls = [(x, ws[0], None, None) for x in xs] + [(xs[0], ws[0], None, z) for z in zs]
+    calls += [(xs[0], wt, bt, zs[1]) for wt in ws for bt in bs]
+    python_keys = [ops._signature_key(x, wt, bt, z, 1e-6, None, True, True, "swish", None)[0]
+                   for x, wt, bt, z in calls]
+    c_keys = [call_key(x, wt, bt, z) for x, wt, bt, z in calls]
+    assert all(k is not None for k in c_keys)
+    for i, j in itertools.product(range(len(calls)), repeat=2):
+        assert (c_keys[i][0] == c_keys[j][0]) == (python_keys[i] == python_keys[j]), (i, j)
+    assert len(set(python_keys)) > 30  # the calls do differ
+    # the differentiable flag: grad mode on and an input that requires grad (ops.needs_autograd)
+    for needs in itertools.product((False, True), repeat=4):
+        x, wt, bt, z = (t.clone().requires_grad_(r) for t, r in zip((base_x, w, w, base_x), needs, strict=True))
+        for grad in (True, False):
+            with torch.set_grad_enabled(grad):
+                assert call_key(x, wt, bt, z)[1] is ops.needs_autograd(x, wt, bt, z) is (grad and any(needs))
+    # declined: the Python path decides these
+    declined = [(torch.nn.Parameter(base_x), w, None, None), (base_x.as_subclass(_OtherTensor), w, None, None),
+                (torch.tensor(1.0), w, None, None), (base_x[:0], w, None, None),
+                (base_x, w.as_subclass(_OtherTensor), None, None), (base_x, w, None, base_x.as_subclass(_OtherTensor)),
+                (base_x.to_sparse(), w, None, None), (base_x, w.view(1, 1, 1, 1, 32), None, None)]
+    assert [call_key(*c) for c in declined] == [None] * len(declined)
+    with pytest.raises(TypeError):
+        call_key(base_x, w, None)
+
+
+def test_interleaved_signatures_keep_their_own_plans(key_kind):
     """Many signatures that share most of their key (dtypes of x and of the parameters, rank, strides, group
     size, gate side, norm, activation, bias, N), called in a shuffled order so that each call after the first
     of its signature is planned while the table holds its neighbours: every result equals the full path's bits,
@@ -618,6 +683,7 @@ def test_interleaved_signatures_keep_their_own_plans():
         assert torch.equal(y, y_ref.view_as(x)) and torch.equal(rstd, rstd_ref), cases[i]
         assert (mean is None and mean_ref is None) or torch.equal(mean, mean_ref), cases[i]
     assert len(ops._PLANS) == len(cases)
+    assert all(isinstance(key[0], bytes if key_kind else tuple) for key in ops._PLANS)  # the keys of key_kind
 
 
 def _fake_signature(spec_key: tuple, constexprs: tuple) -> dict:
@@ -1059,3 +1125,17 @@ def test_cxx_plans_build_failure_leaves_the_plans_in_python(monkeypatch, tmp_pat
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     plan = plans.ForwardPlan(x, w, None, z, gatednorm.spec.NormSpec(1e-6, 64, True, True, "swish"), 1 << 24, 16, False)
     assert plan.native_forward is None and not plan.native_wanted
+
+
+def test_torch_compile_does_not_trace_the_c_call_key(key_kind):
+    """With the C++ key in use (a process where the triton plans' extension has loaded), torch.compile with
+    fullgraph=True still traces the operator (the context is checked before the C call, which dynamo cannot
+    trace), and the eager calls around it stay planned."""
+    mod = gatednorm.RMSNorm(64, group_size=16)
+    compiled = torch.compile(mod, fullgraph=True, backend="aot_eager")
+    x, z, _, _ = make_inputs(8, 64, torch.float32)
+    with torch.no_grad():
+        eager = mod(x, z)
+        assert torch.equal(compiled(x, z), eager)
+        assert torch.equal(mod(x, z), eager)
+    assert len(ops._PLANS) == 1 and isinstance(next(iter(ops._PLANS))[0], bytes if key_kind else tuple)

@@ -34,6 +34,7 @@ from collections.abc import Callable, Iterator
 import torch
 
 from . import numerics
+from .backends import base as backend_base
 from .backends.base import Backend, Grads, GradsNeeded, quantize_by_steps
 from .huge_pages import advise_huge_pages
 from .settings import backend_choice_key, env_flag, env_text
@@ -796,7 +797,9 @@ def gated_norm_rows(
 # contiguity, the parameters' shapes and strides, the scalar arguments and their types (True == 1 in a
 # key, but prepare accepts only one of them), backend= and the three environment variables that choose a
 # backend. A key seen before passed prepare and resolve_backend with an equal signature, so the plan's call
-# raises nothing they would have raised. Registry changes drop every plan.
+# raises nothing they would have raised. Registry changes drop every plan. The tensors' fields are read in C
+# where a backend's extension offers that (backends.base.call_key: the triton backend's C++ plans), the same
+# fields packed into bytes.
 
 _NO_PLAN = object()
 #: More signatures than this (a program sweeping shapes of many widths) start the table afresh.
@@ -897,19 +900,40 @@ def _node_backward(plan: _EagerPlan, dy, x, weight, bias, z, mean, rstd, needs: 
 
 
 def _plannable_call(x) -> bool:
-    """Whether an eager plan may serve a call on x at all (see :func:`planned_forward`)."""
-    return not (_compiling() or x.__class__ is not torch.Tensor or x.dim() == 0 or x.numel() == 0
-                or _C_APPLY is None or _functorch_active())
+    """Whether an eager plan may serve a call on x (a plain tensor with elements; :func:`_call_signature` has
+    checked the context: torch.compile, torch.func)."""
+    return not (x.__class__ is not torch.Tensor or x.dim() == 0 or x.numel() == 0)
 
 
 def _signature_key(x, weight, bias, z, eps, group_size, norm_before_gate, is_rms_norm, activation, backend) -> tuple:
-    """The key of a call's signature (see "Eager plans" above); raises AttributeError / TypeError for arguments
-    that are not what the checks expect (the full path then says what is wrong). x's part is
+    """The key of a call's signature (see "Eager plans" above) in Python; raises AttributeError / TypeError for
+    arguments that are not what the checks expect (the full path then says what is wrong). x's part is
     :func:`_rows_signature` written out (every call builds this key)."""
-    return (x.__class__, x.dtype, x.device, x.dim(), x.stride() if x.dim() == 2 else x.is_contiguous(), x.shape[-1],
-            _rows_signature(z), _param_signature(weight), _param_signature(bias),
+    return ((x.__class__, x.dtype, x.device, x.dim(), x.stride() if x.dim() == 2 else x.is_contiguous(),
+             x.shape[-1], _rows_signature(z), _param_signature(weight), _param_signature(bias)),
             eps, group_size, norm_before_gate, is_rms_norm, activation, backend, eps.__class__,
             group_size.__class__, norm_before_gate.__class__, is_rms_norm.__class__, backend_choice_key())
+
+
+def _call_signature(x, weight, bias, z, eps, group_size, norm_before_gate, is_rms_norm, activation,
+                    backend) -> tuple[tuple, bool] | None:
+    """(key, differentiable) of a call plans may serve, or None where they may not (see :func:`planned_forward`).
+    The tensors' part of the key comes from a backend's C function where one is loaded
+    (``backends.base.call_key``, one call in place of some twenty attribute reads), else from
+    :func:`_signature_key`; the two kinds never compare equal (bytes against a tuple), so a table that holds both
+    (the C function arrives during a run) only plans a signature once more. Raises what _signature_key raises."""
+    if _compiling() or _functorch_active() or _C_APPLY is None:  # first: torch.compile must not trace the C call
+        return None
+    call_key = backend_base.call_key
+    tensors = None if call_key is None else call_key(x, weight, bias, z)
+    if tensors is None:
+        if not _plannable_call(x):
+            return None
+        return (_signature_key(x, weight, bias, z, eps, group_size, norm_before_gate, is_rms_norm, activation,
+                               backend), needs_autograd(x, weight, bias, z))
+    return ((tensors[0], eps, group_size, norm_before_gate, is_rms_norm, activation, backend, eps.__class__,
+             group_size.__class__, norm_before_gate.__class__, is_rms_norm.__class__, backend_choice_key()),
+            tensors[1])
 
 
 def _remember(key: tuple, plan):
@@ -955,11 +979,11 @@ def planned_forward(x, weight, bias, z, eps, group_size, norm_before_gate, is_rm
     discards mean and rstd (which may then be None). Raises what :func:`gatednorm.spec.prepare` and
     :func:`resolve_backend` raise for a bad call the first time its signature is seen."""
     try:
-        if not _plannable_call(x):
+        signature = _call_signature(x, weight, bias, z, eps, group_size, norm_before_gate, is_rms_norm, activation,
+                                    backend)
+        if signature is None:
             return None
-        differentiable = needs_autograd(x, weight, bias, z)
-        key = _signature_key(x, weight, bias, z, eps, group_size, norm_before_gate, is_rms_norm, activation,
-                             backend)
+        key, differentiable = signature
         plan = _PLANS.get(key)  # hashing the key: inside the try (unhashable scalars)
     except (AttributeError, TypeError):  # not tensors, unhashable scalars: the full path says what is wrong
         return None
@@ -1016,12 +1040,12 @@ def planned_quant(x, weight, bias, z, eps, group_size, norm_before_gate, is_rms_
     :func:`gatednorm.spec.prepare_quant` and :func:`resolve_backend` raise for a bad call the first time its
     signature is seen."""
     try:
-        if not _plannable_call(x) or needs_autograd(x, weight, bias, z):
+        signature = _call_signature(x, weight, bias, z, eps, group_size, norm_before_gate, is_rms_norm, activation,
+                                    backend)
+        if signature is None or signature[1]:
             return None
-        key = ("quant", _signature_key(x, weight, bias, z, eps, group_size, norm_before_gate, is_rms_norm,
-                                       activation, backend),
-               quant, quant_group_size, quant_group_size.__class__, scale_format, round_to, column_major_scales,
-               column_major_scales.__class__)
+        key = ("quant", signature[0], quant, quant_group_size, quant_group_size.__class__, scale_format, round_to,
+               column_major_scales, column_major_scales.__class__)
         plan = _PLANS.get(key)
     except (AttributeError, TypeError):
         return None

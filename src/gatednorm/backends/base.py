@@ -164,3 +164,12 @@ def quantize_by_steps(forward: Callable[..., object], x: torch.Tensor, weight: t
         y_rows = y[: r1 - r0]
         forward(x[r0:r1], weight, bias, None if z is None else z[r0:r1], spec, y_rows)
         quantize(y_rows, r0, r1)
+
+
+#: The eager plans' key of a call's tensors built in C (:mod:`gatednorm.ops`, "Eager plans"), set by a backend
+#: whose extension provides one (the triton backend's C++ plans, once loaded); None: ops builds it in Python.
+#: ``call_key(x, weight, bias, z) -> (key, differentiable) | None``: ``key`` bytes equal between two calls exactly
+#: where the Python key's tensor fields are equal, ``differentiable`` what ``ops.needs_autograd`` says; None where
+#: the Python path must decide (x not exactly a torch.Tensor, rank 0 or empty; other classes or layouts).
+call_key: Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None],
+                   tuple[bytes, bool] | None] | None = None

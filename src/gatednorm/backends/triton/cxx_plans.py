@@ -47,6 +47,7 @@ import triton
 
 from ...builds import build_once, cache_dir
 from ...settings import env_text
+from .. import base
 from .launch import _DIRECT_LAUNCH
 
 #: Whether plans use the C++ entry: with Triton 3.6's C launcher (whose launch the C++ repeats), unless
@@ -109,6 +110,7 @@ def _build() -> tuple[ModuleType | None, str]:
     except (ImportError, OSError) as exc:
         return None, f"could not load {path}: {exc}"
     module.setup(triton.knobs.runtime, getattr(torch._C, "_cuda_getCurrentRawStream", None))
+    module.key_classes(torch.Tensor, torch.nn.Parameter)
     return module, ""
 
 
@@ -120,6 +122,8 @@ def _load() -> None:
             except Exception as exc:  # noqa: BLE001 - any failure leaves the plans in Python, and says why
                 module, why = None, f"build failed: {type(exc).__name__}: {exc}"
             _state["why"], _state["module"] = why, module
+            if module is not None:  # the eager plans' keys from here on (gatednorm.ops, "Eager plans")
+                base.call_key = module.call_key
 
 
 def extension(wait: bool = True) -> ModuleType | None:
