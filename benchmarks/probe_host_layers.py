@@ -55,7 +55,7 @@ def rows_for(m: int, n: int) -> dict:
         gatednorm.layer_norm_fwd(x, w, None, EPS, z=z, is_rms_norm=True)
         xg, zg, wg = (t.detach().requires_grad_(True) for t in (x, z, w))
         torch.autograd.grad(gatednorm.rmsnorm_fn(xg, wg, None, zg, EPS), (xg, zg, wg), dy)
-    key = ops._signature_key(x, w, None, z, EPS, None, True, True, "swish", None)
+    key, _ = ops._call_signature(x, w, None, z, EPS, None, True, True, "swish", None)
     eager = ops._PLANS[key]
     fplan, bplan = eager.launch, eager.backward_launch
     if fplan is None or bplan is None:
