@@ -47,6 +47,7 @@ import gatednorm.backends.triton.launch as tk
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_quant  # noqa: E402  (the --quant benchmark, next to this file)
+from cuda_timing import interleaved_rounds, median_ratio  # noqa: E402
 
 EPS = 1e-6
 BIG = 32 * 1024 * 1024  # elements: at and above this, the bandwidth goals apply
@@ -106,6 +107,20 @@ def bench(fn, run: Run, graph_calls=0):
     return run.timer(fn), (run.timer.graph(fn, graph_calls) if graph_calls else None)
 
 
+#: The implementations timed in CUDA graphs: on small shapes side by side with torch.mul (graph_rounds), on
+#: large ones forward+backward only, once each (10 calls).
+GRAPH_PEERS = {"fwd": ("gatednorm triton", "sglang 0.5.23", "fla fused_norm_gate"),
+               "fwd_bwd": ("gatednorm triton", "fla layernorm_gated", "fla fused_norm_gate")}
+
+
+def _no_grad(fn):
+    """fn run under torch.no_grad() (the forwards are timed as inference calls)."""
+    def run():
+        with torch.no_grad():
+            return fn()
+    return run
+
+
 def back_to_back_us(fn, run: Run, calls=2000):
     """Wall-clock us per call for many calls in a row (the larger of host and device time per call)."""
     for _ in range(run.calls(10)):
@@ -131,16 +146,8 @@ def host_rounds(fns: dict, calls: dict, run: Run, rounds: int = HOST_ROUNDS) -> 
     of one H100 host in session 22), and the goals are ratios: timing ours and its reference side by side, round
     after round, lets the drift move both alike; the ratio of each round's pair is what the goals read (median
     over the rounds)."""
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(run.calls(rounds)):
-        for name, fn in fns.items():
-            times[name].append(back_to_back_us(fn, run, calls[name]))
-    return times
-
-
-def _median_ratio(num: list[float], den: list[float]) -> float:
-    """Median over rounds of num[i] / den[i] (each round's pair measured side by side)."""
-    return statistics.median(a / b for a, b in zip(num, den, strict=True))
+    return interleaved_rounds({name: (lambda fn=fn, c=calls[name]: back_to_back_us(fn, run, c))
+                               for name, fn in fns.items()}, run.calls(rounds))
 
 
 def torch_formula(x, w, b, z, gs, rms, nbg):
@@ -203,14 +210,16 @@ def run_shape(shape, impls, copy_gbps, args, run: Run):
     bytes_fwd = (tensors + 1) * m * n * 2 + (1 if rms else 2) * groups * m * 4
     bytes_fb = bytes_fwd + (tensors + 1) * m * n * 2 + tensors * m * n * 2
     small = m * n < BIG
-    graph_calls = 100 if small else 0
     rec = {"shape": name, "M": m, "N": n, "group_size": gs, "rms": rms, "norm_before_gate": nbg,
            "gate": has_z, "bias": has_bias, "bytes_fwd": bytes_fwd, "bytes_fwd_bwd": bytes_fb, "fwd": {}, "fwd_bwd": {}}
 
     y = torch.empty_like(x)
     z_or_x = z if z is not None else x
-    t, tg = bench(lambda: torch.mul(x, z_or_x, out=y), run, graph_calls)
-    rec["mul_ms"], rec["mul_graph_ms"] = t, tg
+
+    def mul():
+        return torch.mul(x, z_or_x, out=y)
+
+    rec["mul_ms"], rec["mul_graph_ms"] = run.timer(mul), None
 
     if small:
         from gatednorm.spec import NormSpec
@@ -260,9 +269,7 @@ def run_shape(shape, impls, copy_gbps, args, run: Run):
     with torch.no_grad():
         for key, fn in fwd.items():
             try:
-                gc = graph_calls if key in ("gatednorm triton", "sglang 0.5.23", "fla fused_norm_gate") else 0
-                t, tg = bench(fn, run, gc)
-                rec["fwd"][key] = {"ms": t, "graph_ms": tg}
+                rec["fwd"][key] = {"ms": run.timer(fn), "graph_ms": None}  # graphs: small shapes only, below
             except Exception as e:
                 print(f"  {name} fwd {key} failed: {type(e).__name__}: {e}", file=sys.stderr)
 
@@ -291,11 +298,25 @@ def run_shape(shape, impls, copy_gbps, args, run: Run):
         fb_impls["fla fused_norm_gate"] = fb(lambda: ff.rms_norm_gated(xg, zg, wg, None, activation="swish", eps=EPS))
     for key, fn in fb_impls.items():
         try:
-            gc = (graph_calls or 10) if key in ("gatednorm triton", "fla layernorm_gated", "fla fused_norm_gate") else 0
+            gc = 10 if not small and key in GRAPH_PEERS["fwd_bwd"] else 0
             t, tg = bench(fn, run, gc)
             rec["fwd_bwd"][key] = {"ms": t, "graph_ms": tg}
         except Exception as e:
             print(f"  {name} fwd+bwd {key} failed: {type(e).__name__}: {e}", file=sys.stderr)
+
+    if small:  # in CUDA graphs of 100 calls: ours, the peers and torch.mul side by side (graph_rounds)
+        graph_fns = {"torch.mul": mul}
+        for part, fns in (("fwd", {k: _no_grad(f) for k, f in fwd.items()}), ("fwd_bwd", fb_impls)):
+            graph_fns.update({(part, key): fns[key] for key in GRAPH_PEERS[part] if key in rec[part]})
+        rounds = run.timer.graph_rounds(graph_fns)
+        mul_rounds = rounds.pop("torch.mul", None)
+        if mul_rounds:
+            rec["mul_graph_ms"], rec["mul_graph_rounds_ms"] = statistics.median(mul_rounds), mul_rounds
+        for (part, key), times in rounds.items():
+            r = rec[part][key]
+            r["graph_ms"], r["graph_rounds_ms"] = statistics.median(times), times
+            if mul_rounds:
+                r["graph_x_mul"] = median_ratio(times, mul_rounds)
 
     if small and "gatednorm triton" in rec["fwd"] and "gatednorm triton" in rec["fwd_bwd"]:
         # host time per call, ours and its references side by side (host_rounds): one torch.mul(x, z) (the
@@ -314,12 +335,12 @@ def run_shape(shape, impls, copy_gbps, args, run: Run):
         rec["host_rounds_us"] = host
         rec["mul_b2b_us"] = statistics.median(host["torch.mul"])
         rec["mul_out_b2b_us"] = statistics.median(host["torch.mul out="])
-        rec["host_fwd_x_mul_out"] = _median_ratio(host["ours fwd"], host["torch.mul out="])
+        rec["host_fwd_x_mul_out"] = median_ratio(host["ours fwd"], host["torch.mul out="])
         rec["autograd_pair_b2b_us"] = statistics.median(host["autograd pair"])
         rec["fwd"]["gatednorm triton"]["b2b_us"] = statistics.median(host["ours fwd"])
         rec["fwd_bwd"]["gatednorm triton"]["b2b_us"] = statistics.median(host["ours fwd+bwd"])
-        rec["host_fwd_x_mul"] = _median_ratio(host["ours fwd"], host["torch.mul"])
-        rec["host_fwd_bwd_x_pair"] = _median_ratio(host["ours fwd+bwd"], host["autograd pair"])
+        rec["host_fwd_x_mul"] = median_ratio(host["ours fwd"], host["torch.mul"])
+        rec["host_fwd_bwd_x_pair"] = median_ratio(host["ours fwd+bwd"], host["autograd pair"])
     for part, nbytes in (("fwd", bytes_fwd), ("fwd_bwd", bytes_fb)):
         for r in rec[part].values():
             r["gbps"] = nbytes / (r["ms"] * 1e-3) / 1e9
@@ -327,8 +348,6 @@ def run_shape(shape, impls, copy_gbps, args, run: Run):
             r["x_mul"] = r["ms"] / rec["mul_ms"]
             if r.get("graph_ms"):
                 r["graph_pct_copy"] = 100 * nbytes / (r["graph_ms"] * 1e-3) / 1e9 / copy_gbps
-                if rec["mul_graph_ms"]:
-                    r["graph_x_mul"] = r["graph_ms"] / rec["mul_graph_ms"]
     return rec
 
 
@@ -409,7 +428,9 @@ def fmt_table(records, copy_gbps, device):
     lines = [f"Device: {device}; copy bandwidth {copy_gbps:.0f} GB/s (bytes read + written). bf16. "
              "Per call: do_bench median, L2 flushed. Cells: GB/s (% of copy, time / torch.mul floor); "
              "graph: us per call in a CUDA graph of 100 calls (10 for fwd+bwd of large shapes), its % of copy and "
-             f"x the mul graph figure; back-to-back: wall us per call of {HOST_CALLS['fwd']} (fwd+bwd: "
+             f"x the mul graph figure (small shapes: medians of {bench_quant.GRAPH_ROUNDS} rounds side by side with "
+             "torch.mul's graph, x mul the median of the rounds' ratios); back-to-back: wall us per call of "
+             f"{HOST_CALLS['fwd']} (fwd+bwd: "
              f"{HOST_CALLS['fwd_bwd']}) calls in a row, the host time per call where it exceeds the kernels' "
              f"(median of {HOST_ROUNDS} rounds interleaved with torch.mul and the autograd pair).", ""]
     impls = []

@@ -33,6 +33,7 @@ import argparse
 import inspect
 import json
 import os
+import statistics
 import sys
 import time
 
@@ -46,6 +47,8 @@ EPS = 1e-6
 BIG = 32 * 1024 * 1024  # elements: at and above this, the bandwidth goals apply
 #: The column of the norm without quantization (bf16 output), timed beside the quantizing calls.
 NORM_ALONE = "norm alone (bf16 out)"
+#: Interleaved rounds of the small shapes' CUDA-graph figures (fused forwards and torch.mul side by side).
+GRAPH_ROUNDS = 7
 
 # name, M, N, group size, rms, norm_before_gate, has_z, has_bias, quant block (None: per token)
 SHAPES = [
@@ -134,6 +137,18 @@ class Timer:
             fn()
             times.append((time.perf_counter() - t0) * 1e3)
         return sorted(times)[len(times) // 2]
+
+    def graph_rounds(self, fns: dict, calls: int = 100, rounds: int = GRAPH_ROUNDS) -> dict[str, list[float]]:
+        """ms per call of each fn in its own CUDA graph of ``calls`` calls, in ``rounds`` interleaved rounds
+        (cuda_timing.graph_rounds); {} off CUDA. A fn whose capture fails is reported and left out."""
+        if not self.cuda:
+            return {}
+        from cuda_timing import graph_rounds
+
+        def failed(name: str, exc: Exception) -> None:
+            print(f"    graph capture of {name} failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+
+        return graph_rounds(fns, calls, rounds, failed)
 
     def graph(self, fn, calls: int = 100) -> float | None:
         """ms per call inside a CUDA graph of ``calls`` calls (None off CUDA or when capture fails)."""
@@ -264,8 +279,6 @@ def run_shape(shape, device, timer: Timer, copy: float, quant: str, scale_format
 
         rec["mul_ms"] = timer(mul)
         small = m * n < BIG
-        if small:
-            rec["mul_graph_ms"] = timer.graph(mul)
         for key, fn in impls.items():
             try:
                 ms = timer(fn)
@@ -277,13 +290,27 @@ def run_shape(shape, device, timer: Timer, copy: float, quant: str, scale_format
             r["pct_copy"] = 100 * r["gbps"] / copy
             # In a CUDA graph the kernels alone are timed: do_bench's eager figure includes the host's time to
             # launch wherever that exceeds its L2 flush (the quantized call's host path is longer than the norm's).
-            if key.startswith("fused") or (not small and key == NORM_ALONE):
-                r["graph_ms"] = timer.graph(fn, 100 if small else 10)
-                if r["graph_ms"]:
-                    r["graph_pct_copy"] = 100 * key_bytes / (r["graph_ms"] * 1e-3) / 1e9 / copy
-                if r["graph_ms"] and rec.get("mul_graph_ms"):
-                    r["graph_x_mul"] = r["graph_ms"] / rec["mul_graph_ms"]
+            if not small and (key == NORM_ALONE or key.startswith("fused")):
+                r["graph_ms"] = timer.graph(fn, 10)
             rec["impls"][key] = r
+        fused = [key for key in rec["impls"] if key.startswith("fused")]
+        # small shapes: the fused forwards and torch.mul in graphs of 100 calls, side by side (graph_rounds)
+        rounds = timer.graph_rounds({"torch.mul": mul, **{key: impls[key] for key in fused}}) if small else {}
+        if rounds:
+            from cuda_timing import median_ratio  # next to this file
+
+            mul_rounds = rounds.get("torch.mul")
+            if mul_rounds:
+                rec["mul_graph_ms"], rec["mul_graph_rounds_ms"] = statistics.median(mul_rounds), mul_rounds
+            for key in (k for k in fused if k in rounds):
+                r = rec["impls"][key]
+                r["graph_ms"], r["graph_rounds_ms"] = statistics.median(rounds[key]), rounds[key]
+                if mul_rounds:
+                    r["graph_x_mul"] = median_ratio(rounds[key], mul_rounds)
+        for key, r in rec["impls"].items():
+            if r.get("graph_ms"):
+                r["graph_pct_copy"] = 100 * (norm_bytes if key == NORM_ALONE else nbytes) / (
+                    r["graph_ms"] * 1e-3) / 1e9 / copy
     fused_ms = rec["impls"].get("fused (gated_norm_quant)", {}).get("ms")
     if fused_ms:
         for r in rec["impls"].values():
@@ -296,8 +323,9 @@ def fmt_table(records, copy: float, device_name: str) -> str:
              "bf16 in. Bytes: x, z read + q, scales written (the norm alone: x, z read + y in bf16 and the "
              "statistics written). Cells: GB/s (% of copy; time as a multiple of the fused call's); fused (and the "
              "norm alone on large shapes): also us per call in a CUDA graph of 100 calls (10 on shapes of at least 32M "
-             "elements; the kernels alone, no host time) with its % of copy (and x torch.mul's in a graph, small "
-             "shapes).", ""]
+             "elements; the kernels alone, no host time) with its % of copy; on small shapes the median of "
+             f"{GRAPH_ROUNDS} rounds timed side by side with torch.mul's graph, and x torch.mul's (the median of the "
+             "rounds' ratios).", ""]
     keys = []
     for r in records:
         keys += [k for k in r["impls"] if k not in keys]

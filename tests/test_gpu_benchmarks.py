@@ -12,6 +12,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -220,3 +221,51 @@ def test_probe_ncu_cases_run():
     assert names == [line.split()[0] for line in listed.stdout.splitlines()] and len(names) == 6
     bad = subprocess.run([sys.executable, script, "no-such-case"], env=env, capture_output=True, text=True, timeout=600)
     assert bad.returncode == 2 and "unknown case" in bad.stderr
+
+
+#: Graph figures a fake timer hands out, round by round: torch.mul's and every other implementation's. The median
+#: of the rounds' ratios (3) differs from the ratio of the medians (12 / 1), so the test sees which one is read.
+_MUL_ROUNDS = [1.0, 1.0, 1.0, 1.0, 10.0, 10.0, 10.0]
+_IMPL_ROUNDS = [3.0, 3.0, 3.0, 30.0, 12.0, 12.0, 12.0]
+
+
+def _rounds_timer(bench_quant, called: list):
+    """bench_quant.Timer whose graph_rounds runs every fn once (each must work; its name is recorded) and returns
+    the fixed rounds above."""
+    class RoundsTimer(bench_quant.Timer):
+        def graph_rounds(self, fns, calls=100, rounds=bench_quant.GRAPH_ROUNDS):
+            out = {}
+            for name, fn in fns.items():
+                fn()
+                called.append(name)
+                out[name] = list(_MUL_ROUNDS if name == "torch.mul" else _IMPL_ROUNDS)
+            return out
+
+    return RoundsTimer(torch.device("cpu"), True)
+
+
+@pytest.mark.parametrize("bench", ["bench_gpu", "bench_quant"])
+def test_small_shapes_graph_figures_are_read_round_by_round(bench):
+    """On small shapes the CUDA-graph figures come from graph_rounds (ours, the peers and torch.mul side by side):
+    each graph_ms is the median of its rounds, mul_graph_ms torch.mul's, and graph_x_mul the median of the rounds'
+    ratios."""
+    pytest.importorskip("triton")
+    bench_gpu = _benchmark_module("bench_gpu")
+    bench_quant = sys.modules.get("bench_quant") or _benchmark_module("bench_quant")
+    called: list = []
+    timer = _rounds_timer(bench_quant, called)
+    if bench == "bench_gpu":
+        run = bench_gpu.Run(torch.device("cpu"), timer, True)
+        args = type("Args", (), {"no_compile": True})()
+        rec = bench_gpu.run_shape(bench_gpu.SMOKE_SHAPES[0], {}, 1.0, args, run)
+        graphed = [rec[part][key] for part in ("fwd", "fwd_bwd") for key in bench_gpu.GRAPH_PEERS[part]
+                   if key in rec[part]]
+        assert called == ["torch.mul", ("fwd", "gatednorm triton"), ("fwd_bwd", "gatednorm triton")]  # no peers here
+    else:
+        rec = bench_quant.run_shape(bench_quant.SMOKE_SHAPES[0], torch.device("cpu"), timer, 1.0, "int8", "float32",
+                                    False)
+        graphed = [r for key, r in rec["impls"].items() if key.startswith("fused")]
+        assert called == ["torch.mul", *(key for key in rec["impls"] if key.startswith("fused"))]
+    assert graphed and rec["mul_graph_ms"] == 1.0
+    for r in graphed:
+        assert r["graph_ms"] == 12.0 and r["graph_x_mul"] == 3.0 and r["graph_rounds_ms"] == _IMPL_ROUNDS

@@ -681,9 +681,9 @@ PyObject* autograd(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
 
 // --- The eager plans' signature keys (gatednorm.ops, "Eager plans") ------------------------------------------
 //
-// ops builds a key per eager call from its tensors' metadata; in Python that is some twenty attribute reads, about
-// 1.5 us of a planned forward's host time on the CPU machine (3.5 us on an H100 host). call_key reads the same
-// fields from the ATen tensors in one C call.
+// ops builds a key per eager call from its tensors' metadata; in Python that is some twenty attribute reads: the
+// whole signature (ops._call_signature) took 2.2 us on the CPU machine and 2.6-2.8 us on an H100 host, with
+// call_key, which reads the same fields from the ATen tensors in one C call, 0.5 and 0.7 us (session 23).
 
 PyObject* tensor_class = nullptr;     // torch.Tensor
 PyObject* parameter_class = nullptr;  // torch.nn.Parameter
