@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 from collections.abc import Iterator
 from typing import NamedTuple
 
@@ -77,13 +78,24 @@ def _ratio(num: float | None, den: float | None) -> float | None:
     return None if num is None or not den else num / den
 
 
-def _parity(shape: str, ours_ms: float | None, peers: dict[str, float], where: str) -> Check:
-    """Our forward's time over the fastest peer's (issue 16: at most 1)."""
+#: Where bench_gpu keeps each round of a figure it timed side by side with the others (since session 23).
+_ROUNDS = {"ms": "rounds_ms", "graph_ms": "graph_rounds_ms"}
+
+
+def _parity(shape: str, ours: dict, peers: dict[str, dict], field: str, where: str) -> Check:
+    """Our forward's time (``field`` of the records) over the fastest peer's (issue 16: at most 1): the median of
+    the rounds' ratios where bench_gpu timed both side by side in rounds, else the ratio of the two figures."""
     goal = f"forward at least as fast as the best peer{where} (time / best peer's)"
-    if not peers:
+    timed = {name: r for name, r in peers.items() if r.get(field)}
+    if not timed:
         return Check(16, goal, shape, None, 1.0, False, "x", "no peer timed")
-    best = min(peers, key=peers.get)
-    return Check(16, goal, shape, _ratio(ours_ms, peers[best]), 1.0, False, "x", f"best: {best}")
+    best = min(timed, key=lambda name: timed[name][field])
+    ours_rounds, best_rounds = ours.get(_ROUNDS[field]), timed[best].get(_ROUNDS[field])
+    if ours_rounds and best_rounds and len(ours_rounds) == len(best_rounds):
+        ratio = statistics.median(a / b for a, b in zip(ours_rounds, best_rounds, strict=True))
+        return Check(16, goal, shape, ratio, 1.0, False, "x",
+                     f"best: {best} (median of {len(ours_rounds)} rounds side by side)")
+    return Check(16, goal, shape, _ratio(ours.get(field), timed[best][field]), 1.0, False, "x", f"best: {best}")
 
 
 def forward_checks(records: list[dict]) -> Iterator[Check]:
@@ -93,11 +105,11 @@ def forward_checks(records: list[dict]) -> Iterator[Check]:
         fwd = rec.get("fwd", {})
         fb = rec.get("fwd_bwd", {})
         ours = fwd.get(OURS, {})
-        peers = {name: r["ms"] for name, r in fwd.items() if name.startswith(PEERS) and r.get("ms")}
-        yield _parity(shape, ours.get("ms"), peers, "")
-        graph_peers = {name: r["graph_ms"] for name, r in fwd.items() if name.startswith(PEERS) and r.get("graph_ms")}
-        if ours.get("graph_ms") and graph_peers:  # small shapes: the kernels alone (eagerly the host's time counts)
-            yield _parity(shape, ours["graph_ms"], graph_peers, ", in a CUDA graph")
+        peers = {name: r for name, r in fwd.items() if name.startswith(PEERS)}
+        yield _parity(shape, ours, peers, "ms", "")
+        if ours.get("graph_ms") and any(r.get("graph_ms") for r in peers.values()):
+            # small shapes: the kernels alone (eagerly the host's time counts)
+            yield _parity(shape, ours, peers, "graph_ms", ", in a CUDA graph")
         if _big(rec):
             yield Check(16, "forward >= 90% of copy", shape, ours.get("pct_copy"), 90.0, True, "%")
             ours_fb = fb.get(OURS, {})

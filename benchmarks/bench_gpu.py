@@ -107,6 +107,9 @@ def bench(fn, run: Run, graph_calls=0):
     return run.timer(fn), (run.timer.graph(fn, graph_calls) if graph_calls else None)
 
 
+#: The forwards timed side by side in interleaved rounds (their eager figures: issue 16's parity goal), and how many.
+PARITY = ("gatednorm triton", "sglang 0.5.23", "fla layernorm_gated", "fla fused_norm_gate")
+PARITY_ROUNDS = 7
 #: The implementations timed in CUDA graphs: on small shapes side by side with torch.mul (graph_rounds), on
 #: large ones forward+backward only, once each (10 calls).
 GRAPH_PEERS = {"fwd": ("gatednorm triton", "sglang 0.5.23", "fla fused_norm_gate"),
@@ -267,11 +270,22 @@ def run_shape(shape, impls, copy_gbps, args, run: Run):
         fwd["sglang 0.5.23"] = lambda: sg._layer_norm_fwd(x, w, b, EPS, z=z, group_size=gs,
                                                           norm_before_gate=nbg, is_rms_norm=rms)
     with torch.no_grad():
+        parity = []  # ours and the peers: timed below, side by side
         for key, fn in fwd.items():
             try:
-                rec["fwd"][key] = {"ms": run.timer(fn), "graph_ms": None}  # graphs: small shapes only, below
+                if key in PARITY:
+                    fn()  # runs at all (a peer that does not take this layout is reported, left out)
+                    parity.append(key)
+                else:
+                    rec["fwd"][key] = {"ms": run.timer(fn), "graph_ms": None}
             except Exception as e:
                 print(f"  {name} fwd {key} failed: {type(e).__name__}: {e}", file=sys.stderr)
+        # In interleaved rounds, each figure the median of its rounds: the parity goal reads the median of the
+        # rounds' ratios (a drift of the machine between two single timings would move a near tie either way).
+        rounds = interleaved_rounds({key: (lambda fn=fwd[key]: run.timer(fn)) for key in parity},
+                                    run.calls(PARITY_ROUNDS))
+        for key in parity:  # graphs: small shapes only, below
+            rec["fwd"][key] = {"ms": statistics.median(rounds[key]), "rounds_ms": rounds[key], "graph_ms": None}
 
     # forward + backward
     xg = x.detach().requires_grad_(True)
@@ -426,7 +440,8 @@ def host_breakdown(run: Run, m=8192, n=128):
 
 def fmt_table(records, copy_gbps, device):
     lines = [f"Device: {device}; copy bandwidth {copy_gbps:.0f} GB/s (bytes read + written). bf16. "
-             "Per call: do_bench median, L2 flushed. Cells: GB/s (% of copy, time / torch.mul floor); "
+             f"Per call: do_bench median, L2 flushed (the forwards of ours and the peers: medians of {PARITY_ROUNDS} "
+             "rounds side by side). Cells: GB/s (% of copy, time / torch.mul floor); "
              "graph: us per call in a CUDA graph of 100 calls (10 for fwd+bwd of large shapes), its % of copy and "
              f"x the mul graph figure (small shapes: medians of {bench_quant.GRAPH_ROUNDS} rounds side by side with "
              "torch.mul's graph, x mul the median of the rounds' ratios); back-to-back: wall us per call of "
