@@ -587,14 +587,17 @@ def key_kind(request, monkeypatch):
     process with the triton backend's C++ plans loaded uses; built here on the CPU, as the C++ plan tests build
     it)."""
     from gatednorm.backends import base
-    if request.param == "python key":
-        monkeypatch.setattr(base, "call_key", None)
-        return None
+    call_key = None if request.param == "python key" else _c_call_key()
+    monkeypatch.setattr(base, "call_key", call_key)
+    return call_key
+
+
+def _c_call_key():
+    """The C++ extension's call_key (the test skips where the extension cannot be built)."""
     cxx_plans = pytest.importorskip("gatednorm.backends.triton.cxx_plans")
     module = cxx_plans.extension()
     if module is None:
         pytest.skip(cxx_plans.status())
-    monkeypatch.setattr(base, "call_key", module.call_key)
     return module.call_key
 
 
@@ -602,15 +605,13 @@ class _OtherTensor(torch.Tensor):
     """A tensor subclass: neither torch.Tensor nor torch.nn.Parameter."""
 
 
-def test_c_call_key_is_equal_exactly_where_the_python_key_is(key_kind):
+def test_c_call_key_is_equal_exactly_where_the_python_key_is():
     """The C++ call_key's bytes are equal for two calls exactly where ops._signature_key's tensor fields are
     (x and z: class, dtype, device, rank, row strides or contiguity, N; weight and bias: class, dtype, device,
     shape, strides), over every pair of many calls that differ in one field; its flag is needs_autograd's; it
     declines (None: the Python key decides) x that is not exactly a torch.Tensor, of rank 0 or empty, other
     classes, sparse tensors and parameters of more than four dims."""
-    call_key = key_kind
-    if call_key is None:
-        pytest.skip("the C key only")
+    call_key = _c_call_key()
     g = torch.Generator().manual_seed(7)
     base_x = torch.randn(6, 32, generator=g)
     wide = torch.randn(6, 64, generator=g)
