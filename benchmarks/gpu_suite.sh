@@ -77,6 +77,16 @@ verify_cuda() {
         --json "$OUT/verify_cuda.json" --markdown "$OUT/verify_cuda.md" > "$OUT/verify_cuda.log" 2>&1
 }
 
+# bench_gpu.py --quant over fp8, fp8 with UE8M0 scales and int8 into $1 (quant_bench.json, .md, .png), then issue
+# 14's goals checked against it into $2; the benchmark's last lines and the verdict count printed
+quant_bench() {
+    mkdir -p "$1"
+    timeout "${QUANT_BENCH_SECONDS:-300}" python3 benchmarks/bench_gpu.py --quant --no-compile \
+        --quant-formats fp8_e4m3,fp8_e4m3:ue8m0,int8 "${SGL[@]}" --out "$1" > "$1/quant_bench.log" 2>&1
+    echo "bench_gpu --quant exit $?"; tail -12 "$1/quant_bench.log"
+    python3 benchmarks/acceptance.py --quant "$1/quant_bench.json" --markdown "$2" | tail -1
+}
+
 case "${1:-kernels}" in
 full)
     start=$(date +%s)
@@ -190,21 +200,14 @@ quant)
     timeout "${QUANT_TESTS_TIMEOUT:-330}" python3 -m pytest -q -p no:logging -W ignore -o addopts="" \
         tests/test_quant.py -k "triton or rescue" >> "$OUT/quant_tests.log" 2>&1
     echo "pytest exit $?" | tee -a "$OUT/quant_tests.log"; tail -3 "$OUT/quant_tests.log"
-    python3 benchmarks/bench_gpu.py --quant --no-compile --quant-formats fp8_e4m3,fp8_e4m3:ue8m0,int8 "${SGL[@]}" \
-        --out "$OUT" 2>&1 | tail -30
-    python3 benchmarks/acceptance.py --quant "$OUT/quant_bench.json" --markdown "$OUT/acceptance_quant.md" | tail -1
+    quant_bench "$OUT" "$OUT/acceptance_quant.md"
     python3 benchmarks/probe_quant_ablation.py --json "$OUT/quant_ablation.json" 2>&1 | tail -30
     ;;
 quant-bench)
     timeout "${QUANT_TESTS_TIMEOUT:-150}" python3 -m pytest -q -p no:logging -W ignore -o addopts="" tests/test_gpu.py \
         -k "quant or rescue or plan" > "$OUT/quant_tests.log" 2>&1
     echo "pytest exit $?" | tee -a "$OUT/quant_tests.log"; tail -3 "$OUT/quant_tests.log"
-    mkdir -p "$OUT/quant"
-    timeout "${QUANT_BENCH_SECONDS:-300}" python3 benchmarks/bench_gpu.py --quant --no-compile \
-        --quant-formats fp8_e4m3,fp8_e4m3:ue8m0,int8 "${SGL[@]}" --out "$OUT/quant" > "$OUT/quant_bench.log" 2>&1
-    echo "bench_gpu --quant exit $?"; tail -12 "$OUT/quant_bench.log"
-    python3 benchmarks/acceptance.py --quant "$OUT/quant/quant_bench.json" --markdown "$OUT/acceptance_quant.md" \
-        | tail -1
+    quant_bench "$OUT/quant" "$OUT/acceptance_quant.md"
     python3 benchmarks/bench_host.py --device cuda --shape 8192x128 --calls 1000 --repeats 5 \
         --json "$OUT/host_8192x128.json" 2>&1 | tail -9
     ;;

@@ -431,7 +431,7 @@ def test_quant_plan_matches_plain_launch(shape, gs, block, quant, fmt, col, z_la
     from gatednorm import ops
     from gatednorm.backends.triton import cxx_plans, plans
 
-    host = cxx_plans.extension() if cxx_plans.QUANT_ENABLED else None
+    host = cxx_plans.extension() if cxx_plans.ENABLED else None
 
     n = shape[-1]
     spec = NormSpec(EPS, gs, True, False, "swish")

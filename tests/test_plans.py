@@ -743,7 +743,6 @@ def cxx_recorded(monkeypatch):
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch._C, "_cuda_getCurrentRawStream", lambda index: 0, raising=False)
     monkeypatch.setattr(cxx_plans, "ENABLED", True)
-    monkeypatch.setattr(cxx_plans, "QUANT_ENABLED", True)
     module.set_recorder(lambda g0, g1, fn, warps, shared, coop, pdl_flag, params: cxx_calls.append(
         (fn, (g0, g1), warps, pdl_flag, list(params))))
     try:

@@ -18,15 +18,17 @@ pair's (1.98x in Python).
 
 When it is used
 ---------------
-By the :class:`.plans.ForwardPlan` s, :class:`.plans.BackwardPlan` s and, with ``GATEDNORM_CXX_PLANS=all``,
-:class:`.plans.QuantPlan` s (the fused quantized forward; see :data:`QUANT_ENABLED`) whose kernels were launched
+By the :class:`.plans.ForwardPlan` s, :class:`.plans.BackwardPlan` s and :class:`.plans.QuantPlan` s (the fused
+quantized forward, since session 23: its GPU tests passed through the entry on an H100 and ``gated_norm_quant``
+fp8 at 8192x128 went from 2.66-2.79x to 1.66-1.72x one torch.mul's host time) whose kernels were launched
 through Triton 3.6's C launcher (the ABI the C++ repeats: ``launch.DIRECT_LAUNCH_TRITON_VERSIONS``), where this
 module builds (a C++ compiler: ``$CXX``, else c++ / g++ / clang++; PyTorch's headers; Triton's ``cuda.h``),
 unless ``GATEDNORM_CXX_PLANS=0`` (the Python plans; read when the backend loads, as
 ``GATEDNORM_TRITON_FAST_LAUNCH``; see :data:`ENABLED`). The extension is built once into ``$GATEDNORM_CACHE_DIR``
 (default ``~/.cache/gatednorm``), keyed by the source, PyTorch's version, Python's and the compiler (10 s on a
 2-core machine, 16-25 s on the H100 hosts), on a background thread started by the first plan: plans made before
-it is ready attach to it when it is. :func:`status` says whether it is in use or why not.
+it is ready attach to it when it is. :func:`status` says whether it is in use or why not. Once loaded, its
+``call_key`` also builds the eager plans' signature keys (``backends.base.call_key``, gatednorm.ops).
 """
 
 from __future__ import annotations
@@ -57,10 +59,6 @@ from .launch import _DIRECT_LAUNCH
 #: 28 plan tests and 126 of its other 176 through it, all passing (the device time ran out before the last 50,
 #: groups of three parts).
 ENABLED = _DIRECT_LAUNCH and env_text("GATEDNORM_CXX_PLANS") != "0"
-#: Whether :class:`.plans.QuantPlan` s use it too: wherever the other plans do, since session 23 (session 22 built
-#: it behind ``GATEDNORM_CXX_PLANS=all``; on an H100 its GPU tests passed through it and ``gated_norm_quant`` fp8
-#: at 8192x128 went from 2.66-2.79x to 1.66-1.72x one torch.mul's host time, benchmarks/results/gpu_notes_h200.md).
-QUANT_ENABLED = ENABLED
 
 _SOURCE = Path(__file__).with_name("cxx_plans.cpp")
 _lock = threading.Lock()

@@ -713,7 +713,7 @@ class QuantPlan:
     Called with tensors of the signature it returns ``(q (M, N), scale storage)``, both new, the storage (M, G)
     or, for column-major scales, (G, M) as ``ops._quant_outputs`` makes them; or None, having written nothing,
     where it does not serve the call (as :class:`ForwardPlan`). Where the plans' C++ entry is in use for it
-    (:data:`.cxx_plans.QUANT_ENABLED`), the call is made there (``cxx_plans.cpp``'s ``quant``) once its variant
+    (:data:`.cxx_plans.ENABLED`), the call is made there (``cxx_plans.cpp``'s ``quant``) once its variant
     is registered.
     """
 
@@ -768,7 +768,7 @@ class QuantPlan:
         self.call_args = _pointers(True, z is not None, True, bias is not None, True, True) + "i" * 6 + "f"
         # the C++ entry (cxx_plans.cpp), as ForwardPlan's
         self.native_quant = None
-        _start_native(self, cxx_plans.QUANT_ENABLED)
+        _start_native(self, cxx_plans.ENABLED)
 
     def _attach(self) -> None:
         """Hand this plan's decisions to the C++ entry once its extension is loaded (as ForwardPlan._attach)."""
