@@ -426,7 +426,7 @@ def test_quant_plan_matches_plain_launch(shape, gs, block, quant, fmt, col, z_la
     """The quantized call's plan (ops.planned_quant -> plans.QuantPlan) launches the kernels the plain launch
     compiled, with the same grids and arguments: q and the scales equal launch.forward_quant's bit for bit,
     through the plan (its launch counter moves), at other M, in the same shapes and strides; where the plans' C++
-    entry is in use for it (GATEDNORM_CXX_PLANS=all), the repeated M's call is its launch."""
+    entry is in use (the default with Triton 3.6), the repeated M's call is its launch."""
     tk = _tk()
     from gatednorm import ops
     from gatednorm.backends.triton import cxx_plans, plans
