@@ -78,24 +78,32 @@ def _ratio(num: float | None, den: float | None) -> float | None:
     return None if num is None or not den else num / den
 
 
-#: Where bench_gpu keeps each round of a figure it timed side by side with the others (since session 23).
+#: Where the benchmarks keep each round of a figure timed side by side with the others (bench_gpu's forwards and
+#: small-shape graphs since session 23, bench_quant's eager figures since session 24).
 _ROUNDS = {"ms": "rounds_ms", "graph_ms": "graph_rounds_ms"}
 
 
+def _side_by_side(num: dict, den: dict, field: str) -> tuple[float | None, str]:
+    """num's ``field`` over den's, and how it was read: the median of the rounds' ratios where the benchmark timed
+    both side by side in rounds (a shared machine drifts alike within a round), else (older files) the ratio of
+    the two figures."""
+    num_rounds, den_rounds = num.get(_ROUNDS[field]), den.get(_ROUNDS[field])
+    if num_rounds and den_rounds and len(num_rounds) == len(den_rounds):
+        return (statistics.median(a / b for a, b in zip(num_rounds, den_rounds, strict=True)),
+                f" (median of {len(num_rounds)} rounds side by side)")
+    return _ratio(num.get(field), den.get(field)), ""
+
+
 def _parity(shape: str, ours: dict, peers: dict[str, dict], field: str, where: str) -> Check:
-    """Our forward's time (``field`` of the records) over the fastest peer's (issue 16: at most 1): the median of
-    the rounds' ratios where bench_gpu timed both side by side in rounds, else the ratio of the two figures."""
+    """Our forward's time (``field`` of the records) over the fastest peer's (issue 16: at most 1), read as
+    :func:`_side_by_side` reads it."""
     goal = f"forward at least as fast as the best peer{where} (time / best peer's)"
     timed = {name: r for name, r in peers.items() if r.get(field)}
     if not timed:
         return Check(16, goal, shape, None, 1.0, False, "x", "no peer timed")
     best = min(timed, key=lambda name: timed[name][field])
-    ours_rounds, best_rounds = ours.get(_ROUNDS[field]), timed[best].get(_ROUNDS[field])
-    if ours_rounds and best_rounds and len(ours_rounds) == len(best_rounds):
-        ratio = statistics.median(a / b for a, b in zip(ours_rounds, best_rounds, strict=True))
-        return Check(16, goal, shape, ratio, 1.0, False, "x",
-                     f"best: {best} (median of {len(ours_rounds)} rounds side by side)")
-    return Check(16, goal, shape, _ratio(ours.get(field), timed[best][field]), 1.0, False, "x", f"best: {best}")
+    ratio, how = _side_by_side(ours, timed[best], field)
+    return Check(16, goal, shape, ratio, 1.0, False, "x", f"best: {best}{how}")
 
 
 def forward_checks(records: list[dict]) -> Iterator[Check]:
@@ -151,8 +159,9 @@ def quant_checks(records: list[dict]) -> Iterator[Check]:
         if _big(rec):
             separate = {name: r for name, r in impls.items() if name.startswith("norm + ")}
             for name, r in separate.items():
-                yield Check(14, "fused >= 1.8x faster than norm + separate quant", case,
-                            _ratio(r.get("ms"), fused.get("ms")), 1.8, True, "x", name)
+                ratio, how = _side_by_side(r, fused, "ms")
+                yield Check(14, "fused >= 1.8x faster than norm + separate quant", case, ratio, 1.8, True, "x",
+                            name + how)
             if not separate:
                 yield Check(14, "fused >= 1.8x faster than norm + separate quant", case, None, 1.8, True, "x")
             yield Check(14, "fused >= 85% of copy, eagerly", case, fused.get("pct_copy"), 85.0, True, "%")

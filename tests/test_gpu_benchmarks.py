@@ -283,3 +283,40 @@ def test_small_shapes_graph_figures_are_read_round_by_round(bench):
     assert graphed and rec["mul_graph_ms"] == 1.0
     for r in graphed:
         assert r["graph_ms"] == 12.0 and r["graph_x_mul"] == 3.0 and r["graph_rounds_ms"] == _IMPL_ROUNDS
+
+
+#: Eager figures a fake timer hands out, round by round: the fused call's and every other implementation's. The
+#: median of the rounds' ratios (3) differs from the ratio of the medians (12 / 10).
+_FUSED_EAGER = [1.0, 1.0, 10.0, 10.0, 10.0]
+_OTHER_EAGER = [3.0, 3.0, 30.0, 30.0, 12.0]
+
+
+def test_quant_eager_figures_are_read_round_by_round():
+    """bench_quant times every implementation and torch.mul side by side in rounds (Timer.rounds): each ms is the
+    median of its rounds and "x fused" the median of the rounds' ratios; acceptance reads issue 14's 1.8x goal the
+    same way from the rounds, and from the two figures where a file has none."""
+    pytest.importorskip("triton")
+    bench_quant = sys.modules.get("bench_quant") or _benchmark_module("bench_quant")
+    called: list = []
+
+    class EagerRoundsTimer(bench_quant.Timer):
+        def rounds(self, fns, rounds=bench_quant.EAGER_ROUNDS):
+            called.extend(fns)
+            return {name: list(_FUSED_EAGER if name.startswith("fused") else _OTHER_EAGER) for name in fns}
+
+    timer = EagerRoundsTimer(torch.device("cpu"), True)
+    rec = bench_quant.run_shape(bench_quant.SMOKE_SHAPES[0], torch.device("cpu"), timer, 1.0, "int8", "float32", False)
+    assert called == ["torch.mul", *rec["impls"]] and acceptance.FUSED in rec["impls"]
+    assert rec["mul_ms"] == 12.0 and rec["mul_rounds_ms"] == _OTHER_EAGER
+    for key, r in rec["impls"].items():
+        fused = key == acceptance.FUSED
+        assert r["ms"] == (10.0 if fused else 12.0) and r["x_fused"] == (1.0 if fused else 3.0)
+        assert r["rounds_ms"] == (_FUSED_EAGER if fused else _OTHER_EAGER)
+    big = {"shape": "524288x128 rms gate-after k128", "quant": "fp8_e4m3", "scale_format": "float32", "M": 524288,
+           "N": 128, "impls": {acceptance.FUSED: {"ms": 10.0, "rounds_ms": _FUSED_EAGER},
+                               "norm + sglang quant": {"ms": 12.0, "rounds_ms": _OTHER_EAGER},
+                               "norm + eager quant": {"ms": 12.0}}}
+    checks = {c.detail: c for c in acceptance.quant_checks([big]) if c.goal.startswith("fused >= 1.8x")}
+    assert (checks["norm + sglang quant (median of 5 rounds side by side)"].value, checks[
+        "norm + sglang quant (median of 5 rounds side by side)"].verdict) == (3.0, "met")
+    assert (checks["norm + eager quant"].value, checks["norm + eager quant"].verdict) == (1.2, "MISSED")

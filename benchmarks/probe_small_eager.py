@@ -1,0 +1,107 @@
+"""Small gated RMSNorm forwards timed eagerly with L2 flushed (issue 16's parity goal at 8192x128 and 2048x128):
+which launch shape and whether programmatic dependent launch (PDL) make the cold-cache call slower than sglang's.
+
+Session 24 (H100): our forward 8.19 us against sglang's 7.14 us at 8192x128 eagerly (do_bench, L2 flushed, 7
+rounds side by side), while inside a CUDA graph (L2 warm, back to back) ours is 2.44 against 3.14 us. sglang runs
+4 rows a program with one warp (2048 programs); ours 32 rows with 8 warps and PDL. This probe times, side by side
+in interleaved rounds, at each row count: torch.mul into a preallocated output, our API call
+(``layer_norm_fwd(backend="triton")``), the launcher alone (``launch.forward``) at several (ROWS, num_warps) with
+PDL on and off, and sglang's ``_layer_norm_fwd`` where ``--sglang`` names its file; eagerly (do_bench median, L2
+flushed) and inside CUDA graphs of 100 calls (L2 warm). Each figure is the median of its rounds; "x sglang" /
+"x mul" the median of the rounds' ratios.
+
+    PYTHONPATH=src python benchmarks/probe_small_eager.py [--sglang sgl/layernorm_gated.py --sglang-loader tools]
+        [--rows 2048,8192] [--rounds 7] [--json OUT.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_quant  # noqa: E402  (its sglang loader)
+from cuda_timing import do_bench, graph_rounds, interleaved_rounds, median_ratio  # noqa: E402
+
+import gatednorm  # noqa: E402
+import gatednorm.backends.triton.launch as tk  # noqa: E402
+from gatednorm.spec import NormSpec  # noqa: E402
+
+EPS = 1e-6
+N = 128
+SPEC = NormSpec(EPS, N, True, True, "swish")
+#: (ROWS, num_warps) of the launcher; None: what it picks for groups of 128 (launch.FWD_TUNED).
+SHAPES = (None, (4, 1), (8, 1), (8, 2), (16, 4), (32, 8))
+
+
+def _timers(m: int, sglang) -> dict:
+    gen = torch.Generator(device="cuda").manual_seed(m)
+    x, z = (torch.randn(m, N, device="cuda", generator=gen).bfloat16() for _ in range(2))
+    w = (torch.randn(N, device="cuda", generator=gen) * 0.1 + 1).bfloat16()
+    y, y_mul = torch.empty_like(x), torch.empty_like(x)
+    fns = {"torch.mul out=": lambda: torch.mul(x, z, out=y_mul),
+           "api layer_norm_fwd": lambda: gatednorm.layer_norm_fwd(x, w, None, EPS, z=z, group_size=N,
+                                                                  is_rms_norm=True, backend="triton")}
+    for shape in SHAPES:
+        config = None if shape is None else (N, shape[0], shape[1], tk.ORDER_ROWS_FASTEST)
+        for pdl in (True, False):
+            label = "picked" if shape is None else f"{shape[0]}x{shape[1]}w"
+            fns[f"launch {label} pdl={int(pdl)}"] = (
+                lambda config=config, pdl=pdl: tk.forward(x, w, None, z, SPEC, y, config=config, pdl=pdl))
+    if sglang is not None:
+        fns["sglang"] = lambda: sglang._layer_norm_fwd(x, w, None, EPS, z=z, group_size=N, norm_before_gate=True,
+                                                       is_rms_norm=True)
+    ref = gatednorm.layer_norm_fwd(x, w, None, EPS, z=z, group_size=N, is_rms_norm=True, backend="triton")[0]
+    for name, fn in fns.items():  # every launch shape writes the same bits
+        if name.startswith("launch"):
+            y.zero_()
+            fn()
+            if not torch.equal(y, ref):
+                raise AssertionError(f"{m}x{N} {name}: output differs from the API call's")
+    return fns
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--sglang", default="")
+    ap.add_argument("--sglang-loader", default="")
+    ap.add_argument("--rows", default="2048,8192")
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--json", default="")
+    args = ap.parse_args()
+    sglang = bench_quant.load_sglang(args, torch.device("cuda"))
+    out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": {}}
+    with torch.no_grad():
+        for m in (int(v) for v in args.rows.split(",")):
+            fns = _timers(m, sglang)
+            eager = interleaved_rounds({k: (lambda fn=fn: do_bench(fn, warmup=25, rep=100, return_mode="median"))
+                                        for k, fn in fns.items()}, args.rounds)
+            graph = graph_rounds(fns, 100, args.rounds)
+            ref = "sglang" if "sglang" in eager else "torch.mul out="
+            rows = {}
+            print(f"\n{m}x{N} (eager: do_bench median, L2 flushed; graph: 100 calls; x {ref} / x mul: median of "
+                  f"{args.rounds} rounds' ratios)")
+            print(f"{'':28s} {'eager us':>9s} {'x ' + ref[:6]:>9s} {'graph us':>9s} {'x mul':>7s}")
+            for k in fns:
+                row = {"eager_us": statistics.median(eager[k]) * 1e3, "eager_rounds_ms": eager[k],
+                       "eager_x_ref": median_ratio(eager[k], eager[ref])}
+                if k in graph:
+                    row.update(graph_us=statistics.median(graph[k]) * 1e3, graph_rounds_ms=graph[k],
+                               graph_x_mul=median_ratio(graph[k], graph["torch.mul out="]))
+                rows[k] = row
+                g = f"{row['graph_us']:9.2f} {row['graph_x_mul']:7.2f}" if "graph_us" in row else f"{'-':>9s}"
+                print(f"{k:28s} {row['eager_us']:9.2f} {row['eager_x_ref']:9.2f} {g}", flush=True)
+            out["rows"][f"{m}x{N}"] = {"reference": ref, "figures": rows}
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
