@@ -8,10 +8,11 @@ in interleaved rounds, at each row count: torch.mul into a preallocated output, 
 (``layer_norm_fwd(backend="triton")``), the launcher alone (``launch.forward``) at several (ROWS, num_warps) with
 PDL on and off, and sglang's ``_layer_norm_fwd`` where ``--sglang`` names its file; eagerly (do_bench median, L2
 flushed) and inside CUDA graphs of 100 calls (L2 warm). Each figure is the median of its rounds; "x sglang" /
-"x mul" the median of the rounds' ratios.
+"x mul" the median of the rounds' ratios. ``--quant``: the fused fp8 forward (blocks of 128) instead, the API call
+and the launcher at each shape (PDL on, as shipped), beside torch.mul (issue 14's CUDA-graph goal at 8192x128).
 
     PYTHONPATH=src python benchmarks/probe_small_eager.py [--sglang sgl/layernorm_gated.py --sglang-loader tools]
-        [--rows 2048,8192] [--rounds 7] [--json OUT.json]
+        [--rows 2048,8192] [--rounds 7] [--quant] [--json OUT.json]
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from cuda_timing import do_bench, graph_rounds, interleaved_rounds, median_ratio
 
 import gatednorm  # noqa: E402
 import gatednorm.backends.triton.launch as tk  # noqa: E402
-from gatednorm.spec import NormSpec  # noqa: E402
+from gatednorm.spec import NormSpec, QuantSpec  # noqa: E402
 
 EPS = 1e-6
 N = 128
@@ -40,14 +41,33 @@ SPEC = NormSpec(EPS, N, True, True, "swish")
 SHAPES = (None, (4, 1), (8, 1), (8, 2), (16, 4), (32, 8))
 
 
-def _timers(m: int, sglang) -> dict:
+def _quant_timers(x, z, w, fns: dict) -> dict:
+    """fns plus the fused fp8 forward (blocks of 128, float32 scales): the API call and the launcher at each shape,
+    PDL on (as the API launches calls under launch.PDL_MAX_ELEMENTS)."""
+    m = x.shape[0]
+    q = torch.empty(m, N, device="cuda", dtype=torch.float8_e4m3fn)
+    scale = torch.empty(m, 1, device="cuda")
+    qspec = QuantSpec("fp8_e4m3", N, "float32", "none", False)
+    fns["api gated_norm_quant"] = lambda: gatednorm.gated_norm_quant(x, w, None, EPS, z, N, True, True,
+                                                                     quant_group_size=N, backend="triton")
+    for shape in SHAPES:
+        label = "picked" if shape is None else f"{shape[0]}x{shape[1]}w"
+        config = None if shape is None else (*shape, tk.ORDER_ROWS_FASTEST)
+        fns[f"quant {label}"] = lambda config=config: tk.forward_quant(x, w, None, z, SPEC, qspec, q, scale,
+                                                                      config=config, pdl=True)
+    return fns
+
+
+def _timers(m: int, sglang, quant: bool) -> dict:
     gen = torch.Generator(device="cuda").manual_seed(m)
     x, z = (torch.randn(m, N, device="cuda", generator=gen).bfloat16() for _ in range(2))
     w = (torch.randn(N, device="cuda", generator=gen) * 0.1 + 1).bfloat16()
     y, y_mul = torch.empty_like(x), torch.empty_like(x)
-    fns = {"torch.mul out=": lambda: torch.mul(x, z, out=y_mul),
-           "api layer_norm_fwd": lambda: gatednorm.layer_norm_fwd(x, w, None, EPS, z=z, group_size=N,
-                                                                  is_rms_norm=True, backend="triton")}
+    fns = {"torch.mul out=": lambda: torch.mul(x, z, out=y_mul)}
+    if quant:
+        return _quant_timers(x, z, w, fns)
+    fns["api layer_norm_fwd"] = lambda: gatednorm.layer_norm_fwd(x, w, None, EPS, z=z, group_size=N,
+                                                                 is_rms_norm=True, backend="triton")
     for shape in SHAPES:
         config = None if shape is None else (N, shape[0], shape[1], tk.ORDER_ROWS_FASTEST)
         for pdl in (True, False):
@@ -73,13 +93,15 @@ def main() -> None:
     ap.add_argument("--sglang-loader", default="")
     ap.add_argument("--rows", default="2048,8192")
     ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--quant", action="store_true",
+                    help="the fused fp8 forward (blocks of 128) at each launch shape instead of the norm")
     ap.add_argument("--json", default="")
     args = ap.parse_args()
     sglang = bench_quant.load_sglang(args, torch.device("cuda"))
     out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": {}}
     with torch.no_grad():
         for m in (int(v) for v in args.rows.split(",")):
-            fns = _timers(m, sglang)
+            fns = _timers(m, sglang, args.quant)
             eager = interleaved_rounds({k: (lambda fn=fn: do_bench(fn, warmup=25, rep=100, return_mode="median"))
                                         for k, fn in fns.items()}, args.rounds)
             graph = graph_rounds(fns, 100, args.rounds)

@@ -630,6 +630,36 @@ def test_quant_launch_shapes_against_float64(group_size, block, quant):
     assert res.passed, (tk._quant_config(group_size, block), res)
 
 
+#: Launch shapes (ROWS, num_warps) tried on the tiles below, shipped or not: whatever shape a sweep picks next.
+QUANT_TRIAL_SHAPES = [(1, 1), (1, 4), (2, 4), (4, 1), (8, 2), (16, 4), (32, 8)]
+
+
+@pytest.mark.parametrize("config", QUANT_TRIAL_SHAPES, ids=lambda c: f"{c[0]}rows{c[1]}w")
+@pytest.mark.parametrize(("group_size", "block"), [(64, 128), (32, 128), (128, 4096), (64, 4096), (128, 32),
+                                                   (4096, 128)])
+def test_quant_tiles_at_any_launch_shape_against_float64(group_size, block, config):
+    """The fused quantized forward's tiles of several groups (64 + 64, 4 x 32, 32 x 128 and 64 x 64 per token) and
+    of several blocks (128 / 32, 4096 / 128) at launch shapes other than the shipped one, every row judged against
+    the float64 rule. Before session 24 a tile of several groups went through tl.reshape to one block a row, and
+    on the GPU some shapes mixed rows up: 2 rows / 4 warps over 32 groups of 128 (H100), 4 rows / 1 warp over 64 +
+    64 (H200); under Triton's interpreter none did."""
+    from gatednorm.verify.quantized import check_quant, reference_y
+
+    tk = _tk()
+    rows, warps = config
+    n = max(group_size, block) * 2
+    m = 8 * rows + 5  # a partial last tile
+    x, w, b, z = _inputs(m, n, torch.bfloat16, True, True, seed=17)
+    spec = NormSpec(EPS, group_size, True, False, "swish")
+    q = torch.empty(m, n, dtype=torch.float8_e4m3fn, device="cuda")
+    scale = torch.empty(m, n // block, dtype=torch.float32, device="cuda")
+    assert tk.forward_quant(x, w, b, z, spec, QuantSpec("fp8_e4m3", block, "float32", "none", False), q, scale,
+                            config=(rows, warps))
+    y64, err = reference_y(x, w, b, z, EPS, group_size, True, False, "swish")
+    res = check_quant(q, scale, y64, err, "fp8_e4m3", block, "float32")
+    assert res.passed, res
+
+
 @pytest.mark.parametrize(("group_size", "block"), [(640, 640), (640, 128), (384, 128), (1280, 128), (5120, 128)])
 @pytest.mark.parametrize("quant", ["fp8_e4m3", "int8"])
 def test_split_quant_tiles_against_float64(group_size, block, quant, monkeypatch):

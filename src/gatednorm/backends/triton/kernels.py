@@ -1280,10 +1280,16 @@ def _quant_tile(X, Z, W, B, Q, S, rows, t, M, stride_xm, stride_zm, stride_qm, s
         if GATE_AFTER:
             y = y * gate
         y = _round_through(y, ROUND_TO, BF16_BY_BITS)
-        qv, scale = _quantize(tl.reshape(y, [ROWS, KB]), QMAX, INT8, FNUZ, UE8M0, FP8_BY_BITS)
+        # A row's block is its NG groups: the block's max over both axes, the codes on the [ROWS, NG, GB] tile
+        # itself. Not through tl.reshape to [ROWS, KB]: on the GPU (Triton 3.6, H100; an H200 before) that mixed
+        # rows up at some launch shapes (2 rows / 4 warps over 32 groups of 128, 4 rows / 1 warp over 64 + 64).
+        amax = tl.reduce(tl.reduce(tl.abs(y), 2, _max_nan), 1, _max_nan)
+        scale, has_nan = _scale_of_blocks(amax, QMAX, UE8M0)
+        qv, scale = _codes_of_blocks(y, scale[:, None], has_nan[:, None], QMAX, INT8, FNUZ, UE8M0, FP8_BY_BITS)
+        scale = tl.reduce(scale, 1, _max_nan)  # [ROWS, 1] -> [ROWS], a NaN kept
         if not RESCUE:
             scale = _mark_for_rescue(scale, bad_row)
-        tl.store(Q + rows64[:, None, None] * stride_qm + offs[None, :, :], tl.reshape(qv, [ROWS, NG, GB]), mask=mask)
+        tl.store(Q + rows64[:, None, None] * stride_qm + offs[None, :, :], qv, mask=mask)
         tl.store(S + rows64 * stride_sm + t * stride_sg, scale, mask=row_ok)
     return any_bad
 
