@@ -615,8 +615,7 @@ QUANT_LAYOUTS = [(128, 128), (96, 96), (2048, 2048), (640, 640), (128, 32), (96,
 def test_quant_launch_shapes_against_float64(group_size, block, quant):
     """The fused quantized forward with the launch shape it ships (QUANT_TUNED or the rule) on every kind of tile,
     every row judged against the float64 rule, with a partial last tile. A launch shape that mixes rows up
-    fails here: (4, 1) did so for tiles of several groups on an H200 (2026-12-04), under Triton's interpreter
-    it does not."""
+    fails here (test_quant_tiles_at_any_launch_shape_against_float64 tries the shapes not shipped)."""
     from gatednorm.verify.quantized import check_quant, reference_y
 
     tk = _tk()
