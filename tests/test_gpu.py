@@ -635,11 +635,12 @@ QUANT_TRIAL_SHAPES = [(1, 1), (1, 4), (2, 4), (4, 1), (8, 2), (16, 4), (32, 8)]
 
 @pytest.mark.parametrize("config", QUANT_TRIAL_SHAPES, ids=lambda c: f"{c[0]}rows{c[1]}w")
 @pytest.mark.parametrize(("group_size", "block"), [(64, 128), (32, 128), (128, 4096), (64, 4096), (128, 32),
-                                                   (4096, 128)])
+                                                   (4096, 128), (640, 128)])
 def test_quant_tiles_at_any_launch_shape_against_float64(group_size, block, config):
-    """The fused quantized forward's tiles of several groups (64 + 64, 4 x 32, 32 x 128 and 64 x 64 per token) and
-    of several blocks (128 / 32, 4096 / 128) at launch shapes other than the shipped one, every row judged against
-    the float64 rule. Before session 24 a tile of several groups went through tl.reshape to one block a row, and
+    """The fused quantized forward's tiles of several groups (64 + 64, 4 x 32, 32 x 128 and 64 x 64 per token), of
+    several blocks (128 / 32, 4096 / 128) and of a group in two parts (640 = 512 + 128 with SPLIT_GROUPS, the
+    default; added after session 24's GPU run) at launch shapes other than the shipped one, every row judged
+    against the float64 rule. Before session 24 a tile of several groups went through tl.reshape to one block a row, and
     on the GPU some shapes mixed rows up: 2 rows / 4 warps over 32 groups of 128 (H100), 4 rows / 1 warp over 64 +
     64 (H200); under Triton's interpreter none did."""
     from gatednorm.verify.quantized import check_quant, reference_y
