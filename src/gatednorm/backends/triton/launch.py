@@ -802,7 +802,7 @@ def _fp8_by_bits(device: torch.device, fnuz: bool) -> bool:
 # Not (4, 1) for 128-wide tiles, though the 2026-12-04 sweeps (gpu_notes_h200.md) put it within 1-2% of (16, 4)
 # on large calls and ahead in a CUDA graph at 8192x128: 65536x128 single-group tiles took 20.7 us per call in a
 # graph with PDL (the previous kernel with (16, 4): 12.9-16.3 us, same benchmark; H100 session 24, probe_small_eager
-# --quant: 20.8 against 14.5 us, and at 8192x128 every shape from (4, 1) to (32, 8) within 2.87-2.99 us). With it,
+# --quant: 20.8 against 14.5 us; at 8192x128 the shapes from (4, 1) to (32, 8) 2.87-2.99 us, (8, 2) 3.65). With it,
 # tiles of several groups (64 + 64, 4 x 32) also came out wrong on the H200: the tl.reshape of such a tile to one
 # block a row mixed rows up (found again on an H100 in session 24; fwd_quant_kernel no longer reshapes there).
 # The key depends on the group size and block only, never on M (batch invariance).
