@@ -8,8 +8,9 @@
 #                                          # table (every shape, sglang and fla beside us, the host breakdown),
 #                                          # its goals checked (benchmarks/acceptance.py -> acceptance.md), then
 #                                          # `gatednorm verify` on cuda in the time left (FULL_SECONDS, 575)
-#   bash benchmarks/gpu_suite.sh tests     # the whole tests/test_gpu.py (about 240 s on an H100), killed after
-#                                          # TESTS_SECONDS (500)
+#   bash benchmarks/gpu_suite.sh tests     # the whole tests/test_gpu.py (over 290 s in one process on a fresh
+#                                          # H100), in TESTS_JOBS (8) processes where pytest-xdist is staged,
+#                                          # killed after TESTS_SECONDS (500)
 #   bash benchmarks/gpu_suite.sh tune      # the launch-shape sweeps of every bench_gpu shape, forward then
 #                                          # forward and backward (tune_gpu.py; about 65 + 75 s on an H100)
 #   bash benchmarks/gpu_suite.sh layers    # host time per call of each layer of the eager path at 8192x128 and
@@ -103,8 +104,12 @@ full)
     fi
     ;;
 tests)
-    timeout "${TESTS_SECONDS:-500}" python3 -m pytest -q -rfE -p no:logging -W ignore -o addopts="" tests/test_gpu.py \
-        > "$OUT/gpu_tests.log" 2>&1
+    # in TESTS_JOBS worker processes (8) where pytest-xdist is staged: the run is mostly Triton compiling each
+    # variant on the CPU (one process took more than 290 s on a fresh H100 in session 24)
+    XDIST=()
+    python3 -c "import xdist" 2>/dev/null && XDIST=(-n "${TESTS_JOBS:-8}")
+    timeout "${TESTS_SECONDS:-500}" python3 -m pytest -q -rfE -p no:logging -W ignore -o addopts="" "${XDIST[@]}" \
+        tests/test_gpu.py > "$OUT/gpu_tests.log" 2>&1
     echo "pytest exit $?"; tail -5 "$OUT/gpu_tests.log"
     ;;
 tune)

@@ -2,7 +2,8 @@
 # Stage a tree for a lent GPU machine (no network there): the working tree's src, tests, benchmarks and
 # pyproject.toml, plus what benchmarks/gpu_suite.sh expects beside them and the GPU image lacks:
 #
-#   whl/    fla-core 0.6.0 and einops wheels (fla's kernels beside ours; pip download, or pip's cache offline)
+#   whl/    fla-core 0.6.0 and einops wheels (fla's kernels beside ours; pip download, or pip's cache offline),
+#           and pytest-xdist with execnet (gpu_suite.sh tests: the GPU tests in worker processes)
 #   sgl/    sglang 0.5.23's layernorm_gated.py and fp8_kernel.py (its per-token-group quant kernel), from the
 #           test environment's sglang (make setup-test)
 #   tools/  upstream_sglang.py, the loader of that file (../shared/tools)
@@ -22,7 +23,7 @@ mkdir -p "$DEST/whl" "$DEST/sgl" "$DEST/tools"
 cp -r src tests benchmarks pyproject.toml "$DEST/"
 rm -rf "$DEST/benchmarks/results"
 find "$DEST" -name __pycache__ -prune -exec rm -rf {} +
-"$PY" -m pip download --quiet --no-deps --dest "$DEST/whl" "fla-core==0.6.0" einops
+"$PY" -m pip download --quiet --no-deps --dest "$DEST/whl" "fla-core==0.6.0" einops "pytest-xdist>=3,<4" execnet
 SGL=$("$PY" -c "import importlib.util as u; s = u.find_spec('sglang'); print(s.submodule_search_locations[0] if s else '')")
 if [ -n "$SGL" ] && [ -f "$SGL/kernels/ops/attention/fla/layernorm_gated.py" ]; then
     cp "$SGL/kernels/ops/attention/fla/layernorm_gated.py" "$DEST/sgl/"
