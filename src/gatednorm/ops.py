@@ -905,14 +905,19 @@ def _plannable_call(x) -> bool:
     return not (x.__class__ is not torch.Tensor or x.dim() == 0 or x.numel() == 0)
 
 
+def _scalar_signature(eps, group_size, norm_before_gate, is_rms_norm, activation, backend) -> tuple:
+    """The scalar part of a call's key (see "Eager plans" above), whichever builds the tensors' part."""
+    return (eps, group_size, norm_before_gate, is_rms_norm, activation, backend, eps.__class__, group_size.__class__,
+            norm_before_gate.__class__, is_rms_norm.__class__, backend_choice_key())
+
+
 def _signature_key(x, weight, bias, z, eps, group_size, norm_before_gate, is_rms_norm, activation, backend) -> tuple:
-    """The key of a call's signature (see "Eager plans" above) in Python; raises AttributeError / TypeError for
-    arguments that are not what the checks expect (the full path then says what is wrong). x's part is
-    :func:`_rows_signature` written out (every call builds this key)."""
+    """The key of a call's signature (see "Eager plans" above) in Python: (the tensors' part, the scalars' part);
+    raises AttributeError / TypeError for arguments that are not what the checks expect (the full path then says
+    what is wrong). x's part is :func:`_rows_signature` written out (every call builds this key)."""
     return ((x.__class__, x.dtype, x.device, x.dim(), x.stride() if x.dim() == 2 else x.is_contiguous(),
              x.shape[-1], _rows_signature(z), _param_signature(weight), _param_signature(bias)),
-            eps, group_size, norm_before_gate, is_rms_norm, activation, backend, eps.__class__,
-            group_size.__class__, norm_before_gate.__class__, is_rms_norm.__class__, backend_choice_key())
+            _scalar_signature(eps, group_size, norm_before_gate, is_rms_norm, activation, backend))
 
 
 def _call_signature(x, weight, bias, z, eps, group_size, norm_before_gate, is_rms_norm, activation,
@@ -931,9 +936,8 @@ def _call_signature(x, weight, bias, z, eps, group_size, norm_before_gate, is_rm
             return None
         return (_signature_key(x, weight, bias, z, eps, group_size, norm_before_gate, is_rms_norm, activation,
                                backend), needs_autograd(x, weight, bias, z))
-    return ((tensors[0], eps, group_size, norm_before_gate, is_rms_norm, activation, backend, eps.__class__,
-             group_size.__class__, norm_before_gate.__class__, is_rms_norm.__class__, backend_choice_key()),
-            tensors[1])
+    scalars = _scalar_signature(eps, group_size, norm_before_gate, is_rms_norm, activation, backend)
+    return (tensors[0], scalars), tensors[1]
 
 
 def _remember(key: tuple, plan):
