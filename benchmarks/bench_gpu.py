@@ -282,8 +282,7 @@ def run_shape(shape, impls, copy_gbps, args, run: Run):
                 print(f"  {name} fwd {key} failed: {type(e).__name__}: {e}", file=sys.stderr)
         # In interleaved rounds, each figure the median of its rounds: the parity goal reads the median of the
         # rounds' ratios (a drift of the machine between two single timings would move a near tie either way).
-        rounds = interleaved_rounds({key: (lambda fn=fwd[key]: run.timer(fn)) for key in parity},
-                                    run.calls(PARITY_ROUNDS))
+        rounds = run.timer.rounds({key: fwd[key] for key in parity}, run.calls(PARITY_ROUNDS))
         for key in parity:  # graphs: small shapes only, below
             rec["fwd"][key] = {"ms": statistics.median(rounds[key]), "rounds_ms": rounds[key], "graph_ms": None}
 

@@ -29,8 +29,8 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import bench_quant  # noqa: E402  (its upstream quant loader)
-from cuda_timing import do_bench, interleaved_rounds, median_ratio  # noqa: E402
+import bench_quant  # noqa: E402  (its Timer, copy bandwidth and upstream quant loader)
+from cuda_timing import median_ratio  # noqa: E402
 
 import gatednorm  # noqa: E402
 import gatednorm.backends.triton.launch as tk  # noqa: E402
@@ -87,12 +87,10 @@ def main() -> None:
                 if not torch.allclose(scale, ref_s, rtol=1e-5, atol=0) or step.float().mean() > 1e-3:
                     raise AssertionError(f"{name}: q or scales further than a float32 rounding from the API call's")
                 print(f"{name}: {'bit for bit' if same else 'within a float32 rounding of'} the API call")
-        rounds = interleaved_rounds({k: (lambda fn=fn: do_bench(fn, warmup=25, rep=100, return_mode="median"))
-                                     for k, fn in fns.items()}, args.rounds)
+        timer = bench_quant.Timer(torch.device("cuda"), False)  # do_bench, L2 flushed
+        rounds = timer.rounds(fns, args.rounds)
     copy_bytes = 2 * M * N * 2 + M * N + M * 4
-    src = torch.randn(256 << 20, device="cuda").bfloat16()
-    dst = torch.empty_like(src)
-    copy_gbps = 2 * src.numel() * 2 / (do_bench(lambda: dst.copy_(src), return_mode="median") * 1e-3) / 1e9
+    copy_gbps = bench_quant.copy_gbps(torch.device("cuda"), timer, False)
     out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "copy_gbps": copy_gbps, "figures": {}}
     print(f"{M}x{N} g{GS} per-token fp8; copy {copy_gbps:.0f} GB/s; x fused: median of {args.rounds} rounds' ratios")
     for k, r in rounds.items():

@@ -32,8 +32,8 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import bench_quant  # noqa: E402  (its sglang loader)
-from cuda_timing import do_bench, graph_rounds, interleaved_rounds, median_ratio  # noqa: E402
+import bench_quant  # noqa: E402  (its Timer and sglang loader)
+from cuda_timing import median_ratio  # noqa: E402
 
 import gatednorm  # noqa: E402
 import gatednorm.backends.triton.launch as tk  # noqa: E402
@@ -103,13 +103,13 @@ def main() -> None:
     ap.add_argument("--json", default="")
     args = ap.parse_args()
     sglang = bench_quant.load_sglang(args, torch.device("cuda"))
+    timer = bench_quant.Timer(torch.device("cuda"), False)  # do_bench, L2 flushed; graphs of many calls
     out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": {}}
     with torch.no_grad():
         for m in (int(v) for v in args.rows.split(",")):
             fns = _timers(m, sglang, args.quant)
-            eager = interleaved_rounds({k: (lambda fn=fn: do_bench(fn, warmup=25, rep=100, return_mode="median"))
-                                        for k, fn in fns.items()}, args.rounds)
-            graph = graph_rounds(fns, 100, args.rounds)
+            eager = timer.rounds(fns, args.rounds)
+            graph = timer.graph_rounds(fns, 100, args.rounds)
             ref = "sglang" if "sglang" in eager else "torch.mul out="
             rows = {}
             print(f"\n{m}x{N} (eager: do_bench median, L2 flushed; graph: 100 calls; x {ref} / x mul: median of "
