@@ -887,7 +887,7 @@ def quant_rescue_scan_min_elements(option: int | None, spec: NormSpec, qspec: Qu
     power of two (padded in the tile), never for the others (the check in fwd_quant_kernel: measured faster)."""
     if option is not None:
         return option
-    padded = spec.group_size & (spec.group_size - 1) != 0
+    padded = not _is_pow2(spec.group_size)
     if qspec.block > QUANT_RESCUE_KERNEL_MAX_BLOCK or (padded and qspec.quant == "int8"):
         return RESCUE_KERNEL_MIN_ELEMENTS
     return _NEVER
