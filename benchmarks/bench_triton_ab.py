@@ -7,6 +7,7 @@ percentage of the copy bandwidth measured in the same run, and as a time ratio t
     python benchmarks/bench_triton_ab.py --baseline BASE [--baseline OTHER ...] [--only 4096,5120] [--rounds 5]
     python benchmarks/bench_triton_ab.py --baseline BASE --smoke      # load and compare only, no timing
     python benchmarks/bench_triton_ab.py --baseline BASE --quant fp8_e4m3[:ue8m0] [--smoke]  # forward_quant
+    python benchmarks/bench_triton_ab.py --baseline BASE --graph ...  # each version inside CUDA graphs
 
 A baseline (``BASE``) is either layout of the backend:
 
@@ -67,6 +68,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_gpu import EPS, SHAPES, copy_bandwidth, make_inputs  # noqa: E402
 from bench_quant import SHAPES as QUANT_SHAPES  # noqa: E402
 from bench_quant import SMOKE_SHAPES as QUANT_SMOKE_SHAPES  # noqa: E402
+from cuda_timing import graph_rounds  # noqa: E402
 
 #: --smoke inputs: name, M, N, group size, rms, norm_before_gate, has_z, has_bias (small: the interpreter is slow)
 SMOKE_SHAPES = [
@@ -150,7 +152,7 @@ def _call(mod, backward: bool, x, w, b, z, dy, spec, out, stats):
 
 
 def time_shape(versions: dict, m, n, gs, rms, nbg, has_z, has_bias, rounds,
-               backward: bool = False) -> tuple[dict[str, float], int]:
+               backward: bool = False, graph: bool = False) -> tuple[dict[str, float], int]:
     """({version: median ms of one forward (or backward) over interleaved rounds}, bytes moved)."""
     x, z, w, b, dy = make_inputs(m, n, has_z, has_bias)
     out = torch.empty_like(x)
@@ -159,12 +161,23 @@ def time_shape(versions: dict, m, n, gs, rms, nbg, has_z, has_bias, rounds,
     # bytes moved: x, z, out (bf16) and the fp32 statistics; the backward reads x, z, dy and writes dx, dz
     tensors = 2 if has_z else 1
     moved = x.numel() * 2 * ((2 * tensors + 1) if backward else (tensors + 1)) + (m * (n // gs)) * 4 * (1 if rms else 2)
-    times: dict[str, list[float]] = {label: [] for label in versions}
-    for _ in range(rounds):
-        for label, mod in versions.items():
-            times[label].append(do_bench(lambda mod=mod: _call(mod, backward, x, w, b, z, dy, spec, out, stats),
-                                         warmup=25, rep=100, return_mode="median"))
-    return {label: statistics.median(t) for label, t in times.items()}, moved
+    calls = {label: (lambda mod=mod: _call(mod, backward, x, w, b, z, dy, spec, out, stats))
+             for label, mod in versions.items()}
+    return _median_times(calls, rounds, graph), moved
+
+
+def _median_times(calls: dict, rounds: int, graph: bool) -> dict[str, float]:
+    """{label: median ms per call over interleaved rounds}: do_bench with L2 flushed, or (``graph``) each call in
+    its own CUDA graph of 100 calls (cuda_timing.graph_rounds: the kernels without the host's launch gaps, the
+    figure issue 14's and 16's small-shape goals are read on)."""
+    if graph:
+        times = graph_rounds(calls, 100, rounds)
+    else:
+        times = {label: [] for label in calls}
+        for _ in range(rounds):
+            for label, call in calls.items():
+                times[label].append(do_bench(call, warmup=25, rep=100, return_mode="median"))
+    return {label: statistics.median(t) for label, t in times.items()}
 
 
 def _quant_inputs(shape, quant: str, fmt: str, device: torch.device, seed: int = 0):
@@ -185,7 +198,8 @@ def _quant_outputs(x: torch.Tensor, qspec: QuantSpec) -> tuple[torch.Tensor, tor
             torch.empty(m, n // qspec.block, dtype=torch.float32, device=x.device))
 
 
-def time_quant_shape(versions: dict, shape, quant: str, fmt: str, rounds: int) -> tuple[dict[str, float], int] | None:
+def time_quant_shape(versions: dict, shape, quant: str, fmt: str, rounds: int,
+                     graph: bool = False) -> tuple[dict[str, float], int] | None:
     """({version: median ms of one fused quantized forward (forward_quant) over interleaved rounds}, bytes moved:
     x, z read, q and the scales written), or None where the fused kernel does not cover the layout."""
     x, z, w, b, spec, qspec = _quant_inputs(shape, quant, fmt, torch.device("cuda"))
@@ -194,12 +208,9 @@ def time_quant_shape(versions: dict, shape, quant: str, fmt: str, rounds: int) -
         return None
     m, n = x.shape
     moved = x.numel() * 2 * (2 if z is not None else 1) + m * n + scale.numel() * 4
-    times: dict[str, list[float]] = {label: [] for label in versions}
-    for _ in range(rounds):
-        for label, mod in versions.items():
-            times[label].append(do_bench(lambda mod=mod: mod.forward_quant(x, w, b, z, spec, qspec, q, scale),
-                                         warmup=25, rep=100, return_mode="median"))
-    return {label: statistics.median(t) for label, t in times.items()}, moved
+    calls = {label: (lambda mod=mod: mod.forward_quant(x, w, b, z, spec, qspec, q, scale))
+             for label, mod in versions.items()}
+    return _median_times(calls, rounds, graph), moved
 
 
 def smoke_quant(versions: dict, quant: str, fmt: str) -> int:
@@ -290,6 +301,8 @@ def main() -> None:
     ap.add_argument("--quant", default=None, metavar="QUANT[:FORMAT]",
                     help="time (or compare) the fused quantized forward (forward_quant) instead, on bench_quant's "
                          "shapes, e.g. fp8_e4m3, fp8_e4m3:ue8m0, int8")
+    ap.add_argument("--graph", action="store_true",
+                    help="time each version inside CUDA graphs of 100 calls instead of eagerly with L2 flushed")
     ap.add_argument("--smoke", action="store_true",
                     help="load every version and compare it with current on small inputs; no timing "
                          "(CPU: needs TRITON_INTERPRET=1)")
@@ -302,6 +315,7 @@ def main() -> None:
     first = next(iter(versions))
     copy_gbps = copy_bandwidth()
     what = f"fused quantized forward {quant} {fmt}" if args.quant else "backward" if args.backward else "forward"
+    what += ", in CUDA graphs" if args.graph else ", eagerly (L2 flushed)"
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; copy bandwidth {copy_gbps:.0f} GB/s; "
           f"{what}, per version: ms, % of copy, time / {first}")
     print(f"{'shape':38s} " + " ".join(f"{label[:24]:>26s}" for label in versions))
@@ -310,13 +324,13 @@ def main() -> None:
         if args.only and not any(o in name for o in args.only.split(",")):
             continue
         if args.quant:
-            timed = time_quant_shape(versions, shape, quant, fmt, args.rounds)
+            timed = time_quant_shape(versions, shape, quant, fmt, args.rounds, args.graph)
             if timed is None:
                 print(f"{name:38s} not covered by the fused kernel")
                 continue
             ms, moved = timed
         else:
-            ms, moved = time_shape(versions, *shape[1:], args.rounds, args.backward)
+            ms, moved = time_shape(versions, *shape[1:], args.rounds, args.backward, args.graph)
         cells = [f"{t:8.4f} {100 * moved / (t * 1e-3) / 1e9 / copy_gbps:5.1f}% {t / ms[first]:6.3f}x"
                  for t in ms.values()]
         print(f"{name:38s} " + " ".join(f"{c:>26s}" for c in cells), flush=True)

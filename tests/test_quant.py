@@ -30,7 +30,7 @@ try:
     import triton.language as tl
 
     from gatednorm.backends.triton import launch as tk
-    from gatednorm.backends.triton.kernels import _fp8_e4m3_bits, _scaled_quotient
+    from gatednorm.backends.triton.kernels import _fp8_e4m3_bits, _reciprocal_in_1_2, _scale_of_blocks, _scaled_quotient
 except ImportError:  # pragma: no cover - Triton is optional
     tk = None
 else:
@@ -45,6 +45,17 @@ else:
         i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         scale = tl.load(S + tl.program_id(0) + tl.arange(0, 1))  # one scale per row, as a quant block's
         tl.store(OUT + i, _scaled_quotient(tl.load(Y + i), scale))
+
+    @triton.jit
+    def _block_scales(AMAX, OUT, QMAX: tl.constexpr, BLOCK: tl.constexpr):
+        i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        scale, _ = _scale_of_blocks(tl.load(AMAX + i), QMAX, False)
+        tl.store(OUT + i, scale)
+
+    @triton.jit
+    def _reciprocals(S1, OUT, BLOCK: tl.constexpr):
+        i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        tl.store(OUT + i, _reciprocal_in_1_2(tl.load(S1 + i)))
 
 needs_triton = pytest.mark.skipif(tk is None, reason="triton is not installed")
 # The interpreter runs kernels in numpy, which warns about Inf/NaN in masked-off lanes (never stored)
@@ -614,6 +625,53 @@ def test_scaled_quotient_is_the_correctly_rounded_division():
     assert bool((out[small].abs() < 2.0**-90).all())
     wrong = small & (out.signbit() != y.signbit())
     assert not bool(wrong.any()), (y[wrong][:6], scale[:, None].expand(rows, block)[wrong][:6], out[wrong][:6])
+
+
+def _same_float_bits(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Where float32 a and b hold the same bits, any NaN taken for any other."""
+    return (a.view(torch.int32) == b.view(torch.int32)) | (a.isnan() & b.isnan())
+
+
+@needs_triton
+@pytest.mark.parametrize("quant", QUANTS)
+def test_block_scales_are_the_correctly_rounded_division(quant):
+    """kernels._scale_of_blocks (RN(amax / QMAX) floored at 2^-126, without a division) against IEEE float32
+    division: on a GPU every non-negative float32 amax (2^31 bit patterns: subnormals, Inf and NaNs included), on
+    the CPU every significand of the binades around the floor's boundary and of [1, 2), the specials and random
+    amax of every binade."""
+    qmax = quant_max(quant)
+    if TRITON_DEVICE == "cuda":
+        chunks = [torch.arange(2**28, dtype=torch.int32, device="cuda") + start for start in range(0, 2**31, 2**28)]
+    else:
+        gen = torch.Generator().manual_seed(15)
+        binades = [(e + 127) << 23 for e in (-119, -118, -117, -116, 0)]
+        chunks = [torch.arange(2**23, dtype=torch.int32) + b for b in binades]
+        chunks.append(torch.randint(0, 0x7F800000, (2**20,), generator=gen, dtype=torch.int32))
+        chunks.append(torch.tensor([0, 1, 0x7FFFFF, 0x800000, 0x7F7FFFFF, 0x7F800000, 0x7FC00000, 0x7F800001],
+                                   dtype=torch.int32))
+    block = 2**20 if TRITON_DEVICE == "cpu" else 1024  # the interpreter runs a program at a time, a GPU many
+    for bits in chunks:
+        amax = bits.view(torch.float32)
+        padded = torch.zeros(-(-amax.numel() // block) * block, device=amax.device)
+        padded[: amax.numel()] = amax
+        out = torch.empty_like(padded)
+        _block_scales[(padded.numel() // block,)](padded, out, QMAX=qmax, BLOCK=block)
+        expect = torch.clamp_min(amax / qmax, 2.0**-126)
+        same = _same_float_bits(out[: amax.numel()], expect)
+        assert bool(same.all()), (amax[~same][:5], out[: amax.numel()][~same][:5], expect[~same][:5])
+
+
+@needs_triton
+def test_scale_reciprocal_is_correctly_rounded_for_every_significand():
+    """kernels._reciprocal_in_1_2 (on NVIDIA GPUs the MUFU estimate and one Newton step) against IEEE float32
+    division for all 2^23 significands s1 in [1, 2); 2 - 2^-23 (the Newton step's one exception) included."""
+    s1 = (torch.arange(2**23, dtype=torch.int32, device=TRITON_DEVICE) + 0x3F800000).view(torch.float32)
+    out = torch.empty_like(s1)
+    block = 2**20 if TRITON_DEVICE == "cpu" else 1024
+    _reciprocals[(s1.numel() // block,)](s1, out, BLOCK=block)
+    expect = 1.0 / s1
+    same = out.view(torch.int32) == expect.view(torch.int32)
+    assert bool(same.all()), (s1[~same][:5], out[~same][:5], expect[~same][:5])
 
 
 # ---------------------------------------------------------------------------

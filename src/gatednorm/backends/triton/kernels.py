@@ -37,6 +37,9 @@ native backend by :mod:`gatednorm.ops`).
 
 from __future__ import annotations
 
+import fractions
+import struct
+
 import torch
 import triton
 import triton.language as tl
@@ -48,9 +51,9 @@ from ...settings import env_flag
 # Shared helpers (jit)
 # ---------------------------------------------------------------------------
 
-#: Sigmoid from the hardware's approximate ex2 and reciprocal with denormals flushed (NVIDIA PTX; not under
-#: Triton's interpreter, which runs no PTX, nor on ROCm). See _sigmoid.
-_PTX_SIGMOID = tl.constexpr(not env_flag("TRITON_INTERPRET") and torch.version.hip is None)
+#: The hardware's bare approximate ex2 and reciprocal (PTX ``.approx.ftz``, MUFU ops) where they exist: NVIDIA PTX,
+#: not under Triton's interpreter (which runs no PTX), nor on ROCm. See _sigmoid and _reciprocal_in_1_2.
+_PTX_MUFU = tl.constexpr(not env_flag("TRITON_INTERPRET") and torch.version.hip is None)
 _MINUS_LOG2E = tl.constexpr(-1.4426950408889634)
 
 
@@ -68,7 +71,7 @@ def _sigmoid(z):
     where ftz gives 0 (z > 87.3: e^-z = 0, s = 1 either way; z < -87.3: s = 0 instead of a denormal, so
     swish(z) = -0 instead of a value below 1e-36). Infinities and NaN propagate alike.
     """
-    if _PTX_SIGMOID:
+    if _PTX_MUFU:
         e = tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=f,f", [z * _MINUS_LOG2E],
                                       dtype=tl.float32, is_pure=True, pack=1)
         return tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=f,f", [1.0 + e],
@@ -296,13 +299,22 @@ def _three_part_stats(x0, x1, x2, eps, GS: tl.constexpr, IS_RMS: tl.constexpr):
 
 
 @triton.jit
+def _param_tile(P, col0, cols, col_ok, like, BF16_BY_BITS: tl.constexpr):
+    """A parameter's (w, b) values at the tile's columns, broadcast over its rows: loaded as a tile of ``like``'s
+    shape, in the tile's own layout, each thread its own columns (L1 hits). Loaded as a row and broadcast with
+    [None, :], they would cross threads through shared memory: a store, a barrier and a load per element."""
+    ptrs = tl.broadcast_to((P + col0 + cols)[None, :], like.shape)
+    return _load_f32(ptrs, tl.broadcast_to(col_ok[None, :], like.shape), BF16_BY_BITS)
+
+
+@triton.jit
 def _norm_output(W, B, xm, rstd, gate, col0, cols, col_ok, HAS_BIAS: tl.constexpr, GATE_AFTER: tl.constexpr,
                  BF16_BY_BITS: tl.constexpr):
     """y = (xm * rstd * w + b) [* act(z)] of a tile or part (fwd_kernel's order of operations); col_ok masks
     the parameters' loads."""
-    y = xm * rstd[:, None] * _load_f32(W + col0 + cols, col_ok, BF16_BY_BITS)[None, :]
+    y = xm * rstd[:, None] * _param_tile(W, col0, cols, col_ok, xm, BF16_BY_BITS)
     if HAS_BIAS:
-        y = y + _load_f32(B + col0 + cols, col_ok, BF16_BY_BITS)[None, :]
+        y = y + _param_tile(B, col0, cols, col_ok, xm, BF16_BY_BITS)
     if GATE_AFTER:
         y = y * gate
     return y
@@ -951,10 +963,15 @@ def sum_partials_kernel(
 # whole groups, or K = GS) or NQ blocks of K inside one group. The launcher sends other layouts to the
 # generic path.
 #
-# Divisions use div_rn: Triton's `/` may compile to an approximate division on GPUs, and the scales
-# and q must be the correctly rounded quotients (ue8m0 scales are powers of two: y times the exact
-# reciprocal is the same quotient, without a division per element). Rounding to an integer uses the 1.5 * 2^23 trick:
-# adding it to |v| < 2^22 leaves no fraction bits, so the fp32 add itself rounds half to even.
+# The scales and q must be the correctly rounded quotients (Triton's `/` may compile to an approximate division on
+# GPUs), yet no step divides: div_rn costs a dozen instructions and a slow-path branch, and at 8192x128 (one wave,
+# issue-bound) every instruction shows. Scales are RN(amax / QMAX) by a split reciprocal of the constant and one
+# exact correction (_divided_by_qmax); q = RN(y / scale) by the scale's correctly rounded reciprocal, a MUFU
+# estimate and one Newton step (_reciprocal_in_1_2), and the same correction per element (_scaled_quotient); ue8m0
+# scales are powers of two: y times the exact reciprocal is the same quotient. tests/test_gpu.py checks both
+# quotients on the GPU against IEEE division for every float32 amax and every scale significand.
+# Rounding to an integer uses the 1.5 * 2^23 trick: adding it to |v| < 2^22 leaves no fraction bits, so the fp32
+# add itself rounds half to even.
 
 _QUANT_SCALE_MIN = tl.constexpr(QUANT_SCALE_MIN)
 _RNE_MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2^23
@@ -1019,13 +1036,80 @@ def _max_nan(a, b):
     return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
 
 
+def _float32_reciprocal_parts(d: float) -> tuple[float, float]:
+    """(hi, lo) with hi = RN32(1 / d) and lo = RN32(1 / d - hi), from the exact rational 1 / d (float(Fraction) is
+    correctly rounded to float64; the float32 candidates on either side of it are then compared exactly)."""
+    def rn32(x: fractions.Fraction) -> float:
+        f = struct.unpack("<f", struct.pack("<f", float(x)))[0]
+        bits = struct.unpack("<i", struct.pack("<f", f))[0]
+        near = [struct.unpack("<f", struct.pack("<i", b))[0] for b in (bits - 1, bits, bits + 1)]
+        return min(near, key=lambda c: abs(fractions.Fraction(c) - x))
+
+    exact = 1 / fractions.Fraction(d)
+    hi = rn32(exact)
+    return hi, rn32(exact - fractions.Fraction(hi))
+
+
+# 1 / QMAX of e4m3fn (448), e4m3fnuz (240) and int8 (127) in two float32 parts, for _divided_by_qmax
+_INV_448_HI, _INV_448_LO = (tl.constexpr(v) for v in _float32_reciprocal_parts(448.0))
+_INV_240_HI, _INV_240_LO = (tl.constexpr(v) for v in _float32_reciprocal_parts(240.0))
+_INV_127_HI, _INV_127_LO = (tl.constexpr(v) for v in _float32_reciprocal_parts(127.0))
+#: RN(1 / (2 - 2^-23)) = 0.5 + 2^-24: the reciprocal of the one significand (all ones) where a Newton step from a
+#: reciprocal within one ulp may miss the correctly rounded one (Markstein's reciprocal theorem's exception)
+_S1_ALL_ONES = tl.constexpr(2.0 - 2.0**-23)
+_RCP_S1_ALL_ONES = tl.constexpr(0.5 + 2.0**-24)
+
+
+@triton.jit
+def _divided_by_qmax(amax, QMAX: tl.constexpr):
+    """RN(amax / QMAX) for amax >= 0 (or NaN, or +Inf) and QMAX one of 448, 240, 127, without a division.
+
+    With hi + lo = 1 / QMAX within 2^-48 relative (both float32), q0 = RN(amax hi + RN(amax lo)) is a faithful
+    rounding of t = amax / QMAX; the residual e = fma(-q0, QMAX, amax) is then exact and RN(q0 + e hi) = RN(t)
+    (Markstein's theorem, as in _scaled_quotient). Where q0 would underflow the caller's floor (2^-126) takes
+    over; tests/test_gpu.py compares every non-negative float32 amax with IEEE division. +Inf: the residual
+    is NaN, so Inf is passed through.
+    """
+    if QMAX == 448.0:
+        q0 = tl.fma(amax, _INV_448_HI, amax * _INV_448_LO)
+        q = tl.fma(tl.fma(-q0, QMAX, amax), _INV_448_HI, q0)
+    elif QMAX == 240.0:
+        q0 = tl.fma(amax, _INV_240_HI, amax * _INV_240_LO)
+        q = tl.fma(tl.fma(-q0, QMAX, amax), _INV_240_HI, q0)
+    else:
+        tl.static_assert(QMAX == 127.0, "_divided_by_qmax: QMAX must be 448, 240 or 127")
+        q0 = tl.fma(amax, _INV_127_HI, amax * _INV_127_LO)
+        q = tl.fma(tl.fma(-q0, QMAX, amax), _INV_127_HI, q0)
+    return tl.where(amax == float("inf"), amax, q)
+
+
+@triton.jit
+def _reciprocal_in_1_2(s1):
+    """RN(1 / s1) for s1 in [1, 2) (a scale's significand), without a division.
+
+    r0 = the MUFU reciprocal (rcp.approx.ftz: within one ulp), then one Newton step r = RN(r0 + r0 RN(1 - s1 r0))
+    (the first product exact by fma): the correctly rounded reciprocal for every s1 but 2 - 2^-23 (Markstein),
+    whose RN(1 / s1) is a constant. tests/test_gpu.py compares all 2^23 significands with IEEE division. Under
+    Triton's interpreter and on ROCm: div_rn.
+    """
+    if _PTX_MUFU:
+        r0 = tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=f,f", [s1],
+                                       dtype=tl.float32, is_pure=True, pack=1)
+        r = tl.fma(tl.fma(-s1, r0, 1.0), r0, r0)
+        return tl.where(s1 == _S1_ALL_ONES, _RCP_S1_ALL_ONES, r)
+    else:
+        return tl.math.div_rn(tl.full(s1.shape, 1.0, tl.float32), s1)
+
+
 @triton.jit
 def _scaled_quotient(y, scale):
     """RN(y / scale) per element, without a division per element (not clamped: see _quantize).
 
-    ``scale`` [..., 1] is a normal float32 in [2^-126, 2^122) (fwd_quant_kernel's finite scales; others
-    are masked by the caller). Equal bits to tl.math.div_rn(y, scale) wherever |y / scale| >= 2^-100;
-    below that both are under 2^-90 with y's sign (any fp8 / int8 code: +-0).
+    ``scale`` [..., 1] is a normal float32 in [2^-126, 2^122) (fwd_quant_kernel's finite scales), or NaN or
+    +Inf: then every quotient of the block is NaN (on GPUs the canonical, positive NaN, which the hardware fp8
+    conversion turns into the format's NaN code, 0x7F, with no select per element). Equal bits to
+    tl.math.div_rn(y, scale) wherever |y / scale| >= 2^-100; below that both are under 2^-90 with y's sign
+    (any fp8 / int8 code: +-0).
 
     Per block: s1 = scale * 2^-e in [1, 2) (exact, on the bits), r = RN(1 / s1), r_lo = RN(RN(1 - s1 r) r)
     (r + r_lo is 1 / s1 within 2^-45 relative). Per element, a = y 2^-e (exact while |a| >= 2^-126, i.e.
@@ -1038,21 +1122,23 @@ def _scaled_quotient(y, scale):
       residual's last bit is >= 2^-23 ulp(q0) >= 2^-146).
 
     Signed throughout (every step is an RN of an odd function of y, so a nonzero result has y's sign), then
-    y's sign bit copied onto the result, one bit-select: zeros take y's sign too (-0 / scale = -0), which
-    the arithmetic alone does not guarantee (an exact cancellation gives +0, and compilers may rewrite
-    negations around zeros; on the H200 a -0 came out +0 without the copy). Six operations per element.
+    a's sign bit (y's, as p2 > 0) copied onto the result, one bit-select: zeros take y's sign too (-0 / scale
+    = -0), which the arithmetic alone does not guarantee (an exact cancellation gives +0, and compilers may
+    rewrite negations around zeros; on the H200 a -0 came out +0 without the copy). Six operations per element.
     tests/test_quant.py checks the bits against float32 division (midpoints of the fp8 and int8 grids and
     their neighbours, every binade of the scales, signed zeros).
     """
     sb = scale.to(tl.int32, bitcast=True)
     p2 = ((254 << 23) - (sb & 0x7F800000)).to(tl.float32, bitcast=True)  # 2^-e (e <= 121: normal)
+    p2 = tl.where(scale <= _FP32_MAX, p2, float("nan"))  # a NaN or Inf scale: every quotient NaN
     s1 = ((sb & 0x7FFFFF) | 0x3F800000).to(tl.float32, bitcast=True)  # scale * 2^-e, in [1, 2)
-    r = tl.math.div_rn(tl.full(s1.shape, 1.0, tl.float32), s1)
-    r_lo = tl.fma(-s1, r, 1.0) * r
+    neg_s1 = -s1  # per block: -q0 would be an op per element (Triton negates as 0 - q0, which no fma absorbs)
+    r = _reciprocal_in_1_2(s1)
+    r_lo = tl.fma(neg_s1, r, 1.0) * r
     a = y * p2
     q0 = tl.fma(a, r, a * r_lo)
-    q = tl.fma(tl.fma(-q0, s1, a), r, q0)
-    return ((q.to(tl.int32, bitcast=True) & 0x7FFFFFFF) | (y.to(tl.int32, bitcast=True) & -0x80000000)).to(
+    q = tl.fma(tl.fma(q0, neg_s1, a), r, q0)
+    return ((q.to(tl.int32, bitcast=True) & 0x7FFFFFFF) | (a.to(tl.int32, bitcast=True) & -0x80000000)).to(
         tl.float32, bitcast=True)
 
 
@@ -1072,7 +1158,7 @@ def _quantize(yq, QMAX: tl.constexpr, INT8: tl.constexpr, FNUZ: tl.constexpr, UE
 def _scale_of_blocks(amax, QMAX: tl.constexpr, UE8M0: tl.constexpr):
     """(the scale the codes divide by, whether it is NaN) of blocks of largest |y| amax (NaN for a block
     holding a NaN). With UE8M0 a NaN scale has turned +Inf here; _codes_of_blocks gives it back its NaN."""
-    scale = tl.maximum(tl.math.div_rn(amax, QMAX), _QUANT_SCALE_MIN, propagate_nan=tl.PropagateNan.ALL)
+    scale = tl.maximum(_divided_by_qmax(amax, QMAX), _QUANT_SCALE_MIN, propagate_nan=tl.PropagateNan.ALL)
     has_nan = scale != scale
     if UE8M0:  # up to a power of two on the bits (exact; Inf stays Inf): numerics.ue8m0_round_up
         scale = ((scale.to(tl.int32, bitcast=True) + 0x7FFFFF) & 0x7F800000).to(tl.float32, bitcast=True)
@@ -1085,15 +1171,18 @@ def _codes_of_blocks(yq, scale, has_nan, QMAX: tl.constexpr, INT8: tl.constexpr,
     """(codes, scale as stored) of the blocks along yq's last axis, given their scales from _scale_of_blocks
     (scale and has_nan: yq's shape without its last axis)."""
     LAST: tl.constexpr = len(yq.shape) - 1
+    scale = tl.where(has_nan, float("nan"), scale)  # one NaN for every NaN block (the generic path's)
+    block_finite = scale <= _FP32_MAX  # False for NaN and Inf
+    # v: y / scale, NaN throughout a non-finite block (per block, so that the hardware fp8 conversion needs no
+    # select per element)
     if UE8M0:
         # 1 / scale is a power of two too (2^-126 <= scale < 2^127), built from the exponent bits: y * inv
         # is then exactly y / scale, without a division per element
-        v = yq * tl.expand_dims(((254 << 23) - scale.to(tl.int32, bitcast=True)).to(tl.float32, bitcast=True),
-                                LAST)
+        inv = ((254 << 23) - scale.to(tl.int32, bitcast=True)).to(tl.float32, bitcast=True)
+        v = yq * tl.expand_dims(tl.where(block_finite, inv, float("nan")), LAST)
     else:  # RN(y / scale), by a reciprocal and one exact correction (no division per element)
         v = _scaled_quotient(yq, tl.expand_dims(scale, LAST))
-    scale = tl.where(has_nan, float("nan"), scale)  # one NaN for every NaN block (the generic path's)
-    finite = tl.expand_dims(scale <= _FP32_MAX, LAST)  # False for NaN and Inf
+    finite = tl.expand_dims(block_finite, LAST)
     # No clamp to [-QMAX, QMAX]: it never binds. |y| <= amax and scale >= RN(amax / QMAX) >= amax / QMAX *
     # (1 - 2^-24) (ue8m0 and the floor only raise it), so |RN(y / scale)| <= QMAX (1 + 2^-23), which every
     # conversion below rounds to QMAX (the midpoint to the next value up lies at least 0.39% above QMAX: 127.5
@@ -1110,8 +1199,9 @@ def _codes_of_blocks(yq, scale, has_nan, QMAX: tl.constexpr, INT8: tl.constexpr,
             qv = tl.where(finite, code, NAN_CODE).to(tl.uint8)
         else:
             # e4m3fn in hardware (cvt.rn.satfinite, two values per instruction): a (positive) NaN becomes
-            # 0x7F, the format's NaN, so a non-finite block needs no code of its own after the conversion
-            qv = tl.where(finite, v, float("nan")).to(tl.float8e4nv)
+            # 0x7F, the format's NaN, so a non-finite block, whose v is the GPU's canonical NaN throughout,
+            # needs no code of its own
+            qv = v.to(tl.float8e4nv)
     return qv, scale
 
 
