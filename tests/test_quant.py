@@ -327,8 +327,8 @@ def test_ue8m0_rounds_up_exactly():
 @pytest.mark.parametrize("backend", ["native", pytest.param("triton", marks=needs_triton)])
 @pytest.mark.parametrize("quant", QUANTS)
 def test_zero_nan_inf_blocks(backend, quant):
-    """Block 0 all zero: scale 2^-126 and q 0. Block 1 holds a NaN: scale NaN, q NaN (fp8) / 0 (int8). Block 2
-    holds an Inf: scale +Inf, q likewise. Block 3 is ordinary and unaffected."""
+    """Block 0 all zero: scale 2^-126 and q 0. Block 1 holds a NaN: scale NaN, q NaN (fp8: the format's NaN code)
+    / 0 (int8). Block 2 holds an Inf: scale +Inf, q likewise. Block 3 is ordinary and unaffected."""
     m, n, k = 3, 128, 32
     x, _, w, b = make_inputs(m, n, torch.float32, gate=False, device=dev(backend))
     w = w.clone()
@@ -344,6 +344,9 @@ def test_zero_nan_inf_blocks(backend, quant):
         assert bool(scale[:, 1].isnan().all()) and bool(torch.isposinf(scale[:, 2]).all())
         marked = (qf[:, k:3 * k] == 0) if quant == "int8" else qf[:, k:3 * k].isnan()
         assert bool(marked.all())
+        if quant != "int8":  # the format's one NaN code (what torch's cast writes), never a negative NaN
+            nan_code = 0x80 if quant == "fp8_e4m3fnuz" else 0x7F
+            assert bool((q.view(torch.uint8)[:, k:3 * k] == nan_code).all()), q.view(torch.uint8)[:, k:3 * k]
         assert bool(torch.isfinite(scale[:, 3]).all()) and bool(torch.isfinite(qf[:, 3 * k:]).all())
         # dequantized, the non-finite blocks are NaN throughout: never mistaken for finite values
         assert bool((qf[:, k:3 * k] * scale[:, 1:3].repeat_interleave(k, 1)).isnan().all())

@@ -1102,7 +1102,7 @@ def _reciprocal_in_1_2(s1):
 
 
 @triton.jit
-def _scaled_quotient(y, scale):
+def _scaled_quotient(y, scale, SIGNED_ZEROS: tl.constexpr = True):
     """RN(y / scale) per element, without a division per element (not clamped: see _quantize).
 
     ``scale`` [..., 1] is a normal float32 in [2^-126, 2^122) (fwd_quant_kernel's finite scales), or NaN or
@@ -1124,7 +1124,8 @@ def _scaled_quotient(y, scale):
     Signed throughout (every step is an RN of an odd function of y, so a nonzero result has y's sign), then
     a's sign bit (y's, as p2 > 0) copied onto the result, one bit-select: zeros take y's sign too (-0 / scale
     = -0), which the arithmetic alone does not guarantee (an exact cancellation gives +0, and compilers may
-    rewrite negations around zeros; on the H200 a -0 came out +0 without the copy). Six operations per element.
+    rewrite negations around zeros; on the H200 a -0 came out +0 without the copy). Six operations per element;
+    five without SIGNED_ZEROS (int8 codes, which have no -0: the copy is left out, and a zero's sign is any).
     tests/test_quant.py checks the bits against float32 division (midpoints of the fp8 and int8 grids and
     their neighbours, every binade of the scales, signed zeros).
     """
@@ -1138,6 +1139,8 @@ def _scaled_quotient(y, scale):
     a = y * p2
     q0 = tl.fma(a, r, a * r_lo)
     q = tl.fma(tl.fma(q0, neg_s1, a), r, q0)
+    if not SIGNED_ZEROS:  # int8 codes: -0 and +0 are the same code
+        return q
     return ((q.to(tl.int32, bitcast=True) & 0x7FFFFFFF) | (a.to(tl.int32, bitcast=True) & -0x80000000)).to(
         tl.float32, bitcast=True)
 
@@ -1181,7 +1184,7 @@ def _codes_of_blocks(yq, scale, has_nan, QMAX: tl.constexpr, INT8: tl.constexpr,
         inv = ((254 << 23) - scale.to(tl.int32, bitcast=True)).to(tl.float32, bitcast=True)
         v = yq * tl.expand_dims(tl.where(block_finite, inv, float("nan")), LAST)
     else:  # RN(y / scale), by a reciprocal and one exact correction (no division per element)
-        v = _scaled_quotient(yq, tl.expand_dims(scale, LAST))
+        v = _scaled_quotient(yq, tl.expand_dims(scale, LAST), SIGNED_ZEROS=not INT8)
     finite = tl.expand_dims(block_finite, LAST)
     # No clamp to [-QMAX, QMAX]: it never binds. |y| <= amax and scale >= RN(amax / QMAX) >= amax / QMAX *
     # (1 - 2^-24) (ue8m0 and the floor only raise it), so |RN(y / scale)| <= QMAX (1 + 2^-23), which every
