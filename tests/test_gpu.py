@@ -602,6 +602,23 @@ def test_the_device_guard_is_entered_where_another_gpu_is_current(monkeypatch):
         assert torch.equal(a, c)
 
 
+@pytest.mark.parametrize("quant", ["fp8_e4m3", "fp8_e4m3fnuz", "int8"])
+def test_quant_scales_of_the_generic_path_are_correctly_rounded(quant):
+    """numerics.quant_scales on the GPU (the native backend's and the generic path's scales) against the CPU's IEEE
+    float32 division, every significand of four binades: PyTorch's CUDA kernels divide by a Python scalar as a
+    product with its reciprocal, a bit off for about half of them (what numerics.divided_by_scalar avoids)."""
+    from gatednorm import numerics
+
+    sig = (torch.arange(2**23, dtype=torch.int32) + 0x3F800000).view(torch.float32)
+    qspec = QuantSpec(quant, 128, "float32", "none", False)
+    for e in (-110, -20, 0, 70):
+        amax = sig * 2.0**e
+        got = numerics.quant_scales(amax.cuda(), qspec).cpu()
+        expect = numerics.quant_scales(amax, qspec)
+        same = got.view(torch.int32) == expect.view(torch.int32)
+        assert bool(same.all()), (e, amax[~same][:4], got[~same][:4], expect[~same][:4])
+
+
 #: (group size, quant block) of every kind of fused tile: one block per group (128, padded 96 and 640, 2048 per
 #: token), blocks inside a group (128 / 32, padded 96 / 32, 640 / 128, 384 / 128, 1280 / 128 and 5120 / 128,
 #: 4096 / 128), groups inside a block (64 + 64, 4 x 32, 64 per token over 4096). The groups of two power-of-two

@@ -659,7 +659,8 @@ def test_block_scales_are_the_correctly_rounded_division(quant):
         padded[: amax.numel()] = amax
         out = torch.empty_like(padded)
         _block_scales[(padded.numel() // block,)](padded, out, QMAX=qmax, BLOCK=block)
-        expect = torch.clamp_min(amax / qmax, 2.0**-126)
+        # tensor by tensor: PyTorch divides a CUDA tensor by a Python scalar as a product with its reciprocal
+        expect = torch.clamp_min(amax / torch.full_like(amax, qmax), 2.0**-126)
         same = _same_float_bits(out[: amax.numel()], expect)
         assert bool(same.all()), (amax[~same][:5], out[: amax.numel()][~same][:5], expect[~same][:5])
 
