@@ -211,10 +211,12 @@ quant)
 quant-bench)
     timeout "${QUANT_TESTS_TIMEOUT:-150}" python3 -m pytest -q -p no:logging -W ignore -o addopts="" tests/test_gpu.py \
         -k "quant or rescue or plan" > "$OUT/quant_tests.log" 2>&1
+    gpu_rc=$?
     # test_quant's division checks on the GPU: every float32 amax, every scale significand against IEEE division
     timeout 120 python3 -m pytest -q -p no:logging -W ignore -o addopts="" tests/test_quant.py -k correctly_rounded \
         >> "$OUT/quant_tests.log" 2>&1
-    echo "pytest exit $?" | tee -a "$OUT/quant_tests.log"; tail -3 "$OUT/quant_tests.log"
+    echo "pytest exit $gpu_rc (test_gpu.py), $? (test_quant.py divisions)" | tee -a "$OUT/quant_tests.log"
+    tail -3 "$OUT/quant_tests.log"
     quant_bench "$OUT/quant" "$OUT/acceptance_quant.md"
     python3 benchmarks/bench_host.py --device cuda --shape 8192x128 --calls 1000 --repeats 5 \
         --json "$OUT/host_8192x128.json" 2>&1 | tail -9

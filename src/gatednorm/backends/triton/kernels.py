@@ -968,8 +968,8 @@ def sum_partials_kernel(
 # issue-bound) every instruction shows. Scales are RN(amax / QMAX) by a split reciprocal of the constant and one
 # exact correction (_divided_by_qmax); q = RN(y / scale) by the scale's correctly rounded reciprocal, a MUFU
 # estimate and one Newton step (_reciprocal_in_1_2), and the same correction per element (_scaled_quotient); ue8m0
-# scales are powers of two: y times the exact reciprocal is the same quotient. tests/test_gpu.py checks both
-# quotients on the GPU against IEEE division for every float32 amax and every scale significand.
+# scales are powers of two: y times the exact reciprocal is the same quotient. tests/test_quant.py, run on a GPU,
+# checks both against IEEE division for every float32 amax and every scale significand.
 # Rounding to an integer uses the 1.5 * 2^23 trick: adding it to |v| < 2^22 leaves no fraction bits, so the fp32
 # add itself rounds half to even.
 
@@ -1067,7 +1067,7 @@ def _divided_by_qmax(amax, QMAX: tl.constexpr):
     With hi + lo = 1 / QMAX within 2^-48 relative (both float32), q0 = RN(amax hi + RN(amax lo)) is a faithful
     rounding of t = amax / QMAX; the residual e = fma(-q0, QMAX, amax) is then exact and RN(q0 + e hi) = RN(t)
     (Markstein's theorem, as in _scaled_quotient). Where q0 would underflow the caller's floor (2^-126) takes
-    over; tests/test_gpu.py compares every non-negative float32 amax with IEEE division. +Inf: the residual
+    over; tests/test_quant.py on a GPU compares every non-negative float32 amax with IEEE division. +Inf: the residual
     is NaN, so Inf is passed through.
     """
     if QMAX == 448.0:
@@ -1089,8 +1089,8 @@ def _reciprocal_in_1_2(s1):
 
     r0 = the MUFU reciprocal (rcp.approx.ftz: within one ulp), then one Newton step r = RN(r0 + r0 RN(1 - s1 r0))
     (the first product exact by fma): the correctly rounded reciprocal for every s1 but 2 - 2^-23 (Markstein),
-    whose RN(1 / s1) is a constant. tests/test_gpu.py compares all 2^23 significands with IEEE division. Under
-    Triton's interpreter and on ROCm: div_rn.
+    whose RN(1 / s1) is a constant. tests/test_quant.py on a GPU compares all 2^23 significands with IEEE
+    division. Under Triton's interpreter and on ROCm: div_rn.
     """
     if _PTX_MUFU:
         r0 = tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=f,f", [s1],
