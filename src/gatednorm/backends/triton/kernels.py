@@ -1071,15 +1071,14 @@ def _divided_by_qmax(amax, QMAX: tl.constexpr):
     is NaN, so Inf is passed through.
     """
     if QMAX == 448.0:
-        q0 = tl.fma(amax, _INV_448_HI, amax * _INV_448_LO)
-        q = tl.fma(tl.fma(-q0, QMAX, amax), _INV_448_HI, q0)
+        hi, lo = _INV_448_HI, _INV_448_LO
     elif QMAX == 240.0:
-        q0 = tl.fma(amax, _INV_240_HI, amax * _INV_240_LO)
-        q = tl.fma(tl.fma(-q0, QMAX, amax), _INV_240_HI, q0)
+        hi, lo = _INV_240_HI, _INV_240_LO
     else:
         tl.static_assert(QMAX == 127.0, "_divided_by_qmax: QMAX must be 448, 240 or 127")
-        q0 = tl.fma(amax, _INV_127_HI, amax * _INV_127_LO)
-        q = tl.fma(tl.fma(-q0, QMAX, amax), _INV_127_HI, q0)
+        hi, lo = _INV_127_HI, _INV_127_LO
+    q0 = tl.fma(amax, hi, amax * lo)
+    q = tl.fma(tl.fma(-q0, QMAX, amax), hi, q0)
     return tl.where(amax == float("inf"), amax, q)
 
 
