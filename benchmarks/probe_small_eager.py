@@ -8,8 +8,10 @@ in interleaved rounds, at each row count: torch.mul into a preallocated output, 
 (``layer_norm_fwd(backend="triton")``), the launcher alone (``launch.forward``) at several (ROWS, num_warps) with
 PDL on and off, and sglang's ``_layer_norm_fwd`` where ``--sglang`` names its file; eagerly (do_bench median, L2
 flushed) and inside CUDA graphs of 100 calls (L2 warm). Each figure is the median of its rounds; "x sglang" /
-"x mul" the median of the rounds' ratios. ``--quant``: the fused fp8 forward (blocks of 128) instead, the API call
-and the launcher at each shape (PDL on, as shipped), beside torch.mul (issue 14's CUDA-graph goal at 8192x128).
+"x mul" the median of the rounds' ratios. Each launch shape also runs with the range rescue after the kernel
+("scan after": a second, small kernel; the forward's own code 44% shorter). ``--quant``: the fused fp8 forward
+(blocks of 128) instead, the API call and the launcher at each shape (PDL on, as shipped), beside torch.mul (issue
+14's CUDA-graph goal at 8192x128).
 
 Result (H100, session 24; benchmarks/results/probe_small_eager_h100_session24.json and ..._quant_...json): eagerly
 every launch shape, PDL on or off, within 7.6-8.6 us at 8192x128 and sglang 8.3 us in that process (our API call
@@ -79,6 +81,12 @@ def _timers(m: int, sglang, quant: bool) -> dict:
             label = "picked" if shape is None else f"{shape[0]}x{shape[1]}w"
             fns[f"launch {label} pdl={int(pdl)}"] = (
                 lambda config=config, pdl=pdl: tk.forward(x, w, None, z, SPEC, y, config=config, pdl=pdl))
+        # the range rescue after the forward (rescue_kernel's scan, a second launch) instead of in the kernel: the
+        # forward's code without the rescue path (sm_90, Triton 3.6, 32 rows / 8 warps: 322 SASS instructions
+        # against 576), which the first call after an L2 flush fetches from memory
+        label = "picked" if shape is None else f"{shape[0]}x{shape[1]}w"
+        fns[f"launch {label} scan after"] = (
+            lambda config=config: tk.forward(x, w, None, z, SPEC, y, 0, config=config, pdl=True))
     if sglang is not None:
         fns["sglang"] = lambda: sglang._layer_norm_fwd(x, w, None, EPS, z=z, group_size=N, norm_before_gate=True,
                                                        is_rms_norm=True)
