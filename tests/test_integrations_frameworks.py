@@ -380,10 +380,26 @@ def test_sglang_fused_norm_gate_and_rebinding(sglang_modules):
 
 def test_sglang_mixer2_norm(sglang_modules, monkeypatch):
     """sglang's Mamba2 mixer norm (mixer2_rms_norm_gated.py, executed with its imports stood in for): what
-    _check_mixer2 says, through BaseFusedOp's dispatch on a CPU (forward_native)."""
+    _check_mixer2 says, through BaseFusedOp's dispatch on a CPU (forward_native); an instance whose dispatch kept
+    the original forward_native from a call before the patch is routed by the added forward, and runs sglang's
+    method again, bit for bit, after the patch."""
     if SGLANG_MIXER2 not in sglang_modules:
         pytest.skip("this sglang has no mixer2_rms_norm_gated module")
-    _check_mixer2(sglang_modules[SGLANG_MIXER2].Mixer2RMSNormGated, "sglang", monkeypatch)
+    cls = sglang_modules[SGLANG_MIXER2].Mixer2RMSNormGated
+    _check_mixer2(cls, "sglang", monkeypatch)
+    reset_call_counts()
+    x, z, _, _ = make_inputs(4, 128, seed=14)
+    ran_early = cls(128, 4)
+    upstream = ran_early(x, z)  # BaseFusedOp resolves the path now and keeps the bound original forward_native
+    if getattr(ran_early.__dict__.get("_forward_method"), "__func__", None) is not cls.forward_native:
+        pytest.skip("this sglang does not keep the resolved method in _forward_method")
+    with gatednorm.patch("sglang"):
+        assert "forward" in vars(cls)
+        y = ran_early(x, z)
+        assert _calls("Mixer2RMSNormGated.forward_native") == 1
+        check_forward(y, None, None, x, ran_early.weight, None, z, 1e-6, 32, False, True, stats=False)
+    assert "forward" not in vars(cls)
+    assert torch.equal(ran_early(x, z), upstream)
 
 
 def test_route1_native_function_used_as_the_frameworks_layer_norm_fwd(sglang_modules, monkeypatch):

@@ -20,8 +20,10 @@ Covered module paths (whichever the installed release has):
   under torch.compile and where a group is split over tensor-parallel ranks. Calls whose groups lie whole on
   every rank (one rank, or ``tp_size`` dividing ``n_groups``) go to gatednorm; a group split over ranks (its
   all_reduce / all_gather) and ``use_rms_norm=False`` keep sglang's code. Its ``forward_cuda`` calls the
-  ``rms_norm_gated`` the patch rebinds. An instance that ran before the patch keeps the method sglang's dispatch
-  cached for it on its first call.
+  ``rms_norm_gated`` the patch rebinds. sglang's ``BaseFusedOp`` resolves an instance's path on its first call and
+  keeps the bound method (``_forward_method``); a ``forward`` is added to the class (removed again by undo) that
+  sends an instance whose kept method is the original ``forward_native`` (it ran before the patch) to gatednorm,
+  and every other call through ``BaseFusedOp.forward`` itself.
 """
 
 from __future__ import annotations
@@ -70,4 +72,22 @@ def plan(p: Planner) -> None:
     for cls in fla.plan_rms_norm_gated_copies(p, FUSED_NORM_GATE):
         p.method(cls, "forward", w.fused_module_forward(p.label(cls, "forward"), b, True))
 
-    mamba_ssm.plan_mixer2_norm(p, MIXER2)
+    planned = mamba_ssm.plan_mixer2_norm(p, MIXER2)
+    if planned is not None:
+        cls, ours = planned
+        p.plan.append((cls, "forward", _routing_kept_forward(cls.forward, ours, cls.forward_native)))
+
+
+def _routing_kept_forward(upstream_forward, ours, original_native):
+    """A ``forward`` for a patched ``BaseFusedOp`` class: ours where the instance's dispatch kept the original
+    ``forward_native`` from a call before the patch and the call names no ``backend``, else the class's own
+    ``forward`` (``BaseFusedOp.forward``: its per-call and global backend switches, its lazy first-call resolution,
+    which finds the patched methods)."""
+
+    def forward(self, *args, **kwargs):
+        kept = self.__dict__.get("_forward_method")
+        if kwargs.get("backend") is None and getattr(kept, "__func__", None) is original_native:
+            return ours(self, *args, **kwargs)
+        return upstream_forward(self, *args, **kwargs)
+
+    return forward
