@@ -42,6 +42,11 @@
 #                                          # shape with the split tiles on, both program orders (about 10
 #                                          # minutes: split with QUANT_TUNE_ONLY=g640,per-token / the rest).
 #                                          # GATEDNORM_TRITON_SPLIT_GROUPS=1 bash ... quant: the benchmark split
+#   bash benchmarks/gpu_suite.sh cold-and-order  # what session 26 left open, one device call (about 8 minutes):
+#                                          # the quantized kernel's program order on 32768x4096 groups of 128
+#                                          # (tune_gpu.py --quant, both orders), the small shapes' first call after
+#                                          # an L2 flush with the range rescue in the kernel and after it
+#                                          # (probe_small_eager.py), then the three-part and generic-path GPU tests
 #   bash benchmarks/gpu_suite.sh parts    # the three-part tiles of the forward and backward (issue 16, groups
 #                                          # of 96): their GPU tests, the g96 row of bench_gpu.py padded (the
 #                                          # default) and in three parts (GATEDNORM_TRITON_SPLIT_GROUPS=1), then
@@ -236,6 +241,18 @@ quant-tune)
     GATEDNORM_TRITON_SPLIT_GROUPS=1 timeout "${QUANT_TUNE_TIMEOUT:-480}" python3 benchmarks/tune_gpu.py --quant --jobs 16 \
         --only "${QUANT_TUNE_ONLY:-}" --out "$OUT" 2>&1 | grep -E "^(QFWD|SUGGEST|WRONG|compiled|NVIDIA|wrote)" \
         | tee "$OUT/tune_quant.log"
+    ;;
+cold-and-order)
+    timeout "${ORDER_TUNE_SECONDS:-240}" python3 benchmarks/tune_gpu.py --quant --jobs 16 --only "32768x4096 g128" \
+        --out "$OUT" 2>&1 | grep -E "^(QFWD|SUGGEST|WRONG|compiled|NVIDIA|wrote)" | tee "$OUT/tune_quant_g128.log"
+    timeout "${COLD_PROBE_SECONDS:-150}" python3 benchmarks/probe_small_eager.py "${SGL[@]}" \
+        --json "$OUT/probe_small_eager.json" > "$OUT/probe_small_eager.log" 2>&1
+    echo "probe_small_eager exit $?"; tail -50 "$OUT/probe_small_eager.log"
+    XDIST=()
+    python3 -c "import xdist" 2>/dev/null && XDIST=(-n "${TESTS_JOBS:-12}")
+    timeout "${PARTS_TESTS_SECONDS:-180}" python3 -m pytest -q -p no:logging -W ignore -o addopts="" "${XDIST[@]}" \
+        tests/test_gpu.py -k "generic_path or three_part" > "$OUT/cold_and_order_tests.log" 2>&1
+    echo "pytest exit $?"; tail -3 "$OUT/cold_and_order_tests.log"
     ;;
 parts)
     GATEDNORM_TRITON_SPLIT_GROUPS=1 python3 -m pytest -q -p no:logging -W ignore -o addopts="" tests/test_gpu.py \
