@@ -232,7 +232,7 @@ def test_breadth_first_order_covers_every_key_early():
     assert {v.dtype for _, _, v in first} == {"float32", "bfloat16", "float16"}
     assert {v.gate for _, _, v in first} == set(V.GATES)
     assert {v.is_rms_norm for _, _, v in first} == {False, True}
-    # every pair of (dtype, shape) and of (backend, shape) within the first 30 of 1080
+    # every pair of (dtype, shape) and of (backend, shape) within the first 30 (of 1320)
     assert len({(v.dtype, s.name) for _, s, v in jobs[:30]}) == 3 * len(V.FULL_SHAPES)
     assert len({(b, s.name) for b, s, _ in jobs[:30]}) == 2 * len(V.FULL_SHAPES)
 

@@ -50,6 +50,8 @@ FULL_SHAPES = (
     Shape("mamba2 128x5120/g640", (128,), 5120, 640),
     Shape("wide 32x8192", (32,), 8192, 1024),
     Shape("odd 100x1000/g200", (100,), 1000, 200),
+    # 96 = 3 x 32: on GPUs the triton kernels read such a group as three unpadded tiles (launch.fwd_parts)
+    Shape("three-part 64x3072/g96", (64,), 3072, 96),
 )
 
 
