@@ -84,7 +84,6 @@ def _timers(m: int, sglang, quant: bool) -> dict:
         # the range rescue after the forward (rescue_kernel's scan, a second launch) instead of in the kernel: the
         # forward's code without the rescue path (sm_90, Triton 3.6, 32 rows / 8 warps: 322 SASS instructions
         # against 576), which the first call after an L2 flush fetches from memory
-        label = "picked" if shape is None else f"{shape[0]}x{shape[1]}w"
         fns[f"launch {label} scan after"] = (
             lambda config=config: tk.forward(x, w, None, z, SPEC, y, 0, config=config, pdl=True))
     if sglang is not None:
