@@ -378,6 +378,19 @@ def test_sglang_fused_norm_gate_and_rebinding(sglang_modules):
         del sys.modules[model_file.__name__]
 
 
+def _assert_kept_native_routed(cls, framework: str, mod, x, z) -> None:
+    """Inside ``gatednorm.patch(framework)``: ``mod``, a Mixer2RMSNormGated whose dispatch holds the original
+    forward_native (bound before the patch), goes to gatednorm through the ``forward`` the patch adds to ``cls``
+    (one call, the float64 RMSNorm of x * silu(z) over groups of 32 within tolerance); that forward is gone after."""
+    reset_call_counts()
+    with gatednorm.patch(framework):
+        assert "forward" in vars(cls)
+        y = mod(x, z)
+        assert _calls("Mixer2RMSNormGated.forward_native") == 1
+        check_forward(y, None, None, x, mod.weight, None, z, 1e-6, 32, False, True, stats=False)
+    assert "forward" not in vars(cls)
+
+
 def test_sglang_mixer2_norm(sglang_modules, monkeypatch):
     """sglang's Mamba2 mixer norm (mixer2_rms_norm_gated.py, executed with its imports stood in for): what
     _check_mixer2 says, through BaseFusedOp's dispatch on a CPU (forward_native); an instance whose dispatch kept
@@ -387,18 +400,12 @@ def test_sglang_mixer2_norm(sglang_modules, monkeypatch):
         pytest.skip("this sglang has no mixer2_rms_norm_gated module")
     cls = sglang_modules[SGLANG_MIXER2].Mixer2RMSNormGated
     _check_mixer2(cls, "sglang", monkeypatch)
-    reset_call_counts()
     x, z, _, _ = make_inputs(4, 128, seed=14)
     ran_early = cls(128, 4)
     upstream = ran_early(x, z)  # BaseFusedOp resolves the path now and keeps the bound original forward_native
     if getattr(ran_early.__dict__.get("_forward_method"), "__func__", None) is not cls.forward_native:
         pytest.skip("this sglang does not keep the resolved method in _forward_method")
-    with gatednorm.patch("sglang"):
-        assert "forward" in vars(cls)
-        y = ran_early(x, z)
-        assert _calls("Mixer2RMSNormGated.forward_native") == 1
-        check_forward(y, None, None, x, ran_early.weight, None, z, 1e-6, 32, False, True, stats=False)
-    assert "forward" not in vars(cls)
+    _assert_kept_native_routed(cls, "sglang", ran_early, x, z)
     assert torch.equal(ran_early(x, z), upstream)
 
 
@@ -487,16 +494,10 @@ def test_vllm_mixer2_norm(vllm_modules, monkeypatch):
     instance vLLM bound to the original forward_native before the patch is routed by the added forward."""
     cls = vllm_modules[4].Mixer2RMSNormGated
     _check_mixer2(cls, "vllm", monkeypatch)
-    reset_call_counts()
     x, z, _, _ = make_inputs(4, 128, seed=13)
     bound_early = cls(128, 4)
     bound_early._forward_method = bound_early.forward_native  # custom op disabled: vLLM binds forward_native
-    with gatednorm.patch("vllm"):
-        assert "forward" in vars(cls)
-        y = bound_early(x, z)
-        assert _calls("Mixer2RMSNormGated.forward_native") == 1
-        check_forward(y, None, None, x, bound_early.weight, None, z, 1e-6, 32, False, True, stats=False)
-    assert "forward" not in vars(cls)
+    _assert_kept_native_routed(cls, "vllm", bound_early, x, z)
 
 
 def test_vllm_fused_norm_gate_copy_and_kda_custom_op(vllm_modules):
