@@ -405,16 +405,25 @@ def fwd_kernel(
             gate = _gate_value(z, SIGMOID_GATE)
             if GATE_FIRST:
                 x = x * gate
+        # Narrow groups load w (and b) with x and z, before the reductions and the statistics' stores: loaded
+        # after those stores (which may alias W for all the compiler knows), they are a second memory round trip
+        # on the critical path, which a short call after an L2 flush pays in full. Wide tiles load them late:
+        # there they would stay in registers over the reductions (a 16384-wide tile has 64 a thread at 32 warps)
+        PARAMS_EARLY: tl.constexpr = BLOCK <= 1024
+        if PARAMS_EARLY:
+            w = _load_f32(W + col0 + cols, col_ok, BF16_BY_BITS)
+            b = _load_f32(B + col0 + cols, col_ok, BF16_BY_BITS) if HAS_BIAS else 0.0
         mean, xm, var_eps = _tile_stats(x, col_ok, eps, GS, BLOCK, IS_RMS)
         rstd = 1.0 / tl.sqrt_rn(var_eps)
         if not IS_RMS:
             tl.store(MEAN + stat, mean, mask=row_ok)
         tl.store(RSTD + stat, rstd, mask=row_ok)
-        # w loaded before the products (not _norm_output's order): the instruction order measured on the H200
-        w = _load_f32(W + col0 + cols, col_ok, BF16_BY_BITS)
+        if not PARAMS_EARLY:  # w loaded before the products: the instruction order measured on the H200
+            w = _load_f32(W + col0 + cols, col_ok, BF16_BY_BITS)
+            b = _load_f32(B + col0 + cols, col_ok, BF16_BY_BITS) if HAS_BIAS else 0.0
         y = xm * rstd[:, None] * w[None, :]
         if HAS_BIAS:
-            y = y + _load_f32(B + col0 + cols, col_ok, BF16_BY_BITS)[None, :]
+            y = y + b[None, :]
         if GATE_AFTER:
             y = y * gate
         _store_out(_tile_ptrs(Y, rows64, stride_ym, col0, cols), y, mask, BF16_BY_BITS)
