@@ -805,9 +805,15 @@ def _fp8_by_bits(device: torch.device, fnuz: bool) -> bool:
 # --quant: 20.8 against 14.5 us; at 8192x128 the shapes from (4, 1) to (32, 8) 2.87-2.99 us, (8, 2) 3.65). With it,
 # tiles of several groups (64 + 64, 4 x 32) also came out wrong on the H200: the tl.reshape of such a tile to one
 # block a row mixed rows up (found again on an H100 in session 24; fwd_quant_kernel no longer reshapes there).
+# The program order, first swept in session 27 (H100, tune_gpu.py --quant --only "32768x4096 g128", bf16, fp8_e4m3
+# and int8, L2 flushed; benchmarks/results/tune_gpu_quant_g128_order_h100_session27.log): a row's 128-wide tiles in
+# neighbouring programs (groups fastest, as the plain forward's FWD_TUNED entry) ran 32768x4096 in 227.4 / 226.8 us,
+# 100% of copy, against 252.6 / 254.3 us (90%) rows fastest; every launch shape of that order within 0.3% of the
+# best. Calls of one tile a row (8192x128, 524288x128) launch the same grid in either order. The other entries'
+# order is not measured yet (rows fastest, as first tuned).
 # The key depends on the group size and block only, never on M (batch invariance).
 QUANT_TUNED: dict[tuple[int, str], tuple[int, int, int]] = {
-    (128, "pow2"): (16, 4, ORDER_ROWS_FASTEST),
+    (128, "pow2"): (16, 4, ORDER_GROUPS_FASTEST),
     (128, "padded"): (16, 4, ORDER_ROWS_FASTEST),
     (512, "split"): (8, 4, ORDER_ROWS_FASTEST),
     (1024, "padded"): (1, 1, ORDER_ROWS_FASTEST),
