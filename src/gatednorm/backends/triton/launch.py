@@ -809,8 +809,9 @@ def _fp8_by_bits(device: torch.device, fnuz: bool) -> bool:
 # and int8, L2 flushed; benchmarks/results/tune_gpu_quant_g128_order_h100_session27.log): a row's 128-wide tiles in
 # neighbouring programs (groups fastest, as the plain forward's FWD_TUNED entry) ran 32768x4096 in 227.4 / 226.8 us,
 # 100% of copy, against 252.6 / 254.3 us (90%) rows fastest; every launch shape of that order within 0.3% of the
-# best. Calls of one tile a row (8192x128, 524288x128) launch the same grid in either order. The other entries'
-# order is not measured yet (rows fastest, as first tuned).
+# best; A/B against rows fastest on the next machine (fp8, float32 scales): 0.911x the time eagerly, 0.929x in a CUDA
+# graph (ab_quant_order_h100_session27.log). Calls of one tile a row (8192x128, 524288x128) launch the same grid in
+# either order. The other entries' order is not measured yet (rows fastest, as first tuned).
 # The key depends on the group size and block only, never on M (batch invariance).
 QUANT_TUNED: dict[tuple[int, str], tuple[int, int, int]] = {
     (128, "pow2"): (16, 4, ORDER_GROUPS_FASTEST),
