@@ -59,10 +59,12 @@
 #                                          # by STAGE_AB_REVS, see stage_gpu.sh); AB_ARGS="--backward --only X",
 #                                          # or AB_ARGS="--quant fp8_e4m3" (the fused quantized forward)
 #
-# Results go to $OUT (default gpu_out/).
+# Results go to $OUT (default gpu_out/), with triton_cache.tgz, Triton's compiled kernels of the call: copy it to
+# .gpu/triton_cache.tgz and the next stage_gpu.sh takes it along (see below).
 set -u
 OUT=${OUT:-gpu_out}
 mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)  # absolute: the cache is saved from its own folder
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0
 if ls whl/*.whl >/dev/null 2>&1; then
     python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site whl/*.whl || exit 1
@@ -72,6 +74,28 @@ else
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+
+# Triton's on-disk cache at one fixed path (its group files name their members by absolute path), seeded from
+# earlier device calls and saved into $OUT at the end: the GPU tests and verify compile hundreds of kernel variants
+# (minutes of CPU time a fresh machine spends again; sessions 26 and 27 ran out of time in them). stage_gpu.sh puts
+# .gpu/triton_cache.tgz, the file a call brought back, into the stage. Only what a cache hit reads is kept: the
+# metadata (json), the binaries (cubin) and the compiled launchers (so).
+export TRITON_CACHE_DIR=/tmp/triton_cache
+mkdir -p "$TRITON_CACHE_DIR"
+if [ -f triton_cache.tgz ] && tar -xzf triton_cache.tgz -C "$TRITON_CACHE_DIR"; then
+    echo "triton cache: $(find "$TRITON_CACHE_DIR" -name '*.cubin' | wc -l) compiled kernels restored"
+fi
+save_triton_cache() {
+    (cd "$TRITON_CACHE_DIR" && find . \( -name '*.json' -o -name '*.cubin' -o -name '*.so' \) -print0 |
+        tar --null -czf "$OUT/triton_cache.tgz" -T -)
+    local size
+    size=$(stat -c %s "$OUT/triton_cache.tgz" 2>/dev/null || echo 0)
+    if [ "$size" -gt $((12 << 20)) ]; then  # a file back from the device may have 16 MiB; leave room beside it
+        rm -f "$OUT/triton_cache.tgz"
+        echo "triton cache: $size bytes compressed, not saved (over 12 MiB)"
+    fi
+}
+trap save_triton_cache EXIT
 SGL=()
 [ -f sgl/layernorm_gated.py ] && SGL=(--sglang sgl/layernorm_gated.py --sglang-loader tools)
 

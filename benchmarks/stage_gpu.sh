@@ -9,6 +9,8 @@
 #   tools/  upstream_sglang.py, the loader of that file (../shared/tools)
 #   ab/REV/ with STAGE_AB_REVS="REV ...": each revision's src/gatednorm/backends/triton, for gpu_suite.sh ab
 #           (bench_triton_ab.py against it: ab/REV/src/gatednorm/backends/triton)
+#   triton_cache.tgz  .gpu/triton_cache.tgz where it exists: Triton's compiled kernels from an earlier device call
+#           (gpu_suite.sh saves them into $OUT and restores them first; a miss only compiles again)
 #
 #   bash benchmarks/stage_gpu.sh [DEST]     # default .gpu/stage (git ignores .gpu/)
 #
@@ -36,6 +38,7 @@ for rev in ${STAGE_AB_REVS:-}; do
     mkdir -p "$DEST/ab/$rev"
     git archive "$rev" src/gatednorm/backends/triton | tar -x -C "$DEST/ab/$rev"
 done
+[ -f .gpu/triton_cache.tgz ] && cp .gpu/triton_cache.tgz "$DEST/"
 if [ -f ../shared/tools/upstream_sglang.py ]; then
     cp ../shared/tools/upstream_sglang.py "$DEST/tools/"
 else
