@@ -140,11 +140,12 @@ def test_committed_h200_runs(tmp_path, capsys):
     ("--bench", "gpu_bench_h100_session22_rescue_rule.json", "acceptance_h100_session22_rescue_rule.md"),
     ("--bench", "gpu_bench_h100_session24.json", "acceptance_h100_session24.md"),
     ("--quant", "quant_bench_h100_session24.json", "acceptance_quant_h100_session24.md"),
+    ("--bench", "gpu_bench_h100_session27.json", "acceptance_h100_session27.md"),
 ])
 def test_committed_h100_run_gives_its_committed_verdicts(flag, bench, verdicts, tmp_path, capsys):
-    """The H100 runs (sessions 18, 19, 22 and 24; session 24's read from rounds timed side by side): the script on
-    a committed JSON gives the table the device printed beside it (README quotes it), line for line but the first
-    (the JSON's path on the device)."""
+    """The H100 runs (sessions 18, 19, 22, 24 and 27; from session 24 on read from rounds timed side by side): the
+    script on a committed JSON gives the table the device printed beside it (README quotes it), line for line but
+    the first (the JSON's path on the device)."""
     results = ROOT / "benchmarks" / "results"
     out = tmp_path / verdicts
     assert acceptance.main([flag, str(results / bench), "--markdown", str(out)]) == 0
