@@ -61,9 +61,14 @@ class Check(NamedTuple):
         return "met" if (self.value >= self.bound if self.at_least else self.value <= self.bound) else "MISSED"
 
     def figure(self) -> str:
+        """The value as the table prints it: 2 decimals for ratios, 1 for percentages, more where that rounding
+        would read as the bound itself (a near tie, 1.0012x against <= 1x, would print "1.00x ... MISSED")."""
         if self.value is None:
             return "-"
-        return f"{self.value:.2f}{self.unit}" if self.unit == "x" else f"{self.value:.1f}{self.unit}"
+        digits = 2 if self.unit == "x" else 1
+        if f"{self.value:.{digits}f}" == f"{self.bound:.{digits}f}" and self.value != self.bound:
+            digits += 2
+        return f"{self.value:.{digits}f}{self.unit}"
 
 
 def _big(rec: dict) -> bool:

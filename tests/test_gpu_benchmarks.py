@@ -95,6 +95,18 @@ def test_forward_goals_bounds_peers_and_missing_figures():
     assert got[("host: forward+backward <= 1.5x the autograd pair per call", "8192x128 rms")] == (1.4, "met")
 
 
+def test_near_ties_print_where_they_fall():
+    """A ratio or a percentage whose usual rounding would print the bound itself gets two more decimals, so a
+    miss never reads "1.00x <= 1x MISSED"; other figures keep their rounding, and a value equal to the bound too."""
+    def figure(value: float, bound: float, unit: str) -> str:
+        return acceptance.Check(16, "goal", "case", value, bound, unit == "%", unit).figure()
+
+    assert figure(1.0012, 1.0, "x") == "1.0012x" and figure(0.9978, 1.0, "x") == "0.9978x"
+    assert figure(0.97, 1.0, "x") == "0.97x" and figure(1.0, 1.0, "x") == "1.00x" and figure(1.34, 1.3, "x") == "1.34x"
+    assert figure(89.97, 90.0, "%") == "89.970%" and figure(98.71, 90.0, "%") == "98.7%"
+    assert acceptance.Check(16, "goal", "case", None, 1.0, False, "x").figure() == "-"
+
+
 def test_quant_goals_against_every_separate_quantization():
     rec = {"shape": "524288x128 rms gate-after k128", "quant": "fp8_e4m3", "scale_format": "float32",
            "M": 524288, "N": 128, "impls": {
@@ -140,12 +152,15 @@ def test_committed_h200_runs(tmp_path, capsys):
     ("--bench", "gpu_bench_h100_session22_rescue_rule.json", "acceptance_h100_session22_rescue_rule.md"),
     ("--bench", "gpu_bench_h100_session24.json", "acceptance_h100_session24.md"),
     ("--quant", "quant_bench_h100_session24.json", "acceptance_quant_h100_session24.md"),
+    ("--bench", "gpu_bench_h100_session26.json", "acceptance_h100_session26.md"),
+    ("--quant", "quant_bench_h100_session26.json", "acceptance_quant_h100_session26.md"),
     ("--bench", "gpu_bench_h100_session27.json", "acceptance_h100_session27.md"),
 ])
 def test_committed_h100_run_gives_its_committed_verdicts(flag, bench, verdicts, tmp_path, capsys):
-    """The H100 runs (sessions 18, 19, 22, 24 and 27; from session 24 on read from rounds timed side by side): the
-    script on a committed JSON gives the table the device printed beside it (README quotes it), line for line but
-    the first (the JSON's path on the device)."""
+    """The H100 runs (sessions 18, 19, 22, 24, 26 and 27; from session 24 on read from rounds timed side by side):
+    the script on a committed JSON gives the table the device printed beside it (README quotes it), line for line
+    but the first (the JSON's path on the device). Near ties print with four decimals since session 27: the tables
+    of sessions 22-27 were regenerated from their JSON by this script then (only those rows changed)."""
     results = ROOT / "benchmarks" / "results"
     out = tmp_path / verdicts
     assert acceptance.main([flag, str(results / bench), "--markdown", str(out)]) == 0
