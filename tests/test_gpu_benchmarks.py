@@ -159,7 +159,7 @@ def test_committed_h200_runs(tmp_path, capsys):
 def test_committed_h100_run_gives_its_committed_verdicts(flag, bench, verdicts, tmp_path, capsys):
     """The H100 runs (sessions 18, 19, 22, 24, 26 and 27; from session 24 on read from rounds timed side by side):
     the script on a committed JSON gives the table the device printed beside it (README quotes it), line for line
-    but the first (the JSON's path on the device). Near ties print with four decimals since session 27: the tables
+    but the first (the JSON's path on the device). Near ties print with two more decimals since session 27: the tables
     of sessions 22-27 were regenerated from their JSON by this script then (only those rows changed)."""
     results = ROOT / "benchmarks" / "results"
     out = tmp_path / verdicts
