@@ -308,6 +308,15 @@ def _param_tile(P, col0, cols, col_ok, like, BF16_BY_BITS: tl.constexpr):
 
 
 @triton.jit
+def _group_params(W, B, col0, cols, col_ok, HAS_BIAS: tl.constexpr, BF16_BY_BITS: tl.constexpr):
+    """(w, b) of one group as rows of its features (b = 0.0 without a bias): fwd_kernel's single tile, which
+    broadcasts them with [None, :]."""
+    w = _load_f32(W + col0 + cols, col_ok, BF16_BY_BITS)
+    b = _load_f32(B + col0 + cols, col_ok, BF16_BY_BITS) if HAS_BIAS else 0.0
+    return w, b
+
+
+@triton.jit
 def _norm_output(W, B, xm, rstd, gate, col0, cols, col_ok, HAS_BIAS: tl.constexpr, GATE_AFTER: tl.constexpr,
                  BF16_BY_BITS: tl.constexpr):
     """y = (xm * rstd * w + b) [* act(z)] of a tile or part (fwd_kernel's order of operations); col_ok masks
@@ -412,16 +421,14 @@ def fwd_kernel(
         # over the reductions, beside 16 x values a thread, where a 32-warp tile may use 64 registers at most
         PARAMS_EARLY: tl.constexpr = BLOCK <= 1024
         if PARAMS_EARLY:
-            w = _load_f32(W + col0 + cols, col_ok, BF16_BY_BITS)
-            b = _load_f32(B + col0 + cols, col_ok, BF16_BY_BITS) if HAS_BIAS else 0.0
+            w, b = _group_params(W, B, col0, cols, col_ok, HAS_BIAS, BF16_BY_BITS)
         mean, xm, var_eps = _tile_stats(x, col_ok, eps, GS, BLOCK, IS_RMS)
         rstd = 1.0 / tl.sqrt_rn(var_eps)
         if not IS_RMS:
             tl.store(MEAN + stat, mean, mask=row_ok)
         tl.store(RSTD + stat, rstd, mask=row_ok)
         if not PARAMS_EARLY:  # w loaded before the products: the instruction order measured on the H200
-            w = _load_f32(W + col0 + cols, col_ok, BF16_BY_BITS)
-            b = _load_f32(B + col0 + cols, col_ok, BF16_BY_BITS) if HAS_BIAS else 0.0
+            w, b = _group_params(W, B, col0, cols, col_ok, HAS_BIAS, BF16_BY_BITS)
         y = xm * rstd[:, None] * w[None, :]
         if HAS_BIAS:
             y = y + b[None, :]
