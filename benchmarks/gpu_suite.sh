@@ -96,6 +96,11 @@ save_triton_cache() {
     fi
 }
 trap save_triton_cache EXIT
+# XDIST: pytest's arguments for TESTS_JOBS (default $1) worker processes where pytest-xdist is staged, else none
+set_xdist() {
+    XDIST=()
+    python3 -c "import xdist" 2>/dev/null && XDIST=(-n "${TESTS_JOBS:-$1}")
+}
 SGL=()
 [ -f sgl/layernorm_gated.py ] && SGL=(--sglang sgl/layernorm_gated.py --sglang-loader tools)
 
@@ -135,8 +140,7 @@ full)
 tests)
     # in TESTS_JOBS worker processes (8) where pytest-xdist is staged: the run is mostly Triton compiling each
     # variant on the CPU (one process took more than 290 s on a fresh H100 in session 24)
-    XDIST=()
-    python3 -c "import xdist" 2>/dev/null && XDIST=(-n "${TESTS_JOBS:-8}")
+    set_xdist 8
     timeout "${TESTS_SECONDS:-500}" python3 -m pytest -q -rfE -p no:logging -W ignore -o addopts="" "${XDIST[@]}" \
         tests/test_gpu.py > "$OUT/gpu_tests.log" 2>&1
     echo "pytest exit $?"; tail -5 "$OUT/gpu_tests.log"
@@ -241,8 +245,7 @@ quant-bench)
     # in worker processes where pytest-xdist is staged: in one process the 127 selected tests did not finish in
     # 150 s (session 26, a fresh H100; 12 workers ran 184 tests of this selection and the three-part ones in
     # 420 s, each variant compiling on the CPU)
-    XDIST=()
-    python3 -c "import xdist" 2>/dev/null && XDIST=(-n "${TESTS_JOBS:-12}")
+    set_xdist 12
     timeout "${QUANT_TESTS_TIMEOUT:-270}" python3 -m pytest -q -p no:logging -W ignore -o addopts="" "${XDIST[@]}" \
         tests/test_gpu.py -k "quant or rescue or plan" > "$OUT/quant_tests.log" 2>&1
     gpu_rc=$?
@@ -272,8 +275,7 @@ cold-and-order)
     timeout "${COLD_PROBE_SECONDS:-150}" python3 benchmarks/probe_small_eager.py "${SGL[@]}" \
         --json "$OUT/probe_small_eager.json" > "$OUT/probe_small_eager.log" 2>&1
     echo "probe_small_eager exit $?"; tail -50 "$OUT/probe_small_eager.log"
-    XDIST=()
-    python3 -c "import xdist" 2>/dev/null && XDIST=(-n "${TESTS_JOBS:-12}")
+    set_xdist 12
     timeout "${PARTS_TESTS_SECONDS:-180}" python3 -m pytest -q -p no:logging -W ignore -o addopts="" "${XDIST[@]}" \
         tests/test_gpu.py -k "generic_path or three_part" > "$OUT/cold_and_order_tests.log" 2>&1
     echo "pytest exit $?"; tail -3 "$OUT/cold_and_order_tests.log"
