@@ -83,6 +83,8 @@ def _ratio(num: float | None, den: float | None) -> float | None:
     return None if num is None or not den else num / den
 
 
+#: A side-by-side ratio within this of 1 is a near tie: its note gives the range of the rounds' ratios too.
+NEAR_TIE = 0.01
 #: Where the benchmarks keep each round of a figure timed side by side with the others (bench_gpu's forwards and
 #: small-shape graphs since session 23, bench_quant's eager figures since session 24).
 _ROUNDS = {"ms": "rounds_ms", "graph_ms": "graph_rounds_ms"}
@@ -94,8 +96,11 @@ def _side_by_side(num: dict, den: dict, field: str) -> tuple[float | None, str]:
     the two figures."""
     num_rounds, den_rounds = num.get(_ROUNDS[field]), den.get(_ROUNDS[field])
     if num_rounds and den_rounds and len(num_rounds) == len(den_rounds):
-        return (statistics.median(a / b for a, b in zip(num_rounds, den_rounds, strict=True)),
-                f" (median of {len(num_rounds)} rounds side by side)")
+        ratios = [a / b for a, b in zip(num_rounds, den_rounds, strict=True)]
+        median = statistics.median(ratios)
+        # a near tie also says whether every round fell the same way (a steady gap) or the rounds straddle 1
+        spread = (f"; rounds {min(ratios):.4f}-{max(ratios):.4f}x" if abs(median - 1.0) < NEAR_TIE else "")
+        return median, f" (median of {len(num_rounds)} rounds side by side{spread})"
     return _ratio(num.get(field), den.get(field)), ""
 
 

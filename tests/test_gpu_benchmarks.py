@@ -107,6 +107,16 @@ def test_near_ties_print_where_they_fall():
     assert acceptance.Check(16, "goal", "case", None, 1.0, False, "x").figure() == "-"
 
 
+def test_near_tie_notes_say_how_the_rounds_fell():
+    """A side-by-side ratio within 1% of 1 names the range of its rounds' ratios (a steady gap or rounds on both
+    sides of 1); a clear win or loss does not."""
+    peer = {"ms": 1.0, "rounds_ms": [1.0, 1.0, 1.0]}
+    tie = acceptance._parity("s", {"ms": 1.0, "rounds_ms": [1.003, 0.998, 1.001]}, {"fla": peer}, "ms", "")
+    assert tie.value == pytest.approx(1.001) and tie.detail.endswith("rounds side by side; rounds 0.9980-1.0030x)")
+    clear = acceptance._parity("s", {"ms": 0.9, "rounds_ms": [0.9, 0.91, 0.9]}, {"fla": peer}, "ms", "")
+    assert clear.detail == "best: fla (median of 3 rounds side by side)"
+
+
 def test_quant_goals_against_every_separate_quantization():
     rec = {"shape": "524288x128 rms gate-after k128", "quant": "fp8_e4m3", "scale_format": "float32",
            "M": 524288, "N": 128, "impls": {
@@ -160,7 +170,8 @@ def test_committed_h100_run_gives_its_committed_verdicts(flag, bench, verdicts, 
     """The H100 runs (sessions 18, 19, 22, 24, 26 and 27; from session 24 on read from rounds timed side by side):
     the script on a committed JSON gives the table the device printed beside it (README quotes it), line for line
     but the first (the JSON's path on the device). Near ties print with two more decimals since session 27: the tables
-    of sessions 22-27 were regenerated from their JSON by this script then (only those rows changed)."""
+    of sessions 22-27 were regenerated from their JSON by this script then (only those rows changed), and the notes of
+    near ties in sessions 24-27 again in session 28 (the range of the rounds' ratios added)."""
     results = ROOT / "benchmarks" / "results"
     out = tmp_path / verdicts
     assert acceptance.main([flag, str(results / bench), "--markdown", str(out)]) == 0
