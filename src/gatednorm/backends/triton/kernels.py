@@ -1322,6 +1322,10 @@ def _quant_tile(X, Z, W, B, Q, S, rows, t, M, stride_xm, stride_zm, stride_qm, s
         # The norm: fwd_kernel's steps on the tile.
         x, gate = _gated_input(X, Z, rows64, mask, stride_xm, stride_zm, col0, cols, HAS_Z, GATE_FIRST, SIGMOID_GATE,
                                BF16_BY_BITS)
+        # w (and b) loaded with x and z, not after the reductions (as fwd_kernel's narrow tiles): one memory round
+        # trip for a short call after an L2 flush instead of two
+        w = _param_tile(W, col0, cols, col_ok, x, BF16_BY_BITS)
+        b = _param_tile(B, col0, cols, col_ok, x, BF16_BY_BITS) if HAS_BIAS else 0.0
         _, xm, var_eps = _tile_stats(x, col_ok, eps, GS, GB, IS_RMS)
         rstd = 1.0 / tl.sqrt_rn(var_eps)
         bad = _rstd_out_of_range(rstd) & row_ok
@@ -1335,8 +1339,12 @@ def _quant_tile(X, Z, W, B, Q, S, rows, t, M, stride_xm, stride_zm, stride_qm, s
                 _, rstd_x = _rescued_rstd(var_s, eps, scale_r, inv)
                 xm = tl.where(bad[:, None], xms, xm)
                 rstd = tl.where(bad, rstd_x, rstd)
-        y = _round_through(_norm_output(W, B, xm, rstd, gate, col0, cols, col_ok, HAS_BIAS, GATE_AFTER, BF16_BY_BITS),
-                           ROUND_TO, BF16_BY_BITS)
+        y = xm * rstd[:, None] * w  # _norm_output's order of operations
+        if HAS_BIAS:
+            y = y + b
+        if GATE_AFTER:
+            y = y * gate
+        y = _round_through(y, ROUND_TO, BF16_BY_BITS)
         if GB != GS:  # padding lanes must not reach a block's max (rows past M only fill blocks never stored)
             y = tl.where(col_ok[None, :], y, 0.0)
         # The quantization: one block per row (the group), or NQ blocks of KB inside it.
