@@ -559,11 +559,13 @@ def main():
     if shapes:
         run_shape(shapes[0], impls, copy_gbps, args, run)
         torch.cuda.empty_cache()
+    model = tk.gpu_model(dev.index if dev.index is not None else 0) if dev.type == "cuda" else ""
     meta = {"device": device, "torch": torch.__version__, "triton": triton.__version__, "copy_gbps": copy_gbps,
             "config": {k: getattr(tk, k) for k in ("MAX_BLOCK", "FWD_TILE_ELEMENTS", "BWD_TILE_ELEMENTS",
                                                     "FWD_ELEMS_PER_THREAD", "BWD_ELEMS_PER_THREAD",
                                                     "BWD_PROGRAMS_PER_SM")},
-            "fwd_tuned": {str(k): v for k, v in tk.FWD_TUNED.items()},
+            "fwd_tuned": {str(k): v for k, v in
+                          {**tk.FWD_TUNED, **tk.FWD_TUNED_BY_MODEL.get(model, {})}.items()},
             "bwd_tuned": {str(k): v for k, v in tk.BWD_TUNED.items()},
             "pdl": tk.pdl_supported(dev)}
     records, table = [], ""

@@ -142,7 +142,7 @@ def sweep(shape, copy_gbps: float, fwd_only: bool = False) -> dict:
         fwd.append({"config": cfg, "us": t * 1e3, "pct_copy": 100 * fwd_bytes / (t * 1e-3) / 1e9 / copy_gbps,
                     "max_rel_diff_vs_default": err})
     t = time_ms(lambda: tk.forward(x, w, b, z, spec, y))
-    default_f = {"config": tk._fwd_config(gs, 2), "us": t * 1e3,
+    default_f = {"config": tk._fwd_config(gs, 2, tk.gpu_model_of(x)), "us": t * 1e3,
                  "pct_copy": 100 * fwd_bytes / (t * 1e-3) / 1e9 / copy_gbps}
     mean, rstd = tk.forward(x, w, b, z, spec, y)
     bwd = []

@@ -124,6 +124,21 @@ def test_group_of_two_max_blocks_runs_the_forward_in_one_tile(is_rms, nbg, bias)
     torch.testing.assert_close(out, chunked, rtol=1e-5, atol=1e-5)
 
 
+def test_forward_launch_shape_per_gpu_model():
+    """FWD_TUNED_BY_MODEL overrides FWD_TUNED's entries for the GPU model it names only: other models (and the
+    interpreter's CPU tensors, model "") take the shared table; either way the shape depends on the group size and
+    dtype, never on M."""
+    h100 = "NVIDIA H100 80GB HBM3"
+    assert tk._fwd_config(2048, 2, h100)[2:] == (2, 8, tk.ORDER_ROWS_FASTEST)
+    assert tk._fwd_config(5120, 2, h100)[2:] == (1, 8, tk.ORDER_ROWS_FASTEST)
+    for model in ("", "NVIDIA H200"):
+        assert tk._fwd_config(2048, 2, model)[2:] == tk.FWD_TUNED[(2048, True)]
+        assert tk._fwd_config(5120, 2, model)[2:] == tk.FWD_TUNED[(8192, False)]
+    for gs in (96, 128, 640, 16384):  # entries the model does not name
+        assert tk._fwd_config(gs, 2, h100) == tk._fwd_config(gs, 2)
+    assert tk.gpu_model_of(torch.zeros(1)) == ""
+
+
 @pytest.mark.parametrize("is_rms,nbg,bias", [(True, False, False), (False, True, True)])
 def test_two_chunk_backward_keeps_partials_in_registers(is_rms, nbg, bias, monkeypatch):
     """Groups of two chunks (MAX_BLOCK < group <= 2 * MAX_BLOCK; here 1.5 * MAX_BLOCK, the second chunk half

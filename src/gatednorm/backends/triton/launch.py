@@ -318,6 +318,20 @@ FWD_TUNED: dict[tuple[int, bool], tuple[int, int, int]] = {
     (8192, False): (1, 4, ORDER_ROWS_FASTEST),
     (8192, True): (1, 16, ORDER_ROWS_FASTEST),
 }
+#: FWD_TUNED's entries that one GPU model runs faster otherwise, keyed by its name (torch.cuda.get_device_name, as
+#: vLLM keys its tuned MoE launch configs), measured on that model; other models keep FWD_TUNED. H100 SXM (session
+#: 28, bench_triton_ab.py, 7 interleaved rounds, copy 2967 GB/s, benchmarks/results/ab_ties_h100_session28.log):
+#: 2048-wide groups at 2 rows / 8 warps (16 values a thread, as at 1 / 4), 65536x2048 LayerNorm + bias 185.2 ->
+#: 183.2 us, 97.8 -> 98.8% of copy (sglang's kernel 184.3 us in session 27); groups padded to 8192 (one group of
+#: 5120) at 8 warps, 32768x5120 gated first 336.7 -> 334.1 us (fla's 336.5). The H200 sweeps of an older kernel
+#: found both slower there (2048: 1 / 4 ahead of 2 / 8 by more than 2%; 5120: 1 / 4 ahead of 1 / 8 by a third), so
+#: FWD_TUNED keeps them until an H200 measures the current kernel.
+FWD_TUNED_BY_MODEL: dict[str, dict[tuple[int, bool], tuple[int, int, int]]] = {
+    "NVIDIA H100 80GB HBM3": {
+        (2048, True): (2, 8, ORDER_ROWS_FASTEST),
+        (8192, False): (1, 8, ORDER_ROWS_FASTEST),
+    },
+}
 #: A group of exactly this many features runs the forward as one register tile of 32 warps (16 fp32 values a
 #: thread, as MAX_BLOCK at 16 warps), one pass over the row, instead of two chunks of MAX_BLOCK read twice (the
 #: chunked loop reads each chunk for the statistics, then again for the output): H100 (tune_gpu.py --fwd-only,
@@ -389,13 +403,26 @@ def fwd_parts(group_size: int) -> int:
 
 
 @functools.cache
-def _fwd_config(group_size: int, elem_bytes: int) -> tuple[int, int, int, int, int]:
-    """Forward launch shape (BLOCK, NUM_CHUNKS, ROWS, num_warps, order: ORDER_*): from the group size and
-    dtype only, never from M (batch invariance)."""
+def gpu_model(index: int) -> str:
+    """The name of CUDA device ``index`` (FWD_TUNED_BY_MODEL's key); "" for a CPU tensor's -1 (Triton's
+    interpreter)."""
+    return torch.cuda.get_device_name(index) if index >= 0 else ""
+
+
+def gpu_model_of(x: torch.Tensor) -> str:
+    """:func:`gpu_model` of the device x lives on."""
+    return gpu_model(x.get_device())
+
+
+@functools.cache
+def _fwd_config(group_size: int, elem_bytes: int, model: str = "") -> tuple[int, int, int, int, int]:
+    """Forward launch shape (BLOCK, NUM_CHUNKS, ROWS, num_warps, order: ORDER_*) on a GPU model (its name,
+    :func:`gpu_model`; FWD_TUNED_BY_MODEL): from the group size and dtype only, never from M (batch invariance)."""
     if group_size == FWD_ONE_TILE_GROUP:
         return group_size, 1, 1, 32, ORDER_ROWS_FASTEST
     block, chunks, rows, warps = _tile_config(group_size, FWD_TILE_ELEMENTS, FWD_ELEMS_PER_THREAD, MAX_BLOCK)
-    tuned = FWD_TUNED.get((block, _is_pow2(group_size))) if chunks == 1 else None
+    key = (block, _is_pow2(group_size))
+    tuned = FWD_TUNED_BY_MODEL.get(model, {}).get(key, FWD_TUNED.get(key)) if chunks == 1 else None
     if tuned is None:
         return block, chunks, rows, warps, ORDER_ROWS_FASTEST
     rows, warps, order = tuned
@@ -483,7 +510,7 @@ def forward(
     bias = _rows_ready(bias) if bias is not None else None
     y = out if out.stride(-1) == 1 else torch.empty(out.shape, dtype=out.dtype, device=out.device)
     if config is None:
-        block, chunks, rows, warps, order = _fwd_config(gs, x.element_size())
+        block, chunks, rows, warps, order = _fwd_config(gs, x.element_size(), gpu_model_of(x))
     else:
         block, rows, warps, order = config
         chunks = _cdiv(gs, block)

@@ -46,6 +46,7 @@ from .launch import (
     _quant_grid,
     _quant_kernel_constexprs,
     _sm_count,
+    gpu_model_of,
     pdl_supported,
     quant_layout,
     quant_rescue_scan_min_elements,
@@ -333,7 +334,7 @@ class ForwardPlan:
                  pdl: bool | None) -> None:
         n = x.shape[-1]
         gs = spec.group_size
-        block, chunks, rows, warps, order = _fwd_config(gs, x.element_size())
+        block, chunks, rows, warps, order = _fwd_config(gs, x.element_size(), gpu_model_of(x))
         self.n, self.groups, self.rows, self.warps = n, n // gs, rows, warps
         self.device = x.device
         self.index = x.device.index if x.device.index is not None else torch.cuda.current_device()
@@ -474,7 +475,8 @@ def plan_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
 def _plannable(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, z: torch.Tensor | None,
                spec: NormSpec, fast: bool) -> bool:
     """Whether the forward and backward plans serve this signature (see :func:`plan_forward`)."""
-    return _rows_plannable(x, weight, bias, z, fast) and _fwd_config(spec.group_size, x.element_size())[4] != ORDER_FLAT
+    return (_rows_plannable(x, weight, bias, z, fast)
+            and _fwd_config(spec.group_size, x.element_size(), gpu_model_of(x))[4] != ORDER_FLAT)
 
 
 def _rows_plannable(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, z: torch.Tensor | None,
