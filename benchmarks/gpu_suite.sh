@@ -10,7 +10,7 @@
 #                                          # `gatednorm verify` on cuda in the time left (FULL_SECONDS, 575)
 #   bash benchmarks/gpu_suite.sh tests     # the whole tests/test_gpu.py (over 290 s in one process on a fresh
 #                                          # H100), in TESTS_JOBS (8) processes where pytest-xdist is staged,
-#                                          # killed after TESTS_SECONDS (500)
+#                                          # killed after TESTS_SECONDS (500); TESTS_K="EXPR": only -k EXPR
 #   bash benchmarks/gpu_suite.sh tune      # the launch-shape sweeps of every bench_gpu shape, forward then
 #                                          # forward and backward (tune_gpu.py; about 65 + 75 s on an H100)
 #   bash benchmarks/gpu_suite.sh layers    # host time per call of each layer of the eager path at 8192x128 and
@@ -148,9 +148,13 @@ full)
 tests)
     # in TESTS_JOBS worker processes (8) where pytest-xdist is staged: the run is mostly Triton compiling each
     # variant on the CPU (one process took more than 290 s on a fresh H100 in session 24)
+    # TESTS_K: a -k expression choosing part of the file (the whole file has not fitted one 10-minute call on a
+    # fresh machine since session 22: run it in halves, TESTS_K="quant or plan" and TESTS_K="not (quant or plan)")
     set_xdist 8
+    SELECT=()
+    [ -n "${TESTS_K:-}" ] && SELECT=(-k "$TESTS_K")
     timeout "${TESTS_SECONDS:-500}" python3 -m pytest -q -rfE -p no:logging -W ignore -o addopts="" "${XDIST[@]}" \
-        tests/test_gpu.py > "$OUT/gpu_tests.log" 2>&1
+        "${SELECT[@]}" tests/test_gpu.py > "$OUT/gpu_tests.log" 2>&1
     echo "pytest exit $?"; tail -5 "$OUT/gpu_tests.log"
     ;;
 tune)
