@@ -9,6 +9,10 @@
 #   tools/  upstream_sglang.py, the loader of that file (../shared/tools)
 #   ab/REV/ with STAGE_AB_REVS="REV ...": each revision's src/gatednorm/backends/triton, for gpu_suite.sh ab
 #           (bench_triton_ab.py against it: ab/REV/src/gatednorm/backends/triton)
+#   ab/NAME/triton with STAGE_VARIANTS="NAME=SED_EXPR;NAME2=SED_EXPR2": a copy of the working tree's triton backend
+#           with the sed expression applied to its launch.py (a launch constant changed), for an A/B against the
+#           tree itself: gpu_suite.sh ab NAME=ab/NAME/triton (session 28's ties: STAGE_VARIANTS="v2048x2x8=s/(2048,
+#           True): (1, 4,/(2048, True): (2, 8,/"); a variant whose expression changes nothing stops the staging
 #   triton_cache.tgz  .gpu/triton_cache.tgz where it exists: Triton's compiled kernels from an earlier device call
 #           (gpu_suite.sh saves them into $OUT and restores them first; a miss only compiles again)
 #
@@ -37,6 +41,18 @@ fi
 for rev in ${STAGE_AB_REVS:-}; do
     mkdir -p "$DEST/ab/$rev"
     git archive "$rev" src/gatednorm/backends/triton | tar -x -C "$DEST/ab/$rev"
+done
+IFS=';' read -ra VARIANTS <<< "${STAGE_VARIANTS:-}"
+for variant in "${VARIANTS[@]}"; do
+    name=${variant%%=*}
+    mkdir -p "$DEST/ab/$name"
+    cp -r src/gatednorm/backends/triton "$DEST/ab/$name/"
+    find "$DEST/ab/$name" -name __pycache__ -prune -exec rm -rf {} +
+    sed -i "${variant#*=}" "$DEST/ab/$name/triton/launch.py"
+    if cmp -s src/gatednorm/backends/triton/launch.py "$DEST/ab/$name/triton/launch.py"; then
+        echo "variant $name: '${variant#*=}' changes nothing in launch.py" >&2
+        exit 1
+    fi
 done
 [ -f .gpu/triton_cache.tgz ] && cp .gpu/triton_cache.tgz "$DEST/"
 if [ -f ../shared/tools/upstream_sglang.py ]; then
