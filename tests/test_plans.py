@@ -239,6 +239,65 @@ def test_differentiable_planned_calls_equal_the_full_path(shape, gs, nbg, is_rms
     assert torch.equal(second[0], second[1]) and bool(second[0].abs().sum() > 0)
 
 
+def test_cpu_kernel_backward_plan_serves_small_calls_with_the_full_paths_bits(monkeypatch):
+    """The native backend's CPU backward plan (KernelBackwardPlan) serves the backward of repeated differentiable
+    calls of one block of rows, with the full path's bits for every gradient: bf16 x rows strided (a slice) with
+    a gate after the norm, a 3-D float32 call with a gate before it, LayerNorm with bias and dy in float32 for bf16
+    x; it declines, leaving the backend's backward to run (the same bits), a dy without unit feature stride, calls
+    above the block size and every call once GATEDNORM_CPU_KERNEL=0 is set."""
+    from gatednorm.backends import native_cpu_kernel
+
+    if not native_cpu_kernel.ready():
+        pytest.skip("the CPU kernel is not built here")
+    served = []
+    real = native_cpu_kernel.planned_backward
+    monkeypatch.setattr(native_cpu_kernel, "planned_backward", lambda *args: served.append(args[2].shape[0])
+                        or real(*args))
+    gen = torch.Generator().manual_seed(28)
+    wide = torch.randn(9, 256, generator=gen).bfloat16()
+    cases = [  # x, z, group size, norm before gate, rms, bias, dy dtype, dy expanded
+        (wide[:, :128], torch.randn(9, 128, generator=gen).bfloat16(), 32, True, True, False, None, False),
+        (torch.randn(2, 3, 96, generator=gen), torch.randn(2, 3, 96, generator=gen), None, False, False, True, None,
+         False),
+        (torch.randn(6, 64, generator=gen).bfloat16(), torch.randn(6, 64, generator=gen).bfloat16(), 16, True, False,
+         True, torch.float32, False),
+        (torch.randn(5, 64, generator=gen), torch.randn(5, 64, generator=gen), 16, True, True, False, None, True),
+        (torch.randn(400, 128, generator=gen).bfloat16(), torch.randn(400, 128, generator=gen).bfloat16(), 64, True,
+         True, False, None, False),  # more than one block
+    ]
+    for x, z, gs, nbg, is_rms, bias, dy_dtype, expanded in cases:
+        n = x.shape[-1]
+        m = x.numel() // n
+        w = (1 + 0.1 * torch.randn(n, generator=gen)).to(x.dtype)
+        b = torch.randn(n, generator=gen).to(x.dtype) if bias else None
+        dy = torch.randn(x.shape, generator=gen).to(dy_dtype or x.dtype)
+        if expanded:
+            dy = dy[..., :1].expand(x.shape)
+        ref_y, ref_grads = _full_path_grads(x, w, b, z, 1e-5, gs, nbg, is_rms, dy)
+        served.clear()
+        for _ in range(2):  # the first call plans the signature, the second runs the plans
+            leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in (x, w, b, z)]
+            y = gatednorm.layernorm_fn(*leaves[:3], leaves[3], 1e-5, gs, nbg, is_rms)
+            y.backward(dy)
+            assert torch.equal(y.detach(), ref_y)
+            for got, ref in zip([None if t is None else t.grad for t in leaves], ref_grads, strict=True):
+                assert (got is None) == (ref is None) and (got is None or torch.equal(got, ref)), (x.shape, got, ref)
+        small = x.numel() <= ops._impl_for("native", x.reshape(-1, n)).block_elements
+        assert served == ([m] * 2 if small and not expanded else []), (x.shape, served)
+    x, z, gs, nbg, is_rms, bias, _, _ = cases[0]
+    w = (1 + 0.1 * torch.randn(128, generator=gen)).bfloat16()
+    dy = torch.randn(x.shape, generator=gen).bfloat16()
+    leaves = [t.detach().clone().requires_grad_() for t in (x, w, z)]
+    gatednorm.rmsnorm_fn(leaves[0], leaves[1], None, z=leaves[2], group_size=gs).backward(dy)
+    monkeypatch.setenv("GATEDNORM_CPU_KERNEL", "0")
+    served.clear()
+    ref_y, ref_grads = _full_path_grads(x, w, None, z, 1e-6, gs, True, True, dy)
+    leaves = [t.detach().clone().requires_grad_() for t in (x, w, z)]
+    gatednorm.rmsnorm_fn(leaves[0], leaves[1], None, z=leaves[2], group_size=gs).backward(dy)
+    refs = (ref_grads[0], ref_grads[1], ref_grads[3])  # x, weight, z (no bias)
+    assert served == [] and all(torch.equal(t.grad, ref) for t, ref in zip(leaves, refs, strict=True))
+
+
 def test_calls_that_discard_the_statistics_run_the_one_output_function():
     """layernorm_fn, rmsnorm_fn and the modules return y only, so their differentiable calls run
     GatedNormOutputFunction (no mean / rstd outputs for autograd to wrap and track), on the full path (first

@@ -1081,6 +1081,44 @@ def plan_kernel_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     return KernelForwardPlan(x, weight, bias, z, spec, block_elements)
 
 
+class KernelBackwardPlan:
+    """The C kernel's backward for one call signature (docs/design.md, "Eager plans"), as
+    :func:`_backward_cpu_kernel` runs it on a call of one block of rows: one kernel call in this thread, the
+    struct of its arguments packed from the fields the signature fixes (dtype codes, N, the spec) and the call's
+    addresses, strides and M. The same call, hence the same bits. It returns None, having done nothing, where
+    :func:`backward` would not take that path: a call above ``block_elements`` (shared out over threads), dy of
+    another class, dtype or layout, statistics not contiguous, or the kernel off (``GATEDNORM_CPU_KERNEL=0``, read
+    on every call); the backend's backward then runs."""
+
+    __slots__ = ("block_elements", "fields", "weight_dtype", "bias_dtype")
+
+    def __init__(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, z: torch.Tensor | None,
+                 spec: NormSpec, block_elements: int) -> None:
+        self.block_elements = block_elements
+        self.weight_dtype = weight.dtype
+        self.bias_dtype = None if bias is None else bias.dtype
+        self.fields = native_cpu_kernel.planned_backward_fields(
+            x, z, weight, bias, spec.group_size, spec.is_rms_norm, z is not None and not spec.norm_before_gate,
+            spec.activation == "sigmoid")
+
+    def __call__(self, dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                 z: torch.Tensor | None, mean: torch.Tensor | None, rstd: torch.Tensor,
+                 needs: GradsNeeded) -> Grads | None:
+        m, n = x.shape
+        if (m * n > self.block_elements or type(dy) not in _PLAIN_TENSORS or dy.stride(1) != 1
+                or not native_cpu_kernel.takes_dtype(dy.dtype) or not rstd.is_contiguous()
+                or (mean is not None and not mean.is_contiguous()) or not native_cpu_kernel.ready()):
+            return None
+        dx = torch.empty_like(x, memory_format=torch.contiguous_format) if needs.dx else None
+        dz = torch.empty_like(z, memory_format=torch.contiguous_format) if needs.dz and z is not None else None
+        part_w = torch.empty(n, dtype=torch.float32) if needs.dweight else None
+        part_b = torch.empty(n, dtype=torch.float32) if needs.dbias and bias is not None else None
+        native_cpu_kernel.planned_backward(self.fields, dy, x, z, weight, bias, mean, rstd, dx, dz, part_w, part_b)
+        # one task: its row is the sum (the kernel's sums start at +0.0), rounded once, as _backward_cpu_kernel
+        return (dx, dz, None if part_w is None else part_w.to(self.weight_dtype),
+                None if part_b is None else part_b.to(self.bias_dtype))
+
+
 class NativeCPUBackend:
     """The ``native`` backend's implementation for CPU tensors.
 
@@ -1106,6 +1144,13 @@ class NativeCPUBackend:
     def plan_forward(self, x, weight, bias, z, spec: NormSpec) -> KernelForwardPlan | None:
         """The C kernel's forward decided once for this signature (:func:`plan_kernel_forward`), or None."""
         return plan_kernel_forward(x, weight, bias, z, spec, self.block_elements)
+
+    def plan_backward(self, x, weight, bias, z, spec: NormSpec) -> KernelBackwardPlan | None:
+        """The C kernel's backward decided once for this signature: where the forward's plan takes it (the same
+        tensors are saved for the backward), else None."""
+        if plan_kernel_forward(x, weight, bias, z, spec, self.block_elements) is None:
+            return None
+        return KernelBackwardPlan(x, weight, bias, z, spec, self.block_elements)
 
 
 #: Rows per step of the quantized forward: y of about this many elements in float32 (1 MiB), written by the

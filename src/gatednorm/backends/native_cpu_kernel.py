@@ -296,6 +296,35 @@ def planned_forward(fields: tuple, x: torch.Tensor, z: torch.Tensor | None, weig
         0 if mean is None else mean.data_ptr(), rstd.data_ptr(), m, 0, m, 0, 0, *tail)))
 
 
+def planned_backward_fields(x: torch.Tensor, z: torch.Tensor | None, weight: torch.Tensor,
+                            bias: torch.Tensor | None, group_size: int, is_rms: bool, gate_before: bool,
+                            sigmoid: bool) -> tuple:
+    """What an eager plan's backward (:func:`planned_backward`) keeps of gn_backward_call for one call signature:
+    the dtype codes of x, z, weight and bias and the fields after the rows' range, for a backward of all rows in
+    one call of this thread (no shared counter), as :func:`backward_rows` packs them there."""
+    return (_DTYPES[x.dtype], _code(z), _DTYPES[weight.dtype], _code(bias),
+            (x.shape[-1], group_size, is_rms, gate_before, sigmoid, 0, 0))
+
+
+def planned_backward(fields: tuple, dy: torch.Tensor, x: torch.Tensor, z: torch.Tensor | None, weight: torch.Tensor,
+                     bias: torch.Tensor | None, mean: torch.Tensor | None, rstd: torch.Tensor,
+                     dx: torch.Tensor | None, dz: torch.Tensor | None, part_w: torch.Tensor | None,
+                     part_b: torch.Tensor | None) -> None:
+    """:func:`backward_rows` over all M rows of the (M, N) tensors in this thread, with the signature's fields from
+    :func:`planned_backward_fields` (dy float32 / bf16 rows; dx, dz contiguous in x's and z's dtypes): the same
+    kernel call, packed with fewer per-call lookups. The caller asked :func:`ready` just before."""
+    code_x, code_z, code_w, code_b, tail = fields
+    m, n = x.shape
+    _checked(_loaded().gn_backward_packed(_BACKWARD_CALL.pack(
+        dy.data_ptr(), _DTYPES[dy.dtype], dy.stride(0), x.data_ptr(), code_x, x.stride(0),
+        0 if z is None else z.data_ptr(), code_z, 0 if z is None else z.stride(0), weight.data_ptr(), code_w,
+        0 if bias is None else bias.data_ptr(), code_b, 0 if mean is None else mean.data_ptr(), rstd.data_ptr(),
+        0 if dx is None else dx.data_ptr(), 0 if dx is None else code_x, 0 if dx is None else n,
+        0 if dz is None else dz.data_ptr(), 0 if dz is None else code_z, 0 if dz is None else n,
+        0 if part_w is None else part_w.data_ptr(), 0 if part_b is None else part_b.data_ptr(),
+        m, 0, m, 0, 0, 0, *tail)))
+
+
 def quantizer_ready() -> bool:
     """Whether :func:`quantize_rows` runs: the kernel switched on and built (:func:`ready`)."""
     return ready()
