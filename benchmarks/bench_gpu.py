@@ -564,8 +564,7 @@ def main():
             "config": {k: getattr(tk, k) for k in ("MAX_BLOCK", "FWD_TILE_ELEMENTS", "BWD_TILE_ELEMENTS",
                                                     "FWD_ELEMS_PER_THREAD", "BWD_ELEMS_PER_THREAD",
                                                     "BWD_PROGRAMS_PER_SM")},
-            "fwd_tuned": {str(k): v for k, v in
-                          {**tk.FWD_TUNED, **tk.FWD_TUNED_BY_MODEL.get(model, {})}.items()},
+            "fwd_tuned": {str(k): v for k, v in tk.fwd_tuned(model).items()},
             "bwd_tuned": {str(k): v for k, v in tk.BWD_TUNED.items()},
             "pdl": tk.pdl_supported(dev)}
     records, table = [], ""

@@ -137,6 +137,7 @@ def test_forward_launch_shape_per_gpu_model():
     for gs in (96, 128, 640, 16384):  # entries the model does not name
         assert tk._fwd_config(gs, 2, h100) == tk._fwd_config(gs, 2)
     assert tk.gpu_model_of(torch.zeros(1)) == ""
+    assert tk.fwd_tuned("") == tk.FWD_TUNED and tk.fwd_tuned(h100) == {**tk.FWD_TUNED, **tk.FWD_TUNED_BY_MODEL[h100]}
 
 
 @pytest.mark.parametrize("is_rms,nbg,bias", [(True, False, False), (False, True, True)])

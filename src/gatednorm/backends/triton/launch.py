@@ -415,14 +415,20 @@ def gpu_model_of(x: torch.Tensor) -> str:
 
 
 @functools.cache
+def fwd_tuned(model: str = "") -> dict[tuple[int, bool], tuple[int, int, int]]:
+    """The forward's tuned launch shapes on a GPU model (its name, :func:`gpu_model`): FWD_TUNED with the model's
+    entries of FWD_TUNED_BY_MODEL over it."""
+    return {**FWD_TUNED, **FWD_TUNED_BY_MODEL.get(model, {})}
+
+
+@functools.cache
 def _fwd_config(group_size: int, elem_bytes: int, model: str = "") -> tuple[int, int, int, int, int]:
     """Forward launch shape (BLOCK, NUM_CHUNKS, ROWS, num_warps, order: ORDER_*) on a GPU model (its name,
-    :func:`gpu_model`; FWD_TUNED_BY_MODEL): from the group size and dtype only, never from M (batch invariance)."""
+    :func:`gpu_model`; :func:`fwd_tuned`): from the group size and dtype only, never from M (batch invariance)."""
     if group_size == FWD_ONE_TILE_GROUP:
         return group_size, 1, 1, 32, ORDER_ROWS_FASTEST
     block, chunks, rows, warps = _tile_config(group_size, FWD_TILE_ELEMENTS, FWD_ELEMS_PER_THREAD, MAX_BLOCK)
-    key = (block, _is_pow2(group_size))
-    tuned = FWD_TUNED_BY_MODEL.get(model, {}).get(key, FWD_TUNED.get(key)) if chunks == 1 else None
+    tuned = fwd_tuned(model).get((block, _is_pow2(group_size))) if chunks == 1 else None
     if tuned is None:
         return block, chunks, rows, warps, ORDER_ROWS_FASTEST
     rows, warps, order = tuned
