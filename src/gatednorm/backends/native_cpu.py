@@ -1064,20 +1064,29 @@ class KernelForwardPlan:
         return y, mean, rstd
 
 
-def plan_kernel_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, z: torch.Tensor | None,
-                        spec: NormSpec, block_elements: int) -> KernelForwardPlan | None:
-    """A :class:`KernelForwardPlan` where the C kernel would run this signature's calls (plain CPU tensors; x and z
-    float32 / bf16, unit feature stride, 2-D or contiguous; weight and bias of those dtypes and contiguous, as
-    the kernel reads them), else None."""
+def _kernel_plannable(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                      z: torch.Tensor | None) -> bool:
+    """Whether the C kernel would run this signature's calls, so that its plans may serve them: plain CPU tensors;
+    x and z float32 / bf16, unit feature stride, 2-D or contiguous; weight and bias of those dtypes and contiguous,
+    as the kernel reads them."""
     if not x.is_cpu or not native_cpu_kernel.ready():
-        return None
+        return False
     for t in (x, z):
         if t is not None and (type(t) not in _PLAIN_TENSORS or not native_cpu_kernel.takes_dtype(t.dtype)
                               or t.stride(-1) != 1 or not (t.dim() == 2 or t.is_contiguous())):
-            return None
+            return False
     for t in (weight, bias):
         if t is not None and (type(t) not in _PLAIN_TENSORS or native_cpu_kernel.params_ready(t) is not t):
-            return None
+            return False
+    return True
+
+
+def plan_kernel_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, z: torch.Tensor | None,
+                        spec: NormSpec, block_elements: int) -> KernelForwardPlan | None:
+    """A :class:`KernelForwardPlan` where the C kernel would run this signature's calls (:func:`_kernel_plannable`),
+    else None."""
+    if not _kernel_plannable(x, weight, bias, z):
+        return None
     return KernelForwardPlan(x, weight, bias, z, spec, block_elements)
 
 
@@ -1087,8 +1096,8 @@ class KernelBackwardPlan:
     struct of its arguments packed from the fields the signature fixes (dtype codes, N, the spec) and the call's
     addresses, strides and M. The same call, hence the same bits. It returns None, having done nothing, where
     :func:`backward` would not take that path: a call above ``block_elements`` (shared out over threads), dy of
-    another class, dtype or layout, statistics not contiguous, or the kernel off (``GATEDNORM_CPU_KERNEL=0``, read
-    on every call); the backend's backward then runs."""
+    another class, dtype or layout (:func:`native_cpu_kernel.handles`), statistics not contiguous, or the kernel off
+    (``GATEDNORM_CPU_KERNEL=0``, read on every call); the backend's backward then runs."""
 
     __slots__ = ("block_elements", "fields", "weight_dtype", "bias_dtype")
 
@@ -1105,9 +1114,8 @@ class KernelBackwardPlan:
                  z: torch.Tensor | None, mean: torch.Tensor | None, rstd: torch.Tensor,
                  needs: GradsNeeded) -> Grads | None:
         m, n = x.shape
-        if (m * n > self.block_elements or type(dy) not in _PLAIN_TENSORS or dy.stride(1) != 1
-                or not native_cpu_kernel.takes_dtype(dy.dtype) or not rstd.is_contiguous()
-                or (mean is not None and not mean.is_contiguous()) or not native_cpu_kernel.ready()):
+        if (m * n > self.block_elements or type(dy) not in _PLAIN_TENSORS or not rstd.is_contiguous()
+                or (mean is not None and not mean.is_contiguous()) or not native_cpu_kernel.handles(dy)):
             return None
         dx = torch.empty_like(x, memory_format=torch.contiguous_format) if needs.dx else None
         dz = torch.empty_like(z, memory_format=torch.contiguous_format) if needs.dz and z is not None else None
@@ -1148,7 +1156,7 @@ class NativeCPUBackend:
     def plan_backward(self, x, weight, bias, z, spec: NormSpec) -> KernelBackwardPlan | None:
         """The C kernel's backward decided once for this signature: where the forward's plan takes it (the same
         tensors are saved for the backward), else None."""
-        if plan_kernel_forward(x, weight, bias, z, spec, self.block_elements) is None:
+        if not _kernel_plannable(x, weight, bias, z):
             return None
         return KernelBackwardPlan(x, weight, bias, z, spec, self.block_elements)
 
