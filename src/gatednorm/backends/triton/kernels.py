@@ -317,6 +317,18 @@ def _group_params(W, B, col0, cols, col_ok, HAS_BIAS: tl.constexpr, BF16_BY_BITS
 
 
 @triton.jit
+def _scale_shift_gate(xm, rstd, w, b, gate, HAS_BIAS: tl.constexpr, GATE_AFTER: tl.constexpr):
+    """y = (xm * rstd * w + b) [* act(z)] from parameters already loaded (rows [ROWS, BLOCK] or a row [BLOCK],
+    broadcast over the tile's rows): fwd_kernel's order of operations."""
+    y = xm * rstd[:, None] * w
+    if HAS_BIAS:
+        y = y + b
+    if GATE_AFTER:
+        y = y * gate
+    return y
+
+
+@triton.jit
 def _norm_output(W, B, xm, rstd, gate, col0, cols, col_ok, HAS_BIAS: tl.constexpr, GATE_AFTER: tl.constexpr,
                  BF16_BY_BITS: tl.constexpr):
     """y = (xm * rstd * w + b) [* act(z)] of a tile or part (fwd_kernel's order of operations); col_ok masks
@@ -429,11 +441,7 @@ def fwd_kernel(
         tl.store(RSTD + stat, rstd, mask=row_ok)
         if not PARAMS_EARLY:  # w loaded before the products: the instruction order measured on the H200
             w, b = _group_params(W, B, col0, cols, col_ok, HAS_BIAS, BF16_BY_BITS)
-        y = xm * rstd[:, None] * w[None, :]
-        if HAS_BIAS:
-            y = y + b[None, :]
-        if GATE_AFTER:
-            y = y * gate
+        y = _scale_shift_gate(xm, rstd, w[None, :], b, gate, HAS_BIAS, GATE_AFTER)
         _store_out(_tile_ptrs(Y, rows64, stride_ym, col0, cols), y, mask, BF16_BY_BITS)
         if RESCUE_IN_KERNEL:  # else rescue_kernel runs after this kernel (see "Range rescue")
             _rescue_tile(X, R, Z, W, B, Y, MEAN, RSTD, rstd, row_ok, pid * ROWS, g, M, stride_xm, stride_rm, stride_zm,
@@ -1339,12 +1347,7 @@ def _quant_tile(X, Z, W, B, Q, S, rows, t, M, stride_xm, stride_zm, stride_qm, s
                 _, rstd_x = _rescued_rstd(var_s, eps, scale_r, inv)
                 xm = tl.where(bad[:, None], xms, xm)
                 rstd = tl.where(bad, rstd_x, rstd)
-        y = xm * rstd[:, None] * w  # _norm_output's order of operations
-        if HAS_BIAS:
-            y = y + b
-        if GATE_AFTER:
-            y = y * gate
-        y = _round_through(y, ROUND_TO, BF16_BY_BITS)
+        y = _round_through(_scale_shift_gate(xm, rstd, w, b, gate, HAS_BIAS, GATE_AFTER), ROUND_TO, BF16_BY_BITS)
         if GB != GS:  # padding lanes must not reach a block's max (rows past M only fill blocks never stored)
             y = tl.where(col_ok[None, :], y, 0.0)
         # The quantization: one block per row (the group), or NQ blocks of KB inside it.
