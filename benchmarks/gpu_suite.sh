@@ -10,7 +10,8 @@
 #                                          # `gatednorm verify` on cuda in the time left (FULL_SECONDS, 575)
 #   bash benchmarks/gpu_suite.sh tests     # the whole tests/test_gpu.py (over 290 s in one process on a fresh
 #                                          # H100), in TESTS_JOBS (8) processes where pytest-xdist is staged,
-#                                          # killed after TESTS_SECONDS (500); TESTS_K="EXPR": only -k EXPR
+#                                          # killed after TESTS_SECONDS (500); TESTS_K="EXPR": only -k EXPR;
+#                                          # TESTS_DONE="LOG ...": leave out what earlier runs' logs passed
 #   bash benchmarks/gpu_suite.sh tune      # the launch-shape sweeps of every bench_gpu shape, forward then
 #                                          # forward and backward (tune_gpu.py; about 65 + 75 s on an H100)
 #   bash benchmarks/gpu_suite.sh layers    # host time per call of each layer of the eager path at 8192x128 and
@@ -150,12 +151,23 @@ tests)
     # variant on the CPU (one process took more than 290 s on a fresh H100 in session 24)
     # TESTS_K: a -k expression choosing part of the file (the whole file has not fitted one 10-minute call on a
     # fresh machine since session 22: run it in halves, TESTS_K="quant or plan" and TESTS_K="not (quant or plan)")
+    # Each test's outcome is logged by name (-v), so a run cut by the limit says which ran; TESTS_DONE="LOG ...":
+    # logs of earlier runs (this mode's), whose passed and skipped tests this run deselects (session 29: the
+    # second half, "not (quant or plan)", ran 104 of its 143 tests in 430 s and 77 in 310 s on the same warm
+    # machine: its time is the tests' own, not compiles, so a cut run is finished by the next call this way)
     set_xdist 8
     SELECT=()
     [ -n "${TESTS_K:-}" ] && SELECT=(-k "$TESTS_K")
-    timeout "${TESTS_SECONDS:-500}" python3 -m pytest -q -rfE -p no:logging -W ignore -o addopts="" "${XDIST[@]}" \
+    for log in ${TESTS_DONE:-}; do
+        while read -r node; do SELECT+=(--deselect "$node"); done \
+            < <(grep -E " (PASSED|SKIPPED) " "$log" | grep -oE "tests/test_gpu.py::[^ ]+" | sort -u)
+    done
+    echo "deselected as done in TESTS_DONE: $(printf '%s\n' "${SELECT[@]}" | grep -c '^--deselect$')"
+    timeout "${TESTS_SECONDS:-500}" python3 -m pytest -v -rfE -p no:logging -W ignore -o addopts="" "${XDIST[@]}" \
         "${SELECT[@]}" tests/test_gpu.py > "$OUT/gpu_tests.log" 2>&1
     echo "pytest exit $?"; tail -5 "$OUT/gpu_tests.log"
+    echo "passed: $(grep -c ' PASSED ' "$OUT/gpu_tests.log"), skipped: $(grep -c ' SKIPPED ' "$OUT/gpu_tests.log"),"\
+         "failed: $(grep -cE ' (FAILED|ERROR) ' "$OUT/gpu_tests.log")"
     ;;
 tune)
     mkdir -p "$OUT/fwd"

@@ -166,9 +166,10 @@ def test_committed_h200_runs(tmp_path, capsys):
     ("--quant", "quant_bench_h100_session26.json", "acceptance_quant_h100_session26.md"),
     ("--bench", "gpu_bench_h100_session27.json", "acceptance_h100_session27.md"),
     ("--bench", "gpu_bench_h100_session28.json", "acceptance_h100_session28.md"),
+    ("--bench", "gpu_bench_h100_session29.json", "acceptance_h100_session29.md"),
 ])
 def test_committed_h100_run_gives_its_committed_verdicts(flag, bench, verdicts, tmp_path, capsys):
-    """The H100 runs (sessions 18, 19, 22, 24, 26, 27 and 28; from session 24 on read from rounds timed side by side):
+    """The H100 runs (sessions 18, 19, 22, 24, 26-29; from session 24 on read from rounds timed side by side):
     the script on a committed JSON gives the table the device printed beside it (README quotes it), line for line
     but the first (the JSON's path on the device). Near ties print with two more decimals since session 27: the tables
     of sessions 22-27 were regenerated from their JSON by this script then (only those rows changed), and the notes of

@@ -581,11 +581,12 @@ def test_triton_scan_after_a_large_forward_is_a_dependent_launch(recorded_launch
     assert {key[3] for key in launch._COMPILED if key[0] is kernels[1]} == {option is None}  # the launch's PDL
 
 
-@pytest.mark.parametrize(("gs", "scan"), [(128, False), (5120, False), (8192, True), (16384, True)])
-def test_triton_range_rescue_runs_in_kernel_below_the_group_width_rule(recorded_launches, monkeypatch, gs, scan):
-    """With the backend's default threshold (None), a large call checks the range in fwd_kernel for groups narrower
-    than RESCUE_KERNEL_MIN_GROUP and runs rescue_kernel after it for wider ones; the plan decides the same; an
-    explicit threshold applies at every width (what the other tests use to reach the scan)."""
+@pytest.mark.parametrize(("gs", "scan"), [(128, False), (5120, False), (8192, True), (16384, False)])
+def test_triton_range_rescue_follows_the_group_width_rule(recorded_launches, monkeypatch, gs, scan):
+    """With the backend's default threshold (None), a large call checks the range in fwd_kernel except for groups
+    of a width in RESCUE_SCAN_GROUP_SIZES (8192), where it runs rescue_kernel after it; the plan decides the same; an
+    explicit threshold applies at every width (what the other tests use to reach the scan). 16384 is one tile (of
+    32 warps) and checks in the kernel since session 29."""
     launch, plans, calls = recorded_launches
     monkeypatch.setattr(launch, "RESCUE_KERNEL_MIN_ELEMENTS", 1024)  # every call of this test is "large"
     assert launch.rescue_scan_min_elements(None, gs) == (1024 if scan else launch._NEVER)

@@ -235,16 +235,19 @@ _TRITON_HAS_PDL = triton_version() >= (3, 6)
 _INTERPRET = env_flag("TRITON_INTERPRET")
 
 
-#: Calls with at least this many elements, of groups at least RESCUE_KERNEL_MIN_GROUP wide, run the range rescue
-#: as a separate kernel (see "Range rescue"); the fused quantized forward does so for the calls
+#: Calls with at least this many elements, of groups of a width in RESCUE_SCAN_GROUP_SIZES, run the range rescue as
+#: a separate kernel (see "Range rescue"); the fused quantized forward does so for the calls
 #: :func:`quant_rescue_scan_min_elements` names.
 RESCUE_KERNEL_MIN_ELEMENTS = 1 << 24
-#: Groups narrower than this check in-kernel at every call size. H100 (session 22, bench_triton_ab.py, two runs
-#: of 5 and 7 interleaved rounds): with the check in fwd_kernel rather than the scan kernel after it, the large
-#: shapes of groups of 96 to 5120 ran 0.8-2.1% faster, the same time as with no rescue at all (the check costs
-#: nothing there); groups of 8192 ran 3.4-3.6% slower (benchmarks/results/gpu_notes_h200.md, session 22). 16384 was
-#: not measured and keeps the scan.
-RESCUE_KERNEL_MIN_GROUP = 8192
+#: The group widths whose large calls (above) run the range rescue as rescue_kernel after fwd_kernel; every other
+#: width checks in fwd_kernel at every call size (groups looped in chunks always do). H100, bench_triton_ab.py, the
+#: check in fwd_kernel against the scan kernel after it: session 22 (two runs of 5 and 7 interleaved rounds) groups
+#: of 96 to 5120 0.8-2.1% faster, the same time as with no rescue at all (the check costs nothing there), groups of
+#: 8192 3.4-3.6% slower; session 29 (one run of 7 rounds, benchmarks/results/ab_rescue_evict_h100_session29.log)
+#: groups of 8192 3.6% slower again (16384x8192), one group of 16384 (one tile of 32 warps, FWD_ONE_TILE_GROUP)
+#: 0.8% and 1.6% faster (8192x16384 RMSNorm gated first; LayerNorm with bias gated first), so only 8192 keeps
+#: the scan (benchmarks/results/gpu_notes_h200.md).
+RESCUE_SCAN_GROUP_SIZES = frozenset({MAX_BLOCK})
 #: The fused quantized forward checks in-kernel at every call size where its scale blocks are at most this wide
 #: (and the call is not int8 on padded groups). H100 (session 23, bench_triton_ab.py --quant, two runs of 5 and 7
 #: interleaved rounds, fp8 / int8 / fp8 with UE8M0 scales): with the check in fwd_quant_kernel rather than
@@ -262,11 +265,11 @@ RESCUE_SCAN_ROWS = 1024
 def rescue_scan_min_elements(option: int | None, group_size: int) -> int:
     """The call size (elements) from which :func:`forward` runs the range rescue of groups of ``group_size`` as
     rescue_kernel after fwd_kernel: ``option`` where given (any group width: tests lower it to compare the two),
-    else RESCUE_KERNEL_MIN_ELEMENTS for groups at least RESCUE_KERNEL_MIN_GROUP wide and never for narrower ones.
-    Wide groups looped in chunks check in-kernel whatever this says."""
+    else RESCUE_KERNEL_MIN_ELEMENTS for the widths of RESCUE_SCAN_GROUP_SIZES and never for others. Wide groups
+    looped in chunks check in-kernel whatever this says."""
     if option is not None:
         return option
-    return RESCUE_KERNEL_MIN_ELEMENTS if group_size >= RESCUE_KERNEL_MIN_GROUP else _NEVER
+    return RESCUE_KERNEL_MIN_ELEMENTS if group_size in RESCUE_SCAN_GROUP_SIZES else _NEVER
 
 
 def _cdiv(a: int, b: int) -> int:
