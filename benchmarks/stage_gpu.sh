@@ -12,7 +12,9 @@
 #   ab/NAME/triton with STAGE_VARIANTS="NAME=SED_EXPR;NAME2=SED_EXPR2": a copy of the working tree's triton backend
 #           with the sed expression applied to its launch.py (a launch constant changed), for an A/B against the
 #           tree itself: gpu_suite.sh ab NAME=ab/NAME/triton (session 28's ties: STAGE_VARIANTS="v2048x2x8=s/(2048,
-#           True): (1, 4,/(2048, True): (2, 8,/"); a variant whose expression changes nothing stops the staging
+#           True): (1, 4,/(2048, True): (2, 8,/"); a variant whose expression changes nothing stops the staging.
+#           With a newline in STAGE_VARIANTS each line is one variant, whose expression may chain sed commands
+#           with ';' (STAGE_VARIANTS=$'ik32=s/A/B/;s/C/D/\nscan32=s/C/D/')
 #   triton_cache.tgz  .gpu/triton_cache.tgz where it exists: Triton's compiled kernels from an earlier device call
 #           (gpu_suite.sh saves them into $OUT and restores them first; a miss only compiles again)
 #
@@ -42,7 +44,13 @@ for rev in ${STAGE_AB_REVS:-}; do
     mkdir -p "$DEST/ab/$rev"
     git archive "$rev" src/gatednorm/backends/triton | tar -x -C "$DEST/ab/$rev"
 done
-IFS=';' read -ra VARIANTS <<< "${STAGE_VARIANTS:-}"
+# one variant a line where STAGE_VARIANTS holds a newline (then an expression may chain sed commands with ';'),
+# else variants separated by ';'
+if [[ "${STAGE_VARIANTS:-}" == *$'\n'* ]]; then
+    mapfile -t VARIANTS < <(printf '%s\n' "$STAGE_VARIANTS" | grep -v '^$')
+else
+    IFS=';' read -ra VARIANTS <<< "${STAGE_VARIANTS:-}"
+fi
 for variant in "${VARIANTS[@]}"; do
     name=${variant%%=*}
     mkdir -p "$DEST/ab/$name"

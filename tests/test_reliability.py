@@ -336,6 +336,38 @@ def test_triton_rescue_kernel_matches_in_kernel_rescue(rms, gate):
     _check_against_float64(*separate, x, w, None, z, 0.0, 64, gate == "after", rms, "swish")
 
 
+@pytest.mark.slow
+@pytest.mark.skipif("triton" not in BACKENDS, reason="triton unavailable")
+@pytest.mark.parametrize("gs", [2048, 5120])
+@pytest.mark.parametrize("rms", [False, True])
+def test_triton_one_row_tiles_rescue_in_kernel_as_after(gs, rms):
+    """The same for groups whose tile is one row (2048; 5120 padded to 8192): a program holds one group, which it
+    redoes from memory when out of range, with the scan kernel's code. Rows far above and below float32's sums'
+    range, beside ordinary ones, in both groups of a row; the in-kernel result bit for bit the scan's."""
+    from gatednorm import ops
+    from gatednorm.backends.triton import TritonBackend
+
+    g = _gen(11)
+    n = 2 * gs
+    x = torch.randn(6, n, generator=g).bfloat16()
+    x[1] = (3e37 * torch.randn(n, generator=g)).bfloat16()
+    x[4, gs:] = (1e30 * torch.randn(gs, generator=g)).bfloat16()
+    x[5, :gs] = (1e-30 * torch.randn(gs, generator=g)).bfloat16()  # tiny, eps = 0 below
+    z = torch.randn(6, n, generator=g).bfloat16()
+    w = (1 + 0.1 * torch.randn(n, generator=g)).bfloat16()
+
+    def run(threshold):
+        with ops.override_impl("triton", "cpu", TritonBackend(threshold, rescue_scan_rows=4)):
+            return layer_norm_fwd(x, w, None, 0.0, z=z, group_size=gs, norm_before_gate=True, is_rms_norm=rms,
+                                  backend="triton")
+
+    in_kernel, separate = run(1 << 40), run(0)
+    for a, b in zip(in_kernel, separate, strict=True):
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+    _check_against_float64(*in_kernel, x, w, None, z, 0.0, gs, True, rms, "swish")
+
+
 @pytest.mark.parametrize("path", _params(PATHS))
 @pytest.mark.parametrize("rms", [False, True])
 @pytest.mark.parametrize("gate", ["after", "before"])
