@@ -163,9 +163,11 @@ tests)
             < <(grep -E " (PASSED|SKIPPED) " "$log" | grep -oE "tests/test_gpu.py::[^ ]+" | sort -u)
     done
     echo "deselected as done in TESTS_DONE: $(printf '%s\n' "${SELECT[@]}" | grep -c '^--deselect$')"
-    timeout "${TESTS_SECONDS:-500}" python3 -m pytest -v -rfE -p no:logging -W ignore -o addopts="" "${XDIST[@]}" \
-        "${SELECT[@]}" tests/test_gpu.py > "$OUT/gpu_tests.log" 2>&1
+    # each finished test's outcome and seconds in test_times.tsv (tests/conftest.py), the slowest printed
+    GATEDNORM_TEST_TIMES="$OUT/test_times.tsv" timeout "${TESTS_SECONDS:-500}" python3 -m pytest -v -rfE \
+        -p no:logging -W ignore -o addopts="" "${XDIST[@]}" "${SELECT[@]}" tests/test_gpu.py > "$OUT/gpu_tests.log" 2>&1
     echo "pytest exit $?"; tail -5 "$OUT/gpu_tests.log"
+    [ -f "$OUT/test_times.tsv" ] && sort -t$'\t' -k3 -g -r "$OUT/test_times.tsv" | head -15
     echo "passed: $(grep -c ' PASSED ' "$OUT/gpu_tests.log"), skipped: $(grep -c ' SKIPPED ' "$OUT/gpu_tests.log"),"\
          "failed: $(grep -cE ' (FAILED|ERROR) ' "$OUT/gpu_tests.log")"
     ;;

@@ -5,6 +5,11 @@ interpreter on CPU tensors. The variable must be set before anything imports tri
 
 Every test starts with torch's global generator seeded from the test's id, so data drawn without
 an explicit seed (helpers.make_inputs, torch.randn) is fresh per test and the same on a rerun.
+
+``GATEDNORM_TEST_TIMES=PATH``: each test's outcome and duration (setup + call + teardown, seconds) is appended to
+PATH as it finishes (``nodeid<TAB>outcome<TAB>seconds``), by the controlling process under pytest-xdist too: a run
+killed by a time limit (the GPU tests on a lent machine, benchmarks/gpu_suite.sh) still says where its time went,
+which pytest's ``--durations`` prints only at the end.
 """
 
 import os
@@ -20,3 +25,25 @@ if not torch.cuda.is_available():
 @pytest.fixture(autouse=True)
 def _seed_per_test(request):
     torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
+
+
+_TIMES_PATH = os.environ.get("GATEDNORM_TEST_TIMES")
+_running: dict[str, list] = {}  # nodeid -> [seconds so far, outcome so far]
+
+
+def pytest_runtest_logreport(report):
+    """Append a finished test's outcome and duration to GATEDNORM_TEST_TIMES (see the module's docstring): the
+    call's outcome, or "skipped" / "error" from its setup, "error" from a failed teardown."""
+    if not _TIMES_PATH:
+        return
+    entry = _running.setdefault(report.nodeid, [0.0, None])
+    entry[0] += report.duration
+    if report.when == "setup" and not report.passed:
+        entry[1] = "skipped" if report.skipped else "error"
+    elif report.when == "call" and entry[1] is None:
+        entry[1] = report.outcome
+    elif report.when == "teardown":
+        del _running[report.nodeid]
+        outcome = "error" if report.failed else (entry[1] or "passed")
+        with open(_TIMES_PATH, "a") as f:
+            f.write(f"{report.nodeid}\t{outcome}\t{entry[0]:.2f}\n")
