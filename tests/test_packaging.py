@@ -38,12 +38,14 @@ def test_build_wheel_and_sdist_and_install_the_wheel(tmp_path):
     sdist = next(out.glob("gatednorm-*.tar.gz"))
     names = zipfile.ZipFile(wheel).namelist()
     assert "gatednorm/py.typed" in names and "gatednorm/backends/triton/kernels.py" in names
-    assert "gatednorm/backends/native_cpu_kernel.c" in names  # the native backend's C forward, built on first use
+    # the sources built on first use: the native backend's C kernel, the triton plans' C++ entry
+    assert {"gatednorm/backends/native_cpu_kernel.c", "gatednorm/backends/triton/cxx_plans.cpp"} <= set(names)
     assert any(n.endswith("licenses/LICENSE") for n in names), names
     with tarfile.open(sdist) as tar:
         members = tar.getnames()
     assert any(m.endswith("/LICENSE") for m in members) and any(m.endswith("/py.typed") for m in members)
     assert any(m.endswith("/backends/native_cpu_kernel.c") for m in members)
+    assert any(m.endswith("/backends/triton/cxx_plans.cpp") for m in members)
 
     site = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-index", "--target", str(site),
