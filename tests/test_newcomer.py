@@ -124,6 +124,9 @@ def test_info_dict():
     # the triton plans' C++ entry: in use, or why not (here: no CUDA driver, another Triton, no backend)
     assert isinstance(data["triton_cxx_plans"], str) and data["triton_cxx_plans"]
     assert data["triton_cxx_plans"] in gatednorm.diagnostics.format_info(data)
+    # the native backend's CPU autograd node: in use, or why not (no C++ compiler, GATEDNORM_CPU_NODE=0)
+    assert isinstance(data["native_cpu_node"], str) and data["native_cpu_node"]
+    assert data["native_cpu_node"] in gatednorm.diagnostics.format_info(data)
     cpu = data["devices"][0]
     assert cpu["device"] == "cpu" and cpu["auto"] == "native" and "CUDA" in cpu["auto_reason"]
     assert cpu["default"] == gatednorm.resolve_backend(None, torch.device("cpu"))

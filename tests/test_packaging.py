@@ -38,14 +38,17 @@ def test_build_wheel_and_sdist_and_install_the_wheel(tmp_path):
     sdist = next(out.glob("gatednorm-*.tar.gz"))
     names = zipfile.ZipFile(wheel).namelist()
     assert "gatednorm/py.typed" in names and "gatednorm/backends/triton/kernels.py" in names
-    # the sources built on first use: the native backend's C kernel, the triton plans' C++ entry
-    assert {"gatednorm/backends/native_cpu_kernel.c", "gatednorm/backends/triton/cxx_plans.cpp"} <= set(names)
+    # the sources built on first use: the native backend's C kernel and CPU autograd node, the triton plans' C++ entry
+    sources = {"gatednorm/backends/native_cpu_kernel.c", "gatednorm/backends/native_cpu_kernel.h",
+               "gatednorm/backends/native_cpu_node.cpp", "gatednorm/backends/triton/cxx_plans.cpp"}
+    assert sources <= set(names), sources - set(names)
     assert any(n.endswith("licenses/LICENSE") for n in names), names
     with tarfile.open(sdist) as tar:
         members = tar.getnames()
     assert any(m.endswith("/LICENSE") for m in members) and any(m.endswith("/py.typed") for m in members)
     assert any(m.endswith("/backends/native_cpu_kernel.c") for m in members)
-    assert any(m.endswith("/backends/triton/cxx_plans.cpp") for m in members)
+    for source in sources:
+        assert any(m.endswith("/src/" + source) for m in members), source
 
     site = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-index", "--target", str(site),

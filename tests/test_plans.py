@@ -249,6 +249,7 @@ def test_cpu_kernel_backward_plan_serves_small_calls_with_the_full_paths_bits(mo
 
     if not native_cpu_kernel.ready():
         pytest.skip("the CPU kernel is not built here")
+    monkeypatch.setenv("GATEDNORM_CPU_NODE", "0")  # the Python plans' Function (the C++ node: test_cpu_node_*)
     served = []
     real = native_cpu_kernel.planned_backward
     monkeypatch.setattr(native_cpu_kernel, "planned_backward", lambda *args: served.append(args[2].shape[0])
@@ -298,12 +299,130 @@ def test_cpu_kernel_backward_plan_serves_small_calls_with_the_full_paths_bits(mo
     assert served == [] and all(torch.equal(t.grad, ref) for t, ref in zip(leaves, refs, strict=True))
 
 
-def test_calls_that_discard_the_statistics_run_the_one_output_function():
+def _cpu_node_or_skip():
+    """native_cpu_node, its extension built and loaded now (not on the background thread), or a skip."""
+    from gatednorm.backends import native_cpu_kernel, native_cpu_node
+
+    if not native_cpu_kernel.ready() or native_cpu_node.extension() is None:
+        pytest.skip(f"the CPU node is not in use here: {native_cpu_node.status()}")
+    return native_cpu_node
+
+
+def _served_since(node, before: tuple[int, int]) -> tuple[int, int]:
+    now = node.served()
+    return now[0] - before[0], now[1] - before[1]
+
+
+def test_cpu_node_serves_small_differentiable_calls_with_the_full_paths_bits():
+    """Differentiable calls of one block of rows whose plans the C kernel serves run through the C++ node
+    (native_cpu_node.cpp, GatedNormCPUBackward), first call of a signature included: y and every gradient equal
+    the full path's bits (bf16 rows strided, gate after; 3-D float32, gate before; LayerNorm with bias and dy in
+    float32 for bf16 x). A dy without unit feature stride goes to the Function's backward (the forward still the
+    node's), a call above one block to the Function both ways."""
+    node = _cpu_node_or_skip()
+    gen = torch.Generator().manual_seed(29)
+    wide = torch.randn(9, 256, generator=gen).bfloat16()
+    cases = [  # x, z, group size, norm before gate, rms, bias, dy dtype, dy expanded
+        (wide[:, :128], torch.randn(9, 128, generator=gen).bfloat16(), 32, True, True, False, None, False),
+        (torch.randn(2, 3, 96, generator=gen), torch.randn(2, 3, 96, generator=gen), None, False, False, True, None,
+         False),
+        (torch.randn(6, 64, generator=gen).bfloat16(), torch.randn(6, 64, generator=gen).bfloat16(), 16, True, False,
+         True, torch.float32, False),
+        (torch.randn(5, 64, generator=gen), torch.randn(5, 64, generator=gen), 16, True, True, False, None, True),
+        (torch.randn(400, 128, generator=gen).bfloat16(), torch.randn(400, 128, generator=gen).bfloat16(), 64, True,
+         True, False, None, False),  # more than one block
+    ]
+    for x, z, gs, nbg, is_rms, bias, dy_dtype, expanded in cases:
+        n = x.shape[-1]
+        w = (1 + 0.1 * torch.randn(n, generator=gen)).to(x.dtype)
+        b = torch.randn(n, generator=gen).to(x.dtype) if bias else None
+        dy = torch.randn(x.shape, generator=gen).to(dy_dtype or x.dtype)
+        if expanded:
+            dy = dy[..., :1].expand(x.shape)
+        ref_y, ref_grads = _full_path_grads(x, w, b, z, 1e-5, gs, nbg, is_rms, dy)
+        before = node.served()
+        for _ in range(2):
+            leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in (x, w, b, z)]
+            y = gatednorm.layernorm_fn(*leaves[:3], leaves[3], 1e-5, gs, nbg, is_rms)
+            y.backward(dy)
+            assert torch.equal(y.detach(), ref_y)
+            for got, ref in zip([None if t is None else t.grad for t in leaves], ref_grads, strict=True):
+                assert (got is None) == (ref is None) and (got is None or torch.equal(got, ref)), (x.shape, got, ref)
+        small = x.numel() <= ops._impl_for("native", x.reshape(-1, n)).block_elements
+        assert _served_since(node, before) == ((2, 0 if expanded else 2) if small else (0, 0)), x.shape
+    y = gatednorm.rmsnorm_fn(wide[:4, :64].requires_grad_(), torch.ones(64).bfloat16(), None, group_size=32)
+    assert y.grad_fn.name() == "GatedNormCPUBackward"
+
+
+def test_cpu_node_leaves_to_python_what_it_does_not_serve(monkeypatch):
+    """The node's backward with create_graph=True is the Function's (a gradient of the gradient, bit for bit the
+    same as with the node off); a call holding a group out of range runs the Python path (its rescue), right; the
+    kernel switched off (GATEDNORM_CPU_KERNEL=0, read on every call) or the node (GATEDNORM_CPU_NODE=0, read when
+    a signature is planned): the Function, the same bits."""
+    node = _cpu_node_or_skip()
+    x, z, w, _ = make_inputs(6, 64, torch.float32, seed=29)
+    v = torch.randn(6, 64, generator=torch.Generator().manual_seed(30))
+
+    def double_backward():
+        leaves = [t.detach().clone().requires_grad_() for t in (x, w, z)]
+        y = gatednorm.rmsnorm_fn(leaves[0], leaves[1], None, z=leaves[2], group_size=16)
+        (gx,) = torch.autograd.grad(y, leaves[0], v, create_graph=True)
+        (gx * v).sum().backward()
+        return y.grad_fn, [t.grad for t in leaves]
+
+    before = node.served()
+    node_fn, node_grads = double_backward()
+    assert node_fn.name() == "GatedNormCPUBackward" and _served_since(node, before) == (1, 0)
+    monkeypatch.setenv("GATEDNORM_CPU_NODE", "0")
+    ops._PLANS.clear()
+    before = node.served()
+    function_fn, function_grads = double_backward()
+    assert function_fn.name() != "GatedNormCPUBackward" and _served_since(node, before) == (0, 0)
+    assert all(torch.equal(a, b) for a, b in zip(node_grads, function_grads, strict=True))
+    monkeypatch.delenv("GATEDNORM_CPU_NODE")
+    ops._PLANS.clear()
+    big = x.clone()
+    big[2] = 3e37 * torch.randn(64, generator=torch.Generator().manual_seed(31))
+    dy = torch.randn(6, 64, generator=torch.Generator().manual_seed(32))
+    for inputs, off in ((big, False), (x, True)):
+        if off:  # the block kernels' bits (the C kernel's e^x is its own), on the full path too
+            monkeypatch.setenv("GATEDNORM_CPU_KERNEL", "0")
+        ref_y, ref_grads = _full_path_grads(inputs, w, None, z, 1e-6, 16, True, True, dy)
+        before = node.served()
+        leaves = [t.detach().clone().requires_grad_() for t in (inputs, w, z)]
+        y = gatednorm.rmsnorm_fn(leaves[0], leaves[1], None, z=leaves[2], group_size=16)
+        y.backward(dy)
+        assert _served_since(node, before) == (0, 0)
+        assert torch.equal(y.detach(), ref_y) and torch.isfinite(y).all()
+        refs = (ref_grads[0], ref_grads[1], ref_grads[3])
+        assert all(torch.equal(t.grad, ref) for t, ref in zip(leaves, refs, strict=True))
+
+
+def test_cpu_node_build_failure_leaves_the_function(monkeypatch):
+    """A node whose build failed (no compiler, say) serves nothing and says why; the plans' Function runs, and is
+    asked once per signature."""
+    from gatednorm.backends import native_cpu_kernel, native_cpu_node
+    from gatednorm.builds import BackgroundBuild
+
+    if not native_cpu_kernel.ready():
+        pytest.skip("the CPU kernel is not built here")
+    monkeypatch.setattr(native_cpu_node, "_BUILD", BackgroundBuild("test-build", lambda: (None, "no C++ compiler")))
+    assert native_cpu_node.status() == "no C++ compiler" and native_cpu_node.served() == (0, 0)
+    x, z, w, _ = make_inputs(4, 32, torch.bfloat16, seed=33)
+    for _ in range(2):
+        y = gatednorm.rmsnorm_fn(x.clone().requires_grad_(), w, None, z=z, group_size=16)
+        assert type(y.grad_fn).__name__ == "GatedNormOutputFunctionBackward"
+    (plan,) = ops._PLANS.values()
+    assert plan.fused_autograd is None and plan.autograd_planner is None
+
+
+def test_calls_that_discard_the_statistics_run_the_one_output_function(monkeypatch):
     """layernorm_fn, rmsnorm_fn and the modules return y only, so their differentiable calls run
     GatedNormOutputFunction (no mean / rstd outputs for autograd to wrap and track), on the full path (first
     call) and through the plan (repeated call) alike; layer_norm_fwd returns the statistics and keeps
     GatedNormFunction, with mean and rstd outside the graph. The gradients of both are compared bit for bit
     in test_differentiable_planned_calls_equal_the_full_path."""
+    monkeypatch.setenv("GATEDNORM_CPU_NODE", "0")  # the plans' Functions (the node: test_cpu_node_*)
     x, z, w, b = make_inputs(12, 64, torch.float32, bias=True, seed=12)
     leaves = [t.detach().clone().requires_grad_() for t in (x, w, b, z)]
     module = gatednorm.RMSNorm(64, group_size=32)
@@ -1169,17 +1288,17 @@ def test_cxx_plans_build_failure_leaves_the_plans_in_python(monkeypatch, tmp_pat
     extension, so plans stop asking for it and run in Python; a background build (wait=False) settles the same."""
     pytest.importorskip("gatednorm.backends.triton.launch")
     from gatednorm.backends.triton import cxx_plans, plans
+    from gatednorm.builds import BackgroundBuild
 
-    monkeypatch.setattr(cxx_plans, "_state", {})
+    monkeypatch.setattr(cxx_plans, "_BUILD", BackgroundBuild("test-build", cxx_plans._build))
     monkeypatch.setattr(cxx_plans, "ENABLED", True)
     monkeypatch.setenv("GATEDNORM_CACHE_DIR", str(tmp_path))
     monkeypatch.setenv("CXX", "false")
     assert cxx_plans.extension() is None and cxx_plans.settled()
     assert "false failed" in cxx_plans.status() and not list(tmp_path.glob("*.so"))
-    monkeypatch.setattr(cxx_plans, "_state", {})
-    monkeypatch.setattr(cxx_plans, "_build", lambda: 1 / 0)
+    monkeypatch.setattr(cxx_plans, "_BUILD", BackgroundBuild("test-build", lambda: 1 / 0))
     assert cxx_plans.extension(wait=False) is None
-    cxx_plans._state["thread"].join(30)
+    cxx_plans._BUILD.join(30)
     assert cxx_plans.settled() and "ZeroDivisionError" in cxx_plans.status()
     x, z, w, _ = make_inputs(4, 64, torch.bfloat16, seed=3)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)

@@ -92,6 +92,7 @@ def info() -> dict[str, Any]:
         "triton": _triton(),
         "settings": {name: env_text(name) for name in VARIABLES},  # every variable gatednorm reads
         "native_cpu_kernel": ops.native_cpu_kernel_status(),
+        "native_cpu_node": ops.native_cpu_node_status(),
         "triton_cxx_plans": ops.triton_cxx_plans_status(),
         "huge_pages": huge_pages.status(),
         "devices": devices,
@@ -108,6 +109,7 @@ def format_info(data: dict[str, Any]) -> str:
         f"triton    {triton['version'] or 'absent'}: {triton['note']}",
         "settings  " + (", ".join(f"{k}={v}" for k, v in data["settings"].items() if v) or "(none set)"),
         f"native CPU kernel: {data['native_cpu_kernel']}",
+        f"native CPU autograd node (differentiable small calls): {data['native_cpu_node']}",
         f"triton plans in C++: {data['triton_cxx_plans']}",
         f"huge pages for large CPU outputs: {data['huge_pages']}",
         "",

@@ -238,6 +238,14 @@ def native_cpu_kernel_status() -> str:
     return native_cpu_kernel.status()
 
 
+def native_cpu_node_status() -> str:
+    """'in use' when differentiable small CPU calls run through the native backend's C++ autograd node (built here
+    on first use, 15-25 s with a C++ compiler), else why the eager plans' autograd Function runs instead."""
+    from .backends import native_cpu_node
+
+    return native_cpu_node.status()
+
+
 def triton_cxx_plans_status() -> str:
     """'in use' when the triton backend's eager plans run their per-call host work in C++ (built here on first
     use where Triton's C launcher is the one it repeats, 10-60 s with a C++ compiler), else why the plans run in

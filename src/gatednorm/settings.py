@@ -6,8 +6,8 @@ exceptions, read when the triton backend first loads: ``TRITON_INTERPRET`` (Trit
 at kernel-definition time whether it interprets), ``GATEDNORM_TRITON_FAST_LAUNCH`` and
 ``GATEDNORM_CXX_PLANS`` (a lookup per kernel launch, about 0.8 us, would be a measurable share of a small
 call's host time) and ``GATEDNORM_TRITON_SPLIT_GROUPS`` (launch shapes are cached per group size); and
-``GATEDNORM_CACHE_DIR``, read when a built extension (the native CPU kernel, the triton plans' C++ entry) is
-first built (once per process).
+``GATEDNORM_CACHE_DIR``, read when a built extension (the native CPU kernel and its autograd node, the triton
+plans' C++ entry) is first built (once per process).
 
 ==================================  =============================================================================
 variable                            effect
@@ -28,11 +28,14 @@ variable                            effect
                                     quantized kernel, three equal parts (96) in the forward and backward kernels)
 ``GATEDNORM_CPU_KERNEL``            ``0``: the native backend's pure-PyTorch block loops on CPU instead of its C
                                     kernel (which is then not built either)
+``GATEDNORM_CPU_NODE``              ``0``: differentiable small CPU calls run the eager plans' autograd Function
+                                    instead of the C++ autograd node (gatednorm.backends.native_cpu_node; the
+                                    default where a C++ compiler builds it; read when a call signature is planned)
 ``GATEDNORM_CPU_OPENMP``            ``0``: the C kernel's threads are always gatednorm's own pool (default: PyTorch's
                                     OpenMP team where the kernel was built with OpenMP, the pool after a late
                                     start of the team; docs/design.md, "The native backend on CPU")
-``GATEDNORM_CACHE_DIR``             where the C kernel and the C++ forward entry are built (default
-                                    ``~/.cache/gatednorm``)
+``GATEDNORM_CACHE_DIR``             where the C kernel, the CPU autograd node and the C++ plans entry are built
+                                    (default ``~/.cache/gatednorm``)
 ``GATEDNORM_HUGE_PAGES``            ``0``: large CPU outputs keep the allocator's 4 KiB pages (default: advised
                                     onto transparent huge pages, see gatednorm.huge_pages)
 ==================================  =============================================================================
@@ -50,7 +53,8 @@ import os
 #: against the table above and against the names the package reads.
 VARIABLES = ("USE_NATIVE_LAYERNORM", "GATEDNORM_BACKEND", "GATEDNORM_PATCH", "TRITON_INTERPRET",
              "GATEDNORM_TRITON_FAST_LAUNCH", "GATEDNORM_CXX_PLANS", "GATEDNORM_TRITON_SPLIT_GROUPS",
-             "GATEDNORM_CPU_KERNEL", "GATEDNORM_CPU_OPENMP", "GATEDNORM_CACHE_DIR", "GATEDNORM_HUGE_PAGES")
+             "GATEDNORM_CPU_KERNEL", "GATEDNORM_CPU_NODE", "GATEDNORM_CPU_OPENMP", "GATEDNORM_CACHE_DIR",
+             "GATEDNORM_HUGE_PAGES")
 
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")

@@ -1160,6 +1160,15 @@ class NativeCPUBackend:
             return None
         return KernelBackwardPlan(x, weight, bias, z, spec, self.block_elements)
 
+    def plan_autograd(self, forward_plan, backward_plan):
+        """Differentiable calls of the C kernel's plans through a C++ autograd node (:mod:`.native_cpu_node`)
+        instead of the Python Function, where both plans are the kernel's; None while its extension builds."""
+        if not isinstance(forward_plan, KernelForwardPlan) or not isinstance(backward_plan, KernelBackwardPlan):
+            return False
+        from . import native_cpu_node  # imported on first use: its build machinery imports nothing else here
+
+        return native_cpu_node.node_entry(forward_plan.fields, forward_plan.groups, forward_plan.block_elements)
+
 
 #: Rows per step of the quantized forward: y of about this many elements in float32 (1 MiB), written by the
 #: forward and read back by the quantizer while it is still in the cache.

@@ -36,7 +36,7 @@
 #include <string.h>
 #include <math.h>
 
-enum { GN_F32 = 0, GN_BF16 = 1 };
+#include "native_cpu_kernel.h"
 
 #define LANES 16
 
@@ -659,24 +659,7 @@ int64_t gn_backward_rows_team(const void *dy, int dy_dtype, int64_t stride_dy, c
  * decode-sized call (one to a few dozen rows) computes for a few microseconds, so the conversion was most of
  * its time in C. `threads` and `late` (a double *) are read by the team calls only.
  * ------------------------------------------------------------------------------------------------------------ */
-/* A gn_quant_out as 8 fields of a packed call (q 0: none, the forward writes y) */
-typedef struct {
-    int64_t q, stride_q, scale, stride_sm, stride_sg, k, kind, ue8m0;
-} gn_quant_fields;
-
-typedef struct {
-    int64_t x, x_dtype, stride_x, z, z_dtype, stride_z, w, w_dtype, b, b_dtype, y, y_dtype, stride_y, mean, rstd, M,
-        r0, r1, counter, chunk_rows, N, gs;
-    double eps, rstd_max;
-    int64_t is_rms, gate_before, sigmoid_only, threads, late;
-    gn_quant_fields quant;
-} gn_forward_call;
-
-typedef struct {
-    int64_t dy, dy_dtype, stride_dy, x, x_dtype, stride_x, z, z_dtype, stride_z, w, w_dtype, b, b_dtype, mean, rstd,
-        dx, dx_dtype, stride_dx, dz, dz_dtype, stride_dz, part_w, part_b, M, r0, r1, counter, task_rows, tasks, N, gs,
-        is_rms, gate_before, sigmoid_only, threads, late;
-} gn_backward_call;
+/* gn_forward_call, gn_backward_call: native_cpu_kernel.h (shared with native_cpu_node.cpp) */
 
 typedef struct {
     int64_t y, stride_y, M, r0, r1, counter, chunk_rows, N;

@@ -64,6 +64,8 @@ from ..numerics import SAFE_RSTD_MAX
 from ..settings import env_off, env_text
 
 _SOURCE = Path(__file__).with_name("native_cpu_kernel.c")
+#: Its header (the packed calls' structs), which native_cpu_node.cpp includes too.
+HEADER = _SOURCE.with_suffix(".h")
 _FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fPIC", "-shared"]
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 
@@ -96,7 +98,7 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
     compiler = env_text("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
     if not compiler or not _SOURCE.exists():
         return None, "no C compiler found (cc, gcc, clang)" if not compiler else f"{_SOURCE.name} missing"
-    source = _SOURCE.read_bytes()
+    source = _SOURCE.read_bytes() + HEADER.read_bytes()
     runtimes = _openmp_runtimes()
     variants = [[*_FLAGS, "-fopenmp"], _FLAGS] if len(runtimes) == 1 and "libgomp" in next(iter(runtimes)) else [_FLAGS]
     why = ""

@@ -33,21 +33,13 @@ it is ready attach to it when it is. :func:`status` says whether it is in use or
 
 from __future__ import annotations
 
-import hashlib
-import importlib.machinery
-import importlib.util
-import os
-import shutil
-import sys
-import sysconfig
-import threading
 from pathlib import Path
 from types import ModuleType
 
 import torch
 import triton
 
-from ...builds import build_once, cache_dir
+from ...builds import BackgroundBuild, build_torch_extension
 from ...settings import env_text
 from .. import base
 from .launch import _DIRECT_LAUNCH
@@ -61,107 +53,43 @@ from .launch import _DIRECT_LAUNCH
 ENABLED = _DIRECT_LAUNCH and env_text("GATEDNORM_CXX_PLANS") != "0"
 
 _SOURCE = Path(__file__).with_name("cxx_plans.cpp")
-_lock = threading.Lock()
-_state: dict[str, object] = {}
-
-
-def _flags(std: str) -> list[str]:
-    """Compiler flags for a CPython extension against this PyTorch (its headers, libraries and C++ ABI) and
-    Triton's copy of cuda.h, in C++ standard ``std``."""
-    torch_dir = Path(torch.__file__).parent
-    torch_lib = str(torch_dir / "lib")
-    # torch.utils.cpp_extension.include_paths()' two directories, without importing that module
-    includes = [str(torch_dir / "include"), str(torch_dir / "include" / "torch" / "csrc" / "api" / "include"),
-                sysconfig.get_paths()["include"],
-                str(Path(triton.__file__).parent / "backends" / "nvidia" / "include")]
-    abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
-    return ["-O2", f"-std={std}", "-fPIC", "-shared", f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
-            *(f"-I{p}" for p in includes), f"-L{torch_lib}", f"-Wl,-rpath,{torch_lib}",
-            "-ltorch_python", "-ltorch", "-ltorch_cpu", "-lc10", "-ldl"]
+#: Triton's copy of the CUDA driver API header (types only; libcuda is opened at run time).
+_CUDA_INCLUDE = Path(triton.__file__).parent / "backends" / "nvidia" / "include"
 
 
 def _build() -> tuple[ModuleType | None, str]:
-    """(the loaded extension, '') or (None, why not)."""
-    compiler = env_text("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
-    if not compiler:
-        return None, "no C++ compiler found (c++, g++, clang++)"
-    cuda_h = Path(triton.__file__).parent / "backends" / "nvidia" / "include" / "cuda.h"
+    """(the loaded extension, set up, '') or (None, why not); once loaded, its call_key builds the eager plans'
+    keys (gatednorm.ops, "Eager plans")."""
+    cuda_h = _CUDA_INCLUDE / "cuda.h"
     if not cuda_h.exists():
         return None, f"Triton ships no {cuda_h}"
-    suffix = importlib.machinery.EXTENSION_SUFFIXES[0]
-    why = ""
-    for std in ("c++20", "c++17"):  # PyTorch 2.13's headers want C++20; an older compiler may have only C++17
-        flags = _flags(std)
-        ident = " ".join([compiler, *flags, torch.__version__, sys.version, sys.platform]).encode()
-        key = hashlib.sha256(_SOURCE.read_bytes() + cuda_h.read_bytes() + ident).hexdigest()[:16]
-        path = cache_dir() / f"gatednorm_cxx_plans_{key}{suffix}"
-        why = build_once([compiler, str(_SOURCE), *flags], path, timeout=600)
-        if not why:
-            break
-    if why:
+    module, why = build_torch_extension(_SOURCE, "gatednorm_cxx_plans", [_CUDA_INCLUDE], [cuda_h])
+    if module is None:
         return None, why
-    try:
-        spec = importlib.util.spec_from_file_location("gatednorm_cxx_plans", path)
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    except (ImportError, OSError) as exc:
-        return None, f"could not load {path}: {exc}"
     module.setup(triton.knobs.runtime, getattr(torch._C, "_cuda_getCurrentRawStream", None))
     module.key_classes(torch.Tensor, torch.nn.Parameter)
+    base.call_key = module.call_key
     return module, ""
 
 
-def _load() -> None:
-    with _lock:
-        if "module" not in _state:
-            try:
-                module, why = _build()
-            except Exception as exc:  # noqa: BLE001 - any failure leaves the plans in Python, and says why
-                module, why = None, f"build failed: {type(exc).__name__}: {exc}"
-            _state["why"], _state["module"] = why, module
-            if module is not None:  # the eager plans' keys from here on (gatednorm.ops, "Eager plans")
-                base.call_key = module.call_key
+_BUILD = BackgroundBuild("gatednorm-cxx-plans-build", _build)
 
 
 def extension(wait: bool = True) -> ModuleType | None:
     """The loaded extension, or None (see :func:`status`). Built on the first call; ``wait=False`` (the plans)
     starts that build on a background thread and returns None until it is done, so a first call does not wait
     the build's seconds: its plan runs in Python meanwhile."""
-    if "module" in _state:
-        return _state["module"]  # type: ignore[return-value]
-    if wait:
-        _load()
-        return _state["module"]  # type: ignore[return-value]
-    if "thread" not in _state:
-        with _lock:
-            if "thread" not in _state:
-                _state["thread"] = threading.Thread(target=_load, name="gatednorm-cxx-plans-build", daemon=True)
-                _state["thread"].start()  # type: ignore[attr-defined]
-    return None
-
-
-def _forget_the_build_in_a_forked_child() -> None:
-    """A child forked while the build ran has neither its thread nor, maybe, a usable lock: start afresh (the
-    parent's finished build, if any, is in the cache)."""
-    global _lock
-    _lock = threading.Lock()
-    if "module" not in _state:
-        _state.pop("thread", None)
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_forget_the_build_in_a_forked_child)
+    return _BUILD.get(wait)
 
 
 def loaded() -> ModuleType | None:
     """The extension if it is loaded already, else None; starts no build (for counters and plans attached to it)."""
-    return _state.get("module")  # type: ignore[return-value]
+    return _BUILD.loaded()
 
 
 def settled() -> bool:
     """Whether the build has finished (the extension loaded, or failed: :func:`status` says why)."""
-    return "module" in _state
+    return _BUILD.settled()
 
 
 def status() -> str:
@@ -172,5 +100,5 @@ def status() -> str:
         return f"not used with Triton {triton.__version__} (its C launcher's ABI is repeated for Triton 3.6 only)"
     module = extension()
     if module is None:
-        return str(_state.get("why", ""))
+        return _BUILD.why()
     return "in use" if module.driver_available() else "built; no CUDA driver (libcuda.so.1) here"
