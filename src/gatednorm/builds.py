@@ -52,6 +52,11 @@ def build_once(command: list[str], path: Path, timeout: float, output_flag: str 
     return ""
 
 
+#: The C++ autograd node both PyTorch extensions record (backends/autograd_node.h: they include it; a change to it
+#: must rebuild them, so it is part of their build keys).
+AUTOGRAD_NODE_H = Path(__file__).parent / "backends" / "autograd_node.h"
+
+
 def torch_extension_flags(std: str, includes: Sequence[str | Path] = ()) -> list[str]:
     """Compiler flags for a CPython extension against this PyTorch (its headers, libraries and C++ ABI) in C++
     standard ``std``, with ``includes`` as more include directories."""

@@ -13,21 +13,14 @@
 // the node calls the Python fallback where dy is not a float32 / bf16 (M, N) CPU tensor with unit feature stride
 // and for a backward that records its own graph (create_graph=True).
 
-#include <Python.h>
-
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
-#include <c10/core/GradMode.h>
-#include <torch/csrc/Exceptions.h>
-#include <torch/csrc/autograd/function.h>
-#include <torch/csrc/autograd/functions/utils.h>
-#include <torch/csrc/autograd/python_variable.h>
-#include <torch/csrc/autograd/saved_variable.h>
 
 #include <atomic>
 #include <cstdint>
-#include <type_traits>
+#include <new>
 
+#include "autograd_node.h"
 #include "native_cpu_kernel.h"
 
 namespace {
@@ -50,10 +43,6 @@ constexpr const char* kPlanCapsule = "gatednorm.native_cpu_node.Plan";
 
 std::atomic<int64_t> served_forward{0}, served_backward{0};
 
-struct Needs {
-  bool dx, dz, dw, db;
-};
-
 int64_t code_of(const at::Tensor& t) {  // native_cpu_kernel._DTYPES; -1: not a dtype the kernel takes
   if (t.scalar_type() == at::kFloat) return GN_F32;
   if (t.scalar_type() == at::kBFloat16) return GN_BF16;
@@ -61,18 +50,6 @@ int64_t code_of(const at::Tensor& t) {  // native_cpu_kernel._DTYPES; -1: not a 
 }
 
 int64_t address(const at::Tensor& t) { return t.defined() ? reinterpret_cast<int64_t>(t.data_ptr()) : 0; }
-
-bool tensor_or_none(PyObject* obj, at::Tensor& out) {
-  if (obj == Py_None) return true;
-  if (!THPVariable_Check(obj)) return false;
-  out = THPVariable_Unpack(obj);
-  return true;
-}
-
-PyObject* wrap_or_none(at::Tensor&& t) {
-  if (!t.defined()) Py_RETURN_NONE;
-  return THPVariable_Wrap(std::move(t));
-}
 
 // gn_backward_packed over all rows of one block in this thread, as native_cpu_kernel.planned_backward packs it,
 // then dweight / dbias in the parameters' dtypes (one task: its partial row is the sum). false: not this call's
@@ -111,75 +88,18 @@ bool backward_core(const Plan& p, const at::Tensor& dy, const at::Tensor& x, con
   return true;
 }
 
-struct GatedNormCPUBackward final : torch::autograd::Node {
-  torch::autograd::SavedVariable x, weight, bias, z, mean, rstd;
-  bool has_bias = false, has_z = false, has_mean = false;
-  Needs needs{};
-  const Plan* plan = nullptr;
-  PyObject* owner = nullptr;     // owned: the plan's capsule (keeps `plan` alive)
-  PyObject* fallback = nullptr;  // owned
-
-  ~GatedNormCPUBackward() override {
-    if ((owner != nullptr || fallback != nullptr) && Py_IsInitialized()) {
-      PyGILState_STATE gil = PyGILState_Ensure();
-      Py_XDECREF(owner);
-      Py_XDECREF(fallback);
-      PyGILState_Release(gil);
-    }
-  }
+// The node: GatedNormNode's saved tensors and apply (autograd_node.h) with the C kernel's backward as its core,
+// run on the engine's thread without the GIL (an allocation failure throws, as ATen's do).
+struct GatedNormCPUBackward final : GatedNormNode {
+  const Plan* plan = nullptr;  // in the capsule the node owns
 
   std::string name() const override { return "GatedNormCPUBackward"; }
 
-  void release_variables() override {
-    for (auto* saved : {&x, &weight, &bias, &z, &mean, &rstd}) saved->reset_data();
-  }
-
-  torch::autograd::variable_list apply(torch::autograd::variable_list&& grads) override {
-    torch::autograd::variable_list out(4);  // the next edges' order: x, weight, bias, z
-    const at::Tensor& dy = grads[0];
-    if (!dy.defined()) return out;
-    auto self = getptr();
-    at::Tensor x_ = x.unpack(self), w_ = weight.unpack(self), r_ = rstd.unpack(self);
-    at::Tensor b_ = has_bias ? bias.unpack(self) : at::Tensor();
-    at::Tensor z_ = has_z ? z.unpack(self) : at::Tensor();
-    at::Tensor m_ = has_mean ? mean.unpack(self) : at::Tensor();
-    at::Tensor g[4];  // dx, dz, dweight, dbias
-    if (c10::GradMode::is_enabled() || !backward_core(*plan, dy, x_, w_, b_, z_, m_, r_, needs, g)) {
-      PyGILState_STATE gil = PyGILState_Ensure();
-      PyObject* result = PyObject_CallFunction(
-          fallback, "NNNNNNN(NNNN)", THPVariable_Wrap(dy), THPVariable_Wrap(x_), THPVariable_Wrap(w_),
-          wrap_or_none(std::move(b_)), wrap_or_none(std::move(z_)), wrap_or_none(std::move(m_)), THPVariable_Wrap(r_),
-          PyBool_FromLong(needs.dx), PyBool_FromLong(needs.dz), PyBool_FromLong(needs.dw), PyBool_FromLong(needs.db));
-      bool ok = result != nullptr && PyTuple_Check(result) && PyTuple_GET_SIZE(result) == 4;
-      for (int i = 0; ok && i < 4; ++i) ok = tensor_or_none(PyTuple_GET_ITEM(result, i), g[i]);
-      if (!ok && result != nullptr)
-        PyErr_SetString(PyExc_TypeError, "gatednorm native_cpu_node: the backward fallback must return 4 tensors or None");
-      Py_XDECREF(result);
-      if (!ok) {
-        python_error err;
-        err.persist();
-        PyGILState_Release(gil);
-        throw err;
-      }
-      PyGILState_Release(gil);
-    }
-    out[0] = std::move(g[0]);
-    out[1] = std::move(g[2]);
-    out[2] = std::move(g[3]);
-    out[3] = std::move(g[1]);
-    return out;
+  int core(const at::Tensor& dy, const at::Tensor& x_, const at::Tensor& w_, const at::Tensor& b_,
+           const at::Tensor& z_, const at::Tensor& m_, const at::Tensor& r_, at::Tensor g[4]) override {
+    return backward_core(*plan, dy, x_, w_, b_, z_, m_, r_, needs, g) ? 1 : 0;
   }
 };
-
-// A new node, as the installed PyTorch holds them: c10::intrusive_ptr (2.13) or std::shared_ptr (before).
-template <typename N>
-auto make_node() {
-  if constexpr (std::is_base_of_v<c10::intrusive_ptr_target, N>) {
-    return c10::make_intrusive<N>();
-  } else {
-    return std::shared_ptr<N>(new N());
-  }
-}
 
 void free_plan(PyObject* capsule) { delete static_cast<Plan*>(PyCapsule_GetPointer(capsule, kPlanCapsule)); }
 
@@ -247,35 +167,14 @@ PyObject* autograd(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   if (out_of_range > 0) Py_RETURN_NONE;  // the rescue is the Python path's
   try {
     auto node = make_node<GatedNormCPUBackward>();
-    node->set_next_edges(torch::autograd::collect_next_edges(x, weight, bias, z));
-    node->needs = {x.requires_grad(), z.defined() && z.requires_grad(), weight.requires_grad(),
-                   bias.defined() && bias.requires_grad()};
-    node->has_bias = bias.defined();
-    node->has_z = z.defined();
-    node->has_mean = mean.defined();
-    node->x = torch::autograd::SavedVariable(x, false);
-    node->weight = torch::autograd::SavedVariable(weight, false);
-    if (bias.defined()) node->bias = torch::autograd::SavedVariable(bias, false);
-    if (z.defined()) node->z = torch::autograd::SavedVariable(z, false);
-    if (mean.defined()) node->mean = torch::autograd::SavedVariable(mean, false);
-    node->rstd = torch::autograd::SavedVariable(rstd, false);
     node->plan = &p;
-    Py_INCREF(args[0]);
-    node->owner = args[0];
-    Py_INCREF(args[1]);
-    node->fallback = args[1];
-    torch::autograd::set_history(y, node);
+    node->record(y, x, z, weight, bias, mean, rstd, args[1], args[0]);
   } catch (const std::exception& e) {
     PyErr_SetString(PyExc_RuntimeError, e.what());
     return nullptr;
   }
   served_forward.fetch_add(1, std::memory_order_relaxed);
-  PyObject* result = PyTuple_New(3);
-  if (result == nullptr) return nullptr;
-  PyTuple_SET_ITEM(result, 0, THPVariable_Wrap(std::move(y)));
-  PyTuple_SET_ITEM(result, 1, wrap_or_none(std::move(mean)));
-  PyTuple_SET_ITEM(result, 2, THPVariable_Wrap(std::move(rstd)));
-  return result;
+  return forward_outputs(std::move(y), std::move(mean), std::move(rstd));
 }
 
 // (forward calls, backward calls) this extension has served (tests, benchmarks)

@@ -32,7 +32,7 @@ import functools
 from collections.abc import Callable
 from types import ModuleType
 
-from ..builds import BackgroundBuild, build_torch_extension
+from ..builds import AUTOGRAD_NODE_H, BackgroundBuild, build_torch_extension
 from ..settings import env_off
 from . import native_cpu_kernel
 
@@ -43,8 +43,7 @@ def _build() -> tuple[ModuleType | None, str]:
     """(the loaded extension, '') or (None, why not)."""
     if native_cpu_kernel.library() is None:
         return None, f"the C kernel is not in use ({native_cpu_kernel.status()})"
-    return build_torch_extension(_SOURCE, "gatednorm_native_cpu_node", [native_cpu_kernel.HEADER.parent],
-                                 [native_cpu_kernel.HEADER])
+    return build_torch_extension(_SOURCE, "gatednorm_native_cpu_node", [], [native_cpu_kernel.HEADER, AUTOGRAD_NODE_H])
 
 
 _BUILD = BackgroundBuild("gatednorm-cpu-node-build", _build)

@@ -14,27 +14,19 @@
 // Triton launch hook returns None, having launched nothing, and Python takes its own path (which compiles and
 // registers).
 
-#include <Python.h>
-
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/zeros.h>
-#include <c10/core/GradMode.h>
 #include <c10/core/impl/DeviceGuardImplInterface.h>
 #include <torch/csrc/Dtype.h>
-#include <torch/csrc/Exceptions.h>
-#include <torch/csrc/autograd/function.h>
-#include <torch/csrc/autograd/functions/utils.h>
-#include <torch/csrc/autograd/python_variable.h>
-#include <torch/csrc/autograd/saved_variable.h>
 
 #include <dlfcn.h>
 
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
-#include <type_traits>
 
+#include "../autograd_node.h"  // Needs, the node's saved tensors and apply, tensor_or_none, ... (shared with the CPU node)
 #include "cuda.h"  // Triton's copy of the driver API header (types only; libcuda is opened at run time)
 
 namespace {
@@ -375,11 +367,6 @@ struct BackwardPlanState {
   BackwardVariant variants[kBackwardSlots];
 };
 
-// Which gradients a backward computes: dx, dz, dweight, dbias (GradsNeeded's order).
-struct Needs {
-  bool dx, dz, dw, db;
-};
-
 // BackwardPlan's call on tensors (bias, z, mean undefined where absent): 1 with the asked gradients in
 // grads (dx, dz, dweight, dbias; undefined where not asked) and the kernels launched; 0 declined, nothing
 // launched; -1 a Python error set. GIL held.
@@ -452,28 +439,6 @@ int backward_core(const BackwardPlanState* st, const at::Tensor& dy, const at::T
 }
 
 // --- From Python --------------------------------------------------------------------------------------------
-
-bool tensor_or_none(PyObject* obj, at::Tensor& out) {
-  if (obj == Py_None) return true;
-  if (!THPVariable_Check(obj)) return false;
-  out = THPVariable_Unpack(obj);
-  return true;
-}
-
-PyObject* wrap_or_none(at::Tensor&& t) {
-  if (t.defined()) return THPVariable_Wrap(std::move(t));
-  Py_INCREF(Py_None);
-  return Py_None;
-}
-
-PyObject* forward_outputs(at::Tensor&& y, at::Tensor&& mean, at::Tensor&& rstd) {
-  PyObject* out = PyTuple_New(3);
-  if (out == nullptr) return nullptr;
-  PyTuple_SET_ITEM(out, 0, wrap_or_none(std::move(y)));
-  PyTuple_SET_ITEM(out, 1, wrap_or_none(std::move(mean)));
-  PyTuple_SET_ITEM(out, 2, wrap_or_none(std::move(rstd)));
-  return out;
-}
 
 // forward(state address, x, z | None, weight, bias | None) -> (y, mean | None, rstd) or None (see the top).
 PyObject* forward(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
@@ -563,78 +528,18 @@ PyObject* backward(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
 // another dtype or layout, a misaligned address) and for a backward that records its own graph
 // (create_graph=True), apply calls the Python fallback the plan gave: the Function's backward, same results.
 
-struct GatedNormBackward final : torch::autograd::Node {
-  torch::autograd::SavedVariable x, weight, bias, z, mean, rstd;
-  bool has_bias = false, has_z = false, has_mean = false;
-  Needs needs{};
-  const BackwardPlanState* state = nullptr;
-  PyObject* fallback = nullptr;  // owned; keeps the plans (and so `state`) alive
-
-  ~GatedNormBackward() override {
-    if (fallback != nullptr && Py_IsInitialized()) {
-      PyGILState_STATE gil = PyGILState_Ensure();
-      Py_DECREF(fallback);
-      PyGILState_Release(gil);
-    }
-  }
+struct GatedNormBackward final : GatedNormNode {
+  const BackwardPlanState* state = nullptr;  // kept alive by the fallback (it holds the plans)
 
   std::string name() const override { return "GatedNormBackward"; }
 
-  void release_variables() override {
-    for (auto* saved : {&x, &weight, &bias, &z, &mean, &rstd}) saved->reset_data();
-  }
+  bool core_needs_gil() const override { return true; }  // the launch reads Triton's hooks
 
-  torch::autograd::variable_list apply(torch::autograd::variable_list&& grads) override {
-    torch::autograd::variable_list out(4);  // the next edges' order: x, weight, bias, z
-    const at::Tensor& dy = grads[0];
-    if (!dy.defined()) return out;
-    auto self = getptr();
-    at::Tensor x_ = x.unpack(self), w_ = weight.unpack(self), r_ = rstd.unpack(self);
-    at::Tensor b_ = has_bias ? bias.unpack(self) : at::Tensor();
-    at::Tensor z_ = has_z ? z.unpack(self) : at::Tensor();
-    at::Tensor m_ = has_mean ? mean.unpack(self) : at::Tensor();
-    at::Tensor g[4];  // dx, dz, dweight, dbias
-    PyGILState_STATE gil = PyGILState_Ensure();
-    int rc = c10::GradMode::is_enabled() ? 0 : backward_core(state, dy, x_, w_, b_, z_, m_, r_, needs, g);
-    if (rc == 0) {
-      PyObject* result = PyObject_CallFunction(
-          fallback, "NNNNNNN(NNNN)", THPVariable_Wrap(dy), THPVariable_Wrap(x_), THPVariable_Wrap(w_),
-          wrap_or_none(std::move(b_)), wrap_or_none(std::move(z_)), wrap_or_none(std::move(m_)), THPVariable_Wrap(r_),
-          PyBool_FromLong(needs.dx), PyBool_FromLong(needs.dz), PyBool_FromLong(needs.dw), PyBool_FromLong(needs.db));
-      rc = -1;
-      if (result != nullptr && PyTuple_Check(result) && PyTuple_GET_SIZE(result) == 4) {
-        rc = 1;
-        for (int i = 0; i < 4; ++i)
-          if (!tensor_or_none(PyTuple_GET_ITEM(result, i), g[i])) rc = -1;
-      }
-      if (rc < 0 && result != nullptr)
-        PyErr_SetString(PyExc_TypeError, "gatednorm cxx_plans: the backward fallback must return 4 tensors or None");
-      Py_XDECREF(result);
-    }
-    if (rc < 0) {
-      python_error err;
-      err.persist();
-      PyGILState_Release(gil);
-      throw err;
-    }
-    PyGILState_Release(gil);
-    out[0] = std::move(g[0]);
-    out[1] = std::move(g[2]);
-    out[2] = std::move(g[3]);
-    out[3] = std::move(g[1]);
-    return out;
+  int core(const at::Tensor& dy, const at::Tensor& x_, const at::Tensor& w_, const at::Tensor& b_,
+           const at::Tensor& z_, const at::Tensor& m_, const at::Tensor& r_, at::Tensor g[4]) override {
+    return backward_core(state, dy, x_, w_, b_, z_, m_, r_, needs, g);
   }
 };
-
-// A new node, as the installed PyTorch holds them: c10::intrusive_ptr (2.13) or std::shared_ptr (before).
-template <typename N>
-auto make_node() {
-  if constexpr (std::is_base_of_v<c10::intrusive_ptr_target, N>) {
-    return c10::make_intrusive<N>();
-  } else {
-    return std::shared_ptr<N>(new N());
-  }
-}
 
 // autograd(forward state, backward state, fallback, x, z | None, weight, bias | None) -> (y, mean | None, rstd)
 // with y differentiable through a GatedNormBackward node, or None (declined: the Function's path runs). Called
@@ -656,22 +561,8 @@ PyObject* autograd(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   if (rc <= 0) return rc < 0 ? nullptr : (Py_INCREF(Py_None), Py_None);
   try {
     auto node = make_node<GatedNormBackward>();
-    node->set_next_edges(torch::autograd::collect_next_edges(x, weight, bias, z));
-    node->needs = {x.requires_grad(), z.defined() && z.requires_grad(), weight.requires_grad(),
-                   bias.defined() && bias.requires_grad()};
-    node->has_bias = bias.defined();
-    node->has_z = z.defined();
-    node->has_mean = mean.defined();
-    node->x = torch::autograd::SavedVariable(x, false);
-    node->weight = torch::autograd::SavedVariable(weight, false);
-    if (bias.defined()) node->bias = torch::autograd::SavedVariable(bias, false);
-    if (z.defined()) node->z = torch::autograd::SavedVariable(z, false);
-    if (mean.defined()) node->mean = torch::autograd::SavedVariable(mean, false);
-    node->rstd = torch::autograd::SavedVariable(rstd, false);
     node->state = bst;
-    Py_INCREF(args[2]);
-    node->fallback = args[2];
-    torch::autograd::set_history(y, node);
+    node->record(y, x, z, weight, bias, mean, rstd, args[2], nullptr);
   } catch (const std::exception& e) {
     PyErr_SetString(PyExc_RuntimeError, e.what());
     return nullptr;
