@@ -239,6 +239,42 @@ def test_differentiable_planned_calls_equal_the_full_path(shape, gs, nbg, is_rms
     assert torch.equal(second[0], second[1]) and bool(second[0].abs().sum() > 0)
 
 
+def _small_differentiable_cases(gen: torch.Generator):
+    """Differentiable CPU calls for the C kernel's eager plans, as (x, weight, bias, z, group size, norm before gate,
+    rms, dy, dy expanded): bf16 rows strided (a slice) with a gate after the norm, a 3-D float32 call with a gate
+    before it, LayerNorm with bias and dy in float32 for bf16 x, a dy without unit feature stride, more than one
+    block of rows."""
+    wide = torch.randn(9, 256, generator=gen).bfloat16()
+    cases = [  # x, z, group size, norm before gate, rms, bias, dy dtype, dy expanded
+        (wide[:, :128], torch.randn(9, 128, generator=gen).bfloat16(), 32, True, True, False, None, False),
+        (torch.randn(2, 3, 96, generator=gen), torch.randn(2, 3, 96, generator=gen), None, False, False, True, None,
+         False),
+        (torch.randn(6, 64, generator=gen).bfloat16(), torch.randn(6, 64, generator=gen).bfloat16(), 16, True, False,
+         True, torch.float32, False),
+        (torch.randn(5, 64, generator=gen), torch.randn(5, 64, generator=gen), 16, True, True, False, None, True),
+        (torch.randn(400, 128, generator=gen).bfloat16(), torch.randn(400, 128, generator=gen).bfloat16(), 64, True,
+         True, False, None, False),
+    ]
+    for x, z, gs, nbg, is_rms, bias, dy_dtype, expanded in cases:
+        n = x.shape[-1]
+        w = (1 + 0.1 * torch.randn(n, generator=gen)).to(x.dtype)
+        b = torch.randn(n, generator=gen).to(x.dtype) if bias else None
+        dy = torch.randn(x.shape, generator=gen).to(dy_dtype or x.dtype)
+        yield x, w, b, z, gs, nbg, is_rms, (dy[..., :1].expand(x.shape) if expanded else dy), expanded
+
+
+def _twice_equal_the_full_path(x, w, b, z, gs, nbg, is_rms, dy, ref_y, ref_grads) -> None:
+    """Two differentiable layernorm_fn calls (the first plans the signature, the second runs the plans): y and every
+    gradient bit for bit the full path's (ref_y, ref_grads from _full_path_grads)."""
+    for _ in range(2):
+        leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in (x, w, b, z)]
+        y = gatednorm.layernorm_fn(*leaves[:3], leaves[3], 1e-5, gs, nbg, is_rms)
+        y.backward(dy)
+        assert torch.equal(y.detach(), ref_y)
+        for got, ref in zip([None if t is None else t.grad for t in leaves], ref_grads, strict=True):
+            assert (got is None) == (ref is None) and (got is None or torch.equal(got, ref)), (x.shape, got, ref)
+
+
 def test_cpu_kernel_backward_plan_serves_small_calls_with_the_full_paths_bits(monkeypatch):
     """The native backend's CPU backward plan (KernelBackwardPlan) serves the backward of repeated differentiable
     calls of one block of rows, with the full path's bits for every gradient: bf16 x rows strided (a slice) with
@@ -255,39 +291,15 @@ def test_cpu_kernel_backward_plan_serves_small_calls_with_the_full_paths_bits(mo
     monkeypatch.setattr(native_cpu_kernel, "planned_backward", lambda *args: served.append(args[2].shape[0])
                         or real(*args))
     gen = torch.Generator().manual_seed(28)
-    wide = torch.randn(9, 256, generator=gen).bfloat16()
-    cases = [  # x, z, group size, norm before gate, rms, bias, dy dtype, dy expanded
-        (wide[:, :128], torch.randn(9, 128, generator=gen).bfloat16(), 32, True, True, False, None, False),
-        (torch.randn(2, 3, 96, generator=gen), torch.randn(2, 3, 96, generator=gen), None, False, False, True, None,
-         False),
-        (torch.randn(6, 64, generator=gen).bfloat16(), torch.randn(6, 64, generator=gen).bfloat16(), 16, True, False,
-         True, torch.float32, False),
-        (torch.randn(5, 64, generator=gen), torch.randn(5, 64, generator=gen), 16, True, True, False, None, True),
-        (torch.randn(400, 128, generator=gen).bfloat16(), torch.randn(400, 128, generator=gen).bfloat16(), 64, True,
-         True, False, None, False),  # more than one block
-    ]
-    for x, z, gs, nbg, is_rms, bias, dy_dtype, expanded in cases:
+    for x, w, b, z, gs, nbg, is_rms, dy, expanded in _small_differentiable_cases(gen):
         n = x.shape[-1]
         m = x.numel() // n
-        w = (1 + 0.1 * torch.randn(n, generator=gen)).to(x.dtype)
-        b = torch.randn(n, generator=gen).to(x.dtype) if bias else None
-        dy = torch.randn(x.shape, generator=gen).to(dy_dtype or x.dtype)
-        if expanded:
-            dy = dy[..., :1].expand(x.shape)
         ref_y, ref_grads = _full_path_grads(x, w, b, z, 1e-5, gs, nbg, is_rms, dy)
         served.clear()
-        for _ in range(2):  # the first call plans the signature, the second runs the plans
-            leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in (x, w, b, z)]
-            y = gatednorm.layernorm_fn(*leaves[:3], leaves[3], 1e-5, gs, nbg, is_rms)
-            y.backward(dy)
-            assert torch.equal(y.detach(), ref_y)
-            for got, ref in zip([None if t is None else t.grad for t in leaves], ref_grads, strict=True):
-                assert (got is None) == (ref is None) and (got is None or torch.equal(got, ref)), (x.shape, got, ref)
+        _twice_equal_the_full_path(x, w, b, z, gs, nbg, is_rms, dy, ref_y, ref_grads)
         small = x.numel() <= ops._impl_for("native", x.reshape(-1, n)).block_elements
         assert served == ([m] * 2 if small and not expanded else []), (x.shape, served)
-    x, z, gs, nbg, is_rms, bias, _, _ = cases[0]
-    w = (1 + 0.1 * torch.randn(128, generator=gen)).bfloat16()
-    dy = torch.randn(x.shape, generator=gen).bfloat16()
+    x, w, _, z, gs, _, _, dy, _ = next(_small_differentiable_cases(gen))  # bf16 rows, a gate after, RMSNorm
     leaves = [t.detach().clone().requires_grad_() for t in (x, w, z)]
     gatednorm.rmsnorm_fn(leaves[0], leaves[1], None, z=leaves[2], group_size=gs).backward(dy)
     monkeypatch.setenv("GATEDNORM_CPU_KERNEL", "0")
@@ -321,36 +333,15 @@ def test_cpu_node_serves_small_differentiable_calls_with_the_full_paths_bits():
     node's), a call above one block to the Function both ways."""
     node = _cpu_node_or_skip()
     gen = torch.Generator().manual_seed(29)
-    wide = torch.randn(9, 256, generator=gen).bfloat16()
-    cases = [  # x, z, group size, norm before gate, rms, bias, dy dtype, dy expanded
-        (wide[:, :128], torch.randn(9, 128, generator=gen).bfloat16(), 32, True, True, False, None, False),
-        (torch.randn(2, 3, 96, generator=gen), torch.randn(2, 3, 96, generator=gen), None, False, False, True, None,
-         False),
-        (torch.randn(6, 64, generator=gen).bfloat16(), torch.randn(6, 64, generator=gen).bfloat16(), 16, True, False,
-         True, torch.float32, False),
-        (torch.randn(5, 64, generator=gen), torch.randn(5, 64, generator=gen), 16, True, True, False, None, True),
-        (torch.randn(400, 128, generator=gen).bfloat16(), torch.randn(400, 128, generator=gen).bfloat16(), 64, True,
-         True, False, None, False),  # more than one block
-    ]
-    for x, z, gs, nbg, is_rms, bias, dy_dtype, expanded in cases:
+    for x, w, b, z, gs, nbg, is_rms, dy, expanded in _small_differentiable_cases(gen):
         n = x.shape[-1]
-        w = (1 + 0.1 * torch.randn(n, generator=gen)).to(x.dtype)
-        b = torch.randn(n, generator=gen).to(x.dtype) if bias else None
-        dy = torch.randn(x.shape, generator=gen).to(dy_dtype or x.dtype)
-        if expanded:
-            dy = dy[..., :1].expand(x.shape)
         ref_y, ref_grads = _full_path_grads(x, w, b, z, 1e-5, gs, nbg, is_rms, dy)
         before = node.served()
-        for _ in range(2):
-            leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in (x, w, b, z)]
-            y = gatednorm.layernorm_fn(*leaves[:3], leaves[3], 1e-5, gs, nbg, is_rms)
-            y.backward(dy)
-            assert torch.equal(y.detach(), ref_y)
-            for got, ref in zip([None if t is None else t.grad for t in leaves], ref_grads, strict=True):
-                assert (got is None) == (ref is None) and (got is None or torch.equal(got, ref)), (x.shape, got, ref)
+        _twice_equal_the_full_path(x, w, b, z, gs, nbg, is_rms, dy, ref_y, ref_grads)
         small = x.numel() <= ops._impl_for("native", x.reshape(-1, n)).block_elements
         assert _served_since(node, before) == ((2, 0 if expanded else 2) if small else (0, 0)), x.shape
-    y = gatednorm.rmsnorm_fn(wide[:4, :64].requires_grad_(), torch.ones(64).bfloat16(), None, group_size=32)
+    x = torch.randn(4, 64, generator=gen).bfloat16().requires_grad_()
+    y = gatednorm.rmsnorm_fn(x, torch.ones(64).bfloat16(), None, group_size=32)
     assert y.grad_fn.name() == "GatedNormCPUBackward"
 
 
