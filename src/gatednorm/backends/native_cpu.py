@@ -97,7 +97,7 @@ import torch
 
 from ..numerics import SAFE_RSTD_MAX, SAFE_VAR_MIN, rescale_groups, scaled_rstd
 from ..spec import NormSpec, QuantSpec, compute_dtype
-from . import native_cpu_kernel
+from . import native_cpu_kernel, native_cpu_node
 from .base import Grads, GradsNeeded, quantize_by_steps
 
 #: ATen's CPU parallel grain (at::internal::GRAIN_SIZE): element-wise ops and reductions on fewer
@@ -1165,8 +1165,6 @@ class NativeCPUBackend:
         instead of the Python Function, where both plans are the kernel's; None while its extension builds."""
         if not isinstance(forward_plan, KernelForwardPlan) or not isinstance(backward_plan, KernelBackwardPlan):
             return False
-        from . import native_cpu_node  # imported on first use: its build machinery imports nothing else here
-
         return native_cpu_node.node_entry(forward_plan.fields, forward_plan.groups, forward_plan.block_elements)
 
 

@@ -108,7 +108,7 @@ void free_plan(PyObject* capsule) { delete static_cast<Plan*>(PyCapsule_GetPoint
 PyObject* plan(PyObject*, PyObject* args) {
   auto p = std::make_unique<Plan>();
   unsigned long long fwd = 0, bwd = 0;
-  long long v[12];
+  long long v[11];
   if (!PyArg_ParseTuple(args, "KKLLLLLLLLddLLL", &fwd, &bwd, &v[0], &v[1], &v[2], &v[3], &v[4], &v[5], &v[6],
                         &v[7], &p->eps, &p->rstd_max, &v[8], &v[9], &v[10]))
     return nullptr;
