@@ -398,7 +398,9 @@ def test_cpu_node_build_failure_leaves_the_function(monkeypatch):
     if not native_cpu_kernel.ready():
         pytest.skip("the CPU kernel is not built here")
     monkeypatch.setattr(native_cpu_node, "_BUILD", BackgroundBuild("test-build", lambda: (None, "no C++ compiler")))
+    assert native_cpu_node.status(build=False).startswith("not built yet")  # gatednorm info: builds nothing
     assert native_cpu_node.status() == "no C++ compiler" and native_cpu_node.served() == (0, 0)
+    assert native_cpu_node.status(build=False) == "no C++ compiler"
     x, z, w, _ = make_inputs(4, 32, torch.bfloat16, seed=33)
     for _ in range(2):
         y = gatednorm.rmsnorm_fn(x.clone().requires_grad_(), w, None, z=z, group_size=16)

@@ -239,11 +239,12 @@ def native_cpu_kernel_status() -> str:
 
 
 def native_cpu_node_status() -> str:
-    """'in use' when differentiable small CPU calls run through the native backend's C++ autograd node (built here
-    on first use, 15-25 s with a C++ compiler), else why the eager plans' autograd Function runs instead."""
+    """'in use' when differentiable small CPU calls run through the native backend's C++ autograd node, else why the
+    eager plans' autograd Function runs instead; builds nothing (the first differentiable small call builds it, 15-25
+    s with a C++ compiler, once per machine), so a first ``gatednorm info`` stays quick."""
     from .backends import native_cpu_node
 
-    return native_cpu_node.status()
+    return native_cpu_node.status(build=False)
 
 
 def triton_cxx_plans_status() -> str:

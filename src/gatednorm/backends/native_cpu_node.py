@@ -65,10 +65,13 @@ def settled() -> bool:
     return _BUILD.settled()
 
 
-def status() -> str:
-    """'in use', or why the Python Function serves differentiable small CPU calls."""
+def status(build: bool = True) -> str:
+    """'in use', or why the Python Function serves differentiable small CPU calls; ``build=False`` (gatednorm info)
+    builds nothing: before the first differentiable small call has built it, it says so."""
     if not wanted():
         return "disabled by GATEDNORM_CPU_NODE=0"
+    if not build and not settled():
+        return "not built yet (built on the first differentiable small CPU call, with a C++ compiler, 15-25 s once)"
     return "in use" if extension() is not None else _BUILD.why()
 
 
