@@ -27,7 +27,9 @@ def _seed_per_test(request):
     torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
 
 
-_TIMES_PATH = os.environ.get("GATEDNORM_TEST_TIMES")
+# pytest-xdist's workers run this hook too, and their controller again for each report they send it: only the
+# controller (or a run without workers) writes, so each test is one line.
+_TIMES_PATH = None if os.environ.get("PYTEST_XDIST_WORKER") else os.environ.get("GATEDNORM_TEST_TIMES")
 _running: dict[str, list] = {}  # nodeid -> [seconds so far, outcome so far]
 
 
