@@ -95,8 +95,10 @@ def test_cpu_kernel_plan_serves_small_calls_with_the_full_paths_bits(monkeypatch
     repeated calls of one block of rows, with the full path's bits: strided x rows, a 3-D contiguous x with a
     gate before the norm, LayerNorm with bias, rows whose groups are out of the float32 range (redone by the
     rescue), float32; calls above the block size, and every call once GATEDNORM_CPU_KERNEL=0 is set, are left
-    to the backend's forward (the switch read on every call)."""
-    from gatednorm.backends import native_cpu_kernel
+    to the backend's forward (the switch read on every call). Calls are served by the plan's Python or, once the
+    CPU node's extension is loaded, by its C++ forward (native_cpu_node.served_plain), which leaves a call with a
+    group out of range to the Python (its rescue)."""
+    from gatednorm.backends import native_cpu_kernel, native_cpu_node
 
     if not native_cpu_kernel.ready():
         pytest.skip("the CPU kernel is not built here")
@@ -120,10 +122,13 @@ def test_cpu_kernel_plan_serves_small_calls_with_the_full_paths_bits(monkeypatch
         kw = dict(z=z, group_size=gs, norm_before_gate=nbg, is_rms_norm=is_rms)
         ref = _full_path(x, w, b, z, 1e-5, gs, nbg, is_rms)
         served.clear()
+        before = native_cpu_node.served_plain()
         with torch.no_grad():
             got = [gatednorm.layer_norm_fwd(x, w, b, 1e-5, **kw) for _ in range(2)]
         small = x.numel() <= ops._impl_for("native", x.reshape(-1, n)).block_elements
-        assert served == ([x.numel() // n] * 2 if small else []), (x.shape, served)
+        in_cxx = native_cpu_node.served_plain() - before
+        assert len(served) + in_cxx == (2 if small else 0) and set(served) <= {x.numel() // n}, (x.shape, served)
+        assert not (x is huge and in_cxx), "a row out of range goes to the Python plan's rescue"
         for out in got:
             assert torch.equal(out[0], ref[0]) and torch.equal(out[2], ref[2])
             assert (out[1] is None) == is_rms and (is_rms or torch.equal(out[1], ref[1]))
@@ -330,7 +335,8 @@ def test_cpu_node_serves_small_differentiable_calls_with_the_full_paths_bits():
     (native_cpu_node.cpp, GatedNormCPUBackward), first call of a signature included: y and every gradient equal
     the full path's bits (bf16 rows strided, gate after; 3-D float32, gate before; LayerNorm with bias and dy in
     float32 for bf16 x). A dy without unit feature stride goes to the Function's backward (the forward still the
-    node's), a call above one block to the Function both ways."""
+    node's), a call above one block to the Function both ways. The same calls without autograd: the plan's forward
+    in C++ (``forward``), the same bits."""
     node = _cpu_node_or_skip()
     gen = torch.Generator().manual_seed(29)
     for x, w, b, z, gs, nbg, is_rms, dy, expanded in _small_differentiable_cases(gen):
@@ -340,6 +346,10 @@ def test_cpu_node_serves_small_differentiable_calls_with_the_full_paths_bits():
         _twice_equal_the_full_path(x, w, b, z, gs, nbg, is_rms, dy, ref_y, ref_grads)
         small = x.numel() <= ops._impl_for("native", x.reshape(-1, n)).block_elements
         assert _served_since(node, before) == ((2, 0 if expanded else 2) if small else (0, 0)), x.shape
+        plain = node.served_plain()
+        with torch.no_grad():  # the same signature without autograd: the plan's forward in C++
+            assert torch.equal(gatednorm.layernorm_fn(x, w, b, z, 1e-5, gs, nbg, is_rms), ref_y)
+        assert node.served_plain() - plain == small, x.shape
     x = torch.randn(4, 64, generator=gen).bfloat16().requires_grad_()
     y = gatednorm.rmsnorm_fn(x, torch.ones(64).bfloat16(), None, group_size=32)
     assert y.grad_fn.name() == "GatedNormCPUBackward"

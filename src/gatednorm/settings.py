@@ -28,8 +28,9 @@ variable                            effect
                                     quantized kernel, three equal parts (96) in the forward and backward kernels)
 ``GATEDNORM_CPU_KERNEL``            ``0``: the native backend's pure-PyTorch block loops on CPU instead of its C
                                     kernel (which is then not built either)
-``GATEDNORM_CPU_NODE``              ``0``: differentiable small CPU calls run the eager plans' autograd Function
-                                    instead of the C++ autograd node (gatednorm.backends.native_cpu_node; the
+``GATEDNORM_CPU_NODE``              ``0``: the native backend's eager plans of small CPU calls stay in Python (their
+                                    calls, and the autograd Function of differentiable ones) instead of the C++
+                                    extension's calls and autograd node (gatednorm.backends.native_cpu_node; the
                                     default where a C++ compiler builds it; read when a call signature is planned)
 ``GATEDNORM_CPU_OPENMP``            ``0``: the C kernel's threads are always gatednorm's own pool (default: PyTorch's
                                     OpenMP team where the kernel was built with OpenMP, the pool after a late

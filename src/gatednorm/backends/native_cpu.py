@@ -1032,15 +1032,18 @@ class KernelForwardPlan:
     the host, is the time) or when the kernel is off (``GATEDNORM_CPU_KERNEL=0``, read on every call), it returns
     None, having done nothing, and the backend's forward runs. ``rmsnorm_fn`` at 1x128 bf16 on the CPU machine
     (2 cores, ``bench_host.py --device cpu``): 20.4 -> 13.7 us per call quiet, 26.7 -> 12.9 with two busy
-    processes on the cores; ``torch.mul`` of the same tensors 3.7 (benchmarks/results/cpu_host_plan_ab.md)."""
+    processes on the cores; ``torch.mul`` of the same tensors 3.7 (benchmarks/results/cpu_host_plan_ab.md). Once
+    the C++ extension of :mod:`.native_cpu_node` is loaded, the call is one C call (allocations and the kernel call,
+    the same fields; ``native``), the Python below taking the calls it declines (a group out of range)."""
 
-    __slots__ = ("n", "groups", "is_rms", "spec", "block_elements", "fields")
+    __slots__ = ("n", "groups", "is_rms", "spec", "block_elements", "fields", "native")
 
     def __init__(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, z: torch.Tensor | None,
                  spec: NormSpec, block_elements: int) -> None:
         n = x.shape[-1]
         self.n, self.groups, self.is_rms, self.spec = n, n // spec.group_size, spec.is_rms_norm, spec
         self.block_elements = block_elements
+        self.native = None
         self.fields = native_cpu_kernel.planned_forward_fields(
             x, z, weight, bias, spec.group_size, spec.eps, spec.is_rms_norm,
             z is not None and not spec.norm_before_gate, spec.activation == "sigmoid")
@@ -1052,6 +1055,13 @@ class KernelForwardPlan:
         m = numel // n
         if m == 0 or numel > self.block_elements or not native_cpu_kernel.ready():
             return None
+        native = self.native
+        if native is None:  # the extension's call once it is loaded (None: it builds; False: never)
+            native = self.native = native_cpu_node.forward_entry(self.fields, self.groups, self.block_elements)
+        if native:
+            done = native(x, z, weight, bias)
+            if done is not None:
+                return done
         y = torch.empty_like(x, memory_format=torch.contiguous_format)
         rstd = torch.empty(self.groups * m, dtype=torch.float32)
         mean = None if self.is_rms else torch.empty(self.groups * m, dtype=torch.float32)

@@ -41,7 +41,7 @@ struct Plan {
 
 constexpr const char* kPlanCapsule = "gatednorm.native_cpu_node.Plan";
 
-std::atomic<int64_t> served_forward{0}, served_backward{0};
+std::atomic<int64_t> served_forward{0}, served_backward{0}, served_plain{0};  // autograd, node, forward()
 
 int64_t code_of(const at::Tensor& t) {  // native_cpu_kernel._DTYPES; -1: not a dtype the kernel takes
   if (t.scalar_type() == at::kFloat) return GN_F32;
@@ -126,22 +126,18 @@ PyObject* plan(PyObject*, PyObject* args) {
   return capsule;
 }
 
-// autograd(plan capsule, fallback, x, z | None, weight, bias | None) -> (y, mean | None, rstd), y differentiable
-// through a GatedNormCPUBackward node, or None, nothing written (the Python path runs). x and z: the signature's
-// (M, N) rows; grad mode on and an input requiring grad. fallback(dy, x, weight, bias, z, mean, rstd, needs) ->
-// (dx, dz, dweight, dbias): the Python backward, for what the node does not serve.
-PyObject* autograd(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
-  at::Tensor x, z, weight, bias;
-  if (nargs != 6 || !PyCapsule_IsValid(args[0], kPlanCapsule) || !PyCallable_Check(args[1]) ||
-      !THPVariable_Check(args[2]) || !THPVariable_Check(args[4]) || !tensor_or_none(args[2], x) ||
-      !tensor_or_none(args[3], z) || !tensor_or_none(args[4], weight) || !tensor_or_none(args[5], bias)) {
-    PyErr_SetString(PyExc_TypeError, "autograd(plan, fallback, x, z, weight, bias)");
-    return nullptr;
-  }
-  const Plan& p = *static_cast<const Plan*>(PyCapsule_GetPointer(args[0], kPlanCapsule));
-  const int64_t m = x.dim() == 2 ? x.size(0) : 0;
-  if (m == 0 || m * p.n > p.block_elements) Py_RETURN_NONE;
-  at::Tensor y, mean, rstd;
+// Rows of t (x or z: 2-D with any row stride, or contiguous of any rank) for the kernel: their stride.
+int64_t row_stride(const Plan& p, const at::Tensor& t) {
+  return !t.defined() ? 0 : t.dim() == 2 ? t.stride(0) : p.n;
+}
+
+// The forward of all rows of x in this thread, as native_cpu_kernel.planned_forward packs it: 1 with y (x's shape,
+// contiguous), mean (undefined for RMSNorm) and rstd; 0 declined, nothing kept (no rows, above one block, or a group
+// out of range: the rescue is the Python path's); -1 with a Python error set. GIL held on entry.
+int forward_core(const Plan& p, const at::Tensor& x, const at::Tensor& z, const at::Tensor& weight,
+                 const at::Tensor& bias, at::Tensor& y, at::Tensor& mean, at::Tensor& rstd) {
+  const int64_t m = x.dim() == 0 ? 0 : x.numel() / p.n;
+  if (m == 0 || m * p.n > p.block_elements) return 0;
   try {
     y = at::empty_like(x, x.options(), at::MemoryFormat::Contiguous);
     const auto f32 = at::TensorOptions().dtype(at::kFloat);
@@ -149,11 +145,11 @@ PyObject* autograd(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
     if (!p.is_rms) mean = at::empty({p.groups * m}, f32);
   } catch (const std::exception& e) {
     PyErr_SetString(PyExc_RuntimeError, e.what());
-    return nullptr;
+    return -1;
   }
   gn_forward_call c{};
-  c.x = address(x), c.x_dtype = p.x_code, c.stride_x = x.stride(0);
-  c.z = address(z), c.z_dtype = p.z_code, c.stride_z = z.defined() ? z.stride(0) : 0;
+  c.x = address(x), c.x_dtype = p.x_code, c.stride_x = row_stride(p, x);
+  c.z = address(z), c.z_dtype = p.z_code, c.stride_z = row_stride(p, z);
   c.w = address(weight), c.w_dtype = p.w_code, c.b = address(bias), c.b_dtype = p.b_code;
   c.y = address(y), c.y_dtype = p.x_code, c.stride_y = p.n;
   c.mean = address(mean), c.rstd = address(rstd);
@@ -163,8 +159,50 @@ PyObject* autograd(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   Py_BEGIN_ALLOW_THREADS
   out_of_range = p.forward(&c);
   Py_END_ALLOW_THREADS
-  if (out_of_range < 0) return PyErr_NoMemory();
-  if (out_of_range > 0) Py_RETURN_NONE;  // the rescue is the Python path's
+  if (out_of_range < 0) {
+    PyErr_NoMemory();
+    return -1;
+  }
+  return out_of_range == 0 ? 1 : 0;
+}
+
+bool parse_call(PyObject* const* args, at::Tensor& x, at::Tensor& z, at::Tensor& weight, at::Tensor& bias) {
+  return THPVariable_Check(args[0]) && THPVariable_Check(args[2]) && tensor_or_none(args[0], x) &&
+         tensor_or_none(args[1], z) && tensor_or_none(args[2], weight) && tensor_or_none(args[3], bias);
+}
+
+// forward(plan capsule, x, z | None, weight, bias | None) -> (y in x's shape, mean | None, rstd), or None, nothing
+// written (the Python plan runs): KernelForwardPlan's call in one C call. x and z: the signature's rows.
+PyObject* forward(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  at::Tensor x, z, weight, bias;
+  if (nargs != 5 || !PyCapsule_IsValid(args[0], kPlanCapsule) || !parse_call(args + 1, x, z, weight, bias)) {
+    PyErr_SetString(PyExc_TypeError, "forward(plan, x, z, weight, bias)");
+    return nullptr;
+  }
+  const Plan& p = *static_cast<const Plan*>(PyCapsule_GetPointer(args[0], kPlanCapsule));
+  at::Tensor y, mean, rstd;
+  const int rc = forward_core(p, x, z, weight, bias, y, mean, rstd);
+  if (rc <= 0) return rc < 0 ? nullptr : (Py_INCREF(Py_None), Py_None);
+  served_plain.fetch_add(1, std::memory_order_relaxed);
+  return forward_outputs(std::move(y), std::move(mean), std::move(rstd));
+}
+
+// autograd(plan capsule, fallback, x, z | None, weight, bias | None) -> (y, mean | None, rstd), y differentiable
+// through a GatedNormCPUBackward node, or None, nothing written (the Python path runs). x and z: the signature's
+// (M, N) rows; grad mode on and an input requiring grad. fallback(dy, x, weight, bias, z, mean, rstd, needs) ->
+// (dx, dz, dweight, dbias): the Python backward, for what the node does not serve.
+PyObject* autograd(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  at::Tensor x, z, weight, bias;
+  if (nargs != 6 || !PyCapsule_IsValid(args[0], kPlanCapsule) || !PyCallable_Check(args[1]) ||
+      !parse_call(args + 2, x, z, weight, bias)) {
+    PyErr_SetString(PyExc_TypeError, "autograd(plan, fallback, x, z, weight, bias)");
+    return nullptr;
+  }
+  if (x.dim() != 2) Py_RETURN_NONE;  // the node saves (M, N) rows
+  const Plan& p = *static_cast<const Plan*>(PyCapsule_GetPointer(args[0], kPlanCapsule));
+  at::Tensor y, mean, rstd;
+  const int rc = forward_core(p, x, z, weight, bias, y, mean, rstd);
+  if (rc <= 0) return rc < 0 ? nullptr : (Py_INCREF(Py_None), Py_None);
   try {
     auto node = make_node<GatedNormCPUBackward>();
     node->plan = &p;
@@ -177,14 +215,16 @@ PyObject* autograd(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   return forward_outputs(std::move(y), std::move(mean), std::move(rstd));
 }
 
-// (forward calls, backward calls) this extension has served (tests, benchmarks)
+// (differentiable forward calls, their backward calls, plain forward calls) this extension has served
 PyObject* served(PyObject*, PyObject*) {
-  return Py_BuildValue("(LL)", static_cast<long long>(served_forward.load()),
-                       static_cast<long long>(served_backward.load()));
+  return Py_BuildValue("(LLL)", static_cast<long long>(served_forward.load()),
+                       static_cast<long long>(served_backward.load()), static_cast<long long>(served_plain.load()));
 }
 
 PyMethodDef methods[] = {
     {"plan", plan, METH_VARARGS, "a call signature's fixed fields, as a capsule"},
+    {"forward", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(forward)), METH_FASTCALL,
+     "a small call's forward through the C kernel"},
     {"autograd", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(autograd)), METH_FASTCALL,
      "a differentiable small call through the C kernel and a C++ autograd node"},
     {"served", served, METH_NOARGS, "(forward, backward) calls served"},

@@ -17,9 +17,11 @@ When it is used
 By :meth:`.native_cpu.NativeCPUBackend.plan_autograd`, for the signatures whose forward and backward the C kernel's
 eager plans serve (:class:`.native_cpu.KernelForwardPlan`, :class:`.native_cpu.KernelBackwardPlan`), on calls of
 at most one block of rows while the kernel is on (``GATEDNORM_CPU_KERNEL``, read on every call), unless
-``GATEDNORM_CPU_NODE=0`` (read when a signature is planned). Built once into ``$GATEDNORM_CACHE_DIR`` (a C++
-compiler and PyTorch's headers; about 25 s on the 2-core VM) on a background thread started by the first
-differentiable call: calls before it is ready take the Python Function. Where it declines, nothing is written: a
+``GATEDNORM_CPU_NODE=0`` (read when a signature is planned); and by :class:`.native_cpu.KernelForwardPlan` itself
+for calls without autograd (:func:`forward_entry`: its allocations and kernel call in one C call, ``rmsnorm_fn``
+bf16 at 1x128 11.0-11.3 -> 8.3-9.1 us on the VM, ``benchmarks/results/cpu_forward_node_ab.md``). Built once into
+``$GATEDNORM_CACHE_DIR`` (a C++ compiler and PyTorch's headers; 15-25 s on the 2-core VM) on a background thread
+started by the first planned call: calls before it is ready run in Python. Where it declines, nothing is written: a
 call with a group out of range (the rescue is Python's) goes the Python way, and the node hands a dy the kernel
 does not take, and a backward that records its own graph (``create_graph=True``), to the Function's backward.
 :func:`status` says whether it is in use or why not.
@@ -76,16 +78,22 @@ def status(build: bool = True) -> str:
 
 
 def served() -> tuple[int, int]:
-    """(forward, backward) calls the node has served in this process ((0, 0) before it is loaded)."""
+    """(forward, backward) differentiable calls the node has served in this process ((0, 0) before it is loaded)."""
     module = _BUILD.loaded()
-    return (0, 0) if module is None else module.served()
+    return (0, 0) if module is None else module.served()[:2]
 
 
-def node_entry(forward_fields: tuple, groups: int, block_elements: int) -> Callable[..., tuple | None] | bool | None:
-    """The differentiable entry (:meth:`~gatednorm.backends.base.PlannedBackend.plan_autograd`) of a signature
-    whose eager plans the C kernel serves, from its forward plan's fields
-    (:func:`.native_cpu_kernel.planned_forward_fields`): the extension's call bound to the signature, None while the
-    extension builds, False where it cannot serve (switched off, the build failed)."""
+def served_plain() -> int:
+    """Calls without autograd whose forward the extension made (:func:`forward_entry`) in this process."""
+    module = _BUILD.loaded()
+    return 0 if module is None else module.served()[2]
+
+
+def _bound(method: str, forward_fields: tuple, groups: int,
+           block_elements: int) -> Callable[..., tuple | None] | bool | None:
+    """The extension's ``method`` bound to a signature's plan (its fields from
+    :func:`.native_cpu_kernel.planned_forward_fields`), None while the extension builds, False where it cannot serve
+    (switched off, the build failed)."""
     if not wanted():
         return False
     module = extension(wait=False)
@@ -100,12 +108,27 @@ def node_entry(forward_fields: tuple, groups: int, block_elements: int) -> Calla
                     ctypes.cast(lib.gn_backward_packed, ctypes.c_void_p).value)
     plan = module.plan(*entry_points, n, groups, group_size, block_elements, code_x, code_z, code_w, code_b, eps,
                        rstd_max, int(is_rms), int(gate_before), int(sigmoid))
-    return functools.partial(_differentiable_call, module.autograd, plan)
+    return functools.partial(getattr(module, method), plan)
 
 
-def _differentiable_call(autograd: Callable[..., tuple | None], plan: object, fallback: Callable[..., tuple],
+def node_entry(forward_fields: tuple, groups: int, block_elements: int) -> Callable[..., tuple | None] | bool | None:
+    """The differentiable entry (:meth:`~gatednorm.backends.base.PlannedBackend.plan_autograd`) of a signature
+    whose eager plans the C kernel serves: ``entry(fallback, x, z, weight, bias)``, the forward and a
+    GatedNormCPUBackward node in C++ (see :func:`_bound` for None / False)."""
+    autograd = _bound("autograd", forward_fields, groups, block_elements)
+    return functools.partial(_differentiable_call, autograd) if callable(autograd) else autograd
+
+
+def forward_entry(forward_fields: tuple, groups: int, block_elements: int) -> Callable[..., tuple | None] | bool | None:
+    """:class:`.native_cpu.KernelForwardPlan`'s call in C++: ``call(x, z, weight, bias)`` -> (y, mean | None, rstd)
+    or None, nothing written (see :func:`_bound` for None / False). The plan asks ``native_cpu_kernel.ready()``
+    before each call."""
+    return _bound("forward", forward_fields, groups, block_elements)
+
+
+def _differentiable_call(autograd: Callable[..., tuple | None], fallback: Callable[..., tuple],
                          x, z, weight, bias) -> tuple | None:
     """The node's call while the kernel is on (``GATEDNORM_CPU_KERNEL`` may turn it off between calls), else None."""
     if not native_cpu_kernel.ready():
         return None
-    return autograd(plan, fallback, x, z, weight, bias)
+    return autograd(fallback, x, z, weight, bias)
