@@ -109,7 +109,7 @@ def format_info(data: dict[str, Any]) -> str:
         f"triton    {triton['version'] or 'absent'}: {triton['note']}",
         "settings  " + (", ".join(f"{k}={v}" for k, v in data["settings"].items() if v) or "(none set)"),
         f"native CPU kernel: {data['native_cpu_kernel']}",
-        f"native CPU autograd node (differentiable small calls): {data['native_cpu_node']}",
+        f"native CPU small calls in C++ (forward, autograd node): {data['native_cpu_node']}",
         f"triton plans in C++: {data['triton_cxx_plans']}",
         f"huge pages for large CPU outputs: {data['huge_pages']}",
         "",

@@ -239,9 +239,9 @@ def native_cpu_kernel_status() -> str:
 
 
 def native_cpu_node_status() -> str:
-    """'in use' when differentiable small CPU calls run through the native backend's C++ autograd node, else why the
-    eager plans' autograd Function runs instead; builds nothing (the first differentiable small call builds it, 15-25
-    s with a C++ compiler, once per machine), so a first ``gatednorm info`` stays quick."""
+    """'in use' when the native backend's small CPU calls run through its C++ extension (the eager plans' forward,
+    an autograd node for differentiable calls), else why they run in Python; builds nothing (the first planned small
+    call builds it, 15-25 s with a C++ compiler, once per machine), so a first ``gatednorm info`` stays quick."""
     from .backends import native_cpu_node
 
     return native_cpu_node.status(build=False)

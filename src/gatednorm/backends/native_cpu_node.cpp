@@ -1,5 +1,6 @@
-// The native backend's differentiable small CPU calls without a Python autograd Function
-// (gatednorm.backends.native_cpu_node builds and loads this file).
+// The native backend's small CPU calls in C++: KernelForwardPlan's call (`forward`), and differentiable calls without
+// a Python autograd Function (`autograd`, a GatedNormCPUBackward node); gatednorm.backends.native_cpu_node builds and
+// loads this file.
 //
 // A differentiable eager call of one block of rows (KernelForwardPlan / KernelBackwardPlan in native_cpu.py) is a
 // few microseconds of C kernel inside some sixty of Python: the autograd Function's apply, its ctx and saved

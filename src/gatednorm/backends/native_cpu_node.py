@@ -1,5 +1,5 @@
-"""The native backend's differentiable small CPU calls in C++ (``native_cpu_node.cpp``), built on first use where
-it can be.
+"""The native backend's small CPU calls in C++ (``native_cpu_node.cpp``): the eager plans' forward, and an autograd
+node for differentiable calls; built on first use where it can be.
 
 Why
 ---
@@ -52,7 +52,7 @@ _BUILD = BackgroundBuild("gatednorm-cpu-node-build", _build)
 
 
 def wanted() -> bool:
-    """Whether differentiable small calls should use the node: unless ``GATEDNORM_CPU_NODE=0``."""
+    """Whether small calls should use the extension (its forward and node): unless ``GATEDNORM_CPU_NODE=0``."""
     return not env_off("GATEDNORM_CPU_NODE")
 
 
@@ -68,12 +68,12 @@ def settled() -> bool:
 
 
 def status(build: bool = True) -> str:
-    """'in use', or why the Python Function serves differentiable small CPU calls; ``build=False`` (gatednorm info)
-    builds nothing: before the first differentiable small call has built it, it says so."""
+    """'in use', or why the eager plans' Python (their calls, the autograd Function) serves small CPU calls;
+    ``build=False`` (gatednorm info) builds nothing: before the first planned small call has built it, it says so."""
     if not wanted():
         return "disabled by GATEDNORM_CPU_NODE=0"
     if not build and not settled():
-        return "not built yet (built on the first differentiable small CPU call, with a C++ compiler, 15-25 s once)"
+        return "not built yet (built on the first planned small CPU call, with a C++ compiler, 15-25 s once)"
     return "in use" if extension() is not None else _BUILD.why()
 
 
