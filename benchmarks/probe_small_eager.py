@@ -19,7 +19,7 @@ every launch shape, PDL on or off, within 7.6-8.6 us at 8192x128 and sglang 8.3 
 forward in graphs: 2.87-2.99 us at every shape but 8 rows / 2 warps (3.65), against torch.mul's 2.15.
 
     PYTHONPATH=src python benchmarks/probe_small_eager.py [--sglang sgl/layernorm_gated.py --sglang-loader tools]
-        [--rows 2048,8192] [--rounds 7] [--quant] [--json OUT.json]
+        [--rows 2048,8192] [--rounds 7] [--quant] [--shapes 32x8,16x8,32x16] [--json OUT.json]
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ def _quant_timers(x, z, w, fns: dict) -> dict:
     return fns
 
 
-def _timers(m: int, sglang, quant: bool) -> dict:
+def _timers(m: int, sglang, quant: bool, shapes=SHAPES) -> dict:
     gen = torch.Generator(device="cuda").manual_seed(m)
     x, z = (torch.randn(m, N, device="cuda", generator=gen).bfloat16() for _ in range(2))
     w = (torch.randn(N, device="cuda", generator=gen) * 0.1 + 1).bfloat16()
@@ -75,7 +75,7 @@ def _timers(m: int, sglang, quant: bool) -> dict:
         return _quant_timers(x, z, w, fns)
     fns["api layer_norm_fwd"] = lambda: gatednorm.layer_norm_fwd(x, w, None, EPS, z=z, group_size=N,
                                                                  is_rms_norm=True, backend="triton")
-    for shape in SHAPES:
+    for shape in shapes:
         config = None if shape is None else (N, shape[0], shape[1], tk.ORDER_ROWS_FASTEST)
         for pdl in (True, False):
             label = "picked" if shape is None else f"{shape[0]}x{shape[1]}w"
@@ -107,14 +107,20 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--quant", action="store_true",
                     help="the fused fp8 forward (blocks of 128) at each launch shape instead of the norm")
+    ap.add_argument("--shapes", default="",
+                    help="launch shapes ROWSxWARPS,... instead of SHAPES' (the picked one always runs), e.g. "
+                         "16x8,32x16: 8 values a thread where SHAPES' all hold 16")
     ap.add_argument("--json", default="")
     args = ap.parse_args()
+    shapes = SHAPES
+    if args.shapes:
+        shapes = (None, *(tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")))
     sglang = bench_quant.load_sglang(args, torch.device("cuda"))
     timer = bench_quant.Timer(torch.device("cuda"), False)  # do_bench, L2 flushed; graphs of many calls
     out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": {}}
     with torch.no_grad():
         for m in (int(v) for v in args.rows.split(",")):
-            fns = _timers(m, sglang, args.quant)
+            fns = _timers(m, sglang, args.quant, shapes)
             eager = timer.rounds(fns, args.rounds)
             graph = timer.graph_rounds(fns, 100, args.rounds)
             ref = "sglang" if "sglang" in eager else "torch.mul out="

@@ -14,7 +14,7 @@
 #           tree itself: gpu_suite.sh ab NAME=ab/NAME/triton (session 28's ties: STAGE_VARIANTS="v2048x2x8=s/(2048,
 #           True): (1, 4,/(2048, True): (2, 8,/"); a variant whose expression changes nothing stops the staging.
 #           With a newline in STAGE_VARIANTS each line is one variant, whose expression may chain sed commands
-#           with ';' (STAGE_VARIANTS=$'ik32=s/A/B/;s/C/D/\nscan32=s/C/D/')
+#           with ';' (STAGE_VARIANTS=$'ik32=s/A/B/;s/C/D/\nscan32=s/C/D/'; one such variant alone: $'ik32=s/A/B/;s/C/D/\n')
 #   triton_cache.tgz  .gpu/triton_cache.tgz where it exists: Triton's compiled kernels from an earlier device call
 #           (gpu_suite.sh saves them into $OUT and restores them first; a miss only compiles again)
 #
@@ -53,6 +53,11 @@ else
 fi
 for variant in "${VARIANTS[@]}"; do
     name=${variant%%=*}
+    if [[ "$variant" != *=* || "$name" == */* ]]; then  # e.g. one variant chaining sed commands without a newline
+        echo "variant '$variant': not NAME=SED_EXPR (a lone variant chaining commands with ';' needs a newline" \
+             "in STAGE_VARIANTS, e.g. \$'NAME=s/A/B/;s/C/D/\\n')" >&2
+        exit 1
+    fi
     mkdir -p "$DEST/ab/$name"
     cp -r src/gatednorm/backends/triton "$DEST/ab/$name/"
     find "$DEST/ab/$name" -name __pycache__ -prune -exec rm -rf {} +
