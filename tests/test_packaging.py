@@ -41,6 +41,7 @@ def test_build_wheel_and_sdist_and_install_the_wheel(tmp_path):
     # the sources built on first use: the native backend's C kernel and CPU autograd node, the triton plans' C++ entry
     sources = {"gatednorm/backends/native_cpu_kernel.c", "gatednorm/backends/native_cpu_kernel.h",
                "gatednorm/backends/native_cpu_node.cpp", "gatednorm/backends/autograd_node.h",
+               "gatednorm/backends/call_key.h",
                "gatednorm/backends/triton/cxx_plans.cpp"}
     assert sources <= set(names), sources - set(names)
     assert any(n.endswith("licenses/LICENSE") for n in names), names

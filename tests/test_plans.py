@@ -765,21 +765,31 @@ def test_triton_quant_range_rescue_follows_the_block_width_rule(recorded_launche
 
 @pytest.fixture(params=["python key", "C key"])
 def key_kind(request, monkeypatch):
-    """The eager plans' keys built in Python, or their tensors' part by the C++ extension's call_key (what a
-    process with the triton backend's C++ plans loaded uses; built here on the CPU, as the C++ plan tests build
-    it)."""
+    """The eager plans' keys built in Python, or their tensors' part by a C++ extension's call_key (what a process
+    with the native CPU node or the triton backend's C++ plans loaded uses: the CPU node's here)."""
     from gatednorm.backends import base
-    call_key = None if request.param == "python key" else _c_call_key()
+    # the CPU node's build settled first either way: its end sets base.call_key, which must not happen mid-test
+    call_key = _c_call_key("cpu node") if request.param == "C key" else (_cpu_node_settled() and None)
     monkeypatch.setattr(base, "call_key", call_key)
     return call_key
 
 
-def _c_call_key():
-    """The C++ extension's call_key (the test skips where the extension cannot be built)."""
-    cxx_plans = pytest.importorskip("gatednorm.backends.triton.cxx_plans")
-    module = cxx_plans.extension()
+def _cpu_node_settled() -> bool:
+    """Wait for the native CPU node's build (loaded or failed) where it is wanted; whether it loaded."""
+    from gatednorm.backends import native_cpu_node
+    return native_cpu_node.wanted() and native_cpu_node.extension() is not None
+
+
+def _c_call_key(extension: str):
+    """The call_key (backends/call_key.h) of one of the two extensions that compile it, 'cpu node' or 'triton
+    plans' (the test skips where that extension cannot be built)."""
+    if extension == "cpu node":
+        from gatednorm.backends import native_cpu_node as built
+    else:
+        built = pytest.importorskip("gatednorm.backends.triton.cxx_plans")
+    module = built.extension()
     if module is None:
-        pytest.skip(cxx_plans.status())
+        pytest.skip(built.status())
     return module.call_key
 
 
@@ -787,13 +797,14 @@ class _OtherTensor(torch.Tensor):
     """A tensor subclass: neither torch.Tensor nor torch.nn.Parameter."""
 
 
-def test_c_call_key_is_equal_exactly_where_the_python_key_is():
-    """The C++ call_key's bytes are equal for two calls exactly where ops._signature_key's tensor fields are
-    (x and z: class, dtype, device, rank, row strides or contiguity, N; weight and bias: class, dtype, device,
-    shape, strides), over every pair of many calls that differ in one field; its flag is needs_autograd's; it
-    declines (None: the Python key decides) x that is not exactly a torch.Tensor, of rank 0 or empty, other
-    classes, sparse tensors and parameters of more than four dims."""
-    call_key = _c_call_key()
+@pytest.mark.parametrize("extension", ["cpu node", "triton plans"])
+def test_c_call_key_is_equal_exactly_where_the_python_key_is(extension):
+    """The C++ call_key's bytes (each extension that compiles backends/call_key.h) are equal for two calls exactly
+    where ops._signature_key's tensor fields are (x and z: class, dtype, device, rank, row strides or contiguity,
+    N; weight and bias: class, dtype, device, shape, strides), over every pair of many calls that differ in one
+    field; its flag is needs_autograd's; it declines (None: the Python key decides) x that is not exactly a
+    torch.Tensor, of rank 0 or empty, other classes, sparse tensors and parameters of more than four dims."""
+    call_key = _c_call_key(extension)
     g = torch.Generator().manual_seed(7)
     base_x = torch.randn(6, 32, generator=g)
     wide = torch.randn(6, 64, generator=g)

@@ -55,6 +55,8 @@ def build_once(command: list[str], path: Path, timeout: float, output_flag: str 
 #: The C++ autograd node both PyTorch extensions record (backends/autograd_node.h: they include it; a change to it
 #: must rebuild them, so it is part of their build keys).
 AUTOGRAD_NODE_H = Path(__file__).parent / "backends" / "autograd_node.h"
+#: The eager plans' signature key in C (call_key, key_classes), shared by the same two extensions (a build key too).
+CALL_KEY_H = AUTOGRAD_NODE_H.with_name("call_key.h")
 
 
 def torch_extension_flags(std: str, includes: Sequence[str | Path] = ()) -> list[str]:

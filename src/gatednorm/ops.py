@@ -807,8 +807,8 @@ def gated_norm_rows(
 # key, but prepare accepts only one of them), backend= and the three environment variables that choose a
 # backend. A key seen before passed prepare and resolve_backend with an equal signature, so the plan's call
 # raises nothing they would have raised. Registry changes drop every plan. The tensors' fields are read in C
-# where a backend's extension offers that (backends.base.call_key: the triton backend's C++ plans), the same
-# fields packed into bytes.
+# where a backend's extension offers that (backends.base.call_key, from backends/call_key.h: the native CPU node's
+# and the triton backend's C++ plans' extensions), the same fields packed into bytes.
 
 _NO_PLAN = object()
 #: More signatures than this (a program sweeping shapes of many widths) start the table afresh.

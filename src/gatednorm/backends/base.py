@@ -8,6 +8,7 @@ float64 routing, which gradients are needed, the absent mean of RMSNorm).
 from __future__ import annotations
 
 from collections.abc import Callable
+from types import ModuleType
 from typing import NamedTuple, Protocol, runtime_checkable
 
 import torch
@@ -167,9 +168,19 @@ def quantize_by_steps(forward: Callable[..., object], x: torch.Tensor, weight: t
 
 
 #: The eager plans' key of a call's tensors built in C (:mod:`gatednorm.ops`, "Eager plans"), set by a backend
-#: whose extension provides one (the triton backend's C++ plans, once loaded); None: ops builds it in Python.
+#: whose extension provides one (the triton backend's C++ plans or the native CPU node, once loaded:
+#: :func:`use_call_key_of`); None: ops builds it in Python.
 #: ``call_key(x, weight, bias, z) -> (key, differentiable) | None``: ``key`` bytes equal between two calls exactly
 #: where the Python key's tensor fields are equal, ``differentiable`` what ``ops.needs_autograd`` says; None where
 #: the Python path must decide (x not exactly a torch.Tensor, rank 0 or empty; other classes or layouts).
 call_key: Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None],
                    tuple[bytes, bool] | None] | None = None
+
+
+def use_call_key_of(module: ModuleType) -> None:
+    """Build the eager plans' keys with a loaded extension's ``call_key`` (backends/call_key.h, compiled into the
+    triton plans' extension and the native CPU node): tells it the classes it keys on, then sets :data:`call_key`.
+    Both extensions compile the same header, so a process where both load builds equal keys either way."""
+    global call_key
+    module.key_classes(torch.Tensor, torch.nn.Parameter)
+    call_key = module.call_key

@@ -22,6 +22,7 @@
 #include <new>
 
 #include "autograd_node.h"
+#include "call_key.h"  // call_key, key_classes: the eager plans' keys in C (shared with the triton plans' extension)
 #include "native_cpu_kernel.h"
 
 namespace {
@@ -229,6 +230,10 @@ PyMethodDef methods[] = {
     {"autograd", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(autograd)), METH_FASTCALL,
      "a differentiable small call through the C kernel and a C++ autograd node"},
     {"served", served, METH_NOARGS, "(forward, backward) calls served"},
+    {"call_key", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(call_key)), METH_FASTCALL,
+     "call_key(x, weight, bias, z) -> (key bytes, differentiable) or None"},
+    {"key_classes", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(key_classes)), METH_FASTCALL,
+     "key_classes(torch.Tensor, torch.nn.Parameter)"},
     {nullptr, nullptr, 0, nullptr},
 };
 

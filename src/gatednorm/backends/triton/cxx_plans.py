@@ -39,7 +39,7 @@ from types import ModuleType
 import torch
 import triton
 
-from ...builds import AUTOGRAD_NODE_H, BackgroundBuild, build_torch_extension
+from ...builds import AUTOGRAD_NODE_H, CALL_KEY_H, BackgroundBuild, build_torch_extension
 from ...settings import env_text
 from .. import base
 from .launch import _DIRECT_LAUNCH
@@ -63,12 +63,12 @@ def _build() -> tuple[ModuleType | None, str]:
     cuda_h = _CUDA_INCLUDE / "cuda.h"
     if not cuda_h.exists():
         return None, f"Triton ships no {cuda_h}"
-    module, why = build_torch_extension(_SOURCE, "gatednorm_cxx_plans", [_CUDA_INCLUDE], [cuda_h, AUTOGRAD_NODE_H])
+    module, why = build_torch_extension(_SOURCE, "gatednorm_cxx_plans", [_CUDA_INCLUDE],
+                                        [cuda_h, AUTOGRAD_NODE_H, CALL_KEY_H])
     if module is None:
         return None, why
     module.setup(triton.knobs.runtime, getattr(torch._C, "_cuda_getCurrentRawStream", None))
-    module.key_classes(torch.Tensor, torch.nn.Parameter)
-    base.call_key = module.call_key
+    base.use_call_key_of(module)
     return module, ""
 
 
