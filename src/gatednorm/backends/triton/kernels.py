@@ -440,11 +440,23 @@ def fwd_kernel(
         if not IS_RMS:
             tl.store(MEAN + stat, mean, mask=row_ok)
         tl.store(RSTD + stat, rstd, mask=row_ok)
-        if not PARAMS_EARLY:  # w loaded before the products: the instruction order measured on the H200
-            w, b = _group_params(W, B, col0, cols, col_ok, HAS_BIAS, BF16_BY_BITS)
-        y = _scale_shift_gate(xm, rstd, w[None, :], b, gate, HAS_BIAS, GATE_AFTER)
-        _store_out(_tile_ptrs(Y, rows64, stride_ym, col0, cols), y, mask, BF16_BY_BITS)
-        if RESCUE_IN_KERNEL:  # else rescue_kernel runs after this kernel (see "Range rescue")
+        if RESCUE_IN_KERNEL and ROWS == 1:
+            # one row: redo it from memory instead of writing its plain result when out of range
+            if tl.max((_rstd_out_of_range(rstd) & row_ok).to(tl.int32), axis=0) != 0:
+                _rescue_rows(X, R, Z, W, B, Y, MEAN, RSTD, pid * ROWS, g, M, stride_xm, stride_rm, stride_zm,
+                             stride_ym, col0, eps, GS, BLOCK, ROWS, HAS_Z, HAS_BIAS, GATE_FIRST, GATE_AFTER, IS_RMS,
+                             SIGMOID_GATE, BF16_BY_BITS, HAS_RES)
+            else:
+                if not PARAMS_EARLY:
+                    w, b = _group_params(W, B, col0, cols, col_ok, HAS_BIAS, BF16_BY_BITS)
+                y = _scale_shift_gate(xm, rstd, w[None, :], b, gate, HAS_BIAS, GATE_AFTER)
+                _store_out(_tile_ptrs(Y, rows64, stride_ym, col0, cols), y, mask, BF16_BY_BITS)
+        else:
+            if not PARAMS_EARLY:  # w loaded before the products: the instruction order measured on the H200
+                w, b = _group_params(W, B, col0, cols, col_ok, HAS_BIAS, BF16_BY_BITS)
+            y = _scale_shift_gate(xm, rstd, w[None, :], b, gate, HAS_BIAS, GATE_AFTER)
+            _store_out(_tile_ptrs(Y, rows64, stride_ym, col0, cols), y, mask, BF16_BY_BITS)
+        if RESCUE_IN_KERNEL and ROWS > 1:  # else rescue_kernel runs after this kernel (see "Range rescue")
             _rescue_tile(X, R, Z, W, B, Y, MEAN, RSTD, rstd, row_ok, pid * ROWS, g, M, stride_xm, stride_rm, stride_zm,
                          stride_ym, col0, eps, GS, BLOCK, ROWS, HAS_Z, HAS_BIAS, GATE_FIRST, GATE_AFTER, IS_RMS,
                          SIGMOID_GATE, BF16_BY_BITS, HAS_RES)
