@@ -175,10 +175,13 @@ def _load_input(X, R, rows64, mask, stride_xm, stride_rm, col0, cols, HAS_RES: t
 # fwd_kernel's code as it was and costs one small launch, 1-4% of a large call; the check-and-branch at the
 # end of every program cost 3-17% of bandwidth on some large shapes when first measured (H200,
 # benchmarks/results/triton_rescue_ab_h200.md), but on today's kernels (H100, session 22) nothing on groups
-# of 96 to 5120, where it now runs at every size, and 3.4-3.6% on groups of 8192 (again in session 29, when one
-# group of 16384 ran 0.8-1.6% faster with it). So only calls of at least launch.RESCUE_KERNEL_MIN_ELEMENTS
-# elements whose groups are 8192 wide (launch.RESCUE_SCAN_GROUP_SIZES) use rescue_kernel
-# (launch.rescue_scan_min_elements).
+# of 96 to 5120, and 3.4-3.6% on groups of 8192 (again in session 29, when one group of 16384 ran 0.8-1.6%
+# faster with it). A one-row tile (8192, the 16384 of FWD_ONE_TILE_GROUP, padded widths such as 5120) now
+# branches on its row's range before writing y (redone from memory when out of range, else the plain y):
+# with the check after the store, z's loads and most of the gate's exponentials fell behind the reductions
+# (sm_90 SASS at 8192); before it, 16384x8192 ran 0.7% faster than with the scan kernel (H100, session 30).
+# So every width checks in the kernel by default; rescue_kernel stays for launch.RESCUE_SCAN_GROUP_SIZES
+# (empty) and for callers that ask for it (launch.rescue_scan_min_elements' option).
 # Both judge the same stored rstd and redo rows with the same code and warps: a row's bits do not
 # depend on which one ran (batch invariance). Wide groups (looped in chunks) check in-kernel always.
 # The fused quantized forward (below) splits at that size at every group width; it stores no rstd, so a row

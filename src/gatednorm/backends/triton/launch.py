@@ -245,8 +245,11 @@ RESCUE_KERNEL_MIN_ELEMENTS = 1 << 24
 #: of 96 to 5120 0.8-2.1% faster, the same time as with no rescue at all (the check costs nothing there), groups of
 #: 8192 3.4-3.6% slower; session 29 (one run of 7 rounds, benchmarks/results/ab_rescue_evict_h100_session29.log)
 #: groups of 8192 3.6% slower again (16384x8192), one group of 16384 (one tile of 32 warps, FWD_ONE_TILE_GROUP)
-#: 0.8% and 1.6% faster (8192x16384 RMSNorm gated first; LayerNorm with bias gated first), so only 8192 keeps
-#: the scan (benchmarks/results/gpu_notes_h200.md).
+#: 0.8% and 1.6% faster (8192x16384 RMSNorm gated first; LayerNorm with bias gated first), so only 8192 kept
+#: the scan. Session 30 (benchmarks/results/ab_rescue_branch_h100_session30.log, 7 rounds): with one-row tiles
+#: branching on the range before writing y (kernels.fwd_kernel), 16384x8192 0.2698 -> 0.2678 ms against the scan
+#: (100.7 -> 101.4% of copy), one group of 16384 0.996x / 1.005x (RMSNorm / LayerNorm + bias), 5120 and groups of
+#: 640 within 0.1%: no width keeps the scan (benchmarks/results/gpu_notes_h200.md).
 RESCUE_SCAN_GROUP_SIZES: frozenset[int] = frozenset()
 #: The fused quantized forward checks in-kernel at every call size where its scale blocks are at most this wide
 #: (and the call is not int8 on padded groups). H100 (session 23, bench_triton_ab.py --quant, two runs of 5 and 7
