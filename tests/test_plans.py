@@ -703,14 +703,19 @@ def test_triton_scan_after_a_large_forward_is_a_dependent_launch(recorded_launch
     assert {key[3] for key in launch._COMPILED if key[0] is kernels[1]} == {option is None}  # the launch's PDL
 
 
-@pytest.mark.parametrize(("gs", "scan"), [(128, False), (5120, False), (8192, False), (16384, False)])
-def test_triton_range_rescue_follows_the_group_width_rule(recorded_launches, monkeypatch, gs, scan):
+@pytest.mark.parametrize(("gs", "scan_sizes", "scan"), [
+    (128, None, False), (5120, None, False), (8192, None, False), (16384, None, False),
+    (8192, frozenset({8192}), True), (128, frozenset({8192}), False)])
+def test_triton_range_rescue_follows_the_group_width_rule(recorded_launches, monkeypatch, gs, scan_sizes, scan):
     """With the backend's default threshold (None), a large call checks the range in fwd_kernel except for groups
-    of a width in RESCUE_SCAN_GROUP_SIZES (8192), where it runs rescue_kernel after it; the plan decides the same; an
-    explicit threshold applies at every width (what the other tests use to reach the scan). 16384 is one tile (of
-    32 warps) and checks in the kernel since session 29."""
+    of a width in RESCUE_SCAN_GROUP_SIZES, where it runs rescue_kernel after it; the plan decides the same; an
+    explicit threshold applies at every width (what the other tests use to reach the scan). The set is empty as
+    shipped (None: every width, 8192 since session 30 and the 16384 of one 32-warp tile since session 29, checks
+    in the kernel); a width put in it takes the scan, others do not."""
     launch, plans, calls = recorded_launches
     monkeypatch.setattr(launch, "RESCUE_KERNEL_MIN_ELEMENTS", 1024)  # every call of this test is "large"
+    if scan_sizes is not None:
+        monkeypatch.setattr(launch, "RESCUE_SCAN_GROUP_SIZES", scan_sizes)
     assert launch.rescue_scan_min_elements(None, gs) == (1024 if scan else launch._NEVER)
     assert launch.rescue_scan_min_elements(0, gs) == 0
     m, n = 8, 2 * gs
