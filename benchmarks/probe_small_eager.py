@@ -17,6 +17,9 @@ Result (H100, session 24; benchmarks/results/probe_small_eager_h100_session24.js
 every launch shape, PDL on or off, within 7.6-8.6 us at 8192x128 and sglang 8.3 us in that process (our API call
 0.94x sglang's, against 1.15x in bench_gpu's process); in graphs the shipped shape is the fastest. The fused fp8
 forward in graphs: 2.87-2.99 us at every shape but 8 rows / 2 warps (3.65), against torch.mul's 2.15.
+Session 30 (H100, probe_small_eager_h100_session30.json, ``--shapes 32x8,16x8,32x16,8x4``): with PDL, 8 values a
+thread ran the 8192x128 graph in 2.45 us (16 rows / 8 warps) and 2.47 us (8 / 4), 1.14-1.15x torch.mul, against
+2.83-2.90 us for the shipped 32 / 8; without PDL every shape 2.85-2.91 (benchmarks/results/gpu_notes_h200.md).
 
     PYTHONPATH=src python benchmarks/probe_small_eager.py [--sglang sgl/layernorm_gated.py --sglang-loader tools]
         [--rows 2048,8192] [--rounds 7] [--quant] [--shapes 32x8,16x8,32x16] [--json OUT.json]
