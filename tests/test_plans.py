@@ -772,26 +772,24 @@ def test_triton_quant_range_rescue_follows_the_block_width_rule(recorded_launche
 def key_kind(request, monkeypatch):
     """The eager plans' keys built in Python, or their tensors' part by a C++ extension's call_key (what a process
     with the native CPU node or the triton backend's C++ plans loaded uses: the CPU node's here)."""
-    from gatednorm.backends import base
+    from gatednorm.backends import base, native_cpu_node
     # the CPU node's build settled first either way: its end sets base.call_key, which must not happen mid-test
-    call_key = _c_call_key("cpu node") if request.param == "C key" else (_cpu_node_settled() and None)
+    if request.param == "C key":
+        call_key = _c_call_key("cpu node")
+    else:
+        call_key = None
+        if native_cpu_node.wanted():
+            native_cpu_node.extension()  # waits for the build (loaded or failed)
     monkeypatch.setattr(base, "call_key", call_key)
     return call_key
-
-
-def _cpu_node_settled() -> bool:
-    """Wait for the native CPU node's build (loaded or failed) where it is wanted; whether it loaded."""
-    from gatednorm.backends import native_cpu_node
-    return native_cpu_node.wanted() and native_cpu_node.extension() is not None
 
 
 def _c_call_key(extension: str):
     """The call_key (backends/call_key.h) of one of the two extensions that compile it, 'cpu node' or 'triton
     plans' (the test skips where that extension cannot be built)."""
     if extension == "cpu node":
-        from gatednorm.backends import native_cpu_node as built
-    else:
-        built = pytest.importorskip("gatednorm.backends.triton.cxx_plans")
+        return _cpu_node_or_skip().extension().call_key
+    built = pytest.importorskip("gatednorm.backends.triton.cxx_plans")
     module = built.extension()
     if module is None:
         pytest.skip(built.status())

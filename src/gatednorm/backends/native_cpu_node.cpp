@@ -229,7 +229,7 @@ PyMethodDef methods[] = {
      "a small call's forward through the C kernel"},
     {"autograd", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(autograd)), METH_FASTCALL,
      "a differentiable small call through the C kernel and a C++ autograd node"},
-    {"served", served, METH_NOARGS, "(forward, backward) calls served"},
+    {"served", served, METH_NOARGS, "(differentiable forwards, their backwards, plain forwards) served"},
     {"call_key", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(call_key)), METH_FASTCALL,
      "call_key(x, weight, bias, z) -> (key bytes, differentiable) or None"},
     {"key_classes", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(key_classes)), METH_FASTCALL,
