@@ -356,6 +356,46 @@ def test_forward_plan_matches_plain_launch(shape, gs, nbg, is_rms, has_bias, dty
     assert ops._PLANS, "no plan was kept"
 
 
+
+@pytest.mark.parametrize(("n", "gs", "rows"), [(128, 128, 16), (4096, 128, 16), (128, 128, 8)])
+def test_output_only_tile_gives_the_training_tiles_bits(monkeypatch, n, gs, rows):
+    """Calls that discard the statistics (layernorm_fn without autograd) launch FWD_OUTPUT_TUNED_BY_MODEL's tile,
+    here forced for this GPU's model (the H100 ships 16 rows / 8 warps for groups of 128 against FWD_TUNED's 32 / 8),
+    through the plain path and the output plan (its launch counter moves; the plan's tile is the output one); y
+    equals layer_norm_fwd's (the training tile's) bit for bit, for M of one row, a full and a partial tile, and
+    one over 2^24 elements / n rows."""
+    tk = _tk()
+    from gatednorm import ops
+    from gatednorm.backends.triton import cxx_plans, plans
+
+    host = cxx_plans.extension() if cxx_plans.ENABLED else None
+    model = tk.gpu_model(torch.cuda.current_device())
+    monkeypatch.setitem(tk.FWD_OUTPUT_TUNED_BY_MODEL, model, {(128, True): (rows, 8 if rows > 8 else 4,
+                                                                           tk.ORDER_GROUPS_FASTEST)})
+    tk.fwd_tuned.cache_clear()
+    ops._PLANS.clear()
+    try:
+        assert tk.output_tile_differs(gs, 2, model)
+        for m in (1, 8192, 8209, (1 << 24) // n + 3):
+            x, z, w, _, _ = _plan_inputs((m,), n, torch.bfloat16, "rows", False, seed=m + n)
+            kw = dict(z=z, group_size=gs, is_rms_norm=True, backend="triton")
+            with torch.no_grad():
+                y_train = gatednorm.layer_norm_fwd(x, w, None, EPS, **kw)[0]
+                y_first = gatednorm.layernorm_fn(x, w, None, z, EPS, gs, True, True, backend="triton")
+                gatednorm.layernorm_fn(x, w, None, z, EPS, gs, True, True, backend="triton")
+                before = (plans.forward_plan_launches(), None if host is None else host.launches()[0])
+                y_out = gatednorm.layernorm_fn(x, w, None, z, EPS, gs, True, True, backend="triton")
+                after = (plans.forward_plan_launches(), None if host is None else host.launches()[0])
+            plan = next(p for p in ops._PLANS.values() if p is not ops._NO_PLAN and p.output_launch is not p.launch)
+            assert plan.output_launch.rows == rows and plan.launch.rows != rows
+            assert after[0] == before[0] + 1 or (host is not None and after[1] == before[1] + 1), \
+                "the call did not go through the output plan"
+            assert torch.equal(y_first, y_train) and torch.equal(y_out, y_train), m
+    finally:
+        tk.fwd_tuned.cache_clear()
+        ops._PLANS.clear()
+
+
 def test_cxx_plans_is_in_use():
     """The triton plans' C++ entry (cxx_plans.cpp) builds and finds the CUDA driver wherever it is on (the
     default with Triton 3.6, whose C launcher it repeats, unless GATEDNORM_CXX_PLANS=0) and a C++ compiler is

@@ -10,7 +10,7 @@ import itertools
 
 import pytest
 import torch
-from helpers import RecordingBackend, make_inputs
+from helpers import RecordingBackend, check_forward, make_inputs
 
 import gatednorm
 import gatednorm.functional as functional
@@ -444,6 +444,61 @@ def test_calls_that_discard_the_statistics_run_the_one_output_function(monkeypat
     assert type(y.grad_fn).__name__ == "GatedNormOutputFunctionBackward"
 
 
+
+class _TwoTileBackend:
+    """The native backend with a forward plan for calls that keep the statistics and another for calls that
+    discard them (PlannedBackend.plan_forward_output), each recording its name when it serves a call."""
+
+    def __init__(self):
+        self.inner = NativeCPUBackend()
+        self.name, self.supports_float64 = self.inner.name, self.inner.supports_float64
+        self.served: list[str] = []
+
+    def forward(self, x, weight, bias, z, spec, out):
+        return self.inner.forward(x, weight, bias, z, spec, out)
+
+    def backward(self, dy, x, weight, bias, z, mean, rstd, spec, needs):
+        return self.inner.backward(dy, x, weight, bias, z, mean, rstd, spec, needs)
+
+    def _plan(self, name, spec):
+        def launch(x, weight, bias, z):
+            self.served.append(name)
+            x2d = x.reshape(-1, x.shape[-1])
+            y = torch.empty_like(x2d)
+            mean, rstd = self.inner.forward(x2d, weight, bias, None if z is None else z.reshape(x2d.shape), spec, y)
+            return y.view_as(x), mean, rstd
+        return launch
+
+    def plan_forward(self, x, weight, bias, z, spec):
+        return self._plan("stats", spec)
+
+    def plan_forward_output(self, x, weight, bias, z, spec):
+        return self._plan("output", spec)
+
+
+def test_calls_that_discard_the_statistics_take_the_backends_output_plan(monkeypatch):
+    """A backend with plan_forward_output (the triton backend on a GPU model with an output-only launch shape,
+    launch.FWD_OUTPUT_TUNED_BY_MODEL) serves layernorm_fn / rmsnorm_fn without autograd through that plan, and
+    layer_norm_fwd (which returns the statistics) and differentiable calls through plan_forward's: the forward a
+    backward follows keeps the training tile."""
+    monkeypatch.setenv("GATEDNORM_CPU_NODE", "0")  # the plans' Functions, whose forward runs the plan
+    backend = _TwoTileBackend()
+    x, z, w, _ = make_inputs(12, 64, torch.float32, seed=31)
+    ref = _full_path(x, w, None, z, 1e-5, 32, True, True)[0]
+    with ops.override_impl("native", "cpu", backend):
+        for _ in range(2):  # the first call plans, the second runs the plan
+            backend.served.clear()
+            with torch.no_grad():
+                y_out = gatednorm.rmsnorm_fn(x, w, None, z=z, eps=1e-5, group_size=32)
+                y_stats = gatednorm.layer_norm_fwd(x, w, None, 1e-5, z=z, group_size=32, is_rms_norm=True)[0]
+            xg = x.detach().clone().requires_grad_()
+            y_grad = gatednorm.rmsnorm_fn(xg, w, None, z=z, eps=1e-5, group_size=32)
+            y_grad.sum().backward()
+            assert backend.served == ["output", "stats", "stats"]
+            assert torch.equal(y_out, ref) and torch.equal(y_stats, ref) and torch.equal(y_grad.detach(), ref)
+            assert xg.grad is not None
+
+
 def test_meta_and_empty_calls_take_the_full_path():
     """Meta tensors and empty batches keep their shapes-only handling (no plan serves them)."""
     x, z, w, b = make_inputs(5, 32, torch.float32, seed=5)
@@ -606,6 +661,61 @@ def test_triton_plans_launch_what_the_plain_launch_launches(recorded_launches, m
     _same_launch(plain[0], calls[0], fresh={7, 8, 9, 10})  # dx, dz, the partial rows
     _same_launch(plain[1], calls[1], fresh={0, 1, 2, 3})  # the partial rows, dweight, dbias
     assert [g is not None for g in grads] == list(needs)
+
+
+
+@pytest.fixture
+def output_tile(monkeypatch):
+    """An output-only launch shape for groups of 128 on the interpreter's model (""), as the H100's entry of
+    launch.FWD_OUTPUT_TUNED_BY_MODEL gives there: 16 rows / 8 warps against FWD_TUNED's 32 / 8."""
+    launch = pytest.importorskip("gatednorm.backends.triton.launch")
+    monkeypatch.setitem(launch.FWD_OUTPUT_TUNED_BY_MODEL, "", {(128, True): (16, 8, launch.ORDER_GROUPS_FASTEST)})
+    launch.fwd_tuned.cache_clear()
+    yield launch
+    launch.fwd_tuned.cache_clear()
+
+
+def test_triton_output_plan_launches_what_the_plain_output_forward_launches(recorded_launches, output_tile,
+                                                                           monkeypatch):
+    """TritonBackend.plan_forward_output: the plan of calls that discard the statistics launches what
+    forward_output (launch.forward with output_only) launches, the output-only tile (ROWS 16 here) where the
+    model has one, while plan_forward keeps FWD_TUNED's (ROWS 32); None where the two tiles are the same."""
+    launch, plans, calls = recorded_launches
+    monkeypatch.setattr(plans, "_rows_plannable", lambda *args: True)  # CPU tensors, as on a GPU
+    backend = launch.TritonBackend(pdl=False)
+    x, z, w, _ = make_inputs(40, 256, torch.bfloat16, seed=40)
+    spec = gatednorm.spec.NormSpec(1e-6, 128, True, True, "swish")
+    assert launch.output_tile_differs(128, 2) and not launch.output_tile_differs(64, 2)
+    assert backend.plan_forward_output(x, w, None, z, gatednorm.spec.NormSpec(1e-6, 64, True, True, "swish")) is None
+    oplan, fplan = backend.plan_forward_output(x, w, None, z, spec), backend.plan_forward(x, w, None, z, spec)
+    assert (oplan.rows, oplan.warps, fplan.rows, fplan.warps) == (16, 8, 32, 8)
+    for plan, plain in ((oplan, backend.forward_output), (fplan, None)):
+        calls.clear()
+        if plain is None:
+            backend.forward(x, w, None, z, spec, torch.empty_like(x))
+        else:
+            plain(x, w, None, z, spec)
+        recorded = list(calls)
+        calls.clear()
+        assert plan(x, w, None, z) is not None
+        assert len(recorded) == len(calls) == 1
+        _same_launch(recorded[0], calls[0], fresh={5, 7, 8})
+        assert recorded[0][2] == (2, -(-40 // plan.rows), 1)  # groups fastest: (groups, row tiles)
+
+
+def test_triton_output_tile_gives_the_forwards_bits(output_tile):
+    """The output-only tile computes each row as the training tile does (the same register layout per row; on a
+    GPU too, tests/test_gpu.py): forward_output's y equals forward's bit for bit, and against float64."""
+    launch = output_tile
+    backend = launch.TritonBackend()
+    for m in (1, 37, 64):
+        x, z, w, _ = make_inputs(m, 256, torch.bfloat16, seed=m)
+        spec = gatednorm.spec.NormSpec(1e-6, 128, True, True, "swish")
+        y = torch.empty_like(x)
+        mean, rstd = backend.forward(x, w, None, z, spec, y)
+        y_out = backend.forward_output(x, w, None, z, spec)  # new rows (garbage where a tile missed one)
+        assert torch.equal(y_out, y)
+        check_forward(y_out, mean, rstd, x, w, None, z, 1e-6, 128, True, True, "swish")
 
 
 @pytest.mark.parametrize(("m", "gs", "is_rms", "threshold"), [(17, 96, False, 1 << 24), (9, 384, True, 1024)])

@@ -836,13 +836,16 @@ class _EagerPlan:
     """The checked call of one signature: its NormSpec, the backend that serves it (``name``, ``impl``) and that
     backend's own forward and backward plans (:class:`~gatednorm.backends.base.PlannedBackend`), if any."""
 
-    __slots__ = ("name", "impl", "spec", "launch", "backward_launch", "n", "fused_autograd", "autograd_planner",
-                 "node_backward")
+    __slots__ = ("name", "impl", "spec", "launch", "output_launch", "backward_launch", "n", "fused_autograd",
+                 "autograd_planner", "node_backward")
 
     def __init__(self, name: str, impl: Backend, spec: NormSpec, launch: Callable[..., tuple | None] | None,
-                 backward_launch: Callable[..., Grads | None] | None, n: int) -> None:
+                 backward_launch: Callable[..., Grads | None] | None, n: int,
+                 output_launch: Callable[..., tuple | None] | None = None) -> None:
         self.name, self.impl, self.spec, self.launch, self.backward_launch = name, impl, spec, launch, backward_launch
         self.n = n
+        #: the forward plan of calls that discard the statistics (PlannedBackend.plan_forward_output), else launch's
+        self.output_launch = output_launch if output_launch is not None else launch
         #: the backend's differentiable entry (PlannedBackend.plan_autograd) once it has one; its planner until
         #: then (None: the backend has none for this signature)
         self.fused_autograd = None
@@ -850,10 +853,12 @@ class _EagerPlan:
         self.node_backward = functools.partial(_node_backward, self)
 
     def forward_rows(self, x, weight, bias, z, stats: bool = True):
-        """(y, mean | None, rstd) of x's rows (x of the signature, M > 0), y in x's shape: the backend's plan,
-        or what _forward_eager does for these rows."""
-        if self.launch is not None:
-            done = self.launch(x, weight, bias, z)
+        """(y, mean | None, rstd) of x's rows (x of the signature, M > 0), y in x's shape: the backend's plan
+        (``stats=False``: its plan for calls that discard the statistics), or what _forward_eager does for these
+        rows."""
+        launch = self.launch if stats else self.output_launch
+        if launch is not None:
+            done = launch(x, weight, bias, z)
             if done is not None:
                 return done
         x2d, z2d = _rows_of(x, z, self.n)
@@ -978,9 +983,11 @@ def _plan_for(x, weight, bias, z, eps, group_size, norm_before_gate, is_rms_norm
     name, impl = served
     planner = getattr(impl, "plan_forward", None)
     launch = None if planner is None else planner(x, weight, bias, z, call.spec)
+    planner = getattr(impl, "plan_forward_output", None)
+    output_launch = None if planner is None else planner(x, weight, bias, z, call.spec)
     planner = getattr(impl, "plan_backward", None)
     backward_launch = None if planner is None else planner(x, weight, bias, z, call.spec)
-    return _EagerPlan(name, impl, call.spec, launch, backward_launch, x.shape[-1])
+    return _EagerPlan(name, impl, call.spec, launch, backward_launch, x.shape[-1], output_launch)
 
 
 def planned_forward(x, weight, bias, z, eps, group_size, norm_before_gate, is_rms_norm, activation,

@@ -106,7 +106,8 @@ class FusedResidualBackend(Protocol):
 class PlannedBackend(Protocol):
     """What a backend adds to cut the host time of repeated calls (docs/design.md, "Eager plans"). Optional, each
     method on its own: :mod:`gatednorm.ops` caches, per call signature, the checked arguments and this backend,
-    and asks ``plan_forward`` / ``plan_backward`` / ``plan_forward_quant`` once for launches decided in advance
+    and asks ``plan_forward`` / ``plan_forward_output`` / ``plan_backward`` / ``plan_forward_quant`` once for
+    launches decided in advance
     (``plan_autograd``, for differentiable calls through both, until it answers);
     without them (or where they return None) the cached call runs :meth:`Backend.forward` /
     :meth:`Backend.backward` / :meth:`Backend.forward_quant`."""
@@ -118,6 +119,14 @@ class PlannedBackend(Protocol):
         ``plan(x, weight, bias, z)`` returns ``(y, mean | None, rstd)`` as :meth:`Backend.forward` computes
         them (y new, in x's shape and dtype), or None, having written nothing, for a call it does not serve.
         None here: no plan for this signature."""
+        ...
+
+    def plan_forward_output(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                            z: torch.Tensor | None, spec: NormSpec) -> Callable[..., tuple | None] | None:
+        """As :meth:`plan_forward`, for the calls of the signature that discard the statistics (those
+        :meth:`OutputOnlyBackend.forward_output` serves without a plan), where the backend runs them otherwise
+        (another launch shape); the plan still returns ``(y, mean | None, rstd)``. None here: plan_forward's
+        plan serves them too."""
         ...
 
     def plan_backward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,

@@ -338,6 +338,19 @@ FWD_TUNED_BY_MODEL: dict[str, dict[tuple[int, bool], tuple[int, int, int]]] = {
         (8192, False): (1, 8, ORDER_ROWS_FASTEST),
     },
 }
+#: Launch shapes for forwards that keep no statistics (inference: ``layernorm_fn`` / ``rmsnorm_fn`` without autograd,
+#: :meth:`TritonBackend.forward_output`), over :func:`fwd_tuned`'s, keyed by GPU model as FWD_TUNED_BY_MODEL. A
+#: forward followed by its backward keeps FWD_TUNED's tile: under PDL the backward is released at the forward's
+#: start and spreads over the SMs by the forward's tiles. H100 SXM (session 30, CUDA graphs of 100 calls,
+#: benchmarks/results/g128_launch_shapes_h100_session30.log): groups of 128 at 16 rows / 8 warps, 8192x128 forward
+#: 2.91 -> 2.45 us (1.35x -> 1.13x one torch.mul), 2048x128 1.66 -> 1.61 us, large shapes eagerly within 1%; as the
+#: training tile the same shape made forward + backward 8.79 -> 10.44 us. Rows of a group of 128 keep their register
+#: layout (8 values a thread, 16 threads a row) at 32 or 16 rows, so both tiles give the same bits.
+FWD_OUTPUT_TUNED_BY_MODEL: dict[str, dict[tuple[int, bool], tuple[int, int, int]]] = {
+    "NVIDIA H100 80GB HBM3": {
+        (128, True): (16, 8, ORDER_GROUPS_FASTEST),
+    },
+}
 #: A group of exactly this many features runs the forward as one register tile of 32 warps (16 fp32 values a
 #: thread, as MAX_BLOCK at 16 warps), one pass over the row, instead of two chunks of MAX_BLOCK read twice (the
 #: chunked loop reads each chunk for the statistics, then again for the output): H100 (tune_gpu.py --fwd-only,
@@ -421,24 +434,33 @@ def gpu_model_of(x: torch.Tensor) -> str:
 
 
 @functools.cache
-def fwd_tuned(model: str = "") -> dict[tuple[int, bool], tuple[int, int, int]]:
+def fwd_tuned(model: str = "", output_only: bool = False) -> dict[tuple[int, bool], tuple[int, int, int]]:
     """The forward's tuned launch shapes on a GPU model (its name, :func:`gpu_model`): FWD_TUNED with the model's
-    entries of FWD_TUNED_BY_MODEL over it."""
-    return {**FWD_TUNED, **FWD_TUNED_BY_MODEL.get(model, {})}
+    entries of FWD_TUNED_BY_MODEL over it, and with ``output_only`` (a forward whose statistics are discarded)
+    FWD_OUTPUT_TUNED_BY_MODEL's over those."""
+    tuned = {**FWD_TUNED, **FWD_TUNED_BY_MODEL.get(model, {})}
+    return {**tuned, **FWD_OUTPUT_TUNED_BY_MODEL.get(model, {})} if output_only else tuned
 
 
 @functools.cache
-def _fwd_config(group_size: int, elem_bytes: int, model: str = "") -> tuple[int, int, int, int, int]:
+def _fwd_config(group_size: int, elem_bytes: int, model: str = "",
+                output_only: bool = False) -> tuple[int, int, int, int, int]:
     """Forward launch shape (BLOCK, NUM_CHUNKS, ROWS, num_warps, order: ORDER_*) on a GPU model (its name,
-    :func:`gpu_model`; :func:`fwd_tuned`): from the group size and dtype only, never from M (batch invariance)."""
+    :func:`gpu_model`; :func:`fwd_tuned`): from the group size and dtype only, never from M (batch invariance).
+    ``output_only``: for a forward whose statistics are discarded (FWD_OUTPUT_TUNED_BY_MODEL)."""
     if group_size == FWD_ONE_TILE_GROUP:
         return group_size, 1, 1, 32, ORDER_ROWS_FASTEST
     block, chunks, rows, warps = _tile_config(group_size, FWD_TILE_ELEMENTS, FWD_ELEMS_PER_THREAD, MAX_BLOCK)
-    tuned = fwd_tuned(model).get((block, _is_pow2(group_size))) if chunks == 1 else None
+    tuned = fwd_tuned(model, output_only).get((block, _is_pow2(group_size))) if chunks == 1 else None
     if tuned is None:
         return block, chunks, rows, warps, ORDER_ROWS_FASTEST
     rows, warps, order = tuned
     return block, chunks, rows, warps, order
+
+
+def output_tile_differs(group_size: int, elem_bytes: int, model: str = "") -> bool:
+    """Whether a forward whose statistics are discarded launches another shape than one that keeps them."""
+    return _fwd_config(group_size, elem_bytes, model, True) != _fwd_config(group_size, elem_bytes, model)
 
 
 @functools.cache
@@ -491,6 +513,7 @@ def forward(
     rescue_pdl: bool | None = None,
     residual: torch.Tensor | None = None,
     residual_out: torch.Tensor | None = None,
+    output_only: bool = False,
 ) -> tuple[torch.Tensor | None, torch.Tensor]:
     """Write the gated norm of x (M > 0, N; float32/bf16/fp16) into out (M, N, any floating dtype);
     return (mean | None, rstd), 1-D float32 of G*M values, group-major.
@@ -502,7 +525,8 @@ def forward(
     tuning benchmark);
     ``rescue_kernel_min_elements``: see :func:`rescue_scan_min_elements` (None: by the group width);
     ``fast`` / ``pdl``: see :func:`_launch`; ``rescue_pdl``: the same for rescue_kernel where it runs after the
-    forward (None: ``pdl``, or PDL wherever the GPU supports it, see PDL_MAX_ELEMENTS).
+    forward (None: ``pdl``, or PDL wherever the GPU supports it, see PDL_MAX_ELEMENTS); ``output_only``: the
+    caller discards mean and rstd (the launch shape of FWD_OUTPUT_TUNED_BY_MODEL; the same bits).
     """
     m, n = x.shape
     gs = spec.group_size
@@ -522,7 +546,7 @@ def forward(
     bias = _rows_ready(bias) if bias is not None else None
     y = out if out.stride(-1) == 1 else torch.empty(out.shape, dtype=out.dtype, device=out.device)
     if config is None:
-        block, chunks, rows, warps, order = _fwd_config(gs, x.element_size(), gpu_model_of(x))
+        block, chunks, rows, warps, order = _fwd_config(gs, x.element_size(), gpu_model_of(x), output_only)
     else:
         block, rows, warps, order = config
         chunks = _cdiv(gs, block)
@@ -713,6 +737,14 @@ class TritonBackend:
                              self.rescue_scan_rows, fast=self.fast_launch, pdl=self._pdl(x),
                              rescue_pdl=self._rescue_pdl(x))
 
+    def forward_output(self, x, weight, bias, z, spec: NormSpec):
+        # the forward at the launch shape of a call that keeps no statistics (FWD_OUTPUT_TUNED_BY_MODEL)
+        out = torch.empty_like(x, memory_format=torch.contiguous_format)
+        _on_device_of(x, forward, x, weight, bias, z, spec, out, self.rescue_kernel_min_elements,
+                      self.rescue_scan_rows, fast=self.fast_launch, pdl=self._pdl(x),
+                      rescue_pdl=self._rescue_pdl(x), output_only=True)
+        return out
+
     # The eager plans (.plans) are built from this module's launch decisions, so they are imported here, once
     # per call signature, rather than at the top (plans imports this module).
     def plan_forward(self, x, weight, bias, z, spec: NormSpec):
@@ -720,6 +752,14 @@ class TritonBackend:
 
         return plan_forward(x, weight, bias, z, spec, self.rescue_kernel_min_elements, self.rescue_scan_rows,
                             self.pdl, self.fast_launch)
+
+    def plan_forward_output(self, x, weight, bias, z, spec: NormSpec):
+        from .plans import plan_forward
+
+        if not output_tile_differs(spec.group_size, x.element_size(), gpu_model_of(x)):
+            return None  # plan_forward's plan serves these calls too
+        return plan_forward(x, weight, bias, z, spec, self.rescue_kernel_min_elements, self.rescue_scan_rows,
+                            self.pdl, self.fast_launch, output_only=True)
 
     def plan_backward(self, x, weight, bias, z, spec: NormSpec):
         from .plans import plan_backward

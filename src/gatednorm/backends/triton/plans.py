@@ -331,10 +331,10 @@ class ForwardPlan:
 
     def __init__(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, z: torch.Tensor | None,
                  spec: NormSpec, rescue_kernel_min_elements: int | None, rescue_scan_rows: int,
-                 pdl: bool | None) -> None:
+                 pdl: bool | None, output_only: bool = False) -> None:
         n = x.shape[-1]
         gs = spec.group_size
-        block, chunks, rows, warps, order = _fwd_config(gs, x.element_size(), gpu_model_of(x))
+        block, chunks, rows, warps, order = _fwd_config(gs, x.element_size(), gpu_model_of(x), output_only)
         self.n, self.groups, self.rows, self.warps = n, n // gs, rows, warps
         self.device = x.device
         self.index = x.device.index if x.device.index is not None else torch.cuda.current_device()
@@ -463,20 +463,22 @@ class ForwardPlan:
 def plan_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, z: torch.Tensor | None,
                  spec: NormSpec, rescue_kernel_min_elements: int | None = None,
                  rescue_scan_rows: int = RESCUE_SCAN_ROWS, pdl: bool | None = None,
-                 fast: bool = True) -> ForwardPlan | None:
+                 fast: bool = True, output_only: bool = False) -> ForwardPlan | None:
     """A :class:`ForwardPlan` for the signature of these tensors, or None where :func:`forward` would not
     take its one-kernel path through the cached launcher: not a CUDA tensor, the fast launch off, the flat
-    program order, rows that are not 2-D with unit feature stride or contiguous, strided parameters."""
-    if not _plannable(x, weight, bias, z, spec, fast):
+    program order, rows that are not 2-D with unit feature stride or contiguous, strided parameters.
+    ``output_only``: the plan of calls that discard the statistics, at :func:`forward`'s launch shape for them
+    (FWD_OUTPUT_TUNED_BY_MODEL; it still returns them, computed as scratch)."""
+    if not _plannable(x, weight, bias, z, spec, fast, output_only):
         return None
-    return ForwardPlan(x, weight, bias, z, spec, rescue_kernel_min_elements, rescue_scan_rows, pdl)
+    return ForwardPlan(x, weight, bias, z, spec, rescue_kernel_min_elements, rescue_scan_rows, pdl, output_only)
 
 
 def _plannable(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, z: torch.Tensor | None,
-               spec: NormSpec, fast: bool) -> bool:
+               spec: NormSpec, fast: bool, output_only: bool = False) -> bool:
     """Whether the forward and backward plans serve this signature (see :func:`plan_forward`)."""
     return (_rows_plannable(x, weight, bias, z, fast)
-            and _fwd_config(spec.group_size, x.element_size(), gpu_model_of(x))[4] != ORDER_FLAT)
+            and _fwd_config(spec.group_size, x.element_size(), gpu_model_of(x), output_only)[4] != ORDER_FLAT)
 
 
 def _rows_plannable(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, z: torch.Tensor | None,
