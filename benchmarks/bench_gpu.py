@@ -565,6 +565,7 @@ def main():
                                                     "FWD_ELEMS_PER_THREAD", "BWD_ELEMS_PER_THREAD",
                                                     "BWD_PROGRAMS_PER_SM")},
             "fwd_tuned": {str(k): v for k, v in tk.fwd_tuned(model).items()},
+            "fwd_output_tuned": {str(k): v for k, v in tk.fwd_tuned(model, True).items()},  # calls without stats
             "bwd_tuned": {str(k): v for k, v in tk.BWD_TUNED.items()},
             "pdl": tk.pdl_supported(dev)}
     records, table = [], ""
