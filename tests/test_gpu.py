@@ -373,6 +373,7 @@ def test_output_only_tile_gives_the_training_tiles_bits(monkeypatch, n, gs, rows
     monkeypatch.setitem(tk.FWD_OUTPUT_TUNED_BY_MODEL, model, {(128, True): (rows, 8 if rows > 8 else 4,
                                                                            tk.ORDER_GROUPS_FASTEST)})
     tk.fwd_tuned.cache_clear()
+    tk._fwd_config.cache_clear()
     ops._PLANS.clear()
     try:
         assert tk.output_tile_differs(gs, 2, model)
@@ -393,6 +394,7 @@ def test_output_only_tile_gives_the_training_tiles_bits(monkeypatch, n, gs, rows
             assert torch.equal(y_first, y_train) and torch.equal(y_out, y_train), m
     finally:
         tk.fwd_tuned.cache_clear()
+        tk._fwd_config.cache_clear()
         ops._PLANS.clear()
 
 
