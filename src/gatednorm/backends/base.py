@@ -74,8 +74,9 @@ class FusedQuantBackend(Protocol):
 
 @runtime_checkable
 class OutputOnlyBackend(Protocol):
-    """What a backend adds when the statistics cost it more than the output: an inference call that discards
-    mean and rstd (``layernorm_fn`` / ``rmsnorm_fn`` without autograd). Optional: :mod:`gatednorm.ops` looks
+    """What a backend adds where an inference call that discards mean and rstd (``layernorm_fn`` / ``rmsnorm_fn``
+    without autograd) runs better otherwise: the statistics cost it more than the output (the compiled backend), or
+    another launch shape pays (the triton backend's output-only tile). Optional: :mod:`gatednorm.ops` looks
     for ``forward_output`` and, without it, calls :meth:`Backend.forward` and drops the statistics."""
 
     def forward_output(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
