@@ -356,7 +356,6 @@ def test_forward_plan_matches_plain_launch(shape, gs, nbg, is_rms, has_bias, dty
     assert ops._PLANS, "no plan was kept"
 
 
-
 @pytest.mark.parametrize(("n", "gs", "rows"), [(128, 128, 16), (4096, 128, 16), (128, 128, 8)])
 def test_output_only_tile_gives_the_training_tiles_bits(monkeypatch, n, gs, rows):
     """Calls that discard the statistics (layernorm_fn without autograd) launch FWD_OUTPUT_TUNED_BY_MODEL's tile,
@@ -749,7 +748,6 @@ def test_split_quant_tiles_against_float64(group_size, block, quant, monkeypatch
     res = check_quant(q, scale, y64, err, quant, block, "float32")
     assert res.passed, (config, res)
     assert_fused_matches_generic(q, scale, *padded)
-
 
 
 @pytest.mark.parametrize("v", VARIANTS, ids=variant_id)

@@ -444,7 +444,6 @@ def test_calls_that_discard_the_statistics_run_the_one_output_function(monkeypat
     assert type(y.grad_fn).__name__ == "GatedNormOutputFunctionBackward"
 
 
-
 class _TwoTileBackend:
     """The native backend with a forward plan for calls that keep the statistics and another for calls that
     discard them (PlannedBackend.plan_forward_output), each recording its name when it serves a call."""
@@ -661,7 +660,6 @@ def test_triton_plans_launch_what_the_plain_launch_launches(recorded_launches, m
     _same_launch(plain[0], calls[0], fresh={7, 8, 9, 10})  # dx, dz, the partial rows
     _same_launch(plain[1], calls[1], fresh={0, 1, 2, 3})  # the partial rows, dweight, dbias
     assert [g is not None for g in grads] == list(needs)
-
 
 
 @pytest.fixture
