@@ -527,6 +527,37 @@ def test_torch_compile_fullgraph():
                     is_rms_norm=True, against=(xe.grad, None, None, None), fixed={"dx": (1.3e-6, 1e-5)})  # FIXED
 
 
+
+def test_torch_compile_inference_call_is_the_output_op():
+    """Under torch.compile a call that discards the statistics (layernorm_fn / the modules without autograd) is the
+    custom op gatednorm::forward_output, so a backend's output-only path (the triton backend's output-only tile)
+    serves compiled inference too; its bits are the eager call's. Under vmap (per-sample weights: one call each;
+    shared ones: one call over the stacked rows, test_vmap_rules_of_the_custom_ops) each sample's own call."""
+    import torch.func as tf
+
+    targets = []
+
+    def recording_backend(gm, example_inputs):
+        targets.extend(str(node.target) for node in gm.graph.nodes if node.op == "call_function")
+        return gm.forward
+
+    torch._dynamo.reset()
+    mod = gatednorm.RMSNorm(64, group_size=16)
+    x, z, _, _ = make_inputs(8, 64, torch.float32, seed=44)
+    with torch.no_grad():
+        y_c = torch.compile(mod, fullgraph=True, backend=recording_backend)(x, z)
+        y_e = mod(x, z)
+    assert "gatednorm.forward_output.default" in targets and "gatednorm.forward.default" not in targets, targets
+    assert torch.equal(y_c, y_e)
+    consts = (1e-5, 16, True, True, "swish", "native")
+    ws = mod.weight.detach() + torch.randn(3, 64)
+    xs, zs = make_inputs(3 * 8, 64, torch.float32, seed=45)[:2]
+    xs, zs = xs.view(3, 8, 64), zs.view(3, 8, 64)
+    got = tf.vmap(lambda a, w_, c: torch.ops.gatednorm.forward_output(a, w_, None, c, *consts))(xs, ws, zs)
+    for i in range(3):
+        assert torch.equal(got[i], torch.ops.gatednorm.forward(xs[i], ws[i], None, zs[i], *consts)[0])
+
+
 def test_vmap_rules_of_the_custom_ops(monkeypatch):
     """torch.func.vmap over the custom ops (reached where vmap runs inside torch.compile) stacks the batch's rows
     into one call when weight and bias are shared: (B, M, N) -> (B * M, N), statistics handed back in each

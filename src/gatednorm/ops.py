@@ -434,6 +434,22 @@ def _(x, weight, bias, z, eps, group_size, norm_before_gate, is_rms_norm, activa
     return torch.empty_like(x, memory_format=torch.contiguous_format), mean, x.new_empty(stats, dtype=c)
 
 
+@torch.library.custom_op("gatednorm::forward_output", mutates_args=())
+def forward_output_op(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, z: torch.Tensor | None,
+    eps: float, group_size: int, norm_before_gate: bool, is_rms_norm: bool, activation: str, backend: str,
+) -> torch.Tensor:
+    """out only: a call that discards the statistics (the backend's forward_output where it has one, e.g. the
+    triton backend's output-only launch tile)."""
+    spec = NormSpec(eps, group_size, norm_before_gate, is_rms_norm, activation)
+    return _forward_eager(x, weight, bias, z, spec, backend, stats=False)[0]
+
+
+@forward_output_op.register_fake
+def _(x, weight, bias, z, eps, group_size, norm_before_gate, is_rms_norm, activation, backend):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
 @torch.library.custom_op("gatednorm::forward_out", mutates_args=("out",))
 def forward_out_op(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, z: torch.Tensor | None, out: torch.Tensor,
@@ -537,6 +553,17 @@ def _(info, in_dims, x, weight, bias, z, eps, group_size, norm_before_gate, is_r
     return (out.view(batch, m, n), _stats_per_sample(mean, batch, m), _stats_per_sample(rstd, batch, m)), (0, 0, 0)
 
 
+@forward_output_op.register_vmap
+def _(info, in_dims, x, weight, bias, z, eps, group_size, norm_before_gate, is_rms_norm, activation, backend):
+    x_dim, w_dim, b_dim, z_dim = in_dims[:4]
+    args = (x, weight, bias, z, eps, group_size, norm_before_gate, is_rms_norm, activation, backend)
+    if w_dim is not None or b_dim is not None:
+        return _per_sample_calls(lambda *a: (forward_output_op(*a),), info.batch_size, in_dims, args)[0][0], 0
+    batch, (m, n) = info.batch_size, _batch_first(x, x_dim, info.batch_size).shape[1:]
+    out = forward_output_op(_stacked_rows(x, x_dim, batch), weight, bias, _stacked_rows(z, z_dim, batch), *args[4:])
+    return out.view(batch, m, n), 0
+
+
 @backward_op.register_vmap
 def _(info, in_dims, dy, x, weight, bias, z, mean, rstd, eps, group_size, norm_before_gate, is_rms_norm, activation,
       backend, needs_dx, needs_dz, needs_dweight, needs_dbias):
@@ -572,6 +599,8 @@ def _run_forward(x, weight, bias, z, spec: NormSpec, backend: str, out_dtype: to
         out = _new_rows(x, out_dtype)
         return (out, *_run_forward_out(x, weight, bias, z, out, spec, backend))
     if _compiling():
+        if not stats:  # one output, so a backend's output-only path (forward_output) serves the compiled call too
+            return forward_output_op(x, weight, bias, z, *spec, backend), None, None
         out, mean, rstd = forward_op(x, weight, bias, z, *spec, backend)
         return out, (None if spec.is_rms_norm else mean), rstd
     return _forward_eager(x, weight, bias, z, spec, backend, stats)
