@@ -732,17 +732,15 @@ class TritonBackend:
     def _rescue_pdl(self, x: torch.Tensor) -> bool:
         return rescue_scan_pdl(self.pdl, x.device)
 
-    def forward(self, x, weight, bias, z, spec: NormSpec, out):
+    def forward(self, x, weight, bias, z, spec: NormSpec, out, output_only: bool = False):
         return _on_device_of(x, forward, x, weight, bias, z, spec, out, self.rescue_kernel_min_elements,
                              self.rescue_scan_rows, fast=self.fast_launch, pdl=self._pdl(x),
-                             rescue_pdl=self._rescue_pdl(x))
+                             rescue_pdl=self._rescue_pdl(x), output_only=output_only)
 
     def forward_output(self, x, weight, bias, z, spec: NormSpec):
         # the forward at the launch shape of a call that keeps no statistics (FWD_OUTPUT_TUNED_BY_MODEL)
         out = torch.empty_like(x, memory_format=torch.contiguous_format)
-        _on_device_of(x, forward, x, weight, bias, z, spec, out, self.rescue_kernel_min_elements,
-                      self.rescue_scan_rows, fast=self.fast_launch, pdl=self._pdl(x),
-                      rescue_pdl=self._rescue_pdl(x), output_only=True)
+        self.forward(x, weight, bias, z, spec, out, output_only=True)
         return out
 
     # The eager plans (.plans) are built from this module's launch decisions, so they are imported here, once
