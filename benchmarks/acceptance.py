@@ -34,6 +34,8 @@ from typing import NamedTuple
 #: The issues' threshold: bandwidth goals apply to shapes of at least this many elements.
 BIG = 32 * 1024 * 1024
 OURS = "gatednorm triton"
+#: bench_gpu.py's serving forward (small shapes, since session 32): the statistics discarded, the output-only tile.
+OURS_SERVING = "gatednorm triton, statistics discarded"
 FUSED = "fused (gated_norm_quant)"
 #: bench_gpu.py's names of the peers of issue 16's forward goal (sglang's carries its version: a prefix).
 PEERS = ("sglang", "fla layernorm_gated", "fla fused_norm_gate")
@@ -153,8 +155,16 @@ def forward_checks(records: list[dict]) -> Iterator[Check]:
                         "x", f"{_us(ours_fb_us)} / {_us(rec['autograd_pair_b2b_us'])}"
                         + (side_by_side if rec.get("host_fwd_bwd_x_pair") else ""))
         if shape.startswith(GRAPH_FORWARD_SHAPES):
-            yield Check(16, "CUDA graph: forward <= 1.3x one torch.mul", shape, ours.get("graph_x_mul"), 1.3, False,
-                        "x")
+            # the goal is the serving call's (a decode step in a graph discards the statistics); runs since
+            # session 32 time it beside layer_norm_fwd (statistics kept, the training tile), and both are listed
+            if OURS_SERVING in fwd:
+                yield Check(16, "CUDA graph: forward <= 1.3x one torch.mul (statistics discarded: the serving call)",
+                            shape, fwd[OURS_SERVING].get("graph_x_mul"), 1.3, False, "x")
+                kept = " (statistics kept: layer_norm_fwd)"
+            else:
+                kept = ""
+            yield Check(16, "CUDA graph: forward <= 1.3x one torch.mul" + kept, shape, ours.get("graph_x_mul"), 1.3,
+                        False, "x")
         if rec.get("mul_graph_ms") and not _big(rec):
             yield Check(16, "CUDA graph: forward+backward <= 5x one torch.mul", shape,
                         fb.get(OURS, {}).get("graph_x_mul"), 5.0, False, "x")

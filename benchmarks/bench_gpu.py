@@ -112,7 +112,11 @@ PARITY = ("gatednorm triton", "sglang 0.5.23", "fla layernorm_gated", "fla fused
 PARITY_ROUNDS = 7
 #: The implementations timed in CUDA graphs: on small shapes side by side with torch.mul (graph_rounds), on
 #: large ones forward+backward only, once each (10 calls).
-GRAPH_PEERS = {"fwd": ("gatednorm triton", "sglang 0.5.23", "fla fused_norm_gate"),
+#: Our serving forward on small shapes: the public call with the statistics discarded (``layernorm_fn`` without
+#: autograd, what sglang's and vLLM's gated-norm modules call), which launches the backend's output-only tile;
+#: "gatednorm triton" is ``layer_norm_fwd`` (y, mean, rstd: the training forward, the training tile).
+OURS_SERVING = "gatednorm triton, statistics discarded"
+GRAPH_PEERS = {"fwd": ("gatednorm triton", OURS_SERVING, "sglang 0.5.23", "fla fused_norm_gate"),
                "fwd_bwd": ("gatednorm triton", "fla layernorm_gated", "fla fused_norm_gate")}
 
 
@@ -252,6 +256,8 @@ def run_shape(shape, impls, copy_gbps, args, run: Run):
                                         is_rms_norm=rms, backend="native")
 
     fwd = {"gatednorm triton": ours, "gatednorm native": native_eager}
+    if small:
+        fwd[OURS_SERVING] = lambda: gatednorm.layernorm_fn(x, w, b, z, EPS, gs, nbg, rms, backend="triton")
     if not args.no_compile:
         # One torch.compile of the same function per shape would hit dynamo's recompile limit after 8
         # shapes and silently run eagerly: start each shape from a clean cache.
