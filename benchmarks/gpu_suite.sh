@@ -7,7 +7,8 @@
 #   bash benchmarks/gpu_suite.sh full      # issue 16's acceptance run in one device call: the whole bench_gpu
 #                                          # table (every shape, sglang and fla beside us, the host breakdown),
 #                                          # its goals checked (benchmarks/acceptance.py -> acceptance.md), then
-#                                          # `gatednorm verify` on cuda in the time left (FULL_SECONDS, 575)
+#                                          # `gatednorm verify` on cuda in the time left (FULL_SECONDS, 575);
+#                                          # FULL_ONLY="8192x128,65536x2048": those shapes only (bench_gpu --only)
 #   bash benchmarks/gpu_suite.sh tests     # the whole tests/test_gpu.py (over 290 s in one process on a fresh
 #                                          # H100), in TESTS_JOBS (8) processes where pytest-xdist is staged,
 #                                          # killed after TESTS_SECONDS (500); TESTS_K="EXPR": only -k EXPR;
@@ -134,8 +135,9 @@ quant_bench() {
 case "${1:-kernels}" in
 full)
     start=$(date +%s)
+    ONLY=(); [ -n "${FULL_ONLY:-}" ] && ONLY=(--only "$FULL_ONLY")
     timeout "${FULL_BENCH_SECONDS:-420}" python3 benchmarks/bench_gpu.py --host --no-compile --out "$OUT/full" \
-        "${SGL[@]}" > "$OUT/bench_gpu_full.log" 2>&1  # tables written after every shape: a cut run keeps its rows
+        "${ONLY[@]}" "${SGL[@]}" > "$OUT/bench_gpu_full.log" 2>&1  # tables written after every shape: a cut run keeps its rows
     echo "bench_gpu exit $? after $(( $(date +%s) - start )) s"
     grep -E "^HOST|done in|copy bandwidth" "$OUT/bench_gpu_full.log" | head -40
     # issue 16's goals, each against the figure this run measured (met / MISSED / not measured)
