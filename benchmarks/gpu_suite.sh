@@ -136,8 +136,9 @@ case "${1:-kernels}" in
 full)
     start=$(date +%s)
     ONLY=(); [ -n "${FULL_ONLY:-}" ] && ONLY=(--only "$FULL_ONLY")
+    # tables written after every shape: a cut run keeps its rows
     timeout "${FULL_BENCH_SECONDS:-420}" python3 benchmarks/bench_gpu.py --host --no-compile --out "$OUT/full" \
-        "${ONLY[@]}" "${SGL[@]}" > "$OUT/bench_gpu_full.log" 2>&1  # tables written after every shape: a cut run keeps its rows
+        "${ONLY[@]}" "${SGL[@]}" > "$OUT/bench_gpu_full.log" 2>&1
     echo "bench_gpu exit $? after $(( $(date +%s) - start )) s"
     grep -E "^HOST|done in|copy bandwidth" "$OUT/bench_gpu_full.log" | head -40
     # issue 16's goals, each against the figure this run measured (met / MISSED / not measured)
