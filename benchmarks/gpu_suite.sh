@@ -106,10 +106,19 @@ save_triton_cache() {
     done
 }
 trap save_triton_cache EXIT
-# XDIST: pytest's arguments for TESTS_JOBS (default $1) worker processes where pytest-xdist is staged, else none
+# XDIST: pytest's arguments for TESTS_JOBS (default $1) worker processes where pytest-xdist is staged, else none;
+# then each worker gets the machine's cores divided among them as torch's CPU threads (OMP_NUM_THREADS, unless set),
+# as `gatednorm verify --jobs` gives its workers. Each worker otherwise starts one thread a core: 14 workers on 16
+# cores ran 224 threads through the tests' float64 checks, which are CPU work on large tensors. The three-part tests
+# took 70-105 s each that way (session 32, 14 workers; session 30 alike), where session 22's one process ran all
+# 80 of them in 41 s.
 set_xdist() {
     XDIST=()
-    python3 -c "import xdist" 2>/dev/null && XDIST=(-n "${TESTS_JOBS:-$1}")
+    if python3 -c "import xdist" 2>/dev/null; then
+        XDIST=(-n "${TESTS_JOBS:-$1}")
+        export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( $(nproc) / ${TESTS_JOBS:-$1} > 0 ? $(nproc) / ${TESTS_JOBS:-$1} : 1 ))}
+        echo "pytest-xdist: ${TESTS_JOBS:-$1} workers, OMP_NUM_THREADS=$OMP_NUM_THREADS"
+    fi
 }
 SGL=()
 [ -f sgl/layernorm_gated.py ] && SGL=(--sglang sgl/layernorm_gated.py --sglang-loader tools)
@@ -157,7 +166,8 @@ tests)
     # Each test's outcome is logged by name (-v), so a run cut by the limit says which ran; TESTS_DONE="LOG ...":
     # logs of earlier runs (this mode's), whose passed and skipped tests this run deselects (session 29: the
     # second half, "not (quant or plan)", ran 104 of its 143 tests in 430 s and 77 in 310 s on the same warm
-    # machine: its time is the tests' own, not compiles, so a cut run is finished by the next call this way)
+    # machine: its time is the tests' own, not compiles, so a cut run is finished by the next call this way;
+    # session 32 traced it to the workers' CPU threads: set_xdist now divides the cores among them)
     set_xdist 8
     SELECT=()
     [ -n "${TESTS_K:-}" ] && SELECT=(-k "$TESTS_K")
