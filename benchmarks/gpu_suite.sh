@@ -110,7 +110,7 @@ trap save_triton_cache EXIT
 # then each worker gets the machine's cores divided among them as torch's CPU threads (OMP_NUM_THREADS, unless set),
 # as `gatednorm verify --jobs` gives its workers. Each worker otherwise starts one thread a core: 14 workers on 16
 # cores ran 224 threads through the tests' float64 checks, which are CPU work on large tensors. The three-part tests
-# took 70-105 s each that way (session 32, 14 workers; session 30 alike), where session 22's one process ran all
+# took 70-105 s each (session 32, 14 workers; session 30 alike), where session 22's one process ran all
 # 80 of them in 41 s.
 set_xdist() {
     XDIST=()
@@ -167,7 +167,7 @@ tests)
     # logs of earlier runs (this mode's), whose passed and skipped tests this run deselects (session 29: the
     # second half, "not (quant or plan)", ran 104 of its 143 tests in 430 s and 77 in 310 s on the same warm
     # machine: its time is the tests' own, not compiles, so a cut run is finished by the next call this way;
-    # session 32 traced it to the workers' CPU threads: set_xdist now divides the cores among them)
+    # session 32 suspects the workers' CPU threads, not yet timed on a GPU: set_xdist now divides the cores)
     set_xdist 8
     SELECT=()
     [ -n "${TESTS_K:-}" ] && SELECT=(-k "$TESTS_K")
