@@ -111,7 +111,8 @@ trap save_triton_cache EXIT
 # as `gatednorm verify --jobs` gives its workers. Each worker otherwise starts one thread a core: 14 workers on 16
 # cores ran 224 threads through the tests' float64 checks, which are CPU work on large tensors. The three-part tests
 # took 70-105 s each (session 32, 14 workers; session 30 alike), where session 22's one process ran all
-# 80 of them in 41 s.
+# 80 of them in 41 s. On the 2-core CPU machine, 8 processes each running one such test's CPU checks (1031x3072,
+# groups of 96) took 31.5 s with 2 threads each and 20.7 s with 1 (the threads' share, measured small-scale).
 set_xdist() {
     XDIST=()
     if python3 -c "import xdist" 2>/dev/null; then
