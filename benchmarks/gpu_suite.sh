@@ -118,7 +118,11 @@ set_xdist() {
     if python3 -c "import xdist" 2>/dev/null; then
         XDIST=(-n "${TESTS_JOBS:-$1}")
         export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( $(nproc) / ${TESTS_JOBS:-$1} > 0 ? $(nproc) / ${TESTS_JOBS:-$1} : 1 ))}
-        echo "pytest-xdist: ${TESTS_JOBS:-$1} workers, OMP_NUM_THREADS=$OMP_NUM_THREADS"
+        # Inductor compiles in the worker itself (its default: a pool of one subprocess a core, up to 32, in each
+        # worker that runs a torch.compile test, each subprocess importing torch)
+        export TORCHINDUCTOR_COMPILE_THREADS=${TORCHINDUCTOR_COMPILE_THREADS:-1}
+        echo "pytest-xdist: ${TESTS_JOBS:-$1} workers, OMP_NUM_THREADS=$OMP_NUM_THREADS," \
+             "TORCHINDUCTOR_COMPILE_THREADS=$TORCHINDUCTOR_COMPILE_THREADS"
     fi
 }
 SGL=()
