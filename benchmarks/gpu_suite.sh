@@ -116,12 +116,13 @@ trap save_triton_cache EXIT
 set_xdist() {
     XDIST=()
     if python3 -c "import xdist" 2>/dev/null; then
-        XDIST=(-n "${TESTS_JOBS:-$1}")
-        export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( $(nproc) / ${TESTS_JOBS:-$1} > 0 ? $(nproc) / ${TESTS_JOBS:-$1} : 1 ))}
+        local jobs=${TESTS_JOBS:-$1}
+        XDIST=(-n "$jobs")
+        export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( $(nproc) / jobs > 0 ? $(nproc) / jobs : 1 ))}
         # Inductor compiles in the worker itself (its default: a pool of one subprocess a core, up to 32, in each
         # worker that runs a torch.compile test, each subprocess importing torch)
         export TORCHINDUCTOR_COMPILE_THREADS=${TORCHINDUCTOR_COMPILE_THREADS:-1}
-        echo "pytest-xdist: ${TESTS_JOBS:-$1} workers, OMP_NUM_THREADS=$OMP_NUM_THREADS," \
+        echo "pytest-xdist: $jobs workers, OMP_NUM_THREADS=$OMP_NUM_THREADS," \
              "TORCHINDUCTOR_COMPILE_THREADS=$TORCHINDUCTOR_COMPILE_THREADS"
     fi
 }
