@@ -63,6 +63,14 @@ def bits(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous().view({2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
 
 
+def forget_forward_launch_shapes(launch) -> None:
+    """Drop the triton launcher's cached forward launch shapes (``launch.fwd_tuned`` per GPU model and
+    ``launch._fwd_config`` per group size, both read from FWD_TUNED / FWD_OUTPUT_TUNED_BY_MODEL), so a test that
+    changes those tables is read afresh, and the tests after it the tables as shipped."""
+    launch.fwd_tuned.cache_clear()
+    launch._fwd_config.cache_clear()
+
+
 def make_inputs(
     m: int,
     n: int,

@@ -527,7 +527,6 @@ def test_torch_compile_fullgraph():
                     is_rms_norm=True, against=(xe.grad, None, None, None), fixed={"dx": (1.3e-6, 1e-5)})  # FIXED
 
 
-
 def test_torch_compile_inference_call_is_the_output_op():
     """Under torch.compile a call that discards the statistics (layernorm_fn / the modules without autograd) is the
     custom op gatednorm::forward_output, so a backend's output-only path (the triton backend's output-only tile)

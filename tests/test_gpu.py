@@ -17,6 +17,7 @@ from helpers import (  # noqa: E402
     check_forward,
     check_forward_pair,
     check_gradients,
+    forget_forward_launch_shapes,
     make_inputs,
     make_like,
     variant_id,
@@ -371,8 +372,7 @@ def test_output_only_tile_gives_the_training_tiles_bits(monkeypatch, n, gs, rows
     model = tk.gpu_model(torch.cuda.current_device())
     monkeypatch.setitem(tk.FWD_OUTPUT_TUNED_BY_MODEL, model, {(128, True): (rows, 8 if rows > 8 else 4,
                                                                            tk.ORDER_GROUPS_FASTEST)})
-    tk.fwd_tuned.cache_clear()
-    tk._fwd_config.cache_clear()
+    forget_forward_launch_shapes(tk)
     ops._PLANS.clear()
     try:
         assert tk.output_tile_differs(gs, 2, model)
@@ -392,8 +392,7 @@ def test_output_only_tile_gives_the_training_tiles_bits(monkeypatch, n, gs, rows
                 "the call did not go through the output plan"
             assert torch.equal(y_first, y_train) and torch.equal(y_out, y_train), m
     finally:
-        tk.fwd_tuned.cache_clear()
-        tk._fwd_config.cache_clear()
+        forget_forward_launch_shapes(tk)
         ops._PLANS.clear()
 
 

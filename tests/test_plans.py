@@ -10,7 +10,7 @@ import itertools
 
 import pytest
 import torch
-from helpers import RecordingBackend, check_forward, make_inputs
+from helpers import RecordingBackend, check_forward, forget_forward_launch_shapes, make_inputs
 
 import gatednorm
 import gatednorm.functional as functional
@@ -665,15 +665,13 @@ def test_triton_plans_launch_what_the_plain_launch_launches(recorded_launches, m
 @pytest.fixture
 def output_tile(monkeypatch):
     """An output-only launch shape for groups of 128 on the interpreter's model (""), as the H100's entry of
-    launch.FWD_OUTPUT_TUNED_BY_MODEL gives there: 16 rows / 8 warps against FWD_TUNED's 32 / 8 (the tables are read
-    through two caches, cleared on both sides)."""
+    launch.FWD_OUTPUT_TUNED_BY_MODEL gives there: 16 rows / 8 warps against FWD_TUNED's 32 / 8 (the cached launch
+    shapes forgotten on both sides)."""
     launch = pytest.importorskip("gatednorm.backends.triton.launch")
     monkeypatch.setitem(launch.FWD_OUTPUT_TUNED_BY_MODEL, "", {(128, True): (16, 8, launch.ORDER_GROUPS_FASTEST)})
-    launch.fwd_tuned.cache_clear()
-    launch._fwd_config.cache_clear()
+    forget_forward_launch_shapes(launch)
     yield launch
-    launch.fwd_tuned.cache_clear()
-    launch._fwd_config.cache_clear()
+    forget_forward_launch_shapes(launch)
 
 
 def test_triton_output_plan_launches_what_the_plain_output_forward_launches(recorded_launches, output_tile,
