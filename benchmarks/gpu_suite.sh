@@ -111,8 +111,7 @@ trap save_triton_cache EXIT
 # as `gatednorm verify --jobs` gives its workers. Each worker otherwise starts one thread a core: 14 workers on 16
 # cores ran 224 threads through the tests' float64 checks, which are CPU work on large tensors. The three-part tests
 # took 70-105 s each (session 32, 14 workers; session 30 alike), where session 22's one process ran all
-# 80 of them in 41 s. On the 2-core CPU machine, 8 processes each running one such test's CPU checks (1031x3072,
-# groups of 96) took 31.5 s with 2 threads each and 20.7 s with 1 (the threads' share, measured small-scale).
+# 80 of them in 41 s; with one thread a worker 8-12 s each, the whole file in 56 s (H100, session 33).
 set_xdist() {
     XDIST=()
     if python3 -c "import xdist" 2>/dev/null; then
@@ -167,13 +166,13 @@ full)
 tests)
     # in TESTS_JOBS worker processes (8) where pytest-xdist is staged: the run is mostly Triton compiling each
     # variant on the CPU (one process took more than 290 s on a fresh H100 in session 24)
-    # TESTS_K: a -k expression choosing part of the file (the whole file has not fitted one 10-minute call on a
-    # fresh machine since session 22: run it in halves, TESTS_K="quant or plan" and TESTS_K="not (quant or plan)")
+    # TESTS_K: a -k expression choosing part of the file (sessions 23-32 ran it in halves, TESTS_K="quant or plan"
+    # and TESTS_K="not (quant or plan)": the whole file did not fit one 10-minute call; with one CPU thread a worker
+    # it took 56 s with 14 workers on an H100 in session 33)
     # Each test's outcome is logged by name (-v), so a run cut by the limit says which ran; TESTS_DONE="LOG ...":
     # logs of earlier runs (this mode's), whose passed and skipped tests this run deselects (session 29: the
     # second half, "not (quant or plan)", ran 104 of its 143 tests in 430 s and 77 in 310 s on the same warm
-    # machine: its time is the tests' own, not compiles, so a cut run is finished by the next call this way;
-    # session 32 suspects the workers' CPU threads, not yet timed on a GPU: set_xdist now divides the cores)
+    # machine: its time was the tests' own, not compiles: the workers' CPU threads, see set_xdist)
     set_xdist 8
     SELECT=()
     [ -n "${TESTS_K:-}" ] && SELECT=(-k "$TESTS_K")
