@@ -178,9 +178,13 @@ def test_committed_h200_runs(tmp_path, capsys):
     ("--bench", "gpu_bench_h100_session27.json", "acceptance_h100_session27.md"),
     ("--bench", "gpu_bench_h100_session28.json", "acceptance_h100_session28.md"),
     ("--bench", "gpu_bench_h100_session29.json", "acceptance_h100_session29.md"),
+    ("--bench", "gpu_bench_h100_session32.json", "acceptance_h100_session32.md"),
+    ("--bench", "gpu_bench_h100_session33.json", "acceptance_h100_session33.md"),
+    ("--bench", "gpu_bench_h100_session33_three_shapes.json", "acceptance_h100_session33_three_shapes.md"),
 ])
 def test_committed_h100_run_gives_its_committed_verdicts(flag, bench, verdicts, tmp_path, capsys):
-    """The H100 runs (sessions 18, 19, 22, 24, 26-29; from session 24 on read from rounds timed side by side):
+    """The H100 runs (sessions 18, 19, 22, 24, 26-29, 32, 33; from session 24 on read from rounds timed side by side;
+    from session 33 on the serving call's CUDA-graph goal beside layer_norm_fwd's):
     the script on a committed JSON gives the table the device printed beside it (README quotes it), line for line
     but the first (the JSON's path on the device). Near ties print with two more decimals since session 27: the tables
     of sessions 22-27 were regenerated from their JSON by this script then (only those rows changed), and the notes of
