@@ -55,6 +55,11 @@
 #                                          # the forward's launch-shape sweep for that row with the parts on
 #   bash benchmarks/gpu_suite.sh host     # eager plans (issue 16, host time): their GPU tests, then host time
 #                                          # per call at 2048, 8192 and 65536 rows of 128 (bench_host.py)
+#   bash benchmarks/gpu_suite.sh variants NAME..  # bench_gpu.py over VARIANTS_ONLY's shapes (bench_gpu --only),
+#                                          # sglang and fla beside, once with the tree's triton backend and once
+#                                          # per variant staged as ab/NAME/triton (STAGE_VARIANTS, stage_gpu.sh),
+#                                          # the tree's first and last: a launch constant against the peers, each
+#                                          # version in its own run (session 33's tile logs; about 25 s a version)
 #   bash benchmarks/gpu_suite.sh ab BASE.. # GPU tests (AB_TESTS=0: none), then forward A/B against other
 #                                          # versions of the triton backend: old triton_kernels.py files or
 #                                          # backends/triton folders (see benchmarks/bench_triton_ab.py; staged
@@ -272,6 +277,25 @@ ab)
     # AB_ARGS: e.g. "--backward --only 16384" (the backward of the wide groups against a staged revision)
     # shellcheck disable=SC2086
     python3 benchmarks/bench_triton_ab.py "${BASELINES[@]}" ${AB_ARGS:-} 2>&1 | tee "$OUT/bench_triton_ab.log"
+    ;;
+variants)
+    shift
+    : "${VARIANTS_ONLY:?VARIANTS_ONLY: the shapes, as bench_gpu.py --only takes them}"
+    n=0
+    for v in current "$@" current; do
+        n=$((n + 1))
+        # the tree's src with the variant's triton backend over it: the tree's own where v is current
+        tree=/tmp/variant_tree && rm -rf "$tree" && mkdir -p "$tree" && cp -r src "$tree/"
+        if [ "$v" != current ]; then
+            [ -d "ab/$v/triton" ] || { echo "variant $v: ab/$v/triton not staged (STAGE_VARIANTS)"; exit 1; }
+            rm -rf "$tree/src/gatednorm/backends/triton" && cp -r "ab/$v/triton" "$tree/src/gatednorm/backends/"
+        fi
+        PYTHONPATH=/tmp/site:$tree/src timeout "${VARIANT_SECONDS:-150}" python3 benchmarks/bench_gpu.py --no-compile \
+            --only "$VARIANTS_ONLY" "${SGL[@]}" --out "$OUT/$n-$v" > "$OUT/$n-$v.log" 2>&1
+        echo "== $n $v: bench_gpu exit $?"
+        # the table's rows of those shapes (forward, then forward+backward)
+        grep -E '^\| [0-9]+x[0-9]+ ' "$OUT/$n-$v/gpu_bench.md"
+    done
     ;;
 quant)
     # the shipped launch shapes against float64 first, then test_quant.py's triton tests (about 5 minutes on an

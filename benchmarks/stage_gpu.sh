@@ -12,7 +12,8 @@
 #   ab/NAME/triton with STAGE_VARIANTS="NAME=SED_EXPR;NAME2=SED_EXPR2": a copy of the working tree's triton backend
 #           with the sed expression applied to its launch.py (a launch constant changed), for an A/B against the
 #           tree itself: gpu_suite.sh ab NAME=ab/NAME/triton (session 28's ties: STAGE_VARIANTS="v2048x2x8=s/(2048,
-#           True): (1, 4,/(2048, True): (2, 8,/"); a variant whose expression changes nothing stops the staging.
+#           True): (1, 4,/(2048, True): (2, 8,/"), or against the peers: gpu_suite.sh variants NAME; a variant whose
+#           expression changes nothing stops the staging.
 #           With a newline in STAGE_VARIANTS each line is one variant, whose expression may chain sed commands
 #           with ';' (STAGE_VARIANTS=$'ik32=s/A/B/;s/C/D/\nscan32=s/C/D/'; one such variant alone: $'ik32=s/A/B/;s/C/D/\n')
 #   triton_cache.tgz  .gpu/triton_cache.tgz where it exists: Triton's compiled kernels from an earlier device call
