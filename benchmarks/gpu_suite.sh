@@ -59,7 +59,7 @@
 #                                          # sglang and fla beside, once with the tree's triton backend and once
 #                                          # per variant staged as ab/NAME/triton (STAGE_VARIANTS, stage_gpu.sh),
 #                                          # the tree's first and last: a launch constant against the peers, each
-#                                          # version in its own run (session 33's tile logs; about 25 s a version)
+#                                          # version in its own run (session 33's tile logs; 25-40 s a version)
 #   bash benchmarks/gpu_suite.sh ab BASE.. # GPU tests (AB_TESTS=0: none), then forward A/B against other
 #                                          # versions of the triton backend: old triton_kernels.py files or
 #                                          # backends/triton folders (see benchmarks/bench_triton_ab.py; staged
